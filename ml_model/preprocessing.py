@@ -1,0 +1,206 @@
+"""Signal preprocessing shared by training and serving.
+
+Every function is pure and vectorised (array in, array out). ``prepare_for_model`` is the single entry point
+that turns raw device windows into model input; training calls it on its training windows and the
+``Predictor`` calls it on live windows, so the two can never drift apart.
+
+Conventions: a *recording* is ``(n_samples, n_channels)``; a batch of *windows* is
+``(n_windows, n_channels, win)`` (channels first, as the CNN expects).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from scipy import signal
+
+REST_LABEL = "REST"
+DEFAULT_WINDOW_MS = 250.0
+DEFAULT_STEP_MS = 25.0
+DEFAULT_REACTION_MS = 300.0
+
+# Filters are off by default: the Myo armband already band-limits its output, and on the development set
+# neither a high-pass nor a notch improved validation accuracy. Devices with a DC drift can turn on
+# ``highpass_hz``; the config travels with the model so serving filters exactly like training.
+DEFAULT_FILTER: dict[str, Any] = {"highpass_hz": None, "notch_hz": None, "notch_q": 30.0, "order": 4}
+
+
+# ---- windows ------------------------------------------------------------------------------------------
+def window_params(window_ms: float, step_ms: float, sample_rate_hz: float) -> tuple[int, int]:
+    """Window length and step in samples for the given durations (rounded, at least 1 sample)."""
+    if window_ms <= 0 or step_ms <= 0 or sample_rate_hz <= 0:
+        raise ValueError("window_ms, step_ms and sample_rate_hz must be positive")
+    win = max(1, int(round(window_ms * sample_rate_hz / 1000.0)))
+    step = max(1, int(round(step_ms * sample_rate_hz / 1000.0)))
+    return win, step
+
+
+def n_windows(n_samples: int, win: int, step: int) -> int:
+    """Number of complete windows ``make_windows`` cuts from ``n_samples`` samples."""
+    return 0 if n_samples < win else (n_samples - win) // step + 1
+
+
+def make_windows(x: np.ndarray, win: int, step: int) -> np.ndarray:
+    """Cut a recording into overlapping windows without copying.
+
+    x: (n_samples, n_channels) -> (n_windows, n_channels, win), window i = ``x[i*step : i*step+win].T``.
+    Returns a read-only strided view (copy it before writing); an empty batch if the recording is too short.
+    """
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"expected (n_samples, n_channels), got shape {x.shape}")
+    if win < 1 or step < 1:
+        raise ValueError("win and step must be >= 1")
+    if x.shape[0] < win:
+        return np.empty((0, x.shape[1], win), dtype=x.dtype)
+    # sliding_window_view over the sample axis gives (n_samples-win+1, n_channels, win) as a view.
+    return np.lib.stride_tricks.sliding_window_view(x, win, axis=0)[::step]
+
+
+# ---- labelling from a capture plan --------------------------------------------------------------------
+def label_windows(
+    timestamps_ms: np.ndarray,
+    intervals: Sequence[Mapping[str, Any]],
+    win: int,
+    step: int,
+    reaction_ms: float = DEFAULT_REACTION_MS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Label the windows of a recording from the capture plan that cued it.
+
+    timestamps_ms: (n_samples,) non-decreasing time of each sample.
+    intervals: dicts ``{label, start_ms, end_ms, kind: 'rest'|'gesture'}``, half-open ``[start_ms, end_ms)``,
+        non-overlapping. The first ``reaction_ms`` after each cue are skipped (the user is still moving).
+    Returns ``(labels, interval_index)``, both (n_windows,) for ``make_windows(x, win, step)``: a window gets
+    the label of the interval that contains all its samples (``REST`` for rest intervals), otherwise
+    ``None`` and index -1 (straddles a boundary, falls in the reaction time, or lies outside the plan).
+    """
+    t = np.asarray(timestamps_ms, dtype=np.float64)
+    if t.ndim != 1:
+        raise ValueError("timestamps_ms must be 1-D")
+    count = n_windows(t.shape[0], win, step)
+    labels = np.full(count, None, dtype=object)
+    index = np.full(count, -1, dtype=np.int64)
+    if count == 0 or not intervals:
+        return labels, index
+
+    starts = np.array([float(iv["start_ms"]) for iv in intervals])
+    ends = np.array([float(iv["end_ms"]) for iv in intervals])
+    order = np.argsort(starts, kind="stable")
+    s_sorted, e_sorted = starts[order], ends[order]
+    if np.any(e_sorted < s_sorted) or np.any(s_sorted[1:] < e_sorted[:-1]):
+        raise ValueError("capture-plan intervals must have end >= start and must not overlap")
+
+    first = np.arange(count) * step
+    t_first, t_last = t[first], t[first + win - 1]
+    # Intervals are sorted and disjoint, so only the last one starting at or before the window can hold it.
+    k = np.searchsorted(s_sorted, t_first, side="right") - 1
+    valid = k >= 0
+    kk = np.where(valid, k, 0)
+    valid &= (t_first >= s_sorted[kk] + reaction_ms) & (t_last < e_sorted[kk])
+
+    names = np.array(
+        [REST_LABEL if iv.get("kind") == "rest" else str(iv["label"]) for iv in intervals], dtype=object
+    )
+    index[valid] = order[kk[valid]]
+    labels[valid] = names[index[valid]]
+    return labels, index
+
+
+# ---- channel selection and filtering ------------------------------------------------------------------
+def select_channels(x: np.ndarray, channels: Sequence[int] | None, axis: int = 1) -> np.ndarray:
+    """Keep the given channel indices (in that order) along ``axis``; ``None`` keeps all.
+
+    Works for recordings (n_samples, n_channels) and windows (n_windows, n_channels, win), both axis 1.
+    """
+    if channels is None:
+        return x
+    channels = list(channels)
+    n = x.shape[axis]
+    if not channels or min(channels) < 0 or max(channels) >= n:
+        raise ValueError(f"channel indices {channels} invalid for {n} channels")
+    return np.take(x, channels, axis=axis)
+
+
+def filter_config(cfg: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Complete filter config (defaults filled in), JSON-serialisable."""
+    out = dict(DEFAULT_FILTER)
+    out.update(cfg or {})
+    return out
+
+
+def _filter_sos(cfg: Mapping[str, Any], sample_rate_hz: float) -> np.ndarray | None:
+    nyquist = sample_rate_hz / 2.0
+    sections = []
+    if cfg.get("highpass_hz"):
+        hp = float(cfg["highpass_hz"])
+        if not 0 < hp < nyquist:
+            raise ValueError(f"highpass_hz {hp} must be in (0, {nyquist})")
+        sections.append(signal.butter(int(cfg.get("order", 4)), hp, btype="highpass", fs=sample_rate_hz, output="sos"))
+    if cfg.get("notch_hz"):
+        f0 = float(cfg["notch_hz"])
+        if not 0 < f0 < nyquist:
+            raise ValueError(f"notch_hz {f0} must be in (0, {nyquist})")
+        b, a = signal.iirnotch(f0, float(cfg.get("notch_q", 30.0)), fs=sample_rate_hz)
+        sections.append(signal.tf2sos(b, a))
+    return np.vstack(sections) if sections else None
+
+
+def apply_filter(windows: np.ndarray, cfg: Mapping[str, Any] | None, sample_rate_hz: float) -> np.ndarray:
+    """Zero-phase filter each window independently along the last axis.
+
+    windows: (..., win) -> same shape, float64. Filtering per window (not per stream) is what lets serving
+    reproduce training exactly from nothing but the window. Identity when no filter is configured.
+    """
+    sos = _filter_sos(filter_config(cfg), sample_rate_hz)
+    if sos is None:
+        return windows
+    win = windows.shape[-1]
+    padlen = min(3 * (2 * len(sos) + 1), win - 1)
+    return signal.sosfiltfilt(sos, np.asarray(windows, dtype=np.float64), axis=-1, padlen=padlen)
+
+
+# ---- standardisation ----------------------------------------------------------------------------------
+def fit_standardizer(windows: np.ndarray) -> dict[str, list[float]]:
+    """Per-channel mean/std over all windows and samples.
+
+    windows: (n_windows, n_channels, win) -> ``{"mean": [n_channels], "std": [n_channels]}`` (JSON-able).
+    Fit on training data only. A flat channel gets std 1 so it stays zero instead of exploding.
+    """
+    w = np.asarray(windows, dtype=np.float64)
+    mean = w.mean(axis=(0, 2))
+    std = w.std(axis=(0, 2))
+    std = np.where(std > 1e-8, std, 1.0)
+    return {"mean": mean.tolist(), "std": std.tolist()}
+
+
+def apply_standardizer(windows: np.ndarray, params: Mapping[str, Sequence[float]]) -> np.ndarray:
+    """(n_windows, n_channels, win) -> float32 same shape, ``(x - mean) / std`` per channel."""
+    mean = np.asarray(params["mean"], dtype=np.float32)[None, :, None]
+    std = np.asarray(params["std"], dtype=np.float32)[None, :, None]
+    if windows.shape[1] != mean.shape[1]:
+        raise ValueError(f"standardizer has {mean.shape[1]} channels, windows have {windows.shape[1]}")
+    return ((np.asarray(windows, dtype=np.float32) - mean) / std).astype(np.float32, copy=False)
+
+
+# ---- the one entry point ------------------------------------------------------------------------------
+def prepare_unscaled(raw_windows: np.ndarray, meta: Mapping[str, Any]) -> np.ndarray:
+    """Channel selection + filter (everything before standardisation); training fits its scaler on this.
+
+    raw_windows: (n, n_device_channels, win) -> (n, len(meta["channels"]), win) float32/float64.
+    """
+    x = np.asarray(raw_windows)
+    if x.ndim != 3:
+        raise ValueError(f"expected raw windows (n, channels, win), got shape {x.shape}")
+    x = select_channels(x, meta.get("channels"), axis=1)
+    return apply_filter(x.astype(np.float32, copy=False), meta.get("filter"), float(meta["sample_rate_hz"]))
+
+
+def prepare_for_model(raw_windows: np.ndarray, meta: Mapping[str, Any]) -> np.ndarray:
+    """Raw device windows -> model input; used verbatim by training and by serving.
+
+    raw_windows: (n, n_device_channels, win) -> (n, len(meta["channels"]), win) float32, with the channels,
+    filter and scaler recorded in ``meta`` (keys ``channels``, ``filter``, ``sample_rate_hz``, ``scaler``).
+    """
+    return apply_standardizer(prepare_unscaled(raw_windows, meta), meta["scaler"])

@@ -1,0 +1,421 @@
+"""Pure training core: raw labelled windows in, trained model + metadata + metrics out.
+
+No database, no files: the DB job runner, the ``evaluate`` CLI and the tests all call ``train_model``.
+
+Validation holds out whole repetitions (groups), never random windows: windows overlap by 90 %, so a random
+split would put near-copies of validation windows in the training set. Early stopping watches that held-out
+group; afterwards the network is retrained on all groups for the chosen number of epochs (``retrain_full``),
+because one extra repetition is worth more than the last bit of schedule tuning. The reported validation
+metrics always come from the model that did not see the held-out group.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ml_model import preprocessing as pp
+from ml_model.model import MAX_CHANNELS, EMGNet
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int, float, float, "float | None", "float | None"], None]
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "sample_rate_hz": None,  # required: recorded in the metadata and needed by the filters
+    "window_ms": pp.DEFAULT_WINDOW_MS,
+    "step_ms": pp.DEFAULT_STEP_MS,
+    "channels": None,  # device channel indices to use; None = all
+    "filter": dict(pp.DEFAULT_FILTER),
+    "model": {"width": 32, "depth": 3, "kernel_size": 5, "dropout": 0.3},
+    "max_epochs": 30,
+    "patience": 8,
+    "batch_size": 128,
+    "lr": 3e-3,
+    "weight_decay": 1e-2,
+    "label_smoothing": 0.1,
+    # Augmentation in standardised units: per-window per-channel gain (log-normal), global gain, noise.
+    "augment": {"channel_gain_std": 0.15, "gain_std": 0.2, "noise_std": 0.05},
+    "val_groups": None,  # groups held out for early stopping; None = the last group
+    "retrain_full": True,
+    "min_windows_per_class": 10,
+    "num_threads": 2,
+}
+
+
+class TrainingDataError(ValueError):
+    """The training data cannot produce a model; the message says why in user terms."""
+
+
+class TrainingCancelled(RuntimeError):
+    """Raise from a progress callback to stop training cleanly."""
+
+
+def merge_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Defaults overlaid with ``config`` (nested dicts merged one level deep)."""
+    out = copy.deepcopy(DEFAULT_CONFIG)
+    for key, value in (config or {}).items():
+        if key not in out:
+            raise ValueError(f"unknown training config key {key!r}")
+        if isinstance(out[key], dict) and isinstance(value, Mapping):
+            out[key].update(value)
+        else:
+            out[key] = value
+    return out
+
+
+# ---- capture-plan helper ------------------------------------------------------------------------------
+def windows_from_capture(
+    samples: np.ndarray,
+    timestamps_ms: np.ndarray,
+    intervals: Sequence[Mapping[str, Any]],
+    win: int,
+    step: int,
+    reaction_ms: float = pp.DEFAULT_REACTION_MS,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labelled windows of one recording cued by a capture plan.
+
+    samples: (n_samples, n_channels); timestamps_ms: (n_samples,).
+    Returns ``(windows (n, n_channels, win), labels (n,) object, groups (n,) int64)``. The group is the
+    interval's ``cycle`` when given, else the repetition number of its gesture (k-th cue of that label);
+    a rest interval belongs to the cycle of the gesture before it, so holding out a cycle holds out its rests.
+    """
+    labels, index = pp.label_windows(timestamps_ms, intervals, win, step, reaction_ms)
+    order = sorted(range(len(intervals)), key=lambda i: float(intervals[i]["start_ms"]))
+    cycle_of = np.zeros(max(len(intervals), 1), dtype=np.int64)
+    seen: dict[str, int] = {}
+    current = 0
+    for i in order:
+        iv = intervals[i]
+        if "cycle" in iv:
+            cycle_of[i] = int(iv["cycle"])
+        elif iv.get("kind") == "rest":
+            cycle_of[i] = current
+        else:
+            label = str(iv["label"])
+            cycle_of[i] = seen.get(label, 0)
+            seen[label] = cycle_of[i] + 1
+        if iv.get("kind") != "rest":
+            current = int(cycle_of[i])
+    keep = index >= 0
+    windows = pp.make_windows(samples, win, step)[keep]
+    return windows, labels[keep], cycle_of[index[keep]]
+
+
+# ---- validation of inputs -----------------------------------------------------------------------------
+def _check_inputs(
+    windows: Any, labels: Any, groups: Any, cfg: Mapping[str, Any]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if windows is None or len(windows) == 0:
+        raise TrainingDataError("no training data: no labelled windows were recorded")
+    try:
+        x = np.asarray(windows) if isinstance(windows, np.ndarray) else np.stack([np.asarray(w) for w in windows])
+    except ValueError as exc:
+        raise TrainingDataError(f"inconsistent channel counts or window lengths between windows ({exc})") from None
+    if x.ndim != 3:
+        raise TrainingDataError(f"windows must be (n_windows, n_channels, n_samples), got shape {x.shape}")
+    if not np.issubdtype(x.dtype, np.number):
+        raise TrainingDataError(f"windows must be numeric, got dtype {x.dtype}")
+    if not 1 <= x.shape[1] <= MAX_CHANNELS:
+        raise TrainingDataError(f"{x.shape[1]} channels; the model supports 1..{MAX_CHANNELS}")
+    if not np.all(np.isfinite(x)):
+        bad = int(np.count_nonzero(~np.isfinite(x).all(axis=(1, 2))))
+        raise TrainingDataError(f"{bad} windows contain NaN or infinite values")
+    y = np.asarray(labels, dtype=object)
+    g = np.asarray(groups)
+    if y.shape != (len(x),) or g.shape != (len(x),):
+        raise TrainingDataError(
+            f"need one label and one group per window: {len(x)} windows, {y.size} labels, {g.size} groups"
+        )
+    if any(lab is None for lab in y):
+        raise TrainingDataError("some windows have no label")
+    if cfg["sample_rate_hz"] is None or float(cfg["sample_rate_hz"]) <= 0:
+        raise TrainingDataError("config.sample_rate_hz must be given (samples per second of the recording)")
+    channels = cfg["channels"]
+    if channels is not None and (not channels or min(channels) < 0 or max(channels) >= x.shape[1]):
+        raise TrainingDataError(f"channels {channels} do not exist in {x.shape[1]}-channel data")
+    return x, y, g
+
+
+def _check_classes(y: np.ndarray, class_names: Sequence[str], min_per_class: int, where: str) -> None:
+    names, counts = np.unique(y.astype(str), return_counts=True)
+    if len(names) < 2:
+        raise TrainingDataError(f"only one class ({names[0] if len(names) else 'none'}) in the {where}; need 2+")
+    few = {n: int(c) for n, c in zip(names, counts) if c < min_per_class}
+    missing = sorted(set(class_names) - set(names))
+    if missing:
+        raise TrainingDataError(f"classes {missing} have no windows in the {where}")
+    if few:
+        raise TrainingDataError(f"too few windows in the {where} for {few}; need at least {min_per_class} each")
+
+
+# ---- torch plumbing -----------------------------------------------------------------------------------
+@contextmanager
+def _torch_session(seed: int, num_threads: int):
+    """Deterministic, thread-limited torch for the duration of training; global state restored after."""
+    old_threads = torch.get_num_threads()
+    old_det = torch.are_deterministic_algorithms_enabled()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.set_num_threads(num_threads)
+        torch.use_deterministic_algorithms(True)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(old_threads)
+            torch.use_deterministic_algorithms(old_det)
+
+
+def _augment(xb: torch.Tensor, aug: Mapping[str, float], gen: torch.Generator) -> torch.Tensor:
+    """Random gains and noise, (B, C, T) -> (B, C, T); mimics electrode contact and effort changes."""
+    b, c, _ = xb.shape
+    log_gain = torch.zeros(b, c, 1)
+    if aug.get("gain_std"):
+        log_gain = log_gain + torch.randn(b, 1, 1, generator=gen) * aug["gain_std"]
+    if aug.get("channel_gain_std"):
+        log_gain = log_gain + torch.randn(b, c, 1, generator=gen) * aug["channel_gain_std"]
+    xb = xb * torch.exp(log_gain)
+    if aug.get("noise_std"):
+        xb = xb + torch.randn(xb.shape, generator=gen) * aug["noise_std"]
+    return xb
+
+
+def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> tuple[float, float, np.ndarray]:
+    """Mean cross-entropy, accuracy and predictions (n,) of ``model`` on (x, y), eval mode."""
+    model.eval()
+    losses, preds = [], []
+    with torch.inference_mode():
+        for i in range(0, len(x), batch):
+            logits = model(x[i : i + batch])
+            losses.append(nn.functional.cross_entropy(logits, y[i : i + batch], reduction="sum"))
+            preds.append(logits.argmax(1))
+    pred = torch.cat(preds)
+    return float(torch.stack(losses).sum()) / len(x), float((pred == y).float().mean()), pred.numpy()
+
+
+def _fit(
+    model: EMGNet,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: Mapping[str, Any],
+    n_epochs: int,
+    gen: torch.Generator,
+    val: tuple[torch.Tensor, torch.Tensor] | None,
+    on_epoch: Callable[[int, float, float, float | None, float | None], bool],
+) -> None:
+    """Run up to ``n_epochs`` of AdamW with a one-cycle LR; ``on_epoch`` returns True to stop early."""
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg["lr"],
+    )
+    bs = int(cfg["batch_size"])
+    steps_per_epoch = max(1, math.ceil(len(x) / bs))
+    # Drop a last batch of 1: batch-norm cannot train on it.
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg["lr"], total_steps=n_epochs * steps_per_epoch, pct_start=0.25
+    )
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=float(cfg["label_smoothing"]))
+    for epoch in range(n_epochs):
+        model.train()
+        perm = torch.randperm(len(x), generator=gen)
+        total_loss, correct, seen = 0.0, 0, 0
+        for i in range(steps_per_epoch):
+            idx = perm[i * bs : (i + 1) * bs]
+            if len(idx) < 2:
+                sched.step()
+                continue
+            xb = _augment(x[idx], cfg["augment"], gen)
+            logits = model(xb)
+            loss = loss_fn(logits, y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total_loss += float(loss.detach()) * len(idx)
+            correct += int((logits.argmax(1) == y[idx]).sum())
+            seen += len(idx)
+        val_loss = val_acc = None
+        if val is not None:
+            val_loss, val_acc, _ = _evaluate(model, *val)
+        if on_epoch(epoch, total_loss / max(seen, 1), correct / max(seen, 1), val_loss, val_acc):
+            break
+
+
+# ---- public entry point -------------------------------------------------------------------------------
+def train_model(
+    windows: np.ndarray,
+    labels: Sequence[Any],
+    groups: Sequence[Any],
+    config: Mapping[str, Any] | None = None,
+    *,
+    seed: int = 0,
+    progress_callback: ProgressCallback | None = None,
+    class_names: Sequence[str] | None = None,
+    init_state_dict: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[EMGNet, dict[str, Any], dict[str, Any]]:
+    """Train the gesture CNN on raw labelled windows.
+
+    windows: (n, n_device_channels, win) raw samples (any numeric dtype); labels: (n,) class names;
+    groups: (n,) repetition/cycle id of each window (whole groups are held out for validation).
+    config: overrides of ``DEFAULT_CONFIG`` (``sample_rate_hz`` is required).
+    progress_callback(epoch, n_epochs, train_loss, train_acc, val_loss, val_acc) is called after every epoch
+    (1-based epoch; val_* are None while retraining on all data); raising from it (e.g. ``TrainingCancelled``)
+    aborts training and propagates.
+    class_names: output order of the classes; default sorted label names.
+    init_state_dict: start from these weights (fine-tuning) instead of a random init; must match the
+    architecture from ``config["model"]`` and the class count.
+
+    Returns ``(model, meta, metrics)``: the model in eval mode; ``meta`` everything serving needs (see
+    ``ml_model.artifacts``); ``metrics`` with validation accuracy, per-class accuracy and confusion matrix.
+    Raises ``TrainingDataError`` for unusable data.
+    """
+    t0 = time.perf_counter()
+    cfg = merge_config(config)
+    x_raw, y_names, g = _check_inputs(windows, labels, groups, cfg)
+    classes = [str(c) for c in (class_names if class_names is not None else sorted({str(v) for v in y_names}))]
+    if len(set(classes)) != len(classes):
+        raise TrainingDataError(f"duplicate class names {classes}")
+    y_str = y_names.astype(str)
+    unknown = sorted(set(y_str) - set(classes))
+    if unknown:
+        raise TrainingDataError(f"labels {unknown} are not in class_names {classes}")
+    _check_classes(y_str, classes, int(cfg["min_windows_per_class"]), "training data")
+
+    sample_rate = float(cfg["sample_rate_hz"])
+    win = int(x_raw.shape[2])
+    _, step = pp.window_params(cfg["window_ms"], cfg["step_ms"], sample_rate)
+    channels = list(range(x_raw.shape[1])) if cfg["channels"] is None else [int(c) for c in cfg["channels"]]
+
+    unique_groups = np.unique(g)
+    if len(unique_groups) < 2:
+        raise TrainingDataError("need at least 2 repetitions (groups) so one can be held out for validation")
+    val_groups = [unique_groups[-1]] if cfg["val_groups"] is None else list(cfg["val_groups"])
+    is_val = np.isin(g, val_groups)
+    if not is_val.any() or is_val.all():
+        raise TrainingDataError(f"validation groups {val_groups} must hold some but not all windows")
+    _check_classes(y_str[~is_val], classes, 1, "training part (without the validation repetition)")
+
+    meta: dict[str, Any] = {
+        "classes": classes,
+        "channels": channels,
+        "n_device_channels": int(x_raw.shape[1]),
+        "sample_rate_hz": sample_rate,
+        "window_ms": float(cfg["window_ms"]),
+        "step_ms": float(cfg["step_ms"]),
+        "window": win,
+        "step": step,
+        "filter": pp.filter_config(cfg["filter"]),
+    }
+    # The scaler is fit on the training part only, then kept for the retrain so validation stays honest
+    # and the final model sees inputs on the same scale.
+    unscaled = pp.prepare_unscaled(x_raw, meta)
+    meta["scaler"] = pp.fit_standardizer(unscaled[~is_val])
+    x_all = torch.from_numpy(pp.apply_standardizer(unscaled, meta["scaler"]))
+    del unscaled
+    class_index = {c: i for i, c in enumerate(classes)}
+    y_all = torch.from_numpy(np.array([class_index[v] for v in y_str], dtype=np.int64))
+    tr, va = torch.from_numpy(~is_val), torch.from_numpy(is_val)
+
+    hparams = {"n_channels": len(channels), "n_classes": len(classes), **cfg["model"]}
+    max_epochs, patience = int(cfg["max_epochs"]), int(cfg["patience"])
+    log.info(
+        "training %d windows (%d validation, groups %s), %d channels x %d samples, classes %s",
+        len(x_all), int(is_val.sum()), val_groups, len(channels), win, classes,
+    )
+
+    def new_model() -> EMGNet:
+        model = EMGNet(**hparams)
+        if init_state_dict is not None:
+            model.load_state_dict(init_state_dict)
+        return model
+
+    with _torch_session(seed, int(cfg["num_threads"])):
+        gen = torch.Generator().manual_seed(seed)
+        model = new_model()
+        best = {"epoch": 0, "val_loss": math.inf, "val_acc": 0.0, "state": copy.deepcopy(model.state_dict())}
+
+        def on_val_epoch(epoch: int, tl: float, ta: float, vl: float | None, vacc: float | None) -> bool:
+            # Select on validation accuracy, ties broken by loss: loss alone over-punishes confident errors.
+            if (vacc, -vl) > (best["val_acc"], -best["val_loss"]):
+                best.update(epoch=epoch + 1, val_loss=vl, val_acc=vacc, state=copy.deepcopy(model.state_dict()))
+            log.debug("epoch %d/%d loss %.4f acc %.4f val_loss %.4f val_acc %.4f", epoch + 1, max_epochs, tl, ta, vl, vacc)
+            if progress_callback is not None:
+                progress_callback(epoch + 1, max_epochs, tl, ta, vl, vacc)
+            return epoch + 1 - best["epoch"] >= patience
+
+        _fit(model, x_all[tr], y_all[tr], cfg, max_epochs, gen, (x_all[va], y_all[va]), on_val_epoch)
+        model.load_state_dict(best["state"])
+        val_loss, val_acc, val_pred = _evaluate(model, x_all[va], y_all[va])
+        metrics = _metrics(y_all[va].numpy(), val_pred, classes)
+        metrics.update(
+            val_loss=val_loss, val_groups=[_json_scalar(v) for v in val_groups], best_epoch=best["epoch"],
+            n_train_windows=int((~is_val).sum()), n_val_windows=int(is_val.sum()),
+        )
+
+        retrain = bool(cfg["retrain_full"])
+        if retrain:
+            n_full = max(1, best["epoch"])
+            total = max_epochs + n_full
+
+            def on_full_epoch(epoch: int, tl: float, ta: float, vl: float | None, vacc: float | None) -> bool:
+                if progress_callback is not None:
+                    progress_callback(max_epochs + epoch + 1, total, tl, ta, None, None)
+                return False
+
+            model = new_model()
+            _fit(model, x_all, y_all, cfg, n_full, gen, None, on_full_epoch)
+        model.eval()
+
+    metrics["retrained_on_all"] = retrain
+    metrics["train_seconds"] = time.perf_counter() - t0
+    meta["model"] = hparams
+    meta["training"] = {"seed": seed, "config": _jsonable(cfg), "epochs": best["epoch"]}
+    log.info(
+        "validation accuracy %.4f at epoch %d, retrained on all: %s, %.1f s",
+        metrics["accuracy"], best["epoch"], retrain, metrics["train_seconds"],
+    )
+    return model, meta, metrics
+
+
+def _metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, per-class accuracy (recall) and confusion matrix rows=true, cols=predicted."""
+    k = len(classes)
+    cm = np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k)
+    support = cm.sum(axis=1)
+    per_class = {c: (float(cm[i, i] / support[i]) if support[i] else None) for i, c in enumerate(classes)}
+    return {
+        "accuracy": float(np.trace(cm) / max(cm.sum(), 1)),
+        "per_class_accuracy": per_class,
+        "confusion_matrix": {"classes": list(classes), "matrix": cm.tolist()},
+    }
+
+
+def evaluate_model(model: nn.Module, x: np.ndarray, labels: Sequence[Any], classes: Sequence[str]) -> dict[str, Any]:
+    """Metrics of ``model`` on prepared windows x (n, C, T) with class-name labels (n,)."""
+    index = {c: i for i, c in enumerate(classes)}
+    y = np.array([index[str(v)] for v in labels], dtype=np.int64)
+    _, _, pred = _evaluate(model, torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y))
+    return _metrics(y, pred, classes)
+
+
+def _json_scalar(v: Any) -> Any:
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return _json_scalar(obj)

@@ -1,0 +1,152 @@
+"""One settings object for every service, page and script, read from the environment.
+
+Secrets have no defaults: the embedded PostgreSQL/NATS generate theirs on first start and keep them (mode 0600)
+under ``$SEMG_STATE_DIR/secrets``; external services must be given theirs explicitly.
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class SettingsError(RuntimeError):
+    """A setting is missing or invalid; the message names the environment variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    semg_state_dir: Path = Path("./.state")
+    # Interface every service listens on; the Docker image sets 0.0.0.0.
+    semg_bind_host: str = "127.0.0.1"
+
+    postgres_host: str | None = None  # unset -> embedded PostgreSQL
+    postgres_port: Port = 5432
+    postgres_db: str = "sensordb"
+    postgres_user: str = "semg"
+    postgres_password: SecretStr | None = None
+
+    nats_server: str | None = None  # unset -> embedded NATS
+    nats_user: str | None = None
+    nats_password: SecretStr | None = None
+    nats_port: Port = 4222
+
+    api_port: Port = 8000
+    ui_port: Port = 8501
+    udp_port: Port = 8081
+    # Ingestion metrics endpoint of the UDP server (HTTP, local only by default).
+    udp_metrics_port: Port = 8082
+
+    # Service-to-service API key used by the inference worker and the UI (generated when embedded).
+    semg_service_key: SecretStr | None = None
+    # Password of the web UI login (generated when unset and the state dir is writable).
+    semg_ui_password: SecretStr | None = None
+
+    log_level: str = "INFO"
+
+    @field_validator("postgres_host", "nats_server", "nats_user", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, v: object) -> object:
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, v: str) -> str:
+        v = v.upper()
+        if v not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return v
+
+    @model_validator(mode="after")
+    def _external_needs_credentials(self) -> Settings:
+        if self.postgres_host and self.postgres_password is None:
+            raise ValueError("POSTGRES_PASSWORD is required when POSTGRES_HOST is set (external database)")
+        if self.nats_server and self.nats_user and self.nats_password is None:
+            raise ValueError("NATS_PASSWORD is required when NATS_USER is set")
+        return self
+
+    # ---- derived values -------------------------------------------------------------------------
+    @property
+    def state_dir(self) -> Path:
+        return self.semg_state_dir.expanduser().resolve()
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.state_dir / "secrets"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    @property
+    def video_dir(self) -> Path:
+        return self.state_dir / "videos"
+
+    @property
+    def pg_data_dir(self) -> Path:
+        return self.state_dir / "pgdata"
+
+    @property
+    def embedded_postgres(self) -> bool:
+        return self.postgres_host is None
+
+    @property
+    def embedded_nats(self) -> bool:
+        return self.nats_server is None
+
+    @property
+    def api_url(self) -> str:
+        """Where local clients (worker, UI, tests) reach the API."""
+        return f"http://{_client_host(self.semg_bind_host)}:{self.api_port}"
+
+    @property
+    def nats_url(self) -> str:
+        if self.nats_server:
+            return self.nats_server if "://" in self.nats_server else f"nats://{self.nats_server}"
+        return f"nats://127.0.0.1:{self.nats_port}"
+
+
+def _client_host(bind_host: str) -> str:
+    return "127.0.0.1" if bind_host in ("0.0.0.0", "::", "") else bind_host
+
+
+def describe_error(err: ValidationError) -> str:
+    """One line naming the offending variable(s), e.g. ``API_PORT='abc': Input should be a valid integer``."""
+    parts = []
+    for e in err.errors():
+        loc = [str(p) for p in e.get("loc", ()) if p != "__root__"]
+        msg = e.get("msg", "invalid").removeprefix("Value error, ")
+        if loc:
+            var = loc[0].upper()
+            inp = e.get("input")
+            shown = "" if inp is None or "password" in var.lower() or "key" in var.lower() else f"={inp!r}"
+            parts.append(f"{var}{shown}: {msg}")
+        else:
+            parts.append(msg)
+    return "invalid setting: " + "; ".join(parts)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings. Raises SettingsError with a one-line message on bad values."""
+    try:
+        return Settings()
+    except ValidationError as err:
+        raise SettingsError(describe_error(err)) from None
+
+
+def settings_or_exit(service: str) -> Settings:
+    """For service entry points: print one line naming the bad variable and exit(2) instead of a traceback."""
+    try:
+        return get_settings()
+    except SettingsError as err:
+        print(f"{service}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

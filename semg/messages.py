@@ -1,0 +1,85 @@
+"""JSON payloads on NATS, validated with pydantic on both ends (see ../shared/CONTRACTS.md).
+
+Subjects:
+    emg.samples.<userid>      SamplesMessage     UDP server, after the samples are stored
+    emg.predictions.<userid>  PredictionMessage  inference worker
+    models.updated            ModelUpdated       training job, after the artifact is stored
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+UserId = Annotated[int, Field(ge=1)]
+
+
+def samples_subject(userid: int) -> str:
+    return f"emg.samples.{userid}"
+
+
+def predictions_subject(userid: int) -> str:
+    return f"emg.predictions.{userid}"
+
+
+SAMPLES_WILDCARD = "emg.samples.*"
+PREDICTIONS_WILDCARD = "emg.predictions.*"
+MODELS_UPDATED = "models.updated"
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SamplesMessage(_Msg):
+    """A run of consecutive samples of one device, column-wise (compact and fast to parse).
+
+    Sample i has sequence number seq0 + i (per device and boot), device clock device_millis[i]
+    (unwrapped, ms), server receive time recv_time[i] (unix seconds) and channel values values[i].
+    """
+
+    v: Literal[1] = 1
+    userid: UserId
+    device_id: int = Field(ge=1)
+    boot: int = Field(ge=0)
+    sample_rate_hz: float = Field(gt=0, le=10000)
+    channels: int = Field(ge=1, le=16)
+    seq0: int = Field(ge=0)
+    device_millis: list[float]
+    recv_time: list[float]
+    values: list[list[int]]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SamplesMessage:
+        n = len(self.values)
+        if n == 0:
+            raise ValueError("a samples message carries at least one sample")
+        if len(self.device_millis) != n or len(self.recv_time) != n:
+            raise ValueError("device_millis, recv_time and values must have the same length")
+        if any(len(row) != self.channels for row in self.values):
+            raise ValueError(f"every sample must have exactly {self.channels} channel values")
+        return self
+
+
+class PredictionMessage(_Msg):
+    """One live decision for a window of a user's stream."""
+
+    v: Literal[1] = 1
+    userid: UserId
+    gesture: str = Field(min_length=1, max_length=80)  # 'REST' / 'UNKNOWN' when unsure
+    confidence: float = Field(ge=0, le=1)
+    raw_gesture: str | None = None  # the model's own top class before smoothing/threshold
+    model_id: int | None = None
+    device_id: int | None = None
+    seq: int | None = None  # sequence number of the window's last sample
+    device_millis: float  # device clock of the window's last sample
+    sample_recv_time: float  # server receive time of that sample (unix s)
+    decided_time: float  # when the decision was published (unix s)
+
+
+class ModelUpdated(_Msg):
+    v: Literal[1] = 1
+    userid: UserId
+    job_id: int | None = None
+    artifact_id: int = Field(ge=1)

@@ -1,0 +1,59 @@
+"""NATS connections for services: per-service credentials, unlimited reconnects, logged state changes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+
+import nats
+from nats.aio.client import Client
+
+from semg import secrets
+from semg.config import Settings, get_settings
+
+
+async def connect(service: str, settings: Settings | None = None, **options) -> Client:
+    """Connect as `service` (its own identity on the embedded server); reconnects forever."""
+    s = settings or get_settings()
+    log = logging.getLogger(f"semg.nats.{service}")
+    user, password = secrets.nats_credentials(service, s)
+
+    async def error_cb(e: Exception) -> None:
+        log.warning("NATS error: %s", e)
+
+    async def disconnected_cb() -> None:
+        log.warning("NATS disconnected")
+
+    async def reconnected_cb() -> None:
+        log.info("NATS reconnected")
+
+    kw = dict(
+        servers=s.nats_url.split(","), name=f"semg-{service}", user=user, password=password,
+        max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=3,
+        allow_reconnect=True, error_cb=error_cb, disconnected_cb=disconnected_cb,
+        reconnected_cb=reconnected_cb,
+    )
+    kw.update(options)
+    return await nats.connect(**kw)
+
+
+def install_shutdown(loop: asyncio.AbstractEventLoop, stop: Callable[[], Awaitable[None]]) -> asyncio.Event:
+    """SIGTERM/SIGINT -> run `stop()` (typically nc.drain()) once; returns an event set when it is done."""
+    done = asyncio.Event()
+
+    def _handler() -> None:
+        async def _run() -> None:
+            try:
+                await stop()
+            finally:
+                done.set()
+
+        if not getattr(_handler, "fired", False):
+            _handler.fired = True  # type: ignore[attr-defined]
+            loop.create_task(_run())
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _handler)
+    return done

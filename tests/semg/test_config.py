@@ -1,0 +1,64 @@
+"""Settings: defaults, one-line errors naming the variable, external credentials required."""
+
+import subprocess
+import sys
+
+import pytest
+
+from semg.config import Settings, SettingsError, get_settings
+
+
+def _settings(monkeypatch, **env):
+    for k in ["POSTGRES_HOST", "POSTGRES_PASSWORD", "NATS_SERVER", "NATS_USER", "NATS_PASSWORD", "API_PORT"]:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    get_settings.cache_clear()
+    try:
+        return get_settings()
+    finally:
+        get_settings.cache_clear()
+
+
+def test_defaults_use_embedded_services(monkeypatch):
+    s = Settings(_env_file=None, api_port=8000)
+    assert s.api_port == 8000 and s.ui_port == 8501 and s.udp_port == 8081 and s.nats_port == 4222
+    s = _settings(monkeypatch)
+    assert s.embedded_postgres and s.embedded_nats
+
+
+def test_external_services_chosen_by_environment(monkeypatch):
+    s = _settings(monkeypatch, POSTGRES_HOST="db.example", POSTGRES_PASSWORD="x" * 12, NATS_SERVER="nats://n:4222")
+    assert not s.embedded_postgres and not s.embedded_nats
+    assert s.nats_url == "nats://n:4222"
+
+
+@pytest.mark.parametrize("env,var", [
+    ({"API_PORT": "abc"}, "API_PORT"),
+    ({"API_PORT": "70000"}, "API_PORT"),
+    ({"UDP_PORT": "-1"}, "UDP_PORT"),
+    ({"POSTGRES_HOST": "db.example"}, "POSTGRES_PASSWORD"),
+    ({"LOG_LEVEL": "chatty"}, "LOG_LEVEL"),
+])
+def test_invalid_setting_names_the_variable(monkeypatch, env, var):
+    with pytest.raises(SettingsError) as e:
+        _settings(monkeypatch, **env)
+    assert var in str(e.value) and "\n" not in str(e.value)
+
+
+def test_service_entry_point_prints_one_line_not_a_traceback(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "SEMG_STATE_DIR": str(tmp_path), "NATS_PORT": "notaport"}
+    r = subprocess.run([sys.executable, "-m", "semg.db", "status"], env=env, capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "NATS_PORT" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_secrets_are_private_and_stable(monkeypatch, tmp_path):
+    from semg import secrets
+    s = _settings(monkeypatch, SEMG_STATE_DIR=str(tmp_path))
+    a = secrets.postgres_password(s)
+    assert a == secrets.postgres_password(s) and len(a) >= 24
+    assert (tmp_path / "secrets" / "postgres_password").stat().st_mode & 0o777 == 0o600
+    user, pw = secrets.nats_credentials("ingest", s)
+    assert user == "ingest" and pw and secrets.nats_credentials("ingest", s)[1] == pw
