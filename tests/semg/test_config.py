@@ -21,7 +21,10 @@ def _settings(monkeypatch, **env):
 
 
 def test_defaults_use_embedded_services(monkeypatch):
-    s = Settings(_env_file=None, api_port=8000)
+    for k in ["API_PORT", "UI_PORT", "UDP_PORT", "NATS_PORT", "POSTGRES_PORT", "SEMG_STATE_DIR"]:
+        monkeypatch.delenv(k, raising=False)
+    s = Settings()
+    assert str(s.semg_state_dir) == ".state" and s.postgres_port == 5432
     assert s.api_port == 8000 and s.ui_port == 8501 and s.udp_port == 8081 and s.nats_port == 4222
     s = _settings(monkeypatch)
     assert s.embedded_postgres and s.embedded_nats
