@@ -1,0 +1,590 @@
+"""Domain data access shared by the REST API and the web UI (one implementation of every mutation).
+
+Every function takes a psycopg2 connection first, runs in one transaction that it commits (or rolls back
+on error), returns plain dicts, and raises a RepoError subclass with a message fit to show a person.
+SQL is always parameterised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import secrets as _secrets
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
+import psycopg2.extras
+from psycopg2.extras import Json
+
+MAX_CHANNELS = 16
+EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+JOB_STATUSES = ("scheduled", "in-progress", "completed", "failed", "canceled")
+REST = "REST"
+
+# Quick-add library of common gestures (names as used in the sEMG literature).
+GESTURE_LIBRARY: list[dict[str, str]] = [
+    {"name": "fist", "description": "Close the hand firmly (hand close / power grip)"},
+    {"name": "open hand", "description": "Spread and extend all fingers"},
+    {"name": "wrist flexion", "description": "Bend the wrist so the palm moves toward the forearm"},
+    {"name": "wrist extension", "description": "Bend the wrist so the back of the hand moves up"},
+    {"name": "radial deviation", "description": "Tilt the hand toward the thumb side"},
+    {"name": "ulnar deviation", "description": "Tilt the hand toward the little-finger side"},
+    {"name": "pinch", "description": "Touch thumb and index fingertips"},
+    {"name": "point", "description": "Extend the index finger, other fingers closed"},
+    {"name": "thumbs up", "description": "Closed fist with the thumb extended upward"},
+    {"name": "pronation", "description": "Rotate the forearm so the palm faces down"},
+    {"name": "supination", "description": "Rotate the forearm so the palm faces up"},
+]
+
+
+class RepoError(ValueError):
+    """Base class: the message is meant for the person who asked."""
+
+
+class NotFound(RepoError):
+    pass
+
+
+class Conflict(RepoError):
+    pass
+
+
+class Invalid(RepoError):
+    pass
+
+
+@contextlib.contextmanager
+def _tx(conn: psycopg2.extensions.connection) -> Iterator[psycopg2.extras.RealDictCursor]:
+    """One transaction with a dict cursor; integrity errors become RepoErrors."""
+    try:
+        with conn, conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+            yield cur
+    except psycopg2.errors.UniqueViolation as e:
+        raise Conflict(_constraint_message(e, "already exists")) from None
+    except psycopg2.errors.ForeignKeyViolation as e:
+        raise NotFound(_constraint_message(e, "refers to something that does not exist")) from None
+    except (psycopg2.errors.CheckViolation, psycopg2.errors.NotNullViolation,
+            psycopg2.errors.InvalidTextRepresentation, psycopg2.errors.NumericValueOutOfRange) as e:
+        raise Invalid(_constraint_message(e, "is not valid")) from None
+
+
+_CONSTRAINT_TEXT = {
+    "users_email_lower_key": "a user with this email already exists",
+    "gestures_user_id_name_key": "this user already has a gesture with that name",
+    "devices_one_legacy_per_user": "this user already has a legacy (text protocol) device",
+}
+
+
+def _constraint_message(e: psycopg2.Error, default: str) -> str:
+    name = getattr(e.diag, "constraint_name", None) or ""
+    if name in _CONSTRAINT_TEXT:
+        return _CONSTRAINT_TEXT[name]
+    table = getattr(e.diag, "table_name", None) or "value"
+    detail = (getattr(e.diag, "message_primary", None) or str(e)).strip()
+    return f"{table}: {default} ({detail})"
+
+
+def _one(cur, what: str, ident: Any) -> dict:
+    row = cur.fetchone()
+    if row is None:
+        raise NotFound(f"{what} {ident} not found")
+    return dict(row)
+
+
+# ---- users ---------------------------------------------------------------------------------------
+_USER_COLS = "id, name, email, notes, created_at, updated_at"
+
+
+def _clean_user(name: str | None, email: str | None) -> tuple[str | None, str | None]:
+    if name is not None:
+        name = name.strip()
+        if not 1 <= len(name) <= 200:
+            raise Invalid("name must be 1 to 200 characters")
+    if email is not None:
+        email = email.strip()
+        if len(email) > 320 or not EMAIL_RE.match(email):
+            raise Invalid(f"{email!r} is not a valid email address")
+    return name, email
+
+
+def create_user(conn, name: str, email: str, notes: str = "") -> dict:
+    name, email = _clean_user(name, email)
+    with _tx(conn) as cur:
+        cur.execute(f"INSERT INTO users (name, email, notes) VALUES (%s, %s, %s) RETURNING {_USER_COLS}",
+                    (name, email, notes or ""))
+        return dict(cur.fetchone())
+
+
+def get_user(conn, user_id: int) -> dict:
+    with _tx(conn) as cur:
+        cur.execute(f"SELECT {_USER_COLS} FROM users WHERE id = %s", (user_id,))
+        return _one(cur, "user", user_id)
+
+
+def update_user(conn, user_id: int, name: str | None = None, email: str | None = None,
+                notes: str | None = None) -> dict:
+    name, email = _clean_user(name, email)
+    with _tx(conn) as cur:
+        cur.execute(
+            f"""UPDATE users SET name = coalesce(%s, name), email = coalesce(%s, email),
+                   notes = coalesce(%s, notes), updated_at = now()
+                WHERE id = %s RETURNING {_USER_COLS}""",
+            (name, email, notes, user_id),
+        )
+        return _one(cur, "user", user_id)
+
+
+def delete_user(conn, user_id: int, video_dir: Path | None = None) -> dict:
+    """Delete the user and, by cascade, all their data; then remove their video files."""
+    with _tx(conn) as cur:
+        cur.execute("SELECT path FROM videos WHERE user_id = %s", (user_id,))
+        paths = [r["path"] for r in cur.fetchall()]
+        cur.execute("DELETE FROM users WHERE id = %s RETURNING id, name, email", (user_id,))
+        deleted = _one(cur, "user", user_id)
+    removed = 0
+    if video_dir is not None:
+        root = Path(video_dir).resolve()
+        for rel in paths:
+            p = (root / rel).resolve()
+            if root in p.parents and p.is_file():  # never follow a stored path out of the video dir
+                p.unlink()
+                removed += 1
+    deleted["videos_removed"] = removed
+    return deleted
+
+
+def list_users(conn, search: str | None = None, limit: int = 100, offset: int = 0) -> list[dict]:
+    pattern = f"%{search.strip()}%" if search and search.strip() else None
+    with _tx(conn) as cur:
+        cur.execute(
+            f"""SELECT {_USER_COLS},
+                   (SELECT count(*) FROM devices d WHERE d.user_id = u.id) AS devices,
+                   (SELECT count(*) FROM gestures g WHERE g.user_id = u.id) AS gestures
+                FROM users u
+                WHERE %(p)s::text IS NULL OR name ILIKE %(p)s OR email ILIKE %(p)s
+                ORDER BY id LIMIT %(limit)s OFFSET %(offset)s""",
+            {"p": pattern, "limit": max(1, min(int(limit), 1000)), "offset": max(0, int(offset))},
+        )
+        return [dict(r) for r in cur.fetchall()]
+
+
+# ---- gestures ------------------------------------------------------------------------------------
+_GESTURE_COLS = "id, user_id, name, description, channels_used, channel_purposes, created_at"
+
+
+def _clean_channels(channels_used: Sequence[int] | None, channel_purposes: dict | None
+                    ) -> tuple[list[int], dict[str, str]]:
+    chans = sorted({int(c) for c in (channels_used or ())})
+    if any(not 0 <= c < MAX_CHANNELS for c in chans):
+        raise Invalid(f"channels must be between 0 and {MAX_CHANNELS - 1}")
+    purposes: dict[str, str] = {}
+    for k, v in (channel_purposes or {}).items():
+        try:
+            c = int(k)
+        except (TypeError, ValueError):
+            raise Invalid(f"channel purpose key {k!r} is not a channel number") from None
+        if not 0 <= c < MAX_CHANNELS:
+            raise Invalid(f"channel purpose for channel {c}: channels are 0 to {MAX_CHANNELS - 1}")
+        if str(v).strip():
+            purposes[str(c)] = str(v).strip()[:200]
+    return chans, purposes
+
+
+def _clean_gesture_name(name: str) -> str:
+    name = (name or "").strip()
+    if not 1 <= len(name) <= 80:
+        raise Invalid("gesture name must be 1 to 80 characters")
+    if name.upper() == REST:
+        raise Invalid("REST is built in (the rest intervals); choose another name")
+    return name
+
+
+def list_gestures(conn, user_id: int) -> list[dict]:
+    with _tx(conn) as cur:
+        cur.execute(f"SELECT {_GESTURE_COLS} FROM gestures WHERE user_id = %s ORDER BY id", (user_id,))
+        return [dict(r) for r in cur.fetchall()]
+
+
+def add_gesture(conn, user_id: int, name: str, description: str = "", channels_used: Sequence[int] = (),
+                channel_purposes: dict | None = None) -> dict:
+    name = _clean_gesture_name(name)
+    chans, purposes = _clean_channels(channels_used, channel_purposes)
+    with _tx(conn) as cur:
+        cur.execute(
+            f"""INSERT INTO gestures (user_id, name, description, channels_used, channel_purposes)
+                VALUES (%s, %s, %s, %s::smallint[], %s) RETURNING {_GESTURE_COLS}""",
+            (user_id, name, description or "", chans, Json(purposes)),
+        )
+        return dict(cur.fetchone())
+
+
+def update_gesture(conn, gesture_id: int, name: str | None = None, description: str | None = None,
+                   channels_used: Sequence[int] | None = None, channel_purposes: dict | None = None) -> dict:
+    name = _clean_gesture_name(name) if name is not None else None
+    chans, purposes = _clean_channels(channels_used, channel_purposes)
+    with _tx(conn) as cur:
+        cur.execute(
+            f"""UPDATE gestures SET name = coalesce(%s, name), description = coalesce(%s, description),
+                   channels_used = CASE WHEN %s THEN %s::smallint[] ELSE channels_used END,
+                   channel_purposes = CASE WHEN %s THEN %s ELSE channel_purposes END
+                WHERE id = %s RETURNING {_GESTURE_COLS}""",
+            (name, description, channels_used is not None, chans, channel_purposes is not None, Json(purposes),
+             gesture_id),
+        )
+        return _one(cur, "gesture", gesture_id)
+
+
+def delete_gesture(conn, gesture_id: int) -> None:
+    with _tx(conn) as cur:
+        cur.execute("DELETE FROM gestures WHERE id = %s RETURNING id", (gesture_id,))
+        _one(cur, "gesture", gesture_id)
+
+
+# ---- devices -------------------------------------------------------------------------------------
+_DEVICE_COLS = "id, user_id, name, protocol, channel_count, sample_rate_hz, key_rotated_at, created_at"
+
+
+def register_device(conn, user_id: int, channel_count: int, sample_rate_hz: float, protocol: str = "binary",
+                    name: str = "") -> dict:
+    """Register a sensor. A binary device gets a fresh 32-byte key, returned ONCE as secret_key_hex."""
+    if protocol not in ("binary", "legacy"):
+        raise Invalid("protocol must be 'binary' or 'legacy'")
+    if not 1 <= int(channel_count) <= MAX_CHANNELS:
+        raise Invalid(f"channel count must be 1 to {MAX_CHANNELS}")
+    if not 0 < float(sample_rate_hz) <= 10000:
+        raise Invalid("sample rate must be above 0 and at most 10000 Hz")
+    key = _secrets.token_bytes(32) if protocol == "binary" else None
+    with _tx(conn) as cur:
+        cur.execute(
+            f"""INSERT INTO devices (user_id, name, protocol, channel_count, sample_rate_hz, secret_key)
+                VALUES (%s, %s, %s, %s, %s, %s) RETURNING {_DEVICE_COLS}""",
+            (user_id, (name or "").strip()[:80], protocol, int(channel_count), float(sample_rate_hz),
+             psycopg2.Binary(key) if key else None),
+        )
+        dev = dict(cur.fetchone())
+    dev["secret_key_hex"] = key.hex() if key else None
+    return dev
+
+
+def rotate_device_key(conn, device_id: int) -> dict:
+    key = _secrets.token_bytes(32)
+    with _tx(conn) as cur:
+        cur.execute(
+            f"""UPDATE devices SET secret_key = %s, key_rotated_at = now()
+                WHERE id = %s AND protocol = 'binary' RETURNING {_DEVICE_COLS}""",
+            (psycopg2.Binary(key), device_id),
+        )
+        row = cur.fetchone()
+        if row is None:
+            cur.execute("SELECT protocol FROM devices WHERE id = %s", (device_id,))
+            found = cur.fetchone()
+            if found is None:
+                raise NotFound(f"device {device_id} not found")
+            raise Invalid("legacy devices have no key to rotate; register a binary device instead")
+    dev = dict(row)
+    dev["secret_key_hex"] = key.hex()
+    return dev
+
+
+def list_devices(conn, user_id: int | None = None) -> list[dict]:
+    with _tx(conn) as cur:
+        cur.execute(f"""SELECT {_DEVICE_COLS} FROM devices WHERE %(u)s::bigint IS NULL OR user_id = %(u)s
+                        ORDER BY id""", {"u": user_id})
+        return [dict(r) for r in cur.fetchall()]
+
+
+def get_device(conn, device_id: int) -> dict:
+    with _tx(conn) as cur:
+        cur.execute(f"SELECT {_DEVICE_COLS} FROM devices WHERE id = %s", (device_id,))
+        return _one(cur, "device", device_id)
+
+
+def delete_device(conn, device_id: int) -> None:
+    """Deletes the device and its samples."""
+    with _tx(conn) as cur:
+        cur.execute("DELETE FROM devices WHERE id = %s RETURNING id", (device_id,))
+        _one(cur, "device", device_id)
+
+
+# ---- capture sessions ----------------------------------------------------------------------------
+def plan_intervals(gestures: Sequence[str], repetitions: int, hold_s: float, rest_s: float) -> list[dict]:
+    """The timing plan: for each repetition, each gesture held for hold_s after a rest of rest_s.
+
+    Starts with a rest (the REST class needs data too) and ends with one. Offsets in ms from the start.
+    """
+    names = [_clean_gesture_name(g) for g in gestures]
+    if not names:
+        raise Invalid("choose at least one gesture")
+    if len(set(names)) != len(names):
+        raise Invalid("each gesture may appear only once per session")
+    if not 1 <= int(repetitions) <= 50:
+        raise Invalid("repetitions must be 1 to 50")
+    if not 0.5 <= float(hold_s) <= 60 or not 0.5 <= float(rest_s) <= 60:
+        raise Invalid("hold and rest must each be 0.5 to 60 seconds")
+    hold_ms, rest_ms = round(float(hold_s) * 1000), round(float(rest_s) * 1000)
+    plan, t = [], 0
+    for rep in range(int(repetitions)):
+        for name in names:
+            plan.append({"ordinal": len(plan), "kind": "rest", "label": REST, "repetition": rep,
+                         "planned_start_ms": t, "planned_end_ms": t + rest_ms})
+            t += rest_ms
+            plan.append({"ordinal": len(plan), "kind": "gesture", "label": name, "repetition": rep,
+                         "planned_start_ms": t, "planned_end_ms": t + hold_ms})
+            t += hold_ms
+    plan.append({"ordinal": len(plan), "kind": "rest", "label": REST, "repetition": int(repetitions) - 1,
+                 "planned_start_ms": t, "planned_end_ms": t + rest_ms})
+    return plan
+
+
+_SESSION_COLS = "id, user_id, device_id, name, status, plan, created_at, started_at, ended_at"
+_INTERVAL_COLS = ("id, session_id, ordinal, kind, gesture_id, label, repetition, planned_start_ms, planned_end_ms, "
+                  "started_at, ended_at, discarded")
+
+
+def create_session(conn, user_id: int, device_id: int | None, gestures: Sequence[str], repetitions: int,
+                   hold_s: float, rest_s: float, name: str = "") -> dict:
+    intervals = plan_intervals(gestures, repetitions, hold_s, rest_s)
+    with _tx(conn) as cur:
+        cur.execute("SELECT name, id FROM gestures WHERE user_id = %s", (user_id,))
+        bank = {r["name"]: r["id"] for r in cur.fetchall()}
+        missing = [g for g in {i["label"] for i in intervals if i["kind"] == "gesture"} if g not in bank]
+        if missing:
+            raise Invalid(f"not in this user's gesture bank: {', '.join(sorted(missing))}")
+        if device_id is not None:
+            cur.execute("SELECT user_id FROM devices WHERE id = %s", (device_id,))
+            dev = cur.fetchone()
+            if dev is None or dev["user_id"] != user_id:
+                raise Invalid(f"device {device_id} does not belong to user {user_id}")
+        plan = {"gestures": list(gestures), "repetitions": int(repetitions), "hold_s": float(hold_s),
+                "rest_s": float(rest_s), "total_ms": intervals[-1]["planned_end_ms"]}
+        cur.execute(f"""INSERT INTO capture_sessions (user_id, device_id, name, plan) VALUES (%s, %s, %s, %s)
+                        RETURNING {_SESSION_COLS}""", (user_id, device_id, (name or "").strip(), Json(plan)))
+        session = dict(cur.fetchone())
+        psycopg2.extras.execute_values(
+            cur,
+            """INSERT INTO session_intervals (session_id, ordinal, kind, gesture_id, label, repetition,
+                   planned_start_ms, planned_end_ms) VALUES %s""",
+            [(session["id"], i["ordinal"], i["kind"], bank.get(i["label"]), i["label"], i["repetition"],
+              i["planned_start_ms"], i["planned_end_ms"]) for i in intervals],
+        )
+        cur.execute(f"SELECT {_INTERVAL_COLS} FROM session_intervals WHERE session_id = %s ORDER BY ordinal",
+                    (session["id"],))
+        session["intervals"] = [dict(r) for r in cur.fetchall()]
+    return session
+
+
+def get_session(conn, session_id: int) -> dict:
+    with _tx(conn) as cur:
+        cur.execute(f"SELECT {_SESSION_COLS} FROM capture_sessions WHERE id = %s", (session_id,))
+        session = _one(cur, "session", session_id)
+        cur.execute(f"SELECT {_INTERVAL_COLS} FROM session_intervals WHERE session_id = %s ORDER BY ordinal",
+                    (session_id,))
+        session["intervals"] = [dict(r) for r in cur.fetchall()]
+    return session
+
+
+def list_sessions(conn, user_id: int) -> list[dict]:
+    with _tx(conn) as cur:
+        cur.execute(f"""SELECT {_SESSION_COLS},
+                           (SELECT count(*) FROM session_intervals i WHERE i.session_id = s.id
+                              AND i.started_at IS NOT NULL AND NOT i.discarded) AS recorded_intervals
+                        FROM capture_sessions s WHERE user_id = %s ORDER BY id DESC""", (user_id,))
+        return [dict(r) for r in cur.fetchall()]
+
+
+def start_session(conn, session_id: int, at: datetime | None = None) -> dict:
+    with _tx(conn) as cur:
+        cur.execute(f"""UPDATE capture_sessions SET status = 'recording', started_at = coalesce(%s, now())
+                        WHERE id = %s AND status IN ('planned', 'recording') RETURNING {_SESSION_COLS}""",
+                    (at, session_id))
+        row = cur.fetchone()
+        if row is None:
+            _session_state_error(cur, session_id, "start")
+        return dict(row)
+
+
+def end_session(conn, session_id: int, status: str = "completed", at: datetime | None = None) -> dict:
+    if status not in ("completed", "aborted"):
+        raise Invalid("a session ends as 'completed' or 'aborted'")
+    with _tx(conn) as cur:
+        cur.execute(f"""UPDATE capture_sessions SET status = %s, ended_at = coalesce(%s, now()),
+                           started_at = coalesce(started_at, coalesce(%s, now()))
+                        WHERE id = %s AND status IN ('planned', 'recording') RETURNING {_SESSION_COLS}""",
+                    (status, at, at, session_id))
+        row = cur.fetchone()
+        if row is None:
+            _session_state_error(cur, session_id, "end")
+        return dict(row)
+
+
+def _session_state_error(cur, session_id: int, action: str) -> None:
+    cur.execute("SELECT status FROM capture_sessions WHERE id = %s", (session_id,))
+    found = cur.fetchone()
+    if found is None:
+        raise NotFound(f"session {session_id} not found")
+    raise Conflict(f"cannot {action} session {session_id}: it is {found['status']}")
+
+
+def mark_interval(conn, interval_id: int, started_at: datetime, ended_at: datetime | None = None) -> dict:
+    """Record when a cue actually started (and ended): training labels samples by these times."""
+    if ended_at is not None and ended_at <= started_at:
+        raise Invalid("an interval must end after it starts")
+    with _tx(conn) as cur:
+        cur.execute(f"""UPDATE session_intervals SET started_at = %s, ended_at = %s, discarded = false
+                        WHERE id = %s RETURNING {_INTERVAL_COLS}""", (started_at, ended_at, interval_id))
+        return _one(cur, "interval", interval_id)
+
+
+def discard_interval(conn, interval_id: int) -> dict:
+    """Keep a redone repetition's times for the record but leave it out of training."""
+    with _tx(conn) as cur:
+        cur.execute(f"UPDATE session_intervals SET discarded = true WHERE id = %s RETURNING {_INTERVAL_COLS}",
+                    (interval_id,))
+        return _one(cur, "interval", interval_id)
+
+
+def add_interval(conn, session_id: int, kind: str, label: str, repetition: int, planned_start_ms: int,
+                 planned_end_ms: int) -> dict:
+    """Append an interval (used when a repetition is redone): it gets the next ordinal."""
+    if kind not in ("rest", "gesture"):
+        raise Invalid("kind must be 'rest' or 'gesture'")
+    with _tx(conn) as cur:
+        cur.execute("SELECT user_id FROM capture_sessions WHERE id = %s", (session_id,))
+        sess = _one(cur, "session", session_id)
+        gesture_id = None
+        if kind == "gesture":
+            cur.execute("SELECT id FROM gestures WHERE user_id = %s AND name = %s", (sess["user_id"], label))
+            g = cur.fetchone()
+            if g is None:
+                raise Invalid(f"{label!r} is not in this user's gesture bank")
+            gesture_id = g["id"]
+        else:
+            label = REST
+        cur.execute(f"""INSERT INTO session_intervals (session_id, ordinal, kind, gesture_id, label, repetition,
+                            planned_start_ms, planned_end_ms)
+                        SELECT %s, coalesce(max(ordinal) + 1, 0), %s, %s, %s, %s, %s, %s
+                        FROM session_intervals WHERE session_id = %s RETURNING {_INTERVAL_COLS}""",
+                    (session_id, kind, gesture_id, label, repetition, planned_start_ms, planned_end_ms, session_id))
+        return dict(cur.fetchone())
+
+
+# ---- training jobs -------------------------------------------------------------------------------
+_JOB_COLS = ("j.id, j.user_id, j.status, j.params, j.progress, j.epoch_metrics, j.error, j.cancel_requested, "
+             "j.attempts, j.worker, j.heartbeat_at, j.created_at, j.started_at, j.finished_at")
+_JOB_SELECT = f"""SELECT {_JOB_COLS},
+        coalesce((SELECT array_agg(s.session_id ORDER BY s.session_id) FROM training_job_sessions s
+                  WHERE s.job_id = j.id), '{{}}') AS session_ids,
+        (SELECT m.id FROM model_artifacts m WHERE m.job_id = j.id ORDER BY m.id DESC LIMIT 1) AS artifact_id
+    FROM training_jobs j"""
+
+
+def schedule_job(conn, user_id: int, session_ids: Sequence[int], params: dict | None = None) -> dict:
+    """Queue a training job on completed sessions of the user; a training worker picks it up."""
+    ids = sorted({int(s) for s in session_ids})
+    if not ids:
+        raise Invalid("choose at least one capture session to train on")
+    params = dict(params or {})
+    epochs = params.get("epochs")
+    if epochs is not None and not (isinstance(epochs, int) and 1 <= epochs <= 1000):
+        raise Invalid("epochs must be a whole number from 1 to 1000")
+    with _tx(conn) as cur:
+        cur.execute("SELECT 1 FROM users WHERE id = %s", (user_id,))
+        _one(cur, "user", user_id)
+        cur.execute("SELECT id, user_id, status FROM capture_sessions WHERE id = ANY(%s)", (ids,))
+        found = {r["id"]: r for r in cur.fetchall()}
+        for sid in ids:
+            if sid not in found:
+                raise NotFound(f"session {sid} not found")
+            if found[sid]["user_id"] != user_id:
+                raise Invalid(f"session {sid} belongs to another user")
+            if found[sid]["status"] != "completed":
+                raise Invalid(f"session {sid} is {found[sid]['status']}; only completed sessions can be trained on")
+        cur.execute("INSERT INTO training_jobs (user_id, params) VALUES (%s, %s) RETURNING id",
+                    (user_id, Json(params)))
+        job_id = cur.fetchone()["id"]
+        psycopg2.extras.execute_values(cur, "INSERT INTO training_job_sessions (job_id, session_id) VALUES %s",
+                                       [(job_id, sid) for sid in ids])
+        cur.execute("INSERT INTO job_logs (job_id, message) VALUES (%s, %s)",
+                    (job_id, f"scheduled on sessions {ids}"))
+        cur.execute(f"{_JOB_SELECT} WHERE j.id = %s", (job_id,))
+        return dict(cur.fetchone())
+
+
+def cancel_job(conn, job_id: int) -> dict:
+    """A scheduled job is canceled at once; a running one is asked to stop (its worker ends it as canceled)."""
+    with _tx(conn) as cur:
+        cur.execute("""UPDATE training_jobs SET status = 'canceled', finished_at = now(), cancel_requested = true
+                       WHERE id = %s AND status = 'scheduled' RETURNING id""", (job_id,))
+        if cur.fetchone() is None:
+            cur.execute("""UPDATE training_jobs SET cancel_requested = true
+                           WHERE id = %s AND status = 'in-progress' RETURNING id""", (job_id,))
+            if cur.fetchone() is None:
+                cur.execute("SELECT status FROM training_jobs WHERE id = %s", (job_id,))
+                found = cur.fetchone()
+                if found is None:
+                    raise NotFound(f"job {job_id} not found")
+                raise Conflict(f"job {job_id} is already {found['status']}")
+            msg = "cancel requested; the worker stops at the next epoch"
+        else:
+            msg = "canceled before it started"
+        cur.execute("INSERT INTO job_logs (job_id, message) VALUES (%s, %s)", (job_id, msg))
+        cur.execute(f"{_JOB_SELECT} WHERE j.id = %s", (job_id,))
+        return dict(cur.fetchone())
+
+
+def get_job(conn, job_id: int) -> dict:
+    with _tx(conn) as cur:
+        cur.execute(f"{_JOB_SELECT} WHERE j.id = %s", (job_id,))
+        return _one(cur, "job", job_id)
+
+
+def list_jobs(conn, user_id: int | None = None, limit: int = 50) -> list[dict]:
+    with _tx(conn) as cur:
+        cur.execute(f"{_JOB_SELECT} WHERE %(u)s::bigint IS NULL OR j.user_id = %(u)s ORDER BY j.id DESC LIMIT %(l)s",
+                    {"u": user_id, "l": max(1, min(int(limit), 1000))})
+        return [dict(r) for r in cur.fetchall()]
+
+
+def job_logs(conn, job_id: int, after_id: int = 0) -> list[dict]:
+    with _tx(conn) as cur:
+        cur.execute("SELECT id, ts, level, message FROM job_logs WHERE job_id = %s AND id > %s ORDER BY id",
+                    (job_id, after_id))
+        return [dict(r) for r in cur.fetchall()]
+
+
+# ---- models and predictions ----------------------------------------------------------------------
+_MODEL_COLS = ("id, user_id, job_id, weights_format, sha256, size_bytes, classes, channels, sample_rate_hz, "
+               "window_ms, step_ms, scaler, metrics, metadata, created_at")
+
+
+def latest_model(conn, user_id: int) -> dict | None:
+    """The user's newest artifact (the one served), without its weights; None if there is none."""
+    with _tx(conn) as cur:
+        cur.execute(f"SELECT {_MODEL_COLS} FROM model_artifacts WHERE user_id = %s ORDER BY created_at DESC, id DESC"
+                    " LIMIT 1", (user_id,))
+        row = cur.fetchone()
+        return dict(row) if row else None
+
+
+def list_models(conn, user_id: int) -> list[dict]:
+    with _tx(conn) as cur:
+        cur.execute(f"SELECT {_MODEL_COLS} FROM model_artifacts WHERE user_id = %s ORDER BY created_at DESC, id DESC",
+                    (user_id,))
+        return [dict(r) for r in cur.fetchall()]
+
+
+def recent_predictions(conn, user_id: int, limit: int = 100, since: datetime | None = None) -> list[dict]:
+    with _tx(conn) as cur:
+        cur.execute(
+            """SELECT id, user_id, model_id, gesture, confidence, device_id, device_millis, sample_received,
+                      decided_at, latency_ms
+               FROM predictions WHERE user_id = %s AND (%s::timestamptz IS NULL OR decided_at > %s)
+               ORDER BY decided_at DESC LIMIT %s""",
+            (user_id, since, since, max(1, min(int(limit), 10000))),
+        )
+        return [dict(r) for r in cur.fetchall()]

@@ -1,0 +1,104 @@
+"""semg.repo against the real database: validation, conflicts, sessions, job queue states."""
+
+import pytest
+
+from semg import repo
+
+
+@pytest.fixture
+def user(clean_db):
+    return repo.create_user(clean_db, "Ann", "ann@example.org")
+
+
+def test_user_crud_and_unique_email(clean_db, user):
+    assert repo.get_user(clean_db, user["id"])["email"] == "ann@example.org"
+    with pytest.raises(repo.Conflict, match="already exists"):
+        repo.create_user(clean_db, "Other", "ANN@example.org")
+    with pytest.raises(repo.Invalid, match="valid email"):
+        repo.create_user(clean_db, "X", "nope")
+    with pytest.raises(repo.Invalid):
+        repo.create_user(clean_db, "  ", "x@example.org")
+    upd = repo.update_user(clean_db, user["id"], name="Anna")
+    assert upd["name"] == "Anna" and upd["email"] == "ann@example.org"
+    assert [u["id"] for u in repo.list_users(clean_db, search="anna")] == [user["id"]]
+    assert repo.list_users(clean_db, search="zzz") == []
+    with pytest.raises(repo.NotFound):
+        repo.get_user(clean_db, 999999)
+
+
+def test_delete_user_removes_video_files_inside_video_dir_only(clean_db, user, tmp_path):
+    vd = tmp_path / "videos"
+    (vd / "u").mkdir(parents=True)
+    (vd / "u" / "a.webm").write_bytes(b"v")
+    outside = tmp_path / "keep.txt"
+    outside.write_text("x")
+    with clean_db.cursor() as cur:
+        cur.execute("INSERT INTO videos (user_id, path, started_at) VALUES (%s, 'u/a.webm', now())", (user["id"],))
+    out = repo.delete_user(clean_db, user["id"], vd)
+    assert out["videos_removed"] == 1 and not (vd / "u" / "a.webm").exists() and outside.exists()
+    with pytest.raises(repo.NotFound):
+        repo.delete_user(clean_db, user["id"], vd)
+
+
+def test_gestures_and_devices(clean_db, user):
+    g = repo.add_gesture(clean_db, user["id"], "fist", "close", [1, 0, 1], {"0": "flexors", 1: ""})
+    assert g["channels_used"] == [0, 1] and g["channel_purposes"] == {"0": "flexors"}
+    with pytest.raises(repo.Conflict):
+        repo.add_gesture(clean_db, user["id"], "fist")
+    with pytest.raises(repo.Invalid, match="REST"):
+        repo.add_gesture(clean_db, user["id"], "rest")
+    with pytest.raises(repo.Invalid):
+        repo.add_gesture(clean_db, user["id"], "x", channels_used=[16])
+    assert repo.update_gesture(clean_db, g["id"], description="d")["channels_used"] == [0, 1]
+    d = repo.register_device(clean_db, user["id"], 8, 200)
+    assert len(bytes.fromhex(d["secret_key_hex"])) == 32
+    d2 = repo.rotate_device_key(clean_db, d["id"])
+    assert d2["secret_key_hex"] != d["secret_key_hex"]
+    leg = repo.register_device(clean_db, user["id"], 4, 100, protocol="legacy")
+    assert leg["secret_key_hex"] is None
+    with pytest.raises(repo.Conflict, match="legacy"):
+        repo.register_device(clean_db, user["id"], 4, 100, protocol="legacy")
+    with pytest.raises(repo.Invalid):
+        repo.rotate_device_key(clean_db, leg["id"])
+    with pytest.raises(repo.Invalid):
+        repo.register_device(clean_db, user["id"], 17, 100)
+    with pytest.raises(repo.NotFound):
+        repo.register_device(clean_db, 424242, 4, 100)
+    assert "secret_key" not in repo.get_device(clean_db, d["id"])
+
+
+def test_session_plan_and_job_lifecycle(clean_db, user):
+    repo.add_gesture(clean_db, user["id"], "fist")
+    repo.add_gesture(clean_db, user["id"], "open hand")
+    dev = repo.register_device(clean_db, user["id"], 4, 500)
+    plan = repo.plan_intervals(["fist", "open hand"], 2, 3, 2)
+    assert [i["label"] for i in plan[:4]] == ["REST", "fist", "REST", "open hand"]
+    assert plan[-1]["planned_end_ms"] == 2 * (2 * 3000 + 2 * 2000) + 2000
+    with pytest.raises(repo.Invalid, match="gesture bank"):
+        repo.create_session(clean_db, user["id"], dev["id"], ["pinch"], 1, 2, 2)
+    s = repo.create_session(clean_db, user["id"], dev["id"], ["fist", "open hand"], 2, 3, 2)
+    assert len(s["intervals"]) == len(plan)
+    with pytest.raises(repo.Invalid, match="only completed"):
+        repo.schedule_job(clean_db, user["id"], [s["id"]])
+    repo.start_session(clean_db, s["id"])
+    first = s["intervals"][0]
+    import datetime as dt
+    t0 = dt.datetime.now(dt.UTC)
+    repo.mark_interval(clean_db, first["id"], t0, t0 + dt.timedelta(seconds=2))
+    redo = repo.add_interval(clean_db, s["id"], "gesture", "fist", 0, 0, 3000)
+    assert redo["ordinal"] == len(plan)
+    repo.discard_interval(clean_db, first["id"])
+    repo.end_session(clean_db, s["id"])
+    with pytest.raises(repo.Conflict):
+        repo.start_session(clean_db, s["id"])
+    job = repo.schedule_job(clean_db, user["id"], [s["id"]], {"epochs": 5})
+    assert job["status"] == "scheduled" and job["session_ids"] == [s["id"]]
+    canceled = repo.cancel_job(clean_db, job["id"])
+    assert canceled["status"] == "canceled"
+    with pytest.raises(repo.Conflict, match="already canceled"):
+        repo.cancel_job(clean_db, job["id"])
+    assert [m["message"] for m in repo.job_logs(clean_db, job["id"])][-1] == "canceled before it started"
+    with pytest.raises(repo.Invalid):
+        repo.schedule_job(clean_db, user["id"], [])
+    assert repo.latest_model(clean_db, user["id"]) is None
+    assert repo.recent_predictions(clean_db, user["id"]) == []
