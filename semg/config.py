@@ -150,3 +150,31 @@ def settings_or_exit(service: str) -> Settings:
     except SettingsError as err:
         print(f"{service}: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _shell_exports(s: Settings) -> str:
+    """Variables supervisord.conf and the shell scripts need, as `export` lines (values shell-quoted)."""
+    import shlex
+
+    from semg import secrets
+
+    values = {
+        "SEMG_STATE_DIR": str(s.state_dir),
+        "SEMG_BIND_HOST": s.semg_bind_host,
+        "UI_PORT": str(s.ui_port),
+        "SEMG_EMBEDDED_PG": "true" if s.embedded_postgres else "false",
+        "SEMG_EMBEDDED_NATS": "true" if s.embedded_nats else "false",
+        "SEMG_SUPERVISOR_USER": "semg",
+        "SEMG_SUPERVISOR_PASSWORD": secrets.get_or_create("supervisor_password", s),
+    }
+    return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in values.items())
+
+
+if __name__ == "__main__":
+    # `python -m semg.config` prints the effective settings (secrets hidden); `... shell` prints exports.
+    settings = settings_or_exit("semg.config")
+    if sys.argv[1:] == ["shell"]:
+        print(_shell_exports(settings))
+    else:
+        for name, value in settings.model_dump().items():
+            print(f"{name.upper()}={'***' if isinstance(value, SecretStr) else value}")

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Set up and run the whole test suite. It starts its own PostgreSQL and NATS on free ports in a temporary
+# directory (tests/conftest.py) and never touches a running instance. Extra arguments go to pytest,
+# e.g. ./run_tests.sh tests/udpserver -x
+set -euo pipefail
+SEMG_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$SEMG_REPO"
+. "$SEMG_REPO/scripts/lib.sh"
+
+semg_setup_venv dev
+
+# The browser tests need Debian's chromium (never a downloaded browser build).
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && [ "${SEMG_SKIP_BROWSER:-0}" != 1 ] \
+   && command -v apt-get >/dev/null 2>&1; then
+  echo "installing chromium for the browser tests"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "run_tests.sh: could not install chromium; browser tests will be skipped" >&2
+fi
+
+# Keep the tests away from any developer instance: only the fixtures' temporary settings apply.
+unset SEMG_STATE_DIR POSTGRES_HOST NATS_SERVER
+exec "$SEMG_PYTHON" -m pytest "$@"

@@ -1,0 +1,67 @@
+# Shared by start_all.sh, stop_all.sh, run_tests.sh and docker-entrypoint.sh (sourced, not run).
+# Sets up the virtualenv when needed and exports the environment supervisord.conf reads.
+
+semg_die() { echo "$(basename "$0"): $*" >&2; exit 1; }
+
+semg_find_python() {
+  local cand
+  for cand in "${SEMG_BOOTSTRAP_PYTHON:-}" python3.11 python3 python; do
+    [ -n "$cand" ] || continue
+    if command -v "$cand" >/dev/null 2>&1 &&
+       "$cand" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
+      command -v "$cand"; return 0
+    fi
+  done
+  return 1
+}
+
+# semg_setup_venv runtime|dev : create .venv if absent, (re)install when the requirements changed.
+semg_setup_venv() {
+  local kind="$1" req="requirements.txt" py stamp want
+  [ "$kind" = dev ] && req="requirements-dev.txt"
+  SEMG_VENV="${SEMG_VENV:-$SEMG_REPO/.venv}"
+  if [ ! -x "$SEMG_VENV/bin/python" ]; then
+    py="$(semg_find_python)" || semg_die "Python 3.11 or newer is required (set SEMG_BOOTSTRAP_PYTHON)"
+    echo "creating virtualenv $SEMG_VENV"
+    "$py" -m venv "$SEMG_VENV" || semg_die "could not create the virtualenv at $SEMG_VENV"
+  fi
+  stamp="$SEMG_VENV/.semg-installed-$kind"
+  want="$(cat "$SEMG_REPO/requirements.txt" "$SEMG_REPO/$req" | sha256sum | cut -d' ' -f1)"
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "installing dependencies from $req (first run takes a few minutes)"
+    "$SEMG_VENV/bin/python" -m pip install --disable-pip-version-check -q --upgrade pip >/dev/null 2>&1 || true
+    "$SEMG_VENV/bin/python" -m pip install --disable-pip-version-check -q -r "$SEMG_REPO/$req" \
+      || semg_die "pip install -r $req failed (see the messages above)"
+    echo "$want" > "$stamp"
+  fi
+  # Make the repo's packages importable from anywhere without a build step.
+  local site
+  site="$("$SEMG_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  echo "$SEMG_REPO" > "$site/semg-repo.pth"
+  SEMG_PYTHON="$SEMG_VENV/bin/python"
+  export SEMG_VENV SEMG_PYTHON
+}
+
+# semg_export_env : settings-derived variables for supervisord.conf (fails with one line on bad settings).
+semg_export_env() {
+  export SEMG_REPO
+  SEMG_STATE_DIR="${SEMG_STATE_DIR:-$SEMG_REPO/.state}"
+  case "$SEMG_STATE_DIR" in /*) ;; *) SEMG_STATE_DIR="$SEMG_REPO/${SEMG_STATE_DIR#./}" ;; esac
+  export SEMG_STATE_DIR
+  mkdir -p "$SEMG_STATE_DIR/logs" "$SEMG_STATE_DIR/run" || semg_die "cannot create SEMG_STATE_DIR=$SEMG_STATE_DIR"
+  chmod 755 "$SEMG_STATE_DIR"
+  local envfile="$SEMG_STATE_DIR/run/supervisor.env"
+  "$SEMG_PYTHON" -m semg.config shell > "$envfile" || exit 1
+  # shellcheck disable=SC1090
+  . "$envfile"
+  export SEMG_DB_INIT="${SEMG_DB_INIT:-true}"
+}
+
+semg_supervisord_pid() {
+  local pidfile="$SEMG_STATE_DIR/run/supervisord.pid" pid
+  [ -f "$pidfile" ] || return 1
+  pid="$(cat "$pidfile" 2>/dev/null)"
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && echo "$pid"
+}
+
+semg_ctl() { "$SEMG_PYTHON" -m supervisor.supervisorctl -c "$SEMG_REPO/supervisord.conf" "$@"; }

@@ -1,0 +1,112 @@
+"""Health of every service of a running platform, as start_all.sh and the tests see it.
+
+    python -m semg.health               # one line per service, exit 0 when all are healthy
+    python -m semg.health --wait 120    # keep checking until healthy (exit 1 on timeout)
+    python -m semg.health --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psycopg2
+
+from semg import db
+from semg.config import Settings, SettingsError, get_settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _http_ok(url: str, expect_json_status: bool = False) -> tuple[bool, str]:
+    try:
+        r = httpx.get(url, timeout=2)
+    except httpx.HTTPError as e:
+        return False, f"{url}: {type(e).__name__}"
+    if r.status_code != 200:
+        return False, f"{url}: HTTP {r.status_code}"
+    if expect_json_status:
+        body = r.json()
+        if body.get("status") != "ok":
+            return False, f"{url}: {json.dumps(body)[:200]}"
+    return True, url
+
+
+def check_postgres(s: Settings) -> tuple[bool, str]:
+    try:
+        with contextlib.closing(db.connect(s, connect_timeout=2)) as conn, conn.cursor() as cur:
+            cur.execute("SELECT max(version) FROM schema_version")
+            return True, f"{s.postgres_host or '127.0.0.1'}:{s.postgres_port}/{s.postgres_db} schema v{cur.fetchone()[0]}"
+    except psycopg2.Error as e:
+        return False, str(e).strip().splitlines()[0]
+
+
+def supervisor_states(s: Settings) -> dict[str, str]:
+    """Program -> state from supervisorctl, or {} when supervisord is not ours / not running."""
+    if not os.environ.get("SEMG_SUPERVISOR_PASSWORD"):
+        return {}
+    r = subprocess.run([sys.executable, "-m", "supervisor.supervisorctl", "-c", str(REPO / "supervisord.conf"),
+                        "status"], capture_output=True, text=True, timeout=15)
+    states = {}
+    for line in r.stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 2:
+            states[parts[0]] = parts[1]
+    return states
+
+
+def check_all(s: Settings) -> dict[str, tuple[bool, str]]:
+    results: dict[str, tuple[bool, str]] = {"postgres": check_postgres(s)}
+    results["api"] = _http_ok(f"{s.api_url}/health", expect_json_status=True)
+    host = s.api_url.split("//")[1].rsplit(":", 1)[0]
+    results["udpserver"] = _http_ok(f"http://{host}:{s.udp_metrics_port}/health")
+    results["ui"] = _http_ok(f"http://{host}:{s.ui_port}/_stcore/health")
+    states = supervisor_states(s)
+    for prog in ("inference", "trainer"):
+        if states:
+            st = states.get(prog, "missing")
+            results[prog] = (st == "RUNNING", f"supervisor: {st}")
+    if states:
+        for prog in ("postgres", "nats", "api", "udpserver", "ui"):
+            st = states.get(prog)
+            if st not in (None, "RUNNING") and not (prog in ("postgres", "nats") and st == "STOPPED"):
+                ok, detail = results.get(prog, (True, ""))
+                results[prog] = (False, f"supervisor: {st}; {detail}")
+    # NATS health is what the API reports (it holds a live connection).
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m semg.health")
+    p.add_argument("--wait", type=float, default=0, help="seconds to keep trying until all are healthy")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        s = get_settings()
+    except SettingsError as e:
+        print(f"semg.health: {e}", file=sys.stderr)
+        return 2
+    deadline = time.monotonic() + args.wait
+    while True:
+        results = check_all(s)
+        healthy = all(ok for ok, _ in results.values())
+        if healthy or time.monotonic() >= deadline:
+            break
+        time.sleep(1)
+    if args.json:
+        print(json.dumps({k: {"ok": ok, "detail": d} for k, (ok, d) in results.items()}))
+    else:
+        for name, (ok, detail) in results.items():
+            print(f"  {'ok  ' if ok else 'DOWN'} {name:<10} {detail}")
+    return 0 if healthy else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

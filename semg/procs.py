@@ -1,0 +1,89 @@
+"""Find (and end) processes that belong to one platform instance: those whose environment carries our
+SEMG_STATE_DIR. Used by stop_all.sh to guarantee nothing of ours is left running.
+
+    python -m semg.procs list
+    python -m semg.procs kill      # SIGTERM, then SIGKILL after a grace period
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+
+def _ancestors() -> set[int]:
+    """This process and its parents (the stop script, a start script that called it): never ours to kill."""
+    pids, pid = set(), os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+    return pids
+
+
+def ours(state_dir: str) -> list[int]:
+    want = f"SEMG_STATE_DIR={state_dir}".encode()
+    me = _ancestors()
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) in me:
+            continue
+        try:
+            env = (d / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if want in env:
+            found.append(int(d.name))
+    return sorted(found)
+
+
+def describe(pid: int) -> str:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        cmd = "?"
+    return f"{pid} {cmd[:160]}"
+
+
+def kill_all(state_dir: str, grace: float = 10.0) -> list[int]:
+    pids = ours(state_dir)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and ours(state_dir):
+        time.sleep(0.2)
+    for pid in ours(state_dir):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return pids
+
+
+def main() -> int:
+    state_dir = os.environ.get("SEMG_STATE_DIR")
+    if not state_dir:
+        print("semg.procs: SEMG_STATE_DIR is not set", file=sys.stderr)
+        return 2
+    cmd = sys.argv[1] if len(sys.argv) > 1 else "list"
+    if cmd == "kill":
+        for pid in kill_all(state_dir):
+            print(f"ended leftover process {pid}")
+        return 0
+    pids = ours(state_dir)
+    for pid in pids:
+        print(describe(pid))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

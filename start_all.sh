@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Set up and run the whole platform: virtualenv + dependencies, embedded PostgreSQL/NATS (unless external
+# ones are configured), schema, and every service under supervisord. Safe to run again at any time.
+set -euo pipefail
+SEMG_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$SEMG_REPO"
+. "$SEMG_REPO/scripts/lib.sh"
+
+semg_setup_venv runtime
+semg_export_env
+
+if pid="$(semg_supervisord_pid)"; then
+  echo "already running (supervisord pid $pid); making sure every service is up"
+  semg_ctl start all >/dev/null 2>&1 || true
+else
+  # Refuse to half-start: every problem we can see now is reported before anything runs.
+  if ! problems="$("$SEMG_PYTHON" -m semg.embedded preflight 2>&1)"; then
+    echo "$problems" | sed 's/^/start_all.sh: /' >&2
+    exit 1
+  fi
+  if [ "$SEMG_EMBEDDED_PG" = true ]; then
+    "$SEMG_PYTHON" -m semg.embedded init-postgres >/dev/null || exit 1
+  fi
+  "$SEMG_PYTHON" -m supervisor.supervisord -c "$SEMG_REPO/supervisord.conf" \
+    || semg_die "supervisord did not start (see $SEMG_STATE_DIR/logs/supervisord.log)"
+fi
+
+echo "waiting for the services to become healthy..."
+if ! "$SEMG_PYTHON" -m semg.health --wait "${SEMG_START_TIMEOUT:-180}"; then
+  echo "start_all.sh: not every service became healthy; last log lines:" >&2
+  for svc in postgres nats dbinit api udpserver inference trainer ui; do
+    log="$SEMG_STATE_DIR/logs/$svc.log"
+    [ -s "$log" ] && { echo "--- $svc" >&2; tail -n 3 "$log" >&2; }
+  done
+  echo "start_all.sh: stopping what was started" >&2
+  "$SEMG_REPO/stop_all.sh" >/dev/null 2>&1 || true
+  exit 1
+fi
+
+host="$SEMG_BIND_HOST"; [ "$host" = 0.0.0.0 ] && host=127.0.0.1
+api_port="$("$SEMG_PYTHON" -c 'from semg.config import get_settings as g; print(g().api_port)')"
+udp_port="$("$SEMG_PYTHON" -c 'from semg.config import get_settings as g; print(g().udp_port)')"
+cat <<TXT
+
+The sEMG platform is running.
+  Web UI        http://$host:$UI_PORT      (password: $SEMG_STATE_DIR/secrets/ui_password)
+  REST API      http://$host:$api_port/docs
+  Sensors (UDP) $host:$udp_port
+  Logs          $SEMG_STATE_DIR/logs/
+Stop everything with ./stop_all.sh
+TXT

@@ -1,0 +1,170 @@
+"""The two-command experience, end to end: start_all.sh / stop_all.sh on a temporary state dir and free
+ports; the Docker entrypoint run outside Docker; wrong settings refused with one line, nothing started."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+from semg.embedded import free_port
+from semg.procs import ours
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def _env(state: Path, **extra) -> dict[str, str]:
+    keep = {k: v for k, v in os.environ.items()
+            if k in ("PATH", "HOME", "LANG", "LC_ALL", "SEMG_VENV", "TMPDIR")}
+    env = {
+        **keep,
+        "SEMG_STATE_DIR": str(state),
+        "POSTGRES_PORT": str(free_port()), "NATS_PORT": str(free_port()), "API_PORT": str(free_port()),
+        "UI_PORT": str(free_port()), "UDP_PORT": str(free_port(udp=True)), "UDP_METRICS_PORT": str(free_port()),
+        "SEMG_START_TIMEOUT": "240",
+    }
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def state(tmp_path):
+    d = tmp_path / "state"
+    d.mkdir()
+    for p in (tmp_path, *tmp_path.parents):  # embedded postgres runs unprivileged when we are root
+        if str(p).startswith("/tmp/"):
+            with contextlib.suppress(PermissionError):
+                os.chmod(p, os.stat(p).st_mode | 0o011)
+    yield d
+    if ours(str(d)):  # never leave a half-stopped instance behind a failing test
+        subprocess.run([str(REPO / "stop_all.sh")], env=_env(d), capture_output=True, timeout=180)
+
+
+def _run(cmd: str, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([str(REPO / cmd)], env=env, capture_output=True, text=True, timeout=timeout, cwd="/")
+
+
+def _health(env: dict) -> dict:
+    r = subprocess.run([sys.executable, "-m", "semg.health", "--json"], env=env, capture_output=True, text=True,
+                       timeout=60)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _connect(env: dict, state: Path):
+    return psycopg2.connect(host="127.0.0.1", port=int(env["POSTGRES_PORT"]), dbname="sensordb", user="semg",
+                            password=(state / "secrets" / "postgres_password").read_text().strip())
+
+
+def test_start_stop_start_keeps_data_and_leaves_nothing(state):
+    env = _env(state)
+    t0 = time.monotonic()
+    r = _run("start_all.sh", env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    first_start = time.monotonic() - t0
+    assert f"http://127.0.0.1:{env['UI_PORT']}" in r.stdout
+    health = _health(env)
+    assert health and all(v["ok"] for v in health.values()), health
+    assert {"postgres", "api", "udpserver", "ui", "inference", "trainer"} <= set(health)
+
+    # re-running while up is harmless and quick
+    t1 = time.monotonic()
+    r = _run("start_all.sh", env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert time.monotonic() - t1 < 30
+
+    with contextlib.closing(_connect(env, state)) as conn, conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO users (name, email) VALUES ('Persist', 'persist@example.org')")
+
+    r = _run("stop_all.sh", env, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert ours(str(state)) == [], "processes left after stop_all.sh"
+    for port in ("API_PORT", "UI_PORT", "POSTGRES_PORT", "NATS_PORT"):
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", int(env[port]))) != 0, f"{port} still answers"
+
+    t2 = time.monotonic()
+    r = _run("start_all.sh", env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    second_start = time.monotonic() - t2
+    with contextlib.closing(_connect(env, state)) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM users WHERE email = 'persist@example.org'")
+        assert cur.fetchone()[0] == 1
+    r = _run("stop_all.sh", env, timeout=240)
+    assert r.returncode == 0 and ours(str(state)) == []
+    print(json.dumps({"first_start_s": round(first_start, 1), "second_start_s": round(second_start, 1)}))
+
+
+def test_port_in_use_is_refused_with_one_line_and_nothing_starts(state):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        env = _env(state, API_PORT=str(busy.getsockname()[1]))
+        r = _run("start_all.sh", env, timeout=300)
+    assert r.returncode != 0
+    errors = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert any("API_PORT" in ln and "in use" in ln for ln in errors), r.stderr
+    assert "Traceback" not in r.stderr
+    assert ours(str(state)) == []
+
+
+@pytest.mark.parametrize("var,value,needle", [
+    ("UDP_PORT", "not-a-port", "UDP_PORT"),
+    ("POSTGRES_HOST", "127.0.0.1", "POSTGRES_PASSWORD"),
+])
+def test_invalid_setting_is_refused_with_one_line(state, var, value, needle):
+    r = _run("start_all.sh", _env(state, **{var: value}), timeout=300)
+    assert r.returncode != 0
+    assert needle in r.stderr and "Traceback" not in r.stderr
+    assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1, r.stderr
+    assert ours(str(state)) == []
+
+
+def test_unreachable_external_database_is_refused(state):
+    dead = free_port()
+    env = _env(state, POSTGRES_HOST="127.0.0.1", POSTGRES_PORT=str(dead), POSTGRES_PASSWORD="x" * 16)
+    r = _run("start_all.sh", env, timeout=300)
+    assert r.returncode != 0
+    assert "POSTGRES_HOST" in r.stderr and "unreachable" in r.stderr and "Traceback" not in r.stderr
+    assert ours(str(state)) == []
+
+
+def test_docker_entrypoint_runs_everything_in_foreground_and_stops_cleanly(state):
+    env = _env(state, SEMG_VENV=str(Path(sys.executable).parent.parent), SEMG_BIND_HOST="127.0.0.1")
+    proc = subprocess.Popen([str(REPO / "docker-entrypoint.sh"), "--create-db"], env=env, cwd="/",
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        health = {}
+        while time.monotonic() < deadline:
+            health = _health({**env, "SEMG_SUPERVISOR_PASSWORD": ""})
+            if health and all(v["ok"] for v in health.values()):
+                break
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(2)
+        assert health and all(v["ok"] for v in health.values()), health
+        with contextlib.closing(_connect(env, state)) as conn, conn.cursor() as cur:
+            cur.execute("SELECT max(version) FROM schema_version")
+            assert cur.fetchone()[0] >= 1
+    finally:
+        proc.send_signal(signal.SIGTERM)  # what `docker stop` sends
+        proc.wait(timeout=120)
+    deadline = time.monotonic() + 30
+    while ours(str(state)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ours(str(state)) == []
+
+
+def test_entrypoint_rejects_unknown_arguments(state):
+    r = subprocess.run([str(REPO / "docker-entrypoint.sh"), "--bogus"], env=_env(state), capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode != 0 and "--bogus" in r.stderr
