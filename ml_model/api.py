@@ -1,32 +1,46 @@
 """FastAPI service: health, model serving (/predict) and the REST API of the platform.
 
 Run: python -m ml_model.api   (or uvicorn ml_model.api:app --port $API_PORT)
+Operator commands (no server needed, only the database):
+    python -m ml_model.api create-key --role admin [--name NAME]     # mint the first admin key
+    python -m ml_model.api create-key --role user --user-id 3
+    python -m ml_model.api list-keys | revoke-key ID
+
+Every endpoint but /health needs an API key in the X-API-Key header (see ml_model/rest/auth.py).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
+import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Annotated
 
 import psycopg2
-from fastapi import Depends, FastAPI, Request
-from pydantic import BaseModel
+import torch
+from fastapi import FastAPI
+from pydantic import BaseModel, ValidationError
 
-from semg import db, natsio
-from semg.config import Settings, get_settings, settings_or_exit
+from ml_model.rest import errors, keys
+from ml_model.rest.auth import KeyCache
+from ml_model.rest.pool import ConnectionPool, DatabaseUnavailable
+from ml_model.rest.routes import jobs as jobs_routes
+from ml_model.rest.routes import keys as keys_routes
+from ml_model.rest.routes import models as models_routes
+from ml_model.rest.routes import sessions as sessions_routes
+from ml_model.rest.routes import users as users_routes
+from ml_model.rest.serving import ModelRegistry
+from ml_model.rest.state import AppState, State
+from semg import db, natsio, secrets
+from semg.config import Settings, SettingsError, get_settings, settings_or_exit
+from semg.messages import MODELS_UPDATED, ModelUpdated
 
 log = logging.getLogger("semg.api")
 
-
-@dataclass
-class AppState:
-    settings: Settings
-    nats: object | None = None
-    tasks: list[asyncio.Task] = field(default_factory=list)
+# Fallback for a missed models.updated (NATS down, or published before we subscribed).
+MODEL_POLL_S = 30.0
 
 
 async def _connect_nats(state: AppState) -> None:
@@ -34,17 +48,75 @@ async def _connect_nats(state: AppState) -> None:
     delay = 0.5
     while state.nats is None:
         try:
-            state.nats = await natsio.connect("api", state.settings)
+            nc = await natsio.connect("api", state.settings)
         except Exception as e:  # noqa: BLE001 - any connect failure means "retry later"
             log.warning("NATS not reachable yet (%s); retrying", e)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5)
+            continue
+
+        async def on_model_updated(msg) -> None:
+            try:
+                update = ModelUpdated.model_validate_json(msg.data)
+            except ValidationError as e:
+                log.warning("ignoring malformed %s message: %s", MODELS_UPDATED, e.errors()[:1])
+                return
+            log.info("models.updated: user %s artifact %s", update.userid, update.artifact_id)
+            await _refresh(state, update.userid)
+
+        await nc.subscribe(MODELS_UPDATED, cb=on_model_updated)
+        state.nats = nc
+
+
+async def _refresh(state: AppState, user_id: int | None = None) -> None:
+    """Reload one user's model (or all) off the event loop; database trouble is logged, not raised."""
+    try:
+        if user_id is None:
+            await asyncio.to_thread(state.models.refresh_all)
+        else:
+            await asyncio.to_thread(state.models.refresh_user, user_id)
+    except (DatabaseUnavailable, psycopg2.Error) as e:
+        log.warning("model refresh failed (%s); will retry", str(e).strip().splitlines()[0])
+
+
+async def _startup_and_poll(state: AppState, ready: bool) -> None:
+    """Until the database answers: register the service key and load every model; then poll slowly."""
+    delay = 0.5
+    while not ready:
+        try:
+            await asyncio.to_thread(_ensure_service_key, state)
+            await asyncio.to_thread(state.models.refresh_all)
+            ready = True
+        except (DatabaseUnavailable, psycopg2.Error) as e:
+            log.warning("database not ready (%s); retrying", str(e).strip().splitlines()[0])
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5)
+    while True:
+        await asyncio.sleep(MODEL_POLL_S)
+        await _refresh(state)
+
+
+def _ensure_service_key(state: AppState) -> None:
+    with state.pool.connection() as conn:
+        keys.ensure_key(conn, secrets.service_api_key(state.settings), "service", "platform service key")
 
 
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    state = AppState(settings=get_settings())
+    settings = get_settings()
+    torch.set_num_threads(1)  # small per-request batches: one thread is fastest and leaves the other cores free
+    pool = ConnectionPool(settings)
+    state = AppState(settings=settings, pool=pool, key_cache=KeyCache(), models=ModelRegistry(pool))
     app.state.semg = state
+    # Load the models before serving when the database is up; otherwise the background task keeps trying.
+    ready = False
+    try:
+        await asyncio.to_thread(_ensure_service_key, state)
+        await asyncio.to_thread(state.models.refresh_all)
+        ready = True
+    except (DatabaseUnavailable, psycopg2.Error) as e:
+        log.warning("starting without the database (%s)", str(e).strip().splitlines()[0])
+    state.tasks.append(asyncio.create_task(_startup_and_poll(state, ready)))
     state.tasks.append(asyncio.create_task(_connect_nats(state)))
     yield
     for t in state.tasks:
@@ -52,15 +124,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if state.nats is not None:
         with contextlib.suppress(Exception):
             await state.nats.drain()
+    state.inference_executor.shutdown(wait=True)
+    pool.close()
 
 
-def get_state(request: Request) -> AppState:
-    return request.app.state.semg
-
-
-State = Annotated[AppState, Depends(get_state)]
-
-app = FastAPI(title="sEMG gesture platform API", version="0.1.0", lifespan=lifespan)
+app = FastAPI(
+    title="sEMG gesture platform API", version="0.2.0", lifespan=lifespan,
+    description="Live gesture inference and the REST API of the platform. Every endpoint except /health needs "
+                "an API key in the `X-API-Key` header: admin and service keys reach everything, a user key only "
+                "its own user's data.",
+)
+errors.install(app)
+for r in (models_routes, users_routes, sessions_routes, jobs_routes, keys_routes):
+    app.include_router(r.router)
 
 
 class ComponentHealth(BaseModel):
@@ -72,6 +148,7 @@ class Health(BaseModel):
     status: str  # "ok" when every component is reachable, else "degraded"
     database: ComponentHealth
     nats: ComponentHealth
+    models_loaded: int = 0
 
 
 def _check_db(settings: Settings) -> ComponentHealth:
@@ -91,10 +168,12 @@ async def health(state: State) -> Health:
     nc = state.nats
     nats_ok = nc is not None and nc.is_connected
     nats = ComponentHealth(ok=nats_ok, detail="connected" if nats_ok else "not connected")
-    return Health(status="ok" if database.ok and nats_ok else "degraded", database=database, nats=nats)
+    return Health(status="ok" if database.ok and nats_ok else "degraded", database=database, nats=nats,
+                  models_loaded=len(state.models.all()))
 
 
-def main() -> None:
+# ---- command line ------------------------------------------------------------------------------------
+def _serve() -> None:
     import uvicorn
 
     s = settings_or_exit("api")
@@ -103,5 +182,47 @@ def main() -> None:
                 access_log=False)
 
 
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ml_model.api", description="sEMG platform API server and key tool")
+    sub = p.add_subparsers(dest="cmd")
+    sub.add_parser("serve", help="run the API server (the default)")
+    c = sub.add_parser("create-key", help="mint an API key and print it (shown once)")
+    c.add_argument("--role", choices=keys.ROLES, required=True)
+    c.add_argument("--user-id", type=int, default=None, help="the user a 'user' key is scoped to")
+    c.add_argument("--name", default="", help="a label to recognise the key by")
+    ls = sub.add_parser("list-keys", help="list keys (prefixes only)")
+    ls.add_argument("--all", action="store_true", help="include revoked keys")
+    rv = sub.add_parser("revoke-key", help="revoke a key by id")
+    rv.add_argument("key_id", type=int)
+    args = p.parse_args(argv)
+    if args.cmd in (None, "serve"):
+        _serve()
+        return 0
+    try:
+        s = get_settings()
+        with contextlib.closing(db.connect(s)) as conn:
+            if args.cmd == "create-key":
+                row = keys.create_key(conn, args.role, args.user_id, args.name)
+                print(f"created {row['role']} key id {row['id']}"
+                      + (f" for user {row['user_id']}" if row["user_id"] else "")
+                      + "; store it now, it is not shown again:", file=sys.stderr)
+                print(row["key"])
+            elif args.cmd == "list-keys":
+                for row in keys.list_keys(conn, include_revoked=args.all):
+                    state = f"revoked {row['revoked_at']:%Y-%m-%d %H:%M}" if row["revoked_at"] else "active"
+                    print(f"{row['id']:>5} {row['role']:<8} user={row['user_id'] or '-':<6} {row['key_prefix']}… "
+                          f"{state:<25} {row['name']}")
+            else:
+                row = keys.revoke_key(conn, args.key_id)
+                print(f"revoked key {row['id']} ({row['key_prefix']}…)")
+    except (SettingsError, ValueError) as e:
+        print(f"ml_model.api {args.cmd}: {e}", file=sys.stderr)
+        return 2
+    except psycopg2.Error as e:
+        print(f"ml_model.api {args.cmd}: database error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

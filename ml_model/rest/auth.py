@@ -1,0 +1,113 @@
+"""`X-API-Key` authentication and per-user authorisation as FastAPI dependencies.
+
+Verified keys are cached for a few seconds so the hot /predict path costs no database round trip; revoking a
+key through the API drops it from the cache at once (a key revoked elsewhere stops working within KEY_TTL_S).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Path, Request, Security
+from fastapi.concurrency import run_in_threadpool
+from fastapi.security import APIKeyHeader
+
+from ml_model.rest import keys
+from ml_model.rest.state import AppState, get_state
+
+KEY_TTL_S = 5.0
+HEADER = "X-API-Key"
+
+api_key_header = APIKeyHeader(name=HEADER, auto_error=False, description="API key (admin, service or user role)")
+
+
+@dataclass(frozen=True)
+class Principal:
+    key_id: int
+    role: str  # 'admin' | 'service' | 'user'
+    user_id: int | None  # set for role 'user' only
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role in ("admin", "service")
+
+    def can_access(self, user_id: int | None) -> bool:
+        return self.is_admin or (user_id is not None and self.user_id == user_id)
+
+    def check_user(self, user_id: int | None) -> None:
+        if not self.can_access(user_id):
+            raise HTTPException(403, "this API key may only access its own user's data")
+
+
+class KeyCache:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[str, tuple[Principal | None, float]] = {}
+
+    def get(self, digest: str) -> tuple[bool, Principal | None]:
+        with self._lock:
+            hit = self._entries.get(digest)
+        if hit is None or hit[1] < time.monotonic():
+            return False, None
+        return True, hit[0]
+
+    def put(self, digest: str, principal: Principal | None) -> None:
+        with self._lock:
+            if len(self._entries) > 10000:  # bounded: wrong keys must not grow it without end
+                self._entries.clear()
+            self._entries[digest] = (principal, time.monotonic() + KEY_TTL_S)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+def _verify(state: AppState, key: str) -> Principal | None:
+    with state.pool.connection() as conn:
+        row = keys.lookup(conn, key)
+        if row is None:
+            return None
+        keys.touch(conn, [row["id"]])
+    return Principal(key_id=row["id"], role=row["role"], user_id=row["user_id"])
+
+
+async def get_principal(
+    request: Request, key: Annotated[str | None, Security(api_key_header)]
+) -> Principal:
+    """The caller behind X-API-Key; 401 when it is missing, unknown or revoked."""
+    if not key:
+        raise HTTPException(401, f"missing API key: send it in the {HEADER} header",
+                            headers={"WWW-Authenticate": HEADER})
+    state = get_state(request)
+    digest = keys.key_hash(key)
+    cached, principal = state.key_cache.get(digest)
+    if not cached:
+        principal = await run_in_threadpool(_verify, state, key)
+        state.key_cache.put(digest, principal)
+    if principal is None:
+        raise HTTPException(401, "invalid or revoked API key", headers={"WWW-Authenticate": HEADER})
+    return principal
+
+
+Caller = Annotated[Principal, Depends(get_principal)]
+
+
+async def require_admin(p: Caller) -> Principal:
+    if not p.is_admin:
+        raise HTTPException(403, "this endpoint needs an admin or service API key")
+    return p
+
+
+Admin = Annotated[Principal, Depends(require_admin)]
+
+
+async def user_scope(user_id: Annotated[int, Path(ge=1, le=2**63 - 1, description="user id")], p: Caller) -> int:
+    """The path's user_id, once the caller is allowed to touch that user's data (else 403)."""
+    p.check_user(user_id)
+    return user_id
+
+
+UserScoped = Annotated[int, Depends(user_scope)]

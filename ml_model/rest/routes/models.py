@@ -1,0 +1,164 @@
+"""Model serving: POST /predict (one user or a batch of several) and the served models' metadata."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+import numpy as np
+from fastapi import APIRouter, HTTPException
+from fastapi.concurrency import run_in_threadpool
+
+from ml_model.rest import serving
+from ml_model.rest.auth import Caller, UserScoped
+from ml_model.rest.deps import Conn
+from ml_model.rest.schemas import (
+    ItemError,
+    ModelInfo,
+    PredictItem,
+    PredictRequest,
+    PredictResponse,
+    PredictResult,
+    WindowPrediction,
+)
+from ml_model.rest.serving import InputError, ServedModel
+from ml_model.rest.state import AppState, State
+from semg import repo
+
+router = APIRouter(tags=["models"])
+
+MAX_WINDOWS_PER_REQUEST = 20_000
+MAX_VALUES_PER_ITEM = 20_000_000
+
+
+class NoModelError(LookupError):
+    pass
+
+
+def model_info(m: ServedModel) -> ModelInfo:
+    return ModelInfo(
+        artifact_id=m.artifact_id, user_id=m.user_id, job_id=m.job_id, classes=m.classes, accuracy=m.accuracy,
+        size_bytes=m.size_bytes, sha256=m.sha256, trained_at=m.created_at, channels=m.meta["channels"],
+        n_device_channels=m.n_device_channels, sample_rate_hz=m.meta["sample_rate_hz"],
+        window_ms=m.meta["window_ms"], step_ms=m.meta["step_ms"], window=m.window, step=m.step, metrics=m.metrics,
+    )
+
+
+def _decode(item: PredictItem) -> np.ndarray:
+    if item.data_b64 is None:
+        data = item.windows if item.windows is not None else item.samples
+        try:
+            return np.asarray(data, dtype=np.float32)
+        except ValueError:
+            raise InputError("ragged array: every window/sample must have the same number of values") from None
+    shape = tuple(item.shape or ())
+    count = int(np.prod(shape)) if shape else 0
+    if count > MAX_VALUES_PER_ITEM:
+        raise InputError(f"too many values in one item ({count}; at most {MAX_VALUES_PER_ITEM})")
+    try:
+        raw = base64.b64decode(item.data_b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError("data_b64 is not valid base64") from None
+    dtype = np.dtype("<i2") if item.dtype == "int16" else np.dtype("<f4")
+    if len(raw) != count * dtype.itemsize:
+        raise InputError(f"data_b64 holds {len(raw)} bytes; shape {list(shape)} of {item.dtype} needs "
+                         f"{count * dtype.itemsize}")
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def _windows_for(model: ServedModel, item: PredictItem, x: np.ndarray) -> np.ndarray:
+    is_samples = item.samples is not None or (item.data_b64 is not None and x.ndim == 2)
+    if is_samples:
+        x = serving.windows_from_samples(model, x)
+    return serving.check_windows(model, x)
+
+
+def _predict_sync(state: AppState, items: list[PredictItem], batch: bool, with_probs: bool) -> PredictResponse:
+    """Runs on the inference thread. Single requests raise (-> HTTP error); batches report errors per item."""
+    results: list[PredictResult] = []
+    work: list[tuple[int, ServedModel, np.ndarray]] = []
+    total = 0
+    for item in items:
+        try:
+            model = state.models.get(item.user_id)
+            if model is None:
+                raise NoModelError(f"user {item.user_id} has no trained model")
+            x = _windows_for(model, item, _decode(item))
+            total += len(x)
+            if total > MAX_WINDOWS_PER_REQUEST:
+                raise InputError(f"too many windows in one request (at most {MAX_WINDOWS_PER_REQUEST})")
+        except (NoModelError, InputError) as e:
+            if not batch:
+                raise
+            status = 404 if isinstance(e, NoModelError) else 422
+            results.append(PredictResult(user_id=item.user_id, error=ItemError(status=status, detail=str(e))))
+            continue
+        work.append((len(results), model, x))
+        results.append(PredictResult(user_id=item.user_id, model_id=model.artifact_id, classes=model.classes,
+                                     window=model.window, step=model.step))
+    probs = serving.predict_many([(m, x) for _, m, x in work])
+    for (slot, model, _), p in zip(work, probs, strict=True):
+        classes = model.classes
+        top = p.argmax(axis=1)
+        conf = p[np.arange(len(p)), top]
+        rows = p.tolist() if with_probs else [None] * len(p)
+        results[slot].predictions = [
+            WindowPrediction(gesture=classes[k], confidence=c, probabilities=r)
+            for k, c, r in zip(top.tolist(), conf.tolist(), rows, strict=True)
+        ]
+    return PredictResponse(results=results)
+
+
+@router.post("/predict", response_model=PredictResponse)
+async def predict(req: PredictRequest, caller: Caller, state: State) -> PredictResponse:
+    """Gesture and class probabilities for each window of one user's data, or of several users' (`items`).
+
+    Windows must have the model's device channel count and window length (see `GET /models/{user_id}`);
+    `samples` are cut with the model's own window and step. All windows of a model go through one forward
+    pass (small batches of several users' models share one). Single requests answer 404 when the user has
+    no model and 422 for data that does not fit it; batch requests answer 200 with an `error` per failed item.
+    """
+    items = req.as_items()
+    for it in items:
+        caller.check_user(it.user_id)
+    try:
+        return await state.run_inference(_predict_sync, state, items, req.items is not None, req.include_probabilities)
+    except NoModelError as e:
+        raise HTTPException(404, str(e)) from None
+
+
+@router.get("/models", response_model=list[ModelInfo])
+async def served_models(caller: Caller, state: State) -> list[ModelInfo]:
+    """The model served for every user that has one (a user key sees only its own)."""
+    return [model_info(m) for m in sorted(state.models.all(), key=lambda m: m.user_id) if caller.can_access(m.user_id)]
+
+
+@router.get("/models/{user_id}", response_model=ModelInfo)
+async def user_model(user_id: UserScoped, state: State) -> ModelInfo:
+    """The user's served model: classes, held-out accuracy, size, when it was trained, window and step."""
+    m = state.models.cached(user_id)
+    if m is None:
+        m = await run_in_threadpool(state.models.get, user_id)
+    if m is None:
+        raise HTTPException(404, f"user {user_id} has no trained model")
+    return model_info(m)
+
+
+@router.get("/users/{user_id}/models", response_model=list[ModelInfo])
+def user_model_history(user_id: UserScoped, conn: Conn) -> list[ModelInfo]:
+    """Every model trained for the user, newest first (the first one is served)."""
+    repo.get_user(conn, user_id)
+    out = []
+    for row in repo.list_models(conn, user_id):
+        meta = serving.meta_from_row(row)
+        acc = (row.get("metrics") or {}).get("accuracy")
+        out.append(ModelInfo(
+            artifact_id=row["id"], user_id=row["user_id"], job_id=row["job_id"], classes=meta["classes"],
+            accuracy=acc if isinstance(acc, (int, float)) else None, size_bytes=row["size_bytes"],
+            sha256=row["sha256"], trained_at=row["created_at"], channels=meta["channels"],
+            n_device_channels=meta["n_device_channels"], sample_rate_hz=meta["sample_rate_hz"],
+            window_ms=meta["window_ms"], step_ms=meta["step_ms"], window=meta["window"], step=meta["step"],
+            metrics=row.get("metrics") or {},
+        ))
+    return out
+

@@ -1,0 +1,146 @@
+"""Users, their gesture banks and their devices."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Response
+
+from ml_model.rest import queries
+from ml_model.rest.auth import Admin, Caller, UserScoped
+from ml_model.rest.deps import Conn
+from ml_model.rest.schemas import (
+    Device,
+    DeviceCreate,
+    DeviceWithKey,
+    Gesture,
+    GestureCreate,
+    GestureUpdate,
+    LibraryGesture,
+    User,
+    UserCreate,
+    UserDeleted,
+    UserUpdate,
+)
+from ml_model.rest.state import State
+from semg import repo
+
+router = APIRouter()
+PathId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+
+
+# ---- users -------------------------------------------------------------------------------------------
+@router.get("/users", response_model=list[User], tags=["users"])
+def list_users(
+    caller: Caller, conn: Conn,
+    search: Annotated[str | None, Query(max_length=200, description="part of the name or email")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[dict]:
+    """All users (admin/service), or just the caller's own user (user key)."""
+    users = repo.list_users(conn, search=search, limit=limit if caller.is_admin else 1000,
+                            offset=offset if caller.is_admin else 0)
+    if caller.is_admin:
+        return users
+    return [u for u in users if u["id"] == caller.user_id]
+
+
+@router.post("/users", response_model=User, status_code=201, tags=["users"])
+def create_user(body: UserCreate, _: Admin, conn: Conn) -> dict:
+    """Create a user (admin/service). Its id is the `userid` of its devices' packets and NATS subjects."""
+    return repo.create_user(conn, body.name, body.email, body.notes)
+
+
+@router.get("/users/{user_id}", response_model=User, tags=["users"])
+def get_user(user_id: UserScoped, conn: Conn) -> dict:
+    return repo.get_user(conn, user_id)
+
+
+@router.patch("/users/{user_id}", response_model=User, tags=["users"])
+def update_user(user_id: UserScoped, body: UserUpdate, conn: Conn) -> dict:
+    """Change name, email or notes (fields left out stay as they are)."""
+    return repo.update_user(conn, user_id, name=body.name, email=body.email, notes=body.notes)
+
+
+@router.delete("/users/{user_id}", response_model=UserDeleted, tags=["users"])
+def delete_user(user_id: UserScoped, conn: Conn, state: State) -> dict:
+    """Delete the user and ALL their data (samples, sessions, videos, models, predictions, keys)."""
+    deleted = repo.delete_user(conn, user_id, state.settings.video_dir)
+    state.models.forget(user_id)
+    return deleted
+
+
+# ---- gestures ----------------------------------------------------------------------------------------
+@router.get("/gesture-library", response_model=list[LibraryGesture], tags=["gestures"])
+def gesture_library(_: Caller) -> list[dict]:
+    """Common gestures to quick-add to a user's bank."""
+    return repo.GESTURE_LIBRARY
+
+
+@router.get("/users/{user_id}/gestures", response_model=list[Gesture], tags=["gestures"])
+def list_gestures(user_id: UserScoped, conn: Conn) -> list[dict]:
+    repo.get_user(conn, user_id)
+    return repo.list_gestures(conn, user_id)
+
+
+@router.post("/users/{user_id}/gestures", response_model=Gesture, status_code=201, tags=["gestures"])
+def add_gesture(user_id: UserScoped, body: GestureCreate, conn: Conn) -> dict:
+    """Add a gesture to the user's bank (REST is built in and cannot be added)."""
+    repo.get_user(conn, user_id)
+    return repo.add_gesture(conn, user_id, body.name, body.description, body.channels_used, body.channel_purposes)
+
+
+@router.patch("/gestures/{gesture_id}", response_model=Gesture, tags=["gestures"])
+def update_gesture(gesture_id: PathId, body: GestureUpdate, caller: Caller, conn: Conn) -> dict:
+    caller.check_user(queries.gesture_owner(conn, gesture_id))
+    return repo.update_gesture(conn, gesture_id, name=body.name, description=body.description,
+                               channels_used=body.channels_used, channel_purposes=body.channel_purposes)
+
+
+@router.delete("/gestures/{gesture_id}", status_code=204, tags=["gestures"])
+def delete_gesture(gesture_id: PathId, caller: Caller, conn: Conn) -> Response:
+    caller.check_user(queries.gesture_owner(conn, gesture_id))
+    repo.delete_gesture(conn, gesture_id)
+    return Response(status_code=204)
+
+
+# ---- devices -----------------------------------------------------------------------------------------
+@router.get("/devices", response_model=list[Device], tags=["devices"])
+def list_all_devices(_: Admin, conn: Conn) -> list[dict]:
+    """Every registered device (admin/service)."""
+    return repo.list_devices(conn)
+
+
+@router.get("/users/{user_id}/devices", response_model=list[Device], tags=["devices"])
+def list_devices(user_id: UserScoped, conn: Conn) -> list[dict]:
+    repo.get_user(conn, user_id)
+    return repo.list_devices(conn, user_id)
+
+
+@router.post("/users/{user_id}/devices", response_model=DeviceWithKey, status_code=201, tags=["devices"])
+def register_device(user_id: UserScoped, body: DeviceCreate, conn: Conn) -> dict:
+    """Register a sensor. A binary device's HMAC key is in this response only (put it in the sketch)."""
+    repo.get_user(conn, user_id)
+    return repo.register_device(conn, user_id, body.channel_count, body.sample_rate_hz, body.protocol, body.name)
+
+
+@router.get("/devices/{device_id}", response_model=Device, tags=["devices"])
+def get_device(device_id: PathId, caller: Caller, conn: Conn) -> dict:
+    dev = repo.get_device(conn, device_id)
+    caller.check_user(dev["user_id"])
+    return dev
+
+
+@router.post("/devices/{device_id}/rotate-key", response_model=DeviceWithKey, tags=["devices"])
+def rotate_device_key(device_id: PathId, caller: Caller, conn: Conn) -> dict:
+    """Give a binary device a new key (returned once); packets signed with the old key are rejected."""
+    caller.check_user(queries.device_owner(conn, device_id))
+    return repo.rotate_device_key(conn, device_id)
+
+
+@router.delete("/devices/{device_id}", status_code=204, tags=["devices"])
+def delete_device(device_id: PathId, caller: Caller, conn: Conn) -> Response:
+    """Delete the device and its stored samples."""
+    caller.check_user(queries.device_owner(conn, device_id))
+    repo.delete_device(conn, device_id)
+    return Response(status_code=204)

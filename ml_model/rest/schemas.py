@@ -1,0 +1,336 @@
+"""Request and response bodies of the REST API (pydantic), as they appear in the OpenAPI docs."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Id = Annotated[int, Field(ge=1, le=2**63 - 1)]
+Channel = Annotated[int, Field(ge=0, le=15)]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="ignore", from_attributes=True)
+
+
+class Message(_Out):
+    detail: str
+
+
+# ---- users -------------------------------------------------------------------------------------------
+class UserCreate(_In):
+    name: str = Field(min_length=1, max_length=200)
+    email: str = Field(min_length=3, max_length=320)
+    notes: str = Field("", max_length=10000)
+
+
+class UserUpdate(_In):
+    name: str | None = Field(None, min_length=1, max_length=200)
+    email: str | None = Field(None, min_length=3, max_length=320)
+    notes: str | None = Field(None, max_length=10000)
+
+
+class User(_Out):
+    id: int
+    name: str
+    email: str
+    notes: str
+    created_at: datetime
+    updated_at: datetime
+    devices: int | None = None  # counts, in lists
+    gestures: int | None = None
+
+
+class UserDeleted(_Out):
+    id: int
+    name: str
+    email: str
+    videos_removed: int = 0
+
+
+# ---- gestures ----------------------------------------------------------------------------------------
+class GestureCreate(_In):
+    name: str = Field(min_length=1, max_length=80)
+    description: str = Field("", max_length=2000)
+    channels_used: list[Channel] = Field(default_factory=list, max_length=16,
+                                         description="0-based device channels (empty = all)")
+    channel_purposes: dict[str, str] = Field(default_factory=dict,
+                                             description='what each electrode is for, e.g. {"0": "flexors"}')
+
+
+class GestureUpdate(_In):
+    name: str | None = Field(None, min_length=1, max_length=80)
+    description: str | None = Field(None, max_length=2000)
+    channels_used: list[Channel] | None = Field(None, max_length=16)
+    channel_purposes: dict[str, str] | None = None
+
+
+class Gesture(_Out):
+    id: int
+    user_id: int
+    name: str
+    description: str
+    channels_used: list[int]
+    channel_purposes: dict[str, Any]
+    created_at: datetime
+
+
+class LibraryGesture(_Out):
+    name: str
+    description: str
+
+
+# ---- devices -----------------------------------------------------------------------------------------
+class DeviceCreate(_In):
+    channel_count: int = Field(ge=1, le=16)
+    sample_rate_hz: float = Field(gt=0, le=10000)
+    protocol: Literal["binary", "legacy"] = "binary"
+    name: str = Field("", max_length=80)
+
+
+class Device(_Out):
+    id: int
+    user_id: int
+    name: str
+    protocol: str
+    channel_count: int
+    sample_rate_hz: float
+    key_rotated_at: datetime | None = None
+    created_at: datetime
+
+
+class DeviceWithKey(Device):
+    secret_key_hex: str | None = Field(
+        None, description="the device's HMAC key, shown only in this response (None for legacy devices)")
+
+
+# ---- capture sessions --------------------------------------------------------------------------------
+class PlanRequest(_In):
+    gestures: list[str] = Field(min_length=1, max_length=50)
+    repetitions: int = Field(ge=1, le=50)
+    hold_s: float = Field(ge=0.5, le=60)
+    rest_s: float = Field(ge=0.5, le=60)
+
+
+class SessionCreate(PlanRequest):
+    device_id: Id | None = None
+    name: str = Field("", max_length=200)
+
+
+class PlannedInterval(_Out):
+    ordinal: int
+    kind: str
+    label: str
+    repetition: int
+    planned_start_ms: int
+    planned_end_ms: int
+
+
+class Interval(PlannedInterval):
+    id: int
+    session_id: int
+    gesture_id: int | None = None
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    discarded: bool = False
+
+
+class Session(_Out):
+    id: int
+    user_id: int
+    device_id: int | None = None
+    name: str
+    status: str
+    plan: dict[str, Any]
+    created_at: datetime
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    recorded_intervals: int | None = None  # in lists
+    intervals: list[Interval] | None = None  # in single-session responses
+
+
+class SessionStart(_In):
+    at: datetime | None = Field(None, description="actual start (server clock); default now")
+
+
+class SessionEnd(_In):
+    status: Literal["completed", "aborted"] = "completed"
+    at: datetime | None = Field(None, description="actual end (server clock); default now")
+
+
+class IntervalMark(_In):
+    started_at: datetime = Field(description="when the cue actually started")
+    ended_at: datetime | None = Field(None, description="when it actually ended")
+
+
+# ---- training jobs -----------------------------------------------------------------------------------
+class JobCreate(_In):
+    session_ids: list[Id] = Field(min_length=1, max_length=1000)
+    params: dict[str, Any] | None = Field(None, description="training parameters, e.g. {\"epochs\": 30}")
+
+
+class Job(_Out):
+    id: int
+    user_id: int
+    status: str
+    params: dict[str, Any]
+    progress: float
+    epoch_metrics: list[Any]
+    error: str | None = None
+    cancel_requested: bool
+    attempts: int
+    worker: str | None = None
+    heartbeat_at: datetime | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    session_ids: list[int] = Field(default_factory=list)
+    artifact_id: int | None = None
+
+
+class JobLog(_Out):
+    id: int
+    ts: datetime
+    level: str
+    message: str
+
+
+# ---- models ------------------------------------------------------------------------------------------
+class ModelInfo(_Out):
+    """A trained model as the API serves it (weights excluded)."""
+
+    artifact_id: int
+    user_id: int
+    job_id: int | None = None
+    classes: list[str]
+    accuracy: float | None = Field(None, description="held-out (whole repetition) accuracy")
+    size_bytes: int
+    sha256: str
+    trained_at: datetime
+    channels: list[int] = Field(description="device channels the model reads")
+    n_device_channels: int
+    sample_rate_hz: float
+    window_ms: float
+    step_ms: float
+    window: int = Field(description="window length in samples")
+    step: int = Field(description="step between windows in samples")
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+# ---- predictions -------------------------------------------------------------------------------------
+class StoredPrediction(_Out):
+    id: int
+    user_id: int
+    model_id: int | None = None
+    gesture: str
+    confidence: float
+    device_id: int | None = None
+    device_millis: float | None = None
+    sample_received: datetime | None = None
+    decided_at: datetime
+    latency_ms: float | None = None
+
+
+class PredictItem(_In):
+    """One user's data: exactly one of `windows`, `samples` or `data_b64` (+ `shape`)."""
+
+    user_id: Id
+    windows: list[list[list[float]]] | None = Field(
+        None, description="raw windows (n_windows, device_channels, window_samples)")
+    samples: list[list[float]] | None = Field(
+        None, description="a raw recording (n_samples, device_channels), cut with the model's window and step")
+    data_b64: str | None = Field(None, description="base64 of a little-endian array (compact form of the above)")
+    shape: list[Annotated[int, Field(ge=0, le=10_000_000)]] | None = Field(
+        None, min_length=2, max_length=3, description="shape of data_b64: 3-D windows or 2-D samples")
+    dtype: Literal["int16", "float32"] = "int16"
+
+    @model_validator(mode="after")
+    def _one_payload(self) -> PredictItem:
+        given = [n for n in ("windows", "samples", "data_b64") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of windows, samples or data_b64")
+        if self.data_b64 is not None and self.shape is None:
+            raise ValueError("data_b64 needs its shape ([n, channels, window] or [n_samples, channels])")
+        return self
+
+
+class PredictRequest(_In):
+    """Either one user's data (the fields of an item at the top level) or `items` for several users."""
+
+    user_id: Id | None = None
+    windows: list[list[list[float]]] | None = None
+    samples: list[list[float]] | None = None
+    data_b64: str | None = None
+    shape: list[Annotated[int, Field(ge=0, le=10_000_000)]] | None = Field(None, min_length=2, max_length=3)
+    dtype: Literal["int16", "float32"] = "int16"
+    items: list[PredictItem] | None = Field(None, min_length=1, max_length=1000,
+                                            description="batch of several users (errors reported per item)")
+    include_probabilities: bool = True
+
+    @model_validator(mode="after")
+    def _single_or_batch(self) -> PredictRequest:
+        single = [n for n in ("user_id", "windows", "samples", "data_b64", "shape") if getattr(self, n) is not None]
+        if self.items is not None and single:
+            raise ValueError(f"give either items or a single user's data, not both ({', '.join(single)})")
+        if self.items is None and self.user_id is None:
+            raise ValueError("user_id is required (or items, for a batch of several users)")
+        return self
+
+    def as_items(self) -> list[PredictItem]:
+        if self.items is not None:
+            return self.items
+        return [PredictItem(user_id=self.user_id, windows=self.windows, samples=self.samples,
+                            data_b64=self.data_b64, shape=self.shape, dtype=self.dtype)]
+
+
+class WindowPrediction(_Out):
+    gesture: str
+    confidence: float
+    probabilities: list[float] | None = Field(None, description="one per class, in the order of `classes`")
+
+
+class ItemError(_Out):
+    status: int
+    detail: str
+
+
+class PredictResult(_Out):
+    user_id: int
+    model_id: int | None = None
+    classes: list[str] = Field(default_factory=list)
+    window: int | None = None
+    step: int | None = None
+    predictions: list[WindowPrediction] = Field(default_factory=list)
+    error: ItemError | None = Field(None, description="batch requests only: why this item got no predictions")
+
+
+class PredictResponse(_Out):
+    results: list[PredictResult]
+
+
+# ---- API keys ----------------------------------------------------------------------------------------
+class KeyCreate(_In):
+    role: Literal["admin", "user", "service"]
+    user_id: Id | None = Field(None, description="required for role 'user', empty otherwise")
+    name: str = Field("", max_length=200)
+
+
+class ApiKey(_Out):
+    id: int
+    user_id: int | None = None
+    name: str
+    role: str
+    key_prefix: str
+    created_at: datetime
+    last_used_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+
+class ApiKeyCreated(ApiKey):
+    key: str = Field(description="the secret key: shown only in this response, only its SHA-256 is stored")

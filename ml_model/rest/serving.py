@@ -1,0 +1,270 @@
+"""Per-user model cache with hot reload, and batched inference over several users' models.
+
+The registry holds each user's newest artifact (newest created_at in `model_artifacts`). A reload builds the
+new model completely before one dict assignment swaps it in, so requests in flight keep the model they
+started with and none is dropped. Reloads come from `models.updated` on NATS, a slow poll as fallback, and
+a cache miss.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import psycopg2.extras
+import torch
+
+from ml_model import preprocessing as pp
+from ml_model.rest import stacking
+from ml_model.rest.pool import ConnectionPool
+
+log = logging.getLogger("semg.api.models")
+
+# A user with more windows than this in one request runs alone (its own batch is efficient already).
+SOLO_MIN_WINDOWS = 16
+# Most (model, window) groups in one stacked pass; bigger rounds are split.
+MAX_STACK = 256
+NEGATIVE_TTL_S = 2.0
+
+_ARTIFACT_COLS = ("id, user_id, job_id, weights, sha256, size_bytes, classes, channels, sample_rate_hz, window_ms, "
+                  "step_ms, scaler, metrics, metadata, created_at")
+
+
+class InputError(ValueError):
+    """The windows/samples do not fit the user's model; the message says how (-> 422)."""
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    artifact_id: int
+    user_id: int
+    job_id: int | None
+    created_at: datetime
+    size_bytes: int
+    sha256: str
+    metrics: dict[str, Any]
+    meta: dict[str, Any]
+    predictor: Any  # ml_model.artifacts.Predictor
+    parts: stacking.NetParts | None = None  # set when this model can be stacked with others
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def n_device_channels(self) -> int:
+        return int(self.meta["n_device_channels"])
+
+    @property
+    def window(self) -> int:
+        return int(self.meta["window"])
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+    @property
+    def accuracy(self) -> float | None:
+        acc = self.metrics.get("accuracy")
+        return float(acc) if isinstance(acc, (int, float)) else None
+
+
+def meta_from_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The artifact's metadata, completed from its columns (the columns win: they are what was indexed)."""
+    meta = dict(row["metadata"] or {})
+    meta["classes"] = list(row["classes"])
+    meta["channels"] = [int(c) for c in row["channels"]]
+    meta["sample_rate_hz"] = float(row["sample_rate_hz"])
+    meta["window_ms"] = float(row["window_ms"])
+    meta["step_ms"] = float(row["step_ms"])
+    meta["scaler"] = row["scaler"]
+    if "window" not in meta or "step" not in meta:
+        meta["window"], meta["step"] = pp.window_params(meta["window_ms"], meta["step_ms"], meta["sample_rate_hz"])
+    meta.setdefault("n_device_channels", max(meta["channels"]) + 1)
+    return meta
+
+
+def _stacked_matches(predictor: Any, parts: stacking.NetParts, meta: Mapping[str, Any]) -> bool:
+    """Does the stacked path give the predictor's own probabilities (preprocessing included)?"""
+    rng = np.random.default_rng(0)
+    raw = rng.integers(-100, 100, size=(3, int(meta["n_device_channels"]), int(meta["window"]))).astype(np.float32)
+    ref = np.asarray(predictor.predict_proba(raw), dtype=np.float32)
+    with torch.inference_mode():
+        x = torch.from_numpy(np.ascontiguousarray(pp.prepare_for_model(raw, meta), dtype=np.float32))
+        got = _softmax(stacking.stacked_logits([parts] * 3, x))
+    return got.shape == ref.shape and bool(np.allclose(got, ref, atol=1e-4))
+
+
+def build_served(row: Mapping[str, Any]) -> ServedModel:
+    from ml_model import artifacts  # the ML core's loader (safetensors weights + metadata -> Predictor)
+
+    meta = meta_from_row(row)
+    predictor = artifacts.load_artifact(bytes(row["weights"]), meta)
+    parts = None
+    model = getattr(predictor, "model", None)
+    cand = stacking.extract_parts(model) if model is not None else None
+    if cand is not None and _stacked_matches(predictor, cand, meta):
+        parts = cand
+    else:
+        log.info("model %s of user %s runs unstacked (architecture not stackable)", row["id"], row["user_id"])
+    return ServedModel(
+        artifact_id=int(row["id"]), user_id=int(row["user_id"]), job_id=row["job_id"], created_at=row["created_at"],
+        size_bytes=int(row["size_bytes"]), sha256=row["sha256"], metrics=dict(row["metrics"] or {}), meta=meta,
+        predictor=predictor, parts=parts,
+    )
+
+
+@dataclass
+class ModelRegistry:
+    pool: ConnectionPool
+    _models: dict[int, ServedModel] = field(default_factory=dict)
+    _absent: dict[int, float] = field(default_factory=dict)  # user -> monotonic time of the last "no model"
+    _load_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # ---- reads (hot path: no database) -----------------------------------------------------------
+    def cached(self, user_id: int) -> ServedModel | None:
+        return self._models.get(user_id)
+
+    def all(self) -> list[ServedModel]:
+        return list(self._models.values())
+
+    def get(self, user_id: int) -> ServedModel | None:
+        """The served model of a user, loading it on a cache miss (blocking: call from a thread)."""
+        m = self._models.get(user_id)
+        if m is not None:
+            return m
+        seen = self._absent.get(user_id)
+        if seen is not None and time.monotonic() - seen < NEGATIVE_TTL_S:
+            return None
+        return self.refresh_user(user_id)
+
+    # ---- reloads ---------------------------------------------------------------------------------
+    def _latest_id(self, conn, user_id: int) -> int | None:
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT id FROM model_artifacts WHERE user_id = %s ORDER BY created_at DESC, id DESC LIMIT 1",
+                        (user_id,))
+            row = cur.fetchone()
+        return int(row[0]) if row else None
+
+    def _load_row(self, conn, artifact_id: int) -> dict[str, Any] | None:
+        with conn, conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+            cur.execute(f"SELECT {_ARTIFACT_COLS} FROM model_artifacts WHERE id = %s", (artifact_id,))  # noqa: S608 - constant column list
+            row = cur.fetchone()
+        return dict(row) if row else None
+
+    def _install(self, user_id: int, artifact_id: int | None, conn) -> ServedModel | None:
+        current = self._models.get(user_id)
+        if artifact_id is None:
+            self._models.pop(user_id, None)
+            self._absent[user_id] = time.monotonic()
+            if current is not None:
+                log.info("user %s has no model any more", user_id)
+            return None
+        if current is not None and current.artifact_id == artifact_id:
+            return current
+        row = self._load_row(conn, artifact_id)
+        if row is None:  # deleted between the two queries: the next refresh sees the new state
+            return current
+        try:
+            served = build_served(row)
+        except Exception as e:  # noqa: BLE001 - a broken artifact must not take the service (or old model) down
+            log.error("cannot load model %s of user %s: %s", artifact_id, user_id, e)
+            return current
+        self._models[user_id] = served  # atomic swap: in-flight requests keep their reference
+        self._absent.pop(user_id, None)
+        log.info("user %s now served by model %s (%s classes, window %d, step %d, %s)", user_id, artifact_id,
+                 len(served.classes), served.window, served.step, "stacked" if served.parts else "solo")
+        return served
+
+    def refresh_user(self, user_id: int) -> ServedModel | None:
+        with self._load_lock, self.pool.connection() as conn:
+            return self._install(user_id, self._latest_id(conn, user_id), conn)
+
+    def refresh_all(self) -> int:
+        """Bring every user's model up to date; returns how many changed."""
+        with self._load_lock, self.pool.connection() as conn:
+            with conn, conn.cursor() as cur:
+                cur.execute("""SELECT DISTINCT ON (user_id) user_id, id FROM model_artifacts
+                               WHERE user_id IS NOT NULL ORDER BY user_id, created_at DESC, id DESC""")
+                latest = {int(u): int(a) for u, a in cur.fetchall()}
+            changed = 0
+            for user_id in set(self._models) - set(latest):
+                self._install(user_id, None, conn)
+                changed += 1
+            for user_id, artifact_id in latest.items():
+                cur_model = self._models.get(user_id)
+                if cur_model is None or cur_model.artifact_id != artifact_id:
+                    self._install(user_id, artifact_id, conn)
+                    changed += 1
+            return changed
+
+
+# ---- inference ---------------------------------------------------------------------------------------
+def check_windows(model: ServedModel, x: np.ndarray) -> np.ndarray:
+    """Validate raw windows (n, channels, win) against the model; float32 C-contiguous copy."""
+    if x.ndim != 3:
+        raise InputError(f"windows must be 3-D (n_windows, channels, samples), got shape {list(x.shape)}")
+    n, c, t = x.shape
+    if n == 0:
+        raise InputError("no windows given")
+    if c != model.n_device_channels:
+        raise InputError(f"user {model.user_id}'s model reads {model.n_device_channels}-channel devices; "
+                         f"got {c} channels")
+    if t != model.window:
+        raise InputError(f"user {model.user_id}'s model needs windows of {model.window} samples "
+                         f"({model.meta['window_ms']:g} ms at {model.meta['sample_rate_hz']:g} Hz); got {t}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise InputError("windows contain NaN or infinite values")
+    return x
+
+
+def windows_from_samples(model: ServedModel, samples: np.ndarray) -> np.ndarray:
+    """Cut a recording (n_samples, channels) into the model's windows (window/step of its metadata)."""
+    if samples.ndim != 2:
+        raise InputError(f"samples must be 2-D (n_samples, channels), got shape {list(samples.shape)}")
+    if samples.shape[1] != model.n_device_channels:
+        raise InputError(f"user {model.user_id}'s model reads {model.n_device_channels}-channel devices; "
+                         f"got {samples.shape[1]} channels")
+    if samples.shape[0] < model.window:
+        raise InputError(f"need at least {model.window} samples for one window; got {samples.shape[0]}")
+    return pp.make_windows(samples, model.window, model.step)
+
+
+def _softmax(logits: torch.Tensor) -> np.ndarray:
+    return torch.softmax(logits.float(), dim=1).numpy()
+
+
+def predict_many(items: Sequence[tuple[ServedModel, np.ndarray]]) -> list[np.ndarray]:
+    """Probabilities (n_i, n_classes_i) for each (model, validated raw windows) item.
+
+    Items with few windows and a stackable model share one stacked forward pass per architecture; the
+    others use their own predictor (one forward pass over all their windows).
+    """
+    out: list[np.ndarray | None] = [None] * len(items)
+    groups: dict[tuple, list[int]] = {}
+    for i, (model, x) in enumerate(items):
+        if model.parts is not None and len(x) < SOLO_MIN_WINDOWS:
+            key = (model.parts.signature, x.shape[2])
+            groups.setdefault(key, []).append(i)
+        else:
+            out[i] = np.asarray(model.predictor.predict_proba(x), dtype=np.float32)
+    with torch.inference_mode():
+        for idx in groups.values():
+            prepared = [pp.prepare_for_model(items[i][1], items[i][0].meta) for i in idx]
+            parts = [items[i][0].parts for i in idx for _ in range(len(items[i][1]))]
+            x = torch.from_numpy(np.concatenate(prepared).astype(np.float32, copy=False))
+            probs = np.concatenate([_softmax(stacking.stacked_logits(parts[a:a + MAX_STACK], x[a:a + MAX_STACK]))
+                                    for a in range(0, len(parts), MAX_STACK)])
+            a = 0
+            for i in idx:
+                n = len(items[i][1])
+                out[i] = probs[a:a + n]
+                a += n
+    return out  # type: ignore[return-value]

@@ -1,0 +1,67 @@
+"""Fixtures for the API tests: an in-process app (TestClient, lifespan run) against the session's
+PostgreSQL and NATS, and keys of every role."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+
+
+@pytest.fixture
+def api(clean_db, settings):
+    """A TestClient of the API on an empty database (the service key is registered at startup)."""
+    from fastapi.testclient import TestClient
+
+    from ml_model.api import app
+    with TestClient(app) as client:
+        yield client
+
+
+@pytest.fixture
+def keys(api, clean_db):
+    """Factory: keys(role, user_id=None) -> header dict; plus .admin and .service headers."""
+    from ml_model.rest import keys as keystore
+    from semg import secrets
+
+    class Keys:
+        service = {"X-API-Key": secrets.service_api_key()}
+
+        def __call__(self, role: str, user_id: int | None = None) -> dict[str, str]:
+            row = keystore.create_key(clean_db, role, user_id, f"test {role}")
+            return {"X-API-Key": row["key"]}
+
+    k = Keys()
+    k.admin = k("admin")
+    return k
+
+
+@pytest.fixture
+def make_user(clean_db):
+    from semg import repo
+    counter = iter(range(1, 10**6))
+
+    def factory(name: str = "Test User") -> dict:
+        return repo.create_user(clean_db, f"{name} {next(counter)}", f"user{next(counter)}@example.org")
+
+    return factory
+
+
+@contextlib.contextmanager
+def no_server_errors(client):
+    """Fail on any 5xx answered while the block runs."""
+    seen = []
+    orig = client.request
+
+    def request(*a, **kw):
+        r = orig(*a, **kw)
+        if r.status_code >= 500:
+            seen.append((a, r.status_code, r.text))
+        return r
+
+    client.request = request
+    try:
+        yield seen
+    finally:
+        client.request = orig
+    assert not seen, seen
