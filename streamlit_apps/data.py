@@ -1,0 +1,753 @@
+"""The web UI's one data-access module.
+
+Every mutation goes through `semg.repo` (the same code the REST API uses); this module adds the read-side
+queries the pages need (data quality, downsampled signals, spectra, service health) and a cached connection
+pool. SQL is always parameterised. Pages import only this module for data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import psycopg2
+import psycopg2.extras
+import psycopg2.pool
+import streamlit as st
+
+from semg import db, repo
+from semg.config import Settings, SettingsError, get_settings
+
+log = logging.getLogger("semg.ui")
+
+RepoError = repo.RepoError
+GESTURE_LIBRARY = repo.GESTURE_LIBRARY
+REST = repo.REST
+
+# Raw samples are plotted as they are up to this many per channel; longer ranges become a min/max envelope.
+MAX_PLOT_POINTS = 2000
+# Per-channel RMS of long ranges is estimated from evenly spread blocks holding about this many samples.
+RMS_SAMPLE_BUDGET = 20_000
+# CSV export refuses ranges above this many samples (the browser download would be hundreds of MB).
+MAX_EXPORT_SAMPLES = 2_000_000
+STREAMING_WINDOW_S = 5.0
+
+
+class Unavailable(RuntimeError):
+    """A service the UI needs (settings, database) is not reachable; the message says what to do."""
+
+
+# ---- settings and connections --------------------------------------------------------------------
+def settings() -> Settings:
+    try:
+        return get_settings()
+    except SettingsError as e:
+        raise Unavailable(f"The platform settings are invalid: {e}. Fix the environment and restart the UI.") from None
+
+
+@st.cache_resource(show_spinner=False)
+def _pool(host: str, port: int, dbname: str) -> psycopg2.pool.ThreadedConnectionPool:
+    # Keyed by the target so a changed environment (tests) gets its own pool; connections open lazily.
+    kw = db.connect_kwargs(settings())
+    kw.update(connect_timeout=3, application_name="semg-ui",
+              options="-c statement_timeout=20000 -c idle_in_transaction_session_timeout=60000")
+    return psycopg2.pool.ThreadedConnectionPool(0, 16, **kw)
+
+
+def _db_down_message(err: Exception) -> str:
+    s = settings()
+    where = f"{s.postgres_host or '127.0.0.1'}:{s.postgres_port}"
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (f"The database at {where} is not reachable ({reason}). Start the platform with ./start_all.sh "
+            "(or check POSTGRES_HOST/POSTGRES_PORT), then reload this page.")
+
+
+@contextlib.contextmanager
+def connection() -> Iterator[psycopg2.extensions.connection]:
+    """A pooled connection, checked alive before use; always handed back without an open transaction."""
+    s = settings()
+    pool = _pool(s.postgres_host or "127.0.0.1", s.postgres_port, s.postgres_db)
+    conn = None
+    try:
+        for _attempt in range(2):  # a pooled connection may have died with a database restart
+            try:
+                conn = pool.getconn()
+                with conn.cursor() as cur:
+                    cur.execute("SELECT 1")
+                conn.rollback()
+                break
+            except (psycopg2.OperationalError, psycopg2.InterfaceError) as e:
+                if conn is not None:
+                    pool.putconn(conn, close=True)
+                    conn = None
+                last = e
+        else:
+            raise Unavailable(_db_down_message(last))
+    except psycopg2.pool.PoolError as e:
+        raise Unavailable(f"Too many simultaneous database requests ({e}); reload the page in a moment.") from None
+    broken = False
+    try:
+        yield conn
+    except (psycopg2.OperationalError, psycopg2.InterfaceError) as e:
+        broken = True
+        raise Unavailable(_db_down_message(e)) from None
+    finally:
+        if broken or conn.closed:
+            pool.putconn(conn, close=True)
+        else:
+            with contextlib.suppress(psycopg2.Error):
+                conn.rollback()
+            pool.putconn(conn)
+
+
+def _rows(sql: str, params: dict | Sequence | None = None) -> list[dict]:
+    with connection() as conn, conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+        cur.execute(sql, params)
+        return [dict(r) for r in cur.fetchall()]
+
+
+def _one(sql: str, params: dict | Sequence | None = None) -> dict | None:
+    rows = _rows(sql, params)
+    return rows[0] if rows else None
+
+
+def _repo(fn, *args, **kwargs):
+    with connection() as conn:
+        return fn(conn, *args, **kwargs)
+
+
+# ---- users, gestures, devices (repo) -------------------------------------------------------------
+def list_users(search: str | None = None, limit: int = 200) -> list[dict]:
+    return _repo(repo.list_users, search=search, limit=limit)
+
+
+def get_user(user_id: int) -> dict:
+    return _repo(repo.get_user, user_id)
+
+
+def create_user(name: str, email: str, notes: str = "") -> dict:
+    return _repo(repo.create_user, name, email, notes)
+
+
+def update_user(user_id: int, name: str, email: str, notes: str) -> dict:
+    return _repo(repo.update_user, user_id, name=name, email=email, notes=notes)
+
+
+def delete_user(user_id: int) -> dict:
+    return _repo(repo.delete_user, user_id, settings().video_dir)
+
+
+def user_data_counts(user_id: int) -> dict:
+    """What deleting a user would remove, to show before asking for confirmation."""
+    return _one(
+        """SELECT (SELECT count(*) FROM gestures WHERE user_id = %(u)s) AS gestures,
+                  (SELECT count(*) FROM devices WHERE user_id = %(u)s) AS devices,
+                  (SELECT count(*) FROM capture_sessions WHERE user_id = %(u)s) AS sessions,
+                  (SELECT coalesce(sum(n), 0) FROM sample_blocks WHERE user_id = %(u)s) AS samples,
+                  (SELECT count(*) FROM videos WHERE user_id = %(u)s) AS videos,
+                  (SELECT count(*) FROM training_jobs WHERE user_id = %(u)s) AS jobs,
+                  (SELECT count(*) FROM model_artifacts WHERE user_id = %(u)s) AS models,
+                  (SELECT count(*) FROM predictions WHERE user_id = %(u)s) AS predictions""",
+        {"u": user_id},
+    ) or {}
+
+
+def list_gestures(user_id: int) -> list[dict]:
+    return _repo(repo.list_gestures, user_id)
+
+
+def add_gesture(user_id: int, name: str, description: str = "", channels_used: Sequence[int] = (),
+                channel_purposes: dict | None = None) -> dict:
+    return _repo(repo.add_gesture, user_id, name, description, channels_used, channel_purposes)
+
+
+def update_gesture(gesture_id: int, name: str, description: str, channels_used: Sequence[int],
+                   channel_purposes: dict) -> dict:
+    return _repo(repo.update_gesture, gesture_id, name=name, description=description, channels_used=channels_used,
+                 channel_purposes=channel_purposes)
+
+
+def delete_gesture(gesture_id: int) -> None:
+    _repo(repo.delete_gesture, gesture_id)
+
+
+def list_devices(user_id: int | None = None) -> list[dict]:
+    return _repo(repo.list_devices, user_id)
+
+
+def register_device(user_id: int, channel_count: int, sample_rate_hz: float, name: str = "") -> dict:
+    return _repo(repo.register_device, user_id, channel_count, sample_rate_hz, "binary", name)
+
+
+def rotate_device_key(device_id: int) -> dict:
+    return _repo(repo.rotate_device_key, device_id)
+
+
+def delete_device(device_id: int) -> None:
+    _repo(repo.delete_device, device_id)
+
+
+def arduino_secrets_snippet(device: dict, host_placeholder: str = "YOUR.SERVER.IP") -> str:
+    """The lines to paste into arduino/arduino_secrets.h for a freshly registered or rotated device."""
+    s = settings()
+    return "\n".join([
+        "// arduino_secrets.h -- keep this file out of version control",
+        '#define SECRET_SSID "your-wifi-name"',
+        '#define SECRET_PASS "your-wifi-password"',
+        f'#define SEMG_SERVER_HOST "{host_placeholder}"  // the machine running the platform',
+        f"#define SEMG_SERVER_PORT {s.udp_port}",
+        f"#define SEMG_USER_ID {device['user_id']}",
+        f"#define SEMG_DEVICE_ID {device['id']}",
+        f'#define SEMG_DEVICE_KEY_HEX "{device["secret_key_hex"]}"',
+        f"#define SEMG_CHANNELS {device['channel_count']}",
+        f"#define SEMG_SAMPLE_RATE_HZ {float(device['sample_rate_hz']):g}",
+    ])
+
+
+# ---- capture sessions (repo) ---------------------------------------------------------------------
+def plan_intervals(gestures: Sequence[str], repetitions: int, hold_s: float, rest_s: float) -> list[dict]:
+    return repo.plan_intervals(gestures, repetitions, hold_s, rest_s)
+
+
+def create_session(user_id: int, device_id: int | None, gestures: Sequence[str], repetitions: int, hold_s: float,
+                   rest_s: float, name: str = "") -> dict:
+    return _repo(repo.create_session, user_id, device_id, gestures, repetitions, hold_s, rest_s, name)
+
+
+def start_session(session_id: int, at: datetime | None = None) -> dict:
+    return _repo(repo.start_session, session_id, at)
+
+
+def end_session(session_id: int, status: str = "completed", at: datetime | None = None) -> dict:
+    return _repo(repo.end_session, session_id, status, at)
+
+
+def mark_interval(interval_id: int, started_at: datetime, ended_at: datetime | None) -> dict:
+    return _repo(repo.mark_interval, interval_id, started_at, ended_at)
+
+
+def discard_interval(interval_id: int) -> dict:
+    return _repo(repo.discard_interval, interval_id)
+
+
+def add_interval(session_id: int, kind: str, label: str, repetition: int, planned_start_ms: int,
+                 planned_end_ms: int) -> dict:
+    return _repo(repo.add_interval, session_id, kind, label, repetition, planned_start_ms, planned_end_ms)
+
+
+def get_session(session_id: int) -> dict:
+    return _repo(repo.get_session, session_id)
+
+
+def list_sessions(user_id: int) -> list[dict]:
+    return _repo(repo.list_sessions, user_id)
+
+
+def record_video(user_id: int, session_id: int | None, rel_path: str, started_at: datetime, ended_at: datetime,
+                 frame_count: int, fps: float | None, width: int | None, height: int | None, size: int,
+                 mime_type: str = "video/webm") -> dict:
+    """Register a webcam recording stored under settings.video_dir (no repo function exists for videos)."""
+    with connection() as conn, conn, conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+        cur.execute(
+            """INSERT INTO videos (user_id, session_id, path, mime_type, started_at, ended_at, frame_count, fps,
+                                   width, height, bytes)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id, path, started_at""",
+            (user_id, session_id, rel_path, mime_type, started_at, ended_at, frame_count, fps, width, height, size),
+        )
+        return dict(cur.fetchone())
+
+
+def session_video(session_id: int) -> dict | None:
+    """The session's newest video row with `file` (absolute Path) when the file exists, else None."""
+    row = _one("""SELECT id, path, mime_type, started_at, ended_at, frame_count, fps, width, height, bytes
+                  FROM videos WHERE session_id = %s ORDER BY id DESC LIMIT 1""", (session_id,))
+    if row is None:
+        return None
+    root = settings().video_dir.resolve()
+    p = (root / row["path"]).resolve()
+    row["file"] = p if root in p.parents and p.is_file() else None
+    return row
+
+
+def user_videos_between(user_id: int, t0: datetime, t1: datetime) -> list[dict]:
+    rows = _rows("""SELECT id, session_id, path, mime_type, started_at, ended_at FROM videos
+                    WHERE user_id = %s AND started_at < %s AND coalesce(ended_at, started_at) > %s
+                    ORDER BY started_at""", (user_id, t1, t0))
+    root = settings().video_dir.resolve()
+    for r in rows:
+        p = (root / r["path"]).resolve()
+        r["file"] = p if root in p.parents and p.is_file() else None
+    return rows
+
+
+# ---- training (repo + read side) -----------------------------------------------------------------
+def schedule_job(user_id: int, session_ids: Sequence[int], params: dict) -> dict:
+    return _repo(repo.schedule_job, user_id, session_ids, params)
+
+
+def cancel_job(job_id: int) -> dict:
+    return _repo(repo.cancel_job, job_id)
+
+
+def get_job(job_id: int) -> dict:
+    return _repo(repo.get_job, job_id)
+
+
+def list_jobs(user_id: int | None = None, limit: int = 50) -> list[dict]:
+    return _repo(repo.list_jobs, user_id, limit)
+
+
+def job_logs(job_id: int, after_id: int = 0) -> list[dict]:
+    return _repo(repo.job_logs, job_id, after_id)
+
+
+def latest_model(user_id: int) -> dict | None:
+    return _repo(repo.latest_model, user_id)
+
+
+def list_models(user_id: int) -> list[dict]:
+    return _repo(repo.list_models, user_id)
+
+
+def job_artifact(job_id: int) -> dict | None:
+    """The model a job produced (metadata only, never the weights)."""
+    return _one("""SELECT id, user_id, job_id, size_bytes, classes, channels, sample_rate_hz, window_ms, step_ms,
+                          metrics, created_at
+                   FROM model_artifacts WHERE job_id = %s ORDER BY id DESC LIMIT 1""", (job_id,))
+
+
+def pretrained_bases() -> list[dict]:
+    """Shared base models (user_id NULL) a user's model can be fine-tuned from."""
+    return _rows("""SELECT id, created_at, classes, channels, sample_rate_hz, size_bytes, metrics,
+                           coalesce(metadata->>'name', metadata->>'source', '') AS name
+                    FROM model_artifacts WHERE user_id IS NULL ORDER BY created_at DESC, id DESC""")
+
+
+def trainer_status() -> dict:
+    """Whether a training worker looks alive: queue length, and the freshest heartbeat of a running job."""
+    return _one("""SELECT count(*) FILTER (WHERE status = 'scheduled') AS queued,
+                          count(*) FILTER (WHERE status = 'in-progress') AS running,
+                          min(created_at) FILTER (WHERE status = 'scheduled') AS oldest_queued,
+                          max(heartbeat_at) FILTER (WHERE status = 'in-progress') AS last_heartbeat,
+                          now() AS now
+                   FROM training_jobs""") or {}
+
+
+def normalize_metrics(metrics: dict | None, classes: Sequence[str] | None = None) -> dict:
+    """Accuracy, per-class accuracy {class: acc} and confusion (classes, matrix) from an artifact's metrics,
+    accepting the list and {classes, matrix} forms of the confusion matrix."""
+    m = dict(metrics or {})
+    cm = m.get("confusion_matrix") or m.get("confusion")
+    cm_classes = list(classes or m.get("classes") or [])
+    matrix = None
+    if isinstance(cm, dict):
+        matrix = cm.get("matrix")
+        cm_classes = list(cm.get("classes") or cm_classes)
+    elif isinstance(cm, list):
+        matrix = cm
+    per_class = m.get("per_class_accuracy") or m.get("per_class") or {}
+    if isinstance(per_class, list):
+        per_class = dict(zip(cm_classes, per_class, strict=False))
+    acc = m.get("accuracy", m.get("val_accuracy"))
+    return {"accuracy": acc, "per_class": per_class, "classes": cm_classes, "matrix": matrix}
+
+
+# ---- overview ------------------------------------------------------------------------------------
+def overview_counts() -> dict:
+    return _one("""SELECT (SELECT count(*) FROM users) AS users,
+                          (SELECT count(*) FROM devices) AS devices,
+                          (SELECT count(*) FROM capture_sessions WHERE status = 'completed') AS sessions,
+                          (SELECT count(*) FROM training_jobs WHERE status IN ('scheduled', 'in-progress'))
+                              AS active_jobs,
+                          (SELECT count(*) FROM model_artifacts WHERE user_id IS NOT NULL) AS models""") or {}
+
+
+def device_activity(user_id: int | None = None, window_s: float = STREAMING_WINDOW_S) -> list[dict]:
+    """Every device with its newest sample time and the sample rate measured over the last `window_s`."""
+    rows = _rows(
+        """SELECT d.id, d.user_id, u.name AS user_name, d.name, d.protocol, d.channel_count, d.sample_rate_hz,
+                  last.t AS last_sample_at, coalesce(recent.samples, 0) AS recent_samples, now() AS now
+           FROM devices d JOIN users u ON u.id = d.user_id
+           LEFT JOIN LATERAL (SELECT b.device_time0 AS t FROM sample_blocks b WHERE b.device_id = d.id
+                              ORDER BY b.device_time0 DESC LIMIT 1) last ON true
+           LEFT JOIN LATERAL (SELECT sum(b.n) AS samples FROM sample_blocks b WHERE b.device_id = d.id
+                              AND b.device_time0 > now() - make_interval(secs => %(w)s)) recent ON true
+           WHERE %(u)s::bigint IS NULL OR d.user_id = %(u)s
+           ORDER BY d.id""",
+        {"u": user_id, "w": window_s},
+    )
+    for r in rows:
+        r["measured_rate_hz"] = float(r["recent_samples"]) / window_s
+        r["streaming"] = r["recent_samples"] > 0
+        r["idle_s"] = (r["now"] - r["last_sample_at"]).total_seconds() if r["last_sample_at"] else None
+    return rows
+
+
+# ---- data quality ----------------------------------------------------------------------------------
+def _range_blocks(device_id: int, t0: datetime, t1: datetime) -> dict:
+    """Blocks, samples and sequence-gap loss of a device's data starting in [t0, t1]."""
+    rows = _rows(
+        """SELECT boot, count(*) AS blocks, sum(n) AS samples, min(seq0) AS first_seq, max(seq0 + n) AS end_seq,
+                  max(channels) AS channels, max(sample_rate_hz) AS rate
+           FROM sample_blocks WHERE device_id = %s AND device_time0 >= %s AND device_time0 <= %s
+           GROUP BY boot""",
+        (device_id, t0, t1),
+    )
+    samples = sum(int(r["samples"]) for r in rows)
+    expected = sum(int(r["end_seq"]) - int(r["first_seq"]) for r in rows)
+    return {"blocks": sum(int(r["blocks"]) for r in rows), "samples": samples, "expected": expected,
+            "lost": max(0, expected - samples), "loss_pct": 100.0 * max(0, expected - samples) / expected
+            if expected else None, "channels": max((int(r["channels"]) for r in rows), default=0),
+            "rate": max((float(r["rate"]) for r in rows), default=None)}
+
+
+def channel_rms(device_id: int, t0: datetime, t1: datetime, blocks: int | None = None) -> list[float]:
+    """RMS of each channel about its mean (DC removed), from evenly spread blocks for long ranges."""
+    if blocks is None:
+        blocks = _range_blocks(device_id, t0, t1)["blocks"]
+    if not blocks:
+        return []
+    avg_n = 50  # typical packet; a wrong guess only changes how many samples the estimate uses
+    stride = max(1, math.ceil(blocks * avg_n / RMS_SAMPLE_BUDGET))
+    rows = _rows(
+        """WITH s AS (SELECT values, channels, row_number() OVER (ORDER BY device_time0) AS rn
+                      FROM sample_blocks WHERE device_id = %(d)s AND device_time0 >= %(t0)s
+                        AND device_time0 <= %(t1)s)
+           SELECT (u.k - 1) %% s.channels AS ch, stddev_pop(u.v)::float8 AS rms
+           FROM s, unnest(s.values) WITH ORDINALITY AS u(v, k)
+           WHERE mod(s.rn - 1, %(stride)s) = 0
+           GROUP BY 1 ORDER BY 1""",
+        {"d": device_id, "t0": t0, "t1": t1, "stride": stride},
+    )
+    return [float(r["rms"] or 0.0) for r in rows]
+
+
+def _session_range(session: dict) -> tuple[datetime, datetime] | None:
+    ivs = [i for i in session.get("intervals", []) if i.get("started_at")]
+    t0 = session.get("started_at") or (min(i["started_at"] for i in ivs) if ivs else None)
+    if t0 is None:
+        return None
+    ends = [i["ended_at"] for i in ivs if i.get("ended_at")]
+    t1 = session.get("ended_at") or (max(ends) if ends else None) or datetime.now(UTC)
+    return t0, t1
+
+
+@st.cache_data(ttl=600, show_spinner=False, max_entries=500)
+def _cached_quality(device_id: int, t0: datetime, t1: datetime) -> dict:
+    q = _range_blocks(device_id, t0, t1)
+    q["rms"] = channel_rms(device_id, t0, t1, q["blocks"])
+    return q
+
+
+def session_quality(session: dict) -> dict:
+    """Samples, loss % (sequence gaps), per-channel RMS and label counts of a session (cached once complete)."""
+    ivs = session.get("intervals") or []
+    out = {"samples": 0, "expected": 0, "lost": 0, "loss_pct": None, "rms": [], "channels": 0, "duration_s": None,
+           "gesture_reps": sum(1 for i in ivs if i["kind"] == "gesture" and i.get("started_at") and not i["discarded"]),
+           "discarded": sum(1 for i in ivs if i["discarded"])}
+    rng = _session_range(session)
+    if rng is None or session.get("device_id") is None:
+        return out
+    t0, t1 = rng
+    if session.get("status") in ("completed", "aborted"):
+        q = _cached_quality(session["device_id"], t0, t1)
+    else:
+        q = _range_blocks(session["device_id"], t0, t1)
+        q["rms"] = channel_rms(session["device_id"], t0, t1, q["blocks"])
+    out.update(q)
+    out["duration_s"] = (t1 - t0).total_seconds()
+    return out
+
+
+def sessions_overview(user_id: int) -> list[dict]:
+    """The user's sessions (newest first) with intervals and quality, for choosing training data."""
+    sessions = list_sessions(user_id)
+    out = []
+    for s in sessions:
+        full = get_session(s["id"])
+        full["quality"] = session_quality(full)
+        out.append(full)
+    return out
+
+
+# ---- signals ---------------------------------------------------------------------------------------
+@dataclass
+class Signal:
+    """Samples of one device over [t0, t1]: `frame` has t (seconds since t0) and ch0..chN-1.
+
+    mode 'raw' holds every sample; 'envelope' holds the min and max of each time bucket (two rows per bucket),
+    which keeps spikes visible when a long range is drawn with a few thousand points."""
+
+    t0: datetime
+    t1: datetime
+    mode: str
+    samples: int
+    channels: int
+    rate: float | None
+    frame: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    @property
+    def empty(self) -> bool:
+        return self.frame.empty
+
+
+def _expand_blocks(rows: list[dict], epoch0: float, channels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(t seconds since epoch0, seq, values (n, channels)) of fetched blocks, in time order."""
+    ts, seqs, vals = [], [], []
+    for r in rows:
+        if int(r["channels"]) != channels:
+            continue  # a block from a differently configured boot; never mix channel layouts
+        n = int(r["n"])
+        ts.append(float(r["e0"]) - epoch0 + np.arange(n) / float(r["rate"]))
+        seqs.append(int(r["seq0"]) + np.arange(n))
+        vals.append(np.asarray(r["values"], dtype=np.int16).reshape(n, channels))
+    if not ts:
+        return np.empty(0), np.empty(0, dtype=np.int64), np.empty((0, channels), dtype=np.int16)
+    return np.concatenate(ts), np.concatenate(seqs), np.vstack(vals)
+
+
+def _fetch_blocks(device_id: int, t0: datetime, t1: datetime) -> list[dict]:
+    # Blocks are at most a few seconds long: one starting a little before t0 may still hold samples after it.
+    return _rows(
+        """SELECT extract(epoch FROM device_time0)::float8 AS e0, seq0, n, channels, sample_rate_hz AS rate, values
+           FROM sample_blocks WHERE device_id = %s AND device_time0 >= %s::timestamptz - interval '5 seconds'
+             AND device_time0 <= %s ORDER BY device_time0""",
+        (device_id, t0, t1),
+    )
+
+
+def signal(device_id: int, t0: datetime, t1: datetime, max_points: int = MAX_PLOT_POINTS) -> Signal:
+    """The device's samples over [t0, t1] for plotting, downsampled in SQL when there are more than max_points."""
+    stats = _one("""SELECT coalesce(sum(n), 0) AS samples, max(channels) AS channels, max(sample_rate_hz) AS rate,
+                           count(*) AS blocks
+                    FROM sample_blocks WHERE device_id = %s AND device_time0 >= %s AND device_time0 <= %s""",
+                 (device_id, t0, t1)) or {}
+    samples, channels = int(stats.get("samples") or 0), int(stats.get("channels") or 0)
+    rate = float(stats["rate"]) if stats.get("rate") else None
+    cols = [f"ch{c}" for c in range(channels)]
+    if samples == 0:
+        return Signal(t0, t1, "raw", 0, channels, rate, pd.DataFrame(columns=["t", *cols]))
+    epoch0 = t0.timestamp()
+    span = max((t1 - t0).total_seconds(), 1e-3)
+    if samples <= max_points:
+        t, _seq, v = _expand_blocks(_fetch_blocks(device_id, t0, t1), epoch0, channels)
+        keep = (t >= 0) & (t <= span)
+        frame = pd.DataFrame(v[keep], columns=cols)
+        frame.insert(0, "t", t[keep])
+        return Signal(t0, t1, "raw", samples, channels, rate, frame)
+    buckets = max(1, max_points // 2)
+    blocks = int(stats.get("blocks") or 1)
+    # Enough blocks per bucket for a faithful min/max, but never unnest much more than a few 10k samples.
+    per_bucket = max(1, math.ceil(min(blocks, 40_000 * blocks / samples) / buckets))
+    rows = _rows(
+        """WITH blk AS (
+               SELECT b.values, b.channels,
+                      least(%(nb)s - 1, floor((extract(epoch FROM b.device_time0) - %(e0)s) / %(span)s * %(nb)s))::int
+                          AS bucket,
+                      row_number() OVER (PARTITION BY floor((extract(epoch FROM b.device_time0) - %(e0)s)
+                                                            / %(span)s * %(nb)s)
+                                         ORDER BY b.device_time0) AS k
+               FROM sample_blocks b
+               WHERE b.device_id = %(d)s AND b.device_time0 >= %(t0)s AND b.device_time0 <= %(t1)s
+                 AND b.channels = %(c)s)
+           SELECT bucket, (u.i - 1) %% %(c)s AS ch, min(u.v) AS lo, max(u.v) AS hi
+           FROM blk, unnest(blk.values) WITH ORDINALITY AS u(v, i)
+           WHERE blk.k <= %(per)s
+           GROUP BY 1, 2 ORDER BY 1, 2""",
+        {"nb": buckets, "e0": epoch0, "span": span, "d": device_id, "t0": t0, "t1": t1, "c": channels,
+         "per": per_bucket},
+    )
+    if not rows:
+        return Signal(t0, t1, "envelope", samples, channels, rate, pd.DataFrame(columns=["t", *cols]))
+    df = pd.DataFrame(rows)
+    lo = df.pivot(index="bucket", columns="ch", values="lo")
+    hi = df.pivot(index="bucket", columns="ch", values="hi")
+    width = span / buckets
+    # Two rows per bucket (min at its first third, max at its second) draw the envelope as one line.
+    t = np.concatenate([(lo.index.to_numpy() + 1 / 3) * width, (hi.index.to_numpy() + 2 / 3) * width])
+    v = np.vstack([lo.to_numpy(), hi.to_numpy()])
+    order = np.argsort(t, kind="stable")
+    frame = pd.DataFrame(v[order], columns=[f"ch{int(c)}" for c in lo.columns])
+    frame.insert(0, "t", t[order])
+    return Signal(t0, t1, "envelope", samples, channels, rate, frame)
+
+
+def spectrum(device_id: int, t0: datetime, t1: datetime, nperseg: int = 256, windows: int = 12) -> pd.DataFrame:
+    """Welch power spectrum (dB) per channel from `windows` evenly spread stretches of raw samples.
+
+    Returns columns freq_hz, ch0..chN-1 (empty frame when there is not enough data)."""
+    q = _one("""SELECT max(sample_rate_hz) AS rate, max(channels) AS channels FROM sample_blocks
+                WHERE device_id = %s AND device_time0 >= %s AND device_time0 <= %s""", (device_id, t0, t1)) or {}
+    if not q.get("rate"):
+        return pd.DataFrame()
+    rate, channels = float(q["rate"]), int(q["channels"])
+    win_s = 4 * nperseg / rate
+    span = (t1 - t0).total_seconds()
+    n_win = max(1, min(windows, int(span // win_s)))
+    starts = [t0 + timedelta(seconds=(span - win_s) * (i + 0.5) / n_win) for i in range(n_win)] if span > win_s \
+        else [t0]
+    rows = _rows(
+        """SELECT w.i, extract(epoch FROM b.device_time0)::float8 AS e0, b.seq0, b.n, b.channels,
+                  b.sample_rate_hz AS rate, b.values
+           FROM unnest(%(starts)s::timestamptz[]) WITH ORDINALITY AS w(ts, i)
+           JOIN sample_blocks b ON b.device_id = %(d)s AND b.device_time0 >= w.ts
+                AND b.device_time0 < w.ts + make_interval(secs => %(win)s)
+           ORDER BY w.i, b.device_time0""",
+        {"starts": starts, "d": device_id, "win": win_s},
+    )
+    if not rows:
+        return pd.DataFrame()
+    hann = np.hanning(nperseg)
+    acc, count = np.zeros((nperseg // 2 + 1, channels)), 0
+    by_window: dict[int, list[dict]] = {}
+    for r in rows:
+        by_window.setdefault(int(r["i"]), []).append(r)
+    for blocks in by_window.values():
+        _t, _s, v = _expand_blocks(blocks, 0.0, channels)
+        x = v.astype(np.float64)
+        for start in range(0, len(x) - nperseg + 1, nperseg // 2):
+            seg = x[start:start + nperseg]
+            seg = (seg - seg.mean(axis=0)) * hann[:, None]
+            acc += np.abs(np.fft.rfft(seg, axis=0)) ** 2
+            count += 1
+    if count == 0:
+        return pd.DataFrame()
+    psd = acc / count / (rate * (hann ** 2).sum())
+    frame = pd.DataFrame(10 * np.log10(psd + 1e-12), columns=[f"ch{c}" for c in range(channels)])
+    frame.insert(0, "freq_hz", np.fft.rfftfreq(nperseg, 1 / rate))
+    return frame
+
+
+def export_csv(device_id: int, t0: datetime, t1: datetime, intervals: Sequence[dict] = ()) -> bytes:
+    """Raw samples of [t0, t1] as CSV: server time, seconds from t0, sequence number, channels, label."""
+    rows = _fetch_blocks(device_id, t0, t1)
+    channels = max((int(r["channels"]) for r in rows), default=0)
+    t, seq, v = _expand_blocks(rows, t0.timestamp(), channels)
+    keep = (t >= 0) & (t <= (t1 - t0).total_seconds())
+    t, seq, v = t[keep], seq[keep], v[keep]
+    frame = pd.DataFrame(v, columns=[f"ch{c}" for c in range(channels)])
+    frame.insert(0, "seq", seq)
+    frame.insert(0, "t_s", np.round(t, 6))
+    frame.insert(0, "time", pd.to_datetime(t0.timestamp() + t, unit="s", utc=True))
+    label = np.full(len(t), "", dtype=object)
+    for iv in intervals:
+        if iv.get("started_at") and iv.get("ended_at") and not iv.get("discarded"):
+            a, b = (iv["started_at"] - t0).total_seconds(), (iv["ended_at"] - t0).total_seconds()
+            label[(t >= a) & (t < b)] = iv["label"]
+    frame["label"] = label
+    buf = io.StringIO()
+    frame.to_csv(buf, index=False)
+    return buf.getvalue().encode()
+
+
+def range_samples(device_id: int, t0: datetime, t1: datetime) -> int:
+    return int((_one("""SELECT coalesce(sum(n), 0) AS s FROM sample_blocks
+                        WHERE device_id = %s AND device_time0 >= %s AND device_time0 <= %s""",
+                     (device_id, t0, t1)) or {}).get("s") or 0)
+
+
+def device_data_span(device_id: int) -> tuple[datetime, datetime] | None:
+    r = _one("""SELECT (SELECT device_time0 FROM sample_blocks WHERE device_id = %(d)s ORDER BY device_time0
+                        LIMIT 1) AS first,
+                       (SELECT device_time0 FROM sample_blocks WHERE device_id = %(d)s ORDER BY device_time0 DESC
+                        LIMIT 1) AS last""", {"d": device_id})
+    return (r["first"], r["last"]) if r and r["first"] else None
+
+
+def server_now() -> datetime:
+    """The database clock: samples, cues and videos are all stamped in it."""
+    return (_one("SELECT now() AS now") or {}).get("now") or datetime.now(UTC)
+
+
+# ---- live decisions ----------------------------------------------------------------------------------
+def predictions_since(user_id: int, seconds: float, limit: int = 5000) -> pd.DataFrame:
+    rows = _rows(
+        """SELECT decided_at, gesture, confidence, model_id, device_id, sample_received,
+                  coalesce(latency_ms, 1000 * extract(epoch FROM decided_at - sample_received))::float8 AS latency_ms
+           FROM predictions WHERE user_id = %s AND decided_at > now() - make_interval(secs => %s)
+           ORDER BY decided_at DESC LIMIT %s""",
+        (user_id, seconds, limit),
+    )
+    return pd.DataFrame(rows, columns=["decided_at", "gesture", "confidence", "model_id", "device_id",
+                                       "sample_received", "latency_ms"])
+
+
+# ---- service health ----------------------------------------------------------------------------------
+def _check_database(s: Settings) -> dict:
+    try:
+        row = _one("SELECT max(version) AS v FROM schema_version")
+        return {"ok": True, "detail": f"schema version {row['v']}"}
+    except Unavailable as e:
+        return {"ok": False, "detail": str(e)}
+    except psycopg2.Error as e:
+        return {"ok": False, "detail": str(e).strip().splitlines()[0]}
+
+
+def _check_api(s: Settings) -> dict:
+    url = f"{s.api_url}/health"
+    try:
+        r = httpx.get(url, timeout=1.5)
+        body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+        status = body.get("status", f"HTTP {r.status_code}")
+        return {"ok": r.status_code == 200 and status == "ok", "detail": f"{status} ({url})", "body": body}
+    except httpx.HTTPError as e:
+        return {"ok": False, "detail": f"not reachable at {url} ({type(e).__name__}); start it with ./start_all.sh"}
+
+
+def _check_udp(s: Settings) -> dict:
+    url = f"http://127.0.0.1:{s.udp_metrics_port}/metrics?devices=0"
+    try:
+        r = httpx.get(url, timeout=1.5)
+        body = r.json()
+        samples = body.get("samples", {}) if isinstance(body, dict) else {}
+        ok = r.status_code == 200 and body.get("db_connected", True) and body.get("nats_connected", True)
+        detail = (f"{samples.get('stored', 0):,} samples stored, {samples.get('lost', 0):,} lost, "
+                  f"db {'up' if body.get('db_connected') else 'DOWN'}, nats {'up' if body.get('nats_connected') else 'DOWN'}")
+        return {"ok": bool(ok), "detail": detail, "body": body}
+    except (httpx.HTTPError, ValueError) as e:
+        return {"ok": False, "detail": f"metrics not reachable at {url} ({type(e).__name__}); is udpserver running?"}
+
+
+def _check_nats(s: Settings) -> dict:
+    from semg import natsio
+
+    async def ping() -> None:
+        nc = await natsio.connect("ui", s, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=1.5)
+        try:
+            await nc.flush(timeout=1.5)
+        finally:
+            await nc.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(ping(), timeout=3))
+        return {"ok": True, "detail": f"connected to {s.nats_url}"}
+    except Exception as e:  # noqa: BLE001 - any failure means "not reachable"; the page shows the reason
+        return {"ok": False, "detail": f"not reachable at {s.nats_url} ({type(e).__name__})"}
+
+
+@st.cache_data(ttl=5, show_spinner=False)
+def health() -> dict[str, dict]:
+    """Reachability of the database, REST API, UDP ingestion and NATS (checked in parallel, cached 5 s)."""
+    s = settings()
+    checks = {"database": _check_database, "api": _check_api, "udp": _check_udp, "nats": _check_nats}
+    with ThreadPoolExecutor(max_workers=len(checks)) as ex:
+        futures = {name: ex.submit(fn, s) for name, fn in checks.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
+def video_path_for(user_id: int, session_id: int) -> tuple[Path, str]:
+    """(absolute path, path relative to the video dir) for a new session recording."""
+    rel = f"user{int(user_id)}/session{int(session_id)}-{datetime.now(UTC):%Y%m%dT%H%M%S}.webm"
+    root = settings().video_dir
+    return root / rel, rel

@@ -1,0 +1,145 @@
+"""What every page shares: page setup with the login gate, error guard, user picker and formatting."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import streamlit as st
+
+import data
+from semg import secrets
+
+log = logging.getLogger("semg.ui")
+
+AUTH_KEY = "semg_authenticated"
+USER_KEY = "semg_user_id"
+
+
+def page_setup(title: str, icon: str = "🖐️", *, health_sidebar: bool = True) -> None:
+    """Page config, then the login gate (stops the page until signed in), then the sidebar status."""
+    st.set_page_config(page_title=f"{title} · sEMG", page_icon=icon, layout="wide")
+    require_login()
+    with st.sidebar:
+        if health_sidebar:
+            _sidebar_health()
+        if st.button("Sign out", key="semg_sign_out"):
+            st.session_state.pop(AUTH_KEY, None)
+            st.rerun()
+
+
+def require_login() -> None:
+    """Ask for the UI password (semg.secrets.ui_password) once per browser session; st.stop() until given."""
+    if st.session_state.get(AUTH_KEY):
+        return
+    try:
+        s = data.settings()
+        expected = secrets.ui_password(s)
+    except (data.Unavailable, OSError) as e:
+        st.error(f"The UI password cannot be read: {e}")
+        st.stop()
+    st.title("🖐️ sEMG gesture platform")
+    with st.form("semg_login"):
+        password = st.text_input("Password", type="password", key="semg_login_password")
+        submitted = st.form_submit_button("Sign in", type="primary")
+    st.caption(f"The password is in `{s.secrets_dir / 'ui_password'}` (or set SEMG_UI_PASSWORD).")
+    if submitted:
+        if hmac.compare_digest(password.encode(), expected.encode()):
+            st.session_state[AUTH_KEY] = True
+            st.rerun()
+        time.sleep(0.5)  # slows down guessing
+        st.error("Wrong password.")
+    st.stop()
+
+
+def _sidebar_health() -> None:
+    try:
+        h = data.health()
+    except data.Unavailable as e:
+        st.error(str(e))
+        return
+    names = {"database": "Database", "api": "API", "udp": "UDP ingest", "nats": "NATS"}
+    st.caption("Services: " + " · ".join(f"{'🟢' if h[k]['ok'] else '🔴'} {v}" for k, v in names.items()))
+
+
+@contextlib.contextmanager
+def guard() -> Iterator[None]:
+    """Show failures as a sentence with what to do, never as a traceback."""
+    try:
+        yield
+    except data.Unavailable as e:
+        st.error(str(e), icon="🔌")
+    except data.RepoError as e:
+        st.error(str(e))
+    except Exception as e:  # noqa: BLE001 - the last line of defence; details go to the server log
+        log.exception("page failed")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        st.error(f"Something went wrong ({type(e).__name__}{': ' + first if first else ''}). "
+                 "Reload the page; if it persists, the UI server's log has the details.")
+
+
+def pick_user(key: str = "semg_user_pick", label: str = "User") -> dict | None:
+    """Select the user the page works on (remembered across pages and in the URL as ?user=ID)."""
+    users = data.list_users(limit=1000)
+    if not users:
+        st.info("No users yet. Create one on the **User Management** page first.")
+        return None
+    by_id = {u["id"]: u for u in users}
+    current = st.session_state.get(USER_KEY)
+    if current is None:
+        with contextlib.suppress(TypeError, ValueError):
+            current = int(st.query_params.get("user", ""))
+    ids = list(by_id)
+    chosen = st.selectbox(label, ids, index=ids.index(current) if current in by_id else 0, key=key,
+                          format_func=lambda i: f"{by_id[i]['name']} <{by_id[i]['email']}> · #{i}")
+    st.session_state[USER_KEY] = chosen
+    if st.query_params.get("user") != str(chosen):
+        st.query_params["user"] = str(chosen)
+    return by_id[chosen]
+
+
+def fmt_time(t: datetime | None) -> str:
+    if t is None:
+        return "—"
+    return t.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def fmt_ago(t: datetime | None, now: datetime | None = None) -> str:
+    if t is None:
+        return "never"
+    s = ((now or datetime.now(UTC)) - t).total_seconds()
+    if s < 0:
+        return "just now"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if s >= size:
+            return f"{s / size:.0f} {unit} ago"
+    return f"{s:.0f} s ago"
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "—"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def big_cue(text: str, sub: str = "", color: str = "#1f77b4", size_rem: float = 4.0) -> None:
+    """A large centred text block (the capture cue, the live gesture)."""
+    st.html(
+        f"""<div style="text-align:center;padding:0.6rem;border-radius:12px;background:{color}18;
+                        border:2px solid {color}">
+              <div style="font-size:{size_rem}rem;font-weight:700;color:{color};line-height:1.1"
+                   data-testid="semg-cue">{_esc(text)}</div>
+              <div style="font-size:1.3rem;color:#444">{_esc(sub)}</div></div>"""
+    )
+
+
+def _esc(s: str) -> str:
+    return (str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;"))
