@@ -20,6 +20,7 @@ import numpy as np
 import psycopg2.extras
 import torch
 
+from ml_model import artifacts
 from ml_model import preprocessing as pp
 from ml_model.rest import stacking
 from ml_model.rest.pool import ConnectionPool
@@ -50,7 +51,7 @@ class ServedModel:
     sha256: str
     metrics: dict[str, Any]
     meta: dict[str, Any]
-    predictor: Any  # ml_model.artifacts.Predictor
+    predictor: artifacts.Predictor
     parts: stacking.NetParts | None = None  # set when this model can be stacked with others
 
     @property
@@ -102,10 +103,8 @@ def _stacked_matches(predictor: Any, parts: stacking.NetParts, meta: Mapping[str
 
 
 def build_served(row: Mapping[str, Any]) -> ServedModel:
-    from ml_model import artifacts  # the ML core's loader (safetensors weights + metadata -> Predictor)
-
     meta = meta_from_row(row)
-    predictor = artifacts.load_artifact(bytes(row["weights"]), meta)
+    predictor = artifacts.Predictor(bytes(row["weights"]), meta)
     parts = None
     model = getattr(predictor, "model", None)
     cand = stacking.extract_parts(model) if model is not None else None

@@ -1,0 +1,652 @@
+"""Live inference worker: NATS samples -> per-user windows -> batched /predict -> decisions on NATS and in PostgreSQL.
+
+    python -m ml_model.nat_inference [--votes 3] [--min-confidence 0.5] [--unsure-label UNKNOWN]
+
+Flow. Each user's `emg.samples.<userid>` stream is appended to a per-user numpy buffer; as soon as a window
+of the user's model is complete it is queued. One batcher task sends everything queued, for all users, in
+one `/predict` call (the API runs all those models in one stacked forward pass) over a persistent HTTP
+connection, while the NATS handlers keep appending; the answers are smoothed (majority vote + confidence
+threshold, ml_model.postprocessing), published on `emg.predictions.<userid>` and stored in batches.
+
+Windows. A window ends at every sample whose sequence number s satisfies (s + 1) % step == 0 and covers the
+`window` samples up to it (window/step in samples from the model's metadata). The grid hangs on the
+device's own sequence numbers, so the set of decisions is the same whichever worker sees the samples and
+however the samples are split into messages. A sequence gap, an out-of-order message or a new device/boot
+resets that user's buffer: the next decision comes once a full window has arrived again.
+
+Several workers. Each user's stream must reach a single worker (a window needs all its samples), so users
+are partitioned deterministically: every worker holds one PostgreSQL advisory lock "slot" (released when it
+dies), sees the live slots, and owns the users that rendezvous hashing assigns to its slot. It subscribes to
+`emg.samples.<userid>` of its own users only -- in the queue group `inference`, so that while ownership
+moves (a worker joined or died; workers notice within MEMBERSHIP_POLL_S) a message still reaches exactly one
+worker: at worst some windows across the hand-over are lost, never decided twice. Only users that have a
+model are subscribed (re-checked on models.updated and every CATALOGUE_POLL_S).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import hashlib
+import logging
+import os
+import socket
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import numpy as np
+import orjson
+import psycopg2
+import psycopg2.extras
+from pydantic import ValidationError
+
+from ml_model import postprocessing
+from semg import db, natsio, secrets
+from semg.config import Settings, settings_or_exit
+from semg.messages import (
+    MODELS_UPDATED,
+    ModelUpdated,
+    PredictionMessage,
+    SamplesMessage,
+    predictions_subject,
+    samples_subject,
+)
+
+log = logging.getLogger("semg.inference")
+
+QUEUE_GROUP = "inference"
+MEMBERSHIP_POLL_S = 1.0
+CATALOGUE_POLL_S = 30.0
+# PostgreSQL advisory-lock namespace of the worker slots (first key of the two-int form).
+SLOT_LOCK_NS = 0x5E3C1F
+MAX_SLOTS = 64
+STORE_INTERVAL_S = 0.5
+MAX_STORE_BACKLOG = 200_000
+
+
+# ---- model metadata -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the worker needs of a user's served model (from GET /models)."""
+
+    artifact_id: int
+    classes: tuple[str, ...]
+    n_device_channels: int
+    sample_rate_hz: float
+    window: int
+    step: int
+
+    @classmethod
+    def from_api(cls, d: dict[str, Any]) -> ModelSpec:
+        return cls(int(d["artifact_id"]), tuple(d["classes"]), int(d["n_device_channels"]),
+                   float(d["sample_rate_hz"]), int(d["window"]), int(d["step"]))
+
+
+# ---- per-user stream buffer -------------------------------------------------------------------------
+@dataclass
+class Ready:
+    """Windows of one user cut from one contiguous run, waiting for /predict."""
+
+    user_id: int
+    spec: ModelSpec
+    device_id: int
+    windows: np.ndarray  # (n, channels, window) float32
+    end_seq: np.ndarray  # (n,) sequence number of each window's last sample
+    end_millis: np.ndarray  # (n,) its device clock
+    end_recv: np.ndarray  # (n,) its server receive time
+    queued_at: float  # monotonic
+
+
+class UserStream:
+    """A user's recent samples, cut into the model's windows on the absolute sequence grid."""
+
+    def __init__(self, user_id: int, spec: ModelSpec, votes: int):
+        self.user_id = user_id
+        self.spec = spec
+        self.history: deque[np.ndarray] = deque(maxlen=votes)
+        self.device_id: int | None = None
+        self.boot: int | None = None
+        self.next_seq: int | None = None
+        self.start_seq = 0
+        self.n = 0
+        cap = max(4 * spec.window, 256)
+        self.values = np.zeros((cap, spec.n_device_channels), dtype=np.float32)
+        self.millis = np.zeros(cap, dtype=np.float64)
+        self.recv = np.zeros(cap, dtype=np.float64)
+        self.resets = 0
+
+    def reset(self) -> None:
+        self.n = 0
+        self.next_seq = None
+
+    def _make_room(self, k: int) -> None:
+        keep = min(self.n, self.spec.window - 1)  # all a future window can still need
+        if self.n + k > len(self.values):
+            drop = self.n - keep
+            for arr in (self.values, self.millis, self.recv):
+                arr[:keep] = arr[drop:self.n]
+            self.start_seq += drop
+            self.n = keep
+            if keep + k > len(self.values):  # a message bigger than the buffer: grow once
+                cap = 2 * (keep + k)
+                for name in ("values", "millis", "recv"):
+                    old = getattr(self, name)
+                    new = np.zeros((cap, *old.shape[1:]), dtype=old.dtype)
+                    new[:keep] = old[:keep]
+                    setattr(self, name, new)
+
+    def append(self, msg: SamplesMessage) -> Ready | None:
+        """Add a message's samples; returns the windows they complete (None if none)."""
+        k = len(msg.values)
+        if (msg.device_id != self.device_id or msg.boot != self.boot or self.next_seq is None
+                or msg.seq0 != self.next_seq):
+            if self.next_seq is not None:
+                self.resets += 1
+                log.debug("user %s: stream reset (device %s boot %s seq %s, expected device %s boot %s seq %s)",
+                          self.user_id, msg.device_id, msg.boot, msg.seq0, self.device_id, self.boot, self.next_seq)
+            self.device_id, self.boot = msg.device_id, msg.boot
+            self.n = 0
+            self.start_seq = msg.seq0
+        self._make_room(k)
+        a = self.n
+        self.values[a:a + k] = msg.values
+        self.millis[a:a + k] = msg.device_millis
+        self.recv[a:a + k] = msg.recv_time
+        self.n += k
+        self.next_seq = msg.seq0 + k
+
+        win, step = self.spec.window, self.spec.step
+        first_end = max(msg.seq0, self.start_seq + win - 1)
+        last_end = msg.seq0 + k - 1
+        # smallest e >= first_end with (e + 1) % step == 0
+        e0 = first_end + (-(first_end + 1)) % step
+        if e0 > last_end:
+            return None
+        ends = np.arange(e0, last_end + 1, step)
+        idx = ends - self.start_seq  # buffer index of each window's last sample
+        # (n, win, C) -> (n, C, win): the API takes channels first
+        starts = idx - win + 1
+        windows = np.stack([self.values[s:s + win] for s in starts]).transpose(0, 2, 1)
+        return Ready(self.user_id, self.spec, msg.device_id, np.ascontiguousarray(windows), ends,
+                     self.millis[idx].copy(), self.recv[idx].copy(), time.monotonic())
+
+
+# ---- worker membership (which users are mine) ------------------------------------------------------
+def _rank(slot: int, user_id: int) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{slot}:{user_id}".encode(), digest_size=8).digest(), "big")
+
+
+def owner_slot(user_id: int, slots: set[int] | frozenset[int]) -> int | None:
+    """Rendezvous hashing: every worker computes the same owner, and a change of workers moves few users."""
+    return max(slots, key=lambda s: _rank(s, user_id)) if slots else None
+
+
+class Membership:
+    """This worker's advisory-lock slot and the set of live slots (one per running worker)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.conn = None
+        self.slot: int | None = None
+        self.slots: frozenset[int] = frozenset()
+
+    def _acquire(self) -> None:
+        """Take the lowest free slot (until then the last known slot keeps serving, e.g. during an outage)."""
+        self.conn = db.connect(self.settings, connect_timeout=3, application_name="semg-inference")
+        self.conn.autocommit = True
+        with self.conn.cursor() as cur:
+            for slot in range(MAX_SLOTS):
+                cur.execute("SELECT pg_try_advisory_lock(%s, %s)", (SLOT_LOCK_NS, slot))
+                if cur.fetchone()[0]:
+                    self.slot = slot
+                    log.info("worker slot %d", slot)
+                    return
+        raise RuntimeError(f"all {MAX_SLOTS} inference worker slots are taken")
+
+    def poll(self) -> frozenset[int]:
+        """Refresh the live slots (blocking). Keeps the last known set while the database is away."""
+        try:
+            if self.conn is None or self.conn.closed:
+                self._acquire()
+            with self.conn.cursor() as cur:
+                cur.execute(
+                    """SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid = %s
+                       AND objsubid = 2 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())""",
+                    (SLOT_LOCK_NS,),
+                )
+                self.slots = frozenset(int(r[0]) for r in cur.fetchall())
+        except psycopg2.Error as e:
+            if self.conn is not None:
+                with contextlib.suppress(Exception):
+                    self.conn.close()
+            self.conn = None
+            if self.slot is None and not self.slots:
+                self.slots = frozenset({-1})  # no database yet: act alone until it answers
+                self.slot = -1
+            log.warning("worker membership unknown (%s); keeping slots %s", str(e).strip().splitlines()[0],
+                        sorted(self.slots))
+        return self.slots
+
+    def owns(self, user_id: int) -> bool:
+        return self.slot is not None and owner_slot(user_id, self.slots) == self.slot
+
+    def close(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+
+
+# ---- the worker -----------------------------------------------------------------------------------------
+@dataclass
+class Options:
+    api_url: str
+    votes: int = 3
+    min_confidence: float = 0.5
+    unsure_label: str = postprocessing.UNKNOWN
+    max_inflight: int = 1
+    max_batch_windows: int = 1024
+    max_age_s: float = 2.0  # windows older than this when their turn comes are dropped (stale for live use)
+    http_timeout_s: float = 10.0
+
+
+@dataclass
+class Stats:
+    messages: int = 0
+    invalid: int = 0
+    windows: int = 0
+    decisions: int = 0
+    dropped: int = 0
+    api_errors: int = 0
+    skipped: int = 0
+    stored: int = 0
+
+    def line(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.__dict__.items())
+
+
+@dataclass
+class Worker:
+    settings: Settings
+    opts: Options
+    nc: Any = None
+    http: httpx.AsyncClient | None = None
+    membership: Membership | None = None
+    specs: dict[int, ModelSpec] = field(default_factory=dict)
+    streams: dict[int, UserStream] = field(default_factory=dict)
+    subs: dict[int, Any] = field(default_factory=dict)
+    pending: deque[Ready] = field(default_factory=deque)
+    to_store: list[tuple] = field(default_factory=list)
+    stats: Stats = field(default_factory=Stats)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _stopping: bool = False
+    _drained: bool = False  # no more samples will arrive (subscriptions drained)
+    _warned: set[tuple] = field(default_factory=set)
+    _inflight: deque[tuple[asyncio.Task, list[Ready]]] = field(default_factory=deque)
+    _refreshing: set[int] = field(default_factory=set)
+
+    # ---- message handling (never awaits I/O) ------------------------------------------------------
+    async def on_samples(self, msg) -> None:
+        self.stats.messages += 1
+        try:
+            samples = SamplesMessage.model_validate_json(msg.data)
+        except ValidationError as e:
+            self.stats.invalid += 1
+            self._warn_once(("invalid", msg.subject), "ignoring invalid samples message on %s: %s", msg.subject,
+                            e.errors()[0].get("msg"))
+            return
+        uid = samples.userid
+        if msg.subject.rsplit(".", 1)[-1] != str(uid):
+            self.stats.invalid += 1
+            self._warn_once(("subject", msg.subject), "ignoring samples of user %s published on %s", uid, msg.subject)
+            return
+        spec = self.specs.get(uid)
+        if spec is None:
+            self.stats.skipped += 1
+            return
+        if samples.channels != spec.n_device_channels or abs(samples.sample_rate_hz - spec.sample_rate_hz) > \
+                0.01 * spec.sample_rate_hz:
+            self.stats.skipped += 1
+            self._warn_once(("shape", uid, samples.device_id, spec.artifact_id),
+                            "user %s device %s sends %d ch at %g Hz but model %s reads %d ch at %g Hz; skipped",
+                            uid, samples.device_id, samples.channels, samples.sample_rate_hz, spec.artifact_id,
+                            spec.n_device_channels, spec.sample_rate_hz)
+            return
+        stream = self.streams.get(uid)
+        if stream is None or stream.spec != spec:
+            stream = self.streams[uid] = UserStream(uid, spec, self.opts.votes)
+        ready = stream.append(samples)
+        if ready is not None:
+            self.pending.append(ready)
+            self.stats.windows += len(ready.windows)
+            self._wake.set()
+
+    def _warn_once(self, key: tuple, fmt: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(fmt, *args)
+
+    # ---- batching to /predict ---------------------------------------------------------------------
+    def _take_batch(self) -> list[Ready]:
+        batch, n = [], 0
+        now = time.monotonic()
+        while self.pending and n < self.opts.max_batch_windows:
+            r = self.pending.popleft()
+            if now - r.queued_at > self.opts.max_age_s:
+                self.stats.dropped += len(r.windows)
+                continue
+            batch.append(r)
+            n += len(r.windows)
+        return batch
+
+    @staticmethod
+    def _encode(r: Ready) -> dict[str, Any]:
+        w = r.windows
+        if np.all(np.abs(w) <= 32767) and np.array_equal(w, np.round(w)):
+            data, dtype = w.astype("<i2").tobytes(), "int16"
+        else:
+            data, dtype = w.astype("<f4").tobytes(), "float32"
+        return {"user_id": r.user_id, "data_b64": base64.b64encode(data).decode("ascii"), "shape": list(w.shape),
+                "dtype": dtype}
+
+    async def _call_predict(self, batch: list[Ready]) -> dict[str, Any] | None:
+        body = orjson.dumps({"items": [self._encode(r) for r in batch], "include_probabilities": True})
+        try:
+            resp = await self.http.post("/predict", content=body, headers={"Content-Type": "application/json"})
+        except httpx.HTTPError as e:
+            self.stats.api_errors += 1
+            self.stats.dropped += sum(len(r.windows) for r in batch)
+            log.warning("/predict failed: %s: %s", type(e).__name__, e)
+            await asyncio.sleep(0.2)
+            return None
+        if resp.status_code != 200:
+            self.stats.api_errors += 1
+            self.stats.dropped += sum(len(r.windows) for r in batch)
+            log.warning("/predict answered %s: %s", resp.status_code, resp.text[:300])
+            await asyncio.sleep(0.2)
+            return None
+        return orjson.loads(resp.content)
+
+    async def batcher(self) -> None:
+        """Send whatever is pending as soon as a request slot is free; results are handled in send order."""
+        while True:
+            if self.pending and len(self._inflight) < self.opts.max_inflight:
+                batch = self._take_batch()
+                if batch:
+                    task = asyncio.create_task(self._call_predict(batch))
+                    self._inflight.append((task, batch))
+                continue
+            if self._inflight:
+                oldest = self._inflight[0][0]
+                if self.pending or len(self._inflight) >= self.opts.max_inflight:
+                    await asyncio.wait([oldest])
+                else:  # a slot is free: go on as soon as new windows arrive or the call returns
+                    self._wake.clear()
+                    waker = asyncio.ensure_future(self._wake.wait())
+                    await asyncio.wait([oldest, waker], return_when=asyncio.FIRST_COMPLETED)
+                    waker.cancel()
+                if oldest.done():
+                    await self._finish_oldest()
+                continue
+            if self._drained:
+                return
+            self._wake.clear()
+            if not self.pending:
+                await self._wake.wait()
+
+    async def _finish_oldest(self) -> None:
+        task, batch = self._inflight.popleft()
+        result = await task
+        if result is not None:
+            await self._handle_results(batch, result)
+
+    async def _handle_results(self, batch: list[Ready], result: dict[str, Any]) -> None:
+        for r, res in zip(batch, result["results"], strict=True):
+            err = res.get("error")
+            if err:
+                self.stats.dropped += len(r.windows)
+                self._warn_once(("api", r.user_id, err.get("status"), r.spec.artifact_id),
+                                "/predict for user %s: %s %s", r.user_id, err.get("status"), err.get("detail"))
+                self._refresh_soon(r.user_id)
+                continue
+            stream = self.streams.get(r.user_id)
+            classes = res["classes"]
+            if res.get("model_id") != r.spec.artifact_id:
+                # The API already serves a newer model: results are valid for it; learn its metadata.
+                self._refresh_soon(r.user_id)
+                if stream is not None:
+                    stream.history.clear()
+            history = stream.history if stream is not None else deque(maxlen=self.opts.votes)
+            preds = res["predictions"]
+            for i, p in enumerate(preds):
+                history.append(p["probabilities"])
+                d = postprocessing.decide(classes, history, self.opts.min_confidence,
+                                          unsure_label=self.opts.unsure_label)
+                decided = time.time()
+                pm = PredictionMessage(
+                    userid=r.user_id, gesture=d.gesture, confidence=min(1.0, max(0.0, d.confidence)),
+                    raw_gesture=d.raw_gesture, model_id=res.get("model_id"), device_id=r.device_id,
+                    seq=int(r.end_seq[i]), device_millis=float(r.end_millis[i]),
+                    sample_recv_time=float(r.end_recv[i]), decided_time=decided,
+                )
+                await self.nc.publish(predictions_subject(pm.userid), pm.model_dump_json().encode())
+                self.to_store.append((r.user_id, pm.model_id, pm.gesture, pm.confidence, pm.device_id,
+                                      pm.device_millis, pm.sample_recv_time, decided,
+                                      (decided - pm.sample_recv_time) * 1000.0))
+            self.stats.decisions += len(preds)
+        if len(self.to_store) > MAX_STORE_BACKLOG:
+            drop = len(self.to_store) - MAX_STORE_BACKLOG
+            del self.to_store[:drop]
+            log.warning("prediction store backlog full: %d decisions not stored", drop)
+
+    def _refresh_soon(self, user_id: int) -> None:
+        if user_id not in self._refreshing:
+            self._refreshing.add(user_id)
+            task = asyncio.get_running_loop().create_task(self.refresh_user(user_id))
+            task.add_done_callback(lambda _: self._refreshing.discard(user_id))
+
+    # ---- model catalogue and subscriptions ----------------------------------------------------------
+    async def refresh_catalogue(self) -> None:
+        """All served models (GET /models); then (un)subscribe to match ownership."""
+        try:
+            resp = await self.http.get("/models")
+            resp.raise_for_status()
+            specs = {int(d["user_id"]): ModelSpec.from_api(d) for d in orjson.loads(resp.content)}
+        except (httpx.HTTPError, KeyError, ValueError) as e:
+            log.warning("cannot list models from the API (%s); keeping %d known", e, len(self.specs))
+            return
+        self.specs = specs
+        await self.sync_subscriptions()
+
+    async def refresh_user(self, user_id: int) -> None:
+        try:
+            resp = await self.http.get(f"/models/{user_id}")
+        except httpx.HTTPError as e:
+            log.warning("cannot fetch the model of user %s (%s)", user_id, e)
+            return
+        if resp.status_code == 404:
+            self.specs.pop(user_id, None)
+        elif resp.status_code == 200:
+            spec = ModelSpec.from_api(orjson.loads(resp.content))
+            if self.specs.get(user_id) != spec:
+                log.info("user %s: model %s (window %d, step %d)", user_id, spec.artifact_id, spec.window, spec.step)
+            self.specs[user_id] = spec
+        else:
+            log.warning("GET /models/%s answered %s", user_id, resp.status_code)
+            return
+        await self.sync_subscriptions()
+
+    async def sync_subscriptions(self) -> None:
+        if self._stopping or self.nc is None:
+            return
+        wanted = {u for u in self.specs if self.membership.owns(u)}
+        for uid in sorted(wanted - set(self.subs)):
+            self.subs[uid] = await self.nc.subscribe(samples_subject(uid), queue=QUEUE_GROUP, cb=self.on_samples,
+                                                     pending_msgs_limit=100_000, pending_bytes_limit=256 * 2**20)
+        for uid in sorted(set(self.subs) - wanted):
+            sub = self.subs.pop(uid)
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            self.streams.pop(uid, None)
+        if wanted:
+            log.debug("subscribed to %d users", len(self.subs))
+
+    async def on_models_updated(self, msg) -> None:
+        try:
+            update = ModelUpdated.model_validate_json(msg.data)
+        except ValidationError:
+            return
+        # The API reloads on the same message; ask it until it serves this artifact (or a newer one).
+        for _ in range(20):
+            await self.refresh_user(update.userid)
+            spec = self.specs.get(update.userid)
+            if spec is not None and spec.artifact_id >= update.artifact_id:
+                return
+            await asyncio.sleep(0.1)
+
+    async def membership_loop(self) -> None:
+        last: frozenset[int] | None = None
+        while not self._stopping:
+            slots = await asyncio.to_thread(self.membership.poll)
+            if slots != last:
+                log.info("inference workers: slots %s (mine %s)", sorted(slots), self.membership.slot)
+                last = slots
+                await self.sync_subscriptions()
+            await asyncio.sleep(MEMBERSHIP_POLL_S)
+
+    async def catalogue_loop(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(CATALOGUE_POLL_S)
+            await self.refresh_catalogue()
+
+    # ---- storage ------------------------------------------------------------------------------------
+    def _store(self, rows: list[tuple]) -> None:
+        with contextlib.closing(db.connect(self.settings, connect_timeout=3)) as conn, conn, conn.cursor() as cur:
+            psycopg2.extras.execute_values(
+                cur,
+                """INSERT INTO predictions (user_id, model_id, gesture, confidence, device_id, device_millis,
+                       sample_received, decided_at, latency_ms) VALUES %s""",
+                [(u, m, g, c, d, dm, datetime.fromtimestamp(sr, UTC), datetime.fromtimestamp(dt, UTC), lat)
+                 for (u, m, g, c, d, dm, sr, dt, lat) in rows],
+                page_size=1000,
+            )
+
+    async def store_loop(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(STORE_INTERVAL_S)
+            await self.store_now()
+
+    async def store_now(self) -> None:
+        if not self.to_store:
+            return
+        rows, self.to_store = self.to_store, []
+        try:
+            await asyncio.to_thread(self._store, rows)
+            self.stats.stored += len(rows)
+        except psycopg2.IntegrityError as e:
+            # e.g. the user was deleted meanwhile: store the rest one user at a time next round is overkill;
+            # these decisions are dropped (they were published live already).
+            log.warning("dropping %d decisions that cannot be stored: %s", len(rows), str(e).splitlines()[0])
+        except psycopg2.Error as e:
+            self.to_store[:0] = rows  # keep them (bounded in _handle_results) and retry
+            log.warning("cannot store decisions (%s); will retry", str(e).strip().splitlines()[0])
+
+    async def stats_loop(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(60)
+            log.info("stats: %s users=%d", self.stats.line(), len(self.subs))
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        done = natsio.install_shutdown(loop, self.stop)
+        self.membership = Membership(self.settings)
+        await asyncio.to_thread(self.membership.poll)
+        self.http = httpx.AsyncClient(
+            base_url=self.opts.api_url, headers={"X-API-Key": secrets.service_api_key(self.settings)},
+            timeout=self.opts.http_timeout_s,
+            limits=httpx.Limits(max_connections=self.opts.max_inflight + 2, max_keepalive_connections=4),
+        )
+        self.nc = await natsio.connect("inference", self.settings)
+        await self.nc.subscribe(MODELS_UPDATED, cb=self.on_models_updated)
+        tasks = [asyncio.create_task(c) for c in (self.store_loop(), self.stats_loop())]
+        batcher = asyncio.create_task(self.batcher())
+        while not self._stopping:  # the API may still be starting
+            await self.refresh_catalogue()
+            if self.specs or self._stopping:
+                break
+            try:
+                (await self.http.get("/models")).raise_for_status()
+                break  # reachable, just no models yet
+            except httpx.HTTPError:
+                await asyncio.sleep(1)
+        tasks += [asyncio.create_task(c) for c in (self.membership_loop(), self.catalogue_loop())]
+        log.info("inference worker running: %d users with models, api %s", len(self.specs), self.opts.api_url)
+        await done.wait()
+        self._wake.set()
+        await batcher
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await self.store_now()  # the last decisions (a store in progress was awaited above)
+        await self.http.aclose()
+        self.membership.close()
+        log.info("inference worker stopped: %s", self.stats.line())
+
+    async def stop(self) -> None:
+        """SIGTERM: stop taking samples, finish the queued windows, publish and store their decisions."""
+        log.info("draining")
+        self._stopping = True
+        for sub in list(self.subs.values()):
+            with contextlib.suppress(Exception):
+                await sub.drain()
+        self._drained = True
+        self._wake.set()
+        deadline = time.monotonic() + 10
+        while (self.pending or self._inflight) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        with contextlib.suppress(Exception):
+            await self.nc.drain()
+
+
+def _env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+def main(argv: list[str] | None = None) -> int:
+    s = settings_or_exit("inference")
+    p = argparse.ArgumentParser(prog="python -m ml_model.nat_inference", description=__doc__.splitlines()[0])
+    p.add_argument("--api-url", default=s.api_url)
+    p.add_argument("--votes", type=int, default=int(_env_float("SEMG_INFERENCE_VOTES", 3)),
+                   help="majority vote over this many windows (1 = no smoothing)")
+    p.add_argument("--min-confidence", type=float, default=_env_float("SEMG_INFERENCE_MIN_CONFIDENCE", 0.5),
+                   help="below this mean probability the decision is the unsure label")
+    p.add_argument("--unsure-label", default=os.environ.get("SEMG_INFERENCE_UNSURE_LABEL", postprocessing.UNKNOWN),
+                   help="answer when unsure: UNKNOWN (default) or REST")
+    p.add_argument("--max-inflight", type=int, default=1, help="concurrent /predict calls")
+    args = p.parse_args(argv)
+    if args.votes < 1 or not 0 <= args.min_confidence <= 1:
+        p.error("--votes must be >= 1 and --min-confidence in [0, 1]")
+    logging.basicConfig(level=s.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    opts = Options(api_url=args.api_url, votes=args.votes, min_confidence=args.min_confidence,
+                   unsure_label=args.unsure_label, max_inflight=max(1, args.max_inflight))
+    log.info("starting on %s pid %d", socket.gethostname(), os.getpid())
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(Worker(s, opts).run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
