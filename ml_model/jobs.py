@@ -1,0 +1,414 @@
+"""Training jobs in PostgreSQL: load a job's capture sessions, train with the shared core, store the artifact,
+report progress; and the queue worker that several processes (on several machines) can run side by side.
+
+Queue: rows of `training_jobs` with status 'scheduled', claimed with FOR UPDATE SKIP LOCKED. A running job's
+worker beats `heartbeat_at`; a job whose heartbeat is stale (its worker died) is put back in the queue, or
+failed after MAX_ATTEMPTS. Cancellation is cooperative: `cancel_requested` is checked after every epoch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import psycopg2
+import psycopg2.extensions
+from psycopg2.extras import Json
+
+from ml_model import artifacts, preprocessing, training
+from semg import db
+from semg.config import Settings, get_settings
+
+log = logging.getLogger("semg.trainer")
+
+HEARTBEAT_S = 5.0
+STALE_AFTER_S = 60.0
+MAX_ATTEMPTS = 3
+# Job params a user may set (UI / REST) and the training config key each maps to.
+_PARAM_KEYS = {"epochs": "max_epochs", "window_ms": "window_ms", "step_ms": "step_ms"}
+
+
+class JobFailed(RuntimeError):
+    """The job cannot be done; the message is shown to the user as the job's error."""
+
+
+# ---- loading a job's data ------------------------------------------------------------------------
+def _job_row(cur, job_id: int) -> dict:
+    cur.execute("SELECT id, user_id, status, params, cancel_requested FROM training_jobs WHERE id = %s", (job_id,))
+    row = cur.fetchone()
+    if row is None:
+        raise JobFailed(f"job {job_id} not found")
+    return dict(zip(("id", "user_id", "status", "params", "cancel_requested"), row, strict=True))
+
+
+def _session_samples(cur, device_id: int, t_from, t_to) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All samples of a device between two server times.
+
+    Returns (values (n, channels) int16, time_ms (n,) server-clock ms since epoch, run_id (n,)) where run_id
+    changes wherever the sequence numbers jump (lost packets or a reboot): windows never span a jump.
+    """
+    cur.execute(
+        """SELECT boot, seq0, n, channels, sample_rate_hz, extract(epoch FROM device_time0)::float8 * 1000.0, values
+           FROM sample_blocks
+           WHERE device_id = %s AND device_time0 >= %s AND device_time0 <= %s
+           ORDER BY boot, seq0""",
+        (device_id, t_from, t_to),
+    )
+    rows = cur.fetchall()
+    if not rows:
+        return np.zeros((0, 1), np.int16), np.zeros(0), np.zeros(0, np.int64)
+    channels = {r[3] for r in rows}
+    if len(channels) != 1:
+        raise JobFailed(f"device {device_id} changed its channel count during the session ({sorted(channels)})")
+    c = channels.pop()
+    values = np.concatenate([np.asarray(r[6], dtype=np.int16).reshape(r[2], c) for r in rows])
+    times = np.concatenate([r[5] + np.arange(r[2]) * (1000.0 / r[4]) for r in rows])
+    starts_new_run = np.ones(len(rows), dtype=bool)
+    for i in range(1, len(rows)):
+        prev, cur_ = rows[i - 1], rows[i]
+        starts_new_run[i] = not (prev[0] == cur_[0] and prev[1] + prev[2] == cur_[1])
+    run_of_block = np.cumsum(starts_new_run)
+    run_id = np.repeat(run_of_block, [r[2] for r in rows])
+    return values, times, run_id
+
+
+def load_job_data(conn, job_id: int, config: dict) -> dict[str, Any]:
+    """Labelled raw windows of every session of the job.
+
+    Returns {windows (n, channels, win), labels (n,), groups (n,), sample_rate_hz, channels_used, sessions}.
+    Raises JobFailed with a user-facing message for unusable data.
+    """
+    with conn.cursor() as cur:
+        job = _job_row(cur, job_id)
+        cur.execute(
+            """SELECT s.id, s.device_id, d.channel_count, d.sample_rate_hz
+               FROM training_job_sessions js JOIN capture_sessions s ON s.id = js.session_id
+               LEFT JOIN devices d ON d.id = s.device_id
+               WHERE js.job_id = %s ORDER BY s.id""",
+            (job_id,),
+        )
+        sessions = cur.fetchall()
+        if not sessions:
+            raise JobFailed("the job has no capture sessions")
+        if any(s[1] is None for s in sessions):
+            raise JobFailed(f"session {next(s[0] for s in sessions if s[1] is None)} has no device (it was deleted)")
+        counts = {s[2] for s in sessions}
+        if len(counts) != 1:
+            raise JobFailed(f"inconsistent channel counts across the chosen sessions: {sorted(counts)}")
+        rates = {float(s[3]) for s in sessions}
+        if len(rates) != 1:
+            raise JobFailed(f"the chosen sessions were recorded at different sample rates: {sorted(rates)} Hz")
+        rate = rates.pop()
+        n_channels = counts.pop()
+
+        # Channel selection from the gesture bank: the union of the channels the user's gestures use.
+        cur.execute("SELECT channels_used FROM gestures WHERE user_id = %s", (job["user_id"],))
+        used = sorted({int(c) for (chs,) in cur.fetchall() for c in (chs or [])})
+        if any(c >= n_channels for c in used):
+            raise JobFailed(f"the gesture bank uses channel {max(used)} but the device has {n_channels} channels")
+        channels_used = used or None
+
+        win, step = preprocessing.window_params(config["window_ms"], config["step_ms"], rate)
+        all_w, all_l, all_g = [], [], []
+        for session_id, device_id, _, _ in sessions:
+            cur.execute(
+                """SELECT label, kind, repetition, started_at,
+                          coalesce(ended_at, started_at + make_interval(secs => (planned_end_ms - planned_start_ms) / 1000.0))
+                   FROM session_intervals
+                   WHERE session_id = %s AND started_at IS NOT NULL AND NOT discarded ORDER BY started_at""",
+                (session_id,),
+            )
+            ivs = cur.fetchall()
+            if not ivs:
+                continue
+            intervals = [{"label": lab, "kind": kind, "cycle": rep,
+                          "start_ms": st.timestamp() * 1000.0, "end_ms": en.timestamp() * 1000.0}
+                         for lab, kind, rep, st, en in ivs]
+            values, times, run_id = _session_samples(cur, device_id, ivs[0][3], ivs[-1][4])
+            for run in np.unique(run_id):
+                sel = run_id == run
+                if sel.sum() < win:
+                    continue
+                w, lab, grp = training.windows_from_capture(values[sel], times[sel], intervals, win, step)
+                if len(w):
+                    all_w.append(w)
+                    all_l.append(lab)
+                    all_g.append(grp)
+    if not all_w:
+        raise JobFailed("no data in the chosen sessions: no samples were recorded during their gesture/rest cues "
+                        "(is the device streaming while you capture?)")
+    return {
+        "windows": np.concatenate(all_w), "labels": np.concatenate(all_l), "groups": np.concatenate(all_g),
+        "sample_rate_hz": rate, "channels_used": channels_used, "sessions": [s[0] for s in sessions],
+    }
+
+
+# ---- job state -----------------------------------------------------------------------------------
+def _log(conn, job_id: int, message: str, level: str = "INFO") -> None:
+    with conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO job_logs (job_id, level, message) VALUES (%s, %s, %s)", (job_id, level, message))
+    log.log(logging.getLevelName(level), "job %s: %s", job_id, message)
+
+
+def _finish(conn, job_id: int, status: str, error: str | None = None) -> None:
+    with conn, conn.cursor() as cur:
+        cur.execute("""UPDATE training_jobs SET status = %s, error = %s, finished_at = now(), heartbeat_at = now(),
+                              progress = CASE WHEN %s = 'completed' THEN 100 ELSE progress END
+                       WHERE id = %s""", (status, error, status, job_id))
+
+
+def training_config(params: Mapping[str, Any], sample_rate_hz: float, channels: list[int] | None) -> dict:
+    cfg: dict[str, Any] = {"sample_rate_hz": sample_rate_hz, "channels": channels}
+    for key, target in _PARAM_KEYS.items():
+        if params.get(key) is not None:
+            cfg[target] = params[key]
+    return cfg
+
+
+def _publish_model_updated(settings: Settings, user_id: int, job_id: int, artifact_id: int) -> None:
+    """Tell the API to hot-reload; if NATS is unreachable the API's slow poll picks the model up anyway."""
+    from semg import natsio
+    from semg.messages import MODELS_UPDATED, ModelUpdated
+
+    async def _send() -> None:
+        nc = await natsio.connect("trainer", settings, max_reconnect_attempts=0, allow_reconnect=False)
+        try:
+            msg = ModelUpdated(userid=user_id, job_id=job_id, artifact_id=artifact_id)
+            await nc.publish(MODELS_UPDATED, msg.model_dump_json().encode())
+            await nc.flush(timeout=2)
+        finally:
+            await nc.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(_send(), timeout=5))
+    except Exception as e:  # noqa: BLE001 - best effort by design
+        log.warning("could not publish models.updated for job %s (%s); the API will find it by polling", job_id, e)
+
+
+def store_artifact(conn, user_id: int, job_id: int | None, weights: bytes, meta: dict) -> int:
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            """INSERT INTO model_artifacts (user_id, job_id, weights, sha256, size_bytes, classes, channels,
+                   sample_rate_hz, window_ms, step_ms, scaler, metrics, metadata)
+               VALUES (%s, %s, %s, %s, %s, %s, %s::smallint[], %s, %s, %s, %s, %s, %s) RETURNING id""",
+            (user_id, job_id, psycopg2.Binary(weights), hashlib.sha256(weights).hexdigest(), len(weights),
+             Json(meta["classes"]), list(meta["channels"]), meta["sample_rate_hz"], meta["window_ms"],
+             meta["step_ms"], Json(meta["scaler"]), Json(meta.get("metrics", {})), Json(meta)),
+        )
+        return cur.fetchone()[0]
+
+
+def run_job(job_id: int, settings: Settings | None = None) -> str:
+    """Train job `job_id` (which must be in-progress or scheduled) to the end. Returns the final status.
+
+    Every outcome is written to the job row: completed with an artifact, failed with the cause, or canceled.
+    A failed or canceled job changes nothing else.
+    """
+    s = settings or get_settings()
+    conn = db.connect(s)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute("""UPDATE training_jobs SET status = 'in-progress', started_at = coalesce(started_at, now()),
+                                  heartbeat_at = now(), worker = coalesce(worker, %s), error = NULL
+                           WHERE id = %s AND status IN ('scheduled', 'in-progress')
+                           RETURNING user_id, params, cancel_requested""", (_worker_name(), job_id))
+            row = cur.fetchone()
+        if row is None:
+            with conn.cursor() as cur:
+                job = _job_row(cur, job_id)
+            raise JobFailed(f"job {job_id} is {job['status']}; only scheduled jobs can be trained")
+        user_id, params, cancel_requested = row
+        if cancel_requested:
+            _finish(conn, job_id, "canceled")
+            _log(conn, job_id, "canceled before training started")
+            return "canceled"
+        return _train(conn, s, job_id, user_id, params or {})
+    except JobFailed as e:
+        with contextlib.suppress(psycopg2.Error):
+            _fail(conn, job_id, str(e))
+        return "failed"
+    finally:
+        conn.close()
+
+
+def _fail(conn, job_id: int, message: str) -> None:
+    conn.rollback()
+    with conn, conn.cursor() as cur:
+        cur.execute("""UPDATE training_jobs SET status = 'failed', error = %s, finished_at = now()
+                       WHERE id = %s AND status IN ('scheduled', 'in-progress')""", (message, job_id))
+    _log(conn, job_id, f"failed: {message}", "ERROR")
+
+
+def _train(conn, s: Settings, job_id: int, user_id: int, params: dict) -> str:
+    t0 = time.monotonic()
+    try:
+        base_cfg = training.merge_config({"sample_rate_hz": 1.0, **_window_overrides(params)})
+        _log(conn, job_id, "loading capture sessions")
+        data = load_job_data(conn, job_id, base_cfg)
+        cfg = training_config(params, data["sample_rate_hz"], data["channels_used"])
+        n = len(data["windows"])
+        classes, counts = np.unique(data["labels"].astype(str), return_counts=True)
+        _log(conn, job_id, f"{n} windows from sessions {data['sessions']}: "
+                           + ", ".join(f"{c}={k}" for c, k in zip(classes, counts, strict=True)))
+        epochs: list[dict] = []
+
+        def progress(epoch, n_epochs, train_loss, train_acc, val_loss, val_acc):
+            epochs.append({"epoch": epoch, "train_loss": _f(train_loss), "train_acc": _f(train_acc),
+                           "val_loss": _f(val_loss), "val_acc": _f(val_acc)})
+            with conn, conn.cursor() as cur:
+                cur.execute("""UPDATE training_jobs SET progress = %s, epoch_metrics = %s, heartbeat_at = now()
+                               WHERE id = %s RETURNING cancel_requested""",
+                            (min(99.0, 100.0 * epoch / max(n_epochs, 1)), Json(epochs), job_id))
+                (cancel,) = cur.fetchone()
+            if cancel:
+                raise training.TrainingCancelled(f"job {job_id} canceled")
+
+        model, meta, metrics = training.train_model(
+            data["windows"], data["labels"], data["groups"], cfg, seed=int(params.get("seed", 0)),
+            progress_callback=progress,
+        )
+        meta["job_id"] = job_id
+        meta["train_seconds"] = round(time.monotonic() - t0, 2)
+        weights, meta = artifacts.save_artifact(model, meta, metrics)
+        artifact_id = store_artifact(conn, user_id, job_id, weights, meta)
+        _finish(conn, job_id, "completed")
+        acc = metrics.get("val_accuracy", metrics.get("accuracy"))
+        _log(conn, job_id, f"completed in {time.monotonic() - t0:.1f}s: artifact {artifact_id}, "
+                           f"{len(weights)} bytes, held-out accuracy {acc}")
+        _publish_model_updated(s, user_id, job_id, artifact_id)
+        return "completed"
+    except training.TrainingCancelled:
+        conn.rollback()
+        _finish(conn, job_id, "canceled")
+        _log(conn, job_id, "canceled during training; no model was stored")
+        return "canceled"
+    except (training.TrainingDataError, JobFailed) as e:
+        _fail(conn, job_id, str(e))
+        return "failed"
+    except psycopg2.Error as e:
+        _fail(conn, job_id, f"database error: {str(e).strip().splitlines()[0]}")
+        return "failed"
+    except Exception as e:  # noqa: BLE001 - any other bug still ends the job with its cause, never "stuck"
+        log.error("job %s crashed:\n%s", job_id, traceback.format_exc())
+        _fail(conn, job_id, f"internal error: {type(e).__name__}: {e}")
+        return "failed"
+
+
+def _window_overrides(params: Mapping[str, Any]) -> dict:
+    return {k: params[k] for k in ("window_ms", "step_ms") if params.get(k) is not None}
+
+
+def _f(v) -> float | None:
+    return None if v is None else round(float(v), 5)
+
+
+# ---- the queue worker ----------------------------------------------------------------------------
+def _worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def recover_stale_jobs(conn, stale_after_s: float = STALE_AFTER_S, max_attempts: int = MAX_ATTEMPTS) -> list[int]:
+    """Jobs whose worker stopped beating: back to the queue, or failed after max_attempts tries."""
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            """UPDATE training_jobs
+               SET status = CASE WHEN attempts >= %(max)s OR cancel_requested THEN
+                                 CASE WHEN cancel_requested THEN 'canceled' ELSE 'failed' END
+                            ELSE 'scheduled' END,
+                   error = CASE WHEN attempts >= %(max)s AND NOT cancel_requested
+                           THEN 'the training worker stopped responding ' || attempts || ' times' ELSE error END,
+                   finished_at = CASE WHEN attempts >= %(max)s OR cancel_requested THEN now() ELSE NULL END,
+                   worker = NULL
+               WHERE status = 'in-progress' AND heartbeat_at < now() - make_interval(secs => %(stale)s)
+               RETURNING id, status""",
+            {"max": max_attempts, "stale": stale_after_s},
+        )
+        changed = cur.fetchall()
+        for job_id, status in changed:
+            cur.execute("INSERT INTO job_logs (job_id, level, message) VALUES (%s, 'WARNING', %s)",
+                        (job_id, f"its worker stopped responding; job {'re-queued' if status == 'scheduled' else status}"))
+    return [j for j, _ in changed]
+
+
+def claim_next(conn) -> int | None:
+    """Take the oldest scheduled job (skipping ones other workers hold) and mark it in-progress."""
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            """UPDATE training_jobs SET status = 'in-progress', worker = %s, started_at = now(),
+                      heartbeat_at = now(), attempts = attempts + 1
+               WHERE id = (SELECT id FROM training_jobs WHERE status = 'scheduled' ORDER BY created_at, id
+                           FOR UPDATE SKIP LOCKED LIMIT 1)
+               RETURNING id""",
+            (_worker_name(),),
+        )
+        row = cur.fetchone()
+        if row:
+            cur.execute("INSERT INTO job_logs (job_id, message) VALUES (%s, %s)",
+                        (row[0], f"taken by worker {_worker_name()}"))
+    return row[0] if row else None
+
+
+class _Heartbeat(threading.Thread):
+    """Beats a job's heartbeat from its own connection while the job runs (data loading can take a while)."""
+
+    def __init__(self, settings: Settings, job_id: int):
+        super().__init__(daemon=True, name=f"heartbeat-{job_id}")
+        self.settings, self.job_id, self.stop = settings, job_id, threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(HEARTBEAT_S):
+            try:
+                with contextlib.closing(db.connect(self.settings)) as conn, conn, conn.cursor() as cur:
+                    cur.execute("UPDATE training_jobs SET heartbeat_at = now() WHERE id = %s AND status = 'in-progress'",
+                                (self.job_id,))
+            except psycopg2.Error as e:
+                log.warning("heartbeat for job %s failed: %s", self.job_id, e)
+
+
+def worker_loop(settings: Settings | None = None, poll_s: float = 1.0, once: bool = False,
+                stop: threading.Event | None = None) -> None:
+    """Take and run jobs until stopped (SIGTERM sets `stop` between jobs; a running job is re-queued by the
+    stale-heartbeat rule if the process dies)."""
+    s = settings or get_settings()
+    stop = stop or threading.Event()
+    conn = None
+    log.info("training worker %s waiting for jobs", _worker_name())
+    while not stop.is_set():
+        try:
+            if conn is None or conn.closed:
+                conn = db.connect(s)
+            recover_stale_jobs(conn)
+            job_id = claim_next(conn)
+        except psycopg2.Error as e:
+            log.warning("database not reachable (%s); retrying", str(e).strip().splitlines()[0])
+            if conn is not None:
+                conn.close()
+            conn = None
+            stop.wait(2.0)
+            continue
+        if job_id is None:
+            if once:
+                break
+            stop.wait(poll_s)
+            continue
+        beat = _Heartbeat(s, job_id)
+        beat.start()
+        try:
+            status = run_job(job_id, s)
+            log.info("job %s %s", job_id, status)
+        finally:
+            beat.stop.set()
+        if once:
+            break
+    if conn is not None:
+        conn.close()

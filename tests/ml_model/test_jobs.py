@@ -1,0 +1,176 @@
+"""Training jobs through the real database: a synthetic capture session is recorded, a job scheduled, the
+queue worker trains it; failures show their cause; cancel stops; a dead worker's job is not stuck."""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psycopg2.extras
+import pytest
+
+from ml_model import artifacts, jobs
+from semg import repo
+
+REPO = Path(__file__).resolve().parents[2]
+RATE = 500.0
+CHANNELS = 4
+# Per-gesture amplitude of each channel: distinct muscle patterns the model can learn.
+PATTERNS = {"REST": [0.05, 0.05, 0.05, 0.05], "fist": [1.0, 0.8, 0.2, 0.1], "open hand": [0.1, 0.3, 1.0, 0.9]}
+
+
+def record_session(conn, user_id, device_id, gestures=("fist", "open hand"), reps=3, hold_s=2.0, rest_s=1.5,
+                   seed=0, stream=True):
+    """Create a session through semg.repo, mark its cues as 'happened', store matching sample blocks."""
+    rng = np.random.default_rng(seed)
+    s = repo.create_session(conn, user_id, device_id, list(gestures), reps, hold_s, rest_s)
+    t0 = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    repo.start_session(conn, s["id"], at=t0)
+    for iv in s["intervals"]:
+        start = t0 + dt.timedelta(milliseconds=iv["planned_start_ms"])
+        end = t0 + dt.timedelta(milliseconds=iv["planned_end_ms"])
+        repo.mark_interval(conn, iv["id"], start, end)
+    total_ms = s["intervals"][-1]["planned_end_ms"]
+    repo.end_session(conn, s["id"], at=t0 + dt.timedelta(milliseconds=total_ms))
+    if not stream:
+        return s
+    n = int(total_ms / 1000 * RATE)
+    t_ms = np.arange(n) * 1000 / RATE
+    amp = np.zeros((n, CHANNELS))
+    for iv in s["intervals"]:
+        sel = (t_ms >= iv["planned_start_ms"]) & (t_ms < iv["planned_end_ms"])
+        amp[sel] = PATTERNS[iv["label"]]
+    x = np.clip(rng.standard_normal((n, CHANNELS)) * amp * 2000, -32768, 32767).astype(np.int16)
+    rows, k = [], 25
+    for i in range(0, n - k + 1, k):
+        rows.append((user_id, device_id, 0, i, k, CHANNELS, RATE, i * 1000 / RATE,
+                     t0 + dt.timedelta(milliseconds=i * 1000 / RATE), t0, x[i:i + k].ravel().tolist()))
+    with conn.cursor() as cur:
+        cur.execute("SELECT coalesce(max(seq0 + n), 0) FROM sample_blocks WHERE device_id = %s", (device_id,))
+        offset = cur.fetchone()[0]
+        rows = [(r[0], r[1], r[2], r[3] + offset, *r[4:]) for r in rows]
+        psycopg2.extras.execute_values(cur, """INSERT INTO sample_blocks (user_id, device_id, boot, seq0, n, channels,
+            sample_rate_hz, device_millis0, device_time0, server_ts, values) VALUES %s""", rows, page_size=1000)
+    return s
+
+
+@pytest.fixture
+def user_device(clean_db):
+    u = repo.create_user(clean_db, "Trainee", "trainee@example.org")
+    for g in PATTERNS:
+        if g != "REST":
+            repo.add_gesture(clean_db, u["id"], g)
+    d = repo.register_device(clean_db, u["id"], CHANNELS, RATE)
+    return u, d
+
+
+def _run_worker_until_idle(timeout=300):
+    stop = threading.Event()
+    t = threading.Thread(target=jobs.worker_loop, kwargs={"poll_s": 0.2, "stop": stop}, daemon=True)
+    t.start()
+    return stop, t
+
+
+def test_scheduled_job_is_trained_by_the_worker(clean_db, user_device):
+    u, d = user_device
+    s = record_session(clean_db, u["id"], d["id"])
+    job = repo.schedule_job(clean_db, u["id"], [s["id"]], {"epochs": 15})
+    jobs.worker_loop(once=True, poll_s=0.1)
+    done = repo.get_job(clean_db, job["id"])
+    assert done["status"] == "completed", (done["error"], repo.job_logs(clean_db, job["id"]))
+    assert done["progress"] == 100 and done["artifact_id"] and done["started_at"] and done["finished_at"]
+    assert len(done["epoch_metrics"]) >= 1 and {"train_loss", "val_acc"} <= set(done["epoch_metrics"][0])
+    model = repo.latest_model(clean_db, u["id"])
+    assert model["id"] == done["artifact_id"]
+    assert sorted(model["classes"]) == ["REST", "fist", "open hand"]
+    assert model["sample_rate_hz"] == RATE and model["window_ms"] == 250 and model["step_ms"] == 25
+    assert list(model["channels"]) == [0, 1, 2, 3] and model["size_bytes"] <= 1_000_000
+    meta = model["metadata"]
+    assert meta["metrics"]["accuracy"] > 0.9, meta["metrics"]
+    assert "confusion_matrix" in meta["metrics"] and meta["scaler"]
+    with clean_db.cursor() as cur:
+        cur.execute("SELECT weights FROM model_artifacts WHERE id = %s", (model["id"],))
+        weights = bytes(cur.fetchone()[0])
+    pred = artifacts.Predictor(weights, meta)
+    assert pred.predict_proba(np.zeros((2, CHANNELS, meta["window"]), np.float32)).shape == (2, 3)
+
+
+def test_failing_jobs_show_their_cause_and_change_nothing_else(clean_db, user_device):
+    u, d = user_device
+    empty = record_session(clean_db, u["id"], d["id"], stream=False)
+    job = repo.schedule_job(clean_db, u["id"], [empty["id"]])
+    assert jobs.run_job(job["id"]) == "failed"
+    j = repo.get_job(clean_db, job["id"])
+    assert j["status"] == "failed" and "no data" in j["error"] and j["finished_at"]
+    one = record_session(clean_db, u["id"], d["id"], gestures=("fist",), reps=1)
+    job2 = repo.schedule_job(clean_db, u["id"], [one["id"]])
+    assert jobs.run_job(job2["id"]) == "failed"
+    assert repo.get_job(clean_db, job2["id"])["error"]
+    assert repo.latest_model(clean_db, u["id"]) is None
+    # a device with another channel count in the same job
+    d8 = repo.register_device(clean_db, u["id"], 8, RATE)
+    s8 = repo.create_session(clean_db, u["id"], d8["id"], ["fist"], 1, 1, 1)
+    repo.end_session(clean_db, s8["id"])
+    job3 = repo.schedule_job(clean_db, u["id"], [one["id"], s8["id"]])
+    assert jobs.run_job(job3["id"]) == "failed"
+    assert "inconsistent channel counts" in repo.get_job(clean_db, job3["id"])["error"]
+
+
+def test_cancel_stops_a_running_job(clean_db, user_device):
+    u, d = user_device
+    s = record_session(clean_db, u["id"], d["id"], reps=4)
+    job = repo.schedule_job(clean_db, u["id"], [s["id"]], {"epochs": 500})
+    result = {}
+    t = threading.Thread(target=lambda: result.update(status=jobs.run_job(job["id"])))
+    t.start()
+    deadline = time.monotonic() + 120
+    while repo.get_job(clean_db, job["id"])["progress"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    r = subprocess.run([sys.executable, str(REPO / "ml_model" / "TrainMLJob.py"), "cancel", str(job["id"])],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    t.join(120)
+    assert result["status"] == "canceled"
+    j = repo.get_job(clean_db, job["id"])
+    assert j["status"] == "canceled" and j["finished_at"] and repo.latest_model(clean_db, u["id"]) is None
+
+
+def test_job_of_a_dead_worker_is_requeued_then_failed(clean_db, user_device):
+    u, d = user_device
+    s = record_session(clean_db, u["id"], d["id"], stream=False)
+    job = repo.schedule_job(clean_db, u["id"], [s["id"]])
+    for attempt in range(1, jobs.MAX_ATTEMPTS + 1):
+        assert jobs.claim_next(clean_db) == job["id"]
+        with clean_db.cursor() as cur:  # the worker "dies": its heartbeat goes stale
+            cur.execute("UPDATE training_jobs SET heartbeat_at = now() - interval '10 minutes' WHERE id = %s",
+                        (job["id"],))
+        assert jobs.recover_stale_jobs(clean_db) == [job["id"]]
+        status = repo.get_job(clean_db, job["id"])["status"]
+        assert status == ("scheduled" if attempt < jobs.MAX_ATTEMPTS else "failed")
+    assert "stopped responding" in repo.get_job(clean_db, job["id"])["error"]
+
+
+def test_two_workers_never_take_the_same_job(clean_db, user_device):
+    u, d = user_device
+    s = record_session(clean_db, u["id"], d["id"], stream=False)
+    ids = [repo.schedule_job(clean_db, u["id"], [s["id"]])["id"] for _ in range(6)]
+    from semg import db
+    conns = [db.connect() for _ in range(2)]
+    taken = []
+    lock = threading.Lock()
+
+    def take(conn):
+        while (j := jobs.claim_next(conn)) is not None:
+            with lock:
+                taken.append(j)
+
+    threads = [threading.Thread(target=take, args=(c,)) for c in conns]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    [c.close() for c in conns]
+    assert sorted(taken) == sorted(ids)
