@@ -115,7 +115,7 @@ class Settings(BaseSettings):
 
 
 def _client_host(bind_host: str) -> str:
-    return "127.0.0.1" if bind_host in ("0.0.0.0", "::", "") else bind_host
+    return "127.0.0.1" if bind_host in ("0.0.0.0", "::", "") else bind_host  # noqa: S104
 
 
 def describe_error(err: ValidationError) -> str:

@@ -120,22 +120,23 @@ def init_postgres(settings: Settings | None = None) -> bool:
         raise EmbeddedError(f"{data} exists but is not a PostgreSQL data directory; move it away")
     data.mkdir(parents=True, exist_ok=True)
     os.chmod(data, 0o700)
-    with tempfile.NamedTemporaryFile("w", delete=False, dir=s.secrets_dir, prefix="pwfile") as pw:
-        pw.write(password)
+    # initdb reads the password from a file: a private directory only the postgres account can enter.
+    pwdir = Path(tempfile.mkdtemp(dir=s.state_dir, prefix=".initdb-"))
+    pwfile = pwdir / "pw"
+    pwfile.write_text(password)
+    os.chmod(pwfile, 0o600)
     try:
         if account is not None:
             _check_traversable(data, account)
-            os.chown(data, account.pw_uid, account.pw_gid)
-            os.chown(pw.name, account.pw_uid, account.pw_gid)
-            os.chmod(s.secrets_dir, 0o711)  # let initdb read its pwfile; the secret files stay 0600
+            for p in (data, pwdir, pwfile):
+                os.chown(p, account.pw_uid, account.pw_gid)
         r = subprocess.run(
-            [str(pg_bin_dir() / "initdb"), "-D", str(data), "-U", s.postgres_user, f"--pwfile={pw.name}",
+            [str(pg_bin_dir() / "initdb"), "-D", str(data), "-U", s.postgres_user, f"--pwfile={pwfile}",
              "--auth-local=scram-sha-256", "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8"],
             capture_output=True, text=True, **_as_account(account),
         )
     finally:
-        os.unlink(pw.name)
-        os.chmod(s.secrets_dir, 0o700)
+        shutil.rmtree(pwdir, ignore_errors=True)
     if r.returncode != 0:
         shutil.rmtree(data, ignore_errors=True)
         last = (r.stderr or r.stdout).strip().splitlines()
