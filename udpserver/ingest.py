@@ -1,0 +1,206 @@
+"""Packet validation against the device registry and per-device state (sequence numbers, boots, clocks).
+
+`Ingestor.handle(datagram, receive_time)` returns a `Record` ready to be journaled, or a `Reject`.
+It does no I/O: the server swaps in device lists loaded from PostgreSQL with `set_devices`, so this is
+unit-testable and fast (one dict lookup and an HMAC per binary packet).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from typing import NamedTuple
+
+from udpserver import protocol
+from udpserver.clock import WRAP, DeviceClock
+from udpserver.protocol import BinaryPacket, LegacyPacket, Reject
+
+# Legacy packets carry no sequence number or boot counter, only millis(). A step back of up to this much
+# is a duplicate or reordered packet (rejected as a replay); a larger step back is a device reboot.
+LEGACY_STALE_MS = 2000
+# A legacy clock may run ahead of the server's elapsed time by this much (late earlier packets) before a
+# jump forward is taken for a reboot instead.
+LEGACY_FORWARD_SLACK_MS = 60_000
+
+_INT16 = [struct.Struct(f"<{k}h") for k in range(protocol.MAX_CHANNELS + 1)]
+
+
+class DeviceInfo(NamedTuple):
+    id: int
+    user_id: int
+    protocol: str            # 'binary' | 'legacy'
+    channels: int
+    rate_hz: float
+    key: bytes | None
+
+
+class Resume(NamedTuple):
+    """Where a device's stream stood, from its last stored (or spooled) block."""
+
+    boot: int
+    last_seq: int
+    last_millis: float  # unwrapped device time of the last sample
+    last_server: float  # unix s when it was received
+
+
+class Record(NamedTuple):
+    user_id: int
+    device_id: int
+    boot: int
+    seq0: int
+    n: int
+    channels: int
+    rate_hz: float
+    millis0: float      # unwrapped device clock of the first sample, ms
+    time0: float        # that instant on the server clock, unix s
+    server_ts: float    # receive time, unix s
+    values: bytes       # n * channels int16 LE
+    lost: int           # samples missing before this packet (sequence gap)
+
+
+class DeviceState:
+    __slots__ = ("boot", "last_seq", "clock", "accepted_packets", "accepted_samples", "stored_samples",
+                 "published_samples", "lost_samples", "dropped_samples", "rejected")
+
+    def __init__(self) -> None:
+        self.boot: int | None = None
+        self.last_seq = -1
+        self.clock = DeviceClock()
+        self.accepted_packets = 0
+        self.accepted_samples = 0
+        self.stored_samples = 0
+        self.published_samples = 0
+        self.lost_samples = 0
+        self.dropped_samples = 0
+        self.rejected: Counter[str] = Counter()
+
+    def resume(self, r: Resume) -> None:
+        self.boot = r.boot
+        self.last_seq = r.last_seq
+        self.clock.restore(r.last_millis, r.last_server)
+
+    def position(self) -> tuple[int, int] | None:
+        return None if self.boot is None else (self.boot, self.last_seq)
+
+    def as_dict(self) -> dict:
+        off = self.clock.offset_ms()
+        return {
+            "boot": self.boot, "last_seq": self.last_seq,
+            "clock_offset_ms": None if off is None else round(off, 3),
+            "accepted_packets": self.accepted_packets, "accepted_samples": self.accepted_samples,
+            "stored_samples": self.stored_samples, "published_samples": self.published_samples,
+            "lost_samples": self.lost_samples, "dropped_samples": self.dropped_samples,
+            "rejected": dict(self.rejected),
+        }
+
+
+class Ingestor:
+    def __init__(self) -> None:
+        self.devices: dict[int, DeviceInfo] = {}
+        self.legacy_by_user: dict[int, DeviceInfo] = {}
+        self.states: dict[int, DeviceState] = {}
+        self.rejected: Counter[str] = Counter()
+        self.ready = False
+
+    # ---- registry -------------------------------------------------------------------------------
+    def set_devices(self, devices: dict[int, DeviceInfo], resume: dict[int, Resume]) -> list[int]:
+        """Swap in a freshly loaded device list. `resume` must cover every device new to the list.
+
+        Returns the ids of devices that are new. States of devices no longer registered are dropped.
+        """
+        new = [d for d in devices if d not in self.devices]
+        for dev_id in list(self.states):
+            if dev_id not in devices:
+                del self.states[dev_id]
+        for dev_id in new:
+            st = self.states.setdefault(dev_id, DeviceState())
+            r = resume.get(dev_id)
+            if r is not None and (st.position() is None or (r.boot, r.last_seq) > st.position()):
+                st.resume(r)
+        self.devices = devices
+        self.legacy_by_user = {d.user_id: d for d in devices.values() if d.protocol == "legacy"}
+        self.ready = True
+        return new
+
+    def state(self, device_id: int) -> DeviceState:
+        st = self.states.get(device_id)
+        if st is None:
+            st = self.states[device_id] = DeviceState()
+        return st
+
+    # ---- packets --------------------------------------------------------------------------------
+    def _reject(self, reason: Reject, device_id: int | None = None) -> Reject:
+        self.rejected[reason.value] += 1
+        if device_id is not None:
+            self.state(device_id).rejected[reason.value] += 1
+        return reason
+
+    def handle(self, data: bytes, now: float) -> Record | Reject:
+        if not self.ready:
+            return self._reject(Reject.NOT_READY)
+        pkt = protocol.parse(data)
+        if type(pkt) is LegacyPacket:
+            return self._legacy(pkt, now)
+        if type(pkt) is BinaryPacket:
+            return self._binary(pkt, now)
+        return self._reject(pkt)
+
+    def _binary(self, p: BinaryPacket, now: float) -> Record | Reject:
+        dev = self.devices.get(p.device_id)
+        if dev is None:
+            return self._reject(Reject.UNKNOWN_DEVICE)
+        if dev.key is None:
+            return self._reject(Reject.PROTOCOL_MISMATCH, dev.id)
+        if not protocol.verify_tag(p, dev.key):
+            return self._reject(Reject.BAD_TAG, dev.id)
+        if p.channels != dev.channels:
+            return self._reject(Reject.CHANNEL_MISMATCH, dev.id)
+        st = self.state(dev.id)
+        clock = st.clock
+        lost = 0
+        if st.boot is not None:
+            if p.boot < st.boot:
+                return self._reject(Reject.OLD_BOOT, dev.id)
+            if p.boot == st.boot:
+                if p.seq0 <= st.last_seq:
+                    return self._reject(Reject.REPLAY, dev.id)
+                lost = p.seq0 - st.last_seq - 1
+            else:
+                lost = p.seq0  # the new boot started at 0
+                clock.reset()
+        millis0 = clock.unwrap(p.millis0)
+        last_ms = millis0 + (p.n - 1) * 1000.0 / p.rate_hz
+        offset = clock.observe(p.millis0, millis0, last_ms, now)
+        st.boot = p.boot
+        st.last_seq = p.seq0 + p.n - 1
+        st.lost_samples += lost
+        return Record(dev.user_id, dev.id, p.boot, p.seq0, p.n, p.channels, float(p.rate_hz), millis0,
+                      (millis0 + offset) / 1000.0, now, p.values, lost)
+
+    def _legacy(self, p: LegacyPacket, now: float) -> Record | Reject:
+        dev = self.legacy_by_user.get(p.userid)
+        if dev is None:
+            return self._reject(Reject.UNKNOWN_USER)
+        channels = len(p.values)
+        if channels != dev.channels:
+            return self._reject(Reject.CHANNEL_MISMATCH, dev.id)
+        st = self.state(dev.id)
+        clock = st.clock
+        raw = p.millis
+        if st.boot is None:
+            boot, seq, millis = 0, 0, float(raw)
+        else:
+            forward = clock.forward_delta(raw)
+            elapsed_ms = max(0.0, now - clock.last_server) * 1000.0
+            if forward <= elapsed_ms + LEGACY_FORWARD_SLACK_MS:
+                boot, seq, millis = st.boot, st.last_seq + 1, clock.last_unwrapped + forward
+            elif WRAP - forward <= LEGACY_STALE_MS:
+                return self._reject(Reject.REPLAY, dev.id)
+            else:  # the clock went back by more than a reordering could explain: the device rebooted
+                boot, seq, millis = st.boot + 1, 0, float(raw)
+                clock.reset()
+        offset = clock.observe(raw, millis, millis, now)
+        st.boot = boot
+        st.last_seq = seq
+        return Record(dev.user_id, dev.id, boot, seq, 1, channels, dev.rate_hz, millis,
+                      (millis + offset) / 1000.0, now, _INT16[channels].pack(*p.values), 0)

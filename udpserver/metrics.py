@@ -1,0 +1,86 @@
+"""A tiny local HTTP endpoint (GET /metrics, GET /health) and rate-limited logging for bad packets."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+import orjson
+
+log = logging.getLogger("udpserver.metrics")
+
+
+class RateLimitedLog:
+    """At most one line per key every `interval` s; the next line says how many were suppressed."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 5.0):
+        self.logger = logger
+        self.interval = interval
+        self._next: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warning(self, key: str, msg: str, *args) -> None:
+        now = time.monotonic()
+        if now < self._next.get(key, 0.0):
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return
+        self._next[key] = now + self.interval
+        n = self._suppressed.pop(key, 0)
+        if n:
+            self.logger.warning(msg + " (%d similar suppressed)", *args, n)
+        else:
+            self.logger.warning(msg, *args)
+
+
+_STATUS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 400: "Bad Request", 503: "Service Unavailable"}
+
+
+class MetricsServer:
+    """Serves `metrics(query)` and `health()` (each returns (status, dict)) as JSON on a local port."""
+
+    def __init__(self, host: str, port: int, metrics: Callable[[str], dict], health: Callable[[], tuple[int, dict]]):
+        self.host, self.port = host, port
+        self.metrics = metrics
+        self.health = health
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port, reuse_address=True)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        status, body = 400, {"error": "bad request"}
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            parts = head.split(b"\r\n", 1)[0].split(b" ")
+            if len(parts) == 3:
+                method, target = parts[0], parts[1].decode("latin-1")
+                path, _, query = target.partition("?")
+                if method != b"GET":
+                    status, body = 405, {"error": "only GET"}
+                elif path == "/metrics":
+                    status, body = 200, self.metrics(query)
+                elif path == "/health":
+                    status, body = self.health()
+                else:
+                    status, body = 404, {"error": "try /metrics or /health"}
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass
+        except Exception:  # noqa: BLE001 - a metrics bug must not take the server down
+            log.exception("metrics handler failed")
+            status, body = 500, {"error": "internal error"}
+        data = orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS)
+        head = (f"HTTP/1.1 {status} {_STATUS.get(status, 'Error')}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode()
+        with contextlib.suppress(ConnectionError):
+            writer.write(head + data)
+            await writer.drain()
+        writer.close()

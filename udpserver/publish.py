@@ -1,0 +1,205 @@
+"""Publishing stored samples on NATS as `semg.messages.SamplesMessage` JSON (subject emg.samples.<userid>).
+
+Consecutive records of one device (same boot, contiguous sequence numbers) become one message, so a
+legacy stream of single-sample packets costs one message per commit, not one per packet.
+A batch counts as published only after a NATS flush (PING/PONG) confirms the server has it and no
+disconnect happened meanwhile; otherwise the whole batch is published again (at-least-once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+
+import numpy as np
+import orjson
+
+from semg import natsio
+from semg.config import Settings
+from semg.messages import samples_subject
+from udpserver.spool import Chunk, iter_records
+
+log = logging.getLogger("udpserver.publish")
+
+MAX_SAMPLES_PER_MESSAGE = 2000
+_DUMPS_OPT = orjson.OPT_SERIALIZE_NUMPY
+
+
+class _Run:
+    __slots__ = ("user_id", "device_id", "boot", "seq0", "next_seq", "channels", "rate", "n", "millis0", "counts",
+                 "server_ts", "values")
+
+    def __init__(self, h: tuple, values: memoryview):
+        user_id, device_id, boot, seq0, n, channels, rate, millis0, _time0, server_ts = h
+        self.user_id, self.device_id, self.boot, self.seq0 = user_id, device_id, boot, seq0
+        self.channels, self.rate = channels, rate
+        self.next_seq = seq0 + n
+        self.n = n
+        self.millis0 = [millis0]
+        self.counts = [n]
+        self.server_ts = [server_ts]
+        self.values = [values]
+
+    def extends(self, h: tuple) -> bool:
+        return (h[3] == self.next_seq and h[2] == self.boot and h[5] == self.channels and h[6] == self.rate
+                and self.n + h[4] <= MAX_SAMPLES_PER_MESSAGE)
+
+    def add(self, h: tuple, values: memoryview) -> None:
+        n = h[4]
+        self.next_seq += n
+        self.n += n
+        self.millis0.append(h[7])
+        self.counts.append(n)
+        self.server_ts.append(h[9])
+        self.values.append(values)
+
+    def message(self) -> tuple[int, bytes]:
+        counts = np.asarray(self.counts)
+        step = 1000.0 / self.rate
+        if self.n == len(counts):  # one sample per record (legacy): the device clock of every sample is known
+            millis = np.asarray(self.millis0, dtype=np.float64)
+            recv = np.asarray(self.server_ts, dtype=np.float64)
+        else:
+            starts = np.repeat(np.cumsum(counts) - counts, counts)
+            millis = np.repeat(np.asarray(self.millis0), counts) + (np.arange(self.n) - starts) * step
+            recv = np.repeat(np.asarray(self.server_ts), counts)
+        values = np.frombuffer(b"".join(self.values), dtype="<i2").reshape(self.n, self.channels)
+        body = {"v": 1, "userid": self.user_id, "device_id": self.device_id, "boot": self.boot,
+                "sample_rate_hz": self.rate, "channels": self.channels, "seq0": self.seq0,
+                "device_millis": millis, "recv_time": recv, "values": values}
+        return self.user_id, orjson.dumps(body, option=_DUMPS_OPT)
+
+
+def build_messages(payloads: list[bytes]) -> list[tuple[int, bytes]]:
+    """(userid, JSON) messages for the records of chunk payloads, in journal order per device."""
+    runs: dict[int, _Run] = {}
+    out: list[tuple[int, bytes]] = []
+    for payload in payloads:
+        mv = memoryview(payload)
+        for h, voff, vlen in iter_records(payload):
+            run = runs.get(h[1])
+            if run is not None and run.extends(h):
+                run.add(h, mv[voff:voff + vlen])
+            else:
+                if run is not None:
+                    out.append(run.message())
+                runs[h[1]] = _Run(h, mv[voff:voff + vlen])
+    out.extend(r.message() for r in runs.values())
+    return out
+
+
+class Publisher:
+    """Publishes committed batches in order; survives NATS being down (batches wait, nothing is dropped
+    unless the spool is about to overflow, see `should_shed`)."""
+
+    SETTLE_S = 2.0  # after a reconnect, give subscribers time to re-subscribe before sending the backlog
+    FLUSH_TIMEOUT_S = 5.0
+
+    def __init__(self, settings: Settings, read_chunk: Callable[[Chunk], bytes],
+                 on_published: Callable[[list[Chunk], bool], None], should_shed: Callable[[], bool]):
+        self.settings = settings
+        self.read_chunk = read_chunk
+        self.on_published = on_published  # (chunks, dropped)
+        self.should_shed = should_shed
+        self.queue: deque[list[Chunk]] = deque()
+        self._event = asyncio.Event()
+        self.nc = None
+        self.disconnects = 0
+        self._down_since: float | None = time.monotonic()
+        self._up_since = 0.0
+        self._stopping = False
+        self.messages = 0
+
+    @property
+    def connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    def submit(self, batch: list[Chunk]) -> None:
+        self.queue.append(batch)
+        self._event.set()
+
+    async def _disconnected(self) -> None:
+        self.disconnects += 1
+        log.warning("NATS disconnected; publishing paused (storage continues)")
+
+    async def _reconnected(self) -> None:
+        self._up_since = time.monotonic()
+        log.info("NATS reconnected; publishing the backlog in %.1fs", self.SETTLE_S)
+
+    async def _error(self, e: Exception) -> None:
+        log.warning("NATS error: %s", e)
+
+    async def connect_forever(self) -> None:
+        backoff = 0.5
+        while self.nc is None and not self._stopping:
+            try:
+                self.nc = await natsio.connect("ingest", self.settings, disconnected_cb=self._disconnected,
+                                               reconnected_cb=self._reconnected, error_cb=self._error)
+                self._up_since = time.monotonic()
+                log.info("connected to NATS at %s", self.settings.nats_url)
+            except Exception as e:  # noqa: BLE001 - nats raises several unrelated types when unreachable
+                log.warning("NATS not reachable (%s); retrying in %.1fs", e or type(e).__name__, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    async def _wait_ready(self) -> None:
+        while not self.connected or time.monotonic() - self._up_since < self.SETTLE_S:
+            if self.should_shed() and self.queue:
+                return
+            await asyncio.sleep(0.05)
+
+    async def run(self) -> None:
+        while True:
+            if not self.queue:
+                if self._stopping:
+                    return
+                self._event.clear()
+                await self._event.wait()
+                continue
+            batch = self.queue[0]
+            messages = None
+            while True:
+                await self._wait_ready()
+                if not self.connected and self.should_shed():
+                    self.queue.popleft()
+                    self.on_published(batch, True)
+                    break
+                if messages is None:
+                    messages = build_messages([c.data if c.data is not None else self.read_chunk(c) for c in batch])
+                try:
+                    before = self.disconnects
+                    for i, (userid, body) in enumerate(messages):
+                        await self.nc.publish(samples_subject(userid), body)
+                        if i % 256 == 255:
+                            await asyncio.sleep(0)  # let datagrams in while a large backlog goes out
+                    await self.nc.flush(timeout=self.FLUSH_TIMEOUT_S)
+                    if self.disconnects != before:
+                        raise ConnectionError("disconnected while publishing")
+                except Exception as e:  # noqa: BLE001 - any failure means: publish the batch again
+                    log.warning("publishing %d messages failed (%s); will retry", len(messages), e or type(e).__name__)
+                    await asyncio.sleep(0.5)
+                    continue
+                self.messages += len(messages)
+                self.queue.popleft()
+                self.on_published(batch, False)
+                break
+
+    async def stop(self, timeout: float) -> None:
+        """Publish what is queued (up to `timeout` s), then drain the connection."""
+        self._stopping = True
+        self._event.set()
+        deadline = time.monotonic() + timeout
+        while self.queue and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.queue:
+            log.warning("stopping with %d batches unpublished: they are published at the next start", len(self.queue))
+        if self.nc is not None and self.nc.is_connected:
+            try:
+                await asyncio.wait_for(self.nc.drain(), 5)
+            except Exception as e:  # noqa: BLE001
+                log.warning("NATS drain failed: %s", e)
+        elif self.nc is not None:
+            await self.nc.close()

@@ -1,0 +1,269 @@
+"""Append-only journal of accepted packets, so nothing counted as accepted is lost, even by `kill -9`.
+
+Layout under the spool directory:
+    seg-0000000001.spool ...   segments; each a sequence of chunks
+    cursors.json               {"committed": [seg, offset], "published": [seg, offset]}
+    spool.lock                 flock: one server per spool directory
+
+A chunk is what one receive burst accepted, written with one write() *before* its packets are counted:
+    header  <4sIII  magic b"SPK1", payload length, crc32(payload), record count
+    payload records, each  <qqqqHHfddd  user_id, device_id, boot, seq0, n, channels, rate_hz, millis0,
+                                        time0 (unix s), server_ts (unix s)
+            followed by n * channels int16 LE values.
+A write that a kill interrupts leaves a chunk whose length or CRC does not check out; it was never counted,
+and recovery truncates it. The page cache survives a process kill, so no fsync per chunk is needed.
+
+Chunks are committed to PostgreSQL and then published strictly in journal order, so two positions describe
+the progress; a segment is deleted once everything in it is published. On start, chunks after `committed`
+are inserted again (ON CONFLICT DO NOTHING makes that idempotent) and chunks after `published` published.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import struct
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from udpserver.ingest import Record, Resume
+
+log = logging.getLogger("udpserver.spool")
+
+CHUNK_MAGIC = b"SPK1"
+CHUNK_HDR = struct.Struct("<4sIII")
+REC_HDR = struct.Struct("<qqqqHHfddd")
+_SEG_PREFIX, _SEG_SUFFIX = "seg-", ".spool"
+
+
+class Chunk:
+    __slots__ = ("seg", "off", "end", "nrec", "nsamples", "per_device", "data", "replayed")
+
+    def __init__(self, seg: int, off: int, end: int, nrec: int, nsamples: int, per_device: dict[int, list[int]],
+                 data: bytes | None, replayed: bool = False):
+        self.seg = seg
+        self.off = off            # offset of the chunk header in the segment
+        self.end = end            # offset just after the chunk
+        self.nrec = nrec
+        self.nsamples = nsamples
+        self.per_device = per_device
+        self.data = data          # the payload while it is kept in memory; None -> read back from the file
+        self.replayed = replayed  # recovered at start: may already be in the database
+
+    @property
+    def size(self) -> int:
+        return self.end - self.off - CHUNK_HDR.size
+
+
+class ChunkBuilder:
+    """Accumulates the records of one receive burst."""
+
+    __slots__ = ("parts", "nrec", "nsamples", "per_device")
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.nrec = 0
+        self.nsamples = 0
+        self.per_device: dict[int, list[int]] = {}  # device -> [packets, samples]
+
+    def add(self, r: Record) -> None:
+        self.parts.append(REC_HDR.pack(r.user_id, r.device_id, r.boot, r.seq0, r.n, r.channels, r.rate_hz,
+                                       r.millis0, r.time0, r.server_ts))
+        self.parts.append(r.values)
+        self.nrec += 1
+        self.nsamples += r.n
+        c = self.per_device.get(r.device_id)
+        if c is None:
+            self.per_device[r.device_id] = [1, r.n]
+        else:
+            c[0] += 1
+            c[1] += r.n
+
+
+def iter_records(payload: bytes) -> Iterator[tuple[tuple, int, int]]:
+    """(header fields, offset of the values, byte length of the values) for each record of a chunk."""
+    off, end, hsize, unpack = 0, len(payload), REC_HDR.size, REC_HDR.unpack_from
+    while off < end:
+        h = unpack(payload, off)
+        vlen = 2 * h[4] * h[5]
+        yield h, off + hsize, vlen
+        off += hsize + vlen
+
+
+class SpoolLocked(RuntimeError):
+    pass
+
+
+class Spool:
+    def __init__(self, directory: Path, max_bytes: int, segment_bytes: int = 32 << 20, segment_age_s: float = 1.0):
+        self.dir = Path(directory)
+        self.max_bytes = max_bytes
+        self.segment_bytes = segment_bytes
+        self.segment_age_s = segment_age_s
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+        self._lock_fd = os.open(self.dir / "spool.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise SpoolLocked(f"spool directory {self.dir} is in use by another udpserver") from None
+        self.seg_sizes: dict[int, int] = {}   # live segments -> bytes
+        self.sealed: set[int] = set()
+        self.cur_seg = 0
+        self._fd: int | None = None
+        self._opened_at = 0.0
+        self.committed = (0, 0)
+        self.published = (0, 0)
+        self._cursors_dirty = False
+
+    # ---- recovery -------------------------------------------------------------------------------
+    def _path(self, seg: int) -> Path:
+        return self.dir / f"{_SEG_PREFIX}{seg:010d}{_SEG_SUFFIX}"
+
+    def recover(self) -> tuple[list[Chunk], dict[int, Resume]]:
+        """Scan the segments left by a previous run: their valid chunks (payload not kept in memory) and
+        the furthest position of every device found in them. Torn tails are truncated."""
+        cur = self.dir / "cursors.json"
+        if cur.exists():
+            try:
+                c = json.loads(cur.read_text())
+                self.committed, self.published = tuple(c["committed"]), tuple(c["published"])
+            except (ValueError, KeyError, TypeError):
+                log.warning("unreadable %s: replaying the whole spool (idempotent)", cur)
+        chunks: list[Chunk] = []
+        resume: dict[int, Resume] = {}
+        segs = sorted(int(p.name[len(_SEG_PREFIX):-len(_SEG_SUFFIX)]) for p in self.dir.glob(f"{_SEG_PREFIX}*{_SEG_SUFFIX}"))
+        for seg in segs:
+            path = self._path(seg)
+            buf = path.read_bytes()
+            off = 0
+            while off + CHUNK_HDR.size <= len(buf):
+                magic, length, crc, nrec = CHUNK_HDR.unpack_from(buf, off)
+                start = off + CHUNK_HDR.size
+                if magic != CHUNK_MAGIC or start + length > len(buf) or zlib.crc32(buf[start:start + length]) != crc:
+                    break
+                payload = buf[start:start + length]
+                per_device: dict[int, list[int]] = {}
+                nsamples = 0
+                for h, _voff, _vlen in iter_records(payload):
+                    dev, boot, seq0, n = h[1], h[2], h[3], h[4]
+                    c = per_device.setdefault(dev, [0, 0])
+                    c[0] += 1
+                    c[1] += n
+                    nsamples += n
+                    last = seq0 + n - 1
+                    r = resume.get(dev)
+                    if r is None or (boot, last) > (r.boot, r.last_seq):
+                        resume[dev] = Resume(boot, last, h[7] + (n - 1) * 1000.0 / h[6], h[9])
+                end = start + length
+                if (seg, end) > self.published:
+                    chunks.append(Chunk(seg, off, end, nrec, nsamples, per_device, None,
+                                        replayed=(seg, end) > self.committed))
+                off = end
+            if off < len(buf):
+                log.warning("spool %s: discarding %d bytes of an interrupted write at offset %d",
+                            path.name, len(buf) - off, off)
+                os.truncate(path, off)
+            self.seg_sizes[seg] = off
+            self.sealed.add(seg)
+        # New segments must sort after everything the cursors have seen, even if all files are gone.
+        self.cur_seg = max([0, self.committed[0], self.published[0], *segs])
+        self.release_published()
+        return chunks, resume
+
+    # ---- appending (event loop thread) ------------------------------------------------------------
+    @property
+    def bytes(self) -> int:
+        return sum(self.seg_sizes.values())
+
+    def _roll(self, now: float) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self.sealed.add(self.cur_seg)
+        self.cur_seg += 1
+        self._fd = os.open(self._path(self.cur_seg), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.seg_sizes[self.cur_seg] = 0
+        self._opened_at = now
+
+    def append(self, b: ChunkBuilder, keep: bool) -> Chunk | None:
+        """Journal a burst. None when the spool is full or the write failed (the caller counts a drop)."""
+        payload = b"".join(b.parts)
+        size = CHUNK_HDR.size + len(payload)
+        if self.bytes + size > self.max_bytes:
+            return None
+        now = time.monotonic()
+        if self._fd is None or self.seg_sizes[self.cur_seg] >= self.segment_bytes \
+                or now - self._opened_at >= self.segment_age_s:
+            self._roll(now)
+        off = self.seg_sizes[self.cur_seg]
+        data = CHUNK_HDR.pack(CHUNK_MAGIC, len(payload), zlib.crc32(payload), b.nrec) + payload
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError as e:
+            log.error("spool write failed (%s): packets dropped", e)
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, off)  # never leave half a chunk for recovery to misread
+            return None
+        self.seg_sizes[self.cur_seg] = off + size
+        return Chunk(self.cur_seg, off, off + size, b.nrec, b.nsamples, b.per_device, payload if keep else None)
+
+    def seal_idle(self) -> None:
+        """Close the current segment when it is old enough, so it can be deleted once published."""
+        if self._fd is not None and time.monotonic() - self._opened_at >= self.segment_age_s:
+            os.close(self._fd)
+            self._fd = None
+            self.sealed.add(self.cur_seg)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            self.sealed.add(self.cur_seg)
+        self.save_cursors()
+        os.close(self._lock_fd)
+
+    # ---- reading back (any thread) ----------------------------------------------------------------
+    def read(self, chunk: Chunk) -> bytes:
+        with open(self._path(chunk.seg), "rb") as f:
+            f.seek(chunk.off + CHUNK_HDR.size)
+            return f.read(chunk.size)
+
+    # ---- progress (event loop thread) -------------------------------------------------------------
+    def mark_committed(self, chunk: Chunk) -> None:
+        self.committed = max(self.committed, (chunk.seg, chunk.end))
+        self._cursors_dirty = True
+
+    def mark_published(self, chunk: Chunk) -> None:
+        self.published = max(self.published, (chunk.seg, chunk.end))
+        self._cursors_dirty = True
+
+    def release_published(self) -> None:
+        """Delete segments whose every chunk is published; persist the cursors."""
+        pseg, poff = self.published
+        for seg in sorted(self.seg_sizes):
+            if seg not in self.sealed:
+                break
+            if seg < pseg or (seg == pseg and poff >= self.seg_sizes[seg]) or self.seg_sizes[seg] == 0:
+                with contextlib.suppress(FileNotFoundError):
+                    self._path(seg).unlink()
+                del self.seg_sizes[seg]
+                self.sealed.discard(seg)
+            else:
+                break
+        if self._cursors_dirty:
+            self.save_cursors()
+
+    def save_cursors(self) -> None:
+        tmp = self.dir / "cursors.json.tmp"
+        tmp.write_text(json.dumps({"committed": list(self.committed), "published": list(self.published)}))
+        os.replace(tmp, self.dir / "cursors.json")
+        self._cursors_dirty = False

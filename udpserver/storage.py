@@ -1,0 +1,267 @@
+"""PostgreSQL side of ingestion: binary COPY of journaled chunks into sample_blocks, the writer thread, and
+the device registry / stream positions the validator needs."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+import numpy as np
+import psycopg2
+import psycopg2.errors
+
+from semg import db
+from semg.config import Settings
+from udpserver.ingest import DeviceInfo, Resume
+from udpserver.spool import Chunk, iter_records
+
+log = logging.getLogger("udpserver.storage")
+
+COLUMNS = ("user_id, device_id, boot, seq0, n, channels, sample_rate_hz, device_millis0, device_time0, "
+           "server_ts, values")
+_COPY_SQL = f"COPY {{table}} ({COLUMNS}) FROM STDIN WITH (FORMAT binary)"
+_STAGE_DDL = "CREATE TEMP TABLE IF NOT EXISTS sample_blocks_stage (LIKE sample_blocks) ON COMMIT DELETE ROWS"
+# Rows of devices deleted meanwhile are skipped; rows already stored (spool replay, a retried commit whose
+# outcome was unknown) are skipped by the primary key.
+_STAGE_INSERT = (f"INSERT INTO sample_blocks ({COLUMNS}) SELECT {COLUMNS} FROM sample_blocks_stage s "
+                 "WHERE EXISTS (SELECT 1 FROM devices d WHERE d.id = s.device_id) ON CONFLICT DO NOTHING")
+
+# ---- binary COPY encoding ----------------------------------------------------------------------------
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
+_COPY_TRAILER = struct.pack(">h", -1)
+# 11 fields: 4 x int8, 2 x int2, float4, float8, 2 x timestamptz (int8 us since 2000-01-01), int2[] header
+_ROW = struct.Struct(">h iq iq iq iq ih ih if id iq iq i iii ii")
+_ELEM = np.dtype([("len", ">i4"), ("val", ">i2")])  # one array element: length 2, big-endian value
+_PG_EPOCH = 946684800.0  # 2000-01-01 in unix seconds
+_INT2_OID = 21
+
+
+def copy_payload(payloads: list[bytes]) -> tuple[bytes, int, int]:
+    """Binary COPY stream for the records of several chunk payloads -> (data, rows, samples).
+
+    The array elements of all rows are converted in one vectorised numpy pass; only the fixed-size row
+    prefix is packed per record.
+    """
+    heads: list[tuple] = []
+    vals: list[memoryview] = []
+    for payload in payloads:
+        mv = memoryview(payload)
+        for h, voff, vlen in iter_records(payload):
+            heads.append(h)
+            vals.append(mv[voff:voff + vlen])
+    if not heads:
+        return b"", 0, 0
+    elems = np.empty(sum(len(v) for v in vals) // 2, dtype=_ELEM)
+    elems["len"] = 2
+    elems["val"] = np.frombuffer(b"".join(vals), dtype="<i2")
+    eb = memoryview(elems.tobytes())
+    parts: list = [_COPY_HEADER]
+    pos = 0
+    samples = 0
+    pack = _ROW.pack
+    for h, v in zip(heads, vals, strict=True):
+        user_id, device_id, boot, seq0, n, channels, rate, millis0, time0, server_ts = h
+        k = len(v) // 2
+        samples += n
+        parts.append(pack(11, 8, user_id, 8, device_id, 8, boot, 8, seq0, 2, n, 2, channels, 4, rate,
+                          8, millis0, 8, round((time0 - _PG_EPOCH) * 1e6), 8, round((server_ts - _PG_EPOCH) * 1e6),
+                          20 + 6 * k, 1, 0, _INT2_OID, k, 1))
+        parts.append(eb[pos:pos + 6 * k])
+        pos += 6 * k
+    parts.append(_COPY_TRAILER)
+    return b"".join(parts), len(heads), samples
+
+
+def copy_into(cur, table: str, data: bytes) -> None:
+    cur.copy_expert(_COPY_SQL.format(table=table), io.BytesIO(data), size=1 << 20)
+
+
+# ---- registry -----------------------------------------------------------------------------------------
+def load_devices(conn) -> dict[int, DeviceInfo]:
+    with conn.cursor() as cur:
+        cur.execute("SELECT id, user_id, protocol, channel_count, sample_rate_hz, secret_key FROM devices")
+        rows = cur.fetchall()
+    conn.rollback()  # end the read transaction: no snapshot held between refreshes
+    return {r[0]: DeviceInfo(r[0], r[1], r[2], r[3], float(r[4]), bytes(r[5]) if r[5] is not None else None)
+            for r in rows}
+
+
+def load_resume(conn, device_ids: list[int]) -> dict[int, Resume]:
+    """The last stored block of each device (its latest boot), read backwards along the primary key."""
+    if not device_ids:
+        return {}
+    with conn.cursor() as cur:
+        cur.execute(
+            """SELECT d.id, b.boot, b.seq0 + b.n - 1, b.device_millis0 + (b.n - 1) * 1000.0 / b.sample_rate_hz,
+                      extract(epoch FROM b.server_ts)
+               FROM unnest(%s::bigint[]) AS d(id)
+               CROSS JOIN LATERAL (SELECT boot, seq0, n, sample_rate_hz, device_millis0, server_ts
+                                   FROM sample_blocks s WHERE s.device_id = d.id
+                                   ORDER BY boot DESC, seq0 DESC LIMIT 1) b""",
+            (list(device_ids),),
+        )
+        rows = cur.fetchall()
+    conn.rollback()
+    return {r[0]: Resume(int(r[1]), int(r[2]), float(r[3]), float(r[4])) for r in rows}
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+# ---- writer thread ------------------------------------------------------------------------------------
+class DbWriter(threading.Thread):
+    """Commits journaled chunks in journal order, in batches, on its own connection.
+
+    A batch commits at most COMMIT_INTERVAL_S after its first chunk arrived (sooner under load, when the
+    previous commit took that long). While PostgreSQL is unreachable the batch waits and is retried with
+    backoff; nothing is taken off the queue until it is committed.
+    """
+
+    COMMIT_INTERVAL_S = 0.02
+    MAX_BATCH_RECORDS = 50_000
+    MAX_BATCH_BYTES = 32 << 20
+
+    def __init__(self, settings: Settings, read_chunk: Callable[[Chunk], bytes],
+                 on_committed: Callable[[list[Chunk], float], None], on_failed: Callable[[list[Chunk], str], None]):
+        super().__init__(name="udpserver-db-writer", daemon=True)
+        self.settings = settings
+        self.read_chunk = read_chunk
+        self.on_committed = on_committed  # called in this thread: (chunks, commit duration)
+        self.on_failed = on_failed        # a batch PostgreSQL refuses for a reason other than being down
+        self.queue: deque[Chunk] = deque()
+        self._wake = threading.Event()
+        self._stop_at: float | None = None
+        self.connected = False
+        self.commits = 0
+        self.last_commit_ms = 0.0
+        self.last_commit_rows = 0
+        self.last_commit_at = 0.0
+        self._conn = None
+        self._next_log = 0.0
+
+    def submit(self, chunk: Chunk) -> None:
+        self.queue.append(chunk)
+        self._wake.set()
+
+    def stop(self, timeout: float) -> None:
+        """Finish what is queued, but give up after `timeout` s if PostgreSQL is unreachable (the chunks
+        stay in the spool for the next start)."""
+        self._stop_at = time.monotonic() + timeout
+        self._wake.set()
+
+    def _take(self) -> list[Chunk]:
+        batch: list[Chunk] = []
+        records = size = 0
+        while self.queue and records < self.MAX_BATCH_RECORDS and size < self.MAX_BATCH_BYTES:
+            c = self.queue.popleft()
+            batch.append(c)
+            records += c.nrec
+            size += c.size
+        return batch
+
+    def _connect(self):
+        conn = db.connect(self.settings, application_name="semg-udpserver", connect_timeout=3)
+        conn.autocommit = False
+        with conn.cursor() as cur:
+            cur.execute(_STAGE_DDL)
+        conn.commit()
+        return conn
+
+    def _write(self, batch: list[Chunk]) -> int:
+        payloads = [c.data if c.data is not None else self.read_chunk(c) for c in batch]
+        data, rows, _ = copy_payload(payloads)
+        conn = self._conn
+        if any(c.replayed for c in batch):
+            self._write_staged(conn, data)
+            return rows
+        try:
+            with conn.cursor() as cur:
+                copy_into(cur, "sample_blocks", data)
+            conn.commit()
+        except (psycopg2.errors.UniqueViolation, psycopg2.errors.ForeignKeyViolation) as e:
+            # Already stored (an earlier commit whose outcome we never saw) or the device was deleted.
+            conn.rollback()
+            log.info("batch needs the idempotent path: %s", first_line(e))
+            self._write_staged(conn, data)
+        return rows
+
+    @staticmethod
+    def _write_staged(conn, data: bytes) -> None:
+        with conn.cursor() as cur:
+            copy_into(cur, "sample_blocks_stage", data)
+            cur.execute(_STAGE_INSERT)
+        conn.commit()
+
+    def _log_down(self, err: BaseException, backoff: float) -> None:
+        now = time.monotonic()
+        if now >= self._next_log:
+            log.warning("PostgreSQL unavailable (%s); %d chunks waiting, retrying every %.1fs",
+                        first_line(err), len(self.queue), backoff)
+            self._next_log = now + 10.0
+
+    def run(self) -> None:
+        batch: list[Chunk] = []
+        backoff = 0.2
+        while True:
+            if not batch:
+                if not self.queue:
+                    if self._stop_at is not None:
+                        break
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+                    continue
+                # let a burst accumulate, but never hold the first chunk longer than the commit interval
+                wait = self.COMMIT_INTERVAL_S - (time.monotonic() - self.last_commit_at)
+                if wait > 0 and self._stop_at is None:
+                    time.sleep(wait)
+                batch = self._take()
+            try:
+                if self._conn is None:
+                    self._conn = self._connect()
+                    if not self.connected:
+                        log.info("connected to PostgreSQL")
+                    self.connected = True
+                    backoff = 0.2
+                t0 = time.monotonic()
+                rows = self._write(batch)
+                self.last_commit_at = time.monotonic()
+                self.last_commit_ms = (self.last_commit_at - t0) * 1000
+                self.last_commit_rows = rows
+                self.commits += 1
+                self.on_committed(batch, self.last_commit_ms)
+                batch = []
+            except (psycopg2.OperationalError, psycopg2.InterfaceError) as e:
+                self._drop_connection()
+                self._log_down(e, backoff)
+                if self._stop_at is not None and time.monotonic() >= self._stop_at:
+                    log.warning("stopping with %d chunks not stored: they stay in the spool for the next start",
+                                len(batch) + len(self.queue))
+                    break
+                self._wake.wait(backoff)
+                self._wake.clear()
+                backoff = min(backoff * 2, 5.0)
+            except psycopg2.Error as e:
+                # Not an outage: PostgreSQL refuses these rows. Retrying would block everything behind them.
+                log.error("PostgreSQL rejected a batch of %d chunks: %s", len(batch), first_line(e))
+                with contextlib.suppress(psycopg2.Error):
+                    self._conn.rollback()
+                self.on_failed(batch, first_line(e))
+                batch = []
+        self._drop_connection()
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
+        if self.connected:
+            log.warning("lost the PostgreSQL connection")
+        self.connected = False
