@@ -751,3 +751,19 @@ def video_path_for(user_id: int, session_id: int) -> tuple[Path, str]:
     rel = f"user{int(user_id)}/session{int(session_id)}-{datetime.now(UTC):%Y%m%dT%H%M%S}.webm"
     root = settings().video_dir
     return root / rel, rel
+
+
+class SessionStore:
+    """capture.IntervalStore backed by semg.repo: how a running capture records its intervals."""
+
+    def __init__(self, session_id: int):
+        self.session_id = session_id
+
+    def mark(self, interval_id: int, started_at: datetime, ended_at: datetime) -> None:
+        mark_interval(interval_id, started_at, ended_at)
+
+    def discard(self, interval_id: int) -> None:
+        discard_interval(interval_id)
+
+    def add(self, kind: str, label: str, repetition: int, planned_start_ms: int, planned_end_ms: int) -> int:
+        return add_interval(self.session_id, kind, label, repetition, planned_start_ms, planned_end_ms)["id"]

@@ -1,0 +1,315 @@
+"""The guided capture session's moving parts, kept free of Streamlit so they can be tested directly.
+
+CueRun walks a session's intervals in server (wall-clock) time. Interval boundaries are computed from the
+time each interval started plus its duration -- not from when the page happened to refresh -- so the times
+stored in session_intervals (what training labels from) are exact, and the cue drawn on the video frames
+(computed from the same object in the WebRTC thread) changes at exactly those instants.
+
+VideoRecorder encodes the webcam frames (with the cue drawn on them) to WebM, stamping each frame with its
+wall-clock arrival time, so video time t corresponds to server time started_at + t.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from fractions import Fraction
+from pathlib import Path
+from typing import Protocol
+
+import av
+from PIL import ImageDraw, ImageFont
+
+REST = "REST"
+
+
+def utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+class IntervalStore(Protocol):
+    """Where a run records what happened (the page passes one backed by semg.repo)."""
+
+    def mark(self, interval_id: int, started_at: datetime, ended_at: datetime) -> None: ...
+    def discard(self, interval_id: int) -> None: ...
+    def add(self, kind: str, label: str, repetition: int, planned_start_ms: int, planned_end_ms: int) -> int: ...
+
+
+@dataclass
+class Step:
+    interval_id: int
+    kind: str
+    label: str
+    repetition: int  # 0-based
+    duration_s: float
+    started: float | None = None  # wall-clock seconds
+    ended: float | None = None
+    discarded: bool = False
+
+
+@dataclass
+class Cue:
+    state: str  # 'waiting' | 'running' | 'done' | 'aborted'
+    label: str = ""
+    kind: str = "rest"
+    remaining_s: float = 0.0
+    repetition: int = 0  # 1-based, of the current or next gesture
+    repetitions: int = 0
+    next_label: str = ""
+    progress: float = 0.0  # fraction of planned steps done
+
+    @property
+    def headline(self) -> str:
+        if self.state == "done":
+            return "Done!"
+        if self.state == "aborted":
+            return "Stopped"
+        if self.state == "waiting":
+            return "Get ready"
+        return "Rest" if self.kind == "rest" else self.label
+
+    @property
+    def subline(self) -> str:
+        if self.state != "running":
+            return ""
+        if self.kind == "rest":
+            nxt = f" · next: {self.next_label}" if self.next_label else " · last rest"
+            return f"relax {self.remaining_s:0.1f} s{nxt}"
+        return f"hold {self.remaining_s:0.1f} s · repetition {self.repetition} of {self.repetitions}"
+
+
+@dataclass
+class CueRun:
+    session_id: int
+    steps: list[Step]
+    repetitions: int
+    hold_s: float
+    rest_s: float
+    state: str = "waiting"
+    index: int = 0
+    t_start: float | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def from_session(cls, session: dict) -> CueRun:
+        plan = session.get("plan") or {}
+        steps = [Step(i["id"], i["kind"], i["label"], int(i["repetition"]),
+                      (i["planned_end_ms"] - i["planned_start_ms"]) / 1000.0)
+                 for i in sorted(session["intervals"], key=lambda i: i["ordinal"]) if not i.get("discarded")]
+        return cls(session["id"], steps, int(plan.get("repetitions", 1)), float(plan.get("hold_s", 1)),
+                   float(plan.get("rest_s", 1)))
+
+    # -- time ----------------------------------------------------------------------------------------
+    def start(self, now: float) -> None:
+        with self.lock:
+            self.state, self.index, self.t_start = "running", 0, now
+            self.steps[0].started = now
+
+    def advance(self, now: float, store: IntervalStore) -> list[Step]:
+        """Close every interval whose time is up (each ends exactly where the next starts); record them."""
+        finished = []
+        with self.lock:
+            while self.state == "running":
+                cur = self.steps[self.index]
+                end = cur.started + cur.duration_s
+                if now < end:
+                    break
+                cur.ended = end
+                finished.append(cur)
+                self.index += 1
+                if self.index >= len(self.steps):
+                    self.state = "done"
+                else:
+                    self.steps[self.index].started = end
+        for s in finished:
+            store.mark(s.interval_id, utc(s.started), utc(s.ended))
+        return finished
+
+    def cue(self, now: float) -> Cue:
+        with self.lock:
+            total = len(self.steps)
+            if self.state != "running":
+                return Cue(self.state, progress=1.0 if self.state == "done" else 0.0, repetitions=self.repetitions)
+            cur = self.steps[self.index]
+            remaining = max(0.0, cur.started + cur.duration_s - now)
+            nxt = next((s for s in self.steps[self.index + 1:] if s.kind == "gesture"), None)
+            rep = (cur.repetition if cur.kind == "gesture" else nxt.repetition if nxt else cur.repetition) + 1
+            return Cue("running", cur.label, cur.kind, remaining, rep, self.repetitions,
+                       nxt.label if (nxt and cur.kind == "rest") else "",
+                       (self.index + 1 - remaining / max(cur.duration_s, 1e-6)) / total)
+
+    def redo_last(self, now: float, store: IntervalStore) -> Step | None:
+        """Discard the most recent gesture repetition (running or done) and do it again after a rest.
+
+        The current interval is cut at `now` (a cut rest keeps its data; a cut gesture is the one discarded);
+        then a fresh rest and the same gesture are inserted before the rest of the plan."""
+        self.advance(now, store)
+        with self.lock:
+            if self.state != "running":
+                return None
+            cur = self.steps[self.index]
+            done_gestures = [s for s in self.steps[: self.index] if s.kind == "gesture" and not s.discarded]
+            target = cur if cur.kind == "gesture" else (done_gestures[-1] if done_gestures else None)
+            if target is None:
+                return None
+            cur_cut = now > cur.started + 0.05
+            if cur_cut:
+                cur.ended = now
+            target.discarded = True
+            elapsed_ms = int((now - self.t_start) * 1000)
+        if cur_cut:
+            store.mark(cur.interval_id, utc(cur.started), utc(cur.ended))
+        store.discard(target.interval_id)
+        rest_ms, hold_ms = int(self.rest_s * 1000), int(self.hold_s * 1000)
+        rest_id = store.add("rest", REST, target.repetition, elapsed_ms, elapsed_ms + rest_ms)
+        again_id = store.add("gesture", target.label, target.repetition, elapsed_ms + rest_ms,
+                             elapsed_ms + rest_ms + hold_ms)
+        with self.lock:
+            new = [Step(rest_id, "rest", REST, target.repetition, self.rest_s),
+                   Step(again_id, "gesture", target.label, target.repetition, self.hold_s)]
+            if cur_cut:
+                self.steps[self.index + 1:self.index + 1] = new
+                self.index += 1
+            else:  # nothing happened in the current interval yet: replace it
+                self.steps[self.index:self.index + 1] = new
+            self.steps[self.index].started = now
+        return target
+
+    def abort(self, now: float, store: IntervalStore) -> None:
+        self.advance(now, store)
+        with self.lock:
+            if self.state != "running":
+                return
+            cur = self.steps[self.index]
+            self.state = "aborted"
+            cut = now > cur.started + 0.05
+        if cut:
+            store.mark(cur.interval_id, utc(cur.started), utc(now))
+
+    def summary(self) -> dict:
+        with self.lock:
+            done = [s for s in self.steps if s.ended is not None]
+            return {"intervals": len(done), "gestures": sum(1 for s in done if s.kind == "gesture" and not s.discarded),
+                    "redone": sum(1 for s in self.steps if s.discarded), "planned": len(self.steps)}
+
+
+# ---- webcam --------------------------------------------------------------------------------------------
+_FONTS: dict[int, ImageFont.FreeTypeFont] = {}
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    if size not in _FONTS:
+        _FONTS[size] = ImageFont.load_default(size=size)
+    return _FONTS[size]
+
+
+def draw_cue(img, cue: Cue, recording: bool) -> None:
+    """Draw the cue (and a REC mark) onto a PIL image in place."""
+    d = ImageDraw.Draw(img)
+    w, h = img.size
+    big = max(18, h // 8)
+    if cue.state == "running":
+        color = (120, 120, 120) if cue.kind == "rest" else (220, 40, 40)
+        d.rectangle([0, 0, w, big + h // 10], fill=(0, 0, 0))
+        d.text((10, 4), cue.headline, font=_font(big), fill=color if cue.kind == "gesture" else (230, 230, 230))
+        d.text((10, big + 6), cue.subline, font=_font(max(12, h // 22)), fill=(255, 255, 255))
+        d.rectangle([0, h - 8, int(w * cue.progress), h], fill=(40, 160, 60))
+    elif cue.state in ("done", "aborted"):
+        d.text((10, 4), cue.headline, font=_font(big), fill=(255, 255, 255), stroke_width=2, stroke_fill=(0, 0, 0))
+    if recording:
+        d.ellipse([w - 30, 10, w - 12, 28], fill=(230, 0, 0))
+        d.text((w - 75, 10), "REC", font=_font(16), fill=(230, 0, 0))
+
+
+class VideoRecorder:
+    """WebM (VP8) writer fed from the WebRTC thread; frame timestamps are wall-clock offsets from the first."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.path: Path | None = None
+        self._container = None
+        self._stream = None
+        self.first: float | None = None
+        self.last: float | None = None
+        self.frames = 0
+        self._last_pts = -1
+        self.size: tuple[int, int] | None = None
+        self.error: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.path is not None
+
+    def start(self, path: Path) -> None:
+        with self.lock:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.path, self.first, self.last, self.frames, self._last_pts = path, None, None, 0, -1
+            self._container = self._stream = None
+            self.error = None
+
+    def write(self, frame: av.VideoFrame, now: float) -> None:
+        with self.lock:
+            if self.path is None or self.error:
+                return
+            try:
+                if self._container is None:
+                    w, h = frame.width - frame.width % 2, frame.height - frame.height % 2
+                    self._container = av.open(str(self.path), "w", format="webm")
+                    self._stream = self._container.add_stream("libvpx", rate=30)
+                    self._stream.width, self._stream.height, self._stream.pix_fmt = w, h, "yuv420p"
+                    self._stream.time_base = Fraction(1, 1000)
+                    self._stream.bit_rate = 1_000_000
+                    self._stream.codec_context.options = {"deadline": "realtime", "cpu-used": "8"}
+                    self.first, self.size = now, (w, h)
+                pts = max(int(round((now - self.first) * 1000)), self._last_pts + 1)
+                out = frame.reformat(width=self.size[0], height=self.size[1], format="yuv420p")
+                out.pts, out.time_base = pts, Fraction(1, 1000)
+                for packet in self._stream.encode(out):
+                    self._container.mux(packet)
+                self._last_pts, self.last, self.frames = pts, now, self.frames + 1
+            except Exception as e:  # noqa: BLE001 - a broken encoder must not kill the video stream
+                self.error = f"{type(e).__name__}: {e}"
+
+    def stop(self) -> dict | None:
+        """Close the file; returns what the videos row needs, or None when no frame was recorded."""
+        with self.lock:
+            path, container, stream = self.path, self._container, self._stream
+            self.path = self._container = self._stream = None
+            if container is None:
+                return None
+            try:
+                for packet in stream.encode():
+                    container.mux(packet)
+            finally:
+                container.close()
+            duration = (self.last or self.first) - self.first
+            return {"path": path, "started_at": utc(self.first), "ended_at": utc(self.last or self.first),
+                    "frame_count": self.frames, "fps": (self.frames - 1) / duration if duration > 0 else None,
+                    "width": self.size[0], "height": self.size[1], "bytes": path.stat().st_size}
+
+
+class CaptureShared:
+    """Per-browser-session state the WebRTC thread reads: the running cue and the recorder."""
+
+    def __init__(self) -> None:
+        self.run: CueRun | None = None
+        self.recorder = VideoRecorder()
+        self.frames_seen = 0
+        self.last_frame_at: float | None = None
+
+    def frame_callback(self, frame: av.VideoFrame) -> av.VideoFrame:
+        now = time.time()
+        self.frames_seen += 1
+        self.last_frame_at = now
+        run = self.run
+        cue = run.cue(now) if run is not None else Cue("waiting")
+        img = frame.to_image()
+        draw_cue(img, cue, self.recorder.active)
+        out = av.VideoFrame.from_image(img)
+        out.pts = frame.pts
+        if frame.time_base is not None:
+            out.time_base = frame.time_base
+        self.recorder.write(out, now)
+        return out

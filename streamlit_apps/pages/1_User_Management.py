@@ -1,0 +1,102 @@
+"""Users: search, create, edit, delete (with confirmation; removes all their data)."""
+
+import pandas as pd
+import streamlit as st
+
+import data
+import uikit as ui
+
+ui.page_setup("Users", "👤")
+st.title("👤 User Management")
+
+PENDING_DELETE = "users_pending_delete"
+
+
+def create_form() -> None:
+    with st.form("create_user", clear_on_submit=True):
+        st.markdown("**New user**")
+        c1, c2 = st.columns(2)
+        name = c1.text_input("Name", max_chars=200, key="new_user_name")
+        email = c2.text_input("Email", max_chars=320, key="new_user_email")
+        notes = st.text_area("Notes (optional)", height=68, key="new_user_notes")
+        if st.form_submit_button("Create user", type="primary"):
+            if not name.strip() or not email.strip():
+                st.error("Name and email are both required.")
+                return
+            try:
+                user = data.create_user(name, email, notes)
+            except data.RepoError as e:
+                st.error(f"Not created: {e}")
+                return
+            st.session_state[ui.USER_KEY] = user["id"]
+            st.success(f"Created {user['name']} (#{user['id']}). Next: add gestures on **Gesture Management**.")
+
+
+def user_table(users: list[dict]) -> None:
+    st.dataframe(pd.DataFrame([{
+        "id": u["id"], "name": u["name"], "email": u["email"], "gestures": u["gestures"], "devices": u["devices"],
+        "created": ui.fmt_time(u["created_at"]), "notes": u["notes"],
+    } for u in users]), hide_index=True, width="stretch")
+
+
+def edit_and_delete(users: list[dict]) -> None:
+    by_id = {u["id"]: u for u in users}
+    ids = list(by_id)
+    current = st.session_state.get(ui.USER_KEY)
+    uid = st.selectbox("Edit or delete", ids, index=ids.index(current) if current in by_id else 0,
+                       format_func=lambda i: f"{by_id[i]['name']} <{by_id[i]['email']}> · #{i}", key="edit_user_pick")
+    st.session_state[ui.USER_KEY] = uid
+    user = by_id[uid]
+    with st.form(f"edit_user_{uid}"):
+        c1, c2 = st.columns(2)
+        name = c1.text_input("Name", value=user["name"], max_chars=200)
+        email = c2.text_input("Email", value=user["email"], max_chars=320)
+        notes = st.text_area("Notes", value=user["notes"], height=68)
+        if st.form_submit_button("Save changes"):
+            try:
+                data.update_user(uid, name, email, notes)
+                st.toast(f"Saved {name}.")
+                st.rerun()
+            except data.RepoError as e:
+                st.error(f"Not saved: {e}")
+
+    if st.session_state.get(PENDING_DELETE) != uid:
+        if st.button(f"Delete {user['name']}…", key="ask_delete"):
+            st.session_state[PENDING_DELETE] = uid
+            st.rerun()
+        return
+    counts = data.user_data_counts(uid)
+    st.warning(
+        f"Delete **{user['name']}** and ALL their data? This removes {counts.get('gestures', 0)} gesture(s), "
+        f"{counts.get('devices', 0)} device(s), {counts.get('sessions', 0)} session(s), "
+        f"{int(counts.get('samples', 0)):,} samples, {counts.get('videos', 0)} video(s), "
+        f"{counts.get('jobs', 0)} training job(s), {counts.get('models', 0)} model(s) and "
+        f"{counts.get('predictions', 0)} prediction(s). It cannot be undone."
+    )
+    c1, c2 = st.columns(2)
+    if c1.button("Yes, delete permanently", type="primary", key="confirm_delete"):
+        deleted = data.delete_user(uid)
+        st.session_state.pop(PENDING_DELETE, None)
+        st.session_state.pop(ui.USER_KEY, None)
+        st.session_state["users_flash"] = (f"Deleted {deleted['name']} and all their data "
+                                           f"({deleted.get('videos_removed', 0)} video file(s) removed).")
+        st.rerun()
+    if c2.button("Cancel", key="cancel_delete"):
+        st.session_state.pop(PENDING_DELETE, None)
+        st.rerun()
+
+
+with ui.guard():
+    if msg := st.session_state.pop("users_flash", None):
+        st.success(msg)
+    create_form()
+    st.divider()
+    search = st.text_input("Search by name or email", key="user_search", placeholder="e.g. ada or @example.org")
+    users = data.list_users(search=search or None, limit=1000)
+    if not users:
+        st.info("No matching users." if search else "No users yet: create the first one above.")
+    else:
+        st.caption(f"{len(users)} user(s)")
+        user_table(users)
+        st.subheader("Edit")
+        edit_and_delete(users)

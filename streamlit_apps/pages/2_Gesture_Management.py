@@ -1,0 +1,198 @@
+"""A user's gesture bank (with channels and their purposes), quick-add from a library, and the user's devices
+(registration with a key shown once as an arduino_secrets.h snippet, key rotation, deletion)."""
+
+import pandas as pd
+import streamlit as st
+
+import data
+import uikit as ui
+
+ui.page_setup("Gestures & devices", "✋")
+st.title("✋ Gesture Management")
+
+SECRET_KEY = "gestures_shown_secret"  # (device id, snippet, what happened): shown once, until dismissed
+
+
+def channel_table(n_channels: int, used=(), purposes=None) -> pd.DataFrame:
+    purposes = purposes or {}
+    return pd.DataFrame({"channel": list(range(n_channels)),
+                         "used": [c in set(used) for c in range(n_channels)],
+                         "purpose": [purposes.get(str(c), "") for c in range(n_channels)]})
+
+
+def from_channel_table(df: pd.DataFrame) -> tuple[list[int], dict[str, str]]:
+    used = [int(r.channel) for r in df.itertuples() if bool(r.used)]
+    purposes = {str(int(r.channel)): str(r.purpose).strip() for r in df.itertuples()
+                if isinstance(r.purpose, str) and r.purpose.strip()}
+    return used, purposes
+
+
+CHANNEL_EDITOR = {
+    "channel": st.column_config.NumberColumn("channel", disabled=True, width="small"),
+    "used": st.column_config.CheckboxColumn("used", help="None ticked = the gesture uses every channel"),
+    "purpose": st.column_config.TextColumn("purpose", help="What this electrode picks up, e.g. 'finger flexors'"),
+}
+
+
+def gesture_bank(user: dict, n_channels: int) -> None:
+    st.subheader("Gesture bank")
+    gestures = data.list_gestures(user["id"])
+    if gestures:
+        st.dataframe(pd.DataFrame([{
+            "name": g["name"], "description": g["description"],
+            "channels used": ", ".join(map(str, g["channels_used"])) or "all",
+            "channel purposes": "; ".join(f"ch{k}: {v}" for k, v in sorted(g["channel_purposes"].items(),
+                                                                           key=lambda kv: int(kv[0]))),
+        } for g in gestures]), hide_index=True, width="stretch")
+    else:
+        st.info("No gestures yet. Quick-add a few common ones below, or define your own. "
+                "The rest class (REST) is built in.")
+
+    have = {g["name"] for g in gestures}
+    library = [g for g in data.GESTURE_LIBRARY if g["name"] not in have]
+    c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
+    picked = c1.multiselect("Quick-add from the library", [g["name"] for g in library], key="quick_add",
+                            help="; ".join(f"{g['name']}: {g['description']}" for g in library))
+    if c2.button("Add selected", disabled=not picked, key="quick_add_btn"):
+        desc = {g["name"]: g["description"] for g in library}
+        for name in picked:
+            data.add_gesture(user["id"], name, desc[name])
+        st.session_state.pop("quick_add", None)
+        st.toast(f"Added {', '.join(picked)}")
+        st.rerun()
+
+    with st.expander("Define a custom gesture", expanded=not gestures):
+        with st.form("add_gesture", clear_on_submit=True):
+            name = st.text_input("Name", max_chars=80, key="new_gesture_name")
+            desc = st.text_input("Description", key="new_gesture_desc")
+            table = st.data_editor(channel_table(n_channels), hide_index=True, column_config=CHANNEL_EDITOR,
+                                   key="new_gesture_channels", width="stretch")
+            if st.form_submit_button("Add gesture", type="primary"):
+                used, purposes = from_channel_table(table)
+                try:
+                    data.add_gesture(user["id"], name, desc, used, purposes)
+                    st.toast(f"Added {name}")
+                    st.rerun()
+                except data.RepoError as e:
+                    st.error(f"Not added: {e}")
+
+    if gestures:
+        with st.expander("Edit or delete a gesture"):
+            by_id = {g["id"]: g for g in gestures}
+            gid = st.selectbox("Gesture", list(by_id), format_func=lambda i: by_id[i]["name"], key="edit_gesture")
+            g = by_id[gid]
+            with st.form(f"edit_gesture_{gid}"):
+                name = st.text_input("Name", value=g["name"], max_chars=80)
+                desc = st.text_input("Description", value=g["description"])
+                n = max(n_channels, 1 + max(g["channels_used"], default=-1))
+                table = st.data_editor(channel_table(n, g["channels_used"], g["channel_purposes"]), hide_index=True,
+                                       column_config=CHANNEL_EDITOR, key=f"edit_gesture_channels_{gid}",
+                                       width="stretch")
+                c1, c2 = st.columns(2)
+                save = c1.form_submit_button("Save")
+                delete = c2.form_submit_button("Delete this gesture")
+            if save:
+                used, purposes = from_channel_table(table)
+                try:
+                    data.update_gesture(gid, name, desc, used, purposes)
+                    st.toast(f"Saved {name}")
+                    st.rerun()
+                except data.RepoError as e:
+                    st.error(f"Not saved: {e}")
+            if delete:
+                data.delete_gesture(gid)
+                st.toast(f"Deleted {g['name']}; recorded sessions keep their labels.")
+                st.rerun()
+
+
+def show_secret_once() -> None:
+    shown = st.session_state.get(SECRET_KEY)
+    if not shown:
+        return
+    device_id, snippet, what = shown
+    st.success(f"{what} Copy the key now: **it is shown only once** (the server keeps it, but never shows it again).")
+    st.markdown("Paste these lines into `arduino/arduino_secrets.h`, fill in your Wi-Fi and this computer's "
+                "address, then build and flash the sketch:")
+    st.code(snippet, language="c")
+    if st.button("I have saved the key", key="dismiss_secret"):
+        st.session_state.pop(SECRET_KEY, None)
+        st.rerun()
+
+
+def devices(user: dict) -> None:
+    st.subheader("Devices")
+    show_secret_once()
+    devs = data.device_activity(user["id"])
+    if devs:
+        st.dataframe(pd.DataFrame([{
+            "device": d["id"], "name": d["name"], "protocol": d["protocol"], "channels": d["channel_count"],
+            "sample rate (Hz)": float(d["sample_rate_hz"]),
+            "status": f"streaming ~{d['measured_rate_hz']:.0f} Hz" if d["streaming"] else "not streaming",
+            "last sample": ui.fmt_ago(d["last_sample_at"], d["now"]),
+        } for d in devs]), hide_index=True, width="stretch")
+    else:
+        st.info("No device yet: register the armband below to get its secret key.")
+
+    with st.form("register_device"):
+        st.markdown("**Register a device**")
+        c1, c2, c3 = st.columns(3)
+        name = c1.text_input("Name", value="armband", max_chars=80, key="new_device_name")
+        channels = c2.number_input("Channels", min_value=1, max_value=16, value=8, step=1, key="new_device_channels")
+        rate = c3.number_input("Sample rate (Hz)", min_value=1.0, max_value=10000.0, value=1000.0, step=50.0,
+                               key="new_device_rate")
+        if st.form_submit_button("Register device", type="primary"):
+            try:
+                dev = data.register_device(user["id"], int(channels), float(rate), name)
+            except data.RepoError as e:
+                st.error(f"Not registered: {e}")
+            else:
+                st.session_state[SECRET_KEY] = (dev["id"], data.arduino_secrets_snippet(dev),
+                                                f"Registered device #{dev['id']}.")
+                st.rerun()
+
+    if devs:
+        by_id = {d["id"]: d for d in devs}
+        c1, c2, c3 = st.columns([2, 1, 1], vertical_alignment="bottom")
+        did = c1.selectbox("Manage device", list(by_id), key="manage_device",
+                           format_func=lambda i: f"#{i} {by_id[i]['name']} ({by_id[i]['channel_count']} ch)")
+        confirm = st.session_state.get("device_confirm")
+        if c2.button("Rotate key…", key="rotate_ask"):
+            st.session_state["device_confirm"] = ("rotate", did)
+            st.rerun()
+        if c3.button("Delete device…", key="delete_device_ask"):
+            st.session_state["device_confirm"] = ("delete", did)
+            st.rerun()
+        if confirm and confirm[1] in by_id:
+            action, target = confirm
+            if action == "rotate":
+                st.warning(f"Rotate the key of device #{target}? The armband stops being accepted until you flash "
+                           "the new key.")
+            else:
+                st.warning(f"Delete device #{target} and all its samples? Sessions recorded with it lose their "
+                           "signals. This cannot be undone.")
+            k1, k2 = st.columns(2)
+            if k1.button(f"Yes, {action}", type="primary", key="device_confirm_yes"):
+                st.session_state.pop("device_confirm", None)
+                if action == "rotate":
+                    dev = data.rotate_device_key(target)
+                    st.session_state[SECRET_KEY] = (target, data.arduino_secrets_snippet(dev),
+                                                    f"New key for device #{target}.")
+                else:
+                    data.delete_device(target)
+                    st.toast(f"Deleted device #{target}")
+                st.rerun()
+            if k2.button("Cancel", key="device_confirm_no"):
+                st.session_state.pop("device_confirm", None)
+                st.rerun()
+
+
+with ui.guard():
+    user = ui.pick_user()
+    if user:
+        devs = data.list_devices(user["id"])
+        n_channels = max([d["channel_count"] for d in devs], default=8)
+        left, right = st.columns([1.15, 1], gap="large")
+        with left:
+            gesture_bank(user, n_channels)
+        with right:
+            devices(user)

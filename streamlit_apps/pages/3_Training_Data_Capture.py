@@ -1,0 +1,214 @@
+"""Guided recording: a large cue (gesture, countdown, repetition X of Y), the webcam with the cue drawn on its
+frames and recorded in sync with the signals, a live signal strip proving the device streams, redo-last-
+repetition; interval times are stored as the cues happen (they are what training labels from)."""
+
+import time
+from datetime import UTC, datetime, timedelta
+
+import streamlit as st
+from streamlit_webrtc import WebRtcMode, webrtc_streamer
+
+import capture
+import charts
+import data
+import uikit as ui
+
+ui.page_setup("Capture", "🎥")
+st.title("🎥 Training Data Capture")
+
+SHARED = "capture_shared"
+LAST = "capture_last_result"
+shared: capture.CaptureShared = st.session_state.setdefault(SHARED, capture.CaptureShared())
+
+
+def start_session(user: dict, device: dict, gestures: list[str], reps: int, hold: float, rest: float,
+                  name: str) -> None:
+    session = data.create_session(user["id"], device["id"], gestures, reps, hold, rest, name)
+    run = capture.CueRun.from_session(session)
+    now = time.time()
+    data.start_session(session["id"], at=capture.utc(now))
+    run.start(now)
+    # The recorder opens its file on the first frame, so a webcam started mid-session still records.
+    path, _rel = data.video_path_for(user["id"], session["id"])
+    shared.recorder.start(path)
+    shared.run = run
+    st.session_state["capture_run_user"] = user["id"]
+    st.session_state.pop(LAST, None)
+
+
+def finish(run: capture.CueRun) -> None:
+    """End the session (completed or aborted), close the video and register it."""
+    status = "completed" if run.state == "done" else "aborted"
+    ends = [s.ended for s in run.steps if s.ended is not None]
+    end = max(ends) if ends else time.time()
+    session = data.end_session(run.session_id, status, at=capture.utc(end))
+    video = shared.recorder.stop()
+    note = ""
+    if video:
+        rel = video["path"].resolve().relative_to(data.settings().video_dir.resolve()).as_posix()
+        data.record_video(session["user_id"], run.session_id, rel, video["started_at"], video["ended_at"],
+                          video["frame_count"], video["fps"], video["width"], video["height"], video["bytes"])
+        note = f"Video saved ({video['frame_count']} frames, {ui.fmt_bytes(video['bytes'])})."
+    elif shared.recorder.error:
+        note = f"The video could not be saved ({shared.recorder.error})."
+    else:
+        note = "No video (the webcam was off)."
+    st.session_state[LAST] = {"session_id": run.session_id, "status": status, "summary": run.summary(),
+                              "note": note}
+    shared.run = None
+
+
+@st.fragment(run_every=0.2)
+def run_view() -> None:
+    with ui.guard():
+        run = shared.run
+        if run is None:
+            st.rerun(scope="app")
+        store = data.SessionStore(run.session_id)
+        run.advance(time.time(), store)
+        c1, c2 = st.columns(2)
+        if c1.button("↺ Redo last repetition", key="redo", width="stretch",
+                     help="Throws the last gesture repetition away and does it again after a short rest"):
+            redone = run.redo_last(time.time(), store)
+            st.toast(f"Redoing {redone.label} (repetition {redone.repetition + 1})" if redone
+                     else "Nothing to redo yet")
+        if c2.button("■ Stop session", key="abort", width="stretch"):
+            run.abort(time.time(), store)
+        cue = run.cue(time.time())
+        color = "#d62728" if cue.kind == "gesture" and cue.state == "running" else "#555555"
+        ui.big_cue(cue.headline, cue.subline, color=color, size_rem=5.0)
+        st.progress(min(1.0, max(0.0, cue.progress)), text=f"session #{run.session_id}")
+        if run.state in ("done", "aborted"):
+            finish(run)
+            st.rerun(scope="app")
+
+
+def setup_view(user: dict, devices: list[dict], gestures: list[dict]) -> dict:
+    """The session settings; returns the chosen device."""
+    by_id = {d["id"]: d for d in devices}
+    device = by_id[st.selectbox("Device", list(by_id), key="capture_device",
+                                format_func=lambda i: f"#{i} {by_id[i]['name']} ({by_id[i]['channel_count']} ch, "
+                                                      f"{float(by_id[i]['sample_rate_hz']):g} Hz)")]
+    names = [g["name"] for g in gestures]
+    chosen = st.multiselect("Gestures", names, default=names[: min(len(names), 4)], key="capture_gestures")
+    c1, c2, c3 = st.columns(3)
+    reps = c1.number_input("Repetitions", 1, 50, 5, key="capture_reps")
+    hold = c2.number_input("Hold (s)", 0.5, 60.0, 3.0, step=0.5, key="capture_hold")
+    rest = c3.number_input("Rest (s)", 0.5, 60.0, 3.0, step=0.5, key="capture_rest")
+    name = st.text_input("Session name", value="", placeholder="optional, e.g. 'morning, armband on left forearm'",
+                         key="capture_name")
+    if not chosen:
+        st.info("Choose at least one gesture.")
+        return device
+    plan = data.plan_intervals(chosen, int(reps), float(hold), float(rest))
+    total = plan[-1]["planned_end_ms"] / 1000
+    st.caption(f"{len(plan)} intervals, {int(reps) * len(chosen)} gesture repetitions, "
+               f"{int(total // 60)} min {total % 60:.0f} s. Each gesture is held {hold:g} s after a {rest:g} s rest.")
+    activity = next((d for d in data.device_activity(user["id"]) if d["id"] == device["id"]), None)
+    if activity and not activity["streaming"]:
+        st.warning("This device is not streaming, so the session would record no signals. Check the live strip "
+                   "on the right before starting.")
+    if st.button("▶ Start session", type="primary", key="capture_start"):
+        start_session(user, device, chosen, int(reps), float(hold), float(rest),
+                      name or f"{', '.join(chosen)} x{int(reps)}")
+        st.rerun()
+    return device
+
+
+def unfinished(user: dict) -> None:
+    current = shared.run.session_id if shared.run else None
+    stale = [s for s in data.list_sessions(user["id"]) if s["status"] in ("planned", "recording")
+             and s["id"] != current]
+    for s in stale:
+        c1, c2 = st.columns([3, 1], vertical_alignment="center")
+        c1.caption(f"Session #{s['id']} '{s['name']}' was left {s['status']} (started "
+                   f"{ui.fmt_time(s['started_at'])}); its recorded intervals stay usable.")
+        if c2.button("Close it", key=f"close_{s['id']}"):
+            data.end_session(s["id"], "aborted")
+            st.rerun()
+
+
+def _webrtc_available() -> bool:
+    """WebRTC needs the real Streamlit server (the script test harness only has a stand-in runtime)."""
+    from streamlit.runtime import Runtime
+
+    return Runtime.exists() and type(Runtime.instance()) is Runtime
+
+
+def camera() -> None:
+    st.markdown("**Webcam** (optional: the video helps you check the labels later)")
+    if not _webrtc_available():
+        st.caption("The webcam needs the Streamlit server (streamlit run).")
+        return
+    ctx = webrtc_streamer(
+        key="capture-webcam",
+        mode=WebRtcMode.SENDRECV,
+        rtc_configuration={"iceServers": []},  # local connection only: no STUN server is reachable
+        media_stream_constraints={"video": {"width": {"ideal": 640}, "height": {"ideal": 480},
+                                            "frameRate": {"ideal": 20}}, "audio": False},
+        video_frame_callback=shared.frame_callback,
+        async_processing=True,
+    )
+    playing = bool(ctx and ctx.state.playing)
+    if not playing:
+        st.caption("Press START to turn the webcam on before starting the session.")
+    elif shared.recorder.active:
+        st.caption("🔴 recording: the cue is drawn on every frame")
+    else:
+        st.caption("Camera on; recording starts with the session.")
+
+
+@st.fragment(run_every=1.0)
+def signal_strip(user_id: int, device: dict) -> None:
+    with ui.guard():
+        activity = next((d for d in data.device_activity(user_id) if d["id"] == device["id"]), None)
+        if activity is None:
+            st.warning("This device no longer exists.")
+            return
+        if activity["streaming"]:
+            st.caption(f"🟢 device #{device['id']} streaming ~{activity['measured_rate_hz']:.0f} Hz "
+                       f"(expected {float(device['sample_rate_hz']):g} Hz)")
+        else:
+            st.warning(f"Device #{device['id']} is not streaming (last sample: "
+                       f"{ui.fmt_ago(activity['last_sample_at'], activity['now'])}). Power the armband on, check its "
+                       "Wi-Fi, and that arduino_secrets.h holds this device's id and key.", icon="📡")
+        now = datetime.now(UTC)
+        sig = data.signal(device["id"], now - timedelta(seconds=4), now, max_points=600)
+        if not sig.empty:
+            sig.frame["t"] = sig.frame["t"] - 4.0
+            fig = charts.signal_figure(sig.frame, stacked=False, x_title="seconds ago")
+            fig.update_layout(height=220, showlegend=False)
+            st.plotly_chart(fig, key="capture_strip", config={"displayModeBar": False})
+
+
+def page() -> None:
+    user = ui.pick_user()
+    if not user:
+        return
+    gestures = data.list_gestures(user["id"])
+    devices = data.list_devices(user["id"])
+    if not gestures or not devices:
+        need = [x for x, ok in (("add gestures", gestures), ("register a device", devices)) if not ok]
+        st.info(f"Before recording, {' and '.join(need)} on the **Gesture Management** page.")
+        return
+    left, right = st.columns([3, 2], gap="large")
+    with left:
+        if last := st.session_state.get(LAST):
+            s = last["summary"]
+            (st.success if last["status"] == "completed" else st.warning)(
+                f"Session #{last['session_id']} {last['status']}: {s['gestures']} gesture repetitions recorded, "
+                f"{s['redone']} redone. {last['note']} Next: check its quality and train on **Kickoff Training**.")
+        if shared.run is not None:
+            run_view()
+            device_id = data.get_session(shared.run.session_id)["device_id"]
+            device = next((d for d in devices if d["id"] == device_id), devices[0])
+        else:
+            unfinished(user)
+            device = setup_view(user, devices, gestures)
+    with right:
+        camera()
+        signal_strip(user["id"], device)
+
+
+with ui.guard():
+    page()
