@@ -290,6 +290,7 @@ class Worker:
     _warned: set[tuple] = field(default_factory=set)
     _inflight: deque[tuple[asyncio.Task, list[Ready]]] = field(default_factory=deque)
     _refreshing: set[int] = field(default_factory=set)
+    _announced: frozenset[int] = frozenset()
 
     # ---- message handling (never awaits I/O) ------------------------------------------------------
     async def on_samples(self, msg) -> None:
@@ -494,8 +495,9 @@ class Worker:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
             self.streams.pop(uid, None)
-        if wanted:
-            log.debug("subscribed to %d users", len(self.subs))
+        if wanted != self._announced:
+            self._announced = frozenset(wanted)
+            log.info("handling users %s", sorted(wanted))
 
     async def on_models_updated(self, msg) -> None:
         try:
@@ -636,6 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.votes < 1 or not 0 <= args.min_confidence <= 1:
         p.error("--votes must be >= 1 and --min-confidence in [0, 1]")
     logging.basicConfig(level=s.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     opts = Options(api_url=args.api_url, votes=args.votes, min_confidence=args.min_confidence,
                    unsure_label=args.unsure_label, max_inflight=max(1, args.max_inflight))
     log.info("starting on %s pid %d", socket.gethostname(), os.getpid())

@@ -1,0 +1,187 @@
+"""The live inference worker against a real API server, PostgreSQL and NATS."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import numpy as np
+import pytest
+
+from semg import natsio
+from tests.inference.helpers import Collector, expected_ends, samples_message
+
+RATE = 200.0
+WIN, STEP = 50, 5  # 250 ms / 25 ms at 200 Hz (the demo artifacts' defaults)
+WARMUP_SEQ0 = 1_000_000
+
+
+def _slots(db_conn) -> int:
+    from ml_model.nat_inference import SLOT_LOCK_NS
+    with db_conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid = %s",
+                    (SLOT_LOCK_NS,))
+        return cur.fetchone()[0]
+
+
+def _wait_workers(db_conn, n: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while _slots(db_conn) < n:
+        assert time.monotonic() < deadline, f"{n} inference workers did not register"
+        time.sleep(0.2)
+
+
+async def _warm_up(nc, coll: Collector, users: list[tuple[int, int]], timeout: float = 30) -> None:
+    """Stream (real time) until every user gets decisions: all workers subscribed and models fetched."""
+    rng = np.random.default_rng(1)
+    seq = WARMUP_SEQ0
+    deadline = time.monotonic() + timeout
+    stable_since = None
+    while time.monotonic() < deadline:
+        for uid, dev in users:
+            await nc.publish(f"emg.samples.{uid}", samples_message(uid, dev, seq, rng.integers(-60, 60, (5, 8)), RATE))
+        seq += 5
+        await asyncio.sleep(0.025)
+        if all(coll.of(uid) for uid, _ in users):
+            stable_since = stable_since or time.monotonic()
+            if time.monotonic() - stable_since > 2.5:  # > 2 membership polls with everything live
+                return
+    pytest.fail("not every user got live decisions during the warm-up")
+
+
+async def _stream(nc, users: list[tuple[int, int]], n_samples: int, chunk: int = 10, speed: float = 3.0,
+                  boot: int = 1, seq0: int = 0) -> None:
+    """Publish n_samples per user in chunks, interleaved across users, `speed` x real time."""
+    rng = np.random.default_rng(2)
+    for a in range(seq0, seq0 + n_samples, chunk):
+        for uid, dev in users:
+            k = min(chunk, seq0 + n_samples - a)
+            await nc.publish(f"emg.samples.{uid}",
+                             samples_message(uid, dev, a, rng.integers(-60, 60, (k, 8)), RATE, boot=boot))
+        await asyncio.sleep(chunk / RATE / speed)
+
+
+def _counted(coll: Collector, uid: int) -> list[int]:
+    return sorted(d.seq for d in coll.of(uid) if d.seq < WARMUP_SEQ0)
+
+
+@pytest.mark.parametrize("n_workers", [1, 2])
+def test_every_window_decided_exactly_once(n_workers, workers, model_user, db_conn):
+    users = [model_user(seed=i)[:2] for i in range(6)]
+    procs = workers(n_workers)
+    _wait_workers(db_conn, n_workers)
+    n_samples = 1000
+
+    async def scenario() -> Collector:
+        nc = await natsio.connect("admin")
+        coll = Collector()
+        await coll.start(nc)
+        await _warm_up(nc, coll, users)
+        await _stream(nc, users, n_samples)
+        want = len(expected_ends(0, n_samples - 1, WIN, STEP))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(len(_counted(coll, u)) < want for u, _ in users):
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)  # duplicates, if any, would arrive now
+        await nc.close()
+        return coll
+
+    coll = asyncio.run(scenario())
+    want = expected_ends(0, n_samples - 1, WIN, STEP)
+    for uid, dev in users:
+        got = _counted(coll, uid)
+        assert got == want, f"user {uid}: {len(got)} decisions, {len(set(got))} distinct, want {len(want)}"
+        for d in coll.of(uid):
+            assert d.device_id == dev and 0 <= d.confidence <= 1 and d.decided_time >= d.sample_recv_time
+    if n_workers == 2:
+        handled = []
+        for p in procs:
+            lines = re.findall(r"handling users \[([\d, ]*)\]", p.log.read_text())
+            handled.append(set(map(int, re.findall(r"\d+", lines[-1]))) if lines else set())
+        assert handled[0] and handled[1], f"users not shared between the workers: {handled}"
+        assert not handled[0] & handled[1] and handled[0] | handled[1] == {u for u, _ in users}
+
+
+def test_gaps_and_out_of_order_reset_the_buffer(workers, model_user, db_conn):
+    (uid, dev, _), = [model_user()]
+    workers(1)
+    _wait_workers(db_conn, 1)
+    rng = np.random.default_rng(3)
+
+    async def scenario() -> Collector:
+        nc = await natsio.connect("admin")
+        coll = Collector()
+        await coll.start(nc)
+        await _warm_up(nc, coll, [(uid, dev)])
+
+        async def send(seq0: int, n: int) -> None:
+            await nc.publish(f"emg.samples.{uid}", samples_message(uid, dev, seq0, rng.integers(-60, 60, (n, 8)),
+                                                                   RATE, boot=1))
+            await asyncio.sleep(0.01)
+
+        for a in range(0, 100, 10):      # run 1: seq 0..99
+            await send(a, 10)
+        for a in range(130, 230, 10):    # gap of 30 samples -> run 2: 130..229
+            await send(a, 10)
+        await send(200, 10)              # out of order (already seen) -> reset, run 3 starts at 200..209
+        for a in range(210, 300, 10):    # continues run 3: 200..299
+            await send(a, 10)
+        await asyncio.sleep(2)
+        await nc.close()
+        return coll
+
+    coll = asyncio.run(scenario())
+    want = sorted(expected_ends(0, 99, WIN, STEP) + expected_ends(130, 229, WIN, STEP)
+                  + expected_ends(200, 299, WIN, STEP))
+    assert _counted(coll, uid) == want
+
+
+def test_decisions_are_stored_and_unknown_users_skipped(workers, model_user, db_conn):
+    (uid, dev, meta), = [model_user()]
+    workers(1)
+    _wait_workers(db_conn, 1)
+
+    async def scenario() -> Collector:
+        nc = await natsio.connect("admin")
+        coll = Collector()
+        await coll.start(nc)
+        await _warm_up(nc, coll, [(uid, dev)])
+        await nc.publish("emg.samples.424242", samples_message(424242, 9, 0, np.zeros((100, 8)), RATE))
+        await nc.publish(f"emg.samples.{uid}", b"{not json")
+        await nc.publish(f"emg.samples.{uid}", b'{"v": 1, "userid": 1}')
+        await _stream(nc, [(uid, dev)], 200)
+        await asyncio.sleep(2)
+        await nc.close()
+        return coll
+
+    coll = asyncio.run(scenario())
+    assert len(_counted(coll, uid)) == len(expected_ends(0, 199, WIN, STEP))
+    time.sleep(1.5)  # store interval
+    with db_conn.cursor() as cur:
+        cur.execute("SELECT count(*), count(DISTINCT model_id), min(model_id) FROM predictions WHERE user_id = %s",
+                    (uid,))
+        count, models, model_id = cur.fetchone()
+    assert count == len(coll.of(uid)) and models == 1 and model_id == meta["artifact_id"]
+
+
+def test_sigterm_drains_queued_windows(workers, model_user, db_conn):
+    (uid, dev, _), = [model_user()]
+    (proc,) = workers(1)
+    _wait_workers(db_conn, 1)
+
+    async def scenario() -> Collector:
+        nc = await natsio.connect("admin")
+        coll = Collector()
+        await coll.start(nc)
+        await _warm_up(nc, coll, [(uid, dev)])
+        await _stream(nc, [(uid, dev)], 400, speed=50)
+        await nc.flush()
+        proc.send_signal(15)
+        await asyncio.sleep(3)
+        await nc.close()
+        return coll
+
+    coll = asyncio.run(scenario())
+    assert proc.wait(20) == 0
+    assert _counted(coll, uid) == expected_ends(0, 399, WIN, STEP)
