@@ -211,6 +211,23 @@ class DbWriter(threading.Thread):
         batch: list[Chunk] = []
         backoff = 0.2
         while True:
+            if self._conn is None and not (self._stop_at is not None and not batch and not self.queue):
+                # connect eagerly (health reports it), and keep trying while PostgreSQL is away
+                try:
+                    self._conn = self._connect()
+                    log.info("connected to PostgreSQL")
+                    self.connected = True
+                    backoff = 0.2
+                except psycopg2.Error as e:
+                    self._log_down(e, backoff)
+                    if self._stop_at is not None and time.monotonic() >= self._stop_at:
+                        log.warning("stopping with %d chunks not stored: they stay in the spool for the next start",
+                                    len(batch) + len(self.queue))
+                        break
+                    self._wake.wait(backoff)
+                    self._wake.clear()
+                    backoff = min(backoff * 2, 5.0)
+                    continue
             if not batch:
                 if not self.queue:
                     if self._stop_at is not None:
@@ -224,12 +241,6 @@ class DbWriter(threading.Thread):
                     time.sleep(wait)
                 batch = self._take()
             try:
-                if self._conn is None:
-                    self._conn = self._connect()
-                    if not self.connected:
-                        log.info("connected to PostgreSQL")
-                    self.connected = True
-                    backoff = 0.2
                 t0 = time.monotonic()
                 rows = self._write(batch)
                 self.last_commit_at = time.monotonic()
@@ -241,13 +252,6 @@ class DbWriter(threading.Thread):
             except (psycopg2.OperationalError, psycopg2.InterfaceError) as e:
                 self._drop_connection()
                 self._log_down(e, backoff)
-                if self._stop_at is not None and time.monotonic() >= self._stop_at:
-                    log.warning("stopping with %d chunks not stored: they stay in the spool for the next start",
-                                len(batch) + len(self.queue))
-                    break
-                self._wake.wait(backoff)
-                self._wake.clear()
-                backoff = min(backoff * 2, 5.0)
             except psycopg2.Error as e:
                 # Not an outage: PostgreSQL refuses these rows. Retrying would block everything behind them.
                 log.error("PostgreSQL rejected a batch of %d chunks: %s", len(batch), first_line(e))
