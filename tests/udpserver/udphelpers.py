@@ -195,3 +195,41 @@ class Collector(threading.Thread):
                 return s
             time.sleep(0.05)
         return self.seqs(device_id)
+
+
+class Streamer(threading.Thread):
+    """Sends a binary device's packets at a steady pace in the background (bounded by count)."""
+
+    def __init__(self, device_id: int, key: bytes, channels: int, packets_per_s: float, n_packets: int,
+                 per_packet: int = 10, boot: int = 1, seq_start: int = 0):
+        super().__init__(daemon=True)
+        import numpy as np
+
+        from udpserver import protocol
+        rng = np.random.default_rng(device_id)
+        self.packets = [
+            protocol.build_binary(device_id, boot, seq_start + i * per_packet, 1000 + (seq_start + i * per_packet) * 2,
+                                  500, rng.integers(-1000, 1000, size=(per_packet, channels)), key)
+            for i in range(n_packets)]
+        self.interval = 1.0 / packets_per_s
+        self.sent = 0
+        self.per_packet = per_packet
+        self._halt = threading.Event()
+
+    def run(self):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        addr = ("127.0.0.1", int(os.environ["UDP_PORT"]))
+        t0 = time.monotonic()
+        for i, p in enumerate(self.packets):
+            if self._halt.is_set():
+                break
+            delay = t0 + i * self.interval - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            sock.sendto(p, addr)
+            self.sent += 1
+        sock.close()
+
+    def halt(self):
+        self._halt.set()
+        self.join(10)

@@ -1,0 +1,263 @@
+"""Pure parsing, validation, clock and spool logic (no services)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from udpserver import protocol
+from udpserver.clock import WRAP, DeviceClock
+from udpserver.ingest import DeviceInfo, Ingestor, Record, Resume
+from udpserver.protocol import BinaryPacket, LegacyPacket, Reject
+from udpserver.spool import ChunkBuilder, Spool, SpoolLocked, iter_records
+
+KEY = bytes(range(32))
+
+
+# ---- legacy text ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("data, expected", [
+    (b"12,345,1,2,3", LegacyPacket(12, 345, (1, 2, 3))),
+    (b"12,345,-32768,32767\n", LegacyPacket(12, 345, (-32768, 32767))),
+    (b"1,4294967295,0\r\n", LegacyPacket(1, 4294967295, (0,))),
+    (b"1,0," + b",".join(b"7" for _ in range(16)), LegacyPacket(1, 0, (7,) * 16)),
+])
+def test_legacy_accepts(data, expected):
+    assert protocol.parse(data) == expected
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", Reject.EMPTY),
+    (b"12,345", Reject.BAD_FIELD_COUNT),
+    (b"1,0," + b",".join(b"7" for _ in range(17)), Reject.BAD_FIELD_COUNT),
+    (b"12,345,1,x", Reject.NON_NUMERIC),
+    (b"12,345,1, 2", Reject.NON_NUMERIC),
+    (b"12,345,1,+2", Reject.NON_NUMERIC),
+    (b"12,345,1,,2", Reject.NON_NUMERIC),
+    (b"12,345,1.5", Reject.NON_NUMERIC),
+    (b"12,345,1_0", Reject.NON_NUMERIC),
+    (b"12,345,32768", Reject.OUT_OF_RANGE),
+    (b"12,345,-32769", Reject.OUT_OF_RANGE),
+    (b"12,345,1234567", Reject.OUT_OF_RANGE),
+    (b"12,4294967296,1", Reject.OUT_OF_RANGE),
+    (b"0,345,1", Reject.OUT_OF_RANGE),
+    (b"12,-345,1", Reject.OUT_OF_RANGE),
+    (b"99999999999999999999,1,1", Reject.OUT_OF_RANGE),
+    (b"12,345,1,2,3\n\n", Reject.NON_NUMERIC),
+    (b"1" * 300, Reject.OVERSIZE),
+    (b"hello", Reject.MALFORMED),
+])
+def test_legacy_rejects(data, reason):
+    assert protocol.parse(data) == reason
+
+
+# ---- binary -------------------------------------------------------------------------------------------------
+def _binary(dev=3, boot=1, seq0=0, millis0=1000, rate=500, n=5, channels=4, key=KEY, seed=0):
+    vals = np.random.default_rng(seed).integers(-32768, 32767, size=(n, channels), endpoint=True)
+    return protocol.build_binary(dev, boot, seq0, millis0, rate, vals, key), vals
+
+
+def test_binary_round_trip():
+    data, vals = _binary()
+    p = protocol.parse(data)
+    assert isinstance(p, BinaryPacket)
+    assert (p.device_id, p.boot, p.seq0, p.millis0, p.rate_hz, p.channels, p.n) == (3, 1, 0, 1000, 500, 4, 5)
+    assert np.array_equal(protocol.values_array(p.values, 4), vals)
+    assert protocol.verify_tag(p, KEY) and not protocol.verify_tag(p, b"x" * 32)
+    assert len(data) == protocol.HEADER_SIZE + 5 * 4 * 2 + protocol.TAG_SIZE
+
+
+def test_binary_structural_rejects():
+    data, _ = _binary()
+    assert protocol.parse(data[:-1]) == Reject.TRUNCATED
+    assert protocol.parse(data[:10]) == Reject.TRUNCATED
+    assert protocol.parse(data + b"\0") == Reject.OVERSIZE
+    assert protocol.parse(data[:2] + b"\x02" + data[3:]) == Reject.BAD_VERSION
+    assert protocol.parse(data[:3] + b"\x00" + data[4:]) == Reject.BAD_HEADER  # 0 channels
+    assert protocol.parse(data[:3] + b"\x11" + data[4:]) == Reject.BAD_HEADER  # 17 channels
+    assert protocol.parse(b"\xe5" + b"\0" * 9000) == Reject.OVERSIZE
+
+
+# ---- clock ----------------------------------------------------------------------------------------------------
+def test_clock_unwraps_uint32_millis():
+    c = DeviceClock()
+    near = WRAP - 10
+    c.observe(near, float(near), float(near), 100.0)
+    assert c.unwrap(5) == WRAP + 5
+    c.observe(5, WRAP + 5.0, WRAP + 5.0, 100.015)
+    assert c.unwrap(20) == WRAP + 20
+    assert c.unwrap(WRAP - 2) == WRAP - 2.0  # a small step back stays a step back
+
+
+def test_clock_offset_is_robust_to_jitter():
+    rng = np.random.default_rng(1)
+    c = DeviceClock(window_s=10)
+    true_offset = 1_700_000_000_000.0
+    for i in range(2000):  # 20 s of packets every 10 ms with 0..80 ms of random delay
+        dev_ms = 5000.0 + 10 * i
+        server = (true_offset + dev_ms + 3 + rng.exponential(15)) / 1000
+        off = c.observe(int(dev_ms), dev_ms, dev_ms, server)
+    assert abs(off - true_offset - 3) < 2.0
+
+
+# ---- ingestor ---------------------------------------------------------------------------------------------
+def _ingestor(resume=None) -> Ingestor:
+    ing = Ingestor()
+    ing.set_devices({3: DeviceInfo(3, 30, "binary", 4, 500.0, KEY),
+                     4: DeviceInfo(4, 40, "legacy", 2, 200.0, None)}, resume or {})
+    return ing
+
+
+def test_not_ready_until_devices_loaded():
+    assert Ingestor().handle(b"40,1,1,2", 0.0) == Reject.NOT_READY
+
+
+def test_binary_replay_gap_boot_and_key_checks():
+    ing = _ingestor()
+    now = 1000.0
+    r = ing.handle(_binary(seq0=0)[0], now)
+    assert isinstance(r, Record) and (r.user_id, r.device_id, r.seq0, r.n, r.lost) == (30, 3, 0, 5, 0)
+    assert ing.handle(_binary(seq0=0)[0], now) == Reject.REPLAY
+    assert ing.handle(_binary(seq0=4)[0], now) == Reject.REPLAY      # overlaps the last packet
+    r = ing.handle(_binary(seq0=10)[0], now)
+    assert r.lost == 5 and ing.states[3].lost_samples == 5
+    assert ing.handle(_binary(boot=0, seq0=100)[0], now) == Reject.OLD_BOOT
+    r = ing.handle(_binary(boot=2, seq0=0, millis0=50)[0], now)     # reboot: sequence restarts
+    assert isinstance(r, Record) and r.boot == 2 and r.millis0 == 50
+    assert ing.handle(_binary(key=b"z" * 32, boot=2, seq0=5)[0], now) == Reject.BAD_TAG
+    assert ing.handle(_binary(channels=3, boot=2, seq0=5)[0], now) == Reject.CHANNEL_MISMATCH
+    assert ing.handle(_binary(dev=9)[0], now) == Reject.UNKNOWN_DEVICE
+    assert ing.handle(_binary(dev=4)[0], now) == Reject.PROTOCOL_MISMATCH
+    assert ing.rejected["replay"] == 2 and ing.states[3].rejected["bad_tag"] == 1
+
+
+def test_binary_resumes_after_restart():
+    ing = _ingestor({3: Resume(boot=1, last_seq=99, last_millis=1198.0, last_server=999.0)})
+    assert ing.handle(_binary(seq0=95)[0], 1000.0) == Reject.REPLAY
+    r = ing.handle(_binary(seq0=100, millis0=1200)[0], 1000.0)
+    assert isinstance(r, Record) and r.lost == 0
+
+
+def test_legacy_sequence_reboot_and_stale():
+    ing = _ingestor()
+    t = 5000.0
+    recs = [ing.handle(f"40,{9000 + 5 * i},1,2".encode(), t + i * 0.005) for i in range(3)]
+    assert [(r.boot, r.seq0, r.millis0) for r in recs] == [(0, 0, 9000), (0, 1, 9005), (0, 2, 9010)]
+    assert recs[0].rate_hz == 200.0 and recs[0].values == np.array([1, 2], "<i2").tobytes()
+    assert ing.handle(b"40,9010,1,2", t + 0.02).seq0 == 3                 # equal millis: fine (fast sampling)
+    assert ing.handle(b"40,8000,1,2", t + 0.02) == Reject.REPLAY           # stepped back a little
+    r = ing.handle(b"40,20,1,2", t + 0.03)                                 # far back: the device rebooted
+    assert (r.boot, r.seq0, r.millis0) == (1, 0, 20)
+    assert ing.handle(b"40,30,1,2,3", t + 0.04) == Reject.CHANNEL_MISMATCH
+    assert ing.handle(b"41,30,1,2", t + 0.04) == Reject.UNKNOWN_USER
+    assert ing.handle(b"30,30,1,2,3,4", t + 0.04) == Reject.UNKNOWN_USER    # user 30 has a binary device only
+
+
+def test_legacy_millis_wrap_is_not_a_reboot():
+    ing = _ingestor({4: Resume(0, 10, float(WRAP - 3), 100.0)})
+    r = ing.handle(b"40,2,5,5", 100.005)
+    assert (r.boot, r.seq0, r.millis0) == (0, 11, WRAP + 2)
+
+
+def test_device_time_follows_server_clock():
+    ing = _ingestor()
+    r = ing.handle(_binary(seq0=0, millis0=7000, n=50)[0], 1_700_000_000.0)
+    # the packet's last sample (98 ms after its first) was taken at the receive time at the latest
+    assert r.time0 == pytest.approx(1_700_000_000.0 - 0.098, abs=1e-6)
+
+
+# ---- property tests ------------------------------------------------------------------------------------
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=2000))
+def test_arbitrary_bytes_never_raise(data):
+    ing = _ingestor()
+    r = ing.handle(data, 1000.0)
+    assert isinstance(r, Reject) or (isinstance(r, Record) and r.device_id == 4)  # only legacy text can pass
+    if isinstance(r, Record):
+        assert r.channels == 2 and len(r.values) == 4
+
+
+_VALID = [_binary(seq0=10 * i, seed=i)[0] for i in range(4)]
+
+
+@st.composite
+def mutated(draw):
+    data = bytearray(draw(st.sampled_from(_VALID)))
+    for _ in range(draw(st.integers(1, 4))):
+        op = draw(st.sampled_from(["flip", "truncate", "extend", "splice"]))
+        if op == "flip" and data:
+            i = draw(st.integers(0, len(data) - 1))
+            data[i] ^= draw(st.integers(1, 255))
+        elif op == "truncate":
+            del data[draw(st.integers(0, len(data))):]
+        elif op == "extend":
+            data += draw(st.binary(min_size=1, max_size=64))
+        elif op == "splice" and data:
+            i = draw(st.integers(0, len(data) - 1))
+            data[i:i + 4] = draw(st.binary(max_size=8))
+    return bytes(data)
+
+
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated())
+def test_mutated_binary_packets_are_never_accepted(data):
+    ing = _ingestor()
+    r = ing.handle(data, 1000.0)
+    if isinstance(r, Record):  # only an intact packet can carry a valid tag
+        assert data in _VALID
+    else:
+        assert isinstance(r, Reject)
+
+
+# ---- spool ----------------------------------------------------------------------------------------------
+def _record(seq0, dev=3, n=2):
+    return Record(30, dev, 1, seq0, n, 2, 500.0, 1000.0 + seq0 * 2, 1.7e9, 1.7e9, bytes(range(4 * n)), 0)
+
+
+def test_spool_recovers_chunks_and_truncates_a_torn_write(tmp_path):
+    sp = Spool(tmp_path, max_bytes=1 << 20)
+    for i in range(3):
+        b = ChunkBuilder()
+        b.add(_record(10 * i))
+        b.add(_record(10 * i + 2, dev=4))
+        assert sp.append(b, keep=True) is not None
+    first_seg = sp.cur_seg
+    sp.close()
+    seg = tmp_path / f"seg-{first_seg:010d}.spool"
+    with open(seg, "ab") as f:
+        f.write(b"SPK1\xff\xff")  # a write interrupted by a kill
+    sp = Spool(tmp_path, max_bytes=1 << 20)
+    chunks, resume = sp.recover()
+    assert [c.nrec for c in chunks] == [2, 2, 2] and all(c.replayed for c in chunks)
+    assert resume[3].last_seq == 21 and resume[4].last_seq == 23
+    assert seg.stat().st_size == chunks[-1].end
+    recs = [h for c in chunks for h, _, _ in iter_records(sp.read(c))]
+    assert [h[3] for h in recs] == [0, 2, 10, 12, 20, 22]
+    # once committed and published, the segment goes away and the cursors remember it
+    for c in chunks:
+        sp.mark_committed(c)
+        sp.mark_published(c)
+    sp.release_published()
+    assert not seg.exists()
+    sp.close()
+    sp = Spool(tmp_path, max_bytes=1 << 20)
+    assert sp.recover() == ([], {})
+    b = ChunkBuilder()
+    b.add(_record(40))
+    assert sp.append(b, keep=False).seg > first_seg  # new data sorts after the published cursor
+    sp.close()
+
+
+def test_spool_bound_and_single_owner(tmp_path):
+    sp = Spool(tmp_path, max_bytes=300)
+    b = ChunkBuilder()
+    b.add(_record(0, n=20))
+    assert sp.append(b, keep=False) is not None
+    assert sp.append(b, keep=False) is None  # over the bound: the caller counts a drop
+    with pytest.raises(SpoolLocked):
+        Spool(tmp_path, max_bytes=300)
+    sp.close()
+    assert os.listdir(tmp_path)
