@@ -1,0 +1,279 @@
+/*
+ * sEMG sensor for ESP32: samples its analog channels on a hardware timer at a fixed rate and streams them
+ * over WiFi/UDP to the platform's udpserver (wire format: udpserver/PROTOCOL.md).
+ *
+ *   - binary protocol (default): batches of SAMPLES_PER_PACKET samples with device id, boot counter,
+ *     sequence number, device time and an HMAC-SHA256 tag (mbedtls) under the device's secret key;
+ *   - legacy protocol (SEMG_LEGACY_PROTOCOL 1): the original "userid,millis,v0,...,vN" text, one packet
+ *     per sample, for users whose device is registered as legacy.
+ *
+ * Credentials, server address, device id and key live in arduino_secrets.h (git-ignored; copy
+ * arduino_secrets.h.example). Register the device first, e.g.
+ *     python testing/udpsim.py --register --users 1 --channels 4 --rate 500
+ * and paste the printed device id and key.
+ *
+ * Works with the ESP32 Arduino core 2.x and 3.x (their hardware timer APIs differ).
+ */
+#include <Arduino.h>
+#include <Preferences.h>
+#include <WiFi.h>
+#include <WiFiUdp.h>
+
+#include "arduino_secrets.h"
+#include "mbedtls/md.h"
+#include "semg_packet.h"
+
+// ---- configuration ----------------------------------------------------------------------------------------
+#ifndef SEMG_SAMPLE_RATE_HZ
+#define SEMG_SAMPLE_RATE_HZ 500  // per channel; the timer fires at this rate
+#endif
+#ifndef SEMG_LEGACY_PROTOCOL
+#define SEMG_LEGACY_PROTOCOL 0
+#endif
+// 25 samples = 50 ms at 500 Hz: low latency for live prediction, ~20 packets/s. At most
+// semg_max_samples_per_mtu(CHANNELS) so a packet is never fragmented.
+#ifndef SAMPLES_PER_PACKET
+#define SAMPLES_PER_PACKET 25
+#endif
+// ADC1 pins only: ADC2 cannot be read while WiFi is on.
+static const uint8_t ANALOG_PINS[] = {36, 39, 34, 35};
+static const uint8_t CHANNELS = sizeof(ANALOG_PINS) / sizeof(ANALOG_PINS[0]);
+// Samples buffered between the sampler and the sender: ~2 s at 500 Hz rides out a WiFi hiccup.
+static const uint16_t QUEUE_SAMPLES = 1024;
+static const uint32_t DIAG_INTERVAL_MS = 5000;
+static const uint32_t WIFI_RETRY_MS = 5000;
+// Restart (and so bump the boot counter) long before the 32-bit sequence number could wrap.
+static const uint32_t SEQ_RESTART_AT = 0xFFF00000u;
+
+struct Sample {
+    uint32_t seq;
+    uint32_t millis;
+    int16_t v[SEMG_MAX_CHANNELS];
+};
+
+struct Stats {
+    uint32_t samples;          // taken by the sampler
+    uint32_t timer_overruns;   // timer ticks the sampler could not serve (samples never taken)
+    uint32_t queue_drops;      // samples lost because the sender fell behind
+    uint32_t packets_sent;
+    uint32_t send_failures;    // no WiFi, or the UDP stack refused the packet
+    uint32_t wifi_reconnects;
+};
+
+static Stats stats;  // diagnostics only: a torn read from the other core is harmless
+static QueueHandle_t sampleQueue;
+static TaskHandle_t samplerHandle;
+static hw_timer_t *sampleTimer = NULL;
+static WiFiUDP udp;
+static IPAddress serverIp;
+static uint8_t deviceKey[64];
+static size_t deviceKeyLen = 0;
+static uint32_t bootCounter = 0;
+static uint32_t nextSeq = 0;  // written by the sampler task only
+
+// batch being assembled by the sender (loop)
+static int16_t batchValues[SAMPLES_PER_PACKET * SEMG_MAX_CHANNELS];
+static uint16_t batchCount = 0;
+static uint32_t batchSeq0 = 0;
+static uint32_t batchMillis0 = 0;
+static uint8_t packetBuf[SEMG_MAX_PACKET_SIZE];
+
+// ---- crypto -------------------------------------------------------------------------------------------------
+static int hmacMbedtls(const uint8_t *key, size_t keyLen, const uint8_t *msg, size_t msgLen, uint8_t out[32], void *) {
+    const mbedtls_md_info_t *info = mbedtls_md_info_from_type(MBEDTLS_MD_SHA256);
+    return mbedtls_md_hmac(info, key, keyLen, msg, msgLen, out) == 0 ? 0 : -1;
+}
+
+static int hexNibble(char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+static bool parseKey(const char *hex) {
+    size_t len = strlen(hex);
+    if (len % 2 != 0 || len < 32 || len > 128) return false;
+    for (size_t i = 0; i < len / 2; i++) {
+        int hi = hexNibble(hex[2 * i]), lo = hexNibble(hex[2 * i + 1]);
+        if (hi < 0 || lo < 0) return false;
+        deviceKey[i] = (uint8_t)(hi << 4 | lo);
+    }
+    deviceKeyLen = len / 2;
+    return true;
+}
+
+// ---- sampling ------------------------------------------------------------------------------------------------
+// The timer interrupt only wakes the sampler task: analogRead is not safe inside an ISR.
+static void IRAM_ATTR onSampleTimer() {
+    BaseType_t woken = pdFALSE;
+    vTaskNotifyGiveFromISR(samplerHandle, &woken);
+    if (woken == pdTRUE) {
+        portYIELD_FROM_ISR();
+    }
+}
+
+static void samplerTask(void *) {
+    Sample s;
+    for (;;) {
+        uint32_t ticks = ulTaskNotifyTake(pdTRUE, portMAX_DELAY);
+        if (ticks > 1) {
+            // Missed ticks keep their sequence numbers, so the server counts them as lost.
+            stats.timer_overruns += ticks - 1;
+            nextSeq += ticks - 1;
+        }
+        s.seq = nextSeq++;
+        s.millis = millis();
+        for (uint8_t c = 0; c < CHANNELS; c++) {
+            s.v[c] = (int16_t)analogRead(ANALOG_PINS[c]);
+        }
+        stats.samples++;
+        if (xQueueSend(sampleQueue, &s, 0) != pdTRUE) {
+            stats.queue_drops++;
+        }
+    }
+}
+
+static void startSampleTimer() {
+    const uint32_t periodUs = 1000000UL / SEMG_SAMPLE_RATE_HZ;
+#if defined(ESP_ARDUINO_VERSION_MAJOR) && ESP_ARDUINO_VERSION_MAJOR >= 3
+    sampleTimer = timerBegin(1000000);  // 1 MHz tick
+    timerAttachInterrupt(sampleTimer, &onSampleTimer);
+    timerAlarm(sampleTimer, periodUs, true, 0);
+#else
+    sampleTimer = timerBegin(0, 80, true);  // 80 MHz APB / 80 = 1 MHz tick
+    timerAttachInterrupt(sampleTimer, &onSampleTimer, true);
+    timerAlarmWrite(sampleTimer, periodUs, true);
+    timerAlarmEnable(sampleTimer);
+#endif
+}
+
+// ---- network -------------------------------------------------------------------------------------------------
+static void ensureWifi() {
+    static uint32_t lastAttempt = 0;
+    static bool wasConnected = false;
+    bool connected = WiFi.status() == WL_CONNECTED;
+    if (connected && !wasConnected) {
+        Serial.printf("semg: WiFi connected, ip %s, rssi %d dBm\n", WiFi.localIP().toString().c_str(), WiFi.RSSI());
+    }
+    if (!connected && wasConnected) {
+        Serial.println("semg: WiFi lost; samples are dropped (and counted) until it is back");
+    }
+    wasConnected = connected;
+    if (!connected && millis() - lastAttempt > WIFI_RETRY_MS) {
+        lastAttempt = millis();
+        stats.wifi_reconnects++;
+        WiFi.disconnect();
+        WiFi.begin(SECRET_SSID, SECRET_PASS);
+    }
+}
+
+static void sendDatagram(const uint8_t *data, size_t len) {
+    if (WiFi.status() != WL_CONNECTED) {
+        stats.send_failures++;
+        return;
+    }
+    if (udp.beginPacket(serverIp, SECRET_SERVER_PORT) == 1 && udp.write(data, len) == len && udp.endPacket() == 1) {
+        stats.packets_sent++;
+    } else {
+        stats.send_failures++;
+    }
+}
+
+static void flushBatch() {
+    if (batchCount == 0) return;
+    size_t len = semg_build_packet(packetBuf, sizeof packetBuf, SECRET_DEVICE_ID, bootCounter, batchSeq0,
+                                   batchMillis0, SEMG_SAMPLE_RATE_HZ, CHANNELS, batchCount, batchValues,
+                                   deviceKey, deviceKeyLen, hmacMbedtls, NULL);
+    if (len > 0) {
+        sendDatagram(packetBuf, len);
+    } else {
+        stats.send_failures++;
+    }
+    batchCount = 0;
+}
+
+static void queueSample(const Sample &s) {
+#if SEMG_LEGACY_PROTOCOL
+    char text[160];
+    size_t len = semg_build_legacy(text, sizeof text, SECRET_USER_ID, s.millis, s.v, CHANNELS);
+    if (len > 0) sendDatagram((const uint8_t *)text, len);
+#else
+    // a packet holds consecutive samples only: a gap (overrun, queue drop) starts a new one
+    if (batchCount > 0 && s.seq != batchSeq0 + batchCount) flushBatch();
+    if (batchCount == 0) {
+        batchSeq0 = s.seq;
+        batchMillis0 = s.millis;
+    }
+    memcpy(&batchValues[batchCount * CHANNELS], s.v, CHANNELS * sizeof(int16_t));
+    if (++batchCount == SAMPLES_PER_PACKET) flushBatch();
+#endif
+}
+
+static void printDiagnostics() {
+    static uint32_t last = 0;
+    if (millis() - last < DIAG_INTERVAL_MS) return;
+    last = millis();
+    Serial.printf("semg: boot %lu seq %lu | wifi %s rssi %d | samples %lu sent %lu pkts | send failures %lu, "
+                  "queue drops %lu, timer overruns %lu, wifi retries %lu | queued %u\n",
+                  (unsigned long)bootCounter, (unsigned long)nextSeq,
+                  WiFi.status() == WL_CONNECTED ? "up" : "DOWN", WiFi.RSSI(), (unsigned long)stats.samples,
+                  (unsigned long)stats.packets_sent, (unsigned long)stats.send_failures,
+                  (unsigned long)stats.queue_drops, (unsigned long)stats.timer_overruns,
+                  (unsigned long)stats.wifi_reconnects, (unsigned)uxQueueMessagesWaiting(sampleQueue));
+}
+
+static void halt(const char *why) {
+    for (;;) {
+        Serial.printf("semg: FATAL %s\n", why);
+        delay(5000);
+    }
+}
+
+// ---- Arduino entry points ------------------------------------------------------------------------------------
+void setup() {
+    Serial.begin(115200);
+    delay(200);
+    // The boot counter makes sequence numbers restarting after a reboot distinguishable from replays.
+    Preferences prefs;
+    prefs.begin("semg", false);
+    bootCounter = prefs.getUInt("boot", 0) + 1;
+    prefs.putUInt("boot", bootCounter);
+    prefs.end();
+    Serial.printf("semg: device %lu boot %lu, %u channels at %u Hz, %s protocol, %u samples/packet\n",
+                  (unsigned long)SECRET_DEVICE_ID, (unsigned long)bootCounter, CHANNELS, SEMG_SAMPLE_RATE_HZ,
+                  SEMG_LEGACY_PROTOCOL ? "legacy" : "binary", SAMPLES_PER_PACKET);
+
+#if !SEMG_LEGACY_PROTOCOL
+    if (!parseKey(SECRET_DEVICE_KEY_HEX)) halt("SECRET_DEVICE_KEY_HEX must be 32..128 hex digits");
+    if (SAMPLES_PER_PACKET > semg_max_samples_per_mtu(CHANNELS)) halt("SAMPLES_PER_PACKET exceeds one MTU");
+#endif
+    if (!serverIp.fromString(SECRET_SERVER_IP)) halt("SECRET_SERVER_IP is not an IP address");
+
+    analogReadResolution(12);
+    analogSetAttenuation(ADC_11db);  // full 0..3.3 V range
+    WiFi.mode(WIFI_STA);
+    WiFi.setAutoReconnect(true);
+    WiFi.begin(SECRET_SSID, SECRET_PASS);
+
+    sampleQueue = xQueueCreate(QUEUE_SAMPLES, sizeof(Sample));
+    if (sampleQueue == NULL) halt("cannot allocate the sample queue");
+    // Sampler on core 1 at high priority; WiFi runs on core 0.
+    xTaskCreatePinnedToCore(samplerTask, "semg-sampler", 4096, NULL, configMAX_PRIORITIES - 2, &samplerHandle, 1);
+    startSampleTimer();
+}
+
+void loop() {
+    ensureWifi();
+    Sample s;
+    // drain what the sampler produced; wait briefly when there is nothing, so loop() stays responsive
+    while (xQueueReceive(sampleQueue, &s, pdMS_TO_TICKS(5)) == pdTRUE) {
+        queueSample(s);
+        if (s.seq >= SEQ_RESTART_AT) {
+            flushBatch();
+            Serial.println("semg: sequence number nearly exhausted; restarting (new boot)");
+            ESP.restart();
+        }
+    }
+    printDiagnostics();
+}
