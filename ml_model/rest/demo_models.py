@@ -26,7 +26,7 @@ def random_artifact(n_channels: int = 8, sample_rate_hz: float = 200.0, classes:
     win, step = pp.window_params(window_ms, step_ms, sample_rate_hz)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = EMGNet(n_channels, len(classes), width=16, depth=3).eval()
+        model = EMGNet(n_channels, len(classes)).eval()  # the trainer's default architecture
         for m in model.modules():  # non-trivial batch-norm statistics, as a trained model has
             if isinstance(m, torch.nn.BatchNorm1d):
                 m.running_mean.normal_(0, 0.1)

@@ -8,6 +8,8 @@ a cache miss.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import threading
 import time
@@ -53,22 +55,22 @@ class ServedModel:
     meta: dict[str, Any]
     predictor: artifacts.Predictor
     parts: stacking.NetParts | None = None  # set when this model can be stacked with others
+    # Models with equal `group` share preprocessing (channels, filter, rate) and architecture, so their
+    # windows are prepared and evaluated together (a small int: it is hashed for every request item).
+    group: int | None = None
+    scaler_mean: np.ndarray | None = None  # (C, 1) float32
+    scaler_std: np.ndarray | None = None
+    classes: list[str] = field(init=False)
+    n_device_channels: int = field(init=False)
+    window: int = field(init=False)
+    step: int = field(init=False)
 
-    @property
-    def classes(self) -> list[str]:
-        return list(self.meta["classes"])
-
-    @property
-    def n_device_channels(self) -> int:
-        return int(self.meta["n_device_channels"])
-
-    @property
-    def window(self) -> int:
-        return int(self.meta["window"])
-
-    @property
-    def step(self) -> int:
-        return int(self.meta["step"])
+    def __post_init__(self) -> None:
+        # plain attributes for the hot path (the dataclass is frozen: set once here)
+        object.__setattr__(self, "classes", list(self.meta["classes"]))
+        object.__setattr__(self, "n_device_channels", int(self.meta["n_device_channels"]))
+        object.__setattr__(self, "window", int(self.meta["window"]))
+        object.__setattr__(self, "step", int(self.meta["step"]))
 
     @property
     def accuracy(self) -> float | None:
@@ -91,32 +93,40 @@ def meta_from_row(row: Mapping[str, Any]) -> dict[str, Any]:
     return meta
 
 
-def _stacked_matches(predictor: Any, parts: stacking.NetParts, meta: Mapping[str, Any]) -> bool:
+_GROUP_IDS: dict[tuple, int] = {}
+
+
+def _stacked_matches(served: ServedModel) -> bool:
     """Does the stacked path give the predictor's own probabilities (preprocessing included)?"""
     rng = np.random.default_rng(0)
-    raw = rng.integers(-100, 100, size=(3, int(meta["n_device_channels"]), int(meta["window"]))).astype(np.float32)
-    ref = np.asarray(predictor.predict_proba(raw), dtype=np.float32)
-    with torch.inference_mode():
-        x = torch.from_numpy(np.ascontiguousarray(pp.prepare_for_model(raw, meta), dtype=np.float32))
-        got = _softmax(stacking.stacked_logits([parts] * 3, x))
+    raw = rng.integers(-100, 100, size=(3, served.n_device_channels, served.window)).astype(np.float32)
+    ref = np.asarray(served.predictor.predict_proba(raw), dtype=np.float32)
+    got = predict_many([(served, raw)])[0]
     return got.shape == ref.shape and bool(np.allclose(got, ref, atol=1e-4))
 
 
 def build_served(row: Mapping[str, Any]) -> ServedModel:
     meta = meta_from_row(row)
     predictor = artifacts.Predictor(bytes(row["weights"]), meta)
-    parts = None
-    model = getattr(predictor, "model", None)
-    cand = stacking.extract_parts(model) if model is not None else None
-    if cand is not None and _stacked_matches(predictor, cand, meta):
-        parts = cand
-    else:
-        log.info("model %s of user %s runs unstacked (architecture not stackable)", row["id"], row["user_id"])
-    return ServedModel(
+    parts = stacking.extract_parts(predictor.model)
+    group = None
+    if parts is not None:
+        key = (parts.signature, int(meta["window"]), int(meta["n_device_channels"]), tuple(meta["channels"]),
+               json.dumps(meta.get("filter"), sort_keys=True), float(meta["sample_rate_hz"]))
+        group = _GROUP_IDS.setdefault(key, len(_GROUP_IDS))
+    served = ServedModel(
         artifact_id=int(row["id"]), user_id=int(row["user_id"]), job_id=row["job_id"], created_at=row["created_at"],
         size_bytes=int(row["size_bytes"]), sha256=row["sha256"], metrics=dict(row["metrics"] or {}), meta=meta,
-        predictor=predictor, parts=parts,
+        predictor=predictor, parts=parts, group=group,
+        scaler_mean=np.asarray(meta["scaler"]["mean"], dtype=np.float32)[:, None],
+        scaler_std=np.asarray(meta["scaler"]["std"], dtype=np.float32)[:, None],
     )
+    if group is not None and not _stacked_matches(served):
+        group = None
+    if group is None:
+        log.info("model %s of user %s runs unstacked (architecture not stackable)", row["id"], row["user_id"])
+        served = dataclasses.replace(served, parts=None, group=None)
+    return served
 
 
 @dataclass
@@ -125,6 +135,12 @@ class ModelRegistry:
     _models: dict[int, ServedModel] = field(default_factory=dict)
     _absent: dict[int, float] = field(default_factory=dict)  # user -> monotonic time of the last "no model"
     _load_lock: threading.Lock = field(default_factory=threading.Lock)
+    banks: Banks = field(default_factory=lambda: Banks())
+
+    @property
+    def live(self) -> Mapping[int, ServedModel]:
+        """user id -> served model (read-only view for the inference thread)."""
+        return self._models
 
     # ---- reads (hot path: no database) -----------------------------------------------------------
     def cached(self, user_id: int) -> ServedModel | None:
@@ -132,6 +148,11 @@ class ModelRegistry:
 
     def all(self) -> list[ServedModel]:
         return list(self._models.values())
+
+    def forget(self, user_id: int) -> None:
+        """Stop serving a deleted user's model at once (the poll would notice later)."""
+        self._models.pop(user_id, None)
+        self._absent[user_id] = time.monotonic()
 
     def get(self, user_id: int) -> ServedModel | None:
         """The served model of a user, loading it on a cache miss (blocking: call from a thread)."""
@@ -240,30 +261,69 @@ def _softmax(logits: torch.Tensor) -> np.ndarray:
     return torch.softmax(logits.float(), dim=1).numpy()
 
 
-def predict_many(items: Sequence[tuple[ServedModel, np.ndarray]]) -> list[np.ndarray]:
+@dataclass
+class _BankEntry:
+    bank: stacking.Bank
+    index: dict[int, int]  # artifact id -> position in the bank
+    mean: np.ndarray  # (K, C, 1)
+    std: np.ndarray
+
+
+class Banks:
+    """Stacked parameters per model group, rebuilt when a needed model is not in it (a model was added or
+    reloaded). Used from the inference thread only."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[_BankEntry, list[ServedModel]]] = {}
+
+    def get(self, group: int, needed: Sequence[ServedModel], live: Mapping[int, ServedModel]) -> _BankEntry:
+        hit = self._entries.get(group)
+        if hit is not None and all(m.artifact_id in hit[0].index for m in needed):
+            return hit[0]
+        # keep the members that are still served, add the new ones
+        members = {m.artifact_id: m for m in (hit[1] if hit else []) if live.get(m.user_id) is m}
+        members.update((m.artifact_id, m) for m in needed)
+        models = list(members.values())
+        entry = _BankEntry(
+            bank=stacking.Bank([m.parts for m in models]),
+            index={m.artifact_id: i for i, m in enumerate(models)},
+            mean=np.stack([m.scaler_mean for m in models]), std=np.stack([m.scaler_std for m in models]),
+        )
+        self._entries[group] = (entry, models)
+        return entry
+
+
+def predict_many(items: Sequence[tuple[ServedModel, np.ndarray]], banks: Banks | None = None,
+                 live: Mapping[int, ServedModel] | None = None) -> list[np.ndarray]:
     """Probabilities (n_i, n_classes_i) for each (model, validated raw windows) item.
 
-    Items with few windows and a stackable model share one stacked forward pass per architecture; the
-    others use their own predictor (one forward pass over all their windows).
+    Items with few windows and a stackable model are prepared and evaluated together with the other items
+    of their group (one forward pass for all of them); the others use their own predictor (one forward
+    pass over all their windows).
     """
+    banks = banks if banks is not None else Banks()
     out: list[np.ndarray | None] = [None] * len(items)
-    groups: dict[tuple, list[int]] = {}
+    groups: dict[int, list[int]] = {}
     for i, (model, x) in enumerate(items):
-        if model.parts is not None and len(x) < SOLO_MIN_WINDOWS:
-            key = (model.parts.signature, x.shape[2])
-            groups.setdefault(key, []).append(i)
+        if model.group is not None and len(x) < SOLO_MIN_WINDOWS:
+            groups.setdefault(model.group, []).append(i)
         else:
             out[i] = np.asarray(model.predictor.predict_proba(x), dtype=np.float32)
     with torch.inference_mode():
-        for idx in groups.values():
-            prepared = [pp.prepare_for_model(items[i][1], items[i][0].meta) for i in idx]
-            parts = [items[i][0].parts for i in idx for _ in range(len(items[i][1]))]
-            x = torch.from_numpy(np.concatenate(prepared).astype(np.float32, copy=False))
-            probs = np.concatenate([_softmax(stacking.stacked_logits(parts[a:a + MAX_STACK], x[a:a + MAX_STACK]))
-                                    for a in range(0, len(parts), MAX_STACK)])
+        for group, idx in groups.items():
+            models = [items[i][0] for i in idx]
+            entry = banks.get(group, models, live if live is not None else {})
+            counts = [len(items[i][1]) for i in idx]
+            which = np.repeat([entry.index[m.artifact_id] for m in models], counts)
+            raw = np.concatenate([items[i][1] for i in idx]) if len(idx) > 1 else items[idx[0]][1]
+            # the artifact's own preprocessing (channels, filter), then each window's own scaler
+            x = pp.prepare_unscaled(raw, models[0].meta)
+            x = ((x - entry.mean[which]) / entry.std[which]).astype(np.float32, copy=False)
+            xt, wt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(which)
+            probs = np.concatenate([_softmax(entry.bank.logits(xt[a:a + MAX_STACK], wt[a:a + MAX_STACK]))
+                                    for a in range(0, len(which), MAX_STACK)])
             a = 0
-            for i in idx:
-                n = len(items[i][1])
+            for i, n in zip(idx, counts, strict=True):
                 out[i] = probs[a:a + n]
                 a += n
     return out  # type: ignore[return-value]

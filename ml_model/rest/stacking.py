@@ -75,22 +75,50 @@ def extract_parts(model: nn.Module) -> NetParts | None:
                     head.bias.detach().float().contiguous())
 
 
+class Bank:
+    """Several models with one signature, parameters stacked along a leading model axis.
+
+    `logits(x, idx)` evaluates window s with model idx[s]: the per-window weights are gathered with one
+    index_select per layer (cheap) and the whole batch runs as one grouped convolution per layer.
+    """
+
+    def __init__(self, parts: Sequence[NetParts]):
+        if not parts or len({p.signature for p in parts}) != 1:
+            raise ValueError("a bank needs one or more models with the same signature")
+        self.layers: list[tuple] = []
+        for k, layer in enumerate(parts[0].layers):
+            if layer[0] == "conv":
+                w = torch.stack([p.layers[k][1] for p in parts])  # (K, Cout, Cin, kernel)
+                b = torch.stack([p.layers[k][2] for p in parts])  # (K, Cout)
+                self.layers.append(("conv", w, b, layer[3]))
+            else:
+                self.layers.append(layer)
+        self.head_weight = torch.stack([p.head_weight for p in parts])  # (K, n_classes, F)
+        self.head_bias = torch.stack([p.head_bias for p in parts])  # (K, n_classes)
+
+    def logits(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """x: (S, C, T) float32 prepared windows, idx: (S,) int64 model of each -> (S, n_classes) logits."""
+        s = x.shape[0]
+        h = x.reshape(1, s * x.shape[1], x.shape[2])
+        for layer in self.layers:
+            if layer[0] == "conv":
+                w = layer[1].index_select(0, idx)
+                b = layer[2].index_select(0, idx)
+                if w.shape[-1] == 1 and layer[3] == 0:  # 1x1 mixing: a batched matmul is ~4x faster here
+                    h = torch.baddbmm(b.unsqueeze(2), w.squeeze(3), h.reshape(s, -1, h.shape[-1]))
+                    h = h.reshape(1, -1, h.shape[-1])
+                else:
+                    h = F.conv1d(h, w.reshape(-1, *w.shape[2:]), b.reshape(-1), padding=layer[3], groups=s)
+            else:
+                h = layer[1](h)
+        h = h.reshape(s, -1, h.shape[-1])
+        # Same pooling as EMGNet.forward: mean and log-energy over time.
+        feats = torch.cat([h.mean(dim=-1), torch.log(h.pow(2).mean(dim=-1) + 1e-4)], dim=1)
+        hw = self.head_weight.index_select(0, idx)
+        hb = self.head_bias.index_select(0, idx)
+        return torch.bmm(hw, feats.unsqueeze(2)).squeeze(2) + hb
+
+
 def stacked_logits(parts: Sequence[NetParts], x: torch.Tensor) -> torch.Tensor:
     """x: (S, C, T) float32, window s evaluated by parts[s] (all with one signature) -> (S, n_classes) logits."""
-    s = len(parts)
-    if s == 0:
-        return torch.empty(0, 0)
-    h = x.reshape(1, s * x.shape[1], x.shape[2])
-    for k, layer in enumerate(parts[0].layers):
-        if layer[0] == "conv":
-            w = torch.cat([p.layers[k][1] for p in parts])
-            b = torch.cat([p.layers[k][2] for p in parts])
-            h = F.conv1d(h, w, b, padding=layer[3], groups=s)
-        else:
-            h = layer[1](h)
-    h = h.reshape(s, -1, h.shape[-1])
-    # Same pooling as EMGNet.forward: mean and log-energy over time.
-    feats = torch.cat([h.mean(dim=-1), torch.log(h.pow(2).mean(dim=-1) + 1e-4)], dim=1)
-    hw = torch.stack([p.head_weight for p in parts])
-    hb = torch.stack([p.head_bias for p in parts])
-    return torch.bmm(hw, feats.unsqueeze(2)).squeeze(2) + hb
+    return Bank(parts).logits(x, torch.arange(len(parts)))

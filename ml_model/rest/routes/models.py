@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 
 import numpy as np
-from fastapi import APIRouter, HTTPException
+import orjson
+from fastapi import APIRouter, HTTPException, Response
 from fastapi.concurrency import run_in_threadpool
 
 from ml_model.rest import serving
 from ml_model.rest.auth import Caller, UserScoped
 from ml_model.rest.deps import Conn
 from ml_model.rest.schemas import (
-    ItemError,
     ModelInfo,
     PredictItem,
     PredictRequest,
     PredictResponse,
-    PredictResult,
-    WindowPrediction,
 )
 from ml_model.rest.serving import InputError, ServedModel
 from ml_model.rest.state import AppState, State
@@ -52,18 +51,21 @@ def _decode(item: PredictItem) -> np.ndarray:
         except ValueError:
             raise InputError("ragged array: every window/sample must have the same number of values") from None
     shape = tuple(item.shape or ())
-    count = int(np.prod(shape)) if shape else 0
+    count = math.prod(shape)
     if count > MAX_VALUES_PER_ITEM:
         raise InputError(f"too many values in one item ({count}; at most {MAX_VALUES_PER_ITEM})")
     try:
         raw = base64.b64decode(item.data_b64, validate=True)
     except (binascii.Error, ValueError):
         raise InputError("data_b64 is not valid base64") from None
-    dtype = np.dtype("<i2") if item.dtype == "int16" else np.dtype("<f4")
+    dtype = _INT16 if item.dtype == "int16" else _FLOAT32
     if len(raw) != count * dtype.itemsize:
         raise InputError(f"data_b64 holds {len(raw)} bytes; shape {list(shape)} of {item.dtype} needs "
                          f"{count * dtype.itemsize}")
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+_INT16, _FLOAT32 = np.dtype("<i2"), np.dtype("<f4")
 
 
 def _windows_for(model: ServedModel, item: PredictItem, x: np.ndarray) -> np.ndarray:
@@ -73,9 +75,10 @@ def _windows_for(model: ServedModel, item: PredictItem, x: np.ndarray) -> np.nda
     return serving.check_windows(model, x)
 
 
-def _predict_sync(state: AppState, items: list[PredictItem], batch: bool, with_probs: bool) -> PredictResponse:
-    """Runs on the inference thread. Single requests raise (-> HTTP error); batches report errors per item."""
-    results: list[PredictResult] = []
+def _predict_sync(state: AppState, items: list[PredictItem], batch: bool, with_probs: bool) -> bytes:
+    """Runs on the inference thread; returns the JSON of a PredictResponse (built directly: this is the hot
+    path, and it is the documented shape). Single requests raise (-> HTTP error); batches report per item."""
+    results: list[dict] = []
     work: list[tuple[int, ServedModel, np.ndarray]] = []
     total = 0
     for item in items:
@@ -91,26 +94,27 @@ def _predict_sync(state: AppState, items: list[PredictItem], batch: bool, with_p
             if not batch:
                 raise
             status = 404 if isinstance(e, NoModelError) else 422
-            results.append(PredictResult(user_id=item.user_id, error=ItemError(status=status, detail=str(e))))
+            results.append({"user_id": item.user_id, "model_id": None, "classes": [], "window": None, "step": None,
+                            "predictions": [], "error": {"status": status, "detail": str(e)}})
             continue
         work.append((len(results), model, x))
-        results.append(PredictResult(user_id=item.user_id, model_id=model.artifact_id, classes=model.classes,
-                                     window=model.window, step=model.step))
-    probs = serving.predict_many([(m, x) for _, m, x in work])
+        results.append({"user_id": item.user_id, "model_id": model.artifact_id, "classes": model.classes,
+                        "window": model.window, "step": model.step, "predictions": [], "error": None})
+    probs = serving.predict_many([(m, x) for _, m, x in work], state.models.banks, state.models.live)
     for (slot, model, _), p in zip(work, probs, strict=True):
         classes = model.classes
         top = p.argmax(axis=1)
-        conf = p[np.arange(len(p)), top]
+        conf = p[np.arange(len(p)), top].tolist()
         rows = p.tolist() if with_probs else [None] * len(p)
-        results[slot].predictions = [
-            WindowPrediction(gesture=classes[k], confidence=c, probabilities=r)
-            for k, c, r in zip(top.tolist(), conf.tolist(), rows, strict=True)
+        results[slot]["predictions"] = [
+            {"gesture": classes[k], "confidence": c, "probabilities": r}
+            for k, c, r in zip(top.tolist(), conf, rows, strict=True)
         ]
-    return PredictResponse(results=results)
+    return orjson.dumps({"results": results})
 
 
 @router.post("/predict", response_model=PredictResponse)
-async def predict(req: PredictRequest, caller: Caller, state: State) -> PredictResponse:
+async def predict(req: PredictRequest, caller: Caller, state: State) -> Response:
     """Gesture and class probabilities for each window of one user's data, or of several users' (`items`).
 
     Windows must have the model's device channel count and window length (see `GET /models/{user_id}`);
@@ -122,9 +126,11 @@ async def predict(req: PredictRequest, caller: Caller, state: State) -> PredictR
     for it in items:
         caller.check_user(it.user_id)
     try:
-        return await state.run_inference(_predict_sync, state, items, req.items is not None, req.include_probabilities)
+        body = await state.run_inference(_predict_sync, state, items, req.items is not None,
+                                         req.include_probabilities)
     except NoModelError as e:
         raise HTTPException(404, str(e)) from None
+    return Response(body, media_type="application/json")
 
 
 @router.get("/models", response_model=list[ModelInfo])
