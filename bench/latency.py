@@ -167,9 +167,8 @@ def _sender(port: int, packets: list[list[bytes]], offsets: np.ndarray, period_s
 # ---- one measured run -------------------------------------------------------------------------------------
 async def run_once(stack: Stack, devices: list[dict], rate: int, channels: int, duration: float,
                    packet_ms: float, boot: int, breakdown: bool = False) -> tuple[dict, dict]:
-    from udpserver.protocol import build_binary
-
     from semg import natsio
+    from udpserver.protocol import build_binary
 
     per_packet = max(1, round(rate * packet_ms / 1000))
     period = per_packet / rate
