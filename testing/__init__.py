@@ -1,0 +1,1 @@
+"""Simulators and synthetic data for developing and testing the platform without hardware."""
