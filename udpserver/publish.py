@@ -20,6 +20,7 @@ import orjson
 from semg import natsio
 from semg.config import Settings
 from semg.messages import samples_subject
+from udpserver.metrics import RateLimitedLog
 from udpserver.spool import Chunk, iter_records
 
 log = logging.getLogger("udpserver.publish")
@@ -112,6 +113,7 @@ class Publisher:
         self._up_since = 0.0
         self._stopping = False
         self.messages = 0
+        self._error_log = RateLimitedLog(log, 10.0)
 
     @property
     def connected(self) -> bool:
@@ -123,19 +125,23 @@ class Publisher:
 
     async def _disconnected(self) -> None:
         self.disconnects += 1
-        log.warning("NATS disconnected; publishing paused (storage continues)")
+        if not self._stopping:
+            log.warning("NATS disconnected; publishing paused (storage continues)")
 
     async def _reconnected(self) -> None:
         self._up_since = time.monotonic()
         log.info("NATS reconnected; publishing the backlog in %.1fs", self.SETTLE_S)
 
     async def _error(self, e: Exception) -> None:
-        log.warning("NATS error: %s", e)
+        # called for every failed (re)connection attempt, twice a second while NATS is away
+        self._error_log.warning(type(e).__name__, "NATS at %s: %s (retrying)", self.settings.nats_url,
+                                e or type(e).__name__)
 
     async def connect_forever(self) -> None:
         backoff = 0.5
+        log.info("connecting to NATS at %s", self.settings.nats_url)
         while self.nc is None and not self._stopping:
-            try:
+            try:  # nats-py itself retries the first connection until it succeeds (unlimited reconnects)
                 self.nc = await natsio.connect("ingest", self.settings, disconnected_cb=self._disconnected,
                                                reconnected_cb=self._reconnected, error_cb=self._error)
                 self._up_since = time.monotonic()

@@ -266,6 +266,6 @@ class DbWriter(threading.Thread):
             with contextlib.suppress(Exception):
                 self._conn.close()
             self._conn = None
-        if self.connected:
+        if self.connected and self._stop_at is None:
             log.warning("lost the PostgreSQL connection")
         self.connected = False

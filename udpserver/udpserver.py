@@ -393,7 +393,7 @@ def parse_args(argv: list[str] | None, settings: Settings) -> argparse.Namespace
                    help="journaled data also kept in memory; beyond it, it is read back from the spool")
     p.add_argument("--rcvbuf-mb", type=int, default=32, help="UDP socket receive buffer")
     p.add_argument("--refresh-interval", type=float, default=2.0, help="seconds between device list reloads")
-    p.add_argument("--stats-interval", type=float, default=10.0, help="seconds between counter log lines")
+    p.add_argument("--stats-interval", type=float, default=5.0, help="seconds between counter log lines")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="on SIGTERM, how long to wait for an unreachable PostgreSQL/NATS")
     return p.parse_args(argv)

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 
+import numpy as np
 from udphelpers import Streamer, add_device, add_user, stored_seqs
 
 from semg import db
+from udpserver import protocol
 
 
 def _device(conn, channels: int = 4) -> tuple[int, bytes]:
     key = b"f" * 32
     with conn.cursor() as cur:
         return add_device(cur, add_user(cur), "binary", channels=channels, key=key), key
+
+
+def protocol_packet(dev: int, key: bytes, seq0: int) -> bytes:
+    return protocol.build_binary(dev, 1, seq0, 1000 + 2 * seq0, 500, np.full((10, 4), seq0 % 100), key)
 
 
 def _fresh_seqs(device_id: int) -> list[tuple[int, int]]:
@@ -116,3 +123,49 @@ def test_kill9_mid_stream_with_database_up(clean_db, udp_server, sender):
     sender.send(stream.packets[:1])
     srv.wait_for(lambda m: m["rejected"].get("replay") == 1, 10, "replay rejected after restart")
     assert srv.stop() == 0
+
+
+def test_starts_before_postgres_and_nats(clean_db, services, udp_server, sender):
+    from udphelpers import Collector
+
+    dev, key = _device(clean_db)
+    packets = [protocol_packet(dev, key, 10 * i) for i in range(100)]
+    services.stop("nats")
+    services.stop("postgres")
+    try:
+        srv = udp_server(wait_ready=False)
+        assert srv.health()["status"] == "starting"
+        sender.send(packets[:5])
+        srv.wait_for(lambda m: m["rejected"].get("not_ready") == 5, 10, "not_ready rejections")
+        services.start("postgres")
+        srv.wait_for(lambda m: m["ready"] and m["db_connected"], 30, "ready once PostgreSQL is up")
+        sender.send(packets[5:50])
+        m = srv.wait_for(lambda m: m["samples"]["stored"] == 450, 20, "stored while NATS is still down")
+        assert m["samples"]["published"] == 0 and not m["nats_connected"]
+        assert srv.health()["status"] == "degraded"
+    finally:
+        for name in ("postgres", "nats"):
+            if name not in services.procs:
+                services.start(name)
+    collector = Collector().start_and_wait()
+    try:
+        srv.wait_for(lambda m: m["samples"]["published"] == 450, 40, "backlog published once NATS is up")
+        sender.send(packets[50:])
+        m = srv.wait_settled()
+        assert m["samples"]["stored"] == m["samples"]["published"] == 950
+        assert collector.wait_samples(dev, 500)[-1] == (1, 999)
+    finally:
+        collector.close()
+    assert _fresh_seqs(dev) == [(1, s) for s in range(50, 1000)]
+    assert srv.stop() == 0
+
+
+def test_sigterm_commits_and_publishes_what_is_buffered(clean_db, udp_server, sender):
+    dev, key = _device(clean_db)
+    srv = udp_server()
+    sender.send([protocol_packet(dev, key, 10 * i) for i in range(3000)], pace_every=500, pause=0.001)
+    assert srv.stop() == 0
+    last = [line for line in srv.log_tail(5).splitlines() if "stopped:" in line][-1]
+    accepted, stored, published = (int(x) for x in re.findall(r"(?:accepted|stored|published) (\d+)", last))
+    assert accepted == stored == published and "0 unstored and 0 unpublished" in last
+    assert len(_fresh_seqs(dev)) == accepted > 0
