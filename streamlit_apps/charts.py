@@ -43,24 +43,34 @@ def signal_figure(frame: pd.DataFrame, channels: Sequence[int] | None = None, *,
             fig.update_yaxes(title_text=col, row=i + 1, col=1, title_standoff=2)
         else:
             fig.add_trace(trace)
-    labels = [iv["label"] for iv in intervals]
-    if t0 is not None:
-        for iv in intervals:
-            if not iv.get("started_at") or not iv.get("ended_at"):
-                continue
-            a, b = (iv["started_at"] - t0).total_seconds(), (iv["ended_at"] - t0).total_seconds()
-            rest = iv["label"].upper() == "REST"
-            if rest and not iv.get("discarded"):
-                continue  # rest is the background; shading it too would hide the gestures
-            fig.add_vrect(x0=a, x1=b, fillcolor="#999999" if iv.get("discarded") else label_color(iv["label"], labels),
-                          opacity=0.12 if iv.get("discarded") else 0.18, line_width=0, layer="below",
-                          annotation_text=("redone " if iv.get("discarded") else "") + iv["label"],
-                          annotation_position="top left", annotation_font_size=10)
+    shapes, notes = _interval_shapes(intervals, t0) if t0 is not None and intervals else ([], [])
     if cursor_s is not None:
-        fig.add_vline(x=cursor_s, line_color="red", line_width=2)
+        shapes.append(dict(type="line", xref="x", yref="paper", x0=cursor_s, x1=cursor_s, y0=0, y1=1,
+                           line=dict(color="red", width=2)))
+    if shapes:
+        # One layout update: plotly's add_vrect/add_vline per shape is quadratic (minutes for 200 intervals).
+        fig.update_layout(shapes=shapes, annotations=list(fig.layout.annotations) + notes)
     fig.update_xaxes(title_text=x_title, row=rows, col=1) if rows > 1 else fig.update_xaxes(title_text=x_title)
     fig.update_layout(title=title or None, showlegend=not stacked)
     return _tight(fig, max(220, height_per_channel * rows) if stacked else 320)
+
+
+def _interval_shapes(intervals: Sequence[dict], t0: datetime, max_notes: int = 60) -> tuple[list, list]:
+    """Shaded gesture intervals (rest is the background) spanning all rows, with a label on each when few."""
+    labels = [iv["label"] for iv in intervals]
+    shown = [iv for iv in intervals if iv.get("started_at") and iv.get("ended_at")
+             and (iv["label"].upper() != "REST" or iv.get("discarded"))]
+    shapes, notes = [], []
+    for iv in shown:
+        a, b = (iv["started_at"] - t0).total_seconds(), (iv["ended_at"] - t0).total_seconds()
+        discarded = bool(iv.get("discarded"))
+        shapes.append(dict(type="rect", xref="x", yref="paper", x0=a, x1=b, y0=0, y1=1, line_width=0, layer="below",
+                           fillcolor="#999999" if discarded else label_color(iv["label"], labels),
+                           opacity=0.12 if discarded else 0.2))
+        if len(shown) <= max_notes:
+            notes.append(dict(x=a, y=1, xref="x", yref="paper", xanchor="left", yanchor="bottom", showarrow=False,
+                              text=("redone " if discarded else "") + iv["label"], font=dict(size=10)))
+    return shapes, notes
 
 
 def rms_figure(rms: Sequence[float], title: str = "RMS per channel") -> go.Figure:

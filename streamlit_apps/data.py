@@ -280,6 +280,14 @@ def session_video(session_id: int) -> dict | None:
     return row
 
 
+def intervals_between(user_id: int, t0: datetime, t1: datetime) -> list[dict]:
+    """Labelled intervals of any of the user's sessions overlapping [t0, t1] (for time-range review)."""
+    return _rows("""SELECT i.id, i.session_id, i.kind, i.label, i.repetition, i.started_at, i.ended_at, i.discarded
+                    FROM session_intervals i JOIN capture_sessions s ON s.id = i.session_id
+                    WHERE s.user_id = %s AND i.started_at < %s AND i.ended_at > %s
+                    ORDER BY i.started_at""", (user_id, t1, t0))
+
+
 def user_videos_between(user_id: int, t0: datetime, t1: datetime) -> list[dict]:
     rows = _rows("""SELECT id, session_id, path, mime_type, started_at, ended_at FROM videos
                     WHERE user_id = %s AND started_at < %s AND coalesce(ended_at, started_at) > %s
@@ -671,13 +679,14 @@ def server_now() -> datetime:
 
 
 # ---- live decisions ----------------------------------------------------------------------------------
-def predictions_since(user_id: int, seconds: float, limit: int = 5000) -> pd.DataFrame:
+def predictions_between(user_id: int, t0: datetime, t1: datetime, limit: int = 5000) -> pd.DataFrame:
+    """The user's live decisions in (t0, t1], newest first, with latency = decision time - sample receive time."""
     rows = _rows(
-        """SELECT decided_at, gesture, confidence, model_id, device_id, sample_received,
-                  coalesce(latency_ms, 1000 * extract(epoch FROM decided_at - sample_received))::float8 AS latency_ms
-           FROM predictions WHERE user_id = %s AND decided_at > now() - make_interval(secs => %s)
+        """SELECT decided_at, gesture, confidence::float8 AS confidence, model_id, device_id, sample_received,
+                  coalesce(1000 * extract(epoch FROM decided_at - sample_received), latency_ms)::float8 AS latency_ms
+           FROM predictions WHERE user_id = %s AND decided_at > %s AND decided_at <= %s
            ORDER BY decided_at DESC LIMIT %s""",
-        (user_id, seconds, limit),
+        (user_id, t0, t1, limit),
     )
     return pd.DataFrame(rows, columns=["decided_at", "gesture", "confidence", "model_id", "device_id",
                                        "sample_received", "latency_ms"])

@@ -1,0 +1,136 @@
+"""Choose recorded sessions by their data quality, preview them (signals + video at the same moment), set the
+options and schedule a training job (the training worker runs it; this page never trains)."""
+
+import pandas as pd
+import streamlit as st
+
+import data
+import uikit as ui
+import views
+
+ui.page_setup("Kickoff training", "🚀")
+st.title("🚀 Kickoff Training")
+
+EDITOR_VERSION = "kickoff_editor_version"
+DEFAULT_SELECTION = "kickoff_default_selection"
+
+
+def quality_table(sessions: list[dict]) -> list[int]:
+    """Editable table of completed sessions with a 'train' tick box; returns the ticked session ids."""
+    default = st.session_state.get(DEFAULT_SELECTION, True)
+    rows = []
+    for s in sessions:
+        q = s["quality"]
+        plan = s.get("plan") or {}
+        rows.append({
+            "train": default and q["samples"] > 0,
+            "session": s["id"],
+            "name": s["name"],
+            "recorded": ui.fmt_time(s["started_at"]),
+            "gestures": ", ".join(plan.get("gestures", [])),
+            "reps": q["gesture_reps"],
+            "redone": q["discarded"] // 2 if q["discarded"] else 0,
+            "samples": q["samples"],
+            "loss %": round(q["loss_pct"], 2) if q["loss_pct"] is not None else None,
+            "length (s)": round(q["duration_s"] or 0, 1),
+            "RMS per channel": [round(v, 1) for v in q["rms"]],
+        })
+    c1, c2, _ = st.columns([1, 1, 6])
+    if c1.button("Select all", key="select_all"):
+        st.session_state[DEFAULT_SELECTION] = True
+        st.session_state[EDITOR_VERSION] = st.session_state.get(EDITOR_VERSION, 0) + 1
+        st.rerun()
+    if c2.button("Select none", key="select_none"):
+        st.session_state[DEFAULT_SELECTION] = False
+        st.session_state[EDITOR_VERSION] = st.session_state.get(EDITOR_VERSION, 0) + 1
+        st.rerun()
+    edited = st.data_editor(
+        pd.DataFrame(rows), hide_index=True, width="stretch",
+        key=f"sessions_editor_{st.session_state.get(EDITOR_VERSION, 0)}",
+        disabled=[c for c in rows[0] if c != "train"],
+        column_config={
+            "train": st.column_config.CheckboxColumn("train", help="Use this session for training"),
+            "samples": st.column_config.NumberColumn("samples", format="%d"),
+            "loss %": st.column_config.NumberColumn("loss %", help="Samples missing from sequence gaps",
+                                                    format="%.2f"),
+            "RMS per channel": st.column_config.BarChartColumn("RMS per channel", y_min=0),
+            "redone": st.column_config.NumberColumn("redone", help="Repetitions thrown away and done again"),
+        },
+    )
+    for r in rows:
+        if r["samples"] == 0:
+            st.warning(f"Session #{r['session']} has no samples (the device was not streaming); it cannot be "
+                       "trained on.")
+        elif r["loss %"] is not None and r["loss %"] > 5:
+            st.warning(f"Session #{r['session']} lost {r['loss %']:.1f}% of its samples: check the Wi-Fi signal.")
+    return [int(x) for x in edited.loc[edited["train"], "session"]]
+
+
+def preview(sessions: list[dict]) -> None:
+    by_id = {s["id"]: s for s in sessions}
+    sid = st.selectbox("Preview a session", list(by_id), key="preview_session",
+                       format_func=lambda i: f"#{i} {by_id[i]['name']} ({ui.fmt_time(by_id[i]['started_at'])})")
+    s = by_id[sid]
+    if not s.get("device_id") or not s.get("started_at"):
+        st.info("This session has no device or was never started.")
+        return
+    views.signal_review(s["device_id"], s["started_at"], s["ended_at"] or s["started_at"],
+                        intervals=s["intervals"], video=data.session_video(sid), key=f"kick_{sid}")
+
+
+def options_and_schedule(user: dict, selected: list[int]) -> None:
+    st.subheader("Options")
+    bases = data.pretrained_bases()
+    c1, c2 = st.columns(2)
+    with c1:
+        if bases:
+            start = st.radio("Start from", ["scratch", "pretrained base"], horizontal=True, key="kick_start",
+                             help="A base trained on many people usually needs fewer of your repetitions")
+            base = None
+            if start == "pretrained base":
+                by_id = {b["id"]: b for b in bases}
+                base = st.selectbox("Base model", list(by_id), key="kick_base",
+                                    format_func=lambda i: f"#{i} {by_id[i]['name'] or 'base'} "
+                                                          f"({len(by_id[i]['classes'])} classes)")
+        else:
+            base = None
+            st.caption("No pretrained base model is available, so training starts from scratch.")
+    epochs = c2.number_input("Epochs", min_value=1, max_value=1000, value=30, step=5, key="kick_epochs")
+    with st.expander("Advanced"):
+        a1, a2 = st.columns(2)
+        window_ms = a1.number_input("Window (ms)", 50, 2000, 200, step=25, key="kick_window")
+        step_ms = a2.number_input("Step (ms)", 10, 1000, 50, step=10, key="kick_step")
+    params = {"epochs": int(epochs), "window_ms": int(window_ms), "step_ms": int(step_ms)}
+    if base is not None:
+        params["base_model_id"] = int(base)
+    if st.button(f"🚀 Train on {len(selected)} session(s)", type="primary", disabled=not selected,
+                 key="kick_schedule"):
+        job = data.schedule_job(user["id"], selected, params)
+        st.session_state["kick_flash"] = job["id"]
+        st.rerun()
+    if not selected:
+        st.caption("Tick at least one session above.")
+
+
+def page() -> None:
+    user = ui.pick_user()
+    if not user:
+        return
+    if job_id := st.session_state.pop("kick_flash", None):
+        st.success(f"Training job #{job_id} scheduled: a training worker picks it up. Follow it on "
+                   "**Training Jobs Status**.")
+    sessions = [s for s in data.sessions_overview(user["id"]) if s["status"] == "completed"]
+    if not sessions:
+        st.info("No completed recording yet: record one on **Training Data Capture** first.")
+        return
+    st.subheader("Recorded sessions")
+    selected = quality_table(sessions)
+    st.divider()
+    options_and_schedule(user, selected)
+    st.divider()
+    st.subheader("Preview")
+    preview(sessions)
+
+
+with ui.guard():
+    page()

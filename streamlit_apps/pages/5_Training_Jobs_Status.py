@@ -1,0 +1,134 @@
+"""Training jobs: live progress, logs, errors, training curves, confusion matrix, per-class accuracy, model size,
+cancel. Refreshes itself while a job is scheduled or running."""
+
+from datetime import UTC, datetime
+
+import pandas as pd
+import streamlit as st
+
+import charts
+import data
+import uikit as ui
+
+ui.page_setup("Training jobs", "📈")
+st.title("📈 Training Jobs Status")
+
+ACTIVE = ("scheduled", "in-progress")
+STATUS_ICON = {"scheduled": "⏳", "in-progress": "⚙️", "completed": "✅", "failed": "❌", "canceled": "🚫"}
+
+
+def job_label(j: dict) -> str:
+    return f"#{j['id']} {STATUS_ICON.get(j['status'], '')} {j['status']} · {ui.fmt_time(j['created_at'])}"
+
+
+def jobs_table(jobs: list[dict]) -> None:
+    st.dataframe(pd.DataFrame([{
+        "job": j["id"], "status": f"{STATUS_ICON.get(j['status'], '')} {j['status']}", "progress": float(j["progress"]),
+        "sessions": ", ".join(map(str, j["session_ids"])), "epochs": (j["params"] or {}).get("epochs"),
+        "created": ui.fmt_time(j["created_at"]), "finished": ui.fmt_time(j["finished_at"]),
+        "model": f"#{j['artifact_id']}" if j["artifact_id"] else "",
+    } for j in jobs]), hide_index=True, width="stretch",
+        column_config={"progress": st.column_config.ProgressColumn("progress", min_value=0, max_value=100,
+                                                                   format="%.0f%%")})
+
+
+def worker_hint(job: dict) -> None:
+    now = datetime.now(UTC)
+    if job["status"] == "scheduled":
+        waited = (now - job["created_at"]).total_seconds()
+        t = data.trainer_status()
+        if waited > 30 and not t.get("running"):
+            st.warning(f"Waiting for {waited:.0f} s and no job is running: is a training worker up? Start one with "
+                       "`python ml_model/TrainMLJob.py worker` (./start_all.sh starts it).")
+        else:
+            st.info(f"Queued; {t.get('queued', 1)} job(s) waiting. A training worker will pick it up.")
+    elif job["status"] == "in-progress" and job["heartbeat_at"]:
+        silent = (now - job["heartbeat_at"]).total_seconds()
+        if silent > 30:
+            st.warning(f"No heartbeat from worker {job['worker'] or ''} for {silent:.0f} s: it may have died; the job "
+                       "is retried by the next worker once the heartbeat is stale.")
+
+
+def results(job: dict) -> None:
+    epochs = job["epoch_metrics"] or []
+    if epochs:
+        st.plotly_chart(charts.curves_figure(epochs), key=f"curves_{job['id']}")
+    elif job["status"] in ACTIVE:
+        st.caption("Training curves appear after the first epoch.")
+    artifact = data.job_artifact(job["id"])
+    if artifact is None:
+        if job["status"] == "completed":
+            st.info("This job stored no model.")
+        return
+    m = data.normalize_metrics(artifact["metrics"], artifact["classes"])
+    c1, c2, c3, c4 = st.columns(4)
+    c1.metric("Held-out accuracy", f"{m['accuracy']:.1%}" if m["accuracy"] is not None else "—")
+    c2.metric("Model size", ui.fmt_bytes(artifact["size_bytes"]))
+    c3.metric("Classes", len(artifact["classes"]))
+    c4.metric("Window / step", f"{artifact['window_ms']:g} / {artifact['step_ms']:g} ms")
+    left, right = st.columns(2)
+    if m["matrix"]:
+        left.plotly_chart(charts.confusion_figure(m["classes"], m["matrix"]), key=f"cm_{job['id']}")
+    if m["per_class"]:
+        right.plotly_chart(charts.per_class_figure(m["per_class"]), key=f"pc_{job['id']}")
+    if not m["matrix"] and not m["per_class"]:
+        st.caption("The model carries no per-class metrics.")
+
+
+def details(job_id: int) -> None:
+    job = data.get_job(job_id)
+    active = job["status"] in ACTIVE
+
+    @st.fragment(run_every=2.0 if active else None)
+    def live() -> None:
+        with ui.guard():
+            j = data.get_job(job_id)
+            if (j["status"] in ACTIVE) != active:
+                st.rerun(scope="app")  # it just finished (or started): redraw everything once
+            st.markdown(f"### Job #{j['id']} — {STATUS_ICON.get(j['status'], '')} {j['status']}")
+            st.progress(min(1.0, float(j["progress"]) / 100), text=f"{float(j['progress']):.0f}%")
+            st.caption(f"sessions {', '.join(map(str, j['session_ids']))} · params {j['params']} · created "
+                       f"{ui.fmt_time(j['created_at'])} · started {ui.fmt_time(j['started_at'])} · finished "
+                       f"{ui.fmt_time(j['finished_at'])}" + (f" · worker {j['worker']}" if j["worker"] else ""))
+            if j["error"]:
+                st.error(f"Error: {j['error']}")
+            if j["cancel_requested"] and j["status"] == "in-progress":
+                st.info("Cancel requested: the worker stops at the end of the current epoch.")
+            worker_hint(j)
+            if j["status"] in ACTIVE and st.button("Cancel job", key=f"cancel_{job_id}"):
+                data.cancel_job(job_id)
+                st.rerun(scope="app")
+            logs = data.job_logs(job_id)
+            with st.expander(f"Log ({len(logs)} lines)", expanded=j["status"] in ("failed",) or active):
+                st.code("\n".join(f"{r['ts'].astimezone():%H:%M:%S} {r['level']:<7} {r['message']}"
+                                  for r in logs[-300:]) or "(empty)", language=None)
+            if active:
+                results(j)
+
+    live()
+    if not active:
+        results(job)
+
+
+def page() -> None:
+    c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
+    with c1:
+        user = ui.pick_user()
+    all_users = c2.toggle("All users", key="jobs_all_users")
+    if not user and not all_users:
+        return
+    jobs = data.list_jobs(None if all_users else user["id"], limit=100)
+    if not jobs:
+        st.info("No training job yet: schedule one on **Kickoff Training**.")
+        return
+    jobs_table(jobs)
+    by_id = {j["id"]: j for j in jobs}
+    wanted = st.session_state.pop("jobs_focus", None)
+    ids = list(by_id)
+    job_id = st.selectbox("Job", ids, index=ids.index(wanted) if wanted in by_id else 0, key="jobs_pick",
+                          format_func=lambda i: job_label(by_id[i]))
+    details(job_id)
+
+
+with ui.guard():
+    page()
