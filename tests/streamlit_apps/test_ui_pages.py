@@ -1,0 +1,437 @@
+"""Every page against the real database: empty data, seeded data, services down, and the main actions."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import pytest
+from ui_checks import assert_clean, texts
+
+from semg import repo
+
+ALL_PAGES = ["main", "users", "gestures", "capture", "kickoff", "jobs", "live", "review"]
+
+
+def button(at, label: str):
+    matches = [b for b in at.button if b.label == label or b.label.startswith(label)]
+    assert matches, f"no button {label!r}; have {[b.label for b in at.button]}"
+    return matches[0]
+
+
+# ---- login -----------------------------------------------------------------------------------------
+def test_login_gate_asks_for_the_ui_password(page, clean_db):
+    from semg import secrets
+    at = page("users", login=False)
+    at.run()
+    assert_clean(at)
+    assert at.text_input(key="semg_login_password")
+    assert "User Management" not in texts(at)
+
+    at.text_input(key="semg_login_password").input("wrong")
+    button(at, "Sign in").click()
+    at.run()
+    assert "Wrong password" in texts(at)
+
+    at.text_input(key="semg_login_password").input(secrets.ui_password())
+    button(at, "Sign in").click()
+    at.run()
+    assert_clean(at)
+    assert "User Management" in texts(at)
+
+
+# ---- empty database and services down -------------------------------------------------------------------
+@pytest.mark.parametrize("name", ALL_PAGES)
+def test_every_page_renders_with_no_data(page, clean_db, name):
+    at = page(name)
+    at.run()
+    assert_clean(at)
+    shown = texts(at)
+    if name == "main":
+        assert "No device registered yet" in shown and "No training job yet" in shown
+    elif name == "users":
+        assert "No users yet" in shown
+    else:
+        assert "No users yet" in shown and "User Management" in shown
+
+
+@pytest.mark.parametrize("name", ["gestures", "capture", "kickoff", "jobs", "live", "review"])
+def test_every_page_guides_a_brand_new_user(page, clean_db, name):
+    user = repo.create_user(clean_db, "New Person", "new@example.org")
+    at = page(name, user_id=user["id"])
+    at.run()
+    assert_clean(at)
+    shown = texts(at)
+    expected = {
+        "gestures": "No gestures yet",
+        "capture": "add gestures and register a device",
+        "kickoff": "No completed recording yet",
+        "jobs": "No training job yet",
+        "live": "No trained model",
+        "review": "no recorded session yet",
+    }[name]
+    assert expected in shown, shown
+
+
+@pytest.mark.parametrize("name", ALL_PAGES)
+def test_every_page_explains_a_database_outage(page, db_down, name):
+    at = page(name)
+    at.run()
+    assert_clean(at)
+    assert "not reachable" in texts(at)
+
+
+def test_overview_reports_services_down_without_failing(page, clean_db):
+    # The test session runs no API and no UDP server: both must show as down with a hint, NATS and DB up.
+    at = page("main")
+    at.run()
+    assert_clean(at)
+    shown = texts(at)
+    assert "🔴 REST API" in shown and "🔴 UDP ingestion" in shown
+    assert "🟢 Database" in shown and "🟢 NATS" in shown
+    assert "start it with ./start_all.sh" in shown
+
+
+# ---- seeded data: every page shows it -------------------------------------------------------------------
+@pytest.mark.parametrize("name", ALL_PAGES)
+def test_every_page_renders_seeded_data(page, seeded, name):
+    at = page(name, user_id=seeded["user"]["id"])
+    at.run()
+    assert_clean(at)
+    assert not at.warning or name in ("capture", "live", "main", "gestures"), [w.value for w in at.warning]
+
+
+# ---- 1. users ----------------------------------------------------------------------------------------
+def test_create_edit_search_and_delete_a_user(page, clean_db):
+    at = page("users")
+    at.run()
+    at.text_input(key="new_user_name").input("Grace Hopper")
+    at.text_input(key="new_user_email").input("grace@example.org")
+    button(at, "Create user").click()
+    at.run()
+    assert_clean(at)
+    assert "Created Grace Hopper" in texts(at)
+    users = repo.list_users(clean_db)
+    assert [u["email"] for u in users] == ["grace@example.org"]
+    uid = users[0]["id"]
+
+    # unique email, shown as a sentence
+    at.text_input(key="new_user_name").input("Imposter")
+    at.text_input(key="new_user_email").input("GRACE@example.org")
+    button(at, "Create user").click()
+    at.run()
+    assert "already exists" in texts(at)
+    # invalid email
+    at.text_input(key="new_user_name").input("Bad")
+    at.text_input(key="new_user_email").input("not-an-email")
+    button(at, "Create user").click()
+    at.run()
+    assert_clean(at)
+    assert "not a valid email" in texts(at)
+    assert len(repo.list_users(clean_db)) == 1
+
+    # edit
+    name_inputs = [t for t in at.text_input if t.value == "Grace Hopper"]
+    name_inputs[0].input("Grace B. Hopper")
+    button(at, "Save changes").click()
+    at.run()
+    assert repo.get_user(clean_db, uid)["name"] == "Grace B. Hopper"
+
+    # search
+    at.text_input(key="user_search").input("nobody-matches")
+    at.run()
+    assert "No matching users" in texts(at)
+    at.text_input(key="user_search").input("")
+    at.run()
+
+    # delete asks first, then removes everything
+    button(at, "Delete Grace B. Hopper").click()
+    at.run()
+    assert "ALL their data" in texts(at)
+    assert repo.list_users(clean_db)
+    button(at, "Yes, delete permanently").click()
+    at.run()
+    assert_clean(at)
+    assert "Deleted Grace B. Hopper" in texts(at)
+    assert repo.list_users(clean_db) == []
+
+
+def test_deleting_a_user_removes_their_data_and_videos(page, seeded, settings):
+    conn, uid = seeded["conn"], seeded["user"]["id"]
+    video = settings.video_dir / f"user{uid}" / "x.webm"
+    video.parent.mkdir(parents=True, exist_ok=True)
+    video.write_bytes(b"webm")
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO videos (user_id, session_id, path, started_at) VALUES (%s, %s, %s, now())",
+                    (uid, seeded["session"]["id"], f"user{uid}/x.webm"))
+    conn.commit()
+    at = page("users", user_id=uid)
+    at.run()
+    button(at, "Delete").click()
+    at.run()
+    shown = texts(at)
+    assert "1 session(s)" in shown and "1 video(s)" in shown
+    button(at, "Yes, delete permanently").click()
+    at.run()
+    assert "1 video file(s) removed" in texts(at)
+    assert not video.exists()
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM sample_blocks WHERE user_id = %s", (uid,))
+        assert cur.fetchone()[0] == 0
+
+
+# ---- 2. gestures and devices ---------------------------------------------------------------------------
+def test_quick_add_custom_gesture_and_device_key_shown_once(page, clean_db):
+    user = repo.create_user(clean_db, "Ann", "ann@example.org")
+    at = page("gestures", user_id=user["id"])
+    at.run()
+    at.multiselect(key="quick_add").set_value(["fist", "open hand"])
+    at.run()
+    button(at, "Add selected").click()
+    at.run()
+    assert_clean(at)
+    assert {g["name"] for g in repo.list_gestures(clean_db, user["id"])} == {"fist", "open hand"}
+
+    at.text_input(key="new_gesture_name").input("peace sign")
+    at.text_input(key="new_gesture_desc").input("index and middle finger up")
+    button(at, "Add gesture").click()
+    at.run()
+    assert "peace sign" in {g["name"] for g in repo.list_gestures(clean_db, user["id"])}
+    # the built-in rest class cannot be added
+    at.text_input(key="new_gesture_name").input("rest")
+    button(at, "Add gesture").click()
+    at.run()
+    assert_clean(at)
+    assert "REST is built in" in texts(at)
+
+    at.number_input(key="new_device_channels").set_value(4)
+    at.number_input(key="new_device_rate").set_value(500.0)
+    button(at, "Register device").click()
+    at.run()
+    assert_clean(at)
+    snippet = at.code[0].value
+    dev = repo.list_devices(clean_db, user["id"])[0]
+    with clean_db.cursor() as cur:
+        cur.execute("SELECT secret_key FROM devices WHERE id = %s", (dev["id"],))
+        key = bytes(cur.fetchone()[0])
+    assert f'#define SEMG_DEVICE_KEY_HEX "{key.hex()}"' in snippet
+    assert f"#define SEMG_DEVICE_ID {dev['id']}" in snippet and "SEMG_SERVER_HOST" in snippet
+    assert "shown only once" in texts(at)
+    button(at, "I have saved the key").click()
+    at.run()
+    assert not at.code, "the key must not be shown again"
+
+    button(at, "Rotate key").click()
+    at.run()
+    button(at, "Yes, rotate").click()
+    at.run()
+    with clean_db.cursor() as cur:
+        cur.execute("SELECT secret_key FROM devices WHERE id = %s", (dev["id"],))
+        new_key = bytes(cur.fetchone()[0])
+    assert new_key != key and new_key.hex() in at.code[0].value
+
+
+# ---- 3. capture ---------------------------------------------------------------------------------------
+def _start_capture(at, gestures, reps=1, hold=0.5, rest=0.5):
+    at.multiselect(key="capture_gestures").set_value(gestures)
+    at.number_input(key="capture_reps").set_value(reps)
+    at.number_input(key="capture_hold").set_value(hold)
+    at.number_input(key="capture_rest").set_value(rest)
+    button(at, "▶ Start session").click()
+    at.run()
+
+
+def test_capture_session_records_interval_times_as_cues_happen(page, seeded):
+    conn, uid = seeded["conn"], seeded["user"]["id"]
+    at = page("capture", user_id=uid)
+    at.run()
+    assert_clean(at)
+    _start_capture(at, ["fist"], reps=1, hold=0.5, rest=0.5)
+    assert_clean(at)
+    session_id = at.session_state["capture_shared"].run.session_id
+    assert repo.get_session(conn, session_id)["status"] == "recording"
+    assert "Rest" in texts(at) or "fist" in texts(at)
+    time.sleep(1.7)  # rest 0.5 + fist 0.5 + rest 0.5
+    at.run()
+    at.run()
+    assert_clean(at)
+    s = repo.get_session(conn, session_id)
+    assert s["status"] == "completed"
+    ivs = s["intervals"]
+    assert [i["label"] for i in ivs] == ["REST", "fist", "REST"]
+    assert all(i["started_at"] and i["ended_at"] for i in ivs)
+    for a, b in zip(ivs, ivs[1:], strict=False):
+        assert a["ended_at"] == b["started_at"], "intervals must be contiguous in server time"
+    assert abs((ivs[1]["ended_at"] - ivs[1]["started_at"]).total_seconds() - 0.5) < 1e-3
+    assert "completed" in texts(at) and "No video" in texts(at)
+
+
+def test_capture_redo_last_repetition_discards_and_repeats_it(page, seeded):
+    conn, uid = seeded["conn"], seeded["user"]["id"]
+    at = page("capture", user_id=uid)
+    at.run()
+    _start_capture(at, ["fist"], reps=1, hold=2.0, rest=0.5)
+    session_id = at.session_state["capture_shared"].run.session_id
+    time.sleep(0.9)  # inside the fist interval
+    at.run()
+    button(at, "↺ Redo last repetition").click()
+    at.run()
+    assert_clean(at)
+    ivs = repo.get_session(conn, session_id)["intervals"]
+    assert [(i["label"], i["discarded"]) for i in ivs] == [
+        ("REST", False), ("fist", True), ("REST", False), ("REST", False), ("fist", False)]
+    assert ivs[1]["ended_at"] is not None  # the cut repetition keeps its times for the record
+    button(at, "■ Stop session").click()
+    at.run()
+    at.run()
+    assert_clean(at)
+    assert repo.get_session(conn, session_id)["status"] == "aborted"
+
+
+def test_capture_tells_whether_the_device_is_streaming(page, seeded):
+    conn, uid = seeded["conn"], seeded["user"]["id"]
+    at = page("capture", user_id=uid)
+    at.run()
+    assert f"device #{seeded['device']['id']} streaming" in texts(at)  # seeded samples end now
+    silent = repo.register_device(conn, uid, 4, 500, name="silent")
+    at.run()
+    at.selectbox(key="capture_device").set_value(silent["id"])
+    at.run()
+    assert_clean(at)
+    assert f"Device #{silent['id']} is not streaming" in texts(at)
+    assert "would record no signals" in texts(at)
+
+
+def test_capture_offers_to_close_a_session_left_recording(page, seeded):
+    conn, uid = seeded["conn"], seeded["user"]["id"]
+    s = repo.create_session(conn, uid, seeded["device"]["id"], ["fist"], 1, 1, 1)
+    repo.start_session(conn, s["id"])
+    at = page("capture", user_id=uid)
+    at.run()
+    assert f"Session #{s['id']}" in texts(at)
+    button(at, "Close it").click()
+    at.run()
+    assert repo.get_session(conn, s["id"])["status"] == "aborted"
+
+
+# ---- 4. kickoff ---------------------------------------------------------------------------------------
+def test_kickoff_shows_quality_and_schedules_a_job(page, seeded):
+    conn, uid, sid = seeded["conn"], seeded["user"]["id"], seeded["session"]["id"]
+    at = page("kickoff", user_id=uid)
+    at.run()
+    assert_clean(at)
+    table = at.dataframe[0].value
+    row = table[table["session"] == sid].iloc[0]
+    assert row["samples"] > 0 and 0 < row["loss %"] < 5 and len(row["RMS per channel"]) == 8
+    assert all(v > 0 for v in row["RMS per channel"])
+    assert at.get("plotly_chart"), "the preview plot is missing"
+
+    button(at, "Select none").click()
+    at.run()
+    assert button(at, "🚀 Train on 0").disabled
+    button(at, "Select all").click()
+    at.run()
+    at.number_input(key="kick_epochs").set_value(7)
+    button(at, "🚀 Train on 1").click()
+    at.run()
+    assert_clean(at)
+    jobs = repo.list_jobs(conn, uid)
+    newest = jobs[0]
+    assert newest["status"] == "scheduled" and newest["params"]["epochs"] == 7 and newest["session_ids"] == [sid]
+    assert f"Training job #{newest['id']} scheduled" in texts(at)
+
+
+def test_kickoff_offers_a_pretrained_base_when_one_exists(page, seeded):
+    conn = seeded["conn"]
+    with conn.cursor() as cur:
+        cur.execute("""INSERT INTO model_artifacts (user_id, weights, sha256, size_bytes, classes, channels,
+                       sample_rate_hz, window_ms, step_ms, scaler, metadata)
+                       VALUES (NULL, '\\x00', 'x', 1, '["REST","fist"]', '{0}', 200, 200, 50, '{}',
+                               '{"name": "myo-base"}') RETURNING id""")
+        base_id = cur.fetchone()[0]
+    conn.commit()
+    at = page("kickoff", user_id=seeded["user"]["id"])
+    at.run()
+    at.radio(key="kick_start").set_value("pretrained base")
+    at.run()
+    button(at, "🚀 Train on").click()
+    at.run()
+    assert_clean(at)
+    assert repo.list_jobs(conn, seeded["user"]["id"])[0]["params"]["base_model_id"] == base_id
+
+
+# ---- 5. jobs ------------------------------------------------------------------------------------------
+def test_job_status_shows_results_errors_and_cancels(page, seeded):
+    import ui_seed
+    conn, uid = seeded["conn"], seeded["user"]["id"]
+    at = page("jobs", user_id=uid)
+    at.run()
+    assert_clean(at)
+    shown = texts(at)
+    assert "91.0%" in shown and "120.6 KB" in shown  # held-out accuracy and model size
+    assert len(at.get("plotly_chart")) == 3  # curves, confusion matrix, per-class accuracy
+
+    failed = ui_seed.seed_job(conn, uid, [seeded["session"]["id"]], status="failed", with_model=False)
+    queued = repo.schedule_job(conn, uid, [seeded["session"]["id"]], {"epochs": 2})
+    at = page("jobs", user_id=uid)
+    at.run()
+    at.selectbox(key="jobs_pick").set_value(failed["id"])
+    at.run()
+    assert "training diverged" in texts(at)
+    at.selectbox(key="jobs_pick").set_value(queued["id"])
+    at.run()
+    assert_clean(at)
+    button(at, "Cancel job").click()
+    at.run()
+    assert_clean(at)
+    assert repo.get_job(conn, queued["id"])["status"] == "canceled"
+
+
+# ---- 6. live ------------------------------------------------------------------------------------------
+def test_live_page_shows_the_current_gesture_and_latency(page, seeded):
+    import ui_seed
+    conn, uid = seeded["conn"], seeded["user"]["id"]
+    ui_seed.seed_predictions(conn, uid, n=20, gesture="fist")  # fresh: the newest is 100 ms old
+    at = page("live", user_id=uid)
+    at.run()
+    assert_clean(at)
+    cue = at.get("html")[0].value
+    assert "fist" in cue and "confidence 80%" in cue
+    assert "35 ms" in texts(at)
+    at.toggle(key="live_pause").set_value(True)
+    at.run()
+    assert_clean(at)
+    at.select_slider(key="live_window").set_value(60)
+    at.run()
+    assert_clean(at)
+
+
+# ---- 7. review ----------------------------------------------------------------------------------------
+def test_review_session_and_time_range_with_csv(page, seeded):
+    import data
+    at = page("review", user_id=seeded["user"]["id"])
+    at.run()
+    assert_clean(at)
+    assert len(at.get("plotly_chart")) == 3  # signals, RMS, spectrum
+    assert at.get("download_button")
+    at.radio(key="review_mode").set_value("Time range")
+    at.run()
+    assert_clean(at)
+    assert "has data from" in texts(at)
+
+    s = seeded["session"]
+    csv = data.export_csv(seeded["device"]["id"], s["started_at"], s["ended_at"], s["intervals"]).decode()
+    header, first = csv.splitlines()[:2]
+    assert header == "time,t_s,seq,ch0,ch1,ch2,ch3,ch4,ch5,ch6,ch7,label"
+    assert first.endswith(",REST")
+    assert ",fist" in csv and ",open hand" in csv
+
+
+def test_secret_key_is_never_in_the_devices_listing(page, seeded):
+    """The key is shown once at registration; later listings carry no trace of it."""
+    at = page("gestures", user_id=seeded["user"]["id"])
+    at.run()
+    key_hex = seeded["device"]["secret_key_hex"]
+    assert key_hex not in texts(at)
+    assert not at.code
+    assert hashlib.sha256(key_hex.encode()).hexdigest()  # (the fixture did get a key)
