@@ -17,6 +17,7 @@ import struct
 from typing import NamedTuple
 
 import numpy as np
+import orjson
 
 MAGIC = b"\xe5\x47"
 VERSION = 1
@@ -142,10 +143,14 @@ def parse_legacy(data: bytes) -> LegacyPacket | Reject:
         return Reject.OVERSIZE
     if _LEGACY.fullmatch(data) is None:
         return _classify_legacy(data)
-    fields = data.rstrip(b"\r\n").split(b",")
-    userid = int(fields[0])
-    millis = int(fields[1])
-    values = tuple(map(int, fields[2:]))
+    # The regex admits only digits, commas and minus signs, so the text is a JSON array body: orjson
+    # converts all fields in C, ~3x faster than int() per field. JSON refuses leading zeros; we do not.
+    try:
+        fields = orjson.loads(b"[" + data + b"]")
+    except orjson.JSONDecodeError:
+        fields = list(map(int, data.split(b",")))
+    userid, millis = fields[0], fields[1]
+    values = tuple(fields[2:])
     if userid < 1 or userid > INT64_MAX or millis > UINT32_MAX \
             or min(values) < INT16_MIN or max(values) > INT16_MAX:
         return Reject.OUT_OF_RANGE

@@ -21,7 +21,7 @@ from semg import natsio
 from semg.config import Settings
 from semg.messages import samples_subject
 from udpserver.metrics import RateLimitedLog
-from udpserver.spool import Chunk, iter_records
+from udpserver.spool import Chunk, iter_records, records_by_k
 
 log = logging.getLogger("udpserver.publish")
 
@@ -68,26 +68,79 @@ class _Run:
             millis = np.repeat(np.asarray(self.millis0), counts) + (np.arange(self.n) - starts) * step
             recv = np.repeat(np.asarray(self.server_ts), counts)
         values = np.frombuffer(b"".join(self.values), dtype="<i2").reshape(self.n, self.channels)
-        body = {"v": 1, "userid": self.user_id, "device_id": self.device_id, "boot": self.boot,
-                "sample_rate_hz": self.rate, "channels": self.channels, "seq0": self.seq0,
-                "device_millis": millis, "recv_time": recv, "values": values}
-        return self.user_id, orjson.dumps(body, option=_DUMPS_OPT)
+        return _dump(self.user_id, self.device_id, self.boot, float(f"{self.rate:.7g}"), self.channels, self.seq0,
+                     millis, recv, values)
+
+
+def _dump(user_id: int, device_id: int, boot: int, rate: float, channels: int, seq0: int, millis: np.ndarray,
+          recv: np.ndarray, values: np.ndarray) -> tuple[int, bytes]:
+    body = {"v": 1, "userid": user_id, "device_id": device_id, "boot": boot, "sample_rate_hz": rate,
+            "channels": channels, "seq0": seq0, "device_millis": millis, "recv_time": recv, "values": values}
+    return user_id, orjson.dumps(body, option=_DUMPS_OPT)
+
+
+def _messages_of_group(r: np.ndarray, k: int, out: list[tuple[int, bytes]]) -> None:
+    """Messages for records of one size; per device in journal order (the sort is stable)."""
+    r = r[np.argsort(r["dev"], kind="stable")]
+    dev, boot, seq0, n, ch, rate = r["dev"], r["boot"], r["seq0"], r["n"].astype(np.int64), r["ch"], r["rate"]
+    cut = np.ones(len(r), dtype=bool)  # a new message where the device, boot, format or sequence changes
+    cut[1:] = ((dev[1:] != dev[:-1]) | (boot[1:] != boot[:-1]) | (ch[1:] != ch[:-1]) | (rate[1:] != rate[:-1])
+               | (seq0[1:] != seq0[:-1] + n[:-1]))
+    starts = np.flatnonzero(cut).tolist() + [len(r)]
+    for a, b in zip(starts[:-1], starts[1:], strict=True):
+        per = int(n[a])
+        step = max(1, MAX_SAMPLES_PER_MESSAGE // per)
+        c, rt = int(ch[a]), float(rate[a])
+        shown = float(f"{rt:.7g}")  # the float32 rate as it was registered (333.3, not 333.29998779296875)
+        for i in range(a, b, step):
+            j = min(b, i + step)
+            part = r[i:j]
+            values = np.ascontiguousarray(part["vals"]).reshape(-1, c)
+            if per == 1:
+                millis = np.ascontiguousarray(part["m0"])
+                recv = np.ascontiguousarray(part["ts"])
+            else:
+                millis = (part["m0"][:, None] + np.arange(per) * (1000.0 / rt)).ravel()
+                recv = np.repeat(part["ts"], per)
+            out.append(_dump(int(part["user"][0]), int(dev[i]), int(boot[i]), shown, c, int(seq0[i]), millis, recv,
+                             values))
 
 
 def build_messages(payloads: list[bytes]) -> list[tuple[int, bytes]]:
-    """(userid, JSON) messages for the records of chunk payloads, in journal order per device."""
+    """(userid, JSON) messages for the records of chunk payloads, in journal order per device.
+
+    Vectorised per record size; if one device has records of several sizes in the batch (a binary device
+    that varies its batch size), the per-record path keeps that device's messages in order.
+    """
+    payload = b"".join(payloads)
+    if not payload:
+        return []
+    groups = records_by_k(payload)
+    if len(groups) > 1:
+        seen: set[int] = set()
+        for r in groups.values():
+            devs = set(np.unique(r["dev"]).tolist())
+            if devs & seen:
+                return _build_messages_per_record(payload)
+            seen |= devs
+    out: list[tuple[int, bytes]] = []
+    for k, r in groups.items():
+        _messages_of_group(r, k, out)
+    return out
+
+
+def _build_messages_per_record(payload: bytes) -> list[tuple[int, bytes]]:
     runs: dict[int, _Run] = {}
     out: list[tuple[int, bytes]] = []
-    for payload in payloads:
-        mv = memoryview(payload)
-        for h, voff, vlen in iter_records(payload):
-            run = runs.get(h[1])
-            if run is not None and run.extends(h):
-                run.add(h, mv[voff:voff + vlen])
-            else:
-                if run is not None:
-                    out.append(run.message())
-                runs[h[1]] = _Run(h, mv[voff:voff + vlen])
+    mv = memoryview(payload)
+    for h, voff, vlen in iter_records(payload):
+        run = runs.get(h[1])
+        if run is not None and run.extends(h):
+            run.add(h, mv[voff:voff + vlen])
+        else:
+            if run is not None:
+                out.append(run.message())
+            runs[h[1]] = _Run(h, mv[voff:voff + vlen])
     out.extend(r.message() for r in runs.values())
     return out
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -30,6 +31,8 @@ import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+
+import numpy as np
 
 from udpserver.ingest import Record, Resume
 
@@ -93,6 +96,41 @@ def iter_records(payload: bytes) -> Iterator[tuple[tuple, int, int]]:
         vlen = 2 * h[4] * h[5]
         yield h, off + hsize, vlen
         off += hsize + vlen
+
+
+_K_AT = struct.Struct("<HH")  # n, channels inside a record header
+_K_OFFSET = 32
+
+
+@functools.lru_cache(maxsize=64)
+def record_dtype(k: int) -> np.dtype:
+    """A record with k values as a numpy structured type (same bytes as REC_HDR + values)."""
+    dt = np.dtype([("user", "<i8"), ("dev", "<i8"), ("boot", "<i8"), ("seq0", "<i8"), ("n", "<u2"), ("ch", "<u2"),
+                   ("rate", "<f4"), ("m0", "<f8"), ("t0", "<f8"), ("ts", "<f8"), ("vals", "<i2", (k,))])
+    assert dt.itemsize == REC_HDR.size + 2 * k
+    return dt
+
+
+def records_by_k(payload: bytes) -> dict[int, np.ndarray]:
+    """The records of (concatenated) chunk payloads as structured arrays grouped by value count k, each
+    in journal order. Only the record starts are found in Python; the fields are read by numpy."""
+    offs: dict[int, list[int]] = {}
+    hsize, unpack = REC_HDR.size, _K_AT.unpack_from
+    off, end = 0, len(payload)
+    while off < end:
+        n, ch = unpack(payload, off + _K_OFFSET)
+        k = n * ch
+        offs.setdefault(k, []).append(off)
+        off += hsize + 2 * k
+    if len(offs) == 1:  # one record size: the payload is one array
+        k = next(iter(offs))
+        return {k: np.frombuffer(payload, dtype=record_dtype(k))}
+    buf = np.frombuffer(payload, dtype=np.uint8)
+    groups = {}
+    for k, starts in offs.items():
+        dt = record_dtype(k)
+        groups[k] = buf[np.asarray(starts)[:, None] + np.arange(dt.itemsize)].view(dt).ravel()
+    return groups
 
 
 class SpoolLocked(RuntimeError):

@@ -4,6 +4,7 @@ the device registry / stream positions the validator needs."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import struct
@@ -19,7 +20,7 @@ import psycopg2.errors
 from semg import db
 from semg.config import Settings
 from udpserver.ingest import DeviceInfo, Resume
-from udpserver.spool import Chunk, iter_records
+from udpserver.spool import Chunk, records_by_k
 
 log = logging.getLogger("udpserver.storage")
 
@@ -35,47 +36,60 @@ _STAGE_INSERT = (f"INSERT INTO sample_blocks ({COLUMNS}) SELECT {COLUMNS} FROM s
 # ---- binary COPY encoding ----------------------------------------------------------------------------
 _COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 _COPY_TRAILER = struct.pack(">h", -1)
-# 11 fields: 4 x int8, 2 x int2, float4, float8, 2 x timestamptz (int8 us since 2000-01-01), int2[] header
-_ROW = struct.Struct(">h iq iq iq iq ih ih if id iq iq i iii ii")
-_ELEM = np.dtype([("len", ">i4"), ("val", ">i2")])  # one array element: length 2, big-endian value
 _PG_EPOCH = 946684800.0  # 2000-01-01 in unix seconds
 _INT2_OID = 21
+@functools.lru_cache(maxsize=64)
+def _row_dtype(k: int) -> tuple[np.dtype, np.ndarray]:
+    """For records of k values: the COPY row layout and a row holding its constant fields."""
+    # a binary COPY row: field count, then (byte length, big-endian value) per column; int2[] as a
+    # one-dimensional array header followed by (length 2, value) per element
+    row = np.dtype([("nf", ">i2"), ("l1", ">i4"), ("user", ">i8"), ("l2", ">i4"), ("dev", ">i8"),
+                    ("l3", ">i4"), ("boot", ">i8"), ("l4", ">i4"), ("seq0", ">i8"), ("l5", ">i4"), ("n", ">i2"),
+                    ("l6", ">i4"), ("ch", ">i2"), ("l7", ">i4"), ("rate", ">f4"), ("l8", ">i4"), ("m0", ">f8"),
+                    ("l9", ">i4"), ("t0", ">i8"), ("l10", ">i4"), ("ts", ">i8"), ("l11", ">i4"), ("ndim", ">i4"),
+                    ("hasnull", ">i4"), ("oid", ">i4"), ("dim", ">i4"), ("lbound", ">i4"),
+                    ("elen", ">i4", (k,)), ("vals", ">i2", (k,))])
+    # numpy cannot interleave two sub-arrays, so elements are written through a (k, 2) view of 6-byte items
+    const = np.zeros(1, row)
+    for name, v in (("nf", 11), ("l1", 8), ("l2", 8), ("l3", 8), ("l4", 8), ("l5", 2), ("l6", 2), ("l7", 4),
+                    ("l8", 8), ("l9", 8), ("l10", 8), ("l11", 20 + 6 * k), ("ndim", 1), ("oid", _INT2_OID),
+                    ("dim", k), ("lbound", 1)):
+        const[name] = v
+    return row, const
+
+
+_ELEM = np.dtype([("len", ">i4"), ("val", ">i2")])
 
 
 def copy_payload(payloads: list[bytes]) -> tuple[bytes, int, int]:
     """Binary COPY stream for the records of several chunk payloads -> (data, rows, samples).
 
-    The array elements of all rows are converted in one vectorised numpy pass; only the fixed-size row
-    prefix is packed per record.
+    Vectorised: records of equal size are converted column by column with numpy, no per-row Python work
+    beyond finding where each record starts. Row order does not matter to COPY.
     """
-    heads: list[tuple] = []
-    vals: list[memoryview] = []
-    for payload in payloads:
-        mv = memoryview(payload)
-        for h, voff, vlen in iter_records(payload):
-            heads.append(h)
-            vals.append(mv[voff:voff + vlen])
-    if not heads:
+    parts = [_COPY_HEADER]
+    rows = samples = 0
+    for k, r in records_by_k(b"".join(payloads)).items():
+        row, const = _row_dtype(k)
+        out = np.empty(len(r), row)
+        out[:] = const[0]
+        for name in ("user", "dev", "boot", "seq0", "n", "ch", "rate", "m0"):
+            out[name] = r[name]
+        out["t0"] = np.rint((r["t0"] - _PG_EPOCH) * 1e6)
+        out["ts"] = np.rint((r["ts"] - _PG_EPOCH) * 1e6)
+        # rewrite the trailing 6k bytes of each row as interleaved (length 2, value) pairs
+        tail = out.view(np.uint8).reshape(len(r), row.itemsize)[:, row.itemsize - 6 * k:]
+        elems = np.empty((len(r), k), _ELEM)
+        elems["len"] = 2
+        elems["val"] = r["vals"]
+        tail[:] = elems.view(np.uint8).reshape(len(r), 6 * k)
+        parts.append(out.tobytes())
+        rows += len(r)
+        samples += int(r["n"].sum())
+    if rows == 0:
         return b"", 0, 0
-    elems = np.empty(sum(len(v) for v in vals) // 2, dtype=_ELEM)
-    elems["len"] = 2
-    elems["val"] = np.frombuffer(b"".join(vals), dtype="<i2")
-    eb = memoryview(elems.tobytes())
-    parts: list = [_COPY_HEADER]
-    pos = 0
-    samples = 0
-    pack = _ROW.pack
-    for h, v in zip(heads, vals, strict=True):
-        user_id, device_id, boot, seq0, n, channels, rate, millis0, time0, server_ts = h
-        k = len(v) // 2
-        samples += n
-        parts.append(pack(11, 8, user_id, 8, device_id, 8, boot, 8, seq0, 2, n, 2, channels, 4, rate,
-                          8, millis0, 8, round((time0 - _PG_EPOCH) * 1e6), 8, round((server_ts - _PG_EPOCH) * 1e6),
-                          20 + 6 * k, 1, 0, _INT2_OID, k, 1))
-        parts.append(eb[pos:pos + 6 * k])
-        pos += 6 * k
     parts.append(_COPY_TRAILER)
-    return b"".join(parts), len(heads), samples
+    return b"".join(parts), rows, samples
 
 
 def copy_into(cur, table: str, data: bytes) -> None:

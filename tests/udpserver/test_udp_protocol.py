@@ -261,3 +261,88 @@ def test_spool_bound_and_single_owner(tmp_path):
         Spool(tmp_path, max_bytes=300)
     sp.close()
     assert os.listdir(tmp_path)
+
+
+# ---- storage and publishing encoders ----------------------------------------------------------------------
+def _mixed_payload(seed: int, n_records: int = 300) -> tuple[bytes, list[Record]]:
+    import random
+    rng = random.Random(seed)
+    b, recs, seqs = ChunkBuilder(), [], {}
+    for i in range(n_records):
+        dev = rng.randint(1, 5)
+        ch = {1: 1, 2: 4, 3: 8, 4: 16, 5: 3}[dev]
+        n = 1 if dev in (1, 3) else rng.choice([10, 25]) if seed % 2 else 10
+        s0 = seqs.get(dev, 0) + (5 if rng.random() < 0.1 else 0)
+        seqs[dev] = s0 + n
+        vals = np.array([rng.randint(-32768, 32767) for _ in range(n * ch)], "<i2").tobytes()
+        r = Record(dev * 10, dev, 1, s0, n, ch, 500.0 if dev != 5 else 333.0, 1000.0 + s0 * 2,
+                   1.7e9 + s0 / 500, 1.7e9 + i * 0.001, vals, 0)
+        b.add(r)
+        recs.append(r)
+    return b"".join(b.parts), recs
+
+
+def _decode_copy(data: bytes) -> list[tuple]:
+    """A minimal reader of PostgreSQL's binary COPY format for sample_blocks rows."""
+    import struct
+    assert data.startswith(b"PGCOPY\n\xff\r\n\x00")
+    off, rows = 19, []
+    while True:
+        (nf,) = struct.unpack_from(">h", data, off)
+        off += 2
+        if nf == -1:
+            return rows
+        fields = []
+        for _ in range(nf):
+            (length,) = struct.unpack_from(">i", data, off)
+            fields.append(data[off + 4:off + 4 + length])
+            off += 4 + length
+        u, d, b, s = (struct.unpack(">q", f)[0] for f in fields[:4])
+        n, c = (struct.unpack(">h", f)[0] for f in fields[4:6])
+        rate = struct.unpack(">f", fields[6])[0]
+        m0 = struct.unpack(">d", fields[7])[0]
+        t0, ts = (struct.unpack(">q", f)[0] / 1e6 + 946684800 for f in fields[8:10])
+        ndim, _nulls, oid, dim, lb = struct.unpack_from(">iiiii", fields[10])
+        vals = [struct.unpack_from(">ih", fields[10], 20 + 6 * i) for i in range(dim)]
+        assert (ndim, oid, lb) == (1, 21, 1) and all(ln == 2 for ln, _ in vals)
+        rows.append((u, d, b, s, n, c, rate, m0, round(t0, 6), round(ts, 6), tuple(v for _, v in vals)))
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_copy_payload_encodes_every_record(seed):
+    from udpserver.storage import copy_payload
+    payload, recs = _mixed_payload(seed)
+    half = len(payload) // 2
+    cut = next(off for h, off, _ in iter_records(payload) if off > half) - 64  # split at a record boundary
+    data, rows, samples = copy_payload([payload[:cut], payload[cut:]])
+    assert rows == len(recs) and samples == sum(r.n for r in recs)
+    expected = sorted((r.user_id, r.device_id, r.boot, r.seq0, r.n, r.channels, np.float32(r.rate_hz).item(),
+                       r.millis0, round(r.time0, 6), round(r.server_ts, 6),
+                       tuple(np.frombuffer(r.values, "<i2").tolist())) for r in recs)
+    assert sorted(_decode_copy(data)) == expected
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_messages_are_valid_complete_and_in_order(seed):
+    from semg.messages import SamplesMessage
+    from udpserver.publish import _build_messages_per_record, build_messages
+    payload, recs = _mixed_payload(seed)
+
+    def samples(msgs):
+        out = []
+        for userid, body in msgs:
+            m = SamplesMessage.model_validate_json(body)
+            assert m.userid == userid and len(m.values) <= 2000
+            out += [(m.device_id, m.seq0 + i, round(dm, 6), tuple(v)) for i, (dm, v) in
+                    enumerate(zip(m.device_millis, m.values, strict=True))]
+        return out
+
+    fast, slow = samples(build_messages([payload])), samples(_build_messages_per_record(payload))
+    assert sorted(fast) == sorted(slow)
+    expected = [(r.device_id, r.seq0 + i, round(r.millis0 + i * (1000.0 / float(np.float32(r.rate_hz))), 6),
+                 tuple(np.frombuffer(r.values, "<i2").reshape(r.n, r.channels)[i].tolist()))
+                for r in recs for i in range(r.n)]
+    assert sorted(fast) == sorted(expected)
+    for dev in range(1, 6):  # each device's samples arrive in sequence order
+        seqs = [s for d, s, _, _ in fast if d == dev]
+        assert seqs == sorted(seqs)
