@@ -100,11 +100,17 @@ class Stack:
         self.wait_port(s.nats_port, self.start("nats", "-m", "semg.embedded", "nats"), "nats")
         db.init(s, wait=60)
 
-    def services(self, workers: int) -> None:
+    def services(self, workers: int, udp_commit_ms: float | None = None) -> None:
         s = self.settings
         api = self.start("api", "-m", "ml_model.api")
         self.wait_http(f"{s.api_url}/health", api, "api")
-        udp = self.start("udpserver", "-m", "udpserver.udpserver")
+        if udp_commit_ms is None:
+            udp = self.start("udpserver", "-m", "udpserver.udpserver")
+        else:  # what-if experiment: the UDP server with another commit pacing (its class constant)
+            code = ("import sys; from udpserver import storage; "
+                    f"storage.DbWriter.COMMIT_INTERVAL_S = {udp_commit_ms / 1000!r}; "
+                    "from udpserver.udpserver import main; sys.exit(main())")
+            udp = self.start("udpserver", "-c", code)
         self.wait_http(f"http://127.0.0.1:{s.udp_metrics_port}/health", udp, "udpserver")
         for i in range(workers):
             self.start(f"inference-{i}", "-m", "ml_model.nat_inference")
@@ -284,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="inference workers in the queue group")
     p.add_argument("--packet-ms", type=float, default=10.0, help="packet period of each simulated device")
     p.add_argument("--keep", action="store_true", help="keep the temporary state dir and logs")
+    p.add_argument("--udp-commit-ms", type=float, default=None,
+                   help="what-if: run the UDP server with this commit interval instead of its own (20 ms)")
     p.add_argument("--breakdown", action="store_true",
                    help="also time the samples messages (UDP server stage vs worker+API stage); adds load")
     args = p.parse_args(argv)
@@ -309,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             fleets[c] = provision(conn, max(counts), rate, channels, seed0=1000 * i)
         conn.close()
         log("starting API, UDP server and inference worker(s)")
-        stack.services(args.workers)
+        stack.services(args.workers, args.udp_commit_ms)
         time.sleep(3)  # worker: catalogue + membership
         boot = 1
         for c in configs:

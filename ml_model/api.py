@@ -113,6 +113,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         await asyncio.to_thread(_ensure_service_key, state)
         await asyncio.to_thread(state.models.refresh_all)
+        await state.run_inference(state.models.warm_up)
         ready = True
     except (DatabaseUnavailable, psycopg2.Error) as e:
         log.warning("starting without the database (%s)", str(e).strip().splitlines()[0])

@@ -69,6 +69,7 @@ SLOT_LOCK_NS = 0x5E3C1F
 MAX_SLOTS = 64
 STORE_INTERVAL_S = 0.5
 MAX_STORE_BACKLOG = 200_000
+STATS_INTERVAL_S = float(os.environ.get("SEMG_INFERENCE_STATS_S", "60"))
 
 
 # ---- model metadata -----------------------------------------------------------------------------------
@@ -266,9 +267,13 @@ class Stats:
     api_errors: int = 0
     skipped: int = 0
     stored: int = 0
+    batches: int = 0
+    predict_ms: float = 0.0  # summed /predict round trips
 
     def line(self) -> str:
-        return " ".join(f"{k}={v}" for k, v in self.__dict__.items())
+        per = f" windows/batch={self.windows / max(self.batches, 1):.1f} " \
+              f"predict_ms/batch={self.predict_ms / max(self.batches, 1):.2f}"
+        return " ".join(f"{k}={v}" for k, v in self.__dict__.items() if k != "predict_ms") + per
 
 
 @dataclass
@@ -291,6 +296,7 @@ class Worker:
     _inflight: deque[tuple[asyncio.Task, list[Ready]]] = field(default_factory=deque)
     _refreshing: set[int] = field(default_factory=set)
     _announced: frozenset[int] = frozenset()
+    _store_conn: Any = None
 
     # ---- message handling (never awaits I/O) ------------------------------------------------------
     async def on_samples(self, msg) -> None:
@@ -358,8 +364,11 @@ class Worker:
 
     async def _call_predict(self, batch: list[Ready]) -> dict[str, Any] | None:
         body = orjson.dumps({"items": [self._encode(r) for r in batch], "include_probabilities": True})
+        t0 = time.perf_counter()
         try:
             resp = await self.http.post("/predict", content=body, headers={"Content-Type": "application/json"})
+            self.stats.batches += 1
+            self.stats.predict_ms += (time.perf_counter() - t0) * 1000
         except httpx.HTTPError as e:
             self.stats.api_errors += 1
             self.stats.dropped += sum(len(r.windows) for r in batch)
@@ -529,7 +538,20 @@ class Worker:
 
     # ---- storage ------------------------------------------------------------------------------------
     def _store(self, rows: list[tuple]) -> None:
-        with contextlib.closing(db.connect(self.settings, connect_timeout=3)) as conn, conn, conn.cursor() as cur:
+        if self._store_conn is None or self._store_conn.closed:
+            self._store_conn = db.connect(self.settings, connect_timeout=3, application_name="semg-inference")
+        conn = self._store_conn
+        try:
+            self._insert(conn, rows)
+        except (psycopg2.OperationalError, psycopg2.InterfaceError):
+            with contextlib.suppress(Exception):
+                conn.close()
+            self._store_conn = None
+            raise
+
+    @staticmethod
+    def _insert(conn, rows: list[tuple]) -> None:
+        with conn, conn.cursor() as cur:
             psycopg2.extras.execute_values(
                 cur,
                 """INSERT INTO predictions (user_id, model_id, gesture, confidence, device_id, device_millis,
@@ -561,7 +583,7 @@ class Worker:
 
     async def stats_loop(self) -> None:
         while not self._stopping:
-            await asyncio.sleep(60)
+            await asyncio.sleep(STATS_INTERVAL_S)
             log.info("stats: %s users=%d", self.stats.line(), len(self.subs))
 
     # ---- lifecycle ----------------------------------------------------------------------------------
@@ -601,6 +623,8 @@ class Worker:
         await self.store_now()  # the last decisions (a store in progress was awaited above)
         await self.http.aclose()
         self.membership.close()
+        if self._store_conn is not None:
+            self._store_conn.close()
         log.info("inference worker stopped: %s", self.stats.line())
 
     async def stop(self) -> None:

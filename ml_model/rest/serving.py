@@ -149,6 +149,13 @@ class ModelRegistry:
     def all(self) -> list[ServedModel]:
         return list(self._models.values())
 
+    def warm_up(self) -> None:
+        """One tiny prediction per model group: builds the stacked banks and warms torch before traffic."""
+        models = self.all()
+        if models:
+            predict_many([(m, np.zeros((1, m.n_device_channels, m.window), np.float32)) for m in models],
+                         self.banks, self._models)
+
     def forget(self, user_id: int) -> None:
         """Stop serving a deleted user's model at once (the poll would notice later)."""
         self._models.pop(user_id, None)
