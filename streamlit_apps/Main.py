@@ -10,7 +10,7 @@ import data
 import uikit as ui
 
 ui.page_setup("Overview", health_sidebar=False)
-st.title("🖐️ sEMG gesture platform")
+st.title(":material/back_hand: sEMG gesture platform")
 st.caption("Record your own muscle signals, train a personal gesture model, and watch it recognise you live.")
 
 
@@ -21,22 +21,23 @@ def services() -> None:
     cols = st.columns(len(labels) + 1)
     for col, (key, name) in zip(cols, labels.items(), strict=False):
         ok = h[key]["ok"]
-        col.markdown(f"**{'🟢' if ok else '🔴'} {name}**")
+        col.markdown(ui.badge(ok, name))
         col.caption(h[key]["detail"])
     if not h["database"]["ok"]:
-        cols[-1].markdown("**⚪ Training worker**")
+        cols[-1].markdown(ui.badge(None, "Training worker"))
         cols[-1].caption("unknown while the database is down")
         return
     t = data.trainer_status()
     waiting = (t["now"] - t["oldest_queued"]).total_seconds() if t.get("oldest_queued") else 0
     if t.get("running"):
-        cols[-1].markdown("**🟢 Training worker**")
-        cols[-1].caption(f"{t['running']} job(s) running, heartbeat {ui.fmt_ago(t['last_heartbeat'], t['now'])}")
+        cols[-1].markdown(ui.badge(True, "Training worker"))
+        beat = ui.fmt_ago(t["last_heartbeat"], t["now"]) if t.get("last_heartbeat") else "not yet"
+        cols[-1].caption(f"{t['running']} job(s) running, last heartbeat {beat}")
     elif t.get("queued") and waiting > 60:
-        cols[-1].markdown("**🔴 Training worker**")
+        cols[-1].markdown(ui.badge(False, "Training worker"))
         cols[-1].caption(f"{t['queued']} job(s) waiting for {waiting:.0f} s: is `TrainMLJob.py worker` running?")
     else:
-        cols[-1].markdown("**⚪ Training worker**")
+        cols[-1].markdown(ui.badge(None, "Training worker"))
         cols[-1].caption(f"idle; {t.get('queued', 0)} job(s) queued")
 
 

@@ -198,20 +198,28 @@ def delete_device(device_id: int) -> None:
     _repo(repo.delete_device, device_id)
 
 
-def arduino_secrets_snippet(device: dict, host_placeholder: str = "YOUR.SERVER.IP") -> str:
-    """The lines to paste into arduino/arduino_secrets.h for a freshly registered or rotated device."""
+def arduino_secrets_snippet(device: dict) -> str:
+    """The lines to paste into arduino/arduino_secrets.h for a freshly registered or rotated device.
+
+    The sketch (arduino/arduinocode.ino) reads the SECRET_* names; SEMG_DEVICE_ID / SEMG_DEVICE_KEY_HEX carry
+    the values under the platform's names, and SEMG_SAMPLE_RATE_HZ overrides the sketch's default rate."""
     s = settings()
+    host = s.semg_bind_host if s.semg_bind_host not in ("127.0.0.1", "0.0.0.0", "::", "", "localhost") \
+        else "YOUR.SERVER.IP"
+    rate = float(device["sample_rate_hz"])
     return "\n".join([
-        "// arduino_secrets.h -- keep this file out of version control",
+        f"// arduino/arduino_secrets.h (git-ignored) for device #{device['id']} of user #{device['user_id']}",
         '#define SECRET_SSID "your-wifi-name"',
         '#define SECRET_PASS "your-wifi-password"',
-        f'#define SEMG_SERVER_HOST "{host_placeholder}"  // the machine running the platform',
-        f"#define SEMG_SERVER_PORT {s.udp_port}",
-        f"#define SEMG_USER_ID {device['user_id']}",
+        f'#define SECRET_SERVER_IP "{host}"  // the machine running the platform (udpserver on UDP_PORT)',
+        f"#define SECRET_SERVER_PORT {s.udp_port}",
         f"#define SEMG_DEVICE_ID {device['id']}",
         f'#define SEMG_DEVICE_KEY_HEX "{device["secret_key_hex"]}"',
-        f"#define SEMG_CHANNELS {device['channel_count']}",
-        f"#define SEMG_SAMPLE_RATE_HZ {float(device['sample_rate_hz']):g}",
+        "#define SECRET_DEVICE_ID SEMG_DEVICE_ID",
+        "#define SECRET_DEVICE_KEY_HEX SEMG_DEVICE_KEY_HEX",
+        f"#define SECRET_USER_ID {device['user_id']}",
+        f"#define SEMG_SAMPLE_RATE_HZ {int(rate) if rate.is_integer() else rate}  // as registered",
+        f"// registered with {device['channel_count']} channel(s): list that many ADC1 pins in ANALOG_PINS",
     ])
 
 

@@ -20,9 +20,12 @@ AUTH_KEY = "semg_authenticated"
 USER_KEY = "semg_user_id"
 
 
-def page_setup(title: str, icon: str = "🖐️", *, health_sidebar: bool = True) -> None:
+def page_setup(title: str, icon: str = ":material/back_hand:", *, health_sidebar: bool = True) -> None:
     """Page config, then the login gate (stops the page until signed in), then the sidebar status."""
     st.set_page_config(page_title=f"{title} · sEMG", page_icon=icon, layout="wide")
+    # Last line of defence: an exception outside a guard() shows a message, never a traceback.
+    st.set_option("client.showErrorDetails", "none")
+    st.set_option("client.toolbarMode", "viewer")
     require_login()
     with st.sidebar:
         if health_sidebar:
@@ -42,7 +45,7 @@ def require_login() -> None:
     except (data.Unavailable, OSError) as e:
         st.error(f"The UI password cannot be read: {e}")
         st.stop()
-    st.title("🖐️ sEMG gesture platform")
+    st.title(":material/back_hand: sEMG gesture platform")
     with st.form("semg_login"):
         password = st.text_input("Password", type="password", key="semg_login_password")
         submitted = st.form_submit_button("Sign in", type="primary")
@@ -63,7 +66,7 @@ def _sidebar_health() -> None:
         st.error(str(e))
         return
     names = {"database": "Database", "api": "API", "udp": "UDP ingest", "nats": "NATS"}
-    st.caption("Services: " + " · ".join(f"{'🟢' if h[k]['ok'] else '🔴'} {v}" for k, v in names.items()))
+    st.caption("Services: " + " ".join(badge(h[k]["ok"], v) for k, v in names.items()))
 
 
 @contextlib.contextmanager
@@ -72,7 +75,7 @@ def guard() -> Iterator[None]:
     try:
         yield
     except data.Unavailable as e:
-        st.error(str(e), icon="🔌")
+        st.error(str(e), icon=":material/power_off:")
     except data.RepoError as e:
         st.error(str(e))
     except Exception as e:  # noqa: BLE001 - the last line of defence; details go to the server log
@@ -100,6 +103,13 @@ def pick_user(key: str = "semg_user_pick", label: str = "User") -> dict | None:
     if st.query_params.get("user") != str(chosen):
         st.query_params["user"] = str(chosen)
     return by_id[chosen]
+
+
+def badge(ok: bool | None, text: str) -> str:
+    """A coloured markdown badge (renders without emoji fonts): green = up, red = down, grey = unknown."""
+    color = "gray" if ok is None else "green" if ok else "red"
+    icon = ":material/help:" if ok is None else ":material/check:" if ok else ":material/close:"
+    return f":{color}-badge[{icon} {text}]"
 
 
 def fmt_time(t: datetime | None) -> str:

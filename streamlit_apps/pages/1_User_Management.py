@@ -6,8 +6,8 @@ import streamlit as st
 import data
 import uikit as ui
 
-ui.page_setup("Users", "👤")
-st.title("👤 User Management")
+ui.page_setup("Users", ":material/person:")
+st.title(":material/person: User Management")
 
 PENDING_DELETE = "users_pending_delete"
 

@@ -7,8 +7,8 @@ import streamlit as st
 import data
 import uikit as ui
 
-ui.page_setup("Gestures & devices", "✋")
-st.title("✋ Gesture Management")
+ui.page_setup("Gestures & devices", ":material/front_hand:")
+st.title(":material/front_hand: Gesture Management")
 
 SECRET_KEY = "gestures_shown_secret"  # (device id, snippet, what happened): shown once, until dismissed
 

@@ -13,8 +13,8 @@ import charts
 import data
 import uikit as ui
 
-ui.page_setup("Capture", "🎥")
-st.title("🎥 Training Data Capture")
+ui.page_setup("Capture", ":material/videocam:")
+st.title(":material/videocam: Training Data Capture")
 
 SHARED = "capture_shared"
 LAST = "capture_last_result"
@@ -67,12 +67,12 @@ def run_view() -> None:
         store = data.SessionStore(run.session_id)
         run.advance(time.time(), store)
         c1, c2 = st.columns(2)
-        if c1.button("↺ Redo last repetition", key="redo", width="stretch",
+        if c1.button("Redo last repetition", key="redo", width="stretch", icon=":material/replay:",
                      help="Throws the last gesture repetition away and does it again after a short rest"):
             redone = run.redo_last(time.time(), store)
             st.toast(f"Redoing {redone.label} (repetition {redone.repetition + 1})" if redone
                      else "Nothing to redo yet")
-        if c2.button("■ Stop session", key="abort", width="stretch"):
+        if c2.button("Stop session", key="abort", width="stretch", icon=":material/stop:"):
             run.abort(time.time(), store)
         cue = run.cue(time.time())
         color = "#d62728" if cue.kind == "gesture" and cue.state == "running" else "#555555"
@@ -108,7 +108,7 @@ def setup_view(user: dict, devices: list[dict], gestures: list[dict]) -> dict:
     if activity and not activity["streaming"]:
         st.warning("This device is not streaming, so the session would record no signals. Check the live strip "
                    "on the right before starting.")
-    if st.button("▶ Start session", type="primary", key="capture_start"):
+    if st.button("Start session", type="primary", key="capture_start", icon=":material/play_arrow:"):
         start_session(user, device, chosen, int(reps), float(hold), float(rest),
                       name or f"{', '.join(chosen)} x{int(reps)}")
         st.rerun()
@@ -153,7 +153,7 @@ def camera() -> None:
     if not playing:
         st.caption("Press START to turn the webcam on before starting the session.")
     elif shared.recorder.active:
-        st.caption("🔴 recording: the cue is drawn on every frame")
+        st.caption(":red[:material/radio_button_checked:] recording: the cue is drawn on every frame")
     else:
         st.caption("Camera on; recording starts with the session.")
 
@@ -166,12 +166,12 @@ def signal_strip(user_id: int, device: dict) -> None:
             st.warning("This device no longer exists.")
             return
         if activity["streaming"]:
-            st.caption(f"🟢 device #{device['id']} streaming ~{activity['measured_rate_hz']:.0f} Hz "
+            st.caption(f":green[:material/sensors:] device #{device['id']} streaming ~{activity['measured_rate_hz']:.0f} Hz "
                        f"(expected {float(device['sample_rate_hz']):g} Hz)")
         else:
             st.warning(f"Device #{device['id']} is not streaming (last sample: "
                        f"{ui.fmt_ago(activity['last_sample_at'], activity['now'])}). Power the armband on, check its "
-                       "Wi-Fi, and that arduino_secrets.h holds this device's id and key.", icon="📡")
+                       "Wi-Fi, and that arduino_secrets.h holds this device's id and key.", icon=":material/sensors_off:")
         now = datetime.now(UTC)
         sig = data.signal(device["id"], now - timedelta(seconds=4), now, max_points=600)
         if not sig.empty:

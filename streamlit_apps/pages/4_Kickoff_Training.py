@@ -8,8 +8,8 @@ import data
 import uikit as ui
 import views
 
-ui.page_setup("Kickoff training", "🚀")
-st.title("🚀 Kickoff Training")
+ui.page_setup("Kickoff training", ":material/rocket_launch:")
+st.title(":material/rocket_launch: Kickoff Training")
 
 EDITOR_VERSION = "kickoff_editor_version"
 DEFAULT_SELECTION = "kickoff_default_selection"
@@ -103,8 +103,8 @@ def options_and_schedule(user: dict, selected: list[int]) -> None:
     params = {"epochs": int(epochs), "window_ms": int(window_ms), "step_ms": int(step_ms)}
     if base is not None:
         params["base_model_id"] = int(base)
-    if st.button(f"🚀 Train on {len(selected)} session(s)", type="primary", disabled=not selected,
-                 key="kick_schedule"):
+    if st.button(f"Train on {len(selected)} session(s)", type="primary", disabled=not selected,
+                 key="kick_schedule", icon=":material/rocket_launch:"):
         job = data.schedule_job(user["id"], selected, params)
         st.session_state["kick_flash"] = job["id"]
         st.rerun()

@@ -10,20 +10,22 @@ import charts
 import data
 import uikit as ui
 
-ui.page_setup("Training jobs", "📈")
-st.title("📈 Training Jobs Status")
+ui.page_setup("Training jobs", ":material/monitoring:")
+st.title(":material/monitoring: Training Jobs Status")
 
 ACTIVE = ("scheduled", "in-progress")
-STATUS_ICON = {"scheduled": "⏳", "in-progress": "⚙️", "completed": "✅", "failed": "❌", "canceled": "🚫"}
+STATUS_ICON = {"scheduled": ":material/hourglass_top:", "in-progress": ":material/model_training:",
+               "completed": ":green[:material/check_circle:]", "failed": ":red[:material/error:]",
+               "canceled": ":gray[:material/block:]"}
 
 
 def job_label(j: dict) -> str:
-    return f"#{j['id']} {STATUS_ICON.get(j['status'], '')} {j['status']} · {ui.fmt_time(j['created_at'])}"
+    return f"#{j['id']} {j['status']} · {ui.fmt_time(j['created_at'])}"
 
 
 def jobs_table(jobs: list[dict]) -> None:
     st.dataframe(pd.DataFrame([{
-        "job": j["id"], "status": f"{STATUS_ICON.get(j['status'], '')} {j['status']}", "progress": float(j["progress"]),
+        "job": j["id"], "status": j["status"], "progress": float(j["progress"]),
         "sessions": ", ".join(map(str, j["session_ids"])), "epochs": (j["params"] or {}).get("epochs"),
         "created": ui.fmt_time(j["created_at"]), "finished": ui.fmt_time(j["finished_at"]),
         "model": f"#{j['artifact_id']}" if j["artifact_id"] else "",

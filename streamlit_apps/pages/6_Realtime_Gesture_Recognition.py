@@ -9,8 +9,8 @@ import charts
 import data
 import uikit as ui
 
-ui.page_setup("Live recognition", "⚡")
-st.title("⚡ Real-time Gesture Recognition")
+ui.page_setup("Live recognition", ":material/bolt:")
+st.title(":material/bolt: Real-time Gesture Recognition")
 
 PAUSED_AT = "live_paused_at"
 FRESH_S = 3.0  # a decision older than this is not "current"

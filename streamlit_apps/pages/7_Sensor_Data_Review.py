@@ -10,8 +10,8 @@ import data
 import uikit as ui
 import views
 
-ui.page_setup("Data review", "🔎")
-st.title("🔎 Sensor Data Review")
+ui.page_setup("Data review", ":material/search:")
+st.title(":material/search: Sensor Data Review")
 
 
 def choose_session(user: dict) -> tuple | None:
@@ -74,8 +74,8 @@ def export(device_id: int, t0: datetime, t1: datetime, intervals: list, what: st
                    "Narrow the time range to export it.")
         return
     st.download_button(
-        f"⬇ Download {n:,} samples as CSV", data=lambda: data.export_csv(device_id, t0, t1, intervals),
-        file_name=f"semg-device{device_id}-{t0:%Y%m%dT%H%M%S}.csv", mime="text/csv", key="review_csv",
+        f"Download {n:,} samples as CSV", data=lambda: data.export_csv(device_id, t0, t1, intervals),
+        file_name=f"semg-device{device_id}-{t0:%Y%m%dT%H%M%S}.csv", mime="text/csv", key="review_csv", icon=":material/download:",
         disabled=n == 0, help=f"Raw samples of the {what} with their label (empty outside labelled intervals)",
     )
 
