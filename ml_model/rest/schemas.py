@@ -237,6 +237,14 @@ class StoredPrediction(_Out):
     latency_ms: float | None = None
 
 
+def _check_payload(obj: Any) -> None:
+    given = [n for n in ("windows", "samples", "data_b64") if getattr(obj, n) is not None]
+    if len(given) != 1:
+        raise ValueError("give exactly one of windows, samples or data_b64")
+    if obj.data_b64 is not None and obj.shape is None:
+        raise ValueError("data_b64 needs its shape ([n, channels, window] or [n_samples, channels])")
+
+
 class PredictItem(_In):
     """One user's data: exactly one of `windows`, `samples` or `data_b64` (+ `shape`)."""
 
@@ -252,11 +260,7 @@ class PredictItem(_In):
 
     @model_validator(mode="after")
     def _one_payload(self) -> PredictItem:
-        given = [n for n in ("windows", "samples", "data_b64") if getattr(self, n) is not None]
-        if len(given) != 1:
-            raise ValueError("give exactly one of windows, samples or data_b64")
-        if self.data_b64 is not None and self.shape is None:
-            raise ValueError("data_b64 needs its shape ([n, channels, window] or [n_samples, channels])")
+        _check_payload(self)
         return self
 
 
@@ -278,8 +282,10 @@ class PredictRequest(_In):
         single = [n for n in ("user_id", "windows", "samples", "data_b64", "shape") if getattr(self, n) is not None]
         if self.items is not None and single:
             raise ValueError(f"give either items or a single user's data, not both ({', '.join(single)})")
-        if self.items is None and self.user_id is None:
-            raise ValueError("user_id is required (or items, for a batch of several users)")
+        if self.items is None:
+            if self.user_id is None:
+                raise ValueError("user_id is required (or items, for a batch of several users)")
+            _check_payload(self)
         return self
 
     def as_items(self) -> list[PredictItem]:

@@ -235,11 +235,11 @@ class ModelRegistry:
 # ---- inference ---------------------------------------------------------------------------------------
 def check_windows(model: ServedModel, x: np.ndarray) -> np.ndarray:
     """Validate raw windows (n, channels, win) against the model; float32 C-contiguous copy."""
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise InputError("no windows given")
     if x.ndim != 3:
         raise InputError(f"windows must be 3-D (n_windows, channels, samples), got shape {list(x.shape)}")
     n, c, t = x.shape
-    if n == 0:
-        raise InputError("no windows given")
     if c != model.n_device_channels:
         raise InputError(f"user {model.user_id}'s model reads {model.n_device_channels}-channel devices; "
                          f"got {c} channels")

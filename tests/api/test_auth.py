@@ -1,0 +1,149 @@
+"""API keys: 401 without or with a wrong key, 403 for another user's data, admin-only key management."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from ml_model.rest import keys as keystore
+
+
+def test_health_needs_no_key(api):
+    r = api.get("/health")
+    assert r.status_code == 200
+    assert r.json()["database"]["ok"] is True
+
+
+@pytest.mark.parametrize("headers", [{}, {"X-API-Key": ""}, {"X-API-Key": "semg_wrong"}, {"X-Api-Key": "x" * 5000}])
+def test_missing_or_wrong_key_is_401(api, keys, headers):
+    for method, path in [("GET", "/users"), ("GET", "/models"), ("POST", "/predict"), ("GET", "/keys"),
+                         ("GET", "/users/1/gestures"), ("GET", "/jobs/1")]:
+        r = api.request(method, path, headers=headers)
+        assert r.status_code == 401, (method, path, r.text)
+        assert "API key" in r.json()["detail"]
+
+
+def test_only_the_hash_is_stored(api, keys, clean_db):
+    row = keystore.create_key(clean_db, "admin", None, "x")
+    with clean_db.cursor() as cur:
+        cur.execute("SELECT key_hash, key_prefix FROM api_keys WHERE id = %s", (row["id"],))
+        key_hash, prefix = cur.fetchone()
+    assert key_hash == keystore.key_hash(row["key"]) and row["key"] not in (key_hash, prefix)
+    assert row["key"].startswith(prefix)
+
+
+def test_service_key_is_registered_at_startup(api, keys):
+    assert api.get("/users", headers=keys.service).status_code == 200
+
+
+def test_user_key_is_scoped_to_its_user(api, keys, make_user):
+    me, other = make_user(), make_user()
+    mine = keys("user", me["id"])
+    assert api.get(f"/users/{me['id']}", headers=mine).status_code == 200
+    assert [u["id"] for u in api.get("/users", headers=mine).json()] == [me["id"]]
+    for method, path, body in [
+        ("GET", f"/users/{other['id']}", None),
+        ("PATCH", f"/users/{other['id']}", {"notes": "x"}),
+        ("DELETE", f"/users/{other['id']}", None),
+        ("GET", f"/users/{other['id']}/gestures", None),
+        ("POST", f"/users/{other['id']}/gestures", {"name": "fist"}),
+        ("GET", f"/users/{other['id']}/devices", None),
+        ("POST", f"/users/{other['id']}/devices", {"channel_count": 8, "sample_rate_hz": 200}),
+        ("GET", f"/users/{other['id']}/sessions", None),
+        ("GET", f"/users/{other['id']}/predictions", None),
+        ("GET", f"/users/{other['id']}/models", None),
+        ("GET", f"/models/{other['id']}", None),
+        ("POST", f"/users/{other['id']}/jobs", {"session_ids": [1]}),
+        ("GET", f"/jobs?user_id={other['id']}", None),
+        ("POST", "/predict", {"user_id": other["id"], "windows": [[[0.0]]]}),
+        ("POST", "/predict", {"items": [{"user_id": me["id"], "windows": [[[0.0]]]},
+                                        {"user_id": other["id"], "windows": [[[0.0]]]}]}),
+    ]:
+        r = api.request(method, path, json=body, headers=mine)
+        assert r.status_code == 403, (method, path, r.status_code, r.text)
+    assert api.get(f"/users/{other['id']}", headers=keys.admin).status_code == 200
+
+
+def test_user_key_cannot_touch_other_users_resources_by_id(api, keys, make_user):
+    me, other = make_user(), make_user()
+    mine = keys("user", me["id"])
+    g = api.post(f"/users/{other['id']}/gestures", json={"name": "fist"}, headers=keys.admin).json()
+    d = api.post(f"/users/{other['id']}/devices", json={"channel_count": 4, "sample_rate_hz": 500},
+                 headers=keys.admin).json()
+    s = api.post(f"/users/{other['id']}/sessions", json={"gestures": ["fist"], "repetitions": 1, "hold_s": 1,
+                                                         "rest_s": 1}, headers=keys.admin).json()
+    for method, path, body in [
+        ("PATCH", f"/gestures/{g['id']}", {"description": "x"}),
+        ("DELETE", f"/gestures/{g['id']}", None),
+        ("GET", f"/devices/{d['id']}", None),
+        ("POST", f"/devices/{d['id']}/rotate-key", None),
+        ("DELETE", f"/devices/{d['id']}", None),
+        ("GET", f"/sessions/{s['id']}", None),
+        ("POST", f"/sessions/{s['id']}/start", None),
+        ("POST", f"/sessions/{s['id']}/end", None),
+        ("POST", f"/intervals/{s['intervals'][0]['id']}/mark", {"started_at": "2024-01-01T00:00:00Z"}),
+        ("POST", f"/intervals/{s['intervals'][0]['id']}/discard", None),
+    ]:
+        r = api.request(method, path, json=body, headers=mine)
+        assert r.status_code == 403, (method, path, r.status_code, r.text)
+    # and nothing changed
+    assert api.get(f"/devices/{d['id']}", headers=keys.admin).json()["key_rotated_at"] is None
+
+
+def test_key_management_is_admin_only(api, keys, make_user):
+    me = make_user()
+    mine = keys("user", me["id"])
+    assert api.get("/keys", headers=mine).status_code == 403
+    assert api.post("/keys", json={"role": "admin"}, headers=mine).status_code == 403
+    assert api.post("/users", json={"name": "x", "email": "x@y.org"}, headers=mine).status_code == 403
+    assert api.get("/devices", headers=mine).status_code == 403
+
+    created = api.post("/keys", json={"role": "user", "user_id": me["id"], "name": "phone"}, headers=keys.admin)
+    assert created.status_code == 201
+    new = created.json()
+    assert new["key"].startswith(new["key_prefix"]) and new["role"] == "user"
+    new_headers = {"X-API-Key": new["key"]}
+    assert api.get(f"/users/{me['id']}", headers=new_headers).status_code == 200
+    listed = api.get("/keys", headers=keys.admin).json()
+    assert new["id"] in [k["id"] for k in listed] and all("key" not in k for k in listed)
+
+    assert api.delete(f"/keys/{new['id']}", headers=keys.admin).status_code == 200
+    assert api.get(f"/users/{me['id']}", headers=new_headers).status_code == 401  # revoked at once
+    assert new["id"] not in [k["id"] for k in api.get("/keys", headers=keys.admin).json()]
+    assert new["id"] in [k["id"] for k in api.get("/keys?include_revoked=true", headers=keys.admin).json()]
+    assert api.delete("/keys/999999", headers=keys.admin).status_code == 404
+
+
+@pytest.mark.parametrize("body,status", [
+    ({"role": "user"}, 422),                       # user key without user
+    ({"role": "admin", "user_id": 1}, 422),        # admin key with a user
+    ({"role": "root"}, 422),
+    ({"role": "user", "user_id": 987654}, 404),
+    ({}, 422),
+])
+def test_bad_key_requests(api, keys, body, status):
+    r = api.post("/keys", json=body, headers=keys.admin)
+    assert r.status_code == status, r.text
+
+
+def test_service_key_cannot_be_revoked_through_the_api(api, keys):
+    own = [k for k in api.get("/keys", headers=keys.admin).json() if k["role"] == "service"]
+    assert own
+    r = api.delete(f"/keys/{own[0]['id']}", headers=keys.admin)
+    assert r.status_code == 409
+
+
+def test_cli_mints_a_working_admin_key(api, settings):
+    out = subprocess.run([sys.executable, "-m", "ml_model.api", "create-key", "--role", "admin", "--name", "ops"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    key = out.stdout.strip().splitlines()[-1]
+    assert api.get("/keys", headers={"X-API-Key": key}).status_code == 200
+    listed = subprocess.run([sys.executable, "-m", "ml_model.api", "list-keys"], capture_output=True, text=True,
+                            timeout=60)
+    assert "ops" in listed.stdout and key not in listed.stdout
+    bad = subprocess.run([sys.executable, "-m", "ml_model.api", "create-key", "--role", "user"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "user_id" in bad.stderr

@@ -1,0 +1,238 @@
+"""POST /predict and the served models: validation, batches of several users, parity with the Predictor,
+hot reload without dropped requests."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from ml_model import artifacts
+from ml_model.rest.demo_models import insert_artifact, random_artifact
+
+
+@pytest.fixture
+def served(api, keys, make_user, clean_db):
+    """Factory: served(channels=8, rate=200, seed=0) -> (user, weights, meta) with the model loaded."""
+    def make(channels: int = 8, rate: float = 200.0, seed: int = 0, classes=None):
+        user = make_user()
+        kw = {"classes": classes} if classes else {}
+        weights, meta = random_artifact(channels, rate, seed=seed, **kw)
+        meta["artifact_id"] = insert_artifact(clean_db, user["id"], weights, meta)
+        return user, weights, meta
+    return make
+
+
+def _windows(n, channels=8, win=50, seed=0):
+    return np.random.default_rng(seed).integers(-100, 100, size=(n, channels, win))
+
+
+def test_model_info(api, keys, served):
+    user, weights, meta = served()
+    r = api.get(f"/models/{user['id']}", headers=keys.service)
+    assert r.status_code == 200
+    info = r.json()
+    assert info["artifact_id"] == meta["artifact_id"] and info["classes"] == meta["classes"]
+    assert (info["window"], info["step"], info["n_device_channels"]) == (50, 5, 8)
+    assert info["size_bytes"] == len(weights) and info["accuracy"] == 0.5 and info["trained_at"]
+    assert [m["user_id"] for m in api.get("/models", headers=keys.service).json()] == [user["id"]]
+    assert api.get(f"/users/{user['id']}/models", headers=keys.service).json()[0]["artifact_id"] == meta["artifact_id"]
+    assert api.get("/models/424242", headers=keys.service).status_code == 404
+
+
+def test_predict_matches_the_predictor(api, keys, served):
+    user, weights, meta = served(seed=3)
+    x = _windows(5, seed=1)
+    r = api.post("/predict", json={"user_id": user["id"], "windows": x.tolist()}, headers=keys.service)
+    assert r.status_code == 200, r.text
+    (res,) = r.json()["results"]
+    assert res["model_id"] == meta["artifact_id"] and res["classes"] == meta["classes"] and res["error"] is None
+    got = np.array([p["probabilities"] for p in res["predictions"]])
+    want = artifacts.Predictor(weights, meta).predict_proba(x.astype(np.float32))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert [p["gesture"] for p in res["predictions"]] == [meta["classes"][i] for i in want.argmax(1)]
+    assert all(abs(p["confidence"] - max(p["probabilities"])) < 1e-6 for p in res["predictions"])
+
+
+def test_user_key_may_predict_for_itself(api, keys, served):
+    user, _, _ = served()
+    r = api.post("/predict", json={"user_id": user["id"], "windows": _windows(1).tolist()},
+                 headers=keys("user", user["id"]))
+    assert r.status_code == 200
+
+
+def test_samples_are_cut_with_the_models_window_and_step(api, keys, served):
+    user, weights, meta = served()
+    rec = np.random.default_rng(0).integers(-100, 100, size=(149, 8))
+    r = api.post("/predict", json={"user_id": user["id"], "samples": rec.tolist(), "include_probabilities": False},
+                 headers=keys.service)
+    assert r.status_code == 200, r.text
+    preds = r.json()["results"][0]["predictions"]
+    assert len(preds) == (149 - 50) // 5 + 1 and preds[0]["probabilities"] is None
+    wins = np.lib.stride_tricks.sliding_window_view(rec, 50, axis=0)[::5].astype(np.float32)
+    want = artifacts.Predictor(weights, meta).predict(wins)[0]
+    assert [p["gesture"] for p in preds] == want
+
+
+def test_compact_base64_form(api, keys, served):
+    user, weights, meta = served()
+    x = _windows(3)
+    for dtype in ("int16", "float32"):
+        data = base64.b64encode(x.astype("<i2" if dtype == "int16" else "<f4").tobytes()).decode()
+        r = api.post("/predict", json={"user_id": user["id"], "data_b64": data, "shape": [3, 8, 50], "dtype": dtype},
+                     headers=keys.service)
+        assert r.status_code == 200, r.text
+        got = np.array([p["probabilities"] for p in r.json()["results"][0]["predictions"]])
+        np.testing.assert_allclose(got, artifacts.Predictor(weights, meta).predict_proba(x.astype(np.float32)),
+                                   atol=1e-5)
+
+
+def test_batch_of_several_users_and_models(api, keys, served):
+    a = served(seed=1)
+    b = served(seed=2)
+    c = served(channels=4, rate=500, seed=3)  # another architecture/window: its own group
+    many = served(seed=4)
+    items = [
+        {"user_id": a[0]["id"], "windows": _windows(2, seed=1).tolist()},
+        {"user_id": b[0]["id"], "windows": _windows(1, seed=2).tolist()},
+        {"user_id": c[0]["id"], "windows": _windows(3, channels=4, win=125, seed=3).tolist()},
+        {"user_id": many[0]["id"], "windows": _windows(40, seed=4).tolist()},  # runs on its own predictor
+        {"user_id": 424242, "windows": _windows(1).tolist()},
+        {"user_id": a[0]["id"], "windows": _windows(1, channels=4).tolist()},
+    ]
+    r = api.post("/predict", json={"items": items}, headers=keys.service)
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert [x["user_id"] for x in res] == [it["user_id"] for it in items]
+    for (user, weights, meta), it, out in zip([a, b, c, many], items, res, strict=False):
+        want = artifacts.Predictor(weights, meta).predict_proba(np.array(it["windows"], dtype=np.float32))
+        np.testing.assert_allclose([p["probabilities"] for p in out["predictions"]], want, atol=1e-5)
+        assert out["model_id"] == meta["artifact_id"]
+    assert res[4]["error"] == {"status": 404, "detail": "user 424242 has no trained model"}
+    assert res[5]["error"]["status"] == 422 and "8-channel" in res[5]["error"]["detail"]
+
+
+@pytest.mark.parametrize("body,fragment", [
+    ({"windows": [[[1.0] * 50] * 8]}, "user_id is required"),
+    ({"user_id": "{uid}"}, "exactly one of"),
+    ({"user_id": "{uid}", "windows": [[[1.0] * 50] * 8], "samples": [[1.0] * 8]}, "exactly one of"),
+    ({"user_id": "{uid}", "windows": [[[1.0] * 50] * 4]}, "8-channel"),
+    ({"user_id": "{uid}", "windows": [[[1.0] * 49] * 8]}, "windows of 50 samples"),
+    ({"user_id": "{uid}", "windows": [[[1.0] * 50] * 7 + [[1.0] * 49]]}, "ragged"),
+    ({"user_id": "{uid}", "windows": [[["a"] * 50] * 8]}, "valid number"),
+    ({"user_id": "{uid}", "windows": []}, "no windows"),
+    ({"user_id": "{uid}", "windows": [[1.0] * 50]}, "valid list"),
+    ({"user_id": "{uid}", "samples": [[1.0] * 8] * 10}, "at least 50 samples"),
+    ({"user_id": "{uid}", "data_b64": "!!!", "shape": [1, 8, 50]}, "base64"),
+    ({"user_id": "{uid}", "data_b64": "AAAA", "shape": [1, 8, 50]}, "needs 800"),
+    ({"user_id": "{uid}", "data_b64": "AAAA"}, "needs its shape"),
+    ({"user_id": "{uid}", "data_b64": "AAAA", "shape": [1, 8, 50], "dtype": "float64"}, "int16"),
+    ({"user_id": 0, "windows": [[[1.0] * 50] * 8]}, "greater than or equal to 1"),
+    ({"items": []}, "at least 1 item"),
+    ({"items": [{"user_id": "{uid}", "samples": [[0.0] * 8] * 50}], "user_id": "{uid}"}, "not both"),
+    ({"user_id": "{uid}", "windows": [[[1.0] * 50] * 8], "bogus": 1}, "Extra inputs"),
+])
+def test_malformed_predict_requests_are_422(api, keys, served, body, fragment):
+    user, _, _ = served()
+    import json
+    text = json.dumps(body).replace('"{uid}"', str(user["id"]))
+    r = api.post("/predict", content=text, headers={**keys.service, "Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert fragment in r.text
+
+
+def test_non_finite_values_are_422(api, keys, served):
+    user, _, _ = served()
+    x = _windows(1).astype(np.float32)
+    x[0, 0, 0] = np.nan
+    data = base64.b64encode(x.astype("<f4").tobytes()).decode()
+    r = api.post("/predict", json={"user_id": user["id"], "data_b64": data, "shape": [1, 8, 50], "dtype": "float32"},
+                 headers=keys.service)
+    assert r.status_code == 422 and "NaN" in r.text
+    text = '{"user_id": %d, "windows": [[%s]]}' % (user["id"], ",".join(["[" + ",".join(["Infinity"] * 50) + "]"] * 8))
+    r = api.post("/predict", content=text, headers={**keys.service, "Content-Type": "application/json"})
+    assert r.status_code == 422
+
+
+def test_not_json_is_422(api, keys):
+    r = api.post("/predict", content=b"{nope", headers={**keys.service, "Content-Type": "application/json"})
+    assert r.status_code == 422
+
+
+def test_unknown_user_is_404(api, keys):
+    r = api.post("/predict", json={"user_id": 424242, "windows": _windows(1).tolist()}, headers=keys.service)
+    assert r.status_code == 404 and "no trained model" in r.json()["detail"]
+
+
+def _announce(user_id: int, artifact_id: int) -> None:
+    from semg import natsio
+    from semg.messages import MODELS_UPDATED, ModelUpdated
+
+    async def send() -> None:
+        nc = await natsio.connect("admin")
+        await nc.publish(MODELS_UPDATED, ModelUpdated(userid=user_id, artifact_id=artifact_id).model_dump_json().encode())
+        await nc.flush()
+        await nc.close()
+
+    asyncio.run(send())
+
+
+def test_hot_reload_within_two_seconds_without_dropping_requests(api, keys, served, clean_db):
+    user, _, meta = served(seed=1)
+    uid = user["id"]
+    body = {"user_id": uid, "windows": _windows(2).tolist()}
+    assert api.post("/predict", json=body, headers=keys.service).json()["results"][0]["model_id"] == meta["artifact_id"]
+
+    statuses: list[int] = []
+    model_ids: list[int] = []
+    stop = threading.Event()
+
+    def hammer() -> None:  # requests keep flowing while the model is swapped
+        deadline = time.monotonic() + 20
+        while not stop.is_set() and time.monotonic() < deadline:
+            r = api.post("/predict", json=body, headers=keys.service)
+            statuses.append(r.status_code)
+            if r.status_code == 200:
+                model_ids.append(r.json()["results"][0]["model_id"])
+
+    t = threading.Thread(target=hammer)
+    t.start()
+    try:
+        time.sleep(0.3)
+        weights, new_meta = random_artifact(8, 200, seed=99, classes=("REST", "a", "b"))
+        new_id = insert_artifact(clean_db, uid, weights, new_meta)
+        t0 = time.monotonic()
+        _announce(uid, new_id)
+        while api.get(f"/models/{uid}", headers=keys.service).json()["artifact_id"] != new_id:
+            assert time.monotonic() - t0 < 2.0, "new model not live within 2 s"
+            time.sleep(0.02)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        t.join()
+    assert statuses and set(statuses) == {200}
+    assert model_ids[0] == meta["artifact_id"] and model_ids[-1] == new_id
+    r = api.post("/predict", json=body, headers=keys.service).json()["results"][0]
+    assert r["classes"] == ["REST", "a", "b"]
+
+
+def test_poll_finds_a_model_without_notification(api, keys, served, clean_db):
+    """models.updated missed: the registry's refresh (the slow poll) still picks the model up."""
+    from ml_model.api import app
+    user, _, _ = served()
+    weights, meta = random_artifact(8, 200, seed=5)
+    new_id = insert_artifact(clean_db, user["id"], weights, meta)
+    assert app.state.semg.models.refresh_all() >= 1
+    assert api.get(f"/models/{user['id']}", headers=keys.service).json()["artifact_id"] == new_id
+
+
+def test_deleted_user_stops_being_served(api, keys, served):
+    user, _, _ = served()
+    assert api.delete(f"/users/{user['id']}", headers=keys.admin).status_code == 200
+    assert api.get(f"/models/{user['id']}", headers=keys.admin).status_code == 404
+    r = api.post("/predict", json={"user_id": user["id"], "windows": _windows(1).tolist()}, headers=keys.service)
+    assert r.status_code == 404
