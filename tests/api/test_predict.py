@@ -153,7 +153,8 @@ def test_non_finite_values_are_422(api, keys, served):
     r = api.post("/predict", json={"user_id": user["id"], "data_b64": data, "shape": [1, 8, 50], "dtype": "float32"},
                  headers=keys.service)
     assert r.status_code == 422 and "NaN" in r.text
-    text = '{"user_id": %d, "windows": [[%s]]}' % (user["id"], ",".join(["[" + ",".join(["Infinity"] * 50) + "]"] * 8))
+    row = "[" + ",".join(["Infinity"] * 50) + "]"
+    text = f'{{"user_id": {user["id"]}, "windows": [[{",".join([row] * 8)}]]}}'
     r = api.post("/predict", content=text, headers={**keys.service, "Content-Type": "application/json"})
     assert r.status_code == 422
 

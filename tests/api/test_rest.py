@@ -1,0 +1,244 @@
+"""The REST API for everything the UI does: users, gestures, devices, capture sessions, training jobs,
+predictions -- happy paths, malformed bodies, unknown ids and conflicts (never a 500)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from tests.api.conftest import no_server_errors
+
+
+def test_openapi_documents_every_resource(api):
+    paths = api.get("/openapi.json").json()["paths"]
+    for p in ["/health", "/predict", "/models", "/models/{user_id}", "/users", "/users/{user_id}",
+              "/users/{user_id}/gestures", "/gestures/{gesture_id}", "/gesture-library", "/users/{user_id}/devices",
+              "/devices/{device_id}", "/devices/{device_id}/rotate-key", "/sessions/plan", "/users/{user_id}/sessions",
+              "/sessions/{session_id}", "/sessions/{session_id}/start", "/sessions/{session_id}/end",
+              "/intervals/{interval_id}/mark", "/intervals/{interval_id}/discard", "/users/{user_id}/jobs", "/jobs",
+              "/jobs/{job_id}", "/jobs/{job_id}/logs", "/jobs/{job_id}/cancel", "/users/{user_id}/predictions",
+              "/keys", "/keys/{key_id}"]:
+        assert p in paths, p
+    schemes = api.get("/openapi.json").json()["components"]["securitySchemes"]
+    assert any(s.get("name") == "X-API-Key" for s in schemes.values())
+
+
+def test_users(api, keys):
+    with no_server_errors(api):
+        r = api.post("/users", json={"name": " Ada ", "email": "ada@example.org", "notes": "left arm"},
+                     headers=keys.admin)
+        assert r.status_code == 201, r.text
+        ada = r.json()
+        assert ada["name"] == "Ada" and ada["notes"] == "left arm"
+        assert api.post("/users", json={"name": "Ada 2", "email": "ADA@example.org"},
+                        headers=keys.admin).status_code == 409
+        assert api.post("/users", json={"name": "x", "email": "not-an-email"}, headers=keys.admin).status_code == 422
+        assert api.post("/users", json={"name": "", "email": "a@b.org"}, headers=keys.admin).status_code == 422
+        assert api.post("/users", json={"email": "a@b.org"}, headers=keys.admin).status_code == 422
+        assert api.post("/users", content=b"[", headers={**keys.admin, "Content-Type": "application/json"}
+                        ).status_code == 422
+
+        r = api.patch(f"/users/{ada['id']}", json={"notes": "right arm"}, headers=keys.admin)
+        assert r.status_code == 200 and r.json()["notes"] == "right arm" and r.json()["name"] == "Ada"
+        assert api.patch(f"/users/{ada['id']}", json={"email": "bad"}, headers=keys.admin).status_code == 422
+        assert api.patch(f"/users/{ada['id']}", json={"role": "admin"}, headers=keys.admin).status_code == 422
+        assert api.get("/users?search=ada", headers=keys.admin).json()[0]["id"] == ada["id"]
+        assert api.get("/users?search=zzz", headers=keys.admin).json() == []
+        assert api.get("/users?limit=0", headers=keys.admin).status_code == 422
+        assert api.get("/users/424242", headers=keys.admin).status_code == 404
+        assert api.get("/users/0", headers=keys.admin).status_code == 422
+        assert api.get("/users/abc", headers=keys.admin).status_code == 422
+        assert api.get(f"/users/{2**70}", headers=keys.admin).status_code == 422
+
+        r = api.delete(f"/users/{ada['id']}", headers=keys.admin)
+        assert r.status_code == 200 and r.json()["id"] == ada["id"]
+        assert api.get(f"/users/{ada['id']}", headers=keys.admin).status_code == 404
+        assert api.delete(f"/users/{ada['id']}", headers=keys.admin).status_code == 404
+
+
+def test_gestures(api, keys, make_user):
+    uid = make_user()["id"]
+    mine = keys("user", uid)
+    with no_server_errors(api):
+        lib = api.get("/gesture-library", headers=mine).json()
+        assert any(g["name"] == "fist" for g in lib)
+        r = api.post(f"/users/{uid}/gestures", json={"name": "fist", "channels_used": [0, 3],
+                                                     "channel_purposes": {"0": "flexors"}}, headers=mine)
+        assert r.status_code == 201, r.text
+        g = r.json()
+        assert g["channels_used"] == [0, 3] and g["channel_purposes"] == {"0": "flexors"}
+        assert api.post(f"/users/{uid}/gestures", json={"name": "fist"}, headers=mine).status_code == 409
+        assert api.post(f"/users/{uid}/gestures", json={"name": "REST"}, headers=mine).status_code == 422
+        assert api.post(f"/users/{uid}/gestures", json={"name": "x", "channels_used": [16]},
+                        headers=mine).status_code == 422
+        assert api.post(f"/users/{uid}/gestures", json={"name": "x", "channel_purposes": {"a": "b"}},
+                        headers=mine).status_code == 422
+        assert api.post("/users/424242/gestures", json={"name": "x"}, headers=keys.admin).status_code == 404
+        r = api.patch(f"/gestures/{g['id']}", json={"description": "power grip"}, headers=mine)
+        assert r.status_code == 200 and r.json()["description"] == "power grip" and r.json()["name"] == "fist"
+        assert api.patch("/gestures/424242", json={"description": "x"}, headers=keys.admin).status_code == 404
+        assert [x["name"] for x in api.get(f"/users/{uid}/gestures", headers=mine).json()] == ["fist"]
+        assert api.delete(f"/gestures/{g['id']}", headers=mine).status_code == 204
+        assert api.delete(f"/gestures/{g['id']}", headers=mine).status_code == 404
+        assert api.get("/users/424242/gestures", headers=keys.admin).status_code == 404
+
+
+def test_devices(api, keys, make_user):
+    uid = make_user()["id"]
+    with no_server_errors(api):
+        r = api.post(f"/users/{uid}/devices", json={"channel_count": 8, "sample_rate_hz": 200, "name": "armband"},
+                     headers=keys.admin)
+        assert r.status_code == 201, r.text
+        dev = r.json()
+        assert len(dev["secret_key_hex"]) == 64 and dev["protocol"] == "binary"
+        got = api.get(f"/devices/{dev['id']}", headers=keys.admin).json()
+        assert "secret_key_hex" not in got and got["name"] == "armband"  # shown once only
+        r = api.post(f"/devices/{dev['id']}/rotate-key", headers=keys.admin)
+        assert r.status_code == 200 and r.json()["secret_key_hex"] != dev["secret_key_hex"]
+        assert r.json()["key_rotated_at"] is not None
+
+        legacy = api.post(f"/users/{uid}/devices", json={"channel_count": 4, "sample_rate_hz": 500,
+                                                         "protocol": "legacy"}, headers=keys.admin)
+        assert legacy.status_code == 201 and legacy.json()["secret_key_hex"] is None
+        assert api.post(f"/devices/{legacy.json()['id']}/rotate-key", headers=keys.admin).status_code == 422
+        assert api.post(f"/users/{uid}/devices", json={"channel_count": 4, "sample_rate_hz": 500,
+                                                       "protocol": "legacy"}, headers=keys.admin).status_code == 409
+        for bad in ({"channel_count": 0, "sample_rate_hz": 200}, {"channel_count": 17, "sample_rate_hz": 200},
+                    {"channel_count": 8, "sample_rate_hz": 0}, {"channel_count": 8, "sample_rate_hz": 200,
+                                                                "protocol": "udp"}, {}):
+            assert api.post(f"/users/{uid}/devices", json=bad, headers=keys.admin).status_code == 422, bad
+        assert {d["id"] for d in api.get(f"/users/{uid}/devices", headers=keys.admin).json()} == \
+            {dev["id"], legacy.json()["id"]}
+        assert len(api.get("/devices", headers=keys.admin).json()) == 2
+        assert api.delete(f"/devices/{dev['id']}", headers=keys.admin).status_code == 204
+        assert api.get(f"/devices/{dev['id']}", headers=keys.admin).status_code == 404
+        assert api.post("/devices/424242/rotate-key", headers=keys.admin).status_code == 404
+
+
+def test_capture_session_lifecycle(api, keys, make_user):
+    uid = make_user()["id"]
+    mine = keys("user", uid)
+    with no_server_errors(api):
+        for name in ("fist", "open hand"):
+            api.post(f"/users/{uid}/gestures", json={"name": name}, headers=mine)
+        dev = api.post(f"/users/{uid}/devices", json={"channel_count": 8, "sample_rate_hz": 200}, headers=mine).json()
+        plan = api.post("/sessions/plan", json={"gestures": ["fist", "open hand"], "repetitions": 2, "hold_s": 3,
+                                                "rest_s": 2}, headers=mine)
+        assert plan.status_code == 200
+        assert len(plan.json()) == 9 and plan.json()[-1]["planned_end_ms"] == 2 * 2 * 5000 + 2000
+        assert api.post("/sessions/plan", json={"gestures": [], "repetitions": 2, "hold_s": 3, "rest_s": 2},
+                        headers=mine).status_code == 422
+        assert api.post("/sessions/plan", json={"gestures": ["a", "a"], "repetitions": 2, "hold_s": 3, "rest_s": 2},
+                        headers=mine).status_code == 422
+
+        body = {"gestures": ["fist", "open hand"], "repetitions": 2, "hold_s": 3, "rest_s": 2,
+                "device_id": dev["id"], "name": "day 1"}
+        r = api.post(f"/users/{uid}/sessions", json=body, headers=mine)
+        assert r.status_code == 201, r.text
+        s = r.json()
+        assert s["status"] == "planned" and len(s["intervals"]) == 9
+        assert api.post(f"/users/{uid}/sessions", json={**body, "gestures": ["pinch"]}, headers=mine).status_code == 422
+
+        t0 = dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.UTC)
+        r = api.post(f"/sessions/{s['id']}/start", json={"at": t0.isoformat()}, headers=mine)
+        assert r.status_code == 200 and r.json()["status"] == "recording"
+        iv = s["intervals"][1]
+        r = api.post(f"/intervals/{iv['id']}/mark", json={"started_at": (t0 + dt.timedelta(seconds=2)).isoformat(),
+                                                          "ended_at": (t0 + dt.timedelta(seconds=5)).isoformat()},
+                     headers=mine)
+        assert r.status_code == 200 and r.json()["started_at"].startswith("2024-05-01T12:00:02")
+        assert api.post(f"/intervals/{iv['id']}/mark", json={"started_at": t0.isoformat(),
+                                                             "ended_at": t0.isoformat()}, headers=mine).status_code == 422
+        assert api.post(f"/intervals/{iv['id']}/mark", json={"started_at": "yesterday"}, headers=mine).status_code == 422
+        assert api.post(f"/intervals/{iv['id']}/discard", headers=mine).json()["discarded"] is True
+        assert api.post("/intervals/424242/discard", headers=keys.admin).status_code == 404
+        r = api.post(f"/sessions/{s['id']}/end", json={"status": "completed"}, headers=mine)
+        assert r.status_code == 200 and r.json()["status"] == "completed"
+        assert api.post(f"/sessions/{s['id']}/end", headers=mine).status_code == 409
+        assert api.post(f"/sessions/{s['id']}/start", headers=mine).status_code == 409
+        assert api.post(f"/sessions/{s['id']}/end", json={"status": "weird"}, headers=mine).status_code == 422
+        full = api.get(f"/sessions/{s['id']}", headers=mine).json()
+        assert full["intervals"][1]["discarded"] is True and full["ended_at"]
+        assert [x["id"] for x in api.get(f"/users/{uid}/sessions", headers=mine).json()] == [s["id"]]
+        assert api.get("/sessions/424242", headers=keys.admin).status_code == 404
+
+
+def _completed_session(api, headers, uid) -> int:
+    api.post(f"/users/{uid}/gestures", json={"name": "fist"}, headers=headers)
+    s = api.post(f"/users/{uid}/sessions", json={"gestures": ["fist"], "repetitions": 2, "hold_s": 1, "rest_s": 1},
+                 headers=headers).json()
+    api.post(f"/sessions/{s['id']}/end", headers=headers)
+    return s["id"]
+
+
+def test_training_jobs(api, keys, make_user):
+    uid = make_user()["id"]
+    mine = keys("user", uid)
+    with no_server_errors(api):
+        sid = _completed_session(api, mine, uid)
+        r = api.post(f"/users/{uid}/jobs", json={"session_ids": [sid], "params": {"epochs": 5}}, headers=mine)
+        assert r.status_code == 201, r.text
+        job = r.json()
+        assert job["status"] == "scheduled" and job["session_ids"] == [sid] and job["params"] == {"epochs": 5}
+        assert api.get(f"/jobs/{job['id']}", headers=mine).json()["status"] == "scheduled"
+        logs = api.get(f"/jobs/{job['id']}/logs", headers=mine).json()
+        assert logs and "scheduled" in logs[0]["message"]
+        assert api.get(f"/jobs/{job['id']}/logs?after_id={logs[-1]['id']}", headers=mine).json() == []
+        assert [j["id"] for j in api.get("/jobs", headers=mine).json()] == [job["id"]]
+        assert [j["id"] for j in api.get(f"/jobs?user_id={uid}", headers=keys.admin).json()] == [job["id"]]
+        r = api.post(f"/jobs/{job['id']}/cancel", headers=mine)
+        assert r.status_code == 200 and r.json()["status"] == "canceled"
+        assert api.post(f"/jobs/{job['id']}/cancel", headers=mine).status_code == 409
+
+        for bad in ({"session_ids": []}, {"session_ids": ["x"]}, {"session_ids": [sid], "params": {"epochs": 0}},
+                    {"params": {}}):
+            assert api.post(f"/users/{uid}/jobs", json=bad, headers=mine).status_code == 422, bad
+        assert api.post(f"/users/{uid}/jobs", json={"session_ids": [424242]}, headers=mine).status_code == 404
+        planned = api.post(f"/users/{uid}/sessions", json={"gestures": ["fist"], "repetitions": 1, "hold_s": 1,
+                                                           "rest_s": 1}, headers=mine).json()
+        assert api.post(f"/users/{uid}/jobs", json={"session_ids": [planned["id"]]}, headers=mine).status_code == 422
+        assert api.get("/jobs/424242", headers=keys.admin).status_code == 404
+        assert api.get("/jobs/424242/logs", headers=keys.admin).status_code == 404
+        assert api.post("/jobs/424242/cancel", headers=keys.admin).status_code == 404
+        assert api.post("/users/424242/jobs", json={"session_ids": [sid]}, headers=keys.admin).status_code == 404
+
+
+def test_recent_predictions(api, keys, make_user, clean_db):
+    uid = make_user()["id"]
+    with clean_db.cursor() as cur:
+        cur.execute("""INSERT INTO predictions (user_id, gesture, confidence, decided_at)
+                       SELECT %s, 'fist', 0.9, now() - make_interval(secs => g) FROM generate_series(1, 5) g""", (uid,))
+    with no_server_errors(api):
+        r = api.get(f"/users/{uid}/predictions?limit=3", headers=keys("user", uid))
+        assert r.status_code == 200 and len(r.json()) == 3 and r.json()[0]["gesture"] == "fist"
+        since = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=2.5)).isoformat()
+        assert len(api.get(f"/users/{uid}/predictions", params={"since": since}, headers=keys.admin).json()) == 2
+        assert api.get(f"/users/{uid}/predictions?limit=0", headers=keys.admin).status_code == 422
+        assert api.get(f"/users/{uid}/predictions?since=never", headers=keys.admin).status_code == 422
+        assert api.get("/users/424242/predictions", headers=keys.admin).status_code == 404
+
+
+@pytest.mark.parametrize("role", ["admin", "user"])
+def test_no_endpoint_answers_500_to_garbage(api, keys, make_user, role):
+    """Every route with odd ids, odd query values and odd bodies: 2xx/4xx, never 5xx."""
+    uid = make_user()["id"]
+    headers = keys.admin if role == "admin" else keys("user", uid)
+    bodies = [None, {}, [], "x", {"name": None}, {"user_id": -1, "windows": "x"}, {"at": "nope"},
+              {"session_ids": [2**70]}, {"role": "user", "user_id": 2**70}, {"channel_count": "8"}]
+    ids = ["1", str(uid), "0", "-5", "abc", str(2**63), str(2**64), "1.5"]
+    with no_server_errors(api) as errors:
+        for route in api.app.routes:
+            path = getattr(route, "path", "")
+            if not path.startswith("/") or path.startswith(("/docs", "/redoc", "/openapi")):
+                continue
+            for method in sorted(getattr(route, "methods", []) - {"HEAD", "OPTIONS"}):
+                for ident in ids:
+                    concrete = path
+                    for name in ("user_id", "gesture_id", "device_id", "session_id", "interval_id", "job_id",
+                                 "key_id"):
+                        concrete = concrete.replace("{" + name + "}", ident)
+                    for body in bodies if method in ("POST", "PATCH") else [None]:
+                        api.request(method, concrete, json=body, headers=headers,
+                                    params={"limit": ident, "after_id": ident, "since": ident, "user_id": ident})
+    assert not errors
