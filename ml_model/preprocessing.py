@@ -10,6 +10,7 @@ Conventions: a *recording* is ``(n_samples, n_channels)``; a batch of *windows* 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,8 +33,9 @@ def window_params(window_ms: float, step_ms: float, sample_rate_hz: float) -> tu
     """Window length and step in samples for the given durations (rounded, at least 1 sample)."""
     if window_ms <= 0 or step_ms <= 0 or sample_rate_hz <= 0:
         raise ValueError("window_ms, step_ms and sample_rate_hz must be positive")
-    win = max(1, int(round(window_ms * sample_rate_hz / 1000.0)))
-    step = max(1, int(round(step_ms * sample_rate_hz / 1000.0)))
+    # Round half up (Python's round() is half-to-even, which would make 12.5 -> 12 but 13.5 -> 14).
+    win = max(1, int(math.floor(window_ms * sample_rate_hz / 1000.0 + 0.5)))
+    step = max(1, int(math.floor(step_ms * sample_rate_hz / 1000.0 + 0.5)))
     return win, step
 
 

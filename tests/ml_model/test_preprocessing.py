@@ -1,0 +1,149 @@
+"""Preprocessing: windows equal plain slicing, labels never straddle cue boundaries, shared prepare path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ml_model import preprocessing as pp
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n_samples=st.integers(0, 300),
+    n_channels=st.integers(1, 16),
+    win=st.integers(1, 60),
+    step=st.integers(1, 30),
+    seed=st.integers(0, 2**16),
+)
+def test_make_windows_matches_slicing(n_samples, n_channels, win, step, seed):
+    x = np.random.default_rng(seed).integers(-128, 128, size=(n_samples, n_channels)).astype(np.int16)
+    w = pp.make_windows(x, win, step)
+    expected_n = max(0, (n_samples - win) // step + 1) if n_samples >= win else 0
+    assert w.shape == (expected_n, n_channels, win)
+    assert pp.n_windows(n_samples, win, step) == expected_n
+    for i in range(expected_n):
+        np.testing.assert_array_equal(w[i], x[i * step : i * step + win].T)
+
+
+def test_make_windows_is_a_view():
+    x = np.arange(40, dtype=np.float32).reshape(20, 2)
+    w = pp.make_windows(x, 5, 3)
+    assert np.shares_memory(w, x)
+    with pytest.raises(ValueError):
+        pp.make_windows(x[:, 0], 5, 3)
+
+
+def test_window_params_defaults():
+    assert pp.window_params(250, 25, 200) == (50, 5)
+    assert pp.window_params(250, 25, 1000) == (250, 25)
+    assert pp.window_params(250, 25, 500) == (125, 13)  # half up
+    with pytest.raises(ValueError):
+        pp.window_params(0, 25, 200)
+
+
+@st.composite
+def capture_plans(draw):
+    """A random capture plan (alternating rest/gesture with optional gaps) and sample timestamps."""
+    n_iv = draw(st.integers(1, 8))
+    t = float(draw(st.integers(0, 1000)))
+    intervals = []
+    for i in range(n_iv):
+        t += draw(st.sampled_from([0, 0, 37]))  # sometimes a gap no label covers
+        dur = draw(st.integers(50, 2500))
+        kind = "rest" if i % 2 == 0 else "gesture"
+        intervals.append({"label": f"g{i % 3}", "start_ms": t, "end_ms": t + dur, "kind": kind})
+        t += dur
+    rate = draw(st.sampled_from([100.0, 200.0, 500.0]))
+    jitter = draw(st.floats(0, 0.4))
+    n = int((t + 500) * rate / 1000)
+    rng = np.random.default_rng(draw(st.integers(0, 1000)))
+    ts = np.arange(n) * 1000 / rate + rng.uniform(0, jitter * 1000 / rate, n)
+    ts = np.maximum.accumulate(ts)
+    return intervals, ts, rate
+
+
+@settings(max_examples=80, deadline=None)
+@given(plan=capture_plans(), reaction_ms=st.sampled_from([0.0, 150.0, 300.0]), step=st.integers(1, 7))
+def test_labels_never_cross_boundaries(plan, reaction_ms, step):
+    intervals, ts, rate = plan
+    win, _ = pp.window_params(250, 25, rate)
+    labels, index = pp.label_windows(ts, intervals, win, step, reaction_ms)
+    assert labels.shape == index.shape == (pp.n_windows(len(ts), win, step),)
+    for i, (lab, k) in enumerate(zip(labels, index, strict=True)):
+        first, last = ts[i * step], ts[i * step + win - 1]
+        if k < 0:
+            assert lab is None
+            # Unlabelled windows must not fit in any interval after its reaction time.
+            assert not any(
+                first >= iv["start_ms"] + reaction_ms and last < iv["end_ms"] for iv in intervals
+            )
+            continue
+        iv = intervals[k]
+        assert iv["start_ms"] + reaction_ms <= first and last < iv["end_ms"]
+        assert lab == (pp.REST_LABEL if iv["kind"] == "rest" else iv["label"])
+
+
+def test_label_windows_simple_plan():
+    ts = np.arange(0, 3000, 5.0)  # 200 Hz, 3 s
+    plan = [
+        {"label": "rest", "start_ms": 0, "end_ms": 1000, "kind": "rest"},
+        {"label": "fist", "start_ms": 1000, "end_ms": 2000, "kind": "gesture"},
+    ]
+    labels, index = pp.label_windows(ts, plan, win=50, step=5, reaction_ms=300)
+    starts = np.arange(len(labels)) * 5 * 5.0
+    # Rest: starts 300..(1000-250) ms; fist: starts 1300..1750 ms; nothing after 2000 ms.
+    assert set(labels[(starts >= 300) & (starts <= 750)]) == {"REST"}
+    assert set(labels[(starts >= 1300) & (starts <= 1750)]) == {"fist"}
+    assert all(lab is None for lab in labels[(starts > 750) & (starts < 1300)])
+    assert all(lab is None for lab in labels[starts > 1750])
+    with pytest.raises(ValueError):
+        pp.label_windows(ts, plan + [{"label": "x", "start_ms": 1500, "end_ms": 2500, "kind": "gesture"}], 50, 5)
+
+
+def test_standardizer_and_channel_selection():
+    rng = np.random.default_rng(0)
+    w = rng.normal(5.0, 3.0, size=(200, 3, 20))
+    w[:, 2] = 7.0  # a dead channel must not explode
+    params = pp.fit_standardizer(w)
+    z = pp.apply_standardizer(w, params)
+    assert z.dtype == np.float32
+    np.testing.assert_allclose(z[:, :2].mean(axis=(0, 2)), 0, atol=1e-4)
+    np.testing.assert_allclose(z[:, :2].std(axis=(0, 2)), 1, atol=1e-3)
+    assert np.all(z[:, 2] == 0)
+    np.testing.assert_array_equal(pp.select_channels(w, [2, 0], axis=1), w[:, [2, 0]])
+    with pytest.raises(ValueError):
+        pp.select_channels(w, [3], axis=1)
+
+
+def test_filters_keep_shape_and_remove_what_they_should():
+    rate = 200.0
+    t = np.arange(50) / rate
+    dc_and_emg = 100.0 + np.sin(2 * np.pi * 60 * t)
+    windows = np.tile(dc_and_emg, (4, 2, 1))
+    out = pp.apply_filter(windows, {"highpass_hz": 10.0}, rate)
+    assert out.shape == windows.shape
+    assert abs(out.mean()) < 5.0  # the DC offset is gone
+    same = pp.apply_filter(windows, None, rate)
+    assert same is windows  # no filter configured: untouched
+    notched = pp.apply_filter(np.tile(np.sin(2 * np.pi * 50 * np.arange(400) / rate), (1, 1, 1)),
+                              {"notch_hz": 50.0}, rate)
+    assert np.abs(notched[0, 0, 100:300]).max() < 0.2
+    with pytest.raises(ValueError):
+        pp.apply_filter(windows, {"highpass_hz": 150.0}, rate)
+
+
+def test_prepare_for_model_shapes_and_dtype():
+    rng = np.random.default_rng(1)
+    raw = rng.integers(-100, 100, size=(10, 8, 50)).astype(np.int16)
+    meta = {"channels": [1, 3, 5], "filter": pp.filter_config(None), "sample_rate_hz": 200.0}
+    unscaled = pp.prepare_unscaled(raw, meta)
+    meta["scaler"] = pp.fit_standardizer(unscaled)
+    x = pp.prepare_for_model(raw, meta)
+    assert x.shape == (10, 3, 50) and x.dtype == np.float32
+    expected = (raw[:, [1, 3, 5]] - np.array(meta["scaler"]["mean"])[None, :, None]) / np.array(
+        meta["scaler"]["std"]
+    )[None, :, None]
+    np.testing.assert_allclose(x, expected, rtol=1e-5, atol=1e-5)
