@@ -72,7 +72,7 @@ class MetricsServer:
                     status, body = self.health()
                 else:
                     status, body = 404, {"error": "try /metrics or /health"}
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             pass
         except Exception:  # noqa: BLE001 - a metrics bug must not take the server down
             log.exception("metrics handler failed")

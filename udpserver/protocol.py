@@ -37,7 +37,7 @@ UINT32_MAX = 0xFFFFFFFF
 INT64_MAX = (1 << 63) - 1
 
 
-class Reject(str, enum.Enum):
+class Reject(enum.StrEnum):
     """Why a datagram was not accepted; the value is the metrics key."""
 
     EMPTY = "empty"

@@ -140,6 +140,7 @@ class DbWriter(threading.Thread):
     """
 
     COMMIT_INTERVAL_S = 0.02
+    PING_IDLE_S = 2.0
     MAX_BATCH_RECORDS = 50_000
     MAX_BATCH_BYTES = 32 << 20
 
@@ -160,6 +161,7 @@ class DbWriter(threading.Thread):
         self.last_commit_at = 0.0
         self._conn = None
         self._next_log = 0.0
+        self._last_ping = 0.0
 
     def submit(self, chunk: Chunk) -> None:
         self.queue.append(chunk)
@@ -248,6 +250,7 @@ class DbWriter(threading.Thread):
                         break
                     self._wake.wait(0.5)
                     self._wake.clear()
+                    self._ping_if_idle()
                     continue
                 # let a burst accumulate, but never hold the first chunk longer than the commit interval
                 wait = self.COMMIT_INTERVAL_S - (time.monotonic() - self.last_commit_at)
@@ -274,6 +277,21 @@ class DbWriter(threading.Thread):
                 self.on_failed(batch, first_line(e))
                 batch = []
         self._drop_connection()
+
+    def _ping_if_idle(self) -> None:
+        """An idle connection only notices PostgreSQL going away when used: check it now and then, so
+        health and metrics tell the truth between bursts."""
+        now = time.monotonic()
+        if self._conn is None or now - max(self.last_commit_at, self._last_ping) < self.PING_IDLE_S:
+            return
+        self._last_ping = now
+        try:
+            with self._conn.cursor() as cur:
+                cur.execute("SELECT 1")
+            self._conn.rollback()
+        except psycopg2.Error as e:
+            self._drop_connection()
+            self._log_down(e, 0.2)
 
     def _drop_connection(self) -> None:
         if self._conn is not None:

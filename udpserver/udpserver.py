@@ -215,7 +215,7 @@ class Server(asyncio.DatagramProtocol):
         backoff = 0.5
         last = 0.0
         while not self._stop.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._refresh_wanted.wait(), self.args.refresh_interval)
             # unknown ids can arrive at line rate: reload at most 4 times a second for them
             wait = last + 0.25 - time.monotonic()
@@ -258,7 +258,7 @@ class Server(asyncio.DatagramProtocol):
     async def stats_loop(self) -> None:
         prev = (time.monotonic(), 0, 0, 0)
         while not self._stop.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self.args.stats_interval)
             now = time.monotonic()
             dt = max(now - prev[0], 1e-9)

@@ -19,6 +19,21 @@ def _device(conn, channels: int = 4) -> tuple[int, bytes]:
         return add_device(cur, add_user(cur), "binary", channels=channels, key=key), key
 
 
+def restart(services, name: str, attempts: int = 3) -> None:
+    """Start a stopped service again; retried, because the machine is shared and a start can fail
+    transiently. The log tail goes into the error if it never comes back."""
+    for attempt in range(attempts):
+        try:
+            services.start(name)
+            return
+        except RuntimeError:
+            if attempt == attempts - 1:
+                log = services.logs / f"test-{name}.log"
+                tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
+                raise RuntimeError(f"{name} did not restart:\n" + "\n".join(tail)) from None
+            time.sleep(1.0)
+
+
 def protocol_packet(dev: int, key: bytes, seq0: int) -> bytes:
     return protocol.build_binary(dev, 1, seq0, 1000 + 2 * seq0, 500, np.full((10, 4), seq0 % 100), key)
 
@@ -38,7 +53,7 @@ def test_nats_down_10s_loses_nothing_stored(clean_db, services, udp_server, coll
     srv.wait_for(lambda m: not m["nats_connected"], 10, "server to notice NATS is down")
     time.sleep(10)
     during = srv.metrics()
-    services.start("nats")
+    restart(services, "nats")
     stream.join(30)
     m = srv.wait_settled(60)
     assert during["samples"]["stored"] > during["samples"]["published"], "storage must go on while NATS is down"
@@ -63,7 +78,7 @@ def test_postgres_down_10s_loses_nothing(clean_db, services, udp_server, collect
         time.sleep(10)
         during = srv.metrics()
     finally:
-        services.start("postgres")
+        restart(services, "postgres")
     assert during["buffered"]["unstored_samples"] > 0 and during["samples"]["dropped"] == 0
     stream.join(30)
     m = srv.wait_settled(60)
@@ -90,7 +105,7 @@ def test_kill9_keeps_every_accepted_sample(clean_db, services, udp_server):
         srv.kill9()  # while the stream is still going
         killed_at_sent = stream.sent
     finally:
-        services.start("postgres")
+        restart(services, "postgres")
     accepted = before["samples"]["accepted"]
     assert before["samples"]["stored"] < accepted
     stream.halt()
@@ -137,7 +152,7 @@ def test_starts_before_postgres_and_nats(clean_db, services, udp_server, sender)
         assert srv.health()["status"] == "starting"
         sender.send(packets[:5])
         srv.wait_for(lambda m: m["rejected"].get("not_ready") == 5, 10, "not_ready rejections")
-        services.start("postgres")
+        restart(services, "postgres")
         srv.wait_for(lambda m: m["ready"] and m["db_connected"], 30, "ready once PostgreSQL is up")
         sender.send(packets[5:50])
         m = srv.wait_for(lambda m: m["samples"]["stored"] == 450, 20, "stored while NATS is still down")
@@ -146,7 +161,7 @@ def test_starts_before_postgres_and_nats(clean_db, services, udp_server, sender)
     finally:
         for name in ("postgres", "nats"):
             if name not in services.procs:
-                services.start(name)
+                restart(services, name)
     collector = Collector().start_and_wait()
     try:
         srv.wait_for(lambda m: m["samples"]["published"] == 450, 40, "backlog published once NATS is up")
@@ -169,3 +184,21 @@ def test_sigterm_commits_and_publishes_what_is_buffered(clean_db, udp_server, se
     accepted, stored, published = (int(x) for x in re.findall(r"(?:accepted|stored|published) (\d+)", last))
     assert accepted == stored == published and "0 unstored and 0 unpublished" in last
     assert len(_fresh_seqs(dev)) == accepted > 0
+
+
+def test_spool_overflow_while_postgres_is_down_is_counted_as_dropped(clean_db, services, udp_server, sender):
+    dev, key = _device(clean_db)
+    srv = udp_server("--spool-max-mb", "1")
+    packets = [protocol_packet(dev, key, 10 * i) for i in range(12_000)]  # ~1.7 MB of spool records
+    services.stop("postgres")
+    try:
+        srv.wait_for(lambda m: not m["db_connected"], 15, "server to notice PostgreSQL is down")
+        sender.send(packets, pace_every=100, pause=0.002)
+        m = srv.wait_for(lambda m: m["packets"]["received"] == len(packets), 30, "all packets received")
+        assert m["samples"]["dropped"] > 0 and m["buffered"]["spool_bytes"] <= 1 << 20
+        assert m["samples"]["accepted"] + m["samples"]["dropped"] == 10 * len(packets)
+    finally:
+        restart(services, "postgres")
+    m = srv.wait_settled(60)
+    assert m["samples"]["stored"] == m["samples"]["accepted"] == len(_fresh_seqs(dev))
+    assert srv.stop() == 0
