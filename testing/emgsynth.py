@@ -3,7 +3,7 @@
 Each gesture activates the channels with its own amplitude pattern (per user: a different seed gives a
 different "anatomy"); the signal is band-limited noise (20..450 Hz, capped below Nyquist) whose envelope
 follows the pattern of the gesture being held, ramps in and out like a real contraction, fluctuates
-slowly in force, and sits on electrode noise, a little mains hum and the ADC's mid-scale offset. Rest has
+in force, drifts slowly per channel (electrode contact, fatigue), and sits on electrode noise, a little mains hum and the ADC's mid-scale offset. Rest has
 only a faint baseline activity. A `Schedule` says which gesture is held when; it uses the same interval
 layout as the capture sessions (semg.repo.plan_intervals), so a capture plan can drive the simulator and
 the simulator's labels can be checked against it.
@@ -130,6 +130,9 @@ class EmgSynth:
         self._env = np.zeros(channels)              # current contraction envelope per channel
         self._alpha = 1.0 - np.exp(-1.0 / (ramp_s * self.rate))
         self._force_phase = self.rng.uniform(0, 2 * np.pi, channels)
+        # electrode contact and fatigue drift slowly: per-channel gain wanders +-15 % over 20..60 s
+        self._drift_period = self.rng.uniform(20.0, 60.0, channels)
+        self._drift_phase = self.rng.uniform(0, 2 * np.pi, channels)
         self._n = 0
 
     def pattern(self, label: str) -> np.ndarray:
@@ -165,6 +168,7 @@ class EmgSynth:
         self._env = env[-1] if n else self._env
         t = (self._n + np.arange(n)) / self.rate
         force = 1.0 + 0.2 * np.sin(2 * np.pi * 1.3 * t[:, None] + self._force_phase)  # slow force fluctuation
+        force *= 1.0 + 0.15 * np.sin(2 * np.pi * t[:, None] / self._drift_period + self._drift_phase)
         white = self.rng.standard_normal((n, self.channels))
         band, self._zi = signal.sosfilt(self._sos, white, axis=0, zi=self._zi)
         x = band * env * force * self.gain
