@@ -227,7 +227,14 @@ class Publisher:
                     self.on_published(batch, True)
                     break
                 if messages is None:
-                    messages = build_messages([c.data if c.data is not None else self.read_chunk(c) for c in batch])
+                    try:
+                        messages = build_messages([c.data if c.data is not None else self.read_chunk(c)
+                                                   for c in batch])
+                    except Exception:  # noqa: BLE001 - stored but unpublishable: count it and go on
+                        log.exception("cannot build messages for a stored batch; it is not published")
+                        self.queue.popleft()
+                        self.on_published(batch, True)
+                        break
                 try:
                     before = self.disconnects
                     for i, (userid, body) in enumerate(messages):

@@ -223,9 +223,11 @@ class Spool:
     def _roll(self, now: float) -> None:
         if self._fd is not None:
             os.close(self._fd)
+            self._fd = None
             self.sealed.add(self.cur_seg)
+        fd = os.open(self._path(self.cur_seg + 1), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self.cur_seg += 1
-        self._fd = os.open(self._path(self.cur_seg), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._fd = fd
         self.seg_sizes[self.cur_seg] = 0
         self._opened_at = now
 
@@ -238,7 +240,11 @@ class Spool:
         now = time.monotonic()
         if self._fd is None or self.seg_sizes[self.cur_seg] >= self.segment_bytes \
                 or now - self._opened_at >= self.segment_age_s:
-            self._roll(now)
+            try:
+                self._roll(now)
+            except OSError as e:
+                log.error("cannot open a new spool segment (%s): packets dropped", e)
+                return None
         off = self.seg_sizes[self.cur_seg]
         data = CHUNK_HDR.pack(CHUNK_MAGIC, len(payload), zlib.crc32(payload), b.nrec) + payload
         try:

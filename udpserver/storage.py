@@ -276,6 +276,11 @@ class DbWriter(threading.Thread):
                     self._conn.rollback()
                 self.on_failed(batch, first_line(e))
                 batch = []
+            except Exception as e:  # noqa: BLE001 - e.g. a spool file gone: count it, keep the thread alive
+                log.exception("storing a batch of %d chunks failed", len(batch))
+                self._drop_connection()
+                self.on_failed(batch, f"{type(e).__name__}: {e}")
+                batch = []
         self._drop_connection()
 
     def _ping_if_idle(self) -> None:

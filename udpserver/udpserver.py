@@ -95,7 +95,12 @@ class Server(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr) -> None:
         self.received_packets += 1
         self.received_bytes += len(data)
-        r = self.ingestor.handle(data, time.time())
+        try:
+            r = self.ingestor.handle(data, time.time())
+        except Exception:  # a bug must cost one packet, not the socket (asyncio closes it on errors)
+            self.ingestor.rejected["internal_error"] += 1
+            log.exception("packet handling failed (packet dropped)")
+            return
         if type(r) is Record:
             b = self._builder
             if b is None:
@@ -169,14 +174,15 @@ class Server(asyncio.DatagramProtocol):
         self.unstored_samples -= n
         log.error("%d samples could not be stored (%s); counted as dropped", n, why)
         self.spool.mark_committed(batch[-1])
-        self._published(batch, True)
+        self._published(batch, True, unstored=True)
 
-    def _published(self, batch: list[Chunk], dropped: bool) -> None:
+    def _published(self, batch: list[Chunk], dropped: bool, unstored: bool = False) -> None:
         states = self.ingestor.states
         for c in batch:
             self.unpublished_samples -= c.nsamples
             if dropped:
-                self.published_dropped_samples += c.nsamples
+                if not unstored:  # samples that could not be stored are already counted as dropped
+                    self.published_dropped_samples += c.nsamples
             else:
                 self.published_samples += c.nsamples
                 for dev, (_pk, n) in c.per_device.items():
@@ -186,9 +192,9 @@ class Server(asyncio.DatagramProtocol):
             if c.data is not None:
                 self.hot_bytes -= c.size
                 c.data = None
-        if dropped:
-            self.bad_log.warning("shed", "spool nearly full while NATS is down: %d stored samples not published",
-                                 sum(c.nsamples for c in batch))
+        if dropped and not unstored:
+            self.bad_log.warning("shed", "%d stored samples not published (spool nearly full while NATS is down, "
+                                 "or unreadable)", sum(c.nsamples for c in batch))
         self.spool.mark_published(batch[-1])
 
     def _should_shed(self) -> bool:
@@ -252,8 +258,11 @@ class Server(asyncio.DatagramProtocol):
     async def housekeeping_loop(self) -> None:
         while not self._stop.is_set():
             await asyncio.sleep(0.2)
-            self.spool.seal_idle()
-            self.spool.release_published()
+            try:
+                self.spool.seal_idle()
+                self.spool.release_published()
+            except OSError as e:
+                self.bad_log.warning("housekeeping", "spool housekeeping failed: %s", e)
 
     async def stats_loop(self) -> None:
         prev = (time.monotonic(), 0, 0, 0)
