@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from fractions import Fraction
@@ -298,11 +299,21 @@ class CaptureShared:
         self.recorder = VideoRecorder()
         self.frames_seen = 0
         self.last_frame_at: float | None = None
+        self._recent = deque(maxlen=30)
+
+    @property
+    def camera_fps(self) -> float | None:
+        """Frames per second reaching the server over the last ~30 frames (None when the camera is off)."""
+        recent = list(self._recent)
+        if len(recent) < 2 or time.time() - recent[-1] > 2:
+            return None
+        return (len(recent) - 1) / max(recent[-1] - recent[0], 1e-6)
 
     def frame_callback(self, frame: av.VideoFrame) -> av.VideoFrame:
         now = time.time()
         self.frames_seen += 1
         self.last_frame_at = now
+        self._recent.append(now)
         run = self.run
         cue = run.cue(now) if run is not None else Cue("waiting")
         img = frame.to_image()

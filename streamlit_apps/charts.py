@@ -51,8 +51,9 @@ def signal_figure(frame: pd.DataFrame, channels: Sequence[int] | None = None, *,
         # One layout update: plotly's add_vrect/add_vline per shape is quadratic (minutes for 200 intervals).
         fig.update_layout(shapes=shapes, annotations=list(fig.layout.annotations) + notes)
     fig.update_xaxes(title_text=x_title, row=rows, col=1) if rows > 1 else fig.update_xaxes(title_text=x_title)
+    fig.update_yaxes(nticks=4)  # stacked rows are short: more ticks would overlap
     fig.update_layout(title=title or None, showlegend=not stacked)
-    return _tight(fig, max(220, height_per_channel * rows) if stacked else 320)
+    return _tight(fig, max(220, height_per_channel * rows + 60) if stacked else 320)
 
 
 def _interval_shapes(intervals: Sequence[dict], t0: datetime, max_notes: int = 60) -> tuple[list, list]:

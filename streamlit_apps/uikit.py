@@ -96,9 +96,7 @@ def pick_user(key: str = "semg_user_pick", label: str = "User") -> dict | None:
     if current is None:
         with contextlib.suppress(TypeError, ValueError):
             current = int(st.query_params.get("user", ""))
-    ids = list(by_id)
-    chosen = st.selectbox(label, ids, index=ids.index(current) if current in by_id else 0, key=key,
-                          format_func=lambda i: f"{by_id[i]['name']} <{by_id[i]['email']}> · #{i}")
+    chosen = user_selectbox(label, list(by_id), by_id, key, current)
     st.session_state[USER_KEY] = chosen
     if st.query_params.get("user") != str(chosen):
         st.query_params["user"] = str(chosen)
@@ -110,6 +108,19 @@ def badge(ok: bool | None, text: str) -> str:
     color = "gray" if ok is None else "green" if ok else "red"
     icon = ":material/help:" if ok is None else ":material/check:" if ok else ":material/close:"
     return f":{color}-badge[{icon} {text}]"
+
+
+def user_selectbox(label: str, ids: list[int], by_id: dict, key: str, current: int | None) -> int:
+    """A user selectbox that follows USER_KEY even when another page (or a form) changed it."""
+    # Widget state wins over `index`, so align the state before the widget exists in this run; a change
+    # made in the widget itself reaches USER_KEY first through on_change.
+    st.session_state[key] = current if current in by_id else ids[0]
+
+    def remember() -> None:
+        st.session_state[USER_KEY] = st.session_state[key]
+
+    return st.selectbox(label, ids, key=key, on_change=remember,
+                        format_func=lambda i: f"{by_id[i]['name']} <{by_id[i]['email']}> · #{i}")
 
 
 def fmt_time(t: datetime | None) -> str:

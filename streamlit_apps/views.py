@@ -48,7 +48,7 @@ def signal_review(device_id: int, t0: datetime, t1: datetime, *, intervals: Sequ
                f"min/max envelope of {sig.samples:,} samples (downsampled in the database)")
         st.caption(f"{sig.samples:,} samples · {sig.channels} channels · {how}")
         fig = charts.signal_figure(sig.frame, channels, intervals=intervals, t0=t0, cursor_s=cursor,
-                                   x_title="seconds from start", height_per_channel=70)
+                                   x_title="seconds from start", height_per_channel=90)
         st.plotly_chart(fig, key=f"{key}_plot")
     if has_video:
         with video_col:

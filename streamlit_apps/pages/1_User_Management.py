@@ -41,10 +41,7 @@ def user_table(users: list[dict]) -> None:
 
 def edit_and_delete(users: list[dict]) -> None:
     by_id = {u["id"]: u for u in users}
-    ids = list(by_id)
-    current = st.session_state.get(ui.USER_KEY)
-    uid = st.selectbox("Edit or delete", ids, index=ids.index(current) if current in by_id else 0,
-                       format_func=lambda i: f"{by_id[i]['name']} <{by_id[i]['email']}> · #{i}", key="edit_user_pick")
+    uid = ui.user_selectbox("Edit or delete", list(by_id), by_id, "edit_user_pick", st.session_state.get(ui.USER_KEY))
     st.session_state[ui.USER_KEY] = uid
     user = by_id[uid]
     with st.form(f"edit_user_{uid}"):

@@ -144,8 +144,9 @@ def camera() -> None:
         key="capture-webcam",
         mode=WebRtcMode.SENDRECV,
         rtc_configuration={"iceServers": []},  # local connection only: no STUN server is reachable
-        media_stream_constraints={"video": {"width": {"ideal": 640}, "height": {"ideal": 480},
-                                            "frameRate": {"ideal": 20}}, "audio": False},
+        # 320x240 keeps decode + cue drawing + recording + send-back affordable on a small machine
+        media_stream_constraints={"video": {"width": {"ideal": 320}, "height": {"ideal": 240},
+                                            "frameRate": {"ideal": 15}}, "audio": False},
         video_frame_callback=shared.frame_callback,
         async_processing=True,
     )
@@ -165,6 +166,9 @@ def signal_strip(user_id: int, device: dict) -> None:
         if activity is None:
             st.warning("This device no longer exists.")
             return
+        if (fps := shared.camera_fps) is not None:
+            st.caption(f":material/videocam: webcam {fps:.0f} frames/s" + (" (low: close other programs)"
+                                                                            if fps < 5 else ""))
         if activity["streaming"]:
             st.caption(f":green[:material/sensors:] device #{device['id']} streaming ~{activity['measured_rate_hz']:.0f} Hz "
                        f"(expected {float(device['sample_rate_hz']):g} Hz)")

@@ -96,11 +96,12 @@ def options_and_schedule(user: dict, selected: list[int]) -> None:
             base = None
             st.caption("No pretrained base model is available, so training starts from scratch.")
     epochs = c2.number_input("Epochs", min_value=1, max_value=1000, value=30, step=5, key="kick_epochs")
+    params = {"epochs": int(epochs)}
     with st.expander("Advanced"):
-        a1, a2 = st.columns(2)
-        window_ms = a1.number_input("Window (ms)", 50, 2000, 200, step=25, key="kick_window")
-        step_ms = a2.number_input("Step (ms)", 10, 1000, 50, step=10, key="kick_step")
-    params = {"epochs": int(epochs), "window_ms": int(window_ms), "step_ms": int(step_ms)}
+        if st.checkbox("Choose the analysis window myself (otherwise the trainer's default)", key="kick_custom_win"):
+            a1, a2 = st.columns(2)
+            params["window_ms"] = int(a1.number_input("Window (ms)", 50, 2000, 200, step=25, key="kick_window"))
+            params["step_ms"] = int(a2.number_input("Step (ms)", 10, 1000, 50, step=10, key="kick_step"))
     if base is not None:
         params["base_model_id"] = int(base)
     if st.button(f"Train on {len(selected)} session(s)", type="primary", disabled=not selected,

@@ -438,3 +438,21 @@ def test_secret_key_is_never_in_the_devices_listing(page, seeded):
     assert key_hex not in texts(at)
     assert not at.code
     assert hashlib.sha256(key_hex.encode()).hexdigest()  # (the fixture did get a key)
+
+
+def test_a_new_user_becomes_the_current_user_everywhere(page, seeded):
+    at = page("users", user_id=seeded["user"]["id"])
+    at.run()
+    at.text_input(key="new_user_name").input("Second Person")
+    at.text_input(key="new_user_email").input("second@example.org")
+    button(at, "Create user").click()
+    at.run()
+    assert_clean(at)
+    new_id = [u["id"] for u in repo.list_users(seeded["conn"]) if u["email"] == "second@example.org"][0]
+    assert at.session_state["semg_user_id"] == new_id
+    assert at.selectbox(key="edit_user_pick").value == new_id
+    # another page whose picker still holds the previous user follows the new current user
+    at2 = page("gestures", user_id=new_id)
+    at2.session_state["semg_user_pick"] = seeded["user"]["id"]
+    at2.run()
+    assert at2.selectbox(key="semg_user_pick").value == new_id

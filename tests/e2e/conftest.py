@@ -1,0 +1,142 @@
+"""The whole platform as subprocesses against the test session's PostgreSQL/NATS, and a headless Chromium."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+for p in (REPO, Path(__file__).resolve().parent):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+# What each service needs on disk; a missing one skips the steps that need it, naming it.
+SERVICE_FILES = {
+    "api": "ml_model/api.py",
+    "udpserver": "udpserver/udpserver.py",
+    "inference": "ml_model/nat_inference.py",
+    "trainer": "ml_model/TrainMLJob.py",
+}
+
+
+class Stack:
+    def __init__(self, env: dict[str, str], log_dir: Path):
+        self.env = {**env, "PYTHONUNBUFFERED": "1"}
+        self.log_dir = log_dir
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.missing: dict[str, str] = {}
+
+    def command(self, name: str) -> list[str]:
+        py = sys.executable
+        return {
+            "api": [py, "-m", "ml_model.api"],
+            "udpserver": [py, "-m", "udpserver.udpserver"],
+            "inference": [py, "-m", "ml_model.nat_inference"],
+            "trainer": [py, "ml_model/TrainMLJob.py", "worker"],
+            "ui": [py, "-m", "streamlit", "run", "streamlit_apps/Main.py", "--server.port", self.env["UI_PORT"],
+                   "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats",
+                   "false", "--server.fileWatcherType", "none"],
+        }[name]
+
+    def start(self, name: str) -> bool:
+        rel = SERVICE_FILES.get(name)
+        if rel and not (REPO / rel).exists():
+            self.missing[name] = rel
+            return False
+        log = open(self.log_dir / f"e2e-{name}.log", "ab")
+        self.procs[name] = subprocess.Popen(self.command(name), cwd=REPO, env=self.env, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        return True
+
+    def alive(self, name: str) -> bool:
+        p = self.procs.get(name)
+        return p is not None and p.poll() is None
+
+    def wait_http(self, name: str, url: str, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive(name):
+                raise RuntimeError(f"{name} exited early:\n{self.tail(name)}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url, timeout=2).status_code == 200:
+                    return
+            time.sleep(0.3)
+        raise RuntimeError(f"{name} not ready at {url} after {timeout:.0f}s:\n{self.tail(name)}")
+
+    def tail(self, name: str, lines: int = 40) -> str:
+        path = self.log_dir / f"e2e-{name}.log"
+        if not path.exists():
+            return "(no log)"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop_all(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGTERM)
+        for name, p in self.procs.items():
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait(5)
+
+
+@pytest.fixture(scope="module")
+def chromium_path() -> str:
+    from ui_driver import CHROMIUM
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium; "
+                    "./run_tests.sh does it); never 'playwright install'")
+    return CHROMIUM
+
+
+@pytest.fixture(scope="module")
+def stack(services, test_env, chromium_path):
+    from semg.config import get_settings
+    s = get_settings()
+    stack = Stack(dict(os.environ), s.log_dir)
+    try:
+        for name in ("api", "udpserver", "inference", "trainer", "ui"):
+            stack.start(name)
+        if "api" in stack.procs:
+            stack.wait_http("api", f"{s.api_url}/health")
+        if "udpserver" in stack.procs:
+            stack.wait_http("udpserver", f"http://127.0.0.1:{s.udp_metrics_port}/health")
+        stack.wait_http("ui", f"http://127.0.0.1:{s.ui_port}/_stcore/health")
+        yield stack
+    finally:
+        stack.stop_all()
+
+
+@pytest.fixture(scope="module")
+def screenshots_dir() -> Path:
+    d = REPO / "test-artifacts" / "e2e-screenshots"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    print(f"\nE2E screenshots: {d}")
+    return d
+
+
+@pytest.fixture
+def browser_page(chromium_path):
+    from playwright.sync_api import sync_playwright
+    from ui_driver import CHROMIUM_ARGS
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(30_000)
+        try:
+            yield page
+        finally:
+            browser.close()
