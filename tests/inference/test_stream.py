@@ -1,0 +1,82 @@
+"""The worker's per-user buffer (windows on the absolute sequence grid) and its user partitioning."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ml_model.nat_inference import ModelSpec, UserStream, owner_slot
+from semg.messages import SamplesMessage
+
+SPEC = ModelSpec(artifact_id=1, classes=("REST", "a"), n_device_channels=2, sample_rate_hz=100.0, window=10, step=3)
+
+
+def _msg(seq0: int, values: np.ndarray, device: int = 1, boot: int = 0) -> SamplesMessage:
+    n = len(values)
+    return SamplesMessage(userid=1, device_id=device, boot=boot, sample_rate_hz=100, channels=2, seq0=seq0,
+                          device_millis=[10.0 * (seq0 + i) for i in range(n)], recv_time=[1000.0 + seq0 + i
+                                                                                         for i in range(n)],
+                          values=values.tolist())
+
+
+def _feed(stream: UserStream, msgs) -> tuple[list[int], list[np.ndarray]]:
+    ends, wins = [], []
+    for m in msgs:
+        r = stream.append(m)
+        if r is not None:
+            ends += r.end_seq.tolist()
+            wins += list(r.windows)
+            assert np.array_equal(r.end_millis, 10.0 * r.end_seq)
+            assert np.array_equal(r.end_recv, 1000.0 + r.end_seq)
+    return ends, wins
+
+
+@settings(max_examples=60, deadline=None)
+@given(start=st.integers(0, 50), cuts=st.lists(st.integers(1, 25), min_size=1, max_size=30))
+def test_windows_do_not_depend_on_how_samples_are_split(start, cuts):
+    total = sum(cuts)
+    data = np.arange(total * 2).reshape(total, 2) % 1000
+    stream = UserStream(1, SPEC, votes=3)
+    msgs, a = [], 0
+    for c in cuts:
+        msgs.append(_msg(start + a, data[a:a + c]))
+        a += c
+    ends, wins = _feed(stream, msgs)
+    first = start + SPEC.window - 1
+    first += (-(first + 1)) % SPEC.step
+    assert ends == list(range(first, start + total, SPEC.step))
+    for e, w in zip(ends, wins):
+        i = e - start
+        np.testing.assert_array_equal(w, data[i - SPEC.window + 1:i + 1].T)  # channels first
+
+
+def test_gap_out_of_order_and_new_boot_reset():
+    stream = UserStream(1, SPEC, votes=3)
+    d = np.ones((12, 2))
+    ends, _ = _feed(stream, [_msg(0, d)])
+    assert ends == [11]
+    ends, _ = _feed(stream, [_msg(15, d)])            # gap: nothing until a full window after 15
+    assert ends == [26] and stream.resets == 1
+    ends, _ = _feed(stream, [_msg(20, d)])            # out of order: reset again
+    assert ends == [29] and stream.resets == 2
+    ends, _ = _feed(stream, [_msg(32, d, boot=1)])    # new boot (contiguous seq or not)
+    assert ends == [41] and stream.resets == 3
+    ends, _ = _feed(stream, [_msg(44, d, device=2, boot=1)])  # another device of the user
+    assert ends == [53]
+
+
+def test_big_message_grows_the_buffer():
+    stream = UserStream(1, SPEC, votes=3)
+    ends, wins = _feed(stream, [_msg(0, np.arange(2000).reshape(1000, 2))])
+    assert len(ends) == len(range(11, 1000, 3)) and wins[-1].shape == (2, 10)
+
+
+def test_partition_is_deterministic_balanced_and_stable():
+    users = range(1, 2001)
+    two = {u: owner_slot(u, {0, 1}) for u in users}
+    assert 800 < sum(1 for s in two.values() if s == 0) < 1200
+    three = {u: owner_slot(u, {0, 1, 2}) for u in users}
+    moved = [u for u in users if three[u] != two[u]]
+    assert all(three[u] == 2 for u in moved)  # a new worker only takes users; others stay put
+    assert owner_slot(5, set()) is None and owner_slot(5, {7}) == 7
