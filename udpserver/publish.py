@@ -153,12 +153,12 @@ class Publisher:
     FLUSH_TIMEOUT_S = 5.0
 
     def __init__(self, settings: Settings, read_chunk: Callable[[Chunk], bytes],
-                 on_published: Callable[[list[Chunk], bool], None], should_shed: Callable[[], bool]):
+                 on_published: Callable[..., None], should_shed: Callable[[], bool]):
         self.settings = settings
         self.read_chunk = read_chunk
-        self.on_published = on_published  # (chunks, dropped)
+        self.on_published = on_published  # (chunks, dropped, unstored)
         self.should_shed = should_shed
-        self.queue: deque[list[Chunk]] = deque()
+        self.queue: deque[tuple[list[Chunk], bool]] = deque()
         self._event = asyncio.Event()
         self.nc = None
         self.disconnects = 0
@@ -172,8 +172,10 @@ class Publisher:
     def connected(self) -> bool:
         return self.nc is not None and self.nc.is_connected
 
-    def submit(self, batch: list[Chunk]) -> None:
-        self.queue.append(batch)
+    def submit(self, batch: list[Chunk], skip: bool = False) -> None:
+        """Queue a committed batch; `skip` passes a batch that could not be stored through in order
+        (the spool positions must advance in journal order) without publishing it."""
+        self.queue.append((batch, skip))
         self._event.set()
 
     async def _disconnected(self) -> None:
@@ -218,7 +220,11 @@ class Publisher:
                 self._event.clear()
                 await self._event.wait()
                 continue
-            batch = self.queue[0]
+            batch, skip = self.queue[0]
+            if skip:
+                self.queue.popleft()
+                self.on_published(batch, True, True)
+                continue
             messages = None
             while True:
                 await self._wait_ready()

@@ -225,7 +225,8 @@ class DbWriter(threading.Thread):
 
     def run(self) -> None:
         batch: list[Chunk] = []
-        backoff = 0.2
+        backoff = 0.2      # between connection attempts
+        retry_wait = 0.2   # between attempts to write a batch that failed on a live connection
         while True:
             if self._conn is None and not (self._stop_at is not None and not batch and not self.queue):
                 # connect eagerly (health reports it), and keep trying while PostgreSQL is away
@@ -266,16 +267,24 @@ class DbWriter(threading.Thread):
                 self.commits += 1
                 self.on_committed(batch, self.last_commit_ms)
                 batch = []
-            except (psycopg2.OperationalError, psycopg2.InterfaceError) as e:
-                self._drop_connection()
-                self._log_down(e, backoff)
-            except psycopg2.Error as e:
-                # Not an outage: PostgreSQL refuses these rows. Retrying would block everything behind them.
+                retry_wait = 0.2
+            except (psycopg2.DataError, psycopg2.IntegrityError) as e:
+                # PostgreSQL refuses these rows themselves: retrying would block everything behind them.
                 log.error("PostgreSQL rejected a batch of %d chunks: %s", len(batch), first_line(e))
                 with contextlib.suppress(psycopg2.Error):
                     self._conn.rollback()
                 self.on_failed(batch, first_line(e))
                 batch = []
+            except psycopg2.Error as e:
+                # unreachable, restarting, schema not created yet, permissions...: keep the batch and retry
+                self._drop_connection()
+                self._log_down(e, retry_wait)
+                if self._stop_at is not None and time.monotonic() >= self._stop_at:
+                    log.warning("stopping with %d chunks not stored: they stay in the spool for the next start",
+                                len(batch) + len(self.queue))
+                    break
+                time.sleep(retry_wait)
+                retry_wait = min(retry_wait * 2, 5.0)
             except Exception as e:  # noqa: BLE001 - e.g. a spool file gone: count it, keep the thread alive
                 log.exception("storing a batch of %d chunks failed", len(batch))
                 self._drop_connection()

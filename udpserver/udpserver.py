@@ -174,7 +174,7 @@ class Server(asyncio.DatagramProtocol):
         self.unstored_samples -= n
         log.error("%d samples could not be stored (%s); counted as dropped", n, why)
         self.spool.mark_committed(batch[-1])
-        self._published(batch, True, unstored=True)
+        self.publisher.submit(batch, skip=True)
 
     def _published(self, batch: list[Chunk], dropped: bool, unstored: bool = False) -> None:
         states = self.ingestor.states
