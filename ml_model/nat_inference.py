@@ -30,6 +30,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import io
 import logging
 import os
 import socket
@@ -44,7 +45,6 @@ import httpx
 import numpy as np
 import orjson
 import psycopg2
-import psycopg2.extras
 from pydantic import ValidationError
 
 from ml_model import postprocessing
@@ -70,6 +70,17 @@ MAX_SLOTS = 64
 STORE_INTERVAL_S = 0.5
 MAX_STORE_BACKLOG = 200_000
 STATS_INTERVAL_S = float(os.environ.get("SEMG_INFERENCE_STATS_S", "60"))
+
+
+def _copy_text(v: Any) -> str:
+    """A value in PostgreSQL's COPY text format."""
+    if v is None:
+        return "\\N"
+    return str(v).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat()
 
 
 # ---- model metadata -----------------------------------------------------------------------------------
@@ -551,15 +562,15 @@ class Worker:
 
     @staticmethod
     def _insert(conn, rows: list[tuple]) -> None:
+        """COPY: several thousand decisions per second cost PostgreSQL (shared with ingestion) little."""
+        buf = io.StringIO()
+        for u, m, g, c, d, dm, sr, dt, lat in rows:
+            buf.write(f"{u}\t{_copy_text(m)}\t{_copy_text(g)}\t{c!r}\t{_copy_text(d)}\t{dm!r}\t"
+                      f"{_iso(sr)}\t{_iso(dt)}\t{lat!r}\n")
+        buf.seek(0)
         with conn, conn.cursor() as cur:
-            psycopg2.extras.execute_values(
-                cur,
-                """INSERT INTO predictions (user_id, model_id, gesture, confidence, device_id, device_millis,
-                       sample_received, decided_at, latency_ms) VALUES %s""",
-                [(u, m, g, c, d, dm, datetime.fromtimestamp(sr, UTC), datetime.fromtimestamp(dt, UTC), lat)
-                 for (u, m, g, c, d, dm, sr, dt, lat) in rows],
-                page_size=1000,
-            )
+            cur.copy_expert("""COPY predictions (user_id, model_id, gesture, confidence, device_id, device_millis,
+                                   sample_received, decided_at, latency_ms) FROM STDIN""", buf)
 
     async def store_loop(self) -> None:
         while not self._stopping:
@@ -657,7 +668,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="below this mean probability the decision is the unsure label")
     p.add_argument("--unsure-label", default=os.environ.get("SEMG_INFERENCE_UNSURE_LABEL", postprocessing.UNKNOWN),
                    help="answer when unsure: UNKNOWN (default) or REST")
-    p.add_argument("--max-inflight", type=int, default=1, help="concurrent /predict calls")
+    p.add_argument("--max-inflight", type=int, default=int(_env_float("SEMG_INFERENCE_MAX_INFLIGHT", 1)),
+                   help="concurrent /predict calls (default 1: the next batch goes out when the answer is in)")
     args = p.parse_args(argv)
     if args.votes < 1 or not 0 <= args.min_confidence <= 1:
         p.error("--votes must be >= 1 and --min-confidence in [0, 1]")

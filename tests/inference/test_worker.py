@@ -163,6 +163,15 @@ def test_decisions_are_stored_and_unknown_users_skipped(workers, model_user, db_
                     (uid,))
         count, models, model_id = cur.fetchone()
     assert count == len(coll.of(uid)) and models == 1 and model_id == meta["artifact_id"]
+    with db_conn.cursor() as cur:
+        cur.execute("""SELECT gesture, device_millis, round(confidence::numeric, 4), device_id,
+                              extract(epoch FROM sample_received), latency_ms FROM predictions WHERE user_id = %s""",
+                    (uid,))
+        rows = cur.fetchall()
+    stored = {(g, dm, float(c), d) for g, dm, c, d, _, _ in rows}
+    published = {(p.gesture, p.device_millis, round(p.confidence, 4), p.device_id) for p in coll.of(uid)}
+    assert stored == published
+    assert all(lat is not None and lat >= 0 and abs(float(sr) - 1e9) < 1e10 for *_, sr, lat in rows)
 
 
 def test_sigterm_drains_queued_windows(workers, model_user, db_conn):
