@@ -180,6 +180,23 @@ def test_arbitrary_bytes_never_raise(data):
         assert r.channels == 2 and len(r.values) == 4
 
 
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(st.integers(-70000, 70000).map(str), st.sampled_from(["", " 1", "+1", "1.5", "x", "0x1F",
+                                                                                  "007", "-", "1e3", "\n"])),
+                min_size=0, max_size=20))
+def test_near_valid_legacy_text_is_parsed_exactly_or_rejected(fields):
+    data = ",".join(["40", "1000", *fields]).encode()
+    r = protocol.parse(data)
+    ok = 1 <= len(fields) <= 16 and all(f.lstrip("-").isdigit() and f != "-" and -32768 <= int(f) <= 32767
+                                        for f in fields)
+    if ok:
+        assert r == LegacyPacket(40, 1000, tuple(int(f) for f in fields))
+    else:
+        assert isinstance(r, Reject), (data, r)
+        ing = _ingestor()
+        assert isinstance(ing.handle(data, 1000.0), Reject)
+
+
 _VALID = [_binary(seq0=10 * i, seed=i)[0] for i in range(4)]
 
 
