@@ -220,6 +220,7 @@ class Server(asyncio.DatagramProtocol):
     async def registry_loop(self) -> None:
         backoff = 0.5
         last = 0.0
+        self._refresh_wanted.set()  # load at once at start
         while not self._stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._refresh_wanted.wait(), self.args.refresh_interval)
