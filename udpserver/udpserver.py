@@ -65,6 +65,7 @@ class Server(asyncio.DatagramProtocol):
         self.memory_max = args.memory_max_mb << 20
         self.hot_bytes = 0  # chunk payloads held in memory (the rest is read back from the spool)
         self.writer = DbWriter(settings, self.spool.read, self._committed_from_thread, self._failed_from_thread)
+        self.writer.COMMIT_INTERVAL_S = args.commit_interval_ms / 1000.0
         self.publisher = Publisher(settings, self.spool.read, self._published, self._should_shed)
         self.control = ThreadPoolExecutor(1, thread_name_prefix="udpserver-registry")
         self._control_conn = None
@@ -402,6 +403,8 @@ def parse_args(argv: list[str] | None, settings: Settings) -> argparse.Namespace
     p.add_argument("--memory-max-mb", type=int, default=256,
                    help="journaled data also kept in memory; beyond it, it is read back from the spool")
     p.add_argument("--rcvbuf-mb", type=int, default=32, help="UDP socket receive buffer")
+    p.add_argument("--commit-interval-ms", type=float, default=DbWriter.COMMIT_INTERVAL_S * 1000,
+                   help="longest a received packet waits for its batch commit (default %(default)g ms)")
     p.add_argument("--refresh-interval", type=float, default=2.0, help="seconds between device list reloads")
     p.add_argument("--stats-interval", type=float, default=5.0, help="seconds between counter log lines")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
