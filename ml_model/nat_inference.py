@@ -95,6 +95,11 @@ class ModelSpec:
     window: int
     step: int
 
+    @property
+    def shape(self) -> tuple[int, int, int, float]:
+        """What the windows depend on (not the weights or classes)."""
+        return self.n_device_channels, self.window, self.step, self.sample_rate_hz
+
     @classmethod
     def from_api(cls, d: dict[str, Any]) -> ModelSpec:
         return cls(int(d["artifact_id"]), tuple(d["classes"]), int(d["n_device_channels"]),
@@ -337,8 +342,11 @@ class Worker:
                             spec.n_device_channels, spec.sample_rate_hz)
             return
         stream = self.streams.get(uid)
-        if stream is None or stream.spec != spec:
+        if stream is None or stream.spec.shape != spec.shape:
             stream = self.streams[uid] = UserStream(uid, spec, self.opts.votes)
+        elif stream.spec != spec:  # a new model reading the same windows: keep the samples, not the votes
+            stream.spec = spec
+            stream.history.clear()
         ready = stream.append(samples)
         if ready is not None:
             self.pending.append(ready)

@@ -194,3 +194,36 @@ def test_sigterm_drains_queued_windows(workers, model_user, db_conn):
     coll = asyncio.run(scenario())
     assert proc.wait(20) == 0
     assert _counted(coll, uid) == expected_ends(0, 399, WIN, STEP)
+
+
+def test_new_model_goes_live_without_losing_windows(workers, model_user, db_conn, clean_db):
+    from ml_model.rest.demo_models import insert_artifact, random_artifact
+    from tests.inference.conftest import announce_model
+    (uid, dev, _), = [model_user()]
+    workers(1)
+    _wait_workers(db_conn, 1)
+    n_samples = 1200  # 6 s of data streamed in real time; the model changes after ~2 s
+
+    async def scenario() -> tuple[Collector, float, int]:
+        nc = await natsio.connect("admin")
+        coll = Collector()
+        await coll.start(nc)
+        await _warm_up(nc, coll, [(uid, dev)])
+        weights, new_meta = random_artifact(8, RATE, seed=42, classes=("REST", "x", "y"))
+        new_id = insert_artifact(clean_db, uid, weights, new_meta)
+        stream = asyncio.create_task(_stream(nc, [(uid, dev)], n_samples, speed=1.0))
+        await asyncio.sleep(2.0)
+        announced = time.time()
+        await asyncio.to_thread(announce_model, uid, new_id)
+        await stream
+        await asyncio.sleep(1.5)
+        await nc.close()
+        return coll, announced, new_id
+
+    coll, announced, new_id = asyncio.run(scenario())
+    counted = [d for d in coll.of(uid) if d.seq < WARMUP_SEQ0]
+    assert sorted(d.seq for d in counted) == expected_ends(0, n_samples - 1, WIN, STEP)  # none lost
+    first_new = min(d.decided_time for d in counted if d.model_id == new_id)
+    assert first_new - announced < 2.0
+    assert all(d.model_id == new_id for d in counted if d.decided_time > first_new)
+    assert {d.gesture for d in counted if d.model_id == new_id} <= {"REST", "x", "y", "UNKNOWN"}
