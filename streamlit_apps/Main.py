@@ -3,10 +3,9 @@
 Run: streamlit run streamlit_apps/Main.py --server.port $UI_PORT
 """
 
+import data
 import pandas as pd
 import streamlit as st
-
-import data
 import uikit as ui
 
 ui.page_setup("Overview", health_sidebar=False)

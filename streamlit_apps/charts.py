@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -9,15 +10,25 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from semg.repo import GESTURE_LIBRARY
+
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf"]
 
 
-def label_color(label: str, labels: Sequence[str]) -> str:
-    if label.upper() == "REST":
-        return "#bbbbbb"
-    others = sorted({x for x in labels if x.upper() != "REST"})
-    return PALETTE[others.index(label) % len(PALETTE)] if label in others else PALETTE[0]
+# Distinct, grey-free colours for gestures (grey is rest); library gestures take them in library order.
+GESTURE_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+                  "#bcbd22", "#393b79", "#e7ba52", "#843c39"]
+LIBRARY_ORDER = [g["name"] for g in GESTURE_LIBRARY]
+
+
+def label_color(label: str, labels: Sequence[str] = ()) -> str:
+    """The same colour for a gesture on every page (derived from its name, not from what else is shown)."""
+    if label.upper() in ("REST", "UNKNOWN"):
+        return "#bbbbbb" if label.upper() == "REST" else "#555555"
+    if label in LIBRARY_ORDER:  # the common gestures never share a colour
+        return GESTURE_COLORS[LIBRARY_ORDER.index(label) % len(GESTURE_COLORS)]
+    return GESTURE_COLORS[zlib.crc32(label.encode()) % len(GESTURE_COLORS)]
 
 
 def _tight(fig: go.Figure, height: int) -> go.Figure:
@@ -51,7 +62,7 @@ def signal_figure(frame: pd.DataFrame, channels: Sequence[int] | None = None, *,
         # One layout update: plotly's add_vrect/add_vline per shape is quadratic (minutes for 200 intervals).
         fig.update_layout(shapes=shapes, annotations=list(fig.layout.annotations) + notes)
     fig.update_xaxes(title_text=x_title, row=rows, col=1) if rows > 1 else fig.update_xaxes(title_text=x_title)
-    fig.update_yaxes(nticks=4)  # stacked rows are short: more ticks would overlap
+    fig.update_yaxes(nticks=4 if height_per_channel >= 80 else 3)  # short rows: more ticks would overlap
     fig.update_layout(title=title or None, showlegend=not stacked)
     return _tight(fig, max(220, height_per_channel * rows + 60) if stacked else 320)
 
@@ -91,18 +102,35 @@ def spectrum_figure(frame: pd.DataFrame, title: str = "Power spectrum per channe
 
 
 def curves_figure(epochs: Sequence[dict]) -> go.Figure:
-    """Loss and accuracy per epoch, training vs validation, from a job's epoch_metrics."""
+    """Loss and accuracy per epoch from a job's epoch_metrics: training vs validation while the epoch count is
+    chosen, then (val_* empty) the final retraining on all data, drawn as its own grey curves."""
     df = pd.DataFrame(list(epochs))
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("loss", "accuracy"))
     if "epoch" not in df:
         df["epoch"] = range(1, len(df) + 1)
-    for col, (r, c), dash in [("train_loss", (1, 1), None), ("val_loss", (1, 1), "dash"),
-                              ("train_acc", (1, 2), None), ("val_acc", (1, 2), "dash")]:
-        if col in df:
-            fig.add_trace(go.Scatter(x=df["epoch"], y=df[col], name=col, mode="lines+markers",
-                                     line=dict(dash=dash)), row=r, col=c)
+    has_val = df["val_loss"].notna() if "val_loss" in df else pd.Series(False, index=df.index)
+    # the retraining phase: epochs after the last validated one
+    last_val = df.index[has_val].max() if has_val.any() else -1
+    select, full = df[df.index <= last_val], df[df.index > last_val]
+    if not has_val.any():
+        select, full = df, df.iloc[0:0]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("loss", "accuracy"))
+    traces = [(select, "train_loss", "train", (1, 1), PALETTE[0], None),
+              (select, "val_loss", "validation", (1, 1), PALETTE[1], "dash"),
+              (select, "train_acc", "train", (1, 2), PALETTE[0], None),
+              (select, "val_acc", "validation", (1, 2), PALETTE[1], "dash"),
+              (full, "train_loss", "retrain on all data", (1, 1), "#888888", "dot"),
+              (full, "train_acc", "retrain on all data", (1, 2), "#888888", "dot")]
+    shown = set()
+    for frame, col, name, (r, c), color, dash in traces:
+        if col in frame and frame[col].notna().any():
+            fig.add_trace(go.Scatter(x=frame["epoch"], y=frame[col], name=name, mode="lines+markers",
+                                     legendgroup=name, showlegend=name not in shown,
+                                     line=dict(dash=dash, color=color), marker=dict(size=5)), row=r, col=c)
+            shown.add(name)
     fig.update_xaxes(title_text="epoch")
-    return _tight(fig, 300)
+    fig = _tight(fig, 320)
+    fig.update_layout(legend=dict(orientation="h", y=-0.3), margin=dict(t=40, b=40))
+    return fig
 
 
 def confusion_figure(classes: Sequence[str], matrix: Sequence[Sequence[float]]) -> go.Figure:
@@ -132,7 +160,10 @@ def timeline_figure(pred: pd.DataFrame, now: datetime, window_s: float) -> go.Fi
                                  marker=dict(size=9, color=label_color(g, labels))))
     fig.update_layout(xaxis=dict(range=[-window_s, 0], title="seconds ago"), yaxis=dict(range=[0, 1.05],
                       title="confidence"))
-    return _tight(fig, 240)
+    fig = _tight(fig, 260)
+    fig.update_layout(title="Decisions (colour = gesture)", legend=dict(orientation="h", y=-0.35),
+                      margin=dict(t=40, b=30))
+    return fig
 
 
 def latency_figure(pred: pd.DataFrame, now: datetime) -> go.Figure:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import ipaddress
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -198,20 +199,28 @@ def delete_device(device_id: int) -> None:
     _repo(repo.delete_device, device_id)
 
 
+def _reachable_from_lan(host: str) -> bool:
+    """A concrete non-loopback address the armband could send to (not 127.0.0.1, not 'any')."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return not (ip.is_loopback or ip.is_unspecified)
+
+
 def arduino_secrets_snippet(device: dict) -> str:
     """The lines to paste into arduino/arduino_secrets.h for a freshly registered or rotated device.
 
     The sketch (arduino/arduinocode.ino) reads the SECRET_* names; SEMG_DEVICE_ID / SEMG_DEVICE_KEY_HEX carry
     the values under the platform's names, and SEMG_SAMPLE_RATE_HZ overrides the sketch's default rate."""
     s = settings()
-    host = s.semg_bind_host if s.semg_bind_host not in ("127.0.0.1", "0.0.0.0", "::", "", "localhost") \
-        else "YOUR.SERVER.IP"
+    host = s.semg_bind_host if _reachable_from_lan(s.semg_bind_host) else "YOUR.SERVER.IP"
     rate = float(device["sample_rate_hz"])
     return "\n".join([
-        f"// arduino/arduino_secrets.h (git-ignored) for device #{device['id']} of user #{device['user_id']}",
+        f"// arduino_secrets.h for device #{device['id']} (user #{device['user_id']})",
         '#define SECRET_SSID "your-wifi-name"',
         '#define SECRET_PASS "your-wifi-password"',
-        f'#define SECRET_SERVER_IP "{host}"  // the machine running the platform (udpserver on UDP_PORT)',
+        f'#define SECRET_SERVER_IP "{host}"  // this platform\'s address',
         f"#define SECRET_SERVER_PORT {s.udp_port}",
         f"#define SEMG_DEVICE_ID {device['id']}",
         f'#define SEMG_DEVICE_KEY_HEX "{device["secret_key_hex"]}"',

@@ -9,9 +9,9 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
+import data
 import streamlit as st
 
-import data
 from semg import secrets
 
 log = logging.getLogger("semg.ui")

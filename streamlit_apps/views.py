@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-import streamlit as st
-
 import charts
 import data
+import streamlit as st
 
 
 def webvtt(intervals: Sequence[dict], video_start: datetime) -> str:

@@ -1,9 +1,8 @@
 """Users: search, create, edit, delete (with confirmation; removes all their data)."""
 
+import data
 import pandas as pd
 import streamlit as st
-
-import data
 import uikit as ui
 
 ui.page_setup("Users", ":material/person:")

@@ -1,16 +1,15 @@
 """A user's gesture bank (with channels and their purposes), quick-add from a library, and the user's devices
 (registration with a key shown once as an arduino_secrets.h snippet, key rotation, deletion)."""
 
+import data
 import pandas as pd
 import streamlit as st
-
-import data
 import uikit as ui
 
 ui.page_setup("Gestures & devices", ":material/front_hand:")
 st.title(":material/front_hand: Gesture Management")
 
-SECRET_KEY = "gestures_shown_secret"  # (device id, snippet, what happened): shown once, until dismissed
+KEY_ONCE_STATE = "gestures_key_once"  # (device id, snippet, what happened): shown once, until dismissed
 
 
 def channel_table(n_channels: int, used=(), purposes=None) -> pd.DataFrame:
@@ -106,16 +105,16 @@ def gesture_bank(user: dict, n_channels: int) -> None:
 
 
 def show_secret_once() -> None:
-    shown = st.session_state.get(SECRET_KEY)
+    shown = st.session_state.get(KEY_ONCE_STATE)
     if not shown:
         return
     device_id, snippet, what = shown
     st.success(f"{what} Copy the key now: **it is shown only once** (the server keeps it, but never shows it again).")
     st.markdown("Paste these lines into `arduino/arduino_secrets.h`, fill in your Wi-Fi and this computer's "
                 "address, then build and flash the sketch:")
-    st.code(snippet, language="c")
+    st.code(snippet, language="c", wrap_lines=True)
     if st.button("I have saved the key", key="dismiss_secret"):
-        st.session_state.pop(SECRET_KEY, None)
+        st.session_state.pop(KEY_ONCE_STATE, None)
         st.rerun()
 
 
@@ -125,10 +124,11 @@ def devices(user: dict) -> None:
     devs = data.device_activity(user["id"])
     if devs:
         st.dataframe(pd.DataFrame([{
-            "device": d["id"], "name": d["name"], "protocol": d["protocol"], "channels": d["channel_count"],
-            "sample rate (Hz)": float(d["sample_rate_hz"]),
+            "device": d["id"], "name": d["name"],
             "status": f"streaming ~{d['measured_rate_hz']:.0f} Hz" if d["streaming"] else "not streaming",
-            "last sample": ui.fmt_ago(d["last_sample_at"], d["now"]),
+            "last sample": ui.fmt_ago(d["last_sample_at"], d["now"]), "channels": d["channel_count"],
+            "sample rate (Hz)": float(d["sample_rate_hz"]), "protocol": d["protocol"],
+            "key rotated": ui.fmt_time(d.get("key_rotated_at")),
         } for d in devs]), hide_index=True, width="stretch")
     else:
         st.info("No device yet: register the armband below to get its secret key.")
@@ -146,20 +146,20 @@ def devices(user: dict) -> None:
             except data.RepoError as e:
                 st.error(f"Not registered: {e}")
             else:
-                st.session_state[SECRET_KEY] = (dev["id"], data.arduino_secrets_snippet(dev),
+                st.session_state[KEY_ONCE_STATE] = (dev["id"], data.arduino_secrets_snippet(dev),
                                                 f"Registered device #{dev['id']}.")
                 st.rerun()
 
     if devs:
         by_id = {d["id"]: d for d in devs}
-        c1, c2, c3 = st.columns([2, 1, 1], vertical_alignment="bottom")
+        c1, c2, c3 = st.columns([3, 1, 1], vertical_alignment="bottom")
         did = c1.selectbox("Manage device", list(by_id), key="manage_device",
                            format_func=lambda i: f"#{i} {by_id[i]['name']} ({by_id[i]['channel_count']} ch)")
         confirm = st.session_state.get("device_confirm")
-        if c2.button("Rotate key…", key="rotate_ask"):
+        if c2.button("Rotate key…", key="rotate_ask", width="stretch"):
             st.session_state["device_confirm"] = ("rotate", did)
             st.rerun()
-        if c3.button("Delete device…", key="delete_device_ask"):
+        if c3.button("Delete device…", key="delete_device_ask", width="stretch"):
             st.session_state["device_confirm"] = ("delete", did)
             st.rerun()
         if confirm and confirm[1] in by_id:
@@ -175,7 +175,7 @@ def devices(user: dict) -> None:
                 st.session_state.pop("device_confirm", None)
                 if action == "rotate":
                     dev = data.rotate_device_key(target)
-                    st.session_state[SECRET_KEY] = (target, data.arduino_secrets_snippet(dev),
+                    st.session_state[KEY_ONCE_STATE] = (target, data.arduino_secrets_snippet(dev),
                                                     f"New key for device #{target}.")
                 else:
                     data.delete_device(target)
@@ -191,8 +191,6 @@ with ui.guard():
     if user:
         devs = data.list_devices(user["id"])
         n_channels = max([d["channel_count"] for d in devs], default=8)
-        left, right = st.columns([1.15, 1], gap="large")
-        with left:
-            gesture_bank(user, n_channels)
-        with right:
-            devices(user)
+        gesture_bank(user, n_channels)
+        st.divider()
+        devices(user)

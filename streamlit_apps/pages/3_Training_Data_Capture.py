@@ -5,13 +5,12 @@ repetition; interval times are stored as the cues happen (they are what training
 import time
 from datetime import UTC, datetime, timedelta
 
-import streamlit as st
-from streamlit_webrtc import WebRtcMode, webrtc_streamer
-
 import capture
 import charts
 import data
+import streamlit as st
 import uikit as ui
+from streamlit_webrtc import WebRtcMode, webrtc_streamer
 
 ui.page_setup("Capture", ":material/videocam:")
 st.title(":material/videocam: Training Data Capture")

@@ -1,10 +1,9 @@
 """Choose recorded sessions by their data quality, preview them (signals + video at the same moment), set the
 options and schedule a training job (the training worker runs it; this page never trains)."""
 
+import data
 import pandas as pd
 import streamlit as st
-
-import data
 import uikit as ui
 import views
 

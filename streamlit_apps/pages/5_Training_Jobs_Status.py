@@ -3,11 +3,10 @@ cancel. Refreshes itself while a job is scheduled or running."""
 
 from datetime import UTC, datetime
 
-import pandas as pd
-import streamlit as st
-
 import charts
 import data
+import pandas as pd
+import streamlit as st
 import uikit as ui
 
 ui.page_setup("Training jobs", ":material/monitoring:")
@@ -20,7 +19,8 @@ STATUS_ICON = {"scheduled": ":material/hourglass_top:", "in-progress": ":materia
 
 
 def job_label(j: dict) -> str:
-    return f"#{j['id']} {j['status']} · {ui.fmt_time(j['created_at'])}"
+    # no status here: the label would go stale while the job runs (the heading below is live)
+    return f"job #{j['id']} · {ui.fmt_time(j['created_at'])}"
 
 
 def jobs_table(jobs: list[dict]) -> None:
@@ -89,7 +89,8 @@ def details(job_id: int) -> None:
                 st.rerun(scope="app")  # it just finished (or started): redraw everything once
             st.markdown(f"### Job #{j['id']} — {STATUS_ICON.get(j['status'], '')} {j['status']}")
             st.progress(min(1.0, float(j["progress"]) / 100), text=f"{float(j['progress']):.0f}%")
-            st.caption(f"sessions {', '.join(map(str, j['session_ids']))} · params {j['params']} · created "
+            params = ", ".join(f"{k}={v}" for k, v in (j["params"] or {}).items()) or "defaults"
+            st.caption(f"sessions {', '.join(map(str, j['session_ids']))} · {params} · created "
                        f"{ui.fmt_time(j['created_at'])} · started {ui.fmt_time(j['started_at'])} · finished "
                        f"{ui.fmt_time(j['finished_at'])}" + (f" · worker {j['worker']}" if j["worker"] else ""))
             if j["error"]:

@@ -3,10 +3,9 @@ measured latency (decision time - sample receive time). Polls the database (samp
 
 from datetime import UTC, datetime, timedelta
 
-import streamlit as st
-
 import charts
 import data
+import streamlit as st
 import uikit as ui
 
 ui.page_setup("Live recognition", ":material/bolt:")
@@ -66,7 +65,7 @@ def live(user: dict, device: dict | None, window_s: float, model: dict | None) -
             st.info(f"No samples from device #{device['id']} in the last {window_s:.0f} s.")
         else:
             sig.frame["t"] = sig.frame["t"] - window_s
-            fig = charts.signal_figure(sig.frame, x_title="seconds ago", height_per_channel=55)
+            fig = charts.signal_figure(sig.frame, x_title="seconds ago", height_per_channel=70)
             fig.update_xaxes(range=[-window_s, 0])
             st.plotly_chart(fig, key="live_signal", config={"displayModeBar": False})
     left, right = st.columns(2)

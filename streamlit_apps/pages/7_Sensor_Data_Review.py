@@ -3,10 +3,9 @@ ranges), RMS and spectrum per channel, the session video under a shared time cur
 
 from datetime import UTC, datetime, timedelta
 
-import streamlit as st
-
 import charts
 import data
+import streamlit as st
 import uikit as ui
 import views
 

@@ -123,7 +123,7 @@ def test_the_whole_journey_in_a_browser(stack, browser_page, screenshots_dir, se
         final = _wait(lambda: (j := repo.get_job(conn, job["id"]))["status"] in ("completed", "failed", "canceled")
                       and j, 900, f"job {job['id']} to finish", poll=2)
         assert final["status"] == "completed", f"{final['status']}: {final['error']}\n{stack.tail('trainer')}"
-        ui.text("Held-out accuracy", timeout=30)
+        ui.text("Held-out accuracy", timeout=30, exact=True)
         ui.shot("training-jobs-status")
 
         # 7. live decisions while the wearer keeps making the gestures

@@ -36,8 +36,8 @@ class Ui:
                 return
             time.sleep(0.1)
 
-    def text(self, text: str | re.Pattern, timeout: float = 30):
-        loc = self.page.get_by_text(text).first
+    def text(self, text: str | re.Pattern, timeout: float = 30, exact: bool = False):
+        loc = self.page.get_by_text(text, exact=exact).first
         expect(loc).to_be_visible(timeout=timeout * 1000)
         return loc
 
