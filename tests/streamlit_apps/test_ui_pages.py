@@ -456,3 +456,18 @@ def test_a_new_user_becomes_the_current_user_everywhere(page, seeded):
     at2.session_state["semg_user_pick"] = seeded["user"]["id"]
     at2.run()
     assert at2.selectbox(key="semg_user_pick").value == new_id
+
+
+def test_overview_reports_nats_down(page, clean_db, monkeypatch):
+    from semg.config import get_settings
+    from semg.embedded import free_port
+    monkeypatch.setenv("NATS_PORT", str(free_port()))
+    get_settings.cache_clear()
+    try:
+        at = page("main")
+        at.run()
+        assert_clean(at)
+        assert ":red-badge[:material/close: NATS]" in texts(at)
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
