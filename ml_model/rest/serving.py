@@ -32,7 +32,7 @@ log = logging.getLogger("semg.api.models")
 # A user with more windows than this in one request runs alone (its own batch is efficient already).
 SOLO_MIN_WINDOWS = 16
 # Most (model, window) groups in one stacked pass; bigger rounds are split.
-MAX_STACK = 256
+MAX_STACK = 64
 NEGATIVE_TTL_S = 2.0
 
 _ARTIFACT_COLS = ("id, user_id, job_id, weights, sha256, size_bytes, classes, channels, sample_rate_hz, window_ms, "

@@ -227,3 +227,36 @@ def test_new_model_goes_live_without_losing_windows(workers, model_user, db_conn
     assert first_new - announced < 2.0
     assert all(d.model_id == new_id for d in counted if d.decided_time > first_new)
     assert {d.gesture for d in counted if d.model_id == new_id} <= {"REST", "x", "y", "UNKNOWN"}
+
+
+def test_worker_survives_a_nats_restart(workers, model_user, db_conn, services):
+    (uid, dev, _), = [model_user()]
+    (proc,) = workers(1)
+    _wait_workers(db_conn, 1)
+
+    async def before() -> None:
+        nc = await natsio.connect("admin")
+        coll = Collector()
+        await coll.start(nc)
+        await _warm_up(nc, coll, [(uid, dev)])
+        await nc.close()
+
+    asyncio.run(before())
+    services.stop("nats")
+    time.sleep(2)
+    services.start("nats")
+
+    async def after() -> Collector:
+        nc = await natsio.connect("admin")
+        coll = Collector()
+        await coll.start(nc)
+        deadline = time.monotonic() + 30
+        seq = 0
+        while time.monotonic() < deadline and len(coll.of(uid)) < 20:  # the worker resubscribes by itself
+            await _stream(nc, [(uid, dev)], 100, speed=2.0, boot=5, seq0=seq)
+            seq += 100
+        await nc.close()
+        return coll
+
+    coll = asyncio.run(after())
+    assert proc.poll() is None and len(coll.of(uid)) >= 20
