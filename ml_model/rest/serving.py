@@ -31,7 +31,8 @@ log = logging.getLogger("semg.api.models")
 
 # A user with more windows than this in one request runs alone (its own batch is efficient already).
 SOLO_MIN_WINDOWS = 16
-# Most (model, window) groups in one stacked pass; bigger rounds are split.
+# About this many windows per stacked pass (bigger grouped convolutions got slower per window); rounds are
+# split between items, never inside one model's windows.
 MAX_STACK = 64
 NEGATIVE_TTL_S = 2.0
 
@@ -327,8 +328,15 @@ def predict_many(items: Sequence[tuple[ServedModel, np.ndarray]], banks: Banks |
             x = pp.prepare_unscaled(raw, models[0].meta)
             x = ((x - entry.mean[which]) / entry.std[which]).astype(np.float32, copy=False)
             xt, wt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(which)
-            probs = np.concatenate([_softmax(entry.bank.logits(xt[a:a + MAX_STACK], wt[a:a + MAX_STACK]))
-                                    for a in range(0, len(which), MAX_STACK)])
+            # passes of about MAX_STACK windows, cut between items: a model's windows share one pass
+            cuts, size = [0], 0
+            for n in counts:
+                if size and size + n > MAX_STACK:
+                    cuts.append(cuts[-1] + size)
+                    size = 0
+                size += n
+            cuts.append(len(which))
+            probs = np.concatenate([_softmax(entry.bank.logits(xt[a:b], wt[a:b])) for a, b in zip(cuts, cuts[1:], strict=False)])
             a = 0
             for i, n in zip(idx, counts, strict=True):
                 out[i] = probs[a:a + n]
