@@ -67,6 +67,16 @@ class Stack:
         p = self.procs.get(name)
         return p is not None and p.poll() is None
 
+    def not_available(self, name: str) -> str | None:
+        """Why a service is not there yet (file missing, or its command line does not offer the command:
+        exit status 2 = usage error), else None. Any other exit is a crash, which the test reports."""
+        if name in self.missing:
+            return f"{self.missing[name]} is missing"
+        p = self.procs.get(name)
+        if p is not None and p.poll() == 2:
+            return f"`{' '.join(self.command(name)[1:])}` is not available yet (usage error: {self.tail(name, 3)!r})"
+        return None
+
     def wait_http(self, name: str, url: str, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

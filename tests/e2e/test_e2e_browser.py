@@ -44,8 +44,8 @@ def _wait(predicate, timeout: float, what: str, poll: float = 1.0):
 def test_the_whole_journey_in_a_browser(stack, browser_page, screenshots_dir, settings):
     from sim_wearer import SimulatedWearer
     for needed in ("api", "udpserver"):
-        if needed in stack.missing:
-            pytest.skip(f"{stack.missing[needed]} is missing: the capture needs it")
+        if why := stack.not_available(needed):
+            pytest.skip(f"{why}: the capture needs it")
     ui = Ui(browser_page, f"http://127.0.0.1:{settings.ui_port}", screenshots_dir)
     conn = _conn()
     wearer = None
@@ -109,11 +109,12 @@ def test_the_whole_journey_in_a_browser(stack, browser_page, screenshots_dir, se
         ui.text("Recorded sessions")
         ui.fill("Epochs", "15")
         ui.shot("kickoff-training")
-        if "trainer" in stack.missing:
+        if why := stack.not_available("trainer"):
             ui.goto("Training Jobs Status", "Training Jobs Status")
             ui.shot("training-jobs-status")
-            pytest.skip(f"{stack.missing['trainer']} (training worker) is missing: captured and reviewed a "
-                        "session; training and live recognition not run")
+            pytest.skip(f"training worker: {why}; the session was captured and reviewed, training and live "
+                        "recognition were not run")
+        assert stack.alive("trainer"), f"the training worker died:\n{stack.tail('trainer')}"
         browser_page.get_by_role("button", name=re.compile(r"Train on 1 session")).click()
         ui.text(re.compile(r"Training job #\d+ scheduled"))
         job = repo.list_jobs(conn, user["id"])[0]
@@ -127,8 +128,9 @@ def test_the_whole_journey_in_a_browser(stack, browser_page, screenshots_dir, se
         ui.shot("training-jobs-status")
 
         # 7. live decisions while the wearer keeps making the gestures
-        if "inference" in stack.missing:
-            pytest.skip(f"{stack.missing['inference']} (inference worker) is missing: trained, no live decisions")
+        if why := stack.not_available("inference"):
+            pytest.skip(f"inference worker: {why}; the model was trained, live decisions were not checked")
+        assert stack.alive("inference"), f"the inference worker died:\n{stack.tail('inference')}"
         wearer.cycle(GESTURES, hold_s=3.0, rest_s=2.0)
         ui.goto("Realtime Gesture Recognition", "Real-time Gesture Recognition")
         _wait(lambda: repo.recent_predictions(conn, user["id"], limit=5), 180, "live decisions", poll=1)
