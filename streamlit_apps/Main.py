@@ -46,6 +46,15 @@ def counts_and_devices() -> None:
     for col, (k, label) in zip(cols, [("users", "Users"), ("devices", "Devices"), ("sessions", "Recorded sessions"),
                                       ("models", "Trained models"), ("active_jobs", "Active jobs")], strict=True):
         col.metric(label, c.get(k, 0))
+    users = data.list_users(limit=10)
+    if users:
+        st.subheader("Users")
+        st.dataframe(pd.DataFrame([{"user": u["id"], "name": u["name"], "email": u["email"],
+                                    "gestures": u["gestures"], "devices": u["devices"],
+                                    "since": ui.fmt_time(u["created_at"])} for u in users]),
+                     hide_index=True, width="stretch")
+        if c.get("users", 0) > len(users):
+            st.caption(f"The first {len(users)} of {c['users']}; all of them on **User Management**.")
     st.subheader("Devices streaming now")
     devices = data.device_activity()
     live = [d for d in devices if d["streaming"]]
