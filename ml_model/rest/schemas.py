@@ -164,6 +164,22 @@ class SessionEnd(_In):
     at: datetime | None = Field(None, description="actual end (server clock); default now")
 
 
+class IntervalAdd(_In):
+    """An extra interval appended to a session (a repetition redone); it gets the next ordinal."""
+
+    kind: Literal["rest", "gesture"]
+    label: str = Field(min_length=1, max_length=80, description="a gesture of the user's bank (REST for rests)")
+    repetition: int = Field(ge=0, le=1000)
+    planned_start_ms: int = Field(ge=0)
+    planned_end_ms: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IntervalAdd:
+        if self.planned_end_ms <= self.planned_start_ms:
+            raise ValueError("planned_end_ms must be after planned_start_ms")
+        return self
+
+
 class IntervalMark(_In):
     started_at: datetime = Field(description="when the cue actually started")
     ended_at: datetime | None = Field(None, description="when it actually ended")

@@ -85,6 +85,8 @@ def test_user_key_cannot_touch_other_users_resources_by_id(api, keys, make_user)
         ("POST", f"/sessions/{s['id']}/end", None),
         ("POST", f"/intervals/{s['intervals'][0]['id']}/mark", {"started_at": "2024-01-01T00:00:00Z"}),
         ("POST", f"/intervals/{s['intervals'][0]['id']}/discard", None),
+        ("POST", f"/sessions/{s['id']}/intervals", {"kind": "rest", "label": "REST", "repetition": 0,
+                                                    "planned_start_ms": 0, "planned_end_ms": 10}),
     ]:
         r = api.request(method, path, json=body, headers=mine)
         assert r.status_code == 403, (method, path, r.status_code, r.text)

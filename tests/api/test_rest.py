@@ -16,7 +16,7 @@ def test_openapi_documents_every_resource(api):
               "/users/{user_id}/gestures", "/gestures/{gesture_id}", "/gesture-library", "/users/{user_id}/devices",
               "/devices/{device_id}", "/devices/{device_id}/rotate-key", "/sessions/plan", "/users/{user_id}/sessions",
               "/sessions/{session_id}", "/sessions/{session_id}/start", "/sessions/{session_id}/end",
-              "/intervals/{interval_id}/mark", "/intervals/{interval_id}/discard", "/users/{user_id}/jobs", "/jobs",
+              "/intervals/{interval_id}/mark", "/intervals/{interval_id}/discard", "/sessions/{session_id}/intervals", "/users/{user_id}/jobs", "/jobs",
               "/jobs/{job_id}", "/jobs/{job_id}/logs", "/jobs/{job_id}/cancel", "/users/{user_id}/predictions",
               "/keys", "/keys/{key_id}"]:
         assert p in paths, p
@@ -152,6 +152,16 @@ def test_capture_session_lifecycle(api, keys, make_user):
                                                              "ended_at": t0.isoformat()}, headers=mine).status_code == 422
         assert api.post(f"/intervals/{iv['id']}/mark", json={"started_at": "yesterday"}, headers=mine).status_code == 422
         assert api.post(f"/intervals/{iv['id']}/discard", headers=mine).json()["discarded"] is True
+        redo = api.post(f"/sessions/{s['id']}/intervals", json={"kind": "gesture", "label": "fist", "repetition": 0,
+                                                                "planned_start_ms": 20000, "planned_end_ms": 23000},
+                        headers=mine)
+        assert redo.status_code == 201 and redo.json()["ordinal"] == 9 and redo.json()["gesture_id"]
+        assert api.post(f"/sessions/{s['id']}/intervals", json={"kind": "gesture", "label": "pinch", "repetition": 0,
+                                                                "planned_start_ms": 0, "planned_end_ms": 1},
+                        headers=mine).status_code == 422
+        assert api.post(f"/sessions/{s['id']}/intervals", json={"kind": "rest", "label": "REST", "repetition": 0,
+                                                                "planned_start_ms": 5, "planned_end_ms": 5},
+                        headers=mine).status_code == 422
         assert api.post("/intervals/424242/discard", headers=keys.admin).status_code == 404
         r = api.post(f"/sessions/{s['id']}/end", json={"status": "completed"}, headers=mine)
         assert r.status_code == 200 and r.json()["status"] == "completed"

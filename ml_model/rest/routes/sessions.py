@@ -11,6 +11,7 @@ from ml_model.rest.auth import Caller, UserScoped
 from ml_model.rest.deps import Conn
 from ml_model.rest.schemas import (
     Interval,
+    IntervalAdd,
     IntervalMark,
     PlannedInterval,
     PlanRequest,
@@ -66,6 +67,14 @@ def end_session(session_id: PathId, caller: Caller, conn: Conn, body: SessionEnd
     caller.check_user(queries.session_owner(conn, session_id))
     body = body or SessionEnd()
     return repo.end_session(conn, session_id, status=body.status, at=body.at)
+
+
+@router.post("/sessions/{session_id}/intervals", response_model=Interval, status_code=201)
+def add_interval(session_id: PathId, body: IntervalAdd, caller: Caller, conn: Conn) -> dict:
+    """Append an interval (to redo a failed repetition after discarding it)."""
+    caller.check_user(queries.session_owner(conn, session_id))
+    return repo.add_interval(conn, session_id, body.kind, body.label, body.repetition, body.planned_start_ms,
+                             body.planned_end_ms)
 
 
 @router.post("/intervals/{interval_id}/mark", response_model=Interval)
