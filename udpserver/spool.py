@@ -159,6 +159,7 @@ class Spool:
         self.committed = (0, 0)
         self.published = (0, 0)
         self._cursors_dirty = False
+        self._saved_at = 0.0
 
     # ---- recovery -------------------------------------------------------------------------------
     def _path(self, seg: int) -> Path:
@@ -303,7 +304,8 @@ class Spool:
                 self.sealed.discard(seg)
             else:
                 break
-        if self._cursors_dirty:
+        # the cursors only spare a restart some idempotent re-inserts and re-publishes: once a second is plenty
+        if self._cursors_dirty and time.monotonic() - self._saved_at >= 1.0:
             self.save_cursors()
 
     def save_cursors(self) -> None:
@@ -311,3 +313,4 @@ class Spool:
         tmp.write_text(json.dumps({"committed": list(self.committed), "published": list(self.published)}))
         os.replace(tmp, self.dir / "cursors.json")
         self._cursors_dirty = False
+        self._saved_at = time.monotonic()
