@@ -17,7 +17,9 @@ st.title(":material/videocam: Training Data Capture")
 
 SHARED = "capture_shared"
 LAST = "capture_last_result"
-shared: capture.CaptureShared = st.session_state.setdefault(SHARED, capture.CaptureShared())
+if SHARED not in st.session_state:  # one per browser session: the WebRTC thread holds on to it
+    st.session_state[SHARED] = capture.CaptureShared()
+shared: capture.CaptureShared = st.session_state[SHARED]
 
 
 def start_session(user: dict, device: dict, gestures: list[str], reps: int, hold: float, rest: float,
