@@ -28,7 +28,7 @@ def quality_table(sessions: list[dict]) -> list[int]:
             "recorded": ui.fmt_time(s["started_at"]),
             "gestures": ", ".join(plan.get("gestures", [])),
             "reps": q["gesture_reps"],
-            "redone": q["discarded"] // 2 if q["discarded"] else 0,
+            "redone": q["discarded"],
             "samples": q["samples"],
             "loss %": round(q["loss_pct"], 2) if q["loss_pct"] is not None else None,
             "length (s)": round(q["duration_s"] or 0, 1),
