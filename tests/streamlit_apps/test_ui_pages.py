@@ -471,3 +471,13 @@ def test_overview_reports_nats_down(page, clean_db, monkeypatch):
     finally:
         monkeypatch.undo()
         get_settings.cache_clear()
+
+
+def test_kickoff_counts_redone_repetitions(page, seeded):
+    conn, s = seeded["conn"], seeded["session"]
+    fist = next(i for i in s["intervals"] if i["label"] == "fist")
+    repo.discard_interval(conn, fist["id"])
+    at = page("kickoff", user_id=seeded["user"]["id"])
+    at.run()
+    row = at.dataframe[0].value.iloc[0]
+    assert row["redone"] == 1 and row["reps"] == 5  # 3 repetitions x 2 gestures, one thrown away
