@@ -74,7 +74,8 @@ def load(conn, name: str = "Demo User", email: str = "demo@example.org", gesture
                                   name=f"Synthetic demo session ({repetitions} repetitions)")
     schedule = Schedule.from_plan(session["intervals"])
     total_s = schedule.duration_s
-    t_start = (end_time if end_time is not None else time.time()) - total_s
+    # a whole second, so sample and cue times are exact in PostgreSQL's microseconds (no boundary jitter)
+    t_start = float(int((end_time if end_time is not None else time.time()) - total_s))
     at = lambda s: datetime.fromtimestamp(t_start + s, UTC)  # noqa: E731
     repo.start_session(conn, session["id"], at=at(0))
     for iv in session["intervals"]:

@@ -75,7 +75,7 @@ def test_udpsim_follows_schedule_and_counts_loss(clean_db, udp_server):
     assert m["samples"]["lost"] == (seqs.max() - seqs.min() + 1) - len(seqs) > 0
     vals = np.array([r[1] for r in rows], float)
     labels = np.array([sd.label_of_seq(s) for s in seqs])
-    loud = lambda lab: np.sqrt(((vals[labels == lab] - 2048) ** 2).mean())  # noqa: E731
+    loud = lambda lab: np.sqrt(((vals[labels == lab] - 2048) ** 2).mean(0)).max()  # noqa: E731 (loudest channel)
     assert loud("fist") > 3 * loud(REST) and loud("open") > 3 * loud(REST)
 
 
