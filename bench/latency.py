@@ -233,7 +233,7 @@ async def run_once(stack: Stack, devices: list[dict], rate: int, channels: int, 
         m = orjson.loads(raw)
         for i in range(len(m["values"])):
             sample_at[(m["userid"], m["seq0"] + i)] = t
-    lat, server, to_samples, from_samples = [], [], [], []
+    lat, server, to_samples, from_samples, slow = [], [], [], [], []
     seen = set()
     dup = 0
     for t_recv, raw in received:
@@ -256,6 +256,9 @@ async def run_once(stack: Stack, devices: list[dict], rate: int, channels: int, 
             if ts is not None:
                 to_samples.append((ts - t_sent) * 1000)
                 from_samples.append((t_recv - ts) * 1000)
+                slow.append((round(t_sent - measure_from, 3), m.userid, round((ts - t_sent) * 1000, 1),
+                             round((m.decided_time - m.sample_recv_time) * 1000 - (ts - t_sent) * 1000, 1),
+                             round((t_recv - t_sent) * 1000, 1)))
     win, step = devices[0]["window"], devices[0]["step"]
     # windows whose last packet was sent in the measured period
     first = win - 1 + (-win) % step  # first window end on the (seq + 1) % step == 0 grid
@@ -279,6 +282,8 @@ async def run_once(stack: Stack, devices: list[dict], rate: int, channels: int, 
         "ingest_to_decided_p99_ms": round(float(np.percentile(srv_a, 99)), 2),
         "max_ms": round(float(np.max(lat_a)), 2),
     }
+    if slow:  # (s into the run, user, udp->samples ms, samples->decided ms, total ms) of the slowest
+        detail["slowest"] = sorted(slow, key=lambda r: -r[-1])[:8]
     if to_samples:
         for name, arr in (("udp_to_samples_msg", to_samples), ("samples_msg_to_decision", from_samples)):
             detail[f"{name}_p50_ms"] = round(float(np.percentile(arr, 50)), 2)

@@ -1,11 +1,14 @@
 """`X-API-Key` authentication and per-user authorisation as FastAPI dependencies.
 
-Verified keys are cached for a few seconds so the hot /predict path costs no database round trip; revoking a
-key through the API drops it from the cache at once (a key revoked elsewhere stops working within KEY_TTL_S).
+Verified keys are cached so the hot /predict path costs no database round trip (and a slow commit elsewhere
+never stalls it); revoking a key through the API drops it from the cache at once, a key revoked elsewhere
+(the CLI) stops working within KEY_TTL_S.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -19,7 +22,11 @@ from ml_model.rest import keys
 from ml_model.rest.state import AppState, get_state
 
 KEY_TTL_S = 5.0
+KEY_MAX_STALE_S = 60.0
+TOUCH_INTERVAL_S = 60.0  # last_used_at is informative: at most one write per key and minute
 HEADER = "X-API-Key"
+
+log = logging.getLogger("semg.api.auth")
 
 api_key_header = APIKeyHeader(name=HEADER, auto_error=False, description="API key (admin, service or user role)")
 
@@ -43,22 +50,52 @@ class Principal:
 
 
 class KeyCache:
+    """Verified keys by SHA-256. A valid entry older than KEY_TTL_S is still served (up to KEY_MAX_STALE_S)
+    while one background check refreshes it, so no request ever waits for the database on a hot key."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._entries: dict[str, tuple[Principal | None, float]] = {}
+        self._refreshing: set[str] = set()
+        self._touched: dict[int, float] = {}
 
-    def get(self, digest: str) -> tuple[bool, Principal | None]:
+    def get(self, digest: str) -> tuple[str, Principal | None]:
+        """('fresh' | 'stale' | 'miss', principal)."""
         with self._lock:
             hit = self._entries.get(digest)
-        if hit is None or hit[1] < time.monotonic():
-            return False, None
-        return True, hit[0]
+        if hit is None:
+            return "miss", None
+        age = time.monotonic() - hit[1]
+        if age < KEY_TTL_S:
+            return "fresh", hit[0]
+        if hit[0] is not None and age < KEY_MAX_STALE_S:
+            return "stale", hit[0]
+        return "miss", None
 
     def put(self, digest: str, principal: Principal | None) -> None:
         with self._lock:
             if len(self._entries) > 10000:  # bounded: wrong keys must not grow it without end
                 self._entries.clear()
-            self._entries[digest] = (principal, time.monotonic() + KEY_TTL_S)
+            self._entries[digest] = (principal, time.monotonic())
+
+    def start_refresh(self, digest: str) -> bool:
+        with self._lock:
+            if digest in self._refreshing:
+                return False
+            self._refreshing.add(digest)
+            return True
+
+    def end_refresh(self, digest: str) -> None:
+        with self._lock:
+            self._refreshing.discard(digest)
+
+    def due_for_touch(self, key_id: int) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._touched.get(key_id, -1e9) < TOUCH_INTERVAL_S:
+                return False
+            self._touched[key_id] = now
+            return True
 
     def clear(self) -> None:
         with self._lock:
@@ -70,8 +107,18 @@ def _verify(state: AppState, key: str) -> Principal | None:
         row = keys.lookup(conn, key)
         if row is None:
             return None
-        keys.touch(conn, [row["id"]])
+        if state.key_cache.due_for_touch(row["id"]):
+            keys.touch(conn, [row["id"]])
     return Principal(key_id=row["id"], role=row["role"], user_id=row["user_id"])
+
+
+async def _refresh(state: AppState, key: str, digest: str) -> None:
+    try:
+        state.key_cache.put(digest, await run_in_threadpool(_verify, state, key))
+    except Exception as e:  # noqa: BLE001 - keep serving the cached answer; the next request tries again
+        log.debug("background key check failed: %s", e)
+    finally:
+        state.key_cache.end_refresh(digest)
 
 
 async def get_principal(
@@ -83,10 +130,14 @@ async def get_principal(
                             headers={"WWW-Authenticate": HEADER})
     state = get_state(request)
     digest = keys.key_hash(key)
-    cached, principal = state.key_cache.get(digest)
-    if not cached:
+    status, principal = state.key_cache.get(digest)
+    if status == "miss":
         principal = await run_in_threadpool(_verify, state, key)
         state.key_cache.put(digest, principal)
+    elif status == "stale" and state.key_cache.start_refresh(digest):
+        task = asyncio.get_running_loop().create_task(_refresh(state, key, digest))
+        state.tasks.append(task)
+        task.add_done_callback(lambda t: state.tasks.remove(t) if t in state.tasks else None)
     if principal is None:
         raise HTTPException(401, "invalid or revoked API key", headers={"WWW-Authenticate": HEADER})
     return principal
