@@ -284,6 +284,8 @@ async def run_once(stack: Stack, devices: list[dict], rate: int, channels: int, 
     }
     if slow:  # (s into the run, user, udp->samples ms, samples->decided ms, total ms) of the slowest
         detail["slowest"] = sorted(slow, key=lambda r: -r[-1])[:8]
+        if os.environ.get("SEMG_BENCH_SPIKES"):  # profiling aid: when the slow ones happened
+            detail["spikes_at_s"] = sorted({round(r[0], 1) for r in slow if r[3] > 30})
     if to_samples:
         for name, arr in (("udp_to_samples_msg", to_samples), ("samples_msg_to_decision", from_samples)):
             detail[f"{name}_p50_ms"] = round(float(np.percentile(arr, 50)), 2)

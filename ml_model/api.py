@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import sys
 from collections.abc import AsyncIterator
@@ -119,6 +120,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.warning("starting without the database (%s)", str(e).strip().splitlines()[0])
     state.tasks.append(asyncio.create_task(_startup_and_poll(state, ready)))
     state.tasks.append(asyncio.create_task(_connect_nats(state)))
+    gc.freeze()  # startup objects (torch, models) leave the collector's scans: shorter pauses on the hot path
     yield
     for t in state.tasks:
         t.cancel()

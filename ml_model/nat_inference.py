@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import gc
 import hashlib
 import io
 import logging
@@ -633,6 +634,7 @@ class Worker:
             except httpx.HTTPError:
                 await asyncio.sleep(1)
         tasks += [asyncio.create_task(c) for c in (self.membership_loop(), self.catalogue_loop())]
+        gc.freeze()  # startup objects leave the collector's scans: shorter pauses while streaming
         log.info("inference worker running: %d users with models, api %s", len(self.specs), self.opts.api_url)
         await done.wait()
         self._wake.set()
