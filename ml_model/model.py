@@ -3,6 +3,10 @@
 Sensor channels are the input channels of a temporal 1-D CNN: input (batch, n_channels, n_samples), output
 (batch, n_classes) logits. Global pooling at the end makes the window length (and so the sample rate) free.
 The constructor takes only JSON-able hyper-parameters so the network can be rebuilt from artifact metadata.
+
+Structure contract (``ml_model.rest.stacking`` folds it for batched multi-user inference): ``features`` is an
+``nn.Sequential`` of ungrouped ``Conv1d`` (each optionally followed by ``BatchNorm1d``) and per-channel
+modules; ``forward`` pools ``features(x)`` into [mean, log mean-square] over time; ``head`` is ``nn.Linear``.
 """
 
 from __future__ import annotations
@@ -13,15 +17,17 @@ import torch
 from torch import nn
 
 MAX_CHANNELS = 16
+LOG_EPS = 1e-4
 
 
 class EMGNet(nn.Module):
-    """Small temporal CNN for windows of standardised sEMG.
+    """Learned spatial + temporal filter bank with log-power pooling, for windows of standardised sEMG.
 
-    A 1x1 convolution first mixes the electrodes (a learned spatial filter, like a bipolar montage), then
-    ``depth`` temporal conv blocks (conv -> batch-norm -> GELU, every other block halving the time axis)
-    widen to ``width * 2`` channels. Global average pooling of the activations and of their log-energy
-    (the classic RMS feature of sEMG, which a plain average of ReLUs captures poorly) feed a linear head.
+    A 1x1 convolution mixes the electrodes into ``width`` spatial filters (a learned montage); ``depth``
+    temporal convolutions (GELU between them, none after the last) turn them into ``2 * width`` band-limited
+    signals; their log mean-square over the window is the learned analogue of the RMS / spectral-power
+    features that classic sEMG classifiers rely on. Power pooling suits sEMG far better than averaging
+    ReLU maps: the information is in how much each muscle fires, not where in the window.
     """
 
     def __init__(
@@ -29,8 +35,8 @@ class EMGNet(nn.Module):
         n_channels: int,
         n_classes: int,
         width: int = 32,
-        depth: int = 3,
-        kernel_size: int = 5,
+        depth: int = 1,
+        kernel_size: int = 9,
         dropout: float = 0.3,
     ) -> None:
         super().__init__()
@@ -48,21 +54,14 @@ class EMGNet(nn.Module):
             "kernel_size": int(kernel_size),
             "dropout": float(dropout),
         }
-        layers: list[nn.Module] = [
-            nn.Conv1d(n_channels, width, kernel_size=1, bias=False),
-            nn.BatchNorm1d(width),
-        ]
+        layers: list[nn.Module] = [nn.Conv1d(n_channels, width, kernel_size=1, bias=False), nn.BatchNorm1d(width)]
         c_in = width
         for i in range(depth):
-            c_out = width if i < depth - 1 else 2 * width
-            layers += [
-                nn.Conv1d(c_in, c_out, kernel_size, padding=kernel_size // 2, bias=False),
-                nn.BatchNorm1d(c_out),
-                nn.GELU(),
-            ]
-            # Pool after odd blocks: halves compute while keeping receptive field growing; never pool last.
-            if i % 2 == 1 and i < depth - 1:
-                layers.append(nn.MaxPool1d(2, ceil_mode=True))
+            last = i == depth - 1
+            c_out = 2 * width if last else width
+            layers += [nn.Conv1d(c_in, c_out, kernel_size, padding=kernel_size // 2, bias=False), nn.BatchNorm1d(c_out)]
+            if not last:
+                layers.append(nn.GELU())
             c_in = c_out
         self.features = nn.Sequential(*layers)
         self.dropout = nn.Dropout(dropout)
@@ -76,9 +75,8 @@ class EMGNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (batch, n_channels, n_samples) float32 -> (batch, n_classes) logits."""
         h = self.features(x)
-        mean = h.mean(dim=-1)
-        log_energy = torch.log(h.pow(2).mean(dim=-1) + 1e-4)
-        return self.head(self.dropout(torch.cat([mean, log_energy], dim=1)))
+        pooled = torch.cat([h.mean(dim=-1), torch.log(h.pow(2).mean(dim=-1) + LOG_EPS)], dim=1)
+        return self.head(self.dropout(pooled))
 
 
 def build_model(hparams: dict[str, Any]) -> EMGNet:

@@ -1,0 +1,183 @@
+"""Training jobs command line (python-fire): ``python ml_model/TrainMLJob.py <command> ...``.
+
+``evaluate`` trains one model per subject of an offline data set through exactly the code path of the
+database ``train`` job (``training.train_model`` -> ``artifacts.save_artifact`` -> ``artifacts.Predictor``)
+and tests it on held-out repetitions or other sessions. Progress goes to stderr; the LAST stdout line is
+one JSON object of figures.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("TrainMLJob")
+
+
+def _as_list(value: Any, cast=str) -> list | None:
+    """Fire hands ``0,1,2`` over as a tuple, ``3`` as an int and ``"a,b"`` as a string; normalise to a list."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        items: Iterable[Any] = [v for v in value.replace(" ", ",").split(",") if v]
+    elif isinstance(value, Iterable):
+        items = value
+    else:
+        items = [value]
+    return [cast(v) for v in items]
+
+
+def evaluate_subjects(
+    data_dir: str,
+    train_session: str = "training0",
+    test_sessions: list[str] | None = None,
+    train_cycles: list[int] | None = None,
+    test_cycles: list[int] | None = None,
+    subjects: list[str] | None = None,
+    config: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Per-subject train/test on the Myo-armband layout; returns the figures printed by ``evaluate``."""
+    import numpy as np
+
+    from ml_model import artifacts, datasets, training
+    from ml_model import preprocessing as pp
+
+    cfg = training.merge_config({"sample_rate_hz": datasets.MYO_SAMPLE_RATE_HZ, **(config or {})})
+    win, step = pp.window_params(cfg["window_ms"], cfg["step_ms"], cfg["sample_rate_hz"])
+    subjects = subjects or datasets.list_subjects(data_dir)
+    if not test_sessions and not test_cycles:
+        raise ValueError("give --test-sessions, or --test-cycles to hold out repetitions of the training session")
+    if not test_sessions and train_cycles is not None and set(train_cycles) & set(test_cycles or []):
+        raise ValueError(f"train cycles {train_cycles} and test cycles {test_cycles} overlap")
+
+    accuracy: dict[str, float] = {}
+    val_accuracy: dict[str, float] = {}
+    train_seconds: dict[str, float] = {}
+    cpu_seconds: dict[str, float] = {}
+    model_bytes = 0
+    t_all = time.perf_counter()
+    for i, subject in enumerate(subjects):
+        recs = datasets.load_session(data_dir, subject, train_session, cycles=train_cycles)
+        if not test_sessions and train_cycles is None:
+            recs = [r for r in recs if r.cycle not in set(test_cycles)]
+        x, labels, groups = datasets.recordings_to_windows(recs, win, step)
+
+        def progress(epoch, n_epochs, tl, ta, vl, va, _s=subject):
+            val = f" val_loss {vl:.3f} val_acc {va:.3f}" if va is not None else " (all data)"
+            log.debug("%s epoch %d/%d loss %.3f acc %.3f%s", _s, epoch, n_epochs, tl, ta, val)
+
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        model, meta, metrics = training.train_model(
+            x, labels, groups, cfg, seed=seed, progress_callback=progress, class_names=datasets.MYO_CLASS_NAMES
+        )
+        weights, meta = artifacts.save_artifact(model, meta, metrics)
+        train_seconds[subject] = round(time.perf_counter() - t0, 3)
+        cpu_seconds[subject] = round(time.process_time() - cpu0, 3)
+        model_bytes = max(model_bytes, len(weights))
+
+        # Test through the serving path: the stored bytes, rebuilt, on raw windows.
+        predictor = artifacts.Predictor(weights, meta)
+        if test_sessions:
+            test = [r for s in test_sessions for r in datasets.load_session(data_dir, subject, s, cycles=test_cycles)]
+        else:
+            test = datasets.load_session(data_dir, subject, train_session, cycles=test_cycles)
+        tx, tlabels, _ = datasets.recordings_to_windows(test, win, step)
+        if len(tx) == 0:
+            raise ValueError(f"{subject}: no test windows in sessions {test_sessions or [train_session]}")
+        pred = np.asarray(predictor.classes)[predictor.predict_proba(tx).argmax(axis=1)]
+        accuracy[subject] = round(float(np.mean(pred == tlabels.astype(str))), 5)
+        val_accuracy[subject] = round(metrics["accuracy"], 5)
+        log.info(
+            "[%d/%d] %s: test accuracy %.4f (validation %.4f, epoch %d), %d train / %d test windows, "
+            "%.1f s (%.1f s CPU)",
+            i + 1, len(subjects), subject, accuracy[subject], metrics["accuracy"], metrics["best_epoch"],
+            len(x), len(tx), train_seconds[subject], cpu_seconds[subject],
+        )
+
+    return {
+        "mean_accuracy": round(statistics.fmean(accuracy.values()), 5),
+        "accuracy": accuracy,
+        "train_seconds": train_seconds,
+        "median_train_seconds": round(statistics.median(train_seconds.values()), 3),
+        "model_bytes": model_bytes,
+        # CPU seconds of the training process: less distorted than wall time when the host is shared.
+        "median_train_cpu_seconds": round(statistics.median(cpu_seconds.values()), 3),
+        "mean_val_accuracy": round(statistics.fmean(val_accuracy.values()), 5),
+        "n_subjects": len(subjects),
+        "total_seconds": round(time.perf_counter() - t_all, 1),
+        "split": {
+            "train_session": train_session, "train_cycles": train_cycles,
+            "test_sessions": test_sessions or [train_session], "test_cycles": test_cycles,
+        },
+        "seed": seed,
+        "max_epochs": cfg["max_epochs"],
+    }
+
+
+class Jobs:
+    """Training job commands. ``evaluate``: offline per-subject accuracy on a recorded data set."""
+
+    def evaluate(
+        self,
+        data_dir: str,
+        train_session: str = "training0",
+        test_sessions: Any = None,
+        train_cycles: Any = None,
+        test_cycles: Any = None,
+        subjects: Any = None,
+        epochs: int | None = None,
+        seed: int = 0,
+        verbose: bool = False,
+    ) -> None:
+        """Train one model per subject on ``train_session`` (optionally only ``train_cycles``) and test it on
+        ``test_sessions``, or with no test session on ``test_cycles`` of the training session. ``epochs``
+        caps the epochs (default: the training default). Prints one JSON line of figures last."""
+        _setup_logging(verbose)
+        config = {} if epochs is None else {"max_epochs": int(epochs)}
+        result = evaluate_subjects(
+            data_dir=str(Path(data_dir).expanduser()),
+            train_session=str(train_session),
+            test_sessions=_as_list(test_sessions),
+            train_cycles=_as_list(train_cycles, int),
+            test_cycles=_as_list(test_cycles, int),
+            subjects=_as_list(subjects),
+            config=config,
+            seed=int(seed),
+        )
+        log.info(
+            "mean accuracy %.4f over %d subjects, median training %.1f s, model %d bytes",
+            result["mean_accuracy"], result["n_subjects"], result["median_train_seconds"], result["model_bytes"],
+        )
+        sys.stdout.write(json.dumps(result) + "\n")
+        sys.stdout.flush()
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def main() -> None:
+    import fire
+
+    # Fire would print a command's return value; commands write their own output, so return None.
+    fire.Fire(Jobs)
+
+
+if __name__ == "__main__":
+    try:
+        import ml_model  # noqa: F401
+    except ImportError:
+        # Run as a script from a checkout that is not pip-installed: make the repo root importable.
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    main()
