@@ -681,6 +681,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="below this mean probability the decision is the unsure label")
     p.add_argument("--unsure-label", default=os.environ.get("SEMG_INFERENCE_UNSURE_LABEL", postprocessing.UNKNOWN),
                    help="answer when unsure: UNKNOWN (default) or REST")
+    p.add_argument("--max-age", type=float, default=_env_float("SEMG_INFERENCE_MAX_AGE_S", 2.0),
+                   help="drop windows that waited longer than this many seconds (overload: stale for live use)")
     p.add_argument("--max-inflight", type=int, default=int(_env_float("SEMG_INFERENCE_MAX_INFLIGHT", 1)),
                    help="concurrent /predict calls (default 1: the next batch goes out when the answer is in)")
     args = p.parse_args(argv)
@@ -689,7 +691,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=s.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     opts = Options(api_url=args.api_url, votes=args.votes, min_confidence=args.min_confidence,
-                   unsure_label=args.unsure_label, max_inflight=max(1, args.max_inflight))
+                   unsure_label=args.unsure_label, max_inflight=max(1, args.max_inflight),
+                   max_age_s=max(0.05, args.max_age))
     log.info("starting on %s pid %d", socket.gethostname(), os.getpid())
     try:
         import uvloop
