@@ -122,7 +122,8 @@ def evaluate_subjects(
 
 
 class Jobs:
-    """Training job commands. ``evaluate``: offline per-subject accuracy on a recorded data set."""
+    """Training job commands: ``train JOB_ID``, ``worker``, ``cancel JOB_ID`` (database jobs) and
+    ``evaluate`` (offline per-subject accuracy on a recorded data set)."""
 
     def evaluate(
         self,
@@ -157,6 +158,73 @@ class Jobs:
         )
         sys.stdout.write(json.dumps(result) + "\n")
         sys.stdout.flush()
+
+
+    def train(self, job_id: int, verbose: bool = False) -> None:
+        """Train one scheduled job from the database now (what the worker does for each job it takes).
+        Exit status 0 when the job completed, 1 when it failed or was canceled (the job row says why)."""
+        _setup_logging(verbose)
+        from ml_model import jobs
+        from semg.config import settings_or_exit
+
+        status = jobs.run_job(_job_id(job_id), settings_or_exit("TrainMLJob train"))
+        sys.stdout.write(json.dumps({"job_id": int(job_id), "status": status}) + "\n")
+        sys.stdout.flush()
+        if status != "completed":
+            raise SystemExit(1)
+
+    def worker(self, poll: float = 1.0, once: bool = False, verbose: bool = False) -> None:
+        """Long-running: take scheduled jobs from the PostgreSQL queue (FOR UPDATE SKIP LOCKED, so several
+        workers on several machines share it) and train them; re-queue jobs whose worker died.
+        SIGTERM/SIGINT stop it after the current epoch's job state is saved."""
+        _setup_logging(verbose)
+        import signal
+        import threading
+
+        from ml_model import jobs
+        from semg.config import settings_or_exit
+
+        settings = settings_or_exit("TrainMLJob worker")
+        stop = threading.Event()
+
+        def _stop(signum, _frame):
+            log.info("signal %s: stopping after the current job", signum)
+            stop.set()
+            jobs.request_stop()
+
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+        jobs.worker_loop(settings, poll_s=float(poll), once=bool(once), stop=stop)
+
+    def cancel(self, job_id: int) -> None:
+        """Cancel a scheduled job at once, or ask a running job to stop (it ends as canceled)."""
+        _setup_logging(False)
+        import contextlib
+
+        from semg import db, repo
+        from semg.config import settings_or_exit
+
+        settings = settings_or_exit("TrainMLJob cancel")
+        try:
+            with contextlib.closing(db.connect(settings)) as conn:
+                job = repo.cancel_job(conn, _job_id(job_id))
+        except repo.RepoError as e:
+            print(f"TrainMLJob cancel: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        sys.stdout.write(json.dumps({"job_id": job["id"], "status": job["status"],
+                                     "cancel_requested": job["cancel_requested"]}) + "\n")
+
+
+def _job_id(value: Any) -> int:
+    try:
+        job_id = int(value)
+    except (TypeError, ValueError):
+        print(f"TrainMLJob: JOB_ID must be a whole number, got {value!r}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if job_id < 1:
+        print("TrainMLJob: JOB_ID must be positive", file=sys.stderr)
+        raise SystemExit(2)
+    return job_id
 
 
 def _setup_logging(verbose: bool = False) -> None:

@@ -38,6 +38,14 @@ MAX_ATTEMPTS = 3
 _PARAM_KEYS = {"epochs": "max_epochs", "window_ms": "window_ms", "step_ms": "step_ms"}
 
 
+# Set by the worker's signal handler: the running job stops at its next epoch and goes back to the queue.
+_STOP_REQUESTED = threading.Event()
+
+
+def request_stop() -> None:
+    _STOP_REQUESTED.set()
+
+
 class JobFailed(RuntimeError):
     """The job cannot be done; the message is shown to the user as the job's error."""
 
@@ -272,6 +280,8 @@ def _train(conn, s: Settings, job_id: int, user_id: int, params: dict) -> str:
                 (cancel,) = cur.fetchone()
             if cancel:
                 raise training.TrainingCancelled(f"job {job_id} canceled")
+            if _STOP_REQUESTED.is_set():
+                raise _WorkerStopping()
 
         model, meta, metrics = training.train_model(
             data["windows"], data["labels"], data["groups"], cfg, seed=int(params.get("seed", 0)),
@@ -287,6 +297,13 @@ def _train(conn, s: Settings, job_id: int, user_id: int, params: dict) -> str:
                            f"{len(weights)} bytes, held-out accuracy {acc}")
         _publish_model_updated(s, user_id, job_id, artifact_id)
         return "completed"
+    except _WorkerStopping:
+        conn.rollback()
+        with conn, conn.cursor() as cur:  # another worker takes it from the start
+            cur.execute("""UPDATE training_jobs SET status = 'scheduled', worker = NULL, progress = 0,
+                                  epoch_metrics = '[]' WHERE id = %s""", (job_id,))
+        _log(conn, job_id, "worker stopped; job re-queued", "WARNING")
+        return "scheduled"
     except training.TrainingCancelled:
         conn.rollback()
         _finish(conn, job_id, "canceled")
@@ -302,6 +319,10 @@ def _train(conn, s: Settings, job_id: int, user_id: int, params: dict) -> str:
         log.error("job %s crashed:\n%s", job_id, traceback.format_exc())
         _fail(conn, job_id, f"internal error: {type(e).__name__}: {e}")
         return "failed"
+
+
+class _WorkerStopping(Exception):
+    """The worker is shutting down (SIGTERM): leave the job for another worker."""
 
 
 def _window_overrides(params: Mapping[str, Any]) -> dict:

@@ -174,3 +174,37 @@ def test_two_workers_never_take_the_same_job(clean_db, user_device):
     [t.join() for t in threads]
     [c.close() for c in conns]
     assert sorted(taken) == sorted(ids)
+
+
+def test_worker_process_trains_and_requeues_its_job_on_sigterm(clean_db, user_device):
+    import signal
+    u, d = user_device
+    s = record_session(clean_db, u["id"], d["id"], reps=4)
+    job = repo.schedule_job(clean_db, u["id"], [s["id"]], {"epochs": 500})
+    w = subprocess.Popen([sys.executable, str(REPO / "ml_model" / "TrainMLJob.py"), "worker", "--poll", "0.2"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while repo.get_job(clean_db, job["id"])["progress"] == 0 and time.monotonic() < deadline:
+            assert w.poll() is None, w.stdout.read()
+            time.sleep(0.2)
+        assert repo.get_job(clean_db, job["id"])["status"] == "in-progress"
+        w.send_signal(signal.SIGTERM)
+        assert w.wait(60) == 0
+    finally:
+        if w.poll() is None:
+            w.kill()
+    j = repo.get_job(clean_db, job["id"])
+    assert j["status"] == "scheduled" and j["worker"] is None
+    assert "re-queued" in repo.job_logs(clean_db, job["id"])[-1]["message"]
+    repo.cancel_job(clean_db, job["id"])
+
+
+def test_cli_rejects_bad_job_ids(services):
+    for bad in ("abc", "0"):
+        r = subprocess.run([sys.executable, str(REPO / "ml_model" / "TrainMLJob.py"), "cancel", bad],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "JOB_ID" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, str(REPO / "ml_model" / "TrainMLJob.py"), "cancel", "987654"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "not found" in r.stderr
