@@ -1,0 +1,1 @@
+"""Bridges from off-the-shelf sensors to the platform's UDP protocol (see udpserver/PROTOCOL.md)."""

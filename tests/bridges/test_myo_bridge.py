@@ -1,0 +1,195 @@
+"""Myo bridge: notification decoding, packet building/batching/gaps (checked by the server's own parser), and
+forwarding of a recorded notification stream through a real udpserver into PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bridges import myo_bridge as mb
+from udpserver import protocol
+
+REPO = Path(__file__).resolve().parents[2]
+KEY = bytes(range(32))
+
+# Two notifications as the armband sends them (raw int8 EMG): bytes and the samples they hold.
+RECORDED = [
+    bytes.fromhex("0102fd7f80ff0005" "f6f70a0b0c0d0e0f"),
+    bytes.fromhex("00000000000000ff" "7f807f807f807f80"),
+]
+DECODED = [
+    [[1, 2, -3, 127, -128, -1, 0, 5], [-10, -9, 10, 11, 12, 13, 14, 15]],
+    [[0, 0, 0, 0, 0, 0, 0, -1], [127, -128, 127, -128, 127, -128, 127, -128]],
+]
+
+
+class FakeClock:
+    def __init__(self, t: float = 100.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _notifications(n: int, seed: int = 0) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    return [mb.encode_emg(rng.integers(-128, 128, size=(2, 8))) for _ in range(n)]
+
+
+def _parse(packets: list[bytes]) -> list[protocol.BinaryPacket]:
+    out = []
+    for p in packets:
+        pkt = protocol.parse(p)
+        assert isinstance(pkt, protocol.BinaryPacket), pkt
+        assert protocol.verify_tag(pkt, KEY)
+        out.append(pkt)
+    return out
+
+
+def test_decode_recorded_notifications():
+    for raw, expected in zip(RECORDED, DECODED, strict=True):
+        samples = mb.decode_emg(raw)
+        assert samples.dtype == np.int16 and samples.shape == (2, 8)
+        assert samples.tolist() == expected
+        assert mb.encode_emg(samples) == raw
+    for bad in (b"", bytes(15), bytes(17), bytes(20)):
+        with pytest.raises(ValueError):
+            mb.decode_emg(bad)
+
+
+def test_gatt_constants_and_commands():
+    assert mb.myo_uuid(mb.EMG_SERVICE) == "d5060005-a904-deb9-4748-2c7f4a124842"
+    assert [mb.myo_uuid(c) for c in mb.EMG_CHARS] == [
+        f"d506{c}05-a904-deb9-4748-2c7f4a124842" for c in ("01", "02", "03", "04")]
+    assert mb.myo_uuid(mb.COMMAND_CHAR) == "d5060401-a904-deb9-4748-2c7f4a124842"
+    assert mb.set_mode_command(mb.EMG_MODE_RAW) == bytes([0x01, 0x03, 0x03, 0x00, 0x00])
+    assert mb.set_mode_command(mb.EMG_MODE_FILTERED) == bytes([0x01, 0x03, 0x02, 0x00, 0x00])
+    assert mb.sleep_mode_command() == bytes([0x09, 0x01, 0x01])
+
+
+def test_batches_are_valid_contiguous_packets():
+    clock, sent = FakeClock(), []
+    fwd = mb.UdpForwarder(7, KEY, boot=3, batch=10, send=sent.append, clock=clock)
+    notes = _notifications(25)  # 50 samples
+    for i, raw in enumerate(notes):
+        clock.t += 0.010  # 2 samples every 10 ms = 200 Hz
+        fwd.on_notification(raw, i % 4)
+    assert len(sent) == 5 and fwd.stats["samples"] == 50
+    pkts = _parse(sent)
+    assert [p.seq0 for p in pkts] == [0, 10, 20, 30, 40]
+    assert {(p.device_id, p.boot, p.channels, p.rate_hz, p.n) for p in pkts} == {(7, 3, 8, 200, 10)}
+    values = np.concatenate([protocol.values_array(p.values, 8) for p in pkts])
+    assert np.array_equal(values, np.concatenate([mb.decode_emg(r) for r in notes]))
+    # millis0 = first sample time: 5 ms per sample, monotone, first packet's first sample at 5 ms after start
+    assert [p.millis0 for p in pkts] == [5, 55, 105, 155, 205]
+    assert len(sent[0]) == protocol.HEADER_SIZE + 2 * 10 * 8 + protocol.TAG_SIZE
+
+
+def test_partial_batch_flushed_by_tick_and_close():
+    clock, sent = FakeClock(), []
+    fwd = mb.UdpForwarder(7, KEY, boot=1, batch=10, max_delay_ms=50, send=sent.append, clock=clock)
+    for raw in RECORDED:
+        clock.t += 0.01
+        fwd.on_notification(raw, None)
+    fwd.tick()
+    assert sent == []
+    clock.t += 0.06
+    fwd.tick()
+    (pkt,) = _parse(sent)
+    assert pkt.n == 4 and protocol.values_array(pkt.values, 8).tolist() == DECODED[0] + DECODED[1]
+    fwd.on_notification(RECORDED[0], None)
+    fwd.close()
+    assert [p.seq0 for p in _parse(sent)] == [0, 4]
+
+
+def test_bad_notification_is_counted_not_sent():
+    sent = []
+    fwd = mb.UdpForwarder(7, KEY, boot=1, batch=2, send=sent.append, clock=FakeClock())
+    fwd.on_notification(b"\x00" * 10, 0)
+    fwd.on_notification(RECORDED[0], 1)
+    assert fwd.stats["bad_notifications"] == 1 and [p.seq0 for p in _parse(sent)] == [0]
+
+
+def test_gap_detection_from_characteristic_order():
+    clock, sent = FakeClock(), []
+    fwd = mb.UdpForwarder(7, KEY, boot=1, batch=4, detect_gaps=True, send=sent.append, clock=clock)
+    for char in (0, 1, 3, 0):  # characteristic 2's notification was lost
+        clock.t += 0.01
+        fwd.on_notification(RECORDED[0], char)
+    fwd.flush()
+    pkts = _parse(sent)
+    assert [(p.seq0, p.n) for p in pkts] == [(0, 4), (6, 4)]
+    assert fwd.stats["lost_samples"] == 2
+
+
+def test_reconnect_jumps_sequence_by_the_outage():
+    clock, sent = FakeClock(), []
+    fwd = mb.UdpForwarder(7, KEY, boot=1, batch=4, send=sent.append, clock=clock)
+    for _ in range(3):
+        clock.t += 0.01
+        fwd.on_notification(RECORDED[0], None)
+    fwd.connection_lost()  # flushes the partial batch
+    clock.t += 2.0  # 2 s without data: ~400 samples the armband produced meanwhile
+    fwd.on_notification(RECORDED[1], None)
+    fwd.flush()
+    pkts = _parse(sent)
+    assert [(p.seq0, p.n) for p in pkts] == [(0, 4), (4, 2), (6 + 398, 2)]
+    assert fwd.stats["lost_samples"] == 398
+    assert pkts[-1].millis0 - pkts[-2].millis0 > 1990
+
+
+def test_boot_counter_persists_and_increments(tmp_path):
+    path = tmp_path / "sub" / "device-7.boot"
+    first = mb.next_boot(path)
+    assert mb.next_boot(path) == first + 1
+    path.write_text("41\n")
+    assert mb.next_boot(path) == 42
+
+
+def test_replay_recording_through_real_udpserver(clean_db, tmp_path):
+    """A recorded notification stream goes through the bridge CLI into a real udpserver and PostgreSQL."""
+    sys.path.insert(0, str(REPO / "tests" / "udpserver"))
+    from udphelpers import UdpServer, add_device, add_user
+
+    with clean_db.cursor() as cur:
+        user = add_user(cur)
+        device = add_device(cur, user, "binary", channels=8, rate=200, key=KEY)
+    notes = _notifications(150, seed=5)  # 300 samples = 1.5 s
+    rec = tmp_path / "myo.jsonl"
+    rec.write_text("".join(json.dumps({"t": 10.0 + i * 0.01, "char": i % 4, "data": n.hex()}) + "\n"
+                           for i, n in enumerate(notes)))
+    srv = UdpServer(tmp_path / "spool", tmp_path / "udpserver.log", []).start()
+    try:
+        env = {**os.environ, "SEMG_MYO_DEVICE_ID": str(device), "SEMG_MYO_DEVICE_KEY": KEY.hex(),
+               "SEMG_UDP_SERVER": f"127.0.0.1:{os.environ['UDP_PORT']}"}
+        for run in range(2):  # a restarted bridge gets a new boot the server accepts
+            out = subprocess.run(
+                [sys.executable, "-m", "bridges.myo_bridge", "--replay", str(rec), "--speed", "0", "--batch", "25",
+                 "--boot-file", str(tmp_path / "boot")],
+                env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stderr
+            summary = json.loads(out.stdout.strip().splitlines()[-1])
+            assert summary["samples"] == 300 and summary["packets"] == 12 and summary["device_id"] == device
+            m = srv.wait_for(lambda m, r=run: m["samples"]["stored"] >= 300 * (r + 1), what="forwarded samples stored")
+        assert m["packets"]["rejected"] == 0 and m["samples"]["lost"] == 0
+        with clean_db.cursor() as cur:
+            cur.execute("SELECT boot, seq0, n, channels, sample_rate_hz, values FROM sample_blocks "
+                        "WHERE device_id = %s ORDER BY boot, seq0", (device,))
+            rows = cur.fetchall()
+        boots = sorted({r[0] for r in rows})
+        assert len(boots) == 2 and boots[1] == boots[0] + 1
+        expected = np.concatenate([mb.decode_emg(n) for n in notes])
+        for boot in boots:
+            blocks = [r for r in rows if r[0] == boot]
+            assert [r[1] for r in blocks] == list(range(0, 300, 25))
+            assert {(r[3], float(r[4])) for r in blocks} == {(8, 200.0)}
+            stored = np.concatenate([np.asarray(r[5], dtype=np.int16).reshape(r[2], 8) for r in blocks])
+            assert np.array_equal(stored, expected)
+    finally:
+        assert srv.stop() == 0
