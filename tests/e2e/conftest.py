@@ -1,13 +1,9 @@
-"""The whole platform as subprocesses against the test session's PostgreSQL/NATS, and a headless Chromium.
-
-SEMG_E2E_TRAINER_CMD replaces the training worker's command line (e.g. to try the journey with another
-worker entry point while ml_model/TrainMLJob.py does not exist yet)."""
+"""The whole platform as subprocesses against the test session's PostgreSQL/NATS, and a headless Chromium."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shlex
 import shutil
 import signal
 import subprocess
@@ -45,8 +41,7 @@ class Stack:
             "api": [py, "-m", "ml_model.api"],
             "udpserver": [py, "-m", "udpserver.udpserver"],
             "inference": [py, "-m", "ml_model.nat_inference"],
-            "trainer": (shlex.split(os.environ["SEMG_E2E_TRAINER_CMD"]) if os.environ.get("SEMG_E2E_TRAINER_CMD")
-                        else [py, "ml_model/TrainMLJob.py", "worker"]),
+            "trainer": [py, "ml_model/TrainMLJob.py", "worker"],
             "ui": [py, "-m", "streamlit", "run", "streamlit_apps/Main.py", "--server.port", self.env["UI_PORT"],
                    "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats",
                    "false", "--server.fileWatcherType", "none"],
@@ -54,8 +49,7 @@ class Stack:
 
     def start(self, name: str) -> bool:
         rel = SERVICE_FILES.get(name)
-        overridden = name == "trainer" and os.environ.get("SEMG_E2E_TRAINER_CMD")
-        if rel and not overridden and not (REPO / rel).exists():
+        if rel and not (REPO / rel).exists():
             self.missing[name] = rel
             return False
         log = open(self.log_dir / f"e2e-{name}.log", "ab")
