@@ -164,7 +164,7 @@ def _shell_exports(s: Settings) -> str:
         "UI_PORT": str(s.ui_port),
         "SEMG_EMBEDDED_PG": "true" if s.embedded_postgres else "false",
         "SEMG_EMBEDDED_NATS": "true" if s.embedded_nats else "false",
-        "SEMG_SUPERVISOR_USER": "semg",
+        "SEMG_SUPERVISOR_USER": "semg",  # semg.health uses the same name
         "SEMG_SUPERVISOR_PASSWORD": secrets.get_or_create("supervisor_password", s),
     }
     return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in values.items())

@@ -10,19 +10,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import psycopg2
 
 from semg import db
 from semg.config import Settings, SettingsError, get_settings
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _http_ok(url: str, expect_json_status: bool = False) -> tuple[bool, str]:
@@ -49,17 +44,21 @@ def check_postgres(s: Settings) -> tuple[bool, str]:
 
 
 def supervisor_states(s: Settings) -> dict[str, str]:
-    """Program -> state from supervisorctl, or {} when supervisord is not ours / not running."""
-    if not os.environ.get("SEMG_SUPERVISOR_PASSWORD"):
+    """Program -> state from this instance's supervisord (XML-RPC on its socket), or {} if it is not running."""
+    sock = s.state_dir / "run" / "supervisor.sock"
+    pw_file = s.secrets_dir / "supervisor_password"
+    if not sock.exists() or not pw_file.exists():
         return {}
-    r = subprocess.run([sys.executable, "-m", "supervisor.supervisorctl", "-c", str(REPO / "supervisord.conf"),
-                        "status"], capture_output=True, text=True, timeout=15)
-    states = {}
-    for line in r.stdout.splitlines():
-        parts = line.split()
-        if len(parts) >= 2:
-            states[parts[0]] = parts[1]
-    return states
+    import xmlrpc.client
+
+    from supervisor.xmlrpc import SupervisorTransport
+
+    transport = SupervisorTransport("semg", pw_file.read_text().strip(), f"unix://{sock}")
+    try:
+        proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+        return {p["name"]: p["statename"] for p in proxy.supervisor.getAllProcessInfo()}
+    except (OSError, xmlrpc.client.Error):
+        return {}
 
 
 def check_all(s: Settings) -> dict[str, tuple[bool, str]]:
