@@ -167,6 +167,7 @@ class UserStream:
                 or msg.seq0 != self.next_seq):
             if self.next_seq is not None:
                 self.resets += 1
+                self.history.clear()  # votes from before the gap say nothing about what follows
                 log.debug("user %s: stream reset (device %s boot %s seq %s, expected device %s boot %s seq %s)",
                           self.user_id, msg.device_id, msg.boot, msg.seq0, self.device_id, self.boot, self.next_seq)
             self.device_id, self.boot = msg.device_id, msg.boot
