@@ -315,6 +315,7 @@ class Worker:
     _refreshing: set[int] = field(default_factory=set)
     _announced: frozenset[int] = frozenset()
     _store_conn: Any = None
+    _next_warn: dict[str, float] = field(default_factory=dict)
 
     # ---- message handling (never awaits I/O) ------------------------------------------------------
     async def on_samples(self, msg) -> None:
@@ -355,6 +356,13 @@ class Worker:
             self.stats.windows += len(ready.windows)
             self._wake.set()
 
+    def _warn_every(self, key: str, fmt: str, *args: Any, interval: float = 10.0) -> None:
+        """At most one line per `interval` s for a recurring problem (an API outage must not flood the log)."""
+        now = time.monotonic()
+        if now >= self._next_warn.get(key, 0.0):
+            self._next_warn[key] = now + interval
+            log.warning(fmt, *args)
+
     def _warn_once(self, key: tuple, fmt: str, *args: Any) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -393,13 +401,14 @@ class Worker:
         except httpx.HTTPError as e:
             self.stats.api_errors += 1
             self.stats.dropped += sum(len(r.windows) for r in batch)
-            log.warning("/predict failed: %s: %s", type(e).__name__, e)
+            self._warn_every("predict", "/predict failed: %s: %s (windows dropped)", type(e).__name__, e)
             await asyncio.sleep(0.2)
             return None
         if resp.status_code != 200:
             self.stats.api_errors += 1
             self.stats.dropped += sum(len(r.windows) for r in batch)
-            log.warning("/predict answered %s: %s", resp.status_code, resp.text[:300])
+            self._warn_every("predict", "/predict answered %s: %s (windows dropped)", resp.status_code,
+                             resp.text[:300])
             await asyncio.sleep(0.2)
             return None
         return orjson.loads(resp.content)
