@@ -19,19 +19,20 @@ def _device(conn, channels: int = 4) -> tuple[int, bytes]:
         return add_device(cur, add_user(cur), "binary", channels=channels, key=key), key
 
 
-def restart(services, name: str, attempts: int = 3) -> None:
-    """Start a stopped service again; retried, because the machine is shared and a start can fail
-    transiently. The log tail goes into the error if it never comes back."""
+def restart(services, name: str, attempts: int = 5) -> None:
+    """Start a stopped service again; retried, because on a busy shared machine a start can fail
+    transiently (e.g. a slow shutdown was cut short and its children still hold shared memory for a
+    moment). The log tail goes into the error if it never comes back."""
     for attempt in range(attempts):
         try:
             services.start(name)
             return
-        except RuntimeError:
+        except (RuntimeError, ConnectionError):
             if attempt == attempts - 1:
                 log = services.logs / f"test-{name}.log"
                 tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
                 raise RuntimeError(f"{name} did not restart:\n" + "\n".join(tail)) from None
-            time.sleep(1.0)
+            time.sleep(2.0)
 
 
 def protocol_packet(dev: int, key: bytes, seq0: int) -> bytes:
