@@ -82,7 +82,7 @@ def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
 # ---- the stack ---------------------------------------------------------------------------------------
 class Stack:
     def __init__(self, keep: bool):
-        self.dir = Path(tempfile.mkdtemp(prefix="semg-bench-"))
+        self.dir = Path(tempfile.mkdtemp(prefix="semg-bench-ingest-"))
         os.chmod(self.dir, 0o755)  # the embedded postgres runs unprivileged when we are root
         self.keep = keep
         for var in ("POSTGRES_HOST", "POSTGRES_PASSWORD", "NATS_SERVER", "NATS_USER", "NATS_PASSWORD",
