@@ -42,19 +42,36 @@ def _stop(proc: subprocess.Popen, timeout: float = 20) -> int:
     return proc.returncode
 
 
+class ApiServer:
+    """`python -m ml_model.api` on API_PORT; tests may stop and start it again."""
+
+    def __init__(self, url: str, log: Path):
+        self.url, self.log = url, log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "ml_model.api"], cwd=REPO, env=dict(os.environ),
+                                         stdout=out, stderr=subprocess.STDOUT)
+        _wait_http(f"{self.url}/health", self.proc, self.log)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+            self.proc = None
+
+
 @pytest.fixture
 def api_server(clean_db, settings, state_dir):
-    """`python -m ml_model.api` on API_PORT with an empty database; yields its base URL."""
+    """The API as a server process on an empty database."""
     log = Path(state_dir) / "logs" / "test-api.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "ml_model.api"], cwd=REPO, env=dict(os.environ),
-                                stdout=out, stderr=subprocess.STDOUT)
+    server = ApiServer(settings.api_url, log)
+    server.start()
     try:
-        _wait_http(f"{settings.api_url}/health", proc, log)
-        yield settings.api_url
+        yield server
     finally:
-        _stop(proc)
+        server.stop()
 
 
 @pytest.fixture

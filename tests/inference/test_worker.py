@@ -260,3 +260,30 @@ def test_worker_survives_a_nats_restart(workers, model_user, db_conn, services):
 
     coll = asyncio.run(after())
     assert proc.poll() is None and len(coll.of(uid)) >= 20
+
+
+def test_worker_recovers_when_the_api_restarts(workers, model_user, db_conn, api_server):
+    (uid, dev, _), = [model_user()]
+    (proc,) = workers(1)
+    _wait_workers(db_conn, 1)
+
+    async def scenario() -> tuple[int, int]:
+        nc = await natsio.connect("admin")
+        coll = Collector()
+        await coll.start(nc)
+        await _warm_up(nc, coll, [(uid, dev)])
+        await asyncio.to_thread(api_server.stop)
+        await _stream(nc, [(uid, dev)], 200, speed=2.0, boot=7)  # decisions impossible: windows dropped
+        during = len(coll.of(uid))
+        await asyncio.to_thread(api_server.start)
+        deadline = time.monotonic() + 30
+        seq = 1000
+        while time.monotonic() < deadline and len(coll.of(uid)) < during + 20:
+            await _stream(nc, [(uid, dev)], 100, speed=2.0, boot=7, seq0=seq)
+            seq += 100
+        after = len(coll.of(uid)) - during
+        await nc.close()
+        return during, after
+
+    _, after = asyncio.run(scenario())
+    assert proc.poll() is None and after >= 20
