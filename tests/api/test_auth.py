@@ -149,3 +149,23 @@ def test_cli_mints_a_working_admin_key(api, settings):
     bad = subprocess.run([sys.executable, "-m", "ml_model.api", "create-key", "--role", "user"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "user_id" in bad.stderr
+
+
+def test_every_route_but_health_needs_a_key(api, keys):
+    checked = 0
+    for route in api.app.routes:
+        path = getattr(route, "path", "")
+        if not path.startswith("/") or path.startswith(("/docs", "/redoc", "/openapi")):
+            continue
+        for method in sorted(getattr(route, "methods", []) - {"HEAD", "OPTIONS"}):
+            concrete = path
+            for name in ("user_id", "gesture_id", "device_id", "session_id", "interval_id", "job_id", "key_id"):
+                concrete = concrete.replace("{" + name + "}", "1")
+            for headers in ({}, {"X-API-Key": "semg_not_a_key"}):
+                r = api.request(method, concrete, headers=headers, json={})
+                if path == "/health":
+                    assert r.status_code == 200
+                else:
+                    assert r.status_code == 401, (method, path, r.status_code)
+                    checked += 1
+    assert checked > 50
