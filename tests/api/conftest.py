@@ -65,3 +65,9 @@ def no_server_errors(client):
     finally:
         client.request = orig
     assert not seen, seen
+
+
+def all_routes(client) -> list[tuple[str, str]]:
+    """(METHOD, path template) of every documented endpoint (the OpenAPI schema lists the included routers)."""
+    paths = client.get("/openapi.json").json()["paths"]
+    return [(m.upper(), p) for p, ops in paths.items() for m in ops]
