@@ -52,8 +52,11 @@ def test_users(api, keys):
         assert api.get("/users/abc", headers=keys.admin).status_code == 422
         assert api.get(f"/users/{2**70}", headers=keys.admin).status_code == 422
 
+        ada_key = keys("user", ada["id"])
+        assert api.get(f"/users/{ada['id']}", headers=ada_key).status_code == 200
         r = api.delete(f"/users/{ada['id']}", headers=keys.admin)
         assert r.status_code == 200 and r.json()["id"] == ada["id"]
+        assert api.get(f"/users/{ada['id']}", headers=ada_key).status_code == 401  # its keys went with it
         assert api.get(f"/users/{ada['id']}", headers=keys.admin).status_code == 404
         assert api.delete(f"/users/{ada['id']}", headers=keys.admin).status_code == 404
 

@@ -67,6 +67,7 @@ def delete_user(user_id: UserScoped, conn: Conn, state: State) -> dict:
     """Delete the user and ALL their data (samples, sessions, videos, models, predictions, keys)."""
     deleted = repo.delete_user(conn, user_id, state.settings.video_dir)
     state.models.forget(user_id)
+    state.key_cache.clear()  # the user's keys went with it: stop honouring them at once
     return deleted
 
 
