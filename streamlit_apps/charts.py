@@ -40,49 +40,68 @@ def _tight(fig: go.Figure, height: int) -> go.Figure:
 def signal_figure(frame: pd.DataFrame, channels: Sequence[int] | None = None, *, stacked: bool = True,
                   intervals: Sequence[dict] = (), t0: datetime | None = None, cursor_s: float | None = None,
                   title: str = "", height_per_channel: int = 90, x_title: str = "seconds") -> go.Figure:
-    """One trace per channel, stacked in rows (default) or overlaid; labelled intervals shaded behind."""
+    """One trace per channel, stacked in rows (default) or overlaid; labelled intervals shaded behind.
+
+    Built as one figure spec, and the shading as one filled trace per label on a hidden full-height axis
+    under the (transparent) channel rows: make_subplots, per-row updates and one layout shape per interval
+    cost plotly ~10-30x more (seconds for a long session)."""
     cols = [c for c in frame.columns if c.startswith("ch")]
     if channels is not None:
         cols = [f"ch{c}" for c in channels if f"ch{c}" in frame.columns]
     rows = len(cols) if stacked and cols else 1
-    fig = make_subplots(rows=rows, cols=1, shared_xaxes=True, vertical_spacing=0.01) if rows > 1 else go.Figure()
+    gap = 0.012
+    h = (1 - gap * (rows - 1)) / rows
+    ticks = 4 if height_per_channel >= 80 else 3  # short rows: more ticks would overlap
+    layout: dict = {"xaxis": {"title": {"text": x_title}, "anchor": f"y{rows + 1}"},
+                    "yaxis": {"domain": [0, 1], "range": [0, 1], "visible": False, "fixedrange": True},
+                    "plot_bgcolor": "rgba(0,0,0,0)", "showlegend": True}
+    if title:
+        layout["title"] = {"text": title}
+    data = _interval_traces(intervals, t0) if t0 is not None and intervals else []
     for i, col in enumerate(cols):
-        trace = go.Scattergl(x=frame["t"], y=frame[col], mode="lines", name=col, line=dict(width=1),
-                             marker=dict(color=PALETTE[i % len(PALETTE)]))
-        if rows > 1:
-            fig.add_trace(trace, row=i + 1, col=1)
-            fig.update_yaxes(title_text=col, row=i + 1, col=1, title_standoff=2)
-        else:
-            fig.add_trace(trace)
-    shapes, notes = _interval_shapes(intervals, t0) if t0 is not None and intervals else ([], [])
+        axis = f"y{(i if rows > 1 else 0) + 2}"
+        data.append({"type": "scattergl", "x": frame["t"].to_numpy(), "y": frame[col].to_numpy(), "mode": "lines",
+                     "name": col, "line": {"width": 1, "color": PALETTE[i % len(PALETTE)]}, "xaxis": "x",
+                     "yaxis": axis, "showlegend": not stacked})
+    for row in range(rows):
+        top = 1 - row * (h + gap)
+        layout[f"yaxis{row + 2}"] = {"domain": [max(0.0, top - h), top], "anchor": "x", "nticks": ticks,
+                                     "title": {"text": cols[row] if rows > 1 else "", "standoff": 2}}
     if cursor_s is not None:
-        shapes.append(dict(type="line", xref="x", yref="paper", x0=cursor_s, x1=cursor_s, y0=0, y1=1,
-                           line=dict(color="red", width=2)))
-    if shapes:
-        # One layout update: plotly's add_vrect/add_vline per shape is quadratic (minutes for 200 intervals).
-        fig.update_layout(shapes=shapes, annotations=list(fig.layout.annotations) + notes)
-    fig.update_xaxes(title_text=x_title, row=rows, col=1) if rows > 1 else fig.update_xaxes(title_text=x_title)
-    fig.update_yaxes(nticks=4 if height_per_channel >= 80 else 3)  # short rows: more ticks would overlap
-    fig.update_layout(title=title or None, showlegend=not stacked)
+        layout["shapes"] = [dict(type="line", xref="x", yref="paper", x0=cursor_s, x1=cursor_s, y0=0, y1=1,
+                                 line=dict(color="red", width=2))]
+    fig = go.Figure({"data": data, "layout": layout})
     return _tight(fig, max(220, height_per_channel * rows + 60) if stacked else 320)
 
 
-def _interval_shapes(intervals: Sequence[dict], t0: datetime, max_notes: int = 60) -> tuple[list, list]:
-    """Shaded gesture intervals (rest is the background) spanning all rows, with a label on each when few."""
-    labels = [iv["label"] for iv in intervals]
-    shown = [iv for iv in intervals if iv.get("started_at") and iv.get("ended_at")
-             and (iv["label"].upper() != "REST" or iv.get("discarded"))]
-    shapes, notes = [], []
-    for iv in shown:
-        a, b = (iv["started_at"] - t0).total_seconds(), (iv["ended_at"] - t0).total_seconds()
+def _interval_traces(intervals: Sequence[dict], t0: datetime) -> list[dict]:
+    """Gesture intervals (rest is the background) as one filled trace per label; redone ones in grey."""
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for iv in intervals:
+        if not iv.get("started_at") or not iv.get("ended_at"):
+            continue
         discarded = bool(iv.get("discarded"))
-        shapes.append(dict(type="rect", xref="x", yref="paper", x0=a, x1=b, y0=0, y1=1, line_width=0, layer="below",
-                           fillcolor="#999999" if discarded else label_color(iv["label"], labels),
-                           opacity=0.12 if discarded else 0.2))
-        if len(shown) <= max_notes:
-            notes.append(dict(x=a, y=1, xref="x", yref="paper", xanchor="left", yanchor="bottom", showarrow=False,
-                              text=("redone " if discarded else "") + iv["label"], font=dict(size=10)))
-    return shapes, notes
+        if iv["label"].upper() == "REST" and not discarded:
+            continue
+        name = "redone (not trained on)" if discarded else iv["label"]
+        spans.setdefault(name, []).append(((iv["started_at"] - t0).total_seconds(),
+                                           (iv["ended_at"] - t0).total_seconds()))
+    traces = []
+    for name, items in spans.items():
+        xs: list = []
+        ys: list = []
+        for a, b in items:
+            xs += [a, a, b, b, None]
+            ys += [0, 1, 1, 0, None]
+        color = "#999999" if name.startswith("redone") else label_color(name)
+        traces.append({"type": "scatter", "x": xs, "y": ys, "fill": "toself", "mode": "none", "name": name,
+                       "fillcolor": _rgba(color, 0.2), "xaxis": "x", "yaxis": "y", "hoverinfo": "skip"})
+    return traces
+
+
+def _rgba(hex_color: str, alpha: float) -> str:
+    r, g, b = (int(hex_color[i:i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r},{g},{b},{alpha})"
 
 
 def rms_figure(rms: Sequence[float], title: str = "RMS per channel") -> go.Figure:

@@ -38,11 +38,14 @@ REST = repo.REST
 
 # Raw samples are plotted as they are up to this many per channel; longer ranges become a min/max envelope.
 MAX_PLOT_POINTS = 2000
+# Values (samples x channels) read for one min/max envelope of a long range.
+ENVELOPE_VALUES = 160_000
 # Per-channel RMS of long ranges is estimated from evenly spread blocks holding about this many samples.
 RMS_SAMPLE_BUDGET = 20_000
 # CSV export refuses ranges above this many samples (the browser download would be hundreds of MB).
 MAX_EXPORT_SAMPLES = 2_000_000
 STREAMING_WINDOW_S = 5.0
+SETTLED_AFTER_S = 60.0
 
 
 class Unavailable(RuntimeError):
@@ -439,22 +442,42 @@ def _range_blocks(device_id: int, t0: datetime, t1: datetime) -> dict:
 
 def channel_rms(device_id: int, t0: datetime, t1: datetime, blocks: int | None = None) -> list[float]:
     """RMS of each channel about its mean (DC removed), from evenly spread blocks for long ranges."""
+    if _settled(t1):
+        return _channel_rms_cached(device_id, t0, t1, blocks)
+    return _channel_rms(device_id, t0, t1, blocks)
+
+
+@st.cache_data(ttl=300, show_spinner=False, max_entries=256)
+def _channel_rms_cached(device_id: int, t0: datetime, t1: datetime, blocks: int | None) -> list[float]:
+    return _channel_rms(device_id, t0, t1, blocks)
+
+
+def _channel_rms(device_id: int, t0: datetime, t1: datetime, blocks: int | None = None) -> list[float]:
     if blocks is None:
         blocks = _range_blocks(device_id, t0, t1)["blocks"]
     if not blocks:
         return []
-    avg_n = 50  # typical packet; a wrong guess only changes how many samples the estimate uses
-    stride = max(1, math.ceil(blocks * avg_n / RMS_SAMPLE_BUDGET))
-    rows = _rows(
-        """WITH s AS (SELECT values, channels, row_number() OVER (ORDER BY device_time0) AS rn
-                      FROM sample_blocks WHERE device_id = %(d)s AND device_time0 >= %(t0)s
-                        AND device_time0 <= %(t1)s)
-           SELECT (u.k - 1) %% s.channels AS ch, stddev_pop(u.v)::float8 AS rms
-           FROM s, unnest(s.values) WITH ORDINALITY AS u(v, k)
-           WHERE mod(s.rn - 1, %(stride)s) = 0
-           GROUP BY 1 ORDER BY 1""",
-        {"d": device_id, "t0": t0, "t1": t1, "stride": stride},
-    )
+    probes = max(1, RMS_SAMPLE_BUDGET // 50)  # ~50 samples per packet; a wrong guess only changes the budget
+    if blocks <= probes:
+        rows = _rows(
+            """SELECT (u.k - 1) %% b.channels AS ch, stddev_pop(u.v)::float8 AS rms
+               FROM sample_blocks b, unnest(b.values) WITH ORDINALITY AS u(v, k)
+               WHERE b.device_id = %s AND b.device_time0 >= %s AND b.device_time0 <= %s
+               GROUP BY 1 ORDER BY 1""", (device_id, t0, t1))
+    else:
+        # evenly spread blocks, one index probe each (a long range is never scanned)
+        rows = _rows(
+            """SELECT (u.k - 1) %% blk.channels AS ch, stddev_pop(u.v)::float8 AS rms
+               FROM generate_series(0, %(p)s - 1) AS j
+               CROSS JOIN LATERAL (
+                   SELECT b.values, b.channels FROM sample_blocks b
+                   WHERE b.device_id = %(d)s
+                     AND b.device_time0 >= %(t0)s::timestamptz + make_interval(secs => j * %(w)s)
+                     AND b.device_time0 <= %(t1)s
+                   ORDER BY b.device_time0 LIMIT 1) AS blk
+               CROSS JOIN LATERAL unnest(blk.values) WITH ORDINALITY AS u(v, k)
+               GROUP BY 1 ORDER BY 1""",
+            {"p": probes, "d": device_id, "t0": t0, "t1": t1, "w": (t1 - t0).total_seconds() / probes})
     return [float(r["rms"] or 0.0) for r in rows]
 
 
@@ -552,8 +575,25 @@ def _fetch_blocks(device_id: int, t0: datetime, t1: datetime) -> list[dict]:
     )
 
 
+def _settled(t1: datetime) -> bool:
+    """A range that ended a while ago no longer changes (late packets arrive within seconds): cacheable."""
+    return t1 < datetime.now(UTC) - timedelta(seconds=SETTLED_AFTER_S)
+
+
+@st.cache_data(ttl=300, show_spinner=False, max_entries=64)
+def _signal_cached(device_id: int, t0: datetime, t1: datetime, max_points: int) -> Signal:
+    return _signal(device_id, t0, t1, max_points)
+
+
 def signal(device_id: int, t0: datetime, t1: datetime, max_points: int = MAX_PLOT_POINTS) -> Signal:
-    """The device's samples over [t0, t1] for plotting, downsampled in SQL when there are more than max_points."""
+    """The device's samples over [t0, t1] for plotting, downsampled in SQL when there are more than max_points.
+    Settled ranges are cached, so moving a cursor or ticking a box does not query them again."""
+    if _settled(t1):
+        return _signal_cached(device_id, t0, t1, max_points)
+    return _signal(device_id, t0, t1, max_points)
+
+
+def _signal(device_id: int, t0: datetime, t1: datetime, max_points: int) -> Signal:
     stats = _one("""SELECT coalesce(sum(n), 0) AS samples, max(channels) AS channels, max(sample_rate_hz) AS rate,
                            count(*) AS blocks
                     FROM sample_blocks WHERE device_id = %s AND device_time0 >= %s AND device_time0 <= %s""",
@@ -573,32 +613,31 @@ def signal(device_id: int, t0: datetime, t1: datetime, max_points: int = MAX_PLO
         return Signal(t0, t1, "raw", samples, channels, rate, frame)
     buckets = max(1, max_points // 2)
     blocks = int(stats.get("blocks") or 1)
-    # Enough blocks per bucket for a faithful min/max, but never unnest much more than a few 10k samples.
-    per_bucket = max(1, math.ceil(min(blocks, 40_000 * blocks / samples) / buckets))
+    # The first samples of each time bucket, found by one index probe per bucket (a long range is never
+    # scanned), about ENVELOPE_VALUES values in all: enough for the min/max look of an EMG envelope.
+    per_samples = max(8, ENVELOPE_VALUES // (buckets * channels))
+    avg_n = samples / blocks
+    per_bucket = max(1, math.ceil(per_samples / avg_n))
+    width = span / buckets
     rows = _rows(
-        """WITH blk AS (
-               SELECT b.values, b.channels,
-                      least(%(nb)s - 1, floor((extract(epoch FROM b.device_time0) - %(e0)s) / %(span)s * %(nb)s))::int
-                          AS bucket,
-                      row_number() OVER (PARTITION BY floor((extract(epoch FROM b.device_time0) - %(e0)s)
-                                                            / %(span)s * %(nb)s)
-                                         ORDER BY b.device_time0) AS k
-               FROM sample_blocks b
-               WHERE b.device_id = %(d)s AND b.device_time0 >= %(t0)s AND b.device_time0 <= %(t1)s
-                 AND b.channels = %(c)s)
-           SELECT bucket, (u.i - 1) %% %(c)s AS ch, min(u.v) AS lo, max(u.v) AS hi
-           FROM blk, unnest(blk.values) WITH ORDINALITY AS u(v, i)
-           WHERE blk.k <= %(per)s
+        """SELECT k AS bucket, (u.i - 1) %% %(c)s AS ch, min(u.v) AS lo, max(u.v) AS hi
+           FROM generate_series(0, %(nb)s - 1) AS k
+           CROSS JOIN LATERAL (
+               SELECT b.values FROM sample_blocks b
+               WHERE b.device_id = %(d)s AND b.channels = %(c)s
+                 AND b.device_time0 >= %(t0)s::timestamptz + make_interval(secs => k * %(w)s)
+                 AND b.device_time0 < %(t0)s::timestamptz + make_interval(secs => (k + 1) * %(w)s)
+               ORDER BY b.device_time0 LIMIT %(per)s) AS blk
+           CROSS JOIN LATERAL unnest(blk.values[1:%(nv)s]) WITH ORDINALITY AS u(v, i)
            GROUP BY 1, 2 ORDER BY 1, 2""",
-        {"nb": buckets, "e0": epoch0, "span": span, "d": device_id, "t0": t0, "t1": t1, "c": channels,
-         "per": per_bucket},
+        {"nb": buckets, "w": width, "d": device_id, "t0": t0, "c": channels, "per": per_bucket,
+         "nv": per_samples * channels},
     )
     if not rows:
         return Signal(t0, t1, "envelope", samples, channels, rate, pd.DataFrame(columns=["t", *cols]))
     df = pd.DataFrame(rows)
     lo = df.pivot(index="bucket", columns="ch", values="lo")
     hi = df.pivot(index="bucket", columns="ch", values="hi")
-    width = span / buckets
     # Two rows per bucket (min at its first third, max at its second) draw the envelope as one line.
     t = np.concatenate([(lo.index.to_numpy() + 1 / 3) * width, (hi.index.to_numpy() + 2 / 3) * width])
     v = np.vstack([lo.to_numpy(), hi.to_numpy()])
@@ -612,6 +651,17 @@ def spectrum(device_id: int, t0: datetime, t1: datetime, nperseg: int = 256, win
     """Welch power spectrum (dB) per channel from `windows` evenly spread stretches of raw samples.
 
     Returns columns freq_hz, ch0..chN-1 (empty frame when there is not enough data)."""
+    if _settled(t1):
+        return _spectrum_cached(device_id, t0, t1, nperseg, windows)
+    return _spectrum(device_id, t0, t1, nperseg, windows)
+
+
+@st.cache_data(ttl=300, show_spinner=False, max_entries=64)
+def _spectrum_cached(device_id: int, t0: datetime, t1: datetime, nperseg: int, windows: int) -> pd.DataFrame:
+    return _spectrum(device_id, t0, t1, nperseg, windows)
+
+
+def _spectrum(device_id: int, t0: datetime, t1: datetime, nperseg: int, windows: int) -> pd.DataFrame:
     q = _one("""SELECT max(sample_rate_hz) AS rate, max(channels) AS channels FROM sample_blocks
                 WHERE device_id = %s AND device_time0 >= %s AND device_time0 <= %s""", (device_id, t0, t1)) or {}
     if not q.get("rate"):
