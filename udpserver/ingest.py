@@ -138,11 +138,18 @@ class Ingestor:
     def handle(self, data: bytes, now: float) -> Record | Reject:
         if not self.ready:
             return self._reject(Reject.NOT_READY)
-        pkt = protocol.parse(data)
-        if type(pkt) is LegacyPacket:
-            return self._legacy(pkt, now)
-        if type(pkt) is BinaryPacket:
-            return self._binary(pkt, now)
+        first = data[0] if data else -1
+        # the two formats directly (protocol.parse does the same dispatch; this is the hot path)
+        if 0x30 <= first <= 0x39:
+            pkt = protocol.parse_legacy(data)
+            if type(pkt) is LegacyPacket:
+                return self._legacy(pkt, now)
+        elif first == protocol.MAGIC[0]:
+            pkt = protocol.parse_binary(data)
+            if type(pkt) is BinaryPacket:
+                return self._binary(pkt, now)
+        else:
+            pkt = protocol.parse(data)
         return self._reject(pkt)
 
     def _binary(self, p: BinaryPacket, now: float) -> Record | Reject:

@@ -76,8 +76,7 @@ class ChunkBuilder:
 
     def add(self, r: Record) -> None:
         self.parts.append(REC_HDR.pack(r.user_id, r.device_id, r.boot, r.seq0, r.n, r.channels, r.rate_hz,
-                                       r.millis0, r.time0, r.server_ts))
-        self.parts.append(r.values)
+                                       r.millis0, r.time0, r.server_ts) + r.values)
         self.nrec += 1
         self.nsamples += r.n
         c = self.per_device.get(r.device_id)
