@@ -39,9 +39,9 @@ REST = repo.REST
 # Raw samples are plotted as they are up to this many per channel; longer ranges become a min/max envelope.
 MAX_PLOT_POINTS = 2000
 # Values (samples x channels) read for one min/max envelope of a long range.
-ENVELOPE_VALUES = 160_000
+ENVELOPE_VALUES = 120_000
 # Per-channel RMS of long ranges is estimated from evenly spread blocks holding about this many samples.
-RMS_SAMPLE_BUDGET = 20_000
+RMS_SAMPLE_BUDGET = 10_000
 # CSV export refuses ranges above this many samples (the browser download would be hundreds of MB).
 MAX_EXPORT_SAMPLES = 2_000_000
 STREAMING_WINDOW_S = 5.0

@@ -66,8 +66,7 @@ def analysis(device_id: int, t0: datetime, t1: datetime, intervals: list) -> Non
             st.caption("Not enough contiguous samples for a spectrum.")
 
 
-def export(device_id: int, t0: datetime, t1: datetime, intervals: list, what: str) -> None:
-    n = data.range_samples(device_id, t0, t1)
+def export(device_id: int, t0: datetime, t1: datetime, intervals: list, what: str, n: int) -> None:
     if n > data.MAX_EXPORT_SAMPLES:
         st.caption(f"CSV export is limited to {data.MAX_EXPORT_SAMPLES:,} samples; this range has {n:,}. "
                    "Narrow the time range to export it.")
@@ -94,9 +93,9 @@ def page() -> None:
                               format_func=lambda c: f"ch{c}")
     views.signal_review(device_id, t0, t1, intervals=intervals, video=video, key=f"review_{what}",
                         channels=channels or None)
-    if data.range_samples(device_id, t0, t1):
+    if n := data.range_samples(device_id, t0, t1):
         analysis(device_id, t0, t1, intervals)
-        export(device_id, t0, t1, intervals, what)
+        export(device_id, t0, t1, intervals, what, n)
 
 
 with ui.guard():
