@@ -102,7 +102,7 @@ def options_and_schedule(user: dict, selected: list[int]) -> None:
             params["window_ms"] = int(a1.number_input("Window (ms)", 50, 2000, 200, step=25, key="kick_window"))
             params["step_ms"] = int(a2.number_input("Step (ms)", 10, 1000, 50, step=10, key="kick_step"))
     if base is not None:
-        params["base_model_id"] = int(base)
+        params["base_artifact_id"] = int(base)
     if st.button(f"Train on {len(selected)} session(s)", type="primary", disabled=not selected,
                  key="kick_schedule", icon=":material/rocket_launch:"):
         job = data.schedule_job(user["id"], selected, params)

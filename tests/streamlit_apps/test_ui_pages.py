@@ -360,7 +360,7 @@ def test_kickoff_offers_a_pretrained_base_when_one_exists(page, seeded):
     button(at, "Train on").click()
     at.run()
     assert_clean(at)
-    assert repo.list_jobs(conn, seeded["user"]["id"])[0]["params"]["base_model_id"] == base_id
+    assert repo.list_jobs(conn, seeded["user"]["id"])[0]["params"]["base_artifact_id"] == base_id
 
 
 # ---- 5. jobs ------------------------------------------------------------------------------------------
