@@ -588,3 +588,39 @@ def recent_predictions(conn, user_id: int, limit: int = 100, since: datetime | N
             (user_id, since, since, max(1, min(int(limit), 10000))),
         )
         return [dict(r) for r in cur.fetchall()]
+
+
+# ---- videos --------------------------------------------------------------------------------------
+_VIDEO_COLS = ("id, user_id, session_id, path, mime_type, started_at, ended_at, frame_count, fps, width, height, "
+               "bytes, created_at")
+
+
+def add_video(conn, user_id: int, session_id: int | None, rel_path: str, started_at: datetime,
+              ended_at: datetime | None = None, frame_count: int = 0, fps: float | None = None,
+              width: int | None = None, height: int | None = None, size: int = 0,
+              mime_type: str = "video/webm") -> dict:
+    """Register a webcam recording stored under the video dir (rel_path is relative to it)."""
+    p = Path(rel_path)
+    if p.is_absolute() or ".." in p.parts or not p.parts:
+        raise Invalid("a video path must be relative to the video directory")
+    with _tx(conn) as cur:
+        if session_id is not None:
+            cur.execute("SELECT user_id FROM capture_sessions WHERE id = %s", (session_id,))
+            sess = _one(cur, "session", session_id)
+            if sess["user_id"] != user_id:
+                raise Invalid(f"session {session_id} belongs to another user")
+        cur.execute(
+            f"""INSERT INTO videos (user_id, session_id, path, mime_type, started_at, ended_at, frame_count, fps,
+                                    width, height, bytes)
+                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING {_VIDEO_COLS}""",
+            (user_id, session_id, str(p), mime_type, started_at, ended_at, frame_count, fps, width, height, size),
+        )
+        return dict(cur.fetchone())
+
+
+def list_videos(conn, user_id: int, session_id: int | None = None) -> list[dict]:
+    with _tx(conn) as cur:
+        cur.execute(f"""SELECT {_VIDEO_COLS} FROM videos WHERE user_id = %(u)s
+                        AND (%(s)s::bigint IS NULL OR session_id = %(s)s) ORDER BY started_at""",
+                    {"u": user_id, "s": session_id})
+        return [dict(r) for r in cur.fetchall()]

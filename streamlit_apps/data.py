@@ -277,15 +277,11 @@ def list_sessions(user_id: int) -> list[dict]:
 def record_video(user_id: int, session_id: int | None, rel_path: str, started_at: datetime, ended_at: datetime,
                  frame_count: int, fps: float | None, width: int | None, height: int | None, size: int,
                  mime_type: str = "video/webm") -> dict:
-    """Register a webcam recording stored under settings.video_dir (no repo function exists for videos)."""
-    with connection() as conn, conn, conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
-        cur.execute(
-            """INSERT INTO videos (user_id, session_id, path, mime_type, started_at, ended_at, frame_count, fps,
-                                   width, height, bytes)
-               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id, path, started_at""",
-            (user_id, session_id, rel_path, mime_type, started_at, ended_at, frame_count, fps, width, height, size),
-        )
-        return dict(cur.fetchone())
+    """Register a webcam recording stored under settings.video_dir."""
+    with connection() as conn:
+        row = repo.add_video(conn, user_id, session_id, rel_path, started_at, ended_at, frame_count, fps,
+                             width, height, size, mime_type)
+    return {k: row[k] for k in ("id", "path", "started_at")}
 
 
 def session_video(session_id: int) -> dict | None:

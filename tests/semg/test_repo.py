@@ -102,3 +102,18 @@ def test_session_plan_and_job_lifecycle(clean_db, user):
         repo.schedule_job(clean_db, user["id"], [])
     assert repo.latest_model(clean_db, user["id"]) is None
     assert repo.recent_predictions(clean_db, user["id"]) == []
+
+
+def test_videos_are_registered_with_safe_relative_paths(clean_db, user):
+    import datetime as dt
+    now = dt.datetime.now(dt.UTC)
+    repo.add_gesture(clean_db, user["id"], "x")
+    s = repo.create_session(clean_db, user["id"], None, ["x"], 1, 1, 1)
+    v = repo.add_video(clean_db, user["id"], s["id"], "u1/s1.webm", now, frame_count=3, size=10)
+    assert repo.list_videos(clean_db, user["id"], s["id"])[0]["id"] == v["id"]
+    for bad in ("/etc/passwd", "../x.webm", ""):
+        with pytest.raises(repo.Invalid):
+            repo.add_video(clean_db, user["id"], None, bad, now)
+    other = repo.create_user(clean_db, "Bob", "bob@example.org")
+    with pytest.raises(repo.Invalid, match="another user"):
+        repo.add_video(clean_db, other["id"], s["id"], "u2/a.webm", now)
