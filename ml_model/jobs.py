@@ -338,8 +338,21 @@ def _worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def recover_stale_jobs(conn, stale_after_s: float = STALE_AFTER_S, max_attempts: int = MAX_ATTEMPTS) -> list[int]:
-    """Jobs whose worker stopped beating: back to the queue, or failed after max_attempts tries."""
+def _stale_after_s(default: float = STALE_AFTER_S) -> float:
+    """SEMG_JOB_STALE_AFTER_S overrides STALE_AFTER_S (fault tests use ~10 s); never below 2 heartbeats."""
+    try:
+        value = float(os.environ.get("SEMG_JOB_STALE_AFTER_S", default))
+    except ValueError:
+        return default
+    return max(2 * HEARTBEAT_S, value)
+
+
+def recover_stale_jobs(conn, stale_after_s: float | None = None, max_attempts: int = MAX_ATTEMPTS) -> list[int]:
+    """Jobs whose worker stopped beating: back to the queue, or failed after max_attempts tries.
+
+    stale_after_s defaults to STALE_AFTER_S (or SEMG_JOB_STALE_AFTER_S when set)."""
+    if stale_after_s is None:
+        stale_after_s = _stale_after_s()
     with conn, conn.cursor() as cur:
         cur.execute(
             """UPDATE training_jobs
