@@ -8,13 +8,18 @@ SQL is always parameterised.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
+import json
 import re
 import secrets as _secrets
+import zipfile
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
@@ -154,6 +159,14 @@ def delete_user(conn, user_id: int, video_dir: Path | None = None) -> dict:
             if root in p.parents and p.is_file():  # never follow a stored path out of the video dir
                 p.unlink()
                 removed += 1
+                # and the folders that only held their recordings (e.g. user<id>/), up to the video dir
+                for parent in p.parents:
+                    if parent == root or root not in parent.parents:
+                        break
+                    try:
+                        parent.rmdir()  # only when empty
+                    except OSError:
+                        break
     deleted["videos_removed"] = removed
     return deleted
 
@@ -624,3 +637,180 @@ def list_videos(conn, user_id: int, session_id: int | None = None) -> list[dict]
                         AND (%(s)s::bigint IS NULL OR session_id = %(s)s) ORDER BY started_at""",
                     {"u": user_id, "s": session_id})
         return [dict(r) for r in cur.fetchall()]
+
+
+# ---- export (a user's copy of all their data) -------------------------------------------------------
+EXPORT_FORMAT = "semg-user-export"
+EXPORT_VERSION = 1
+_EXPORT_FETCH = 2000  # rows per round trip of the server-side cursors (bounded memory for any user)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, datetime):
+        return v.isoformat()
+    if isinstance(v, (bytes, memoryview)):
+        return bytes(v).hex()
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if v is None or isinstance(v, (str, int, float, bool)):
+        return v
+    return str(v)  # Decimal, timedelta, ...
+
+
+def _dump(rows: Any) -> bytes:
+    return json.dumps(_jsonable(rows), indent=1, ensure_ascii=False).encode()
+
+
+def export_user_data(conn, user_id: int, video_dir: Path | None = None, out=None) -> bytes | dict:
+    """Everything stored about one user, as a zip (one consistent snapshot of the database):
+
+        manifest.json            format, user id, time, counts, what is not included and why
+        user.json, gestures.json, devices.json, sessions.json (with intervals), jobs.json (with logs),
+        predictions.json, api_keys.json, videos.json        the rows, as JSON
+        samples/device_<id>.csv  every stored sample: device_id, boot, seq, device_millis, device_time_unix,
+                                 server_ts_unix, ch0..chN
+        models/model_<id>.safetensors + models/model_<id>.json   weights and metadata of each trained model
+        videos/<path>            the webcam recordings
+
+    Device keys and API key hashes are credentials, not personal data: they are left out. With `out` (a
+    writable binary file) the zip is written there and the manifest returned; otherwise the zip's bytes are
+    returned. Raises NotFound for an unknown user.
+    """
+    target = out if out is not None else io.BytesIO()
+    prev_autocommit = conn.autocommit
+    if prev_autocommit:
+        conn.autocommit = False  # one REPEATABLE READ snapshot; named cursors need a transaction
+    try:
+        with conn.cursor() as c:
+            if conn.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+                c.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        manifest = _write_export(conn, user_id, video_dir, target)
+    finally:
+        conn.rollback()  # read only: nothing to keep
+        if prev_autocommit:
+            conn.autocommit = True
+    return manifest if out is not None else target.getvalue()
+
+
+def _export_rows(cur, sql: str, params: Any) -> list[dict]:
+    cur.execute(sql, params)
+    return [dict(r) for r in cur.fetchall()]
+
+
+def _write_export(conn, user_id: int, video_dir: Path | None, target) -> dict:
+    dict_cur = psycopg2.extras.RealDictCursor
+    counts: dict[str, int] = {}
+    with conn.cursor(cursor_factory=dict_cur) as cur:
+        cur.execute(f"SELECT {_USER_COLS} FROM users WHERE id = %s", (user_id,))
+        user = _one(cur, "user", user_id)
+        tables = {
+            "gestures": _export_rows(cur, f"SELECT {_GESTURE_COLS} FROM gestures WHERE user_id = %s ORDER BY id",
+                                     (user_id,)),
+            "devices": _export_rows(cur, f"""SELECT {_DEVICE_COLS}, secret_key IS NOT NULL AS has_secret_key
+                                             FROM devices WHERE user_id = %s ORDER BY id""", (user_id,)),
+            "sessions": _export_rows(cur, f"SELECT {_SESSION_COLS} FROM capture_sessions WHERE user_id = %s "
+                                          "ORDER BY id", (user_id,)),
+            "jobs": _export_rows(cur, f"{_JOB_SELECT} WHERE j.user_id = %s ORDER BY j.id", (user_id,)),
+            "api_keys": _export_rows(cur, """SELECT id, name, role, key_prefix, created_at, last_used_at, revoked_at
+                                             FROM api_keys WHERE user_id = %s ORDER BY id""", (user_id,)),
+            "videos": _export_rows(cur, f"SELECT {_VIDEO_COLS} FROM videos WHERE user_id = %s ORDER BY id",
+                                   (user_id,)),
+        }
+        intervals = _export_rows(cur, f"""SELECT {_INTERVAL_COLS} FROM session_intervals WHERE session_id IN
+                                          (SELECT id FROM capture_sessions WHERE user_id = %s)
+                                          ORDER BY session_id, ordinal""", (user_id,))
+        for s in tables["sessions"]:
+            s["intervals"] = [i for i in intervals if i["session_id"] == s["id"]]
+        logs = _export_rows(cur, """SELECT job_id, id, ts, level, message FROM job_logs WHERE job_id IN
+                                    (SELECT id FROM training_jobs WHERE user_id = %s) ORDER BY job_id, id""",
+                            (user_id,))
+        for j in tables["jobs"]:
+            j["logs"] = [{k: v for k, v in lg.items() if k != "job_id"} for lg in logs if lg["job_id"] == j["id"]]
+        models = _export_rows(cur, f"SELECT {_MODEL_COLS} FROM model_artifacts WHERE user_id = %s ORDER BY id",
+                              (user_id,))
+
+    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
+        zf.writestr("user.json", _dump(user))
+        for name, rows in tables.items():
+            zf.writestr(f"{name}.json", _dump(rows))
+            counts[name] = len(rows)
+
+        # predictions: possibly many; streamed as one JSON array
+        n_pred = 0
+        with zf.open("predictions.json", "w", force_zip64=True) as f, \
+                conn.cursor(name="semg_export_predictions", cursor_factory=dict_cur) as cur:
+            cur.itersize = _EXPORT_FETCH
+            cur.execute("""SELECT id, model_id, gesture, confidence, device_id, device_millis, sample_received,
+                                  decided_at, latency_ms
+                           FROM predictions WHERE user_id = %s ORDER BY id""", (user_id,))
+            f.write(b"[")
+            for row in cur:
+                f.write((b",\n" if n_pred else b"\n") + json.dumps(_jsonable(dict(row))).encode())
+                n_pred += 1
+            f.write(b"\n]\n")
+        counts["predictions"] = n_pred
+
+        # samples: one CSV per device, streamed block by block
+        n_samples = 0
+        for dev in tables["devices"]:
+            n_samples += _export_samples(conn, zf, dev)
+        counts["samples"] = n_samples
+
+        # models: weights (safetensors, as stored) and everything else as JSON
+        for m in models:
+            with conn.cursor() as cur:
+                cur.execute("SELECT weights FROM model_artifacts WHERE id = %s", (m["id"],))
+                weights = bytes(cur.fetchone()[0])
+            zf.writestr(f"models/model_{m['id']}.safetensors", weights)
+            zf.writestr(f"models/model_{m['id']}.json", _dump(m))
+        counts["models"] = len(models)
+
+        # video files
+        missing, copied = [], 0
+        root = Path(video_dir).resolve() if video_dir is not None else None
+        for v in tables["videos"]:
+            p = (root / v["path"]).resolve() if root is not None else None
+            if p is None or root not in p.parents or not p.is_file():
+                missing.append(v["path"])
+                continue
+            zf.write(p, f"videos/{v['path']}")
+            copied += 1
+        counts["video_files"] = copied
+
+        manifest = {
+            "format": EXPORT_FORMAT, "version": EXPORT_VERSION, "user_id": user_id,
+            "exported_at": datetime.now().astimezone().isoformat(), "counts": counts,
+            "missing_video_files": missing,
+            "not_included": {"device secret keys": "credentials: rotate a key to get a new one",
+                             "API key hashes": "credentials: create a new key instead"},
+            "samples_csv_columns": "device_id, boot, seq, device_millis, device_time_unix, server_ts_unix, "
+                                   "ch0..chN (device_time_unix: the sample's time on the server clock)",
+        }
+        zf.writestr("manifest.json", _dump(manifest))
+    return manifest
+
+
+def _export_samples(conn, zf: zipfile.ZipFile, dev: dict) -> int:
+    channels = int(dev["channel_count"])
+    n_total = 0
+    with zf.open(f"samples/device_{dev['id']}.csv", "w", force_zip64=True) as raw, \
+            io.TextIOWrapper(raw, encoding="utf-8", newline="") as text, \
+            conn.cursor(name=f"semg_export_samples_{dev['id']}") as cur:
+        w = csv.writer(text)
+        w.writerow(["device_id", "boot", "seq", "device_millis", "device_time_unix", "server_ts_unix",
+                    *[f"ch{c}" for c in range(channels)]])
+        cur.itersize = _EXPORT_FETCH
+        cur.execute("""SELECT boot, seq0, n, channels, sample_rate_hz, device_millis0,
+                              extract(epoch FROM device_time0)::float8, extract(epoch FROM server_ts)::float8, values
+                       FROM sample_blocks WHERE device_id = %s ORDER BY boot, seq0""", (dev["id"],))
+        for boot, seq0, n, ch, rate, millis0, t0, ts, values in cur:
+            k = np.arange(n)
+            vals = np.asarray(values, dtype=np.int64).reshape(n, ch)
+            millis = millis0 + k * 1000.0 / rate
+            times = t0 + k / rate
+            w.writerows([dev["id"], boot, seq0 + i, f"{millis[i]:.3f}", f"{times[i]:.6f}", f"{ts:.6f}",
+                         *vals[i].tolist()] for i in range(n))
+            n_total += n
+    return n_total

@@ -152,6 +152,11 @@ def delete_user(user_id: int) -> dict:
     return _repo(repo.delete_user, user_id, settings().video_dir)
 
 
+def export_user(user_id: int) -> bytes:
+    """All the user's data as a zip (semg.repo.export_user_data): rows as JSON, samples as CSV, models, videos."""
+    return _repo(repo.export_user_data, user_id, settings().video_dir)
+
+
 def user_data_counts(user_id: int) -> dict:
     """What deleting a user would remove, to show before asking for confirmation."""
     return _one(

@@ -1,4 +1,4 @@
-"""Users: search, create, edit, delete (with confirmation; removes all their data)."""
+"""Users: search, create, edit, export all their data, delete (with confirmation; removes all their data)."""
 
 import data
 import pandas as pd
@@ -38,6 +38,17 @@ def user_table(users: list[dict]) -> None:
     } for u in users]), hide_index=True, width="stretch")
 
 
+def export_button(user: dict) -> None:
+    """A copy of everything stored about the user; the zip is built only when the button is clicked."""
+    uid = user["id"]
+    st.download_button(
+        f"Export {user['name']}'s data (zip)", data=lambda: data.export_user(uid),
+        file_name=f"semg-user-{uid}-export.zip", mime="application/zip", key=f"export_user_{uid}",
+        on_click="ignore", icon=":material/download:",
+        help="Every row stored about this user (JSON), their samples (CSV per device), trained models and videos.",
+    )
+
+
 def edit_and_delete(users: list[dict]) -> None:
     by_id = {u["id"]: u for u in users}
     uid = ui.user_selectbox("Edit or delete", list(by_id), by_id, "edit_user_pick", st.session_state.get(ui.USER_KEY))
@@ -56,6 +67,7 @@ def edit_and_delete(users: list[dict]) -> None:
             except data.RepoError as e:
                 st.error(f"Not saved: {e}")
 
+    export_button(user)
     if st.session_state.get(PENDING_DELETE) != uid:
         if st.button(f"Delete {user['name']}…", key="ask_delete"):
             st.session_state[PENDING_DELETE] = uid

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import tempfile
+from collections.abc import Iterator
+from typing import Annotated, BinaryIO
 
 from fastapi import APIRouter, Path, Query, Response
+from fastapi.responses import StreamingResponse
 
 from ml_model.rest import queries
 from ml_model.rest.auth import Admin, Caller, UserScoped
@@ -69,6 +72,37 @@ def delete_user(user_id: UserScoped, conn: Conn, state: State) -> dict:
     state.models.forget(user_id)
     state.key_cache.clear()  # the user's keys went with it: stop honouring them at once
     return deleted
+
+
+_EXPORT_CHUNK = 1 << 20
+
+
+def _chunks(f: BinaryIO) -> Iterator[bytes]:
+    try:
+        f.seek(0)
+        while chunk := f.read(_EXPORT_CHUNK):
+            yield chunk
+    finally:
+        f.close()
+
+
+@router.get(
+    "/users/{user_id}/export", tags=["users"], response_class=StreamingResponse,
+    responses={200: {"description": "a zip of all the user's data", "content": {"application/zip": {}}}},
+)
+def export_user(user_id: UserScoped, conn: Conn, state: State) -> StreamingResponse:
+    """Download ALL the user's data as a zip (owner or admin): their rows as JSON, samples as CSV per device,
+    model weights and metadata, and their video files. See manifest.json inside."""
+    f = tempfile.SpooledTemporaryFile(max_size=64 << 20)  # noqa: SIM115 - closed by _chunks when sent
+    try:
+        repo.export_user_data(conn, user_id, state.settings.video_dir, out=f)
+    except BaseException:
+        f.close()
+        raise
+    return StreamingResponse(
+        _chunks(f), media_type="application/zip",
+        headers={"Content-Disposition": f'attachment; filename="semg-user-{user_id}-export.zip"'},
+    )
 
 
 # ---- gestures ----------------------------------------------------------------------------------------
