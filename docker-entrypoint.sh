@@ -26,12 +26,6 @@ export SEMG_VENV SEMG_PYTHON
 export SEMG_DB_INIT="$create_db"
 semg_export_env
 
-if ! problems="$("$SEMG_PYTHON" -m semg.embedded preflight 2>&1)"; then
-  echo "$problems" | sed 's/^/docker-entrypoint: /' >&2
-  exit 1
-fi
-if [ "$SEMG_EMBEDDED_PG" = true ]; then
-  "$SEMG_PYTHON" -m semg.embedded init-postgres >/dev/null || exit 1
-fi
+semg_preflight
 # exec: supervisord receives docker stop's SIGTERM and shuts every service down cleanly.
 exec "$SEMG_PYTHON" -m supervisor.supervisord -n -c "$SEMG_REPO/supervisord.conf"

@@ -13,14 +13,7 @@ if pid="$(semg_supervisord_pid)"; then
   echo "already running (supervisord pid $pid); making sure every service is up"
   semg_ctl start all >/dev/null 2>&1 || true
 else
-  # Refuse to half-start: every problem we can see now is reported before anything runs.
-  if ! problems="$("$SEMG_PYTHON" -m semg.embedded preflight 2>&1)"; then
-    echo "$problems" | sed 's/^/start_all.sh: /' >&2
-    exit 1
-  fi
-  if [ "$SEMG_EMBEDDED_PG" = true ]; then
-    "$SEMG_PYTHON" -m semg.embedded init-postgres >/dev/null || exit 1
-  fi
+  semg_preflight
   "$SEMG_PYTHON" -m supervisor.supervisord -c "$SEMG_REPO/supervisord.conf" \
     || semg_die "supervisord did not start (see $SEMG_STATE_DIR/logs/supervisord.log)"
 fi

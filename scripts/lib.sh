@@ -65,3 +65,16 @@ semg_supervisord_pid() {
 }
 
 semg_ctl() { "$SEMG_PYTHON" -m supervisor.supervisorctl -c "$SEMG_REPO/supervisord.conf" "$@"; }
+
+# semg_preflight : refuse to half-start. Every problem visible now (busy ports, unreachable external
+# services) is reported, one line each, before anything runs; then the embedded cluster is initialised.
+semg_preflight() {
+  local problems
+  if ! problems="$("$SEMG_PYTHON" -m semg.embedded preflight 2>&1)"; then
+    echo "$problems" | sed "s/^/$(basename "$0"): /" >&2
+    exit 1
+  fi
+  if [ "$SEMG_EMBEDDED_PG" = true ]; then
+    "$SEMG_PYTHON" -m semg.embedded init-postgres >/dev/null || exit 1
+  fi
+}
