@@ -39,6 +39,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "model": {"width": 32, "depth": 1, "kernel_size": 9, "dropout": 0.3},
     "max_epochs": 30,
     "patience": 8,
+    "min_epochs": 0,  # floor for the epoch count chosen by early stopping (guards against a lucky early peak)
     "batch_size": 128,
     "lr": 3e-3,
     "weight_decay": 1e-2,
@@ -187,6 +188,10 @@ def _augment(xb: torch.Tensor, aug: Mapping[str, float], gen: torch.Generator) -
     if aug.get("channel_gain_std"):
         log_gain = log_gain + torch.randn(b, c, 1, generator=gen) * aug["channel_gain_std"]
     xb = xb * torch.exp(log_gain)
+    if aug.get("mix_std"):
+        # Small random cross-talk between channels: (I + E) @ x, as when the electrodes sit slightly differently.
+        mix = torch.randn(b, c, c, generator=gen) * aug["mix_std"]
+        xb = xb + torch.bmm(mix, xb)
     if aug.get("noise_std"):
         xb = xb + torch.randn(xb.shape, generator=gen) * aug["noise_std"]
     return xb
@@ -365,7 +370,7 @@ def train_model(
             log.debug("epoch %d/%d loss %.4f acc %.4f val_loss %.4f val_acc %.4f", epoch + 1, max_epochs, tl, ta, vl, vacc)
             if progress_callback is not None:
                 progress_callback(epoch + 1, max_epochs, tl, ta, vl, vacc)
-            return epoch + 1 - best["epoch"] >= patience
+            return epoch + 1 - best["epoch"] >= patience and epoch + 1 >= int(cfg["min_epochs"])
 
         _fit(model, x_all[tr], y_all[tr], cfg, max_epochs, gen, (x_all[va], y_all[va]), on_val_epoch)
         model.load_state_dict(best["state"])
@@ -378,7 +383,7 @@ def train_model(
 
         retrain = bool(cfg["retrain_full"])
         if retrain:
-            n_full = max(1, best["epoch"])
+            n_full = max(1, best["epoch"], min(int(cfg["min_epochs"]), max_epochs))
             total = max_epochs + n_full
 
             def on_full_epoch(epoch: int, tl: float, ta: float, vl: float | None, vacc: float | None) -> bool:

@@ -51,13 +51,16 @@ def test_model_accepts_any_channel_count_and_window_length():
 def test_deterministic_with_seed(synth_data):
     w, y, g = synth_data
     cfg = {**FAST_CONFIG, "max_epochs": 2}
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.random.get_rng_state())
     m1, _, _ = train_model(w, y, g, cfg, seed=3)
     m2, _, _ = train_model(w, y, g, cfg, seed=3)
     for (k, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
-    # torch's global state is restored after training
-    assert torch.get_num_threads() >= 1
-    assert not torch.are_deterministic_algorithms_enabled()
+    # torch's global state (threads, determinism flag, RNG) is restored after training
+    after = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.random.get_rng_state())
+    assert before[:2] == after[:2] and torch.equal(before[2], after[2])
+    m3, _, _ = train_model(w, y, g, cfg, seed=4)
+    assert not all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m3.state_dict().values(), strict=True))
 
 
 def test_progress_callback_and_cancel(synth_data):
