@@ -42,8 +42,10 @@ def evaluate_subjects(
     subjects: list[str] | None = None,
     config: dict[str, Any] | None = None,
     seed: int = 0,
+    base: str | None = None,
 ) -> dict[str, Any]:
-    """Per-subject train/test on the Myo-armband layout; returns the figures printed by ``evaluate``."""
+    """Per-subject train/test on the Myo-armband layout; returns the figures printed by ``evaluate``.
+    ``base``: a pretrained artifact dir to fine-tune from (``ml_model.transfer``) instead of a random init."""
     import numpy as np
 
     from ml_model import artifacts, datasets, training
@@ -74,8 +76,16 @@ def evaluate_subjects(
             log.debug("%s epoch %d/%d loss %.3f acc %.3f%s", _s, epoch, n_epochs, tl, ta, val)
 
         t0, cpu0 = time.perf_counter(), time.process_time()
-        model, meta, metrics = training.train_model(
-            x, labels, groups, cfg, seed=seed, progress_callback=progress, class_names=datasets.MYO_CLASS_NAMES
+        train, train_cfg = training.train_model, cfg
+        if base is not None:  # fine-tune: only the options given here override the fine-tuning defaults
+            import functools
+
+            from ml_model import transfer
+
+            train = functools.partial(transfer.finetune_from_training_config, base=base)
+            train_cfg = {"sample_rate_hz": cfg["sample_rate_hz"], **(config or {})}
+        model, meta, metrics = train(
+            x, labels, groups, train_cfg, seed=seed, progress_callback=progress, class_names=datasets.MYO_CLASS_NAMES
         )
         weights, meta = artifacts.save_artifact(model, meta, metrics)
         train_seconds[subject] = round(time.perf_counter() - t0, 3)
@@ -118,6 +128,7 @@ def evaluate_subjects(
         },
         "seed": seed,
         "max_epochs": cfg["max_epochs"],
+        "base": base,
     }
 
 
@@ -136,10 +147,13 @@ class Jobs:
         epochs: int | None = None,
         seed: int = 0,
         verbose: bool = False,
+        base: str | None = None,
     ) -> None:
         """Train one model per subject on ``train_session`` (optionally only ``train_cycles``) and test it on
         ``test_sessions``, or with no test session on ``test_cycles`` of the training session. ``epochs``
-        caps the epochs (default: the training default). Prints one JSON line of figures last."""
+        caps the epochs (default: the training default). ``base``: fine-tune this pretrained artifact dir
+        (from ``pretrain``) instead of training from scratch; one training cycle is then enough.
+        Prints one JSON line of figures last."""
         _setup_logging(verbose)
         config = {} if epochs is None else {"max_epochs": int(epochs)}
         result = evaluate_subjects(
@@ -151,6 +165,7 @@ class Jobs:
             subjects=_as_list(subjects),
             config=config,
             seed=int(seed),
+            base=str(Path(base).expanduser()) if base else None,
         )
         log.info(
             "mean accuracy %.4f over %d subjects, median training %.1f s, model %d bytes",
@@ -159,6 +174,45 @@ class Jobs:
         sys.stdout.write(json.dumps(result) + "\n")
         sys.stdout.flush()
 
+
+    def pretrain(
+        self,
+        data_dir: str,
+        out: str,
+        exclude_subjects: Any = None,
+        register: bool = False,
+        epochs: int | None = None,
+        seed: int = 0,
+        verbose: bool = False,
+    ) -> None:
+        """Pretrain a base model on every subject of ``data_dir`` (Myo-armband folders or NinaPro DB5 .mat
+        files) except ``exclude_subjects``, write it as an artifact dir ``out``; ``register`` also stores it
+        in model_artifacts as a shared base (user_id NULL). Prints one JSON line last (ml_model.pretrain)."""
+        _setup_logging(verbose)
+        from ml_model import pretrain
+
+        summary = pretrain.cli_pretrain(str(Path(data_dir).expanduser()), str(Path(out).expanduser()),
+                                        _as_list(exclude_subjects) or [], register=bool(register),
+                                        epochs=epochs, seed=int(seed))
+        sys.stdout.write(json.dumps(summary) + "\n")
+        sys.stdout.flush()
+
+    def export(self, job_id: int | None = None, format: str = "onnx", out: str | None = None,  # noqa: A002
+               artifact_dir: str | None = None, int8: bool = True, verbose: bool = False) -> None:
+        """Export a job's model (or ``--artifact-dir``) to ``--format onnx`` (plus an int8 variant) or
+        ``torchscript``: the file takes raw windows and returns probabilities; a sidecar JSON describes it.
+        Prints one JSON line last: paths, sizes, max abs difference vs PyTorch (ml_model.export)."""
+        _setup_logging(verbose)
+        from ml_model import export
+
+        try:
+            report = export.cli_export(None if job_id is None else _job_id(job_id), str(format), out,
+                                       artifact_dir, bool(int8))
+        except (LookupError, ValueError) as e:
+            print(f"TrainMLJob export: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        sys.stdout.write(json.dumps(report) + "\n")
+        sys.stdout.flush()
 
     def train(self, job_id: int, verbose: bool = False) -> None:
         """Train one scheduled job from the database now (what the worker does for each job it takes).

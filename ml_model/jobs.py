@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -283,7 +284,14 @@ def _train(conn, s: Settings, job_id: int, user_id: int, params: dict) -> str:
             if _STOP_REQUESTED.is_set():
                 raise _WorkerStopping()
 
-        model, meta, metrics = training.train_model(
+        train = training.train_model
+        if params.get("base_artifact_id") is not None:  # fine-tune a pretrained base (ml_model.transfer)
+            from ml_model import transfer
+
+            base = transfer.load_base_artifact(conn, params["base_artifact_id"], user_id)
+            _log(conn, job_id, f"fine-tuning base model {params['base_artifact_id']}")
+            train = functools.partial(transfer.finetune_from_training_config, base=base)
+        model, meta, metrics = train(
             data["windows"], data["labels"], data["groups"], cfg, seed=int(params.get("seed", 0)),
             progress_callback=progress,
         )

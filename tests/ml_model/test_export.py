@@ -1,0 +1,134 @@
+"""Export: ONNX (fp32, int8) and TorchScript files reproduce the PyTorch Predictor on raw windows, carry their
+own description, and ``TrainMLJob.py export`` writes them from a job's artifact or an artifact dir."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from ml_model import artifacts, export, transfer
+from ml_model import preprocessing as pp
+from ml_model.model import EMGNet
+
+REPO = Path(__file__).resolve().parents[2]
+TOL = 1e-4
+
+
+def _trained_artifact(n_channels: int = 6, channels=None, filt=None, seed: int = 0):
+    """A small model trained (a few epochs) on separable synthetic windows; returns weights, meta, test data."""
+    from test_transfer import CLASSES, synth_subject
+
+    x, y, g = synth_subject(seed, n_channels=n_channels)
+    base = (EMGNet(len(channels or range(n_channels)), len(CLASSES)), {"classes": CLASSES})  # platform width
+    cfg = {"sample_rate_hz": 200.0, "fixed_epochs": 6, "channels": channels, "filter": filt}
+    model, meta, metrics = transfer.finetune_model(x[g < 3], y[g < 3], g[g < 3], base, cfg, class_names=CLASSES,
+                                                   from_scratch=True)
+    weights, meta = artifacts.save_artifact(model, meta, metrics)
+    return weights, meta, x[g == 3], y[g == 3]
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return _trained_artifact()
+
+
+@pytest.fixture(scope="module")
+def filtered():
+    """Channel subset in a new order + high-pass and notch filters: all must be inside the exported graph."""
+    return _trained_artifact(n_channels=6, channels=[4, 0, 2, 5], filt={"highpass_hz": 20.0, "notch_hz": 50.0}, seed=1)
+
+
+@pytest.mark.parametrize("case", ["plain", "filtered"])
+def test_onnx_and_torchscript_match_pytorch(case, request):
+    weights, meta, x, y = request.getfixturevalue(case)
+    ref = artifacts.Predictor(weights, meta).predict_proba(x)
+    onnx_bytes = export.export_bytes(weights, meta, "onnx")
+    probs = export.run_onnx(onnx_bytes, x)
+    assert probs.shape == ref.shape
+    assert float(np.max(np.abs(probs - ref))) <= TOL
+    ts = export.export_bytes(weights, meta, "torchscript")
+    assert float(np.max(np.abs(export.run_torchscript(ts, x) - ref))) <= TOL
+    # raw int16 windows of any batch size, including one
+    assert export.run_onnx(onnx_bytes, x[:1].astype(np.int16)).shape == (1, len(meta["classes"]))
+
+
+def test_filter_matrix_is_the_preprocessing_filter(filtered):
+    _, meta, x, _ = filtered
+    fmat = export.filter_matrix(meta)
+    chans = pp.select_channels(x[:5].astype(np.float64), meta["channels"])
+    expected = pp.apply_filter(chans, meta["filter"], meta["sample_rate_hz"])
+    assert np.allclose(chans @ fmat.T.astype(np.float64), expected, atol=1e-3)
+    assert export.filter_matrix({**meta, "filter": {}}) is None
+
+
+def test_int8_is_smaller_and_agrees(plain):
+    weights, meta, x, y = plain
+    report = export.compare(weights, meta, x, y, formats=("onnx", "onnx-int8"))
+    print(json.dumps(report))  # the figures, for the record (pytest -s)
+    assert report["onnx"]["max_abs_diff"] <= TOL
+    assert report["onnx-int8"]["bytes"] < 0.6 * report["onnx"]["bytes"]
+    assert report["onnx-int8"]["top1_agreement"] >= 0.95
+    assert abs(report["onnx-int8"]["accuracy_change_points"]) <= 5.0
+
+
+def test_file_describes_its_input(plain):
+    weights, meta, _, _ = plain
+    proto = onnx.load_from_string(export.export_bytes(weights, meta, "onnx"))
+    info = json.loads({p.key: p.value for p in proto.metadata_props}["semg"])
+    assert info["input"]["name"] == export.INPUT_NAME == proto.graph.input[0].name
+    assert info["input"]["shape"] == ["batch", meta["n_device_channels"], meta["window"]]
+    assert info["classes"] == meta["classes"] and info["scaler"] == meta["scaler"]
+    assert "standardisation" in info["includes"]
+    extra = {"semg.json": ""}
+    torch.jit.load(io.BytesIO(export.export_bytes(weights, meta, "torchscript")), _extra_files=extra)
+    assert json.loads(extra["semg.json"])["format"] == "torchscript"
+    with pytest.raises(ValueError, match="unknown export format"):
+        export.export_bytes(weights, meta, "tflite")
+
+
+def test_cli_export_artifact_dir(plain, tmp_path):
+    weights, meta, x, _ = plain
+    artifacts.write_artifact_dir(tmp_path / "art", weights, meta)
+    proc = subprocess.run([sys.executable, "ml_model/TrainMLJob.py", "export", "--artifact-dir", str(tmp_path / "art"),
+                           "--format", "onnx", "--out", str(tmp_path / "m.onnx")],
+                          cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["check"]["onnx"]["max_abs_diff"] <= TOL and report["int8_bytes"] < report["bytes"]
+    side = json.loads(Path(report["sidecar"]).read_text())
+    assert side["input"]["name"] == "raw_windows" and side["classes"] == meta["classes"]
+    probs = export.run_onnx((tmp_path / "m.onnx").read_bytes(), x)
+    assert np.max(np.abs(probs - artifacts.Predictor(weights, meta).predict_proba(x))) <= TOL
+    assert (tmp_path / "m.int8.onnx").is_file() and (tmp_path / "m.int8.onnx.json").is_file()
+
+
+def test_cli_export_job_from_database(clean_db, plain, tmp_path):
+    from ml_model import jobs
+    from semg import repo
+
+    weights, meta, x, _ = plain
+    user = repo.create_user(clean_db, "Exporter", "export@example.org")
+    with clean_db.cursor() as cur:
+        cur.execute("INSERT INTO training_jobs (user_id, params, status) VALUES (%s, '{}', 'completed') RETURNING id",
+                    (user["id"],))
+        job_id = cur.fetchone()[0]
+    jobs.store_artifact(clean_db, user["id"], job_id, weights, {**meta, "job_id": job_id})
+    out = tmp_path / "job.pt"
+    proc = subprocess.run([sys.executable, "ml_model/TrainMLJob.py", "export", str(job_id), "--format", "torchscript",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["job_id"] == job_id and report["check"]["torchscript"]["max_abs_diff"] <= TOL
+    assert np.max(np.abs(export.run_torchscript(out.read_bytes(), x)
+                         - artifacts.Predictor(weights, meta).predict_proba(x))) <= TOL
+    missing = subprocess.run([sys.executable, "ml_model/TrainMLJob.py", "export", "999999"], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "no model artifact" in missing.stderr

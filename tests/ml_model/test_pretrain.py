@@ -1,0 +1,176 @@
+"""Pretraining a base: Myo-armband and NinaPro DB5 loaders, per-subject scaling, the saved artifact, and
+``TrainMLJob.py pretrain`` (with --register into model_artifacts as a shared base)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+
+from ml_model import artifacts, ninapro, pretrain
+from ml_model import preprocessing as pp
+from ml_model.training import TrainingDataError
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = {"max_epochs": 2, "model": {"width": 8}, "n_val_subjects": 1}
+TINY_GRID = '{"finetune_epochs": [2], "alpha": [1.0], "scratch_epochs": [2]}'
+
+
+def write_myo_folder(root: Path, subjects=("Alice", "Bob", "Carol"), seconds: float = 1.5, seed: int = 0) -> Path:
+    """A synthetic folder in the Myo-armband layout: <subject>/training0/classe_<i>.dat, int16 x 8 channels."""
+    rng = np.random.default_rng(seed)
+    patterns = rng.uniform(0.1, 1.0, size=(7, 8))
+    for s, subject in enumerate(subjects):
+        folder = root / subject / "training0"
+        folder.mkdir(parents=True)
+        gain = rng.uniform(0.5, 2.0, 8)
+        for i in range(28):
+            x = rng.standard_normal((int(seconds * 200), 8)) * patterns[i % 7] * gain * 30
+            x.astype("<i2").tofile(folder / f"classe_{i}.dat")
+    return root
+
+
+def write_db5_mat(path: Path, subject: int, exercise: int, movements=(1, 2, 3), reps: int = 3,
+                  move_s: float = 1.0, rest_s: float = 0.6, seed: int = 0) -> dict:
+    """A synthetic NinaPro DB5 file: emg (n, 16), restimulus, rerepetition (rest between movements)."""
+    rng = np.random.default_rng(seed + subject)
+    parts, stim, rep = [], [], []
+
+    def block(label: int, r: int, seconds: float):
+        n = int(seconds * 200)
+        amp = 5.0 if label == 0 else 10.0 + 10.0 * np.roll(np.arange(16) == label, exercise)
+        parts.append(rng.standard_normal((n, 16)) * amp)
+        stim.append(np.full(n, label))
+        rep.append(np.full(n, r))
+
+    block(0, 0, rest_s)
+    for m in movements:
+        for r in range(1, reps + 1):
+            block(m, r, move_s)
+            block(0, 0, rest_s)
+    data = {"emg": np.concatenate(parts), "restimulus": np.concatenate(stim)[:, None],
+            "rerepetition": np.concatenate(rep)[:, None], "exercise": np.array([[exercise]]),
+            "subject": np.array([[subject]]), "frequency": np.array([[200]])}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scipy.io.savemat(path, data)
+    return data
+
+
+# ---- NinaPro DB5 ----------------------------------------------------------------------------------------
+def test_db5_mat_windows_follow_labels_and_repetitions(tmp_path):
+    data = write_db5_mat(tmp_path / "s1" / "S1_E2_A1.mat", subject=1, exercise=2)
+    rec = ninapro.load_db5_mat(tmp_path / "s1" / "S1_E2_A1.mat")
+    assert rec["emg"].shape == (data["emg"].shape[0], 16) and rec["exercise"] == 2 and rec["subject"] == "S1"
+    assert rec["sample_rate_hz"] == 200.0
+    win, step = pp.window_params(250, 25, 200)
+    w, y, g = ninapro.db5_windows(rec, win, step)
+    assert w.shape[1:] == (16, win) and len(w) == len(y) == len(g)
+    assert set(y) == {"REST", "E2_1", "E2_2", "E2_3"}
+    assert set(g[y != "REST"]) == {1, 2, 3}
+    # the first rest belongs to the first movement's repetition, later rests to the movement before them
+    assert set(g[y == "REST"]) == {1, 2, 3}
+    # no window straddles a label change: each window equals a slice of one constant-label run
+    stim = data["restimulus"].ravel()
+    runs = ninapro.runs(stim, data["rerepetition"].ravel())
+    n_expected = sum(pp.n_windows(b - a, win, step) for a, b, _, _ in runs)
+    assert len(w) == n_expected
+
+
+def test_db5_subjects_and_bad_files(tmp_path):
+    for s in (1, 2):
+        for e in (1, 2):
+            write_db5_mat(tmp_path / f"s{s}" / f"S{s}_E{e}_A1.mat", subject=s, exercise=e)
+    data, info = ninapro.load_db5_subjects(tmp_path, exclude=["S2"], exercises=[1])
+    assert list(data) == ["S1"] and info["sample_rate_hz"] == 200.0
+    assert info["class_names"] == ["REST", "E1_1", "E1_2", "E1_3"]
+    scipy.io.savemat(tmp_path / "broken.mat", {"emg": np.zeros((10, 16))})
+    with pytest.raises(ValueError, match="restimulus"):
+        ninapro.load_db5_mat(tmp_path / "broken.mat")
+
+
+def test_pretrain_on_ninapro_folder(tmp_path):
+    for s in (1, 2, 3):
+        write_db5_mat(tmp_path / "db5" / f"s{s}" / f"S{s}_E1_A1.mat", subject=s, exercise=1)
+    assert pretrain.detect_format(tmp_path / "db5") == "ninapro"
+    model, meta, metrics = pretrain.pretrain_from_dir(tmp_path / "db5", ["S3"], {**SMALL, "tune_calibration": False})
+    assert meta["pretrain"]["source"] == "ninapro-db5" and meta["pretrain"]["subjects"] == ["S1", "S2"]
+    assert meta["n_device_channels"] == 16 and meta["classes"] == ["REST", "E1_1", "E1_2", "E1_3"]
+    assert meta["sample_rate_hz"] == 200.0 and meta["window"] == 50
+
+
+# ---- Myo-armband layout -----------------------------------------------------------------------------------
+def test_pretrain_myo_layout_saves_a_servable_base(tmp_path):
+    root = write_myo_folder(tmp_path / "myo")
+    assert pretrain.detect_format(root) == "myo"
+    data = pretrain.load_myo_subjects(root, exclude=["Carol"])
+    assert sorted(data) == ["Alice", "Bob"] and data["Alice"][0].shape[1:] == (8, 50)
+    assert set(data["Alice"][2]) == {0, 1, 2, 3}
+    model, meta, metrics = pretrain.pretrain_model(data, {"sample_rate_hz": 200.0, **SMALL, "tune_calibration": False})
+    assert meta["pretrain"]["val_subjects"] in (["Alice"], ["Bob"])
+    weights, full = pretrain.save_base(model, meta, metrics, tmp_path / "base")
+    assert "history" not in full["metrics"] and (tmp_path / "base" / artifacts.WEIGHTS_FILE).is_file()
+    pred = artifacts.Predictor.from_dir(tmp_path / "base")
+    assert pred.predict_proba(data["Bob"][0][:3]).shape == (3, 7)
+    # the pooled scaler of the artifact is the raw-data scale (the base also serves as a generic model)
+    pooled = np.concatenate([np.asarray(d[0], np.float64) for d in data.values()])
+    assert np.allclose(full["scaler"]["mean"], pooled.mean(axis=(0, 2)), atol=1e-6)
+
+
+def test_pretrain_rejects_bad_input(tmp_path):
+    root = write_myo_folder(tmp_path / "myo", subjects=("Solo",))
+    data = pretrain.load_myo_subjects(root)
+    with pytest.raises(TrainingDataError, match="at least 2 subjects"):
+        pretrain.pretrain_model(data, {"sample_rate_hz": 200.0})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TrainingDataError):
+        pretrain.detect_format(tmp_path / "empty")
+    with pytest.raises(ValueError, match="unknown pretraining config"):
+        pretrain.merge_pretrain_config({"nope": 1})
+
+
+def test_cli_pretrain_registers_a_shared_base(clean_db, tmp_path):
+    root = write_myo_folder(tmp_path / "myo", subjects=("Alice", "Bob", "Carol", "Dave"))
+    out = tmp_path / "base"
+    code = ("import sys, runpy; from ml_model import pretrain; "
+            f"pretrain.CALIBRATION_GRID.update({{k: tuple(v) for k, v in __import__('json').loads('{TINY_GRID}').items()}}); "
+            "sys.argv = sys.argv[1:]; runpy.run_path('ml_model/TrainMLJob.py', run_name='__main__')")
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "TrainMLJob.py", "pretrain", "--data-dir", str(root), "--out", str(out),
+         "--exclude-subjects", "Dave", "--epochs", "2", "--register"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["subjects"] == ["Alice", "Bob", "Carol"] and summary["channels"] == list(range(8))
+    assert summary["sample_rate_hz"] == 200.0 and summary["window"] == 50
+    weights, meta = artifacts.read_artifact_dir(out)
+    assert meta["pretrain"]["calibration"]["recipe"]["finetune"] == {"epochs": 2, "alpha": 1.0}
+    with clean_db.cursor() as cur:
+        cur.execute("SELECT user_id, job_id, sha256, classes FROM model_artifacts WHERE id = %s",
+                    (summary["artifact_id"],))
+        user_id, job_id, sha, classes = cur.fetchone()
+    assert user_id is None and job_id is None and sha == meta["sha256"] and classes == meta["classes"]
+    bases = pretrain.list_bases(clean_db)
+    assert [b["id"] for b in bases] == [summary["artifact_id"]]
+    assert bases[0]["pretrain"]["subjects"] == ["Alice", "Bob", "Carol"]
+
+
+def test_pretrain_on_real_myo_subjects(tmp_path):
+    """Two real people, one epoch: the base must beat chance on a third person it never saw (zero-shot with
+    that person's own scaler)."""
+    sys.path.insert(0, str(REPO / "tests" / "testing"))
+    from tests_conftest_shim import require_myo_data
+
+    from ml_model import datasets
+
+    root = require_myo_data()
+    data = pretrain.load_myo_subjects(root, subjects=["Female0", "Male0", "Male2"], step_ms=100.0)
+    model, meta, metrics = pretrain.pretrain_model(
+        data, {"sample_rate_hz": 200.0, "step_ms": 100.0, "max_epochs": 2, "val_subjects": ["Male2"],
+               "tune_calibration": False}, class_names=datasets.MYO_CLASS_NAMES, source="myo-armband")
+    assert metrics["accuracy"] > 0.3  # held-out person, 7 classes: chance is 0.14
+    assert meta["pretrain"]["subjects"] == ["Female0", "Male0", "Male2"]
