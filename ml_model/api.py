@@ -141,6 +141,48 @@ errors.install(app)
 for r in (models_routes, users_routes, sessions_routes, jobs_routes, keys_routes):
     app.include_router(r.router)
 
+# Error answers every keyed endpoint may give (ml_model/rest/errors.py, auth.py): documented in the schema, so
+# clients (and schemathesis, tests/fuzz) can rely on it. A 422 is FastAPI's validation list or one message.
+_ERRORS = {
+    400: "the request body could not be read (e.g. not UTF-8)",
+    401: "missing, unknown or revoked API key",
+    403: "this API key may not access that user's data (or this endpoint)",
+    404: "a referenced user, device, session, job, gesture, key or model does not exist",
+    409: "conflicts with stored data (duplicate, or the state does not allow it)",
+    503: "the database is unavailable; retry later (Retry-After)",
+}
+
+
+def _openapi() -> dict:
+    if app.openapi_schema:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    comps = schema.setdefault("components", {}).setdefault("schemas", {})
+    comps["Error"] = {"title": "Error", "type": "object", "required": ["detail"],
+                      "properties": {"detail": {"title": "Detail", "type": "string"}}}
+    error = {"$ref": "#/components/schemas/Error"}
+    for path, ops in schema["paths"].items():
+        if path == "/health":
+            continue
+        for method, op in ops.items():
+            responses = op.setdefault("responses", {})
+            for code, text in _ERRORS.items():
+                if code in (400, 409) and method == "get":
+                    continue
+                responses.setdefault(str(code), {"description": text, "content": {"application/json": {"schema": error}}})
+            invalid = responses.setdefault("422", {"description": "Validation Error",
+                                                   "content": {"application/json": {"schema": error}}})
+            body = invalid.setdefault("content", {}).setdefault("application/json", {})
+            if body.get("schema", error) != error:
+                body["schema"] = {"anyOf": [body["schema"], error]}
+    app.openapi_schema = schema
+    return schema
+
+
+app.openapi = _openapi  # type: ignore[method-assign]
+
 
 class ComponentHealth(BaseModel):
     ok: bool
