@@ -542,6 +542,10 @@ def finetune_model(
     channel_map = cfg["channel_map"]
     base_channels = base_meta.get("channels")
     n_in = len(channels)
+    if (channel_map is None and base_channels is not None and channels != list(base_channels)
+            and base_meta.get("n_device_channels") == x.shape[1]):
+        # Same kind of device, another channel selection: electrode c of the user is electrode c of the base.
+        channel_map = [list(base_channels).index(c) if c in base_channels else None for c in channels]
 
     def new_model() -> tuple[EMGNet, dict[str, Any]]:
         if from_scratch:

@@ -290,3 +290,13 @@ def test_evaluate_cli_with_base_on_real_data(tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["base"] == str(tmp_path / "base") and result["n_subjects"] == 1
     assert result["accuracy"]["Female0"] > 0.5  # 7 classes: chance is 0.14
+
+
+def test_channel_subset_of_the_same_device_maps_the_input_layer(base):
+    x, y, g = synth_subject(48)  # 6 channels like the base; the user's gestures use channels 4, 1, 2
+    model, meta, metrics = transfer.finetune_model(x[g < 2], y[g < 2], g[g < 2], base,
+                                                   {"sample_rate_hz": RATE, "channels": [4, 1, 2], "max_epochs": 3},
+                                                   class_names=CLASSES)
+    assert meta["base"]["adaptation"]["input_layer"] == "mapped"
+    assert meta["base"]["adaptation"]["channel_map"] == [4, 1, 2]
+    assert meta["channels"] == [4, 1, 2] and model.hparams["n_channels"] == 3
