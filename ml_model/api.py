@@ -97,9 +97,20 @@ async def _startup_and_poll(state: AppState, ready: bool) -> None:
         await _refresh(state)
 
 
+SERVICE_KEY_NAME = "platform service key"
+
+
 def _ensure_service_key(state: AppState) -> None:
+    """Register the current service key and revoke the ones it replaced (a rotated key stops working)."""
+    key = secrets.service_api_key(state.settings)
     with state.pool.connection() as conn:
-        keys.ensure_key(conn, secrets.service_api_key(state.settings), "service", "platform service key")
+        keys.ensure_key(conn, key, "service", SERVICE_KEY_NAME)
+        with conn, conn.cursor() as cur:
+            cur.execute("""UPDATE api_keys SET revoked_at = now()
+                           WHERE role = 'service' AND name = %s AND key_hash <> %s AND revoked_at IS NULL
+                           RETURNING id""", (SERVICE_KEY_NAME, keys.key_hash(key)))
+            if old := [r[0] for r in cur.fetchall()]:
+                log.warning("revoked %d replaced service key(s): %s", len(old), old)
 
 
 @contextlib.asynccontextmanager

@@ -71,3 +71,90 @@ def ui_password(settings: Settings | None = None) -> str:
     if s.semg_ui_password is not None:
         return s.semg_ui_password.get_secret_value()
     return get_or_create("ui_password", s, nbytes=12)
+
+
+# ---- rotation (python -m semg.secrets rotate WHAT) --------------------------------------------------------------
+def rotate_postgres(settings: Settings | None = None) -> None:
+    """A new password for the embedded database's role: set on the running server, then kept in the file.
+
+    Services read the file whenever they open a connection, so they keep working; open connections stay open.
+    """
+    import contextlib
+
+    from psycopg2 import sql
+
+    from semg import db
+
+    s = settings or get_settings()
+    if s.postgres_password is not None:
+        raise RuntimeError("POSTGRES_PASSWORD is set: change the password on the server and in the environment")
+    path = s.secrets_dir / "postgres_password"
+    new = _secrets.token_urlsafe(24)
+    staged = path.with_suffix(".new")
+    _write_private(staged, new)  # on disk before the server knows it: a crash never locks us out
+    try:
+        with contextlib.closing(db.connect(s)) as conn, conn, conn.cursor() as cur:
+            cur.execute("SET LOCAL password_encryption = 'scram-sha-256'")
+            cur.execute(sql.SQL("ALTER ROLE {} PASSWORD %s").format(sql.Identifier(s.postgres_user)), (new,))
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    os.replace(staged, path)
+
+
+def rotate_nats(settings: Settings | None = None) -> None:
+    """New passwords for every embedded NATS identity (the server and the services pick them up at a restart)."""
+    s = settings or get_settings()
+    if not s.embedded_nats:
+        raise RuntimeError("NATS_SERVER is set: rotate NATS_USER/NATS_PASSWORD on that server and in the environment")
+    users = {name: _secrets.token_urlsafe(24) for name in NATS_SERVICES}
+    _write_private(s.secrets_dir / "nats_users.json", json.dumps(users, indent=1))
+    from semg.embedded import nats_config_path, write_nats_config
+    if nats_config_path(s).exists():
+        write_nats_config(s)
+
+
+def rotate_file(name: str, settings: Settings | None = None, env_var: str = "", nbytes: int = 24) -> None:
+    s = settings or get_settings()
+    if env_var and getattr(s, env_var.lower()) is not None:
+        raise RuntimeError(f"{env_var} is set: change it in the environment instead")
+    _write_private(s.secrets_dir / name, _secrets.token_urlsafe(nbytes))
+
+
+_NEXT = {
+    "postgres": "done: the database and every new connection use the new password",
+    "nats": "written: restart everything to apply it (./stop_all.sh && ./start_all.sh)",
+    "service-key": "written: restart everything (./stop_all.sh && ./start_all.sh); the API revokes the old key",
+    "ui-password": "written: the next sign-in needs it; sessions signed in already end when the UI restarts "
+                   "(./stop_all.sh && ./start_all.sh)",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m semg.secrets", description="Rotate a generated secret.")
+    p.add_argument("action", choices=["rotate"])
+    p.add_argument("what", choices=list(_NEXT))
+    args = p.parse_args(argv)
+    try:
+        s = get_settings()
+        if args.what == "postgres":
+            rotate_postgres(s)
+        elif args.what == "nats":
+            rotate_nats(s)
+        elif args.what == "service-key":
+            rotate_file("service_api_key", s, "SEMG_SERVICE_KEY", nbytes=32)
+        else:
+            rotate_file("ui_password", s, "SEMG_UI_PASSWORD", nbytes=12)
+    except Exception as e:  # noqa: BLE001 - one line for the operator
+        print(f"semg.secrets rotate {args.what}: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}",
+              file=sys.stderr)
+        return 2
+    print(f"{args.what}: {_NEXT[args.what]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
