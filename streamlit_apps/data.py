@@ -60,13 +60,22 @@ def settings() -> Settings:
         raise Unavailable(f"The platform settings are invalid: {e}. Fix the environment and restart the UI.") from None
 
 
+class _FreshPasswordPool(psycopg2.pool.ThreadedConnectionPool):
+    """Every new connection reads the current password, so `python -m semg.secrets rotate postgres` needs no
+    UI restart (connections already open stay valid)."""
+
+    def _connect(self, key=None):
+        self._kwargs["password"] = db.connect_kwargs(settings())["password"]
+        return super()._connect(key)
+
+
 @st.cache_resource(show_spinner=False)
 def _pool(host: str, port: int, dbname: str) -> psycopg2.pool.ThreadedConnectionPool:
     # Keyed by the target so a changed environment (tests) gets its own pool; connections open lazily.
     kw = db.connect_kwargs(settings())
     kw.update(connect_timeout=3, application_name="semg-ui",
               options="-c statement_timeout=20000 -c idle_in_transaction_session_timeout=60000")
-    return psycopg2.pool.ThreadedConnectionPool(0, 16, **kw)
+    return _FreshPasswordPool(0, 16, **kw)
 
 
 def _db_down_message(err: Exception) -> str:

@@ -19,6 +19,27 @@ from semg.embedded import nats_config_path
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _restore_secrets(services, settings):
+    """Put every secret back afterwards: the rest of the suite shares this database and NATS."""
+    d = settings.secrets_dir
+    names = ("postgres_password", "nats_users.json", "service_api_key", "ui_password")
+    secrets.service_api_key(settings)
+    secrets.ui_password(settings)
+    saved = {n: (d / n).read_text() for n in names}
+    yield
+    from psycopg2 import sql
+    with contextlib.closing(db.connect(settings)) as conn, conn, conn.cursor() as cur:
+        cur.execute(sql.SQL("ALTER ROLE {} PASSWORD %s").format(sql.Identifier(settings.postgres_user)),
+                    (saved["postgres_password"].strip(),))
+    for n, text in saved.items():
+        secrets._write_private(d / n, text)
+    from semg.embedded import write_nats_config
+    write_nats_config(settings)
+    services.stop("nats")
+    services.start("nats")
+
+
 def rotate(what: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "semg.secrets", "rotate", what], cwd=REPO, capture_output=True,
                           text=True, timeout=60, env={**os.environ, **env})
@@ -41,6 +62,23 @@ def test_rotate_the_database_password(settings):
                          user=settings.postgres_user, password=old, connect_timeout=5)
     with contextlib.closing(db.connect(settings)) as conn, conn.cursor() as cur:  # services read the file
         cur.execute("SELECT 1")
+
+
+def test_the_ui_keeps_connecting_after_a_database_password_rotation(settings, page):
+    import data
+    kw = {**db.connect_kwargs(settings), "connect_timeout": 5}
+    pool = data._FreshPasswordPool(0, 2, **kw)  # as the UI's cached pool: created before the rotation
+    try:
+        assert rotate("postgres").returncode == 0
+        conn = pool.getconn()  # a new connection after the rotation
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
+        pool.putconn(conn)
+    finally:
+        pool.closeall()
+    at = page("Main.py")
+    at.run()
+    assert not at.exception
 
 
 def test_rotation_refuses_secrets_set_in_the_environment(settings):
