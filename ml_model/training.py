@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ml_model import preprocessing as pp
-from ml_model.model import MAX_CHANNELS, EMGNet
+from ml_model.model import MAX_CHANNELS, EMGNet, min_window_samples
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +244,8 @@ def _fit(
     steps_per_epoch = max(1, math.ceil(len(x) / bs))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _one_cycle(n_epochs * steps_per_epoch))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=float(cfg["label_smoothing"]))
+    mixup_alpha = float(cfg["augment"].get("mixup_alpha") or 0.0)
+    np_rng = np.random.default_rng(int(torch.randint(2**31 - 1, (1,), generator=gen))) if mixup_alpha > 0 else None
     for epoch in range(n_epochs):
         model.train()
         perm = torch.randperm(len(x), generator=gen)
@@ -253,15 +255,24 @@ def _fit(
             if len(idx) < 2:  # batch-norm cannot train on a batch of one
                 sched.step()
                 continue
-            xb = _augment(x[idx], cfg["augment"], gen)
-            logits = model(xb)
-            loss = loss_fn(logits, y[idx])
+            xb, yb = _augment(x[idx], cfg["augment"], gen), y[idx]
+            if mixup_alpha > 0:
+                # Mixup of two windows (the larger weight on the first): smoother class boundaries.
+                lam = float(np_rng.beta(mixup_alpha, mixup_alpha))
+                lam = max(lam, 1.0 - lam)
+                j = torch.randperm(len(idx), generator=gen)
+                xb = lam * xb + (1.0 - lam) * xb[j]
+                logits = model(xb)
+                loss = lam * loss_fn(logits, yb) + (1.0 - lam) * loss_fn(logits, yb[j])
+            else:
+                logits = model(xb)
+                loss = loss_fn(logits, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             total_loss += float(loss.detach()) * len(idx)
-            correct += int((logits.argmax(1) == y[idx]).sum())
+            correct += int((logits.argmax(1) == yb).sum())
             seen += len(idx)
         val_loss = val_acc = None
         if val is not None:
@@ -346,6 +357,11 @@ def train_model(
     tr, va = torch.from_numpy(~is_val), torch.from_numpy(is_val)
 
     hparams = {"n_channels": len(channels), "n_classes": len(classes), **cfg["model"]}
+    min_samples = min_window_samples(hparams)
+    if win < min_samples:
+        raise TrainingDataError(
+            f"windows of {win} samples are too short for the model (needs {min_samples}); use a longer window_ms"
+        )
     max_epochs, patience = int(cfg["max_epochs"]), int(cfg["patience"])
     log.info(
         "training %d windows (%d validation, groups %s), %d channels x %d samples, classes %s",

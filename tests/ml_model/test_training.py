@@ -119,6 +119,7 @@ def test_training_data_errors(synth_data):
     _bad(w, y[:-1], g, "one label and one group per window")
     _bad(w, y, g, "sample_rate_hz", sample_rate_hz=None)
     _bad(w, y, g, "channels", channels=[7])
+    _bad(w[:, :, :5], y, g, "too short")
     with pytest.raises(TrainingDataError, match="not in class_names"):
         train_model(w, y, g, FAST_CONFIG, class_names=["REST", "fist"])
     with pytest.raises(ValueError, match="unknown training config key"):
