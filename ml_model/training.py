@@ -306,7 +306,9 @@ def train_model(
     architecture from ``config["model"]`` and the class count.
 
     Returns ``(model, meta, metrics)``: the model in eval mode; ``meta`` everything serving needs (see
-    ``ml_model.artifacts``); ``metrics`` with validation accuracy, per-class accuracy and confusion matrix.
+    ``ml_model.artifacts``); ``metrics``: ``accuracy`` (= ``val_accuracy``), ``per_class_accuracy`` and
+    ``confusion_matrix`` of the held-out repetition, measured on the early-stopped model that did not see it
+    (the returned model is then retrained on all data when ``retrain_full``), plus epochs and timings.
     Raises ``TrainingDataError`` for unusable data.
     """
     t0, cpu0 = time.perf_counter(), time.process_time()
@@ -371,16 +373,21 @@ def train_model(
     def new_model() -> EMGNet:
         model = EMGNet(**hparams)
         if init_state_dict is not None:
-            model.load_state_dict(init_state_dict)
+            try:
+                model.load_state_dict(init_state_dict)
+            except RuntimeError as exc:
+                raise ValueError(f"init_state_dict does not fit the model {hparams}: {exc}") from None
         return model
 
     with _torch_session(seed, int(cfg["num_threads"])):
         gen = torch.Generator().manual_seed(seed)
         model = new_model()
         best = {"epoch": 0, "val_loss": math.inf, "val_acc": 0.0, "state": copy.deepcopy(model.state_dict())}
+        ran = {"epochs": 0}
 
         def on_val_epoch(epoch: int, tl: float, ta: float, vl: float | None, vacc: float | None) -> bool:
             # Select on validation accuracy, ties broken by loss: loss alone over-punishes confident errors.
+            ran["epochs"] = epoch + 1
             if (vacc, -vl) > (best["val_acc"], -best["val_loss"]):
                 best.update(epoch=epoch + 1, val_loss=vl, val_acc=vacc, state=copy.deepcopy(model.state_dict()))
             log.debug("epoch %d/%d loss %.4f acc %.4f val_loss %.4f val_acc %.4f", epoch + 1, max_epochs, tl, ta, vl, vacc)
@@ -400,23 +407,29 @@ def train_model(
         retrain = bool(cfg["retrain_full"])
         if retrain:
             n_full = max(1, best["epoch"], min(int(cfg["min_epochs"]), max_epochs))
-            total = max_epochs + n_full
+            # Epoch numbers continue after the last validated epoch, so progress never jumps backwards.
+            done = ran["epochs"]
 
             def on_full_epoch(epoch: int, tl: float, ta: float, vl: float | None, vacc: float | None) -> bool:
                 if progress_callback is not None:
-                    progress_callback(max_epochs + epoch + 1, total, tl, ta, None, None)
+                    progress_callback(done + epoch + 1, done + n_full, tl, ta, None, None)
                 return False
 
             model = new_model()
             _fit(model, x_all, y_all, cfg, n_full, gen, None, on_full_epoch)
         model.eval()
 
+    metrics["val_accuracy"] = metrics["accuracy"]
     metrics["retrained_on_all"] = retrain
+    metrics["final_epochs"] = n_full if retrain else best["epoch"]
     metrics["train_seconds"] = time.perf_counter() - t0
     # CPU time of this process: a fairer speed figure than wall time on a shared machine.
     metrics["train_cpu_seconds"] = time.process_time() - cpu0
     meta["model"] = hparams
-    meta["training"] = {"seed": seed, "config": _jsonable(cfg), "epochs": best["epoch"]}
+    meta["training"] = {
+        "seed": seed, "config": _jsonable(cfg), "best_epoch": best["epoch"], "epochs": metrics["final_epochs"],
+        "retrained_on_all": retrain,
+    }
     log.info(
         "validation accuracy %.4f at epoch %d, retrained on all: %s, %.1f s",
         metrics["accuracy"], best["epoch"], retrain, metrics["train_seconds"],

@@ -77,6 +77,13 @@ def test_progress_callback_and_cancel(synth_data):
     assert all(s[2] is None for s in seen[3:])  # retraining on everything has no validation
     assert [s[0] for s in seen] == list(range(1, len(seen) + 1))
 
+    # Early stopping: epoch numbers stay continuous and the total never shrinks below the epoch reported.
+    seen.clear()
+    _, _, metrics = train_model(w, y, g, {**FAST_CONFIG, "max_epochs": 8, "patience": 1}, progress_callback=progress)
+    assert [s[0] for s in seen] == list(range(1, len(seen) + 1))
+    assert all(epoch <= total for epoch, total, _ in seen) and seen[-1][0] == seen[-1][1]
+    assert metrics["final_epochs"] == metrics["best_epoch"] and len(seen) <= 8 + metrics["best_epoch"]
+
     def cancel(epoch, *_):
         if epoch == 2:
             raise TrainingCancelled("stop")
