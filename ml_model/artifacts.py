@@ -24,7 +24,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,7 @@ def save_artifact(
         format=ARTIFACT_FORMAT,
         format_version=FORMAT_VERSION,
         code_version=__version__,
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         size_bytes=len(weights),
         sha256=hashlib.sha256(weights).hexdigest(),
     )

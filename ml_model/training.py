@@ -90,7 +90,7 @@ def windows_from_capture(
 
     samples: (n_samples, n_channels); timestamps_ms: (n_samples,).
     Returns ``(windows (n, n_channels, win), labels (n,) object, groups (n,) int64)``. The group is the
-    interval's ``cycle`` when given, else the repetition number of its gesture (k-th cue of that label);
+    interval's ``cycle`` when given (not None), else the repetition number of its gesture (k-th cue of that label);
     a rest interval belongs to the cycle of the gesture before it, so holding out a cycle holds out its rests.
     """
     labels, index = pp.label_windows(timestamps_ms, intervals, win, step, reaction_ms)
@@ -100,7 +100,7 @@ def windows_from_capture(
     current = 0
     for i in order:
         iv = intervals[i]
-        if "cycle" in iv:
+        if iv.get("cycle") is not None:
             cycle_of[i] = int(iv["cycle"])
         elif iv.get("kind") == "rest":
             cycle_of[i] = current
@@ -154,7 +154,7 @@ def _check_classes(y: np.ndarray, class_names: Sequence[str], min_per_class: int
     names, counts = np.unique(y.astype(str), return_counts=True)
     if len(names) < 2:
         raise TrainingDataError(f"only one class ({names[0] if len(names) else 'none'}) in the {where}; need 2+")
-    few = {n: int(c) for n, c in zip(names, counts) if c < min_per_class}
+    few = {n: int(c) for n, c in zip(names, counts, strict=True) if c < min_per_class}
     missing = sorted(set(class_names) - set(names))
     if missing:
         raise TrainingDataError(f"classes {missing} have no windows in the {where}")

@@ -8,13 +8,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from mlcore_helpers import synthetic_windows
 from safetensors.torch import load as st_load
 
 from ml_model import artifacts
 from ml_model import preprocessing as pp
 from ml_model.model import EMGNet
-
-from mlcore_helpers import synthetic_windows
 
 REQUIRED_META = {
     "classes", "channels", "n_device_channels", "sample_rate_hz", "window_ms", "step_ms", "window", "step",
@@ -80,9 +79,9 @@ def test_predictor_matches_training_preparation(trained_synth):
 
 
 def test_predictor_applies_filter_like_training(synth_data):
-    from ml_model.training import train_model
-
     from mlcore_helpers import FAST_CONFIG
+
+    from ml_model.training import train_model
 
     w, y, g = synth_data
     cfg = {**FAST_CONFIG, "max_epochs": 1, "channels": [3, 1], "filter": {"highpass_hz": 20.0, "notch_hz": 50.0}}

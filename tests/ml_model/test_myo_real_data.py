@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from ml_model import datasets
 from ml_model import preprocessing as pp

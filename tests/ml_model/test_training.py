@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from mlcore_helpers import FAST_CONFIG, SYNTH_CLASSES, synthetic_windows
 
 from ml_model import preprocessing as pp
 from ml_model.model import EMGNet, count_parameters
@@ -19,8 +20,6 @@ from ml_model.training import (
     train_model,
     windows_from_capture,
 )
-
-from mlcore_helpers import FAST_CONFIG, SYNTH_CLASSES, synthetic_windows
 
 
 def test_trains_on_separable_data(trained_synth):
