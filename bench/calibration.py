@@ -157,8 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-export", action="store_true", help="skip the ONNX export checks")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if args.verbose else logging.INFO,
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("calibration", "ml_model.pretrain"):  # progress; -v adds every fine-tuning run and more
+        logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     data_dir = Path(args.data_dir) if args.data_dir else datasets.default_myo_dir()
     if not (data_dir / "Female0").is_dir():
         print(json.dumps({"error": f"Myo data not found at {data_dir}; set {datasets.MYO_DATA_ENV}"}))
