@@ -11,8 +11,9 @@ tests/faults/faultstack.SupervisedStack (run_soak(), as tests/faults does). Each
 decisions flow. Measured:
 
 - memory of every service, sampled every few seconds: RSS of its process tree (PostgreSQL: the tree's
-  unique memory, USS -- its RSS grows as the shared buffer cache warms up, which is not a leak), the median
-  over a window just after the warm-up against the median over the last window: flat means within 10 %;
+  private memory, RSS minus shared -- its RSS grows as the shared buffer cache fills, which is not a leak),
+  the median over a window just after the warm-up against the median over the last window: flat means
+  within 10 %;
 - sent vs stored (sample_blocks) vs published (emg.samples.*, seen by an admin subscriber), per packet by
   sequence numbers: nothing lost;
 - latency: UDP packet that completes a window sent -> its decision received on NATS, p99 per minute
@@ -51,7 +52,7 @@ def _median_memory(samples: list[tuple[float, dict]], t0: float, t1: float) -> d
     out: dict[str, dict[str, float]] = {}
     for name in chosen[0]:
         vals = [m[name] for m in chosen if name in m]
-        out[name] = {k: float(np.median([v[k] for v in vals])) for k in ("rss_mb", "uss_mb")}
+        out[name] = {k: float(np.median([v[k] for v in vals])) for k in ("rss_mb", "anon_mb")}
     return out
 
 
@@ -76,7 +77,7 @@ def run_soak(stack: fs.SupervisedStack, users: int = 50, duration: float = 600.0
             now = time.monotonic()
             if now >= next_sample:
                 mem = fs.service_memory(stack)
-                memory.append((now - fleet.t_start, {k: {"rss_mb": v["rss_mb"], "uss_mb": v["uss_mb"]}
+                memory.append((now - fleet.t_start, {k: {"rss_mb": v["rss_mb"], "anon_mb": v["anon_mb"]}
                                                      for k, v in mem.items()}))
                 load.append(os.getloadavg()[0])
                 next_sample += sample_every
@@ -109,12 +110,12 @@ def run_soak(stack: fs.SupervisedStack, users: int = 50, duration: float = 600.0
     end = _median_memory(memory, duration - window, duration + 60)
     mem_out, flat = {}, True
     for name in sorted(end):
-        metric = "uss_mb" if name == "postgres" else "rss_mb"
+        metric = "anon_mb" if name == "postgres" else "rss_mb"
         a, b = warm.get(name, {}).get(metric), end[name][metric]
         growth = None if not a else (b - a) / a * 100
         ok = growth is not None and abs(growth) <= FLAT_PCT
         flat &= ok
-        mem_out[name] = {"metric": "tree_uss" if name == "postgres" else "tree_rss", "after_warmup_mb": round(a or 0, 1),
+        mem_out[name] = {"metric": "tree_anon" if name == "postgres" else "tree_rss", "after_warmup_mb": round(a or 0, 1),
                          "end_mb": round(b, 1), "growth_pct": None if growth is None else round(growth, 1)}
 
     # latency per bucket of send time, after the warm-up
@@ -150,7 +151,7 @@ def run_soak(stack: fs.SupervisedStack, users: int = 50, duration: float = 600.0
         "p99_bucket_s": round(bucket, 1), "p99_per_bucket_ms": buckets, "p99_steady": steady,
         "p99_trend_ms_per_bucket": None if trend is None else round(trend, 1),
         "memory": mem_out, "memory_flat": flat, "memory_samples": len(memory),
-        "memory_series_mb": {name: [round(m[name]["uss_mb" if name == "postgres" else "rss_mb"], 1)
+        "memory_series_mb": {name: [round(m[name]["anon_mb" if name == "postgres" else "rss_mb"], 1)
                                     for _, m in memory if name in m] for name in sorted(end)},
         "memory_series_every_s": round(sample_every, 1),
         "loadavg_1m": {"mean": round(float(np.mean(load)), 2), "max": round(float(np.max(load)), 2)} if load else None,

@@ -553,7 +553,8 @@ def per_packet_latencies(observer: Observer, fleet: Fleet, since: float = 0.0) -
 
 # ---- memory of every service -----------------------------------------------------------------------------------
 def service_memory(stack: SupervisedStack) -> dict[str, dict[str, float]]:
-    """MB per service: rss of its process tree, and uss (private memory) of the tree."""
+    """MB per service, summed over its process tree: rss, and anon = rss - shared (private heap: what a leak
+    grows; for PostgreSQL it leaves out the shared buffer cache, which fills as data arrives)."""
     import psutil
     out = {}
     for name, pid in stack.pids().items():
@@ -562,11 +563,11 @@ def service_memory(stack: SupervisedStack) -> dict[str, dict[str, float]]:
             procs = [root, *root.children(recursive=True)]
         except psutil.Error:
             continue
-        rss = uss = 0
+        rss = anon = 0
         for p in procs:
             with contextlib.suppress(psutil.Error):
-                m = p.memory_full_info()
+                m = p.memory_info()
                 rss += m.rss
-                uss += m.uss
-        out[name] = {"rss_mb": rss / 2**20, "uss_mb": uss / 2**20, "procs": len(procs)}
+                anon += m.rss - m.shared
+        out[name] = {"rss_mb": rss / 2**20, "anon_mb": anon / 2**20, "procs": len(procs)}
     return out
