@@ -318,7 +318,7 @@ def run_structured(n: int, seed: int, max_seconds: float) -> dict:
 
 
 # ---- atheris (child process) -------------------------------------------------------------------------------------------
-def _atheris_child(n: int, seed: int, out_path: str) -> None:
+def _atheris_child(n: int, seed: int, out_path: str, corpus: Path) -> None:
     t = Tally()
     t0 = time.monotonic()
 
@@ -331,7 +331,7 @@ def _atheris_child(n: int, seed: int, out_path: str) -> None:
             sys.stdout.flush()
             os._exit(0)  # libFuzzer would exit without running Python's atexit handlers anyway
 
-    corpus = Path(tempfile.mkdtemp(prefix="semg-fuzz-corpus-"))
+    corpus.mkdir(parents=True, exist_ok=True)  # libFuzzer adds what it finds; the parent removes it
     rnd = random.Random(seed)
     for i in range(64):
         (corpus / f"b{i}").write_bytes(_valid_binary(rnd))
@@ -353,7 +353,8 @@ def run_atheris(n: int, seed: int, max_seconds: float) -> dict | None:
         t0 = time.monotonic()
         with open(err, "wb") as errf:
             r = subprocess.run([sys.executable, __file__, "--atheris-child", str(out), "--inputs", str(n),
-                                "--seed", str(seed)], env={**os.environ, "SEMG_FUZZ_ATHERIS_CHILD": "1"},
+                                "--seed", str(seed), "--corpus", str(Path(d) / "corpus")],
+                               env={**os.environ, "SEMG_FUZZ_ATHERIS_CHILD": "1"},
                                stdout=subprocess.DEVNULL, stderr=errf, timeout=max_seconds + 120)
         if not out.exists():
             tail = err.read_text(errors="replace").splitlines()[-20:]
@@ -370,9 +371,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-seconds", type=float, default=1800, help="stop an engine after this long")
     p.add_argument("--atheris-child", metavar="RESULT", help=argparse.SUPPRESS)
+    p.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.atheris_child:
-        _atheris_child(args.inputs, args.seed, args.atheris_child)
+        _atheris_child(args.inputs, args.seed, args.atheris_child, args.corpus)
         return 0
     if not 1 <= args.inputs <= 100_000_000:
         p.error("--inputs must be 1..100,000,000")
