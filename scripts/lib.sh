@@ -51,7 +51,9 @@ semg_export_env() {
   mkdir -p "$SEMG_STATE_DIR/logs" "$SEMG_STATE_DIR/run" || semg_die "cannot create SEMG_STATE_DIR=$SEMG_STATE_DIR"
   chmod 755 "$SEMG_STATE_DIR"
   local envfile="$SEMG_STATE_DIR/run/supervisor.env"
-  "$SEMG_PYTHON" -m semg.config shell > "$envfile" || exit 1
+  # holds the supervisor password: private file
+  (umask 077; "$SEMG_PYTHON" -m semg.config shell > "$envfile") || exit 1
+  chmod 600 "$envfile"
   # shellcheck disable=SC1090
   . "$envfile"
   export SEMG_DB_INIT="${SEMG_DB_INIT:-true}"
