@@ -58,7 +58,8 @@ class Stack:
         self.env = {
             "SEMG_STATE_DIR": str(self.dir), "POSTGRES_PORT": str(free_port()), "NATS_PORT": str(free_port()),
             "API_PORT": str(free_port()), "UI_PORT": str(free_port()), "UDP_PORT": str(free_port(udp=True)),
-            "UDP_METRICS_PORT": str(free_port()), "POSTGRES_DB": "sensordb", "LOG_LEVEL": "WARNING",
+            "UDP_METRICS_PORT": str(free_port()), "POSTGRES_DB": "sensordb",
+            "LOG_LEVEL": os.environ.get("SEMG_BENCH_LOG_LEVEL", "WARNING"),
         }
         os.environ.update(self.env)
         from semg.config import get_settings

@@ -2,8 +2,9 @@
 
 Live inference sends one or two windows per user per round; a separate forward per user costs ~0.4 ms of
 framework overhead each, which for 50 users is most of the latency budget. Models with the same architecture
-are therefore evaluated together: every (model, window) pair becomes one group of a grouped convolution
-(batch-norm folded into the convolution), so 100 windows of 50 users cost one pass through the layers.
+are therefore evaluated together: batch-norm is folded into each convolution, a 1x1 mixing convolution into the
+temporal one after it, and every (model, window) pair becomes one slice of a batched matrix product, so 100
+windows of 50 users cost one pass through the layers.
 
 `extract_parts` understands the layer types EMGNet uses; anything else returns None and the caller falls back
 to the model's own forward. The serving code compares the stacked result with the model's own predictor when
@@ -75,22 +76,51 @@ def extract_parts(model: nn.Module) -> NetParts | None:
                     head.bias.detach().float().contiguous())
 
 
+def _compose(first: tuple, second: tuple) -> tuple | None:
+    """Two convolutions with nothing between them as one, when exact: a 1x1 mixing conv (no padding) feeding
+    an unpadded conv is the conv with weight W2 @ W1 (EMGNet's learned montage + temporal filter bank: for
+    8 electrodes this is ~4x fewer multiply-adds). None when it would change the result (padding)."""
+    w1, b1, p1 = first[1], first[2], first[3]
+    w2, b2, p2 = second[1], second[2], second[3]
+    if w1.shape[-1] != 1 or p1 != 0 or p2 != 0:
+        return None
+    w = torch.einsum("odk,dc->ock", w2, w1[..., 0])
+    b = b2 + torch.einsum("odk,d->o", w2, b1)
+    return ("conv", w.contiguous(), b.contiguous(), 0)
+
+
+def _fuse(layers: Sequence[tuple]) -> list[tuple]:
+    out: list[tuple] = []
+    for layer in layers:
+        if layer[0] == "conv" and out and out[-1][0] == "conv" and (c := _compose(out[-1], layer)) is not None:
+            out[-1] = c
+        else:
+            out.append(layer)
+    return out
+
+
 class Bank:
     """Several models with one signature, parameters stacked along a leading model axis.
 
     `logits(x, idx)` evaluates window s with model idx[s]: the per-window weights are gathered with one
-    index_select per layer (cheap) and the whole batch runs as one grouped convolution per layer.
+    index_select per layer and every convolution runs as one batched matrix product over unfolded windows
+    (im2col). Measured against a grouped convolution (groups = windows) for 8 ch x 50 samples windows of
+    EMGNet: 5 / 20 / 60 windows 109 / 276 / 623 us vs 315 / 709 / 5620 us on one thread.
     """
 
     def __init__(self, parts: Sequence[NetParts]):
         if not parts or len({p.signature for p in parts}) != 1:
             raise ValueError("a bank needs one or more models with the same signature")
+        fused = [_fuse(p.layers) for p in parts]
         self.layers: list[tuple] = []
-        for k, layer in enumerate(parts[0].layers):
+        for k, layer in enumerate(fused[0]):
             if layer[0] == "conv":
-                w = torch.stack([p.layers[k][1] for p in parts])  # (K, Cout, Cin, kernel)
-                b = torch.stack([p.layers[k][2] for p in parts])  # (K, Cout)
-                self.layers.append(("conv", w, b, layer[3]))
+                w = torch.stack([f[k][1] for f in fused])  # (K, Cout, Cin, kernel)
+                b = torch.stack([f[k][2] for f in fused])  # (K, Cout)
+                kernel = w.shape[-1]
+                # (K, Cin*kernel, Cout): rows ordered like the unfolded input below (channel-major)
+                w_mat = w.reshape(w.shape[0], w.shape[1], -1).transpose(1, 2).contiguous()
+                self.layers.append(("conv", w_mat, b.unsqueeze(1).contiguous(), layer[3], kernel))
             else:
                 self.layers.append(layer)
         self.head_weight = torch.stack([p.head_weight for p in parts])  # (K, n_classes, F)
@@ -99,19 +129,20 @@ class Bank:
     def logits(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x: (S, C, T) float32 prepared windows, idx: (S,) int64 model of each -> (S, n_classes) logits."""
         s = x.shape[0]
-        h = x.reshape(1, s * x.shape[1], x.shape[2])
+        h = x  # (S, C, T)
         for layer in self.layers:
             if layer[0] == "conv":
-                w = layer[1].index_select(0, idx)
-                b = layer[2].index_select(0, idx)
-                if w.shape[-1] == 1 and layer[3] == 0:  # 1x1 mixing: a batched matmul is ~4x faster here
-                    h = torch.baddbmm(b.unsqueeze(2), w.squeeze(3), h.reshape(s, -1, h.shape[-1]))
-                    h = h.reshape(1, -1, h.shape[-1])
+                _, w_mat, b, pad, kernel = layer
+                if pad:
+                    h = F.pad(h, (pad, pad))
+                if kernel == 1:
+                    u = h.transpose(1, 2)  # (S, T, C)
                 else:
-                    h = F.conv1d(h, w.reshape(-1, *w.shape[2:]), b.reshape(-1), padding=layer[3], groups=s)
+                    # (S, C, T', k) -> (S, T', C*k): every output step's receptive field as one row
+                    u = h.unfold(2, kernel, 1).permute(0, 2, 1, 3).reshape(s, h.shape[2] - kernel + 1, -1)
+                h = torch.baddbmm(b.index_select(0, idx), u, w_mat.index_select(0, idx)).transpose(1, 2)
             else:
                 h = layer[1](h)
-        h = h.reshape(s, -1, h.shape[-1])
         # Same pooling as EMGNet.forward: mean and log-energy over time.
         feats = torch.cat([h.mean(dim=-1), torch.log(h.pow(2).mean(dim=-1) + 1e-4)], dim=1)
         hw = self.head_weight.index_select(0, idx)

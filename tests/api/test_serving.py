@@ -51,3 +51,33 @@ def test_unknown_architecture_runs_on_its_own(monkeypatch):
     assert m.group is None and m.parts is None
     x = np.ones((2, 8, 50), np.float32)
     np.testing.assert_allclose(serving.predict_many([(m, x)])[0], m.predictor.predict_proba(x), atol=1e-6)
+
+
+def test_bank_matches_other_stackable_architectures():
+    """Deeper nets, padded and pooled layers: the fused/unfolded bank equals each model's own forward."""
+    import torch
+    from torch import nn
+
+    from ml_model.model import EMGNet
+
+    def net(seed: int, padded: bool) -> nn.Module:
+        torch.manual_seed(seed)
+        m = EMGNet(5, 4, width=6, depth=2, kernel_size=5)
+        if padded:  # a padded temporal conv after the 1x1 mix must not be composed with it
+            m.features[2] = nn.Conv1d(6, 6, 5, padding=2, bias=True)
+            m.features.insert(5, nn.MaxPool1d(2))
+        for bn in (x for x in m.modules() if isinstance(x, nn.BatchNorm1d)):
+            bn.running_mean.normal_(0, 0.3)
+            bn.running_var.uniform_(0.5, 2.0)
+        return m.eval()
+
+    for padded in (False, True):
+        models = [net(s, padded) for s in range(4)]
+        parts = [stacking.extract_parts(m) for m in models]
+        assert all(p is not None for p in parts)
+        x = torch.randn(9, 5, 40)
+        idx = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0, 2])
+        with torch.inference_mode():
+            got = stacking.Bank(parts).logits(x, idx)
+            ref = torch.cat([models[i](x[j:j + 1]) for j, i in enumerate(idx.tolist())])
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
