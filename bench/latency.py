@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import multiprocessing as mp
 import os
@@ -209,6 +210,12 @@ async def run_once(stack: Stack, devices: list[dict], rate: int, channels: int, 
         await nc.subscribe("emg.samples.*", cb=on_samples, pending_msgs_limit=10**6)
     await nc.flush()
 
+    # The harness must not stall its own clocks: a full collection over the ~10^5 prepared packets and the
+    # growing list of decisions took up to 90 ms here, which showed up as pipeline latency. Nothing below
+    # makes reference cycles, so collection is off until the run is over.
+    gc.collect()
+    gc.freeze()
+    gc.disable()
     parent, child = mp.Pipe(duplex=False)
     t_start = time.monotonic() + 0.5
     proc = mp.get_context("fork").Process(
@@ -222,6 +229,8 @@ async def run_once(stack: Stack, devices: list[dict], rate: int, channels: int, 
     proc.join()
     await asyncio.sleep(1.0)  # the last windows' decisions
     await nc.close()
+    gc.enable()
+    gc.unfreeze()
 
     # match decisions to the packet that completed their window
     from semg.messages import PredictionMessage
