@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import logging
 import sys
 from collections.abc import AsyncIterator
@@ -34,7 +33,7 @@ from ml_model.rest.routes import sessions as sessions_routes
 from ml_model.rest.routes import users as users_routes
 from ml_model.rest.serving import ModelRegistry
 from ml_model.rest.state import AppState, State
-from semg import db, natsio, secrets
+from semg import db, natsio, procs, secrets
 from semg.config import Settings, SettingsError, get_settings, settings_or_exit
 from semg.messages import MODELS_UPDATED, ModelUpdated
 
@@ -131,7 +130,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.warning("starting without the database (%s)", str(e).strip().splitlines()[0])
     state.tasks.append(asyncio.create_task(_startup_and_poll(state, ready)))
     state.tasks.append(asyncio.create_task(_connect_nats(state)))
-    gc.freeze()  # startup objects (torch, models) leave the collector's scans: shorter pauses on the hot path
+    procs.tune_live_process()  # startup objects leave the collector's scans; quicker GIL hand-offs
     yield
     for t in state.tasks:
         t.cancel()

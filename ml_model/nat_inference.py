@@ -49,7 +49,7 @@ import psycopg2
 from pydantic import ValidationError
 
 from ml_model import postprocessing
-from semg import db, natsio, secrets
+from semg import db, natsio, procs, secrets
 from semg.config import Settings, settings_or_exit
 from semg.messages import (
     MODELS_UPDATED,
@@ -709,6 +709,7 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:
         pass
+    procs.tune_live_process()
     asyncio.run(Worker(s, opts).run())
     return 0
 

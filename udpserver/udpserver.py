@@ -26,7 +26,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from semg import db
+from semg import db, procs
 from semg.config import Settings, settings_or_exit
 from udpserver.ingest import Ingestor, Record, Resume
 from udpserver.metrics import MetricsServer, RateLimitedLog
@@ -421,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:
         pass
+    procs.tune_live_process()
 
     async def _main() -> int:
         try:
