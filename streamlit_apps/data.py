@@ -365,6 +365,42 @@ def job_artifact(job_id: int) -> dict | None:
                    FROM model_artifacts WHERE job_id = %s ORDER BY id DESC LIMIT 1""", (job_id,))
 
 
+EXPORT_FORMATS = {"onnx": "ONNX", "onnx-int8": "ONNX int8", "torchscript": "TorchScript"}
+
+
+def export_model(artifact_id: int, fmt: str) -> tuple[bytes, str]:
+    """A stored model exported for running off the platform (``ml_model.export``): ``(file bytes, file name)``.
+
+    ``fmt`` is one of ``EXPORT_FORMATS``. The export runs the whole serving path (channels, filter, scaler,
+    CNN, softmax) and takes seconds (int8 quantisation), so it is cached per artifact and format.
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {list(EXPORT_FORMATS)}")
+    return _export_model_cached(int(artifact_id), fmt)
+
+
+def export_file_name(job_id: int | None, artifact_id: int, fmt: str) -> str:
+    """The download name of ``export_model(artifact_id, fmt)`` (known without exporting)."""
+    from ml_model import export
+
+    return export.export_filename({"job_id": job_id, "sha256": f"model{int(artifact_id)}"}, fmt)
+
+
+@st.cache_data(ttl=600, show_spinner=False, max_entries=12)
+def _export_model_cached(artifact_id: int, fmt: str) -> tuple[bytes, str]:
+    from ml_model import export
+
+    row = _one("SELECT id, job_id, weights, metadata FROM model_artifacts WHERE id = %s", (artifact_id,))
+    if row is None:
+        raise Unavailable(f"Model #{artifact_id} no longer exists (deleted?); reload the page.")
+    meta = dict(row["metadata"] or {})
+    meta.setdefault("artifact_id", row["id"])
+    if row["job_id"] is not None:
+        meta.setdefault("job_id", row["job_id"])
+    weights = bytes(row["weights"])
+    return export.export_bytes(weights, meta, fmt), export.export_filename(meta, fmt)
+
+
 def pretrained_bases() -> list[dict]:
     """Shared base models (user_id NULL) a user's model can be fine-tuned from."""
     return _rows("""SELECT id, created_at, classes, channels, sample_rate_hz, size_bytes, metrics,

@@ -1,7 +1,8 @@
 """Training jobs: live progress, logs, errors, training curves, confusion matrix, per-class accuracy, model size,
-cancel. Refreshes itself while a job is scheduled or running."""
+cancel, model download (ONNX, int8 ONNX, TorchScript). Refreshes itself while a job is scheduled or running."""
 
 from datetime import UTC, datetime
+from functools import partial
 
 import charts
 import data
@@ -75,6 +76,26 @@ def results(job: dict) -> None:
         right.plotly_chart(charts.per_class_figure(m["per_class"]), key=f"pc_{job['id']}")
     if not m["matrix"] and not m["per_class"]:
         st.caption("The model carries no per-class metrics.")
+    if job["status"] == "completed":
+        downloads(job, artifact)
+
+
+def downloads(job: dict, artifact: dict) -> None:
+    """The job's model as files that run off the platform (ONNX, int8 ONNX, TorchScript); each is exported
+    only when its button is clicked (int8 quantisation takes seconds), then cached."""
+    st.markdown("**Download the model** · raw device windows in, class probabilities out (the filter, scaling "
+                "and channel selection are inside the file)")
+    cols = st.columns(len(data.EXPORT_FORMATS))
+    for col, (fmt, label) in zip(cols, data.EXPORT_FORMATS.items(), strict=True):
+        col.download_button(
+            label, data=partial(export_file, artifact["id"], fmt), key=f"download_{fmt}_{job['id']}",
+            file_name=data.export_file_name(job["id"], artifact["id"], fmt), mime="application/octet-stream",
+            on_click="ignore", icon=":material/download:",
+            help=f"Model #{artifact['id']} exported as {label} (see ml_model/export.py for the input format)")
+
+
+def export_file(artifact_id: int, fmt: str) -> bytes:
+    return data.export_model(artifact_id, fmt)[0]
 
 
 def details(job_id: int) -> None:
