@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
+import aiohttp
 import numpy as np
 import orjson
 import psycopg2
@@ -294,12 +294,41 @@ class Stats:
         return " ".join(f"{k}={v}" for k, v in self.__dict__.items() if k != "predict_ms") + per
 
 
+class ApiUnreachable(Exception):
+    """The API could not be reached or did not answer in time."""
+
+
+class ApiClient:
+    """Keep-alive HTTP/1.1 connection(s) to the API, answering (status, body bytes).
+
+    aiohttp rather than httpx: measured against the same API, 275-335 us of client CPU per /predict call
+    against 1200-1250 us, which at ~150 calls/s is a tenth of a core on the live path.
+    """
+
+    def __init__(self, base_url: str, api_key: str, timeout_s: float, max_connections: int):
+        self._session = aiohttp.ClientSession(
+            base_url=base_url.rstrip("/") + "/", headers={"X-API-Key": api_key},
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
+            connector=aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=60))
+
+    async def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+        headers = {"Content-Type": "application/json"} if body is not None else None
+        try:
+            async with self._session.request(method, path.lstrip("/"), data=body, headers=headers) as resp:
+                return resp.status, await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise ApiUnreachable(f"{type(e).__name__}: {e}") from None
+
+    async def close(self) -> None:
+        await self._session.close()
+
+
 @dataclass
 class Worker:
     settings: Settings
     opts: Options
     nc: Any = None
-    http: httpx.AsyncClient | None = None
+    http: ApiClient | None = None
     membership: Membership | None = None
     specs: dict[int, ModelSpec] = field(default_factory=dict)
     streams: dict[int, UserStream] = field(default_factory=dict)
@@ -395,23 +424,23 @@ class Worker:
         body = orjson.dumps({"items": [self._encode(r) for r in batch], "include_probabilities": True})
         t0 = time.perf_counter()
         try:
-            resp = await self.http.post("/predict", content=body, headers={"Content-Type": "application/json"})
+            status, content = await self.http.request("POST", "/predict", body)
             self.stats.batches += 1
             self.stats.predict_ms += (time.perf_counter() - t0) * 1000
-        except httpx.HTTPError as e:
+        except ApiUnreachable as e:
             self.stats.api_errors += 1
             self.stats.dropped += sum(len(r.windows) for r in batch)
             self._warn_every("predict", "/predict failed: %s: %s (windows dropped)", type(e).__name__, e)
             await asyncio.sleep(0.2)
             return None
-        if resp.status_code != 200:
+        if status != 200:
             self.stats.api_errors += 1
             self.stats.dropped += sum(len(r.windows) for r in batch)
-            self._warn_every("predict", "/predict answered %s: %s (windows dropped)", resp.status_code,
-                             resp.text[:300])
+            self._warn_every("predict", "/predict answered %s: %s (windows dropped)", status,
+                             content[:300].decode("utf-8", "replace"))
             await asyncio.sleep(0.2)
             return None
-        return orjson.loads(resp.content)
+        return orjson.loads(content)
 
     async def batcher(self) -> None:
         """Send whatever is pending as soon as a request slot is free; results are handled in send order."""
@@ -495,10 +524,11 @@ class Worker:
     async def refresh_catalogue(self) -> None:
         """All served models (GET /models); then (un)subscribe to match ownership."""
         try:
-            resp = await self.http.get("/models")
-            resp.raise_for_status()
-            specs = {int(d["user_id"]): ModelSpec.from_api(d) for d in orjson.loads(resp.content)}
-        except (httpx.HTTPError, KeyError, ValueError) as e:
+            status, content = await self.http.request("GET", "/models")
+            if status != 200:
+                raise ValueError(f"GET /models answered {status}")
+            specs = {int(d["user_id"]): ModelSpec.from_api(d) for d in orjson.loads(content)}
+        except (ApiUnreachable, KeyError, ValueError) as e:
             log.warning("cannot list models from the API (%s); keeping %d known", e, len(self.specs))
             return
         self.specs = specs
@@ -506,19 +536,19 @@ class Worker:
 
     async def refresh_user(self, user_id: int) -> None:
         try:
-            resp = await self.http.get(f"/models/{user_id}")
-        except httpx.HTTPError as e:
+            status, content = await self.http.request("GET", f"/models/{user_id}")
+        except ApiUnreachable as e:
             log.warning("cannot fetch the model of user %s (%s)", user_id, e)
             return
-        if resp.status_code == 404:
+        if status == 404:
             self.specs.pop(user_id, None)
-        elif resp.status_code == 200:
-            spec = ModelSpec.from_api(orjson.loads(resp.content))
+        elif status == 200:
+            spec = ModelSpec.from_api(orjson.loads(content))
             if self.specs.get(user_id) != spec:
                 log.info("user %s: model %s (window %d, step %d)", user_id, spec.artifact_id, spec.window, spec.step)
             self.specs[user_id] = spec
         else:
-            log.warning("GET /models/%s answered %s", user_id, resp.status_code)
+            log.warning("GET /models/%s answered %s", user_id, status)
             return
         await self.sync_subscriptions()
 
@@ -625,11 +655,8 @@ class Worker:
         done = natsio.install_shutdown(loop, self.stop)
         self.membership = Membership(self.settings)
         await asyncio.to_thread(self.membership.poll)
-        self.http = httpx.AsyncClient(
-            base_url=self.opts.api_url, headers={"X-API-Key": secrets.service_api_key(self.settings)},
-            timeout=self.opts.http_timeout_s,
-            limits=httpx.Limits(max_connections=self.opts.max_inflight + 2, max_keepalive_connections=4),
-        )
+        self.http = ApiClient(self.opts.api_url, secrets.service_api_key(self.settings), self.opts.http_timeout_s,
+                              self.opts.max_inflight + 2)
         self.nc = await natsio.connect("inference", self.settings)
         await self.nc.subscribe(MODELS_UPDATED, cb=self.on_models_updated)
         tasks = [asyncio.create_task(c) for c in (self.store_loop(), self.stats_loop())]
@@ -639,9 +666,10 @@ class Worker:
             if self.specs or self._stopping:
                 break
             try:
-                (await self.http.get("/models")).raise_for_status()
-                break  # reachable, just no models yet
-            except httpx.HTTPError:
+                if (await self.http.request("GET", "/models"))[0] == 200:
+                    break  # reachable, just no models yet
+                await asyncio.sleep(1)
+            except ApiUnreachable:
                 await asyncio.sleep(1)
         tasks += [asyncio.create_task(c) for c in (self.membership_loop(), self.catalogue_loop())]
         gc.freeze()  # startup objects leave the collector's scans: shorter pauses while streaming
@@ -655,7 +683,7 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         await self.store_now()  # the last decisions (a store in progress was awaited above)
-        await self.http.aclose()
+        await self.http.close()
         self.membership.close()
         if self._store_conn is not None:
             self._store_conn.close()
