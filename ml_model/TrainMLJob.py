@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -221,7 +222,9 @@ class Jobs:
         from ml_model import jobs
         from semg.config import settings_or_exit
 
-        status = jobs.run_job(_job_id(job_id), settings_or_exit("TrainMLJob train"))
+        settings = settings_or_exit("TrainMLJob train")
+        _yield_to_live_path(settings.semg_train_nice)
+        status = jobs.run_job(_job_id(job_id), settings)
         sys.stdout.write(json.dumps({"job_id": int(job_id), "status": status}) + "\n")
         sys.stdout.flush()
         if status != "completed":
@@ -239,6 +242,7 @@ class Jobs:
         from semg.config import settings_or_exit
 
         settings = settings_or_exit("TrainMLJob worker")
+        _yield_to_live_path(settings.semg_train_nice)
         stop = threading.Event()
 
         def _stop(signum, _frame):
@@ -279,6 +283,15 @@ def _job_id(value: Any) -> int:
         print("TrainMLJob: JOB_ID must be positive", file=sys.stderr)
         raise SystemExit(2)
     return job_id
+
+
+def _yield_to_live_path(nice: int) -> None:
+    """Lower this process's priority to SEMG_TRAIN_NICE: training saturates a core for tens of seconds and
+    must not take it from the live path (UDP server, inference worker, API) on a small shared machine."""
+    current = os.nice(0)
+    if nice > current:
+        os.nice(nice - current)
+        log.info("training at nice %d (SEMG_TRAIN_NICE)", nice)
 
 
 def _setup_logging(verbose: bool = False) -> None:

@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     # Password of the web UI login (generated when unset and the state dir is writable).
     semg_ui_password: SecretStr | None = None
 
+    # Scheduling priority (nice) of training: a job uses a whole core for tens of seconds, and on a small
+    # machine shared with the live path it must yield to it (0 = same priority as the live services).
+    semg_train_nice: int = Field(10, ge=0, le=19)
+
     log_level: str = "INFO"
 
     @field_validator("postgres_host", "nats_server", "nats_user", mode="before")

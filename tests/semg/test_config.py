@@ -42,6 +42,7 @@ def test_external_services_chosen_by_environment(monkeypatch):
     ({"UDP_PORT": "-1"}, "UDP_PORT"),
     ({"POSTGRES_HOST": "db.example"}, "POSTGRES_PASSWORD"),
     ({"LOG_LEVEL": "chatty"}, "LOG_LEVEL"),
+    ({"SEMG_TRAIN_NICE": "25"}, "SEMG_TRAIN_NICE"),
 ])
 def test_invalid_setting_names_the_variable(monkeypatch, env, var):
     with pytest.raises(SettingsError) as e:
@@ -65,3 +66,12 @@ def test_secrets_are_private_and_stable(monkeypatch, tmp_path):
     assert (tmp_path / "secrets" / "postgres_password").stat().st_mode & 0o777 == 0o600
     user, pw = secrets.nats_credentials("ingest", s)
     assert user == "ingest" and pw and secrets.nats_credentials("ingest", s)[1] == pw
+
+
+def test_training_yields_to_the_live_path():
+    """The training commands lower their own priority to SEMG_TRAIN_NICE (never raise it)."""
+    code = ("import os; from ml_model.TrainMLJob import _yield_to_live_path as y; y(7); a = os.nice(0); "
+            "y(3); print(a, os.nice(0))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["7", "7"]
