@@ -4,8 +4,9 @@ Each subject's windows are standardised with that subject's OWN scaler before th
 user model standardises with the user's scaler too, so the base body always sees inputs on the same
 per-person scale (electrode contact and skin differ far more between people than between gestures).
 
-Validation holds out whole subjects (``val_subjects``, default: the last one by name) to choose the epoch
-count; with ``retrain_full`` the network is then retrained on every subject for that many epochs.
+Validation holds out whole subjects (``val_subjects``, default: ``n_val_subjects`` drawn at random) to choose
+the epoch count (at least ``min_epochs``); with ``retrain_full`` the network is then retrained on every subject
+for that many epochs.
 
 The result is an ordinary artifact (``artifacts.save_artifact`` / ``write_artifact_dir``), so the
 ``Predictor`` can also serve it directly; its ``scaler`` is the pooled raw-data scaler of all subjects (a
@@ -47,6 +48,10 @@ PRETRAIN_DEFAULTS: dict[str, Any] = {
     "model": {**copy.deepcopy(DEFAULT_CONFIG["model"]), "depth": 2},
     "max_epochs": 20,
     "patience": 5,
+    # Floor for the epoch count: the held-out subjects' zero-shot accuracy often peaks after a few epochs, but a
+    # longer-trained base fine-tunes better (one-repetition calibration on development subjects that were in
+    # neither the base nor the benchmark's test fold: 96.1 vs 95.8 % at 8 fine-tuning epochs, 95.2 vs 94.9 % at 32).
+    "min_epochs": 14,
     "batch_size": 256,
     "lr": 3e-3,
     "weight_decay": 1e-2,
@@ -214,6 +219,7 @@ def pretrain_model(
     tr, va = torch.from_numpy(~va_np), torch.from_numpy(va_np)
     hparams = {"n_channels": len(channels), "n_classes": len(classes), **cfg["model"]}
     max_epochs, patience = int(cfg["max_epochs"]), int(cfg["patience"])
+    min_epochs = min(int(cfg["min_epochs"]), max_epochs)
     log.info("pretraining on %d subjects (%d windows, validation subjects %s), classes %s",
              len(names), len(x_all), val_subjects, classes)
 
@@ -232,13 +238,13 @@ def pretrain_model(
 
         def on_epoch(epoch, tl, ta, vl, vacc) -> bool:
             history.append({"epoch": epoch + 1, "train_loss": tl, "train_acc": ta, "val_loss": vl, "val_acc": vacc})
-            if (vacc, -vl) > (best["val_acc"], -best["val_loss"]):
+            if epoch + 1 >= min_epochs and (vacc, -vl) > (best["val_acc"], -best["val_loss"]):
                 best.update(epoch=epoch + 1, val_loss=vl, val_acc=vacc, state=copy.deepcopy(model.state_dict()))
             log.info("pretrain epoch %d/%d loss %.4f acc %.4f val_loss %.4f val_acc %.4f (%.0f s)",
                      epoch + 1, max_epochs, tl, ta, vl, vacc, time.perf_counter() - t0)
             if progress_callback is not None:
                 progress_callback(epoch + 1, max_epochs, tl, ta, vl, vacc)
-            return epoch + 1 - best["epoch"] >= patience
+            return epoch + 1 >= min_epochs and epoch + 1 - best["epoch"] >= patience
 
         train(model, tr, max_epochs, (x_all[va], y_all[va]), on_epoch)
         model.load_state_dict(best["state"])
