@@ -34,7 +34,7 @@ from ml_model.rest.routes import users as users_routes
 from ml_model.rest.serving import ModelRegistry
 from ml_model.rest.state import AppState, State
 from semg import db, natsio, procs, secrets
-from semg.config import Settings, SettingsError, get_settings, settings_or_exit
+from semg.config import SettingsError, get_settings, settings_or_exit
 from semg.messages import MODELS_UPDATED, ModelUpdated
 
 log = logging.getLogger("semg.api")
@@ -206,20 +206,22 @@ class Health(BaseModel):
     models_loaded: int = 0
 
 
-def _check_db(settings: Settings) -> ComponentHealth:
+def _check_db(state: AppState) -> ComponentHealth:
+    """On a pooled connection: /health needs no key, and a fresh SCRAM login per call cost ~4 ms of CPU, so
+    anyone polling it could have slowed live recognition."""
     try:
-        with contextlib.closing(db.connect(settings, connect_timeout=2)) as conn, conn.cursor() as cur:
+        with state.pool.connection() as conn, conn.cursor() as cur:
             cur.execute("SELECT max(version) FROM schema_version")
             version = cur.fetchone()[0]
         return ComponentHealth(ok=True, detail=f"schema version {version}")
-    except psycopg2.Error as e:
+    except (DatabaseUnavailable, psycopg2.Error) as e:
         return ComponentHealth(ok=False, detail=str(e).strip().splitlines()[0])
 
 
 @app.get("/health", response_model=Health, tags=["health"])
 async def health(state: State) -> Health:
     """Reachability of PostgreSQL and NATS. Needs no API key."""
-    database = await asyncio.to_thread(_check_db, state.settings)
+    database = await asyncio.to_thread(_check_db, state)
     nc = state.nats
     nats_ok = nc is not None and nc.is_connected
     nats = ComponentHealth(ok=nats_ok, detail="connected" if nats_ok else "not connected")
