@@ -14,12 +14,12 @@ import time
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Path, Request, Security
+from fastapi import Depends, HTTPException, Path, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyHeader
 
 from ml_model.rest import keys
-from ml_model.rest.state import AppState, get_state
+from ml_model.rest.state import AppState, State
 
 KEY_TTL_S = 5.0
 KEY_MAX_STALE_S = 60.0
@@ -122,13 +122,12 @@ async def _refresh(state: AppState, key: str, digest: str) -> None:
 
 
 async def get_principal(
-    request: Request, key: Annotated[str | None, Security(api_key_header)]
+    state: State, key: Annotated[str | None, Security(api_key_header)]
 ) -> Principal:
     """The caller behind X-API-Key; 401 when it is missing, unknown or revoked."""
     if not key:
         raise HTTPException(401, f"missing API key: send it in the {HEADER} header",
                             headers={"WWW-Authenticate": HEADER})
-    state = get_state(request)
     digest = keys.key_hash(key)
     status, principal = state.key_cache.get(digest)
     if status == "miss":

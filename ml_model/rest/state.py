@@ -39,7 +39,9 @@ class AppState:
         return await loop.run_in_executor(self.inference_executor, functools.partial(fn, *args))
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
+    # async on purpose: FastAPI runs a plain-def dependency in its thread pool, and that hand-off on every
+    # request (/predict included) cost more than the lookup itself
     return request.app.state.semg
 
 
