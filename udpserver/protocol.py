@@ -130,7 +130,8 @@ def values_array(values: bytes, channels: int) -> np.ndarray:
 
 # ---- legacy text -------------------------------------------------------------------------------------
 # Fast path: the whole datagram in one regex; the slow path below only classifies rejects.
-_LEGACY = re.compile(rb"[0-9]{1,19},[0-9]{1,10}(?:,-?[0-9]{1,5}){1,16}(?:\r?\n)?")
+# Leading zeros are allowed (PROTOCOL.md: digits only); after them the digit counts bound the magnitude.
+_LEGACY = re.compile(rb"0*[0-9]{1,19},0*[0-9]{1,10}(?:,-?0*[0-9]{1,5}){1,16}(?:\r?\n)?")
 _INT = re.compile(rb"-?[0-9]+")
 
 

@@ -24,6 +24,8 @@ KEY = bytes(range(32))
     (b"12,345,-32768,32767\n", LegacyPacket(12, 345, (-32768, 32767))),
     (b"1,4294967295,0\r\n", LegacyPacket(1, 4294967295, (0,))),
     (b"1,0," + b",".join(b"7" for _ in range(16)), LegacyPacket(1, 0, (7,) * 16)),
+    # zero-padded fields are plain decimal digits too (PROTOCOL.md); their value decides the range
+    (b"0012,000345,000001,-0032768,027668,-0\r\n", LegacyPacket(12, 345, (1, -32768, 27668, 0))),
 ])
 def test_legacy_accepts(data, expected):
     assert protocol.parse(data) == expected
@@ -42,6 +44,9 @@ def test_legacy_accepts(data, expected):
     (b"12,345,32768", Reject.OUT_OF_RANGE),
     (b"12,345,-32769", Reject.OUT_OF_RANGE),
     (b"12,345,1234567", Reject.OUT_OF_RANGE),
+    (b"12,345,0032768", Reject.OUT_OF_RANGE),
+    (b"12,345,-0032769", Reject.OUT_OF_RANGE),
+    (b"000,345,1", Reject.OUT_OF_RANGE),
     (b"12,4294967296,1", Reject.OUT_OF_RANGE),
     (b"0,345,1", Reject.OUT_OF_RANGE),
     (b"12,-345,1", Reject.OUT_OF_RANGE),
