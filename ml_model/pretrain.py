@@ -32,8 +32,8 @@ import torch
 from ml_model import datasets
 from ml_model import preprocessing as pp
 from ml_model.model import EMGNet
-from ml_model.training import DEFAULT_CONFIG, TrainingDataError
-from ml_model.transfer import _jsonable, _metrics, evaluate, fit, param_groups, torch_session
+from ml_model.training import DEFAULT_CONFIG, TrainingDataError, class_metrics, evaluate, jsonable, torch_session
+from ml_model.transfer import fit, param_groups
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ def pretrain_model(
         train(model, tr, max_epochs, (x_all[va], y_all[va]), on_epoch)
         model.load_state_dict(best["state"])
         val_loss, val_acc, val_pred = evaluate(model, x_all[va], y_all[va])
-        metrics = _metrics(y_all[va].numpy(), val_pred, classes)
+        metrics = class_metrics(y_all[va].numpy(), val_pred, classes)
         metrics.update(val_loss=val_loss, best_epoch=best["epoch"], validation=f"held-out subjects {val_subjects}",
                        n_train_windows=int(tr.sum()), n_val_windows=int(va.sum()), history=history)
         calibration = None
@@ -265,7 +265,7 @@ def pretrain_model(
     metrics["retrained_on_all"] = bool(cfg["retrain_full"])
     metrics["train_seconds"] = time.perf_counter() - t0
     meta["model"] = hparams
-    meta["training"] = {"seed": seed, "config": _jsonable(cfg), "epochs": best["epoch"], "method": "pretrain"}
+    meta["training"] = {"seed": seed, "config": jsonable(cfg), "epochs": best["epoch"], "method": "pretrain"}
     meta["pretrain"] = {
         "source": source, "subjects": names, "val_subjects": val_subjects, "per_subject_scaling": True,
         "n_windows": int(len(x_all)), "calibration": calibration,
@@ -315,8 +315,8 @@ def tune_calibration(
         cfg = {"sample_rate_hz": meta["sample_rate_hz"]}
 
         def accuracy(m: EMGNet, m_meta: Mapping[str, Any], w=w, te=te, y_te=y_te) -> float:
-            logits = transfer.evaluate(m, torch.from_numpy(pp.prepare_for_model(np.asarray(w)[te], m_meta)),
-                                       torch.from_numpy(np.array([classes.index(v) for v in y_te])))
+            logits = evaluate(m, torch.from_numpy(pp.prepare_for_model(np.asarray(w)[te], m_meta)),
+                              torch.from_numpy(np.array([classes.index(v) for v in y_te])))
             return logits[1]
 
         for epochs in grid["finetune_epochs"]:

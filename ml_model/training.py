@@ -164,7 +164,7 @@ def _check_classes(y: np.ndarray, class_names: Sequence[str], min_per_class: int
 
 # ---- torch plumbing -----------------------------------------------------------------------------------
 @contextmanager
-def _torch_session(seed: int, num_threads: int):
+def torch_session(seed: int, num_threads: int):
     """Deterministic, thread-limited torch for the duration of training; global state restored after."""
     old_threads = torch.get_num_threads()
     old_det = torch.are_deterministic_algorithms_enabled()
@@ -179,7 +179,7 @@ def _torch_session(seed: int, num_threads: int):
             torch.use_deterministic_algorithms(old_det)
 
 
-def _augment(xb: torch.Tensor, aug: Mapping[str, float], gen: torch.Generator) -> torch.Tensor:
+def augment(xb: torch.Tensor, aug: Mapping[str, float], gen: torch.Generator) -> torch.Tensor:
     """Random gains and noise, (B, C, T) -> (B, C, T); mimics electrode contact and effort changes."""
     b, c, _ = xb.shape
     log_gain = torch.zeros(b, c, 1)
@@ -197,7 +197,7 @@ def _augment(xb: torch.Tensor, aug: Mapping[str, float], gen: torch.Generator) -
     return xb
 
 
-def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> tuple[float, float, np.ndarray]:
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> tuple[float, float, np.ndarray]:
     """Mean cross-entropy, accuracy and predictions (n,) of ``model`` on (x, y), eval mode."""
     model.eval()
     losses, preds = [], []
@@ -210,7 +210,7 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1
     return float(torch.stack(losses).sum()) / len(x), float((pred == y).float().mean()), pred.numpy()
 
 
-def _one_cycle(total_steps: int, warmup: float = 0.2, floor: float = 0.02) -> Callable[[int], float]:
+def one_cycle(total_steps: int, warmup: float = 0.2, floor: float = 0.02) -> Callable[[int], float]:
     """LR factor per step: linear warm-up, then cosine decay to ``floor`` (works for any step count >= 1)."""
     n_warm = max(1, int(warmup * total_steps))
 
@@ -242,7 +242,7 @@ def _fit(
     )
     bs = int(cfg["batch_size"])
     steps_per_epoch = max(1, math.ceil(len(x) / bs))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _one_cycle(n_epochs * steps_per_epoch))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, one_cycle(n_epochs * steps_per_epoch))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=float(cfg["label_smoothing"]))
     mixup_alpha = float(cfg["augment"].get("mixup_alpha") or 0.0)
     np_rng = np.random.default_rng(int(torch.randint(2**31 - 1, (1,), generator=gen))) if mixup_alpha > 0 else None
@@ -255,7 +255,7 @@ def _fit(
             if len(idx) < 2:  # batch-norm cannot train on a batch of one
                 sched.step()
                 continue
-            xb, yb = _augment(x[idx], cfg["augment"], gen), y[idx]
+            xb, yb = augment(x[idx], cfg["augment"], gen), y[idx]
             if mixup_alpha > 0:
                 # Mixup of two windows (the larger weight on the first): smoother class boundaries.
                 lam = float(np_rng.beta(mixup_alpha, mixup_alpha))
@@ -276,7 +276,7 @@ def _fit(
             seen += len(idx)
         val_loss = val_acc = None
         if val is not None:
-            val_loss, val_acc, _ = _evaluate(model, *val)
+            val_loss, val_acc, _ = evaluate(model, *val)
         if on_epoch(epoch, total_loss / max(seen, 1), correct / max(seen, 1), val_loss, val_acc):
             break
 
@@ -379,7 +379,7 @@ def train_model(
                 raise ValueError(f"init_state_dict does not fit the model {hparams}: {exc}") from None
         return model
 
-    with _torch_session(seed, int(cfg["num_threads"])):
+    with torch_session(seed, int(cfg["num_threads"])):
         gen = torch.Generator().manual_seed(seed)
         model = new_model()
         best = {"epoch": 0, "val_loss": math.inf, "val_acc": 0.0, "state": copy.deepcopy(model.state_dict())}
@@ -397,8 +397,8 @@ def train_model(
 
         _fit(model, x_all[tr], y_all[tr], cfg, max_epochs, gen, (x_all[va], y_all[va]), on_val_epoch)
         model.load_state_dict(best["state"])
-        val_loss, val_acc, val_pred = _evaluate(model, x_all[va], y_all[va])
-        metrics = _metrics(y_all[va].numpy(), val_pred, classes)
+        val_loss, val_acc, val_pred = evaluate(model, x_all[va], y_all[va])
+        metrics = class_metrics(y_all[va].numpy(), val_pred, classes)
         metrics.update(
             val_loss=val_loss, val_groups=[_json_scalar(v) for v in val_groups], best_epoch=best["epoch"],
             n_train_windows=int((~is_val).sum()), n_val_windows=int(is_val.sum()),
@@ -427,7 +427,7 @@ def train_model(
     metrics["train_cpu_seconds"] = time.process_time() - cpu0
     meta["model"] = hparams
     meta["training"] = {
-        "seed": seed, "config": _jsonable(cfg), "best_epoch": best["epoch"], "epochs": metrics["final_epochs"],
+        "seed": seed, "config": jsonable(cfg), "best_epoch": best["epoch"], "epochs": metrics["final_epochs"],
         "retrained_on_all": retrain,
     }
     log.info(
@@ -437,7 +437,7 @@ def train_model(
     return model, meta, metrics
 
 
-def _metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+def class_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
     """Accuracy, per-class accuracy (recall) and confusion matrix rows=true, cols=predicted."""
     k = len(classes)
     cm = np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k)
@@ -454,17 +454,17 @@ def evaluate_model(model: nn.Module, x: np.ndarray, labels: Sequence[Any], class
     """Metrics of ``model`` on prepared windows x (n, C, T) with class-name labels (n,)."""
     index = {c: i for i, c in enumerate(classes)}
     y = np.array([index[str(v)] for v in labels], dtype=np.int64)
-    _, _, pred = _evaluate(model, torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y))
-    return _metrics(y, pred, classes)
+    _, _, pred = evaluate(model, torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y))
+    return class_metrics(y, pred, classes)
 
 
 def _json_scalar(v: Any) -> Any:
     return v.item() if isinstance(v, np.generic) else v
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     return _json_scalar(obj)

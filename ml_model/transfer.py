@@ -33,7 +33,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -42,7 +41,16 @@ from torch import nn
 
 from ml_model import preprocessing as pp
 from ml_model.model import MAX_CHANNELS, EMGNet
-from ml_model.training import TrainingCancelled, TrainingDataError
+from ml_model.training import (
+    TrainingCancelled,
+    TrainingDataError,
+    augment,
+    class_metrics,
+    evaluate,
+    jsonable,
+    one_cycle,
+    torch_session,
+)
 
 log = logging.getLogger(__name__)
 
@@ -201,61 +209,6 @@ def param_groups(model: EMGNet, lr_head: float, lr_body: float, weight_decay: fl
 
 
 # ---- the training loop (shared with pretraining) ------------------------------------------------------
-@contextmanager
-def torch_session(seed: int, num_threads: int):
-    """Deterministic, thread-limited torch while training; global state restored afterwards."""
-    old_threads = torch.get_num_threads()
-    old_det = torch.are_deterministic_algorithms_enabled()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        torch.set_num_threads(num_threads)
-        torch.use_deterministic_algorithms(True)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(old_threads)
-            torch.use_deterministic_algorithms(old_det)
-
-
-def augment(xb: torch.Tensor, aug: Mapping[str, float], gen: torch.Generator) -> torch.Tensor:
-    """Random global/per-channel gains (log-normal) and additive noise on standardised (B, C, T) windows."""
-    b, c, _ = xb.shape
-    log_gain = torch.zeros(b, c, 1)
-    if aug.get("gain_std"):
-        log_gain = log_gain + torch.randn(b, 1, 1, generator=gen) * aug["gain_std"]
-    if aug.get("channel_gain_std"):
-        log_gain = log_gain + torch.randn(b, c, 1, generator=gen) * aug["channel_gain_std"]
-    xb = xb * torch.exp(log_gain)
-    if aug.get("noise_std"):
-        xb = xb + torch.randn(xb.shape, generator=gen) * aug["noise_std"]
-    return xb
-
-
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 2048) -> tuple[float, float, np.ndarray]:
-    """(mean cross-entropy, accuracy, predictions) in eval mode."""
-    model.eval()
-    losses, preds = [], []
-    with torch.inference_mode():
-        for i in range(0, len(x), batch):
-            logits = model(x[i : i + batch])
-            losses.append(nn.functional.cross_entropy(logits, y[i : i + batch], reduction="sum"))
-            preds.append(logits.argmax(1))
-    pred = torch.cat(preds)
-    return float(torch.stack(losses).sum()) / len(x), float((pred == y).float().mean()), pred.numpy()
-
-
-def _lr_factor(total_steps: int, warmup: float = 0.1, floor: float = 0.02) -> Callable[[int], float]:
-    n_warm = max(1, int(warmup * total_steps))
-
-    def factor(step: int) -> float:
-        if step < n_warm:
-            return (step + 1) / n_warm
-        progress = min(1.0, (step - n_warm) / max(1, total_steps - n_warm))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
 def fit(
     model: EMGNet,
     x: torch.Tensor,
@@ -281,7 +234,7 @@ def fit(
     """
     opt = torch.optim.AdamW(groups)
     steps_per_epoch = max(1, math.ceil(len(x) / batch_size))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(n_epochs * steps_per_epoch))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, one_cycle(n_epochs * steps_per_epoch, warmup=0.1))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     slow = [p for g in groups if g.get("speed") == "slow" for p in g["params"]]
     for epoch in range(n_epochs):
@@ -397,18 +350,6 @@ def time_split(labels: np.ndarray, groups: np.ndarray, val_fraction: float, gap:
     return out
 
 
-def _metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
-    k = len(classes)
-    cm = np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k)
-    support = cm.sum(axis=1)
-    per_class = {c: (float(cm[i, i] / support[i]) if support[i] else None) for i, c in enumerate(classes)}
-    return {
-        "accuracy": float(np.trace(cm) / max(cm.sum(), 1)),
-        "per_class_accuracy": per_class,
-        "confusion_matrix": {"classes": list(classes), "matrix": cm.tolist()},
-    }
-
-
 # ---- public entry point -------------------------------------------------------------------------------
 def finetune_model(
     windows: np.ndarray,
@@ -503,7 +444,7 @@ def finetune_model(
     # only measures the recipe (a model trained without that part), the returned model never uses it.
     if len(unique_groups) >= 2:
         split = np.isin(g, [unique_groups[-1]]).astype(np.int8)
-        val_kind = f"held-out group {_json_scalar(unique_groups[-1])!r}"
+        val_kind = f"held-out group {jsonable(unique_groups[-1])!r}"
     else:
         gap = int(math.ceil(win / max(step, 1)))
         split = time_split(y_str, g, float(cfg["val_fraction"]), gap)
@@ -606,7 +547,7 @@ def finetune_model(
             if alpha < 1.0:
                 wise_interpolate(model, init_state, alpha, adapt_info, classes)
             val_loss, val_acc, val_pred = evaluate(model, *val)
-            metrics = _metrics(val[1].numpy(), val_pred, classes)
+            metrics = class_metrics(val[1].numpy(), val_pred, classes)
             metrics.update(val_loss=val_loss, best_epoch=best["epoch"], validation=val_kind,
                            n_train_windows=int(is_tr.sum()), n_val_windows=int(is_va.sum()))
             if cfg["retrain_full"]:
@@ -643,7 +584,7 @@ def finetune_model(
                     run(model, is_tr, epochs_max, val, on_fixed(0, True))
                 wise_interpolate(model, init_state, alpha, adapt_info, classes)
                 val_loss, _, val_pred = evaluate(model, *val)
-                metrics = {**_metrics(val[1].numpy(), val_pred, classes), "val_loss": val_loss,
+                metrics = {**class_metrics(val[1].numpy(), val_pred, classes), "val_loss": val_loss,
                            "n_val_windows": int(is_va.sum())}
                 model, _ = new_model()
             if epochs_max > 0:
@@ -658,7 +599,7 @@ def finetune_model(
     metrics["retrained_on_all"] = bool(fixed is None and cfg["retrain_full"])
     metrics["train_seconds"] = time.perf_counter() - t0
     meta["model"] = model.hparams
-    meta["training"] = {"seed": seed, "config": _jsonable(cfg), "epochs": best["epoch"], "alpha": float(alpha),
+    meta["training"] = {"seed": seed, "config": jsonable(cfg), "epochs": best["epoch"], "alpha": float(alpha),
                         "validation": val_kind, "method": "scratch" if from_scratch else "finetune"}
     meta["base"] = {
         "sha256": base_meta.get("sha256"),
@@ -724,15 +665,3 @@ def finetune_from_training_config(
             ft[key] = given[key]
     return finetune_model(windows, labels, groups, base, ft, seed=seed, progress_callback=progress_callback,
                           class_names=class_names)
-
-
-def _json_scalar(v: Any) -> Any:
-    return v.item() if isinstance(v, np.generic) else v
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return _json_scalar(obj)
