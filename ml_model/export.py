@@ -283,24 +283,6 @@ def load_job_artifact(job_id: int, settings=None) -> tuple[bytes, dict[str, Any]
     return bytes(row[1]), meta, int(row[0])
 
 
-def load_artifact_id(artifact_id: int, settings=None) -> tuple[bytes, dict[str, Any]]:
-    from semg import db
-    from semg.config import get_settings
-
-    conn = db.connect(settings or get_settings())
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT weights, metadata FROM model_artifacts WHERE id = %s", (int(artifact_id),))
-            row = cur.fetchone()
-    finally:
-        conn.close()
-    if row is None:
-        raise LookupError(f"model artifact {artifact_id} not found")
-    meta = dict(row[1])
-    meta.setdefault("artifact_id", int(artifact_id))
-    return bytes(row[0]), meta
-
-
 def cli_export(
     job_id: int | None = None,
     fmt: str = "onnx",
