@@ -187,10 +187,11 @@ class DbWriter(threading.Thread):
 
     def _connect(self):
         conn = db.connect(self.settings, application_name="semg-udpserver", connect_timeout=3)
-        conn.autocommit = False
+        # A single COPY is atomic on its own: in autocommit mode a batch costs two round trips to PostgreSQL
+        # instead of four (no BEGIN, no COMMIT), which under load is ~1 ms less on the live path per commit.
+        conn.autocommit = True
         with conn.cursor() as cur:
             cur.execute(_STAGE_DDL)
-        conn.commit()
         return conn
 
     def _write(self, batch: list[Chunk]) -> int:
@@ -202,21 +203,23 @@ class DbWriter(threading.Thread):
             return rows
         try:
             with conn.cursor() as cur:
-                copy_into(cur, "sample_blocks", data)
-            conn.commit()
+                copy_into(cur, "sample_blocks", data)  # autocommit: stored (and durable) when this returns
         except (psycopg2.errors.UniqueViolation, psycopg2.errors.ForeignKeyViolation) as e:
             # Already stored (an earlier commit whose outcome we never saw) or the device was deleted.
-            conn.rollback()
             log.info("batch needs the idempotent path: %s", first_line(e))
             self._write_staged(conn, data)
         return rows
 
     @staticmethod
     def _write_staged(conn, data: bytes) -> None:
-        with conn.cursor() as cur:
-            copy_into(cur, "sample_blocks_stage", data)
-            cur.execute(_STAGE_INSERT)
-        conn.commit()
+        # one transaction: the stage table empties itself at commit
+        conn.autocommit = False
+        try:
+            with conn, conn.cursor() as cur:
+                copy_into(cur, "sample_blocks_stage", data)
+                cur.execute(_STAGE_INSERT)
+        finally:
+            conn.autocommit = True
 
     def _log_down(self, err: BaseException, backoff: float) -> None:
         now = time.monotonic()
@@ -304,7 +307,6 @@ class DbWriter(threading.Thread):
         try:
             with self._conn.cursor() as cur:
                 cur.execute("SELECT 1")
-            self._conn.rollback()
         except psycopg2.Error as e:
             self._drop_connection()
             self._log_down(e, 0.2)
