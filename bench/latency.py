@@ -1,6 +1,6 @@
 """End-to-end live latency: UDP packet that completes a window -> decision received on NATS.
 
-    python bench/latency.py [--users 1,10,50,100] [--duration 10] [--workers 1] [--packet-ms 10]
+    python bench/latency.py [--users 1,10,50,100] [--duration 10] [--workers 1] [--packet-ms 50,10]
 
 Starts its own full live path in a temporary state dir on free ports: embedded PostgreSQL and NATS, the API,
 the inference worker(s) and the UDP server. For each simulated user it registers a device and inserts a
@@ -10,8 +10,14 @@ signed packets every --packet-ms, devices staggered within the period) and every
 send time of the packet holding the window's last sample. Sender and receiver are separate processes and
 share CLOCK_MONOTONIC.
 
-Prints a breakdown per run, then ONE JSON line:
-    {"200hz_8ch": {"50": {"p50_ms": .., "p95_ms": .., "p99_ms": .., "decisions_per_s": ..}, ...}, "500hz_4ch": {...}}
+Packet periods: the first (default 50 ms) is what the platform's own senders send (the ESP32 sketch's
+SAMPLES_PER_PACKET, the Myo bridge's --batch); the others (default 10 ms: five times the packets, as from a
+bridge run with --batch 2) are measured alongside, interleaved per user count so both see the same machine.
+
+Prints a breakdown per run, then ONE JSON line; the configuration keys hold the first packet period, each
+further period has the same shape under "packet_ms_<period>":
+    {"packet_ms": 50, "200hz_8ch": {"50": {"p50_ms": .., "p95_ms": .., "p99_ms": .., "decisions_per_s": ..}, ...},
+     "500hz_4ch": {...}, "packet_ms_10": {"200hz_8ch": {...}, "500hz_4ch": {...}}}
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -298,6 +305,9 @@ async def run_once(stack: Stack, devices: list[dict], rate: int, channels: int, 
     }
     if slow:  # (s into the run, user, udp->samples ms, samples->decided ms, total ms) of the slowest
         detail["slowest"] = sorted(slow, key=lambda r: -r[-1])[:8]
+        if os.environ.get("SEMG_BENCH_DUMP"):  # profiling aid: every matched decision, for offline analysis
+            with open(os.environ["SEMG_BENCH_DUMP"], "w") as f:
+                json.dump({"measure_from": measure_from, "rows": slow}, f)
         if os.environ.get("SEMG_BENCH_SPIKES"):  # profiling aid: when the slow ones happened
             detail["spikes_at_s"] = sorted({round(r[0], 1) for r in slow if r[3] > 30})
     if to_samples:
@@ -307,16 +317,21 @@ async def run_once(stack: Stack, devices: list[dict], rate: int, channels: int, 
     return res, detail
 
 
+def _num(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else x
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--users", default="1,10,50,100", help="comma-separated user counts")
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated: " + ", ".join(CONFIGS))
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per run (after warm-up)")
     p.add_argument("--workers", type=int, default=1, help="inference workers in the queue group")
-    p.add_argument("--packet-ms", type=float, default=10.0, help="packet period of each simulated device")
+    p.add_argument("--packet-ms", default="50,10",
+                   help="comma-separated packet periods of the simulated devices (ms); the first is the headline")
     p.add_argument("--keep", action="store_true", help="keep the temporary state dir and logs")
     p.add_argument("--udp-commit-ms", type=float, default=None,
-                   help="what-if: run the UDP server with this commit interval instead of its own (20 ms)")
+                   help="what-if: run the UDP server with this commit interval instead of its own")
     p.add_argument("--breakdown", action="store_true",
                    help="also time the samples messages (UDP server stage vs worker+API stage); adds load")
     args = p.parse_args(argv)
@@ -327,9 +342,15 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"unknown config {c!r}")
     if not counts or min(counts) < 1 or max(counts) > 500 or args.duration > 120:
         p.error("user counts must be 1..500 and --duration at most 120 s")
+    try:
+        periods = list(dict.fromkeys(float(x) for x in args.packet_ms.split(",") if x.strip()))
+    except ValueError:
+        p.error("--packet-ms takes numbers, e.g. 50,10")
+    if not periods or min(periods) < 1 or max(periods) > 1000:
+        p.error("packet periods must be 1..1000 ms")
 
     stack = Stack(args.keep)
-    results: dict[str, dict[str, dict]] = {}
+    by_period: dict[float, dict[str, dict[str, dict]]] = {pk: {} for pk in periods}
     try:
         log(f"starting PostgreSQL and NATS in {stack.dir}")
         stack.infrastructure()
@@ -347,17 +368,22 @@ def main(argv: list[str] | None = None) -> int:
         boot = 1
         for c in configs:
             rate, channels = CONFIGS[c]
-            results[c] = {}
             for n in counts:
-                log(f"{c}: {n} users streaming for {args.duration:g} s (+{WARMUP_S:g} s warm-up)")
-                res, detail = asyncio.run(run_once(stack, fleets[c][:n], rate, channels, args.duration,
-                                                   args.packet_ms, boot, args.breakdown))
-                boot += 1
-                results[c][str(n)] = res
-                log(f"  {json.dumps(res)} {json.dumps(detail)}")
-                time.sleep(1)
+                for pk in periods:
+                    log(f"{c}: {n} users streaming for {args.duration:g} s (+{WARMUP_S:g} s warm-up), "
+                        f"a packet every {pk:g} ms")
+                    res, detail = asyncio.run(run_once(stack, fleets[c][:n], rate, channels, args.duration,
+                                                       pk, boot, args.breakdown))
+                    boot += 1
+                    by_period[pk].setdefault(c, {})[str(n)] = res
+                    log(f"  {json.dumps(res)} {json.dumps(detail)}")
+                    time.sleep(1)
     finally:
         stack.stop()
+    head = periods[0]
+    results: dict[str, Any] = {"packet_ms": _num(head), **by_period[head]}
+    for pk in periods[1:]:
+        results[f"packet_ms_{_num(pk)}"] = by_period[pk]
     print(json.dumps(results))
     return 0
 
