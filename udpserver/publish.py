@@ -106,6 +106,19 @@ def _messages_of_group(r: np.ndarray, k: int, out: list[tuple[int, bytes]]) -> N
                              values))
 
 
+def _messages_of_records(r: np.ndarray, out: list[tuple[int, bytes]]) -> None:
+    """One message per record, built from Python scalars: for batches where every device has one record (the
+    usual live case, a packet per device per commit) this is ~3x cheaper than the vectorised path, whose
+    numpy calls cost more than they save on two-sample arrays. Same bytes as _messages_of_group."""
+    for user, dev, boot, seq0, n, ch, rate, m0, _t0, ts, vals in r.tolist():
+        step = 1000.0 / rate
+        flat = vals.tolist()
+        body = {"v": 1, "userid": user, "device_id": dev, "boot": boot, "sample_rate_hz": float(f"{rate:.7g}"),
+                "channels": ch, "seq0": seq0, "device_millis": [m0 + i * step for i in range(n)],
+                "recv_time": [ts] * n, "values": [flat[i * ch:(i + 1) * ch] for i in range(n)]}
+        out.append((user, orjson.dumps(body, option=_DUMPS_OPT)))
+
+
 def build_messages(payloads: list[bytes]) -> list[tuple[int, bytes]]:
     """(userid, JSON) messages for the records of chunk payloads, in journal order per device.
 
@@ -125,7 +138,10 @@ def build_messages(payloads: list[bytes]) -> list[tuple[int, bytes]]:
             seen |= devs
     out: list[tuple[int, bytes]] = []
     for k, r in groups.items():
-        _messages_of_group(r, k, out)
+        if len(np.unique(r["dev"])) == len(r) and int(r["n"].max()) <= MAX_SAMPLES_PER_MESSAGE:
+            _messages_of_records(r, out)
+        else:
+            _messages_of_group(r, k, out)
     return out
 
 

@@ -344,6 +344,37 @@ def test_copy_payload_encodes_every_record(seed):
     assert sorted(_decode_copy(data)) == expected
 
 
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(1, 40), st.sampled_from([1, 3, 4, 8, 16]),
+                          st.sampled_from([200.0, 500.0, 333.3, 1000.0, 97.5]), st.integers(0, 2**32 - 1),
+                          st.floats(0, 2**32, allow_nan=False), st.integers(0, 2**31)),
+                min_size=1, max_size=60, unique_by=lambda t: t[5]))
+def test_one_record_per_device_messages_match_the_vectorised_path(recs):
+    """The scalar path (a record per device, the live case) writes exactly the bytes of the vectorised one."""
+    from udpserver.publish import _messages_of_group, _messages_of_records, build_messages
+    from udpserver.spool import records_by_k
+    b = ChunkBuilder()
+    rng = np.random.default_rng(len(recs))
+    for n, ch, rate, seq0, m0, dev in recs:
+        vals = rng.integers(-32768, 32767, n * ch, endpoint=True).astype("<i2").tobytes()
+        b.add(Record(dev % 1000 + 1, dev + 1, 7, seq0, n, ch, rate, m0, 1.7e9, 1.7e9 + dev * 1e-3, vals, 0))
+    payload = b"".join(b.parts)
+    for k, r in records_by_k(payload).items():
+        scalar, vector = [], []
+        _messages_of_records(r, scalar)
+        _messages_of_group(r, k, vector)
+        assert sorted(scalar) == sorted(vector)
+    assert sorted(build_messages([payload])) == sorted(
+        m for k, r in records_by_k(payload).items() for m in _vector(r, k))
+
+
+def _vector(r, k):
+    from udpserver.publish import _messages_of_group
+    out = []
+    _messages_of_group(r, k, out)
+    return out
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_messages_are_valid_complete_and_in_order(seed):
     from semg.messages import SamplesMessage
