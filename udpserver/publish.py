@@ -72,8 +72,9 @@ class _Run:
                      millis, recv, values)
 
 
-def _dump(user_id: int, device_id: int, boot: int, rate: float, channels: int, seq0: int, millis: np.ndarray,
-          recv: np.ndarray, values: np.ndarray) -> tuple[int, bytes]:
+def _dump(user_id: int, device_id: int, boot: int, rate: float, channels: int, seq0: int,
+          millis: np.ndarray | list[float], recv: np.ndarray | list[float],
+          values: np.ndarray | list[list[int]]) -> tuple[int, bytes]:
     body = {"v": 1, "userid": user_id, "device_id": device_id, "boot": boot, "sample_rate_hz": rate,
             "channels": channels, "seq0": seq0, "device_millis": millis, "recv_time": recv, "values": values}
     return user_id, orjson.dumps(body, option=_DUMPS_OPT)
@@ -113,10 +114,8 @@ def _messages_of_records(r: np.ndarray, out: list[tuple[int, bytes]]) -> None:
     for user, dev, boot, seq0, n, ch, rate, m0, _t0, ts, vals in r.tolist():
         step = 1000.0 / rate
         flat = vals.tolist()
-        body = {"v": 1, "userid": user, "device_id": dev, "boot": boot, "sample_rate_hz": float(f"{rate:.7g}"),
-                "channels": ch, "seq0": seq0, "device_millis": [m0 + i * step for i in range(n)],
-                "recv_time": [ts] * n, "values": [flat[i * ch:(i + 1) * ch] for i in range(n)]}
-        out.append((user, orjson.dumps(body, option=_DUMPS_OPT)))
+        out.append(_dump(user, dev, boot, float(f"{rate:.7g}"), ch, seq0, [m0 + i * step for i in range(n)],
+                         [ts] * n, [flat[i * ch:(i + 1) * ch] for i in range(n)]))
 
 
 def build_messages(payloads: list[bytes]) -> list[tuple[int, bytes]]:
