@@ -128,16 +128,16 @@ def build_messages(payloads: list[bytes]) -> list[tuple[int, bytes]]:
     if not payload:
         return []
     groups = records_by_k(payload)
+    devices = {k: np.unique(r["dev"]) for k, r in groups.items()}
     if len(groups) > 1:
         seen: set[int] = set()
-        for r in groups.values():
-            devs = set(np.unique(r["dev"]).tolist())
-            if devs & seen:
+        for devs in devices.values():
+            if seen.intersection(devs.tolist()):
                 return _build_messages_per_record(payload)
-            seen |= devs
+            seen.update(devs.tolist())
     out: list[tuple[int, bytes]] = []
     for k, r in groups.items():
-        if len(np.unique(r["dev"])) == len(r) and int(r["n"].max()) <= MAX_SAMPLES_PER_MESSAGE:
+        if len(devices[k]) == len(r) and int(r["n"].max()) <= MAX_SAMPLES_PER_MESSAGE:
             _messages_of_records(r, out)
         else:
             _messages_of_group(r, k, out)
