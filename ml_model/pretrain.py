@@ -315,9 +315,9 @@ def tune_calibration(
         cfg = {"sample_rate_hz": meta["sample_rate_hz"]}
 
         def accuracy(m: EMGNet, m_meta: Mapping[str, Any], w=w, te=te, y_te=y_te) -> float:
-            logits = evaluate(m, torch.from_numpy(pp.prepare_for_model(np.asarray(w)[te], m_meta)),
-                              torch.from_numpy(np.array([classes.index(v) for v in y_te])))
-            return logits[1]
+            _, acc, _ = evaluate(m, torch.from_numpy(pp.prepare_for_model(np.asarray(w)[te], m_meta)),
+                                 torch.from_numpy(np.array([classes.index(v) for v in y_te])))
+            return acc
 
         for epochs in grid["finetune_epochs"]:
             ft, ft_meta, _ = transfer.finetune_model(w[tr], y[tr], g[tr], base, {**cfg, "fixed_epochs": int(epochs),
