@@ -202,13 +202,15 @@ def run_postgres(settings: Settings | None = None) -> None:
 
 
 # ---- NATS ----------------------------------------------------------------------------------------
-# What each service identity may do on the embedded server (least privilege).
+# What each service identity may do on the embedded server (least privilege). Each identity gets its own
+# reply-inbox prefix (``secrets.nats_inbox_prefix``) instead of the shared ``_INBOX.>``, which would let any service
+# read the replies meant for every other one.
 NATS_PERMISSIONS: dict[str, dict] = {
-    "ingest": {"publish": ["emg.samples.>"], "subscribe": ["_INBOX.>"]},
-    "inference": {"publish": ["emg.predictions.>"], "subscribe": ["emg.samples.>", "models.updated", "_INBOX.>"]},
-    "api": {"publish": [], "subscribe": ["models.updated", "emg.predictions.>", "_INBOX.>"]},
-    "trainer": {"publish": ["models.updated"], "subscribe": ["_INBOX.>"]},
-    "ui": {"publish": [], "subscribe": ["emg.predictions.>", "emg.samples.>", "_INBOX.>"]},
+    "ingest": {"publish": ["emg.samples.>"], "subscribe": []},
+    "inference": {"publish": ["emg.predictions.>"], "subscribe": ["emg.samples.>", "models.updated"]},
+    "api": {"publish": [], "subscribe": ["models.updated", "emg.predictions.>"]},
+    "trainer": {"publish": ["models.updated"], "subscribe": []},
+    "ui": {"publish": [], "subscribe": ["emg.predictions.>", "emg.samples.>"]},
     "admin": {"publish": [">"], "subscribe": [">"]},
 }
 
@@ -223,10 +225,11 @@ def write_nats_config(settings: Settings | None = None) -> Path:
     for service in secrets.NATS_SERVICES:
         user, password = secrets.nats_credentials(service, s)
         perms = NATS_PERMISSIONS[service]
+        inbox = [f"{secrets.nats_inbox_prefix(service, s)}.>"]
         users.append({
             "user": user, "password": password,
             "permissions": {"publish": {"allow": perms["publish"] or ["_NOTHING_"]},
-                            "subscribe": {"allow": perms["subscribe"]}},
+                            "subscribe": {"allow": perms["subscribe"] + inbox}},
         })
     conf = {
         "host": _bind_addr(s),

@@ -33,7 +33,7 @@ async def connect(service: str, settings: Settings | None = None, **options) -> 
         servers=s.nats_url.split(","), name=f"semg-{service}", user=user, password=password,
         max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=3,
         allow_reconnect=True, error_cb=error_cb, disconnected_cb=disconnected_cb,
-        reconnected_cb=reconnected_cb,
+        reconnected_cb=reconnected_cb, inbox_prefix=secrets.nats_inbox_prefix(service, s),
     )
     kw.update(options)
     return await nats.connect(**kw)

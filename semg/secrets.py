@@ -58,6 +58,17 @@ def nats_credentials(service: str, settings: Settings | None = None) -> tuple[st
     return service, users[service]
 
 
+def nats_inbox_prefix(service: str, settings: Settings | None = None) -> str:
+    """Reply-inbox subject prefix of a service: its own on the embedded server (where its permissions allow
+    only that one), NATS's usual ``_INBOX`` on an external server, whose permissions the operator sets."""
+    s = settings or get_settings()
+    if not s.embedded_nats:
+        return "_INBOX"
+    if service not in NATS_SERVICES:
+        raise ValueError(f"unknown NATS service identity {service!r}")
+    return f"_INBOX_{service}"
+
+
 def service_api_key(settings: Settings | None = None) -> str:
     """The API key internal services (inference worker, UI) present to the REST API."""
     s = settings or get_settings()

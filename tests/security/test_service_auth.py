@@ -19,7 +19,10 @@ from semg import db, natsio, secrets
 from semg.embedded import nats_config_path
 
 REPO = Path(__file__).resolve().parents[2]
-SUBJECTS = ["emg.samples.7", "emg.predictions.7", "models.updated", "some.other.subject"]
+SERVICES = ("ingest", "inference", "api", "trainer", "ui")
+# NATS's shared reply inbox and every identity's own one: a service may read only its own replies.
+INBOXES = ["_INBOX.7"] + [f"_INBOX_{service}.7" for service in SERVICES]
+SUBJECTS = ["emg.samples.7", "emg.predictions.7", "models.updated", "some.other.subject", *INBOXES]
 
 # What each service identity must be able to do, written out here on purpose (not read from
 # semg.embedded.NATS_PERMISSIONS): widening a permission there makes this test fail.
@@ -31,11 +34,11 @@ MAY_PUBLISH = {
     "ui": set(),
 }
 MAY_SUBSCRIBE = {
-    "ingest": set(),
-    "inference": {"emg.samples.7", "models.updated"},
-    "api": {"models.updated", "emg.predictions.7"},
-    "trainer": set(),
-    "ui": {"emg.samples.7", "emg.predictions.7"},
+    "ingest": {"_INBOX_ingest.7"},
+    "inference": {"emg.samples.7", "models.updated", "_INBOX_inference.7"},
+    "api": {"models.updated", "emg.predictions.7", "_INBOX_api.7"},
+    "trainer": {"_INBOX_trainer.7"},
+    "ui": {"emg.samples.7", "emg.predictions.7", "_INBOX_ui.7"},
 }
 
 
@@ -138,15 +141,42 @@ def test_nats_subject_permissions_are_least_privilege(settings):
     published, received, violations = _run(_permission_matrix(settings))
     assert published == MAY_PUBLISH, "publish permissions differ from the intended ones"
     assert received == MAY_SUBSCRIBE, "subscribe permissions differ from the intended ones"
+
     # a denied publish/subscription is reported to the client as a permissions violation
     for service, errs in violations.items():
         told = " ".join(errs).lower()
         for subj in set(SUBJECTS) - MAY_PUBLISH[service]:
-            assert f'permissions violation for publish to "{subj}"' in told, (service, subj, errs)
+            assert f'permissions violation for publish to "{subj.lower()}"' in told, (service, subj, errs)
         for subj in set(SUBJECTS) - MAY_SUBSCRIBE[service]:
-            assert f'permissions violation for subscription to "{subj}"' in told, (service, subj, errs)
+            assert f'permissions violation for subscription to "{subj.lower()}"' in told, (service, subj, errs)
     # e.g. the ingest identity cannot publish decisions nor read samples
     assert "emg.predictions.7" not in published["ingest"] and "emg.samples.7" not in received["ingest"]
+
+
+def test_a_services_requests_get_their_replies_in_its_own_inbox(settings):
+    """Request/reply works through the identity's own inbox prefix (the one its permissions allow)."""
+
+    async def go() -> tuple[bytes, str]:
+        admin = await natsio.connect("admin", settings)
+        reply_to: list[str] = []
+
+        async def answer(msg):
+            reply_to.append(msg.reply)
+            await admin.publish(msg.reply, b"pong:" + msg.data)
+
+        await admin.subscribe("models.updated", cb=answer)
+        await admin.flush()
+        trainer = await natsio.connect("trainer", settings, allow_reconnect=False)
+        try:
+            resp = await trainer.request("models.updated", b"ping", timeout=5)
+        finally:
+            await trainer.close()
+            await admin.close()
+        return resp.data, reply_to[0]
+
+    data, reply_to = _run(go())
+    assert data == b"pong:ping"
+    assert reply_to.startswith("_INBOX_trainer."), reply_to
 
 
 def test_services_cannot_use_jetstream(settings):
