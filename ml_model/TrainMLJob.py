@@ -8,6 +8,7 @@ one JSON object of figures.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -133,6 +134,23 @@ def evaluate_subjects(
     }
 
 
+@contextlib.contextmanager
+def _user_errors(command: str):
+    """Bad input or an unreachable database ends the command with one clear line on stderr and exit status 2,
+    not a traceback (the library code raises these with messages meant for the user)."""
+    import psycopg2
+
+    try:
+        yield
+    except psycopg2.OperationalError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"TrainMLJob {command}: database unreachable: {reason}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (ValueError, LookupError, OSError) as e:  # TrainingDataError is a ValueError, FileNotFoundError an OSError
+        print(f"TrainMLJob {command}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 class Jobs:
     """Training job commands: ``train JOB_ID``, ``worker``, ``cancel JOB_ID`` (database jobs) and
     ``evaluate`` (offline per-subject accuracy on a recorded data set)."""
@@ -157,17 +175,18 @@ class Jobs:
         Prints one JSON line of figures last."""
         _setup_logging(verbose)
         config = {} if epochs is None else {"max_epochs": int(epochs)}
-        result = evaluate_subjects(
-            data_dir=str(Path(data_dir).expanduser()),
-            train_session=str(train_session),
-            test_sessions=_as_list(test_sessions),
-            train_cycles=_as_list(train_cycles, int),
-            test_cycles=_as_list(test_cycles, int),
-            subjects=_as_list(subjects),
-            config=config,
-            seed=int(seed),
-            base=str(Path(base).expanduser()) if base else None,
-        )
+        with _user_errors("evaluate"):
+            result = evaluate_subjects(
+                data_dir=str(Path(data_dir).expanduser()),
+                train_session=str(train_session),
+                test_sessions=_as_list(test_sessions),
+                train_cycles=_as_list(train_cycles, int),
+                test_cycles=_as_list(test_cycles, int),
+                subjects=_as_list(subjects),
+                config=config,
+                seed=int(seed),
+                base=str(Path(base).expanduser()) if base else None,
+            )
         log.info(
             "mean accuracy %.4f over %d subjects, median training %.1f s, model %d bytes",
             result["mean_accuracy"], result["n_subjects"], result["median_train_seconds"], result["model_bytes"],
@@ -192,9 +211,10 @@ class Jobs:
         _setup_logging(verbose)
         from ml_model import pretrain
 
-        summary = pretrain.cli_pretrain(str(Path(data_dir).expanduser()), str(Path(out).expanduser()),
-                                        _as_list(exclude_subjects) or [], register=bool(register),
-                                        epochs=epochs, seed=int(seed))
+        with _user_errors("pretrain"):
+            summary = pretrain.cli_pretrain(str(Path(data_dir).expanduser()), str(Path(out).expanduser()),
+                                            _as_list(exclude_subjects) or [], register=bool(register),
+                                            epochs=epochs, seed=int(seed))
         sys.stdout.write(json.dumps(summary) + "\n")
         sys.stdout.flush()
 
@@ -206,12 +226,9 @@ class Jobs:
         _setup_logging(verbose)
         from ml_model import export
 
-        try:
+        with _user_errors("export"):
             report = export.cli_export(None if job_id is None else _job_id(job_id), str(format), out,
                                        artifact_dir, bool(int8))
-        except (LookupError, ValueError) as e:
-            print(f"TrainMLJob export: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
         sys.stdout.write(json.dumps(report) + "\n")
         sys.stdout.flush()
 
@@ -224,7 +241,8 @@ class Jobs:
 
         settings = settings_or_exit("TrainMLJob train")
         _yield_to_live_path(settings.semg_train_nice)
-        status = jobs.run_job(_job_id(job_id), settings)
+        with _user_errors("train"):
+            status = jobs.run_job(_job_id(job_id), settings)
         sys.stdout.write(json.dumps({"job_id": int(job_id), "status": status}) + "\n")
         sys.stdout.flush()
         if status != "completed":
@@ -257,18 +275,12 @@ class Jobs:
     def cancel(self, job_id: int) -> None:
         """Cancel a scheduled job at once, or ask a running job to stop (it ends as canceled)."""
         _setup_logging(False)
-        import contextlib
-
         from semg import db, repo
         from semg.config import settings_or_exit
 
         settings = settings_or_exit("TrainMLJob cancel")
-        try:
-            with contextlib.closing(db.connect(settings)) as conn:
-                job = repo.cancel_job(conn, _job_id(job_id))
-        except repo.RepoError as e:
-            print(f"TrainMLJob cancel: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
+        with _user_errors("cancel"), contextlib.closing(db.connect(settings)) as conn:  # RepoError is a ValueError
+            job = repo.cancel_job(conn, _job_id(job_id))
         sys.stdout.write(json.dumps({"job_id": job["id"], "status": job["status"],
                                      "cancel_requested": job["cancel_requested"]}) + "\n")
 

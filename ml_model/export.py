@@ -297,15 +297,15 @@ def cli_export(
 
     if (job_id is None) == (artifact_dir is None):
         raise ValueError("give a JOB_ID or --artifact-dir (exactly one)")
+    fmt = fmt.lower()
+    if fmt not in ("onnx", "torchscript"):
+        raise ValueError("--format must be onnx or torchscript (the int8 ONNX variant is written alongside onnx)")
     if artifact_dir is not None:
         weights, meta = artifacts.read_artifact_dir(artifact_dir)
         source = {"artifact_dir": str(artifact_dir)}
     else:
         weights, meta, artifact_id = load_job_artifact(int(job_id))
         source = {"job_id": int(job_id), "artifact_id": artifact_id}
-    fmt = fmt.lower()
-    if fmt not in ("onnx", "torchscript"):
-        raise ValueError("--format must be onnx or torchscript (the int8 ONNX variant is written alongside onnx)")
     path = Path(out) if out else Path(export_filename(meta, fmt))
     data = export_bytes(weights, meta, fmt)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,10 @@ def load_db5_mat(path: str | os.PathLike) -> dict[str, Any]:
     """One DB5 file -> {emg (n, C) float32, restimulus (n,) int, rerepetition (n,) int, exercise, subject,
     sample_rate_hz}. Exercise/subject come from the variables or else from the file name."""
     path = Path(path)
-    mat = scipy.io.loadmat(path, squeeze_me=False)
+    try:
+        mat = scipy.io.loadmat(path, squeeze_me=False)
+    except (ValueError, TypeError, NotImplementedError, scipy.io.matlab.MatReadError) as e:
+        raise ValueError(f"{path}: not a readable MATLAB .mat file ({e})") from e
     emg = np.asarray(mat.get("emg"))
     if emg is None or emg.ndim != 2 or emg.size == 0:
         raise ValueError(f"{path}: 'emg' must be an (n_samples, n_channels) matrix")
@@ -132,8 +135,10 @@ def load_db5_subjects(
     rate = None
     used = []
     movements: set[tuple[int, int]] = set()
+    seen: set[str] = set()
     for path in files:
         rec = load_db5_mat(path)
+        seen.add(rec["subject"])
         if (want is not None and rec["subject"] not in want) or rec["subject"] in drop:
             continue
         if ex_ok is not None and rec["exercise"] not in ex_ok:
@@ -148,6 +153,9 @@ def load_db5_subjects(
             per.setdefault(rec["subject"], []).append((w, y, g))
             used.append(str(path))
             movements |= {(rec["exercise"], int(s)) for s in np.unique(rec["restimulus"]) if s != 0}
+    unknown = sorted((drop | (want or set())) - seen)
+    if unknown:
+        raise ValueError(f"unknown subjects {unknown}: the NinaPro files under {data_dir} are of {sorted(seen)}")
     if not per:
         raise FileNotFoundError(f"no usable NinaPro recordings under {data_dir} for the chosen subjects/exercises")
     data = {s: tuple(np.concatenate(z) for z in zip(*parts, strict=True)) for s, parts in per.items()}

@@ -94,8 +94,12 @@ def load_myo_subjects(
     Groups are ``session_index * 100 + cycle`` so repetitions of different sessions stay apart.
     """
     win, step = pp.window_params(window_ms, step_ms, datasets.MYO_SAMPLE_RATE_HZ)
-    names = list(subjects) if subjects is not None else datasets.list_subjects(data_dir)
+    known = datasets.list_subjects(data_dir)
+    names = list(subjects) if subjects is not None else known
     drop = set(exclude)
+    unknown = sorted((drop | set(names)) - set(known))
+    if unknown:  # a typo in --exclude-subjects would otherwise silently pretrain on the subject
+        raise TrainingDataError(f"unknown subjects {unknown}: {data_dir} has {known}")
     out: dict[str, SubjectData] = {}
     for subject in names:
         if subject in drop:

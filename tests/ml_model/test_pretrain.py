@@ -146,6 +146,57 @@ def test_pretrain_rejects_bad_input(tmp_path):
         pretrain.merge_pretrain_config({"nope": 1})
 
 
+def test_unknown_or_unreadable_input_is_named(tmp_path):
+    """A typo in the subjects to leave out must not silently pretrain on that subject."""
+    root = write_myo_folder(tmp_path / "myo", subjects=("Alice", "Bob"))
+    with pytest.raises(TrainingDataError, match=r"unknown subjects \['Alcie'\]"):
+        pretrain.load_myo_subjects(root, exclude=["Alcie"])
+    with pytest.raises(TrainingDataError, match="unknown subjects"):
+        pretrain.load_myo_subjects(root, subjects=["Alice", "Zed"])
+    for s in (1, 2):
+        write_db5_mat(tmp_path / "db5" / f"S{s}_E1_A1.mat", subject=s, exercise=1)
+    with pytest.raises(ValueError, match=r"unknown subjects \['S9'\]"):
+        ninapro.load_db5_subjects(tmp_path / "db5", exclude=["S9"])
+    (tmp_path / "db5" / "notes.mat").write_bytes(b"not a MATLAB file at all" * 10)
+    with pytest.raises(ValueError, match="notes.mat: not a readable MATLAB .mat file"):
+        ninapro.load_db5_subjects(tmp_path / "db5")
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, "ml_model/TrainMLJob.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **(env or {})})
+
+
+def test_cli_bad_input_is_one_clear_line_and_exit_2(tmp_path):
+    root = write_myo_folder(tmp_path / "myo", subjects=("Alice", "Bob"))
+    cases = [
+        (("pretrain", "--data-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "b")), "data folder not found"),
+        (("pretrain", "--data-dir", str(root), "--out", str(tmp_path / "b"), "--exclude-subjects", "Alcie"),
+         "unknown subjects ['Alcie']"),
+        (("evaluate", "--data-dir", str(tmp_path / "nope"), "--test-cycles", "3"), "not found"),
+        (("evaluate", "--data-dir", str(root), "--test-cycles", "3", "--train-cycles", "2,3"), "overlap"),
+        (("export", "5", "--format", "keras"), "--format must be onnx or torchscript"),
+        (("export", "--artifact-dir", str(tmp_path / "nope")), "nope"),
+    ]
+    for args, message in cases:
+        proc = _cli(*args)
+        assert proc.returncode == 2, (args, proc.stderr[-2000:])
+        assert message in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr[-2000:])
+    assert not (tmp_path / "b").exists()
+
+
+def test_cli_says_when_the_database_is_unreachable(settings):
+    from semg.embedded import free_port
+
+    closed = str(free_port())
+    for args in (("export", "5"), ("cancel", "5"), ("train", "5")):
+        proc = _cli(*args, env={"POSTGRES_PORT": closed})
+        assert proc.returncode == 2, (args, proc.stderr[-2000:])
+        assert "database unreachable" in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr[-2000:])
+
+
 def test_cli_pretrain_registers_a_shared_base(clean_db, tmp_path):
     root = write_myo_folder(tmp_path / "myo", subjects=("Alice", "Bob", "Carol", "Dave"))
     out = tmp_path / "base"
