@@ -292,10 +292,16 @@ class UdpForwarder:
 def read_recording(path: str | os.PathLike) -> list[tuple[float, int | None, bytes]]:
     """JSON lines ``{"t": seconds, "char": 0..3, "data": "hex"}`` -> [(t, char, bytes)]."""
     out = []
-    for line in Path(path).read_text().splitlines():
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         if line.strip():
-            rec = json.loads(line)
-            out.append((float(rec["t"]), rec.get("char"), bytes.fromhex(rec["data"])))
+            try:
+                rec = json.loads(line)
+                char = rec.get("char")
+                if char is not None and (not isinstance(char, int) or not 0 <= char <= 3):
+                    raise ValueError(f"char must be 0..3, got {char!r}")
+                out.append((float(rec["t"]), char, bytes.fromhex(rec["data"])))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{path} line {n}: not a notification record ({e!r})") from None
     return out
 
 
@@ -435,13 +441,19 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         raise SystemExit("myo_bridge: --key must be hex") from None
     device_id = int(args.device_id)
+    recording = None
+    if args.replay:  # read before taking a boot number: a bad file must not use one up
+        try:
+            recording = read_recording(args.replay)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"myo_bridge: --replay: {e}") from None
     boot = next_boot(args.boot_file or default_boot_file(device_id))
     fwd = UdpForwarder(device_id, key, boot, args.server, batch=args.batch, max_delay_ms=args.max_delay_ms,
                        detect_gaps=args.detect_gaps)
     log.info("device %s boot %s -> udp %s:%s", device_id, boot, *args.server)
     try:
-        if args.replay:
-            stats = replay(fwd, read_recording(args.replay), speed=args.speed)
+        if recording is not None:
+            stats = replay(fwd, recording, speed=args.speed)
         else:
             stop = asyncio.Event()
 

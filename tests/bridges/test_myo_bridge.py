@@ -152,6 +152,24 @@ def test_boot_counter_persists_and_increments(tmp_path):
     assert mb.next_boot(path) == 42
 
 
+def test_bad_recording_is_named_and_uses_no_boot(tmp_path):
+    good = json.dumps({"t": 1.0, "char": 0, "data": "00" * 16})
+    cases = {"missing.jsonl": None, "notjson.jsonl": f"{good}\nnot json\n", "nohex.jsonl": '{"t": 1, "data": "zz"}\n',
+             "nokey.jsonl": '{"t": 1}\n', "badchar.jsonl": '{"t": 1, "char": 7, "data": "00"}\n'}
+    boot = tmp_path / "boot"
+    for name, text in cases.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        with pytest.raises(SystemExit, match=f"myo_bridge: --replay: .*{name}"):
+            mb.main(["--device-id", "3", "--key", KEY.hex(), "--replay", str(tmp_path / name),
+                     "--boot-file", str(boot)])
+    assert not boot.exists(), "a refused recording took a boot number"
+    (tmp_path / "ok.jsonl").write_text(good + "\n")
+    assert mb.read_recording(tmp_path / "ok.jsonl") == [(1.0, 0, bytes(16))]
+    with pytest.raises(ValueError, match="notjson.jsonl line 2"):
+        mb.read_recording(tmp_path / "notjson.jsonl")
+
+
 def test_replay_recording_through_real_udpserver(clean_db, tmp_path):
     """A recorded notification stream goes through the bridge CLI into a real udpserver and PostgreSQL."""
     sys.path.insert(0, str(REPO / "tests" / "udpserver"))
