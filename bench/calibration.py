@@ -175,8 +175,15 @@ def main(argv: list[str] | None = None) -> int:
         folds = folds_of(subjects, args.seed)
         if args.folds != "all":
             folds = folds[: int(args.folds)]
-    model = json.loads(args.model) if args.model else None
-    ft_config = json.loads(args.finetune_config) if args.finetune_config else None
+    try:
+        model = json.loads(args.model) if args.model else None
+        ft_config = json.loads(args.finetune_config) if args.finetune_config else None
+        if ft_config is not None:  # fail now, not after the first pretraining
+            from ml_model import transfer
+
+            transfer.merge_finetune_config(ft_config)
+    except ValueError as e:  # json.JSONDecodeError is a ValueError too
+        ap.error(f"--model / --finetune-config: {e}")
 
     t_all = time.perf_counter()
     per_subject: dict[str, Any] = {}
