@@ -68,14 +68,15 @@ class _Run:
             millis = np.repeat(np.asarray(self.millis0), counts) + (np.arange(self.n) - starts) * step
             recv = np.repeat(np.asarray(self.server_ts), counts)
         values = np.frombuffer(b"".join(self.values), dtype="<i2").reshape(self.n, self.channels)
-        return _dump(self.user_id, self.device_id, self.boot, float(f"{self.rate:.7g}"), self.channels, self.seq0,
+        return _dump(self.user_id, self.device_id, self.boot, self.rate, self.channels, self.seq0,
                      millis, recv, values)
 
 
 def _dump(user_id: int, device_id: int, boot: int, rate: float, channels: int, seq0: int,
           millis: np.ndarray | list[float], recv: np.ndarray | list[float],
           values: np.ndarray | list[list[int]]) -> tuple[int, bytes]:
-    body = {"v": 1, "userid": user_id, "device_id": device_id, "boot": boot, "sample_rate_hz": rate,
+    # the float32 rate as it was registered (333.3, not 333.29998779296875)
+    body = {"v": 1, "userid": user_id, "device_id": device_id, "boot": boot, "sample_rate_hz": float(f"{rate:.7g}"),
             "channels": channels, "seq0": seq0, "device_millis": millis, "recv_time": recv, "values": values}
     return user_id, orjson.dumps(body, option=_DUMPS_OPT)
 
@@ -92,7 +93,6 @@ def _messages_of_group(r: np.ndarray, k: int, out: list[tuple[int, bytes]]) -> N
         per = int(n[a])
         step = max(1, MAX_SAMPLES_PER_MESSAGE // per)
         c, rt = int(ch[a]), float(rate[a])
-        shown = float(f"{rt:.7g}")  # the float32 rate as it was registered (333.3, not 333.29998779296875)
         for i in range(a, b, step):
             j = min(b, i + step)
             part = r[i:j]
@@ -103,7 +103,7 @@ def _messages_of_group(r: np.ndarray, k: int, out: list[tuple[int, bytes]]) -> N
             else:
                 millis = (part["m0"][:, None] + np.arange(per) * (1000.0 / rt)).ravel()
                 recv = np.repeat(part["ts"], per)
-            out.append(_dump(int(part["user"][0]), int(dev[i]), int(boot[i]), shown, c, int(seq0[i]), millis, recv,
+            out.append(_dump(int(part["user"][0]), int(dev[i]), int(boot[i]), rt, c, int(seq0[i]), millis, recv,
                              values))
 
 
@@ -114,7 +114,7 @@ def _messages_of_records(r: np.ndarray, out: list[tuple[int, bytes]]) -> None:
     for user, dev, boot, seq0, n, ch, rate, m0, _t0, ts, vals in r.tolist():
         step = 1000.0 / rate
         flat = vals.tolist()
-        out.append(_dump(user, dev, boot, float(f"{rate:.7g}"), ch, seq0, [m0 + i * step for i in range(n)],
+        out.append(_dump(user, dev, boot, rate, ch, seq0, [m0 + i * step for i in range(n)],
                          [ts] * n, [flat[i * ch:(i + 1) * ch] for i in range(n)]))
 
 
