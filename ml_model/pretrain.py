@@ -32,8 +32,8 @@ import torch
 from ml_model import datasets
 from ml_model import preprocessing as pp
 from ml_model.model import EMGNet
-from ml_model.training import DEFAULT_CONFIG, TrainingDataError, class_metrics, evaluate, jsonable, torch_session
-from ml_model.transfer import fit, param_groups
+from ml_model.training import DEFAULT_CONFIG, TrainingDataError, class_metrics, evaluate, fit, jsonable, torch_session
+from ml_model.transfer import param_groups
 
 log = logging.getLogger(__name__)
 

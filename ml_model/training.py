@@ -223,40 +223,66 @@ def one_cycle(total_steps: int, warmup: float = 0.2, floor: float = 0.02) -> Cal
     return factor
 
 
-def _fit(
+def weight_decay_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups at one learning rate: weights decayed, biases and batch-norm parameters not."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return [{"params": decay, "lr": lr, "weight_decay": weight_decay},
+            {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
+
+
+def fit(
     model: EMGNet,
     x: torch.Tensor,
     y: torch.Tensor,
-    cfg: Mapping[str, Any],
+    groups: list[dict[str, Any]],
     n_epochs: int,
+    *,
+    batch_size: int,
+    augment_cfg: Mapping[str, float],
+    label_smoothing: float,
     gen: torch.Generator,
-    val: tuple[torch.Tensor, torch.Tensor] | None,
-    on_epoch: Callable[[int, float, float, float | None, float | None], bool],
+    lr_warmup: float = 0.1,
+    warmup_epochs: int = 0,
+    val: tuple[torch.Tensor, torch.Tensor] | None = None,
+    on_epoch: Callable[[int, float, float, float | None, float | None], bool] | None = None,
+    sample_weight: torch.Tensor | None = None,
+    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> None:
-    """Run up to ``n_epochs`` of AdamW with a one-cycle LR; ``on_epoch`` returns True to stop early."""
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg["lr"],
-    )
-    bs = int(cfg["batch_size"])
-    steps_per_epoch = max(1, math.ceil(len(x) / bs))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, one_cycle(n_epochs * steps_per_epoch))
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=float(cfg["label_smoothing"]))
-    mixup_alpha = float(cfg["augment"].get("mixup_alpha") or 0.0)
+    """The one training loop (user models, pretraining, fine-tuning): AdamW over ``groups`` with a one-cycle LR.
+
+    x: (n, C, win) standardised windows, y: (n,) class indices. ``groups`` are AdamW parameter groups
+    (``weight_decay_groups``, or ``transfer.param_groups``). ``lr_warmup`` is the warm-up share of all steps.
+    During the first ``warmup_epochs`` only the groups not marked ``"speed": "slow"`` step (the body's
+    gradients are not computed). ``on_epoch(epoch, train_loss, train_acc, val_loss, val_acc)`` returns True
+    to stop. sample_weight (n,) draws batches with these probabilities instead of a plain permutation (class
+    balance). penalty() is added to every batch loss (e.g. L2-SP towards the base weights).
+    ``augment_cfg["mixup_alpha"]`` > 0 mixes pairs of windows in each batch.
+    """
+    opt = torch.optim.AdamW(groups)
+    steps_per_epoch = max(1, math.ceil(len(x) / batch_size))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, one_cycle(n_epochs * steps_per_epoch, warmup=lr_warmup))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    slow = [p for g in groups if g.get("speed") == "slow" for p in g["params"]]
+    mixup_alpha = float(augment_cfg.get("mixup_alpha") or 0.0)
     np_rng = np.random.default_rng(int(torch.randint(2**31 - 1, (1,), generator=gen))) if mixup_alpha > 0 else None
     for epoch in range(n_epochs):
+        frozen = epoch < warmup_epochs
+        for p in slow:
+            p.requires_grad_(not frozen)
         model.train()
-        perm = torch.randperm(len(x), generator=gen)
+        if sample_weight is not None:
+            perm = torch.multinomial(sample_weight, len(x), replacement=True, generator=gen)
+        else:
+            perm = torch.randperm(len(x), generator=gen)
         total_loss, correct, seen = 0.0, 0, 0
         for i in range(steps_per_epoch):
-            idx = perm[i * bs : (i + 1) * bs]
-            if len(idx) < 2:  # batch-norm cannot train on a batch of one
+            idx = perm[i * batch_size : (i + 1) * batch_size]
+            if len(idx) < 2:  # batch-norm cannot train on one window
                 sched.step()
                 continue
-            xb, yb = augment(x[idx], cfg["augment"], gen), y[idx]
-            if mixup_alpha > 0:
+            xb, yb = augment(x[idx], augment_cfg, gen), y[idx]
+            if np_rng is not None:
                 # Mixup of two windows (the larger weight on the first): smoother class boundaries.
                 lam = float(np_rng.beta(mixup_alpha, mixup_alpha))
                 lam = max(lam, 1.0 - lam)
@@ -267,6 +293,8 @@ def _fit(
             else:
                 logits = model(xb)
                 loss = loss_fn(logits, yb)
+            if penalty is not None:
+                loss = loss + penalty()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -274,10 +302,12 @@ def _fit(
             total_loss += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(1) == yb).sum())
             seen += len(idx)
+        for p in slow:
+            p.requires_grad_(True)
         val_loss = val_acc = None
         if val is not None:
             val_loss, val_acc, _ = evaluate(model, *val)
-        if on_epoch(epoch, total_loss / max(seen, 1), correct / max(seen, 1), val_loss, val_acc):
+        if on_epoch is not None and on_epoch(epoch, total_loss / max(seen, 1), correct / max(seen, 1), val_loss, val_acc):
             break
 
 
@@ -379,6 +409,13 @@ def train_model(
                 raise ValueError(f"init_state_dict does not fit the model {hparams}: {exc}") from None
         return model
 
+    def run(model: EMGNet, sel: torch.Tensor | None, n_epochs: int, val, on_epoch) -> None:
+        x, y = (x_all, y_all) if sel is None else (x_all[sel], y_all[sel])
+        # A user model warms up over 0.2 of its steps (fine-tuning and pretraining: 0.1), as it always has.
+        fit(model, x, y, weight_decay_groups(model, float(cfg["lr"]), float(cfg["weight_decay"])),
+            n_epochs, batch_size=int(cfg["batch_size"]), augment_cfg=cfg["augment"],
+            label_smoothing=float(cfg["label_smoothing"]), gen=gen, lr_warmup=0.2, val=val, on_epoch=on_epoch)
+
     with torch_session(seed, int(cfg["num_threads"])):
         gen = torch.Generator().manual_seed(seed)
         model = new_model()
@@ -395,7 +432,7 @@ def train_model(
                 progress_callback(epoch + 1, max_epochs, tl, ta, vl, vacc)
             return epoch + 1 - best["epoch"] >= patience and epoch + 1 >= int(cfg["min_epochs"])
 
-        _fit(model, x_all[tr], y_all[tr], cfg, max_epochs, gen, (x_all[va], y_all[va]), on_val_epoch)
+        run(model, tr, max_epochs, (x_all[va], y_all[va]), on_val_epoch)
         model.load_state_dict(best["state"])
         val_loss, val_acc, val_pred = evaluate(model, x_all[va], y_all[va])
         metrics = class_metrics(y_all[va].numpy(), val_pred, classes)
@@ -416,7 +453,7 @@ def train_model(
                 return False
 
             model = new_model()
-            _fit(model, x_all, y_all, cfg, n_full, gen, None, on_full_epoch)
+            run(model, None, n_full, None, on_full_epoch)
         model.eval()
 
     metrics["val_accuracy"] = metrics["accuracy"]

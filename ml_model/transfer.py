@@ -37,18 +37,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from ml_model import preprocessing as pp
 from ml_model.model import MAX_CHANNELS, EMGNet
 from ml_model.training import (
     TrainingCancelled,
     TrainingDataError,
-    augment,
     class_metrics,
     evaluate,
+    fit,
     jsonable,
-    one_cycle,
     torch_session,
 )
 
@@ -60,7 +58,6 @@ __all__ = [
     "TrainingDataError",
     "adapt_model",
     "finetune_model",
-    "fit",
     "load_base",
     "time_split",
 ]
@@ -206,70 +203,6 @@ def param_groups(model: EMGNet, lr_head: float, lr_body: float, weight_decay: fl
             out.append({"params": params, "lr": lr_head if speed == "fast" else lr_body,
                         "weight_decay": weight_decay if decay else 0.0, "speed": speed})
     return out
-
-
-# ---- the training loop (shared with pretraining) ------------------------------------------------------
-def fit(
-    model: EMGNet,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    groups: list[dict[str, Any]],
-    n_epochs: int,
-    *,
-    batch_size: int,
-    augment_cfg: Mapping[str, float],
-    label_smoothing: float,
-    gen: torch.Generator,
-    warmup_epochs: int = 0,
-    val: tuple[torch.Tensor, torch.Tensor] | None = None,
-    on_epoch: Callable[[int, float, float, float | None, float | None], bool] | None = None,
-    sample_weight: torch.Tensor | None = None,
-    penalty: Callable[[], torch.Tensor] | None = None,
-) -> None:
-    """AdamW over ``groups`` (see ``param_groups``) with warm-up + cosine LR; ``on_epoch`` returns True to stop.
-
-    During the first ``warmup_epochs`` only the "fast" groups step (the body's gradients are not computed).
-    sample_weight (n,) draws batches with these probabilities instead of a plain permutation (class balance).
-    penalty() is added to every batch loss (e.g. L2-SP towards the base weights).
-    """
-    opt = torch.optim.AdamW(groups)
-    steps_per_epoch = max(1, math.ceil(len(x) / batch_size))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, one_cycle(n_epochs * steps_per_epoch, warmup=0.1))
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    slow = [p for g in groups if g.get("speed") == "slow" for p in g["params"]]
-    for epoch in range(n_epochs):
-        frozen = epoch < warmup_epochs
-        for p in slow:
-            p.requires_grad_(not frozen)
-        model.train()
-        if sample_weight is not None:
-            perm = torch.multinomial(sample_weight, len(x), replacement=True, generator=gen)
-        else:
-            perm = torch.randperm(len(x), generator=gen)
-        total_loss, correct, seen = 0.0, 0, 0
-        for i in range(steps_per_epoch):
-            idx = perm[i * batch_size : (i + 1) * batch_size]
-            if len(idx) < 2:  # batch-norm cannot train on one window
-                sched.step()
-                continue
-            logits = model(augment(x[idx], augment_cfg, gen))
-            loss = loss_fn(logits, y[idx])
-            if penalty is not None:
-                loss = loss + penalty()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total_loss += float(loss.detach()) * len(idx)
-            correct += int((logits.argmax(1) == y[idx]).sum())
-            seen += len(idx)
-        for p in slow:
-            p.requires_grad_(True)
-        val_loss = val_acc = None
-        if val is not None:
-            val_loss, val_acc, _ = evaluate(model, *val)
-        if on_epoch is not None and on_epoch(epoch, total_loss / max(seen, 1), correct / max(seen, 1), val_loss, val_acc):
-            break
 
 
 # ---- weight-space ensembling (WiSE-FT) ----------------------------------------------------------------
