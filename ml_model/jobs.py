@@ -290,6 +290,12 @@ def _train(conn, s: Settings, job_id: int, user_id: int, params: dict) -> str:
 
             base = transfer.load_base_artifact(conn, params["base_artifact_id"], user_id)
             _log(conn, job_id, f"fine-tuning base model {params['base_artifact_id']}")
+            base_rate = base[1].get("sample_rate_hz")
+            if base_rate and abs(float(base_rate) - data["sample_rate_hz"]) > 1e-6:
+                # Allowed (the API may want it), but the user should know why accuracy may disappoint.
+                _log(conn, job_id, f"the base model was trained at {float(base_rate):g} Hz and these sessions are "
+                                   f"{data['sample_rate_hz']:g} Hz: its filters see another time scale; a base of "
+                                   "the same rate, or training from scratch, may be more accurate", "WARNING")
             train = functools.partial(transfer.finetune_from_training_config, base=base)
         model, meta, metrics = train(
             data["windows"], data["labels"], data["groups"], cfg, seed=int(params.get("seed", 0)),

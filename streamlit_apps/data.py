@@ -408,6 +408,20 @@ def pretrained_bases() -> list[dict]:
                     FROM model_artifacts WHERE user_id IS NULL ORDER BY created_at DESC, id DESC""")
 
 
+def session_sample_rates(session_ids: Sequence[int]) -> list[float]:
+    """The distinct sample rates (Hz, ascending) of the devices the given sessions were recorded with."""
+    if not session_ids:
+        return []
+    rows = _rows("""SELECT DISTINCT d.sample_rate_hz FROM capture_sessions s JOIN devices d ON d.id = s.device_id
+                    WHERE s.id = ANY(%s) ORDER BY 1""", ([int(i) for i in session_ids],))
+    return [float(r["sample_rate_hz"]) for r in rows]
+
+
+def base_fits_rate(base: dict, sample_rate_hz: float) -> bool:
+    """A base is offered only for data at its own sample rate: its temporal filters are tuned to that time scale."""
+    return base.get("sample_rate_hz") is not None and abs(float(base["sample_rate_hz"]) - sample_rate_hz) < 1e-6
+
+
 def trainer_status() -> dict:
     """Whether a training worker looks alive: queue length, and the freshest heartbeat of a running job."""
     return _one("""SELECT count(*) FILTER (WHERE status = 'scheduled') AS queued,

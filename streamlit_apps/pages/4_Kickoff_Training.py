@@ -77,9 +77,28 @@ def preview(sessions: list[dict]) -> None:
                         intervals=s["intervals"], video=data.session_video(sid), key=f"kick_{sid}")
 
 
+def compatible_bases(selected: list[int]) -> list[dict]:
+    """The shared bases recorded at the chosen sessions' sample rate; says why the others are not offered."""
+    bases = data.pretrained_bases()
+    if not bases or not selected:
+        return []
+    rates = data.session_sample_rates(selected)
+    if len(rates) != 1:
+        st.warning("The chosen sessions were recorded at different sample rates ("
+                   + ", ".join(f"{r:g} Hz" for r in rates) + "); a training job needs sessions of one sensor setup.")
+        return []
+    fitting = [b for b in bases if data.base_fits_rate(b, rates[0])]
+    others = [b for b in bases if b not in fitting]
+    if others:
+        st.caption("Not offered: base model(s) " + ", ".join(
+            f"#{b['id']} {b['name'] or 'base'} ({float(b['sample_rate_hz']):g} Hz)" for b in others)
+            + f", trained at another sample rate than these sessions' {rates[0]:g} Hz.")
+    return fitting
+
+
 def options_and_schedule(user: dict, selected: list[int]) -> None:
     st.subheader("Options")
-    bases = data.pretrained_bases()
+    bases = compatible_bases(selected)
     c1, c2 = st.columns(2)
     with c1:
         if bases:
@@ -93,7 +112,7 @@ def options_and_schedule(user: dict, selected: list[int]) -> None:
                                                           f"({len(by_id[i]['classes'])} classes)")
         else:
             base = None
-            st.caption("No pretrained base model is available, so training starts from scratch.")
+            st.caption("No pretrained base model fits these sessions, so training starts from scratch.")
     epochs = c2.number_input("Epochs", min_value=1, max_value=1000, value=30, step=5, key="kick_epochs")
     params = {"epochs": int(epochs)}
     with st.expander("Advanced"):

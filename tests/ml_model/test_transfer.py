@@ -255,7 +255,10 @@ def test_training_job_fine_tunes_a_registered_base(clean_db, base, monkeypatch):
     model = repo.latest_model(clean_db, u["id"])
     assert model["metadata"]["base"]["artifact_id"] == base_id and model["metadata"]["base"]["used"]
     assert model["metadata"]["n_device_channels"] == CHANNELS and model["metadata"]["base"]["adaptation"]["input_layer"] == "new"
-    assert any("fine-tuning base model" in entry["message"] for entry in repo.job_logs(clean_db, job["id"]))
+    logs = repo.job_logs(clean_db, job["id"])
+    assert any("fine-tuning base model" in entry["message"] for entry in logs)
+    # This base is 200 Hz and the sessions 500 Hz: allowed, but the job says so.
+    assert [e["level"] for e in logs if "trained at 200 Hz and these sessions are 500 Hz" in e["message"]] == ["WARNING"]
     with clean_db.cursor() as cur:
         cur.execute("SELECT weights FROM model_artifacts WHERE id = %s", (model["id"],))
         served = artifacts.Predictor(bytes(cur.fetchone()[0]), model["metadata"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 
 import pytest
@@ -344,23 +345,31 @@ def test_kickoff_shows_quality_and_schedules_a_job(page, seeded):
     assert f"Training job #{newest['id']} scheduled" in texts(at)
 
 
-def test_kickoff_offers_a_pretrained_base_when_one_exists(page, seeded):
+def test_kickoff_offers_only_bases_of_the_sessions_sample_rate(page, seeded):
     conn = seeded["conn"]
+    ids = {}
     with conn.cursor() as cur:
-        cur.execute("""INSERT INTO model_artifacts (user_id, weights, sha256, size_bytes, classes, channels,
-                       sample_rate_hz, window_ms, step_ms, scaler, metadata)
-                       VALUES (NULL, '\\x00', 'x', 1, '["REST","fist"]', '{0}', 200, 200, 50, '{}',
-                               '{"name": "myo-base"}') RETURNING id""")
-        base_id = cur.fetchone()[0]
+        for name, rate in (("myo-base", 200), ("esp-base", 1000)):  # the seeded device streams at 1000 Hz
+            cur.execute("""INSERT INTO model_artifacts (user_id, weights, sha256, size_bytes, classes, channels,
+                           sample_rate_hz, window_ms, step_ms, scaler, metadata)
+                           VALUES (NULL, '\\x00', 'x', 1, '["REST","fist"]', '{0}', %s, 200, 50, '{}', %s)
+                           RETURNING id""", (rate, json.dumps({"name": name})))
+            ids[name] = cur.fetchone()[0]
     conn.commit()
     at = page("kickoff", user_id=seeded["user"]["id"])
     at.run()
+    assert f"#{ids['myo-base']} myo-base (200 Hz)" in texts(at)  # named as not offered, with the reason
     at.radio(key="kick_start").set_value("pretrained base")
     at.run()
+    assert at.selectbox(key="kick_base").options == [f"#{ids['esp-base']} esp-base (2 classes)"]
     button(at, "Train on").click()
     at.run()
     assert_clean(at)
-    assert repo.list_jobs(conn, seeded["user"]["id"])[0]["params"]["base_artifact_id"] == base_id
+    assert repo.list_jobs(conn, seeded["user"]["id"])[0]["params"]["base_artifact_id"] == ids["esp-base"]
+
+    button(at, "Select none").click()  # no session chosen: nothing to match a base against
+    at.run()
+    assert not at.get("radio") or all(r.key != "kick_start" for r in at.radio)
 
 
 # ---- 5. jobs ------------------------------------------------------------------------------------------
