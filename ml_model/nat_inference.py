@@ -11,8 +11,10 @@ threshold, ml_model.postprocessing), published on `emg.predictions.<userid>` and
 Windows. A window ends at every sample whose sequence number s satisfies (s + 1) % step == 0 and covers the
 `window` samples up to it (window/step in samples from the model's metadata). The grid hangs on the
 device's own sequence numbers, so the set of decisions is the same whichever worker sees the samples and
-however the samples are split into messages. A sequence gap, an out-of-order message or a new device/boot
-resets that user's buffer: the next decision comes once a full window has arrived again.
+however the samples are split into messages. Samples already seen in the current run (same device, boot
+and lower sequence number: the UDP server publishes at least once) are skipped, so no window is decided
+twice. A forward sequence gap or a new device/boot resets that user's buffer and vote history: the next
+decision comes once a full window has arrived again.
 
 Several workers. Each user's stream must reach a single worker (a window needs all its samples), so users
 are partitioned deterministically: every worker holds one PostgreSQL advisory lock "slot" (released when it
@@ -32,6 +34,7 @@ import contextlib
 import gc
 import hashlib
 import io
+import itertools
 import logging
 import os
 import socket
@@ -49,6 +52,7 @@ import psycopg2
 from pydantic import ValidationError
 
 from ml_model import postprocessing
+from ml_model.rest.schemas import MAX_PREDICT_ITEMS
 from semg import db, natsio, procs, secrets
 from semg.config import Settings, settings_or_exit
 from semg.messages import (
@@ -120,6 +124,17 @@ class Ready:
     end_millis: np.ndarray  # (n,) its device clock
     end_recv: np.ndarray  # (n,) its server receive time
     queued_at: float  # monotonic
+    epoch: int = 0  # the stream's vote epoch when cut (see UserStream.new_votes)
+
+    def merge(self, other: Ready) -> None:
+        """Append the next windows of the same run (same user, model, device and epoch)."""
+        self.windows = np.concatenate([self.windows, other.windows])
+        self.end_seq = np.concatenate([self.end_seq, other.end_seq])
+        self.end_millis = np.concatenate([self.end_millis, other.end_millis])
+        self.end_recv = np.concatenate([self.end_recv, other.end_recv])
+
+
+_EPOCHS = itertools.count(1)  # process-wide, so a replaced stream never reuses an epoch number
 
 
 class UserStream:
@@ -129,6 +144,8 @@ class UserStream:
         self.user_id = user_id
         self.spec = spec
         self.history: deque[np.ndarray] = deque(maxlen=votes)
+        self.history_model: int | None = None  # the model whose probabilities are in `history`
+        self.epoch = next(_EPOCHS)
         self.device_id: int | None = None
         self.boot: int | None = None
         self.next_seq: int | None = None
@@ -139,10 +156,30 @@ class UserStream:
         self.millis = np.zeros(cap, dtype=np.float64)
         self.recv = np.zeros(cap, dtype=np.float64)
         self.resets = 0
+        self.duplicates = 0  # samples received again (at-least-once delivery) and ignored
 
     def reset(self) -> None:
         self.n = 0
         self.next_seq = None
+
+    def new_votes(self) -> None:
+        """Forget the vote history; windows cut before this (maybe still at /predict) no longer join it."""
+        self.history.clear()
+        self.history_model = None
+        self.epoch = next(_EPOCHS)
+
+    def votes_for(self, epoch: int, model_id: int | None) -> deque:
+        """The vote history that results of windows cut in `epoch`, predicted by `model_id`, join.
+
+        Only windows of the current epoch vote together, and only with results of the same model (a retrained
+        model may have other classes); older windows still coming back from /predict get a history of their own.
+        """
+        if epoch != self.epoch:
+            return deque(maxlen=self.history.maxlen)
+        if self.history_model != model_id:
+            self.history.clear()
+            self.history_model = model_id
+        return self.history
 
     def _make_room(self, k: int) -> None:
         keep = min(self.n, self.spec.window - 1)  # all a future window can still need
@@ -161,29 +198,42 @@ class UserStream:
                     setattr(self, name, new)
 
     def append(self, msg: SamplesMessage) -> Ready | None:
-        """Add a message's samples; returns the windows they complete (None if none)."""
-        k = len(msg.values)
-        if (msg.device_id != self.device_id or msg.boot != self.boot or self.next_seq is None
-                or msg.seq0 != self.next_seq):
+        """Add a message's samples; returns the windows they complete (None if none).
+
+        A sample is (device, boot, seq): samples of the current run seen before (the UDP server publishes at
+        least once and re-sends a batch after a timeout) are skipped, so no window is decided twice. A forward
+        gap, or another device or boot, starts a new run.
+        """
+        seq0, k = msg.seq0, len(msg.values)
+        values, millis, recv = msg.values, msg.device_millis, msg.recv_time
+        same_run = self.next_seq is not None and msg.device_id == self.device_id and msg.boot == self.boot
+        if same_run and seq0 < self.next_seq:
+            seen = self.next_seq - seq0
+            self.duplicates += min(seen, k)
+            if seen >= k:
+                return None
+            values, millis, recv = values[seen:], millis[seen:], recv[seen:]
+            seq0, k = self.next_seq, k - seen
+        elif not same_run or seq0 != self.next_seq:
             if self.next_seq is not None:
                 self.resets += 1
-                self.history.clear()  # votes from before the gap say nothing about what follows
+                self.new_votes()  # votes from before the gap say nothing about what follows
                 log.debug("user %s: stream reset (device %s boot %s seq %s, expected device %s boot %s seq %s)",
                           self.user_id, msg.device_id, msg.boot, msg.seq0, self.device_id, self.boot, self.next_seq)
             self.device_id, self.boot = msg.device_id, msg.boot
             self.n = 0
-            self.start_seq = msg.seq0
+            self.start_seq = seq0
         self._make_room(k)
         a = self.n
-        self.values[a:a + k] = msg.values
-        self.millis[a:a + k] = msg.device_millis
-        self.recv[a:a + k] = msg.recv_time
+        self.values[a:a + k] = values
+        self.millis[a:a + k] = millis
+        self.recv[a:a + k] = recv
         self.n += k
-        self.next_seq = msg.seq0 + k
+        self.next_seq = seq0 + k
 
         win, step = self.spec.window, self.spec.step
-        first_end = max(msg.seq0, self.start_seq + win - 1)
-        last_end = msg.seq0 + k - 1
+        first_end = max(seq0, self.start_seq + win - 1)
+        last_end = seq0 + k - 1
         # smallest e >= first_end with (e + 1) % step == 0
         e0 = first_end + (-(first_end + 1)) % step
         if e0 > last_end:
@@ -194,7 +244,7 @@ class UserStream:
         starts = idx - win + 1
         windows = np.stack([self.values[s:s + win] for s in starts]).transpose(0, 2, 1)
         return Ready(self.user_id, self.spec, msg.device_id, np.ascontiguousarray(windows), ends,
-                     self.millis[idx].copy(), self.recv[idx].copy(), time.monotonic())
+                     self.millis[idx].copy(), self.recv[idx].copy(), time.monotonic(), self.epoch)
 
 
 # ---- worker membership (which users are mine) ------------------------------------------------------
@@ -284,6 +334,7 @@ class Stats:
     dropped: int = 0
     api_errors: int = 0
     skipped: int = 0
+    failed: int = 0  # windows whose /predict answer could not be handled (a bug or a closed connection)
     stored: int = 0
     batches: int = 0
     predict_ms: float = 0.0  # summed /predict round trips
@@ -378,7 +429,7 @@ class Worker:
             stream = self.streams[uid] = UserStream(uid, spec, self.opts.votes)
         elif stream.spec != spec:  # a new model reading the same windows: keep the samples, not the votes
             stream.spec = spec
-            stream.history.clear()
+            stream.new_votes()
         ready = stream.append(samples)
         if ready is not None:
             self.pending.append(ready)
@@ -399,14 +450,27 @@ class Worker:
 
     # ---- batching to /predict ---------------------------------------------------------------------
     def _take_batch(self) -> list[Ready]:
-        batch, n = [], 0
+        """Up to max_batch_windows windows in at most MAX_PREDICT_ITEMS items: a user's consecutive windows of
+        one run travel as one item (many users sending small packets would otherwise make one item each)."""
+        batch: list[Ready] = []
+        last_of: dict[int, Ready] = {}  # user -> that user's last item in this batch
+        n = 0
         now = time.monotonic()
         while self.pending and n < self.opts.max_batch_windows:
-            r = self.pending.popleft()
+            r = self.pending[0]
             if now - r.queued_at > self.opts.max_age_s:
+                self.pending.popleft()
                 self.stats.dropped += len(r.windows)
                 continue
-            batch.append(r)
+            prev = last_of.get(r.user_id)
+            if (prev is not None and prev.spec == r.spec and prev.device_id == r.device_id
+                    and prev.epoch == r.epoch and prev.end_seq[-1] < r.end_seq[0]):
+                prev.merge(self.pending.popleft())
+            elif len(batch) < MAX_PREDICT_ITEMS:
+                batch.append(self.pending.popleft())
+                last_of[r.user_id] = r
+            else:
+                break
             n += len(r.windows)
         return batch
 
@@ -471,9 +535,20 @@ class Worker:
 
     async def _finish_oldest(self) -> None:
         task, batch = self._inflight.popleft()
-        result = await task
-        if result is not None:
-            await self._handle_results(batch, result)
+        try:
+            result = await task
+            if result is not None:
+                await self._handle_results(batch, result)
+        except Exception as e:  # noqa: BLE001 - one bad answer must not stop live recognition for everyone
+            n = sum(len(r.windows) for r in batch)
+            self.stats.failed += n
+            key = ("results", type(e).__name__)
+            if key not in self._warned:
+                self._warned.add(key)
+                log.exception("cannot handle a /predict answer; %d windows dropped", n)
+            else:
+                self._warn_every("results", "cannot handle a /predict answer (%s: %s); %d windows dropped",
+                                 type(e).__name__, e, n)
 
     async def _handle_results(self, batch: list[Ready], result: dict[str, Any]) -> None:
         for r, res in zip(batch, result["results"], strict=True):
@@ -486,12 +561,12 @@ class Worker:
                 continue
             stream = self.streams.get(r.user_id)
             classes = res["classes"]
-            if res.get("model_id") != r.spec.artifact_id:
+            model_id = res.get("model_id")
+            if model_id != r.spec.artifact_id:
                 # The API already serves a newer model: results are valid for it; learn its metadata.
                 self._refresh_soon(r.user_id)
-                if stream is not None:
-                    stream.history.clear()
-            history = stream.history if stream is not None else deque(maxlen=self.opts.votes)
+            history = (stream.votes_for(r.epoch, model_id) if stream is not None
+                       else deque(maxlen=self.opts.votes))
             preds = res["predictions"]
             for i, p in enumerate(preds):
                 history.append(p["probabilities"])
@@ -597,12 +672,39 @@ class Worker:
             await self.refresh_catalogue()
 
     # ---- storage ------------------------------------------------------------------------------------
-    def _store(self, rows: list[tuple]) -> None:
+    def _store(self, rows: list[tuple]) -> int:
+        """Store decisions; returns how many were dropped as unstorable (0 normally).
+
+        One COPY for all. If a row breaks a constraint (a user or model deleted meanwhile), the rows are
+        stored per user instead, a deleted model's rows without their model id, and only a deleted user's
+        rows are dropped, so nobody else's decisions are lost.
+        """
         if self._store_conn is None or self._store_conn.closed:
             self._store_conn = db.connect(self.settings, connect_timeout=3, application_name="semg-inference")
         conn = self._store_conn
         try:
-            self._insert(conn, rows)
+            try:
+                self._insert(conn, rows)
+                return 0
+            except psycopg2.IntegrityError:
+                pass
+            groups: dict[tuple, list[tuple]] = {}  # (user, model) -> rows
+            for row in rows:
+                groups.setdefault(row[:2], []).append(row)
+            dropped = 0
+            for (user_id, model_id), group in groups.items():
+                try:
+                    self._insert(conn, group)
+                except psycopg2.IntegrityError as e:
+                    try:
+                        if model_id is None:
+                            raise
+                        self._insert(conn, [(r[0], None, *r[2:]) for r in group])
+                    except psycopg2.IntegrityError:
+                        dropped += len(group)
+                        log.warning("dropping %d decisions of user %s that cannot be stored: %s", len(group),
+                                    user_id, str(e).splitlines()[0])
+            return dropped
         except (psycopg2.OperationalError, psycopg2.InterfaceError):
             with contextlib.suppress(Exception):
                 conn.close()
@@ -634,12 +736,8 @@ class Worker:
             return
         rows, self.to_store = self.to_store, []
         try:
-            await asyncio.to_thread(self._store, rows)
-            self.stats.stored += len(rows)
-        except psycopg2.IntegrityError as e:
-            # e.g. the user was deleted meanwhile: store the rest one user at a time next round is overkill;
-            # these decisions are dropped (they were published live already).
-            log.warning("dropping %d decisions that cannot be stored: %s", len(rows), str(e).splitlines()[0])
+            dropped = await asyncio.to_thread(self._store, rows)
+            self.stats.stored += len(rows) - dropped
         except psycopg2.Error as e:
             self.to_store[:0] = rows  # keep them (bounded in _handle_results) and retry
             log.warning("cannot store decisions (%s); will retry", str(e).strip().splitlines()[0])
@@ -659,7 +757,8 @@ class Worker:
                               self.opts.max_inflight + 2)
         self.nc = await natsio.connect("inference", self.settings)
         await self.nc.subscribe(MODELS_UPDATED, cb=self.on_models_updated)
-        tasks = [asyncio.create_task(c) for c in (self.store_loop(), self.stats_loop())]
+        store_task = asyncio.create_task(self.store_loop())
+        tasks = [asyncio.create_task(self.stats_loop())]
         batcher = asyncio.create_task(self.batcher())
         while not self._stopping:  # the API may still be starting
             await self.refresh_catalogue()
@@ -674,20 +773,34 @@ class Worker:
         tasks += [asyncio.create_task(c) for c in (self.membership_loop(), self.catalogue_loop())]
         gc.freeze()  # startup objects leave the collector's scans: shorter pauses while streaming
         log.info("inference worker running: %d users with models, api %s", len(self.specs), self.opts.api_url)
-        await done.wait()
+        stop_requested = asyncio.create_task(done.wait())
+        await asyncio.wait([stop_requested, batcher], return_when=asyncio.FIRST_COMPLETED)
+        failed = None
+        if batcher.done() and not self._stopping:  # cannot happen by design; never keep running deaf
+            failed = batcher.exception() or RuntimeError("the batcher returned")
+            log.critical("the /predict batcher stopped (%r); stopping so the supervisor restarts the worker",
+                         failed)
+            stop_requested.cancel()
+            await self.stop()
+        else:
+            await stop_requested
         self._wake.set()
-        await batcher
+        with contextlib.suppress(Exception):
+            await batcher
         for t in tasks:
             t.cancel()
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-        await self.store_now()  # the last decisions (a store in progress was awaited above)
+        await store_task  # ends after its current store (it checks _stopping), never cut off mid-COPY
+        await self.store_now()  # the last decisions
         await self.http.close()
         self.membership.close()
         if self._store_conn is not None:
             self._store_conn.close()
         log.info("inference worker stopped: %s", self.stats.line())
+        if failed is not None:
+            raise SystemExit(1)
 
     async def stop(self) -> None:
         """SIGTERM: stop taking samples, finish the queued windows, publish and store their decisions."""
@@ -726,6 +839,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.votes < 1 or not 0 <= args.min_confidence <= 1:
         p.error("--votes must be >= 1 and --min-confidence in [0, 1]")
+    if not 1 <= len(args.unsure_label) <= 80 or args.unsure_label != args.unsure_label.strip():
+        p.error("--unsure-label (SEMG_INFERENCE_UNSURE_LABEL) must be 1-80 characters without surrounding spaces")
     logging.basicConfig(level=s.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     opts = Options(api_url=args.api_url, votes=args.votes, min_confidence=args.min_confidence,

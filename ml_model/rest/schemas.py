@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+MAX_PREDICT_ITEMS = 1000  # items (users' window batches) in one /predict request; the worker sends no more
+
 Id = Annotated[int, Field(ge=1, le=2**63 - 1)]
 Channel = Annotated[int, Field(ge=0, le=15)]
 
@@ -289,7 +291,7 @@ class PredictRequest(_In):
     data_b64: str | None = None
     shape: list[Annotated[int, Field(ge=0, le=10_000_000)]] | None = Field(None, min_length=2, max_length=3)
     dtype: Literal["int16", "float32"] = "int16"
-    items: list[PredictItem] | None = Field(None, min_length=1, max_length=1000,
+    items: list[PredictItem] | None = Field(None, min_length=1, max_length=MAX_PREDICT_ITEMS,
                                             description="batch of several users (errors reported per item)")
     include_probabilities: bool = True
 

@@ -51,19 +51,53 @@ def test_windows_do_not_depend_on_how_samples_are_split(start, cuts):
         np.testing.assert_array_equal(w, data[i - SPEC.window + 1:i + 1].T)  # channels first
 
 
-def test_gap_out_of_order_and_new_boot_reset():
+def test_gap_resent_samples_and_new_boot():
     stream = UserStream(1, SPEC, votes=3)
     d = np.ones((12, 2))
     ends, _ = _feed(stream, [_msg(0, d)])
     assert ends == [11]
     ends, _ = _feed(stream, [_msg(15, d)])            # gap: nothing until a full window after 15
     assert ends == [26] and stream.resets == 1
-    ends, _ = _feed(stream, [_msg(20, d)])            # out of order: reset again
-    assert ends == [29] and stream.resets == 2
+    epoch = stream.epoch
+    ends, _ = _feed(stream, [_msg(15, d)])            # the same samples again (a re-sent batch): ignored
+    assert ends == [] and stream.duplicates == 12
+    ends, _ = _feed(stream, [_msg(20, d)])            # overlaps what was seen: only 27..31 are new
+    assert ends == [29] and stream.resets == 1 and stream.duplicates == 19 and stream.epoch == epoch
+    ends, _ = _feed(stream, [_msg(0, d)])             # an old batch of this run arriving late: ignored
+    assert ends == [] and stream.next_seq == 32
     ends, _ = _feed(stream, [_msg(32, d, boot=1)])    # new boot (contiguous seq or not)
-    assert ends == [41] and stream.resets == 3
+    assert ends == [41] and stream.resets == 2 and stream.epoch != epoch
     ends, _ = _feed(stream, [_msg(44, d, device=2, boot=1)])  # another device of the user
     assert ends == [53]
+    ends, _ = _feed(stream, [_msg(40, d, device=2, boot=1)])  # older than the run's newest sample: too late
+    assert ends == [] and stream.resets == 3 and stream.next_seq == 56
+
+
+@settings(max_examples=60, deadline=None)
+@given(cuts=st.lists(st.integers(1, 25), min_size=1, max_size=30), data=st.data())
+def test_resent_and_overlapping_messages_change_nothing(cuts, data):
+    """At-least-once delivery: re-sending any seen range, alone or glued to new samples, cuts the same windows."""
+    total = sum(cuts)
+    values = np.arange(total * 2).reshape(total, 2) % 1000
+    clean, resent, a = [], [], 0
+    for c in cuts:
+        clean.append(_msg(a, values[a:a + c]))
+        if a and data.draw(st.booleans()):  # a re-send of something already seen
+            lo = data.draw(st.integers(0, a - 1))
+            hi = data.draw(st.integers(lo + 1, a))
+            resent.append(_msg(lo, values[lo:hi]))
+        if a and data.draw(st.booleans()):  # the new chunk arrives glued to seen samples
+            lo = data.draw(st.integers(0, a - 1))
+            resent.append(_msg(lo, values[lo:a + c]))
+        else:
+            resent.append(_msg(a, values[a:a + c]))
+        a += c
+    want_ends, want_wins = _feed(UserStream(1, SPEC, votes=3), clean)
+    stream = UserStream(1, SPEC, votes=3)
+    ends, wins = _feed(stream, resent)
+    assert ends == want_ends and stream.resets == 0
+    for w, v in zip(wins, want_wins):
+        np.testing.assert_array_equal(w, v)
 
 
 def test_big_message_grows_the_buffer():

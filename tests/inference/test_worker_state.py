@@ -1,0 +1,107 @@
+"""The worker's own bookkeeping, on real objects: batches for /predict, vote histories across model switches
+and resets, and storing decisions when a user or model was deleted meanwhile (real PostgreSQL)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+
+from ml_model.nat_inference import ModelSpec, Options, UserStream, Worker
+from ml_model.rest.schemas import MAX_PREDICT_ITEMS, PredictRequest
+from semg.messages import SamplesMessage
+
+SPEC = ModelSpec(artifact_id=1, classes=("REST", "a", "b"), n_device_channels=2, sample_rate_hz=100.0, window=4,
+                 step=2)
+
+
+def _msg(uid: int, seq0: int, n: int, device: int = 1) -> SamplesMessage:
+    return SamplesMessage(userid=uid, device_id=device, boot=0, sample_rate_hz=100, channels=2, seq0=seq0,
+                          device_millis=[10.0 * (seq0 + i) for i in range(n)], recv_time=[time.time()] * n,
+                          values=[[seq0 + i, -(seq0 + i)] for i in range(n)])
+
+
+def _worker(**opts) -> Worker:
+    return Worker(settings=None, opts=Options(api_url="http://127.0.0.1:9", **opts))
+
+
+def test_a_batch_never_exceeds_what_predict_accepts():
+    """Many users each completing one window: the batch stops at the API's item limit, in arrival order."""
+    w = _worker(max_batch_windows=4096)
+    streams = {u: UserStream(u, SPEC, votes=3) for u in range(1, MAX_PREDICT_ITEMS + 301)}
+    for u, s in streams.items():
+        s.append(_msg(u, 0, 3))
+    for u, s in streams.items():
+        w.pending.append(s.append(_msg(u, 3, 1)))  # one window each
+    batch = w._take_batch()
+    assert len(batch) == MAX_PREDICT_ITEMS and [r.user_id for r in batch] == list(range(1, MAX_PREDICT_ITEMS + 1))
+    PredictRequest.model_validate({"items": [w._encode(r) for r in batch]})  # the API takes it
+    assert len(w._take_batch()) == 300 and not w.pending
+
+
+def test_a_users_consecutive_windows_travel_as_one_item():
+    w = _worker()
+    s1, s2 = UserStream(1, SPEC, votes=3), UserStream(2, SPEC, votes=3)
+    for seq0 in range(0, 40, 2):
+        for s in (s1, s2):
+            r = s.append(_msg(s.user_id, seq0, 2))
+            if r is not None:
+                w.pending.append(r)
+    whole = UserStream(1, SPEC, votes=3).append(_msg(1, 0, 40))
+    batch = w._take_batch()
+    assert [r.user_id for r in batch] == [1, 2]
+    np.testing.assert_array_equal(batch[0].end_seq, whole.end_seq)
+    np.testing.assert_array_equal(batch[0].windows, whole.windows)
+    np.testing.assert_array_equal(batch[0].end_millis, whole.end_millis)
+    # after a reset (new epoch) the windows are another run: not merged into the same item
+    w.pending.append(s1.append(_msg(1, 100, 4)))
+    w.pending.append(s1.append(_msg(1, 104, 2)))
+    w.pending.append(s1.append(_msg(1, 50, 4)))  # older than the run: ignored, nothing cut
+    w.pending = type(w.pending)(r for r in w.pending if r is not None)
+    assert [len(r.windows) for r in w._take_batch()] == [2]
+
+
+def test_votes_never_mix_models_or_runs():
+    s = UserStream(1, SPEC, votes=3)
+    old = s.append(_msg(1, 0, 8))  # windows cut for model 1
+    s.votes_for(old.epoch, 1).extend([[1, 0, 0], [1, 0, 0]])
+    s.new_votes()  # the worker switched to model 2 (say 4 classes) while `old` was still at /predict
+    late = s.votes_for(old.epoch, 1)  # results of the old windows come back: voting among themselves
+    late.append([0, 1, 0])
+    assert late is not s.history and len(s.history) == 0
+    new = s.append(_msg(1, 8, 2))
+    h = s.votes_for(new.epoch, 2)
+    h.append([0, 0, 0, 1])
+    assert h is s.history and list(s.history) == [[0, 0, 0, 1]]
+    # the API answers with yet another model for the current windows: its votes start afresh
+    assert list(s.votes_for(new.epoch, 3)) == [] and s.history_model == 3
+    s.append(_msg(1, 50, 4))  # a gap: a new run, a new epoch
+    assert s.votes_for(new.epoch, 3) is not s.history
+
+
+def test_a_deleted_user_or_model_loses_only_its_own_decisions(settings, clean_db):
+    from ml_model.rest.demo_models import insert_artifact, random_artifact
+    from semg import repo
+    alive = repo.create_user(clean_db, "Alive", "alive@example.org")["id"]
+    gone = repo.create_user(clean_db, "Gone", "gone@example.org")["id"]
+    weights, meta = random_artifact(2, 100.0)
+    model = insert_artifact(clean_db, alive, weights, meta)
+    w = Worker(settings=settings, opts=Options(api_url="http://127.0.0.1:9"))
+    now = time.time()
+
+    def row(u, m, i):
+        return (u, m, "REST", 0.9, None, float(i), now, now, 1.0)
+
+    w.to_store = ([row(alive, model, i) for i in range(50)] + [row(gone, None, 0)]
+                  + [row(alive, 999_999, i) for i in range(50, 60)])  # a model deleted meanwhile
+    with clean_db.cursor() as cur:
+        cur.execute("DELETE FROM users WHERE id = %s", (gone,))
+    clean_db.commit()
+    asyncio.run(w.store_now())
+    w._store_conn.close()
+    with clean_db.cursor() as cur:
+        cur.execute("SELECT model_id, count(*) FROM predictions GROUP BY 1 ORDER BY 1 NULLS LAST")
+        # the deleted model's rows without their model id; the deleted user's row alone is dropped
+        assert cur.fetchall() == [(model, 50), (None, 10)]
+    assert w.stats.stored == 60 and not w.to_store
