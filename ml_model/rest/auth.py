@@ -51,10 +51,15 @@ class Principal:
 
 class KeyCache:
     """Verified keys by SHA-256. A valid entry older than KEY_TTL_S is still served (up to KEY_MAX_STALE_S)
-    while one background check refreshes it, so no request ever waits for the database on a hot key."""
+    while one background check refreshes it, so no request ever waits for the database on a hot key.
+
+    ``clear()`` (a key revoked, a user deleted) starts a new generation: a check that began before it may have
+    read the key as valid, so its answer is not cached (``put`` with the older generation is ignored).
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._generation = 0
         self._entries: dict[str, tuple[Principal | None, float]] = {}
         self._refreshing: set[str] = set()
         self._touched: dict[int, float] = {}
@@ -72,8 +77,14 @@ class KeyCache:
             return "stale", hit[0]
         return "miss", None
 
-    def put(self, digest: str, principal: Principal | None) -> None:
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    def put(self, digest: str, principal: Principal | None, generation: int) -> None:
         with self._lock:
+            if generation != self._generation:
+                return
             if len(self._entries) > 10000:  # bounded: wrong keys must not grow it without end
                 self._entries.clear()
             self._entries[digest] = (principal, time.monotonic())
@@ -99,6 +110,7 @@ class KeyCache:
 
     def clear(self) -> None:
         with self._lock:
+            self._generation += 1
             self._entries.clear()
 
 
@@ -113,8 +125,9 @@ def _verify(state: AppState, key: str) -> Principal | None:
 
 
 async def _refresh(state: AppState, key: str, digest: str) -> None:
+    generation = state.key_cache.generation
     try:
-        state.key_cache.put(digest, await run_in_threadpool(_verify, state, key))
+        state.key_cache.put(digest, await run_in_threadpool(_verify, state, key), generation)
     except Exception as e:  # noqa: BLE001 - keep serving the cached answer; the next request tries again
         log.debug("background key check failed: %s", e)
     finally:
@@ -131,8 +144,11 @@ async def get_principal(
     digest = keys.key_hash(key)
     status, principal = state.key_cache.get(digest)
     if status == "miss":
+        generation = state.key_cache.generation
         principal = await run_in_threadpool(_verify, state, key)
-        state.key_cache.put(digest, principal)
+        if state.key_cache.generation != generation and principal is not None:
+            principal = await run_in_threadpool(_verify, state, key)  # revoked meanwhile? ask again
+        state.key_cache.put(digest, principal, generation)
     elif status == "stale" and state.key_cache.start_refresh(digest):
         task = asyncio.get_running_loop().create_task(_refresh(state, key, digest))
         state.tasks.append(task)

@@ -165,3 +165,33 @@ def test_every_route_but_health_needs_a_key(api, keys):
                 assert r.status_code == 401, (method, path, r.status_code)
                 checked += 1
     assert checked > 60
+
+
+def test_a_key_revoked_during_its_own_check_stops_working_at_once(api, keys, make_user, clean_db, monkeypatch):
+    """A check that read the key as valid just before DELETE /keys must not put it back into the cache."""
+    import threading
+    import time
+
+    user = make_user()
+    row = keystore.create_key(clean_db, "user", user["id"], "revoked while in use")
+    h = {"X-API-Key": row["key"]}
+    real_lookup = keystore.lookup
+    slow_once = threading.Event()
+    slow_once.set()
+
+    def slow_lookup(conn, key):  # the database answers slowly once (a busy disk)
+        found = real_lookup(conn, key)
+        if key == row["key"] and slow_once.is_set():
+            slow_once.clear()
+            time.sleep(0.5)
+        return found
+
+    monkeypatch.setattr(keystore, "lookup", slow_lookup)
+    first = {}
+    t = threading.Thread(target=lambda: first.update(r=api.get(f"/users/{user['id']}", headers=h)))
+    t.start()
+    time.sleep(0.2)
+    assert api.delete(f"/keys/{row['id']}", headers=keys.admin).status_code == 200
+    t.join()
+    assert first["r"].status_code == 401  # re-checked: it was revoked before the answer went out
+    assert [api.get(f"/users/{user['id']}", headers=h).status_code for _ in range(3)] == [401, 401, 401]
