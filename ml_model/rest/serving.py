@@ -35,6 +35,7 @@ SOLO_MIN_WINDOWS = 16
 # split between items, never inside one model's windows.
 MAX_STACK = 64
 NEGATIVE_TTL_S = 2.0
+TOMBSTONE_S = 300.0  # far longer than any model load that may have started before a user's deletion
 
 _ARTIFACT_COLS = ("id, user_id, job_id, weights, sha256, size_bytes, classes, channels, sample_rate_hz, window_ms, "
                   "step_ms, scaler, metrics, metadata, created_at")
@@ -135,6 +136,7 @@ class ModelRegistry:
     pool: ConnectionPool
     _models: dict[int, ServedModel] = field(default_factory=dict)
     _absent: dict[int, float] = field(default_factory=dict)  # user -> monotonic time of the last "no model"
+    _deleted: dict[int, float] = field(default_factory=dict)  # user -> when deleted (tombstones, TOMBSTONE_S)
     _load_lock: threading.Lock = field(default_factory=threading.Lock)
     banks: Banks = field(default_factory=lambda: Banks())
 
@@ -158,9 +160,16 @@ class ModelRegistry:
                          self.banks, self._models)
 
     def forget(self, user_id: int) -> None:
-        """Stop serving a deleted user's model at once (the poll would notice later)."""
+        """Stop serving a deleted user's model at once (the poll would notice later).
+
+        A reload of that user already under way (e.g. after the user's last training job) read the model
+        before the deletion; the tombstone keeps it from installing it afterwards.
+        """
+        now = time.monotonic()
+        self._deleted = {u: t for u, t in self._deleted.items() if now - t < TOMBSTONE_S}
+        self._deleted[user_id] = now
         self._models.pop(user_id, None)
-        self._absent[user_id] = time.monotonic()
+        self._absent[user_id] = now
 
     def get(self, user_id: int) -> ServedModel | None:
         """The served model of a user, loading it on a cache miss (blocking: call from a thread)."""
@@ -204,6 +213,8 @@ class ModelRegistry:
         except Exception as e:  # noqa: BLE001 - a broken artifact must not take the service (or old model) down
             log.error("cannot load model %s of user %s: %s", artifact_id, user_id, e)
             return current
+        if user_id in self._deleted:  # deleted while we loaded it
+            return None
         self._models[user_id] = served  # atomic swap: in-flight requests keep their reference
         self._absent.pop(user_id, None)
         log.info("user %s now served by model %s (%s classes, window %d, step %d, %s)", user_id, artifact_id,

@@ -81,3 +81,34 @@ def test_bank_matches_other_stackable_architectures():
             got = stacking.Bank(parts).logits(x, idx)
             ref = torch.cat([models[i](x[j:j + 1]) for j, i in enumerate(idx.tolist())])
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_a_deleted_users_model_does_not_come_back_from_a_reload_under_way(api, keys, make_user, clean_db,
+                                                                          monkeypatch):
+    """DELETE /users/{id} while a reload (as after models.updated) is building that user's model."""
+    import threading
+    import time
+
+    from ml_model.api import app
+    from ml_model.rest import serving
+    from ml_model.rest.demo_models import insert_artifact, random_artifact
+
+    registry = app.state.semg.models
+    user = make_user()
+    weights, meta = random_artifact(8, 200.0, seed=0)
+    insert_artifact(clean_db, user["id"], weights, meta)
+    real_build = serving.build_served
+
+    def slow_build(row):
+        time.sleep(0.5)
+        return real_build(row)
+
+    monkeypatch.setattr(serving, "build_served", slow_build)
+    t = threading.Thread(target=registry.refresh_user, args=(user["id"],))
+    t.start()
+    time.sleep(0.2)
+    assert api.delete(f"/users/{user['id']}", headers=keys.admin).status_code == 200
+    t.join()
+    assert registry.cached(user["id"]) is None
+    assert api.get(f"/models/{user['id']}", headers=keys.admin).status_code == 404
+    assert user["id"] not in [m["user_id"] for m in api.get("/models", headers=keys.admin).json()]
