@@ -159,6 +159,7 @@ _ERRORS = {
     403: "this API key may not access that user's data (or this endpoint)",
     404: "a referenced user, device, session, job, gesture, key or model does not exist",
     409: "conflicts with stored data (duplicate, or the state does not allow it)",
+    413: "the request body is too large",
     503: "the database is unavailable; retry later (Retry-After)",
 }
 
@@ -179,7 +180,7 @@ def _openapi() -> dict:
         for method, op in ops.items():
             responses = op.setdefault("responses", {})
             for code, text in _ERRORS.items():
-                if code in (400, 409) and method == "get":
+                if code in (400, 409, 413) and method == "get":
                     continue
                 responses.setdefault(str(code), {"description": text, "content": {"application/json": {"schema": error}}})
             invalid = responses.setdefault("422", {"description": "Validation Error",

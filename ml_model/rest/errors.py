@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 import psycopg2
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from ml_model.rest.pool import DatabaseUnavailable
@@ -29,7 +29,43 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+MAX_BODY_BYTES = 128 * 2**20  # above the largest legitimate /predict batch; parsing more would cost GBs
+
+
+class BodySizeLimit:
+    """ASGI middleware: a request body over ``max_bytes`` gets 413, whether it says its length or streams it.
+
+    Checked before anything parses it (FastAPI reads and parses the body before the API key is checked).
+    """
+
+    def __init__(self, app, max_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or ()).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await _answer(413, f"request body too large (at most {self.max_bytes} bytes)")(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise HTTPException(413, f"request body too large (at most {self.max_bytes} bytes)")
+            return message
+
+        await self.app(scope, limited, send)
+
+
 def install(app: FastAPI) -> None:
+    app.add_middleware(BodySizeLimit)
+
     @app.exception_handler(repo.NotFound)
     async def _not_found(_: Request, e: repo.NotFound) -> JSONResponse:
         return _answer(404, str(e))

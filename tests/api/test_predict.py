@@ -237,3 +237,51 @@ def test_deleted_user_stops_being_served(api, keys, served):
     assert api.get(f"/models/{user['id']}", headers=keys.admin).status_code == 404
     r = api.post("/predict", json={"user_id": user["id"], "windows": _windows(1).tolist()}, headers=keys.service)
     assert r.status_code == 404
+
+
+def test_too_many_windows_are_refused_before_they_are_cut(api, keys, served):
+    """1M samples (200k windows of this model) are refused without building the 320 MB float32 window copy."""
+    import tracemalloc
+
+    user, _, _ = served()
+    n = 1_000_000
+    data = base64.b64encode(np.zeros((n, 8), "<i2").tobytes()).decode()
+    body = {"user_id": user["id"], "data_b64": data, "shape": [n, 8], "dtype": "int16"}
+    tracemalloc.start()
+    try:
+        r = api.post("/predict", json=body, headers=keys.service)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert r.status_code == 422 and "too many windows" in r.json()["detail"]
+    assert peak < 200 * 2**20, f"peak {peak / 2**20:.0f} MiB"  # the request itself is ~21 MB of base64
+
+
+def test_an_oversized_body_is_413_before_it_is_parsed():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from ml_model.rest.errors import BodySizeLimit, install
+
+    app = FastAPI()
+    install(app)
+    app.user_middleware.clear()
+    app.add_middleware(BodySizeLimit, max_bytes=1000)
+
+    @app.post("/echo")
+    async def echo(body: dict) -> dict:
+        return {"n": len(body["x"])}
+
+    with TestClient(app) as client:
+        assert client.post("/echo", json={"x": "a" * 100}).json() == {"n": 100}
+        r = client.post("/echo", json={"x": "a" * 2000})
+        assert r.status_code == 413 and "too large" in r.json()["detail"]
+
+        def chunks():  # no Content-Length: counted as it streams in
+            yield b'{"x": "'
+            for _ in range(30):
+                yield b"a" * 100
+            yield b'"}'
+
+        r = client.post("/echo", content=chunks(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413, r.text

@@ -11,6 +11,7 @@ import orjson
 from fastapi import APIRouter, HTTPException, Response
 from fastapi.concurrency import run_in_threadpool
 
+from ml_model import preprocessing as pp
 from ml_model.rest import serving
 from ml_model.rest.auth import Caller, UserScoped
 from ml_model.rest.deps import Conn
@@ -68,8 +69,16 @@ def _decode(item: PredictItem) -> np.ndarray:
 _INT16, _FLOAT32 = np.dtype("<i2"), np.dtype("<f4")
 
 
-def _windows_for(model: ServedModel, item: PredictItem, x: np.ndarray) -> np.ndarray:
+def _windows_for(model: ServedModel, item: PredictItem, x: np.ndarray, budget: int) -> np.ndarray:
+    """The item's windows, validated; at most `budget` of them, counted BEFORE anything is cut or copied
+    (one oversized item must not cost a gigabyte and stall the inference thread for everyone)."""
     is_samples = item.samples is not None or (item.data_b64 is not None and x.ndim == 2)
+    if is_samples and x.ndim == 2:
+        count = pp.n_windows(x.shape[0], model.window, model.step)
+    else:
+        count = x.shape[0] if x.ndim >= 1 else 0
+    if count > budget:
+        raise InputError(f"too many windows in one request (at most {MAX_WINDOWS_PER_REQUEST})")
     if is_samples:
         x = serving.windows_from_samples(model, x)
     return serving.check_windows(model, x)
@@ -98,10 +107,8 @@ def _predict_sync(state: AppState, items: list[PredictItem], batch: bool, with_p
             model = state.models.get(item.user_id)
             if model is None:
                 raise NoModelError(f"user {item.user_id} has no trained model")
-            x = _windows_for(model, item, _decode(item))
+            x = _windows_for(model, item, _decode(item), MAX_WINDOWS_PER_REQUEST - total)
             total += len(x)
-            if total > MAX_WINDOWS_PER_REQUEST:
-                raise InputError(f"too many windows in one request (at most {MAX_WINDOWS_PER_REQUEST})")
         except (NoModelError, InputError) as e:
             if not batch:
                 raise
