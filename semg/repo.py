@@ -171,7 +171,9 @@ def delete_user(conn, user_id: int, video_dir: Path | None = None) -> dict:
     return deleted
 
 
-def list_users(conn, search: str | None = None, limit: int = 100, offset: int = 0) -> list[dict]:
+def list_users(conn, search: str | None = None, limit: int = 100, offset: int = 0,
+               only_user: int | None = None) -> list[dict]:
+    """Users by id (matching `search` in name or email), or just `only_user` when given."""
     pattern = f"%{search.strip()}%" if search and search.strip() else None
     with _tx(conn) as cur:
         cur.execute(
@@ -179,9 +181,10 @@ def list_users(conn, search: str | None = None, limit: int = 100, offset: int = 
                    (SELECT count(*) FROM devices d WHERE d.user_id = u.id) AS devices,
                    (SELECT count(*) FROM gestures g WHERE g.user_id = u.id) AS gestures
                 FROM users u
-                WHERE %(p)s::text IS NULL OR name ILIKE %(p)s OR email ILIKE %(p)s
+                WHERE (%(p)s::text IS NULL OR name ILIKE %(p)s OR email ILIKE %(p)s)
+                  AND (%(only)s::bigint IS NULL OR u.id = %(only)s)
                 ORDER BY id LIMIT %(limit)s OFFSET %(offset)s""",
-            {"p": pattern, "limit": max(1, min(int(limit), 1000)), "offset": max(0, int(offset))},
+            {"p": pattern, "only": only_user, "limit": max(1, min(int(limit), 1000)), "offset": max(0, int(offset))},
         )
         return [dict(r) for r in cur.fetchall()]
 

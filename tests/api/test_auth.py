@@ -195,3 +195,17 @@ def test_a_key_revoked_during_its_own_check_stops_working_at_once(api, keys, mak
     t.join()
     assert first["r"].status_code == 401  # re-checked: it was revoked before the answer went out
     assert [api.get(f"/users/{user['id']}", headers=h).status_code for _ in range(3)] == [401, 401, 401]
+
+
+def test_a_user_key_lists_its_own_user_however_many_users_exist(api, keys, clean_db):
+    with clean_db.cursor() as cur:
+        cur.execute("""INSERT INTO users (name, email) SELECT 'User ' || i, 'u' || i || '@example.org'
+                       FROM generate_series(1, 1001) AS i""")
+        cur.execute("SELECT max(id) FROM users")
+        (last,) = cur.fetchone()
+    clean_db.commit()
+    mine = keys("user", last)
+    assert [u["id"] for u in api.get("/users", headers=mine).json()] == [last]
+    assert [u["id"] for u in api.get("/users?search=User 1001", headers=mine).json()] == [last]
+    assert api.get("/users?search=nobody", headers=mine).json() == []
+    assert len(api.get("/users?limit=1000", headers=keys.admin).json()) == 1000

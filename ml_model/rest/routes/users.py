@@ -41,11 +41,9 @@ def list_users(
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> list[dict]:
     """All users (admin/service), or just the caller's own user (user key)."""
-    users = repo.list_users(conn, search=search, limit=limit if caller.is_admin else 1000,
-                            offset=offset if caller.is_admin else 0)
     if caller.is_admin:
-        return users
-    return [u for u in users if u["id"] == caller.user_id]
+        return repo.list_users(conn, search=search, limit=limit, offset=offset)
+    return repo.list_users(conn, search=search, limit=limit, offset=offset, only_user=caller.user_id)
 
 
 @router.post("/users", response_model=User, status_code=201, tags=["users"])
