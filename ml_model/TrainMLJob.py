@@ -233,8 +233,10 @@ class Jobs:
         sys.stdout.flush()
 
     def train(self, job_id: int, verbose: bool = False) -> None:
-        """Train one scheduled job from the database now (what the worker does for each job it takes).
-        Exit status 0 when the job completed, 1 when it failed or was canceled (the job row says why)."""
+        """Take one scheduled job from the database and train it now, with a heartbeat, as the worker does for
+        each job it takes. Exit status 0 when the job completed, 1 when it failed, was canceled or was taken
+        from this process (the job row says why), 2 when it is not scheduled (e.g. a worker already runs it:
+        it is left alone, never trained twice)."""
         _setup_logging(verbose)
         from ml_model import jobs
         from semg.config import settings_or_exit

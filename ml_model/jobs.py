@@ -4,6 +4,12 @@ report progress; and the queue worker that several processes (on several machine
 Queue: rows of `training_jobs` with status 'scheduled', claimed with FOR UPDATE SKIP LOCKED. A running job's
 worker beats `heartbeat_at`; a job whose heartbeat is stale (its worker died) is put back in the queue, or
 failed after MAX_ATTEMPTS. Cancellation is cooperative: `cancel_requested` is checked after every epoch.
+
+Ownership: a job belongs to the worker named in its `worker` column while it is in-progress. Every write of a
+running job (progress, heartbeat, its end) matches `status = 'in-progress' AND worker = <this worker>`, so a
+worker that stalled past the stale timeout (its job re-queued, failed or taken by another worker) changes
+nothing: it stops and its model is discarded. Completion stores the artifact and sets `completed` in one
+transaction, and only if the job was not canceled meanwhile.
 """
 
 from __future__ import annotations
@@ -49,6 +55,14 @@ def request_stop() -> None:
 
 class JobFailed(RuntimeError):
     """The job cannot be done; the message is shown to the user as the job's error."""
+
+
+class JobUnavailable(ValueError):
+    """The job cannot be taken (not found, or not scheduled: e.g. another worker runs it); it is left as is."""
+
+
+class _JobLost(Exception):
+    """This worker no longer holds the job (stale recovery re-queued or failed it, or another worker took it)."""
 
 
 # ---- loading a job's data ------------------------------------------------------------------------
@@ -169,11 +183,18 @@ def _log(conn, job_id: int, message: str, level: str = "INFO") -> None:
     log.log(logging.getLevelName(level), "job %s: %s", job_id, message)
 
 
-def _finish(conn, job_id: int, status: str, error: str | None = None) -> None:
+# Matches a job only while `worker` still holds it: appended to every write of a running job.
+_OWNED = "id = %(job)s AND status = 'in-progress' AND worker = %(worker)s"
+
+
+def _finish(conn, job_id: int, worker: str, status: str, error: str | None = None) -> bool:
+    """End the job as canceled/failed if `worker` still holds it; False (nothing written) otherwise."""
     with conn, conn.cursor() as cur:
-        cur.execute("""UPDATE training_jobs SET status = %s, error = %s, finished_at = now(), heartbeat_at = now(),
-                              progress = CASE WHEN %s = 'completed' THEN 100 ELSE progress END
-                       WHERE id = %s""", (status, error, status, job_id))
+        cur.execute(f"""UPDATE training_jobs SET status = %(status)s, error = %(error)s, finished_at = now(),
+                               heartbeat_at = now()
+                        WHERE {_OWNED} RETURNING id""",
+                    {"status": status, "error": error, "job": job_id, "worker": worker})
+        return cur.fetchone() is not None
 
 
 def training_config(params: Mapping[str, Any], sample_rate_hz: float, channels: list[int] | None) -> dict:
@@ -204,61 +225,173 @@ def _publish_model_updated(settings: Settings, user_id: int, job_id: int, artifa
         log.warning("could not publish models.updated for job %s (%s); the API will find it by polling", job_id, e)
 
 
-def store_artifact(conn, user_id: int, job_id: int | None, weights: bytes, meta: dict) -> int:
+def store_artifact(conn, user_id: int | None, job_id: int | None, weights: bytes, meta: dict) -> int:
     with conn, conn.cursor() as cur:
-        cur.execute(
-            """INSERT INTO model_artifacts (user_id, job_id, weights, sha256, size_bytes, classes, channels,
-                   sample_rate_hz, window_ms, step_ms, scaler, metrics, metadata)
-               VALUES (%s, %s, %s, %s, %s, %s, %s::smallint[], %s, %s, %s, %s, %s, %s) RETURNING id""",
-            (user_id, job_id, psycopg2.Binary(weights), hashlib.sha256(weights).hexdigest(), len(weights),
-             Json(meta["classes"]), list(meta["channels"]), meta["sample_rate_hz"], meta["window_ms"],
-             meta["step_ms"], Json(meta["scaler"]), Json(meta.get("metrics", {})), Json(meta)),
-        )
-        return cur.fetchone()[0]
+        return _insert_artifact(cur, user_id, job_id, weights, meta)
 
 
-def run_job(job_id: int, settings: Settings | None = None) -> str:
-    """Train job `job_id` (which must be in-progress or scheduled) to the end. Returns the final status.
+def _insert_artifact(cur, user_id: int | None, job_id: int | None, weights: bytes, meta: dict) -> int:
+    cur.execute(
+        """INSERT INTO model_artifacts (user_id, job_id, weights, sha256, size_bytes, classes, channels,
+               sample_rate_hz, window_ms, step_ms, scaler, metrics, metadata)
+           VALUES (%s, %s, %s, %s, %s, %s, %s::smallint[], %s, %s, %s, %s, %s, %s) RETURNING id""",
+        (user_id, job_id, psycopg2.Binary(weights), hashlib.sha256(weights).hexdigest(), len(weights),
+         Json(meta["classes"]), list(meta["channels"]), meta["sample_rate_hz"], meta["window_ms"],
+         meta["step_ms"], Json(meta["scaler"]), Json(meta.get("metrics", {})), Json(meta)),
+    )
+    return cur.fetchone()[0]
 
-    Every outcome is written to the job row: completed with an artifact, failed with the cause, or canceled.
-    A failed or canceled job changes nothing else.
+
+def _complete(conn, user_id: int, job_id: int, worker: str, weights: bytes, meta: dict) -> tuple[str, int | None]:
+    """Store the model and mark the job completed in ONE transaction, only while `worker` holds the job and
+    no cancel was asked: a model is served exactly when its job says completed.
+
+    Returns ("completed", artifact id), ("canceled", None) or ("lost", None)."""
+    with conn, conn.cursor() as cur:
+        cur.execute(f"""UPDATE training_jobs SET status = 'completed', error = NULL, finished_at = now(),
+                               heartbeat_at = now(), progress = 100
+                        WHERE {_OWNED} AND NOT cancel_requested RETURNING id""", {"job": job_id, "worker": worker})
+        if cur.fetchone() is not None:
+            return "completed", _insert_artifact(cur, user_id, job_id, weights, meta)
+        # Still ours, so the cancel came while the model was being saved: honour it, store nothing.
+        cur.execute(f"""UPDATE training_jobs SET status = 'canceled', finished_at = now(), heartbeat_at = now()
+                        WHERE {_OWNED} RETURNING id""", {"job": job_id, "worker": worker})
+        return ("canceled" if cur.fetchone() is not None else "lost"), None
+
+
+def run_job(job_id: int, settings: Settings | None = None, worker: str | None = None) -> str:
+    """Train job `job_id` to the end and return how it ended.
+
+    worker=None (``TrainMLJob.py train JOB_ID``): claim the job, which must be scheduled, for this process;
+    JobUnavailable if it is not (a job another worker runs is never run twice). worker=<name>: run the job this
+    worker claimed with claim_next. The job's heartbeat is beaten from its own thread while it runs.
+
+    Returns "completed" (with an artifact), "failed" (with the cause), "canceled", "scheduled" (re-queued: the
+    worker is stopping, or the database connection was lost) or "lost" (this worker no longer holds the job, or
+    could not reach the database to say how it ended: nothing of the run was stored; the job row belongs to
+    whoever took it, or to stale recovery).
     """
     s = settings or get_settings()
+    me = worker or _worker_name()
     conn = db.connect(s)
+    beat: _Heartbeat | None = None
     try:
         with conn, conn.cursor() as cur:
-            cur.execute("""UPDATE training_jobs SET status = 'in-progress', started_at = coalesce(started_at, now()),
-                                  heartbeat_at = now(), worker = coalesce(worker, %s), error = NULL
-                           WHERE id = %s AND status IN ('scheduled', 'in-progress')
-                           RETURNING user_id, params, cancel_requested""", (_worker_name(), job_id))
+            if worker is None:
+                cur.execute(f"""UPDATE training_jobs SET {_CLAIM_SET} WHERE id = %(job)s AND status = 'scheduled'
+                                RETURNING user_id, params, cancel_requested""", {"job": job_id, "worker": me})
+            else:
+                cur.execute(f"""UPDATE training_jobs SET heartbeat_at = now(), error = NULL WHERE {_OWNED}
+                                RETURNING user_id, params, cancel_requested""", {"job": job_id, "worker": me})
             row = cur.fetchone()
+            if row is not None and worker is None:
+                cur.execute("INSERT INTO job_logs (job_id, message) VALUES (%s, %s)", (job_id, f"taken by {me}"))
         if row is None:
-            with conn.cursor() as cur:
-                job = _job_row(cur, job_id)
-            raise JobFailed(f"job {job_id} is {job['status']}; only scheduled jobs can be trained")
+            with conn, conn.cursor() as cur:
+                cur.execute("SELECT status, worker FROM training_jobs WHERE id = %s", (job_id,))
+                found = cur.fetchone()
+            if worker is None:
+                if found is None:
+                    raise JobUnavailable(f"job {job_id} not found")
+                held = f" (worker {found[1]})" if found[0] == "in-progress" and found[1] else ""
+                raise JobUnavailable(f"job {job_id} is {found[0]}{held}; only a scheduled job can be trained")
+            log.warning("job %s: no longer held by %s (%s); not running it", job_id, me,
+                        "deleted" if found is None else f"{found[0]}, worker {found[1]}")
+            return "lost"
+        beat = _Heartbeat(s, job_id, me)
+        beat.start()
         user_id, params, cancel_requested = row
-        if cancel_requested:
-            _finish(conn, job_id, "canceled")
-            _log(conn, job_id, "canceled before training started")
-            return "canceled"
-        return _train(conn, s, job_id, user_id, params or {})
-    except JobFailed as e:
-        with contextlib.suppress(psycopg2.Error):
-            _fail(conn, job_id, str(e))
-        return "failed"
+        try:
+            if cancel_requested:
+                if not _finish(conn, job_id, me, "canceled"):
+                    return _lost(conn, job_id, me, "before training started")
+                _log(conn, job_id, "canceled before training started")
+                return "canceled"
+            return _train(conn, s, job_id, me, user_id, params or {})
+        except Exception as e:  # noqa: BLE001 - e.g. the connection died while ending the job: never crash
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if isinstance(e, psycopg2.Error) and _connection_lost(conn):
+                return _requeue_after_connection_loss(s, job_id, me, reason)
+            log.error("job %s: %s\n%s", job_id, reason, traceback.format_exc())
+            return _fail(conn, s, job_id, me, f"internal error: {type(e).__name__}: {reason}")
     finally:
+        if beat is not None:
+            beat.stop.set()
         conn.close()
 
 
-def _fail(conn, job_id: int, message: str) -> None:
-    conn.rollback()
-    with conn, conn.cursor() as cur:
-        cur.execute("""UPDATE training_jobs SET status = 'failed', error = %s, finished_at = now()
-                       WHERE id = %s AND status IN ('scheduled', 'in-progress')""", (message, job_id))
-    _log(conn, job_id, f"failed: {message}", "ERROR")
+def _connection_lost(conn) -> bool:
+    return bool(conn.closed)
 
 
-def _train(conn, s: Settings, job_id: int, user_id: int, params: dict) -> str:
+def _fail(conn, s: Settings, job_id: int, worker: str, message: str) -> str:
+    """Record the failure if `worker` still holds the job; returns the run's outcome ("failed" or "lost").
+
+    A dead connection is replaced for this; if the database stays unreachable the job is left in-progress
+    without heartbeat and stale recovery re-queues it."""
+    with contextlib.suppress(psycopg2.Error):
+        conn.rollback()
+    try:
+        with contextlib.ExitStack() as stack:
+            if _connection_lost(conn):
+                conn = stack.enter_context(contextlib.closing(db.connect(s)))
+            if not _finish(conn, job_id, worker, "failed", message):
+                return _lost(conn, job_id, worker, f"failing it ({message})")
+            _log(conn, job_id, f"failed: {message}", "ERROR")
+            return "failed"
+    except psycopg2.Error as e:
+        log.error("job %s: could not record its failure (%s): %s; stale recovery will re-queue it",
+                  job_id, message, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        return "lost"
+
+
+def _lost(conn, job_id: int, worker: str, when: str) -> str:
+    """This worker no longer holds the job: write nothing to the job row, only say so in the job's log."""
+    with contextlib.suppress(psycopg2.Error):
+        conn.rollback()
+        with conn.cursor() as cur:
+            cur.execute("SELECT status, worker FROM training_jobs WHERE id = %s", (job_id,))
+            found = cur.fetchone()
+        conn.rollback()
+        if found is not None:
+            _log(conn, job_id, f"worker {worker} lost this job ({found[0]}"
+                               f"{', now held by ' + found[1] if found[1] else ''}) {when}; it stopped, nothing "
+                               "of its run was stored", "WARNING")
+            return "lost"
+    log.warning("job %s: worker %s lost this job %s; nothing stored", job_id, worker, when)
+    return "lost"
+
+
+def _requeue_after_connection_loss(s: Settings, job_id: int, worker: str, reason: str) -> str:
+    """The job's database connection died mid-training (restart, failover): the job is not at fault, so it
+    goes back to the queue at once (failed after MAX_ATTEMPTS tries, as stale recovery does)."""
+    try:
+        with contextlib.closing(db.connect(s)) as conn:
+            with conn, conn.cursor() as cur:
+                cur.execute(f"""UPDATE training_jobs
+                                SET status = CASE WHEN cancel_requested THEN 'canceled'
+                                                  WHEN attempts >= %(max)s THEN 'failed' ELSE 'scheduled' END,
+                                    error = CASE WHEN attempts >= %(max)s AND NOT cancel_requested THEN %(error)s
+                                            ELSE NULL END,
+                                    finished_at = CASE WHEN attempts >= %(max)s OR cancel_requested THEN now()
+                                                  ELSE NULL END,
+                                    worker = NULL, progress = 0, epoch_metrics = '[]'
+                                WHERE {_OWNED} RETURNING status""",
+                            {"max": MAX_ATTEMPTS, "error": f"database connection lost: {reason}",
+                             "job": job_id, "worker": worker})
+                row = cur.fetchone()
+            if row is None:
+                return _lost(conn, job_id, worker, "while its database connection was lost")
+            _log(conn, job_id, f"database connection lost ({reason}); job "
+                               f"{'re-queued' if row[0] == 'scheduled' else row[0]}", "WARNING")
+            return row[0]
+    except psycopg2.Error as e:
+        log.error("job %s: database connection lost (%s) and not back (%s); stale recovery will re-queue it",
+                  job_id, reason, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        return "lost"
+
+
+def _train(conn, s: Settings, job_id: int, worker: str, user_id: int, params: dict) -> str:
     t0 = time.monotonic()
     try:
         base_cfg = training.merge_config({"sample_rate_hz": 1.0, **_window_overrides(params)})
@@ -275,11 +408,14 @@ def _train(conn, s: Settings, job_id: int, user_id: int, params: dict) -> str:
             epochs.append({"epoch": epoch, "train_loss": _f(train_loss), "train_acc": _f(train_acc),
                            "val_loss": _f(val_loss), "val_acc": _f(val_acc)})
             with conn, conn.cursor() as cur:
-                cur.execute("""UPDATE training_jobs SET progress = %s, epoch_metrics = %s, heartbeat_at = now()
-                               WHERE id = %s RETURNING cancel_requested""",
-                            (min(99.0, 100.0 * epoch / max(n_epochs, 1)), Json(epochs), job_id))
-                (cancel,) = cur.fetchone()
-            if cancel:
+                cur.execute(f"""UPDATE training_jobs SET progress = %(p)s, epoch_metrics = %(m)s, heartbeat_at = now()
+                                WHERE {_OWNED} RETURNING cancel_requested""",
+                            {"p": min(99.0, 100.0 * epoch / max(n_epochs, 1)), "m": Json(epochs),
+                             "job": job_id, "worker": worker})
+                row = cur.fetchone()
+            if row is None:  # taken from us: stop training, as for a cancel, and write nothing more
+                raise _JobLost()
+            if row[0]:
                 raise training.TrainingCancelled(f"job {job_id} canceled")
             if _STOP_REQUESTED.is_set():
                 raise _WorkerStopping()
@@ -304,35 +440,46 @@ def _train(conn, s: Settings, job_id: int, user_id: int, params: dict) -> str:
         meta["job_id"] = job_id
         meta["train_seconds"] = round(time.monotonic() - t0, 2)
         weights, meta = artifacts.save_artifact(model, meta, metrics)
-        artifact_id = store_artifact(conn, user_id, job_id, weights, meta)
-        _finish(conn, job_id, "completed")
+        outcome, artifact_id = _complete(conn, user_id, job_id, worker, weights, meta)
+        if outcome == "canceled":
+            _log(conn, job_id, "canceled while its model was being saved; no model was stored")
+            return "canceled"
+        if outcome == "lost":
+            return _lost(conn, job_id, worker, "while saving its model")
         acc = metrics.get("val_accuracy", metrics.get("accuracy"))
         _log(conn, job_id, f"completed in {time.monotonic() - t0:.1f}s: artifact {artifact_id}, "
                            f"{len(weights)} bytes, held-out accuracy {acc}")
-        _publish_model_updated(s, user_id, job_id, artifact_id)
+        _publish_model_updated(s, user_id, job_id, artifact_id)  # only now: the model is committed and served
         return "completed"
+    except _JobLost:
+        return _lost(conn, job_id, worker, "during training")
     except _WorkerStopping:
         conn.rollback()
         with conn, conn.cursor() as cur:  # another worker takes it from the start
-            cur.execute("""UPDATE training_jobs SET status = 'scheduled', worker = NULL, progress = 0,
-                                  epoch_metrics = '[]' WHERE id = %s""", (job_id,))
+            cur.execute(f"""UPDATE training_jobs SET status = 'scheduled', worker = NULL, progress = 0,
+                                   epoch_metrics = '[]' WHERE {_OWNED} RETURNING id""",
+                        {"job": job_id, "worker": worker})
+            requeued = cur.fetchone() is not None
+        if not requeued:
+            return _lost(conn, job_id, worker, "as its worker stopped")
         _log(conn, job_id, "worker stopped; job re-queued", "WARNING")
         return "scheduled"
     except training.TrainingCancelled:
         conn.rollback()
-        _finish(conn, job_id, "canceled")
+        if not _finish(conn, job_id, worker, "canceled"):
+            return _lost(conn, job_id, worker, "as it was canceled")
         _log(conn, job_id, "canceled during training; no model was stored")
         return "canceled"
     except (training.TrainingDataError, JobFailed) as e:
-        _fail(conn, job_id, str(e))
-        return "failed"
+        return _fail(conn, s, job_id, worker, str(e))
     except psycopg2.Error as e:
-        _fail(conn, job_id, f"database error: {str(e).strip().splitlines()[0]}")
-        return "failed"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if _connection_lost(conn):
+            return _requeue_after_connection_loss(s, job_id, worker, reason)
+        return _fail(conn, s, job_id, worker, f"database error: {reason}")
     except Exception as e:  # noqa: BLE001 - any other bug still ends the job with its cause, never "stuck"
         log.error("job %s crashed:\n%s", job_id, traceback.format_exc())
-        _fail(conn, job_id, f"internal error: {type(e).__name__}: {e}")
-        return "failed"
+        return _fail(conn, s, job_id, worker, f"internal error: {type(e).__name__}: {e}")
 
 
 class _WorkerStopping(Exception):
@@ -388,37 +535,51 @@ def recover_stale_jobs(conn, stale_after_s: float | None = None, max_attempts: i
     return [j for j, _ in changed]
 
 
-def claim_next(conn) -> int | None:
-    """Take the oldest scheduled job (skipping ones other workers hold) and mark it in-progress."""
+# How a worker takes a job: a fresh run (the progress of an earlier, lost run is not this run's).
+_CLAIM_SET = """status = 'in-progress', worker = %(worker)s, started_at = now(), heartbeat_at = now(),
+                attempts = attempts + 1, error = NULL, progress = 0, epoch_metrics = '[]'"""
+
+
+def claim_next(conn, worker: str | None = None) -> int | None:
+    """Take the oldest scheduled job (skipping ones other workers hold) and mark it in-progress for `worker`
+    (default: this process); run it with run_job(job_id, worker=worker)."""
+    me = worker or _worker_name()
     with conn, conn.cursor() as cur:
         cur.execute(
-            """UPDATE training_jobs SET status = 'in-progress', worker = %s, started_at = now(),
-                      heartbeat_at = now(), attempts = attempts + 1
-               WHERE id = (SELECT id FROM training_jobs WHERE status = 'scheduled' ORDER BY created_at, id
-                           FOR UPDATE SKIP LOCKED LIMIT 1)
-               RETURNING id""",
-            (_worker_name(),),
+            f"""UPDATE training_jobs SET {_CLAIM_SET}
+                WHERE id = (SELECT id FROM training_jobs WHERE status = 'scheduled' ORDER BY created_at, id
+                            FOR UPDATE SKIP LOCKED LIMIT 1)
+                RETURNING id""",
+            {"worker": me},
         )
         row = cur.fetchone()
         if row:
-            cur.execute("INSERT INTO job_logs (job_id, message) VALUES (%s, %s)",
-                        (row[0], f"taken by worker {_worker_name()}"))
+            cur.execute("INSERT INTO job_logs (job_id, message) VALUES (%s, %s)", (row[0], f"taken by worker {me}"))
     return row[0] if row else None
 
 
 class _Heartbeat(threading.Thread):
-    """Beats a job's heartbeat from its own connection while the job runs (data loading can take a while)."""
+    """Beats a job's heartbeat from its own connection while the job runs (data loading can take a while),
+    only while `worker` holds the job: a worker that lost it must not keep another worker's job 'alive'."""
 
-    def __init__(self, settings: Settings, job_id: int):
+    def __init__(self, settings: Settings, job_id: int, worker: str):
         super().__init__(daemon=True, name=f"heartbeat-{job_id}")
-        self.settings, self.job_id, self.stop = settings, job_id, threading.Event()
+        self.settings, self.job_id, self.worker, self.stop = settings, job_id, worker, threading.Event()
+
+    def beat(self) -> bool:
+        """One beat; False when the job is no longer this worker's (nothing was written)."""
+        with contextlib.closing(db.connect(self.settings)) as conn, conn, conn.cursor() as cur:
+            cur.execute(f"UPDATE training_jobs SET heartbeat_at = now() WHERE {_OWNED} RETURNING id",
+                        {"job": self.job_id, "worker": self.worker})
+            return cur.fetchone() is not None
 
     def run(self) -> None:
         while not self.stop.wait(HEARTBEAT_S):
             try:
-                with contextlib.closing(db.connect(self.settings)) as conn, conn, conn.cursor() as cur:
-                    cur.execute("UPDATE training_jobs SET heartbeat_at = now() WHERE id = %s AND status = 'in-progress'",
-                                (self.job_id,))
+                if not self.beat():
+                    # The training notices at its next epoch (its progress update matches no row) and stops.
+                    log.warning("job %s is no longer held by %s; heartbeat stopped", self.job_id, self.worker)
+                    return
             except psycopg2.Error as e:
                 log.warning("heartbeat for job %s failed: %s", self.job_id, e)
 
@@ -430,13 +591,14 @@ def worker_loop(settings: Settings | None = None, poll_s: float = 1.0, once: boo
     s = settings or get_settings()
     stop = stop or threading.Event()
     conn = None
-    log.info("training worker %s waiting for jobs", _worker_name())
+    me = _worker_name()
+    log.info("training worker %s waiting for jobs", me)
     while not stop.is_set():
         try:
             if conn is None or conn.closed:
                 conn = db.connect(s)
             recover_stale_jobs(conn)
-            job_id = claim_next(conn)
+            job_id = claim_next(conn, me)
         except psycopg2.Error as e:
             log.warning("database not reachable (%s); retrying", str(e).strip().splitlines()[0])
             if conn is not None:
@@ -449,13 +611,18 @@ def worker_loop(settings: Settings | None = None, poll_s: float = 1.0, once: boo
                 break
             stop.wait(poll_s)
             continue
-        beat = _Heartbeat(s, job_id)
-        beat.start()
         try:
-            status = run_job(job_id, s)
+            status = run_job(job_id, s, worker=me)
             log.info("job %s %s", job_id, status)
-        finally:
-            beat.stop.set()
+        except Exception:  # noqa: BLE001 - one job's trouble (e.g. the database gone) must not end the worker
+            log.exception("job %s: the worker could not run it; its heartbeat stops and stale recovery "
+                          "re-queues it", job_id)
+            # The loop's connection may have died with the job's: start from a fresh one.
+            if conn is not None:
+                with contextlib.suppress(psycopg2.Error):
+                    conn.close()
+            conn = None
+            stop.wait(1.0)
         if once:
             break
     if conn is not None:
