@@ -246,8 +246,7 @@ class DbWriter(threading.Thread):
                         log.warning("stopping with %d chunks not stored: they stay in the spool for the next start",
                                     len(batch) + len(self.queue))
                         break
-                    self._wake.wait(backoff)
-                    self._wake.clear()
+                    self._sleep_backoff(backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
             if not batch:
@@ -296,6 +295,23 @@ class DbWriter(threading.Thread):
                 self.on_failed(batch, f"{type(e).__name__}: {e}")
                 batch = []
         self._drop_connection()
+
+    def _sleep_backoff(self, backoff: float) -> None:
+        """Wait out a connection backoff. submit() sets _wake for every received burst, which must not cut
+        the wait short (that was one connection attempt per burst); only stop() ends it early, for one last
+        attempt, and the wait never runs past the stop deadline."""
+        stopping = self._stop_at is not None
+        deadline = time.monotonic() + backoff
+        while True:
+            if self._stop_at is not None:
+                if not stopping:
+                    return
+                deadline = min(deadline, self._stop_at)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._wake.wait(left)
+            self._wake.clear()
 
     def _ping_if_idle(self) -> None:
         """An idle connection only notices PostgreSQL going away when used: check it now and then, so

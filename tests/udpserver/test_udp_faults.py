@@ -203,3 +203,33 @@ def test_spool_overflow_while_postgres_is_down_is_counted_as_dropped(clean_db, s
     m = srv.wait_settled(60)
     assert m["samples"]["stored"] == m["samples"]["accepted"] == len(_fresh_seqs(dev))
     assert srv.stop() == 0
+
+
+def test_writer_backs_off_while_postgres_is_down_despite_traffic(settings, monkeypatch):
+    """Every received burst wakes the writer; while PostgreSQL is away that must not mean a connection
+    attempt per burst (the backoff runs its course; only stop() cuts it short)."""
+    from semg.embedded import free_port
+    from udpserver import storage
+    from udpserver.spool import Chunk
+
+    down = settings.model_copy(update={"postgres_host": "127.0.0.1", "postgres_port": free_port()})
+    attempts = []
+    real_connect = storage.db.connect
+
+    def counting_connect(*a, **kw):
+        attempts.append(time.monotonic())
+        return real_connect(*a, **kw)
+
+    monkeypatch.setattr(storage.db, "connect", counting_connect)
+    writer = storage.DbWriter(down, lambda c: b"", lambda *a: None, lambda *a: None)
+    writer.start()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 3.0:  # ~200 bursts/s
+        writer.submit(Chunk(1, 0, 16, 1, 1, {1: [1, 1]}, b""))
+        time.sleep(0.005)
+    writer.stop(0.5)
+    writer.join(10)
+    assert not writer.is_alive()
+    # backoff 0.2, 0.4, 0.8, 1.6 s ... is about 5 attempts in 3 s; a burst-driven storm is hundreds
+    assert 1 <= len(attempts) <= 20, f"{len(attempts)} connection attempts in 3 s"
+
