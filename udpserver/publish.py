@@ -246,6 +246,7 @@ class Publisher:
                 if not self.connected and self.should_shed():
                     self.queue.popleft()
                     self.on_published(batch, True)
+                    await asyncio.sleep(0)  # shedding a long backlog must not hold up the datagram path
                     break
                 if messages is None:
                     try:

@@ -91,6 +91,7 @@ class Server(asyncio.DatagramProtocol):
         self.replayed_samples = 0
         self.unstored_samples = 0
         self.unpublished_samples = 0
+        self.unpublished_bytes = 0  # spool bytes of chunks not yet published or shed (decides shedding)
 
     # ---- receive path (hot) -----------------------------------------------------------------------
     def datagram_received(self, data: bytes, addr) -> None:
@@ -145,6 +146,7 @@ class Server(asyncio.DatagramProtocol):
             self.hot_bytes += chunk.size
         self.unstored_samples += chunk.nsamples
         self.unpublished_samples += chunk.nsamples
+        self.unpublished_bytes += chunk.end - chunk.off
         self.writer.submit(chunk)
 
     def error_received(self, exc: Exception) -> None:
@@ -181,6 +183,7 @@ class Server(asyncio.DatagramProtocol):
         states = self.ingestor.states
         for c in batch:
             self.unpublished_samples -= c.nsamples
+            self.unpublished_bytes -= c.end - c.off
             if dropped:
                 if not unstored:  # samples that could not be stored are already counted as dropped
                     self.published_dropped_samples += c.nsamples
@@ -199,7 +202,9 @@ class Server(asyncio.DatagramProtocol):
         self.spool.mark_published(batch[-1])
 
     def _should_shed(self) -> bool:
-        return self.spool.bytes > 0.8 * self.spool.max_bytes
+        # Not spool.bytes: that only falls when housekeeping deletes a sealed segment, so every batch queued
+        # meanwhile would be shed, not just the oldest ones needed to get back under the mark.
+        return self.unpublished_bytes > 0.8 * self.spool.max_bytes
 
     # ---- registry ---------------------------------------------------------------------------------
     def _load_registry(self, known: set[int]):
@@ -350,6 +355,7 @@ class Server(asyncio.DatagramProtocol):
                  n_unc, sum(c.nsamples for c in committed))
         self.replayed_samples = sum(c.nsamples for c in chunks)
         self.unpublished_samples += self.replayed_samples
+        self.unpublished_bytes += sum(c.end - c.off for c in chunks)
         self.unstored_samples += n_unc
         if committed:
             self.publisher.submit(committed)

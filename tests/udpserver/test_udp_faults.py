@@ -233,3 +233,35 @@ def test_writer_backs_off_while_postgres_is_down_despite_traffic(settings, monke
     # backoff 0.2, 0.4, 0.8, 1.6 s ... is about 5 attempts in 3 s; a burst-driven storm is hundreds
     assert 1 <= len(attempts) <= 20, f"{len(attempts)} connection attempts in 3 s"
 
+
+def test_shedding_skips_only_the_oldest_batches(clean_db, services, udp_server):
+    """NATS down, spool past 80 %: only as many of the oldest stored batches are left unpublished as it
+    takes to get back under the mark, not the whole backlog; the rest is published once NATS is back."""
+    from udphelpers import Collector, Sender
+
+    dev, key = _device(clean_db)
+    srv = udp_server("--spool-max-mb", "1")
+    n_packets = 6500  # ~0.95-1.0 MB of spool records (144 B each plus chunk headers): past 80 % of 1 MiB
+    services.stop("nats")
+    try:
+        srv.wait_for(lambda m: not m["nats_connected"], 15, "server to notice NATS is down")
+        s = Sender()
+        s.send([protocol_packet(dev, key, 10 * i) for i in range(n_packets)], pace_every=20, pause=0.02)
+        s.sock.close()
+        during = srv.wait_for(lambda m: m["samples"]["stored"] == m["samples"]["accepted"] == 10 * n_packets,
+                              30, "everything stored while NATS is down")
+    finally:
+        restart(services, "nats")
+    shed = during["samples"]["publish_dropped"]
+    assert 0 < shed <= 0.3 * during["samples"]["stored"], f"{shed} of {during['samples']['stored']} samples shed"
+    collector = Collector().start_and_wait()
+    try:
+        m = srv.wait_settled(60)
+        assert m["samples"]["publish_dropped"] == shed
+        assert m["samples"]["published"] + shed == m["samples"]["stored"] == 10 * n_packets
+        # the oldest are the ones not published: what arrives is the newest part of the stream, contiguous
+        expected = [(1, s) for s in range(shed, 10 * n_packets)]
+        assert sorted(set(collector.wait_samples(dev, len(expected)))) == expected
+    finally:
+        collector.close()
+    assert srv.stop() == 0
