@@ -10,6 +10,8 @@ minimum forget old values, so slow drift between the two clocks is followed.
 
 from __future__ import annotations
 
+import math
+
 WRAP = 1 << 32
 HALF_WRAP = 1 << 31
 
@@ -34,8 +36,12 @@ class DeviceClock:
     def restore(self, unwrapped_ms: float, server_time: float) -> None:
         """Continue after a server restart from the last stored packet of this boot."""
         self.reset()
-        self.last_unwrapped = unwrapped_ms
-        self.last_raw = int(unwrapped_ms) % WRAP
+        # The stored time of the last sample has a fraction when 1000/rate is not whole, but millis() ticks
+        # in whole ms: unwrapping continues from the whole ms it was in, or every later device_millis0 of
+        # this boot would carry the fraction.
+        whole = math.floor(unwrapped_ms)
+        self.last_unwrapped = float(whole)
+        self.last_raw = whole % WRAP
         self.last_server = server_time
 
     def forward_delta(self, raw: int) -> int:

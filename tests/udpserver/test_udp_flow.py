@@ -73,3 +73,24 @@ def test_restart_keeps_sequence_numbers(clean_db, udp_server, sender):
                      what="replays rejected after restart")
     assert m["devices"][str(d)]["last_seq"] == 249
     assert stored_seqs(clean_db, d) == [(1, s) for s in range(250)]
+
+
+def test_restart_keeps_device_millis_whole(clean_db, udp_server, sender):
+    """At 333 Hz the stored time of a block's last sample has a fraction; a restart resumes the device clock
+    from it, and the next block's device_millis0 must still be the millis() the device sent."""
+    with clean_db.cursor() as cur:
+        u = add_user(cur)
+        key = b"m" * 32
+        d = add_device(cur, u, "binary", channels=1, rate=333, key=key)
+    vals = np.zeros((50, 1), np.int16)
+    srv = udp_server()
+    sender.send([protocol.build_binary(d, 7, 0, 1000, 333, vals, key)])
+    srv.wait_for(lambda m: m["samples"]["stored"] == 50, what="stored")
+    assert srv.stop() == 0
+    srv = udp_server()
+    sender.send([protocol.build_binary(d, 7, 50, 1150, 333, vals, key)])
+    srv.wait_for(lambda m: m["samples"]["stored"] == 50, what="stored after the restart")
+    with clean_db.cursor() as cur:
+        cur.execute("SELECT seq0, device_millis0 FROM sample_blocks WHERE device_id = %s ORDER BY seq0", (d,))
+        assert cur.fetchall() == [(0, 1000.0), (50, 1150.0)]
+    assert srv.stop() == 0
