@@ -57,7 +57,7 @@ class _Run:
         self.server_ts.append(h[9])
         self.values.append(values)
 
-    def message(self) -> tuple[int, bytes]:
+    def messages(self) -> list[tuple[int, bytes]]:
         counts = np.asarray(self.counts)
         step = 1000.0 / self.rate
         if self.n == len(counts):  # one sample per record (legacy): the device clock of every sample is known
@@ -68,8 +68,10 @@ class _Run:
             millis = np.repeat(np.asarray(self.millis0), counts) + (np.arange(self.n) - starts) * step
             recv = np.repeat(np.asarray(self.server_ts), counts)
         values = np.frombuffer(b"".join(self.values), dtype="<i2").reshape(self.n, self.channels)
-        return _dump(self.user_id, self.device_id, self.boot, self.rate, self.channels, self.seq0,
-                     millis, recv, values)
+        # only a run of one record can be longer than a message (extends() stops runs at the limit)
+        return [_dump(self.user_id, self.device_id, self.boot, self.rate, self.channels, self.seq0 + o,
+                      millis[o:o + MAX_SAMPLES_PER_MESSAGE], recv[o:o + MAX_SAMPLES_PER_MESSAGE],
+                      values[o:o + MAX_SAMPLES_PER_MESSAGE]) for o in range(0, self.n, MAX_SAMPLES_PER_MESSAGE)]
 
 
 def _dump(user_id: int, device_id: int, boot: int, rate: float, channels: int, seq0: int,
@@ -103,8 +105,16 @@ def _messages_of_group(r: np.ndarray, k: int, out: list[tuple[int, bytes]]) -> N
             else:
                 millis = (part["m0"][:, None] + np.arange(per) * (1000.0 / rt)).ravel()
                 recv = np.repeat(part["ts"], per)
-            out.append(_dump(int(part["user"][0]), int(dev[i]), int(boot[i]), rt, c, int(seq0[i]), millis, recv,
-                             values))
+            if per <= MAX_SAMPLES_PER_MESSAGE:
+                out.append(_dump(int(part["user"][0]), int(dev[i]), int(boot[i]), rt, c, int(seq0[i]), millis, recv,
+                                 values))
+                continue
+            # one record of more samples than a message may hold (a binary packet carries up to 4076):
+            # split it, the pieces numbered and timed as the samples of the whole record
+            for o in range(0, per, MAX_SAMPLES_PER_MESSAGE):
+                sl = slice(o, o + MAX_SAMPLES_PER_MESSAGE)
+                out.append(_dump(int(part["user"][0]), int(dev[i]), int(boot[i]), rt, c, int(seq0[i]) + o,
+                                 millis[sl], recv[sl], values[sl]))
 
 
 def _messages_of_records(r: np.ndarray, out: list[tuple[int, bytes]]) -> None:
@@ -154,9 +164,10 @@ def _build_messages_per_record(payload: bytes) -> list[tuple[int, bytes]]:
             run.add(h, mv[voff:voff + vlen])
         else:
             if run is not None:
-                out.append(run.message())
+                out.extend(run.messages())
             runs[h[1]] = _Run(h, mv[voff:voff + vlen])
-    out.extend(r.message() for r in runs.values())
+    for r in runs.values():
+        out.extend(r.messages())
     return out
 
 

@@ -94,3 +94,24 @@ def test_restart_keeps_device_millis_whole(clean_db, udp_server, sender):
         cur.execute("SELECT seq0, device_millis0 FROM sample_blocks WHERE device_id = %s ORDER BY seq0", (d,))
         assert cur.fetchall() == [(0, 1000.0), (50, 1150.0)]
     assert srv.stop() == 0
+
+
+def test_a_packet_longer_than_a_message_is_split(clean_db, udp_server, sender, collector):
+    """A legal binary packet holds up to 4076 one-channel samples; a NATS message at most 2000 (PROTOCOL.md):
+    the record is published as several messages, numbered and timed as the samples of the whole packet."""
+    from udpserver.publish import MAX_SAMPLES_PER_MESSAGE
+    with clean_db.cursor() as cur:
+        u = add_user(cur)
+        key = b"s" * 32
+        d = add_device(cur, u, "binary", channels=1, rate=1000, key=key)
+    n = (protocol.MAX_PACKET_SIZE - 40) // 2
+    vals = np.arange(n, dtype=np.int16).reshape(n, 1)
+    srv = udp_server()
+    sender.send([protocol.build_binary(d, 1, 0, 1000, 1000, vals, key)])
+    srv.wait_settled()
+    assert collector.wait_samples(d, n) == [(1, s) for s in range(n)]
+    msgs = sorted((m for m in collector.messages if m.device_id == d), key=lambda m: m.seq0)
+    assert len(msgs) == 3 and all(len(m.values) <= MAX_SAMPLES_PER_MESSAGE for m in msgs)
+    assert [v for m in msgs for v in m.values] == vals.tolist()
+    assert [t for m in msgs for t in m.device_millis] == [1000.0 + s for s in range(n)]
+    assert srv.stop() == 0

@@ -399,3 +399,21 @@ def test_messages_are_valid_complete_and_in_order(seed):
     for dev in range(1, 6):  # each device's samples arrive in sequence order
         seqs = [s for d, s, _, _ in fast if d == dev]
         assert seqs == sorted(seqs)
+
+
+def test_records_longer_than_a_message_are_split_on_both_paths():
+    """Both message builders (one device with records of several sizes takes the per-record one) split a
+    record beyond MAX_SAMPLES_PER_MESSAGE, keeping sequence numbers and device times."""
+    from semg.messages import SamplesMessage
+    from udpserver.publish import MAX_SAMPLES_PER_MESSAGE, _build_messages_per_record, build_messages
+    b, seq = ChunkBuilder(), 0
+    for n in (10, 4076, 10, 2038):
+        vals = (np.arange(seq, seq + n) % 30000).astype("<i2").tobytes()
+        b.add(Record(30, 3, 1, seq, n, 1, 1000.0, 5000.0 + seq, 1.7e9, 1.7e9, vals, 0))
+        seq += n
+    payload = b"".join(b.parts)
+    for msgs in (build_messages([payload]), _build_messages_per_record(payload)):
+        ms = [SamplesMessage.model_validate_json(body) for _, body in msgs]
+        assert all(len(m.values) <= MAX_SAMPLES_PER_MESSAGE for m in ms)
+        got = sorted((m.seq0 + i, t, v[0]) for m in ms for i, (t, v) in enumerate(zip(m.device_millis, m.values)))
+        assert got == [(s, 5000.0 + s, s % 30000) for s in range(seq)]
