@@ -177,6 +177,7 @@ class Publisher:
 
     SETTLE_S = 2.0  # after a reconnect, give subscribers time to re-subscribe before sending the backlog
     FLUSH_TIMEOUT_S = 5.0
+    MERGE_MAX_CHUNKS = 4  # of at most RANGE_MAX_BYTES each: bounds the messages built for one batch
 
     def __init__(self, settings: Settings, read_chunk: Callable[[Chunk], bytes],
                  on_published: Callable[..., None], should_shed: Callable[[], bool]):
@@ -198,11 +199,27 @@ class Publisher:
     def connected(self) -> bool:
         return self.nc is not None and self.nc.is_connected
 
-    def submit(self, batch: list[Chunk], skip: bool = False) -> None:
+    def submit(self, batch: list[Chunk], skip: bool = False) -> int:
         """Queue a committed batch; `skip` passes a batch that could not be stored through in order
-        (the spool positions must advance in journal order) without publishing it."""
+        (the spool positions must advance in journal order) without publishing it.
+
+        While NATS is down, batches of spilled chunks are merged into the last queued one (never the first,
+        which may be in flight), so the backlog costs a few ranges, not an object per commit. Returns how
+        many chunks were merged away."""
+        absorbed = 0
+        if not skip and len(self.queue) > 1 and not self.queue[-1][1]:
+            last = self.queue[-1][0]
+            if len(last) + len(batch) <= self.MERGE_MAX_CHUNKS and all(c.data is None for c in last + batch):
+                for c in batch:
+                    if last[-1].absorb(c):
+                        absorbed += 1
+                    else:
+                        last.append(c)
+                self._event.set()
+                return absorbed
         self.queue.append((batch, skip))
         self._event.set()
+        return absorbed
 
     async def _disconnected(self) -> None:
         self.disconnects += 1

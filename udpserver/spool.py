@@ -42,6 +42,12 @@ CHUNK_MAGIC = b"SPK1"
 CHUNK_HDR = struct.Struct("<4sIII")
 REC_HDR = struct.Struct("<qqqqHHfddd")
 _SEG_PREFIX, _SEG_SUFFIX = "seg-", ".spool"
+# Heap of a queued Chunk (object, per_device dict and lists), counted against --memory-max-mb: one per
+# receive burst adds up to gigabytes for a full spool of small bursts, beyond the payload bytes.
+CHUNK_OVERHEAD = 512
+# Spilled chunks next to each other in a segment are merged into one range of at most this many bytes,
+# so a backlog read back from the spool costs one object per range instead of one per burst.
+RANGE_MAX_BYTES = 1 << 20
 
 
 class Chunk:
@@ -61,6 +67,23 @@ class Chunk:
     @property
     def size(self) -> int:
         return self.end - self.off - CHUNK_HDR.size
+
+    def absorb(self, other: Chunk) -> bool:
+        """Extend this spilled chunk by the spilled chunk that follows it in the segment (False if not)."""
+        if (self.data is not None or other.data is not None or other.seg != self.seg or other.off != self.end
+                or other.replayed != self.replayed or other.end - self.off > RANGE_MAX_BYTES):
+            return False
+        self.end = other.end
+        self.nrec += other.nrec
+        self.nsamples += other.nsamples
+        for dev, (pk, n) in other.per_device.items():
+            c = self.per_device.get(dev)
+            if c is None:
+                self.per_device[dev] = [pk, n]
+            else:
+                c[0] += pk
+                c[1] += n
+        return True
 
 
 class ChunkBuilder:
@@ -201,8 +224,9 @@ class Spool:
                         resume[dev] = Resume(boot, last, h[7] + (n - 1) * 1000.0 / h[6], h[9])
                 end = start + length
                 if (seg, end) > self.published:
-                    chunks.append(Chunk(seg, off, end, nrec, nsamples, per_device, None,
-                                        replayed=(seg, end) > self.committed))
+                    c = Chunk(seg, off, end, nrec, nsamples, per_device, None, replayed=(seg, end) > self.committed)
+                    if not (chunks and chunks[-1].absorb(c)):
+                        chunks.append(c)
                 off = end
             if off < len(buf):
                 log.warning("spool %s: discarding %d bytes of an interrupted write at offset %d",
@@ -277,9 +301,21 @@ class Spool:
 
     # ---- reading back (any thread) ----------------------------------------------------------------
     def read(self, chunk: Chunk) -> bytes:
+        """The payload of a chunk, or the payloads of a merged range of chunks, concatenated."""
+        hsize = CHUNK_HDR.size
         with open(self._path(chunk.seg), "rb") as f:
-            f.seek(chunk.off + CHUNK_HDR.size)
-            return f.read(chunk.size)
+            f.seek(chunk.off)
+            length = CHUNK_HDR.unpack(f.read(hsize))[1]
+            if chunk.off + hsize + length == chunk.end:
+                return f.read(length)
+            buf = f.read(chunk.end - chunk.off - hsize)
+        parts = [buf[:length]]
+        off = length
+        while off < len(buf):
+            length = CHUNK_HDR.unpack_from(buf, off)[1]
+            parts.append(buf[off + hsize:off + hsize + length])
+            off += hsize + length
+        return b"".join(parts)
 
     # ---- progress (event loop thread) -------------------------------------------------------------
     def mark_committed(self, chunk: Chunk) -> None:

@@ -154,6 +154,7 @@ class DbWriter(threading.Thread):
         self.on_committed = on_committed  # called in this thread: (chunks, commit duration)
         self.on_failed = on_failed        # a batch PostgreSQL refuses for a reason other than being down
         self.queue: deque[Chunk] = deque()
+        self._queue_lock = threading.Lock()  # submit() may extend the last queued chunk: never one being taken
         self._wake = threading.Event()
         self._stop_at: float | None = None
         self.connected = False
@@ -165,9 +166,14 @@ class DbWriter(threading.Thread):
         self._next_log = 0.0
         self._last_ping = 0.0
 
-    def submit(self, chunk: Chunk) -> None:
-        self.queue.append(chunk)
+    def submit(self, chunk: Chunk) -> bool:
+        """Queue a chunk; True if it was merged into the spilled chunk queued before it (see Chunk.absorb)."""
+        with self._queue_lock:
+            merged = bool(self.queue) and self.queue[-1].absorb(chunk)
+            if not merged:
+                self.queue.append(chunk)
         self._wake.set()
+        return merged
 
     def stop(self, timeout: float) -> None:
         """Finish what is queued, but give up after `timeout` s if PostgreSQL is unreachable (the chunks
@@ -178,11 +184,12 @@ class DbWriter(threading.Thread):
     def _take(self) -> list[Chunk]:
         batch: list[Chunk] = []
         records = size = 0
-        while self.queue and records < self.MAX_BATCH_RECORDS and size < self.MAX_BATCH_BYTES:
-            c = self.queue.popleft()
-            batch.append(c)
-            records += c.nrec
-            size += c.size
+        with self._queue_lock:
+            while self.queue and records < self.MAX_BATCH_RECORDS and size < self.MAX_BATCH_BYTES:
+                c = self.queue.popleft()
+                batch.append(c)
+                records += c.nrec
+                size += c.size
         return batch
 
     def _connect(self):

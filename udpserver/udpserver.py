@@ -32,7 +32,7 @@ from udpserver.ingest import Ingestor, Record, Resume
 from udpserver.metrics import MetricsServer, RateLimitedLog
 from udpserver.protocol import Reject
 from udpserver.publish import Publisher
-from udpserver.spool import Chunk, ChunkBuilder, Spool, SpoolLocked
+from udpserver.spool import CHUNK_OVERHEAD, Chunk, ChunkBuilder, Spool, SpoolLocked
 from udpserver.storage import DbWriter, first_line, load_devices, load_resume
 
 log = logging.getLogger("udpserver")
@@ -63,7 +63,9 @@ class Server(asyncio.DatagramProtocol):
         self.ingestor = Ingestor()
         self.spool = Spool(args.spool_dir, max_bytes=args.spool_max_mb << 20)
         self.memory_max = args.memory_max_mb << 20
-        self.hot_bytes = 0  # chunk payloads held in memory (the rest is read back from the spool)
+        # chunk payloads held in memory (the rest is read back from the spool) plus CHUNK_OVERHEAD per queued
+        # chunk object: what --memory-max-mb bounds
+        self.hot_bytes = 0
         self.writer = DbWriter(settings, self.spool.read, self._committed_from_thread, self._failed_from_thread)
         self.writer.COMMIT_INTERVAL_S = args.commit_interval_ms / 1000.0
         self.publisher = Publisher(settings, self.spool.read, self._published, self._should_shed)
@@ -147,7 +149,8 @@ class Server(asyncio.DatagramProtocol):
         self.unstored_samples += chunk.nsamples
         self.unpublished_samples += chunk.nsamples
         self.unpublished_bytes += chunk.end - chunk.off
-        self.writer.submit(chunk)
+        if not self.writer.submit(chunk):
+            self.hot_bytes += CHUNK_OVERHEAD
 
     def error_received(self, exc: Exception) -> None:
         self.bad_log.warning("socket", "UDP socket error: %s", exc)
@@ -166,7 +169,7 @@ class Server(asyncio.DatagramProtocol):
                 if st is not None:
                     st.stored_samples += n
         self.spool.mark_committed(batch[-1])
-        self.publisher.submit(batch)
+        self.hot_bytes -= CHUNK_OVERHEAD * self.publisher.submit(batch)
 
     def _failed_from_thread(self, batch: list[Chunk], why: str) -> None:
         self.loop.call_soon_threadsafe(self._failed, batch, why)
@@ -193,6 +196,7 @@ class Server(asyncio.DatagramProtocol):
                     st = states.get(dev)
                     if st is not None:
                         st.published_samples += n
+            self.hot_bytes -= CHUNK_OVERHEAD
             if c.data is not None:
                 self.hot_bytes -= c.size
                 c.data = None
@@ -357,10 +361,12 @@ class Server(asyncio.DatagramProtocol):
         self.unpublished_samples += self.replayed_samples
         self.unpublished_bytes += sum(c.end - c.off for c in chunks)
         self.unstored_samples += n_unc
+        # ranges of spilled chunks (Spool.recover merges them), each counted against the memory bound
         if committed:
-            self.publisher.submit(committed)
+            self.hot_bytes += CHUNK_OVERHEAD * (len(committed) - self.publisher.submit(committed))
         for c in uncommitted:
-            self.writer.submit(c)
+            if not self.writer.submit(c):
+                self.hot_bytes += CHUNK_OVERHEAD
 
     async def run(self) -> int:
         self.recover()

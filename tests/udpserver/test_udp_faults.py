@@ -265,3 +265,75 @@ def test_shedding_skips_only_the_oldest_batches(clean_db, services, udp_server):
     finally:
         collector.close()
     assert srv.stop() == 0
+
+
+def test_memory_stays_bounded_while_postgres_is_down(settings, tmp_path):
+    """--memory-max-mb bounds the heap of a backlog, not just the payload bytes kept: with PostgreSQL away
+    (the writer takes nothing off its queue) every receive burst's chunk used to stay a ~460 B object.
+    Nothing may be lost or doubled by merging what is read back from the spool."""
+    import asyncio
+    import tracemalloc
+
+    from udpserver.ingest import DeviceInfo
+    from udpserver.spool import ChunkBuilder, iter_records
+    from udpserver.udpserver import Server, parse_args
+
+    n = 30_000  # one legacy packet per burst: ~2.9 MB of spool, ~14 MB of chunk objects before the fix
+    packets = [protocol.build_legacy(1, i, [i % 100] * 8) for i in range(n)]
+
+    async def main():
+        args = parse_args(["--spool-dir", str(tmp_path / "spool"), "--memory-max-mb", "1"], settings)
+        srv = Server(settings, args)  # its writer thread is not started: as good as PostgreSQL being down
+        try:
+            srv.ingestor.set_devices({1: DeviceInfo(1, 1, "legacy", 8, 1000.0, None)}, {})
+            tracemalloc.start()
+            try:
+                before = tracemalloc.get_traced_memory()[0]
+                for i, p in enumerate(packets):
+                    b = srv._builder = ChunkBuilder()
+                    b.add(srv.ingestor.handle(p, 1000.0 + i / 1000))
+                    srv._journal()
+                grown = tracemalloc.get_traced_memory()[0] - before
+            finally:
+                tracemalloc.stop()
+            m = srv.metrics("devices=0")
+            assert m["samples"]["accepted"] == n and m["samples"]["dropped"] == 0
+            assert grown < 3 * srv.memory_max, f"heap grew by {grown} B for a 1 MiB bound"
+            assert m["buffered"]["memory_bytes"] <= srv.memory_max + (64 << 10)
+            queued = list(srv.writer.queue)
+            assert sum(c.nsamples for c in queued) == n
+            seqs = [h[3] for c in queued for h, _, _ in iter_records(c.data if c.data is not None
+                                                                     else srv.spool.read(c))]
+            assert seqs == list(range(n))
+        finally:
+            srv.spool.close()
+            srv.control.shutdown(wait=False)
+
+    asyncio.run(main())
+
+
+def test_postgres_down_with_a_small_memory_bound_loses_nothing(clean_db, services, udp_server, collector):
+    """The backlog beyond --memory-max-mb is read back from the spool in merged ranges: stored and
+    published exactly once, in order."""
+    dev, key = _device(clean_db)
+    srv = udp_server("--memory-max-mb", "1")
+    stream = Streamer(dev, key, 4, packets_per_s=500, n_packets=4000)  # 8 s, ~0.6 MB of spool, 4000 bursts
+    stream.start()
+    time.sleep(1)
+    services.stop("postgres")
+    try:
+        srv.wait_for(lambda m: not m["db_connected"], 15, "server to notice PostgreSQL is down")
+        stream.join(30)
+        during = srv.wait_for(lambda m: m["samples"]["accepted"] == 40_000, 15, "all accepted")
+    finally:
+        restart(services, "postgres")
+    assert during["buffered"]["unstored_samples"] > 20_000 and during["samples"]["dropped"] == 0
+    assert during["buffered"]["memory_bytes"] <= during["buffered"]["memory_max_bytes"] + (64 << 10)
+    assert during["db"]["queued_chunks"] < 2500  # ~1 MiB / (160 B + 512 B overhead) kept, then a few ranges
+    m = srv.wait_settled(60)
+    assert m["samples"]["accepted"] == m["samples"]["stored"] == m["samples"]["published"] == 40_000
+    expected = [(1, s) for s in range(40_000)]
+    assert _fresh_seqs(dev) == expected
+    assert sorted(set(collector.wait_samples(dev, 40_000))) == expected
+    assert m["buffered"]["memory_bytes"] == 0
+    assert srv.stop() == 0

@@ -253,7 +253,9 @@ def test_spool_recovers_chunks_and_truncates_a_torn_write(tmp_path):
         f.write(b"SPK1\xff\xff")  # a write interrupted by a kill
     sp = Spool(tmp_path, max_bytes=1 << 20)
     chunks, resume = sp.recover()
-    assert [c.nrec for c in chunks] == [2, 2, 2] and all(c.replayed for c in chunks)
+    # the three chunks, next to each other and read back from the file, come back as one range
+    assert [(c.nrec, c.nsamples) for c in chunks] == [(6, 12)] and all(c.replayed for c in chunks)
+    assert chunks[0].per_device == {3: [3, 6], 4: [3, 6]}
     assert resume[3].last_seq == 21 and resume[4].last_seq == 23
     assert seg.stat().st_size == chunks[-1].end
     recs = [h for c in chunks for h, _, _ in iter_records(sp.read(c))]
