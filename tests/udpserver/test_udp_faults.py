@@ -248,16 +248,15 @@ def test_shedding_skips_only_the_oldest_batches(clean_db, services, udp_server):
         s = Sender()
         s.send([protocol_packet(dev, key, 10 * i) for i in range(n_packets)], pace_every=20, pause=0.02)
         s.sock.close()
-        during = srv.wait_for(lambda m: m["samples"]["stored"] == m["samples"]["accepted"] == 10 * n_packets,
-                              30, "everything stored while NATS is down")
+        srv.wait_for(lambda m: m["samples"]["stored"] == m["samples"]["accepted"] == 10 * n_packets,
+                     30, "everything stored while NATS is down")
     finally:
         restart(services, "nats")
-    shed = during["samples"]["publish_dropped"]
-    assert 0 < shed <= 0.3 * during["samples"]["stored"], f"{shed} of {during['samples']['stored']} samples shed"
     collector = Collector().start_and_wait()
     try:
         m = srv.wait_settled(60)
-        assert m["samples"]["publish_dropped"] == shed
+        shed = m["samples"]["publish_dropped"]  # batches committed last may still be shed until NATS is back
+        assert 0 < shed <= 0.3 * m["samples"]["stored"], f"{shed} of {m['samples']['stored']} samples shed"
         assert m["samples"]["published"] + shed == m["samples"]["stored"] == 10 * n_packets
         # the oldest are the ones not published: what arrives is the newest part of the stream, contiguous
         expected = [(1, s) for s in range(shed, 10 * n_packets)]
