@@ -137,6 +137,7 @@ class ModelRegistry:
     _models: dict[int, ServedModel] = field(default_factory=dict)
     _absent: dict[int, float] = field(default_factory=dict)  # user -> monotonic time of the last "no model"
     _deleted: dict[int, float] = field(default_factory=dict)  # user -> when deleted (tombstones, TOMBSTONE_S)
+    _broken: dict[int, int] = field(default_factory=dict)  # user -> newest artifact id that failed to load
     _load_lock: threading.Lock = field(default_factory=threading.Lock)
     banks: Banks = field(default_factory=lambda: Banks())
 
@@ -205,6 +206,10 @@ class ModelRegistry:
             return None
         if current is not None and current.artifact_id == artifact_id:
             return current
+        if self._broken.get(user_id) == artifact_id:  # known bad: never rebuilt per request
+            if current is None:
+                self._absent[user_id] = time.monotonic()
+            return current
         row = self._load_row(conn, artifact_id)
         if row is None:  # deleted between the two queries: the next refresh sees the new state
             return current
@@ -212,6 +217,9 @@ class ModelRegistry:
             served = build_served(row)
         except Exception as e:  # noqa: BLE001 - a broken artifact must not take the service (or old model) down
             log.error("cannot load model %s of user %s: %s", artifact_id, user_id, e)
+            self._broken[user_id] = artifact_id
+            if current is None:
+                self._absent[user_id] = time.monotonic()
             return current
         if user_id in self._deleted:  # deleted while we loaded it
             return None

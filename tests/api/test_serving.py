@@ -112,3 +112,25 @@ def test_a_deleted_users_model_does_not_come_back_from_a_reload_under_way(api, k
     assert registry.cached(user["id"]) is None
     assert api.get(f"/models/{user['id']}", headers=keys.admin).status_code == 404
     assert user["id"] not in [m["user_id"] for m in api.get("/models", headers=keys.admin).json()]
+
+
+def test_a_broken_newest_model_is_loaded_once_not_per_request(api, keys, make_user, clean_db, monkeypatch):
+    """Corrupt weights: the user gets 404s (no model served) without a rebuild from the database per request,
+    and the next good model is served as soon as it exists."""
+    from ml_model.api import app
+    from ml_model.rest.demo_models import insert_artifact
+
+    user = make_user()
+    weights, meta = random_artifact(8, 200.0, seed=0)
+    insert_artifact(clean_db, user["id"], b"not safetensors", meta)
+    builds = []
+    real_build = serving.build_served
+    monkeypatch.setattr(serving, "build_served", lambda row: builds.append(row["id"]) or real_build(row))
+    monkeypatch.setattr(serving, "NEGATIVE_TTL_S", 0.0)  # every request would ask the database again
+    body = {"user_id": user["id"], "windows": np.zeros((1, 8, 50)).tolist()}
+    answers = [api.post("/predict", json=body, headers=keys.service).status_code for _ in range(5)]
+    assert answers == [404] * 5 and len(builds) == 1
+    good = insert_artifact(clean_db, user["id"], weights, meta)
+    app.state.semg.models.refresh_user(user["id"])
+    r = api.post("/predict", json=body, headers=keys.service)
+    assert r.status_code == 200 and r.json()["results"][0]["model_id"] == good
