@@ -11,6 +11,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import re
 import secrets as _secrets
 import zipfile
@@ -499,15 +500,43 @@ _JOB_SELECT = f"""SELECT {_JOB_COLS},
     FROM training_jobs j"""
 
 
+# What a training job reads from its params (ml_model/jobs.py); anything else would be silently ignored.
+JOB_PARAMS = ("epochs", "window_ms", "step_ms", "seed", "base_artifact_id")
+
+
+def _check_job_params(params: dict) -> dict:
+    """Refuse parameters the trainer would ignore or fail on later, with a message saying which and why."""
+    unknown = sorted(set(params) - set(JOB_PARAMS))
+    if unknown:
+        raise Invalid(f"unknown training parameters {unknown}; known: {list(JOB_PARAMS)}")
+
+    def whole(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def number(v) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+    epochs, seed, base = params.get("epochs"), params.get("seed"), params.get("base_artifact_id")
+    if epochs is not None and not (whole(epochs) and 1 <= epochs <= 1000):
+        raise Invalid("epochs must be a whole number from 1 to 1000")
+    if seed is not None and not (whole(seed) and 0 <= seed < 2**31):
+        raise Invalid("seed must be a whole number from 0 to 2147483647")
+    if base is not None and not (whole(base) and base >= 1):
+        raise Invalid("base_artifact_id must be the id of a base model")
+    window, step = params.get("window_ms"), params.get("step_ms")
+    if window is not None and not (number(window) and 10 <= window <= 10_000):
+        raise Invalid("window_ms must be a number of milliseconds from 10 to 10000")
+    if step is not None and not (number(step) and 1 <= step <= 10_000):
+        raise Invalid("step_ms must be a number of milliseconds from 1 to 10000")
+    return params
+
+
 def schedule_job(conn, user_id: int, session_ids: Sequence[int], params: dict | None = None) -> dict:
     """Queue a training job on completed sessions of the user; a training worker picks it up."""
     ids = sorted({int(s) for s in session_ids})
     if not ids:
         raise Invalid("choose at least one capture session to train on")
-    params = dict(params or {})
-    epochs = params.get("epochs")
-    if epochs is not None and not (isinstance(epochs, int) and 1 <= epochs <= 1000):
-        raise Invalid("epochs must be a whole number from 1 to 1000")
+    params = _check_job_params(dict(params or {}))
     with _tx(conn) as cur:
         cur.execute("SELECT 1 FROM users WHERE id = %s", (user_id,))
         _one(cur, "user", user_id)

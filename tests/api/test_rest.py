@@ -208,6 +208,16 @@ def test_training_jobs(api, keys, make_user):
         for bad in ({"session_ids": []}, {"session_ids": ["x"]}, {"session_ids": [sid], "params": {"epochs": 0}},
                     {"params": {}}):
             assert api.post(f"/users/{uid}/jobs", json=bad, headers=mine).status_code == 422, bad
+        # parameters the trainer would ignore or fail on hours later are refused now, saying why
+        for params, says in (({"epoch": 5}, "unknown training parameters ['epoch']"), ({"epochs": True}, "epochs"),
+                             ({"window_ms": "250"}, "window_ms"), ({"step_ms": 0}, "step_ms"),
+                             ({"seed": -1}, "seed"), ({"base_artifact_id": "latest"}, "base_artifact_id")):
+            r = api.post(f"/users/{uid}/jobs", json={"session_ids": [sid], "params": params}, headers=mine)
+            assert r.status_code == 422 and says in r.text, (params, r.text)
+        ok = {"epochs": 5, "window_ms": 200, "step_ms": 25.5, "seed": 3}
+        r = api.post(f"/users/{uid}/jobs", json={"session_ids": [sid], "params": ok}, headers=mine)
+        assert r.status_code == 201 and r.json()["params"] == ok
+        api.post(f"/jobs/{r.json()['id']}/cancel", headers=mine)
         assert api.post(f"/users/{uid}/jobs", json={"session_ids": [424242]}, headers=mine).status_code == 404
         planned = api.post(f"/users/{uid}/sessions", json={"gestures": ["fist"], "repetitions": 1, "hold_s": 1,
                                                            "rest_s": 1}, headers=mine).json()
