@@ -73,6 +73,9 @@ CATALOGUE_POLL_S = 30.0
 SLOT_LOCK_NS = 0x5E3C1F
 MAX_SLOTS = 64
 STORE_INTERVAL_S = 0.5
+# A user's second device is ignored while the first streams (two interleaved streams would reset each other
+# on every message and nothing would be decided); it takes over after this long without the first.
+DEVICE_HANDOVER_S = 1.0
 MAX_STORE_BACKLOG = 200_000
 STATS_INTERVAL_S = float(os.environ.get("SEMG_INFERENCE_STATS_S", "60"))
 
@@ -157,6 +160,8 @@ class UserStream:
         self.recv = np.zeros(cap, dtype=np.float64)
         self.resets = 0
         self.duplicates = 0  # samples received again (at-least-once delivery) and ignored
+        self.other_device = 0  # samples of another device of the user, ignored while this one streams
+        self.last_message = 0.0  # monotonic time of the last accepted message
 
     def reset(self) -> None:
         self.n = 0
@@ -205,6 +210,12 @@ class UserStream:
         gap, or another device or boot, starts a new run.
         """
         seq0, k = msg.seq0, len(msg.values)
+        now = time.monotonic()
+        if (self.next_seq is not None and msg.device_id != self.device_id
+                and now - self.last_message < DEVICE_HANDOVER_S):
+            self.other_device += k
+            return None
+        self.last_message = now
         values, millis, recv = msg.values, msg.device_millis, msg.recv_time
         same_run = self.next_seq is not None and msg.device_id == self.device_id and msg.boot == self.boot
         if same_run and seq0 < self.next_seq:
@@ -430,7 +441,13 @@ class Worker:
         elif stream.spec != spec:  # a new model reading the same windows: keep the samples, not the votes
             stream.spec = spec
             stream.new_votes()
+        ignored = stream.other_device
         ready = stream.append(samples)
+        if stream.other_device != ignored:
+            self._warn_once(("device", uid, samples.device_id, stream.device_id),
+                            "user %s: device %s streams while device %s does; recognising device %s only (the "
+                            "other takes over %g s after it stops)", uid, samples.device_id, stream.device_id,
+                            stream.device_id, DEVICE_HANDOVER_S)
         if ready is not None:
             self.pending.append(ready)
             self.stats.windows += len(ready.windows)

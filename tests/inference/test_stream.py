@@ -67,8 +67,11 @@ def test_gap_resent_samples_and_new_boot():
     assert ends == [] and stream.next_seq == 32
     ends, _ = _feed(stream, [_msg(32, d, boot=1)])    # new boot (contiguous seq or not)
     assert ends == [41] and stream.resets == 2 and stream.epoch != epoch
-    ends, _ = _feed(stream, [_msg(44, d, device=2, boot=1)])  # another device of the user
-    assert ends == [53]
+    ends, _ = _feed(stream, [_msg(44, d, device=2, boot=1)])  # another device while this one streams: ignored
+    assert ends == [] and stream.other_device == 12 and stream.device_id == 1
+    stream.last_message -= 1.5  # device 1 has been silent for a while: device 2 takes over
+    ends, _ = _feed(stream, [_msg(44, d, device=2, boot=1)])
+    assert ends == [53] and stream.device_id == 2
     ends, _ = _feed(stream, [_msg(40, d, device=2, boot=1)])  # older than the run's newest sample: too late
     assert ends == [] and stream.resets == 3 and stream.next_seq == 56
 
