@@ -61,6 +61,13 @@ class Settings(BaseSettings):
     def _blank_is_unset(cls, v: object) -> object:
         return None if isinstance(v, str) and not v.strip() else v
 
+    @field_validator("postgres_password", "nats_password", "semg_service_key", "semg_ui_password", mode="before")
+    @classmethod
+    def _blank_secret_is_unset(cls, v: object) -> object:
+        # `docker run -e SEMG_UI_PASSWORD` or compose passing an unset variable gives "": never a valid secret
+        # (an empty UI password would let an empty form sign in); unset means "generated" or "required".
+        return None if isinstance(v, str) and not v.strip() else v
+
     @field_validator("log_level")
     @classmethod
     def _known_level(cls, v: str) -> str:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets as _secrets
 from pathlib import Path
 
 from semg.config import Settings, get_settings
+
+log = logging.getLogger("semg.secrets")
 
 # Services that get their own NATS identity (and subject permissions) on the embedded server.
 NATS_SERVICES = ("ingest", "inference", "api", "trainer", "ui", "admin")
@@ -28,7 +31,10 @@ def get_or_create(name: str, settings: Settings | None = None, nbytes: int = 24)
     s = settings or get_settings()
     path = s.secrets_dir / name
     if path.exists():
-        return path.read_text().strip()
+        value = path.read_text().strip()
+        if value:
+            return value
+        log.warning("secret file %s is empty; generating a new secret", path)  # never an empty password
     value = _secrets.token_urlsafe(nbytes)
     _write_private(path, value)
     return value

@@ -51,7 +51,7 @@ def require_login() -> None:
         submitted = st.form_submit_button("Sign in", type="primary")
     st.caption(f"The password is in `{s.secrets_dir / 'ui_password'}` (or set SEMG_UI_PASSWORD).")
     if submitted:
-        if hmac.compare_digest(password.encode(), expected.encode()):
+        if expected and hmac.compare_digest(password.encode(), expected.encode()):  # never an empty password
             st.session_state[AUTH_KEY] = True
             st.rerun()
         time.sleep(0.5)  # slows down guessing

@@ -75,3 +75,17 @@ def test_training_yields_to_the_live_path():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["7", "7"]
+
+
+def test_a_blank_or_empty_secret_is_never_used(monkeypatch, tmp_path):
+    """SEMG_UI_PASSWORD set but empty (docker run -e SEMG_UI_PASSWORD) or an empty secret file would make the
+    empty string the password: it counts as unset, and the generated secret is used instead."""
+    from semg import secrets
+    s = _settings(monkeypatch, SEMG_STATE_DIR=str(tmp_path), SEMG_UI_PASSWORD="  ", SEMG_SERVICE_KEY="")
+    assert s.semg_ui_password is None and s.semg_service_key is None
+    pw = secrets.ui_password(s)
+    assert len(pw) >= 12 and secrets.ui_password(s) == pw
+    (tmp_path / "secrets" / "ui_password").write_text("\n")
+    again = secrets.ui_password(s)
+    assert again and again.strip() == again
+    assert (tmp_path / "secrets" / "ui_password").read_text() == again

@@ -34,6 +34,11 @@ def test_login_gate_asks_for_the_ui_password(page, clean_db):
     at.run()
     assert "Wrong password" in texts(at)
 
+    at.text_input(key="semg_login_password").input("")  # an empty form never signs in
+    button(at, "Sign in").click()
+    at.run()
+    assert "Wrong password" in texts(at) and "User Management" not in texts(at)
+
     at.text_input(key="semg_login_password").input(secrets.ui_password())
     button(at, "Sign in").click()
     at.run()
