@@ -9,7 +9,8 @@ import uikit as ui
 ui.page_setup("Gestures & devices", ":material/front_hand:")
 st.title(":material/front_hand: Gesture Management")
 
-KEY_ONCE_STATE = "gestures_key_once"  # (device id, snippet, what happened): shown once, until dismissed
+# (user id, device id, snippet, what happened): shown once, until dismissed, and only on that user's page
+KEY_ONCE_STATE = "gestures_key_once"
 
 
 def channel_table(n_channels: int, used=(), purposes=None) -> pd.DataFrame:
@@ -104,11 +105,11 @@ def gesture_bank(user: dict, n_channels: int) -> None:
                 st.rerun()
 
 
-def show_secret_once() -> None:
+def show_secret_once(user: dict) -> None:
     shown = st.session_state.get(KEY_ONCE_STATE)
-    if not shown:
+    if not shown or shown[0] != user["id"]:  # another user picked meanwhile: never show them this device's key
         return
-    device_id, snippet, what = shown
+    _, device_id, snippet, what = shown
     st.success(f"{what} Copy the key now: **it is shown only once** (the server keeps it, but never shows it again).")
     st.markdown("Paste these lines into `arduino/arduino_secrets.h`, fill in your Wi-Fi and this computer's "
                 "address, then build and flash the sketch:")
@@ -120,7 +121,7 @@ def show_secret_once() -> None:
 
 def devices(user: dict) -> None:
     st.subheader("Devices")
-    show_secret_once()
+    show_secret_once(user)
     devs = data.device_activity(user["id"])
     if devs:
         st.dataframe(pd.DataFrame([{
@@ -146,7 +147,7 @@ def devices(user: dict) -> None:
             except data.RepoError as e:
                 st.error(f"Not registered: {e}")
             else:
-                st.session_state[KEY_ONCE_STATE] = (dev["id"], data.arduino_secrets_snippet(dev),
+                st.session_state[KEY_ONCE_STATE] = (user["id"], dev["id"], data.arduino_secrets_snippet(dev),
                                                 f"Registered device #{dev['id']}.")
                 st.rerun()
 
@@ -175,7 +176,7 @@ def devices(user: dict) -> None:
                 st.session_state.pop("device_confirm", None)
                 if action == "rotate":
                     dev = data.rotate_device_key(target)
-                    st.session_state[KEY_ONCE_STATE] = (target, data.arduino_secrets_snippet(dev),
+                    st.session_state[KEY_ONCE_STATE] = (user["id"], target, data.arduino_secrets_snippet(dev),
                                                     f"New key for device #{target}.")
                 else:
                     data.delete_device(target)

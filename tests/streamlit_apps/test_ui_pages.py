@@ -444,6 +444,23 @@ def test_review_session_and_time_range_with_csv(page, seeded):
     assert ",fist" in csv and ",open hand" in csv
 
 
+def test_a_new_device_key_is_shown_only_on_its_users_page(page, clean_db):
+    ann = repo.create_user(clean_db, "Ann", "ann@example.org")
+    bob = repo.create_user(clean_db, "Bob", "bob@example.org")
+    at = page("gestures", user_id=ann["id"])
+    at.run()
+    button(at, "Register device").click()
+    at.run()
+    assert "SEMG_DEVICE_KEY_HEX" in at.code[0].value
+    at.selectbox(key="semg_user_pick").set_value(bob["id"])  # the operator switches to Bob before dismissing
+    at.run()
+    assert_clean(at)
+    assert not at.code and "shown only once" not in texts(at)
+    at.selectbox(key="semg_user_pick").set_value(ann["id"])  # still there for Ann until she saved it
+    at.run()
+    assert "SEMG_DEVICE_KEY_HEX" in at.code[0].value
+
+
 def test_secret_key_is_never_in_the_devices_listing(page, seeded):
     """The key is shown once at registration; later listings carry no trace of it."""
     at = page("gestures", user_id=seeded["user"]["id"])
