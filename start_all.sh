@@ -9,10 +9,12 @@ cd "$SEMG_REPO"
 semg_setup_venv runtime
 semg_export_env
 
+started_here=false
 if pid="$(semg_supervisord_pid)"; then
   echo "already running (supervisord pid $pid); making sure every service is up"
   semg_ctl start all >/dev/null 2>&1 || true
 else
+  started_here=true
   semg_preflight
   "$SEMG_PYTHON" -m supervisor.supervisord -c "$SEMG_REPO/supervisord.conf" \
     || semg_die "supervisord did not start (see $SEMG_STATE_DIR/logs/supervisord.log)"
@@ -25,8 +27,12 @@ if ! "$SEMG_PYTHON" -m semg.health --wait "${SEMG_START_TIMEOUT:-180}"; then
     log="$SEMG_STATE_DIR/logs/$svc.log"
     [ -s "$log" ] && { echo "--- $svc" >&2; tail -n 3 "$log" >&2; }
   done
-  echo "start_all.sh: stopping what was started" >&2
-  "$SEMG_REPO/stop_all.sh" >/dev/null 2>&1 || true
+  if $started_here; then
+    echo "start_all.sh: stopping what was started" >&2
+    "$SEMG_REPO/stop_all.sh" >/dev/null 2>&1 || true
+  else  # it was running before this run: never take a running install down
+    echo "start_all.sh: the platform was already running and is left running; see the logs above" >&2
+  fi
   exit 1
 fi
 

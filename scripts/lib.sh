@@ -57,6 +57,11 @@ semg_export_env() {
   # shellcheck disable=SC1090
   . "$envfile"
   export SEMG_DB_INIT="${SEMG_DB_INIT:-true}"
+  # supervisord runs its programs as the user that starts it (root must name itself; anyone else may only)
+  SEMG_RUN_UID="$(id -u)"; export SEMG_RUN_UID
+  # Marks the processes of this instance for stop_all.sh (semg.procs). Not SEMG_STATE_DIR itself: users set
+  # that in their own shells, which stop_all.sh must never kill.
+  export SEMG_INSTANCE="$SEMG_STATE_DIR"
 }
 
 semg_supervisord_pid() {

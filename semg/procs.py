@@ -1,5 +1,7 @@
-"""Find (and end) processes that belong to one platform instance: those whose environment carries our
-SEMG_STATE_DIR. Used by stop_all.sh to guarantee nothing of ours is left running.
+"""Find (and end) processes that belong to one platform instance: those whose environment carries
+SEMG_INSTANCE=<its state dir>, which start_all.sh / docker-entrypoint.sh give supervisord and so every service
+(not SEMG_STATE_DIR: a user's own shell, editor or `tail -f` may carry that). Used by stop_all.sh to guarantee
+nothing of ours is left running.
 
     python -m semg.procs list
     python -m semg.procs kill      # SIGTERM, then SIGKILL after a grace period
@@ -28,7 +30,7 @@ def _ancestors() -> set[int]:
 
 
 def ours(state_dir: str) -> list[int]:
-    want = f"SEMG_STATE_DIR={state_dir}".encode()
+    want = f"SEMG_INSTANCE={state_dir}".encode()
     me = _ancestors()
     found = []
     for d in Path("/proc").iterdir():

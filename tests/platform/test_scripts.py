@@ -82,12 +82,29 @@ def test_start_stop_start_keeps_data_and_leaves_nothing(state):
     assert r.returncode == 0, r.stderr[-2000:]
     assert time.monotonic() - t1 < 30
 
+    # ... and when a service does not answer, it reports that and leaves the running install running
+    (api_pid,) = [p for p in ours(str(state)) if b"ml_model.api" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    supervisord_pid = int((state / "run" / "supervisord.pid").read_text())
+    os.kill(api_pid, signal.SIGSTOP)
+    try:
+        r = _run("start_all.sh", {**env, "SEMG_START_TIMEOUT": "3"})
+    finally:
+        os.kill(api_pid, signal.SIGCONT)
+    assert r.returncode == 1 and "left running" in r.stderr, r.stderr[-2000:]
+    os.kill(supervisord_pid, 0)  # still there
+
+    # a user's own shell that carries SEMG_STATE_DIR (they exported it) is not the platform's to stop
+    users_shell = subprocess.Popen(["sleep", "300"], env={**env, "SEMG_STATE_DIR": str(state)})
+
     with contextlib.closing(_connect(env, state)) as conn, conn, conn.cursor() as cur:
         cur.execute("INSERT INTO users (name, email) VALUES ('Persist', 'persist@example.org')")
 
     r = _run("stop_all.sh", env, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
     assert ours(str(state)) == [], "processes left after stop_all.sh"
+    assert users_shell.poll() is None, "stop_all.sh killed a process that is not the platform's"
+    users_shell.kill()
+    users_shell.wait()
     for port in ("API_PORT", "UI_PORT", "POSTGRES_PORT", "NATS_PORT"):
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", int(env[port]))) != 0, f"{port} still answers"
