@@ -315,8 +315,11 @@ def main(argv: list[str] | None = None) -> int:
             problems = preflight(s)
             for line in problems:
                 print(line, file=sys.stderr)
-            return 2 if problems else 0
-    except (SettingsError, EmbeddedError) as e:
+            if problems:
+                return 2
+            from semg import secrets
+            secrets.ensure_all(s)  # before the services start together and race to create them
+    except (SettingsError, EmbeddedError, OSError) as e:
         print(f"semg.embedded {args.what}: {e}", file=sys.stderr)
         return 2
     return 0

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import secrets as _secrets
+import tempfile
 from pathlib import Path
 
 from semg.config import Settings, get_settings
@@ -16,28 +17,51 @@ log = logging.getLogger("semg.secrets")
 NATS_SERVICES = ("ingest", "inference", "api", "trainer", "ui", "admin")
 
 
-def _write_private(path: Path, text: str) -> None:
+def _private_temp(path: Path, text: str) -> Path:
+    """A 0600 file with `text` next to `path`, under a name of its own (services start concurrently)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:  # mkstemp creates it 0600
         f.write(text)
-    os.replace(tmp, path)  # atomic: a crash never leaves half a secret
+    return Path(tmp)
+
+
+def _write_private(path: Path, text: str) -> None:
+    os.replace(_private_temp(path, text), path)  # atomic: a crash never leaves half a secret
+
+
+def _create_private(path: Path, text: str) -> bool:
+    """Create `path` with `text` unless it exists (then False): two first starts never keep different secrets."""
+    tmp = _private_temp(path, text)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink()
 
 
 def get_or_create(name: str, settings: Settings | None = None, nbytes: int = 24) -> str:
     """Read secret `name`, generating a random URL-safe one the first time."""
     s = settings or get_settings()
     path = s.secrets_dir / name
-    if path.exists():
-        value = path.read_text().strip()
+    for _ in range(3):
+        try:
+            value = path.read_text().strip()
+        except FileNotFoundError:
+            value = None
         if value:
             return value
-        log.warning("secret file %s is empty; generating a new secret", path)  # never an empty password
-    value = _secrets.token_urlsafe(nbytes)
-    _write_private(path, value)
-    return value
+        if value is not None:  # an empty file: never an empty password
+            log.warning("secret file %s is empty; generating a new secret", path)
+            path.unlink(missing_ok=True)
+        value = _secrets.token_urlsafe(nbytes)
+        if _create_private(path, value):
+            return value
+        # another service created it at the same moment: use theirs
+    raise OSError(f"cannot create the secret file {path}")
 
 
 def postgres_password(settings: Settings | None = None) -> str:
@@ -58,10 +82,25 @@ def nats_credentials(service: str, settings: Settings | None = None) -> tuple[st
     path = s.secrets_dir / "nats_users.json"
     users = json.loads(path.read_text()) if path.exists() else {}
     if any(name not in users for name in NATS_SERVICES):
-        for name in NATS_SERVICES:
-            users.setdefault(name, _secrets.token_urlsafe(24))
-        _write_private(path, json.dumps(users, indent=1))
+        fresh = {**{name: _secrets.token_urlsafe(24) for name in NATS_SERVICES}, **users}
+        if users or not _create_private(path, json.dumps(fresh, indent=1)):
+            if users:  # an older file without a newer identity: add it (start_all.sh does this before start)
+                _write_private(path, json.dumps(fresh, indent=1))
+            else:  # created by another service at the same moment: use theirs
+                fresh = json.loads(path.read_text())
+        users = fresh
     return service, users[service]
+
+
+def ensure_all(settings: Settings | None = None) -> None:
+    """Create every generated secret now (start_all.sh's preflight), before services race to create them."""
+    s = settings or get_settings()
+    if s.embedded_postgres:
+        postgres_password(s)
+    if s.embedded_nats:
+        nats_credentials(NATS_SERVICES[0], s)
+    service_api_key(s)
+    ui_password(s)
 
 
 def nats_inbox_prefix(service: str, settings: Settings | None = None) -> str:

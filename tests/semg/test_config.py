@@ -89,3 +89,35 @@ def test_a_blank_or_empty_secret_is_never_used(monkeypatch, tmp_path):
     again = secrets.ui_password(s)
     assert again and again.strip() == again
     assert (tmp_path / "secrets" / "ui_password").read_text() == again
+
+
+def _first_start(state_dir: str, barrier, out) -> None:
+    import os
+    os.environ["SEMG_STATE_DIR"] = state_dir
+    from semg import secrets
+    from semg.config import Settings
+    s = Settings()
+    barrier.wait()
+    try:
+        out.put((secrets.service_api_key(s), secrets.nats_credentials("api", s)[1]))
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        out.put(repr(e))
+
+
+def test_services_creating_a_secret_at_the_same_moment_agree_on_it(tmp_path):
+    """First start: api, worker and UI all create the service key (and NATS identities) concurrently."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    for trial in range(5):
+        d = tmp_path / f"state{trial}"
+        barrier, out = ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_first_start, args=(str(d), barrier, out)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        got = [out.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(30)
+        assert all(isinstance(g, tuple) for g in got), got
+        assert len(set(got)) == 1, got
+        assert (d / "secrets" / "service_api_key").read_text() == got[0][0]
+        assert not [f for f in (d / "secrets").iterdir() if f.name.endswith(".tmp")]
