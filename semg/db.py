@@ -49,10 +49,23 @@ def connect_kwargs(settings: Settings | None = None, dbname: str | None = None) 
 
 
 def connect(settings: Settings | None = None, dbname: str | None = None, **extra) -> psycopg2.extensions.connection:
-    """A new connection. Callers own it (use `with contextlib.closing(connect()) as conn`)."""
-    kw = connect_kwargs(settings, dbname)
+    """A new connection. Callers own it (use `with contextlib.closing(connect()) as conn`).
+
+    If the password is refused and a rotation left a staged password (it crashed after the server took it,
+    before the file was replaced), the staged one is tried and, when the server takes it, made the password.
+    """
+    s = settings or get_settings()
+    kw = connect_kwargs(s, dbname)
     kw.update(extra)
-    return psycopg2.connect(**kw)
+    try:
+        return psycopg2.connect(**kw)
+    except psycopg2.OperationalError as e:
+        staged = secrets.staged_postgres_password(s)
+        if staged is None or "password authentication failed" not in str(e):
+            raise
+        conn = psycopg2.connect(**{**kw, "password": staged})
+        secrets.promote_staged_postgres_password(s)
+        return conn
 
 
 def wait_until_ready(settings: Settings | None = None, timeout: float = 60.0, dbname: str = "postgres") -> None:

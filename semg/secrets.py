@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -135,8 +136,6 @@ def rotate_postgres(settings: Settings | None = None) -> None:
 
     Services read the file whenever they open a connection, so they keep working; open connections stay open.
     """
-    import contextlib
-
     from psycopg2 import sql
 
     from semg import db
@@ -145,17 +144,47 @@ def rotate_postgres(settings: Settings | None = None) -> None:
     if s.postgres_password is not None:
         raise RuntimeError("POSTGRES_PASSWORD is set: change the password on the server and in the environment")
     path = s.secrets_dir / "postgres_password"
-    new = _secrets.token_urlsafe(24)
     staged = path.with_suffix(".new")
+    # A staged password of an interrupted rotation may be the server's: connect() finds out (and promotes it)
+    # before it is replaced, so it is never lost.
+    with contextlib.closing(db.connect(s)):
+        pass
+    staged.unlink(missing_ok=True)  # the current file works: that one was never taken
+    new = _secrets.token_urlsafe(24)
     _write_private(staged, new)  # on disk before the server knows it: a crash never locks us out
+    committing = False
     try:
-        with contextlib.closing(db.connect(s)) as conn, conn, conn.cursor() as cur:
-            cur.execute("SET LOCAL password_encryption = 'scram-sha-256'")
-            cur.execute(sql.SQL("ALTER ROLE {} PASSWORD %s").format(sql.Identifier(s.postgres_user)), (new,))
+        with contextlib.closing(db.connect(s)) as conn:
+            with conn.cursor() as cur:
+                cur.execute("SET LOCAL password_encryption = 'scram-sha-256'")
+                cur.execute(sql.SQL("ALTER ROLE {} PASSWORD %s").format(sql.Identifier(s.postgres_user)), (new,))
+            committing = True
+            conn.commit()
     except BaseException:
-        staged.unlink(missing_ok=True)
+        # Before the commit the server surely kept the old password; from the commit on it may have taken the
+        # new one, so the staged file stays (connect() falls back to it and promotes it).
+        if not committing:
+            staged.unlink(missing_ok=True)
         raise
     os.replace(staged, path)
+
+
+def staged_postgres_password(settings: Settings | None = None) -> str | None:
+    """The new password of a rotation that did not finish (see rotate_postgres), if any."""
+    s = settings or get_settings()
+    try:
+        return (s.secrets_dir / "postgres_password.new").read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def promote_staged_postgres_password(settings: Settings | None = None) -> None:
+    """The server took the staged password: it becomes the password (every service reads the file)."""
+    s = settings or get_settings()
+    staged = s.secrets_dir / "postgres_password.new"
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(staged, s.secrets_dir / "postgres_password")
+        log.warning("an interrupted password rotation was completed: %s is now the database password", staged)
 
 
 def rotate_nats(settings: Settings | None = None) -> None:

@@ -64,6 +64,25 @@ def test_rotate_the_database_password(settings):
         cur.execute("SELECT 1")
 
 
+def test_a_rotation_interrupted_after_the_server_took_the_password_locks_nobody_out(settings):
+    """The crash window of `rotate postgres`: the server has the staged password, the file still the old one."""
+    from psycopg2 import sql
+    staged = settings.secrets_dir / "postgres_password.new"
+    new = "interrupted-" + secrets._secrets.token_urlsafe(12)
+    secrets._write_private(staged, new)
+    with contextlib.closing(db.connect(settings)) as conn, conn, conn.cursor() as cur:
+        cur.execute(sql.SQL("ALTER ROLE {} PASSWORD %s").format(sql.Identifier(settings.postgres_user)), (new,))
+    # ... and the process died here. Every service's next connection still gets in, and completes the rotation:
+    with contextlib.closing(db.connect(settings)) as conn, conn.cursor() as cur:
+        cur.execute("SELECT 1")
+    assert secrets.postgres_password(settings) == new and not staged.exists()
+    # a later rotation starts from a consistent state
+    r = rotate("postgres")
+    assert r.returncode == 0, r.stderr
+    with contextlib.closing(db.connect(settings)) as conn, conn.cursor() as cur:
+        cur.execute("SELECT 1")
+
+
 def test_the_ui_keeps_connecting_after_a_database_password_rotation(settings, page):
     import data
     kw = {**db.connect_kwargs(settings), "connect_timeout": 5}
