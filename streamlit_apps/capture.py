@@ -91,6 +91,9 @@ class CueRun:
     state: str = "waiting"
     index: int = 0
     t_start: float | None = None
+    # ("mark", interval_id, started, ended) | ("discard", interval_id), oldest first, not yet written
+    _unsaved: list[tuple] = field(default_factory=list, repr=False)
+    _redo: Step | None = field(default=None, repr=False)  # the inserted gesture of the redo under way
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
@@ -119,14 +122,33 @@ class CueRun:
                     break
                 cur.ended = end
                 finished.append(cur)
+                self._unsaved.append(("mark", cur.interval_id, cur.started, end))
                 self.index += 1
                 if self.index >= len(self.steps):
                     self.state = "done"
                 else:
                     self.steps[self.index].started = end
-        for s in finished:
-            store.mark(s.interval_id, utc(s.started), utc(s.ended))
+        self.flush(store)
         return finished
+
+    def flush(self, store: IntervalStore) -> None:
+        """Write the queued interval changes in order. A write that fails (database restart, timeout) stays
+        queued with everything after it and is retried by the next call, so no finished interval is lost."""
+        while True:
+            with self.lock:
+                if not self._unsaved:
+                    return
+                op = self._unsaved[0]
+            if op[0] == "mark":
+                store.mark(op[1], utc(op[2]), utc(op[3]))
+            else:
+                store.discard(op[1])
+            with self.lock:
+                self._unsaved.pop(0)
+
+    @property
+    def unsaved(self) -> int:
+        return len(self._unsaved)
 
     def cue(self, now: float) -> Cue:
         with self.lock:
@@ -155,14 +177,8 @@ class CueRun:
             target = cur if cur.kind == "gesture" else (done_gestures[-1] if done_gestures else None)
             if target is None:
                 return None
-            cur_cut = now > cur.started + 0.05
-            if cur_cut:
-                cur.ended = now
-            target.discarded = True
             elapsed_ms = int((now - self.t_start) * 1000)
-        if cur_cut:
-            store.mark(cur.interval_id, utc(cur.started), utc(cur.ended))
-        store.discard(target.interval_id)
+        # The new rows first: if adding fails nothing has changed yet and the click can simply be repeated.
         rest_ms, hold_ms = int(self.rest_s * 1000), int(self.hold_s * 1000)
         rest_id = store.add("rest", REST, target.repetition, elapsed_ms, elapsed_ms + rest_ms)
         again_id = store.add("gesture", target.label, target.repetition, elapsed_ms + rest_ms,
@@ -170,12 +186,18 @@ class CueRun:
         with self.lock:
             new = [Step(rest_id, "rest", REST, target.repetition, self.rest_s),
                    Step(again_id, "gesture", target.label, target.repetition, self.hold_s)]
-            if cur_cut:
+            if now > cur.started + 0.05:
+                cur.ended = now
+                # mark before discard: marking an interval clears its discarded flag
+                self._unsaved.append(("mark", cur.interval_id, cur.started, now))
                 self.steps[self.index + 1:self.index + 1] = new
                 self.index += 1
             else:  # nothing happened in the current interval yet: replace it
                 self.steps[self.index:self.index + 1] = new
+            target.discarded = True
+            self._unsaved.append(("discard", target.interval_id))
             self.steps[self.index].started = now
+        self.flush(store)
         return target
 
     def abort(self, now: float, store: IntervalStore) -> None:
@@ -185,9 +207,9 @@ class CueRun:
                 return
             cur = self.steps[self.index]
             self.state = "aborted"
-            cut = now > cur.started + 0.05
-        if cut:
-            store.mark(cur.interval_id, utc(cur.started), utc(now))
+            if now > cur.started + 0.05:
+                self._unsaved.append(("mark", cur.interval_id, cur.started, now))
+        self.flush(store)
 
     def summary(self) -> dict:
         with self.lock:
