@@ -208,6 +208,7 @@ class CueRun:
             cur = self.steps[self.index]
             self.state = "aborted"
             if now > cur.started + 0.05:
+                cur.ended = now  # the session ends here, not at the last interval finished before
                 self._unsaved.append(("mark", cur.interval_id, cur.started, now))
         self.flush(store)
 

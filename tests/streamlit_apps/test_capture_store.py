@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import capture
 import data
 import pytest
@@ -74,3 +76,27 @@ def test_redo_and_stop_writes_survive_a_failed_mark(new_session):
     rest = next(i for i in intervals(new_session.conn, run.session_id) if i["id"] == run.steps[run.index].interval_id)
     assert run.state == "aborted" and run.unsaved == 0
     assert (rest["started_at"], rest["ended_at"]) == (capture.utc(1003.0), capture.utc(1004.0))
+
+
+def start_on_page(page, user_id, hold=20.0, rest=0.5, gestures=("fist",), reps=1):
+    at = page("capture", user_id=user_id)
+    at.run()
+    at.multiselect(key="capture_gestures").set_value(list(gestures))
+    at.number_input(key="capture_reps").set_value(reps)
+    at.number_input(key="capture_hold").set_value(hold)
+    at.number_input(key="capture_rest").set_value(rest)
+    at.button(key="capture_start").click()
+    at.run()
+    return at, at.session_state["capture_shared"].run
+
+
+def test_stopping_mid_gesture_ends_the_session_after_the_cut_interval(page, seeded):
+    at, run = start_on_page(page, seeded["user"]["id"])
+    time.sleep(1.0)  # into the 20 s fist
+    at.button(key="abort").click()
+    at.run()
+    s = repo.get_session(seeded["conn"], run.session_id)
+    fist = next(i for i in s["intervals"] if i["label"] == "fist")
+    assert s["status"] == "aborted" and fist["ended_at"] is not None
+    assert s["ended_at"] >= fist["ended_at"]
+    assert at.session_state["capture_last_result"]["summary"]["intervals"] == 2
