@@ -147,6 +147,10 @@ class CueRun:
                 self._unsaved.pop(0)
 
     @property
+    def redo_pending(self) -> bool:
+        return self._redo is not None and self._redo.ended is None
+
+    @property
     def unsaved(self) -> int:
         return len(self._unsaved)
 
@@ -167,10 +171,13 @@ class CueRun:
         """Discard the most recent gesture repetition (running or done) and do it again after a rest.
 
         The current interval is cut at `now` (a cut rest keeps its data; a cut gesture is the one discarded);
-        then a fresh rest and the same gesture are inserted before the rest of the plan."""
+        then a fresh rest and the same gesture are inserted before the rest of the plan -- and, when cut in a
+        rest, another rest after it, since the next planned interval is then a gesture (or the end).
+        While a redo is under way (its gesture not yet done) another click does nothing: a double click must
+        not throw away the good repetition before it."""
         self.advance(now, store)
         with self.lock:
-            if self.state != "running":
+            if self.state != "running" or self.redo_pending:
                 return None
             cur = self.steps[self.index]
             done_gestures = [s for s in self.steps[: self.index] if s.kind == "gesture" and not s.discarded]
@@ -179,13 +186,17 @@ class CueRun:
                 return None
             elapsed_ms = int((now - self.t_start) * 1000)
         # The new rows first: if adding fails nothing has changed yet and the click can simply be repeated.
-        rest_ms, hold_ms = int(self.rest_s * 1000), int(self.hold_s * 1000)
-        rest_id = store.add("rest", REST, target.repetition, elapsed_ms, elapsed_ms + rest_ms)
-        again_id = store.add("gesture", target.label, target.repetition, elapsed_ms + rest_ms,
-                             elapsed_ms + rest_ms + hold_ms)
+        plan = [("rest", REST, self.rest_s), ("gesture", target.label, self.hold_s)]
+        if cur.kind == "rest":
+            plan.append(("rest", REST, self.rest_s))
+        new, at_ms = [], elapsed_ms
+        for kind, label, dur in plan:
+            ms = int(dur * 1000)
+            new.append(Step(store.add(kind, label, target.repetition, at_ms, at_ms + ms), kind, label,
+                            target.repetition, dur))
+            at_ms += ms
         with self.lock:
-            new = [Step(rest_id, "rest", REST, target.repetition, self.rest_s),
-                   Step(again_id, "gesture", target.label, target.repetition, self.hold_s)]
+            self._redo = new[1]
             if now > cur.started + 0.05:
                 cur.ended = now
                 # mark before discard: marking an interval clears its discarded flag

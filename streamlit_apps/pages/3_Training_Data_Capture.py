@@ -72,6 +72,7 @@ def run_view() -> None:
                      help="Throws the last gesture repetition away and does it again after a short rest"):
             redone = run.redo_last(time.time(), store)
             st.toast(f"Redoing {redone.label} (repetition {redone.repetition + 1})" if redone
+                     else "Already redoing: finish that repetition first" if run.redo_pending
                      else "Nothing to redo yet")
         if c2.button("Stop session", key="abort", width="stretch", icon=":material/stop:"):
             run.abort(time.time(), store)

@@ -100,3 +100,44 @@ def test_stopping_mid_gesture_ends_the_session_after_the_cut_interval(page, seed
     assert s["status"] == "aborted" and fist["ended_at"] is not None
     assert s["ended_at"] >= fist["ended_at"]
     assert at.session_state["capture_last_result"]["summary"]["intervals"] == 2
+
+
+def cues(run, store, times):
+    out = []
+    for t in times:
+        run.advance(t, store)
+        out.append(run.cue(t).headline)
+    return out
+
+
+def test_redo_in_a_rest_puts_a_rest_before_and_after_the_redone_gesture(new_session):
+    run, store = new_session()  # REST 0-2, fist 2-4, REST 4-6, open hand 6-8, ...
+    run.advance(1005.0, store)
+    assert run.redo_last(1005.0, store).label == "fist"
+    # cut rest 4-5, REST 5-7, fist 7-9, REST 9-11, open hand 11-13
+    assert cues(run, store, [1006.0, 1008.0, 1010.0, 1012.0]) == ["Rest", "fist", "Rest", "open hand"]
+    ivs = sorted((i for i in intervals(new_session.conn, run.session_id) if i["started_at"] and not i["discarded"]),
+                 key=lambda i: i["started_at"])[1:]  # from the cut rest on (the discarded fist leaves a gap)
+    assert [i["label"] for i in ivs] == ["REST", "REST", "fist", "REST"]
+    for a, b in zip(ivs, ivs[1:], strict=False):
+        assert a["ended_at"] == b["started_at"]
+
+
+def test_redo_in_the_final_rest_does_not_end_the_session_on_a_gesture(new_session):
+    run, store = new_session(gestures=("fist",), reps=1)  # REST 0-2, fist 2-4, REST 4-6
+    run.advance(1005.0, store)
+    run.redo_last(1005.0, store)
+    run.advance(2000.0, store)
+    kept = [i for i in intervals(new_session.conn, run.session_id) if i["started_at"] and not i["discarded"]]
+    assert run.state == "done" and kept[-1]["kind"] == "rest" and kept[-2]["label"] == "fist"
+
+
+def test_a_double_click_on_redo_keeps_the_good_repetition_before_it(new_session):
+    run, store = new_session()
+    run.advance(1007.0, store)  # fist done well (2-4), now in open hand (6-8)
+    assert run.redo_last(1007.0, store).label == "open hand"
+    assert run.redo_last(1007.3, store) is None and run.redo_pending
+    fist = next(i for i in intervals(new_session.conn, run.session_id) if i["label"] == "fist")
+    assert not fist["discarded"]
+    run.advance(1007.0 + 2 + 2, store)  # the redone open hand is over: Redo works again
+    assert not run.redo_pending and run.redo_last(1011.5, store).label == "open hand"
