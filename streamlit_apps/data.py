@@ -267,6 +267,23 @@ def end_session(session_id: int, status: str = "completed", at: datetime | None 
     return _repo(repo.end_session, session_id, status, at)
 
 
+def end_session_once(session_id: int, status: str, at: datetime | None = None) -> tuple[dict, bool]:
+    """(session, ended here): a session already ended elsewhere (another tab's 'Close it') is returned as it is,
+    so the recording tab can still close its video and stop."""
+    try:
+        return end_session(session_id, status, at), True
+    except repo.Conflict:
+        return get_session(session_id), False
+
+
+def planned_end(session: dict) -> datetime | None:
+    """When a started session's plan runs out (redos make it run a little longer)."""
+    total_ms = (session.get("plan") or {}).get("total_ms")
+    if session.get("started_at") is None or total_ms is None:
+        return None
+    return session["started_at"] + timedelta(milliseconds=total_ms)
+
+
 def mark_interval(interval_id: int, started_at: datetime, ended_at: datetime | None) -> dict:
     return _repo(repo.mark_interval, interval_id, started_at, ended_at)
 

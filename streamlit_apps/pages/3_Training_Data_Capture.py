@@ -42,18 +42,20 @@ def finish(run: capture.CueRun) -> None:
     status = "completed" if run.state == "done" else "aborted"
     ends = [s.ended for s in run.steps if s.ended is not None]
     end = max(ends) if ends else time.time()
-    session = data.end_session(run.session_id, status, at=capture.utc(end))
+    session, ended_here = data.end_session_once(run.session_id, status, at=capture.utc(end))
+    if not ended_here:
+        status = session["status"]
     video = shared.recorder.stop()
-    note = ""
+    note = "" if ended_here else "It had already been closed in another window. "
     if video:
         rel = video["path"].resolve().relative_to(data.settings().video_dir.resolve()).as_posix()
         data.record_video(session["user_id"], run.session_id, rel, video["started_at"], video["ended_at"],
                           video["frame_count"], video["fps"], video["width"], video["height"], video["bytes"])
-        note = f"Video saved ({video['frame_count']} frames, {ui.fmt_bytes(video['bytes'])})."
+        note += f"Video saved ({video['frame_count']} frames, {ui.fmt_bytes(video['bytes'])})."
     elif shared.recorder.error:
-        note = f"The video could not be saved ({shared.recorder.error})."
+        note += f"The video could not be saved ({shared.recorder.error})."
     else:
-        note = "No video (the webcam was off)."
+        note += "No video (the webcam was off)."
     st.session_state[LAST] = {"session_id": run.session_id, "status": status, "summary": run.summary(),
                               "note": note}
     shared.run = None
@@ -121,7 +123,13 @@ def unfinished(user: dict) -> None:
     current = shared.run.session_id if shared.run else None
     stale = [s for s in data.list_sessions(user["id"]) if s["status"] in ("planned", "recording")
              and s["id"] != current]
+    now = datetime.now(UTC)
     for s in stale:
+        end = data.planned_end(s)
+        if s["status"] == "recording" and end is not None and end > now:
+            # probably still being recorded in another window: closing it there would cut it short
+            st.caption(f"Session #{s['id']} '{s['name']}' is recording (planned to end {ui.fmt_time(end)}).")
+            continue
         c1, c2 = st.columns([3, 1], vertical_alignment="center")
         c1.caption(f"Session #{s['id']} '{s['name']}' was left {s['status']} (started "
                    f"{ui.fmt_time(s['started_at'])}); its recorded intervals stay usable.")

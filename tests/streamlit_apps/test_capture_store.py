@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime, timedelta
 
 import capture
 import data
@@ -141,3 +142,29 @@ def test_a_double_click_on_redo_keeps_the_good_repetition_before_it(new_session)
     assert not fist["discarded"]
     run.advance(1007.0 + 2 + 2, store)  # the redone open hand is over: Redo works again
     assert not run.redo_pending and run.redo_last(1011.5, store).label == "open hand"
+
+
+def test_a_session_recording_in_another_window_is_not_offered_for_closing(page, seeded):
+    conn, uid = seeded["conn"], seeded["user"]["id"]
+    _tab1, run = start_on_page(page, uid)
+    left = repo.create_session(conn, uid, seeded["device"]["id"], ["fist"], 1, 1.0, 1.0, "left behind")
+    repo.start_session(conn, left["id"], datetime.now(UTC) - timedelta(hours=1))
+    tab2 = page("capture", user_id=uid)
+    tab2.run()
+    keys = {b.key for b in tab2.button}
+    assert f"close_{run.session_id}" not in keys and f"close_{left['id']}" in keys
+    assert any(f"#{run.session_id}" in c.value and "is recording" in c.value for c in tab2.caption)
+
+
+def test_the_recording_window_still_finishes_a_session_closed_elsewhere(page, seeded):
+    conn, uid = seeded["conn"], seeded["user"]["id"]
+    tab1, run = start_on_page(page, uid, hold=0.5, rest=0.5)
+    repo.end_session(conn, run.session_id, "aborted")  # what 'Close it' in another window does
+    time.sleep(1.8)  # the plan (1.5 s) is over
+    for _ in range(3):
+        tab1.run()
+    assert not tab1.error
+    assert tab1.session_state["capture_shared"].run is None
+    assert not tab1.session_state["capture_shared"].recorder.active
+    assert tab1.session_state["capture_last_result"]["status"] == "aborted"
+    assert all(i["started_at"] is not None for i in repo.get_session(conn, run.session_id)["intervals"])
