@@ -33,7 +33,6 @@ def start_session(user: dict, device: dict, gestures: list[str], reps: int, hold
     path, _rel = data.video_path_for(user["id"], session["id"])
     shared.recorder.start(path)
     shared.run = run
-    st.session_state["capture_run_user"] = user["id"]
     st.session_state.pop(LAST, None)
 
 
@@ -195,9 +194,28 @@ def signal_strip(user_id: int, device: dict) -> None:
             st.plotly_chart(fig, key="capture_strip", config={"displayModeBar": False})
 
 
+def running_page(user: dict) -> None:
+    """The run belongs to the user and device it was started for, whichever user is picked meanwhile."""
+    session = data.get_session(shared.run.session_id)
+    owner, device_id = session["user_id"], session["device_id"]
+    device = next((d for d in data.list_devices(owner) if d["id"] == device_id), {"id": device_id})
+    left, right = st.columns([3, 2], gap="large")
+    with left:
+        if owner != user["id"]:
+            st.info(f"Recording session #{session['id']} for **{data.get_user(owner)['name']}**: the cue, the "
+                    "webcam and the live strip are theirs until it ends.", icon=":material/person:")
+        run_view()
+    with right:
+        camera()
+        signal_strip(owner, device)
+
+
 def page() -> None:
     user = ui.pick_user()
     if not user:
+        return
+    if shared.run is not None:
+        running_page(user)
         return
     gestures = data.list_gestures(user["id"])
     devices = data.list_devices(user["id"])
@@ -212,13 +230,8 @@ def page() -> None:
             (st.success if last["status"] == "completed" else st.warning)(
                 f"Session #{last['session_id']} {last['status']}: {s['gestures']} gesture repetitions recorded, "
                 f"{s['redone']} redone. {last['note']} Next: check its quality and train on **Kickoff Training**.")
-        if shared.run is not None:
-            run_view()
-            device_id = data.get_session(shared.run.session_id)["device_id"]
-            device = next((d for d in devices if d["id"] == device_id), devices[0])
-        else:
-            unfinished(user)
-            device = setup_view(user, devices, gestures)
+        unfinished(user)
+        device = setup_view(user, devices, gestures)
     with right:
         camera()
         signal_strip(user["id"], device)

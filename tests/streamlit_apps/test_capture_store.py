@@ -168,3 +168,16 @@ def test_the_recording_window_still_finishes_a_session_closed_elsewhere(page, se
     assert not tab1.session_state["capture_shared"].recorder.active
     assert tab1.session_state["capture_last_result"]["status"] == "aborted"
     assert all(i["started_at"] is not None for i in repo.get_session(conn, run.session_id)["intervals"])
+
+
+def test_picking_another_user_during_a_run_keeps_the_runs_device_on_the_strip(page, seeded):
+    conn, uid = seeded["conn"], seeded["user"]["id"]
+    bob = ui_seed.seed_user(conn, name="Bob", email="bob@example.org")
+    ui_seed.seed_samples(conn, bob["user"]["id"], bob["device"]["id"], datetime.now(UTC) - timedelta(seconds=3), 3000)
+    at, run = start_on_page(page, uid)
+    at.selectbox(key="semg_user_pick").set_value(bob["user"]["id"])
+    at.run()
+    strip = [c.value for c in at.caption if "device #" in c.value]
+    assert strip and all(f"device #{seeded['device']['id']} " in c for c in strip)
+    assert any("Ada Lovelace" in i.value and f"#{run.session_id}" in i.value for i in at.info)
+    assert at.button(key="abort")  # the run is still shown and can be stopped
