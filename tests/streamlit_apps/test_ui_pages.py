@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from ui_checks import assert_clean, texts
@@ -314,7 +315,7 @@ def test_capture_tells_whether_the_device_is_streaming(page, seeded):
 def test_capture_offers_to_close_a_session_left_recording(page, seeded):
     conn, uid = seeded["conn"], seeded["user"]["id"]
     s = repo.create_session(conn, uid, seeded["device"]["id"], ["fist"], 1, 1, 1)
-    repo.start_session(conn, s["id"])
+    repo.start_session(conn, s["id"], datetime.now(UTC) - timedelta(minutes=5))  # its plan ran out long ago
     at = page("capture", user_id=uid)
     at.run()
     assert f"Session #{s['id']}" in texts(at)
