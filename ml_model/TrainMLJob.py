@@ -140,11 +140,12 @@ def _user_errors(command: str):
     not a traceback (the library code raises these with messages meant for the user)."""
     import psycopg2
 
+    from semg.db import first_line
+
     try:
         yield
     except psycopg2.OperationalError as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"TrainMLJob {command}: database unreachable: {reason}", file=sys.stderr)
+        print(f"TrainMLJob {command}: database unreachable: {first_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None
     except (ValueError, LookupError, OSError) as e:  # TrainingDataError is a ValueError, FileNotFoundError an OSError
         print(f"TrainMLJob {command}: {e}", file=sys.stderr)

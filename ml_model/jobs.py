@@ -309,7 +309,7 @@ def run_job(job_id: int, settings: Settings | None = None, worker: str | None = 
                 return "canceled"
             return _train(conn, s, job_id, me, user_id, params or {})
         except Exception as e:  # noqa: BLE001 - e.g. the connection died while ending the job: never crash
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = db.first_line(e)
             if isinstance(e, psycopg2.Error) and _connection_lost(conn):
                 return _requeue_after_connection_loss(s, job_id, me, reason)
             log.error("job %s: %s\n%s", job_id, reason, traceback.format_exc())
@@ -341,7 +341,7 @@ def _fail(conn, s: Settings, job_id: int, worker: str, message: str) -> str:
             return "failed"
     except psycopg2.Error as e:
         log.error("job %s: could not record its failure (%s): %s; stale recovery will re-queue it",
-                  job_id, message, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+                  job_id, message, db.first_line(e))
         return "lost"
 
 
@@ -387,7 +387,7 @@ def _requeue_after_connection_loss(s: Settings, job_id: int, worker: str, reason
             return row[0]
     except psycopg2.Error as e:
         log.error("job %s: database connection lost (%s) and not back (%s); stale recovery will re-queue it",
-                  job_id, reason, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+                  job_id, reason, db.first_line(e))
         return "lost"
 
 
@@ -473,7 +473,7 @@ def _train(conn, s: Settings, job_id: int, worker: str, user_id: int, params: di
     except (training.TrainingDataError, JobFailed) as e:
         return _fail(conn, s, job_id, worker, str(e))
     except psycopg2.Error as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = db.first_line(e)
         if _connection_lost(conn):
             return _requeue_after_connection_loss(s, job_id, worker, reason)
         return _fail(conn, s, job_id, worker, f"database error: {reason}")

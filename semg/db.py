@@ -35,6 +35,12 @@ _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 _MIGRATION_LOCK = 0x5E3C0DB
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (psycopg2's go on for lines), or its type when it has none."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def connect_kwargs(settings: Settings | None = None, dbname: str | None = None) -> dict:
     s = settings or get_settings()
     return {

@@ -19,6 +19,7 @@ import psycopg2.errors
 
 from semg import db
 from semg.config import Settings
+from semg.db import first_line
 from udpserver.ingest import DeviceInfo, Resume
 from udpserver.spool import Chunk, records_by_k
 
@@ -123,11 +124,6 @@ def load_resume(conn, device_ids: list[int]) -> dict[int, Resume]:
         rows = cur.fetchall()
     conn.rollback()
     return {r[0]: Resume(int(r[1]), int(r[2]), float(r[3]), float(r[4])) for r in rows}
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 # ---- writer thread ------------------------------------------------------------------------------------

@@ -16,17 +16,13 @@ from fastapi.responses import JSONResponse
 from ml_model.rest.pool import DatabaseUnavailable
 from ml_model.rest.serving import InputError
 from semg import repo
+from semg.db import first_line
 
 log = logging.getLogger("semg.api.errors")
 
 
 def _answer(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 MAX_BODY_BYTES = 128 * 2**20  # above the largest legitimate /predict batch; parsing more would cost GBs
@@ -89,12 +85,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(psycopg2.OperationalError)
     @app.exception_handler(psycopg2.InterfaceError)
     async def _db_error(_: Request, e: psycopg2.Error) -> JSONResponse:
-        return _answer(503, f"database unavailable: {_first_line(e)}", {"Retry-After": "5"})
+        return _answer(503, f"database unavailable: {first_line(e)}", {"Retry-After": "5"})
 
     @app.exception_handler(psycopg2.IntegrityError)
     async def _integrity(_: Request, e: psycopg2.IntegrityError) -> JSONResponse:
-        return _answer(409, f"conflicts with stored data: {_first_line(e)}")
+        return _answer(409, f"conflicts with stored data: {first_line(e)}")
 
     @app.exception_handler(psycopg2.DataError)
     async def _data(_: Request, e: psycopg2.DataError) -> JSONResponse:
-        return _answer(422, f"invalid value: {_first_line(e)}")
+        return _answer(422, f"invalid value: {first_line(e)}")

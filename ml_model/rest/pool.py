@@ -17,17 +17,13 @@ import psycopg2.extensions
 
 from semg import db
 from semg.config import Settings
+from semg.db import first_line
 
 log = logging.getLogger("semg.api.pool")
 
 
 class DatabaseUnavailable(RuntimeError):  # noqa: N818 - reads as the HTTP status it maps to
     """PostgreSQL cannot be reached (or the pool stayed exhausted); the message says which."""
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 class ConnectionPool:
@@ -42,7 +38,7 @@ class ConnectionPool:
         try:
             return db.connect(self.settings, connect_timeout=3, application_name="semg-api")
         except psycopg2.OperationalError as e:
-            raise DatabaseUnavailable(f"database unavailable: {_first_line(e)}") from None
+            raise DatabaseUnavailable(f"database unavailable: {first_line(e)}") from None
 
     def getconn(self) -> psycopg2.extensions.connection:
         if self._closed:
@@ -97,7 +93,7 @@ class ConnectionPool:
             yield conn
         except (psycopg2.OperationalError, psycopg2.InterfaceError) as e:
             broken = True
-            raise DatabaseUnavailable(f"database unavailable: {_first_line(e)}") from None
+            raise DatabaseUnavailable(f"database unavailable: {first_line(e)}") from None
         finally:
             self.putconn(conn, broken=broken)
 
