@@ -69,9 +69,8 @@ class _Run:
             recv = np.repeat(np.asarray(self.server_ts), counts)
         values = np.frombuffer(b"".join(self.values), dtype="<i2").reshape(self.n, self.channels)
         # only a run of one record can be longer than a message (extends() stops runs at the limit)
-        return [_dump(self.user_id, self.device_id, self.boot, self.rate, self.channels, self.seq0 + o,
-                      millis[o:o + MAX_SAMPLES_PER_MESSAGE], recv[o:o + MAX_SAMPLES_PER_MESSAGE],
-                      values[o:o + MAX_SAMPLES_PER_MESSAGE]) for o in range(0, self.n, MAX_SAMPLES_PER_MESSAGE)]
+        return _dumps(self.user_id, self.device_id, self.boot, self.rate, self.channels, self.seq0, millis, recv,
+                      values)
 
 
 def _dump(user_id: int, device_id: int, boot: int, rate: float, channels: int, seq0: int,
@@ -81,6 +80,18 @@ def _dump(user_id: int, device_id: int, boot: int, rate: float, channels: int, s
     body = {"v": 1, "userid": user_id, "device_id": device_id, "boot": boot, "sample_rate_hz": float(f"{rate:.7g}"),
             "channels": channels, "seq0": seq0, "device_millis": millis, "recv_time": recv, "values": values}
     return user_id, orjson.dumps(body, option=_DUMPS_OPT)
+
+
+def _dumps(user_id: int, device_id: int, boot: int, rate: float, channels: int, seq0: int, millis: np.ndarray,
+           recv: np.ndarray, values: np.ndarray) -> list[tuple[int, bytes]]:
+    """``_dump`` in messages of at most MAX_SAMPLES_PER_MESSAGE samples: one record may hold more (a binary
+    packet carries up to 4076); the pieces are numbered and timed as the samples of the whole record."""
+    n = len(values)
+    if n <= MAX_SAMPLES_PER_MESSAGE:
+        return [_dump(user_id, device_id, boot, rate, channels, seq0, millis, recv, values)]
+    return [_dump(user_id, device_id, boot, rate, channels, seq0 + o, millis[o:o + MAX_SAMPLES_PER_MESSAGE],
+                  recv[o:o + MAX_SAMPLES_PER_MESSAGE], values[o:o + MAX_SAMPLES_PER_MESSAGE])
+            for o in range(0, n, MAX_SAMPLES_PER_MESSAGE)]
 
 
 def _messages_of_group(r: np.ndarray, k: int, out: list[tuple[int, bytes]]) -> None:
@@ -105,16 +116,8 @@ def _messages_of_group(r: np.ndarray, k: int, out: list[tuple[int, bytes]]) -> N
             else:
                 millis = (part["m0"][:, None] + np.arange(per) * (1000.0 / rt)).ravel()
                 recv = np.repeat(part["ts"], per)
-            if per <= MAX_SAMPLES_PER_MESSAGE:
-                out.append(_dump(int(part["user"][0]), int(dev[i]), int(boot[i]), rt, c, int(seq0[i]), millis, recv,
-                                 values))
-                continue
-            # one record of more samples than a message may hold (a binary packet carries up to 4076):
-            # split it, the pieces numbered and timed as the samples of the whole record
-            for o in range(0, per, MAX_SAMPLES_PER_MESSAGE):
-                sl = slice(o, o + MAX_SAMPLES_PER_MESSAGE)
-                out.append(_dump(int(part["user"][0]), int(dev[i]), int(boot[i]), rt, c, int(seq0[i]) + o,
-                                 millis[sl], recv[sl], values[sl]))
+            out.extend(_dumps(int(part["user"][0]), int(dev[i]), int(boot[i]), rt, c, int(seq0[i]), millis, recv,
+                              values))
 
 
 def _messages_of_records(r: np.ndarray, out: list[tuple[int, bytes]]) -> None:
