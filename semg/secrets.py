@@ -84,11 +84,10 @@ def nats_credentials(service: str, settings: Settings | None = None) -> tuple[st
     users = json.loads(path.read_text()) if path.exists() else {}
     if any(name not in users for name in NATS_SERVICES):
         fresh = {**{name: _secrets.token_urlsafe(24) for name in NATS_SERVICES}, **users}
-        if users or not _create_private(path, json.dumps(fresh, indent=1)):
-            if users:  # an older file without a newer identity: add it (start_all.sh does this before start)
-                _write_private(path, json.dumps(fresh, indent=1))
-            else:  # created by another service at the same moment: use theirs
-                fresh = json.loads(path.read_text())
+        if users:  # an older file without a newer identity: add it (start_all.sh does this before start)
+            _write_private(path, json.dumps(fresh, indent=1))
+        elif not _create_private(path, json.dumps(fresh, indent=1)):
+            fresh = json.loads(path.read_text())  # created by another service at the same moment: use theirs
         users = fresh
     return service, users[service]
 
