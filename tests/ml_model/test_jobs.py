@@ -121,16 +121,22 @@ def test_failing_jobs_show_their_cause_and_change_nothing_else(clean_db, user_de
     assert "inconsistent channel counts" in repo.get_job(clean_db, job3["id"])["error"]
 
 
+def train_in_background(conn, job_id: int) -> tuple[threading.Thread, dict]:
+    """run_job(job_id) in a thread, returned once training is under way; the dict gets its `status`."""
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.update(status=jobs.run_job(job_id)))
+    t.start()
+    deadline = time.monotonic() + 120
+    while repo.get_job(conn, job_id)["progress"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return t, result
+
+
 def test_cancel_stops_a_running_job(clean_db, user_device):
     u, d = user_device
     s = record_session(clean_db, u["id"], d["id"], reps=4)
     job = repo.schedule_job(clean_db, u["id"], [s["id"]], {"epochs": 500})
-    result = {}
-    t = threading.Thread(target=lambda: result.update(status=jobs.run_job(job["id"])))
-    t.start()
-    deadline = time.monotonic() + 120
-    while repo.get_job(clean_db, job["id"])["progress"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.2)
+    t, result = train_in_background(clean_db, job["id"])
     r = subprocess.run([sys.executable, str(REPO / "ml_model" / "TrainMLJob.py"), "cancel", str(job["id"])],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr

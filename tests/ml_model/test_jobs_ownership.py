@@ -15,7 +15,7 @@ import threading
 import time
 
 import pytest
-from test_jobs import CHANNELS, PATTERNS, RATE, REPO, record_session
+from test_jobs import CHANNELS, PATTERNS, RATE, REPO, record_session, train_in_background
 
 from ml_model import artifacts, jobs
 from semg import db, repo
@@ -165,12 +165,7 @@ def test_a_worker_that_lost_its_job_stops_training_and_beating(clean_db, user_de
     u, d = user_device
     s = record_session(clean_db, u["id"], d["id"], reps=4)
     job = repo.schedule_job(clean_db, u["id"], [s["id"]], {"epochs": 500})
-    result = {}
-    t = threading.Thread(target=lambda: result.update(status=jobs.run_job(job["id"])))
-    t.start()
-    deadline = time.monotonic() + 120
-    while repo.get_job(clean_db, job["id"])["progress"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    t, result = train_in_background(clean_db, job["id"])
     _take_over(job["id"], retake=True)
     t.join(120)
     assert result["status"] == "lost"  # its next progress update matched no row: training stopped
