@@ -16,8 +16,13 @@ Myo GATT (from Thalmic's ``myohw.h``; 128-bit UUIDs ``d506XXXX-a904-deb9-4748-2c
 Forwarding (``UdpForwarder``, no Bluetooth involved so it is testable): samples are batched (``--batch``, and at
 most ``--max-delay-ms`` old) into binary v1 packets built with ``udpserver.protocol.build_binary``: sequence
 numbers count samples from 0 per boot; the boot counter is persisted (``--boot-file``) and incremented at
-every start, so the server's replay protection accepts a restarted bridge. ``millis0`` is the host's monotonic
-clock (ms since the bridge started) at the first sample of the packet.
+every start, so the server's replay protection accepts a restarted bridge. ``millis0`` is the device time of the
+packet's first sample: it follows the sample count at the nominal rate (5 ms per sample), so BLE's late and
+bunched-up delivery moves neither it nor the sample order. It starts at the host's monotonic clock (ms since the
+bridge started) and is re-anchored to that clock, only ever forwards, after a reconnect and when, over a
+``--resync-window-s`` window, even the least delayed notification shows the device time more than
+``--max-drift-ms`` behind the host (notifications lost unnoticed, or an armband faster than 200 Hz). Delivery
+delays only add to (host - device time), so their minimum is the drift; one late burst does not move the clock.
 
 Losses: after a Bluetooth disconnect the bridge reconnects with exponential back-off; the sequence number jumps
 by the number of samples the armband produced meanwhile (elapsed time x 200 Hz), so the server counts them as
@@ -164,6 +169,8 @@ class UdpForwarder:
         rate_hz: int = MYO_RATE_HZ,
         channels: int = MYO_CHANNELS,
         detect_gaps: bool = False,
+        max_drift_ms: float = 100.0,
+        resync_window_s: float = 2.0,
         send: Callable[[bytes], Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -174,9 +181,19 @@ class UdpForwarder:
         self.device_id, self.key, self.boot = int(device_id), bytes(key), int(boot)
         self.batch, self.max_delay_s = int(batch), float(max_delay_ms) / 1000.0
         self.rate_hz, self.channels, self.detect_gaps = int(rate_hz), int(channels), bool(detect_gaps)
+        if max_drift_ms <= 0 or resync_window_s <= 0:
+            raise ValueError("max_drift_ms and resync_window_s must be positive")
+        self.max_drift_ms, self.resync_window_s = float(max_drift_ms), float(resync_window_s)
         self.clock = clock
         self.t0 = clock()
         self.seq = 0  # sequence number of the next sample
+        # Device time (ms) of sample seq = _anchor_ms + (seq - _anchor_seq) * 1000 / rate; None until the first
+        # notification. _lag_ref = least (host - device time) seen, _lag_min = least in the current window.
+        self._anchor_ms: float | None = None
+        self._anchor_seq = 0
+        self._lag_ref = 0.0
+        self._lag_min = float("inf")
+        self._window_start = 0.0
         self._pending: list[np.ndarray] = []
         self._pending_n = 0
         self._pending_seq0 = 0
@@ -186,7 +203,7 @@ class UdpForwarder:
         self._last_arrival: float | None = None
         self._resumed = False
         self.stats = {"notifications": 0, "bad_notifications": 0, "packets": 0, "samples": 0, "lost_samples": 0,
-                      "send_errors": 0, "reconnects": 0}
+                      "send_errors": 0, "reconnects": 0, "resyncs": 0}
         if send is None:
             if server is None:
                 raise ValueError("give a server (host, port) or a send callable")
@@ -212,7 +229,8 @@ class UdpForwarder:
             log.warning("ignored notification: %s", e)
             return
         k = len(samples)
-        if self._resumed and self._last_arrival is not None:
+        resumed = self._resumed and self._last_arrival is not None
+        if resumed:
             # After a reconnect: the armband kept sampling while we were away.
             missing = max(1, int(round((arrival - self._last_arrival) * self.rate_hz)) - k)
             self.skip(missing)
@@ -224,19 +242,52 @@ class UdpForwarder:
         if char_index is not None:
             self._last_char = char_index
         self._last_arrival = arrival
-        # The last sample of a notification was taken about when it arrived; earlier ones 1/rate before.
-        self.add(samples, arrival - (k - 1) / self.rate_hz)
+        # The last sample of a notification was taken at the latest when it arrived; earlier ones 1/rate before.
+        self.add(samples, arrival - (k - 1) / self.rate_hz, reanchor=resumed)
 
-    def add(self, samples: np.ndarray, first_time: float) -> None:
-        """Append consecutive samples (k, channels); ``first_time`` = clock seconds of the first one."""
+    def device_ms(self, seq: int) -> float:
+        """Device time (ms) of sample ``seq``: the anchor plus the nominal sample period per sample."""
+        return (self._anchor_ms or 0.0) + (seq - self._anchor_seq) * 1000.0 / self.rate_hz
+
+    def _reanchor(self, seq: int, ms: float) -> None:
+        """Device time of sample ``seq`` becomes ``ms``, but never at or before the previous sample's."""
+        if self._anchor_ms is not None:
+            ms = max(ms, self.device_ms(seq))
+        self._anchor_ms, self._anchor_seq = ms, seq
+
+    def _observe(self, first_time: float, reanchor: bool) -> None:
+        """Compare the device time of sample ``self.seq`` with the host clock's ``first_time`` (seconds) and
+        re-anchor it when due (first sample, after a reconnect, persistent drift beyond max_drift_ms)."""
+        host_ms = (first_time - self.t0) * 1000.0
+        now = first_time  # host time of the samples (a replay feeds recorded times faster than the clock runs)
+        if self._anchor_ms is None or reanchor:
+            # Same relation to the host clock as before (host - device = _lag_ref), forwards only.
+            self._reanchor(self.seq, host_ms - (self._lag_ref if self._anchor_ms is not None else 0.0))
+            self._lag_min, self._window_start = float("inf"), now
+            return
+        lag = host_ms - self.device_ms(self.seq)
+        self._lag_ref = min(self._lag_ref, lag)  # a less delayed notification: a better reference, clock unmoved
+        self._lag_min = min(self._lag_min, lag)
+        if now - self._window_start >= self.resync_window_s:
+            drift = self._lag_min - self._lag_ref
+            if drift > self.max_drift_ms:  # behind the host even for the least delayed notification
+                self._reanchor(self.seq, self.device_ms(self.seq) + drift)
+                self.stats["resyncs"] += 1
+                log.info("device time re-anchored %.0f ms forward (drift from the host clock)", drift)
+            self._lag_min, self._window_start = float("inf"), now
+
+    def add(self, samples: np.ndarray, first_time: float | None = None, *, reanchor: bool = False) -> None:
+        """Append consecutive samples (k, channels); ``first_time`` = host clock seconds by which the first one
+        was taken (now by default), used to anchor the device time and check its drift."""
         samples = np.asarray(samples)
         if samples.ndim != 2 or samples.shape[1] != self.channels:
             raise ValueError(f"expected (k, {self.channels}) samples, got {samples.shape}")
+        self._observe(self.clock() if first_time is None else first_time, reanchor)
         i = 0
         while i < len(samples):
             if self._pending_n == 0:
                 self._pending_seq0 = self.seq
-                self._pending_millis0 = int(round((first_time + i / self.rate_hz - self.t0) * 1000.0))
+                self._pending_millis0 = int(round(self.device_ms(self.seq)))
                 self._pending_since = self.clock()
             take = min(self.batch - self._pending_n, len(samples) - i)
             self._pending.append(samples[i : i + take])
@@ -405,6 +456,16 @@ def _server(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device-id", type=int, default=os.environ.get(ENV_DEVICE_ID),
@@ -420,6 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "instead of raw (0x03)")
     p.add_argument("--batch", type=int, default=10, help="samples per UDP packet (default 10 = 50 ms)")
     p.add_argument("--max-delay-ms", type=float, default=60.0, help="send a partial batch after this long")
+    p.add_argument("--max-drift-ms", type=_positive, default=100.0,
+                   help="re-anchor the device time to the host clock when it falls this far behind (default 100)")
+    p.add_argument("--resync-window-s", type=_positive, default=2.0,
+                   help="the drift is the least host-minus-device delay over this window (default 2 s)")
     p.add_argument("--boot-file", type=Path, help="where the boot counter is kept (default under SEMG_STATE_DIR)")
     p.add_argument("--detect-gaps", action="store_true",
                    help="count lost notifications from the round-robin order of the 4 EMG characteristics")
@@ -449,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"myo_bridge: --replay: {e}") from None
     boot = next_boot(args.boot_file or default_boot_file(device_id))
     fwd = UdpForwarder(device_id, key, boot, args.server, batch=args.batch, max_delay_ms=args.max_delay_ms,
-                       detect_gaps=args.detect_gaps)
+                       detect_gaps=args.detect_gaps, max_drift_ms=args.max_drift_ms,
+                       resync_window_s=args.resync_window_s)
     log.info("device %s boot %s -> udp %s:%s", device_id, boot, *args.server)
     try:
         if recording is not None:

@@ -211,3 +211,88 @@ def test_replay_recording_through_real_udpserver(clean_db, tmp_path):
             assert np.array_equal(stored, expected)
     finally:
         assert srv.stop() == 0
+
+
+def _sample_times(pkts: list[protocol.BinaryPacket]) -> tuple[list[int], list[float]]:
+    """(seq, device ms) of every sample the packets carry, as the server derives them (millis0 + i / rate)."""
+    seqs, times = [], []
+    for p in pkts:
+        seqs += [p.seq0 + i for i in range(p.n)]
+        times += [p.millis0 + i * 1000.0 / p.rate_hz for i in range(p.n)]
+    return seqs, times
+
+
+def test_device_time_follows_sample_count_through_delivery_bursts():
+    """BLE delivers notifications late and several at once: device time still advances 5 ms per sample."""
+    clock, sent = FakeClock(), []
+    fwd = mb.UdpForwarder(7, KEY, boot=1, batch=10, send=sent.append, clock=clock)
+    notes = _notifications(200, seed=2)
+    start = clock.t
+    # Produced every 10 ms; delivered in connection events of 3 notifications every 30 ms, with stalls of
+    # 150 ms and 400 ms after which the queued notifications arrive at the same instant.
+    arrivals = []
+    for i in range(len(notes)):
+        produced = start + 0.010 * (i + 1)
+        due = start + 0.030 * (i // 3 + 1)
+        if 40 <= i < 55:
+            due = start + 0.56
+        if 120 <= i < 160:
+            due = start + 1.61
+        arrivals.append(max(due, produced, arrivals[-1] if arrivals else 0.0))
+    for i, (raw, t) in enumerate(zip(notes, arrivals, strict=True)):
+        clock.t = t
+        fwd.on_notification(raw, i % 4)
+        fwd.tick()
+    fwd.close()
+    seqs, times = _sample_times(_parse(sent))
+    assert seqs == list(range(400)) and fwd.stats["lost_samples"] == 0
+    steps = np.diff(times)
+    assert steps.min() > 0, f"device time steps backwards by {-steps.min():.0f} ms"
+    assert np.allclose(steps, 5.0, atol=1.0), f"device time jumps: steps from {steps.min()} to {steps.max()} ms"
+    assert fwd.stats["resyncs"] == 0, "a late burst moved the device clock"
+
+
+def test_device_time_reanchored_forward_when_it_drifts_behind_the_host():
+    """Notifications lost unnoticed (no --detect-gaps) leave the sample count short: the device time is moved
+    forward to the host clock once it is more than max_drift_ms behind, and never backwards."""
+    clock, sent = FakeClock(), []
+    fwd = mb.UdpForwarder(7, KEY, boot=1, batch=10, max_drift_ms=100, resync_window_s=2.0, send=sent.append,
+                          clock=clock)
+    rng = np.random.default_rng(4)
+    start, produced_ms = clock.t, []
+    notes = _notifications(2000, seed=3)  # 20 s
+    for i, raw in enumerate(notes):
+        if i % 50 == 49:  # 2 % of the notifications never arrive: 20 ms/s of drift
+            continue
+        produced = start + 0.010 * (i + 1)
+        clock.t = max(clock.t, produced + rng.uniform(0.0, 0.03))  # 0..30 ms of delivery delay
+        fwd.on_notification(raw, None)
+        produced_ms.append((produced - fwd.t0) * 1000.0)
+    fwd.close()
+    seqs, times = _sample_times(_parse(sent))
+    assert seqs == list(range(len(seqs)))
+    steps = np.diff(times)
+    assert steps.min() > 0
+    assert fwd.stats["resyncs"] >= 2 and np.count_nonzero(np.abs(steps - 5.0) > 1.0) == fwd.stats["resyncs"]
+    # Without re-anchoring the last sample would be 40 notifications = 400 ms behind the time it was taken.
+    assert abs(times[-1] - produced_ms[-1]) < 200
+
+
+def test_device_time_after_reconnect_continues_forward():
+    clock, sent = FakeClock(), []
+    fwd = mb.UdpForwarder(7, KEY, boot=1, batch=4, send=sent.append, clock=clock)
+    clock.t += 0.3  # the first notification arrived late, then the rest on time
+    fwd.on_notification(RECORDED[0], None)
+    for _ in range(40):
+        clock.t = max(clock.t, 100.0 + 0.01 * (fwd.seq // 2 + 1))
+        fwd.on_notification(RECORDED[0], None)
+    fwd.connection_lost()
+    clock.t += 0.5
+    for _ in range(3):
+        fwd.on_notification(RECORDED[1], None)  # a burst right after reconnecting
+    fwd.close()
+    seqs, times = _sample_times(_parse(sent))
+    gap = seqs.index(81) + 1  # 41 notifications before the outage
+    assert seqs[gap] > 82 and np.diff(times).min() > 0
+    # The device time across the outage follows the sequence jump (both from the same host interval)
+    assert abs((times[gap] - times[gap - 1]) - (seqs[gap] - seqs[gap - 1]) * 5.0) <= 5.0
