@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -175,6 +176,38 @@ def postgres_command(settings: Settings) -> list[str]:
     ]
 
 
+def _live_postmaster(data_dir: Path) -> tuple[int, str] | None:
+    """(PID, port) of the postgres whose lock file ``data_dir/postmaster.pid`` is, or None if the file is stale.
+
+    The file's first line is the postmaster's PID, its fourth the port. It is stale when that PID is not
+    alive, is this process or its parent (PostgreSQL's own rule), or (a container restart reuses PIDs) is
+    another process: a postmaster, and each of its backends, has the data directory as working directory.
+    """
+    try:
+        lines = (data_dir / "postmaster.pid").read_text().splitlines()
+        pid = int(lines[0])
+    except (OSError, ValueError, IndexError):
+        return None  # missing, or empty/garbled: a postmaster that died while writing it
+    port = lines[3].strip() if len(lines) > 3 and lines[3].strip() else "?"
+    if pid <= 0 or pid in (os.getpid(), os.getppid()):
+        return None
+    proc = Path(f"/proc/{pid}")
+    try:
+        cwd = (proc / "cwd").stat()
+    except FileNotFoundError:
+        return None  # no such process
+    except PermissionError:
+        # Not ours to inspect; then only a postgres of another account could hold our data dir: be safe.
+        with contextlib.suppress(OSError):
+            if (proc / "comm").read_text().strip() != "postgres":
+                return None
+        return pid, port
+    except OSError:
+        return None  # exited meanwhile
+    here = data_dir.stat()
+    return (pid, port) if (cwd.st_dev, cwd.st_ino) == (here.st_dev, here.st_ino) else None
+
+
 def run_postgres(settings: Settings | None = None) -> None:
     """Initialise if needed, then replace this process with postgres (so supervisord signals reach it)."""
     s = settings or get_settings()
@@ -186,10 +219,18 @@ def run_postgres(settings: Settings | None = None) -> None:
     _write_hba(s)
     account = _pg_account()
     cmd = postgres_command(s)
-    stale = s.pg_data_dir / "postmaster.pid"
-    if stale.exists():
-        # Left by a killed postgres; if one were still running, the port check above would have failed.
-        stale.unlink()
+    lock = s.pg_data_dir / "postmaster.pid"
+    if lock.exists():
+        running = _live_postmaster(s.pg_data_dir)
+        if running is not None:
+            # e.g. POSTGRES_PORT changed, or two installs share the state dir: removing the lock would make
+            # the running server shut down (it checks its lock file) and let a second one in.
+            pid, port = running
+            raise EmbeddedError(f"PostgreSQL (PID {pid}, port {port}) is already running on {s.pg_data_dir}; "
+                                f"stop it or set POSTGRES_PORT={port}")
+        # Left by a killed postgres. postgres would refuse it when the PID was reused by another process, as
+        # happens when a container restarts.
+        lock.unlink()
     if account is not None:
         _check_traversable(s.pg_data_dir, account)
         for p in [s.pg_data_dir, *s.pg_data_dir.rglob("*")]:
