@@ -76,7 +76,16 @@ def test_user_key_cannot_touch_other_users_resources_by_id(api, keys, make_user)
                  headers=keys.admin).json()
     s = api.post(f"/users/{other['id']}/sessions", json={"gestures": ["fist"], "repetitions": 1, "hold_s": 1,
                                                          "rest_s": 1}, headers=keys.admin).json()
+    done = api.post(f"/users/{other['id']}/sessions", json={"gestures": ["fist"], "repetitions": 1, "hold_s": 1,
+                                                            "rest_s": 1}, headers=keys.admin).json()
+    api.post(f"/sessions/{done['id']}/end", headers=keys.admin)
+    job = api.post(f"/users/{other['id']}/jobs", json={"session_ids": [done["id"]]}, headers=keys.admin)
+    assert job.status_code == 201, job.text
+    job = job.json()
     for method, path, body in [
+        ("GET", f"/jobs/{job['id']}", None),
+        ("GET", f"/jobs/{job['id']}/logs", None),
+        ("POST", f"/jobs/{job['id']}/cancel", None),
         ("PATCH", f"/gestures/{g['id']}", {"description": "x"}),
         ("DELETE", f"/gestures/{g['id']}", None),
         ("GET", f"/devices/{d['id']}", None),
@@ -94,6 +103,7 @@ def test_user_key_cannot_touch_other_users_resources_by_id(api, keys, make_user)
         assert r.status_code == 403, (method, path, r.status_code, r.text)
     # and nothing changed
     assert api.get(f"/devices/{d['id']}", headers=keys.admin).json()["key_rotated_at"] is None
+    assert api.get(f"/jobs/{job['id']}", headers=keys.admin).json()["status"] == "scheduled"
 
 
 def test_key_management_is_admin_only(api, keys, make_user):
