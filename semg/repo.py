@@ -439,6 +439,18 @@ def end_session(conn, session_id: int, status: str = "completed", at: datetime |
         return dict(row)
 
 
+def extend_session_plan(conn, session_id: int, total_ms: int) -> dict:
+    """The session now runs until total_ms after its start (a redo inserts time): plan.total_ms, which says
+    when a started session's plan runs out, never moves earlier."""
+    if int(total_ms) <= 0:
+        raise Invalid("a session's planned length must be positive")
+    with _tx(conn) as cur:
+        cur.execute(f"""UPDATE capture_sessions SET plan = jsonb_set(plan, '{{total_ms}}', to_jsonb(
+                            greatest(coalesce((plan->>'total_ms')::bigint, 0), %s::bigint)))
+                        WHERE id = %s RETURNING {_SESSION_COLS}""", (int(total_ms), session_id))
+        return _one(cur, "session", session_id)
+
+
 def _session_state_error(cur, session_id: int, action: str) -> None:
     cur.execute("SELECT status FROM capture_sessions WHERE id = %s", (session_id,))
     found = cur.fetchone()

@@ -35,6 +35,7 @@ class IntervalStore(Protocol):
 
     def mark(self, interval_id: int, started_at: datetime, ended_at: datetime) -> None: ...
     def discard(self, interval_id: int) -> None: ...
+    def extend(self, total_ms: int) -> None: ...  # the session now runs until total_ms after its start
     def add(self, kind: str, label: str, repetition: int, planned_start_ms: int, planned_end_ms: int) -> int: ...
 
 
@@ -91,7 +92,8 @@ class CueRun:
     state: str = "waiting"
     index: int = 0
     t_start: float | None = None
-    # ("mark", interval_id, started, ended) | ("discard", interval_id), oldest first, not yet written
+    # ("mark", interval_id, started, ended) | ("discard", interval_id) | ("extend", total_ms), oldest first,
+    # not yet written
     _unsaved: list[tuple] = field(default_factory=list, repr=False)
     _redo: Step | None = field(default=None, repr=False)  # the inserted gesture of the redo under way
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -141,8 +143,10 @@ class CueRun:
                 op = self._unsaved[0]
             if op[0] == "mark":
                 store.mark(op[1], utc(op[2]), utc(op[3]))
-            else:
+            elif op[0] == "discard":
                 store.discard(op[1])
+            else:
+                store.extend(op[1])
             with self.lock:
                 self._unsaved.pop(0)
 
@@ -172,7 +176,8 @@ class CueRun:
 
         The current interval is cut at `now` (a cut rest keeps its data; a cut gesture is the one discarded);
         then a fresh rest and the same gesture are inserted before the rest of the plan -- and, when cut in a
-        rest, another rest after it, since the next planned interval is then a gesture (or the end).
+        rest, another rest after it, since the next planned interval is then a gesture (or the end). The
+        session's planned length is extended by the time this adds.
         While a redo is under way (its gesture not yet done) another click does nothing: a double click must
         not throw away the good repetition before it."""
         self.advance(now, store)
@@ -208,6 +213,10 @@ class CueRun:
             target.discarded = True
             self._unsaved.append(("discard", target.interval_id))
             self.steps[self.index].started = now
+            # the rest of the plan now starts later: the session's planned end (which decides when another
+            # window may offer to close it) moves with it
+            end = now + sum(s.duration_s for s in self.steps[self.index:])
+            self._unsaved.append(("extend", round((end - self.t_start) * 1000)))
         self.flush(store)
         return target
 

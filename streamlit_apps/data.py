@@ -276,8 +276,12 @@ def end_session_once(session_id: int, status: str, at: datetime | None = None) -
         return get_session(session_id), False
 
 
+def extend_session_plan(session_id: int, total_ms: int) -> dict:
+    return _repo(repo.extend_session_plan, session_id, total_ms)
+
+
 def planned_end(session: dict) -> datetime | None:
-    """When a started session's plan runs out (redos make it run a little longer)."""
+    """When a started session's plan runs out (a redo moves it later: CueRun stores the new length)."""
     total_ms = (session.get("plan") or {}).get("total_ms")
     if session.get("started_at") is None or total_ms is None:
         return None
@@ -917,6 +921,9 @@ class SessionStore:
 
     def discard(self, interval_id: int) -> None:
         discard_interval(interval_id)
+
+    def extend(self, total_ms: int) -> None:
+        extend_session_plan(self.session_id, total_ms)
 
     def add(self, kind: str, label: str, repetition: int, planned_start_ms: int, planned_end_ms: int) -> int:
         return add_interval(self.session_id, kind, label, repetition, planned_start_ms, planned_end_ms)["id"]

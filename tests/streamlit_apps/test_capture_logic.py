@@ -16,6 +16,10 @@ from semg import repo
 class FakeStore:
     def __init__(self):
         self.marks, self.discards, self.added, self.next_id = {}, [], [], 1000
+        self.total_ms = None
+
+    def extend(self, total_ms):
+        self.total_ms = total_ms
 
     def mark(self, interval_id, started_at, ended_at):
         self.marks[interval_id] = (started_at.timestamp(), ended_at.timestamp())
@@ -81,6 +85,18 @@ def test_redo_during_a_rest_repeats_the_previous_gesture_and_keeps_the_rest_data
     assert store.marks[3] == (3.0, 3.5)  # the cut rest is still good rest data
     run.advance(100, store)
     assert run.state == "done" and run.summary()["redone"] == 1
+
+
+@pytest.mark.parametrize("redo_at", [1.0, 1.5, 3.5, 3.0], ids=["gesture-start", "mid-gesture", "mid-rest",
+                                                             "rest-start"])
+def test_after_a_redo_the_stored_planned_length_is_when_the_session_really_ends(redo_at):
+    run, store = capture.CueRun.from_session(session(reps=1)), FakeStore()  # REST 0-1 fist 1-3 REST 3-4 ...
+    run.start(10.0)
+    run.advance(10.0 + redo_at, store)
+    run.redo_last(10.0 + redo_at, store)
+    run.advance(1000.0, store)
+    assert run.state == "done"
+    assert store.total_ms == round((run.steps[-1].ended - 10.0) * 1000)
 
 
 def test_nothing_to_redo_before_the_first_gesture_and_abort_keeps_what_was_done():

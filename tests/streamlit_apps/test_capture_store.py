@@ -39,6 +39,7 @@ def new_session(clean_db):
         return run, FlakyStore(s["id"])
 
     make.conn = clean_db
+    make.user_id = base["user"]["id"]
     return make
 
 
@@ -181,3 +182,21 @@ def test_picking_another_user_during_a_run_keeps_the_runs_device_on_the_strip(pa
     assert strip and all(f"device #{seeded['device']['id']} " in c for c in strip)
     assert any("Ada Lovelace" in i.value and f"#{run.session_id}" in i.value for i in at.info)
     assert at.button(key="abort")  # the run is still shown and can be stopped
+
+
+def test_after_a_redo_close_it_waits_for_the_redo_extended_end(page, new_session):
+    """A redo adds time: another window must not offer 'Close it' once the original plan is over while the
+    session is still recording the redone repetition and the rest of the plan."""
+    t0 = float(int(time.time()) - 65)
+    run, store = new_session(gestures=("fist",), reps=1, hold=20.0, rest=20.0, t0=t0)  # REST 0-20 fist 20-40 REST 40-60
+    run.advance(t0 + 50, store)
+    assert run.redo_last(t0 + 50, store).label == "fist"  # REST 40-50 (cut), REST 50-70, fist 70-90, REST 90-110
+    tab2 = page("capture", user_id=new_session.user_id)
+    tab2.run()
+    assert not tab2.exception
+    assert f"close_{run.session_id}" not in {b.key for b in tab2.button}
+    assert any(f"#{run.session_id}" in c.value and "is recording" in c.value for c in tab2.caption)
+    s = data.get_session(run.session_id)
+    assert data.planned_end(s) == capture.utc(t0 + 110)  # 45 s from now; the original plan ended 5 s ago
+    run.advance(t0 + 200, store)
+    assert run.state == "done" and run.steps[-1].ended == t0 + 110
