@@ -459,13 +459,16 @@ def _session_state_error(cur, session_id: int, action: str) -> None:
     raise Conflict(f"cannot {action} session {session_id}: it is {found['status']}")
 
 
-def mark_interval(conn, interval_id: int, started_at: datetime, ended_at: datetime | None = None) -> dict:
-    """Record when a cue actually started (and ended): training labels samples by these times."""
+def mark_interval(conn, interval_id: int, started_at: datetime, ended_at: datetime | None = None,
+                  keep_discarded: bool = False) -> dict:
+    """Record when a cue actually started (and ended): training labels samples by these times. Marking
+    clears the discarded flag unless keep_discarded (a late replay of a mark must not undo a redo)."""
     if ended_at is not None and ended_at <= started_at:
         raise Invalid("an interval must end after it starts")
     with _tx(conn) as cur:
-        cur.execute(f"""UPDATE session_intervals SET started_at = %s, ended_at = %s, discarded = false
-                        WHERE id = %s RETURNING {_INTERVAL_COLS}""", (started_at, ended_at, interval_id))
+        cur.execute(f"""UPDATE session_intervals SET started_at = %s, ended_at = %s, discarded = discarded AND %s
+                        WHERE id = %s RETURNING {_INTERVAL_COLS}""",
+                    (started_at, ended_at, bool(keep_discarded), interval_id))
         return _one(cur, "interval", interval_id)
 
 

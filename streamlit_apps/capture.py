@@ -5,12 +5,16 @@ time each interval started plus its duration -- not from when the page happened 
 stored in session_intervals (what training labels from) are exact, and the cue drawn on the video frames
 (computed from the same object in the WebRTC thread) changes at exactly those instants.
 
+Interval changes not yet stored are also appended to a Journal (on the server's disk) before the database
+write is tried, so they outlive the browser session when the database is down (see data.IntervalJournal).
+
 VideoRecorder encodes the webcam frames (with the cue drawn on them) to WebM, stamping each frame with its
 wall-clock arrival time, so video time t corresponds to server time started_at + t.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -22,6 +26,8 @@ from typing import Protocol
 
 import av
 from PIL import ImageDraw, ImageFont
+
+log = logging.getLogger("semg.ui")
 
 REST = "REST"
 
@@ -37,6 +43,26 @@ class IntervalStore(Protocol):
     def discard(self, interval_id: int) -> None: ...
     def extend(self, total_ms: int) -> None: ...  # the session now runs until total_ms after its start
     def add(self, kind: str, label: str, repetition: int, planned_start_ms: int, planned_end_ms: int) -> int: ...
+
+
+class Journal(Protocol):
+    """Where a run keeps its interval changes until they are stored (the page passes data.IntervalJournal)."""
+
+    def save(self, pending: list[dict], new: int) -> None:
+        """Make sure `pending` (the changes not stored yet, oldest first) is on disk when this returns; the
+        last `new` of them were never passed before. Called on every flush, so it also shows the run alive."""
+
+    def clear(self) -> None: ...  # everything passed is stored
+
+
+def journal_record(op: tuple) -> dict:
+    """A queued change as a self-describing JSON object (what the journal holds)."""
+    if op[0] == "mark":
+        return {"op": "mark", "interval_id": op[1], "started_at": utc(op[2]).isoformat(),
+                "ended_at": utc(op[3]).isoformat()}
+    if op[0] == "discard":
+        return {"op": "discard", "interval_id": op[1]}
+    return {"op": "extend", "total_ms": op[1]}
 
 
 @dataclass
@@ -93,19 +119,22 @@ class CueRun:
     index: int = 0
     t_start: float | None = None
     # ("mark", interval_id, started, ended) | ("discard", interval_id) | ("extend", total_ms), oldest first,
-    # not yet written
+    # not yet written; the last _unjournaled of them are not in the journal yet either
     _unsaved: list[tuple] = field(default_factory=list, repr=False)
+    _unjournaled: int = field(default=0, repr=False)
+    journal: Journal | None = field(default=None, repr=False)
+    journal_error: str | None = None  # why the last journal write failed (None once one succeeds)
     _redo: Step | None = field(default=None, repr=False)  # the inserted gesture of the redo under way
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
-    def from_session(cls, session: dict) -> CueRun:
+    def from_session(cls, session: dict, journal: Journal | None = None) -> CueRun:
         plan = session.get("plan") or {}
         steps = [Step(i["id"], i["kind"], i["label"], int(i["repetition"]),
                       (i["planned_end_ms"] - i["planned_start_ms"]) / 1000.0)
                  for i in sorted(session["intervals"], key=lambda i: i["ordinal"]) if not i.get("discarded")]
         return cls(session["id"], steps, int(plan.get("repetitions", 1)), float(plan.get("hold_s", 1)),
-                   float(plan.get("rest_s", 1)))
+                   float(plan.get("rest_s", 1)), journal=journal)
 
     # -- time ----------------------------------------------------------------------------------------
     def start(self, now: float) -> None:
@@ -124,7 +153,7 @@ class CueRun:
                     break
                 cur.ended = end
                 finished.append(cur)
-                self._unsaved.append(("mark", cur.interval_id, cur.started, end))
+                self._queue(("mark", cur.interval_id, cur.started, end))
                 self.index += 1
                 if self.index >= len(self.steps):
                     self.state = "done"
@@ -133,9 +162,40 @@ class CueRun:
         self.flush(store)
         return finished
 
+    def _queue(self, *ops: tuple) -> None:
+        """Queue interval changes for flush (the caller holds the lock)."""
+        self._unsaved.extend(ops)
+        self._unjournaled += len(ops)
+
+    def _write_journal(self) -> None:
+        """Hand the queued changes to the journal. A failing journal is logged and shown, and tried again by the
+        next flush; it never stops the recording. (One thread flushes: the page's.)"""
+        if self.journal is None:
+            return
+        with self.lock:
+            self._unjournaled = min(self._unjournaled, len(self._unsaved))
+            if not self._unsaved:
+                return
+            pending, new = [journal_record(op) for op in self._unsaved], self._unjournaled
+        try:
+            self.journal.save(pending, new)
+        except Exception as e:  # noqa: BLE001 - whatever the disk says, the database write is still tried
+            if self.journal_error is None:
+                log.error("capture session %s: the interval journal cannot be written (%s: %s); changes not "
+                          "yet stored are only in this browser session's memory", self.session_id,
+                          type(e).__name__, e)
+            self.journal_error = f"{type(e).__name__}: {e}"
+            return
+        with self.lock:
+            self._unjournaled -= new
+            self.journal_error = None
+
     def flush(self, store: IntervalStore) -> None:
         """Write the queued interval changes in order. A write that fails (database restart, timeout) stays
-        queued with everything after it and is retried by the next call, so no finished interval is lost."""
+        queued with everything after it and is retried by the next call, so no finished interval is lost.
+        Before any database write the changes go to the journal, so they also survive this browser session
+        (and this process) while the database is down; the journal is cleared once all are stored."""
+        self._write_journal()
         while True:
             with self.lock:
                 if not self._unsaved:
@@ -149,6 +209,13 @@ class CueRun:
                 store.extend(op[1])
             with self.lock:
                 self._unsaved.pop(0)
+                if not self._unsaved and self.journal is not None:
+                    self._unjournaled = 0
+                    try:
+                        self.journal.clear()
+                    except Exception as e:  # noqa: BLE001 - all is stored; a left-over journal is replayed harmlessly
+                        log.warning("capture session %s: the interval journal could not be cleared (%s: %s)",
+                                    self.session_id, type(e).__name__, e)
 
     @property
     def redo_pending(self) -> bool:
@@ -205,18 +272,17 @@ class CueRun:
             if now > cur.started + 0.05:
                 cur.ended = now
                 # mark before discard: marking an interval clears its discarded flag
-                self._unsaved.append(("mark", cur.interval_id, cur.started, now))
+                self._queue(("mark", cur.interval_id, cur.started, now))
                 self.steps[self.index + 1:self.index + 1] = new
                 self.index += 1
             else:  # nothing happened in the current interval yet: replace it
                 self.steps[self.index:self.index + 1] = new
             target.discarded = True
-            self._unsaved.append(("discard", target.interval_id))
             self.steps[self.index].started = now
             # the rest of the plan now starts later: the session's planned end (which decides when another
             # window may offer to close it) moves with it
             end = now + sum(s.duration_s for s in self.steps[self.index:])
-            self._unsaved.append(("extend", round((end - self.t_start) * 1000)))
+            self._queue(("discard", target.interval_id), ("extend", round((end - self.t_start) * 1000)))
         self.flush(store)
         return target
 
@@ -229,7 +295,7 @@ class CueRun:
             self.state = "aborted"
             if now > cur.started + 0.05:
                 cur.ended = now  # the session ends here, not at the last interval finished before
-                self._unsaved.append(("mark", cur.interval_id, cur.started, now))
+                self._queue(("mark", cur.interval_id, cur.started, now))
         self.flush(store)
 
     def summary(self) -> dict:

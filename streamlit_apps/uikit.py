@@ -27,12 +27,26 @@ def page_setup(title: str, icon: str = ":material/back_hand:", *, health_sidebar
     st.set_option("client.showErrorDetails", "none")
     st.set_option("client.toolbarMode", "viewer")
     require_login()
+    store_journaled_intervals()
     with st.sidebar:
         if health_sidebar:
             _sidebar_health()
         if st.button("Sign out", key="semg_sign_out"):
             st.session_state.pop(AUTH_KEY, None)
             st.rerun()
+
+
+def store_journaled_intervals() -> None:
+    """Capture windows that closed while the database was down left their interval times in journals on this
+    server: store them now (cheap when there are none; never stops the page)."""
+    try:
+        done = data.replay_interval_journals()
+    except Exception:  # noqa: BLE001 - the journals stay and are tried again on the next page load
+        log.exception("the capture journals could not be replayed")
+        return
+    if done["stored"]:
+        st.toast(f"Stored {done['stored']} labelled-interval change(s) that a capture window which closed while "
+                 "the database was down had kept.", icon=":material/task_alt:")
 
 
 def require_login() -> None:

@@ -25,7 +25,7 @@ shared: capture.CaptureShared = st.session_state[SHARED]
 def start_session(user: dict, device: dict, gestures: list[str], reps: int, hold: float, rest: float,
                   name: str) -> None:
     session = data.create_session(user["id"], device["id"], gestures, reps, hold, rest, name)
-    run = capture.CueRun.from_session(session)
+    run = capture.CueRun.from_session(session, journal=data.IntervalJournal(session))
     now = time.time()
     data.start_session(session["id"], at=capture.utc(now))
     run.start(now)
@@ -68,6 +68,9 @@ def run_view() -> None:
             st.rerun(scope="app")
         store = data.SessionStore(run.session_id)
         run.advance(time.time(), store)
+        if run.journal_error:
+            st.error(f"Interval times cannot be saved on the server ({run.journal_error}): keep this window open "
+                     "until the database stores them.")
         c1, c2 = st.columns(2)
         if c1.button("Redo last repetition", key="redo", width="stretch", icon=":material/replay:",
                      help="Throws the last gesture repetition away and does it again after a short rest"):

@@ -33,6 +33,19 @@ def _fresh_ui_caches():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _no_capture_journals(state_dir):
+    """Capture journals are files in the shared state dir (and ids restart in every test): none carries over,
+    nor does a replay pause left by a test that had the database down."""
+    import data
+    journals = state_dir / "capture-journal"
+    data._journal_retry_at = 0.0
+    yield
+    if journals.is_dir():
+        for f in journals.iterdir():
+            f.unlink()
+
+
 @pytest.fixture
 def page(settings):
     """page('users', user_id=None, login=True) -> an AppTest of that page, signed in unless login=False."""

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import stat
+import subprocess
+import sys
+import textwrap
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import capture
 import data
@@ -11,6 +19,8 @@ import pytest
 import ui_seed
 
 from semg import repo
+from semg.config import get_settings
+from semg.embedded import free_port
 
 
 class FlakyStore(data.SessionStore):
@@ -200,3 +210,177 @@ def test_after_a_redo_close_it_waits_for_the_redo_extended_end(page, new_session
     assert data.planned_end(s) == capture.utc(t0 + 110)  # 45 s from now; the original plan ended 5 s ago
     run.advance(t0 + 200, store)
     assert run.state == "done" and run.steps[-1].ended == t0 + 110
+
+
+# ---- the interval journal: labels recorded while the database is down outlive the window and the process
+def journals(settings):
+    d = settings.state_dir / "capture-journal"
+    return sorted(d.glob("*.jsonl")) if d.is_dir() else []
+
+
+def went_quiet(journal, seconds=60):
+    """As if the journal's run had not ticked for a minute (its window closed, its process killed)."""
+    t = time.time() - seconds
+    os.utime(journal, (t, t))
+
+
+@pytest.fixture
+def point_ui_at(monkeypatch, settings):
+    """point_ui_at(port) switches the UI's database port (where nothing listens = the database is down);
+    the real one is back after the test, whatever happened."""
+    def switch(port):
+        monkeypatch.setenv("POSTGRES_PORT", str(port))
+        get_settings.cache_clear()
+
+    yield switch
+    monkeypatch.undo()
+    get_settings.cache_clear()
+
+
+def test_labels_of_a_window_closed_while_the_database_was_down_are_stored_by_the_next_page_load(
+        page, seeded, settings, point_ui_at):
+    conn, uid, db_port = seeded["conn"], seeded["user"]["id"], settings.postgres_port
+    _tab1, run = start_on_page(page, uid, hold=20.0, rest=0.5)  # REST 0-0.5, fist 0.5-20.5, REST 20.5-21
+    t = run.t_start
+    run.advance(t + 5, data.SessionStore(run.session_id))  # stored at once: nothing left in a journal
+    assert journals(settings) == []
+    flaky = FlakyStore(run.session_id, fail=1)
+    with pytest.raises(ConnectionError):  # the redo's new rows are added, then the database goes away
+        run.redo_last(t + 5, flaky)  # fist cut 0.5-5 (discarded), REST 5-5.5, fist 5.5-25.5, REST 25.5-26
+    point_ui_at(free_port())
+    with pytest.raises(data.Unavailable):
+        run.advance(t + 100, data.SessionStore(run.session_id))  # what the window's next tick does
+    assert run.state == "done" and run.unsaved == 6
+    [journal] = journals(settings)
+    assert stat.S_IMODE(journal.stat().st_mode) == 0o600
+    assert data.replay_interval_journals()["live"] == 1  # the window is open: its run stores them itself
+    kept = journal.read_bytes()
+
+    # the window is closed while the database is down: its run is no longer ticking
+    went_quiet(journal)
+    point_ui_at(db_port)
+    tab2 = page("capture", user_id=uid)
+    tab2.run()
+    assert not tab2.exception
+    s = repo.get_session(conn, run.session_id)
+    ivs = sorted(s["intervals"], key=lambda i: i["ordinal"])
+    assert len(ivs) == 5 and all(i["started_at"] is not None for i in ivs)
+    by_ord = {i["ordinal"]: i for i in ivs}
+    cut = by_ord[1]
+    assert cut["discarded"] and (cut["started_at"], cut["ended_at"]) == (capture.utc(t + 0.5), capture.utc(t + 5))
+    kept_spans = [(i["label"], i["started_at"], i["ended_at"]) for i in ivs if not i["discarded"]]
+    assert sorted(kept_spans, key=lambda x: x[1]) == [
+        ("REST", capture.utc(t), capture.utc(t + 0.5)), ("REST", capture.utc(t + 5), capture.utc(t + 5.5)),
+        ("fist", capture.utc(t + 5.5), capture.utc(t + 25.5)), ("REST", capture.utc(t + 25.5), capture.utc(t + 26))]
+    assert data.planned_end(s) == capture.utc(t + 26)
+    assert journals(settings) == []
+    assert any("Stored 6" in str(x.value) for x in tab2.toast)
+
+    # replaying the same journal again (a crash after storing, before clearing) changes nothing, adds nothing
+    journal.write_bytes(kept)
+    went_quiet(journal)
+    again = data.replay_interval_journals()
+    assert (again["stored"], again["files"]) == (6, 1) and journals(settings) == []
+    assert repo.get_session(conn, s["id"]) == s
+    # and if the first window comes back after all (a reconnect), its own run stores the same: no change
+    run.flush(data.SessionStore(run.session_id))
+    assert run.unsaved == 0 and journals(settings) == []
+    assert repo.get_session(conn, s["id"]) == s
+
+
+def test_labels_of_a_ui_process_killed_while_the_database_was_down_are_stored_by_the_next_process(
+        new_session, settings):
+    run, _store = new_session(gestures=("fist",), reps=1, hold=2.0, rest=2.0, t0=1000.0)
+    session = data.get_session(run.session_id)
+    script = textwrap.dedent(f"""
+        import os, signal
+        import capture, data
+        from semg.config import get_settings
+        session = data.get_session({run.session_id})
+        run = capture.CueRun.from_session(session, journal=data.IntervalJournal(session))
+        run.start(1000.0)
+        os.environ["POSTGRES_PORT"] = "{free_port()}"  # the database goes away
+        get_settings.cache_clear()
+        try:
+            run.advance(1010.0, data.SessionStore(run.session_id))
+        except data.Unavailable:
+            print("unsaved", run.unsaved, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)  # the UI server dies with them
+    """)
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "streamlit_apps")])}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "unsaved 3", out.stderr
+    [journal] = journals(settings)
+    assert all(i["started_at"] is None for i in data.get_session(run.session_id)["intervals"])
+    went_quiet(journal)  # the UI server is restarted a while later
+
+    done = data.replay_interval_journals()  # this process is the next UI process
+    assert (done["stored"], done["files"], done["bad_lines"]) == (3, 1, 0)
+    ivs = data.get_session(run.session_id)["intervals"]
+    assert [(i["started_at"], i["ended_at"]) for i in ivs] == [
+        (capture.utc(1000.0), capture.utc(1002.0)), (capture.utc(1002.0), capture.utc(1004.0)),
+        (capture.utc(1004.0), capture.utc(1006.0))]
+    assert len(ivs) == len(session["intervals"])
+    assert journals(settings) == []
+
+
+def test_corrupt_journal_lines_are_logged_and_kept_aside_and_never_block_the_rest(new_session, settings, caplog):
+    run, _store = new_session(gestures=("fist",), reps=1, hold=2.0, rest=2.0)
+    session = data.get_session(run.session_id)
+    rest0, fist, rest1 = (i["id"] for i in session["intervals"])
+    good = {"v": 1, "session_id": session["id"], "session_created_at": session["created_at"].isoformat()}
+
+    def line(**kw):
+        return json.dumps({**good, **kw})
+
+    mark = {"op": "mark", "started_at": "2026-01-01T10:00:00+00:00", "ended_at": "2026-01-01T10:00:02+00:00"}
+    d = settings.state_dir / "capture-journal"
+    d.mkdir(exist_ok=True)
+    (d / "a-older.jsonl").write_text("\n".join([
+        line(**mark, interval_id=rest0),
+        "{not json",
+        line(op="mark", interval_id=fist, started_at="yesterday", ended_at="2026-01-01T10:00:04+00:00"),
+        line(op="explode", interval_id=fist),
+        line(**mark, interval_id=999999),  # not an interval of this session
+        line(op="discard", interval_id=rest1),
+        '{"v": 1, "session_id": 1, "op": "disc',  # torn by a crash mid-write
+    ]))
+    went_quiet(d / "a-older.jsonl", seconds=120)
+    (d / "b-newer.jsonl").write_text(
+        line(op="mark", interval_id=fist, started_at="2026-01-01T10:00:02+00:00",
+             ended_at="2026-01-01T10:00:04+00:00") + "\n"
+        + json.dumps({**good, "session_created_at": "2020-01-01T00:00:00+00:00", "op": "discard",
+                      "interval_id": fist}) + "\n")  # same id, but another session (database recreated)
+    went_quiet(d / "b-newer.jsonl")
+    with caplog.at_level(logging.WARNING, logger="semg.ui"):
+        done = data.replay_interval_journals()
+    assert (done["stored"], done["dropped"], done["bad_lines"], done["files"]) == (3, 2, 4, 2)
+    ivs = {i["id"]: i for i in data.get_session(session["id"])["intervals"]}
+    assert ivs[rest0]["ended_at"] == datetime(2026, 1, 1, 10, 0, 2, tzinfo=UTC)
+    assert ivs[fist]["started_at"] == datetime(2026, 1, 1, 10, 0, 2, tzinfo=UTC) and not ivs[fist]["discarded"]
+    assert ivs[rest1]["discarded"]
+    corrupt = [r.getMessage() for r in caplog.records if "corrupt" in r.getMessage()]
+    assert len(corrupt) == 5 and any("line 2 skipped" in m and "not JSON" in m for m in corrupt)
+    assert any("no longer exists" in r.getMessage() for r in caplog.records)
+    assert journals(settings) == []
+    rejected = (d / "a-older.rejected").read_text().splitlines()
+    assert rejected[0] == "{not json" and len(rejected) == 4
+
+
+def test_a_late_replay_of_a_mark_does_not_undo_a_redo_stored_meanwhile(new_session, settings):
+    run, store = new_session()
+    run.advance(1003.0, store)
+    run.redo_last(1003.0, store)  # the fist (2-4) is cut at 3 and discarded, all stored
+    session = data.get_session(run.session_id)
+    fist = next(i for i in session["intervals"] if i["label"] == "fist")
+    assert fist["discarded"]
+    d = settings.state_dir / "capture-journal"
+    d.mkdir(exist_ok=True)
+    (d / "old.jsonl").write_text(json.dumps({  # a stale journal holding only the fist's mark
+        "v": 1, "session_id": session["id"], "session_created_at": session["created_at"].isoformat(), "op": "mark",
+        "interval_id": fist["id"], "started_at": capture.utc(1002.0).isoformat(),
+        "ended_at": capture.utc(1003.0).isoformat()}) + "\n")
+    went_quiet(d / "old.jsonl")
+    assert data.replay_interval_journals()["stored"] == 1
+    assert data.get_session(run.session_id) == session
