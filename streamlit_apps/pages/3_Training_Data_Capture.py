@@ -67,7 +67,13 @@ def run_view() -> None:
         if run is None:
             st.rerun(scope="app")
         store = data.SessionStore(run.session_id)
-        run.advance(time.time(), store)
+        try:
+            run.advance(time.time(), store)
+        except data.Unavailable:  # the cue goes on; the times wait in memory and in the journal
+            kept = ("They are kept on the server and stored when the database is back, even if this window is "
+                    "closed." if run.journal_error is None else "")
+            st.warning(f"The database is not reachable: {run.unsaved} interval time(s) wait to be stored and the "
+                       f"session goes on. {kept}", icon=":material/power_off:")
         if run.journal_error:
             st.error(f"Interval times cannot be saved on the server ({run.journal_error}): keep this window open "
                      "until the database stores them.")
