@@ -19,20 +19,94 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from fire import decorators as fire_decorators
+
 log = logging.getLogger("TrainMLJob")
 
 
-def _as_list(value: Any, cast=str) -> list | None:
-    """Fire hands ``0,1,2`` over as a tuple, ``3`` as an int and ``"a,b"`` as a string; normalise to a list."""
+def _as_list(value: Any, cast=str, name: str | None = None) -> list | None:
+    """A list argument: ``0,1,2`` (a string, also ``[0, 1, 2]`` or space-separated), a tuple or list, or one
+    value; each item converted with ``cast`` (a ``UsageError`` naming ``--name`` when one does not convert)."""
     if value is None:
         return None
     if isinstance(value, str):
-        items: Iterable[Any] = [v for v in value.replace(" ", ",").split(",") if v]
+        text = value.strip().strip("[]()")
+        items: Iterable[Any] = [v for v in text.replace(" ", ",").split(",") if v]
     elif isinstance(value, Iterable):
         items = value
     else:
         items = [value]
-    return [cast(v) for v in items]
+    out = []
+    for v in items:
+        try:
+            out.append(cast(v.strip() if isinstance(v, str) else v))
+        except (TypeError, ValueError):
+            what = "whole numbers" if cast is int else "values"
+            raise UsageError(f"{'--' + name if name else 'a list'} must be {what} separated by commas, "
+                             f"got {value!r}") from None
+    return out
+
+
+# ---- command-line arguments ---------------------------------------------------------------------------
+# Fire would turn `--data-dir 2024` into an int, `--seed 1,2` into a tuple and `--int8 false` into the
+# string 'false' (which is truthy). So every command takes its arguments as the strings typed
+# (``fire.decorators.SetParseFn(str)``) and converts them with the helpers below: one place, one kind of
+# error (``UsageError``: one line on stderr, exit status 2). The helpers also accept real Python values,
+# for callers that use ``Jobs`` directly.
+class UsageError(ValueError):
+    """A command-line argument of the wrong form."""
+
+
+_raw_args = fire_decorators.SetParseFn(str)
+_TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
+
+
+def _flag(name: str, value: Any) -> bool:
+    """A boolean flag: real bools, or true/false, yes/no, 1/0 (any case); anything else is an error."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise UsageError(f"--{name} must be true or false (or yes/no, 1/0), got {value!r}")
+
+
+def _whole(name: str, value: Any, minimum: int | None = None) -> int:
+    """A whole number (``--epochs 3``), at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise UsageError(f"--{name} must be a whole number, got {value!r}")
+    try:
+        number = int(value.strip()) if isinstance(value, str) else value
+    except ValueError:
+        raise UsageError(f"--{name} must be a whole number, got {value!r}") from None
+    if minimum is not None and number < minimum:
+        raise UsageError(f"--{name} must be at least {minimum}, got {number}")
+    return number
+
+
+def _seconds(name: str, value: Any) -> float:
+    """A positive, finite number of seconds (``--poll 0.5``)."""
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise UsageError(f"--{name} must be a number of seconds, got {value!r}") from None
+    if isinstance(value, bool) or not 0 < number < float("inf"):
+        raise UsageError(f"--{name} must be a positive number of seconds, got {value!r}")
+    return number
+
+
+def _path(name: str, value: Any) -> str:
+    """A path as typed (``--out 2024`` is the folder "2024"), ``~`` expanded."""
+    text = str(value)
+    if isinstance(value, bool) or not text.strip():
+        raise UsageError(f"--{name} must be a path, got {value!r}")
+    return str(Path(text).expanduser())
+
+
+def _optional(convert, name: str, value: Any, *args: Any) -> Any:
+    return None if value is None else convert(name, value, *args)
 
 
 def evaluate_subjects(
@@ -156,6 +230,7 @@ class Jobs:
     """Training job commands: ``train JOB_ID``, ``worker``, ``cancel JOB_ID`` (database jobs) and
     ``evaluate`` (offline per-subject accuracy on a recorded data set)."""
 
+    @_raw_args
     def evaluate(
         self,
         data_dir: str,
@@ -174,20 +249,23 @@ class Jobs:
         caps the epochs (default: the training default). ``base``: fine-tune this pretrained artifact dir
         (from ``pretrain``) instead of training from scratch; one training cycle is then enough.
         Prints one JSON line of figures last."""
-        _setup_logging(verbose)
-        config = {} if epochs is None else {"max_epochs": int(epochs)}
         with _user_errors("evaluate"):
-            result = evaluate_subjects(
-                data_dir=str(Path(data_dir).expanduser()),
-                train_session=str(train_session),
-                test_sessions=_as_list(test_sessions),
-                train_cycles=_as_list(train_cycles, int),
-                test_cycles=_as_list(test_cycles, int),
-                subjects=_as_list(subjects),
-                config=config,
-                seed=int(seed),
-                base=str(Path(base).expanduser()) if base else None,
-            )
+            verbose = _flag("verbose", verbose)
+            epochs = _optional(_whole, "epochs", epochs, 1)
+            args = {
+                "data_dir": _path("data-dir", data_dir),
+                "train_session": str(train_session),
+                "test_sessions": _as_list(test_sessions, name="test-sessions"),
+                "train_cycles": _as_list(train_cycles, int, "train-cycles"),
+                "test_cycles": _as_list(test_cycles, int, "test-cycles"),
+                "subjects": _as_list(subjects, name="subjects"),
+                "config": {} if epochs is None else {"max_epochs": epochs},
+                "seed": _whole("seed", seed),
+                "base": _optional(_path, "base", base),
+            }
+        _setup_logging(verbose)
+        with _user_errors("evaluate"):
+            result = evaluate_subjects(**args)
         log.info(
             "mean accuracy %.4f over %d subjects, median training %.1f s, model %d bytes",
             result["mean_accuracy"], result["n_subjects"], result["median_train_seconds"], result["model_bytes"],
@@ -195,7 +273,7 @@ class Jobs:
         sys.stdout.write(json.dumps(result) + "\n")
         sys.stdout.flush()
 
-
+    @_raw_args
     def pretrain(
         self,
         data_dir: str,
@@ -209,35 +287,56 @@ class Jobs:
         """Pretrain a base model on every subject of ``data_dir`` (Myo-armband folders or NinaPro DB5 .mat
         files) except ``exclude_subjects``, write it as an artifact dir ``out``; ``register`` also stores it
         in model_artifacts as a shared base (user_id NULL). Prints one JSON line last (ml_model.pretrain)."""
+        with _user_errors("pretrain"):
+            verbose = _flag("verbose", verbose)
+            args = {
+                "data_dir": _path("data-dir", data_dir),
+                "out": _path("out", out),
+                "exclude_subjects": _as_list(exclude_subjects, name="exclude-subjects") or [],
+                "register": _flag("register", register),
+                "epochs": _optional(_whole, "epochs", epochs, 1),
+                "seed": _whole("seed", seed),
+            }
         _setup_logging(verbose)
         from ml_model import pretrain
 
         with _user_errors("pretrain"):
-            summary = pretrain.cli_pretrain(str(Path(data_dir).expanduser()), str(Path(out).expanduser()),
-                                            _as_list(exclude_subjects) or [], register=bool(register),
-                                            epochs=epochs, seed=int(seed))
+            summary = pretrain.cli_pretrain(**args)
         sys.stdout.write(json.dumps(summary) + "\n")
         sys.stdout.flush()
 
+    @_raw_args
     def export(self, job_id: int | None = None, format: str = "onnx", out: str | None = None,  # noqa: A002
                artifact_dir: str | None = None, int8: bool = True, verbose: bool = False) -> None:
         """Export a job's model (or ``--artifact-dir``) to ``--format onnx`` (plus an int8 variant) or
         ``torchscript``: the file takes raw windows and returns probabilities; a sidecar JSON describes it.
         Prints one JSON line last: paths, sizes, max abs difference vs PyTorch (ml_model.export)."""
+        with _user_errors("export"):
+            verbose = _flag("verbose", verbose)
+            args = {
+                "job_id": None if job_id is None else _job_id(job_id),
+                "fmt": str(format),
+                "out": _optional(_path, "out", out),
+                "artifact_dir": _optional(_path, "artifact-dir", artifact_dir),
+                "int8": _flag("int8", int8),
+            }
         _setup_logging(verbose)
         from ml_model import export
 
         with _user_errors("export"):
-            report = export.cli_export(None if job_id is None else _job_id(job_id), str(format), out,
-                                       artifact_dir, bool(int8))
+            report = export.cli_export(**args)
         sys.stdout.write(json.dumps(report) + "\n")
         sys.stdout.flush()
 
+    @_raw_args
     def train(self, job_id: int, verbose: bool = False) -> None:
         """Take one scheduled job from the database and train it now, with a heartbeat, as the worker does for
         each job it takes. Exit status 0 when the job completed, 1 when it failed, was canceled or was taken
         from this process (the job row says why), 2 when it is not scheduled (e.g. a worker already runs it:
         it is left alone, never trained twice)."""
+        with _user_errors("train"):
+            verbose = _flag("verbose", verbose)
+        job_id = _job_id(job_id)
         _setup_logging(verbose)
         from ml_model import jobs
         from semg.config import settings_or_exit
@@ -245,16 +344,19 @@ class Jobs:
         settings = settings_or_exit("TrainMLJob train")
         _yield_to_live_path(settings.semg_train_nice)
         with _user_errors("train"):
-            status = jobs.run_job(_job_id(job_id), settings)
-        sys.stdout.write(json.dumps({"job_id": int(job_id), "status": status}) + "\n")
+            status = jobs.run_job(job_id, settings)
+        sys.stdout.write(json.dumps({"job_id": job_id, "status": status}) + "\n")
         sys.stdout.flush()
         if status != "completed":
             raise SystemExit(1)
 
+    @_raw_args
     def worker(self, poll: float = 1.0, once: bool = False, verbose: bool = False) -> None:
         """Long-running: take scheduled jobs from the PostgreSQL queue (FOR UPDATE SKIP LOCKED, so several
         workers on several machines share it) and train them; re-queue jobs whose worker died.
         SIGTERM/SIGINT stop it after the current epoch's job state is saved."""
+        with _user_errors("worker"):
+            poll, once, verbose = _seconds("poll", poll), _flag("once", once), _flag("verbose", verbose)
         _setup_logging(verbose)
         import signal
         import threading
@@ -273,17 +375,19 @@ class Jobs:
 
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
-        jobs.worker_loop(settings, poll_s=float(poll), once=bool(once), stop=stop)
+        jobs.worker_loop(settings, poll_s=poll, once=once, stop=stop)
 
+    @_raw_args
     def cancel(self, job_id: int) -> None:
         """Cancel a scheduled job at once, or ask a running job to stop (it ends as canceled)."""
+        job_id = _job_id(job_id)
         _setup_logging(False)
         from semg import db, repo
         from semg.config import settings_or_exit
 
         settings = settings_or_exit("TrainMLJob cancel")
         with _user_errors("cancel"), contextlib.closing(db.connect(settings)) as conn:  # RepoError is a ValueError
-            job = repo.cancel_job(conn, _job_id(job_id))
+            job = repo.cancel_job(conn, job_id)
         sys.stdout.write(json.dumps({"job_id": job["id"], "status": job["status"],
                                      "cancel_requested": job["cancel_requested"]}) + "\n")
 

@@ -1,0 +1,104 @@
+"""``TrainMLJob.py``'s command line: arguments arrive as the strings typed and are converted in one place, so a
+wrong value ends in one clear line and exit status 2 (never a traceback), boolean flags mean what they say,
+and paths that look like numbers are paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ml_model import TrainMLJob
+from ml_model.TrainMLJob import UsageError
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = str(REPO / "ml_model" / "TrainMLJob.py")
+
+
+def cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def assert_usage_error(proc: subprocess.CompletedProcess, message: str) -> None:
+    """Exit status 2 and exactly one line on stderr, holding ``message``."""
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+
+
+def test_flags_accept_true_false_yes_no_1_0_and_nothing_else():
+    for value in (True, "true", "True", "YES", "yes", "1", " 1 "):
+        assert TrainMLJob._flag("int8", value) is True
+    for value in (False, "false", "False", "no", "NO", "0"):
+        assert TrainMLJob._flag("int8", value) is False
+    for value in ("maybe", "", "2", "ja", ("a",)):
+        with pytest.raises(UsageError, match="--int8 must be true or false"):
+            TrainMLJob._flag("int8", value)
+
+
+def test_numbers_and_paths_are_converted_in_one_place():
+    assert TrainMLJob._whole("epochs", "3", 1) == 3 and TrainMLJob._whole("seed", 7) == 7
+    for bad in ("abc", "1,2", "2.5", (1, 2), True, None):
+        with pytest.raises(UsageError, match="--seed must be a whole number"):
+            TrainMLJob._whole("seed", bad)
+    with pytest.raises(UsageError, match="--epochs must be at least 1, got 0"):
+        TrainMLJob._whole("epochs", "0", 1)
+    assert TrainMLJob._seconds("poll", "0.2") == 0.2
+    for bad in ("abc", "0", "-1", "nan", "inf"):
+        with pytest.raises(UsageError, match="--poll must be"):
+            TrainMLJob._seconds("poll", bad)
+    assert TrainMLJob._path("out", "2024") == "2024" and TrainMLJob._path("out", 2024) == "2024"
+    with pytest.raises(UsageError, match="--out must be a path"):
+        TrainMLJob._path("out", "")
+    assert TrainMLJob._as_list("[0, 1]", int) == [0, 1] and TrainMLJob._as_list("Female0 Male1") == ["Female0", "Male1"]
+    with pytest.raises(UsageError, match="--test-cycles must be whole numbers"):
+        TrainMLJob._as_list("a,b", int, "test-cycles")
+
+
+def test_wrong_argument_types_are_one_line_and_exit_2(tmp_path):
+    missing = str(tmp_path / "nope")
+    cases = [
+        (("evaluate", "--data-dir", missing, "--test-cycles", "3", "--epochs", "abc"), "--epochs must be a whole number"),
+        (("evaluate", "--data-dir", missing, "--test-cycles", "3", "--epochs", "0"), "--epochs must be at least 1"),
+        (("evaluate", "--data-dir", missing, "--test-cycles", "3", "--epochs", "-2"), "--epochs must be at least 1"),
+        (("evaluate", "--data-dir", missing, "--test-cycles", "3", "--seed", "1,2"), "--seed must be a whole number"),
+        (("evaluate", "--data-dir", missing, "--test-cycles", "x,y"), "--test-cycles must be whole numbers"),
+        (("evaluate", "--data-dir", missing, "--test-cycles", "3", "--verbose", "perhaps"), "--verbose must be true or false"),
+        (("pretrain", "--data-dir", missing, "--out", str(tmp_path / "b"), "--epochs", "0"), "--epochs must be at least 1"),
+        (("pretrain", "--data-dir", missing, "--out", str(tmp_path / "b"), "--register", "maybe"),
+         "--register must be true or false"),
+        (("export", "--artifact-dir", missing, "--int8", "nope"), "--int8 must be true or false"),
+        (("worker", "--poll", "abc"), "--poll must be a number of seconds"),
+        (("worker", "--once", "sometimes"), "--once must be true or false"),
+        # numbers given as paths are paths: these fail only because the folders do not exist
+        (("evaluate", "--data-dir", "2024", "--test-cycles", "3"), "not found: 2024"),
+        (("pretrain", "--data-dir", missing, "--out", "2024"), "data folder not found"),
+        (("evaluate", "--data-dir", missing, "--test-cycles", "3", "--base", "2024"), "not found"),
+        (("export", "--artifact-dir", "123", "--out", "123"), "123"),
+    ]
+    for args, message in cases:
+        proc = cli(*args, cwd=tmp_path)
+        assert_usage_error(proc, message)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "2024").exists()
+
+
+def test_int8_false_writes_no_int8_file_and_numeric_paths_work(tmp_path):
+    from test_export import _trained_artifact
+
+    from ml_model import artifacts
+
+    weights, meta, _, _ = _trained_artifact()
+    artifacts.write_artifact_dir(tmp_path / "2024", weights, meta)
+    proc = cli("export", "--artifact-dir", "2024", "--out", "123", "--int8", "false", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["path"] == "123" and (tmp_path / "123").is_file()
+    assert "int8_path" not in report and not list(tmp_path.glob("*int8*"))
+    proc = cli("export", "--artifact-dir", "2024", "--out", "m.onnx", "--int8", "yes", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "m.int8.onnx").is_file()
