@@ -172,6 +172,8 @@ def pretrain_model(
     cfg = merge_pretrain_config(config)
     if cfg["sample_rate_hz"] is None:
         raise TrainingDataError("config.sample_rate_hz must be given")
+    if int(cfg["max_epochs"]) < 1:  # no epoch would be validated: nothing to choose the model from
+        raise ValueError(f"max_epochs must be at least 1, got {cfg['max_epochs']}")
     if len(subjects) < 2:
         raise TrainingDataError("pretraining needs at least 2 subjects (one is held out for validation)")
     names = sorted(subjects)

@@ -144,6 +144,10 @@ def test_pretrain_rejects_bad_input(tmp_path):
         pretrain.detect_format(tmp_path / "empty")
     with pytest.raises(ValueError, match="unknown pretraining config"):
         pretrain.merge_pretrain_config({"nope": 1})
+    two = pretrain.load_myo_subjects(write_myo_folder(tmp_path / "two", subjects=("Alice", "Bob")))
+    for epochs in (0, -3):
+        with pytest.raises(ValueError, match=f"max_epochs must be at least 1, got {epochs}"):
+            pretrain.pretrain_model(two, {"sample_rate_hz": 200.0, **SMALL, "max_epochs": epochs})
 
 
 def test_unknown_or_unreadable_input_is_named(tmp_path):
