@@ -132,8 +132,14 @@ def evaluate_subjects(
     subjects = subjects or datasets.list_subjects(data_dir)
     if not test_sessions and not test_cycles:
         raise ValueError("give --test-sessions, or --test-cycles to hold out repetitions of the training session")
-    if not test_sessions and train_cycles is not None and set(train_cycles) & set(test_cycles or []):
-        raise ValueError(f"train cycles {train_cycles} and test cycles {test_cycles} overlap")
+    # Testing on the training session (no --test-sessions, or it is one of them) is honest only on cycles the
+    # model did not train on: without --train-cycles it trains on the other cycles, with them they must not meet.
+    tests_train_session = not test_sessions or train_session in test_sessions
+    if tests_train_session and not test_cycles:
+        raise ValueError(f"the training session {train_session} is also a test session: give --test-cycles to "
+                         "hold out repetitions of it")
+    if tests_train_session and train_cycles is not None and set(train_cycles) & set(test_cycles):
+        raise ValueError(f"train cycles {train_cycles} and test cycles {test_cycles} overlap in session {train_session}")
 
     accuracy: dict[str, float] = {}
     val_accuracy: dict[str, float] = {}
@@ -143,7 +149,7 @@ def evaluate_subjects(
     t_all = time.perf_counter()
     for i, subject in enumerate(subjects):
         recs = datasets.load_session(data_dir, subject, train_session, cycles=train_cycles)
-        if not test_sessions and train_cycles is None:
+        if tests_train_session and train_cycles is None:
             recs = [r for r in recs if r.cycle not in set(test_cycles)]
         x, labels, groups = datasets.recordings_to_windows(recs, win, step)
 
@@ -245,8 +251,9 @@ class Jobs:
         base: str | None = None,
     ) -> None:
         """Train one model per subject on ``train_session`` (optionally only ``train_cycles``) and test it on
-        ``test_sessions``, or with no test session on ``test_cycles`` of the training session. ``epochs``
-        caps the epochs (default: the training default). ``base``: fine-tune this pretrained artifact dir
+        ``test_sessions``, or with no test session on ``test_cycles`` of the training session (whenever the
+        training session is tested, ``test_cycles`` must not meet ``train_cycles``; without ``train_cycles`` it
+        trains on the other cycles). ``epochs`` caps the epochs (default: the training default). ``base``: fine-tune this pretrained artifact dir
         (from ``pretrain``) instead of training from scratch; one training cycle is then enough.
         Prints one JSON line of figures last."""
         with _user_errors("evaluate"):

@@ -102,3 +102,30 @@ def test_int8_false_writes_no_int8_file_and_numeric_paths_work(tmp_path):
     proc = cli("export", "--artifact-dir", "2024", "--out", "m.onnx", "--int8", "yes", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "m.int8.onnx").is_file()
+
+
+def test_evaluate_never_tests_on_training_cycles(tmp_path, monkeypatch):
+    """Naming the training session among --test-sessions must not skip the overlap check."""
+    from test_pretrain import write_myo_folder
+
+    from ml_model import training
+
+    root = write_myo_folder(tmp_path / "myo", subjects=("Alice", "Bob"), seconds=1.0)
+    common = ("evaluate", "--data-dir", str(root), "--subjects", "Alice")
+    proc = cli(*common, "--test-sessions", "training0", "--train-cycles", "0,1,2", "--test-cycles", "2")
+    assert_usage_error(proc, "train cycles [0, 1, 2] and test cycles [2] overlap in session training0")
+    proc = cli(*common, "--test-sessions", "training0,testing0", "--train-cycles", "0,1")
+    assert_usage_error(proc, "the training session training0 is also a test session: give --test-cycles")
+
+    # Without --train-cycles the tested cycles are left out of training, as without --test-sessions.
+    seen = []
+    real = training.train_model
+
+    def spy(x, labels, groups, *args, **kwargs):
+        seen.append(set(groups.tolist()))
+        return real(x, labels, groups, *args, **kwargs)
+
+    monkeypatch.setattr(training, "train_model", spy)
+    result = TrainMLJob.evaluate_subjects(str(root), test_sessions=["training0"], test_cycles=[3], subjects=["Alice"],
+                                          config={"max_epochs": 1, "model": {"width": 8}})
+    assert seen == [{0, 1, 2}] and result["split"]["test_sessions"] == ["training0"]
