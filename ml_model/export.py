@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -198,7 +199,17 @@ def export_bytes(weights: bytes, meta: Mapping[str, Any], fmt: str = "onnx") -> 
 
 
 def export_filename(meta: Mapping[str, Any], fmt: str) -> str:
-    stem = f"semg-job{meta['job_id']}" if meta.get("job_id") else f"semg-{str(meta.get('sha256', 'model'))[:12]}"
+    """Default file name: ``semg-job<job id>`` or ``semg-<sha256 prefix>`` plus the format's extension.
+
+    Always one plain file name in the current folder: metadata can come from a file anyone wrote, so only a
+    whole-number job id is used and the sha256 part keeps letters, digits, ``-`` and ``_`` only.
+    """
+    job_id = meta.get("job_id")
+    if isinstance(job_id, (int, str)) and not isinstance(job_id, bool) and re.fullmatch(r"[0-9]{1,18}", str(job_id)) \
+            and int(job_id) > 0:
+        stem = f"semg-job{int(job_id)}"
+    else:
+        stem = "semg-" + (re.sub(r"[^A-Za-z0-9_-]", "", str(meta.get("sha256") or ""))[:12] or "model")
     return stem + EXTENSIONS[fmt.lower() if fmt.lower() in EXTENSIONS else "onnx"]
 
 

@@ -132,3 +132,20 @@ def test_cli_export_job_from_database(clean_db, plain, tmp_path):
     missing = subprocess.run([sys.executable, "ml_model/TrainMLJob.py", "export", "999999"], cwd=REPO,
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "no model artifact" in missing.stderr
+
+
+def test_default_file_name_stays_in_the_current_folder(plain, tmp_path, monkeypatch):
+    """meta.json can come from anyone: a crafted job_id or sha256 must not steer the file elsewhere."""
+    assert export.export_filename({"job_id": 12}, "onnx") == "semg-job12.onnx"
+    assert export.export_filename({"job_id": None, "sha256": "model7"}, "torchscript") == "semg-model7.pt"
+    for evil in ({"job_id": "x/../../outside/pwned"}, {"job_id": "../../x", "sha256": "../../../etc/y"},
+                 {"job_id": -3, "sha256": "/abs/path"}, {"job_id": True, "sha256": ".."}, {"job_id": 1.5}):
+        name = export.export_filename(evil, "onnx")
+        assert Path(name).name == name and ".." not in name and "/" not in name, (evil, name)
+    weights, meta, _, _ = plain
+    artifacts.write_artifact_dir(tmp_path / "art", weights, {**meta, "job_id": "x/../../../outside/pwned"})
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    report = export.cli_export(artifact_dir=tmp_path / "art", int8=False, check=False)
+    assert Path(report["path"]).parent == Path(".") and (tmp_path / "cwd" / report["path"]).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "cwd"]
