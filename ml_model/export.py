@@ -13,7 +13,8 @@ The same description is written next to the file as a sidecar JSON (``sidecar``)
 (ONNX ``metadata_props["semg"]``, TorchScript extra file ``semg.json``).
 
 int8: ``onnxruntime.quantization.quantize_dynamic`` (weights int8, activations quantised on the fly; no
-calibration data needed). ``compare`` reports the size and the change in predictions/accuracy.
+calibration data needed) of the CNN only: the preprocessing nodes see raw device values, whose DC level would
+eat the int8 range, so they stay float32. ``compare`` reports the size and the change in predictions/accuracy.
 """
 
 from __future__ import annotations
@@ -155,8 +156,17 @@ def _set_meta(proto, info: Mapping[str, Any]) -> None:
     proto.doc_string = "raw sEMG windows -> gesture probabilities; see metadata_props['semg']"
 
 
+MODEL_SCOPE = "/model/"  # torch.onnx names the nodes of ExportedPredictor.model "/model/..."
+
+
 def quantize_int8(onnx_bytes: bytes, meta: Mapping[str, Any] | None = None) -> bytes:
-    """Dynamic int8 quantisation of an fp32 ONNX model (weights int8; activations quantised at run time)."""
+    """Dynamic int8 quantisation of an fp32 ONNX model (weights int8; activations quantised at run time).
+
+    Only the CNN is quantised. The wrapper's own nodes (channel selection, filter matrix, standardisation,
+    softmax) stay float32: they work on raw device values, and a dynamically quantised activation spans
+    [min(0, x), max(0, x)] in 256 steps, so a DC offset (an ESP32's ADC sits near 2048) would leave a few
+    steps for the signal itself and cost accuracy (measured: -8 points with a high-pass filter).
+    """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -165,7 +175,12 @@ def quantize_int8(onnx_bytes: bytes, meta: Mapping[str, Any] | None = None) -> b
         src, pre, dst = Path(tmp, "fp32.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "int8.onnx")
         src.write_bytes(onnx_bytes)
         quant_pre_process(str(src), str(pre))  # shape inference + graph optimisation, as onnxruntime advises
-        quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8)
+        graph = onnx.load(str(pre)).graph
+        if not any(node.name.startswith(MODEL_SCOPE) for node in graph.node):
+            raise RuntimeError(f"no {MODEL_SCOPE} nodes in the exported graph: cannot tell the CNN from the "
+                               "raw-input preprocessing (did torch.onnx change its node names?)")
+        raw_scale = [node.name for node in graph.node if not node.name.startswith(MODEL_SCOPE)]
+        quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, nodes_to_exclude=raw_scale)
         proto = onnx.load(str(dst))
     if meta is not None:
         _set_meta(proto, sidecar(meta, "onnx-int8"))
