@@ -11,6 +11,9 @@ Metadata keys (all JSON types):
     sample_rate_hz, window_ms, step_ms, window, step (window/step in samples)
     filter             filter config (see ``preprocessing.DEFAULT_FILTER``)
     scaler             {"mean": [...], "std": [...]} per used channel
+    input_stats        {"mean": [...], "std": [...]} per device channel of the raw training windows (before
+                       channel selection and filter: the device's level, e.g. an ADC's DC offset); optional,
+                       older artifacts lack it; export checks its files on inputs of this scale
     model              EMGNet constructor hyper-parameters
     training           seed, full training config, chosen epoch count
     metrics            validation metrics of the training run (when given)

@@ -14,7 +14,8 @@ The same description is written next to the file as a sidecar JSON (``sidecar``)
 
 int8: ``onnxruntime.quantization.quantize_dynamic`` (weights int8, activations quantised on the fly; no
 calibration data needed) of the CNN only: the preprocessing nodes see raw device values, whose DC level would
-eat the int8 range, so they stay float32. ``compare`` reports the size and the change in predictions/accuracy.
+eat the int8 range, so they stay float32. ``compare`` reports the size and the change in predictions/accuracy,
+on given windows or on ``probe_windows`` at the raw level recorded in the artifact (``input_stats``).
 """
 
 from __future__ import annotations
@@ -118,17 +119,46 @@ def _module(weights: bytes, meta: Mapping[str, Any]) -> ExportedPredictor:
     return ExportedPredictor(load_artifact(weights, meta), meta).eval()
 
 
-def _example(meta: Mapping[str, Any], n: int = 2, seed: int = 0) -> torch.Tensor:
-    """Raw-looking example windows on the scale of the artifact's training data."""
+# Without recorded raw statistics, a filtered artifact does not say at what level the device's values sit (a
+# high-pass filter removes it before the scaler): the probe then spreads its windows over these offsets, from
+# signed devices near 0 to a 12-bit ADC's mid-scale (2048) and top.
+UNKNOWN_LEVEL_RANGE = (-4096.0, 4096.0)
+
+
+def probe_windows(meta: Mapping[str, Any], n: int = 256, seed: int = 1) -> tuple[np.ndarray, str]:
+    """Random raw windows on the scale of what the device sends, to check an exported file without data;
+    returns ``(windows (n, n_device_channels, window) float32, a description of the probe)``.
+
+    With ``meta["input_stats"]`` (the raw training windows' per-device-channel mean/std) the windows have that
+    level and spread. Older artifacts only have the scaler, which describes the *filtered* signal: without a
+    filter that is the raw scale of the used channels; with one, the raw level is unknown, so each window gets
+    a random offset per channel from ``UNKNOWN_LEVEL_RANGE``.
+    """
     rng = np.random.default_rng(seed)
     n_dev, win = int(meta["n_device_channels"]), int(meta["window"])
-    mean = np.zeros(n_dev)
-    std = np.ones(n_dev)
-    chans = list(meta.get("channels") or range(n_dev))
-    mean[chans] = meta["scaler"]["mean"]
-    std[chans] = meta["scaler"]["std"]
-    x = mean[None, :, None] + std[None, :, None] * rng.standard_normal((n, n_dev, win))
-    return torch.from_numpy(x.astype(np.float32))
+    stats = meta.get("input_stats")
+    if stats and len(stats.get("mean", ())) == n_dev and len(stats.get("std", ())) == n_dev:
+        mean = np.asarray(stats["mean"], dtype=np.float64)
+        std = np.asarray(stats["std"], dtype=np.float64)
+        offset, what = 0.0, "the level and spread of the raw training data (input_stats)"
+    else:
+        mean, std = np.zeros(n_dev), np.ones(n_dev)
+        chans = list(meta.get("channels") or range(n_dev))
+        mean[chans] = meta["scaler"]["mean"]
+        std[chans] = meta["scaler"]["std"]
+        if filter_matrix(meta) is None:
+            offset, what = 0.0, "the scale of the artifact's scaler (no filter: the raw scale)"
+        else:
+            offset = rng.uniform(*UNKNOWN_LEVEL_RANGE, size=(n, n_dev, 1))
+            what = (f"the spread of the artifact's scaler at raw levels from {UNKNOWN_LEVEL_RANGE[0]:g} to "
+                    f"{UNKNOWN_LEVEL_RANGE[1]:g} (the artifact does not record its raw input level)")
+    x = offset + mean[None, :, None] + std[None, :, None] * rng.standard_normal((n, n_dev, win))
+    return x.astype(np.float32), f"{n} random windows at {what}; no labels"
+
+
+def _example(meta: Mapping[str, Any], n: int = 2, seed: int = 0) -> torch.Tensor:
+    """Raw-looking example windows (for tracing the graph)."""
+    return torch.from_numpy(probe_windows(meta, n, seed)[0])
 
 
 def to_onnx(weights: bytes, meta: Mapping[str, Any]) -> bytes:
@@ -262,18 +292,21 @@ def compare(
     """Run the PyTorch ``Predictor`` and each exported format on the same raw windows and report
     sizes, max |probability difference|, top-1 agreement and (with labels) accuracies.
 
-    Without windows, 256 random windows on the scale of the artifact's scaler are used (no accuracy then).
+    Without windows, ``probe_windows`` are used (no accuracy then; ``probe`` in the result describes them).
     """
     from ml_model.artifacts import Predictor
 
+    probe = None
     if raw_windows is None:
-        raw_windows = _example(meta, 256, seed=1).numpy()
+        raw_windows, probe = probe_windows(meta)
     x = np.asarray(raw_windows, dtype=np.float32)
     ref = Predictor(weights, meta).predict_proba(x)
     ref_top = ref.argmax(1)
     classes = list(meta["classes"])
     y = None if labels is None else np.array([classes.index(str(v)) for v in labels])
     out: dict[str, Any] = {"n_windows": int(len(x)), "safetensors_bytes": len(weights)}
+    if probe is not None:
+        out["probe"] = probe
     if y is not None:
         out["pytorch_accuracy"] = float(np.mean(ref_top == y))
     for fmt in formats:
@@ -351,6 +384,5 @@ def cli_export(
         report.update(int8_path=str(qpath), int8_bytes=len(q), int8_size_ratio=round(len(q) / len(data), 3))
         exported["onnx-int8"] = q
     if check:
-        cmp = compare(weights, meta, formats=list(exported), exported=exported)
-        report["check"] = {"probe": "256 random windows on the scale of the artifact's scaler (no labels)", **cmp}
+        report["check"] = compare(weights, meta, formats=list(exported), exported=exported)
     return report

@@ -177,6 +177,16 @@ def fit_standardizer(windows: np.ndarray) -> dict[str, list[float]]:
     return {"mean": mean.tolist(), "std": std.tolist()}
 
 
+def input_stats(raw_windows: np.ndarray) -> dict[str, list[float]]:
+    """Per-device-channel mean/std of raw windows (all device channels, before selection and filter).
+
+    Recorded in the artifact as ``input_stats``: the level (e.g. an ADC's DC offset, which a high-pass filter
+    removes from everything the scaler sees) and spread of what the device sends, so an export can be checked
+    on inputs of the real scale (``export.probe_windows``). Same form as ``fit_standardizer``.
+    """
+    return fit_standardizer(raw_windows)
+
+
 def apply_standardizer(windows: np.ndarray, params: Mapping[str, Sequence[float]]) -> np.ndarray:
     """(n_windows, n_channels, win) -> float32 same shape, ``(x - mean) / std`` per channel."""
     mean = np.asarray(params["mean"], dtype=np.float32)[None, :, None]

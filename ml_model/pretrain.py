@@ -205,8 +205,12 @@ def pretrain_model(
     }
     index = {c: i for i, c in enumerate(classes)}
     xs, ys, is_val, pooled_sum, pooled_sq, pooled_n = [], [], [], 0.0, 0.0, 0
+    raw_sum, raw_sq = 0.0, 0.0
     for s in names:
         w, y, _ = subjects[s]
+        r64 = np.asarray(w, dtype=np.float64)
+        raw_sum, raw_sq = raw_sum + r64.sum(axis=(0, 2)), raw_sq + (r64**2).sum(axis=(0, 2))
+        del r64
         unscaled = pp.prepare_unscaled(np.asarray(w), meta)
         u64 = np.asarray(unscaled, dtype=np.float64)
         pooled_sum = pooled_sum + u64.sum(axis=(0, 2))
@@ -218,6 +222,9 @@ def pretrain_model(
     mean = pooled_sum / pooled_n
     std = np.sqrt(np.maximum(pooled_sq / pooled_n - mean**2, 0.0))
     meta["scaler"] = {"mean": mean.tolist(), "std": np.where(std > 1e-8, std, 1.0).tolist()}
+    raw_mean = raw_sum / pooled_n  # same window count and length as the unscaled windows
+    raw_std = np.sqrt(np.maximum(raw_sq / pooled_n - raw_mean**2, 0.0))
+    meta["input_stats"] = {"mean": raw_mean.tolist(), "std": np.where(raw_std > 1e-8, raw_std, 1.0).tolist()}
     x_all = torch.from_numpy(np.concatenate(xs))
     y_all = torch.from_numpy(np.concatenate(ys))
     va_np = np.concatenate(is_val)

@@ -377,6 +377,7 @@ def train_model(
         "window": win,
         "step": step,
         "filter": pp.filter_config(cfg["filter"]),
+        "input_stats": pp.input_stats(x_raw),
     }
     # The scaler is fit on the training part only, then kept for the retrain so validation stays honest
     # and the final model sees inputs on the same scale.

@@ -359,6 +359,7 @@ def finetune_model(
         "window": win,
         "step": step,
         "filter": filt,
+        "input_stats": pp.input_stats(x),
     }
 
     # Epoch count: explicit fixed_epochs > the base's recipe for one repetition > validation.

@@ -86,6 +86,7 @@ def test_file_describes_its_input(plain):
     assert info["input"]["name"] == export.INPUT_NAME == proto.graph.input[0].name
     assert info["input"]["shape"] == ["batch", meta["n_device_channels"], meta["window"]]
     assert info["classes"] == meta["classes"] and info["scaler"] == meta["scaler"]
+    assert len(meta["input_stats"]["mean"]) == meta["n_device_channels"]  # fine-tuned models record it too
     assert "standardisation" in info["includes"]
     extra = {"semg.json": ""}
     torch.jit.load(io.BytesIO(export.export_bytes(weights, meta, "torchscript")), _extra_files=extra)
@@ -154,7 +155,7 @@ def test_default_file_name_stays_in_the_current_folder(plain, tmp_path, monkeypa
 @pytest.fixture(scope="module")
 def dc_offset():
     """An ESP32-like device: 12-bit ADC values around mid-scale 2048, a high-pass filter to remove that level,
-    and a channel subset."""
+    and a channel subset. Trained with train_model, so the artifact records its raw input statistics."""
     from test_transfer import CLASSES, synth_subject
 
     from ml_model import training
@@ -180,3 +181,21 @@ def test_int8_keeps_its_accuracy_on_a_dc_offset_device(dc_offset):
     graph = onnx.load_from_string(export.export_bytes(weights, meta, "onnx-int8")).graph
     assert [n.op_type for n in graph.node if "filter_t" in n.input] == ["MatMul"]  # the filter is not quantised
     assert any(n.op_type in ("ConvInteger", "MatMulInteger") for n in graph.node)  # the CNN is
+
+
+def test_the_export_check_probes_at_the_raw_input_level(dc_offset):
+    """Without data the export checks its files on random windows: they must sit at the level the device sends
+    (recorded as input_stats), not at the filtered scaler's level (0), or a DC-offset bug never shows."""
+    weights, meta, x, _ = dc_offset
+    assert np.allclose(meta["input_stats"]["mean"], np.asarray(x, np.float64).mean(axis=(0, 2)), atol=5.0)
+    probe, what = export.probe_windows(meta)
+    assert probe.shape == (256, 6, meta["window"]) and "input_stats" in what
+    assert np.allclose(probe.mean(axis=(0, 2)), 2048, atol=10)
+    assert export.compare(weights, meta, formats=("onnx-int8",))["onnx-int8"]["top1_agreement"] >= 0.95
+    # An older artifact without input_stats: the raw level is unknown, so the probe spans a range of levels.
+    old = {k: v for k, v in meta.items() if k != "input_stats"}
+    probe, what = export.probe_windows(old)
+    assert "does not record its raw input level" in what and probe.min() < -1000 and probe.max() > 3000
+    # an unfiltered artifact's scaler is the raw scale of its channels
+    plain_probe, what = export.probe_windows({**old, "filter": {}})
+    assert "no filter" in what and np.allclose(plain_probe[:, 4].mean(), meta["scaler"]["mean"][0], atol=1.0)

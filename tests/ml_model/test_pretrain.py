@@ -119,6 +119,9 @@ def test_pretrain_myo_layout_saves_a_servable_base(tmp_path):
     # the pooled scaler of the artifact is the raw-data scale (the base also serves as a generic model)
     pooled = np.concatenate([np.asarray(d[0], np.float64) for d in data.values()])
     assert np.allclose(full["scaler"]["mean"], pooled.mean(axis=(0, 2)), atol=1e-6)
+    # and the raw input level of all device channels is recorded for the export's check (export.probe_windows)
+    assert np.allclose(full["input_stats"]["mean"], pooled.mean(axis=(0, 2)), atol=1e-6)
+    assert np.allclose(full["input_stats"]["std"], pooled.std(axis=(0, 2)), rtol=1e-5)
 
 
 def test_pretrain_trains_at_least_min_epochs(tmp_path):
