@@ -29,10 +29,30 @@ DB5_N_CHANNELS = 16
 _FILE_RE = re.compile(r"^S(\d+)_E(\d+)_A\d+\.mat$", re.IGNORECASE)
 
 
-def _vector(mat: dict, key: str) -> np.ndarray:
+def _vector(mat: dict, key: str, path: Path | None = None) -> np.ndarray:
     if key not in mat:
-        raise ValueError(f"NinaPro file lacks the variable {key!r} (has {sorted(k for k in mat if not k.startswith('__'))})")
+        where = f"{path}: " if path is not None else ""
+        raise ValueError(f"{where}NinaPro file lacks the variable {key!r} "
+                         f"(has {sorted(k for k in mat if not k.startswith('__'))})")
     return np.asarray(mat[key]).reshape(-1)
+
+
+def _whole_numbers(mat: dict, key: str, path: Path) -> np.ndarray:
+    """A label vector (``restimulus``, ``rerepetition``) as int64; NaN, infinite, fractional or negative values
+    are an error (cast as they are, a NaN would become a huge bogus movement number)."""
+    values = _vector(mat, key, path)
+    try:
+        values = values.astype(np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: {key!r} must be numeric, got {values.dtype}") from None
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise ValueError(f"{path}: {key!r} has {int(bad.sum())} NaN or infinite values")
+    bad = (values != np.round(values)) | (values < 0)
+    if bad.any():
+        raise ValueError(f"{path}: {key!r} must hold whole numbers >= 0; {int(bad.sum())} values are not "
+                         f"(e.g. {values[bad][0]:g})")
+    return values.astype(np.int64)
 
 
 def load_db5_mat(path: str | os.PathLike) -> dict[str, Any]:
@@ -46,15 +66,23 @@ def load_db5_mat(path: str | os.PathLike) -> dict[str, Any]:
     emg = np.asarray(mat.get("emg"))
     if emg is None or emg.ndim != 2 or emg.size == 0:
         raise ValueError(f"{path}: 'emg' must be an (n_samples, n_channels) matrix")
-    stim = _vector(mat, "restimulus").astype(np.int64)
-    rep = _vector(mat, "rerepetition").astype(np.int64)
+    stim = _whole_numbers(mat, "restimulus", path)
+    rep = _whole_numbers(mat, "rerepetition", path)
     if not len(stim) == len(rep) == len(emg):
         raise ValueError(f"{path}: emg has {len(emg)} samples but restimulus {len(stim)}, rerepetition {len(rep)}")
     m = _FILE_RE.match(path.name)
     exercise = int(_vector(mat, "exercise")[0]) if "exercise" in mat else (int(m.group(2)) if m else 1)
     subject = f"S{int(_vector(mat, 'subject')[0])}" if "subject" in mat else (f"S{int(m.group(1))}" if m else path.stem)
     rate = float(_vector(mat, "frequency")[0]) if "frequency" in mat else DB5_SAMPLE_RATE_HZ
-    return {"emg": emg.astype(np.float32), "restimulus": stim, "rerepetition": rep, "exercise": exercise,
+    try:
+        emg = emg.astype(np.float32)
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: 'emg' must be a numeric matrix, got {emg.dtype}") from None
+    bad = ~np.isfinite(emg)
+    if bad.any():
+        raise ValueError(f"{path}: 'emg' has {int(bad.sum())} NaN or infinite values "
+                         f"(in {int(bad.any(axis=1).sum())} of {len(emg)} samples)")
+    return {"emg": emg, "restimulus": stim, "rerepetition": rep, "exercise": exercise,
             "subject": subject, "sample_rate_hz": rate, "path": str(path)}
 
 

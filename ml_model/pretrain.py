@@ -187,8 +187,15 @@ def pretrain_model(
     first = subjects[names[0]][0]
     n_dev, win = int(first.shape[1]), int(first.shape[2])
     for s in names:
-        if subjects[s][0].shape[1:] != (n_dev, win):
-            raise TrainingDataError(f"subject {s} has windows {subjects[s][0].shape[1:]}, expected {(n_dev, win)}")
+        w = np.asarray(subjects[s][0])
+        if w.shape[1:] != (n_dev, win):
+            raise TrainingDataError(f"subject {s} has windows {w.shape[1:]}, expected {(n_dev, win)}")
+        if not np.issubdtype(w.dtype, np.number):
+            raise TrainingDataError(f"subject {s}: windows must be numeric, got dtype {w.dtype}")
+        finite = np.isfinite(w).all(axis=(1, 2))
+        if not finite.all():  # fail now, not after hours of training when the metrics are not JSON
+            raise TrainingDataError(f"subject {s}: {int((~finite).sum())} of {len(w)} windows contain NaN or "
+                                    "infinite values")
     all_labels = np.concatenate([np.asarray(subjects[s][1], dtype=object).astype(str) for s in names])
     classes = [str(c) for c in (class_names if class_names is not None else sorted(set(all_labels)))]
     unknown = sorted(set(all_labels) - set(classes))

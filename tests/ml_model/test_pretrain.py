@@ -245,3 +245,44 @@ def test_pretrain_on_real_myo_subjects(tmp_path):
                "tune_calibration": False}, class_names=datasets.MYO_CLASS_NAMES, source="myo-armband")
     assert metrics["accuracy"] > 0.3  # held-out person, 7 classes: chance is 0.14
     assert meta["pretrain"]["subjects"] == ["Female0", "Male0", "Male2"]
+
+
+def test_nan_or_inf_in_the_data_fails_at_once_naming_where(tmp_path):
+    """A NaN used to train to the end and then fail with 'Out of range float values are not JSON compliant'."""
+    data = pretrain.load_myo_subjects(write_myo_folder(tmp_path / "myo", subjects=("Alice", "Bob")))
+    w, y, g = data["Bob"]
+    w = w.astype(np.float32)
+    w[3, 2, 5], w[7, 0, 0] = np.nan, np.inf
+    with pytest.raises(TrainingDataError, match=r"subject Bob: 2 of \d+ windows contain NaN or infinite values"):
+        pretrain.pretrain_model({**data, "Bob": (w, y, g)}, {"sample_rate_hz": 200.0, **SMALL})
+
+    for s in (1, 2):
+        write_db5_mat(tmp_path / "db5" / f"s{s}" / f"S{s}_E1_A1.mat", subject=s, exercise=1)
+    path = tmp_path / "db5" / "s2" / "S2_E1_A1.mat"
+    mat = {k: v for k, v in scipy.io.loadmat(path).items() if not k.startswith("__")}
+    emg = mat["emg"].copy()
+    emg[10, 3] = np.nan
+    scipy.io.savemat(path, {**mat, "emg": emg})
+    with pytest.raises(ValueError, match=r"S2_E1_A1.mat: 'emg' has 1 NaN or infinite values"):
+        ninapro.load_db5_subjects(tmp_path / "db5")
+    # a NaN label would be cast to a huge bogus movement number (a class of its own)
+    stim = mat["restimulus"].astype(np.float64)
+    stim[5] = np.nan
+    scipy.io.savemat(path, {**mat, "restimulus": stim})
+    with pytest.raises(ValueError, match=r"S2_E1_A1.mat: 'restimulus' has 1 NaN or infinite values"):
+        ninapro.load_db5_subjects(tmp_path / "db5")
+    scipy.io.savemat(path, {**mat, "rerepetition": mat["rerepetition"] + 0.5})
+    with pytest.raises(ValueError, match=r"'rerepetition' must hold whole numbers"):
+        ninapro.load_db5_mat(path)
+
+
+def test_cli_pretrain_with_nan_is_one_line(tmp_path):
+    for s in (1, 2):
+        write_db5_mat(tmp_path / "db5" / f"s{s}" / f"S{s}_E1_A1.mat", subject=s, exercise=1)
+    path = tmp_path / "db5" / "s1" / "S1_E1_A1.mat"
+    mat = {k: v for k, v in scipy.io.loadmat(path).items() if not k.startswith("__")}
+    mat["emg"][0, :2] = np.inf
+    scipy.io.savemat(path, mat)
+    proc = _cli("pretrain", "--data-dir", str(tmp_path / "db5"), "--out", str(tmp_path / "b"))
+    assert proc.returncode == 2 and "S1_E1_A1.mat: 'emg' has 2 NaN or infinite values" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "b").exists()
