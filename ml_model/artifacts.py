@@ -101,6 +101,25 @@ def write_artifact_dir(path: str | os.PathLike, weights: bytes, meta: Mapping[st
     return folder
 
 
+def check_new_artifact_dir(path: str | os.PathLike) -> Path:
+    """Raise an ``OSError`` with a clear message unless ``write_artifact_dir(path)`` can write a NEW artifact:
+    ``path`` must not be a file nor already hold an artifact, and its nearest existing folder must be writable.
+    Nothing is created. Long jobs (pretraining) call this before the work, not after it."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} exists and is not a folder")
+    if (folder / WEIGHTS_FILE).exists() or (folder / META_FILE).exists():
+        raise FileExistsError(f"{folder} already holds a model artifact; choose a new folder or remove it first")
+    parent = folder.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"cannot create {folder}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot create {folder}: {parent} is not writable")
+    return folder
+
+
 def read_artifact_dir(path: str | os.PathLike) -> tuple[bytes, dict[str, Any]]:
     """Read ``(weights_bytes, meta)`` written by ``write_artifact_dir``."""
     folder = Path(path)

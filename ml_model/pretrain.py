@@ -447,6 +447,9 @@ def cli_pretrain(
     config: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What ``TrainMLJob.py pretrain`` does; returns a JSON-able summary."""
+    from ml_model import artifacts
+
+    artifacts.check_new_artifact_dir(out)  # before the training, not after it
     if isinstance(exclude_subjects, str):
         exclude_subjects = [s for s in exclude_subjects.replace(",", " ").split() if s]
     cfg = dict(config or {})

@@ -286,3 +286,23 @@ def test_cli_pretrain_with_nan_is_one_line(tmp_path):
     proc = _cli("pretrain", "--data-dir", str(tmp_path / "db5"), "--out", str(tmp_path / "b"))
     assert proc.returncode == 2 and "S1_E1_A1.mat: 'emg' has 2 NaN or infinite values" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "b").exists()
+
+
+def test_cli_pretrain_checks_out_before_training(tmp_path):
+    """A bad --out used to fail only after the whole training."""
+    root = write_myo_folder(tmp_path / "myo", subjects=("Alice", "Bob"))
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "old_base").mkdir()
+    (tmp_path / "old_base" / artifacts.META_FILE).write_text("{}")
+    cases = [(tmp_path / "a_file", "exists and is not a folder"),
+             (tmp_path / "a_file" / "base", "is not a folder"),
+             (tmp_path / "old_base", "already holds a model artifact")]
+    for out, message in cases:
+        proc = _cli("pretrain", "--data-dir", str(root), "--out", str(out), "--verbose")
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and "pretraining on" not in proc.stderr, proc.stderr[-2000:]
+    assert (tmp_path / "old_base" / artifacts.META_FILE).read_text() == "{}"
+    artifacts.check_new_artifact_dir(tmp_path / "new" / "base")  # a new folder, or an empty one, is fine
+    (tmp_path / "empty").mkdir()
+    artifacts.check_new_artifact_dir(tmp_path / "empty")
+    assert not (tmp_path / "new").exists()
