@@ -201,6 +201,9 @@ def pretrain_model(
     unknown = sorted(set(all_labels) - set(classes))
     if unknown:
         raise TrainingDataError(f"labels {unknown} are not in class_names {classes}")
+    missing = [c for c in classes if c not in set(all_labels)]
+    if missing:  # the base would claim (and a fine-tuned model copy) output rows it never trained
+        raise TrainingDataError(f"classes {missing} have no windows in the pretraining data (subjects {names})")
 
     sample_rate = float(cfg["sample_rate_hz"])
     _, step = pp.window_params(cfg["window_ms"], cfg["step_ms"], sample_rate)

@@ -306,3 +306,19 @@ def test_cli_pretrain_checks_out_before_training(tmp_path):
     (tmp_path / "empty").mkdir()
     artifacts.check_new_artifact_dir(tmp_path / "empty")
     assert not (tmp_path / "new").exists()
+
+
+def test_a_base_never_claims_classes_without_data(tmp_path):
+    """Myo folders holding only some gestures used to give a 7-class base with untrained output rows."""
+    root = write_myo_folder(tmp_path / "myo", subjects=("Alice", "Bob"))
+    for path in root.rglob("classe_*.dat"):
+        if int(path.stem.split("_")[1]) % 7 >= 2:  # keep gestures 0 (REST) and 1 only
+            path.unlink()
+    data = pretrain.load_myo_subjects(root)
+    from ml_model import datasets
+
+    with pytest.raises(TrainingDataError, match=r"classes \['wrist_flexion', .*'hand_open'\] have no windows"):
+        pretrain.pretrain_model(data, {"sample_rate_hz": 200.0, **SMALL}, class_names=datasets.MYO_CLASS_NAMES)
+    proc = _cli("pretrain", "--data-dir", str(root), "--out", str(tmp_path / "b"))
+    assert proc.returncode == 2 and "have no windows in the pretraining data" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "b").exists()
