@@ -145,6 +145,8 @@ def evaluate_subjects(
     val_accuracy: dict[str, float] = {}
     train_seconds: dict[str, float] = {}
     cpu_seconds: dict[str, float] = {}
+    epochs: dict[str, int] = {}
+    max_epochs = cfg["max_epochs"]
     model_bytes = 0
     t_all = time.perf_counter()
     for i, subject in enumerate(subjects):
@@ -170,6 +172,10 @@ def evaluate_subjects(
             x, labels, groups, train_cfg, seed=seed, progress_callback=progress, class_names=datasets.MYO_CLASS_NAMES
         )
         weights, meta = artifacts.save_artifact(model, meta, metrics)
+        # What the training actually did: the final model's epochs, under the cap of the method used
+        # (fine-tuning has its own default cap and may take its epoch count from the base's recipe).
+        epochs[subject] = int(meta["training"]["epochs"])
+        max_epochs = meta["training"]["config"]["max_epochs"]
         train_seconds[subject] = round(time.perf_counter() - t0, 3)
         cpu_seconds[subject] = round(time.process_time() - cpu0, 3)
         model_bytes = max(model_bytes, len(weights))
@@ -209,7 +215,8 @@ def evaluate_subjects(
             "test_sessions": test_sessions or [train_session], "test_cycles": test_cycles,
         },
         "seed": seed,
-        "max_epochs": cfg["max_epochs"],
+        "max_epochs": max_epochs,
+        "epochs": epochs,
         "base": base,
     }
 
@@ -253,9 +260,10 @@ class Jobs:
         """Train one model per subject on ``train_session`` (optionally only ``train_cycles``) and test it on
         ``test_sessions``, or with no test session on ``test_cycles`` of the training session (whenever the
         training session is tested, ``test_cycles`` must not meet ``train_cycles``; without ``train_cycles`` it
-        trains on the other cycles). ``epochs`` caps the epochs (default: the training default). ``base``: fine-tune this pretrained artifact dir
-        (from ``pretrain``) instead of training from scratch; one training cycle is then enough.
-        Prints one JSON line of figures last."""
+        trains on the other cycles). ``epochs`` caps the epochs (default: the training default), also those a
+        base's recipe asks for. ``base``: fine-tune this pretrained artifact dir (from ``pretrain``) instead of
+        training from scratch; one training cycle is then enough. Prints one JSON line of figures last
+        (``max_epochs``: the cap in force, ``epochs``: per subject, the epochs the final model trained)."""
         with _user_errors("evaluate"):
             verbose = _flag("verbose", verbose)
             epochs = _optional(_whole, "epochs", epochs, 1)

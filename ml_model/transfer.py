@@ -78,7 +78,7 @@ FINETUNE_DEFAULTS: dict[str, Any] = {
     "filter": None,  # None = the base's filter config
     "max_epochs": 40,
     "patience": 10,
-    "fixed_epochs": None,  # train exactly this many epochs, no validation (default: the base's recipe)
+    "fixed_epochs": None,  # train exactly this many epochs, no validation (default: the base's recipe, <= max_epochs)
     "alpha": None,  # WiSE-FT: final weights = base + alpha * (fine-tuned - base); None = recipe / validation
     "warmup_epochs": 3,  # head/input-only epochs at the start (counted in the epochs above)
     "lr_head": 3e-3,
@@ -362,16 +362,18 @@ def finetune_model(
         "input_stats": pp.input_stats(x),
     }
 
-    # Epoch count: explicit fixed_epochs > the base's recipe for one repetition > validation.
+    # Epoch count: explicit fixed_epochs > the base's recipe for one repetition (at most max_epochs) > validation.
     unique_groups = np.unique(g)
     fixed = cfg["fixed_epochs"]
     alpha = cfg["alpha"]
     recipe_source = "config" if fixed is not None else None
     recipe = base_recipe(base_meta, "scratch" if from_scratch else "finetune")
     if fixed is None and len(unique_groups) == 1 and recipe:
-        fixed = int(recipe["epochs"])
+        fixed = min(int(recipe["epochs"]), int(cfg["max_epochs"]))
         alpha = recipe.get("alpha") if alpha is None else alpha
         recipe_source = "base (tuned on its validation subjects)"
+        if fixed < int(recipe["epochs"]):
+            recipe_source += f", capped at max_epochs {fixed}"
     if from_scratch:
         alpha = 1.0
     # Validation part: the last group, or (one group) the end of every recording. With a fixed epoch count it

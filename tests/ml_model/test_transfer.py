@@ -303,3 +303,22 @@ def test_channel_subset_of_the_same_device_maps_the_input_layer(base):
     assert meta["base"]["adaptation"]["input_layer"] == "mapped"
     assert meta["base"]["adaptation"]["channel_map"] == [4, 1, 2]
     assert meta["channels"] == [4, 1, 2] and model.hparams["n_channels"] == 3
+
+
+def test_evaluate_respects_epochs_with_a_base_and_reports_the_epochs_used(base, tmp_path):
+    """The base's one-repetition recipe (2 or 4 epochs here) used to override --epochs, and the JSON reported the
+    from-scratch default cap (30) instead of what was trained."""
+    from test_pretrain import write_myo_folder
+
+    from ml_model.TrainMLJob import evaluate_subjects
+
+    weights, meta = base
+    recipe = meta["pretrain"]["calibration"]["recipe"]["finetune"]["epochs"]
+    assert recipe > 1
+    artifacts.write_artifact_dir(tmp_path / "base", weights, meta)
+    root = write_myo_folder(tmp_path / "myo", subjects=("Alice",), seconds=1.0)
+    args = {"data_dir": str(root), "train_cycles": [0], "test_cycles": [1], "base": str(tmp_path / "base")}
+    capped = evaluate_subjects(**args, config={"max_epochs": 1})
+    assert capped["epochs"] == {"Alice": 1} and capped["max_epochs"] == 1
+    free = evaluate_subjects(**args)
+    assert free["epochs"] == {"Alice": recipe} and free["max_epochs"] == transfer.FINETUNE_DEFAULTS["max_epochs"]
