@@ -314,7 +314,10 @@ class Jobs:
             }
         _setup_logging(verbose)
         from ml_model import pretrain
+        from semg.config import settings_or_exit
 
+        if args["register"]:  # a bad setting is one line now, not a traceback after the training
+            args["settings"] = settings_or_exit("TrainMLJob pretrain")
         with _user_errors("pretrain"):
             summary = pretrain.cli_pretrain(**args)
         sys.stdout.write(json.dumps(summary) + "\n")
@@ -337,7 +340,10 @@ class Jobs:
             }
         _setup_logging(verbose)
         from ml_model import export
+        from semg.config import settings_or_exit
 
+        if args["job_id"] is not None:  # the job's artifact is in the database
+            args["settings"] = settings_or_exit("TrainMLJob export")
         with _user_errors("export"):
             report = export.cli_export(**args)
         sys.stdout.write(json.dumps(report) + "\n")

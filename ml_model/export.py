@@ -349,6 +349,7 @@ def cli_export(
     artifact_dir: str | os.PathLike | None = None,
     int8: bool = True,
     check: bool = True,
+    settings=None,
 ) -> dict[str, Any]:
     """What ``TrainMLJob.py export`` does: write the file (+ sidecar JSON, + the int8 variant for ONNX) and
     return a JSON-able report (paths, sizes, max abs difference vs PyTorch, int8 agreement)."""
@@ -363,7 +364,7 @@ def cli_export(
         weights, meta = artifacts.read_artifact_dir(artifact_dir)
         source = {"artifact_dir": str(artifact_dir)}
     else:
-        weights, meta, artifact_id = load_job_artifact(int(job_id))
+        weights, meta, artifact_id = load_job_artifact(int(job_id), settings)
         source = {"job_id": int(job_id), "artifact_id": artifact_id}
     path = Path(out) if out else Path(export_filename(meta, fmt))
     data = export_bytes(weights, meta, fmt)

@@ -448,8 +448,9 @@ def cli_pretrain(
     seed: int = 0,
     fmt: str | None = None,
     config: Mapping[str, Any] | None = None,
+    settings=None,
 ) -> dict[str, Any]:
-    """What ``TrainMLJob.py pretrain`` does; returns a JSON-able summary."""
+    """What ``TrainMLJob.py pretrain`` does; returns a JSON-able summary. ``settings``: for ``register``."""
     from ml_model import artifacts
 
     artifacts.check_new_artifact_dir(out)  # before the training, not after it
@@ -467,5 +468,5 @@ def cli_pretrain(
         "channels": meta["channels"], "sample_rate_hz": meta["sample_rate_hz"], "window": meta["window"],
     }
     if register:
-        summary["artifact_id"] = register_base(weights, meta)
+        summary["artifact_id"] = register_base(weights, meta, settings)
     return summary

@@ -129,3 +129,13 @@ def test_evaluate_never_tests_on_training_cycles(tmp_path, monkeypatch):
     result = TrainMLJob.evaluate_subjects(str(root), test_sessions=["training0"], test_cycles=[3], subjects=["Alice"],
                                           config={"max_epochs": 1, "model": {"width": 8}})
     assert seen == [{0, 1, 2}] and result["split"]["test_sessions"] == ["training0"]
+
+
+def test_a_bad_setting_is_one_line_for_every_database_command(tmp_path):
+    """export JOB_ID and pretrain --register read the settings too; they used to end in a SettingsError traceback
+    (pretrain only after the whole training)."""
+    cases = [("export", "5"),
+             ("pretrain", "--data-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "b"), "--register"),
+             ("cancel", "5")]
+    for args in cases:
+        assert_usage_error(cli(*args, env={"API_PORT": "abc"}), "API_PORT")
