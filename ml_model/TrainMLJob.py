@@ -130,6 +130,8 @@ def evaluate_subjects(
     cfg = training.merge_config({"sample_rate_hz": datasets.MYO_SAMPLE_RATE_HZ, **(config or {})})
     win, step = pp.window_params(cfg["window_ms"], cfg["step_ms"], cfg["sample_rate_hz"])
     subjects = subjects or datasets.list_subjects(data_dir)
+    if not subjects:
+        raise ValueError(f"no subject folders in {data_dir} (expected <subject>/<session>/classe_<i>.dat)")
     if not test_sessions and not test_cycles:
         raise ValueError("give --test-sessions, or --test-cycles to hold out repetitions of the training session")
     # Testing on the training session (no --test-sessions, or it is one of them) is honest only on cycles the

@@ -59,17 +59,22 @@ def default_myo_dir() -> Path:
     return repo.parent / "shared" / "data" / "myo-armband" / "pretraining"
 
 
+def _folders(path: Path) -> list[str]:
+    """Names of the sub-folders, sorted; hidden ones (``.ipynb_checkpoints``, ``.git``) are not data."""
+    return sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def list_subjects(data_dir: str | os.PathLike) -> list[str]:
-    """Subject folder names under ``data_dir``, sorted."""
+    """Subject folder names under ``data_dir``, sorted (hidden folders ignored)."""
     root = Path(data_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"Myo data folder not found: {root}")
-    return sorted(p.name for p in root.iterdir() if p.is_dir())
+    return _folders(root)
 
 
 def list_sessions(data_dir: str | os.PathLike, subject: str) -> list[str]:
-    """Session folder names of one subject, sorted."""
-    return sorted(p.name for p in (Path(data_dir) / subject).iterdir() if p.is_dir())
+    """Session folder names of one subject, sorted (hidden folders ignored)."""
+    return _folders(Path(data_dir) / subject)
 
 
 def load_session(

@@ -139,3 +139,21 @@ def test_a_bad_setting_is_one_line_for_every_database_command(tmp_path):
              ("cancel", "5")]
     for args in cases:
         assert_usage_error(cli(*args, env={"API_PORT": "abc"}), "API_PORT")
+
+
+def test_evaluate_on_an_empty_folder_or_with_hidden_folders(tmp_path):
+    from test_pretrain import write_myo_folder
+
+    from ml_model import datasets
+
+    (tmp_path / "empty").mkdir()
+    assert_usage_error(cli("evaluate", "--data-dir", str(tmp_path / "empty"), "--test-cycles", "3"),
+                       "no subject folders in")
+    # a notebook's checkpoint folder is not a subject (it used to abort evaluate: no training0 session in it)
+    root = write_myo_folder(tmp_path / "myo", subjects=("Alice",), seconds=1.0)
+    (root / ".ipynb_checkpoints").mkdir()
+    (root / "Alice" / ".cache").mkdir()
+    assert datasets.list_subjects(root) == ["Alice"] and datasets.list_sessions(root, "Alice") == ["training0"]
+    result = TrainMLJob.evaluate_subjects(str(root), train_cycles=[0, 1, 2], test_cycles=[3],
+                                          config={"max_epochs": 1, "model": {"width": 8}})
+    assert list(result["accuracy"]) == ["Alice"]
