@@ -55,6 +55,18 @@ def _whole_numbers(mat: dict, key: str, path: Path) -> np.ndarray:
     return values.astype(np.int64)
 
 
+def _number(mat: dict, key: str, path: Path) -> float:
+    """The first value of a scalar variable (``exercise``, ``subject``, ``frequency``), a finite number."""
+    values = _vector(mat, key, path)
+    try:
+        value = float(values[0])
+    except (IndexError, TypeError, ValueError):
+        raise ValueError(f"{path}: {key!r} must be a number, got {values!r:.60}") from None
+    if not np.isfinite(value):
+        raise ValueError(f"{path}: {key!r} must be a finite number, got {value}")
+    return value
+
+
 def load_db5_mat(path: str | os.PathLike) -> dict[str, Any]:
     """One DB5 file -> {emg (n, C) float32, restimulus (n,) int, rerepetition (n,) int, exercise, subject,
     sample_rate_hz}. Exercise/subject come from the variables or else from the file name."""
@@ -71,9 +83,11 @@ def load_db5_mat(path: str | os.PathLike) -> dict[str, Any]:
     if not len(stim) == len(rep) == len(emg):
         raise ValueError(f"{path}: emg has {len(emg)} samples but restimulus {len(stim)}, rerepetition {len(rep)}")
     m = _FILE_RE.match(path.name)
-    exercise = int(_vector(mat, "exercise")[0]) if "exercise" in mat else (int(m.group(2)) if m else 1)
-    subject = f"S{int(_vector(mat, 'subject')[0])}" if "subject" in mat else (f"S{int(m.group(1))}" if m else path.stem)
-    rate = float(_vector(mat, "frequency")[0]) if "frequency" in mat else DB5_SAMPLE_RATE_HZ
+    exercise = int(_number(mat, "exercise", path)) if "exercise" in mat else (int(m.group(2)) if m else 1)
+    subject = f"S{int(_number(mat, 'subject', path))}" if "subject" in mat else (f"S{int(m.group(1))}" if m else path.stem)
+    rate = _number(mat, "frequency", path) if "frequency" in mat else DB5_SAMPLE_RATE_HZ
+    if rate <= 0:
+        raise ValueError(f"{path}: 'frequency' must be a positive sample rate, got {rate:g}")
     try:
         emg = emg.astype(np.float32)
     except (TypeError, ValueError):
@@ -160,6 +174,7 @@ def load_db5_subjects(
     want = None if subjects is None else set(subjects)
     drop, ex_ok = set(exclude), None if exercises is None else {int(e) for e in exercises}
     per: dict[str, list] = {}
+    first_file: dict[str, tuple[str, int]] = {}  # subject -> (its first used file, channel count)
     rate = None
     used = []
     movements: set[tuple[int, int]] = set()
@@ -177,6 +192,11 @@ def load_db5_subjects(
             raise ValueError(f"{path}: sample rate {rec['sample_rate_hz']} Hz differs from {rate} Hz")
         win, step = window_params(window_ms, step_ms, rate)
         w, y, g = db5_windows(rec, win, step, include_rest)
+        n_ch = int(rec["emg"].shape[1])
+        earlier, earlier_ch = first_file.setdefault(rec["subject"], (str(path), n_ch))
+        if n_ch != earlier_ch:
+            raise ValueError(f"{path}: {n_ch} emg channels, but {earlier} of the same subject {rec['subject']} has "
+                             f"{earlier_ch}")
         if len(w):
             per.setdefault(rec["subject"], []).append((w, y, g))
             used.append(str(path))

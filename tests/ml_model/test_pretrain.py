@@ -322,3 +322,18 @@ def test_a_base_never_claims_classes_without_data(tmp_path):
     proc = _cli("pretrain", "--data-dir", str(root), "--out", str(tmp_path / "b"))
     assert proc.returncode == 2 and "have no windows in the pretraining data" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and not (tmp_path / "b").exists()
+
+
+def test_db5_files_that_do_not_fit_are_named(tmp_path):
+    write_db5_mat(tmp_path / "s1" / "S1_E1_A1.mat", subject=1, exercise=1)
+    data = write_db5_mat(tmp_path / "s1" / "S1_E2_A1.mat", subject=1, exercise=2)
+    scipy.io.savemat(tmp_path / "s1" / "S1_E2_A1.mat", {**data, "emg": data["emg"][:, :12]})
+    with pytest.raises(ValueError, match=r"S1_E2_A1.mat: 12 emg channels, but .*S1_E1_A1.mat of the same subject S1 "
+                                         r"has 16"):
+        ninapro.load_db5_subjects(tmp_path)
+    bad = tmp_path / "bad.mat"
+    for extra, message in (({"exercise": np.zeros((0, 0))}, "'exercise' must be a number"),
+                           ({"frequency": np.array([[0]])}, "'frequency' must be a positive sample rate")):
+        scipy.io.savemat(bad, {**data, **extra})
+        with pytest.raises(ValueError, match=message):
+            ninapro.load_db5_mat(bad)
