@@ -87,8 +87,18 @@ def load_artifact(weights: bytes, meta: Mapping[str, Any]) -> EMGNet:
     expected = meta.get("sha256")
     if expected and hashlib.sha256(weights).hexdigest() != expected:
         raise ValueError("artifact weights do not match the sha256 in their metadata")
-    model = EMGNet(**meta["model"])
-    model.load_state_dict(st_load(bytes(weights)), strict=True)
+    hparams = meta.get("model")
+    if not isinstance(hparams, Mapping):
+        raise ValueError(f"artifact metadata has no 'model' hyper-parameters (got {hparams!r:.80})")
+    try:
+        model = EMGNet(**hparams)
+    except (TypeError, ValueError) as e:  # an unknown or missing key, a value of the wrong kind
+        raise ValueError(f"artifact 'model' hyper-parameters {dict(hparams)} do not describe an EMGNet: {e}") from None
+    try:
+        model.load_state_dict(st_load(bytes(weights)), strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"artifact weights do not fit its 'model' hyper-parameters {dict(hparams)}: "
+                         f"{str(e).splitlines()[0]}") from None
     return model.eval()
 
 
@@ -123,7 +133,14 @@ def check_new_artifact_dir(path: str | os.PathLike) -> Path:
 def read_artifact_dir(path: str | os.PathLike) -> tuple[bytes, dict[str, Any]]:
     """Read ``(weights_bytes, meta)`` written by ``write_artifact_dir``."""
     folder = Path(path)
-    return (folder / WEIGHTS_FILE).read_bytes(), json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+    weights = (folder / WEIGHTS_FILE).read_bytes()
+    try:
+        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+    except ValueError as e:  # also UnicodeDecodeError
+        raise ValueError(f"{folder / META_FILE}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{folder / META_FILE}: expected a JSON object, got {type(meta).__name__}")
+    return weights, meta
 
 
 class Predictor:

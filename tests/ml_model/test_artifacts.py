@@ -100,3 +100,19 @@ def _minimal_meta(n_channels: int, n_classes: int) -> dict:
         "window": win, "step": step, "filter": pp.filter_config(None),
         "scaler": {"mean": [0.0] * n_channels, "std": [1.0] * n_channels},
     }
+
+
+def test_metadata_that_does_not_describe_the_model_is_a_clear_error(tmp_path, trained_synth):
+    """A hand-edited or foreign meta.json used to end in a TypeError from EMGNet(**meta['model'])."""
+    model, meta, _ = trained_synth
+    weights, full = artifacts.save_artifact(model, meta)
+    cases = [({**full, "model": {**full["model"], "heads": 2}}, "do not describe an EMGNet.*heads"),
+             ({**full, "model": {**full["model"], "width": full["model"]["width"] * 2}}, "weights do not fit"),
+             ({k: v for k, v in full.items() if k != "model"}, "no 'model' hyper-parameters")]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=message):
+            artifacts.load_artifact(weights, bad)
+    folder = artifacts.write_artifact_dir(tmp_path / "m", weights, full)
+    (folder / artifacts.META_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match=r"meta.json: not valid JSON"):
+        artifacts.read_artifact_dir(folder)

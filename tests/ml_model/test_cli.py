@@ -157,3 +157,14 @@ def test_evaluate_on_an_empty_folder_or_with_hidden_folders(tmp_path):
     result = TrainMLJob.evaluate_subjects(str(root), train_cycles=[0, 1, 2], test_cycles=[3],
                                           config={"max_epochs": 1, "model": {"width": 8}})
     assert list(result["accuracy"]) == ["Alice"]
+
+
+def test_export_of_an_artifact_with_a_bad_meta_json_is_one_line(tmp_path):
+    from test_export import _trained_artifact
+
+    from ml_model import artifacts
+
+    weights, meta, _, _ = _trained_artifact()
+    artifacts.write_artifact_dir(tmp_path / "art", weights, {**meta, "model": {**meta["model"], "heads": 2}})
+    proc = cli("export", "--artifact-dir", str(tmp_path / "art"), "--out", str(tmp_path / "m.onnx"))
+    assert_usage_error(proc, "do not describe an EMGNet")
