@@ -120,6 +120,13 @@ def iter_records(payload: bytes) -> Iterator[tuple[tuple, int, int]]:
         off += hsize + vlen
 
 
+def without_devices(payload: bytes, devices: set[int]) -> bytes:
+    """A chunk payload without the records of `devices`."""
+    hsize = REC_HDR.size
+    return b"".join(payload[voff - hsize:voff + vlen] for h, voff, vlen in iter_records(payload)
+                    if h[1] not in devices)
+
+
 _K_AT = struct.Struct("<HH")  # n, channels inside a record header
 _K_OFFSET = 32
 

@@ -29,10 +29,13 @@ COLUMNS = ("user_id, device_id, boot, seq0, n, channels, sample_rate_hz, device_
            "server_ts, values")
 _COPY_SQL = f"COPY {{table}} ({COLUMNS}) FROM STDIN WITH (FORMAT binary)"
 _STAGE_DDL = "CREATE TEMP TABLE IF NOT EXISTS sample_blocks_stage (LIKE sample_blocks) ON COMMIT DELETE ROWS"
-# Rows of devices deleted meanwhile are skipped; rows already stored (spool replay, a retried commit whose
-# outcome was unknown) are skipped by the primary key.
-_STAGE_INSERT = (f"INSERT INTO sample_blocks ({COLUMNS}) SELECT {COLUMNS} FROM sample_blocks_stage s "
-                 "WHERE EXISTS (SELECT 1 FROM devices d WHERE d.id = s.device_id) ON CONFLICT DO NOTHING")
+# The batch's devices that still exist, locked until the commit: a device deleted meanwhile (its rows are
+# skipped) cannot make the foreign key refuse the whole batch by being deleted between this and the insert.
+_STAGE_LOCK_DEVICES = "SELECT id FROM devices WHERE id = ANY(%s) FOR KEY SHARE"
+# Only the rows of those devices; rows already stored (spool replay, a retried commit whose outcome was
+# unknown) are skipped by the primary key.
+_STAGE_INSERT = (f"INSERT INTO sample_blocks ({COLUMNS}) SELECT {COLUMNS} FROM sample_blocks_stage "
+                 "WHERE device_id = ANY(%s) ON CONFLICT DO NOTHING")
 
 # ---- binary COPY encoding ----------------------------------------------------------------------------
 _COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
@@ -143,11 +146,13 @@ class DbWriter(threading.Thread):
     MAX_BATCH_BYTES = 32 << 20
 
     def __init__(self, settings: Settings, read_chunk: Callable[[Chunk], bytes],
-                 on_committed: Callable[[list[Chunk], float], None], on_failed: Callable[[list[Chunk], str], None]):
+                 on_committed: Callable[[list[Chunk], float, set[int]], None],
+                 on_failed: Callable[[list[Chunk], str], None]):
         super().__init__(name="udpserver-db-writer", daemon=True)
         self.settings = settings
         self.read_chunk = read_chunk
-        self.on_committed = on_committed  # called in this thread: (chunks, commit duration)
+        # called in this thread: (chunks, commit duration, devices of the batch deleted meanwhile: rows not stored)
+        self.on_committed = on_committed
         self.on_failed = on_failed        # a batch PostgreSQL refuses for a reason other than being down
         self.queue: deque[Chunk] = deque()
         self._queue_lock = threading.Lock()  # submit() may extend the last queued chunk: never one being taken
@@ -197,32 +202,36 @@ class DbWriter(threading.Thread):
             cur.execute(_STAGE_DDL)
         return conn
 
-    def _write(self, batch: list[Chunk]) -> int:
+    def _write(self, batch: list[Chunk]) -> tuple[int, set[int]]:
+        """-> (rows sent, devices of the batch that no longer exist: their rows were not stored)."""
         payloads = [c.data if c.data is not None else self.read_chunk(c) for c in batch]
         data, rows, _ = copy_payload(payloads)
         conn = self._conn
+        devices = sorted({d for c in batch for d in c.per_device})
         if any(c.replayed for c in batch):
-            self._write_staged(conn, data)
-            return rows
+            return rows, self._write_staged(conn, data, devices)
         try:
             with conn.cursor() as cur:
                 copy_into(cur, "sample_blocks", data)  # autocommit: stored (and durable) when this returns
         except (psycopg2.errors.UniqueViolation, psycopg2.errors.ForeignKeyViolation) as e:
             # Already stored (an earlier commit whose outcome we never saw) or the device was deleted.
             log.info("batch needs the idempotent path: %s", first_line(e))
-            self._write_staged(conn, data)
-        return rows
+            return rows, self._write_staged(conn, data, devices)
+        return rows, set()
 
     @staticmethod
-    def _write_staged(conn, data: bytes) -> None:
+    def _write_staged(conn, data: bytes, devices: list[int]) -> set[int]:
         # one transaction: the stage table empties itself at commit
         conn.autocommit = False
         try:
             with conn, conn.cursor() as cur:
                 copy_into(cur, "sample_blocks_stage", data)
-                cur.execute(_STAGE_INSERT)
+                cur.execute(_STAGE_LOCK_DEVICES, (devices,))
+                present = [r[0] for r in cur.fetchall()]
+                cur.execute(_STAGE_INSERT, (present,))
         finally:
             conn.autocommit = True
+        return set(devices).difference(present)
 
     def _log_down(self, err: BaseException, backoff: float) -> None:
         now = time.monotonic()
@@ -267,12 +276,12 @@ class DbWriter(threading.Thread):
                 batch = self._take()
             try:
                 t0 = time.monotonic()
-                rows = self._write(batch)
+                rows, gone = self._write(batch)
                 self.last_commit_at = time.monotonic()
                 self.last_commit_ms = (self.last_commit_at - t0) * 1000
                 self.last_commit_rows = rows
                 self.commits += 1
-                self.on_committed(batch, self.last_commit_ms)
+                self.on_committed(batch, self.last_commit_ms, gone)
                 batch = []
                 retry_wait = 0.2
             except (psycopg2.DataError, psycopg2.IntegrityError) as e:

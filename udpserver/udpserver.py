@@ -32,7 +32,7 @@ from udpserver.ingest import Ingestor, Record, Resume
 from udpserver.metrics import MetricsServer, RateLimitedLog
 from udpserver.protocol import Reject
 from udpserver.publish import Publisher
-from udpserver.spool import CHUNK_OVERHEAD, Chunk, ChunkBuilder, Spool, SpoolLocked
+from udpserver.spool import CHUNK_OVERHEAD, Chunk, ChunkBuilder, Spool, SpoolLocked, without_devices
 from udpserver.storage import DbWriter, first_line, load_devices, load_resume
 
 log = logging.getLogger("udpserver")
@@ -156,10 +156,12 @@ class Server(asyncio.DatagramProtocol):
         self.bad_log.warning("socket", "UDP socket error: %s", exc)
 
     # ---- progress callbacks -----------------------------------------------------------------------
-    def _committed_from_thread(self, batch: list[Chunk], _ms: float) -> None:
-        self.loop.call_soon_threadsafe(self._committed, batch)
+    def _committed_from_thread(self, batch: list[Chunk], _ms: float, gone: set[int]) -> None:
+        self.loop.call_soon_threadsafe(self._committed, batch, gone)
 
-    def _committed(self, batch: list[Chunk]) -> None:
+    def _committed(self, batch: list[Chunk], gone: set[int]) -> None:
+        if gone:
+            self._drop_deleted(batch, gone)
         states = self.ingestor.states
         for c in batch:
             self.stored_samples += c.nsamples
@@ -170,6 +172,32 @@ class Server(asyncio.DatagramProtocol):
                     st.stored_samples += n
         self.spool.mark_committed(batch[-1])
         self.hot_bytes -= CHUNK_OVERHEAD * self.publisher.submit(batch)
+
+    def _drop_deleted(self, batch: list[Chunk], gone: set[int]) -> None:
+        """The writer skipped the rows of devices deleted while their packets were in flight: count their
+        samples as dropped, not stored, and take their records out of the chunks, so they are not published."""
+        states = self.ingestor.states
+        n = 0
+        for c in batch:
+            hit = gone.intersection(c.per_device)
+            if not hit:
+                continue
+            if c.data is None:  # spilled: the filtered payload is held in memory until published
+                self.hot_bytes += c.size
+            c.data = without_devices(c.data if c.data is not None else self.spool.read(c), hit)
+            for dev in hit:
+                pk, k = c.per_device.pop(dev)
+                c.nrec -= pk
+                c.nsamples -= k
+                n += k
+                st = states.get(dev)
+                if st is not None:
+                    st.dropped_samples += k
+        self.failed_samples += n
+        self.unstored_samples -= n
+        self.unpublished_samples -= n
+        log.warning("%d samples of deleted device(s) %s not stored (deleted while in flight); counted as dropped",
+                    n, ", ".join(map(str, sorted(gone))))
 
     def _failed_from_thread(self, batch: list[Chunk], why: str) -> None:
         self.loop.call_soon_threadsafe(self._failed, batch, why)

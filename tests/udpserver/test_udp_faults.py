@@ -7,6 +7,7 @@ import re
 import time
 
 import numpy as np
+import pytest
 from udphelpers import Streamer, add_device, add_user, stored_seqs
 
 from semg import db
@@ -336,3 +337,94 @@ def test_postgres_down_with_a_small_memory_bound_loses_nothing(clean_db, service
     assert sorted(set(collector.wait_samples(dev, 40_000))) == expected
     assert m["buffered"]["memory_bytes"] == 0
     assert srv.stop() == 0
+
+
+
+def _wait_blocked_by(conn, blocker, timeout: float = 20) -> None:
+    """Until the server's writer connection waits for a lock held by the connection `blocker`."""
+    pid = blocker.get_backend_pid()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'semg-udpserver' "
+                        "AND %s = ANY(pg_blocking_pids(pid))", (pid,))
+            if cur.fetchone()[0]:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"the writer never waited for backend {pid}")
+
+
+IN_FLIGHT = 50  # packets per device in the batch whose devices are deleted
+
+
+def _three_devices_and_a_held_batch(conn, udp_server, sender, *server_args: str):
+    """Devices A, B, C (with their users); the server's writer stuck on committing one packet of B (its
+    foreign key check waits for our row lock on B) while packets of A, B, C are accepted: they queue up as its
+    next batch, A's rows first, written once `release()` is called."""
+    key = b"f" * 32
+    with conn.cursor() as cur:
+        users = [add_user(cur) for _ in range(3)]
+        a, b, c = (add_device(cur, u, "binary", channels=4, key=key) for u in users)
+    srv = udp_server(*server_args)
+    hold = db.connect()
+    with hold.cursor() as cur:
+        cur.execute("SELECT 1 FROM devices WHERE id = %s FOR UPDATE", (b,))
+    try:
+        sender.send([protocol_packet(b, key, 0)])
+        _wait_blocked_by(conn, hold)
+        sender.send([protocol_packet(d, key, 10 * i + (10 if d == b else 0)) for i in range(IN_FLIGHT)
+                     for d in (a, b, c)])
+        srv.wait_for(lambda m: m["samples"]["accepted"] == 10 + 30 * IN_FLIGHT, 20, "all packets accepted")
+    except BaseException:
+        hold.close()
+        raise
+    return srv, users, (a, b, c), hold.close
+
+
+def _assert_only_b_stored_and_published(srv, collector, a, b, c) -> None:
+    m = srv.wait_for(lambda m: m["buffered"]["unstored_samples"] == 0 and m["buffered"]["unpublished_samples"] == 0,
+                     30, "the batch stored and published")
+    expected_b = [(1, s) for s in range(10 * (IN_FLIGHT + 1))]
+    assert _fresh_seqs(b) == expected_b, "B's samples in the same batch must be stored"
+    assert _fresh_seqs(a) == [] and _fresh_seqs(c) == []
+    assert m["samples"]["stored"] == m["samples"]["published"] == len(expected_b)
+    assert m["samples"]["dropped"] == 20 * IN_FLIGHT
+    assert sorted(set(collector.wait_samples(b, len(expected_b)))) == expected_b
+    assert collector.seqs(a) == [] and collector.seqs(c) == []
+    assert m["buffered"]["memory_bytes"] == 0
+    assert "deleted device(s)" in srv.log_tail(50)
+    assert srv.stop() == 0
+
+
+@pytest.mark.parametrize("memory_mb", ["256", "0"], ids=["in-memory", "read-back-from-spool"])
+def test_samples_of_devices_deleted_in_flight_are_dropped_not_stored(clean_db, udp_server, sender, collector,
+                                                                     memory_mb):
+    """Device A deleted, and device C's user, after their packets were accepted but before their batch is
+    written: B's samples in it are stored and published; A's and C's are not published and counted as
+    dropped (they used to be counted as stored, and published, though the rows were skipped)."""
+    srv, (_, _, user_c), (a, b, c), release = _three_devices_and_a_held_batch(
+        clean_db, udp_server, sender, "--memory-max-mb", memory_mb)
+    with clean_db.cursor() as cur:
+        cur.execute("DELETE FROM devices WHERE id = %s", (a,))
+        cur.execute("DELETE FROM users WHERE id = %s", (user_c,))
+    release()
+    _assert_only_b_stored_and_published(srv, collector, a, b, c)
+
+
+def test_a_device_deleted_while_its_batch_is_written_costs_no_other_devices_samples(clean_db, udp_server, sender,
+                                                                                     collector):
+    """A's rows (A deleted) send the batch down the path that skips deleted devices, and C's user is being
+    deleted meanwhile: the foreign key used to refuse the whole batch there, B's samples with it."""
+    srv, (_, _, user_c), (a, b, c), release = _three_devices_and_a_held_batch(clean_db, udp_server, sender)
+    deleting_c = db.connect()
+    try:
+        with clean_db.cursor() as cur:
+            cur.execute("DELETE FROM devices WHERE id = %s", (a,))
+        with deleting_c.cursor() as cur:  # not committed yet when the batch is written
+            cur.execute("DELETE FROM users WHERE id = %s", (user_c,))
+        release()
+        _wait_blocked_by(clean_db, deleting_c)
+        deleting_c.commit()
+    finally:
+        deleting_c.close()
+    _assert_only_b_stored_and_published(srv, collector, a, b, c)
