@@ -78,6 +78,9 @@ class Server(asyncio.DatagramProtocol):
         self._stop = asyncio.Event()
         self.transport: asyncio.DatagramTransport | None = None
         self.sock: socket.socket | None = None
+        # of the UDP socket, read when it is opened: the transport closes it at shutdown, /metrics still answers
+        self.sock_rcvbuf = 0
+        self.sock_inode: int | None = None
         self.db_ready = False
         # counters (samples unless named packets)
         self.received_packets = 0
@@ -342,8 +345,8 @@ class Server(asyncio.DatagramProtocol):
             "db": {"commits": self.writer.commits, "last_commit_rows": self.writer.last_commit_rows,
                    "last_commit_ms": round(self.writer.last_commit_ms, 2), "queued_chunks": len(self.writer.queue)},
             "nats": {"messages": self.publisher.messages, "queued_batches": len(self.publisher.queue)},
-            "socket": {"rcvbuf_bytes": self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) if self.sock else 0,
-                       "kernel_drops": _kernel_drops(os.fstat(self.sock.fileno()).st_ino) if self.sock else None},
+            "socket": {"rcvbuf_bytes": self.sock_rcvbuf,
+                       "kernel_drops": _kernel_drops(self.sock_inode) if self.sock_inode is not None else None},
         }
         if "devices=0" not in query:
             m["devices"] = {str(d): st.as_dict() for d, st in self.ingestor.states.items()}
@@ -399,6 +402,8 @@ class Server(asyncio.DatagramProtocol):
     async def run(self) -> int:
         self.recover()
         self.sock = self._open_socket()
+        self.sock_rcvbuf = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        self.sock_inode = os.fstat(self.sock.fileno()).st_ino
         self.transport, _ = await self.loop.create_datagram_endpoint(lambda: self, sock=self.sock)
         metrics = MetricsServer(self.settings.semg_bind_host or "127.0.0.1", self.settings.udp_metrics_port,
                                 self.metrics, self.health)

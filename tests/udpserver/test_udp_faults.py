@@ -428,3 +428,45 @@ def test_a_device_deleted_while_its_batch_is_written_costs_no_other_devices_samp
     finally:
         deleting_c.close()
     _assert_only_b_stored_and_published(srv, collector, a, b, c)
+
+
+def _http_status(url: str):
+    """The HTTP status of a GET, or "closed" if the connection was refused or closed without an answer."""
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            r.read()
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return "closed"
+
+
+def test_metrics_answer_until_the_server_has_stopped(clean_db, services, udp_server, sender):
+    """During a shutdown (here one that waits for NATS to publish the stored backlog) /metrics and /health
+    answer normally, or the connection is refused once they are closed: never 500, no traceback."""
+    import signal
+    from collections import Counter
+
+    dev, key = _device(clean_db)
+    srv = udp_server("--shutdown-timeout", "4")
+    statuses: Counter = Counter()
+    services.stop("nats")
+    try:
+        srv.wait_for(lambda m: not m["nats_connected"], 15, "server to notice NATS is down")
+        sender.send([protocol_packet(dev, key, 10 * i) for i in range(20)])
+        srv.wait_for(lambda m: m["samples"]["stored"] == 200, 20, "stored while NATS is down")
+        srv.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while srv.proc.poll() is None and time.monotonic() < deadline:
+            for path in ("/metrics", "/health"):
+                statuses[path, _http_status(srv.metrics_url + path)] += 1
+            time.sleep(0.01)
+        assert srv.proc.wait(30) == 0
+    finally:
+        restart(services, "nats")
+    assert statuses["/metrics", 200] > 0 and statuses["/health", 200] > 0
+    assert {s for _, s in statuses} <= {200, "closed"}, statuses
+    assert "Traceback" not in srv.log_path.read_text()
