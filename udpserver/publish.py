@@ -288,6 +288,14 @@ class Publisher:
                         self.queue.popleft()
                         self.on_published(batch, True)
                         break
+                largest = max((len(body) for _, body in messages), default=0)
+                if largest > self.nc.max_payload:  # this server would never take it: retrying cannot help
+                    self._error_log.warning("max_payload", "a stored batch is not published: a message of %d bytes "
+                                            "exceeds the NATS server's max_payload of %d", largest,
+                                            self.nc.max_payload)
+                    self.queue.popleft()
+                    self.on_published(batch, True)
+                    break
                 try:
                     before = self.disconnects
                     for i, (userid, body) in enumerate(messages):

@@ -233,7 +233,7 @@ class Server(asyncio.DatagramProtocol):
                 c.data = None
         if dropped and not unstored:
             self.bad_log.warning("shed", "%d stored samples not published (spool nearly full while NATS is down, "
-                                 "or unreadable)", sum(c.nsamples for c in batch))
+                                 "too large for NATS, or unreadable)", sum(c.nsamples for c in batch))
         self.spool.mark_published(batch[-1])
 
     def _should_shed(self) -> bool:

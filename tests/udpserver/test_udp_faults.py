@@ -470,3 +470,29 @@ def test_metrics_answer_until_the_server_has_stopped(clean_db, services, udp_ser
     assert statuses["/metrics", 200] > 0 and statuses["/health", 200] > 0
     assert {s for _, s in statuses} <= {200, "closed"}, statuses
     assert "Traceback" not in srv.log_path.read_text()
+
+
+def test_a_batch_too_large_for_the_nats_server_does_not_block_the_others(clean_db, udp_server, sender, monkeypatch,
+                                                                        tmp_path):
+    """A NATS server whose max_payload is below the messages of a burst (several packets of a device merged):
+    publish raises for them while connected. Such a batch used to be retried forever, so nothing after it
+    was published and, once the spool was full, new samples were dropped instead of stored. It is now not
+    published (counted), and the batches after it are."""
+    from udphelpers import own_nats_server
+
+    dev, key = _device(clean_db)
+    with own_nats_server(tmp_path / "nats", max_payload=700) as url:  # a one-packet message is ~550 bytes
+        monkeypatch.setenv("NATS_SERVER", url)
+        srv = udp_server("--shutdown-timeout", "2")
+        sender.send([protocol_packet(dev, key, 10 * i) for i in range(500)], pace_every=0)
+        srv.wait_for(lambda m: m["samples"]["publish_dropped"] > 0, 20, "a batch of merged packets not published")
+        for i in range(500, 520):  # one packet per batch from here on
+            sender.send([protocol_packet(dev, key, 10 * i)])
+            time.sleep(0.05)
+        m = srv.wait_for(lambda m: m["samples"]["accepted"] == 5200 and m["buffered"]["unpublished_samples"] == 0,
+                         30, "every batch published or not published")
+        assert m["samples"]["stored"] == 5200 == len(_fresh_seqs(dev)) and m["samples"]["dropped"] == 0
+        assert m["samples"]["published"] > 0
+        assert m["samples"]["published"] + m["samples"]["publish_dropped"] == 5200
+        assert "max_payload of 700" in srv.log_tail(200)
+        assert srv.stop() == 0

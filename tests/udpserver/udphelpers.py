@@ -122,6 +122,34 @@ def stored_seqs(conn, device_id: int) -> list[tuple[int, int]]:
         return [(b, s + k) for b, s, n in cur.fetchall() for k in range(n)]
 
 
+# ---- NATS ------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def own_nats_server(directory: Path, **conf):
+    """A NATS server of the test's own (no authentication) with settings of its own, e.g. max_payload: its URL.
+    Point a server at it with the NATS_SERVER environment variable."""
+    from semg.embedded import free_port, nats_server_bin, port_in_use
+    port = free_port()
+    directory.mkdir(parents=True, exist_ok=True)
+    config = directory / "nats.conf"
+    config.write_text(json.dumps({"host": "127.0.0.1", "port": port, **conf}))
+    with open(directory / "nats.log", "ab") as log:
+        proc = subprocess.Popen([str(nats_server_bin()), "-c", str(config)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while not port_in_use(port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"nats-server did not start: see {directory / 'nats.log'}")
+            time.sleep(0.05)
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 # ---- sending ---------------------------------------------------------------------------------------------
 class Sender:
     def __init__(self):
