@@ -175,8 +175,8 @@ def _build_messages_per_record(payload: bytes) -> list[tuple[int, bytes]]:
 
 
 class Publisher:
-    """Publishes committed batches in order; survives NATS being down (batches wait, nothing is dropped
-    unless the spool is about to overflow, see `should_shed`)."""
+    """Publishes committed batches in order; survives NATS being down or refusing what we publish while
+    connected (batches wait, nothing is dropped unless the spool is about to overflow, see `should_shed`)."""
 
     SETTLE_S = 2.0  # after a reconnect, give subscribers time to re-subscribe before sending the backlog
     FLUSH_TIMEOUT_S = 5.0
@@ -196,6 +196,11 @@ class Publisher:
         self._up_since = 0.0
         self._stopping = False
         self.messages = 0
+        self.failures = 0  # failed attempts to publish a batch (each is retried, or shed, see run())
+        self.failing = False  # the last attempt failed although NATS is connected (it refuses our messages)
+        self.last_error: str | None = None
+        self._async_errors = 0  # errors the server reports asynchronously, e.g. a permissions violation
+        self._async_error: Exception | None = None
         self._error_log = RateLimitedLog(log, 10.0)
 
     @property
@@ -231,10 +236,14 @@ class Publisher:
 
     async def _reconnected(self) -> None:
         self._up_since = time.monotonic()
+        self.failing = False  # a new connection gets a new chance
         log.info("NATS reconnected; publishing the backlog in %.1fs", self.SETTLE_S)
 
     async def _error(self, e: Exception) -> None:
-        # called for every failed (re)connection attempt, twice a second while NATS is away
+        # called for every failed (re)connection attempt, twice a second while NATS is away, and for errors the
+        # server answers a publish with (mostly before the flush's PONG, not always: see run())
+        self._async_errors += 1
+        self._async_error = e
         self._error_log.warning(type(e).__name__, "NATS at %s: %s (retrying)", self.settings.nats_url,
                                 e or type(e).__name__)
 
@@ -274,7 +283,7 @@ class Publisher:
             messages = None
             while True:
                 await self._wait_ready()
-                if not self.connected and self.should_shed():
+                if (not self.connected or self.failing) and self.should_shed():
                     self.queue.popleft()
                     self.on_published(batch, True)
                     await asyncio.sleep(0)  # shedding a long backlog must not hold up the datagram path
@@ -297,18 +306,35 @@ class Publisher:
                     self.on_published(batch, True)
                     break
                 try:
-                    before = self.disconnects
+                    before = self.disconnects, self._async_errors
                     for i, (userid, body) in enumerate(messages):
                         await self.nc.publish(samples_subject(userid), body)
                         if i % 256 == 255:
                             await asyncio.sleep(0)  # let datagrams in while a large backlog goes out
                     await self.nc.flush(timeout=self.FLUSH_TIMEOUT_S)
-                    if self.disconnects != before:
+                    if self.failing:
+                        # The server's error for a refused message can come after the flush's PONG: while it is
+                        # refusing, a batch counts as published only if a second round trip brings no error either.
+                        # (So the first refused batch may be counted as published; the ones after it are not.)
+                        await self.nc.flush(timeout=self.FLUSH_TIMEOUT_S)
+                    if self.disconnects != before[0]:
                         raise ConnectionError("disconnected while publishing")
+                    if self._async_errors != before[1]:
+                        raise self._async_error
                 except Exception as e:  # noqa: BLE001 - any failure means: publish the batch again
-                    log.warning("publishing %d messages failed (%s); will retry", len(messages), e or type(e).__name__)
-                    await asyncio.sleep(0.5)
+                    self.failures += 1
+                    self.last_error = str(e) or type(e).__name__
+                    self.failing = self.connected
+                    self._error_log.warning("publish", "publishing %d messages failed (%s); will retry (stored samples "
+                                            "wait in the spool; past 80 %% of it the oldest are not published)",
+                                            len(messages), self.last_error)
+                    retry_at = time.monotonic() + 0.5
+                    while time.monotonic() < retry_at and not (self.failing and self.should_shed()):
+                        await asyncio.sleep(0.05)
                     continue
+                if self.failing:
+                    log.info("publishing works again")
+                    self.failing = False
                 self.messages += len(messages)
                 self.queue.popleft()
                 self.on_published(batch, False)

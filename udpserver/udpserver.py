@@ -232,8 +232,8 @@ class Server(asyncio.DatagramProtocol):
                 self.hot_bytes -= c.size
                 c.data = None
         if dropped and not unstored:
-            self.bad_log.warning("shed", "%d stored samples not published (spool nearly full while NATS is down, "
-                                 "too large for NATS, or unreadable)", sum(c.nsamples for c in batch))
+            self.bad_log.warning("shed", "%d stored samples not published (spool nearly full while NATS is down or "
+                                 "refuses them, too large for NATS, or unreadable)", sum(c.nsamples for c in batch))
         self.spool.mark_published(batch[-1])
 
     def _should_shed(self) -> bool:
@@ -321,7 +321,8 @@ class Server(asyncio.DatagramProtocol):
                      (self.stored_samples - prev[3]) / dt, self.accepted_samples, self.stored_samples,
                      self.published_samples, self.lost_samples, self.dropped_samples + self.failed_samples,
                      self.unstored_samples, self.unpublished_samples, rej or "none",
-                     "up" if self.writer.connected else "DOWN", "up" if self.publisher.connected else "DOWN")
+                     "up" if self.writer.connected else "DOWN",
+                     "DOWN" if not self.publisher.connected else "REFUSING" if self.publisher.failing else "up")
             prev = (now, self.received_packets, self.accepted_samples, self.stored_samples)
 
     # ---- metrics ----------------------------------------------------------------------------------
@@ -344,7 +345,9 @@ class Server(asyncio.DatagramProtocol):
             "rejected": rej,
             "db": {"commits": self.writer.commits, "last_commit_rows": self.writer.last_commit_rows,
                    "last_commit_ms": round(self.writer.last_commit_ms, 2), "queued_chunks": len(self.writer.queue)},
-            "nats": {"messages": self.publisher.messages, "queued_batches": len(self.publisher.queue)},
+            "nats": {"messages": self.publisher.messages, "queued_batches": len(self.publisher.queue),
+                     "failures": self.publisher.failures, "failing": self.publisher.failing,
+                     "last_error": self.publisher.last_error},
             "socket": {"rcvbuf_bytes": self.sock_rcvbuf,
                        "kernel_drops": _kernel_drops(self.sock_inode) if self.sock_inode is not None else None},
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import time
 
@@ -470,6 +471,40 @@ def test_metrics_answer_until_the_server_has_stopped(clean_db, services, udp_ser
     assert statuses["/metrics", 200] > 0 and statuses["/health", 200] > 0
     assert {s for _, s in statuses} <= {200, "closed"}, statuses
     assert "Traceback" not in srv.log_path.read_text()
+
+
+def test_nats_refusing_publishes_never_stops_storage(clean_db, udp_server, sender, monkeypatch):
+    """NATS connected but refusing every publish (here the ingest service connects as an identity without
+    publish permission; the server answers each message with a permissions violation): everything is stored,
+    the publish backlog stays bounded (past 80 % of the spool the oldest stored batches are not published,
+    counted), and metrics and log say why. The refused messages used to be counted as published."""
+    from semg import secrets
+
+    user, password = secrets.nats_credentials("ui")  # may subscribe to samples, never publish
+    monkeypatch.setenv("NATS_SERVER", f"nats://127.0.0.1:{os.environ['NATS_PORT']}")
+    monkeypatch.setenv("NATS_USER", user)
+    monkeypatch.setenv("NATS_PASSWORD", password)
+    dev, key = _device(clean_db)
+    srv = udp_server("--spool-max-mb", "2", "--shutdown-timeout", "2")
+    # ~2.0 MB of spool records, beyond the bound. (The spool frees whole segments of ~1 s, so the 20 % it keeps
+    # free above the shedding mark must hold a few seconds of this stream: 2 MiB rather than 1.)
+    packets = [protocol_packet(dev, key, 10 * i) for i in range(14_000)]
+    sender.send(packets, pace_every=20, pause=0.02)
+    m = srv.wait_for(lambda m: m["packets"]["received"] == len(packets) and m["buffered"]["unstored_samples"] == 0,
+                     30, "all packets received and stored")
+    assert m["samples"]["dropped"] == 0
+    assert m["samples"]["accepted"] == m["samples"]["stored"] == 10 * len(packets) == len(_fresh_seqs(dev))
+    # the server may report refusing the first batch only after that batch counted as published
+    assert m["samples"]["published"] < 0.01 * m["samples"]["stored"]
+    assert m["samples"]["publish_dropped"] > 0
+    assert (m["samples"]["published"] + m["samples"]["publish_dropped"] + m["buffered"]["unpublished_samples"]
+            == m["samples"]["stored"])
+    assert m["buffered"]["spool_bytes"] <= m["buffered"]["spool_max_bytes"]
+    assert m["nats_connected"] and m["nats"]["failing"] and m["nats"]["failures"] > 0
+    assert "permissions violation" in m["nats"]["last_error"]
+    log = srv.log_tail(200)
+    assert "will retry" in log and "stored samples not published" in log
+    assert srv.stop() == 0
 
 
 def test_a_batch_too_large_for_the_nats_server_does_not_block_the_others(clean_db, udp_server, sender, monkeypatch,
