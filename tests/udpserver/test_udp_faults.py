@@ -37,6 +37,19 @@ def restart(services, name: str, attempts: int = 5) -> None:
             time.sleep(2.0)
 
 
+@contextlib.contextmanager
+def service_down(services, srv, name: str, timeout: float = 15):
+    """`name` ("postgres" or "nats") stopped for the block, which starts once the server has noticed;
+    started again after it, however it ends."""
+    flag, label = {"postgres": ("db_connected", "PostgreSQL"), "nats": ("nats_connected", "NATS")}[name]
+    services.stop(name)
+    try:
+        srv.wait_for(lambda m: not m[flag], timeout, f"server to notice {label} is down")
+        yield
+    finally:
+        restart(services, name)
+
+
 def protocol_packet(dev: int, key: bytes, seq0: int) -> bytes:
     return protocol.build_binary(dev, 1, seq0, 1000 + 2 * seq0, 500, np.full((10, 4), seq0 % 100), key)
 
@@ -46,17 +59,21 @@ def _fresh_seqs(device_id: int) -> list[tuple[int, int]]:
         return stored_seqs(conn, device_id)
 
 
-def test_nats_down_10s_loses_nothing_stored(clean_db, services, udp_server, collector):
+def _streaming_for_16s(clean_db, udp_server):
+    """A device sending 16,000 samples over 16 s to a new server, 3 s into the stream: (device, server, stream)."""
     dev, key = _device(clean_db)
     srv = udp_server()
-    stream = Streamer(dev, key, 4, packets_per_s=100, n_packets=1600)  # 16 s, 16,000 samples
+    stream = Streamer(dev, key, 4, packets_per_s=100, n_packets=1600)
     stream.start()
     time.sleep(3)
-    services.stop("nats")
-    srv.wait_for(lambda m: not m["nats_connected"], 10, "server to notice NATS is down")
-    time.sleep(10)
-    during = srv.metrics()
-    restart(services, "nats")
+    return dev, srv, stream
+
+
+def test_nats_down_10s_loses_nothing_stored(clean_db, services, udp_server, collector):
+    dev, srv, stream = _streaming_for_16s(clean_db, udp_server)
+    with service_down(services, srv, "nats", 10):
+        time.sleep(10)
+        during = srv.metrics()
     stream.join(30)
     m = srv.wait_settled(60)
     assert during["samples"]["stored"] > during["samples"]["published"], "storage must go on while NATS is down"
@@ -70,18 +87,10 @@ def test_nats_down_10s_loses_nothing_stored(clean_db, services, udp_server, coll
 
 
 def test_postgres_down_10s_loses_nothing(clean_db, services, udp_server, collector):
-    dev, key = _device(clean_db)
-    srv = udp_server()
-    stream = Streamer(dev, key, 4, packets_per_s=100, n_packets=1600)
-    stream.start()
-    time.sleep(3)
-    services.stop("postgres")
-    try:
-        srv.wait_for(lambda m: not m["db_connected"], 15, "server to notice PostgreSQL is down")
+    dev, srv, stream = _streaming_for_16s(clean_db, udp_server)
+    with service_down(services, srv, "postgres"):
         time.sleep(10)
         during = srv.metrics()
-    finally:
-        restart(services, "postgres")
     assert during["buffered"]["unstored_samples"] > 0 and during["samples"]["dropped"] == 0
     stream.join(30)
     m = srv.wait_settled(60)
@@ -100,15 +109,12 @@ def test_kill9_keeps_every_accepted_sample(clean_db, services, udp_server):
     stream = Streamer(dev, key, 4, packets_per_s=200, n_packets=1000)
     stream.start()
     time.sleep(1)
-    services.stop("postgres")
-    try:
+    with service_down(services, srv, "postgres"):
         srv.wait_for(lambda m: m["buffered"]["unstored_samples"] >= 2000 and not m["db_connected"], 20,
                      "a backlog of unstored samples")
         before = srv.metrics()
         srv.kill9()  # while the stream is still going
         killed_at_sent = stream.sent
-    finally:
-        restart(services, "postgres")
     accepted = before["samples"]["accepted"]
     assert before["samples"]["stored"] < accepted
     stream.halt()
@@ -193,15 +199,11 @@ def test_spool_overflow_while_postgres_is_down_is_counted_as_dropped(clean_db, s
     dev, key = _device(clean_db)
     srv = udp_server("--spool-max-mb", "1")
     packets = [protocol_packet(dev, key, 10 * i) for i in range(12_000)]  # ~1.7 MB of spool records
-    services.stop("postgres")
-    try:
-        srv.wait_for(lambda m: not m["db_connected"], 15, "server to notice PostgreSQL is down")
+    with service_down(services, srv, "postgres"):
         sender.send(packets, pace_every=100, pause=0.002)
         m = srv.wait_for(lambda m: m["packets"]["received"] == len(packets), 30, "all packets received")
         assert m["samples"]["dropped"] > 0 and m["buffered"]["spool_bytes"] <= 1 << 20
         assert m["samples"]["accepted"] + m["samples"]["dropped"] == 10 * len(packets)
-    finally:
-        restart(services, "postgres")
     m = srv.wait_settled(60)
     assert m["samples"]["stored"] == m["samples"]["accepted"] == len(_fresh_seqs(dev))
     assert srv.stop() == 0
@@ -244,16 +246,12 @@ def test_shedding_skips_only_the_oldest_batches(clean_db, services, udp_server):
     dev, key = _device(clean_db)
     srv = udp_server("--spool-max-mb", "1")
     n_packets = 6500  # ~0.95-1.0 MB of spool records (144 B each plus chunk headers): past 80 % of 1 MiB
-    services.stop("nats")
-    try:
-        srv.wait_for(lambda m: not m["nats_connected"], 15, "server to notice NATS is down")
+    with service_down(services, srv, "nats"):
         s = Sender()
         s.send([protocol_packet(dev, key, 10 * i) for i in range(n_packets)], pace_every=20, pause=0.02)
         s.sock.close()
         srv.wait_for(lambda m: m["samples"]["stored"] == m["samples"]["accepted"] == 10 * n_packets,
                      30, "everything stored while NATS is down")
-    finally:
-        restart(services, "nats")
     collector = Collector().start_and_wait()
     try:
         m = srv.wait_settled(60)
@@ -321,13 +319,9 @@ def test_postgres_down_with_a_small_memory_bound_loses_nothing(clean_db, service
     stream = Streamer(dev, key, 4, packets_per_s=500, n_packets=4000)  # 8 s, ~0.6 MB of spool, 4000 bursts
     stream.start()
     time.sleep(1)
-    services.stop("postgres")
-    try:
-        srv.wait_for(lambda m: not m["db_connected"], 15, "server to notice PostgreSQL is down")
+    with service_down(services, srv, "postgres"):
         stream.join(30)
         during = srv.wait_for(lambda m: m["samples"]["accepted"] == 40_000, 15, "all accepted")
-    finally:
-        restart(services, "postgres")
     assert during["buffered"]["unstored_samples"] > 20_000 and during["samples"]["dropped"] == 0
     assert during["buffered"]["memory_bytes"] <= during["buffered"]["memory_max_bytes"] + (64 << 10)
     assert during["db"]["queued_chunks"] < 2500  # ~1 MiB / (160 B + 512 B overhead) kept, then a few ranges
@@ -454,9 +448,7 @@ def test_metrics_answer_until_the_server_has_stopped(clean_db, services, udp_ser
     dev, key = _device(clean_db)
     srv = udp_server("--shutdown-timeout", "4")
     statuses: Counter = Counter()
-    services.stop("nats")
-    try:
-        srv.wait_for(lambda m: not m["nats_connected"], 15, "server to notice NATS is down")
+    with service_down(services, srv, "nats"):
         sender.send([protocol_packet(dev, key, 10 * i) for i in range(20)])
         srv.wait_for(lambda m: m["samples"]["stored"] == 200, 20, "stored while NATS is down")
         srv.proc.send_signal(signal.SIGTERM)
@@ -466,8 +458,6 @@ def test_metrics_answer_until_the_server_has_stopped(clean_db, services, udp_ser
                 statuses[path, _http_status(srv.metrics_url + path)] += 1
             time.sleep(0.01)
         assert srv.proc.wait(30) == 0
-    finally:
-        restart(services, "nats")
     assert statuses["/metrics", 200] > 0 and statuses["/health", 200] > 0
     assert {s for _, s in statuses} <= {200, "closed"}, statuses
     assert "Traceback" not in srv.log_path.read_text()
