@@ -144,6 +144,12 @@ class CueRun:
 
     def advance(self, now: float, store: IntervalStore) -> list[Step]:
         """Close every interval whose time is up (each ends exactly where the next starts); record them."""
+        finished = self._close_due(now)
+        self.flush(store)
+        return finished
+
+    def _close_due(self, now: float) -> list[Step]:
+        """advance() without the database writes: the due intervals are closed and their marks queued."""
         finished = []
         with self.lock:
             while self.state == "running":
@@ -159,7 +165,6 @@ class CueRun:
                     self.state = "done"
                 else:
                     self.steps[self.index].started = end
-        self.flush(store)
         return finished
 
     def _queue(self, *ops: tuple) -> None:
@@ -246,17 +251,20 @@ class CueRun:
         rest, another rest after it, since the next planned interval is then a gesture (or the end). The
         session's planned length is extended by the time this adds.
         While a redo is under way (its gesture not yet done) another click does nothing: a double click must
-        not throw away the good repetition before it."""
-        self.advance(now, store)
+        not throw away the good repetition before it.
+        The new intervals are rows the database must add: while it is unreachable this raises (the store's
+        error) and changes nothing; the intervals already due are closed and queued all the same."""
+        self._close_due(now)
         with self.lock:
-            if self.state != "running" or self.redo_pending:
-                return None
-            cur = self.steps[self.index]
-            done_gestures = [s for s in self.steps[: self.index] if s.kind == "gesture" and not s.discarded]
-            target = cur if cur.kind == "gesture" else (done_gestures[-1] if done_gestures else None)
-            if target is None:
-                return None
+            target = None
+            if self.state == "running" and not self.redo_pending:
+                cur = self.steps[self.index]
+                done_gestures = [s for s in self.steps[: self.index] if s.kind == "gesture" and not s.discarded]
+                target = cur if cur.kind == "gesture" else (done_gestures[-1] if done_gestures else None)
             elapsed_ms = int((now - self.t_start) * 1000)
+        if target is None:
+            self.flush(store)  # the intervals that were due
+            return None
         # The new rows first: if adding fails nothing has changed yet and the click can simply be repeated.
         plan = [("rest", REST, self.rest_s), ("gesture", target.label, self.hold_s)]
         if cur.kind == "rest":
@@ -287,7 +295,9 @@ class CueRun:
         return target
 
     def abort(self, now: float, store: IntervalStore) -> None:
-        self.advance(now, store)
+        """Stop here: the current interval is cut at ``now``. The run is aborted even while the database is
+        unreachable (then the final flush raises the store's error and the marks wait in the queue/journal)."""
+        self._close_due(now)
         with self.lock:
             if self.state != "running":
                 return

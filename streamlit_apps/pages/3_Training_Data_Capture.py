@@ -38,6 +38,8 @@ def start_session(user: dict, device: dict, gestures: list[str], reps: int, hold
 
 def finish(run: capture.CueRun) -> None:
     """End the session (completed or aborted), close the video and register it."""
+    # The last marks first (journalled, then stored): the session must not end before its intervals are.
+    run.flush(data.SessionStore(run.session_id))
     status = "completed" if run.state == "done" else "aborted"
     ends = [s.ended for s in run.steps if s.ended is not None]
     end = max(ends) if ends else time.time()
@@ -80,18 +82,30 @@ def run_view() -> None:
         c1, c2 = st.columns(2)
         if c1.button("Redo last repetition", key="redo", width="stretch", icon=":material/replay:",
                      help="Throws the last gesture repetition away and does it again after a short rest"):
-            redone = run.redo_last(time.time(), store)
-            st.toast(f"Redoing {redone.label} (repetition {redone.repetition + 1})" if redone
-                     else "Already redoing: finish that repetition first" if run.redo_pending
-                     else "Nothing to redo yet")
+            try:
+                redone = run.redo_last(time.time(), store)
+                st.toast(f"Redoing {redone.label} (repetition {redone.repetition + 1})" if redone
+                         else "Already redoing: finish that repetition first" if run.redo_pending
+                         else "Nothing to redo yet")
+            except data.Unavailable:  # nothing changed: the redo's new intervals need the database
+                st.toast("A redo needs the database, which is not reachable: try again when it is back",
+                         icon=":material/power_off:")
         if c2.button("Stop session", key="abort", width="stretch", icon=":material/stop:"):
-            run.abort(time.time(), store)
+            try:
+                run.abort(time.time(), store)
+            except data.Unavailable:  # stopped all the same; the cut interval's time waits in the journal
+                pass
         cue = run.cue(time.time())
         color = "#d62728" if cue.kind == "gesture" and cue.state == "running" else "#555555"
         ui.big_cue(cue.headline, cue.subline, color=color, size_rem=5.0)
         st.progress(min(1.0, max(0.0, cue.progress)), text=f"session #{run.session_id}")
         if run.state in ("done", "aborted"):
-            finish(run)
+            try:
+                finish(run)
+            except data.Unavailable:  # tried again on the next tick; the interval times are journalled
+                st.warning("The session has ended; it is closed (and its video registered) as soon as the "
+                           "database is reachable again.", icon=":material/power_off:")
+                return
             st.rerun(scope="app")
 
 

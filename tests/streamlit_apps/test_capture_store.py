@@ -90,6 +90,29 @@ def test_redo_and_stop_writes_survive_a_failed_mark(new_session):
     assert (rest["started_at"], rest["ended_at"]) == (capture.utc(1003.0), capture.utc(1004.0))
 
 
+def test_stop_and_redo_while_the_database_is_down(new_session, settings, point_ui_at):
+    run, _ = new_session()  # REST 0-2, fist 2-4, REST 4-6, open hand 6-8, ...
+    store = data.SessionStore(run.session_id)
+    run.advance(1001.0, store)
+    steps = [(s.interval_id, s.discarded) for s in run.steps]
+    point_ui_at(free_port())
+    with pytest.raises(data.Unavailable):  # a redo needs new rows: it changes nothing (REST 0-2 is due, queued)
+        run.redo_last(1003.0, store)
+    assert [(s.interval_id, s.discarded) for s in run.steps] == steps and run.state == "running"
+    assert run.unsaved == 1
+    with pytest.raises(data.Unavailable):  # Stop stops, database or not
+        run.abort(1003.5, store)
+    assert run.state == "aborted" and run.unsaved == 2
+    point_ui_at(settings.postgres_port)
+    run.advance(1010.0, store)  # the next tick, the database back: the cut is stored, nothing after it
+    assert run.unsaved == 0
+    ivs = intervals(new_session.conn, run.session_id)
+    assert [(i["label"], i["started_at"], i["ended_at"]) for i in ivs[:3]] == [
+        ("REST", capture.utc(1000.0), capture.utc(1002.0)), ("fist", capture.utc(1002.0), capture.utc(1003.5)),
+        ("REST", None, None)]
+    assert all(i["started_at"] is None for i in ivs[2:])
+
+
 def start_on_page(page, user_id, hold=20.0, rest=0.5, gestures=("fist",), reps=1):
     at = page("capture", user_id=user_id)
     at.run()
