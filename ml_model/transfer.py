@@ -362,14 +362,18 @@ def finetune_model(
         "input_stats": pp.input_stats(x),
     }
 
-    # Epoch count: explicit fixed_epochs > the base's recipe for one repetition (at most max_epochs) > validation.
+    # Epoch count: explicit fixed_epochs > the base's recipe for one repetition > validation. The recipe is
+    # capped only by a max_epochs the caller gave: the default cap (40) is for validation-chosen epochs and
+    # must not cut a tuned recipe (a scratch recipe can be 64).
     unique_groups = np.unique(g)
     fixed = cfg["fixed_epochs"]
     alpha = cfg["alpha"]
     recipe_source = "config" if fixed is not None else None
     recipe = base_recipe(base_meta, "scratch" if from_scratch else "finetune")
     if fixed is None and len(unique_groups) == 1 and recipe:
-        fixed = min(int(recipe["epochs"]), int(cfg["max_epochs"]))
+        fixed = int(recipe["epochs"])
+        if config and config.get("max_epochs") is not None:
+            fixed = min(fixed, int(cfg["max_epochs"]))
         alpha = recipe.get("alpha") if alpha is None else alpha
         recipe_source = "base (tuned on its validation subjects)"
         if fixed < int(recipe["epochs"]):

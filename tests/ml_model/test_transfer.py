@@ -4,6 +4,7 @@ WiSE interpolation, the training-job path (param base_artifact_id) and the evalu
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import subprocess
 import sys
@@ -162,6 +163,24 @@ def test_one_repetition_finetune_uses_the_base_recipe_and_serves(base):
     assert _accuracy(weights, meta, x[~one], y[~one]) > 0.9
     # the scaler is the person's own, fit on what they recorded
     assert meta["scaler"] == pp.fit_standardizer(pp.prepare_unscaled(x[one], meta))
+
+
+def test_a_recipe_is_capped_only_by_a_max_epochs_the_caller_gave(base):
+    """The default cap is for validation-chosen epochs: it must not cut a tuned recipe (scratch recipes go up
+    to 64 epochs); an explicit max_epochs (--epochs, a job's epochs) does."""
+    x, y, g = synth_subject(43)
+    one = g == 0
+    model, meta = base
+    meta = copy.deepcopy(meta)
+    long = transfer.FINETUNE_DEFAULTS["max_epochs"] + 2
+    meta["pretrain"]["calibration"]["recipe"]["scratch"]["epochs"] = long
+    _, _, metrics = transfer.finetune_model(x[one], y[one], g[one], (model, meta), {"sample_rate_hz": RATE},
+                                            class_names=CLASSES, from_scratch=True)
+    assert metrics["best_epoch"] == long
+    _, _, metrics = transfer.finetune_model(x[one], y[one], g[one], (model, meta),
+                                            {"sample_rate_hz": RATE, "max_epochs": 3},
+                                            class_names=CLASSES, from_scratch=True)
+    assert metrics["best_epoch"] == 3
 
 
 def test_one_repetition_without_recipe_uses_a_time_split(base):
