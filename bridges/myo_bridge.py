@@ -21,8 +21,9 @@ packet's first sample: it follows the sample count at the nominal rate (5 ms per
 bunched-up delivery moves neither it nor the sample order. It starts at the host's monotonic clock (ms since the
 bridge started) and is re-anchored to that clock, only ever forwards, after a reconnect and when, over a
 ``--resync-window-s`` window, even the least delayed notification shows the device time more than
-``--max-drift-ms`` behind the host (notifications lost unnoticed, or an armband faster than 200 Hz). Delivery
-delays only add to (host - device time), so their minimum is the drift; one late burst does not move the clock.
+``--max-drift-ms`` behind the host (notifications lost unnoticed, or an armband slower than 200 Hz; a faster
+one runs ahead of the host, which the server's rolling clock-offset estimate follows). Delivery delays only add
+to (host - device time), so their minimum is the drift; one late burst does not move the clock.
 
 Losses: after a Bluetooth disconnect the bridge reconnects with exponential back-off; the sequence number jumps
 by the number of samples the armband produced meanwhile (elapsed time x 200 Hz), so the server counts them as
