@@ -60,7 +60,8 @@ class Record(NamedTuple):
 
 class DeviceState:
     __slots__ = ("boot", "last_seq", "clock", "accepted_packets", "accepted_samples", "stored_samples",
-                 "published_samples", "lost_samples", "dropped_samples", "rejected")
+                 "published_samples", "lost_samples", "dropped_samples", "rejected", "last_accepted",
+                 "last_rejected", "rejected_boot", "rejected_channels")
 
     def __init__(self) -> None:
         self.boot: int | None = None
@@ -73,17 +74,26 @@ class DeviceState:
         self.lost_samples = 0
         self.dropped_samples = 0
         self.rejected: Counter[str] = Counter()
+        # for telling a device's owner why nothing arrives (see udpserver/troubleshooting.py)
+        self.last_accepted: float | None = None     # unix s of the last packet that passed validation
+        self.last_rejected: dict[str, float] = {}   # reason -> unix s of the last packet rejected for it
+        self.rejected_boot: int | None = None       # boot of the last packet rejected as old_boot
+        self.rejected_channels: int | None = None   # channels of the last packet rejected as channel_mismatch
 
     def resume(self, r: Resume) -> None:
         self.boot = r.boot
         self.last_seq = r.last_seq
         self.clock.restore(r.last_millis, r.last_server)
+        if self.last_accepted is None or r.last_server > self.last_accepted:
+            self.last_accepted = r.last_server
 
     def position(self) -> tuple[int, int] | None:
         return None if self.boot is None else (self.boot, self.last_seq)
 
-    def as_dict(self) -> dict:
+    def as_dict(self, now: float) -> dict:
+        """The counters, with times as ages in seconds before `now` (unix s)."""
         off = self.clock.offset_ms()
+        seen = self.last_accepted
         return {
             "boot": self.boot, "last_seq": self.last_seq,
             "clock_offset_ms": None if off is None else round(off, 3),
@@ -91,6 +101,9 @@ class DeviceState:
             "stored_samples": self.stored_samples, "published_samples": self.published_samples,
             "lost_samples": self.lost_samples, "dropped_samples": self.dropped_samples,
             "rejected": dict(self.rejected),
+            "last_accepted_age_s": None if seen is None else round(max(0.0, now - seen), 3),
+            "rejected_age_s": {k: round(max(0.0, now - t), 3) for k, t in self.last_rejected.items()},
+            "rejected_boot": self.rejected_boot, "rejected_channels": self.rejected_channels,
         }
 
 
@@ -129,10 +142,12 @@ class Ingestor:
         return st
 
     # ---- packets --------------------------------------------------------------------------------
-    def _reject(self, reason: Reject, device_id: int | None = None) -> Reject:
+    def _reject(self, reason: Reject, device_id: int | None = None, now: float = 0.0) -> Reject:
         self.rejected[reason.value] += 1
         if device_id is not None:
-            self.state(device_id).rejected[reason.value] += 1
+            st = self.state(device_id)
+            st.rejected[reason.value] += 1
+            st.last_rejected[reason.value] = now
         return reason
 
     def handle(self, data: bytes, now: float) -> Record | Reject:
@@ -157,20 +172,22 @@ class Ingestor:
         if dev is None:
             return self._reject(Reject.UNKNOWN_DEVICE)
         if dev.key is None:
-            return self._reject(Reject.PROTOCOL_MISMATCH, dev.id)
+            return self._reject(Reject.PROTOCOL_MISMATCH, dev.id, now)
         if not protocol.verify_tag(p, dev.key):
-            return self._reject(Reject.BAD_TAG, dev.id)
+            return self._reject(Reject.BAD_TAG, dev.id, now)
         if p.channels != dev.channels:
-            return self._reject(Reject.CHANNEL_MISMATCH, dev.id)
+            self.state(dev.id).rejected_channels = p.channels
+            return self._reject(Reject.CHANNEL_MISMATCH, dev.id, now)
         st = self.state(dev.id)
         clock = st.clock
         lost = 0
         if st.boot is not None:
             if p.boot < st.boot:
-                return self._reject(Reject.OLD_BOOT, dev.id)
+                st.rejected_boot = p.boot
+                return self._reject(Reject.OLD_BOOT, dev.id, now)
             if p.boot == st.boot:
                 if p.seq0 <= st.last_seq:
-                    return self._reject(Reject.REPLAY, dev.id)
+                    return self._reject(Reject.REPLAY, dev.id, now)
                 lost = p.seq0 - st.last_seq - 1
             else:
                 lost = p.seq0  # the new boot started at 0
@@ -181,6 +198,7 @@ class Ingestor:
         st.boot = p.boot
         st.last_seq = p.seq0 + p.n - 1
         st.lost_samples += lost
+        st.last_accepted = now
         return Record(dev.user_id, dev.id, p.boot, p.seq0, p.n, p.channels, float(p.rate_hz), millis0,
                       (millis0 + offset) / 1000.0, now, p.values, lost)
 
@@ -190,7 +208,8 @@ class Ingestor:
             return self._reject(Reject.UNKNOWN_USER)
         channels = len(p.values)
         if channels != dev.channels:
-            return self._reject(Reject.CHANNEL_MISMATCH, dev.id)
+            self.state(dev.id).rejected_channels = channels
+            return self._reject(Reject.CHANNEL_MISMATCH, dev.id, now)
         st = self.state(dev.id)
         clock = st.clock
         raw = p.millis
@@ -202,12 +221,13 @@ class Ingestor:
             if forward <= elapsed_ms + LEGACY_FORWARD_SLACK_MS:
                 boot, seq, millis = st.boot, st.last_seq + 1, clock.last_unwrapped + forward
             elif WRAP - forward <= LEGACY_STALE_MS:
-                return self._reject(Reject.REPLAY, dev.id)
+                return self._reject(Reject.REPLAY, dev.id, now)
             else:  # the clock went back by more than a reordering could explain: the device rebooted
                 boot, seq, millis = st.boot + 1, 0, float(raw)
                 clock.reset()
         offset = clock.observe(raw, millis, millis, now)
         st.boot = boot
         st.last_seq = seq
+        st.last_accepted = now
         return Record(dev.user_id, dev.id, boot, seq, 1, channels, dev.rate_hz, millis,
                       (millis + offset) / 1000.0, now, _INT16[channels].pack(*p.values), 0)

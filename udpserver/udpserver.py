@@ -24,6 +24,7 @@ import signal
 import socket
 import sys
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
 from semg import db, procs
@@ -40,6 +41,14 @@ log = logging.getLogger("udpserver")
 # Rejections that may mean the registry changed (new device, rotated key): reload it (rate-limited).
 _REFRESH_ON = {Reject.UNKNOWN_DEVICE, Reject.UNKNOWN_USER, Reject.BAD_TAG, Reject.PROTOCOL_MISMATCH,
                Reject.CHANNEL_MISMATCH}
+
+
+def _device_ids(values: list[str], limit: int = 1000) -> list[int] | None:
+    """Device ids of `?device=7,8&device=9` (None: not asked); what is not a decimal id is ignored."""
+    if not values:
+        return None
+    ids = [int(t) for v in values for t in v.split(",") if t.strip().isdecimal()]
+    return list(dict.fromkeys(ids))[:limit]
 
 
 def _kernel_drops(inode: int) -> int | None:
@@ -351,8 +360,15 @@ class Server(asyncio.DatagramProtocol):
             "socket": {"rcvbuf_bytes": self.sock_rcvbuf,
                        "kernel_drops": _kernel_drops(self.sock_inode) if self.sock_inode is not None else None},
         }
-        if "devices=0" not in query:
-            m["devices"] = {str(d): st.as_dict() for d, st in self.ingestor.states.items()}
+        q = urllib.parse.parse_qs(query)
+        wanted = _device_ids(q.get("device", []))
+        if wanted is not None:  # ?device=7 (or 7,8 / repeated): those devices only, known to the server or not
+            now = time.time()
+            states = self.ingestor.states
+            m["devices"] = {str(d): states[d].as_dict(now) for d in wanted if d in states}
+        elif q.get("devices") != ["0"]:
+            now = time.time()
+            m["devices"] = {str(d): st.as_dict(now) for d, st in self.ingestor.states.items()}
         return m
 
     def health(self) -> tuple[int, dict]:

@@ -1,0 +1,60 @@
+"""What the server tells a device's owner about it: per-device times and details of rejections, one device's
+counters on their own (GET /metrics?device=ID)."""
+
+from __future__ import annotations
+
+import numpy as np
+from udphelpers import add_device, add_user
+
+from udpserver import protocol
+from udpserver.ingest import DeviceInfo, Ingestor, Record, Resume
+from udpserver.protocol import Reject
+
+KEY = bytes(range(32))
+
+
+def _pkt(dev: int, key: bytes = KEY, seq0: int = 0, boot: int = 5, channels: int = 4, n: int = 5) -> bytes:
+    return protocol.build_binary(dev, boot, seq0, 1000 + seq0 * 2, 500, np.ones((n, channels), int), key)
+
+
+def test_device_state_records_when_and_what_was_rejected():
+    ing = Ingestor()
+    ing.set_devices({3: DeviceInfo(3, 30, "binary", 4, 500.0, KEY), 4: DeviceInfo(4, 40, "legacy", 2, 200.0, None)},
+                    {4: Resume(boot=0, last_seq=9, last_millis=100.0, last_server=900.0)})
+    assert ing.states[3].as_dict(1000.0)["last_accepted_age_s"] is None       # nothing yet
+    assert ing.states[4].as_dict(1000.0)["last_accepted_age_s"] == 100.0      # stored before a restart
+    assert isinstance(ing.handle(_pkt(3, boot=5), 1000.0), Record)
+    assert ing.handle(_pkt(3, key=b"z" * 32, seq0=10), 1001.0) == Reject.BAD_TAG
+    assert ing.handle(_pkt(3, boot=1, seq0=0), 1002.0) == Reject.OLD_BOOT     # the board lost its boot counter
+    assert ing.handle(_pkt(3, channels=3, seq0=20), 1003.0) == Reject.CHANNEL_MISMATCH
+    assert ing.handle(b"40,5,1,2,3", 1004.0) == Reject.CHANNEL_MISMATCH
+    d = ing.states[3].as_dict(1010.0)
+    assert d["last_accepted_age_s"] == 10.0
+    assert d["rejected"] == {"bad_tag": 1, "old_boot": 1, "channel_mismatch": 1}
+    assert d["rejected_age_s"] == {"bad_tag": 9.0, "old_boot": 8.0, "channel_mismatch": 7.0}
+    assert (d["boot"], d["rejected_boot"], d["rejected_channels"]) == (5, 1, 3)
+    assert ing.states[4].as_dict(1010.0)["rejected_channels"] == 3
+
+
+def test_metrics_of_one_device(clean_db, udp_server, sender):
+    with clean_db.cursor() as cur:
+        dev = add_device(cur, add_user(cur), "binary", channels=4, key=KEY)
+        other = add_device(cur, add_user(cur), "binary", channels=4, key=KEY)
+    srv = udp_server()
+    sender.send([_pkt(dev, boot=5)])
+    srv.wait_for(lambda m: m["devices"][str(dev)]["accepted_packets"] == 1, what="packet accepted")
+    sender.send([_pkt(dev, key=b"z" * 32, seq0=10), _pkt(dev, boot=1), _pkt(other, key=b"z" * 32)])
+    srv.wait_for(lambda m: m["packets"]["rejected"] == 3, what="rejections counted")
+
+    one = srv._get(f"/metrics?device={dev}")
+    assert list(one["devices"]) == [str(dev)]
+    d = one["devices"][str(dev)]
+    assert d["rejected"] == {"bad_tag": 1, "old_boot": 1} and d["rejected_boot"] == 1 and d["boot"] == 5
+    assert d["last_accepted_age_s"] >= 0 and set(d["rejected_age_s"]) == {"bad_tag", "old_boot"}
+    assert one["rejected"] == {"bad_tag": 2, "old_boot": 1}  # the server-wide part is unchanged
+    # several ids (comma-separated or repeated); unknown ids and junk are left out
+    both = srv._get(f"/metrics?device={dev},999999,x&device={other}")
+    assert set(both["devices"]) == {str(dev), str(other)}
+    assert srv._get("/metrics?device=abc")["devices"] == {}
+    assert "devices" not in srv._get("/metrics?devices=0")
+    assert set(srv.metrics()["devices"]) == {str(dev), str(other)}
