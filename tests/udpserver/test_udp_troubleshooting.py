@@ -1,20 +1,34 @@
 """What the server tells a device's owner about it: per-device times and details of rejections, one device's
-counters on their own (GET /metrics?device=ID)."""
+counters on their own (GET /metrics?device=ID), and a hint for every rejection reason."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
-from udphelpers import add_device, add_user
+from udphelpers import REPO, add_device, add_user
 
 from udpserver import protocol
 from udpserver.ingest import DeviceInfo, Ingestor, Record, Resume
 from udpserver.protocol import Reject
+from udpserver.troubleshooting import DEVICE_REASONS, INTERNAL_ERROR, REJECT_HINTS, SILENT_HINT
 
 KEY = bytes(range(32))
 
 
 def _pkt(dev: int, key: bytes = KEY, seq0: int = 0, boot: int = 5, channels: int = 4, n: int = 5) -> bytes:
     return protocol.build_binary(dev, boot, seq0, 1000 + seq0 * 2, 500, np.ones((n, channels), int), key)
+
+
+def test_every_rejection_reason_has_a_hint_and_the_readme_lists_them():
+    assert set(REJECT_HINTS) == {r.value for r in Reject} | {INTERNAL_ERROR}
+    assert all(isinstance(k, str) and type(k) is str for k in REJECT_HINTS)  # plain str keys, as in /metrics
+    assert all(h and ":" in h and "\n" not in h for h in REJECT_HINTS.values())  # "cause: remedy", one line
+    readme = re.sub(r"\s+", " ", (REPO / "README.md").read_text())
+    section = readme.split("## Troubleshooting a device", 1)[1].split(" ## ", 1)[0]
+    for reason, hint in [*REJECT_HINTS.items(), ("nothing arrives", SILENT_HINT)]:
+        assert hint in section, f"README 'Troubleshooting a device' lacks the hint of {reason}: {hint}"
+    assert set(DEVICE_REASONS) <= set(REJECT_HINTS)
 
 
 def test_device_state_records_when_and_what_was_rejected():

@@ -1,0 +1,74 @@
+"""Why the server rejects a device's packets, in plain words, with what to do about it.
+
+The one source of these texts: the web UI shows them next to a device's rejection counters (Gesture
+Management page) and README.md ("Troubleshooting a device") lists them; tests check both cover every
+rejection reason the server counts (`protocol.Reject` plus `internal_error`).
+"""
+
+from __future__ import annotations
+
+from udpserver.protocol import Reject
+
+INTERNAL_ERROR = "internal_error"  # counted by udpserver.udpserver when handling a packet raised
+
+# reason -> "cause: remedy" (one line each)
+REJECT_HINTS: dict[str, str] = {
+    Reject.BAD_TAG: "the key on the device does not match (wrong key, or the key was rotated): flash the "
+                    "device's current secrets (arduino_secrets.h); if they are lost, rotate the key and flash "
+                    "the new ones",
+    Reject.OLD_BOOT: "the device's boot counter went back (flash erased or board replaced), so its packets look "
+                     "older than what was already received: register it as a new device and flash the new "
+                     "secrets (a few right after a restart are late packets and harmless)",
+    Reject.CHANNEL_MISMATCH: "the device sends a different number of channels than registered: list exactly the "
+                             "registered number of pins in ANALOG_PINS in the sketch, or register a new device "
+                             "with the number of channels it sends",
+    Reject.PROTOCOL_MISMATCH: "the device sends binary packets but is registered for the legacy text protocol: "
+                              "register a binary device and flash its secrets, or build the sketch with "
+                              "SEMG_LEGACY_PROTOCOL 1",
+    Reject.REPLAY: "packets repeat sequence numbers already received (two boards flashed with the same secrets, "
+                   "or duplicated packets): flash each board with its own device's secrets; a few after a "
+                   "Wi-Fi hiccup are harmless",
+    Reject.UNKNOWN_DEVICE: "a binary packet for a device id that is not registered (deleted, or a typo): flash the "
+                           "secrets of a device registered on Gesture Management (SEMG_DEVICE_ID and its key)",
+    Reject.UNKNOWN_USER: "a text packet for a user without a legacy device: flash the binary sketch with a "
+                         "registered device's secrets, or check SECRET_USER_ID",
+    Reject.NOT_READY: "the server has not loaded the device list yet (PostgreSQL unreachable since it started): "
+                      "start the database (./start_all.sh); packets are accepted once the list is loaded",
+    Reject.EMPTY: "a zero-length datagram, which the sketch never sends: find the other program sending to "
+                  "the UDP port",
+    Reject.OVERSIZE: "a packet longer than allowed (8192 bytes binary, 256 text) or than its header says: send "
+                     "fewer samples per packet (SAMPLES_PER_PACKET) or fix the sender",
+    Reject.TRUNCATED: "a packet shorter than its header says (cut off): keep packets within one MTU (1472 "
+                      "bytes: fewer samples per packet) and send whole packets",
+    Reject.BAD_VERSION: "a binary packet of an unknown protocol version: flash the sketch from this "
+                        "repository's arduino/ folder",
+    Reject.BAD_HEADER: "a binary header out of range (channels not 1..16, rate not 1..10000, no samples, device "
+                       "id 0): check ANALOG_PINS, SEMG_SAMPLE_RATE_HZ and SEMG_DEVICE_ID",
+    Reject.MALFORMED: "neither a binary nor a text packet: something other than the sketch sends to the UDP "
+                      "port; find it and point it elsewhere",
+    Reject.BAD_FIELD_COUNT: "a text packet without 1..16 values: the legacy sender must send "
+                            "userid,millis,v0,...,vN",
+    Reject.NON_NUMERIC: "a text packet with a field that is not a plain integer: send integers only (no "
+                        "spaces, decimals or '+')",
+    Reject.OUT_OF_RANGE: "a text packet with a user id below 1, millis beyond 32 bits or a value outside "
+                         "-32768..32767: check SECRET_USER_ID and the values sent",
+    INTERNAL_ERROR: "the server failed on a packet (a bug, logged with its traceback): report it with the UDP "
+                    "server's log",
+}
+REJECT_HINTS = {str(k): v for k, v in REJECT_HINTS.items()}
+
+# The reasons the server counts per device (GET /metrics -> devices -> <id> -> rejected); the others are
+# rejected before a packet can be tied to a registered device.
+DEVICE_REASONS = (Reject.BAD_TAG, Reject.OLD_BOOT, Reject.CHANNEL_MISMATCH, Reject.PROTOCOL_MISMATCH,
+                  Reject.REPLAY)
+
+# When nothing arrives under a device's id (no packet accepted, none rejected).
+SILENT_HINT = ("no packet reaches the server under this device's id: check on the device's serial monitor "
+               "(115200 baud) that it joins the Wi-Fi and sends to this server's address (SECRET_SERVER_IP) and "
+               "UDP port (SECRET_SERVER_PORT), that no firewall drops UDP, and that SEMG_DEVICE_ID is this "
+               "device's id (packets under an unregistered id count as unknown_device)")
+
+
+def hint(reason: str) -> str:
+    """The hint of a reason; a reason this module does not know yet still gets a pointer."""
+    return REJECT_HINTS.get(reason, "see udpserver/PROTOCOL.md, 'Rejection reasons'")
