@@ -35,6 +35,7 @@ import streamlit as st
 
 from semg import db, repo
 from semg.config import Settings, SettingsError, get_settings
+from udpserver import troubleshooting
 
 log = logging.getLogger("semg.ui")
 
@@ -52,6 +53,10 @@ RMS_SAMPLE_BUDGET = 10_000
 MAX_EXPORT_SAMPLES = 2_000_000
 STREAMING_WINDOW_S = 5.0
 SETTLED_AFTER_S = 60.0
+# A device whose last packet passed the UDP server's checks this recently is "receiving".
+RECEIVING_WITHIN_S = 5.0
+# Rejections this recent explain why a device that is not receiving is not (older ones are history).
+RECENT_REJECT_S = 60.0
 
 
 class Unavailable(RuntimeError):
@@ -868,8 +873,12 @@ def _check_api(s: Settings) -> dict:
         return {"ok": False, "detail": f"not reachable at {url} ({type(e).__name__}); start it with ./start_all.sh"}
 
 
+def _udp_metrics_url(s: Settings, query: str) -> str:
+    return f"http://127.0.0.1:{s.udp_metrics_port}/metrics?{query}"
+
+
 def _check_udp(s: Settings) -> dict:
-    url = f"http://127.0.0.1:{s.udp_metrics_port}/metrics?devices=0"
+    url = _udp_metrics_url(s, "devices=0")
     try:
         r = httpx.get(url, timeout=1.5)
         body = r.json()
@@ -907,6 +916,88 @@ def health() -> dict[str, dict]:
     with ThreadPoolExecutor(max_workers=len(checks)) as ex:
         futures = {name: ex.submit(fn, s) for name, fn in checks.items()}
         return {name: f.result() for name, f in futures.items()}
+
+
+# ---- live device status (UDP server) ---------------------------------------------------------------
+REJECT_HINTS = troubleshooting.REJECT_HINTS
+reject_hint = troubleshooting.hint
+SILENT_HINT = troubleshooting.SILENT_HINT[:1].upper() + troubleshooting.SILENT_HINT[1:] + "."
+
+
+@st.cache_data(ttl=3, show_spinner=False)
+def udp_device_status(device_ids: tuple[int, ...]) -> dict:
+    """The UDP server's live counters of these devices (cached 3 s), from GET /metrics?device=...
+
+    {"ok": True, "uptime_s": float, "devices": {id: counters}, "unattributed": {reason: count}} where a
+    device the server does not know is absent and `unattributed` holds the server-wide rejections that
+    cannot be tied to a device; or {"ok": False, "detail": one line} when the server is not reachable."""
+    s = settings()
+    ids = sorted({int(i) for i in device_ids})
+    url = _udp_metrics_url(s, "device=" + ",".join(map(str, ids)))
+    why = None
+    try:
+        r = httpx.get(url, timeout=1.5)
+        body = r.json() if r.status_code == 200 else None
+        if not isinstance(body, dict):
+            why = f"HTTP {r.status_code}"
+    except httpx.HTTPError as e:
+        why = type(e).__name__
+    except ValueError:
+        why = "not JSON"
+    if why is not None:
+        return {"ok": False, "detail": f"The UDP server's status is not available at {url.split('?')[0]} ({why}): "
+                                       "is udpserver running? Start the platform with ./start_all.sh."}
+    wanted = {str(i) for i in ids}  # an older server answers with every device: keep only these
+    devices = {int(k): v for k, v in (body.get("devices") or {}).items() if k in wanted and isinstance(v, dict)}
+    own = {str(r) for r in troubleshooting.DEVICE_REASONS}
+    unattributed = {k: int(v) for k, v in (body.get("rejected") or {}).items() if k not in own and v}
+    return {"ok": True, "uptime_s": float(body.get("uptime_s") or 0.0), "ready": bool(body.get("ready", True)),
+            "devices": devices, "unattributed": unattributed}
+
+
+def _capital(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def explain_device_status(device: dict, counters: dict | None) -> dict:
+    """What a device's counters from `udp_device_status` mean for its owner.
+
+    {"state": "receiving" | "rejected" | "silent" | "unknown", "summary": str, "last_accepted_age_s": float | None,
+     "totals": str | None, "reasons": [{"reason", "count", "age_s", "text"}]} (reasons most recent first; `text`
+    is what was seen plus the cause and remedy from udpserver/troubleshooting.py)."""
+    if counters is None:
+        return {"state": "unknown", "summary": "not known to the UDP server yet (it loads new devices within a "
+                                               "few seconds): reload the page in a moment",
+                "last_accepted_age_s": None, "totals": None, "reasons": []}
+    age = counters.get("last_accepted_age_s")
+    ages = counters.get("rejected_age_s") or {}
+    reasons = []
+    for reason, count in (counters.get("rejected") or {}).items():
+        if not count:
+            continue
+        fact = ""
+        if reason == "old_boot" and counters.get("rejected_boot") is not None:
+            fact = (f"the device sends boot {counters['rejected_boot']}, the server has already received boot "
+                    f"{counters.get('boot')}. ")
+        elif reason == "channel_mismatch" and counters.get("rejected_channels") is not None:
+            fact = (f"the device sends {counters['rejected_channels']} channel(s), registered with "
+                    f"{device.get('channel_count')}. ")
+        reasons.append({"reason": reason, "count": int(count), "age_s": ages.get(reason),
+                        "text": _capital(fact + _capital(reject_hint(reason))) + "."})
+    reasons.sort(key=lambda r: r["age_s"] if r["age_s"] is not None else math.inf)
+    recent = [r for r in reasons if r["age_s"] is not None and r["age_s"] <= RECENT_REJECT_S]
+    if age is not None and age <= RECEIVING_WITHIN_S:
+        state = "receiving"
+        summary = f"receiving, but some packets are rejected ({recent[0]['reason']})" if recent else "receiving"
+    elif recent:
+        state, summary = "rejected", f"not receiving: its packets are rejected ({recent[0]['reason']})"
+    else:
+        state = "silent"
+        summary = ("not receiving: no packet from it since the UDP server started" if age is None
+                   else "not receiving")
+    totals = (f"{counters.get('stored_samples', 0):,} samples stored, {counters.get('lost_samples', 0):,} lost "
+              f"(sequence gaps), {counters.get('dropped_samples', 0):,} dropped since the UDP server started")
+    return {"state": state, "summary": summary, "last_accepted_age_s": age, "totals": totals, "reasons": reasons}
 
 
 def video_path_for(user_id: int, session_id: int) -> tuple[Path, str]:

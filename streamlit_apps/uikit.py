@@ -146,7 +146,13 @@ def fmt_time(t: datetime | None) -> str:
 def fmt_ago(t: datetime | None, now: datetime | None = None) -> str:
     if t is None:
         return "never"
-    s = ((now or datetime.now(UTC)) - t).total_seconds()
+    return fmt_age_s(((now or datetime.now(UTC)) - t).total_seconds())
+
+
+def fmt_age_s(s: float | None) -> str:
+    """An age in seconds as '3 s ago', '5 min ago', ... ('never' for None)."""
+    if s is None:
+        return "never"
     if s < 0:
         return "just now"
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):

@@ -1,5 +1,6 @@
 """A user's gesture bank (with channels and their purposes), quick-add from a library, and the user's devices
-(registration with a key shown once as an arduino_secrets.h snippet, key rotation, deletion)."""
+(registration with a key shown once as an arduino_secrets.h snippet, key rotation, deletion, and their live
+status from the UDP server: receiving or not, and why their packets are rejected, with what to do)."""
 
 import data
 import pandas as pd
@@ -119,6 +120,39 @@ def show_secret_once(user: dict) -> None:
         st.rerun()
 
 
+def live_status(devs: list[dict]) -> None:
+    """Each device's status as the UDP server sees it: receiving or not, and why its packets are rejected."""
+    status = data.udp_device_status(tuple(d["id"] for d in devs))
+    if not status["ok"]:
+        st.markdown("**Live status**")
+        st.info(status["detail"], icon=":material/cloud_off:")
+        return
+    st.markdown(f"**Live status** (from the UDP server, counted since it started "
+                f"{ui.fmt_age_s(status['uptime_s'])})")
+    if not status["ready"]:
+        st.warning("The UDP server has not loaded the device list yet (the database is not reachable from it): "
+                   "every packet is rejected until it has.")
+    silent = False
+    for d in devs:
+        v = data.explain_device_status(d, status["devices"].get(d["id"]))
+        ok = {"receiving": True, "rejected": False}.get(v["state"])
+        with st.container(border=True, key=f"device_status_{d['id']}"):
+            st.markdown(f"{ui.badge(ok, '#' + str(d['id']))} **{d['name'] or 'device'}**: {v['summary']}")
+            if v["totals"]:
+                st.caption(f"Last accepted packet: {ui.fmt_age_s(v['last_accepted_age_s'])}. {v['totals']}.")
+            if v["reasons"]:
+                st.markdown("Rejected packets:\n" + "\n".join(
+                    f"- `{r['reason']}`: {r['count']:,}, last {ui.fmt_age_s(r['age_s'])}. {r['text']}"
+                    for r in v["reasons"]))
+            if v["state"] in ("silent", "unknown"):
+                silent = True
+                if v["state"] == "silent":
+                    st.caption(data.SILENT_HINT)
+    if silent and status["unattributed"]:
+        st.caption("Packets the UDP server could not tie to any device since it started: " + "; ".join(
+            f"`{k}` {n:,} ({data.reject_hint(k)})" for k, n in sorted(status["unattributed"].items())))
+
+
 def devices(user: dict) -> None:
     st.subheader("Devices")
     show_secret_once(user)
@@ -131,6 +165,7 @@ def devices(user: dict) -> None:
             "sample rate (Hz)": float(d["sample_rate_hz"]), "protocol": d["protocol"],
             "key rotated": ui.fmt_time(d.get("key_rotated_at")),
         } for d in devs]), hide_index=True, width="stretch")
+        live_status(devs)
     else:
         st.info("No device yet: register the armband below to get its secret key.")
 
