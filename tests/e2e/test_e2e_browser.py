@@ -61,6 +61,8 @@ def test_the_whole_journey_in_a_browser(stack, browser_page, screenshots_dir, se
         device_id, key = ui.register_device(CHANNELS, RATE)
         ui.shot("gesture-management-device-key")
         assert {g["name"] for g in repo.list_gestures(conn, user["id"])} == set(GESTURES)
+        registered = repo.get_device(conn, device_id)
+        assert (registered["channel_count"], float(registered["sample_rate_hz"])) == (CHANNELS, RATE), registered
         ui.click("I have saved the key")
 
         # 2. the armband starts streaming: the capture page proves it

@@ -15,6 +15,16 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
 
 
+def _same_value(shown: str, typed: str) -> bool:
+    """A number input may show 500.00 for 500.0."""
+    if shown == typed:
+        return True
+    try:
+        return float(shown) == float(typed)
+    except ValueError:
+        return False
+
+
 class Ui:
     def __init__(self, page: Page, base_url: str, shots: Path):
         self.page, self.base_url, self.shots = page, base_url.rstrip("/"), shots
@@ -79,8 +89,15 @@ class Ui:
     def fill(self, label: str, value: str, scope=None) -> None:
         root = scope or self.page
         field = root.get_by_label(label, exact=True).first
-        field.fill(str(value))
-        field.press("Tab")  # commit the value (Enter would submit a form)
+        for _attempt in range(3):
+            field.fill(str(value))
+            field.press("Tab")  # commit the value (Enter would submit a form)
+            # A rerun that was under way when the value was typed re-renders the widget with its old value
+            # (seen on a loaded machine: a device registered with the default channel count); type it again.
+            time.sleep(0.3)
+            if _same_value(field.input_value(), str(value)):
+                return
+        raise AssertionError(f"the field {label!r} does not keep the value {value!r} (shows {field.input_value()!r})")
 
     def multiselect(self, label_text: str, options: list[str]) -> None:
         box = self.page.locator('[data-testid="stMultiSelect"]').filter(has_text=label_text).first
