@@ -114,19 +114,35 @@ class Settings(BaseSettings):
         return self.nats_server is None
 
     @property
+    def service_host(self) -> str:
+        """Where local clients reach the services this install runs (they listen on semg_bind_host): a
+        specific address such as a LAN IP is used as is, "any" (0.0.0.0) means loopback."""
+        return _client_host(self.semg_bind_host)
+
+    @property
+    def postgres_address(self) -> str:
+        """The database host clients connect to: POSTGRES_HOST, or the embedded server's address."""
+        return self.postgres_host or self.service_host
+
+    @property
     def api_url(self) -> str:
         """Where local clients (worker, UI, tests) reach the API."""
-        return f"http://{_client_host(self.semg_bind_host)}:{self.api_port}"
+        return f"http://{self.service_host}:{self.api_port}"
 
     @property
     def nats_url(self) -> str:
         if self.nats_server:
             return self.nats_server if "://" in self.nats_server else f"nats://{self.nats_server}"
-        return f"nats://127.0.0.1:{self.nats_port}"
+        return f"nats://{self.service_host}:{self.nats_port}"
+
+    @property
+    def udp_metrics_url(self) -> str:
+        """The UDP server's metrics endpoint (it listens on semg_bind_host)."""
+        return f"http://{self.service_host}:{self.udp_metrics_port}/metrics"
 
 
 def _client_host(bind_host: str) -> str:
-    return "127.0.0.1" if bind_host in ("0.0.0.0", "::", "") else bind_host  # noqa: S104
+    return "127.0.0.1" if bind_host in ("0.0.0.0", "::", "", None) else bind_host  # noqa: S104
 
 
 def describe_error(err: ValidationError) -> str:

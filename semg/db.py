@@ -44,7 +44,7 @@ def first_line(err: BaseException) -> str:
 def connect_kwargs(settings: Settings | None = None, dbname: str | None = None) -> dict:
     s = settings or get_settings()
     return {
-        "host": s.postgres_host or "127.0.0.1",
+        "host": s.postgres_address,
         "port": s.postgres_port,
         "dbname": dbname or s.postgres_db,
         "user": s.postgres_user,
@@ -86,7 +86,7 @@ def wait_until_ready(settings: Settings | None = None, timeout: float = 60.0, db
         except psycopg2.OperationalError as e:
             last = e
             time.sleep(0.3)
-    where = f"{s.postgres_host or '127.0.0.1'}:{s.postgres_port}"
+    where = f"{s.postgres_address}:{s.postgres_port}"
     reason = str(last).strip().splitlines()[0] if last else "timeout"
     raise ConnectionError(f"PostgreSQL at {where} not reachable after {timeout:.0f}s: {reason}")
 

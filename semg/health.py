@@ -38,7 +38,7 @@ def check_postgres(s: Settings) -> tuple[bool, str]:
     try:
         with contextlib.closing(db.connect(s, connect_timeout=2)) as conn, conn.cursor() as cur:
             cur.execute("SELECT max(version) FROM schema_version")
-            return True, f"{s.postgres_host or '127.0.0.1'}:{s.postgres_port}/{s.postgres_db} schema v{cur.fetchone()[0]}"
+            return True, f"{s.postgres_address}:{s.postgres_port}/{s.postgres_db} schema v{cur.fetchone()[0]}"
     except psycopg2.Error as e:
         return False, str(e).strip().splitlines()[0]
 
@@ -64,9 +64,8 @@ def supervisor_states(s: Settings) -> dict[str, str]:
 def check_all(s: Settings) -> dict[str, tuple[bool, str]]:
     results: dict[str, tuple[bool, str]] = {"postgres": check_postgres(s)}
     results["api"] = _http_ok(f"{s.api_url}/health", expect_json_status=True)
-    host = s.api_url.split("//")[1].rsplit(":", 1)[0]
-    results["udpserver"] = _http_ok(f"http://{host}:{s.udp_metrics_port}/health")
-    results["ui"] = _http_ok(f"http://{host}:{s.ui_port}/_stcore/health")
+    results["udpserver"] = _http_ok(f"http://{s.service_host}:{s.udp_metrics_port}/health")
+    results["ui"] = _http_ok(f"http://{s.service_host}:{s.ui_port}/_stcore/health")
     states = supervisor_states(s)
     for prog in ("inference", "trainer"):
         if states:

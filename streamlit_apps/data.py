@@ -91,7 +91,7 @@ def _pool(host: str, port: int, dbname: str) -> psycopg2.pool.ThreadedConnection
 
 def _db_down_message(err: Exception) -> str:
     s = settings()
-    where = f"{s.postgres_host or '127.0.0.1'}:{s.postgres_port}"
+    where = f"{s.postgres_address}:{s.postgres_port}"
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return (f"The database at {where} is not reachable ({reason}). Start the platform with ./start_all.sh "
             "(or check POSTGRES_HOST/POSTGRES_PORT), then reload this page.")
@@ -101,7 +101,7 @@ def _db_down_message(err: Exception) -> str:
 def connection() -> Iterator[psycopg2.extensions.connection]:
     """A pooled connection, checked alive before use; always handed back without an open transaction."""
     s = settings()
-    pool = _pool(s.postgres_host or "127.0.0.1", s.postgres_port, s.postgres_db)
+    pool = _pool(s.postgres_address, s.postgres_port, s.postgres_db)
     conn = None
     try:
         for _attempt in range(2):  # a pooled connection may have died with a database restart
@@ -874,7 +874,7 @@ def _check_api(s: Settings) -> dict:
 
 
 def _udp_metrics_url(s: Settings, query: str) -> str:
-    return f"http://127.0.0.1:{s.udp_metrics_port}/metrics?{query}"
+    return f"{s.udp_metrics_url}?{query}"
 
 
 def _check_udp(s: Settings) -> dict:

@@ -119,3 +119,59 @@ def test_stale_lock_is_removed_and_postgres_starts(state, owner):
     finally:
         other.kill()
         other.wait()
+
+
+def test_services_bound_to_one_address_are_reached_there(tmp_path_factory, monkeypatch):
+    """SEMG_BIND_HOST set to one address (a LAN IP; here the loopback alias 127.0.0.2): the embedded PostgreSQL
+    and NATS listen only there, and every client (database, NATS, API and UDP metrics URLs) goes there, not to
+    127.0.0.1 where nothing listens."""
+    import asyncio
+
+    from semg import db, natsio
+    from semg.config import get_settings
+
+    state = tmp_path_factory.mktemp("bound-state")
+    for p in (state, *state.parents):
+        if str(p).startswith("/tmp/"):
+            with contextlib.suppress(PermissionError):
+                os.chmod(p, os.stat(p).st_mode | 0o011)
+    host, pg_port, nats_port = "127.0.0.2", free_port(), free_port()
+    env = {**_env(state, pg_port), "NATS_PORT": str(nats_port), "SEMG_BIND_HOST": host}
+    env.pop("NATS_SERVER", None)
+    procs = {name: subprocess.Popen([sys.executable, "-m", "semg.embedded", name], env=env, cwd=REPO,
+                                    stdout=open(state / f"{name}.log", "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
+             for name in ("postgres", "nats")}
+    try:
+        for key in ("SEMG_STATE_DIR", "POSTGRES_PORT", "NATS_PORT", "SEMG_BIND_HOST"):
+            monkeypatch.setenv(key, env[key])
+        for key in ("POSTGRES_HOST", "NATS_SERVER"):
+            monkeypatch.delenv(key, raising=False)
+        get_settings.cache_clear()
+        s = get_settings()
+        assert s.postgres_address == host and s.nats_url == f"nats://{host}:{nats_port}"
+        assert s.api_url.startswith(f"http://{host}:") and s.udp_metrics_url.startswith(f"http://{host}:")
+        deadline = time.monotonic() + 120
+        while not (port_in_use(pg_port, host) and port_in_use(nats_port, host)):
+            for name, p in procs.items():
+                assert p.poll() is None, (state / f"{name}.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "the embedded services did not start"
+            time.sleep(0.2)
+        assert not port_in_use(pg_port) and not port_in_use(nats_port), "expected nothing on 127.0.0.1"
+        db.wait_until_ready(s, timeout=60)
+        with contextlib.closing(db.connect(s, dbname="postgres")) as conn, conn.cursor() as cur:
+            cur.execute("SELECT inet_server_addr()::text")
+            assert cur.fetchone()[0].split("/")[0] == host
+
+        async def ping() -> None:
+            nc = await natsio.connect("admin", s, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=5)
+            try:
+                await nc.flush(timeout=5)
+            finally:
+                await nc.close()
+
+        asyncio.run(ping())
+    finally:
+        for p in procs.values():
+            _stop(p)
+        monkeypatch.undo()
+        get_settings.cache_clear()
