@@ -20,14 +20,18 @@ from semg.embedded import free_port, port_in_use
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def state(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("embedded-state")
+def _state_dir(tmp_path_factory, name: str) -> Path:
+    d = tmp_path_factory.mktemp(name)
     for p in (d, *d.parents):  # embedded postgres runs unprivileged when we are root
         if str(p).startswith("/tmp/"):
             with contextlib.suppress(PermissionError):
                 os.chmod(p, os.stat(p).st_mode | 0o011)
     return d
+
+
+@pytest.fixture(scope="module")
+def state(tmp_path_factory) -> Path:
+    return _state_dir(tmp_path_factory, "embedded-state")
 
 
 def _env(state: Path, port: int) -> dict[str, str]:
@@ -130,11 +134,7 @@ def test_services_bound_to_one_address_are_reached_there(tmp_path_factory, monke
     from semg import db, natsio
     from semg.config import get_settings
 
-    state = tmp_path_factory.mktemp("bound-state")
-    for p in (state, *state.parents):
-        if str(p).startswith("/tmp/"):
-            with contextlib.suppress(PermissionError):
-                os.chmod(p, os.stat(p).st_mode | 0o011)
+    state = _state_dir(tmp_path_factory, "bound-state")
     host, pg_port, nats_port = "127.0.0.2", free_port(), free_port()
     env = {**_env(state, pg_port), "NATS_PORT": str(nats_port), "SEMG_BIND_HOST": host}
     env.pop("NATS_SERVER", None)
