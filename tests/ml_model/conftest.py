@@ -31,3 +31,17 @@ def myo_dir() -> Path:
     if not (path / "Female0" / "training0").is_dir():
         pytest.skip(f"Myo-armband data not found at {path} (set {MYO_DATA_ENV} to its 'pretraining' folder)")
     return path
+
+
+@pytest.fixture
+def user_device(clean_db):
+    """(user, device) for the job tests: a user with test_jobs' gestures and its 4-channel device."""
+    from test_jobs import CHANNELS, PATTERNS, RATE
+
+    from semg import repo
+
+    u = repo.create_user(clean_db, "Trainee", "trainee@example.org")
+    for g in PATTERNS:
+        if g != "REST":
+            repo.add_gesture(clean_db, u["id"], g)
+    return u, repo.register_device(clean_db, u["id"], CHANNELS, RATE)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import psycopg2.extras
-import pytest
 
 from ml_model import artifacts, jobs
 from semg import repo
@@ -57,16 +56,6 @@ def record_session(conn, user_id, device_id, gestures=("fist", "open hand"), rep
         psycopg2.extras.execute_values(cur, """INSERT INTO sample_blocks (user_id, device_id, boot, seq0, n, channels,
             sample_rate_hz, device_millis0, device_time0, server_ts, values) VALUES %s""", rows, page_size=1000)
     return s
-
-
-@pytest.fixture
-def user_device(clean_db):
-    u = repo.create_user(clean_db, "Trainee", "trainee@example.org")
-    for g in PATTERNS:
-        if g != "REST":
-            repo.add_gesture(clean_db, u["id"], g)
-    d = repo.register_device(clean_db, u["id"], CHANNELS, RATE)
-    return u, d
 
 
 def _run_worker_until_idle(timeout=300):

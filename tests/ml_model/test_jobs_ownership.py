@@ -15,21 +15,12 @@ import threading
 import time
 
 import pytest
-from test_jobs import CHANNELS, PATTERNS, RATE, REPO, record_session, train_in_background
+from test_jobs import REPO, record_session, train_in_background
 
 from ml_model import artifacts, jobs
 from semg import db, repo
 
 OTHER = "other-host:4242"  # a second worker, on another machine
-
-
-@pytest.fixture
-def user_device(clean_db):
-    u = repo.create_user(clean_db, "Trainee", "trainee@example.org")
-    for g in PATTERNS:
-        if g != "REST":
-            repo.add_gesture(clean_db, u["id"], g)
-    return u, repo.register_device(clean_db, u["id"], CHANNELS, RATE)
 
 
 def n_artifacts(conn, job_id):
