@@ -919,9 +919,13 @@ def health() -> dict[str, dict]:
 
 
 # ---- live device status (UDP server) ---------------------------------------------------------------
+def _capital(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
 REJECT_HINTS = troubleshooting.REJECT_HINTS
 reject_hint = troubleshooting.hint
-SILENT_HINT = troubleshooting.SILENT_HINT[:1].upper() + troubleshooting.SILENT_HINT[1:] + "."
+SILENT_HINT = _capital(troubleshooting.SILENT_HINT) + "."
 
 
 @st.cache_data(ttl=3, show_spinner=False)
@@ -953,10 +957,6 @@ def udp_device_status(device_ids: tuple[int, ...]) -> dict:
     unattributed = {k: int(v) for k, v in (body.get("rejected") or {}).items() if k not in own and v}
     return {"ok": True, "uptime_s": float(body.get("uptime_s") or 0.0), "ready": bool(body.get("ready", True)),
             "devices": devices, "unattributed": unattributed}
-
-
-def _capital(text: str) -> str:
-    return text[:1].upper() + text[1:]
 
 
 def explain_device_status(device: dict, counters: dict | None) -> dict:
