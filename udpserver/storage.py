@@ -207,21 +207,21 @@ class DbWriter(threading.Thread):
         payloads = [c.data if c.data is not None else self.read_chunk(c) for c in batch]
         data, rows, _ = copy_payload(payloads)
         conn = self._conn
-        devices = sorted({d for c in batch for d in c.per_device})
         if any(c.replayed for c in batch):
-            return rows, self._write_staged(conn, data, devices)
+            return rows, self._write_staged(conn, data, batch)
         try:
             with conn.cursor() as cur:
                 copy_into(cur, "sample_blocks", data)  # autocommit: stored (and durable) when this returns
         except (psycopg2.errors.UniqueViolation, psycopg2.errors.ForeignKeyViolation) as e:
             # Already stored (an earlier commit whose outcome we never saw) or the device was deleted.
             log.info("batch needs the idempotent path: %s", first_line(e))
-            return rows, self._write_staged(conn, data, devices)
+            return rows, self._write_staged(conn, data, batch)
         return rows, set()
 
     @staticmethod
-    def _write_staged(conn, data: bytes, devices: list[int]) -> set[int]:
+    def _write_staged(conn, data: bytes, batch: list[Chunk]) -> set[int]:
         # one transaction: the stage table empties itself at commit
+        devices = sorted({d for c in batch for d in c.per_device})
         conn.autocommit = False
         try:
             with conn, conn.cursor() as cur:

@@ -361,14 +361,11 @@ class Server(asyncio.DatagramProtocol):
                        "kernel_drops": _kernel_drops(self.sock_inode) if self.sock_inode is not None else None},
         }
         q = urllib.parse.parse_qs(query)
-        wanted = _device_ids(q.get("device", []))
-        if wanted is not None:  # ?device=7 (or 7,8 / repeated): those devices only, known to the server or not
-            now = time.time()
-            states = self.ingestor.states
-            m["devices"] = {str(d): states[d].as_dict(now) for d in wanted if d in states}
-        elif q.get("devices") != ["0"]:
-            now = time.time()
-            m["devices"] = {str(d): st.as_dict(now) for d, st in self.ingestor.states.items()}
+        wanted = _device_ids(q.get("device", []))  # ?device=7 (or 7,8 / repeated): those devices only
+        if wanted is not None or q.get("devices") != ["0"]:
+            now, states = time.time(), self.ingestor.states
+            ids = states if wanted is None else [d for d in wanted if d in states]
+            m["devices"] = {str(d): states[d].as_dict(now) for d in ids}
         return m
 
     def health(self) -> tuple[int, dict]:
