@@ -155,6 +155,19 @@ def load_subjects(
 
 
 # ---- training -----------------------------------------------------------------------------------------
+def _channel_sums(windows: np.ndarray) -> np.ndarray:
+    """(n, C, win) -> (2, C) float64: per channel, the sum of the values and of their squares."""
+    x = np.asarray(windows, dtype=np.float64)
+    return np.stack([x.sum(axis=(0, 2)), (x**2).sum(axis=(0, 2))])
+
+
+def _pooled_stats(sums: np.ndarray, n: int) -> dict[str, list[float]]:
+    """{"mean", "std"} per channel from ``_channel_sums`` added over ``n`` values per channel (std >= 1e-8)."""
+    mean = sums[0] / n
+    std = np.sqrt(np.maximum(sums[1] / n - mean**2, 0.0))
+    return {"mean": mean.tolist(), "std": np.where(std > 1e-8, std, 1.0).tolist()}
+
+
 def pretrain_model(
     subjects: Mapping[str, SubjectData],
     config: Mapping[str, Any] | None = None,
@@ -214,27 +227,18 @@ def pretrain_model(
         "filter": pp.filter_config(cfg["filter"]),
     }
     index = {c: i for i, c in enumerate(classes)}
-    xs, ys, is_val, pooled_sum, pooled_sq, pooled_n = [], [], [], 0.0, 0.0, 0
-    raw_sum, raw_sq = 0.0, 0.0
+    xs, ys, is_val, pooled_sums, raw_sums, pooled_n = [], [], [], 0.0, 0.0, 0
     for s in names:
         w, y, _ = subjects[s]
-        r64 = np.asarray(w, dtype=np.float64)
-        raw_sum, raw_sq = raw_sum + r64.sum(axis=(0, 2)), raw_sq + (r64**2).sum(axis=(0, 2))
-        del r64
+        raw_sums = raw_sums + _channel_sums(w)
         unscaled = pp.prepare_unscaled(np.asarray(w), meta)
-        u64 = np.asarray(unscaled, dtype=np.float64)
-        pooled_sum = pooled_sum + u64.sum(axis=(0, 2))
-        pooled_sq = pooled_sq + (u64**2).sum(axis=(0, 2))
-        pooled_n += u64.shape[0] * u64.shape[2]
+        pooled_sums = pooled_sums + _channel_sums(unscaled)
+        pooled_n += unscaled.shape[0] * unscaled.shape[2]  # as many values per channel as the raw windows
         xs.append(pp.apply_standardizer(unscaled, pp.fit_standardizer(unscaled)))
         ys.append(np.array([index[str(v)] for v in y], dtype=np.int64))
         is_val.append(np.full(len(w), s in val_subjects))
-    mean = pooled_sum / pooled_n
-    std = np.sqrt(np.maximum(pooled_sq / pooled_n - mean**2, 0.0))
-    meta["scaler"] = {"mean": mean.tolist(), "std": np.where(std > 1e-8, std, 1.0).tolist()}
-    raw_mean = raw_sum / pooled_n  # same window count and length as the unscaled windows
-    raw_std = np.sqrt(np.maximum(raw_sq / pooled_n - raw_mean**2, 0.0))
-    meta["input_stats"] = {"mean": raw_mean.tolist(), "std": np.where(raw_std > 1e-8, raw_std, 1.0).tolist()}
+    meta["scaler"] = _pooled_stats(pooled_sums, pooled_n)
+    meta["input_stats"] = _pooled_stats(raw_sums, pooled_n)
     x_all = torch.from_numpy(np.concatenate(xs))
     y_all = torch.from_numpy(np.concatenate(ys))
     va_np = np.concatenate(is_val)
