@@ -249,9 +249,8 @@ def export_filename(meta: Mapping[str, Any], fmt: str) -> str:
     Always one plain file name in the current folder: metadata can come from a file anyone wrote, so only a
     whole-number job id is used and the sha256 part keeps letters, digits, ``-`` and ``_`` only.
     """
-    job_id = meta.get("job_id")
-    if isinstance(job_id, (int, str)) and not isinstance(job_id, bool) and re.fullmatch(r"[0-9]{1,18}", str(job_id)) \
-            and int(job_id) > 0:
+    job_id = str(meta.get("job_id"))
+    if re.fullmatch(r"[0-9]{1,18}", job_id) and int(job_id) > 0:  # also refuses True, 3.0, "../x"
         stem = f"semg-job{int(job_id)}"
     else:
         stem = "semg-" + (re.sub(r"[^A-Za-z0-9_-]", "", str(meta.get("sha256") or ""))[:12] or "model")
