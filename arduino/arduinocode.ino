@@ -40,8 +40,12 @@ static const uint8_t ANALOG_PINS[] = {36, 39, 34, 35};
 static const uint8_t CHANNELS = sizeof(ANALOG_PINS) / sizeof(ANALOG_PINS[0]);
 // Samples buffered between the sampler and the sender: ~2 s at 500 Hz rides out a WiFi hiccup.
 static const uint16_t QUEUE_SAMPLES = 1024;
-static const uint32_t DIAG_INTERVAL_MS = 5000;
-static const uint32_t WIFI_RETRY_MS = 5000;
+#ifndef DIAG_INTERVAL_MS
+#define DIAG_INTERVAL_MS 5000  // how often the diagnostics line is printed (serial monitor)
+#endif
+#ifndef WIFI_RETRY_MS
+#define WIFI_RETRY_MS 5000  // while WiFi is down, rejoin this often
+#endif
 // Restart (and so bump the boot counter) long before the 32-bit sequence number could wrap.
 static const uint32_t SEQ_RESTART_AT = 0xFFF00000u;
 

@@ -54,13 +54,14 @@ def test_c_code_still_produces_the_committed_vectors(tmp_path):
 
 @pytest.mark.parametrize("core, legacy", [(2, 0), (2, 1), (3, 0), (3, 1)])
 def test_sketch_type_checks_against_stubbed_esp32_apis(tmp_path, core, legacy):
-    """No ESP32 toolchain here: g++ checks the sketch against declarations of the Arduino/ESP-IDF APIs it uses."""
+    """No ESP32 toolchain here: g++ checks the sketch against the Arduino/ESP-IDF APIs it uses as declared in
+    arduino/host/sim (which tests/arduino/test_sketch_host.py also runs it on)."""
     gxx = shutil.which("g++")
     if gxx is None:
         pytest.skip("g++ not installed")
     shutil.copy(ARDUINO / "arduino_secrets.h.example", tmp_path / "arduino_secrets.h")
     r = subprocess.run([gxx, "-std=gnu++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror",
                         f"-DESP_ARDUINO_VERSION_MAJOR={core}", f"-DSEMG_LEGACY_PROTOCOL={legacy}",
-                        "-I", str(tmp_path), "-I", str(ARDUINO / "host" / "stubs"), "-I", str(ARDUINO),
+                        "-I", str(tmp_path), "-I", str(ARDUINO / "host" / "sim"), "-I", str(ARDUINO),
                         "-x", "c++", str(ARDUINO / "arduinocode.ino")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -1,24 +1,29 @@
-/* Minimal stand-ins for the ESP32 Arduino APIs the sketch uses: lets the host test type-check
- * arduinocode.ino with g++ -fsyntax-only. Declarations only; nothing here runs. */
+/* The ESP32 Arduino APIs the sketch uses, for the host: the declarations are what the ESP32 core offers (so
+ * `g++ -fsyntax-only` type-checks arduinocode.ino against them), and sim.cpp implements them on Linux so the
+ * unmodified sketch runs against a real udpserver (see sim.cpp for the environment variables). */
 #pragma once
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+
+#include <string>
 
 #define IRAM_ATTR
 #ifndef ESP_ARDUINO_VERSION_MAJOR
 #define ESP_ARDUINO_VERSION_MAJOR 3
 #endif
 typedef int BaseType_t;
+typedef unsigned int UBaseType_t;
 typedef uint32_t TickType_t;
-typedef void *QueueHandle_t;
-typedef void *TaskHandle_t;
+typedef struct QueueDefinition *QueueHandle_t;
+typedef struct tskTaskControlBlock *TaskHandle_t;
 typedef struct hw_timer_s hw_timer_t;
 #define pdTRUE 1
 #define pdFALSE 0
 #define portMAX_DELAY 0xffffffffu
 #define configMAX_PRIORITIES 25
-#define pdMS_TO_TICKS(ms) ((TickType_t)(ms))
+#define configTICK_RATE_HZ 1000
+#define pdMS_TO_TICKS(ms) ((TickType_t)(((uint64_t)(ms) * configTICK_RATE_HZ) / 1000u))
 #define portYIELD_FROM_ISR() do {} while (0)
 #define ADC_11db 3
 
@@ -32,7 +37,7 @@ uint32_t ulTaskNotifyTake(BaseType_t clear, TickType_t wait);
 QueueHandle_t xQueueCreate(uint32_t length, uint32_t item_size);
 BaseType_t xQueueSend(QueueHandle_t q, const void *item, TickType_t wait);
 BaseType_t xQueueReceive(QueueHandle_t q, void *item, TickType_t wait);
-uint32_t uxQueueMessagesWaiting(QueueHandle_t q);
+UBaseType_t uxQueueMessagesWaiting(QueueHandle_t q);
 BaseType_t xTaskCreatePinnedToCore(void (*fn)(void *), const char *name, uint32_t stack, void *arg, int prio,
                                    TaskHandle_t *handle, int core);
 hw_timer_t *timerBegin(uint32_t frequency);
@@ -46,13 +51,23 @@ void timerAlarmEnable(hw_timer_t *timer);
 
 class String {
   public:
-    const char *c_str() const;
+    String(const char *s = "") : s_(s) {}
+    const char *c_str() const { return s_.c_str(); }
+
+  private:
+    std::string s_;
 };
 
 class IPAddress {
   public:
+    IPAddress() : a_{0, 0, 0, 0} {}
+    IPAddress(uint8_t a, uint8_t b, uint8_t c, uint8_t d) : a_{a, b, c, d} {}
     bool fromString(const char *s);
     String toString() const;
+    uint8_t operator[](int i) const { return a_[i]; }
+
+  private:
+    uint8_t a_[4];
 };
 
 class HardwareSerial {

@@ -1,0 +1,186 @@
+"""The unmodified ESP32 sketch (arduino/arduinocode.ino) RUNS on the host: arduino/host/sim implements the
+Arduino/ESP-IDF APIs it uses (timer, FreeRTOS tasks and queue, ADC, NVS, WiFi, WiFiUDP, mbedtls) on Linux, and
+it streams to the real udpserver, which stores in the session's PostgreSQL and publishes on its NATS."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from semg import repo
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "udpserver"))
+from udphelpers import UdpServer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+ARDUINO = REPO / "arduino"
+SIM = ARDUINO / "host" / "sim"
+PINS = (36, 39, 34, 35)  # ANALOG_PINS in the sketch
+RATE = 500               # SEMG_SAMPLE_RATE_HZ
+PER_PACKET = 25          # SAMPLES_PER_PACKET
+CXXFLAGS = ["-std=gnu++17", "-O2", "-Wall", "-Wextra", "-Werror", "-pthread"]
+DIAG = re.compile(r"semg: boot (\d+) seq (\d+) \| wifi (up|DOWN) rssi (-?\d+) \| samples (\d+) sent (\d+) pkts \| "
+                  r"send failures (\d+), queue drops (\d+), timer overruns (\d+), wifi retries (\d+) \| queued (\d+)")
+DIAG_FIELDS = ("boot", "seq", "wifi", "rssi", "samples", "sent", "send_failures", "queue_drops", "timer_overruns",
+               "wifi_retries", "queued")
+NOT_SERVED = re.compile(r"sim: ticks (\d+)\.\.(\d+) not served")
+
+
+def diag_fields(m: re.Match) -> dict:
+    return dict(zip(DIAG_FIELDS, (v if v in ("up", "DOWN") else int(v) for v in m.groups())))
+
+
+def signal_value(pin: int, k: int) -> int:
+    """analogRead(pin) for the sample with sequence number k (sim_signal in arduino/host/sim/sim.cpp)."""
+    return (pin * 131 + k * (pin + 1)) % 4096
+
+
+@pytest.fixture(scope="module")
+def sim_object(tmp_path_factory) -> Path:
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("g++ not installed: cannot build the sketch for the host")
+    obj = tmp_path_factory.mktemp("sim") / "sim.o"
+    r = subprocess.run([gxx, *CXXFLAGS, "-c", "-I", str(SIM), "-o", str(obj), str(SIM / "sim.cpp")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return obj
+
+
+class Device:
+    def __init__(self, conn, tmp_path: Path, channels: int = len(PINS)):
+        user = repo.create_user(conn, "Sketch Wearer", f"sketch{time.monotonic_ns()}@example.org")
+        dev = repo.register_device(conn, user["id"], channels, RATE, name="host sketch")
+        self.id, self.key_hex = dev["id"], dev["secret_key_hex"]
+        self.conn, self.tmp = conn, tmp_path
+
+    def build(self, sim_object: Path, *defines: str) -> Path:
+        """The sketch compiled with arduino_secrets.h for this device and the test's udpserver."""
+        secrets = self.tmp / "secrets"
+        secrets.mkdir(exist_ok=True)
+        (secrets / "arduino_secrets.h").write_text(
+            f'#define SECRET_SSID "test-ap"\n#define SECRET_PASS "test-pass"\n'
+            f'#define SECRET_SERVER_IP "127.0.0.1"\n#define SECRET_SERVER_PORT {os.environ["UDP_PORT"]}\n'
+            f'#define SECRET_DEVICE_ID {self.id}\n#define SECRET_DEVICE_KEY_HEX "{self.key_hex}"\n'
+            f'#define SECRET_USER_ID 1\n')
+        exe = self.tmp / f"sketch{len(list(self.tmp.glob('sketch*')))}"
+        r = subprocess.run(["g++", *CXXFLAGS, *(f"-D{d}" for d in defines), "-I", str(secrets), "-I", str(SIM),
+                            "-I", str(ARDUINO), "-x", "c++", str(ARDUINO / "arduinocode.ino"), "-x", "none",
+                            str(sim_object), "-o", str(exe)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return exe
+
+    def blocks(self) -> list[tuple]:
+        with self.conn.cursor() as cur:
+            cur.execute("""SELECT boot, seq0, n, channels, sample_rate_hz, extract(epoch FROM server_ts), values
+                           FROM sample_blocks WHERE device_id = %s ORDER BY boot, seq0""", (self.id,))
+            return cur.fetchall()
+
+
+@pytest.fixture
+def device(db_conn, tmp_path) -> Device:
+    return Device(db_conn, tmp_path)
+
+
+@pytest.fixture
+def server(device, tmp_path):
+    """The real udpserver, started after the device is registered."""
+    srv = UdpServer(tmp_path / "spool", tmp_path / "udpserver.log", []).start()
+    yield srv
+    srv.stop()
+
+
+class Run:
+    """One run of the sketch: its serial output (stdout) and the simulator's notes (stderr)."""
+
+    def __init__(self, proc: subprocess.Popen, out: str, err: str):
+        self.returncode, self.out, self.err = proc.returncode, out, err
+
+    def not_served(self) -> set[int]:
+        """Timer ticks the sampler took late (the sketch must skip their sequence numbers)."""
+        return {k for m in NOT_SERVED.finditer(self.err) for k in range(int(m[1]), int(m[2]) + 1)}
+
+
+def start(exe: Path, run_ms: int, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([str(exe)], env={"PATH": os.environ["PATH"], "SIM_RUN_MS": str(run_ms), **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 20) -> Run:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=10)
+    return Run(proc, out, err)
+
+
+def run(exe: Path, run_ms: int, **env: str) -> Run:
+    r = finish(start(exe, run_ms, **env), timeout=run_ms / 1000 + 20)
+    assert r.returncode == 0, (r.returncode, r.out, r.err)
+    return r
+
+
+def samples_of(blocks: list[tuple], boot: int) -> dict[int, list[int]]:
+    """seq -> values of every stored sample of a boot."""
+    out: dict[int, list[int]] = {}
+    for b, seq0, n, channels, _rate, _ts, values in blocks:
+        if b == boot:
+            for k, row in enumerate(np.array(values).reshape(n, channels).tolist()):
+                assert seq0 + k not in out, f"sample {seq0 + k} stored twice"
+                out[seq0 + k] = row
+    return out
+
+
+def test_sketch_streams_its_signal_to_the_server(sim_object, device, server):
+    exe = device.build(sim_object)
+    r = run(exe, 3000, SIM_NVS_DIR=str(device.tmp / "nvs"))
+    assert f"semg: device {device.id} boot 1, 4 channels at 500 Hz, binary protocol" in r.out
+    assert "semg: WiFi connected, ip 127.0.0.1" in r.out
+    server.wait_settled()
+
+    blocks = device.blocks()
+    assert blocks and {(b[0], b[3], b[4]) for b in blocks} == {(1, len(PINS), RATE)}
+    assert max(b[2] for b in blocks) == PER_PACKET
+    got = samples_of(blocks, boot=1)
+    last = max(got)
+    # contiguous from 0: the only sequence numbers missing are the ticks the (host-scheduled) sampler took late,
+    # which the sketch counts as timer overruns and skips
+    missing = set(range(last + 1)) - set(got)
+    assert missing == {k for k in r.not_served() if k <= last}, r.err
+    assert len(got) >= 0.95 * (last + 1) and last + 1 >= 0.7 * 2.8 * RATE  # ~2.8 s of sampling after setup()
+    # the values are the synthetic signal, channel by channel, at every sequence number
+    bad = [(k, v) for k, v in got.items() if v != [signal_value(p, k) for p in PINS]]
+    assert not bad, bad[:5]
+    # the timer's rate, on the server's clock: sequence numbers (one per tick) per second of receive time
+    ticks, span = blocks[-1][1] - blocks[0][1], float(blocks[-1][5]) - float(blocks[0][5])
+    assert abs(ticks / span - RATE) < 0.05 * RATE, (ticks, span)
+    dev = server.metrics()["devices"][str(device.id)]
+    assert dev["rejected"] == {} and dev["lost_samples"] == len(missing)
+
+
+def test_boot_counter_persists_across_runs_and_the_server_takes_the_new_boot(sim_object, device, server):
+    exe = device.build(sim_object, "ESP_ARDUINO_VERSION_MAJOR=2")  # and the core 2.x timer API runs too
+    nvs = device.tmp / "nvs"
+    first = run(exe, 1200, SIM_NVS_DIR=str(nvs))
+    second = run(exe, 1200, SIM_NVS_DIR=str(nvs))
+    assert f"semg: device {device.id} boot 1," in first.out
+    assert f"semg: device {device.id} boot 2," in second.out
+    assert (nvs / "semg.nvs").read_text().split() == ["boot", "2"]
+    server.wait_settled()
+    blocks = device.blocks()
+    assert {b[0] for b in blocks} == {1, 2}
+    again = samples_of(blocks, boot=2)
+    assert min(again) == 0 and len(again) >= 0.5 * RATE
+    assert all(v == [signal_value(p, k) for p in PINS] for k, v in again.items())
+    assert server.metrics()["devices"][str(device.id)]["rejected"] == {}
+
