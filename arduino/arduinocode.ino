@@ -269,14 +269,21 @@ void setup() {
 
 void loop() {
     ensureWifi();
+    // Take what the sampler has queued (waiting up to 5 ms for a first sample), then return: a sample arrives
+    // every 2 ms at 500 Hz, so waiting for the next one each time would never let loop() get back to
+    // ensureWifi() and printDiagnostics().
     Sample s;
-    // drain what the sampler produced; wait briefly when there is nothing, so loop() stays responsive
-    while (xQueueReceive(sampleQueue, &s, pdMS_TO_TICKS(5)) == pdTRUE) {
-        queueSample(s);
-        if (s.seq >= SEQ_RESTART_AT) {
-            flushBatch();
-            Serial.println("semg: sequence number nearly exhausted; restarting (new boot)");
-            ESP.restart();
+    if (xQueueReceive(sampleQueue, &s, pdMS_TO_TICKS(5)) == pdTRUE) {
+        UBaseType_t more = uxQueueMessagesWaiting(sampleQueue);
+        for (;;) {
+            queueSample(s);
+            if (s.seq >= SEQ_RESTART_AT) {
+                flushBatch();
+                Serial.println("semg: sequence number nearly exhausted; restarting (new boot)");
+                ESP.restart();
+            }
+            if (more == 0 || xQueueReceive(sampleQueue, &s, 0) != pdTRUE) break;
+            more--;
         }
     }
     printDiagnostics();
