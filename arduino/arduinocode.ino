@@ -30,8 +30,8 @@
 #ifndef SEMG_LEGACY_PROTOCOL
 #define SEMG_LEGACY_PROTOCOL 0
 #endif
-// 25 samples = 50 ms at 500 Hz: low latency for live prediction, ~20 packets/s. At most
-// semg_max_samples_per_mtu(CHANNELS) so a packet is never fragmented.
+// 25 samples = 50 ms at 500 Hz: low latency for live prediction, ~20 packets/s. A packet (40 + 2 * CHANNELS
+// * SAMPLES_PER_PACKET bytes) must fit in WiFiUDP's buffer: at most 177 samples with 4 channels.
 #ifndef SAMPLES_PER_PACKET
 #define SAMPLES_PER_PACKET 25
 #endif
@@ -40,6 +40,9 @@ static const uint8_t ANALOG_PINS[] = {36, 39, 34, 35};
 static const uint8_t CHANNELS = sizeof(ANALOG_PINS) / sizeof(ANALOG_PINS[0]);
 // Samples buffered between the sampler and the sender: ~2 s at 500 Hz rides out a WiFi hiccup.
 static const uint16_t QUEUE_SAMPLES = 1024;
+// The ESP32 core's WiFiUDP buffers this many bytes per packet and sends a longer one as two datagrams (which the
+// server rejects as truncated/malformed). Below one Ethernet MTU (1472), so packets are never fragmented either.
+static const size_t UDP_TX_BUFFER = 1460;
 #ifndef DIAG_INTERVAL_MS
 #define DIAG_INTERVAL_MS 5000  // how often the diagnostics line is printed (serial monitor)
 #endif
@@ -250,7 +253,9 @@ void setup() {
 
 #if !SEMG_LEGACY_PROTOCOL
     if (!parseKey(SECRET_DEVICE_KEY_HEX)) halt("SECRET_DEVICE_KEY_HEX must be 32..128 hex digits");
-    if (SAMPLES_PER_PACKET > semg_max_samples_per_mtu(CHANNELS)) halt("SAMPLES_PER_PACKET exceeds one MTU");
+    if (semg_packet_size(SAMPLES_PER_PACKET, CHANNELS) > UDP_TX_BUFFER) {
+        halt("SAMPLES_PER_PACKET too large: a packet must fit in WiFiUDP's 1460 bytes (40 + 2 bytes per value)");
+    }
 #endif
     if (!serverIp.fromString(SECRET_SERVER_IP)) halt("SECRET_SERVER_IP is not an IP address");
 

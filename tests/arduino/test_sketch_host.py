@@ -236,3 +236,20 @@ def test_wifi_loss_drops_and_counts_samples_reconnects_and_diagnostics_keep_comi
     assert last - hi >= 0.8 * RATE  # streaming resumed until the end
     assert all(v == [signal_value(p, k) for p in PINS] for k, v in got.items())
     assert server.metrics()["devices"][str(device.id)]["lost_samples"] == last + 1 - len(got)
+
+
+def test_packets_fit_in_the_esp32_wifiudp_buffer(sim_object, device, server):
+    """The ESP32 core's WiFiUDP buffers 1460 bytes and sends a longer packet as two datagrams, which the server
+    rejects: with 4 channels at most 177 samples fit (40 + 177 * 8 = 1456 bytes)."""
+    most = run(device.build(sim_object, "SAMPLES_PER_PACKET=177"), 1500, SIM_NVS_DIR=str(device.tmp / "nvs"))
+    assert "udp_split=0" in most.err
+    server.wait_settled()
+    blocks = device.blocks()
+    assert blocks and max(b[2] for b in blocks) == 177  # (shorter ones end at a timer overrun)
+    assert server.metrics()["devices"][str(device.id)]["rejected"] == {}
+
+    # 179 samples = 1472 bytes: within one MTU, but not within WiFiUDP's buffer
+    too_many = run(device.build(sim_object, "SAMPLES_PER_PACKET=179"), 800, SIM_NVS_DIR=str(device.tmp / "nvs"))
+    assert "semg: FATAL SAMPLES_PER_PACKET too large: a packet must fit in WiFiUDP's 1460 bytes" in too_many.out
+    assert "udp_datagrams=0" in too_many.err
+    assert server.metrics()["rejected"] == {}
