@@ -91,6 +91,7 @@ static int hmacMbedtls(const uint8_t *key, size_t keyLen, const uint8_t *msg, si
     return mbedtls_md_hmac(info, key, keyLen, msg, msgLen, out) == 0 ? 0 : -1;
 }
 
+#if !SEMG_LEGACY_PROTOCOL  // the key is for binary packets only
 static int hexNibble(char c) {
     if (c >= '0' && c <= '9') return c - '0';
     if (c >= 'a' && c <= 'f') return c - 'a' + 10;
@@ -109,6 +110,7 @@ static bool parseKey(const char *hex) {
     deviceKeyLen = len / 2;
     return true;
 }
+#endif
 
 // ---- sampling ------------------------------------------------------------------------------------------------
 // The timer interrupt only wakes the sampler task: analogRead is not safe inside an ISR.

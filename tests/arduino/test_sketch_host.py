@@ -57,10 +57,10 @@ def sim_object(tmp_path_factory) -> Path:
 
 
 class Device:
-    def __init__(self, conn, tmp_path: Path, channels: int = len(PINS)):
+    def __init__(self, conn, tmp_path: Path, protocol: str = "binary"):
         user = repo.create_user(conn, "Sketch Wearer", f"sketch{time.monotonic_ns()}@example.org")
-        dev = repo.register_device(conn, user["id"], channels, RATE, name="host sketch")
-        self.id, self.key_hex = dev["id"], dev["secret_key_hex"]
+        dev = repo.register_device(conn, user["id"], len(PINS), RATE, protocol=protocol, name="host sketch")
+        self.id, self.user_id, self.key_hex = dev["id"], user["id"], dev["secret_key_hex"]
         self.conn, self.tmp = conn, tmp_path
 
     def build(self, sim_object: Path, *defines: str) -> Path:
@@ -71,7 +71,7 @@ class Device:
             f'#define SECRET_SSID "test-ap"\n#define SECRET_PASS "test-pass"\n'
             f'#define SECRET_SERVER_IP "127.0.0.1"\n#define SECRET_SERVER_PORT {os.environ["UDP_PORT"]}\n'
             f'#define SECRET_DEVICE_ID {self.id}\n#define SECRET_DEVICE_KEY_HEX "{self.key_hex}"\n'
-            f'#define SECRET_USER_ID 1\n')
+            f'#define SECRET_USER_ID {self.user_id}\n')
         exe = self.tmp / f"sketch{len(list(self.tmp.glob('sketch*')))}"
         r = subprocess.run(["g++", *CXXFLAGS, *(f"-D{d}" for d in defines), "-I", str(secrets), "-I", str(SIM),
                             "-I", str(ARDUINO), "-x", "c++", str(ARDUINO / "arduinocode.ino"), "-x", "none",
@@ -253,3 +253,21 @@ def test_packets_fit_in_the_esp32_wifiudp_buffer(sim_object, device, server):
     assert "semg: FATAL SAMPLES_PER_PACKET too large: a packet must fit in WiFiUDP's 1460 bytes" in too_many.out
     assert "udp_datagrams=0" in too_many.err
     assert server.metrics()["rejected"] == {}
+
+
+def test_legacy_build_streams_text_packets(sim_object, db_conn, tmp_path):
+    """SEMG_LEGACY_PROTOCOL 1: one "userid,millis,v0,...,v3" packet per sample to a legacy device."""
+    device = Device(db_conn, tmp_path, protocol="legacy")
+    srv = UdpServer(tmp_path / "spool", tmp_path / "udpserver.log", []).start()
+    try:
+        r = run(device.build(sim_object, "SEMG_LEGACY_PROTOCOL=1"), 1500)
+        assert "4 channels at 500 Hz, legacy protocol" in r.out
+        srv.wait_settled()
+        assert srv.metrics()["devices"][str(device.id)]["rejected"] == {}
+    finally:
+        srv.stop()
+    got = samples_of(device.blocks(), boot=0)
+    assert sorted(got) == list(range(len(got))) and len(got) >= 0.7 * 1.3 * RATE
+    # the server numbers text packets itself: the k-th stored is the k-th sample the sampler took
+    taken = sorted(set(range(len(got) + len(r.not_served()))) - r.not_served())[:len(got)]
+    assert all(got[k] == [signal_value(p, seq) for p in PINS] for k, seq in enumerate(taken))
