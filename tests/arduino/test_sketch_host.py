@@ -157,7 +157,7 @@ def test_sketch_streams_its_signal_to_the_server(sim_object, device, server):
     # which the sketch counts as timer overruns and skips
     missing = set(range(last + 1)) - set(got)
     assert missing == {k for k in r.not_served() if k <= last}, r.err
-    assert len(got) >= 0.95 * (last + 1) and last + 1 >= 0.7 * 2.8 * RATE  # ~2.8 s of sampling after setup()
+    assert len(got) >= 0.8 * (last + 1) and last + 1 >= 0.7 * 2.8 * RATE  # ~2.8 s of sampling after setup()
     # the values are the synthetic signal, channel by channel, at every sequence number
     bad = [(k, v) for k, v in got.items() if v != [signal_value(p, k) for p in PINS]]
     assert not bad, bad[:5]
