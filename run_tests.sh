@@ -17,6 +17,13 @@ if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && [ "${SEMG_SKIP_BROWSER:-0
     || echo "run_tests.sh: could not install chromium; browser tests will be skipped" >&2
 fi
 
+# The sketch's host tests (tests/arduino, tests/udpserver/test_udp_vectors.py) build it with g++/gcc.
+if ! command -v g++ >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing g++ for the sketch's host tests"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null) \
+    || echo "run_tests.sh: could not install g++; the sketch's host tests will be skipped" >&2
+fi
+
 # Keep the tests away from any developer instance: only the fixtures' temporary settings apply.
 unset SEMG_STATE_DIR POSTGRES_HOST NATS_SERVER
 exec "$SEMG_PYTHON" -m pytest "$@"

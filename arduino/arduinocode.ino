@@ -38,8 +38,11 @@
 // ADC1 pins only: ADC2 cannot be read while WiFi is on.
 static const uint8_t ANALOG_PINS[] = {36, 39, 34, 35};
 static const uint8_t CHANNELS = sizeof(ANALOG_PINS) / sizeof(ANALOG_PINS[0]);
-// Samples buffered between the sampler and the sender: ~2 s at 500 Hz rides out a WiFi hiccup.
-static const uint16_t QUEUE_SAMPLES = 1024;
+// Samples buffered between the sampler and the sender. While WiFi is down they stay here and go out when it is
+// back, so an outage shorter than this (~2 s at 500 Hz) loses nothing; past it the newest are dropped (counted).
+#ifndef QUEUE_SAMPLES
+#define QUEUE_SAMPLES 1024
+#endif
 // The ESP32 core's WiFiUDP buffers this many bytes per packet and sends a longer one as two datagrams (which the
 // server rejects as truncated/malformed). Below one Ethernet MTU (1472), so packets are never fragmented either.
 static const size_t UDP_TX_BUFFER = 1460;
@@ -166,7 +169,8 @@ static void ensureWifi() {
         Serial.printf("semg: WiFi connected, ip %s, rssi %d dBm\n", WiFi.localIP().toString().c_str(), WiFi.RSSI());
     }
     if (!connected && wasConnected) {
-        Serial.println("semg: WiFi lost; samples are dropped (and counted) until it is back");
+        Serial.printf("semg: WiFi lost; up to %u samples are kept for when it is back, later ones are dropped "
+                      "(queue drops)\n", (unsigned)QUEUE_SAMPLES);
     }
     wasConnected = connected;
     if (!connected && millis() - lastAttempt > WIFI_RETRY_MS) {
@@ -276,6 +280,11 @@ void setup() {
 
 void loop() {
     ensureWifi();
+    if (WiFi.status() != WL_CONNECTED) {
+        delay(5);  // keep the samples queued (see QUEUE_SAMPLES) until there is a network to send them to
+        printDiagnostics();
+        return;
+    }
     // Take what the sampler has queued (waiting up to 5 ms for a first sample), then return: a sample arrives
     // every 2 ms at 500 Hz, so waiting for the next one each time would never let loop() get back to
     // ensureWifi() and printDiagnostics().
