@@ -50,7 +50,10 @@ static const size_t UDP_TX_BUFFER = 1460;
 #define DIAG_INTERVAL_MS 5000  // how often the diagnostics line is printed (serial monitor)
 #endif
 #ifndef WIFI_RETRY_MS
-#define WIFI_RETRY_MS 5000  // while WiFi is down, rejoin this often
+#define WIFI_RETRY_MS 5000  // while WiFi is down, rejoin after this long, then after twice as long each time...
+#endif
+#ifndef WIFI_RETRY_MAX_MS
+#define WIFI_RETRY_MAX_MS 60000  // ...up to this
 #endif
 // Restart (and so bump the boot counter) long before the 32-bit sequence number could wrap.
 static const uint32_t SEQ_RESTART_AT = 0xFFF00000u;
@@ -161,20 +164,28 @@ static void startSampleTimer() {
 }
 
 // ---- network -------------------------------------------------------------------------------------------------
+static uint32_t wifiLastAttempt = 0;  // millis() of the last WiFi.begin()
+
 static void ensureWifi() {
-    static uint32_t lastAttempt = 0;
+    // Rejoin after WIFI_RETRY_MS, then twice as long each time (up to WIFI_RETRY_MAX_MS): a join that takes
+    // longer than the interval (slow DHCP, enterprise auth, a weak signal) would otherwise be cut off by the
+    // next WiFi.disconnect() every time and never complete.
+    static uint32_t retryMs = WIFI_RETRY_MS;
     static bool wasConnected = false;
     bool connected = WiFi.status() == WL_CONNECTED;
     if (connected && !wasConnected) {
         Serial.printf("semg: WiFi connected, ip %s, rssi %d dBm\n", WiFi.localIP().toString().c_str(), WiFi.RSSI());
+        retryMs = WIFI_RETRY_MS;
     }
     if (!connected && wasConnected) {
         Serial.printf("semg: WiFi lost; up to %u samples are kept for when it is back, later ones are dropped "
                       "(queue drops)\n", (unsigned)QUEUE_SAMPLES);
+        wifiLastAttempt = millis();  // the driver rejoins by itself first
     }
     wasConnected = connected;
-    if (!connected && millis() - lastAttempt > WIFI_RETRY_MS) {
-        lastAttempt = millis();
+    if (!connected && millis() - wifiLastAttempt > retryMs) {
+        wifiLastAttempt = millis();
+        retryMs = retryMs >= WIFI_RETRY_MAX_MS / 2 ? WIFI_RETRY_MAX_MS : retryMs * 2;
         stats.wifi_reconnects++;
         WiFi.disconnect();
         WiFi.begin(SECRET_SSID, SECRET_PASS);
@@ -270,6 +281,7 @@ void setup() {
     WiFi.mode(WIFI_STA);
     WiFi.setAutoReconnect(true);
     WiFi.begin(SECRET_SSID, SECRET_PASS);
+    wifiLastAttempt = millis();
 
     sampleQueue = xQueueCreate(QUEUE_SAMPLES, sizeof(Sample));
     if (sampleQueue == NULL) halt("cannot allocate the sample queue");

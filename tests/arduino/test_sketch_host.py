@@ -258,6 +258,21 @@ def test_a_longer_wifi_outage_keeps_the_queue_and_drops_and_counts_the_rest(sim_
     assert server.metrics()["devices"][str(device.id)]["lost_samples"] == last + 1 - len(got)
 
 
+def test_a_join_slower_than_the_retry_interval_still_completes(sim_object, device, server):
+    """Joining takes 700 ms here, longer than the 300 ms retry interval: retrying at a fixed interval would cut
+    every join off with WiFi.disconnect() (the device never got on the network); the interval doubles instead."""
+    exe = device.build(sim_object, "DIAG_INTERVAL_MS=500", "WIFI_RETRY_MS=300")
+    r = run(exe, 3500, SIM_NVS_DIR=str(device.tmp / "nvs"), SIM_WIFI_JOIN_MS="700", SIM_WIFI_AUTORECONNECT="0")
+    assert "semg: WiFi connected" in r.out, r.out
+    diags = [diag_fields(m) for m in DIAG.finditer(r.out)]
+    assert diags[-1]["wifi"] == "up" and 1 <= diags[-1]["wifi_retries"] <= 3, r.out
+    server.wait_settled()
+    got = samples_of(device.blocks(), boot=1)
+    # the samples taken while joining waited in the queue: the stream is whole from sequence number 0
+    assert min(got) == 0 and set(range(max(got) + 1)) - set(got) <= r.not_served(), r.err
+    assert len(got) >= 0.6 * 3.3 * RATE
+
+
 def test_packets_fit_in_the_esp32_wifiudp_buffer(sim_object, device, server):
     """The ESP32 core's WiFiUDP buffers 1460 bytes and sends a longer packet as two datagrams, which the server
     rejects: with 4 channels at most 177 samples fit (40 + 177 * 8 = 1456 bytes)."""

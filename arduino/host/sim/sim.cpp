@@ -11,6 +11,8 @@
  *   SIM_WIFI_FILE     the access point is in range while this file exists (unset: always in range).
  *   SIM_WIFI_AUTORECONNECT=0  the WiFi driver does not rejoin by itself after a loss (only WiFi.begin() does),
  *                     as when the core's auto-reconnect gives up.
+ *   SIM_WIFI_JOIN_MS  joining (WiFi.begin(), or the driver's own rejoin) takes this long before the station is
+ *                     connected (default 0); WiFi.disconnect() abandons a join under way, as on the device.
  *   SIM_RUN_MS        exit (status 0) after this many ms of run time; SIGTERM/SIGINT also exit with status 0.
  *                     Either prints "sim: exit ..." with the counters below on stderr first.
  *
@@ -449,6 +451,12 @@ static pthread_mutex_t wifiMu = PTHREAD_MUTEX_INITIALIZER;
 static bool wifiJoining = false;     // WiFi.begin() called (or the driver rejoins by itself) and not disconnected
 static bool wifiAssociated = false;
 static bool wifiAutoReconnect = true;
+static uint32_t wifiJoinStart = 0;   // millis() when the join under way started
+
+static uint32_t joinMs() {
+    const char *v = getenv("SIM_WIFI_JOIN_MS");
+    return v ? (uint32_t)strtoul(v, nullptr, 10) : 0;
+}
 
 static bool apInRange() {
     const char *f = getenv("SIM_WIFI_FILE");
@@ -466,8 +474,9 @@ static bool wifiUpdate() {  // wifiMu held
     if (wifiAssociated && !ap) {
         wifiAssociated = false;
         wifiJoining = driverRejoins();
+        wifiJoinStart = millis();
     }
-    if (!wifiAssociated && wifiJoining && ap) wifiAssociated = true;
+    if (!wifiAssociated && wifiJoining && ap && millis() - wifiJoinStart >= joinMs()) wifiAssociated = true;
     return wifiAssociated;
 }
 
@@ -482,6 +491,7 @@ int WiFiClass::status() {
 int WiFiClass::begin(const char *, const char *) {
     pthread_mutex_lock(&wifiMu);
     simWifiBegins++;
+    if (!wifiJoining || wifiAssociated) wifiJoinStart = millis();  // begin() during a join lets it go on
     wifiJoining = true;
     wifiUpdate();
     pthread_mutex_unlock(&wifiMu);
