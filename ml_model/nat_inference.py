@@ -129,6 +129,11 @@ class Ready:
     queued_at: float  # monotonic
     epoch: int = 0  # the stream's vote epoch when cut (see UserStream.new_votes)
 
+    def keep(self, mask: np.ndarray) -> None:
+        """Keep only the windows where `mask` is true."""
+        self.windows, self.end_seq = self.windows[mask], self.end_seq[mask]
+        self.end_millis, self.end_recv = self.end_millis[mask], self.end_recv[mask]
+
     def merge(self, other: Ready) -> None:
         """Append the next windows of the same run (same user, model, device and epoch)."""
         self.windows = np.concatenate([self.windows, other.windows])
@@ -332,7 +337,9 @@ class Options:
     unsure_label: str = postprocessing.UNKNOWN
     max_inflight: int = 1
     max_batch_windows: int = 1024
-    max_age_s: float = 2.0  # windows older than this when their turn comes are dropped (stale for live use)
+    # windows older than this when their turn comes are dropped (stale for live use): queued this long ago, or
+    # their last sample received this long ago (a backlog the UDP server publishes after a NATS/PostgreSQL outage)
+    max_age_s: float = 2.0
     http_timeout_s: float = 10.0
 
 
@@ -472,13 +479,21 @@ class Worker:
         batch: list[Ready] = []
         last_of: dict[int, Ready] = {}  # user -> that user's last item in this batch
         n = 0
-        now = time.monotonic()
+        now, wall = time.monotonic(), time.time()
         while self.pending and n < self.opts.max_batch_windows:
             r = self.pending[0]
-            if now - r.queued_at > self.opts.max_age_s:
+            if now - r.queued_at > self.opts.max_age_s or wall - r.end_recv[-1] > self.opts.max_age_s:
                 self.pending.popleft()
                 self.stats.dropped += len(r.windows)
+                if wall - r.end_recv[-1] > self.opts.max_age_s:
+                    self._warn_every("stale", "dropping windows of samples received %.1f s ago (older than "
+                                     "--max-age %g s: a backlog after an outage, or this host's clock is ahead "
+                                     "of the UDP server's)", wall - r.end_recv[-1], self.opts.max_age_s)
                 continue
+            if wall - r.end_recv[0] > self.opts.max_age_s:  # the run resumed live after a backlog: keep the fresh
+                fresh = wall - r.end_recv <= self.opts.max_age_s
+                self.stats.dropped += int(np.count_nonzero(~fresh))
+                r.keep(fresh)
             prev = last_of.get(r.user_id)
             if (prev is not None and prev.spec == r.spec and prev.device_id == r.device_id
                     and prev.epoch == r.epoch and prev.end_seq[-1] < r.end_seq[0]):
@@ -850,7 +865,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unsure-label", default=os.environ.get("SEMG_INFERENCE_UNSURE_LABEL", postprocessing.UNKNOWN),
                    help="answer when unsure: UNKNOWN (default) or REST")
     p.add_argument("--max-age", type=float, default=_env_float("SEMG_INFERENCE_MAX_AGE_S", 2.0),
-                   help="drop windows that waited longer than this many seconds (overload: stale for live use)")
+                   help="drop windows that waited longer than this many seconds, or whose samples were received "
+                        "longer ago (overload, or a backlog after an outage: stale for live use)")
     p.add_argument("--max-inflight", type=int, default=int(_env_float("SEMG_INFERENCE_MAX_INFLIGHT", 1)),
                    help="concurrent /predict calls (default 1: the next batch goes out when the answer is in)")
     args = p.parse_args(argv)

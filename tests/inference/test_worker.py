@@ -287,3 +287,37 @@ def test_worker_recovers_when_the_api_restarts(workers, model_user, db_conn, api
 
     _, after = asyncio.run(scenario())
     assert proc.poll() is None and after >= 20
+
+
+def test_a_backlog_after_an_outage_is_not_decided_as_live(workers, model_user, db_conn):
+    """After a NATS or PostgreSQL outage the UDP server publishes the samples it kept, with their receive times:
+    windows of samples received longer ago than --max-age (2 s) are stale for live use and get no decision,
+    and the live windows that follow are all decided."""
+    users = [model_user(seed=i)[:2] for i in range(4)]
+    workers(1)
+    _wait_workers(db_conn, 1)
+    backlog, live = 2000, 400  # 10 s kept during the outage, then 2 s live
+
+    async def scenario() -> Collector:
+        nc = await natsio.connect("admin")
+        coll = Collector()
+        await coll.start(nc)
+        await _warm_up(nc, coll, users)
+        rng = np.random.default_rng(4)
+        t_down = time.time() - backlog / RATE
+        for a in range(0, backlog, 10):
+            for uid, dev in users:
+                await nc.publish(f"emg.samples.{uid}", samples_message(uid, dev, a, rng.integers(-60, 60, (10, 8)),
+                                                                       RATE, boot=3, t0=t_down + a / RATE))
+        await _stream(nc, users, live, speed=1.0, boot=3, seq0=backlog)
+        await asyncio.sleep(1.5)
+        await nc.close()
+        return coll
+
+    coll = asyncio.run(scenario())
+    for uid, _ in users:
+        ds = [d for d in coll.of(uid) if d.seq < WARMUP_SEQ0]
+        ages = [d.decided_time - d.sample_recv_time for d in ds]
+        assert max(ages) < 2.5, f"user {uid}: {sum(a > 2.5 for a in ages)} decisions on samples up to {max(ages):.1f} s old"
+        live_ends = [e for e in expected_ends(0, backlog + live - 1, WIN, STEP) if e >= backlog]
+        assert sorted(d.seq for d in ds if d.seq >= backlog) == live_ends
