@@ -140,6 +140,7 @@ class ModelRegistry:
     _broken: dict[int, int] = field(default_factory=dict)  # user -> newest artifact id that failed to load
     _load_lock: threading.Lock = field(default_factory=threading.Lock)
     banks: Banks = field(default_factory=lambda: Banks())
+    loaded: bool = False  # every user's model has been looked up once (until then the cache is not the catalogue)
 
     @property
     def live(self) -> Mapping[int, ServedModel]:
@@ -249,6 +250,7 @@ class ModelRegistry:
                 if cur_model is None or cur_model.artifact_id != artifact_id:
                     self._install(user_id, artifact_id, conn)
                     changed += 1
+            self.loaded = True
             return changed
 
 

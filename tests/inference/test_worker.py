@@ -321,3 +321,36 @@ def test_a_backlog_after_an_outage_is_not_decided_as_live(workers, model_user, d
         assert max(ages) < 2.5, f"user {uid}: {sum(a > 2.5 for a in ages)} decisions on samples up to {max(ages):.1f} s old"
         live_ends = [e for e in expected_ends(0, backlog + live - 1, WIN, STEP) if e >= backlog]
         assert sorted(d.seq for d in ds if d.seq >= backlog) == live_ends
+
+
+def test_a_worker_started_while_the_api_waits_for_the_database_serves_its_models(workers, model_user, api_server,
+                                                                                 services):
+    """The platform starting (or the API restarting) while PostgreSQL is not up yet: the API has not loaded the
+    models, so it must not tell the worker there are none -- the worker would recognise nobody until its next
+    catalogue poll (30 s)."""
+    (uid, dev, _), = [model_user()]
+    api_server.stop()
+    services.stop("postgres")
+    try:
+        api_server.start()  # serves /health without the database
+        workers(1)
+        time.sleep(3)  # the worker is up and asking the API for the models
+    finally:
+        services.start("postgres")
+    back = time.monotonic()
+
+    async def scenario() -> float | None:
+        nc = await natsio.connect("admin")
+        coll = Collector()
+        await coll.start(nc)
+        rng = np.random.default_rng(5)
+        seq = 0
+        while not coll.of(uid) and time.monotonic() - back < 40:
+            await nc.publish(f"emg.samples.{uid}", samples_message(uid, dev, seq, rng.integers(-60, 60, (10, 8)), RATE))
+            seq += 10
+            await asyncio.sleep(10 / RATE)
+        await nc.close()
+        return time.monotonic() - back if coll.of(uid) else None
+
+    first = asyncio.run(scenario())
+    assert first is not None and first < 15, f"first decision {first} s after PostgreSQL came back"

@@ -15,6 +15,7 @@ from ml_model import preprocessing as pp
 from ml_model.rest import serving
 from ml_model.rest.auth import Caller, UserScoped
 from ml_model.rest.deps import Conn
+from ml_model.rest.pool import DatabaseUnavailable
 from ml_model.rest.schemas import (
     ModelInfo,
     PredictItem,
@@ -159,7 +160,10 @@ async def predict(req: PredictRequest, caller: Caller, state: State) -> Response
 
 @router.get("/models", response_model=list[ModelInfo])
 async def served_models(caller: Caller, state: State) -> list[ModelInfo]:
-    """The model served for every user that has one (a user key sees only its own)."""
+    """The model served for every user that has one (a user key sees only its own); 503 until the models have
+    been loaded (the API started while the database was unavailable), so no client takes "none" for the list."""
+    if not state.models.loaded:
+        raise DatabaseUnavailable("database unavailable: the served models are not loaded yet")
     return [model_info(m) for m in sorted(state.models.all(), key=lambda m: m.user_id) if caller.can_access(m.user_id)]
 
 
