@@ -14,7 +14,8 @@ device's own sequence numbers, so the set of decisions is the same whichever wor
 however the samples are split into messages. Samples already seen in the current run (same device, boot
 and lower sequence number: the UDP server publishes at least once) are skipped, so no window is decided
 twice. A forward sequence gap or a new device/boot resets that user's buffer and vote history: the next
-decision comes once a full window has arrived again.
+decision comes once a full window has arrived again. Only consecutive windows vote together: after windows
+that got no decision (too old, /predict failed) the votes start afresh.
 
 Several workers. Each user's stream must reach a single worker (a window needs all its samples), so users
 are partitioned deterministically: every worker holds one PostgreSQL advisory lock "slot" (released when it
@@ -153,6 +154,7 @@ class UserStream:
         self.spec = spec
         self.history: deque[np.ndarray] = deque(maxlen=votes)
         self.history_model: int | None = None  # the model whose probabilities are in `history`
+        self.history_end: int | None = None  # sequence number of the newest window in `history`
         self.epoch = next(_EPOCHS)
         self.device_id: int | None = None
         self.boot: int | None = None
@@ -176,6 +178,7 @@ class UserStream:
         """Forget the vote history; windows cut before this (maybe still at /predict) no longer join it."""
         self.history.clear()
         self.history_model = None
+        self.history_end = None
         self.epoch = next(_EPOCHS)
 
     def votes_for(self, epoch: int, model_id: int | None) -> deque:
@@ -600,7 +603,15 @@ class Worker:
             history = (stream.votes_for(r.epoch, model_id) if stream is not None
                        else deque(maxlen=self.opts.votes))
             preds = res["predictions"]
+            current = stream is not None and history is stream.history
+            last_end = stream.history_end if current else None
             for i, p in enumerate(preds):
+                end = int(r.end_seq[i])
+                if last_end is not None and end - last_end != r.spec.step:
+                    history.clear()  # windows in between got no decision (dropped): only neighbours vote together
+                last_end = end
+                if current:
+                    stream.history_end = end
                 history.append(p["probabilities"])
                 d = postprocessing.decide(classes, history, self.opts.min_confidence,
                                           unsure_label=self.opts.unsure_label)

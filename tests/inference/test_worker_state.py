@@ -105,3 +105,29 @@ def test_a_deleted_user_or_model_loses_only_its_own_decisions(settings, clean_db
         # the deleted model's rows without their model id; the deleted user's row alone is dropped
         assert cur.fetchall() == [(model, 50), (None, 10)]
     assert w.stats.stored == 60 and not w.to_store
+
+
+def test_votes_never_span_windows_that_got_no_decision(services):
+    """Windows dropped in between (too old, /predict failed) leave a hole: the first window after it must not be
+    outvoted by windows from before it (the user may have changed gesture meanwhile)."""
+    from semg import natsio
+
+    async def scenario() -> list[tuple]:
+        w = _worker(votes=3)
+        w.nc = await natsio.connect("admin")
+        s = w.streams[1] = UserStream(1, SPEC, votes=3)
+
+        async def decide(ready, probs):
+            res = {"model_id": SPEC.artifact_id, "classes": list(SPEC.classes), "error": None,
+                   "predictions": [{"probabilities": probs}] * len(ready.windows)}
+            await w._handle_results([ready], {"results": [res]})
+
+        await decide(s.append(_msg(1, 0, 8)), [0.9, 0.05, 0.05])  # windows ending at 3, 5, 7: REST
+        assert s.append(_msg(1, 8, 8)) is not None  # windows ending at 9..15: dropped, never decided
+        await decide(s.append(_msg(1, 16, 2)), [0.05, 0.9, 0.05])  # ending at 17: "a"
+        await decide(s.append(_msg(1, 18, 2)), [0.05, 0.9, 0.05])  # ending at 19, right after 17: votes with it
+        await w.nc.close()
+        return w.to_store
+
+    rows = asyncio.run(scenario())
+    assert [r[2] for r in rows] == ["REST", "REST", "REST", "a", "a"]
