@@ -77,6 +77,10 @@ STORE_INTERVAL_S = 0.5
 # A user's second device is ignored while the first streams (two interleaved streams would reset each other
 # on every message and nothing would be decided); it takes over after this long without the first.
 DEVICE_HANDOVER_S = 1.0
+# How fast a device clock may fall behind the server's (s per s) for `UserStream.taken_times`: far above a crystal's
+# drift (~50 ppm), far below what a backlog looks like (a sensor that kept samples through a WiFi outage sends
+# them seconds after they were taken, at once, with fresh receive times).
+CLOCK_RISE = 1e-3
 MAX_STORE_BACKLOG = 200_000
 STATS_INTERVAL_S = float(os.environ.get("SEMG_INFERENCE_STATS_S", "60"))
 
@@ -129,11 +133,17 @@ class Ready:
     end_recv: np.ndarray  # (n,) its server receive time
     queued_at: float  # monotonic
     epoch: int = 0  # the stream's vote epoch when cut (see UserStream.new_votes)
+    end_taken: np.ndarray | None = None  # (n,) when it was taken, on the server's clock (UserStream.taken_times)
+
+    def __post_init__(self) -> None:
+        if self.end_taken is None:
+            self.end_taken = self.end_recv
 
     def keep(self, mask: np.ndarray) -> None:
         """Keep only the windows where `mask` is true."""
         self.windows, self.end_seq = self.windows[mask], self.end_seq[mask]
         self.end_millis, self.end_recv = self.end_millis[mask], self.end_recv[mask]
+        self.end_taken = self.end_taken[mask]
 
     def merge(self, other: Ready) -> None:
         """Append the next windows of the same run (same user, model, device and epoch)."""
@@ -141,6 +151,7 @@ class Ready:
         self.end_seq = np.concatenate([self.end_seq, other.end_seq])
         self.end_millis = np.concatenate([self.end_millis, other.end_millis])
         self.end_recv = np.concatenate([self.end_recv, other.end_recv])
+        self.end_taken = np.concatenate([self.end_taken, other.end_taken])
 
 
 _EPOCHS = itertools.count(1)  # process-wide, so a replaced stream never reuses an epoch number
@@ -165,10 +176,13 @@ class UserStream:
         self.values = np.zeros((cap, spec.n_device_channels), dtype=np.float32)
         self.millis = np.zeros(cap, dtype=np.float64)
         self.recv = np.zeros(cap, dtype=np.float64)
+        self.taken = np.zeros(cap, dtype=np.float64)
         self.resets = 0
         self.duplicates = 0  # samples received again (at-least-once delivery) and ignored
         self.other_device = 0  # samples of another device of the user, ignored while this one streams
         self.last_message = 0.0  # monotonic time of the last accepted message
+        # (device, boot, running min of the lifted clock offset) for taken_times; kept across gaps in a boot
+        self.clock: tuple[int, int, float] | None = None
 
     def reset(self) -> None:
         self.n = 0
@@ -194,17 +208,34 @@ class UserStream:
             self.history_model = model_id
         return self.history
 
+    def taken_times(self, device_id: int, boot: int, millis: np.ndarray, recv: np.ndarray) -> np.ndarray:
+        """When samples were taken, on the server's clock: (k,) device millis and receive times -> (k,) seconds.
+
+        A sample's receive time minus its device time is its delivery delay plus a constant clock offset; the
+        smallest such difference seen for this device and boot (allowed to rise by CLOCK_RISE, for clock drift)
+        is the offset plus the fastest delivery. So a sample a sensor kept through a WiFi outage and sent late
+        shows its true age, which its fresh receive time hides.
+        """
+        offset = recv - millis / 1000.0
+        lifted = offset - CLOCK_RISE * millis / 1000.0  # a running min of this rises CLOCK_RISE per second
+        if self.clock is not None and self.clock[:2] == (device_id, boot):
+            lifted = np.minimum.accumulate(np.concatenate(([self.clock[2]], lifted)))[1:]
+        else:
+            lifted = np.minimum.accumulate(lifted)
+        self.clock = (device_id, boot, float(lifted[-1]))
+        return np.minimum(recv, millis / 1000.0 + lifted + CLOCK_RISE * millis / 1000.0)
+
     def _make_room(self, k: int) -> None:
         keep = min(self.n, self.spec.window - 1)  # all a future window can still need
         if self.n + k > len(self.values):
             drop = self.n - keep
-            for arr in (self.values, self.millis, self.recv):
+            for arr in (self.values, self.millis, self.recv, self.taken):
                 arr[:keep] = arr[drop:self.n]
             self.start_seq += drop
             self.n = keep
             if keep + k > len(self.values):  # a message bigger than the buffer: grow once
                 cap = 2 * (keep + k)
-                for name in ("values", "millis", "recv"):
+                for name in ("values", "millis", "recv", "taken"):
                     old = getattr(self, name)
                     new = np.zeros((cap, *old.shape[1:]), dtype=old.dtype)
                     new[:keep] = old[:keep]
@@ -247,6 +278,8 @@ class UserStream:
         self.values[a:a + k] = values
         self.millis[a:a + k] = millis
         self.recv[a:a + k] = recv
+        self.taken[a:a + k] = self.taken_times(msg.device_id, msg.boot, np.asarray(millis, dtype=np.float64),
+                                               np.asarray(recv, dtype=np.float64))
         self.n += k
         self.next_seq = seq0 + k
 
@@ -263,7 +296,8 @@ class UserStream:
         starts = idx - win + 1
         windows = np.stack([self.values[s:s + win] for s in starts]).transpose(0, 2, 1)
         return Ready(self.user_id, self.spec, msg.device_id, np.ascontiguousarray(windows), ends,
-                     self.millis[idx].copy(), self.recv[idx].copy(), time.monotonic(), self.epoch)
+                     self.millis[idx].copy(), self.recv[idx].copy(), time.monotonic(), self.epoch,
+                     self.taken[idx].copy())
 
 
 # ---- worker membership (which users are mine) ------------------------------------------------------
@@ -485,16 +519,17 @@ class Worker:
         now, wall = time.monotonic(), time.time()
         while self.pending and n < self.opts.max_batch_windows:
             r = self.pending[0]
-            if now - r.queued_at > self.opts.max_age_s or wall - r.end_recv[-1] > self.opts.max_age_s:
+            if now - r.queued_at > self.opts.max_age_s or wall - r.end_taken[-1] > self.opts.max_age_s:
                 self.pending.popleft()
                 self.stats.dropped += len(r.windows)
-                if wall - r.end_recv[-1] > self.opts.max_age_s:
-                    self._warn_every("stale", "dropping windows of samples received %.1f s ago (older than "
-                                     "--max-age %g s: a backlog after an outage, or this host's clock is ahead "
-                                     "of the UDP server's)", wall - r.end_recv[-1], self.opts.max_age_s)
+                if wall - r.end_taken[-1] > self.opts.max_age_s:
+                    self._warn_every("stale", "dropping windows of samples taken %.1f s ago (older than --max-age "
+                                     "%g s: a backlog after an outage of NATS/PostgreSQL or of the sensor's WiFi, or "
+                                     "this host's clock is ahead of the UDP server's)", wall - r.end_taken[-1],
+                                     self.opts.max_age_s)
                 continue
-            if wall - r.end_recv[0] > self.opts.max_age_s:  # the run resumed live after a backlog: keep the fresh
-                fresh = wall - r.end_recv <= self.opts.max_age_s
+            if wall - r.end_taken[0] > self.opts.max_age_s:  # the run resumed live after a backlog: keep the fresh
+                fresh = wall - r.end_taken <= self.opts.max_age_s
                 self.stats.dropped += int(np.count_nonzero(~fresh))
                 r.keep(fresh)
             prev = last_of.get(r.user_id)

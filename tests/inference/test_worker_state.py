@@ -131,3 +131,45 @@ def test_votes_never_span_windows_that_got_no_decision(services):
 
     rows = asyncio.run(scenario())
     assert [r[2] for r in rows] == ["REST", "REST", "REST", "a", "a"]
+
+
+def _timed(uid: int, seq0: int, n: int, recv: float, boot: int = 0, device: int = 1) -> SamplesMessage:
+    """n samples at 100 Hz from seq0, taken at device time 10 ms * seq, all received at `recv`."""
+    return SamplesMessage(userid=uid, device_id=device, boot=boot, sample_rate_hz=100, channels=2, seq0=seq0,
+                          device_millis=[10.0 * (seq0 + i) for i in range(n)], recv_time=[recv] * n,
+                          values=[[seq0 + i, -(seq0 + i)] for i in range(n)])
+
+
+def test_samples_a_sensor_kept_through_a_wifi_outage_are_not_decided_as_live():
+    """The sketch keeps ~2 s of samples while its WiFi is down and sends them when it is back: they arrive with
+    fresh receive times, so only the device clock shows how old they are. Windows of samples taken longer ago
+    than --max-age get no decision; the fresh end of the backlog does."""
+    w = _worker(max_age_s=1.0, max_batch_windows=100_000)
+    s = UserStream(1, SPEC, votes=3)
+    t0 = time.time() - 6.6  # device time 0 on the server's clock; "now" is 6.6 s into the stream
+    lat = np.random.default_rng(0).uniform(0.02, 0.04, 60)  # each packet of 5 samples arrives 20-40 ms after
+    for i, seq0 in enumerate(range(0, 300, 5)):  # 3 s live, long decided (not pending here)
+        s.append(_timed(1, seq0, 5, t0 + (seq0 + 4) / 100 + lat[i]))
+    # WiFi down from 3 s to 6.5 s: the sensor kept 3.5 s of samples and sends them all, received at 6.53 s
+    r = s.append(_timed(1, 300, 350, t0 + 6.53))
+    # the estimate is the true time taken plus the fastest delivery (20 ms), never the receive time
+    assert np.all(np.abs(r.end_taken - (t0 + r.end_seq / 100) - 0.02) < 0.005)
+    w.pending.append(r)
+    n_windows = len(r.end_seq)
+    decided = np.concatenate([b.end_seq for b in w._take_batch()])
+    # windows of samples taken before 5.6 s (more than 1 s ago) are stale; the rest are all decided
+    assert 556 <= decided.min() <= 560 and decided.tolist() == list(range(decided.min(), 650, 2)), decided
+    assert w.stats.dropped == n_windows - len(decided)
+
+
+def test_the_clock_estimate_follows_a_device_clock_that_runs_slow():
+    """A device crystal running 200 ppm slow: over an hour its samples seem 0.72 s later each hour by their
+    receive times; the estimate must follow, not call live samples old."""
+    s = UserStream(1, SPEC, votes=3)
+    t = np.arange(0, 3600, 0.5)  # one packet every 0.5 s of device time for an hour
+    recv = 1_000.0 + t * (1 + 200e-6) + 0.03
+    for tt, rr in zip(t, recv, strict=True):
+        taken = s.taken_times(1, 0, np.array([tt * 1000.0]), np.array([rr]))
+    assert rr - taken[0] < 0.05  # the live sample is seen as taken ~now (within the delivery delay)
+    # a new boot starts a new estimate
+    assert s.taken_times(1, 1, np.array([0.0]), np.array([5000.0]))[0] == 5000.0
