@@ -245,6 +245,8 @@ def update_gesture(conn, gesture_id: int, name: str | None = None, description: 
     name = _clean_gesture_name(name) if name is not None else None
     chans, purposes = _clean_channels(channels_used, channel_purposes)
     with _tx(conn) as cur:
+        cur.execute("SELECT name FROM gestures WHERE id = %s FOR UPDATE", (gesture_id,))
+        old_name = _one(cur, "gesture", gesture_id)["name"]
         cur.execute(
             f"""UPDATE gestures SET name = coalesce(%s, name), description = coalesce(%s, description),
                    channels_used = CASE WHEN %s THEN %s::smallint[] ELSE channels_used END,
@@ -253,7 +255,20 @@ def update_gesture(conn, gesture_id: int, name: str | None = None, description: 
             (name, description, channels_used is not None, chans, channel_purposes is not None, Json(purposes),
              gesture_id),
         )
-        return _one(cur, "gesture", gesture_id)
+        gesture = _one(cur, "gesture", gesture_id)
+        if name is not None and name != old_name:
+            # Training labels samples by session_intervals.label: the gesture's recordings take the new name, or
+            # its old and new sessions would train as two classes (and a new gesture given the old name, as one).
+            cur.execute(
+                """WITH renamed AS (
+                       UPDATE session_intervals SET label = %(new)s WHERE gesture_id = %(g)s RETURNING session_id)
+                   UPDATE capture_sessions SET plan = jsonb_set(plan, '{gestures}', (
+                           SELECT coalesce(jsonb_agg(CASE WHEN e.x = %(old)s THEN %(new)s ELSE e.x END ORDER BY e.o),
+                                           '[]'::jsonb)
+                           FROM jsonb_array_elements_text(plan->'gestures') WITH ORDINALITY AS e(x, o)))
+                   WHERE id IN (SELECT session_id FROM renamed) AND jsonb_typeof(plan->'gestures') = 'array'""",
+                {"new": name, "old": old_name, "g": gesture_id})
+        return gesture
 
 
 def delete_gesture(conn, gesture_id: int) -> None:

@@ -8,6 +8,7 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import ui_seed
 from ui_checks import assert_clean, texts
 
 from semg import repo
@@ -239,6 +240,36 @@ def test_quick_add_custom_gesture_and_device_key_shown_once(page, clean_db):
         cur.execute("SELECT secret_key FROM devices WHERE id = %s", (dev["id"],))
         new_key = bytes(cur.fetchone()[0])
     assert new_key != key and new_key.hex() in at.code[0].value
+
+
+
+def test_renaming_a_gesture_renames_the_labels_of_its_recordings(page, seeded):
+    """Training labels samples by interval label: a rename that left the recorded labels behind trained the old
+    and new sessions of one gesture as two classes, and a new gesture given the old name as one."""
+    from ml_model import jobs, training
+    conn, uid, did = seeded["conn"], seeded["user"]["id"], seeded["device"]["id"]
+    old_session = seeded["session"]
+    fist = next(g for g in repo.list_gestures(conn, uid) if g["name"] == "fist")
+    at = page("gestures", user_id=uid)
+    at.run()
+    at.selectbox(key="edit_gesture").set_value(fist["id"]).run()
+    next(t for t in at.text_input if t.value == "fist").input("power grip")
+    button(at, "Save").click()
+    at.run()
+    assert_clean(at)
+    at.text_input(key="new_gesture_name").input("fist")  # "fist" now names another gesture
+    button(at, "Add gesture").click()
+    at.run()
+    assert_clean(at)
+
+    labels = {i["label"] for i in repo.get_session(conn, old_session["id"])["intervals"]}
+    assert labels == {"REST", "power grip", "open hand"}, labels
+    assert repo.get_session(conn, old_session["id"])["plan"]["gestures"] == ["power grip", "open hand"]
+    new = ui_seed.seed_session(conn, uid, did, old_session["ended_at"] + timedelta(seconds=1),
+                               gestures=("power grip", "open hand"), repetitions=1, hold_s=2.5, rest_s=2.5)
+    job = repo.schedule_job(conn, uid, [old_session["id"], new["id"]], {"epochs": 1})
+    loaded = jobs.load_job_data(conn, job["id"], training.merge_config({"sample_rate_hz": 1.0}))
+    assert set(loaded["labels"].astype(str)) == {"REST", "power grip", "open hand"}
 
 
 # ---- 3. capture ---------------------------------------------------------------------------------------
