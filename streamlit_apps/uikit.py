@@ -107,6 +107,15 @@ def pick_user(key: str = "semg_user_pick", label: str = "User") -> dict | None:
         return None
     by_id = {u["id"]: u for u in users}
     current = st.session_state.get(USER_KEY)
+    if current is not None and current not in by_id:
+        # Deleted in another window while this one worked on them: what was clicked or typed here was meant for
+        # them, so this run must not go on as someone else (the picker would fall back to the first user).
+        st.session_state.pop(USER_KEY, None)
+        st.warning(f"User #{current} no longer exists (deleted in another window), so nothing was done. Choose "
+                   "the user to work on.", icon=":material/person_off:")
+        st.session_state[USER_KEY] = user_selectbox(label, list(by_id), by_id, key, None)
+        st.button("Continue", key=f"{key}_continue")
+        return None
     if current is None:
         with contextlib.suppress(TypeError, ValueError):
             current = int(st.query_params.get("user", ""))

@@ -544,3 +544,37 @@ def test_kickoff_counts_redone_repetitions(page, seeded):
     at.run()
     row = at.dataframe[0].value.iloc[0]
     assert row["redone"] == 1 and row["reps"] == 5  # 3 repetitions x 2 gestures, one thrown away
+
+
+def test_a_user_deleted_in_another_window_gets_nothing_done_as_someone_else(page, seeded):
+    """A window whose user was deleted elsewhere fell back to the first user and applied what was submitted
+    (a new gesture, a device, a capture, a training job) to that other user."""
+    conn, other = seeded["conn"], seeded["user"]
+    gone = repo.create_user(conn, "Zed", "zed@example.org")
+    at = page("gestures", user_id=gone["id"])
+    at.run()
+    at.text_input(key="new_gesture_name").input("wave")
+    repo.delete_user(conn, gone["id"])  # another window deletes Zed
+    button(at, "Add gesture").click()
+    at.run()
+    assert_clean(at)
+    assert "wave" not in {g["name"] for g in repo.list_gestures(conn, other["id"])}
+    assert f"User #{gone['id']} no longer exists" in texts(at)
+    button(at, "Continue").click()
+    at.run()  # carries on with the user the picker shows
+    assert_clean(at)
+    assert at.selectbox(key="semg_user_pick").value == other["id"] and "Gesture bank" in texts(at)
+
+    zoe = ui_seed.seed_user(conn, "Zoe", "zoe@example.org")
+    gone, dev = zoe["user"], zoe["device"]
+    start = datetime.now(UTC) - timedelta(seconds=40)
+    ui_seed.seed_samples(conn, gone["id"], dev["id"], start, 20_000)
+    ui_seed.seed_session(conn, gone["id"], dev["id"], start + timedelta(seconds=1), repetitions=1)
+    at = page("kickoff", user_id=gone["id"])
+    at.run()
+    jobs = len(repo.list_jobs(conn, other["id"]))
+    repo.delete_user(conn, gone["id"])
+    button(at, "Train on 1").click()
+    at.run()
+    assert_clean(at)
+    assert len(repo.list_jobs(conn, other["id"])) == jobs, "a training job was scheduled for another user"
