@@ -51,6 +51,8 @@ ENVELOPE_VALUES = 120_000
 RMS_SAMPLE_BUDGET = 10_000
 # CSV export refuses ranges above this many samples (the browser download would be hundreds of MB).
 MAX_EXPORT_SAMPLES = 2_000_000
+# Database connections the UI keeps open for reuse (each page run makes dozens of queries).
+POOL_IDLE = 8
 STREAMING_WINDOW_S = 5.0
 SETTLED_AFTER_S = 60.0
 # A device whose last packet passed the UDP server's checks this recently is "receiving".
@@ -72,21 +74,35 @@ def settings() -> Settings:
 
 
 class _FreshPasswordPool(psycopg2.pool.ThreadedConnectionPool):
-    """Every new connection reads the current password, so `python -m semg.secrets rotate postgres` needs no
-    UI restart (connections already open stay valid)."""
+    """Keeps up to `idle` connections for reuse, opened only when needed (psycopg2's pool closes every connection
+    handed back beyond minconn, and a minconn above 0 connects in the constructor). Every new connection reads
+    the current password, so `python -m semg.secrets rotate postgres` needs no UI restart (connections already
+    open stay valid)."""
+
+    def __init__(self, idle: int, maxconn: int, **kwargs):
+        super().__init__(0, maxconn, **kwargs)
+        self.minconn = idle  # only read when a connection is handed back: up to this many stay open
 
     def _connect(self, key=None):
         self._kwargs["password"] = db.connect_kwargs(settings())["password"]
         return super()._connect(key)
 
+    def discard_idle(self) -> None:
+        """Close the kept connections: one was found dead (database restart), so the others are too."""
+        with self._lock:
+            idle, self._pool = self._pool, []
+        for conn in idle:
+            with contextlib.suppress(psycopg2.Error):
+                conn.close()
+
 
 @st.cache_resource(show_spinner=False)
-def _pool(host: str, port: int, dbname: str) -> psycopg2.pool.ThreadedConnectionPool:
+def _pool(host: str, port: int, dbname: str) -> _FreshPasswordPool:
     # Keyed by the target so a changed environment (tests) gets its own pool; connections open lazily.
     kw = db.connect_kwargs(settings())
     kw.update(connect_timeout=3, application_name="semg-ui",
               options="-c statement_timeout=20000 -c idle_in_transaction_session_timeout=60000")
-    return _FreshPasswordPool(0, 16, **kw)
+    return _FreshPasswordPool(POOL_IDLE, 16, **kw)
 
 
 def _db_down_message(err: Exception) -> str:
@@ -114,6 +130,7 @@ def connection() -> Iterator[psycopg2.extensions.connection]:
             except (psycopg2.OperationalError, psycopg2.InterfaceError) as e:
                 if conn is not None:
                     pool.putconn(conn, close=True)
+                    pool.discard_idle()
                     conn = None
                 last = e
         else:

@@ -1,0 +1,34 @@
+"""The UI's database connections (data.connection): kept for reuse, and replaced after a database restart."""
+
+from __future__ import annotations
+
+import contextlib
+
+
+def _ui_backends(conn) -> list[int]:
+    with conn.cursor() as cur:
+        cur.execute("SELECT pid FROM pg_stat_activity WHERE application_name = 'semg-ui' AND pid <> pg_backend_pid()")
+        return [r[0] for r in cur.fetchall()]
+
+
+def test_the_ui_reuses_its_database_connections(clean_db):
+    """psycopg2's pool closes every connection handed back beyond minconn: with minconn 0 each of the dozens of
+    queries of a page run opened a new connection (TCP, SCRAM, a new server process) and closed it."""
+    import data
+    pids = {data._one("SELECT pg_backend_pid() AS pid")["pid"] for _ in range(20)}
+    assert len(pids) == 1, f"20 queries in a row used {len(pids)} connections"
+    with data.connection() as a, data.connection() as b, data.connection() as c:  # three pages at once
+        assert len({x.get_backend_pid() for x in (a, b, c)}) == 3
+    assert len(_ui_backends(clean_db)) <= data.POOL_IDLE
+
+
+def test_connections_killed_by_a_database_restart_are_replaced_at_once(clean_db):
+    import data
+    with contextlib.ExitStack() as stack:  # several idle connections kept
+        for _ in range(4):
+            stack.enter_context(data.connection())
+    with clean_db.cursor() as cur:  # what a restart does to them
+        cur.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'semg-ui'")
+        assert cur.fetchone()[0] >= 4
+    assert data._one("SELECT 1 AS ok")["ok"] == 1  # the first query after the restart already works
+    assert data._one("SELECT 1 AS ok")["ok"] == 1
