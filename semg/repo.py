@@ -145,8 +145,15 @@ def update_user(conn, user_id: int, name: str | None = None, email: str | None =
         return _one(cur, "user", user_id)
 
 
+def user_video_folder(user_id: int) -> str:
+    """The folder (relative to the video dir) the UI records a user's webcam videos into."""
+    return f"user{int(user_id)}"
+
+
 def delete_user(conn, user_id: int, video_dir: Path | None = None) -> dict:
-    """Delete the user and, by cascade, all their data; then remove their video files."""
+    """Delete the user and, by cascade, all their data; then remove their video files: the registered ones, and
+    whatever else is in their recording folder (a capture whose window closed before it ended never registered
+    its video)."""
     with _tx(conn) as cur:
         cur.execute("SELECT path FROM videos WHERE user_id = %s", (user_id,))
         paths = [r["path"] for r in cur.fetchall()]
@@ -155,7 +162,10 @@ def delete_user(conn, user_id: int, video_dir: Path | None = None) -> dict:
     removed = 0
     if video_dir is not None:
         root = Path(video_dir).resolve()
-        for rel in paths:
+        folder = root / user_video_folder(user_id)
+        if folder.is_dir() and not folder.is_symlink():
+            paths += [p.relative_to(root).as_posix() for p in folder.rglob("*") if p.is_file() and not p.is_symlink()]
+        for rel in dict.fromkeys(paths):
             p = (root / rel).resolve()
             if root in p.parents and p.is_file():  # never follow a stored path out of the video dir
                 p.unlink()

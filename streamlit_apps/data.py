@@ -1019,7 +1019,7 @@ def explain_device_status(device: dict, counters: dict | None) -> dict:
 
 def video_path_for(user_id: int, session_id: int) -> tuple[Path, str]:
     """(absolute path, path relative to the video dir) for a new session recording."""
-    rel = f"user{int(user_id)}/session{int(session_id)}-{datetime.now(UTC):%Y%m%dT%H%M%S}.webm"
+    rel = f"{repo.user_video_folder(user_id)}/session{int(session_id)}-{datetime.now(UTC):%Y%m%dT%H%M%S}.webm"
     root = settings().video_dir
     return root / rel, rel
 

@@ -407,3 +407,33 @@ def test_a_late_replay_of_a_mark_does_not_undo_a_redo_stored_meanwhile(new_sessi
     went_quiet(d / "old.jsonl")
     assert data.replay_interval_journals()["stored"] == 1
     assert data.get_session(run.session_id) == session
+
+
+def test_deleting_a_user_removes_the_video_of_a_capture_whose_window_closed(page, seeded, settings):
+    """A capture whose window closes before the session ends never registers its video: deleting the user
+    removed only registered videos, so the webcam recording of them stayed on disk."""
+    import av
+    import numpy as np
+    conn, uid = seeded["conn"], seeded["user"]["id"]
+    bob = ui_seed.seed_user(conn, name="Bob", email="bob@example.org")["user"]
+    keep = settings.video_dir / repo.user_video_folder(bob["id"]) / "kept.webm"
+    keep.parent.mkdir(parents=True, exist_ok=True)
+    keep.write_bytes(b"webm")
+    at, _run = start_on_page(page, uid)
+    shared = at.session_state["capture_shared"]
+    for i in range(3):
+        shared.frame_callback(av.VideoFrame.from_ndarray(np.full((240, 320, 3), i * 8, np.uint8), format="rgb24"))
+    video = shared.recorder.path
+    assert video.is_file() and video.parent.name == f"user{uid}"
+    del at, shared  # the window is closed mid-session
+
+    users = page("users", user_id=uid)
+    users.run()
+    users.button(key="ask_delete").click()
+    users.run()
+    users.button(key="confirm_delete").click()
+    users.run()
+    assert not users.exception and not users.error
+    assert "1 video file(s) removed" in users.success[0].value
+    assert not video.exists() and not video.parent.exists()
+    assert keep.is_file(), "another user's video was removed"
