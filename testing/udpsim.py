@@ -217,17 +217,37 @@ def register(n: int, protocols: list[str], channels: int, rate_hz: float, names:
     return out
 
 
-def session_schedule(session_id: int) -> Schedule:
-    """The plan of a capture session (as the capture UI cues it)."""
+def session_schedule(session_id: int) -> tuple[Schedule, float | None]:
+    """The plan of a capture session (as the capture UI cues it), and when the session started recording
+    (unix time; None unless it is recording now): the UI cues each interval at that start plus its offset."""
     from semg import db
     with contextlib.closing(db.connect()) as conn, conn.cursor() as cur:
         cur.execute("""SELECT kind, label, repetition, planned_start_ms, planned_end_ms FROM session_intervals
                        WHERE session_id = %s AND NOT discarded ORDER BY ordinal""", (session_id,))
         rows = cur.fetchall()
+        cur.execute("""SELECT extract(epoch FROM started_at) FROM capture_sessions
+                       WHERE id = %s AND status = 'recording'""", (session_id,))
+        started = cur.fetchone()
     if not rows:
         raise SystemExit(f"udpsim: capture session {session_id} has no intervals")
-    return Schedule.from_plan([dict(zip(("kind", "label", "repetition", "planned_start_ms", "planned_end_ms"), r,
-                                        strict=True)) for r in rows])
+    schedule = Schedule.from_plan([dict(zip(("kind", "label", "repetition", "planned_start_ms", "planned_end_ms"),
+                                            r, strict=True)) for r in rows])
+    return schedule, (float(started[0]) if started and started[0] is not None else None)
+
+
+def follow_from(devices: list[SimDevice], schedule: Schedule, started_unix: float, now_unix: float,
+                speed: float = 1.0) -> None:
+    """Shift a recording session's schedule so that its intervals fall when the capture UI cues them (the
+    session started before the simulator: without this every label would be late by the difference)."""
+    lag = now_unix - started_unix
+    shifted = Schedule([Interval(i.kind, i.label, (i.start_s - lag) * speed, (i.end_s - lag) * speed, i.repetition)
+                        for i in schedule.intervals])
+    if lag > schedule.duration_s:
+        log.warning("capture session started %.0f s ago and its plan (%.0f s) is over: streaming rest", lag,
+                    schedule.duration_s)
+    for dev in devices:
+        if isinstance(dev.source, SynthSource):
+            dev.source.schedule = dev.schedule = shifted
 
 
 # ---- command line ---------------------------------------------------------------------------------------
@@ -263,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hold", type=float, default=3.0, help="seconds each gesture is held")
     p.add_argument("--rest", type=float, default=2.0, help="seconds of rest before each gesture")
     p.add_argument("--schedule", type=Path, help="JSON schedule (intervals with start_s/end_s or planned_*_ms)")
-    p.add_argument("--session", type=int, help="follow this capture session's planned intervals")
+    p.add_argument("--session", type=int, help="follow this capture session's planned intervals (timed from its start while it records)")
     p.add_argument("--schedule-out", type=Path, help="write the schedule(s) with absolute times here")
     p.add_argument("--replay", type=Path, metavar="DIR", help="stream DIR/<subject>/<session>/classe_<i>.dat files")
     p.add_argument("--subjects", help="comma-separated subjects to replay (default: all)")
@@ -315,8 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     if not devices_spec:
         raise SystemExit("udpsim: no devices: pass --device ID:KEY, --legacy-user ID or --register")
 
+    session_started = None
     if args.session:
-        schedule = session_schedule(args.session)
+        schedule, session_started = session_schedule(args.session)
     elif args.schedule:
         schedule = Schedule.load(args.schedule)
     else:
@@ -341,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     delay = args.start_delay if args.start_delay is not None else (2.5 if args.register else 0.0)
     if delay > 0:
         time.sleep(min(delay, 60.0))
+    if session_started is not None:
+        follow_from(devices, schedule, session_started, time.time(), args.speed)
     sim = Simulation(devices, args.host, port, batch=args.batch, speed=args.speed, loss=args.loss, seed=args.seed)
     log.info("streaming %d device(s) to %s:%d for up to %.0f s (schedule %.0f s, speed %g)", len(devices),
              args.host, port, args.duration, schedule.duration_s if not recordings else recordings[0][2].duration_s,

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,35 @@ def test_udpsim_follows_schedule_and_counts_loss(clean_db, udp_server):
     settled = labels == np.array([sd.label_of_seq(max(0, s - int(0.3 * 500))) for s in seqs])
     loud = lambda lab: np.sqrt(((vals[(labels == lab) & settled] - 2048) ** 2).mean(0)).max()  # noqa: E731
     assert loud("fist") > 3 * loud(REST) and loud("open") > 3 * loud(REST)
+
+
+def test_udpsim_follows_a_recording_session_from_its_start(clean_db, udp_server, tmp_path):
+    """The capture page starts the session (and its cues) before anyone can type the simulator's command with
+    the session id: the gestures must still be held when the UI cues them, or every label is wrong."""
+    from semg import repo
+    user = repo.create_user(clean_db, "Follower", "follower@example.org")
+    repo.add_gesture(clean_db, user["id"], "fist")
+    dev = repo.register_device(clean_db, user["id"], 4, 500.0)
+    session = repo.create_session(clean_db, user["id"], dev["id"], ["fist"], repetitions=2, hold_s=4.0, rest_s=4.0)
+    srv = udp_server()
+    time.sleep(2.5)  # the server loads its device list every 2 s
+    started = repo.start_session(clean_db, session["id"])["started_at"].timestamp()
+    out = _run("udpsim.py", "--device", f"{dev['id']}:{dev['secret_key_hex']}", "--session", str(session["id"]),
+               "--duration", "10", "--schedule-out", str(tmp_path / "sched.json"))
+    assert out[-1]["t0_unix"] > started + 0.5  # the simulator did start later than the session
+    fist = json.loads((tmp_path / "sched.json").read_text())["devices"][0]["schedule"]["intervals"][1]
+    assert fist["label"] == "fist"
+    assert fist["start_time"] == pytest.approx(started + 4.0, abs=0.05)
+    srv.wait_settled()
+    with clean_db.cursor() as cur:
+        cur.execute("SELECT extract(epoch FROM server_ts), values FROM sensor_samples WHERE device_id = %s",
+                    (dev["id"],))
+        rows = cur.fetchall()
+    t = np.array([float(r[0]) for r in rows]) - started
+    vals = np.array([r[1] for r in rows], float)
+    rms = lambda a, b: np.sqrt(((vals[(t > a) & (t < b)] - 2048) ** 2).mean())  # noqa: E731
+    # what arrived while the UI showed the fist cue is the fist; the rest after it is quiet
+    assert rms(4.5, 8.0) > 3 * rms(8.5, 11.5), (rms(4.5, 8.0), rms(8.5, 11.5))
 
 
 def test_udpsim_replays_myo_recordings(clean_db, udp_server):
