@@ -36,7 +36,7 @@ if ! "$SEMG_PYTHON" -m semg.health --wait "${SEMG_START_TIMEOUT:-180}"; then
   exit 1
 fi
 
-host="$SEMG_BIND_HOST"; [ "$host" = 0.0.0.0 ] && host=127.0.0.1
+host="$("$SEMG_PYTHON" -c 'from semg.config import get_settings as g; print(g().service_url_host)')"
 api_port="$("$SEMG_PYTHON" -c 'from semg.config import get_settings as g; print(g().api_port)')"
 udp_port="$("$SEMG_PYTHON" -c 'from semg.config import get_settings as g; print(g().udp_port)')"
 cat <<TXT

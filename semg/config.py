@@ -120,6 +120,11 @@ class Settings(BaseSettings):
         return _client_host(self.semg_bind_host)
 
     @property
+    def service_url_host(self) -> str:
+        """service_host as it is written in a URL (an IPv6 address in brackets)."""
+        return f"[{self.service_host}]" if ":" in self.service_host else self.service_host
+
+    @property
     def postgres_address(self) -> str:
         """The database host clients connect to: POSTGRES_HOST, or the embedded server's address."""
         return self.postgres_host or self.service_host
@@ -127,18 +132,18 @@ class Settings(BaseSettings):
     @property
     def api_url(self) -> str:
         """Where local clients (worker, UI, tests) reach the API."""
-        return f"http://{self.service_host}:{self.api_port}"
+        return f"http://{self.service_url_host}:{self.api_port}"
 
     @property
     def nats_url(self) -> str:
         if self.nats_server:
             return self.nats_server if "://" in self.nats_server else f"nats://{self.nats_server}"
-        return f"nats://{self.service_host}:{self.nats_port}"
+        return f"nats://{self.service_url_host}:{self.nats_port}"
 
     @property
     def udp_metrics_url(self) -> str:
         """The UDP server's metrics endpoint (it listens on semg_bind_host)."""
-        return f"http://{self.service_host}:{self.udp_metrics_port}/metrics"
+        return f"http://{self.service_url_host}:{self.udp_metrics_port}/metrics"
 
 
 def _client_host(bind_host: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib.util
 import json
 import os
@@ -49,16 +50,40 @@ def nats_server_bin() -> Path:
 
 
 # ---- ports ---------------------------------------------------------------------------------------
-def port_in_use(port: int, host: str = "127.0.0.1", udp: bool = False) -> bool:
+def bind_error(port: int, host: str = "127.0.0.1", udp: bool = False) -> OSError | None:
+    """Why a service could not listen on host:port now (None: it could). An IPv6 host gets an IPv6 socket, as
+    the services use; an address this machine does not have or a name that does not resolve is an error too."""
     kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
-    with socket.socket(socket.AF_INET, kind) as s:
-        if not udp:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, kind) as s:
+            if not udp:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((host, port))
-        except OSError:
-            return True
-    return False
+    except OSError as e:
+        return e
+    return None
+
+
+def port_in_use(port: int, host: str = "127.0.0.1", udp: bool = False) -> bool:
+    return bind_error(port, host, udp) is not None
+
+
+def _port_problem(var: str, port: int, host: str, udp: bool = False) -> str | None:
+    err = bind_error(port, host, udp)
+    if err is None:
+        return None
+    if err.errno == errno.EADDRINUSE:
+        return f"{var} {port} is already in use on {host}"
+    return f"{var} {port} cannot be used on {host}: {err.strerror or err}"
+
+
+def _bind_host_problem(host: str) -> str | None:
+    """SEMG_BIND_HOST must be an address of this machine (or 0.0.0.0 / ::): else every port would fail."""
+    err = bind_error(0, host)
+    if err is None:
+        return None
+    return (f"SEMG_BIND_HOST={host} cannot be listened on ({err.strerror or err}): use 127.0.0.1, 0.0.0.0 or an "
+            f"address of this machine")
 
 
 def free_port(udp: bool = False) -> int:
@@ -213,8 +238,8 @@ def run_postgres(settings: Settings | None = None) -> None:
     s = settings or get_settings()
     if not s.embedded_postgres:
         raise EmbeddedError("POSTGRES_HOST is set: the embedded PostgreSQL is not used")
-    if port_in_use(s.postgres_port, _bind_addr(s)):
-        raise EmbeddedError(f"POSTGRES_PORT {s.postgres_port} is already in use on {_bind_addr(s)}")
+    if problem := _bind_host_problem(_bind_addr(s)) or _port_problem("POSTGRES_PORT", s.postgres_port, _bind_addr(s)):
+        raise EmbeddedError(problem)
     init_postgres(s)
     _write_hba(s)
     account = _pg_account()
@@ -293,8 +318,8 @@ def run_nats(settings: Settings | None = None) -> None:
     s = settings or get_settings()
     if not s.embedded_nats:
         raise EmbeddedError("NATS_SERVER is set: the embedded NATS is not used")
-    if port_in_use(s.nats_port, _bind_addr(s)):
-        raise EmbeddedError(f"NATS_PORT {s.nats_port} is already in use on {_bind_addr(s)}")
+    if problem := _bind_host_problem(_bind_addr(s)) or _port_problem("NATS_PORT", s.nats_port, _bind_addr(s)):
+        raise EmbeddedError(problem)
     conf = write_nats_config(s)
     cmd = [str(nats_server_bin()), "-c", str(conf)]
     os.execv(cmd[0], cmd)
@@ -313,12 +338,15 @@ def preflight(settings: Settings | None = None) -> list[str]:
     if s.embedded_nats:
         checks.append(("NATS_PORT", s.nats_port, False))
     seen: dict[tuple[int, bool], str] = {}
+    host_problem = _bind_host_problem(host)
+    if host_problem:
+        problems.append(host_problem)
     for var, port, udp in checks:
         if (port, udp) in seen:
             problems.append(f"{var} and {seen[(port, udp)]} are both {port}")
         seen[(port, udp)] = var
-        if port_in_use(port, host, udp=udp):
-            problems.append(f"{var} {port} is already in use on {host}")
+        if not host_problem and (problem := _port_problem(var, port, host, udp)):
+            problems.append(problem)
     if not s.embedded_postgres:
         try:
             with socket.create_connection((s.postgres_host, s.postgres_port), timeout=3):

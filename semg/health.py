@@ -64,8 +64,8 @@ def supervisor_states(s: Settings) -> dict[str, str]:
 def check_all(s: Settings) -> dict[str, tuple[bool, str]]:
     results: dict[str, tuple[bool, str]] = {"postgres": check_postgres(s)}
     results["api"] = _http_ok(f"{s.api_url}/health", expect_json_status=True)
-    results["udpserver"] = _http_ok(f"http://{s.service_host}:{s.udp_metrics_port}/health")
-    results["ui"] = _http_ok(f"http://{s.service_host}:{s.ui_port}/_stcore/health")
+    results["udpserver"] = _http_ok(f"http://{s.service_url_host}:{s.udp_metrics_port}/health")
+    results["ui"] = _http_ok(f"http://{s.service_url_host}:{s.ui_port}/_stcore/health")
     states = supervisor_states(s)
     for prog in ("inference", "trainer"):
         if states:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -175,3 +176,42 @@ def test_services_bound_to_one_address_are_reached_there(tmp_path_factory, monke
             _stop(p)
         monkeypatch.undo()
         get_settings.cache_clear()
+
+
+def _preflight(state: Path, host: str, **ports: int) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "PYTHONPATH")}
+    env.update({"SEMG_STATE_DIR": str(state), "SEMG_BIND_HOST": host})
+    for var in ("POSTGRES_PORT", "NATS_PORT", "API_PORT", "UI_PORT", "UDP_PORT", "UDP_METRICS_PORT"):
+        env[var] = str(ports.get(var) or free_port(udp=var == "UDP_PORT"))
+    return subprocess.run([sys.executable, "-m", "semg.embedded", "preflight"], env=env, capture_output=True,
+                          text=True, timeout=60, cwd=REPO)
+
+
+@pytest.mark.parametrize("host", ["192.0.2.1", "no-such-host.invalid"])
+def test_a_bind_host_this_machine_does_not_have_is_named_not_reported_as_busy_ports(tmp_path, host):
+    """A typo in SEMG_BIND_HOST, or a LAN address the machine no longer has: one line about SEMG_BIND_HOST,
+    not six 'port already in use' that send the user hunting for processes that do not exist."""
+    r = _preflight(tmp_path, host)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"SEMG_BIND_HOST={host} cannot be listened on"), r.stderr
+    assert "in use" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_an_ipv6_bind_host_is_checked_with_ipv6_sockets(tmp_path):
+    """The services listen on an IPv6 SEMG_BIND_HOST (the UDP server picks AF_INET6 for it): preflight checks it
+    the same way, passing free ports and naming a busy one."""
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    r = _preflight(tmp_path, "::1")
+    assert r.returncode == 0, r.stderr
+    with socket.socket(socket.AF_INET6) as busy:
+        busy.bind(("::1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = _preflight(tmp_path, "::1", API_PORT=port)
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"API_PORT {port} is already in use on ::1", r.stderr
