@@ -11,6 +11,10 @@ semg_export_env
 
 started_here=false
 if pid="$(semg_supervisord_pid)"; then
+  # The services keep the settings they were started with: new ports or addresses need a restart.
+  changed="$("$SEMG_PYTHON" -m semg.procs changed "$pid")" || exit 1
+  [ -z "$changed" ] || semg_die "already running (supervisord pid $pid) with other values of $changed;" \
+    "to apply them: ./stop_all.sh, then ./start_all.sh"
   echo "already running (supervisord pid $pid); making sure every service is up"
   semg_ctl start all >/dev/null 2>&1 || true
 else

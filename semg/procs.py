@@ -5,6 +5,7 @@ nothing of ours is left running.
 
     python -m semg.procs list
     python -m semg.procs kill      # SIGTERM, then SIGKILL after a grace period
+    python -m semg.procs changed PID   # settings that differ between this environment and process PID's
 """
 
 from __future__ import annotations
@@ -71,12 +72,43 @@ def kill_all(state_dir: str, grace: float = 10.0) -> list[int]:
     return pids
 
 
+def changed_settings(pid: int, env: dict[str, str] | None = None) -> list[str]:
+    """The settings (semg.config) whose effective values differ between the running process `pid` (supervisord:
+    every service got its environment) and `env` (default: ours), as variable names, sorted."""
+    from pydantic import SecretStr
+
+    from semg.config import Settings
+
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:  # exited meanwhile, or a zombie nobody reaped: nothing to compare with
+        return []
+    theirs = dict(item.decode(errors="replace").partition("=")[::2] for item in raw.split(b"\0") if b"=" in item)
+
+    def effective(environ: dict[str, str]) -> dict:
+        saved = dict(os.environ)
+        os.environ.clear()
+        os.environ.update(environ)
+        try:
+            values = Settings().model_dump()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        return {k: v.get_secret_value() if isinstance(v, SecretStr) else v for k, v in values.items()}
+
+    before, now = effective(theirs), effective(dict(os.environ) if env is None else env)
+    return sorted(k.upper() for k in now if now[k] != before[k])
+
+
 def main() -> int:
     state_dir = os.environ.get("SEMG_STATE_DIR")
     if not state_dir:
         print("semg.procs: SEMG_STATE_DIR is not set", file=sys.stderr)
         return 2
     cmd = sys.argv[1] if len(sys.argv) > 1 else "list"
+    if cmd == "changed":  # `changed PID`: the settings this shell changed since PID was started
+        print(" ".join(changed_settings(int(sys.argv[2]))))
+        return 0
     if cmd == "kill":
         for pid in kill_all(state_dir):
             print(f"ended leftover process {pid}")

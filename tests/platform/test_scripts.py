@@ -82,6 +82,15 @@ def test_start_stop_start_keeps_data_and_leaves_nothing(state):
     assert r.returncode == 0, r.stderr[-2000:]
     assert time.monotonic() - t1 < 30
 
+    # ... but not with other settings, which the running services do not have: it says so at once (it used to
+    # wait SEMG_START_TIMEOUT for a UI on the new port and blame the services) and leaves them running
+    t1 = time.monotonic()
+    r = _run("start_all.sh", {**env, "UI_PORT": str(free_port()), "LOG_LEVEL": "info"})
+    assert r.returncode == 1 and "UI_PORT;" in r.stderr and "./stop_all.sh" in r.stderr, r.stderr[-2000:]
+    assert "LOG_LEVEL" not in r.stderr  # the default, as it runs
+    assert time.monotonic() - t1 < 30
+    assert all(v["ok"] for v in _health(env).values())
+
     # ... and when a service does not answer, it reports that and leaves the running install running
     (api_pid,) = [p for p in ours(str(state)) if b"ml_model.api" in Path(f"/proc/{p}/cmdline").read_bytes()]
     supervisord_pid = int((state / "run" / "supervisord.pid").read_text())
