@@ -19,6 +19,10 @@ if pid="$(semg_supervisord_pid)"; then
   semg_ctl start all >/dev/null 2>&1 || true
 else
   started_here=true
+  # supervisord gone (killed, OOM) but its services still up: they hold the ports, so say what they are
+  left="$("$SEMG_PYTHON" -m semg.procs list)" || exit 1
+  [ -z "$left" ] || semg_die "services of an earlier start still run without their supervisor (PIDs" \
+    "$(echo "$left" | cut -d' ' -f1 | paste -sd' ')): stop them with ./stop_all.sh, then ./start_all.sh"
   semg_preflight
   "$SEMG_PYTHON" -m supervisor.supervisord -c "$SEMG_REPO/supervisord.conf" \
     || semg_die "supervisord did not start (see $SEMG_STATE_DIR/logs/supervisord.log)"

@@ -68,7 +68,10 @@ semg_supervisord_pid() {
   local pidfile="$SEMG_STATE_DIR/run/supervisord.pid" pid
   [ -f "$pidfile" ] || return 1
   pid="$(cat "$pidfile" 2>/dev/null)"
-  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && echo "$pid"
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+  # a killed supervisord nobody reaped yet (a container's PID 1 may never) is a zombie: not running
+  local stat; stat="$(cat "/proc/$pid/stat" 2>/dev/null)"; stat="${stat##*) }"
+  [ "${stat%% *}" != Z ] && echo "$pid"
 }
 
 semg_ctl() { "$SEMG_PYTHON" -m supervisor.supervisorctl -c "$SEMG_REPO/supervisord.conf" "$@"; }

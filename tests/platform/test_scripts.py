@@ -130,6 +130,28 @@ def test_start_stop_start_keeps_data_and_leaves_nothing(state):
     print(json.dumps({"first_start_s": round(first_start, 1), "second_start_s": round(second_start, 1)}))
 
 
+def test_services_left_by_a_killed_supervisord_are_named_and_stop_all_ends_them(state):
+    """supervisord killed (OOM killer, kill -9) while its services run on: start_all.sh says so and what to do,
+    instead of six 'port already in use' lines about the platform's own processes."""
+    env = _env(state)
+    r = _run("start_all.sh", env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    supervisord_pid = int((state / "run" / "supervisord.pid").read_text())
+    os.kill(supervisord_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while supervisord_pid in ours(str(state)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    services = ours(str(state))
+    assert services
+    r = _run("start_all.sh", env)
+    assert r.returncode == 1
+    errors = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(errors) == 1 and "without their supervisor" in errors[0] and "./stop_all.sh" in errors[0], r.stderr
+    assert str(services[0]) in errors[0] and "in use" not in r.stderr
+    r = _run("stop_all.sh", env, timeout=240)
+    assert r.returncode == 0 and ours(str(state)) == [], r.stderr[-2000:]
+
+
 def test_port_in_use_is_refused_with_one_line_and_nothing_starts(state):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
