@@ -26,6 +26,7 @@ def page_setup(title: str, icon: str = ":material/back_hand:", *, health_sidebar
     # Last line of defence: an exception outside a guard() shows a message, never a traceback.
     st.set_option("client.showErrorDetails", "none")
     st.set_option("client.toolbarMode", "viewer")
+    refuse_uploads()
     require_login()
     store_journaled_intervals()
     with st.sidebar:
@@ -47,6 +48,24 @@ def store_journaled_intervals() -> None:
     if done["stored"]:
         st.toast(f"Stored {done['stored']} labelled-interval change(s) that a capture window which closed while "
                  "the database was down had kept.", icon=":material/task_alt:")
+
+
+def refuse_uploads() -> None:
+    """No page takes files, yet Streamlit's upload endpoint (PUT /_stcore/upload_file/<session>/<id>) keeps in
+    the server's memory every file any connected tab sends, until that tab is gone: also a tab that never
+    signed in (the endpoint asks for no password), with no limit on the number of files. Make the server's
+    upload store drop them (once per process; supervisord.conf also sets server.maxUploadSize to 0)."""
+    from streamlit.runtime import Runtime
+
+    if not Runtime.exists():
+        return
+    store = Runtime.instance().uploaded_file_mgr
+    if getattr(store, "semg_refuses_uploads", False):
+        return
+    store.add_file = lambda session_id, file: None
+    store.semg_refuses_uploads = True
+    for session_id in list(getattr(store, "file_storage", {})):  # any sent before the first page ran
+        store.remove_session_files(session_id)
 
 
 def require_login() -> None:
