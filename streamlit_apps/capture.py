@@ -15,6 +15,7 @@ wall-clock arrival time, so video time t corresponds to server time started_at +
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -364,7 +365,9 @@ class VideoRecorder:
 
     def start(self, path: Path) -> None:
         with self.lock:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            # People's webcam videos: only the platform's account may list or read them (umask is often 022)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(path.parent, 0o700)
             self.path, self.first, self.last, self.frames, self._last_pts = path, None, None, 0, -1
             self._container = self._stream = None
             self.error = None
@@ -376,6 +379,7 @@ class VideoRecorder:
             try:
                 if self._container is None:
                     w, h = frame.width - frame.width % 2, frame.height - frame.height % 2
+                    os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))  # private file
                     self._container = av.open(str(self.path), "w", format="webm")
                     self._stream = self._container.add_stream("libvpx", rate=30)
                     self._stream.width, self._stream.height, self._stream.pix_fmt = w, h, "yuv420p"

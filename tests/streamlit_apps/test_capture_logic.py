@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from datetime import UTC, datetime, timedelta
 
 import av
@@ -124,6 +126,23 @@ def test_recorder_writes_a_playable_webm_stamped_in_wall_time(tmp_path):
         frames = sum(1 for _ in c.decode(video=0))
     assert frames == 30
     assert shared.recorder.stop() is None  # idempotent
+
+
+def test_recordings_are_private_to_the_platform_account(tmp_path):
+    """Webcam videos of people are theirs: another account on the machine may neither read them nor list a
+    user's recordings, whatever the umask the services run under (supervisord's is 022)."""
+    old = os.umask(0o022)
+    try:
+        rec = capture.VideoRecorder()
+        folder = tmp_path / "videos" / "user1"
+        rec.start(folder / "s.webm")
+        for i in range(3):
+            rec.write(av.VideoFrame.from_ndarray(np.full((64, 64, 3), i, np.uint8), format="rgb24"), 1000.0 + i)
+        info = rec.stop()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(info["path"].stat().st_mode) == 0o600
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
 
 
 def test_webvtt_labels_are_relative_to_the_first_frame():
