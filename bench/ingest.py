@@ -29,6 +29,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from semg import secrets  # noqa: E402
 from udpserver import protocol  # noqa: E402
 
 LOSS_LIMIT = 0.001
@@ -135,7 +136,8 @@ class Stack:
 
     def metrics(self) -> dict:
         url = f"http://127.0.0.1:{self.env['UDP_METRICS_PORT']}/metrics?devices=0"
-        with urllib.request.urlopen(url, timeout=10) as r:
+        req = urllib.request.Request(url, headers={"X-API-Key": secrets.service_api_key()})
+        with urllib.request.urlopen(req, timeout=10) as r:
             return json.loads(r.read())
 
     def stop(self) -> None:

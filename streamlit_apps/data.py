@@ -34,6 +34,7 @@ import psycopg2.pool
 import streamlit as st
 
 from semg import db, repo
+from semg import secrets as semg_secrets
 from semg.config import Settings, SettingsError, get_settings
 from udpserver import troubleshooting
 
@@ -894,10 +895,15 @@ def _udp_metrics_url(s: Settings, query: str) -> str:
     return f"{s.udp_metrics_url}?{query}"
 
 
+def _udp_metrics(s: Settings, query: str) -> httpx.Response:
+    """GET the UDP server's /metrics (it answers only the service API key)."""
+    return httpx.get(_udp_metrics_url(s, query), timeout=1.5, headers={"X-API-Key": semg_secrets.service_api_key(s)})
+
+
 def _check_udp(s: Settings) -> dict:
     url = _udp_metrics_url(s, "devices=0")
     try:
-        r = httpx.get(url, timeout=1.5)
+        r = _udp_metrics(s, "devices=0")
         body = r.json()
         samples = body.get("samples", {}) if isinstance(body, dict) else {}
         ok = r.status_code == 200 and body.get("db_connected", True) and body.get("nats_connected", True)
@@ -957,7 +963,7 @@ def udp_device_status(device_ids: tuple[int, ...]) -> dict:
     url = _udp_metrics_url(s, "device=" + ",".join(map(str, ids)))
     why = None
     try:
-        r = httpx.get(url, timeout=1.5)
+        r = _udp_metrics(s, "device=" + ",".join(map(str, ids)))
         body = r.json() if r.status_code == 200 else None
         if not isinstance(body, dict):
             why = f"HTTP {r.status_code}"

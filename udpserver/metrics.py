@@ -1,9 +1,11 @@
-"""A tiny local HTTP endpoint (GET /metrics, GET /health) and rate-limited logging for bad packets."""
+"""A tiny HTTP endpoint (GET /metrics with the service API key, GET /health) and rate-limited logging for bad
+packets."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import time
 from collections.abc import Callable
@@ -35,16 +37,21 @@ class RateLimitedLog:
             self.logger.warning(msg, *args)
 
 
-_STATUS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 400: "Bad Request", 503: "Service Unavailable"}
+_STATUS = {200: "OK", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed", 400: "Bad Request", 503: "Service Unavailable"}
 
 
 class MetricsServer:
-    """Serves `metrics(query)` and `health()` (each returns (status, dict)) as JSON on a local port."""
+    """Serves `metrics(query)` and `health()` (each returns (status, dict)) as JSON.
 
-    def __init__(self, host: str, port: int, metrics: Callable[[str], dict], health: Callable[[], tuple[int, dict]]):
+    /metrics names every device and when it streams, so it answers only a client that sends `api_key()` (read
+    at every request: a rotated key applies at once) in X-API-Key; /health (no user data) answers anyone."""
+
+    def __init__(self, host: str, port: int, metrics: Callable[[str], dict], health: Callable[[], tuple[int, dict]],
+                 api_key: Callable[[], str]):
         self.host, self.port = host, port
         self.metrics = metrics
         self.health = health
+        self.api_key = api_key
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
@@ -55,6 +62,13 @@ class MetricsServer:
             self._server.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
+
+    def _authorized(self, head: bytes) -> bool:
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"x-api-key":
+                return hmac.compare_digest(value.strip(), self.api_key().encode())
+        return False
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         status, body = 400, {"error": "bad request"}
@@ -67,7 +81,11 @@ class MetricsServer:
                 if method != b"GET":
                     status, body = 405, {"error": "only GET"}
                 elif path == "/metrics":
-                    status, body = 200, self.metrics(query)
+                    if self._authorized(head):
+                        status, body = 200, self.metrics(query)
+                    else:
+                        status, body = 401, {"error": "send the service API key (secrets/service_api_key, or "
+                                                      "SEMG_SERVICE_KEY) in the X-API-Key header"}
                 elif path == "/health":
                     status, body = self.health()
                 else:

@@ -27,7 +27,7 @@ import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
-from semg import db, procs
+from semg import db, procs, secrets
 from semg.config import Settings, settings_or_exit
 from udpserver.ingest import Ingestor, Record, Resume
 from udpserver.metrics import MetricsServer, RateLimitedLog
@@ -422,7 +422,7 @@ class Server(asyncio.DatagramProtocol):
         self.sock_inode = os.fstat(self.sock.fileno()).st_ino
         self.transport, _ = await self.loop.create_datagram_endpoint(lambda: self, sock=self.sock)
         metrics = MetricsServer(self.settings.semg_bind_host or "127.0.0.1", self.settings.udp_metrics_port,
-                                self.metrics, self.health)
+                                self.metrics, self.health, lambda: secrets.service_api_key(self.settings))
         await metrics.start()
         log.info("listening on udp %s:%d, metrics on http://%s:%d/metrics, spool %s",
                  self.settings.semg_bind_host, self.settings.udp_port, self.settings.semg_bind_host,

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from semg import secrets
+
 REPO = Path(__file__).resolve().parents[2]
 SERVICES = ("postgres", "nats", "api", "udpserver", "inference", "trainer", "ui")
 _KEEP_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "SEMG_VENV", "TMPDIR")
@@ -147,16 +149,17 @@ class SupervisedStack:
         (proxy.stopProcess if action == "stop" else proxy.startProcess)(name, True)
 
     # health
-    def _get_json(self, url: str, timeout: float = 2.0) -> tuple[int, dict | None]:
+    def _get_json(self, url: str, timeout: float = 2.0, headers: dict | None = None) -> tuple[int, dict | None]:
         import httpx
         try:
-            r = httpx.get(url, timeout=timeout)
+            r = httpx.get(url, timeout=timeout, headers=headers)
             return r.status_code, r.json()
         except (httpx.HTTPError, ValueError):
             return 0, None
 
     def udp_metrics(self) -> dict:
-        code, body = self._get_json(f"http://127.0.0.1:{self.settings.udp_metrics_port}/metrics")
+        code, body = self._get_json(f"http://127.0.0.1:{self.settings.udp_metrics_port}/metrics",
+                                    headers={"X-API-Key": secrets.service_api_key(self.settings)})
         assert code == 200 and body, f"UDP metrics unavailable ({code})\n{self.log_tail('udpserver')}"
         return body
 

@@ -429,8 +429,10 @@ def _http_status(url: str):
     """The HTTP status of a GET, or "closed" if the connection was refused or closed without an answer."""
     import urllib.error
     import urllib.request
+    from semg import secrets
     try:
-        with urllib.request.urlopen(url, timeout=2) as r:
+        req = urllib.request.Request(url, headers={"X-API-Key": secrets.service_api_key()})
+        with urllib.request.urlopen(req, timeout=2) as r:
             r.read()
             return r.status
     except urllib.error.HTTPError as e:

@@ -131,3 +131,37 @@ def test_new_devices_and_rotated_keys_take_effect_while_running(clean_db, udp_se
         raise AssertionError("rotated key not picked up within 10 s")
     sender.send([_pkt(dev, key1, seq)])  # the old key is refused from now on
     srv.wait_for(lambda m: m["rejected"].get("bad_tag", 0) == before + 1, 5, "old key rejected")
+
+
+def test_metrics_answer_only_the_service_key_and_health_tells_no_devices(clean_db, udp_server, sender):
+    """/metrics lists every device and when it streams (who records, when): with SEMG_BIND_HOST=0.0.0.0 it is
+    on the network, so it answers only the service API key; /health answers anyone, with nothing per device."""
+    import urllib.error
+    import urllib.request
+
+    from semg import secrets
+
+    key = b"k" * 32
+    with clean_db.cursor() as cur:
+        dev = add_device(cur, add_user(cur), "binary", channels=4, key=key)
+    srv = udp_server()
+    sender.send([_pkt(dev, key, 0)])
+    srv.wait_for(lambda m: m["samples"]["stored"] == 10, what="stored")
+
+    def get(path: str, api_key: str | None) -> tuple[int, bytes]:
+        req = urllib.request.Request(srv.metrics_url + path, headers={"X-API-Key": api_key} if api_key else {})
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    good = secrets.service_api_key()
+    for path in ("/metrics", f"/metrics?device={dev}"):
+        for api_key in (None, "", good[:-1], good + "x", "wrong"):
+            status, body = get(path, api_key)
+            assert status == 401 and str(dev).encode() not in body and b"devices" not in body, (path, api_key, body)
+        status, body = get(path, good)
+        assert status == 200 and f'"{dev}"'.encode() in body
+    status, body = get("/health", None)
+    assert status == 200 and b'"status"' in body and b"devices" not in body and f'"{dev}"'.encode() not in body

@@ -16,6 +16,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from semg import secrets
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -51,7 +53,8 @@ class UdpServer:
 
     def _get(self, path: str):
         try:
-            with urllib.request.urlopen(self.metrics_url + path, timeout=2) as r:
+            req = urllib.request.Request(self.metrics_url + path, headers={"X-API-Key": secrets.service_api_key()})
+            with urllib.request.urlopen(req, timeout=2) as r:
                 return json.loads(r.read())
         except urllib.error.HTTPError as e:
             return json.loads(e.read())
