@@ -429,6 +429,7 @@ def _http_status(url: str):
     """The HTTP status of a GET, or "closed" if the connection was refused or closed without an answer."""
     import urllib.error
     import urllib.request
+
     from semg import secrets
     try:
         req = urllib.request.Request(url, headers={"X-API-Key": secrets.service_api_key()})
