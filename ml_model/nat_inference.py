@@ -131,13 +131,9 @@ class Ready:
     end_seq: np.ndarray  # (n,) sequence number of each window's last sample
     end_millis: np.ndarray  # (n,) its device clock
     end_recv: np.ndarray  # (n,) its server receive time
+    end_taken: np.ndarray  # (n,) when it was taken, on the server's clock (UserStream.taken_times)
     queued_at: float  # monotonic
     epoch: int = 0  # the stream's vote epoch when cut (see UserStream.new_votes)
-    end_taken: np.ndarray | None = None  # (n,) when it was taken, on the server's clock (UserStream.taken_times)
-
-    def __post_init__(self) -> None:
-        if self.end_taken is None:
-            self.end_taken = self.end_recv
 
     def keep(self, mask: np.ndarray) -> None:
         """Keep only the windows where `mask` is true."""
@@ -216,14 +212,13 @@ class UserStream:
         is the offset plus the fastest delivery. So a sample a sensor kept through a WiFi outage and sent late
         shows its true age, which its fresh receive time hides.
         """
-        offset = recv - millis / 1000.0
-        lifted = offset - CLOCK_RISE * millis / 1000.0  # a running min of this rises CLOCK_RISE per second
+        slope = (1.0 + CLOCK_RISE) * millis / 1000.0
+        # receive - device time, less CLOCK_RISE per device second: its running min rises CLOCK_RISE per second
+        lifted = np.minimum.accumulate(recv - slope)
         if self.clock is not None and self.clock[:2] == (device_id, boot):
-            lifted = np.minimum.accumulate(np.concatenate(([self.clock[2]], lifted)))[1:]
-        else:
-            lifted = np.minimum.accumulate(lifted)
+            lifted = np.minimum(lifted, self.clock[2])
         self.clock = (device_id, boot, float(lifted[-1]))
-        return np.minimum(recv, millis / 1000.0 + lifted + CLOCK_RISE * millis / 1000.0)
+        return np.minimum(recv, lifted + slope)
 
     def _make_room(self, k: int) -> None:
         keep = min(self.n, self.spec.window - 1)  # all a future window can still need
@@ -296,8 +291,8 @@ class UserStream:
         starts = idx - win + 1
         windows = np.stack([self.values[s:s + win] for s in starts]).transpose(0, 2, 1)
         return Ready(self.user_id, self.spec, msg.device_id, np.ascontiguousarray(windows), ends,
-                     self.millis[idx].copy(), self.recv[idx].copy(), time.monotonic(), self.epoch,
-                     self.taken[idx].copy())
+                     self.millis[idx].copy(), self.recv[idx].copy(), self.taken[idx].copy(), time.monotonic(),
+                     self.epoch)
 
 
 # ---- worker membership (which users are mine) ------------------------------------------------------
@@ -375,7 +370,7 @@ class Options:
     max_inflight: int = 1
     max_batch_windows: int = 1024
     # windows older than this when their turn comes are dropped (stale for live use): queued this long ago, or
-    # their last sample received this long ago (a backlog the UDP server publishes after a NATS/PostgreSQL outage)
+    # their last sample taken this long ago (a backlog after a NATS/PostgreSQL or sensor WiFi outage)
     max_age_s: float = 2.0
     http_timeout_s: float = 10.0
 
@@ -519,13 +514,14 @@ class Worker:
         now, wall = time.monotonic(), time.time()
         while self.pending and n < self.opts.max_batch_windows:
             r = self.pending[0]
-            if now - r.queued_at > self.opts.max_age_s or wall - r.end_taken[-1] > self.opts.max_age_s:
+            newest_age = wall - r.end_taken[-1]
+            if now - r.queued_at > self.opts.max_age_s or newest_age > self.opts.max_age_s:
                 self.pending.popleft()
                 self.stats.dropped += len(r.windows)
-                if wall - r.end_taken[-1] > self.opts.max_age_s:
+                if newest_age > self.opts.max_age_s:
                     self._warn_every("stale", "dropping windows of samples taken %.1f s ago (older than --max-age "
                                      "%g s: a backlog after an outage of NATS/PostgreSQL or of the sensor's WiFi, or "
-                                     "this host's clock is ahead of the UDP server's)", wall - r.end_taken[-1],
+                                     "this host's clock is ahead of the UDP server's)", newest_age,
                                      self.opts.max_age_s)
                 continue
             if wall - r.end_taken[0] > self.opts.max_age_s:  # the run resumed live after a backlog: keep the fresh
@@ -911,7 +907,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unsure-label", default=os.environ.get("SEMG_INFERENCE_UNSURE_LABEL", postprocessing.UNKNOWN),
                    help="answer when unsure: UNKNOWN (default) or REST")
     p.add_argument("--max-age", type=float, default=_env_float("SEMG_INFERENCE_MAX_AGE_S", 2.0),
-                   help="drop windows that waited longer than this many seconds, or whose samples were received "
+                   help="drop windows that waited longer than this many seconds, or whose samples were taken "
                         "longer ago (overload, or a backlog after an outage: stale for live use)")
     p.add_argument("--max-inflight", type=int, default=int(_env_float("SEMG_INFERENCE_MAX_INFLIGHT", 1)),
                    help="concurrent /predict calls (default 1: the next batch goes out when the answer is in)")
