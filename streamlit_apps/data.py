@@ -895,15 +895,15 @@ def _udp_metrics_url(s: Settings, query: str) -> str:
     return f"{s.udp_metrics_url}?{query}"
 
 
-def _udp_metrics(s: Settings, query: str) -> httpx.Response:
-    """GET the UDP server's /metrics (it answers only the service API key)."""
-    return httpx.get(_udp_metrics_url(s, query), timeout=1.5, headers={"X-API-Key": semg_secrets.service_api_key(s)})
+def _udp_metrics(s: Settings, url: str) -> httpx.Response:
+    """GET the UDP server's /metrics at `url` (_udp_metrics_url); it answers only the service API key."""
+    return httpx.get(url, timeout=1.5, headers={"X-API-Key": semg_secrets.service_api_key(s)})
 
 
 def _check_udp(s: Settings) -> dict:
     url = _udp_metrics_url(s, "devices=0")
     try:
-        r = _udp_metrics(s, "devices=0")
+        r = _udp_metrics(s, url)
         body = r.json()
         samples = body.get("samples", {}) if isinstance(body, dict) else {}
         ok = r.status_code == 200 and body.get("db_connected", True) and body.get("nats_connected", True)
@@ -963,7 +963,7 @@ def udp_device_status(device_ids: tuple[int, ...]) -> dict:
     url = _udp_metrics_url(s, "device=" + ",".join(map(str, ids)))
     why = None
     try:
-        r = _udp_metrics(s, "device=" + ",".join(map(str, ids)))
+        r = _udp_metrics(s, url)
         body = r.json() if r.status_code == 200 else None
         if not isinstance(body, dict):
             why = f"HTTP {r.status_code}"
