@@ -44,9 +44,8 @@ if ! "$SEMG_PYTHON" -m semg.health --wait "${SEMG_START_TIMEOUT:-180}"; then
   exit 1
 fi
 
-host="$("$SEMG_PYTHON" -c 'from semg.config import get_settings as g; print(g().service_url_host)')"
-api_port="$("$SEMG_PYTHON" -c 'from semg.config import get_settings as g; print(g().api_port)')"
-udp_port="$("$SEMG_PYTHON" -c 'from semg.config import get_settings as g; print(g().udp_port)')"
+read -r host api_port udp_port < <("$SEMG_PYTHON" -c \
+  'from semg.config import get_settings as g; s = g(); print(s.service_url_host, s.api_port, s.udp_port)')
 cat <<TXT
 
 The sEMG platform is running.
