@@ -458,6 +458,11 @@ def cli_pretrain(
     from ml_model import artifacts
 
     artifacts.check_new_artifact_dir(out)  # before the training, not after it
+    if register:  # an unreachable database is said now, not after the training (psycopg2.OperationalError)
+        from semg import db
+        from semg.config import get_settings
+
+        db.connect(settings or get_settings()).close()
     if isinstance(exclude_subjects, str):
         exclude_subjects = [s for s in exclude_subjects.replace(",", " ").split() if s]
     cfg = dict(config or {})
@@ -472,5 +477,15 @@ def cli_pretrain(
         "channels": meta["channels"], "sample_rate_hz": meta["sample_rate_hz"], "window": meta["window"],
     }
     if register:
-        summary["artifact_id"] = register_base(weights, meta, settings)
+        import psycopg2
+
+        from semg.db import first_line
+
+        try:
+            summary["artifact_id"] = register_base(weights, meta, settings)
+        except psycopg2.Error as e:  # the base is on disk: say where, the training need not be repeated
+            raise ConnectionError(
+                f"the base was saved in {out} but not registered ({first_line(e)}); once the database is back: "
+                f"python -c \"from ml_model import artifacts, pretrain; "
+                f"print(pretrain.register_base(*artifacts.read_artifact_dir('{out}')))\"") from None
     return summary

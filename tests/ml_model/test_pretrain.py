@@ -204,6 +204,20 @@ def test_cli_says_when_the_database_is_unreachable(settings):
         assert "database unreachable" in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr[-2000:])
 
 
+def test_cli_pretrain_register_says_the_database_is_unreachable_before_training(settings, tmp_path):
+    """It used to pretrain for the whole run, then fail to register; the saved folder then refused a re-run."""
+    from semg.embedded import free_port
+
+    root = write_myo_folder(tmp_path / "myo", subjects=("Alice", "Bob", "Carol"))
+    out = tmp_path / "base"
+    proc = _cli("pretrain", "--data-dir", str(root), "--out", str(out), "--epochs", "1", "--register",
+                env={"POSTGRES_PORT": str(free_port())})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "TrainMLJob pretrain: database unreachable" in proc.stderr and "Traceback" not in proc.stderr
+    assert "pretrain epoch" not in proc.stderr, proc.stderr[-2000:]  # nothing was trained
+    assert not out.exists()
+
+
 def test_cli_pretrain_registers_a_shared_base(clean_db, tmp_path):
     root = write_myo_folder(tmp_path / "myo", subjects=("Alice", "Bob", "Carol", "Dave"))
     out = tmp_path / "base"
