@@ -142,6 +142,13 @@ def evaluate_subjects(
                          "hold out repetitions of it")
     if tests_train_session and train_cycles is not None and set(train_cycles) & set(test_cycles):
         raise ValueError(f"train cycles {train_cycles} and test cycles {test_cycles} overlap in session {train_session}")
+    if base is not None:  # a base learned every repetition of its subjects: none of theirs is held out from it
+        pretrained = artifacts.read_artifact_dir(base)[1].get("pretrain") or {}
+        seen = sorted(set(subjects) & set(pretrained.get("subjects") or []))
+        if seen and pretrained.get("source") in (None, "myo-armband"):
+            raise ValueError(f"subjects {seen} were in the pretraining data of the base {base} (all their "
+                             "repetitions, the test ones too): leave them out with pretrain --exclude-subjects, "
+                             "or evaluate other subjects")
 
     accuracy: dict[str, float] = {}
     val_accuracy: dict[str, float] = {}

@@ -341,3 +341,22 @@ def test_evaluate_respects_epochs_with_a_base_and_reports_the_epochs_used(base, 
     assert capped["epochs"] == {"Alice": 1} and capped["max_epochs"] == 1
     free = evaluate_subjects(**args)
     assert free["epochs"] == {"Alice": recipe} and free["max_epochs"] == transfer.FINETUNE_DEFAULTS["max_epochs"]
+
+
+def test_evaluate_refuses_subjects_the_base_was_pretrained_on(tmp_path):
+    """A base trains on every repetition of its subjects, the test cycles too: evaluating such a subject with
+    ``--base`` used to report a 'test accuracy' on windows the base had learned, without a word."""
+    from test_pretrain import write_myo_folder
+
+    from ml_model.TrainMLJob import evaluate_subjects
+
+    root = write_myo_folder(tmp_path / "myo", subjects=("Alice", "Bob", "Carol"), seconds=1.0)
+    with small_grid({"finetune_epochs": (1,), "alpha": (1.0,), "scratch_epochs": (1,)}):
+        model, meta, metrics = pretrain.pretrain_from_dir(
+            root, ["Carol"], {"max_epochs": 1, "model": {"width": 8}, "n_val_subjects": 1})
+    pretrain.save_base(model, meta, metrics, tmp_path / "base")
+    args = {"data_dir": str(root), "train_cycles": [0], "test_cycles": [3], "base": str(tmp_path / "base"),
+            "config": {"max_epochs": 1}}
+    with pytest.raises(ValueError, match=r"subjects \['Alice'\] were in the pretraining data of the base"):
+        evaluate_subjects(**args, subjects=["Alice", "Carol"])
+    assert evaluate_subjects(**args, subjects=["Carol"])["n_subjects"] == 1  # left out of the base: honest
