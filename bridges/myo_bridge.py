@@ -467,9 +467,34 @@ def _positive(text: str) -> float:
     return value
 
 
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _device_id(text: str) -> int:
+    if not text.strip().isdigit() or not 1 <= int(text) <= protocol.UINT32_MAX:
+        raise argparse.ArgumentTypeError(f"expected the platform device id (a whole number >= 1), got {text!r}")
+    return int(text)
+
+
+MAX_BATCH = (protocol.MAX_PACKET_SIZE - protocol.HEADER_SIZE - protocol.TAG_SIZE) // (2 * MYO_CHANNELS)
+
+
+def _batch(text: str) -> int:
+    if not text.strip().isdigit() or not 1 <= int(text) <= MAX_BATCH:
+        raise argparse.ArgumentTypeError(f"expected 1..{MAX_BATCH} samples per packet, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device-id", type=int, default=os.environ.get(ENV_DEVICE_ID),
+    p.add_argument("--device-id", type=_device_id, default=os.environ.get(ENV_DEVICE_ID),
                    help=f"platform device id (binary, 8 channels, 200 Hz); env {ENV_DEVICE_ID}")
     p.add_argument("--key", default=os.environ.get(ENV_DEVICE_KEY),
                    help=f"the device's secret key, hex; env {ENV_DEVICE_KEY}")
@@ -480,8 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="Myo", help="advertised name prefix to look for (default Myo)")
     p.add_argument("--filtered", action="store_true", help="ask for the armband's filtered EMG (mode 0x02) "
                    "instead of raw (0x03)")
-    p.add_argument("--batch", type=int, default=10, help="samples per UDP packet (default 10 = 50 ms)")
-    p.add_argument("--max-delay-ms", type=float, default=60.0, help="send a partial batch after this long")
+    p.add_argument("--batch", type=_batch, default=10, help="samples per UDP packet (default 10 = 50 ms)")
+    p.add_argument("--max-delay-ms", type=_non_negative, default=60.0, help="send a partial batch after this long")
     p.add_argument("--max-drift-ms", type=_positive, default=100.0,
                    help="re-anchor the device time to the host clock when it falls this far behind (default 100)")
     p.add_argument("--resync-window-s", type=_positive, default=2.0,

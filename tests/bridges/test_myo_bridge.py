@@ -170,6 +170,23 @@ def test_bad_recording_is_named_and_uses_no_boot(tmp_path):
         mb.read_recording(tmp_path / "notjson.jsonl")
 
 
+def test_bad_options_are_one_line_and_use_no_boot(tmp_path, capsys):
+    """--batch 0, --device-id 0 or a negative --max-delay-ms used to end in a traceback ("batch 0 does not fit
+    in one packet") after a boot number was taken (and a device-0.boot file written)."""
+    (tmp_path / "ok.jsonl").write_text(json.dumps({"t": 1.0, "char": 0, "data": "00" * 16}) + "\n")
+    boot = tmp_path / "boot"
+    cases = [(["--batch", "0"], "--batch"), (["--batch", "600"], "--batch"), (["--device-id", "0"], "--device-id"),
+             (["--device-id", "x"], "--device-id"), (["--max-delay-ms", "-5"], "--max-delay-ms")]
+    for extra, option in cases:
+        args = ["--device-id", "3", "--key", KEY.hex(), "--replay", str(tmp_path / "ok.jsonl"),
+                "--boot-file", str(boot), "--server", "127.0.0.1:9", *extra]
+        with pytest.raises(SystemExit) as e:
+            mb.main(args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"argument {option}" in err and "Traceback" not in err, (extra, err)
+    assert not boot.exists(), "a refused option took a boot number"
+
+
 def test_replay_recording_through_real_udpserver(clean_db, tmp_path):
     """A recorded notification stream goes through the bridge CLI into a real udpserver and PostgreSQL."""
     sys.path.insert(0, str(REPO / "tests" / "udpserver"))
