@@ -31,8 +31,9 @@ lost and training never cuts a window across the gap. ``--detect-gaps`` addition
 of the four EMG characteristics to notice single lost notifications (off by default: the order is an
 observation of the firmware, not part of Thalmic's specification).
 
-``--record FILE`` writes the received notifications as JSON lines ``{"t": s, "char": i, "data": hex}``;
-``--replay FILE`` forwards such a recording without Bluetooth (tests, demos).
+``--record FILE`` writes the received notifications as JSON lines ``{"t": s, "char": i, "data": hex}``, and
+``{"t": s, "event": "disconnected"}`` where the Bluetooth connection ended; ``--replay FILE`` forwards such a
+recording without Bluetooth (tests, demos), counting the samples of each outage as lost as the live bridge did.
 """
 
 from __future__ import annotations
@@ -341,13 +342,22 @@ class UdpForwarder:
 
 
 # ---- recordings ---------------------------------------------------------------------------------------
-def read_recording(path: str | os.PathLike) -> list[tuple[float, int | None, bytes]]:
-    """JSON lines ``{"t": seconds, "char": 0..3, "data": "hex"}`` -> [(t, char, bytes)]."""
-    out = []
+DISCONNECTED = "disconnected"
+
+
+def read_recording(path: str | os.PathLike) -> list[tuple[float, int | None, bytes | None]]:
+    """JSON lines ``{"t": seconds, "char": 0..3, "data": "hex"}`` -> [(t, char, bytes)]; a line
+    ``{"t": seconds, "event": "disconnected"}`` (the connection ended there) -> (t, None, None)."""
+    out: list[tuple[float, int | None, bytes | None]] = []
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         if line.strip():
             try:
                 rec = json.loads(line)
+                if "event" in rec:
+                    if rec["event"] != DISCONNECTED:
+                        raise ValueError(f"unknown event {rec['event']!r}")
+                    out.append((float(rec["t"]), None, None))
+                    continue
                 char = rec.get("char")
                 if char is not None and (not isinstance(char, int) or not 0 <= char <= 3):
                     raise ValueError(f"char must be 0..3, got {char!r}")
@@ -357,11 +367,12 @@ def read_recording(path: str | os.PathLike) -> list[tuple[float, int | None, byt
     return out
 
 
-def replay(forwarder: UdpForwarder, notifications: Iterable[tuple[float, int | None, bytes]],
+def replay(forwarder: UdpForwarder, notifications: Iterable[tuple[float, int | None, bytes | None]],
            speed: float = 1.0, sleep: Callable[[float], Any] = time.sleep) -> dict:
     """Forward recorded notifications at their recorded pace (``speed`` x; 0 = as fast as possible).
 
-    Arrival times are mapped onto the forwarder's clock so packet times follow the recording.
+    Arrival times are mapped onto the forwarder's clock so packet times follow the recording. A recorded
+    disconnect (data None) is one for the forwarder too: the samples of the outage count as lost.
     """
     start = forwarder.clock()
     t_first = None
@@ -372,6 +383,9 @@ def replay(forwarder: UdpForwarder, notifications: Iterable[tuple[float, int | N
             wait = start + due - forwarder.clock()
             if wait > 0:
                 sleep(wait)
+        if data is None:
+            forwarder.connection_lost()
+            continue
         forwarder.on_notification(data, char, arrival=start + (t - t_first) if speed <= 0 else None)
         forwarder.tick()
     forwarder.flush()
@@ -437,6 +451,8 @@ async def run_ble(forwarder: UdpForwarder, stop: asyncio.Event, *, address: str 
                                                          response=True)
             except (TimeoutError, BleakError, OSError, ConnectionError) as e:
                 log.warning("Bluetooth: %s", e)
+            if rec_file is not None:  # so a replay of the recording loses the outage's samples as we do
+                rec_file.write(json.dumps({"t": time.monotonic(), "event": DISCONNECTED}) + "\n")
             forwarder.connection_lost()
             if stop.is_set():
                 break

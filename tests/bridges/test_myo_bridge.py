@@ -144,6 +144,34 @@ def test_reconnect_jumps_sequence_by_the_outage():
     assert pkts[-1].millis0 - pkts[-2].millis0 > 1990
 
 
+def test_replay_of_a_recorded_disconnect_loses_the_outage_as_live(tmp_path):
+    """A recording spanning a Bluetooth outage used to replay as one contiguous stream: no sequence jump, no
+    lost samples, so the server and training took the samples on both sides of the outage as adjacent."""
+    notes = _notifications(200)
+    live_clock, live_sent = FakeClock(10.0), []
+    live = mb.UdpForwarder(7, KEY, boot=1, batch=10, send=live_sent.append, clock=live_clock)
+    lines = []
+    for i, data in enumerate(notes):
+        if i == 100:  # the link drops, and comes back 3 s later
+            lines.append({"t": live_clock.t, "event": "disconnected"})  # as run_ble records it
+            live.connection_lost()
+            live_clock.t += 3.0
+        live_clock.t += 0.01
+        lines.append({"t": live_clock.t, "char": i % 4, "data": data.hex()})
+        live.on_notification(data, i % 4)
+    live.flush()
+    path = tmp_path / "rec.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    sent = []
+    stats = mb.replay(mb.UdpForwarder(7, KEY, boot=1, batch=10, send=sent.append, clock=FakeClock(50.0)),
+                      mb.read_recording(path), speed=0)
+    seqs = [(p.seq0, p.n) for p in _parse(sent)]
+    assert seqs == [(p.seq0, p.n) for p in _parse(live_sent)]
+    assert stats["lost_samples"] == live.stats["lost_samples"] == 600
+    assert seqs[20] == (200 + 600, 10)
+
+
 def test_boot_counter_persists_and_increments(tmp_path):
     path = tmp_path / "sub" / "device-7.boot"
     first = mb.next_boot(path)
