@@ -591,15 +591,18 @@ def finetune_from_training_config(
 ) -> tuple[EMGNet, dict[str, Any], dict[str, Any]]:
     """Drop-in for ``training.train_model`` (same arguments, a *training* config) that fine-tunes ``base``.
 
-    The data keys of the training config (rate, window, step, channels, filter) carry over; an explicit
-    ``max_epochs`` too; everything else uses ``FINETUNE_DEFAULTS`` (the from-scratch optimiser settings do not
-    apply to fine-tuning). Used by the DB jobs (param ``base_artifact_id``) and ``TrainMLJob.py evaluate --base``.
+    The data keys of the training config (rate, window, step, channels) carry over, as the caller cut its
+    windows with them; the filter only when the config names one, else the base's (the base's filters were
+    learned on filtered input); an explicit ``max_epochs`` too; everything else uses ``FINETUNE_DEFAULTS``
+    (the from-scratch optimiser settings do not apply to fine-tuning). Used by the DB jobs (param
+    ``base_artifact_id``) and ``TrainMLJob.py evaluate --base``.
     """
     from ml_model import training
 
     given = dict(config or {})
     cfg = training.merge_config(given)
-    ft: dict[str, Any] = {k: cfg[k] for k in ("sample_rate_hz", "window_ms", "step_ms", "channels", "filter")}
+    ft: dict[str, Any] = {k: cfg[k] for k in ("sample_rate_hz", "window_ms", "step_ms", "channels")}
+    ft["filter"] = given.get("filter")
     for key in ("max_epochs", "patience", "min_windows_per_class", "num_threads"):
         if key in given:
             ft[key] = given[key]

@@ -165,6 +165,22 @@ def test_one_repetition_finetune_uses_the_base_recipe_and_serves(base):
     assert meta["scaler"] == pp.fit_standardizer(pp.prepare_unscaled(x[one], meta))
 
 
+def test_a_training_config_without_a_filter_keeps_the_base_filter(base):
+    """A job (or evaluate --base) names no filter: the fine-tuned model filters its input as the base did,
+    since the base's weights were learned on filtered windows; a filter the config names wins."""
+    weights, meta = base
+    filtered = (weights, {**meta, "filter": pp.filter_config({"highpass_hz": 20.0})})
+    x, y, g = synth_subject(43)
+    one = g == 0
+    _, got, _ = transfer.finetune_from_training_config(x[one], y[one], g[one], {"sample_rate_hz": RATE,
+                                                       "max_epochs": 1}, base=filtered, class_names=CLASSES)
+    assert got["filter"] == filtered[1]["filter"]
+    own = {"sample_rate_hz": RATE, "max_epochs": 1, "filter": {"notch_hz": 50.0}}
+    _, got, _ = transfer.finetune_from_training_config(x[one], y[one], g[one], own, base=filtered,
+                                                       class_names=CLASSES)
+    assert got["filter"] == pp.filter_config({"notch_hz": 50.0})
+
+
 def test_a_recipe_is_capped_only_by_a_max_epochs_the_caller_gave(base):
     """The default cap is for validation-chosen epochs: it must not cut a tuned recipe (scratch recipes go up
     to 64 epochs); an explicit max_epochs (--epochs, a job's epochs) does."""
