@@ -33,7 +33,7 @@ import psycopg2.extensions
 from psycopg2.extras import Json
 
 from ml_model import artifacts, preprocessing, training
-from semg import db
+from semg import db, journal
 from semg.config import Settings, get_settings
 
 log = logging.getLogger("semg.trainer")
@@ -395,6 +395,10 @@ def _train(conn, s: Settings, job_id: int, worker: str, user_id: int, params: di
     t0 = time.monotonic()
     try:
         base_cfg = training.merge_config({"sample_rate_hz": 1.0, **_window_overrides(params)})
+        # Labels of capture windows that could not store them yet wait in journals: store them before reading.
+        replayed = journal.replay_interval_journals(connection=lambda: contextlib.nullcontext(conn))
+        if replayed["stored"]:
+            _log(conn, job_id, f"stored {replayed['stored']} capture label change(s) that were waiting in journals")
         _log(conn, job_id, "loading capture sessions")
         data = load_job_data(conn, job_id, base_cfg)
         cfg = training_config(params, data["sample_rate_hz"], data["channels_used"])

@@ -6,7 +6,7 @@ stored in session_intervals (what training labels from) are exact, and the cue d
 (computed from the same object in the WebRTC thread) changes at exactly those instants.
 
 Interval changes not yet stored are also appended to a Journal (on the server's disk) before the database
-write is tried, so they outlive the browser session when the database is down (see data.IntervalJournal).
+write is tried, so they outlive the browser session when the database is down (see semg.journal.IntervalJournal).
 
 VideoRecorder encodes the webcam frames (with the cue drawn on them) to WebM, stamping each frame with its
 wall-clock arrival time, so video time t corresponds to server time started_at + t.
@@ -47,7 +47,7 @@ class IntervalStore(Protocol):
 
 
 class Journal(Protocol):
-    """Where a run keeps its interval changes until they are stored (the page passes data.IntervalJournal)."""
+    """Where a run keeps its interval changes until they are stored (the page passes semg.journal.IntervalJournal)."""
 
     def save(self, pending: list[dict], new: int) -> None:
         """Make sure `pending` (the changes not stored yet, oldest first) is on disk when this returns; the

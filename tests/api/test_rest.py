@@ -4,7 +4,10 @@ predictions -- happy paths, malformed bodies, unknown ids and conflicts (never a
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
 import re
+import time
 
 import pytest
 
@@ -226,6 +229,45 @@ def test_training_jobs(api, keys, make_user):
         assert api.get("/jobs/424242/logs", headers=keys.admin).status_code == 404
         assert api.post("/jobs/424242/cancel", headers=keys.admin).status_code == 404
         assert api.post("/users/424242/jobs", json={"session_ids": [sid]}, headers=keys.admin).status_code == 404
+
+
+def write_quiet_journal(settings, session: dict, t0: dt.datetime) -> os.PathLike:
+    """The interval journal a capture window leaves when its marks could not be stored and it was closed: every
+    interval marked as planned from t0, untouched for a minute."""
+    d = settings.state_dir / "capture-journal"
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = d / f"session{session['id']}-1-test.jsonl"
+    head = {"v": 1, "session_id": session["id"], "session_created_at": session["created_at"]}
+    path.write_text("".join(json.dumps({**head, "op": "mark", "interval_id": iv["id"],
+                                        "started_at": (t0 + dt.timedelta(milliseconds=iv["planned_start_ms"])).isoformat(),
+                                        "ended_at": (t0 + dt.timedelta(milliseconds=iv["planned_end_ms"])).isoformat()})
+                            + "\n" for iv in session["intervals"]))
+    quiet = time.time() - 60
+    os.utime(path, (quiet, quiet))
+    return path
+
+
+def test_scheduling_a_job_stores_the_labels_waiting_in_capture_journals(api, keys, make_user, settings):
+    """A capture window that could not store its interval times leaves them in a journal on the server; they
+    were stored only by the next UI page load, so a job scheduled through the API trained without them."""
+    uid = make_user()["id"]
+    mine = keys("user", uid)
+    api.post(f"/users/{uid}/gestures", json={"name": "fist"}, headers=mine)
+    s = api.post(f"/users/{uid}/sessions", json={"gestures": ["fist"], "repetitions": 2, "hold_s": 1, "rest_s": 1},
+                 headers=mine).json()
+    t0 = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)
+    api.post(f"/sessions/{s['id']}/start", json={"at": t0.isoformat()}, headers=mine)
+    path = write_quiet_journal(settings, s, t0)
+    try:
+        api.post(f"/sessions/{s['id']}/end", headers=mine)
+        r = api.post(f"/users/{uid}/jobs", json={"session_ids": [s["id"]]}, headers=mine)
+        assert r.status_code == 201, r.text
+        ivs = api.get(f"/sessions/{s['id']}", headers=mine).json()["intervals"]
+        assert len(ivs) == 5 and all(iv["started_at"] and iv["ended_at"] for iv in ivs), ivs
+        assert dt.datetime.fromisoformat(ivs[0]["started_at"]) == t0
+        assert not path.exists()
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def test_recent_predictions(api, keys, make_user, clean_db):

@@ -4,6 +4,8 @@ queue worker trains it; failures show their cause; cancel stops; a dead worker's
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
 import subprocess
 import sys
 import threading
@@ -24,16 +26,29 @@ PATTERNS = {"REST": [0.05, 0.05, 0.05, 0.05], "fist": [1.0, 0.8, 0.2, 0.1], "ope
 
 
 def record_session(conn, user_id, device_id, gestures=("fist", "open hand"), reps=3, hold_s=2.0, rest_s=1.5,
-                   seed=0, stream=True):
-    """Create a session through semg.repo, mark its cues as 'happened', store matching sample blocks."""
+                   seed=0, stream=True, journal_dir=None):
+    """Create a session through semg.repo, mark its cues as 'happened', store matching sample blocks.
+    journal_dir: the marks are left in a capture journal there instead (a window that could not store them and
+    was closed), not in the database."""
     rng = np.random.default_rng(seed)
     s = repo.create_session(conn, user_id, device_id, list(gestures), reps, hold_s, rest_s)
     t0 = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
     repo.start_session(conn, s["id"], at=t0)
+    marks = []
     for iv in s["intervals"]:
         start = t0 + dt.timedelta(milliseconds=iv["planned_start_ms"])
         end = t0 + dt.timedelta(milliseconds=iv["planned_end_ms"])
-        repo.mark_interval(conn, iv["id"], start, end)
+        if journal_dir is None:
+            repo.mark_interval(conn, iv["id"], start, end)
+        marks.append({"v": 1, "session_id": s["id"], "session_created_at": s["created_at"].isoformat(),
+                      "op": "mark", "interval_id": iv["id"], "started_at": start.isoformat(),
+                      "ended_at": end.isoformat()})
+    if journal_dir is not None:
+        journal_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = journal_dir / f"session{s['id']}-1-test.jsonl"
+        path.write_text("".join(json.dumps(m) + "\n" for m in marks))
+        quiet = time.time() - 60
+        os.utime(path, (quiet, quiet))
     total_ms = s["intervals"][-1]["planned_end_ms"]
     repo.end_session(conn, s["id"], at=t0 + dt.timedelta(milliseconds=total_ms))
     if not stream:
@@ -87,6 +102,25 @@ def test_scheduled_job_is_trained_by_the_worker(clean_db, user_device):
         weights = bytes(cur.fetchone()[0])
     pred = artifacts.Predictor(weights, meta)
     assert pred.predict_proba(np.zeros((2, CHANNELS, meta["window"]), np.float32)).shape == (2, 3)
+
+
+def test_a_job_trains_on_the_labels_waiting_in_capture_journals(clean_db, user_device, settings):
+    """Interval times a capture window could not store wait in a journal on the server; only a UI page load
+    stored them, so a job the worker took before any page load failed with "no data" (or trained without
+    them)."""
+    u, d = user_device
+    journals = settings.state_dir / "capture-journal"
+    try:
+        s = record_session(clean_db, u["id"], d["id"], journal_dir=journals)
+        job = repo.schedule_job(clean_db, u["id"], [s["id"]], {"epochs": 2})
+        assert jobs.run_job(job["id"]) == "completed", repo.get_job(clean_db, job["id"])["error"]
+        assert sorted(repo.latest_model(clean_db, u["id"])["classes"]) == ["REST", "fist", "open hand"]
+        assert any("waiting in journals" in line["message"] for line in repo.job_logs(clean_db, job["id"]))
+        assert all(iv["started_at"] for iv in repo.get_session(clean_db, s["id"])["intervals"])
+        assert not list(journals.glob("*.jsonl"))
+    finally:
+        for f in journals.glob("*.jsonl"):
+            f.unlink()
 
 
 def test_failing_jobs_show_their_cause_and_change_nothing_else(clean_db, user_device):

@@ -37,9 +37,9 @@ def _fresh_ui_caches():
 def _no_capture_journals(state_dir):
     """Capture journals are files in the shared state dir (and ids restart in every test): none carries over,
     nor does a replay pause left by a test that had the database down."""
-    import data
+    from semg import journal
     journals = state_dir / "capture-journal"
-    data._journal_retry_at = 0.0
+    journal._retry_at = 0.0
     yield
     if journals.is_dir():
         for f in journals.iterdir():

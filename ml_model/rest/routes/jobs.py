@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from datetime import datetime
 from typing import Annotated
 
@@ -11,7 +12,7 @@ from ml_model.rest import queries
 from ml_model.rest.auth import Caller, UserScoped
 from ml_model.rest.deps import Conn
 from ml_model.rest.schemas import Job, JobCreate, JobLog, StoredPrediction
-from semg import repo
+from semg import journal, repo
 
 router = APIRouter()
 PathId = Annotated[int, Path(ge=1, le=2**63 - 1)]
@@ -34,6 +35,8 @@ def list_jobs(
 @router.post("/users/{user_id}/jobs", response_model=Job, status_code=201, tags=["training jobs"])
 def schedule_job(user_id: UserScoped, body: JobCreate, conn: Conn) -> dict:
     """Queue training on completed capture sessions of the user; a training worker picks it up."""
+    # Labels a capture window could not store yet (kept in journals on this server) are stored first.
+    journal.replay_interval_journals(connection=lambda: contextlib.nullcontext(conn))
     return repo.schedule_job(conn, user_id, body.session_ids, body.params)
 
 

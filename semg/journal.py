@@ -1,0 +1,289 @@
+"""The capture interval journal, shared by every process that reads or writes capture labels.
+
+A capture run's interval changes (marks, discards, redo extensions) are appended to its journal file (under
+$SEMG_STATE_DIR/capture-journal/) before they are written to the database, and the file goes once all are
+stored. The run touches the file on every flush; a file left untouched for JOURNAL_LEASE_S belongs to a run that
+is gone (browser session closed, UI restarted) or stuck, and replay_interval_journals stores what it holds. It
+runs on every UI page load, when a training job is scheduled through the REST API and before a training job
+reads its sessions, so no job trains on labels that are still waiting in a journal. Every change is an
+idempotent UPDATE of an existing row (no insert) and replayed marks leave the discarded flag alone, so
+replaying a change twice, or while its run writes the same changes, adds nothing and changes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import secrets
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+
+import psycopg2
+import psycopg2.extensions
+
+from semg import db, repo
+from semg.config import Settings, get_settings
+
+log = logging.getLogger("semg.journal")
+
+JOURNAL_VERSION = 1
+JOURNAL_LEASE_S = 10.0  # a live run touches its journal every tick (0.2 s)
+JOURNAL_RETRY_S = 15.0  # after the database was unreachable, replays are skipped for this long
+_retry_at = 0.0
+
+
+def journal_dir(settings: Settings | None = None) -> Path:
+    return (settings or get_settings()).state_dir / "capture-journal"
+
+
+class IntervalJournal:
+    """capture.Journal as a JSON-lines file (0600) under the state dir, one per run while it has changes not
+    stored yet. Writes hold an exclusive flock, as a replay does from reading the file to removing it."""
+
+    def __init__(self, session: dict, directory: Path | None = None):
+        self.session_id = int(session["id"])
+        self.session_created_at = session["created_at"].isoformat()
+        self.directory = directory or journal_dir()
+        self.path: Path | None = None
+        self._fd: int | None = None
+        self._closer: weakref.finalize | None = None
+        self._torn = False  # a write failed half-way: start the next one on a fresh line
+
+    def _open(self) -> None:
+        """A new journal file, returned locked (it is locked before it has its journal name)."""
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        name = f"session{self.session_id}-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp = self.directory / f".{name}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self.path = self.directory / f"{name}.jsonl"
+            os.rename(tmp, self.path)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        self._fd, self._torn = fd, False
+        self._closer = weakref.finalize(self, os.close, fd)
+
+    def _close(self) -> None:
+        if self._closer is not None:
+            self._closer()
+        self._fd = self._closer = None
+
+    def save(self, pending: list[dict], new: int) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            if self._fd is not None and os.fstat(self._fd).st_nlink == 0:
+                self._close()  # a replay stored and removed it while this run was quiet
+            if self._fd is None:
+                self._open()
+                records = pending
+            else:
+                records = pending[len(pending) - new:] if new else []
+            if records:
+                head = {"v": JOURNAL_VERSION, "session_id": self.session_id,
+                        "session_created_at": self.session_created_at}
+                payload = b"".join(json.dumps({**head, **r}, separators=(",", ":")).encode() + b"\n"
+                                   for r in records)
+                view = memoryview(b"\n" + payload if self._torn else payload)
+                self._torn = True
+                while view:
+                    view = view[os.write(self._fd, view):]
+                os.fsync(self._fd)
+                self._torn = False
+            else:
+                os.utime(self._fd)  # still alive: replays leave this file alone
+        finally:
+            if self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def clear(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        finally:
+            self._close()
+
+
+def _journal_line(line: bytes) -> dict:
+    """One journal line as a checked record; ValueError says what is wrong with it."""
+    try:
+        rec = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"not JSON: {e}") from None
+    if not isinstance(rec, dict):
+        raise ValueError("not a JSON object")
+    if rec.get("v") != JOURNAL_VERSION:
+        raise ValueError(f"unknown version {rec.get('v')!r}")
+
+    def count(key: str) -> int:
+        v = rec.get(key)
+        if type(v) is not int or v <= 0:
+            raise ValueError(f"{key} must be a positive integer, not {v!r}")
+        return v
+
+    def moment(key: str) -> datetime:
+        try:
+            t = datetime.fromisoformat(rec[key])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{key} must be an ISO date-time, not {rec.get(key)!r}") from None
+        if t.tzinfo is None:
+            raise ValueError(f"{key} has no time zone")
+        return t
+
+    out = {"op": rec.get("op"), "session_id": count("session_id"), "session_created_at": moment("session_created_at")}
+    if out["op"] == "mark":
+        out.update(interval_id=count("interval_id"), started_at=moment("started_at"), ended_at=moment("ended_at"))
+    elif out["op"] == "discard":
+        out["interval_id"] = count("interval_id")
+    elif out["op"] == "extend":
+        out["total_ms"] = count("total_ms")
+    else:
+        raise ValueError(f"unknown op {out['op']!r}")
+    return out
+
+
+def _replay_journal_file(path: Path, result: dict, connection: Callable[[], contextlib.AbstractContextManager]) -> None:
+    """Store one journal's changes in order, unless its run is alive. The database being unreachable raises
+    (the file is kept)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return  # cleared meanwhile
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            result["live"] += 1  # being written right now
+            return
+        try:
+            st_path, st_fd = os.stat(path), os.fstat(fd)
+        except FileNotFoundError:
+            return
+        if (st_path.st_dev, st_path.st_ino) != (st_fd.st_dev, st_fd.st_ino):
+            return
+        if time.time() - st_fd.st_mtime < JOURNAL_LEASE_S:
+            result["live"] += 1  # its run is alive (another window) and stores its changes itself
+            return
+        with os.fdopen(os.dup(fd), "rb") as f:
+            raw = f.read()
+        records, bad = [], []
+        for lineno, line in enumerate(raw.split(b"\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append((lineno, _journal_line(line)))
+            except ValueError as e:
+                bad.append(line)
+                log.error("capture journal %s line %d skipped, it is corrupt (%s): %.200r", path, lineno, e, line)
+        sessions: dict[tuple, set[int] | None] = {}
+        with connection() as conn:
+            for lineno, rec in records:
+                sid, key = rec["session_id"], (rec["session_id"], rec["session_created_at"])
+                if key not in sessions:
+                    sessions[key] = _journal_session(conn, path, rec)
+                ids = sessions[key]
+                if ids is None or (rec["op"] != "extend" and rec["interval_id"] not in ids):
+                    if ids is not None:
+                        log.warning("capture journal %s line %d skipped: interval %s is not in session %s",
+                                    path, lineno, rec["interval_id"], sid)
+                    result["dropped"] += 1
+                    continue
+                try:
+                    if rec["op"] == "mark":  # a redo's discard may be stored already: keep it
+                        repo.mark_interval(conn, rec["interval_id"], rec["started_at"], rec["ended_at"],
+                                           keep_discarded=True)
+                    elif rec["op"] == "discard":
+                        repo.discard_interval(conn, rec["interval_id"])
+                    else:
+                        repo.extend_session_plan(conn, sid, rec["total_ms"])
+                except repo.RepoError as e:
+                    log.warning("capture journal %s line %d could not be stored, skipped: %s", path, lineno, e)
+                    result["dropped"] += 1
+                    continue
+                result["stored"] += 1
+        if bad:
+            rejected = path.with_suffix(".rejected")
+            with open(os.open(rejected, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600), "ab") as f:
+                f.write(b"".join(line + b"\n" for line in bad))
+            log.error("capture journal %s: %d corrupt line(s) kept in %s; everything else was stored", path,
+                      len(bad), rejected)
+            result["bad_lines"] += len(bad)
+        os.unlink(path)
+        result["files"] += 1
+    finally:
+        os.close(fd)
+
+
+def _journal_session(conn, path: Path, rec: dict) -> set[int] | None:
+    """The interval ids of the journal's session, or None (logged) when that session is gone -- also when
+    its id now names another session (the database was recreated)."""
+    try:
+        session = repo.get_session(conn, rec["session_id"])
+    except repo.NotFound:
+        session = None
+    if session is None or session["created_at"] != rec["session_created_at"]:
+        log.warning("capture journal %s: session %s no longer exists (deleted, or the database was recreated); "
+                    "its changes are skipped", path, rec["session_id"])
+        return None
+    return {i["id"] for i in session["intervals"]}
+
+
+@contextlib.contextmanager
+def _own_connection(settings: Settings | None = None) -> Iterator[psycopg2.extensions.connection]:
+    with contextlib.closing(db.connect(settings)) as conn:
+        yield conn
+
+
+UNAVAILABLE = (psycopg2.OperationalError, psycopg2.InterfaceError)
+
+
+def replay_interval_journals(directory: Path | None = None, connection: Callable[[], contextlib.AbstractContextManager] | None = None,
+                             unavailable: tuple[type[BaseException], ...] = UNAVAILABLE) -> dict:
+    """Store the interval changes capture runs that are gone left in their journals (called on every UI page
+    load, by the REST API before it schedules a job and by a training job before it reads its sessions).
+
+    `connection()` gives a database connection as a context manager (default: a new one from the settings);
+    an `unavailable` error from it keeps the journals and pauses replays for JOURNAL_RETRY_S. Returns counts: stored, dropped (their session or interval no longer exists), bad_lines, files done,
+    live (its run is alive), pending (kept: the database is unreachable, or an unexpected error)."""
+    global _retry_at
+    result = dict.fromkeys(("stored", "dropped", "bad_lines", "files", "live", "pending"), 0)
+    directory = directory or journal_dir()
+    connection = connection or _own_connection
+    try:
+        paths = [p for p in directory.glob("*.jsonl") if p.is_file()]
+    except OSError:
+        return result
+    if not paths or time.monotonic() < _retry_at:
+        result["pending"] = len(paths)
+        return result
+
+    def age(p: Path) -> tuple[int, str]:  # oldest first: a run's earlier file before its later one
+        try:
+            return p.stat().st_mtime_ns, p.name
+        except OSError:
+            return 0, p.name
+
+    for n, path in enumerate(sorted(paths, key=age)):
+        try:
+            _replay_journal_file(path, result, connection)
+        except unavailable as e:
+            _retry_at = time.monotonic() + JOURNAL_RETRY_S
+            result["pending"] += len(paths) - n
+            log.warning("capture journals kept for later (%d file(s)): %s", len(paths) - n, db.first_line(e))
+            break
+        except Exception:
+            result["pending"] += 1
+            log.exception("capture journal %s could not be replayed; it is kept and tried again later", path)
+    return result
