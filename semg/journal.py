@@ -149,6 +149,17 @@ def _journal_line(line: bytes) -> dict:
         out["interval_id"] = count("interval_id")
     elif out["op"] == "extend":
         out["total_ms"] = count("total_ms")
+    elif out["op"] == "video":
+        out.update(user_id=count("user_id"), started_at=moment("started_at"), ended_at=moment("ended_at"))
+        if not isinstance(rec.get("path"), str) or not rec["path"]:
+            raise ValueError(f"path must be a relative file path, not {rec.get('path')!r}")
+        for key in ("frame_count", "bytes"):
+            if type(rec.get(key)) is not int or rec[key] < 0:
+                raise ValueError(f"{key} must be a non-negative integer, not {rec.get(key)!r}")
+        for key, kind in (("fps", (int, float)), ("width", int), ("height", int)):
+            if rec.get(key) is not None and (isinstance(rec[key], bool) or not isinstance(rec[key], kind)):
+                raise ValueError(f"{key} must be a number or null, not {rec.get(key)!r}")
+        out.update({k: rec.get(k) for k in ("path", "frame_count", "bytes", "fps", "width", "height")})
     else:
         raise ValueError(f"unknown op {out['op']!r}")
     return out
@@ -194,7 +205,7 @@ def _replay_journal_file(path: Path, result: dict, connection: Callable[[], cont
                 if key not in sessions:
                     sessions[key] = _journal_session(conn, path, rec)
                 ids = sessions[key]
-                if ids is None or (rec["op"] != "extend" and rec["interval_id"] not in ids):
+                if ids is None or (rec["op"] in ("mark", "discard") and rec["interval_id"] not in ids):
                     if ids is not None:
                         log.warning("capture journal %s line %d skipped: interval %s is not in session %s",
                                     path, lineno, rec["interval_id"], sid)
@@ -206,6 +217,8 @@ def _replay_journal_file(path: Path, result: dict, connection: Callable[[], cont
                                            keep_discarded=True)
                     elif rec["op"] == "discard":
                         repo.discard_interval(conn, rec["interval_id"])
+                    elif rec["op"] == "video":
+                        _replay_video(conn, path, lineno, rec)
                     else:
                         repo.extend_session_plan(conn, sid, rec["total_ms"])
                 except repo.RepoError as e:
@@ -224,6 +237,52 @@ def _replay_journal_file(path: Path, result: dict, connection: Callable[[], cont
         result["files"] += 1
     finally:
         os.close(fd)
+
+
+def register_video(conn, user_id: int, session_id: int, path: str, started_at: datetime, ended_at: datetime,
+                   frame_count: int, fps: float | None, width: int | None, height: int | None, size: int) -> bool:
+    """Register a session's webcam recording (path relative to the video dir) unless it is registered already
+    (a replay after the write went through, or of a journal its window then stored itself). False when it was."""
+    if any(v["path"] == path for v in repo.list_videos(conn, user_id, session_id)):
+        return False
+    repo.add_video(conn, user_id, session_id, path, started_at, ended_at, frame_count, fps, width, height, size)
+    return True
+
+
+def _replay_video(conn, path: Path, lineno: int, rec: dict) -> None:
+    if not (get_settings().video_dir / rec["path"]).is_file():
+        raise repo.NotFound(f"the video file {rec['path']} no longer exists")
+    if register_video(conn, rec["user_id"], rec["session_id"], rec["path"], rec["started_at"], rec["ended_at"],
+                      rec["frame_count"], rec["fps"], rec["width"], rec["height"], rec["bytes"]):
+        log.info("capture journal %s line %d: video %s registered", path, lineno, rec["path"])
+
+
+def journal_video(session: dict, video: dict, directory: Path | None = None) -> Path:
+    """Write (0600, synced) the registration of a finished session's webcam recording before it is stored, so
+    a failed write (or a process that dies) leaves it to the next replay: the file is never left with nothing
+    pointing to it. `video` holds the videos row's fields (path relative to the video dir); remove the
+    returned file once it is stored."""
+    directory = directory or journal_dir()
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    rec = {"v": JOURNAL_VERSION, "session_id": int(session["id"]), "session_created_at": session["created_at"].isoformat(),
+           "op": "video", "user_id": int(session["user_id"]), "path": video["path"],
+           "started_at": video["started_at"].isoformat(), "ended_at": video["ended_at"].isoformat(),
+           **{k: video[k] for k in ("frame_count", "bytes", "fps", "width", "height")}}
+    name = f"video-session{int(session['id'])}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = directory / f".{name}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(json.dumps(rec, separators=(",", ":")).encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        final = directory / f"{name}.jsonl"
+        os.rename(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return final
 
 
 def _journal_session(conn, path: Path, rec: dict) -> set[int] | None:

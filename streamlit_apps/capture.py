@@ -420,6 +420,7 @@ class CaptureShared:
     def __init__(self) -> None:
         self.run: CueRun | None = None
         self.recorder = VideoRecorder()
+        self.video: dict | None = None  # the finished run's recording until it is registered
         self.frames_seen = 0
         self.last_frame_at: float | None = None
         self._recent = deque(maxlen=30)

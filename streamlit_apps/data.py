@@ -332,14 +332,24 @@ def list_sessions(user_id: int) -> list[dict]:
     return _repo(repo.list_sessions, user_id)
 
 
-def record_video(user_id: int, session_id: int | None, rel_path: str, started_at: datetime, ended_at: datetime,
-                 frame_count: int, fps: float | None, width: int | None, height: int | None, size: int,
-                 mime_type: str = "video/webm") -> dict:
-    """Register a webcam recording stored under settings.video_dir."""
+def record_video(session: dict, video: dict) -> None:
+    """Register a finished session's webcam recording: `video` is what VideoRecorder.stop() returned, with
+    `path` relative to settings.video_dir. The registration is journalled first (once; its file is noted in
+    video["journal"]), so when the write fails it is stored by a later call, page load or training job, and the
+    recording is never left on disk with nothing pointing to it."""
+    if video.get("journal") is None:
+        try:
+            video["journal"] = journal.journal_video(session, video)
+        except OSError as e:  # the write below may still work: the journal only covers its failure
+            log.error("session %s: the video registration could not be journalled (%s: %s)", session["id"],
+                      type(e).__name__, e)
     with connection() as conn:
-        row = repo.add_video(conn, user_id, session_id, rel_path, started_at, ended_at, frame_count, fps,
-                             width, height, size, mime_type)
-    return {k: row[k] for k in ("id", "path", "started_at")}
+        journal.register_video(conn, session["user_id"], session["id"], video["path"], video["started_at"],
+                               video["ended_at"], video["frame_count"], video["fps"], video["width"],
+                               video["height"], video["bytes"])
+    if video.get("journal") is not None:
+        with contextlib.suppress(OSError):
+            video["journal"].unlink()
 
 
 def session_video(session_id: int) -> dict | None:

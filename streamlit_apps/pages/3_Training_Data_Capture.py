@@ -44,14 +44,16 @@ def finish(run: capture.CueRun) -> None:
     ends = [s.ended for s in run.steps if s.ended is not None]
     end = max(ends) if ends else time.time()
     session, ended_here = data.end_session_once(run.session_id, status, at=capture.utc(end))
+    retry = shared.video is not None  # this window ended the session; registering its video failed
     if not ended_here:
         status = session["status"]
-    video = shared.recorder.stop()
-    note = "" if ended_here else "It had already been closed in another window. "
-    if video:
+    note = "" if ended_here or retry else "It had already been closed in another window. "
+    if not retry and (video := shared.recorder.stop()):
         rel = video["path"].resolve().relative_to(data.settings().video_dir.resolve()).as_posix()
-        data.record_video(session["user_id"], run.session_id, rel, video["started_at"], video["ended_at"],
-                          video["frame_count"], video["fps"], video["width"], video["height"], video["bytes"])
+        shared.video = {**video, "path": rel}  # kept (and journalled) until it is registered
+    if video := shared.video:
+        data.record_video(session, video)
+        shared.video = None
         note += f"Video saved ({video['frame_count']} frames, {ui.fmt_bytes(video['bytes'])})."
     elif shared.recorder.error:
         note += f"The video could not be saved ({shared.recorder.error})."

@@ -439,3 +439,76 @@ def test_deleting_a_user_removes_the_video_of_a_capture_whose_window_closed(page
     assert f"{in_folder} video file(s) removed" in users.success[0].value
     assert not video.exists() and not video.parent.exists()
     assert keep.is_file(), "another user's video was removed"
+
+
+@pytest.fixture
+def video_insert_dies_once(clean_db):
+    """The next INSERT INTO videos loses its connection (as in a database restart); the ones after work."""
+    with clean_db, clean_db.cursor() as cur:
+        cur.execute("""CREATE SEQUENCE test_video_insert_dies;
+                       CREATE FUNCTION test_video_insert_dies() RETURNS trigger LANGUAGE plpgsql AS $$
+                       BEGIN
+                           IF nextval('test_video_insert_dies') = 1 THEN
+                               PERFORM pg_terminate_backend(pg_backend_pid());
+                           END IF;
+                           RETURN NEW;
+                       END $$;
+                       CREATE TRIGGER test_video_insert_dies BEFORE INSERT ON videos
+                           FOR EACH ROW EXECUTE FUNCTION test_video_insert_dies()""")
+    yield
+    with clean_db, clean_db.cursor() as cur:
+        cur.execute("""DROP TRIGGER IF EXISTS test_video_insert_dies ON videos;
+                       DROP FUNCTION IF EXISTS test_video_insert_dies(); DROP SEQUENCE IF EXISTS test_video_insert_dies""")
+
+
+def record_frames(shared, n=3):
+    import av
+    import numpy as np
+    for i in range(n):
+        shared.frame_callback(av.VideoFrame.from_ndarray(np.full((240, 320, 3), i * 8, np.uint8), format="rgb24"))
+
+
+def finish_with_a_failed_video_write(page, seeded):
+    """A 1.5 s session with webcam frames whose end registers its video while the database connection dies."""
+    at, run = start_on_page(page, seeded["user"]["id"], hold=0.5, rest=0.5)
+    shared = at.session_state["capture_shared"]
+    record_frames(shared)
+    video = shared.recorder.path
+    time.sleep(1.8)  # the plan (1.5 s) is over
+    at.run()  # this tick ends the session; registering its video fails
+    assert any("as soon as the database" in w.value for w in at.warning), [w.value for w in at.warning]
+    assert repo.get_session(seeded["conn"], run.session_id)["status"] == "completed"
+    return at, run, video
+
+
+def test_a_video_whose_registration_failed_is_registered_by_the_next_tick(page, seeded, video_insert_dies_once):
+    conn = seeded["conn"]
+    at, run, video = finish_with_a_failed_video_write(page, seeded)
+    at.run()  # the database is back
+    assert not at.exception and at.session_state["capture_shared"].run is None
+    [row] = repo.list_videos(conn, seeded["user"]["id"], run.session_id)
+    assert row["frame_count"] == 3 and video.is_file()
+    assert video.resolve() == (data.settings().video_dir / row["path"]).resolve()
+    assert "Video saved (3 frames" in at.session_state["capture_last_result"]["note"]
+    assert journals(data.settings()) == []
+
+
+def test_a_video_whose_registration_failed_is_registered_after_its_window_closed(page, seeded, settings,
+                                                                               video_insert_dies_once):
+    """The window (or the UI process) is gone before it could try again: the file stayed on disk with nothing
+    pointing to it, so review never showed it and deleting the user left it behind."""
+    conn = seeded["conn"]
+    at, run, video = finish_with_a_failed_video_write(page, seeded)
+    del at  # the window is closed
+    [journal] = journals(settings)
+    kept = journal.read_bytes()
+    went_quiet(journal)
+    assert data.replay_interval_journals()["stored"] == 1  # the next page load (or job) does it
+    [row] = repo.list_videos(conn, seeded["user"]["id"], run.session_id)
+    assert row["frame_count"] == 3 and video.resolve() == (settings.video_dir / row["path"]).resolve()
+    assert journals(settings) == []
+    # replaying it again (a crash after storing, before removing the journal) registers nothing more
+    journal.write_bytes(kept)
+    went_quiet(journal)
+    assert data.replay_interval_journals()["files"] == 1
+    assert len(repo.list_videos(conn, seeded["user"]["id"], run.session_id)) == 1
