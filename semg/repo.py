@@ -333,6 +333,25 @@ def rotate_device_key(conn, device_id: int) -> dict:
     return dev
 
 
+def reset_device_boot(conn, device_id: int) -> dict:
+    """After a re-flash restarted the device's boot counter (kept in its NVS): its next boot is taken as newer
+    than everything received. The UDP server picks this up at its next device-list refresh (every 2 s)."""
+    with _tx(conn) as cur:
+        cur.execute(
+            f"""UPDATE devices d SET boot_offset = greatest(d.boot_offset, coalesce(
+                    (SELECT max(boot) + 1 FROM sample_blocks s WHERE s.device_id = d.id), 0))
+                WHERE id = %s AND protocol = 'binary' RETURNING {_DEVICE_COLS}""",
+            (device_id,),
+        )
+        row = cur.fetchone()
+        if row is None:
+            cur.execute("SELECT protocol FROM devices WHERE id = %s", (device_id,))
+            if cur.fetchone() is None:
+                raise NotFound(f"device {device_id} not found")
+            raise Invalid("legacy devices have no boot counter (the server numbers their boots itself)")
+        return dict(row)
+
+
 def list_devices(conn, user_id: int | None = None) -> list[dict]:
     with _tx(conn) as cur:
         cur.execute(f"""SELECT {_DEVICE_COLS} FROM devices WHERE %(u)s::bigint IS NULL OR user_id = %(u)s

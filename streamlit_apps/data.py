@@ -235,6 +235,10 @@ def rotate_device_key(device_id: int) -> dict:
     return _repo(repo.rotate_device_key, device_id)
 
 
+def reset_device_boot(device_id: int) -> dict:
+    return _repo(repo.reset_device_boot, device_id)
+
+
 def delete_device(device_id: int) -> None:
     _repo(repo.delete_device, device_id)
 

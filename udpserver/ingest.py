@@ -32,6 +32,7 @@ class DeviceInfo(NamedTuple):
     channels: int
     rate_hz: float
     key: bytes | None
+    boot_offset: int = 0  # stored boot = the packet's boot + this (moved by "reset boot counter")
 
 
 class Resume(NamedTuple):
@@ -90,12 +91,13 @@ class DeviceState:
     def position(self) -> tuple[int, int] | None:
         return None if self.boot is None else (self.boot, self.last_seq)
 
-    def as_dict(self, now: float) -> dict:
-        """The counters, with times as ages in seconds before `now` (unix s)."""
+    def as_dict(self, now: float, boot_offset: int = 0) -> dict:
+        """The counters, with times as ages in seconds before `now` (unix s); boot is the device's own count
+        (what its packets carry, as rejected_boot), not the stored one."""
         off = self.clock.offset_ms()
         seen = self.last_accepted
         return {
-            "boot": self.boot, "last_seq": self.last_seq,
+            "boot": None if self.boot is None else self.boot - boot_offset, "last_seq": self.last_seq,
             "clock_offset_ms": None if off is None else round(off, 3),
             "accepted_packets": self.accepted_packets, "accepted_samples": self.accepted_samples,
             "stored_samples": self.stored_samples, "published_samples": self.published_samples,
@@ -181,11 +183,12 @@ class Ingestor:
         st = self.state(dev.id)
         clock = st.clock
         lost = 0
+        boot = p.boot + dev.boot_offset
         if st.boot is not None:
-            if p.boot < st.boot:
+            if boot < st.boot:
                 st.rejected_boot = p.boot
                 return self._reject(Reject.OLD_BOOT, dev.id, now)
-            if p.boot == st.boot:
+            if boot == st.boot:
                 if p.seq0 <= st.last_seq:
                     return self._reject(Reject.REPLAY, dev.id, now)
                 lost = p.seq0 - st.last_seq - 1
@@ -195,11 +198,11 @@ class Ingestor:
         millis0 = clock.unwrap(p.millis0)
         last_ms = millis0 + (p.n - 1) * 1000.0 / p.rate_hz
         offset = clock.observe(p.millis0, millis0, last_ms, now)
-        st.boot = p.boot
+        st.boot = boot
         st.last_seq = p.seq0 + p.n - 1
         st.lost_samples += lost
         st.last_accepted = now
-        return Record(dev.user_id, dev.id, p.boot, p.seq0, p.n, p.channels, float(p.rate_hz), millis0,
+        return Record(dev.user_id, dev.id, boot, p.seq0, p.n, p.channels, float(p.rate_hz), millis0,
                       (millis0 + offset) / 1000.0, now, p.values, lost)
 
     def _legacy(self, p: LegacyPacket, now: float) -> Record | Reject:

@@ -103,11 +103,11 @@ def copy_into(cur, table: str, data: bytes) -> None:
 # ---- registry -----------------------------------------------------------------------------------------
 def load_devices(conn) -> dict[int, DeviceInfo]:
     with conn.cursor() as cur:
-        cur.execute("SELECT id, user_id, protocol, channel_count, sample_rate_hz, secret_key FROM devices")
+        cur.execute("SELECT id, user_id, protocol, channel_count, sample_rate_hz, secret_key, boot_offset FROM devices")
         rows = cur.fetchall()
     conn.rollback()  # end the read transaction: no snapshot held between refreshes
-    return {r[0]: DeviceInfo(r[0], r[1], r[2], r[3], float(r[4]), bytes(r[5]) if r[5] is not None else None)
-            for r in rows}
+    return {r[0]: DeviceInfo(r[0], r[1], r[2], r[3], float(r[4]), bytes(r[5]) if r[5] is not None else None,
+                             int(r[6])) for r in rows}
 
 
 def load_resume(conn, device_ids: list[int]) -> dict[int, Resume]:

@@ -17,8 +17,9 @@ REJECT_HINTS: dict[str, str] = {
                     "device's current secrets (arduino_secrets.h); if they are lost, rotate the key and flash "
                     "the new ones",
     Reject.OLD_BOOT: "the device's boot counter went back (flash erased or board replaced), so its packets look "
-                     "older than what was already received: register it as a new device and flash the new "
-                     "secrets (a few right after a restart are late packets and harmless)",
+                     "older than what was already received: after re-flashing it, reset its boot counter ('Reset boot "
+                     "counter' on Gesture Management, or POST /devices/{id}/reset-boot); a few right after a "
+                     "restart are late packets and harmless",
     Reject.CHANNEL_MISMATCH: "the device sends a different number of channels than registered: list exactly the "
                              "registered number of pins in ANALOG_PINS in the sketch, or register a new device "
                              "with the number of channels it sends",

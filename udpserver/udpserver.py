@@ -365,7 +365,9 @@ class Server(asyncio.DatagramProtocol):
         if wanted is not None or q.get("devices") != ["0"]:
             now, states = time.time(), self.ingestor.states
             ids = states if wanted is None else [d for d in wanted if d in states]
-            m["devices"] = {str(d): states[d].as_dict(now) for d in ids}
+            devices = self.ingestor.devices
+            m["devices"] = {str(d): states[d].as_dict(now, devices[d].boot_offset if d in devices else 0)
+                            for d in ids}
         return m
 
     def health(self) -> tuple[int, dict]:

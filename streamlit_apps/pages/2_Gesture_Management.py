@@ -188,12 +188,18 @@ def devices(user: dict) -> None:
 
     if devs:
         by_id = {d["id"]: d for d in devs}
-        c1, c2, c3 = st.columns([3, 1, 1], vertical_alignment="bottom")
+        c1, c2, c4, c3 = st.columns([3, 1, 1, 1], vertical_alignment="bottom")
         did = c1.selectbox("Manage device", list(by_id), key="manage_device",
                            format_func=lambda i: f"#{i} {by_id[i]['name']} ({by_id[i]['channel_count']} ch)")
         confirm = st.session_state.get("device_confirm")
+        if err := st.session_state.pop("device_reset_error", None):
+            st.error(err)
         if c2.button("Rotate key…", key="rotate_ask", width="stretch"):
             st.session_state["device_confirm"] = ("rotate", did)
+            st.rerun()
+        if c4.button("Reset boot counter…", key="reset_boot_ask", width="stretch",
+                     help="After re-flashing the device (its boot counter starts again at 0)"):
+            st.session_state["device_confirm"] = ("reset", did)
             st.rerun()
         if c3.button("Delete device…", key="delete_device_ask", width="stretch"):
             st.session_state["device_confirm"] = ("delete", did)
@@ -203,6 +209,10 @@ def devices(user: dict) -> None:
             if action == "rotate":
                 st.warning(f"Rotate the key of device #{target}? The armband stops being accepted until you flash "
                            "the new key.")
+            elif action == "reset":
+                st.warning(f"Reset the boot counter of device #{target}? Do this after re-flashing it: its next boot "
+                           "is accepted even though its counter started again (its packets are rejected as "
+                           "'old_boot' until then).")
             else:
                 st.warning(f"Delete device #{target} and all its samples? Sessions recorded with it lose their "
                            "signals. This cannot be undone.")
@@ -213,6 +223,13 @@ def devices(user: dict) -> None:
                     dev = data.rotate_device_key(target)
                     st.session_state[KEY_ONCE_STATE] = (user["id"], target, data.arduino_secrets_snippet(dev),
                                                     f"New key for device #{target}.")
+                elif action == "reset":
+                    try:
+                        data.reset_device_boot(target)
+                    except data.RepoError as e:
+                        st.session_state["device_reset_error"] = f"Not reset: {e}"
+                    else:
+                        st.toast(f"Device #{target}: its next boot is accepted (within a few seconds)")
                 else:
                     data.delete_device(target)
                     st.toast(f"Deleted device #{target}")

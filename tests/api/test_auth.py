@@ -90,6 +90,7 @@ def test_user_key_cannot_touch_other_users_resources_by_id(api, keys, make_user)
         ("DELETE", f"/gestures/{g['id']}", None),
         ("GET", f"/devices/{d['id']}", None),
         ("POST", f"/devices/{d['id']}/rotate-key", None),
+        ("POST", f"/devices/{d['id']}/reset-boot", None),
         ("DELETE", f"/devices/{d['id']}", None),
         ("GET", f"/sessions/{s['id']}", None),
         ("POST", f"/sessions/{s['id']}/start", None),

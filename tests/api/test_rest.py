@@ -18,7 +18,8 @@ def test_openapi_documents_every_resource(api):
     paths = api.get("/openapi.json").json()["paths"]
     for p in ["/health", "/predict", "/models", "/models/{user_id}", "/users", "/users/{user_id}",
               "/users/{user_id}/gestures", "/gestures/{gesture_id}", "/gesture-library", "/users/{user_id}/devices",
-              "/devices/{device_id}", "/devices/{device_id}/rotate-key", "/sessions/plan", "/users/{user_id}/sessions",
+              "/devices/{device_id}", "/devices/{device_id}/rotate-key", "/devices/{device_id}/reset-boot",
+              "/sessions/plan", "/users/{user_id}/sessions",
               "/sessions/{session_id}", "/sessions/{session_id}/start", "/sessions/{session_id}/end",
               "/intervals/{interval_id}/mark", "/intervals/{interval_id}/discard", "/sessions/{session_id}/intervals", "/users/{user_id}/jobs", "/jobs",
               "/jobs/{job_id}", "/jobs/{job_id}/logs", "/jobs/{job_id}/cancel", "/users/{user_id}/predictions",
@@ -109,6 +110,13 @@ def test_devices(api, keys, make_user):
                                                          "protocol": "legacy"}, headers=keys.admin)
         assert legacy.status_code == 201 and legacy.json()["secret_key_hex"] is None
         assert api.post(f"/devices/{legacy.json()['id']}/rotate-key", headers=keys.admin).status_code == 422
+        # after re-flashing a device (its boot counter starts again): its owner resets the server's expectation
+        mine, other = keys("user", uid), keys("user", make_user()["id"])
+        r = api.post(f"/devices/{dev['id']}/reset-boot", headers=mine)
+        assert r.status_code == 200 and r.json()["id"] == dev["id"], r.text
+        assert api.post(f"/devices/{dev['id']}/reset-boot", headers=other).status_code == 403
+        assert api.post(f"/devices/{legacy.json()['id']}/reset-boot", headers=mine).status_code == 422
+        assert api.post("/devices/424242/reset-boot", headers=keys.admin).status_code == 404
         assert api.post(f"/users/{uid}/devices", json={"channel_count": 4, "sample_rate_hz": 500,
                                                        "protocol": "legacy"}, headers=keys.admin).status_code == 409
         for bad in ({"channel_count": 0, "sample_rate_hz": 200}, {"channel_count": 17, "sample_rate_hz": 200},

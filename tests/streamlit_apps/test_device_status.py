@@ -4,6 +4,7 @@ with the cause and remedy, on the device owner's page only."""
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,7 @@ def test_rejected_packets_are_explained_on_the_owners_page_only(page, clean_db, 
         sender.send([_pkt(b_dev, b_key, boot=1, seq0=5, channels=3)])
         srv.wait_for(lambda m: m["rejected"] == {"bad_tag": 1, "old_boot": 2, "channel_mismatch": 1},
                      what="rejections counted")
+        # (Bob's page below shows only his counters, whatever Ann's board sends meanwhile)
 
         at = page("gestures", user_id=ann["id"])
         at.run()
@@ -63,6 +65,20 @@ def test_rejected_packets_are_explained_on_the_owners_page_only(page, clean_db, 
         assert "5 samples stored, 0 lost" in mine
         # nothing of Bob's device on Ann's page
         assert f"#{b_dev['id']}" not in shown and "channel_mismatch" not in shown
+
+        # Ann re-flashed the board: she resets its boot counter, and the running server takes its boot 1
+        at.button(key="reset_boot_ask").click()
+        at.run()
+        at.button(key="device_confirm_yes").click()
+        at.run()
+        assert_clean(at)
+        assert any(f"Device #{a_dev['id']}: its next boot is accepted" in t.value for t in at.toast)
+        deadline = time.monotonic() + 20  # the server reloads its device list every 2 s
+        while srv.metrics()["samples"]["stored"] < 15 and time.monotonic() < deadline:
+            sender.send([_pkt(a_dev, a_key, boot=1, seq0=10)])
+            time.sleep(0.3)
+        m = srv.wait_for(lambda m: m["samples"]["stored"] == 15, what="the re-flashed board's boot 1 stored")
+        assert m["devices"][str(a_dev["id"])]["boot"] == 1
 
         at = page("gestures", user_id=bob["id"])
         at.run()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
+import pytest
 from udphelpers import add_device, add_user, stored_seqs
 
 from udpserver import protocol
@@ -115,3 +118,48 @@ def test_a_packet_longer_than_a_message_is_split(clean_db, udp_server, sender, c
     assert [v for m in msgs for v in m.values] == vals.tolist()
     assert [t for m in msgs for t in m.device_millis] == [1000.0 + s for s in range(n)]
     assert srv.stop() == 0
+
+
+def test_a_reflashed_device_is_accepted_again_after_its_boot_counter_is_reset(clean_db, udp_server, sender):
+    """Re-flashing the sketch restarts its boot counter (in NVS): the server rejected every packet as old_boot
+    and the only remedy was to register a new device. Resetting the device's boot counter makes the running
+    server accept its next boot, stored after (never on top of) what it had sent before."""
+    from semg import repo
+
+    key = b"r" * 32
+    with clean_db.cursor() as cur:
+        dev = add_device(cur, add_user(cur), "binary", channels=4, key=key)
+    srv = udp_server()
+    sender.send(_binary_packets(dev, key, 4, 10, boot=5))
+    srv.wait_for(lambda m: m["samples"]["stored"] == 100, what="the first boot stored")
+    reflashed = _binary_packets(dev, key, 4, 20, boot=1)
+    sender.send(reflashed[:10])
+    m = srv.wait_for(lambda m: m["rejected"].get("old_boot") == 10, what="the re-flashed device rejected")
+    assert m["devices"][str(dev)]["rejected_boot"] == 1 and m["devices"][str(dev)]["boot"] == 5
+
+    repo.reset_device_boot(clean_db, dev)
+    deadline = time.monotonic() + 20  # the running server reloads its device list every 2 s
+    while srv.metrics()["samples"]["stored"] < 110 and time.monotonic() < deadline:
+        sender.send(reflashed[:1])
+        time.sleep(0.3)
+    sender.send(reflashed[1:10])
+    m = srv.wait_for(lambda m: m["samples"]["stored"] == 200, what="the re-flashed boot stored")
+    assert m["devices"][str(dev)]["boot"] == 1 and m["devices"][str(dev)]["last_seq"] == 99
+    stored = stored_seqs(clean_db, dev)
+    assert stored[:100] == [(5, s) for s in range(100)]
+    new_boot = stored[100][0]
+    assert new_boot > 5 and stored[100:] == [(new_boot, s) for s in range(100)]
+
+    # a restarted server resumes the re-flashed device's stream where it stood, replays are still refused
+    srv.stop()
+    srv = udp_server()
+    sender.send(reflashed)
+    srv.wait_for(lambda m: m["samples"]["stored"] == 100 and m["rejected"].get("replay") == 10,
+                 what="the rest stored, the repeats refused")
+    assert stored_seqs(clean_db, dev)[100:] == [(new_boot, s) for s in range(200)]
+    # resetting again with nothing new stored changes nothing: the same boot keeps being accepted
+    assert repo.reset_device_boot(clean_db, dev)["id"] == dev
+    with pytest.raises(repo.Invalid):
+        with clean_db.cursor() as cur:
+            legacy = add_device(cur, add_user(cur), "legacy", channels=2)
+        repo.reset_device_boot(clean_db, legacy)

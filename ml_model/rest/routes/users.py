@@ -171,6 +171,14 @@ def rotate_device_key(device_id: PathId, caller: Caller, conn: Conn) -> dict:
     return repo.rotate_device_key(conn, device_id)
 
 
+@router.post("/devices/{device_id}/reset-boot", response_model=Device, tags=["devices"])
+def reset_device_boot(device_id: PathId, caller: Caller, conn: Conn) -> dict:
+    """After re-flashing a binary device (which restarts its boot counter), accept its next boot: without this
+    its packets are rejected as `old_boot`. The UDP server applies it within a few seconds."""
+    caller.check_user(queries.device_owner(conn, device_id))
+    return repo.reset_device_boot(conn, device_id)
+
+
 @router.delete("/devices/{device_id}", status_code=204, tags=["devices"])
 def delete_device(device_id: PathId, caller: Caller, conn: Conn) -> Response:
     """Delete the device and its stored samples."""
