@@ -335,13 +335,19 @@ def rotate_device_key(conn, device_id: int) -> dict:
 
 def reset_device_boot(conn, device_id: int) -> dict:
     """After a re-flash restarted the device's boot counter (kept in its NVS): its next boot is taken as newer
-    than everything received. The UDP server picks this up at its next device-list refresh (every 2 s)."""
+    than everything received. The UDP server picks this up at its next device-list refresh (every 2 s).
+
+    The device gets a new key at the same time (returned once, to flash with the sketch): with the old one, any
+    packet ever sent by the device would now pass as a newer boot, so a packet captured off the network could
+    be replayed, and would lock the real device out as 'old_boot' again."""
+    key = _secrets.token_bytes(32)
     with _tx(conn) as cur:
         cur.execute(
             f"""UPDATE devices d SET boot_offset = greatest(d.boot_offset, coalesce(
-                    (SELECT max(boot) + 1 FROM sample_blocks s WHERE s.device_id = d.id), 0))
+                    (SELECT max(boot) + 1 FROM sample_blocks s WHERE s.device_id = d.id), 0)),
+                    secret_key = %s, key_rotated_at = now()
                 WHERE id = %s AND protocol = 'binary' RETURNING {_DEVICE_COLS}""",
-            (device_id,),
+            (psycopg2.Binary(key), device_id),
         )
         row = cur.fetchone()
         if row is None:
@@ -349,7 +355,9 @@ def reset_device_boot(conn, device_id: int) -> dict:
             if cur.fetchone() is None:
                 raise NotFound(f"device {device_id} not found")
             raise Invalid("legacy devices have no boot counter (the server numbers their boots itself)")
-        return dict(row)
+    dev = dict(row)
+    dev["secret_key_hex"] = key.hex()
+    return dev
 
 
 def list_devices(conn, user_id: int | None = None) -> list[dict]:

@@ -18,7 +18,8 @@ REJECT_HINTS: dict[str, str] = {
                     "the new ones",
     Reject.OLD_BOOT: "the device's boot counter went back (flash erased or board replaced), so its packets look "
                      "older than what was already received: after re-flashing it, reset its boot counter ('Reset boot "
-                     "counter' on Gesture Management, or POST /devices/{id}/reset-boot); a few right after a "
+                     "counter' on Gesture Management, or POST /devices/{id}/reset-boot) and flash the new key it "
+                     "gives; a few right after a "
                      "restart are late packets and harmless",
     Reject.CHANNEL_MISMATCH: "the device sends a different number of channels than registered: list exactly the "
                              "registered number of pins in ANALOG_PINS in the sketch, or register a new device "

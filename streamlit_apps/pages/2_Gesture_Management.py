@@ -210,9 +210,10 @@ def devices(user: dict) -> None:
                 st.warning(f"Rotate the key of device #{target}? The armband stops being accepted until you flash "
                            "the new key.")
             elif action == "reset":
-                st.warning(f"Reset the boot counter of device #{target}? Do this after re-flashing it: its next boot "
+                st.warning(f"Reset the boot counter of device #{target}? Do this when re-flashing it: its next boot "
                            "is accepted even though its counter started again (its packets are rejected as "
-                           "'old_boot' until then).")
+                           "'old_boot' until then). It also gets a new key, to flash with the sketch: with the old "
+                           "one, a packet captured before could be replayed as a newer boot.")
             else:
                 st.warning(f"Delete device #{target} and all its samples? Sessions recorded with it lose their "
                            "signals. This cannot be undone.")
@@ -225,11 +226,13 @@ def devices(user: dict) -> None:
                                                     f"New key for device #{target}.")
                 elif action == "reset":
                     try:
-                        data.reset_device_boot(target)
+                        dev = data.reset_device_boot(target)
                     except data.RepoError as e:
                         st.session_state["device_reset_error"] = f"Not reset: {e}"
                     else:
-                        st.toast(f"Device #{target}: its next boot is accepted (within a few seconds)")
+                        st.session_state[KEY_ONCE_STATE] = (
+                            user["id"], target, data.arduino_secrets_snippet(dev),
+                            f"Boot counter of device #{target} reset: its next boot with this new key is accepted.")
                 else:
                     data.delete_device(target)
                     st.toast(f"Deleted device #{target}")

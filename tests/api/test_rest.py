@@ -114,6 +114,7 @@ def test_devices(api, keys, make_user):
         mine, other = keys("user", uid), keys("user", make_user()["id"])
         r = api.post(f"/devices/{dev['id']}/reset-boot", headers=mine)
         assert r.status_code == 200 and r.json()["id"] == dev["id"], r.text
+        assert len(r.json()["secret_key_hex"]) == 64 and r.json()["secret_key_hex"] != dev["secret_key_hex"]
         assert api.post(f"/devices/{dev['id']}/reset-boot", headers=other).status_code == 403
         assert api.post(f"/devices/{legacy.json()['id']}/reset-boot", headers=mine).status_code == 422
         assert api.post("/devices/424242/reset-boot", headers=keys.admin).status_code == 404

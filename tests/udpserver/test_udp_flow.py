@@ -123,7 +123,8 @@ def test_a_packet_longer_than_a_message_is_split(clean_db, udp_server, sender, c
 def test_a_reflashed_device_is_accepted_again_after_its_boot_counter_is_reset(clean_db, udp_server, sender):
     """Re-flashing the sketch restarts its boot counter (in NVS): the server rejected every packet as old_boot
     and the only remedy was to register a new device. Resetting the device's boot counter makes the running
-    server accept its next boot, stored after (never on top of) what it had sent before."""
+    server accept its next boot, stored after (never on top of) what it had sent before. The reset gives the
+    device a new key: with the old one, a packet captured before the reset would pass as a newer boot."""
     from semg import repo
 
     key = b"r" * 32
@@ -137,13 +138,20 @@ def test_a_reflashed_device_is_accepted_again_after_its_boot_counter_is_reset(cl
     m = srv.wait_for(lambda m: m["rejected"].get("old_boot") == 10, what="the re-flashed device rejected")
     assert m["devices"][str(dev)]["rejected_boot"] == 1 and m["devices"][str(dev)]["boot"] == 5
 
-    repo.reset_device_boot(clean_db, dev)
+    new_key = bytes.fromhex(repo.reset_device_boot(clean_db, dev)["secret_key_hex"])
+    assert new_key != key
+    reflashed = _binary_packets(dev, new_key, 4, 20, boot=1)
     deadline = time.monotonic() + 20  # the running server reloads its device list every 2 s
     while srv.metrics()["samples"]["stored"] < 110 and time.monotonic() < deadline:
         sender.send(reflashed[:1])
         time.sleep(0.3)
     sender.send(reflashed[1:10])
     m = srv.wait_for(lambda m: m["samples"]["stored"] == 200, what="the re-flashed boot stored")
+    # a packet captured before the reset, replayed: under the old key it would be taken as a newer boot
+    refused = m["rejected"].get("bad_tag", 0)  # (new-key packets sent before the server reloaded its keys)
+    sender.send([_binary_packets(dev, key, 4, 20, boot=5)[15]])
+    m = srv.wait_for(lambda m: m["rejected"].get("bad_tag", 0) == refused + 1, what="the captured packet refused")
+    assert m["samples"]["stored"] == 200
     assert m["devices"][str(dev)]["boot"] == 1 and m["devices"][str(dev)]["last_seq"] == 99
     stored = stored_seqs(clean_db, dev)
     assert stored[:100] == [(5, s) for s in range(100)]
@@ -157,8 +165,7 @@ def test_a_reflashed_device_is_accepted_again_after_its_boot_counter_is_reset(cl
     srv.wait_for(lambda m: m["samples"]["stored"] == 100 and m["rejected"].get("replay") == 10,
                  what="the rest stored, the repeats refused")
     assert stored_seqs(clean_db, dev)[100:] == [(new_boot, s) for s in range(200)]
-    # resetting again with nothing new stored changes nothing: the same boot keeps being accepted
-    assert repo.reset_device_boot(clean_db, dev)["id"] == dev
+    assert repo.reset_device_boot(clean_db, dev)["secret_key_hex"] != new_key.hex()
     with pytest.raises(repo.Invalid):
         with clean_db.cursor() as cur:
             legacy = add_device(cur, add_user(cur), "legacy", channels=2)

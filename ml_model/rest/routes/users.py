@@ -171,10 +171,12 @@ def rotate_device_key(device_id: PathId, caller: Caller, conn: Conn) -> dict:
     return repo.rotate_device_key(conn, device_id)
 
 
-@router.post("/devices/{device_id}/reset-boot", response_model=Device, tags=["devices"])
+@router.post("/devices/{device_id}/reset-boot", response_model=DeviceWithKey, tags=["devices"])
 def reset_device_boot(device_id: PathId, caller: Caller, conn: Conn) -> dict:
     """After re-flashing a binary device (which restarts its boot counter), accept its next boot: without this
-    its packets are rejected as `old_boot`. The UDP server applies it within a few seconds."""
+    its packets are rejected as `old_boot`. The device gets a new key too (returned once; flash it), since
+    with the old key any packet captured before would pass as a newer boot. The UDP server applies both
+    within a few seconds."""
     caller.check_user(queries.device_owner(conn, device_id))
     return repo.reset_device_boot(conn, device_id)
 
