@@ -10,19 +10,20 @@ import views
 ui.page_setup("Kickoff training", ":material/rocket_launch:")
 st.title(":material/rocket_launch: Kickoff Training")
 
-EDITOR_VERSION = "kickoff_editor_version"
-DEFAULT_SELECTION = "kickoff_default_selection"
 
-
-def quality_table(sessions: list[dict]) -> list[int]:
-    """Editable table of completed sessions with a 'train' tick box; returns the ticked session ids."""
-    default = st.session_state.get(DEFAULT_SELECTION, True)
+def quality_table(user_id: int, sessions: list[dict]) -> list[int]:
+    """Editable table of completed sessions with a 'train' tick box; returns the ticked session ids. The ticks
+    are the user's own (keyed by user id, never another user's) and kept while other users are looked at."""
+    editor_version, default_selection = f"kickoff_editor_version_{user_id}", f"kickoff_default_selection_{user_id}"
+    ticks_key = f"kickoff_ticks_{user_id}"  # session id -> ticked, as last left in this user's editor
+    default = st.session_state.get(default_selection, True)
+    ticks = st.session_state.get(ticks_key, {})
     rows = []
     for s in sessions:
         q = s["quality"]
         plan = s.get("plan") or {}
         rows.append({
-            "train": default and q["samples"] > 0,
+            "train": ticks.get(s["id"], default) and q["samples"] > 0,
             "session": s["id"],
             "name": s["name"],
             "recorded": ui.fmt_time(s["started_at"]),
@@ -36,16 +37,18 @@ def quality_table(sessions: list[dict]) -> list[int]:
         })
     c1, c2, _ = st.columns([1, 1, 6])
     if c1.button("Select all", key="select_all"):
-        st.session_state[DEFAULT_SELECTION] = True
-        st.session_state[EDITOR_VERSION] = st.session_state.get(EDITOR_VERSION, 0) + 1
+        st.session_state[default_selection] = True
+        st.session_state.pop(ticks_key, None)
+        st.session_state[editor_version] = st.session_state.get(editor_version, 0) + 1
         st.rerun()
     if c2.button("Select none", key="select_none"):
-        st.session_state[DEFAULT_SELECTION] = False
-        st.session_state[EDITOR_VERSION] = st.session_state.get(EDITOR_VERSION, 0) + 1
+        st.session_state[default_selection] = False
+        st.session_state.pop(ticks_key, None)
+        st.session_state[editor_version] = st.session_state.get(editor_version, 0) + 1
         st.rerun()
     edited = st.data_editor(
         pd.DataFrame(rows), hide_index=True, width="stretch",
-        key=f"sessions_editor_{st.session_state.get(EDITOR_VERSION, 0)}",
+        key=f"sessions_editor_{user_id}_{st.session_state.get(editor_version, 0)}",
         disabled=[c for c in rows[0] if c != "train"],
         column_config={
             "train": st.column_config.CheckboxColumn("train", help="Use this session for training"),
@@ -62,6 +65,7 @@ def quality_table(sessions: list[dict]) -> list[int]:
                        "trained on.")
         elif r["loss %"] is not None and r["loss %"] > 5:
             st.warning(f"Session #{r['session']} lost {r['loss %']:.1f}% of its samples: check the Wi-Fi signal.")
+    st.session_state[ticks_key] = {int(i): bool(t) for i, t in zip(edited["session"], edited["train"], strict=True)}
     return [int(x) for x in edited.loc[edited["train"], "session"]]
 
 
@@ -143,7 +147,7 @@ def page() -> None:
         st.info("No completed recording yet: record one on **Training Data Capture** first.")
         return
     st.subheader("Recorded sessions")
-    selected = quality_table(sessions)
+    selected = quality_table(user["id"], sessions)
     st.divider()
     options_and_schedule(user, selected)
     st.divider()

@@ -578,3 +578,37 @@ def test_a_user_deleted_in_another_window_gets_nothing_done_as_someone_else(page
     at.run()
     assert_clean(at)
     assert len(repo.list_jobs(conn, other["id"])) == jobs, "a training job was scheduled for another user"
+
+
+def _two_users_with_one_session(conn, rates=(1000.0, 1000.0), channels=(8, 8)) -> list[dict]:
+    users = []
+    for (name, email), rate, ch in zip((("Ann", "ann@example.org"), ("Bob", "bob@example.org")), rates, channels,
+                                       strict=True):
+        u = ui_seed.seed_user(conn, name, email, channels=ch, rate=rate)
+        start = datetime.now(UTC) - timedelta(seconds=30)
+        ui_seed.seed_samples(conn, u["user"]["id"], u["device"]["id"], start, 20_000, channels=ch, rate=rate)
+        s = ui_seed.seed_session(conn, u["user"]["id"], u["device"]["id"], start + timedelta(seconds=1),
+                                 repetitions=1)
+        users.append({**u, "session": s})
+    return users
+
+
+def test_kickoff_tick_boxes_belong_to_the_user_they_were_ticked_for(page, clean_db):
+    """The session tick boxes were keyed by position only: untick Ann's session, switch to Bob (also one
+    session) and Bob's box showed unticked too, so his 'Train on' counted none of his sessions."""
+    ann, bob = _two_users_with_one_session(clean_db)
+    at = page("kickoff", user_id=ann["user"]["id"])
+    at.run()
+    editor = at.data_editor[0].key
+    at.session_state[editor] = {"edited_rows": {0: {"train": False}}, "added_rows": [], "deleted_rows": []}
+    at.run()
+    assert_clean(at)
+    assert button(at, "Train on 0").disabled  # Ann's choice: none of her sessions
+    at.selectbox(key="semg_user_pick").set_value(bob["user"]["id"])
+    at.run()
+    assert_clean(at)
+    assert at.selectbox(key="semg_user_pick").value == bob["user"]["id"]
+    assert not button(at, "Train on 1").disabled, [b.label for b in at.button]  # Bob's own default: all ticked
+    at.selectbox(key="semg_user_pick").set_value(ann["user"]["id"])
+    at.run()
+    assert button(at, "Train on 0").disabled  # and Ann's choice is still hers
