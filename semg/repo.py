@@ -598,6 +598,46 @@ def _check_job_params(params: dict) -> dict:
     return params
 
 
+def _check_training_sessions(cur, user_id: int, ids: list[int]) -> None:
+    """The sessions exist, are the user's, completed, and of one sensor setup (a job over mixed sample rates or
+    channel counts would only fail in the training worker)."""
+    cur.execute("""SELECT s.id, s.user_id, s.status, d.channel_count, d.sample_rate_hz
+                   FROM capture_sessions s LEFT JOIN devices d ON d.id = s.device_id
+                   WHERE s.id = ANY(%s) ORDER BY s.id""", (ids,))
+    found = {r["id"]: r for r in cur.fetchall()}
+    for sid in ids:
+        if sid not in found:
+            raise NotFound(f"session {sid} not found")
+        if found[sid]["user_id"] != user_id:
+            raise Invalid(f"session {sid} belongs to another user")
+        if found[sid]["status"] != "completed":
+            raise Invalid(f"session {sid} is {found[sid]['status']}; only completed sessions can be trained on")
+    with_device = [r for r in found.values() if r["channel_count"] is not None]
+    mismatches = []
+    if len({float(r["sample_rate_hz"]) for r in with_device}) > 1:
+        mismatches.append("different sample rates (" + ", ".join(
+            f"session {r['id']}: {float(r['sample_rate_hz']):g} Hz" for r in with_device) + ")")
+    if len({r["channel_count"] for r in with_device}) > 1:
+        mismatches.append("different channel counts (" + ", ".join(
+            f"session {r['id']}: {r['channel_count']} channels" for r in with_device) + ")")
+    if mismatches:
+        raise Invalid(f"the chosen sessions were recorded with {' and '.join(mismatches)}; a training job needs "
+                      "sessions of one sensor setup")
+
+
+def training_sessions_problem(conn, user_id: int, session_ids: Sequence[int]) -> str | None:
+    """Why schedule_job would refuse these sessions (None when it would not): lets a form say so before a click."""
+    ids = sorted({int(s) for s in session_ids})
+    if not ids:
+        return None
+    try:
+        with _tx(conn) as cur:
+            _check_training_sessions(cur, user_id, ids)
+    except RepoError as e:
+        return str(e)
+    return None
+
+
 def schedule_job(conn, user_id: int, session_ids: Sequence[int], params: dict | None = None) -> dict:
     """Queue a training job on completed sessions of the user; a training worker picks it up."""
     ids = sorted({int(s) for s in session_ids})
@@ -607,15 +647,7 @@ def schedule_job(conn, user_id: int, session_ids: Sequence[int], params: dict | 
     with _tx(conn) as cur:
         cur.execute("SELECT 1 FROM users WHERE id = %s", (user_id,))
         _one(cur, "user", user_id)
-        cur.execute("SELECT id, user_id, status FROM capture_sessions WHERE id = ANY(%s)", (ids,))
-        found = {r["id"]: r for r in cur.fetchall()}
-        for sid in ids:
-            if sid not in found:
-                raise NotFound(f"session {sid} not found")
-            if found[sid]["user_id"] != user_id:
-                raise Invalid(f"session {sid} belongs to another user")
-            if found[sid]["status"] != "completed":
-                raise Invalid(f"session {sid} is {found[sid]['status']}; only completed sessions can be trained on")
+        _check_training_sessions(cur, user_id, ids)
         cur.execute("INSERT INTO training_jobs (user_id, params) VALUES (%s, %s) RETURNING id",
                     (user_id, Json(params)))
         job_id = cur.fetchone()["id"]

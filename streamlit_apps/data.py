@@ -392,6 +392,11 @@ def schedule_job(user_id: int, session_ids: Sequence[int], params: dict) -> dict
     return _repo(repo.schedule_job, user_id, session_ids, params)
 
 
+def training_sessions_problem(user_id: int, session_ids: Sequence[int]) -> str | None:
+    """Why scheduling a job on these sessions would be refused (e.g. mixed sample rates), or None."""
+    return _repo(repo.training_sessions_problem, user_id, session_ids)
+
+
 def cancel_job(job_id: int) -> dict:
     return _repo(repo.cancel_job, job_id)
 

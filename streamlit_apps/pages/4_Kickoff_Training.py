@@ -87,9 +87,7 @@ def compatible_bases(selected: list[int]) -> list[dict]:
     if not bases or not selected:
         return []
     rates = data.session_sample_rates(selected)
-    if len(rates) != 1:
-        st.warning("The chosen sessions were recorded at different sample rates ("
-                   + ", ".join(f"{r:g} Hz" for r in rates) + "); a training job needs sessions of one sensor setup.")
+    if len(rates) != 1:  # options_and_schedule says why these sessions cannot be trained on together
         return []
     fitting = [b for b in bases if data.base_fits_rate(b, rates[0])]
     others = [b for b in bases if b not in fitting]
@@ -126,9 +124,13 @@ def options_and_schedule(user: dict, selected: list[int]) -> None:
             params["step_ms"] = int(a2.number_input("Step (ms)", 10, 1000, 50, step=10, key="kick_step"))
     if base is not None:
         params["base_artifact_id"] = int(base)
-    if st.button(f"Train on {len(selected)} session(s)", type="primary", disabled=not selected,
+    problem = data.training_sessions_problem(user["id"], selected)
+    if problem:
+        st.error(f"Cannot train on these sessions: {problem}. Tick only sessions recorded with one device setup.",
+                 icon=":material/block:")
+    if st.button(f"Train on {len(selected)} session(s)", type="primary", disabled=not selected or bool(problem),
                  key="kick_schedule", icon=":material/rocket_launch:"):
-        job = data.schedule_job(user["id"], selected, params)
+        job = data.schedule_job(user["id"], selected, params)  # refuses the same (guard() shows why)
         st.session_state["kick_flash"] = job["id"]
         st.rerun()
     if not selected:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import psycopg2.extras
+import pytest
 
 from ml_model import artifacts, jobs
 from semg import repo
@@ -135,11 +136,17 @@ def test_failing_jobs_show_their_cause_and_change_nothing_else(clean_db, user_de
     assert jobs.run_job(job2["id"]) == "failed"
     assert repo.get_job(clean_db, job2["id"])["error"]
     assert repo.latest_model(clean_db, u["id"]) is None
-    # a device with another channel count in the same job
-    d8 = repo.register_device(clean_db, u["id"], 8, RATE)
+    # a device with another channel count in the same job: refused when scheduled, and failed by the worker
+    # should the device change after scheduling
+    d8 = repo.register_device(clean_db, u["id"], CHANNELS, RATE)
     s8 = repo.create_session(clean_db, u["id"], d8["id"], ["fist"], 1, 1, 1)
     repo.end_session(clean_db, s8["id"])
     job3 = repo.schedule_job(clean_db, u["id"], [one["id"], s8["id"]])
+    with clean_db.cursor() as cur:
+        cur.execute("UPDATE devices SET channel_count = 8 WHERE id = %s", (d8["id"],))
+    clean_db.commit()
+    with pytest.raises(repo.Invalid, match="different channel counts"):
+        repo.schedule_job(clean_db, u["id"], [one["id"], s8["id"]])
     assert jobs.run_job(job3["id"]) == "failed"
     assert "inconsistent channel counts" in repo.get_job(clean_db, job3["id"])["error"]
 

@@ -117,3 +117,30 @@ def test_videos_are_registered_with_safe_relative_paths(clean_db, user):
     other = repo.create_user(clean_db, "Bob", "bob@example.org")
     with pytest.raises(repo.Invalid, match="another user"):
         repo.add_video(clean_db, other["id"], s["id"], "u2/a.webm", now)
+
+
+def _completed_session(conn, user_id: int, device_id: int) -> dict:
+    s = repo.create_session(conn, user_id, device_id, ["fist"], 1, 1, 1)
+    repo.start_session(conn, s["id"])
+    repo.end_session(conn, s["id"])
+    return s
+
+
+@pytest.mark.parametrize(("second", "says"), [
+    ((8, 200), "different sample rates (session {a}: 1000 Hz, session {b}: 200 Hz)"),
+    ((4, 1000), "different channel counts (session {a}: 8 channels, session {b}: 4 channels)"),
+])
+def test_a_job_over_sessions_of_different_sensor_setups_is_refused_when_scheduled(clean_db, user, second, says):
+    """Scheduling accepted sessions of mixed sample rates or channel counts; the job then failed in the worker."""
+    repo.add_gesture(clean_db, user["id"], "fist")
+    a = _completed_session(clean_db, user["id"], repo.register_device(clean_db, user["id"], 8, 1000)["id"])
+    b = _completed_session(clean_db, user["id"], repo.register_device(clean_db, user["id"], *second)["id"])
+    jobs = len(repo.list_jobs(clean_db, user["id"]))
+    with pytest.raises(repo.Invalid) as e:
+        repo.schedule_job(clean_db, user["id"], [a["id"], b["id"]])
+    assert says.format(a=a["id"], b=b["id"]) in str(e.value)
+    assert repo.training_sessions_problem(clean_db, user["id"], [a["id"], b["id"]]) == str(e.value)
+    assert len(repo.list_jobs(clean_db, user["id"])) == jobs
+    c = _completed_session(clean_db, user["id"], repo.register_device(clean_db, user["id"], 8, 1000)["id"])
+    assert repo.training_sessions_problem(clean_db, user["id"], [a["id"], c["id"]]) is None
+    assert repo.schedule_job(clean_db, user["id"], [a["id"], c["id"]])["session_ids"] == [a["id"], c["id"]]

@@ -612,3 +612,39 @@ def test_kickoff_tick_boxes_belong_to_the_user_they_were_ticked_for(page, clean_
     at.selectbox(key="semg_user_pick").set_value(ann["user"]["id"])
     at.run()
     assert button(at, "Train on 0").disabled  # and Ann's choice is still hers
+
+
+def test_kickoff_refuses_sessions_of_different_sample_rates_or_channel_counts(page, clean_db):
+    """The page warned about mixed sample rates but still scheduled the job (and said nothing of channel
+    counts); the worker then failed it. Now the mismatch is named and nothing is scheduled."""
+    ann = ui_seed.seed_user(clean_db, "Ann", "ann@example.org")
+    uid = ann["user"]["id"]
+    myo = repo.register_device(clean_db, uid, 4, 200.0, name="other armband")
+    start = datetime.now(UTC) - timedelta(seconds=60)
+    ui_seed.seed_samples(clean_db, uid, ann["device"]["id"], start, 20_000)
+    first = ui_seed.seed_session(clean_db, uid, ann["device"]["id"], start + timedelta(seconds=1), repetitions=1)
+    ui_seed.seed_samples(clean_db, uid, myo["id"], start + timedelta(seconds=30), 4_000, channels=4, rate=200.0)
+    second = ui_seed.seed_session(clean_db, uid, myo["id"], start + timedelta(seconds=31), repetitions=1)
+    at = page("kickoff", user_id=uid)
+    at.run()
+    assert_clean(at)
+    shown = texts(at)
+    assert (f"different sample rates (session {first['id']}: 1000 Hz, session {second['id']}: 200 Hz)" in shown
+            and f"different channel counts (session {first['id']}: 8 channels, session {second['id']}: 4 channels)"
+            in shown), shown
+    assert button(at, "Train on 2").disabled
+    assert repo.list_jobs(clean_db, uid) == []
+
+    with clean_db.cursor() as cur:  # same setup when the page was drawn, changed before the click
+        cur.execute("UPDATE devices SET channel_count = 8, sample_rate_hz = 1000 WHERE id = %s", (myo["id"],))
+    clean_db.commit()
+    at.run()
+    assert not button(at, "Train on 2").disabled
+    with clean_db.cursor() as cur:
+        cur.execute("UPDATE devices SET sample_rate_hz = 500 WHERE id = %s", (myo["id"],))
+    clean_db.commit()
+    button(at, "Train on 2").click()  # a click on the button drawn before the change schedules nothing
+    at.run()
+    assert_clean(at)
+    assert f"session {second['id']}: 500 Hz" in texts(at)
+    assert repo.list_jobs(clean_db, uid) == []
