@@ -77,6 +77,22 @@ def _tx(conn: psycopg2.extensions.connection) -> Iterator[psycopg2.extras.RealDi
     except (psycopg2.errors.CheckViolation, psycopg2.errors.NotNullViolation,
             psycopg2.errors.InvalidTextRepresentation, psycopg2.errors.NumericValueOutOfRange) as e:
         raise Invalid(_constraint_message(e, "is not valid")) from None
+    except psycopg2.errors.UntranslatableCharacter:  # \u0000 in a JSON value
+        raise Invalid(f"text {NUL_MESSAGE}") from None
+    except ValueError as e:  # psycopg2 refuses NUL in a string parameter before sending it
+        if isinstance(e, RepoError) or "cannot contain NUL" not in str(e):
+            raise
+        raise Invalid(f"text {NUL_MESSAGE}") from None
+
+
+NUL_MESSAGE = "must not contain a NUL character (\\x00): PostgreSQL text cannot store it"
+
+
+def _no_nul(field: str, value: str | None) -> str | None:
+    """Refuse a NUL in a text field by its name (the database would fail with a message naming nothing)."""
+    if value is not None and "\x00" in value:
+        raise Invalid(f"{field} {NUL_MESSAGE}")
+    return value
 
 
 _CONSTRAINT_TEXT = {
@@ -106,7 +122,10 @@ def _one(cur, what: str, ident: Any) -> dict:
 _USER_COLS = "id, name, email, notes, created_at, updated_at"
 
 
-def _clean_user(name: str | None, email: str | None) -> tuple[str | None, str | None]:
+def _clean_user(name: str | None, email: str | None, notes: str | None = None) -> tuple[str | None, str | None]:
+    _no_nul("user name", name)
+    _no_nul("email", email)
+    _no_nul("notes", notes)
     if name is not None:
         name = name.strip()
         if not 1 <= len(name) <= 200:
@@ -119,7 +138,7 @@ def _clean_user(name: str | None, email: str | None) -> tuple[str | None, str | 
 
 
 def create_user(conn, name: str, email: str, notes: str = "") -> dict:
-    name, email = _clean_user(name, email)
+    name, email = _clean_user(name, email, notes)
     with _tx(conn) as cur:
         cur.execute(f"INSERT INTO users (name, email, notes) VALUES (%s, %s, %s) RETURNING {_USER_COLS}",
                     (name, email, notes or ""))
@@ -134,7 +153,7 @@ def get_user(conn, user_id: int) -> dict:
 
 def update_user(conn, user_id: int, name: str | None = None, email: str | None = None,
                 notes: str | None = None) -> dict:
-    name, email = _clean_user(name, email)
+    name, email = _clean_user(name, email, notes)
     with _tx(conn) as cur:
         cur.execute(
             f"""UPDATE users SET name = coalesce(%s, name), email = coalesce(%s, email),
@@ -185,6 +204,7 @@ def delete_user(conn, user_id: int, video_dir: Path | None = None) -> dict:
 def list_users(conn, search: str | None = None, limit: int = 100, offset: int = 0,
                only_user: int | None = None) -> list[dict]:
     """Users by id (matching `search` in name or email), or just `only_user` when given."""
+    _no_nul("search", search)
     pattern = f"%{search.strip()}%" if search and search.strip() else None
     with _tx(conn) as cur:
         cur.execute(
@@ -218,12 +238,12 @@ def _clean_channels(channels_used: Sequence[int] | None, channel_purposes: dict 
         if not 0 <= c < MAX_CHANNELS:
             raise Invalid(f"channel purpose for channel {c}: channels are 0 to {MAX_CHANNELS - 1}")
         if str(v).strip():
-            purposes[str(c)] = str(v).strip()[:200]
+            purposes[str(c)] = _no_nul("channel purpose", str(v).strip()[:200])
     return chans, purposes
 
 
 def _clean_gesture_name(name: str) -> str:
-    name = (name or "").strip()
+    name = _no_nul("gesture name", (name or "").strip())
     if not 1 <= len(name) <= 80:
         raise Invalid("gesture name must be 1 to 80 characters")
     if name.upper() == REST:
@@ -240,6 +260,7 @@ def list_gestures(conn, user_id: int) -> list[dict]:
 def add_gesture(conn, user_id: int, name: str, description: str = "", channels_used: Sequence[int] = (),
                 channel_purposes: dict | None = None) -> dict:
     name = _clean_gesture_name(name)
+    _no_nul("gesture description", description)
     chans, purposes = _clean_channels(channels_used, channel_purposes)
     with _tx(conn) as cur:
         cur.execute(
@@ -253,6 +274,7 @@ def add_gesture(conn, user_id: int, name: str, description: str = "", channels_u
 def update_gesture(conn, gesture_id: int, name: str | None = None, description: str | None = None,
                    channels_used: Sequence[int] | None = None, channel_purposes: dict | None = None) -> dict:
     name = _clean_gesture_name(name) if name is not None else None
+    _no_nul("gesture description", description)
     chans, purposes = _clean_channels(channels_used, channel_purposes)
     with _tx(conn) as cur:
         cur.execute("SELECT name FROM gestures WHERE id = %s FOR UPDATE", (gesture_id,))
@@ -294,6 +316,7 @@ _DEVICE_COLS = "id, user_id, name, protocol, channel_count, sample_rate_hz, key_
 def register_device(conn, user_id: int, channel_count: int, sample_rate_hz: float, protocol: str = "binary",
                     name: str = "") -> dict:
     """Register a sensor. A binary device gets a fresh 32-byte key, returned ONCE as secret_key_hex."""
+    _no_nul("device name", name)
     if protocol not in ("binary", "legacy"):
         raise Invalid("protocol must be 'binary' or 'legacy'")
     if not 1 <= int(channel_count) <= MAX_CHANNELS:
@@ -417,6 +440,7 @@ _INTERVAL_COLS = ("id, session_id, ordinal, kind, gesture_id, label, repetition,
 
 def create_session(conn, user_id: int, device_id: int | None, gestures: Sequence[str], repetitions: int,
                    hold_s: float, rest_s: float, name: str = "") -> dict:
+    _no_nul("session name", name)
     intervals = plan_intervals(gestures, repetitions, hold_s, rest_s)
     with _tx(conn) as cur:
         cur.execute("SELECT name, id FROM gestures WHERE user_id = %s", (user_id,))

@@ -137,6 +137,7 @@ def test_key_management_is_admin_only(api, keys, make_user):
     ({"role": "root"}, 422),
     ({"role": "user", "user_id": 987654}, 404),
     ({}, 422),
+    ({"role": "admin", "name": "ci\x00"}, 422),   # a NUL the database cannot store (was a 500)
 ])
 def test_bad_key_requests(api, keys, body, status):
     r = api.post("/keys", json=body, headers=keys.admin)

@@ -323,3 +323,18 @@ def test_no_endpoint_answers_500_to_garbage(api, keys, make_user, role):
                     api.request(method, concrete, json=body, headers=headers,
                                 params={"limit": ident, "after_id": ident, "since": ident, "user_id": ident})
     assert not errors
+
+
+def test_a_nul_character_in_a_name_is_a_422_naming_the_field(api, keys, make_user):
+    """A NUL in a name reached psycopg2 ('A string literal cannot contain NUL') and came back as a 500."""
+    uid = make_user()["id"]
+    mine = keys("user", uid)
+    with no_server_errors(api):
+        for path, body, field in (("/users", {"name": "A\x00", "email": "nul@example.org"}, "user name"),
+                                  (f"/users/{uid}/gestures", {"name": "fi\x00st"}, "gesture name"),
+                                  (f"/users/{uid}/devices", {"channel_count": 8, "sample_rate_hz": 200,
+                                                             "name": "d\x00"}, "device name")):
+            r = api.post(path, json=body, headers=keys.admin if path == "/users" else mine)
+            assert r.status_code == 422 and f"{field} must not contain a NUL character" in r.text, (path, r.text)
+        r = api.patch(f"/users/{uid}", json={"name": "B\x00"}, headers=mine)
+        assert r.status_code == 422 and "user name must not contain a NUL" in r.text, r.text

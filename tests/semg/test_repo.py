@@ -1,5 +1,6 @@
 """semg.repo against the real database: validation, conflicts, sessions, job queue states."""
 
+import psycopg2.extras
 import pytest
 
 from semg import repo
@@ -144,3 +145,33 @@ def test_a_job_over_sessions_of_different_sensor_setups_is_refused_when_schedule
     c = _completed_session(clean_db, user["id"], repo.register_device(clean_db, user["id"], 8, 1000)["id"])
     assert repo.training_sessions_problem(clean_db, user["id"], [a["id"], c["id"]]) is None
     assert repo.schedule_job(clean_db, user["id"], [a["id"], c["id"]])["session_ids"] == [a["id"], c["id"]]
+
+
+def test_a_nul_character_in_a_name_is_refused_naming_the_field(clean_db, user):
+    """PostgreSQL text cannot hold NUL: psycopg2 raised a bare ValueError ('A string literal cannot contain NUL')
+    that the UI showed as 'Something went wrong' and the REST API as a 500."""
+    dev = repo.register_device(clean_db, user["id"], 8, 200)
+    g = repo.add_gesture(clean_db, user["id"], "fist")
+    cases = [
+        ("user name", lambda: repo.create_user(clean_db, "A\x00b", "b@example.org")),
+        ("user name", lambda: repo.update_user(clean_db, user["id"], name="A\x00")),
+        ("email", lambda: repo.create_user(clean_db, "B", "b\x00@example.org")),
+        ("notes", lambda: repo.update_user(clean_db, user["id"], notes="x\x00")),
+        ("gesture name", lambda: repo.add_gesture(clean_db, user["id"], "pi\x00nch")),
+        ("gesture name", lambda: repo.update_gesture(clean_db, g["id"], name="fi\x00st")),
+        ("gesture description", lambda: repo.add_gesture(clean_db, user["id"], "pinch", description="\x00")),
+        ("channel purpose", lambda: repo.add_gesture(clean_db, user["id"], "pinch", channel_purposes={"0": "\x00"})),
+        ("device name", lambda: repo.register_device(clean_db, user["id"], 8, 200, name="arm\x00band")),
+        ("session name", lambda: repo.create_session(clean_db, user["id"], dev["id"], ["fist"], 1, 1, 1,
+                                                     name="s\x00")),
+        ("search", lambda: repo.list_users(clean_db, search="a\x00")),
+    ]
+    for field, call in cases:
+        with pytest.raises(repo.Invalid, match=f"^{field} must not contain a NUL character"):
+            call()
+    assert [u["name"] for u in repo.list_users(clean_db)] == ["Ann"]
+    assert [x["name"] for x in repo.list_gestures(clean_db, user["id"])] == ["fist"]
+    # any other text or JSON value: still a clear Invalid, never the driver's ValueError or a DataError
+    for value in ("a\x00", psycopg2.extras.Json({"k": "\x00"})):
+        with pytest.raises(repo.Invalid, match="^text must not contain a NUL character"), repo._tx(clean_db) as cur:
+            cur.execute("SELECT %s::text::jsonb" if isinstance(value, psycopg2.extras.Json) else "SELECT %s", (value,))

@@ -648,3 +648,17 @@ def test_kickoff_refuses_sessions_of_different_sample_rates_or_channel_counts(pa
     assert_clean(at)
     assert f"session {second['id']}: 500 Hz" in texts(at)
     assert repo.list_jobs(clean_db, uid) == []
+
+
+def test_a_nul_character_in_a_new_users_name_is_refused_naming_the_field(page, clean_db):
+    """A pasted NUL reached PostgreSQL and the page said only 'Something went wrong (ValueError: A string literal
+    cannot contain NUL (0x00) characters.)'."""
+    at = page("users")
+    at.run()
+    at.text_input(key="new_user_name").input("Grace\x00Hopper")
+    at.text_input(key="new_user_email").input("grace@example.org")
+    button(at, "Create user").click()
+    at.run()
+    assert_clean(at)
+    assert "Not created: user name must not contain a NUL character" in texts(at)
+    assert repo.list_users(clean_db) == []
