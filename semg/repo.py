@@ -205,14 +205,16 @@ def list_users(conn, search: str | None = None, limit: int = 100, offset: int = 
                only_user: int | None = None) -> list[dict]:
     """Users by id (matching `search` in name or email), or just `only_user` when given."""
     _no_nul("search", search)
-    pattern = f"%{search.strip()}%" if search and search.strip() else None
+    # the typed text matches literally: LIKE's own % and _ and its escape character (backslash) are escaped
+    literal = (search or "").strip().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    pattern = f"%{literal}%" if literal else None
     with _tx(conn) as cur:
         cur.execute(
             f"""SELECT {_USER_COLS},
                    (SELECT count(*) FROM devices d WHERE d.user_id = u.id) AS devices,
                    (SELECT count(*) FROM gestures g WHERE g.user_id = u.id) AS gestures
                 FROM users u
-                WHERE (%(p)s::text IS NULL OR name ILIKE %(p)s OR email ILIKE %(p)s)
+                WHERE (%(p)s::text IS NULL OR name ILIKE %(p)s ESCAPE '\\' OR email ILIKE %(p)s ESCAPE '\\')
                   AND (%(only)s::bigint IS NULL OR u.id = %(only)s)
                 ORDER BY id LIMIT %(limit)s OFFSET %(offset)s""",
             {"p": pattern, "only": only_user, "limit": max(1, min(int(limit), 1000)), "offset": max(0, int(offset))},

@@ -175,3 +175,21 @@ def test_a_nul_character_in_a_name_is_refused_naming_the_field(clean_db, user):
     for value in ("a\x00", psycopg2.extras.Json({"k": "\x00"})):
         with pytest.raises(repo.Invalid, match="^text must not contain a NUL character"), repo._tx(clean_db) as cur:
             cur.execute("SELECT %s::text::jsonb" if isinstance(value, psycopg2.extras.Json) else "SELECT %s", (value,))
+
+
+def test_user_search_matches_percent_and_underscore_literally(clean_db):
+    """'%' and '_' in the search box acted as LIKE wildcards: '_' found every user with a name of any letter there,
+    '%' found everyone."""
+    ids = {n: repo.create_user(clean_db, n, f"u{i}@example.org")["id"]
+           for i, n in enumerate(["a_b", "axb", "100% sure", "back\\slash"])}
+
+    def found(q):
+        return {u["name"] for u in repo.list_users(clean_db, search=q)}
+
+    assert found("a_b") == {"a_b"}
+    assert found("_") == {"a_b"}
+    assert found("%") == {"100% sure"}
+    assert found("0% s") == {"100% sure"}
+    assert found("\\") == {"back\\slash"}
+    assert found("K\\S") == {"back\\slash"}  # still case-insensitive
+    assert found("@EXAMPLE.org") == set(ids)

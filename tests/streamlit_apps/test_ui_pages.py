@@ -662,3 +662,17 @@ def test_a_nul_character_in_a_new_users_name_is_refused_naming_the_field(page, c
     assert_clean(at)
     assert "Not created: user name must not contain a NUL character" in texts(at)
     assert repo.list_users(clean_db) == []
+
+
+def test_user_search_box_matches_what_is_typed_literally(page, clean_db):
+    for i, name in enumerate(["a_b", "axb", "100% sure"]):
+        repo.create_user(clean_db, name, f"u{i}@example.org")
+    at = page("users")
+    at.run()
+    at.text_input(key="user_search").input("a_b")
+    at.run()
+    assert_clean(at)
+    assert list(at.dataframe[0].value["name"]) == ["a_b"] and "1 user(s)" in texts(at)
+    at.text_input(key="user_search").input("%")
+    at.run()
+    assert list(at.dataframe[0].value["name"]) == ["100% sure"]
