@@ -73,16 +73,21 @@ def require_login() -> None:
     if st.session_state.get(AUTH_KEY):
         return
     try:
-        s = data.settings()
-        expected = secrets.ui_password(s)
-    except (data.Unavailable, OSError) as e:
+        expected = secrets.ui_password(data.settings())
+    except data.Unavailable as e:
         st.error(f"The UI password cannot be read: {e}")
+        st.stop()
+    except OSError:  # its message names a path on the server: the log has it, not the page anyone can open
+        log.exception("the UI password cannot be read")
+        st.error("The UI password cannot be read (a file access error); the UI server's log says which file.")
         st.stop()
     st.title(":material/back_hand: sEMG gesture platform")
     with st.form("semg_login"):
         password = st.text_input("Password", type="password", key="semg_login_password")
         submitted = st.form_submit_button("Sign in", type="primary")
-    st.caption(f"The password is in `{s.secrets_dir / 'ui_password'}` (or set SEMG_UI_PASSWORD).")
+    # No server path before sign-in: the administrator knows the state directory.
+    st.caption("The password is in the file `secrets/ui_password` of the server's state directory (or set "
+               "SEMG_UI_PASSWORD).")
     if submitted:
         if expected and hmac.compare_digest(password.encode(), expected.encode()):  # never an empty password
             st.session_state[AUTH_KEY] = True

@@ -48,6 +48,32 @@ def test_login_gate_asks_for_the_ui_password(page, clean_db):
     assert "User Management" in texts(at)
 
 
+def test_the_login_page_reveals_no_server_path(page, clean_db, settings, monkeypatch, tmp_path):
+    """Anyone who could reach the UI saw where the server keeps its secrets (`<state dir>/secrets/ui_password`),
+    before signing in; and an unreadable password file showed its absolute path in the error."""
+    at = page("users", login=False)
+    at.run()
+    assert_clean(at)
+    shown = texts(at)
+    assert "SEMG_UI_PASSWORD" in shown and "ui_password" in shown  # an administrator still knows where to look
+    assert str(settings.state_dir) not in shown and str(settings.secrets_dir) not in shown, shown
+
+    from semg.config import get_settings
+    (tmp_path / "secrets" / "ui_password").mkdir(parents=True)  # cannot be read as a file
+    monkeypatch.setenv("SEMG_STATE_DIR", str(tmp_path))
+    get_settings.cache_clear()
+    try:
+        at = page("users", login=False)
+        at.run()
+        assert_clean(at)
+        shown = texts(at)
+        assert "The UI password cannot be read" in shown and str(tmp_path) not in shown, shown
+        assert not at.text_input  # no sign-in form without a password to check against
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+
+
 # ---- empty database and services down -------------------------------------------------------------------
 @pytest.mark.parametrize("name", ALL_PAGES)
 def test_every_page_renders_with_no_data(page, clean_db, name):
