@@ -35,6 +35,7 @@ from udpserver import troubleshooting
 log = logging.getLogger("semg.ui")
 
 RepoError = repo.RepoError
+NotFound = repo.NotFound
 GESTURE_LIBRARY = repo.GESTURE_LIBRARY
 REST = repo.REST
 

@@ -2,6 +2,7 @@
 frames and recorded in sync with the signals, a live signal strip proving the device streams, redo-last-
 repetition; interval times are stored as the cues happen (they are what training labels from)."""
 
+import contextlib
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -17,6 +18,7 @@ st.title(":material/videocam: Training Data Capture")
 
 SHARED = "capture_shared"
 LAST = "capture_last_result"
+GONE = "capture_run_deleted"
 if SHARED not in st.session_state:  # one per browser session: the WebRTC thread holds on to it
     st.session_state[SHARED] = capture.CaptureShared()
 shared: capture.CaptureShared = st.session_state[SHARED]
@@ -64,51 +66,91 @@ def finish(run: capture.CueRun) -> None:
     shared.run = None
 
 
+def session_deleted(session_id: int) -> bool:
+    """The session no longer exists (deleted with its user in another window); False when it cannot be told."""
+    try:
+        data.get_session(session_id)
+    except data.NotFound:
+        return True
+    except data.Unavailable:  # the database is down: the run goes on and its times wait in the journal
+        pass
+    return False
+
+
+def end_deleted_run(run: capture.CueRun) -> None:
+    """The run's session was deleted with its user elsewhere: stop the cue and the recording, and keep nothing of
+    it (the video file, the journal of interval times that have no rows to go to any more)."""
+    shared.run = None
+    path = shared.recorder.path
+    with contextlib.suppress(OSError):  # its file was usually removed with the user already
+        shared.recorder.stop()
+    if path is not None:
+        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()  # the deleted user's recording folder, when nothing else is in it
+    if run.journal is not None:
+        run.journal.clear()
+    st.session_state.pop(LAST, None)
+    st.session_state[GONE] = (f"Session #{run.session_id} was deleted (its user was deleted in another window), "
+                              "so the recording stopped and nothing of it was kept.")
+
+
 @st.fragment(run_every=0.2)
 def run_view() -> None:
     with ui.guard():
         run = shared.run
         if run is None:
             st.rerun(scope="app")
-        store = data.SessionStore(run.session_id)
         try:
-            run.advance(time.time(), store)
-        except data.Unavailable:  # the cue goes on; the times wait in memory and in the journal
-            kept = ("They are kept on the server and stored when the database is back, even if this window is "
-                    "closed." if run.journal_error is None else "")
-            st.warning(f"The database is not reachable: {run.unsaved} interval time(s) wait to be stored and the "
-                       f"session goes on. {kept}", icon=":material/power_off:")
-        if run.journal_error:
-            st.error(f"Interval times cannot be saved on the server ({run.journal_error}): keep this window open "
-                     "until the database stores them.")
-        c1, c2 = st.columns(2)
-        if c1.button("Redo last repetition", key="redo", width="stretch", icon=":material/replay:",
-                     help="Throws the last gesture repetition away and does it again after a short rest"):
-            try:
-                redone = run.redo_last(time.time(), store)
-                st.toast(f"Redoing {redone.label} (repetition {redone.repetition + 1})" if redone
-                         else "Already redoing: finish that repetition first" if run.redo_pending
-                         else "Nothing to redo yet")
-            except data.Unavailable:  # nothing changed: the redo's new intervals need the database
-                st.toast("A redo needs the database, which is not reachable: try again when it is back",
-                         icon=":material/power_off:")
-        if c2.button("Stop session", key="abort", width="stretch", icon=":material/stop:"):
-            try:
-                run.abort(time.time(), store)
-            except data.Unavailable:  # stopped all the same; the cut interval's time waits in the journal
-                pass
-        cue = run.cue(time.time())
-        color = "#d62728" if cue.kind == "gesture" and cue.state == "running" else "#555555"
-        ui.big_cue(cue.headline, cue.subline, color=color, size_rem=5.0)
-        st.progress(min(1.0, max(0.0, cue.progress)), text=f"session #{run.session_id}")
-        if run.state in ("done", "aborted"):
-            try:
-                finish(run)
-            except data.Unavailable:  # tried again on the next tick; the interval times are journalled
-                st.warning("The session has ended; it is closed (and its video registered) as soon as the "
-                           "database is reachable again.", icon=":material/power_off:")
-                return
+            tick(run)
+        except data.NotFound:
+            if not session_deleted(run.session_id):
+                raise
+            end_deleted_run(run)
             st.rerun(scope="app")
+
+
+def tick(run: capture.CueRun) -> None:
+    """One refresh of the running session: store what is due, the Redo/Stop buttons, the cue; finish at the end."""
+    store = data.SessionStore(run.session_id)
+    try:
+        run.advance(time.time(), store)
+    except data.Unavailable:  # the cue goes on; the times wait in memory and in the journal
+        kept = ("They are kept on the server and stored when the database is back, even if this window is "
+                "closed." if run.journal_error is None else "")
+        st.warning(f"The database is not reachable: {run.unsaved} interval time(s) wait to be stored and the "
+                   f"session goes on. {kept}", icon=":material/power_off:")
+    if run.journal_error:
+        st.error(f"Interval times cannot be saved on the server ({run.journal_error}): keep this window open "
+                 "until the database stores them.")
+    c1, c2 = st.columns(2)
+    if c1.button("Redo last repetition", key="redo", width="stretch", icon=":material/replay:",
+                 help="Throws the last gesture repetition away and does it again after a short rest"):
+        try:
+            redone = run.redo_last(time.time(), store)
+            st.toast(f"Redoing {redone.label} (repetition {redone.repetition + 1})" if redone
+                     else "Already redoing: finish that repetition first" if run.redo_pending
+                     else "Nothing to redo yet")
+        except data.Unavailable:  # nothing changed: the redo's new intervals need the database
+            st.toast("A redo needs the database, which is not reachable: try again when it is back",
+                     icon=":material/power_off:")
+    if c2.button("Stop session", key="abort", width="stretch", icon=":material/stop:"):
+        try:
+            run.abort(time.time(), store)
+        except data.Unavailable:  # stopped all the same; the cut interval's time waits in the journal
+            pass
+    cue = run.cue(time.time())
+    color = "#d62728" if cue.kind == "gesture" and cue.state == "running" else "#555555"
+    ui.big_cue(cue.headline, cue.subline, color=color, size_rem=5.0)
+    st.progress(min(1.0, max(0.0, cue.progress)), text=f"session #{run.session_id}")
+    if run.state in ("done", "aborted"):
+        try:
+            finish(run)
+        except data.Unavailable:  # tried again on the next tick; the interval times are journalled
+            st.warning("The session has ended; it is closed (and its video registered) as soon as the "
+                       "database is reachable again.", icon=":material/power_off:")
+            return
+        st.rerun(scope="app")
 
 
 def setup_view(user: dict, devices: list[dict], gestures: list[dict]) -> dict:
@@ -236,6 +278,10 @@ def running_page(user: dict) -> None:
 
 
 def page() -> None:
+    if shared.run is not None and session_deleted(shared.run.session_id):
+        end_deleted_run(shared.run)
+    if gone := st.session_state.pop(GONE, None):
+        st.warning(gone, icon=":material/person_off:")
     user = ui.pick_user()
     if not user:
         return

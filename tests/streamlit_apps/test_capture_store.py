@@ -17,6 +17,7 @@ import capture
 import data
 import pytest
 import ui_seed
+from ui_checks import texts
 
 from semg import repo
 from semg.config import get_settings
@@ -512,3 +513,88 @@ def test_a_video_whose_registration_failed_is_registered_after_its_window_closed
     went_quiet(journal)
     assert data.replay_interval_journals()["files"] == 1
     assert len(repo.list_videos(conn, seeded["user"]["id"], run.session_id)) == 1
+
+
+@pytest.mark.parametrize("webcam_on_before", [True, False])
+def test_a_capture_whose_user_is_deleted_in_another_window_ends_cleanly(page, seeded, settings, webcam_on_before):
+    """The capture window of a user deleted elsewhere kept its run and its recorder (writing to a deleted file,
+    or creating a new video of the deleted user when the webcam came on later) and, once another user was
+    picked, showed only 'session N not found' on every load."""
+    import av
+    import numpy as np
+    conn, uid = seeded["conn"], seeded["user"]["id"]
+    bob = ui_seed.seed_user(conn, name="Bob", email="bob@example.org")["user"]
+    at, run = start_on_page(page, uid)
+    shared = at.session_state["capture_shared"]
+
+    def frames(n=3):
+        for i in range(n):
+            shared.frame_callback(av.VideoFrame.from_ndarray(np.full((240, 320, 3), i * 8, np.uint8),
+                                                             format="rgb24"))
+
+    if webcam_on_before:
+        frames()
+    folder = settings.video_dir / repo.user_video_folder(uid)
+    users = page("users", user_id=uid)  # another window deletes the user
+    users.run()
+    users.button(key="ask_delete").click()
+    users.run()
+    users.button(key="confirm_delete").click()
+    users.run()
+    assert not users.exception and not users.error
+    frames()  # the webcam goes on sending
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert f"Session #{run.session_id} was deleted" in texts(at)
+    assert shared.run is None and not shared.recorder.active
+    assert not folder.exists() or not any(folder.iterdir()), list(folder.iterdir())
+    assert not [j for j in journals(settings) if f"session{run.session_id}-" in j.name]
+    frames()  # later frames record nothing
+    assert not folder.exists() or not any(folder.iterdir())
+
+    at.button(key="semg_user_pick_continue").click()
+    at.run()
+    at.selectbox(key="semg_user_pick").set_value(bob["id"])
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.button(key="capture_start")  # a new session can be recorded
+
+
+def test_a_capture_tick_that_finds_its_session_deleted_ends_the_run(page, seeded, settings):
+    """The running cue (a fragment refreshed on its own, without the page around it) found its intervals gone
+    and showed 'interval N not found' on every tick. Here the user is deleted while the tick stores a mark:
+    the deletion commits only once that mark waits on its rows, after the page's own check has passed."""
+    import contextlib
+    import threading
+
+    from semg import db
+    conn, uid = seeded["conn"], seeded["user"]["id"]
+    at, run = start_on_page(page, uid, rest=0.5)
+    time.sleep(0.8)  # the first rest is due: the next tick stores its mark
+    deleting = db.connect()
+    waited = threading.Event()
+
+    def delete_when_the_mark_waits():
+        with contextlib.closing(deleting):
+            with deleting.cursor() as cur:
+                cur.execute("DELETE FROM users WHERE id = %s", (uid,))  # not committed yet: rows locked
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not waited.is_set():
+                with conn.cursor() as cur:
+                    cur.execute("""SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'
+                                   AND query LIKE 'UPDATE session_intervals%%'""")
+                    if cur.fetchone()[0]:
+                        waited.set()
+
+                time.sleep(0.05)
+            deleting.commit()
+
+    t = threading.Thread(target=delete_when_the_mark_waits)
+    t.start()
+    at.run()
+    t.join(35)
+    assert waited.is_set(), "the tick never stored a mark"
+    assert not at.exception and not [e.value for e in at.error], [e.value for e in at.error]
+    assert at.session_state["capture_shared"].run is None
+    assert not [j for j in journals(settings) if f"session{run.session_id}-" in j.name]
+    assert f"Session #{run.session_id} was deleted" in texts(at)  # the page it reran says so
