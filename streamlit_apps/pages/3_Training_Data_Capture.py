@@ -84,6 +84,11 @@ def end_deleted_run(run: capture.CueRun) -> None:
     path = shared.recorder.path
     with contextlib.suppress(OSError):  # its file was usually removed with the user already
         shared.recorder.stop()
+    if shared.video is not None:  # a finished recording whose registration had failed: nothing to register to
+        video, shared.video = shared.video, None
+        path = data.settings().video_dir / video["path"]
+        if video.get("journal") is not None:
+            video["journal"].unlink(missing_ok=True)
     if path is not None:
         path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):

@@ -494,6 +494,21 @@ def test_a_video_whose_registration_failed_is_registered_by_the_next_tick(page, 
     assert journals(data.settings()) == []
 
 
+def test_a_video_waiting_to_be_registered_is_dropped_when_its_user_is_deleted(page, seeded, settings,
+                                                                              video_insert_dies_once):
+    """The session ended but registering its video failed; then its user is deleted in another window: the
+    window ends the run keeping nothing, and the next session in it does not take the old video as its own."""
+    conn = seeded["conn"]
+    at, run, video = finish_with_a_failed_video_write(page, seeded)
+    repo.delete_user(conn, seeded["user"]["id"])
+    at.run()
+    assert not at.exception
+    shared = at.session_state["capture_shared"]
+    assert shared.run is None and shared.video is None
+    assert not video.exists() and journals(settings) == []
+    assert any(f"Session #{run.session_id} was deleted" in w.value for w in at.warning)
+
+
 def test_a_video_whose_registration_failed_is_registered_after_its_window_closed(page, seeded, settings,
                                                                                video_insert_dies_once):
     """The window (or the UI process) is gone before it could try again: the file stayed on disk with nothing
