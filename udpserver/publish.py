@@ -174,6 +174,22 @@ def _build_messages_per_record(payload: bytes) -> list[tuple[int, bytes]]:
     return out
 
 
+def _split_by_size(messages: list[tuple[int, bytes]], limit: int
+                   ) -> tuple[list[tuple[int, bytes]], dict[int, int], int]:
+    """-> (the messages of at most `limit` bytes, samples per device of the larger ones, the largest size)."""
+    sendable = [m for m in messages if len(m[1]) <= limit]
+    if len(sendable) == len(messages):
+        return messages, {}, 0
+    too_large: dict[int, int] = {}
+    largest = 0
+    for _, body in messages:
+        if len(body) > limit:
+            largest = max(largest, len(body))
+            m = orjson.loads(body)
+            too_large[m["device_id"]] = too_large.get(m["device_id"], 0) + len(m["values"])
+    return sendable, too_large, largest
+
+
 class Publisher:
     """Publishes committed batches in order; survives NATS being down or refusing what we publish while
     connected (batches wait, nothing is dropped unless the spool is about to overflow, see `should_shed`)."""
@@ -186,7 +202,8 @@ class Publisher:
                  on_published: Callable[..., None], should_shed: Callable[[], bool]):
         self.settings = settings
         self.read_chunk = read_chunk
-        self.on_published = on_published  # (chunks, dropped, unstored)
+        # (chunks, dropped, unstored, not_published={device: samples} of messages too large for the server)
+        self.on_published = on_published
         self.should_shed = should_shed
         self.queue: deque[tuple[list[Chunk], bool]] = deque()
         self._event = asyncio.Event()
@@ -281,6 +298,7 @@ class Publisher:
                 self.on_published(batch, True, True)
                 continue
             messages = None
+            limit = 0
             while True:
                 await self._wait_ready()
                 if (not self.connected or self.failing) and self.should_shed():
@@ -297,17 +315,12 @@ class Publisher:
                         self.queue.popleft()
                         self.on_published(batch, True)
                         break
-                largest = max((len(body) for _, body in messages), default=0)
-                if largest > self.nc.max_payload:  # this server would never take it: retrying cannot help
-                    self._error_log.warning("max_payload", "a stored batch is not published: a message of %d bytes "
-                                            "exceeds the NATS server's max_payload of %d", largest,
-                                            self.nc.max_payload)
-                    self.queue.popleft()
-                    self.on_published(batch, True)
-                    break
+                if limit != self.nc.max_payload:  # per server: a reconnect may reach another one
+                    limit = self.nc.max_payload
+                    sendable, too_large, largest = _split_by_size(messages, limit)
                 try:
                     before = self.disconnects, self._async_errors
-                    for i, (userid, body) in enumerate(messages):
+                    for i, (userid, body) in enumerate(sendable):
                         await self.nc.publish(samples_subject(userid), body)
                         if i % 256 == 255:
                             await asyncio.sleep(0)  # let datagrams in while a large backlog goes out
@@ -327,7 +340,7 @@ class Publisher:
                     self.failing = self.connected
                     self._error_log.warning("publish", "publishing %d messages failed (%s); will retry (stored samples "
                                             "wait in the spool; past 80 %% of it the oldest are not published)",
-                                            len(messages), self.last_error)
+                                            len(sendable), self.last_error)
                     retry_at = time.monotonic() + 0.5
                     while time.monotonic() < retry_at and not (self.failing and self.should_shed()):
                         await asyncio.sleep(0.05)
@@ -335,9 +348,13 @@ class Publisher:
                 if self.failing:
                     log.info("publishing works again")
                     self.failing = False
-                self.messages += len(messages)
+                self.messages += len(sendable)
                 self.queue.popleft()
-                self.on_published(batch, False)
+                if too_large:  # this server would never take them: retrying cannot help; the rest went out
+                    self._error_log.warning("max_payload", "%d samples of a stored batch are not published: a "
+                                            "message of %d bytes exceeds the NATS server's max_payload of %d",
+                                            sum(too_large.values()), largest, limit)
+                self.on_published(batch, False, not_published=too_large)
                 break
 
     async def stop(self, timeout: float) -> None:

@@ -222,7 +222,9 @@ class Server(asyncio.DatagramProtocol):
         self.spool.mark_committed(batch[-1])
         self.publisher.submit(batch, skip=True)
 
-    def _published(self, batch: list[Chunk], dropped: bool, unstored: bool = False) -> None:
+    def _published(self, batch: list[Chunk], dropped: bool, unstored: bool = False,
+                   not_published: dict[int, int] | None = None) -> None:
+        """`not_published`: samples per device of the messages NATS cannot take (max_payload); the rest went out."""
         states = self.ingestor.states
         for c in batch:
             self.unpublished_samples -= c.nsamples
@@ -240,6 +242,12 @@ class Server(asyncio.DatagramProtocol):
             if c.data is not None:
                 self.hot_bytes -= c.size
                 c.data = None
+        for dev, n in (not_published or {}).items():
+            self.published_samples -= n
+            self.published_dropped_samples += n
+            st = states.get(dev)
+            if st is not None:
+                st.published_samples -= n
         if dropped and not unstored:
             self.bad_log.warning("shed", "%d stored samples not published (spool nearly full while NATS is down or "
                                  "refuses them, too large for NATS, or unreadable)", sum(c.nsamples for c in batch))

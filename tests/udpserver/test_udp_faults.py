@@ -352,10 +352,10 @@ def _wait_blocked_by(conn, blocker, timeout: float = 20) -> None:
 IN_FLIGHT = 50  # packets per device in the batch whose devices are deleted
 
 
-def _three_devices_and_a_held_batch(conn, udp_server, sender, *server_args: str):
+def _three_devices_and_a_held_batch(conn, udp_server, sender, *server_args: str, c_packets: int = IN_FLIGHT):
     """Devices A, B, C (with their users); the server's writer stuck on committing one packet of B (its
-    foreign key check waits for our row lock on B) while packets of A, B, C are accepted: they queue up as its
-    next batch, A's rows first, written once `release()` is called."""
+    foreign key check waits for our row lock on B) while packets of A, B, C (`c_packets` of C) are accepted:
+    they queue up as its next batch, A's rows first, written once `release()` is called."""
     key = b"f" * 32
     with conn.cursor() as cur:
         users = [add_user(cur) for _ in range(3)]
@@ -368,8 +368,9 @@ def _three_devices_and_a_held_batch(conn, udp_server, sender, *server_args: str)
         sender.send([protocol_packet(b, key, 0)])
         _wait_blocked_by(conn, hold)
         sender.send([protocol_packet(d, key, 10 * i + (10 if d == b else 0)) for i in range(IN_FLIGHT)
-                     for d in (a, b, c)])
-        srv.wait_for(lambda m: m["samples"]["accepted"] == 10 + 30 * IN_FLIGHT, 20, "all packets accepted")
+                     for d in (a, b, c) if d != c or i < c_packets])
+        srv.wait_for(lambda m: m["samples"]["accepted"] == 10 + 10 * (2 * IN_FLIGHT + c_packets), 20,
+                     "all packets accepted")
     except BaseException:
         hold.close()
         raise
@@ -524,3 +525,34 @@ def test_a_batch_too_large_for_the_nats_server_does_not_block_the_others(clean_d
         assert m["samples"]["published"] + m["samples"]["publish_dropped"] == 5200
         assert "max_payload of 700" in srv.log_tail(200)
         assert srv.stop() == 0
+
+
+def test_a_message_too_large_for_the_nats_server_costs_no_other_devices_samples(clean_db, udp_server, sender,
+                                                                               monkeypatch, tmp_path):
+    """One batch holds A's and B's bursts (each merged into a message above max_payload) and one packet of C (a message well
+    below it): only A's message is not published (counted); C's goes out. The whole batch used to be dropped,
+    C's samples with it."""
+    from udphelpers import Collector, own_nats_server
+
+    with own_nats_server(tmp_path / "nats", max_payload=700) as url:  # a one-packet message is ~550 bytes
+        monkeypatch.setenv("NATS_SERVER", url)
+        from semg.config import Settings
+        collector = Collector(Settings()).start_and_wait()  # on this server: not the session's cached settings
+        try:
+            srv, _users, (a, b, c), release = _three_devices_and_a_held_batch(
+                clean_db, udp_server, sender, "--shutdown-timeout", "2", c_packets=1)
+            release()
+            m = srv.wait_for(lambda m: m["buffered"]["unstored_samples"] == 0
+                             and m["buffered"]["unpublished_samples"] == 0, 30, "the batch stored and published")
+            assert m["samples"]["stored"] == m["samples"]["accepted"] == 10 * (2 * IN_FLIGHT + 2)
+            assert m["devices"][str(c)]["published_samples"] == 10, "C's message fits: it must be published"
+            assert m["devices"][str(a)]["published_samples"] == 0
+            assert m["devices"][str(b)]["published_samples"] == 10  # its first packet, in a batch of its own
+            assert m["samples"]["publish_dropped"] == 20 * IN_FLIGHT  # A's and B's merged bursts only
+            assert m["samples"]["published"] + m["samples"]["publish_dropped"] == m["samples"]["stored"]
+            assert collector.wait_samples(c, 10) == [(1, s) for s in range(10)]
+            assert collector.seqs(a) == []
+            assert "max_payload of 700" in srv.log_tail(200)
+            assert srv.stop() == 0
+        finally:
+            collector.close()

@@ -170,8 +170,9 @@ class Sender:
 class Collector(threading.Thread):
     """Subscribes to emg.samples.> in its own thread and keeps every message (validated)."""
 
-    def __init__(self):
+    def __init__(self, settings=None):
         super().__init__(daemon=True)
+        self.settings = settings  # None: the session's (cached) settings
         self.messages = []
         self.errors: list[str] = []
         self._ready = threading.Event()
@@ -186,7 +187,7 @@ class Collector(threading.Thread):
         from semg.messages import SamplesMessage
         self._loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
-        nc = await natsio.connect("admin", reconnect_time_wait=0.2)
+        nc = await natsio.connect("admin", self.settings, reconnect_time_wait=0.2)
 
         async def on_msg(msg):
             try:
