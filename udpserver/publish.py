@@ -199,8 +199,11 @@ class Publisher:
     MERGE_MAX_CHUNKS = 4  # of at most RANGE_MAX_BYTES each: bounds the messages built for one batch
 
     def __init__(self, settings: Settings, read_chunk: Callable[[Chunk], bytes],
-                 on_published: Callable[..., None], should_shed: Callable[[], bool]):
+                 on_published: Callable[..., None], should_shed: Callable[[], bool],
+                 before_publish: Callable[[list[Chunk]], bool] = lambda batch: True):
         self.settings = settings
+        # may take records out of a batch (devices deleted meanwhile); False: not yet (device list not loaded)
+        self.before_publish = before_publish
         self.read_chunk = read_chunk
         # (chunks, dropped, unstored, not_published={device: samples} of messages too large for the server)
         self.on_published = on_published
@@ -307,6 +310,9 @@ class Publisher:
                     await asyncio.sleep(0)  # shedding a long backlog must not hold up the datagram path
                     break
                 if messages is None:
+                    if not self.before_publish(batch):
+                        await asyncio.sleep(0.05)
+                        continue
                     try:
                         messages = build_messages([c.data if c.data is not None else self.read_chunk(c)
                                                    for c in batch])

@@ -77,7 +77,8 @@ class Server(asyncio.DatagramProtocol):
         self.hot_bytes = 0
         self.writer = DbWriter(settings, self.spool.read, self._committed_from_thread, self._failed_from_thread)
         self.writer.COMMIT_INTERVAL_S = args.commit_interval_ms / 1000.0
-        self.publisher = Publisher(settings, self.spool.read, self._published, self._should_shed)
+        self.publisher = Publisher(settings, self.spool.read, self._published, self._should_shed,
+                                   self._before_publish)
         self.control = ThreadPoolExecutor(1, thread_name_prefix="udpserver-registry")
         self._control_conn = None
         self.bad_log = RateLimitedLog(logging.getLogger("udpserver.packets"))
@@ -185,11 +186,10 @@ class Server(asyncio.DatagramProtocol):
         self.spool.mark_committed(batch[-1])
         self.hot_bytes -= CHUNK_OVERHEAD * self.publisher.submit(batch)
 
-    def _drop_deleted(self, batch: list[Chunk], gone: set[int]) -> None:
-        """The writer skipped the rows of devices deleted while their packets were in flight: count their
-        samples as dropped, not stored, and take their records out of the chunks, so they are not published."""
-        states = self.ingestor.states
-        n = 0
+    def _take_out(self, batch: list[Chunk], gone: set[int]) -> dict[int, int]:
+        """Take the records of `gone` devices out of the chunks (so they are not published): their samples per
+        device."""
+        taken: dict[int, int] = {}
         for c in batch:
             hit = gone.intersection(c.per_device)
             if not hit:
@@ -201,15 +201,40 @@ class Server(asyncio.DatagramProtocol):
                 pk, k = c.per_device.pop(dev)
                 c.nrec -= pk
                 c.nsamples -= k
-                n += k
-                st = states.get(dev)
-                if st is not None:
-                    st.dropped_samples += k
+                taken[dev] = taken.get(dev, 0) + k
+        return taken
+
+    def _drop_deleted(self, batch: list[Chunk], gone: set[int]) -> None:
+        """The writer skipped the rows of devices deleted while their packets were in flight: count their
+        samples as dropped, not stored, and take their records out of the chunks, so they are not published."""
+        states = self.ingestor.states
+        taken = self._take_out(batch, gone)
+        for dev, k in taken.items():
+            st = states.get(dev)
+            if st is not None:
+                st.dropped_samples += k
+        n = sum(taken.values())
         self.failed_samples += n
         self.unstored_samples -= n
         self.unpublished_samples -= n
         log.warning("%d samples of deleted device(s) %s not stored (deleted while in flight); counted as dropped",
                     n, ", ".join(map(str, sorted(gone))))
+
+    def _before_publish(self, batch: list[Chunk]) -> bool:
+        """False while the device list is not loaded (batches recovered from the spool wait for it). Records of
+        devices no longer registered (deleted after their samples were stored, e.g. while the server was down
+        between the commit and the publish) are taken out: counted as not published."""
+        if not self.ingestor.ready:
+            return False
+        devices = self.ingestor.devices
+        gone = {d for c in batch for d in c.per_device if d not in devices}
+        if gone:
+            n = sum(self._take_out(batch, gone).values())
+            self.published_dropped_samples += n
+            self.unpublished_samples -= n
+            log.warning("%d stored samples of deleted device(s) %s not published", n,
+                        ", ".join(map(str, sorted(gone))))
+        return True
 
     def _failed_from_thread(self, batch: list[Chunk], why: str) -> None:
         self.loop.call_soon_threadsafe(self._failed, batch, why)

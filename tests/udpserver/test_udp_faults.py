@@ -556,3 +556,31 @@ def test_a_message_too_large_for_the_nats_server_costs_no_other_devices_samples(
             assert srv.stop() == 0
         finally:
             collector.close()
+
+
+def test_recovery_does_not_publish_samples_of_a_device_deleted_while_the_server_was_down(clean_db, services,
+                                                                                       udp_server, sender, collector):
+    """Stored but not yet published (NATS down) when the server is killed; device A is deleted (its rows with
+    it) before the restart. Recovery used to publish A's samples all the same; now only B's go out, A's are
+    counted as not published."""
+    key = b"f" * 32
+    with clean_db.cursor() as cur:
+        a, b = (add_device(cur, add_user(cur), "binary", channels=4, key=key) for _ in range(2))
+    srv = udp_server()
+    with service_down(services, srv, "nats"):
+        sender.send([protocol_packet(d, key, 10 * i) for i in range(20) for d in (a, b)])
+        srv.wait_for(lambda m: m["samples"]["stored"] == 400, 20, "stored while NATS is down")
+        time.sleep(2)  # the committed position reaches cursors.json (saved at most once a second)
+        srv.kill9()
+    with clean_db.cursor() as cur:
+        cur.execute("DELETE FROM devices WHERE id = %s", (a,))
+    srv = udp_server()
+    m = srv.wait_for(lambda m: m["buffered"]["unpublished_samples"] == 0 and m["samples"]["replayed"] == 400, 30,
+                     "the recovered samples published")
+    expected_b = [(1, s) for s in range(200)]
+    assert sorted(set(collector.wait_samples(b, 200))) == expected_b
+    time.sleep(0.5)
+    assert collector.seqs(a) == [], "samples of a deleted device must not be published"
+    assert m["samples"]["publish_dropped"] == 200
+    assert "deleted" in srv.log_tail(50)
+    assert srv.stop() == 0
