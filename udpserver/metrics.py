@@ -44,7 +44,15 @@ class MetricsServer:
     """Serves `metrics(query)` and `health()` (each returns (status, dict)) as JSON.
 
     /metrics names every device and when it streams, so it answers only a client that sends `api_key()` (read
-    at every request: a rotated key applies at once) in X-API-Key; /health (no user data) answers anyone."""
+    at every request: a rotated key applies at once) in X-API-Key; /health (no user data) answers anyone.
+
+    At most MAX_CONNECTIONS are open at a time: each costs a file descriptor, and the process needs its
+    descriptors for the spool and its connections. A new connection beyond that closes the oldest one still
+    waiting for its request (idle or slow clients), or is itself closed if every one is being answered. A
+    request must arrive within HEADER_TIMEOUT_S."""
+
+    MAX_CONNECTIONS = 64
+    HEADER_TIMEOUT_S = 5.0
 
     def __init__(self, host: str, port: int, metrics: Callable[[str], dict], health: Callable[[], tuple[int, dict]],
                  api_key: Callable[[], str]):
@@ -53,6 +61,9 @@ class MetricsServer:
         self.health = health
         self.api_key = api_key
         self._server: asyncio.base_events.Server | None = None
+        # open connections in arrival order -> True while still waiting for the request
+        self._open: dict[asyncio.StreamWriter, bool] = {}
+        self.evicted = 0
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, self.host, self.port, reuse_address=True)
@@ -70,10 +81,35 @@ class MetricsServer:
                 return hmac.compare_digest(value.strip(), self.api_key().encode())
         return False
 
+    def _admit(self, writer: asyncio.StreamWriter) -> bool:
+        if len(self._open) >= self.MAX_CONNECTIONS:
+            oldest = next((w for w, waiting in self._open.items() if waiting), None)
+            if oldest is None:
+                return False
+            del self._open[oldest]
+            oldest.transport.abort()  # its handler's read fails and it returns
+            self.evicted += 1
+            if self.evicted % 1000 == 1:
+                log.warning("more than %d metrics connections at once: closing idle ones (%d so far)",
+                            self.MAX_CONNECTIONS, self.evicted)
+        self._open[writer] = True
+        return True
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self._admit(writer):
+            writer.transport.abort()
+            return
+        try:
+            await self._respond(reader, writer)
+        finally:
+            self._open.pop(writer, None)
+
+    async def _respond(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         status, body = 400, {"error": "bad request"}
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.HEADER_TIMEOUT_S)
+            if writer in self._open:
+                self._open[writer] = False  # being answered: not evicted
             parts = head.split(b"\r\n", 1)[0].split(b" ")
             if len(parts) == 3:
                 method, target = parts[0], parts[1].decode("latin-1")
@@ -95,6 +131,8 @@ class MetricsServer:
         except Exception:  # noqa: BLE001 - a metrics bug must not take the server down
             log.exception("metrics handler failed")
             status, body = 500, {"error": "internal error"}
+        if writer.transport.is_closing():  # closed for a newer connection, or by the client
+            return
         data = orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS)
         head = (f"HTTP/1.1 {status} {_STATUS.get(status, 'Error')}\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode()

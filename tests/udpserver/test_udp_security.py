@@ -165,3 +165,49 @@ def test_metrics_answer_only_the_service_key_and_health_tells_no_devices(clean_d
         assert status == 200 and f'"{dev}"'.encode() in body
     status, body = get("/health", None)
     assert status == 200 and b'"status"' in body and b"devices" not in body and f'"{dev}"'.encode() not in body
+
+
+def test_idle_connections_to_the_metrics_port_cannot_exhaust_the_servers_file_descriptors(clean_db, udp_server,
+                                                                                         sender):
+    """A client opening many idle connections to /metrics used to hold a file descriptor each (until a 5 s
+    header timeout): past the process limit a fresh /health went unanswered, and the spool could not open its
+    next segment, so accepted packets were dropped. Connections are now bounded (the oldest idle one is
+    closed for a new one)."""
+    import contextlib
+    import resource
+    import socket
+    import urllib.request
+
+    key = b"d" * 32
+    with clean_db.cursor() as cur:
+        dev = add_device(cur, add_user(cur), "binary", channels=4, key=key)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # the server inherits a small limit
+    try:
+        srv = udp_server()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    sender.send([_pkt(dev, key, 0)])
+    srv.wait_for(lambda m: m["samples"]["stored"] == 10, what="stored")
+    host, port = srv.metrics_url.removeprefix("http://").split(":")
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(400):  # more than the server's file descriptor limit; bounded, loopback only
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setblocking(False)
+            s.connect_ex((host, int(port)))
+            idle.append(s)
+        time.sleep(1.5)  # the server has accepted what it can; its spool segment is due to be rolled
+        t0 = time.monotonic()
+        sender.send([_pkt(dev, key, 10)])
+        with urllib.request.urlopen(srv.metrics_url + "/health", timeout=2) as r:
+            assert r.status == 200
+        assert time.monotonic() - t0 < 4  # still within the idle connections' header timeout
+    finally:
+        for s in idle:
+            with contextlib.suppress(OSError):
+                s.close()
+    m = srv.wait_for(lambda m: m["packets"]["received"] == 2 and m["buffered"]["unstored_samples"] == 0, 10,
+                     "the second packet handled")
+    assert m["samples"]["stored"] == 20 and m["samples"]["dropped"] == 0, m["samples"]
+    assert srv.stop() == 0
