@@ -18,6 +18,9 @@ from udpserver.protocol import BinaryPacket, LegacyPacket, Reject
 # Legacy packets carry no sequence number or boot counter, only millis(). A step back of up to this much
 # is a duplicate or reordered packet (rejected as a replay); a larger step back is a device reboot.
 LEGACY_STALE_MS = 2000
+# Legacy devices sample every 1/rate s and stamp each sample with millis(): a step forward of more than one
+# period plus this much (the 1 ms resolution of millis() and the sampler's latency) means packets were lost.
+LEGACY_GAP_MS = 3.0
 # A legacy clock may run ahead of the server's elapsed time by this much (late earlier packets) before a
 # jump forward is taken for a reboot instead.
 LEGACY_FORWARD_SLACK_MS = 60_000
@@ -216,13 +219,17 @@ class Ingestor:
         st = self.state(dev.id)
         clock = st.clock
         raw = p.millis
+        lost = 0
         if st.boot is None:
             boot, seq, millis = 0, 0, float(raw)
         else:
             forward = clock.forward_delta(raw)
             elapsed_ms = max(0.0, now - clock.last_server) * 1000.0
             if forward <= elapsed_ms + LEGACY_FORWARD_SLACK_MS:
-                boot, seq, millis = st.boot, st.last_seq + 1, clock.last_unwrapped + forward
+                period = 1000.0 / dev.rate_hz
+                if forward - period > LEGACY_GAP_MS:  # the samples in between are lost: skip their numbers
+                    lost = round(forward / period) - 1
+                boot, seq, millis = st.boot, st.last_seq + 1 + lost, clock.last_unwrapped + forward
             elif WRAP - forward <= LEGACY_STALE_MS:
                 return self._reject(Reject.REPLAY, dev.id, now)
             else:  # the clock went back by more than a reordering could explain: the device rebooted
@@ -231,6 +238,7 @@ class Ingestor:
         offset = clock.observe(raw, millis, millis, now)
         st.boot = boot
         st.last_seq = seq
+        st.lost_samples += lost
         st.last_accepted = now
         return Record(dev.user_id, dev.id, boot, seq, 1, channels, dev.rate_hz, millis,
-                      (millis + offset) / 1000.0, now, _INT16[channels].pack(*p.values), 0)
+                      (millis + offset) / 1000.0, now, _INT16[channels].pack(*p.values), lost)

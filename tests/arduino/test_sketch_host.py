@@ -302,7 +302,9 @@ def test_legacy_build_streams_text_packets(sim_object, db_conn, tmp_path):
     finally:
         srv.stop()
     got = samples_of(device.blocks(), boot=0)
-    assert sorted(got) == list(range(len(got))) and len(got) >= 0.7 * 1.3 * RATE
-    # the server numbers text packets itself: the k-th stored is the k-th sample the sampler took
+    assert min(got) == 0 and len(got) >= 0.7 * 1.3 * RATE
+    # the server numbers text packets itself (skipping the numbers of samples its clock shows missing): the k-th
+    # stored is the k-th sample the sampler took
     taken = sorted(set(range(len(got) + len(r.not_served()))) - r.not_served())[:len(got)]
-    assert all(got[k] == [signal_value(p, seq) for p in PINS] for k, seq in enumerate(taken))
+    stored = [got[s] for s in sorted(got)]
+    assert all(stored[k] == [signal_value(p, seq) for p in PINS] for k, seq in enumerate(taken))

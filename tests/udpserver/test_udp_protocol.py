@@ -161,6 +161,16 @@ def test_legacy_sequence_reboot_and_stale():
     assert ing.handle(b"30,30,1,2,3,4", t + 0.04) == Reject.UNKNOWN_USER    # user 30 has a binary device only
 
 
+def test_legacy_clock_jumps_beyond_jitter_are_lost_samples():
+    ing = _ingestor()  # device 4: 200 Hz, one sample every 5 ms
+    t = 5000.0
+    millis = [9000, 9005, 9012, 9015, 9020, 9035, 9040, 9041, 9045, 9550]  # late by 2 ms; 2 lost; early; 100 lost
+    recs = [ing.handle(f"40,{m},1,2".encode(), t + i * 0.005) for i, m in enumerate(millis)]
+    assert [r.seq0 for r in recs] == [0, 1, 2, 3, 4, 7, 8, 9, 10, 111]
+    assert [r.lost for r in recs] == [0, 0, 0, 0, 0, 2, 0, 0, 0, 100]
+    assert ing.states[4].lost_samples == 102
+
+
 def test_legacy_millis_wrap_is_not_a_reboot():
     ing = _ingestor({4: Resume(0, 10, float(WRAP - 3), 100.0)})
     r = ing.handle(b"40,2,5,5", 100.005)
