@@ -7,8 +7,9 @@ unit-testable and fast (one dict lookup and an HMAC per binary packet).
 
 from __future__ import annotations
 
+import statistics
 import struct
-from collections import Counter
+from collections import Counter, deque
 from typing import NamedTuple
 
 from udpserver import protocol
@@ -20,7 +21,10 @@ from udpserver.protocol import BinaryPacket, LegacyPacket, Reject
 LEGACY_STALE_MS = 2000
 # Legacy devices sample every 1/rate s and stamp each sample with millis(): a step forward of more than one
 # period plus this much (the 1 ms resolution of millis() and the sampler's latency) means packets were lost.
+# The period is the registered one, or the device's typical step (median of its last steps) where that is
+# longer: a sketch that samples slower than registered (a loop() with delay()) is not one long run of gaps.
 LEGACY_GAP_MS = 3.0
+LEGACY_STEP_HISTORY = 32
 # A legacy clock may run ahead of the server's elapsed time by this much (late earlier packets) before a
 # jump forward is taken for a reboot instead.
 LEGACY_FORWARD_SLACK_MS = 60_000
@@ -65,7 +69,7 @@ class Record(NamedTuple):
 class DeviceState:
     __slots__ = ("boot", "last_seq", "clock", "accepted_packets", "accepted_samples", "stored_samples",
                  "published_samples", "lost_samples", "dropped_samples", "rejected", "last_accepted",
-                 "last_rejected", "rejected_boot", "rejected_channels")
+                 "last_rejected", "rejected_boot", "rejected_channels", "legacy_steps")
 
     def __init__(self) -> None:
         self.boot: int | None = None
@@ -83,6 +87,7 @@ class DeviceState:
         self.last_rejected: dict[str, float] = {}   # reason -> unix s of the last packet rejected for it
         self.rejected_boot: int | None = None       # boot of the last packet rejected as old_boot
         self.rejected_channels: int | None = None   # channels of the last packet rejected as channel_mismatch
+        self.legacy_steps: deque[float] = deque(maxlen=LEGACY_STEP_HISTORY)  # ms between legacy samples
 
     def resume(self, r: Resume) -> None:
         self.boot = r.boot
@@ -227,8 +232,11 @@ class Ingestor:
             elapsed_ms = max(0.0, now - clock.last_server) * 1000.0
             if forward <= elapsed_ms + LEGACY_FORWARD_SLACK_MS:
                 period = 1000.0 / dev.rate_hz
+                if forward - period > LEGACY_GAP_MS and st.legacy_steps:
+                    period = max(period, statistics.median(st.legacy_steps))
                 if forward - period > LEGACY_GAP_MS:  # the samples in between are lost: skip their numbers
                     lost = round(forward / period) - 1
+                st.legacy_steps.append(forward)
                 boot, seq, millis = st.boot, st.last_seq + 1 + lost, clock.last_unwrapped + forward
             elif WRAP - forward <= LEGACY_STALE_MS:
                 return self._reject(Reject.REPLAY, dev.id, now)

@@ -171,6 +171,17 @@ def test_legacy_clock_jumps_beyond_jitter_are_lost_samples():
     assert ing.states[4].lost_samples == 102
 
 
+def test_a_legacy_device_sampling_slower_than_registered_is_not_one_long_run_of_gaps():
+    """A legacy sketch sampling in loop() with delay() may run well below its registered rate: its usual step
+    is then no gap (every window would be cut), while a real gap at its own pace still is one."""
+    ing = _ingestor()  # device 4: registered at 200 Hz (5 ms) but sampling every 12-14 ms
+    t = 5000.0
+    millis = [9000 + 13 * i + i % 2 for i in range(40)] + [9000 + 13 * 50 + 1]  # then 10 samples lost
+    recs = [ing.handle(f"40,{m},1,2".encode(), t + i * 0.013) for i, m in enumerate(millis)]
+    assert sum(r.lost for r in recs[2:40]) == 0  # (the first step has nothing to compare it to yet)
+    assert recs[-1].lost == 10 and recs[-1].seq0 == recs[-2].seq0 + 11
+
+
 def test_legacy_millis_wrap_is_not_a_reboot():
     ing = _ingestor({4: Resume(0, 10, float(WRAP - 3), 100.0)})
     r = ing.handle(b"40,2,5,5", 100.005)
