@@ -410,6 +410,18 @@ def test_a_late_replay_of_a_mark_does_not_undo_a_redo_stored_meanwhile(new_sessi
     assert data.get_session(run.session_id) == session
 
 
+def delete_user_on_page(page, uid):
+    """Delete the user through the User Management page (as another browser window would); returns that page."""
+    users = page("users", user_id=uid)
+    users.run()
+    users.button(key="ask_delete").click()
+    users.run()
+    users.button(key="confirm_delete").click()
+    users.run()
+    assert not users.exception and not users.error
+    return users
+
+
 def test_deleting_a_user_removes_the_video_of_a_capture_whose_window_closed(page, seeded, settings):
     """A capture whose window closes before the session ends never registers its video: deleting the user
     removed only registered videos, so the webcam recording of them stayed on disk."""
@@ -430,13 +442,7 @@ def test_deleting_a_user_removes_the_video_of_a_capture_whose_window_closed(page
     # (earlier tests may have left recordings of another "user 1" here: ids restart with each clean database)
     in_folder = sum(1 for f in video.parent.iterdir() if f.is_file())
 
-    users = page("users", user_id=uid)
-    users.run()
-    users.button(key="ask_delete").click()
-    users.run()
-    users.button(key="confirm_delete").click()
-    users.run()
-    assert not users.exception and not users.error
+    users = delete_user_on_page(page, uid)
     assert f"{in_folder} video file(s) removed" in users.success[0].value
     assert not video.exists() and not video.parent.exists()
     assert keep.is_file(), "another user's video was removed"
@@ -550,13 +556,7 @@ def test_a_capture_whose_user_is_deleted_in_another_window_ends_cleanly(page, se
     if webcam_on_before:
         frames()
     folder = settings.video_dir / repo.user_video_folder(uid)
-    users = page("users", user_id=uid)  # another window deletes the user
-    users.run()
-    users.button(key="ask_delete").click()
-    users.run()
-    users.button(key="confirm_delete").click()
-    users.run()
-    assert not users.exception and not users.error
+    delete_user_on_page(page, uid)  # another window deletes the user
     frames()  # the webcam goes on sending
     at.run()
     assert not at.exception and not at.error, [e.value for e in at.error]

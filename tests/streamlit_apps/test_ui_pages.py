@@ -135,14 +135,19 @@ def test_every_page_renders_seeded_data(page, seeded, name):
     assert not at.warning or name in ("capture", "live", "main", "gestures"), [w.value for w in at.warning]
 
 
+def create_user_on_page(at, name: str, email: str) -> None:
+    """Fill in and submit the User Management page's new-user form."""
+    at.text_input(key="new_user_name").input(name)
+    at.text_input(key="new_user_email").input(email)
+    button(at, "Create user").click()
+    at.run()
+
+
 # ---- 1. users ----------------------------------------------------------------------------------------
 def test_create_edit_search_and_delete_a_user(page, clean_db):
     at = page("users")
     at.run()
-    at.text_input(key="new_user_name").input("Grace Hopper")
-    at.text_input(key="new_user_email").input("grace@example.org")
-    button(at, "Create user").click()
-    at.run()
+    create_user_on_page(at, "Grace Hopper", "grace@example.org")
     assert_clean(at)
     assert "Created Grace Hopper" in texts(at)
     users = repo.list_users(clean_db)
@@ -150,16 +155,10 @@ def test_create_edit_search_and_delete_a_user(page, clean_db):
     uid = users[0]["id"]
 
     # unique email, shown as a sentence
-    at.text_input(key="new_user_name").input("Imposter")
-    at.text_input(key="new_user_email").input("GRACE@example.org")
-    button(at, "Create user").click()
-    at.run()
+    create_user_on_page(at, "Imposter", "GRACE@example.org")
     assert "already exists" in texts(at)
     # invalid email
-    at.text_input(key="new_user_name").input("Bad")
-    at.text_input(key="new_user_email").input("not-an-email")
-    button(at, "Create user").click()
-    at.run()
+    create_user_on_page(at, "Bad", "not-an-email")
     assert_clean(at)
     assert "not a valid email" in texts(at)
     assert len(repo.list_users(clean_db)) == 1
@@ -532,10 +531,7 @@ def test_secret_key_is_never_in_the_devices_listing(page, seeded):
 def test_a_new_user_becomes_the_current_user_everywhere(page, seeded):
     at = page("users", user_id=seeded["user"]["id"])
     at.run()
-    at.text_input(key="new_user_name").input("Second Person")
-    at.text_input(key="new_user_email").input("second@example.org")
-    button(at, "Create user").click()
-    at.run()
+    create_user_on_page(at, "Second Person", "second@example.org")
     assert_clean(at)
     new_id = [u["id"] for u in repo.list_users(seeded["conn"]) if u["email"] == "second@example.org"][0]
     assert at.session_state["semg_user_id"] == new_id
@@ -681,10 +677,7 @@ def test_a_nul_character_in_a_new_users_name_is_refused_naming_the_field(page, c
     cannot contain NUL (0x00) characters.)'."""
     at = page("users")
     at.run()
-    at.text_input(key="new_user_name").input("Grace\x00Hopper")
-    at.text_input(key="new_user_email").input("grace@example.org")
-    button(at, "Create user").click()
-    at.run()
+    create_user_on_page(at, "Grace\x00Hopper", "grace@example.org")
     assert_clean(at)
     assert "Not created: user name must not contain a NUL character" in texts(at)
     assert repo.list_users(clean_db) == []
