@@ -98,11 +98,12 @@ def _seconds(name: str, value: Any) -> float:
 
 
 def _path(name: str, value: Any) -> str:
-    """A path as typed (``--out 2024`` is the folder "2024"), ``~`` expanded."""
+    """A path as typed (``--out 2024`` is the folder "2024"), ``~`` expanded, a trailing "/" kept (a folder)."""
     text = str(value)
     if isinstance(value, bool) or not text.strip():
         raise UsageError(f"--{name} must be a path, got {value!r}")
-    return str(Path(text).expanduser())
+    path = str(Path(text).expanduser())
+    return path + os.sep if text.endswith(("/", os.sep)) and not path.endswith(os.sep) else path
 
 
 def _optional(convert, name: str, value: Any, *args: Any) -> Any:

@@ -332,10 +332,17 @@ def load_job_artifact(job_id: int, settings=None) -> tuple[bytes, dict[str, Any]
             cur.execute("SELECT id, weights, metadata FROM model_artifacts WHERE job_id = %s ORDER BY created_at DESC, "
                         "id DESC LIMIT 1", (int(job_id),))
             row = cur.fetchone()
+            if row is None:
+                cur.execute("SELECT status FROM training_jobs WHERE id = %s", (int(job_id),))
+                job = cur.fetchone()
     finally:
         conn.close()
     if row is None:
-        raise LookupError(f"job {job_id} has no model artifact (is it completed?)")
+        if job is None:
+            raise LookupError(f"job {job_id} does not exist")
+        if job[0] in ("scheduled", "running"):
+            raise LookupError(f"job {job_id} is {job[0]}: it has no model artifact yet (export it once it completed)")
+        raise LookupError(f"job {job_id} is {job[0]}: it has no model artifact")
     meta = dict(row[2])
     meta.setdefault("artifact_id", int(row[0]))
     return bytes(row[1]), meta, int(row[0])
@@ -365,7 +372,12 @@ def cli_export(
     else:
         weights, meta, artifact_id = load_job_artifact(int(job_id), settings)
         source = {"job_id": int(job_id), "artifact_id": artifact_id}
-    path = Path(out) if out else Path(export_filename(meta, fmt))
+    if not out:
+        path = Path(export_filename(meta, fmt))
+    elif str(out).endswith(("/", os.sep)) or Path(out).is_dir():  # a folder: the file goes in it, named as usual
+        path = Path(out) / export_filename(meta, fmt)
+    else:
+        path = Path(out)
     data = export_bytes(weights, meta, fmt)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)

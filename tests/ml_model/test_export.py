@@ -130,9 +130,24 @@ def test_cli_export_job_from_database(clean_db, plain, tmp_path):
     assert report["job_id"] == job_id and report["check"]["torchscript"]["max_abs_diff"] <= TOL
     assert np.max(np.abs(export.run_torchscript(out.read_bytes(), x)
                          - artifacts.Predictor(weights, meta).predict_proba(x))) <= TOL
-    missing = subprocess.run([sys.executable, "ml_model/TrainMLJob.py", "export", "999999"], cwd=REPO,
-                             capture_output=True, text=True, timeout=120)
-    assert missing.returncode == 2 and "no model artifact" in missing.stderr
+    # --out naming a folder (existing, or to be made: a trailing "/") puts the file in it, under its usual name
+    (tmp_path / "exports").mkdir()
+    for folder in (str(tmp_path / "exports"), str(tmp_path / "new") + "/"):
+        proc = subprocess.run([sys.executable, "ml_model/TrainMLJob.py", "export", str(job_id), "--int8", "false",
+                               "--out", folder], cwd=REPO, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        path = Path(json.loads(proc.stdout.strip().splitlines()[-1])["path"])
+        assert path.parent == Path(folder) and path.name == f"semg-job{job_id}.onnx" and path.is_file()
+    # a job without a model says why: it does not exist, or what its status is
+    with clean_db.cursor() as cur:
+        cur.execute("INSERT INTO training_jobs (user_id, params, status) VALUES (%s, '{}', 'scheduled') RETURNING id",
+                    (user["id"],))
+        waiting = cur.fetchone()[0]
+    for job, said in (("999999", "job 999999 does not exist"),
+                      (str(waiting), f"job {waiting} is scheduled: it has no model artifact yet")):
+        missing = subprocess.run([sys.executable, "ml_model/TrainMLJob.py", "export", job], cwd=REPO,
+                                 capture_output=True, text=True, timeout=120)
+        assert missing.returncode == 2 and said in missing.stderr, missing.stderr
 
 
 def test_default_file_name_stays_in_the_current_folder(plain, tmp_path, monkeypatch):
