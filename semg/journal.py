@@ -35,6 +35,7 @@ log = logging.getLogger("semg.journal")
 JOURNAL_VERSION = 1
 JOURNAL_LEASE_S = 10.0  # a live run touches its journal every tick (0.2 s)
 JOURNAL_RETRY_S = 15.0  # after the database was unreachable, replays are skipped for this long
+JOURNAL_LOCK_WAIT_S = 30.0  # a replay waits this long for a journal another replay is storing
 _retry_at = 0.0
 
 
@@ -165,6 +166,21 @@ def _journal_line(line: bytes) -> dict:
     return out
 
 
+def _lock(fd: int) -> bool:
+    """Take the journal's lock, waiting while another holder has it: its run writing a change (an instant), or
+    another replay storing it (a page load, the API, another job worker), which must be done before this
+    caller goes on to read the sessions. False after JOURNAL_LOCK_WAIT_S."""
+    deadline = time.monotonic() + JOURNAL_LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
+
 def _replay_journal_file(path: Path, result: dict, connection: Callable[[], contextlib.AbstractContextManager]) -> None:
     """Store one journal's changes in order, unless its run is alive. The database being unreachable raises
     (the file is kept)."""
@@ -173,10 +189,10 @@ def _replay_journal_file(path: Path, result: dict, connection: Callable[[], cont
     except FileNotFoundError:
         return  # cleared meanwhile
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            result["live"] += 1  # being written right now
+        if not _lock(fd):  # another replay has been storing it for long (a very slow database): kept
+            result["pending"] += 1
+            log.warning("capture journal %s is held by another replay for over %.0f s; kept for later", path,
+                        JOURNAL_LOCK_WAIT_S)
             return
         try:
             st_path, st_fd = os.stat(path), os.fstat(fd)

@@ -124,6 +124,51 @@ def test_a_job_trains_on_the_labels_waiting_in_capture_journals(clean_db, user_d
             f.unlink()
 
 
+def test_a_job_waits_for_a_journal_another_replay_is_storing(clean_db, user_device, settings):
+    """A journal being stored by another replay (a UI page load, the API, another worker) at the moment the job
+    replays was taken for a live capture run and skipped: the job read its sessions before those labels were
+    stored and failed with "no data" (or trained without them, or on a discarded repetition)."""
+    import contextlib
+    import fcntl
+
+    from semg import db, journal
+
+    u, d = user_device
+    journals = settings.state_dir / "capture-journal"
+    try:
+        s = record_session(clean_db, u["id"], d["id"], journal_dir=journals)
+        path = next(journals.glob(f"session{s['id']}-*.jsonl"))
+        job = repo.schedule_job(clean_db, u["id"], [s["id"]], {"epochs": 2})
+
+        @contextlib.contextmanager
+        def slow_connection():  # the other replay waits a moment for its database connection (a busy pool)
+            time.sleep(1.5)
+            with contextlib.closing(db.connect(settings)) as conn:
+                yield conn
+
+        other = threading.Thread(target=journal.replay_interval_journals,
+                                 kwargs={"directory": journals, "connection": slow_connection})
+        other.start()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # until the other replay holds the journal
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            except BlockingIOError:
+                break
+            finally:
+                os.close(fd)
+            time.sleep(0.01)
+        outcome = jobs.run_job(job["id"])
+        other.join(10)
+        assert outcome == "completed", repo.get_job(clean_db, job["id"])["error"]
+        assert sorted(repo.latest_model(clean_db, u["id"])["classes"]) == ["REST", "fist", "open hand"]
+    finally:
+        for f in journals.glob("*.jsonl"):
+            f.unlink()
+
+
 def test_failing_jobs_show_their_cause_and_change_nothing_else(clean_db, user_device):
     u, d = user_device
     empty = record_session(clean_db, u["id"], d["id"], stream=False)
