@@ -1014,8 +1014,12 @@ def explain_device_status(device: dict, counters: dict | None) -> dict:
             continue
         fact = ""
         if reason == "old_boot" and counters.get("rejected_boot") is not None:
-            fact = (f"the device sends boot {counters['rejected_boot']}, the server has already received boot "
-                    f"{counters.get('boot')}. ")
+            if counters.get("boot") is None:  # what it had received was before the boot counter's reset
+                fact = (f"the device sent boot {counters['rejected_boot']} before its boot counter was reset; "
+                        "its next boot is accepted. ")
+            else:
+                fact = (f"the device sends boot {counters['rejected_boot']}, the server has already received boot "
+                        f"{counters['boot']}. ")
         elif reason == "channel_mismatch" and counters.get("rejected_channels") is not None:
             fact = (f"the device sends {counters['rejected_channels']} channel(s), registered with "
                     f"{device.get('channel_count')}. ")

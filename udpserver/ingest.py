@@ -101,11 +101,13 @@ class DeviceState:
 
     def as_dict(self, now: float, boot_offset: int = 0) -> dict:
         """The counters, with times as ages in seconds before `now` (unix s); boot is the device's own count
-        (what its packets carry, as rejected_boot), not the stored one."""
+        (what its packets carry, as rejected_boot), not the stored one: None when nothing was received since
+        its boot counter was last reset (what was received before is under an older offset)."""
         off = self.clock.offset_ms()
         seen = self.last_accepted
         return {
-            "boot": None if self.boot is None else self.boot - boot_offset, "last_seq": self.last_seq,
+            "boot": None if self.boot is None or self.boot < boot_offset else self.boot - boot_offset,
+            "last_seq": self.last_seq,
             "clock_offset_ms": None if off is None else round(off, 3),
             "accepted_packets": self.accepted_packets, "accepted_samples": self.accepted_samples,
             "stored_samples": self.stored_samples, "published_samples": self.published_samples,

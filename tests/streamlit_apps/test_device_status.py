@@ -104,6 +104,20 @@ def test_rejected_packets_are_explained_on_the_owners_page_only(page, clean_db, 
     assert "bad_tag" not in texts(at)
 
 
+def test_old_boot_rejections_from_before_a_reset_name_no_boot_the_server_never_received():
+    """After 'reset boot counter' (before the re-flashed device sends) the UDP server has no boot of the device's
+    own count: the page said 'the server has already received boot -1' (or 'None')."""
+    import data
+    device = {"id": 3, "channel_count": 4}
+    counters = {"boot": None, "rejected_boot": 1, "rejected": {"old_boot": 2}, "rejected_age_s": {"old_boot": 4.0},
+                "last_accepted_age_s": 30.0}
+    text = data.explain_device_status(device, counters)["reasons"][0]["text"]
+    assert "before its boot counter was reset" in text and "None" not in text and "-1" not in text, text
+    counters["boot"] = 7
+    text = data.explain_device_status(device, counters)["reasons"][0]["text"]
+    assert "The device sends boot 1, the server has already received boot 7." in text
+
+
 def test_every_rejection_reason_has_a_hint_in_the_ui():
     import data
     for reason in Reject:

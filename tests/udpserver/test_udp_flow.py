@@ -172,6 +172,35 @@ def test_a_reflashed_device_is_accepted_again_after_its_boot_counter_is_reset(cl
         repo.reset_device_boot(clean_db, legacy)
 
 
+def test_after_a_boot_counter_reset_the_status_shows_no_made_up_boot(clean_db, udp_server, sender):
+    """Between the reset and the re-flashed device's first packet, /metrics gave the device's boot as the last
+    stored boot minus the new offset: -1, which the device status page showed as 'the server has already
+    received boot -1'. That boot was received before the reset, under no offset: it is not given (None)."""
+    from semg import repo
+
+    key = b"q" * 32
+    with clean_db.cursor() as cur:
+        dev = add_device(cur, add_user(cur), "binary", channels=4, key=key)
+    srv = udp_server()
+    sender.send(_binary_packets(dev, key, 4, 10, boot=5))
+    srv.wait_for(lambda m: m["samples"]["stored"] == 100, what="the first boot stored")
+    sender.send(_binary_packets(dev, key, 4, 1, boot=1))
+    srv.wait_for(lambda m: m["rejected"].get("old_boot") == 1, what="the re-flashed device rejected")
+    repo.reset_device_boot(clean_db, dev)
+    late = _binary_packets(dev, key, 4, 20, boot=5)
+    deadline = time.monotonic() + 20  # until the server has reloaded the device (the old key is refused)
+    i = 10
+    while not srv.metrics()["rejected"].get("bad_tag") and time.monotonic() < deadline and i < 20:
+        sender.send([late[i]])
+        i += 1
+        time.sleep(0.5)
+    m = srv.wait_for(lambda m: m["rejected"].get("bad_tag"), what="the new key and offset loaded")
+    status = m["devices"][str(dev)]
+    assert status["boot"] is None, status
+    assert status["rejected_boot"] == 1
+    assert srv.stop() == 0
+
+
 def test_lost_legacy_packets_leave_a_gap_in_the_sequence(clean_db, udp_server, sender, collector):
     """A legacy device samples every 1/rate s and stamps each sample with millis(): when the clock moves on by
     more periods than packets arrived (beyond the 1 ms resolution and some latency), the missing samples are
