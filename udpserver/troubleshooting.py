@@ -28,8 +28,11 @@ REJECT_HINTS: dict[str, str] = {
                               "register a binary device and flash its secrets, or build the sketch with "
                               "SEMG_LEGACY_PROTOCOL 1",
     Reject.REPLAY: "packets repeat sequence numbers already received (two boards flashed with the same secrets, "
-                   "or duplicated packets): flash each board with its own device's secrets; a few after a "
-                   "Wi-Fi hiccup are harmless",
+                   "duplicated packets, or a re-flash with its flash erased restarted the boot counter at the "
+                   "boot last received): flash each board with its own device's secrets; after re-flashing a "
+                   "binary device, reset its boot counter ('Reset boot counter' on Gesture Management, or POST "
+                   "/devices/{id}/reset-boot) and flash the new key it gives; a few after a Wi-Fi hiccup are "
+                   "harmless",
     Reject.UNKNOWN_DEVICE: "a binary packet for a device id that is not registered (deleted, or a typo): flash the "
                            "secrets of a device registered on Gesture Management (SEMG_DEVICE_ID and its key)",
     Reject.UNKNOWN_USER: "a text packet for a user without a legacy device: flash the binary sketch with a "

@@ -72,3 +72,22 @@ def test_metrics_of_one_device(clean_db, udp_server, sender):
     assert srv._get("/metrics?device=abc")["devices"] == {}
     assert "devices" not in srv._get("/metrics?devices=0")
     assert set(srv.metrics()["devices"]) == {str(dev), str(other)}
+
+
+def test_a_device_reflashed_to_the_boot_the_server_has_is_pointed_to_the_boot_counter_reset():
+    """A board whose flash was erased restarts its boot counter at 1: when the server's last boot of it is 1 as
+    well (it never restarted since, or it is the first boot after a reset), its packets repeat sequence numbers
+    already received and are rejected as `replay`, whose hint spoke only of two boards sharing secrets, so the
+    owner never learnt that resetting the boot counter is what lets the board in again."""
+    new_key = bytes(range(1, 33))
+    ing = Ingestor()
+    ing.set_devices({3: DeviceInfo(3, 30, "binary", 4, 500.0, KEY)}, {})
+    assert isinstance(ing.handle(_pkt(3, boot=1, seq0=0, n=100), 1000.0), Record)
+    reason = ing.handle(_pkt(3, boot=1, seq0=0), 1001.0)  # re-flashed (flash erased): boot 1, seq 0 again
+    assert not isinstance(reason, Record)
+    hint = REJECT_HINTS[reason.value]
+    assert "re-flash" in hint and "reset its boot counter" in hint, hint
+    # what the hint says to do works: the reset's offset (past boot 1) and key take the board's boot 1
+    ing.set_devices({3: DeviceInfo(3, 30, "binary", 4, 500.0, new_key, boot_offset=2)}, {})
+    r = ing.handle(_pkt(3, key=new_key, boot=1, seq0=0), 1002.0)
+    assert isinstance(r, Record) and r.boot == 3
