@@ -120,6 +120,19 @@ def test_a_packet_longer_than_a_message_is_split(clean_db, udp_server, sender, c
     assert srv.stop() == 0
 
 
+def _reflashed_device(clean_db, udp_server, sender, key: bytes, rejected: int):
+    """A device whose 100 samples of boot 5 are stored, then re-flashed: `rejected` packets of its boot 1 were
+    refused as old_boot. Returns (device id, running server)."""
+    with clean_db.cursor() as cur:
+        dev = add_device(cur, add_user(cur), "binary", channels=4, key=key)
+    srv = udp_server()
+    sender.send(_binary_packets(dev, key, 4, 10, boot=5))
+    srv.wait_for(lambda m: m["samples"]["stored"] == 100, what="the first boot stored")
+    sender.send(_binary_packets(dev, key, 4, rejected, boot=1))
+    srv.wait_for(lambda m: m["rejected"].get("old_boot") == rejected, what="the re-flashed device rejected")
+    return dev, srv
+
+
 def test_a_reflashed_device_is_accepted_again_after_its_boot_counter_is_reset(clean_db, udp_server, sender):
     """Re-flashing the sketch restarts its boot counter (in NVS): the server rejected every packet as old_boot
     and the only remedy was to register a new device. Resetting the device's boot counter makes the running
@@ -128,14 +141,8 @@ def test_a_reflashed_device_is_accepted_again_after_its_boot_counter_is_reset(cl
     from semg import repo
 
     key = b"r" * 32
-    with clean_db.cursor() as cur:
-        dev = add_device(cur, add_user(cur), "binary", channels=4, key=key)
-    srv = udp_server()
-    sender.send(_binary_packets(dev, key, 4, 10, boot=5))
-    srv.wait_for(lambda m: m["samples"]["stored"] == 100, what="the first boot stored")
-    reflashed = _binary_packets(dev, key, 4, 20, boot=1)
-    sender.send(reflashed[:10])
-    m = srv.wait_for(lambda m: m["rejected"].get("old_boot") == 10, what="the re-flashed device rejected")
+    dev, srv = _reflashed_device(clean_db, udp_server, sender, key, rejected=10)
+    m = srv.metrics()
     assert m["devices"][str(dev)]["rejected_boot"] == 1 and m["devices"][str(dev)]["boot"] == 5
 
     new_key = bytes.fromhex(repo.reset_device_boot(clean_db, dev)["secret_key_hex"])
@@ -179,13 +186,7 @@ def test_after_a_boot_counter_reset_the_status_shows_no_made_up_boot(clean_db, u
     from semg import repo
 
     key = b"q" * 32
-    with clean_db.cursor() as cur:
-        dev = add_device(cur, add_user(cur), "binary", channels=4, key=key)
-    srv = udp_server()
-    sender.send(_binary_packets(dev, key, 4, 10, boot=5))
-    srv.wait_for(lambda m: m["samples"]["stored"] == 100, what="the first boot stored")
-    sender.send(_binary_packets(dev, key, 4, 1, boot=1))
-    srv.wait_for(lambda m: m["rejected"].get("old_boot") == 1, what="the re-flashed device rejected")
+    dev, srv = _reflashed_device(clean_db, udp_server, sender, key, rejected=1)
     repo.reset_device_boot(clean_db, dev)
     late = _binary_packets(dev, key, 4, 20, boot=5)
     deadline = time.monotonic() + 20  # until the server has reloaded the device (the old key is refused)
