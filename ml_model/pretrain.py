@@ -485,7 +485,7 @@ def cli_pretrain(
             summary["artifact_id"] = register_base(weights, meta, settings)
         except psycopg2.Error as e:  # the base is on disk: say where, the training need not be repeated
             raise ConnectionError(
-                f"the base was saved in {out} but not registered ({first_line(e)}); once the database is back: "
+                f"the base was saved in {out} but not registered ({first_line(e)}); once that is fixed: "
                 f"python -c \"from ml_model import artifacts, pretrain; "
                 f"print(pretrain.register_base(*artifacts.read_artifact_dir('{out}')))\"") from None
     return summary
