@@ -77,9 +77,10 @@ STORE_INTERVAL_S = 0.5
 # A user's second device is ignored while the first streams (two interleaved streams would reset each other
 # on every message and nothing would be decided); it takes over after this long without the first.
 DEVICE_HANDOVER_S = 1.0
-# How fast a device clock may fall behind the server's (s per s) for `UserStream.taken_times`: far above a crystal's
-# drift (~50 ppm), far below what a backlog looks like (a sensor that kept samples through a WiFi outage sends
-# them seconds after they were taken, at once, with fresh receive times).
+# How fast a device clock may fall behind the server's, or the UDP server host's clock behind this one's (s per s),
+# for `UserStream.taken_times` and `HostClock`: far above a crystal's drift (~50 ppm) or NTP's slew
+# (500 ppm), far below what a backlog looks like (a sensor that kept samples through a WiFi outage sends them
+# seconds after they were taken, at once, with fresh receive times).
 CLOCK_RISE = 1e-3
 MAX_STORE_BACKLOG = 200_000
 STATS_INTERVAL_S = float(os.environ.get("SEMG_INFERENCE_STATS_S", "60"))
@@ -120,6 +121,30 @@ class ModelSpec:
 
 
 # ---- per-user stream buffer -------------------------------------------------------------------------
+class HostClock:
+    """This worker's monotonic clock minus the UDP server host's clock, plus the fastest publication seen.
+
+    A message that arrived here at `arrival` (this worker's clock) and whose newest sample the server received
+    at `recv` (its clock): the smallest difference seen (allowed to rise by CLOCK_RISE) is the offset between the
+    two hosts' clocks plus the fastest path from receiving to delivering here. So windows age on one clock
+    whether or not the hosts' clocks agree (a worker on another host, no NTP), and a backlog the server
+    publishes late (after a NATS/PostgreSQL outage) still shows its age by its receive times. One per worker:
+    any live device anchors it, also for a device whose first messages here are a backlog.
+    """
+
+    def __init__(self) -> None:
+        self.lifted: float | None = None  # running min of arrival - recv - CLOCK_RISE * arrival
+
+    def see(self, arrival: float, recv: float) -> None:
+        lifted = arrival - recv - CLOCK_RISE * arrival
+        if self.lifted is None or lifted < self.lifted:
+            self.lifted = lifted
+
+    def offset(self, now: float) -> float:
+        """Add to a server time to get this worker's monotonic time (as of `now`, this worker's clock)."""
+        return self.lifted + CLOCK_RISE * now
+
+
 @dataclass
 class Ready:
     """Windows of one user cut from one contiguous run, waiting for /predict."""
@@ -132,6 +157,7 @@ class Ready:
     end_millis: np.ndarray  # (n,) its device clock
     end_recv: np.ndarray  # (n,) its server receive time
     end_taken: np.ndarray  # (n,) when it was taken, on the server's clock (UserStream.taken_times)
+    host: HostClock  # the server's clock -> this worker's (aged when taken for /predict, by the newest estimate)
     queued_at: float  # monotonic
     epoch: int = 0  # the stream's vote epoch when cut (see UserStream.new_votes)
 
@@ -149,6 +175,10 @@ class Ready:
         self.end_recv = np.concatenate([self.end_recv, other.end_recv])
         self.end_taken = np.concatenate([self.end_taken, other.end_taken])
 
+    def ages(self, now: float) -> np.ndarray:
+        """(n,) how long ago each window's last sample was taken, at `now` (this worker's monotonic clock)."""
+        return now - (self.end_taken + self.host.offset(now))
+
 
 _EPOCHS = itertools.count(1)  # process-wide, so a replaced stream never reuses an epoch number
 
@@ -156,8 +186,9 @@ _EPOCHS = itertools.count(1)  # process-wide, so a replaced stream never reuses 
 class UserStream:
     """A user's recent samples, cut into the model's windows on the absolute sequence grid."""
 
-    def __init__(self, user_id: int, spec: ModelSpec, votes: int):
+    def __init__(self, user_id: int, spec: ModelSpec, votes: int, host: HostClock | None = None):
         self.user_id = user_id
+        self.host = HostClock() if host is None else host
         self.spec = spec
         self.history: deque[np.ndarray] = deque(maxlen=votes)
         self.history_model: int | None = None  # the model whose probabilities are in `history`
@@ -236,8 +267,9 @@ class UserStream:
                     new[:keep] = old[:keep]
                     setattr(self, name, new)
 
-    def append(self, msg: SamplesMessage) -> Ready | None:
-        """Add a message's samples; returns the windows they complete (None if none).
+    def append(self, msg: SamplesMessage, arrival: float | None = None) -> Ready | None:
+        """Add a message's samples (arrived at `arrival`, this worker's monotonic clock; default now); returns the
+        windows they complete (None if none).
 
         A sample is (device, boot, seq): samples of the current run seen before (the UDP server publishes at
         least once and re-sends a batch after a timeout) are skipped, so no window is decided twice. A forward
@@ -245,11 +277,14 @@ class UserStream:
         """
         seq0, k = msg.seq0, len(msg.values)
         now = time.monotonic()
+        if arrival is None:
+            arrival = now
         if (self.next_seq is not None and msg.device_id != self.device_id
                 and now - self.last_message < DEVICE_HANDOVER_S):
             self.other_device += k
             return None
         self.last_message = now
+        self.host.see(arrival, max(msg.recv_time))
         values, millis, recv = msg.values, msg.device_millis, msg.recv_time
         same_run = self.next_seq is not None and msg.device_id == self.device_id and msg.boot == self.boot
         if same_run and seq0 < self.next_seq:
@@ -291,8 +326,8 @@ class UserStream:
         starts = idx - win + 1
         windows = np.stack([self.values[s:s + win] for s in starts]).transpose(0, 2, 1)
         return Ready(self.user_id, self.spec, msg.device_id, np.ascontiguousarray(windows), ends,
-                     self.millis[idx].copy(), self.recv[idx].copy(), self.taken[idx].copy(), time.monotonic(),
-                     self.epoch)
+                     self.millis[idx].copy(), self.recv[idx].copy(), self.taken[idx].copy(), self.host,
+                     time.monotonic(), self.epoch)
 
 
 # ---- worker membership (which users are mine) ------------------------------------------------------
@@ -437,6 +472,7 @@ class Worker:
     pending: deque[Ready] = field(default_factory=deque)
     to_store: list[tuple] = field(default_factory=list)
     stats: Stats = field(default_factory=Stats)
+    host_clock: HostClock = field(default_factory=HostClock)  # shared by all streams (one UDP server)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _stopping: bool = False
     _drained: bool = False  # no more samples will arrive (subscriptions drained)
@@ -476,7 +512,7 @@ class Worker:
             return
         stream = self.streams.get(uid)
         if stream is None or stream.spec.shape != spec.shape:
-            stream = self.streams[uid] = UserStream(uid, spec, self.opts.votes)
+            stream = self.streams[uid] = UserStream(uid, spec, self.opts.votes, self.host_clock)
         elif stream.spec != spec:  # a new model reading the same windows: keep the samples, not the votes
             stream.spec = spec
             stream.new_votes()
@@ -511,21 +547,21 @@ class Worker:
         batch: list[Ready] = []
         last_of: dict[int, Ready] = {}  # user -> that user's last item in this batch
         n = 0
-        now, wall = time.monotonic(), time.time()
+        now = time.monotonic()
         while self.pending and n < self.opts.max_batch_windows:
             r = self.pending[0]
-            newest_age = wall - r.end_taken[-1]
+            ages = r.ages(now)
+            newest_age = ages[-1]
             if now - r.queued_at > self.opts.max_age_s or newest_age > self.opts.max_age_s:
                 self.pending.popleft()
                 self.stats.dropped += len(r.windows)
                 if newest_age > self.opts.max_age_s:
                     self._warn_every("stale", "dropping windows of samples taken %.1f s ago (older than --max-age "
-                                     "%g s: a backlog after an outage of NATS/PostgreSQL or of the sensor's WiFi, or "
-                                     "this host's clock is ahead of the UDP server's)", newest_age,
-                                     self.opts.max_age_s)
+                                     "%g s: a backlog after an outage of NATS/PostgreSQL or of the sensor's WiFi)",
+                                     newest_age, self.opts.max_age_s)
                 continue
-            if wall - r.end_taken[0] > self.opts.max_age_s:  # the run resumed live after a backlog: keep the fresh
-                fresh = wall - r.end_taken <= self.opts.max_age_s
+            if ages[0] > self.opts.max_age_s:  # the run resumed live after a backlog: keep the fresh
+                fresh = ages <= self.opts.max_age_s
                 self.stats.dropped += int(np.count_nonzero(~fresh))
                 r.keep(fresh)
             prev = last_of.get(r.user_id)

@@ -18,9 +18,10 @@ def expected_ends(seq_first: int, seq_last: int, window: int, step: int) -> list
 
 
 def samples_message(user_id: int, device_id: int, seq0: int, values: np.ndarray, rate: float, boot: int = 0,
-                    t0: float | None = None) -> bytes:
+                    t0: float | None = None, skew: float = 0.0) -> bytes:
+    """Receive times `t0` (default now), on a UDP server host whose clock is `skew` s ahead of this one."""
     n = len(values)
-    now = time.time() if t0 is None else t0
+    now = (time.time() if t0 is None else t0) + skew
     millis = [(seq0 + i) * 1000.0 / rate for i in range(n)]
     return SamplesMessage(userid=user_id, device_id=device_id, boot=boot, sample_rate_hz=rate,
                           channels=values.shape[1], seq0=seq0, device_millis=millis, recv_time=[now] * n,

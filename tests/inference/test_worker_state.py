@@ -7,6 +7,7 @@ import asyncio
 import time
 
 import numpy as np
+import pytest
 
 from ml_model.nat_inference import ModelSpec, Options, UserStream, Worker
 from ml_model.rest.schemas import MAX_PREDICT_ITEMS, PredictRequest
@@ -140,20 +141,24 @@ def _timed(uid: int, seq0: int, n: int, recv: float, boot: int = 0, device: int 
                           values=[[seq0 + i, -(seq0 + i)] for i in range(n)])
 
 
-def test_samples_a_sensor_kept_through_a_wifi_outage_are_not_decided_as_live():
+@pytest.mark.parametrize("skew", [0.0, -3600.0, 3600.0])
+def test_samples_a_sensor_kept_through_a_wifi_outage_are_not_decided_as_live(skew):
     """The sketch keeps ~2 s of samples while its WiFi is down and sends them when it is back: they arrive with
     fresh receive times, so only the device clock shows how old they are. Windows of samples taken longer ago
-    than --max-age get no decision; the fresh end of the backlog does."""
+    than --max-age get no decision; the fresh end of the backlog does. The UDP server's clock may be `skew` s
+    ahead of the worker's (another host): the ages are the same."""
     w = _worker(max_age_s=1.0, max_batch_windows=100_000)
     s = UserStream(1, SPEC, votes=3)
-    t0 = time.time() - 6.6  # device time 0 on the server's clock; "now" is 6.6 s into the stream
+    m0 = time.monotonic() - 6.6  # device time 0 on the worker's clock; "now" is 6.6 s into the stream
+    t0 = time.time() - 6.6 + skew  # the same on the UDP server's clock
     lat = np.random.default_rng(0).uniform(0.02, 0.04, 60)  # each packet of 5 samples arrives 20-40 ms after
     for i, seq0 in enumerate(range(0, 300, 5)):  # 3 s live, long decided (not pending here)
-        s.append(_timed(1, seq0, 5, t0 + (seq0 + 4) / 100 + lat[i]))
+        s.append(_timed(1, seq0, 5, t0 + (seq0 + 4) / 100 + lat[i]), arrival=m0 + (seq0 + 4) / 100 + lat[i] + 0.002)
     # WiFi down from 3 s to 6.5 s: the sensor kept 3.5 s of samples and sends them all, received at 6.53 s
-    r = s.append(_timed(1, 300, 350, t0 + 6.53))
-    # the estimate is the true time taken plus the fastest delivery (20 ms), never the receive time
-    assert np.all(np.abs(r.end_taken - (t0 + r.end_seq / 100) - 0.02) < 0.005)
+    r = s.append(_timed(1, 300, 350, t0 + 6.53), arrival=m0 + 6.532)
+    # the estimate is the true time taken plus the fastest delivery (20 + 2 ms), never the receive time
+    taken = r.end_taken + r.host.offset(m0 + 6.532)  # on the worker's clock
+    assert np.all(np.abs(taken - (m0 + r.end_seq / 100) - 0.022) < 0.005)
     w.pending.append(r)
     n_windows = len(r.end_seq)
     decided = np.concatenate([b.end_seq for b in w._take_batch()])
@@ -173,3 +178,23 @@ def test_the_clock_estimate_follows_a_device_clock_that_runs_slow():
     assert rr - taken[0] < 0.05  # the live sample is seen as taken ~now (within the delivery delay)
     # a new boot starts a new estimate
     assert s.taken_times(1, 1, np.array([0.0]), np.array([5000.0]))[0] == 5000.0
+
+
+def test_a_backlog_a_worker_sees_first_is_aged_by_the_server_clock_another_device_anchors():
+    """A worker (re)started while the UDP server publishes what it kept through an outage: the first samples it
+    sees of user 1's device are 10 s old. User 2's live device tells the worker how the server's clock (here an
+    hour ahead) maps to its own, so user 1's backlog is stale, and only its last --max-age is decided."""
+    w = _worker(max_age_s=2.0, max_batch_windows=100_000)
+    m_now, skew = time.monotonic(), 3600.0
+    t_now = time.time() + skew  # the server's clock
+    live = UserStream(2, SPEC, votes=3, host=w.host_clock)
+    for i in range(10):  # user 2: live, each packet here 3 ms after the server received it
+        live.append(_timed(2, 5 * i, 5, t_now - 0.5 + 0.05 * i, device=2), arrival=m_now - 0.5 + 0.05 * i + 0.003)
+    s = UserStream(1, SPEC, votes=3, host=w.host_clock)
+    for i, seq0 in enumerate(range(0, 1000, 10)):  # user 1: 10 s kept by the server, published in 0.2 s
+        r = s.append(_timed(1, seq0, 10, t_now - 10 + (seq0 + 9) / 100),
+                      arrival=m_now - 0.2 + 0.002 * i)
+        if r is not None:
+            w.pending.append(r)
+    decided = np.concatenate([b.end_seq for b in w._take_batch()])
+    assert 795 <= decided.min() <= 805 and decided.max() == 999, decided
