@@ -82,6 +82,11 @@ DEVICE_HANDOVER_S = 1.0
 # (500 ppm), far below what a backlog looks like (a sensor that kept samples through a WiFi outage sends them
 # seconds after they were taken, at once, with fresh receive times).
 CLOCK_RISE = 1e-3
+# Every delivery this long slower than the HostClock anchor by over CLOCK_STEP_MIN_S: the UDP server host's clock
+# stepped back (NTP starting late), not a backlog (published in seconds, and live devices' deliveries interleave
+# with it): re-anchor. Until then its windows look stale; without it, CLOCK_RISE would take an hour per 3.6 s.
+CLOCK_STEP_BACK_S = 60.0
+CLOCK_STEP_MIN_S = 1.0
 MAX_STORE_BACKLOG = 200_000
 STATS_INTERVAL_S = float(os.environ.get("SEMG_INFERENCE_STATS_S", "60"))
 
@@ -134,11 +139,23 @@ class HostClock:
 
     def __init__(self) -> None:
         self.lifted: float | None = None  # running min of arrival - recv - CLOCK_RISE * arrival
+        self._slow_since: float | None = None  # arrival since which every delivery was slower than the anchor
+        self._slow_min = 0.0  # the smallest `lifted` of those deliveries
 
     def see(self, arrival: float, recv: float) -> None:
         lifted = arrival - recv - CLOCK_RISE * arrival
-        if self.lifted is None or lifted < self.lifted:
-            self.lifted = lifted
+        if self.lifted is None or lifted < self.lifted + CLOCK_STEP_MIN_S:
+            if self.lifted is None or lifted < self.lifted:
+                self.lifted = lifted
+            self._slow_since = None
+        elif self._slow_since is None:
+            self._slow_since, self._slow_min = arrival, lifted
+        else:
+            self._slow_min = min(self._slow_min, lifted)
+            if arrival - self._slow_since >= CLOCK_STEP_BACK_S:  # the server's clock stepped back
+                log.warning("the UDP server host's clock went back by %.1f s: windows are aged by its new time",
+                            self._slow_min - self.lifted)
+                self.lifted, self._slow_since = self._slow_min, None
 
     def offset(self, now: float) -> float:
         """Add to a server time to get this worker's monotonic time (as of `now`, this worker's clock)."""

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from ml_model.nat_inference import ModelSpec, Options, UserStream, Worker
+from ml_model.nat_inference import CLOCK_STEP_BACK_S, HostClock, ModelSpec, Options, UserStream, Worker
 from ml_model.rest.schemas import MAX_PREDICT_ITEMS, PredictRequest
 from semg.messages import SamplesMessage
 
@@ -198,3 +198,23 @@ def test_a_backlog_a_worker_sees_first_is_aged_by_the_server_clock_another_devic
             w.pending.append(r)
     decided = np.concatenate([b.end_seq for b in w._take_batch()])
     assert 795 <= decided.min() <= 805 and decided.max() == 999, decided
+
+
+def test_the_server_clock_stepping_back_is_followed_within_a_minute_and_a_backlog_is_not_taken_for_it():
+    """The UDP server host's clock steps back by 5 s (NTP starting late): deliveries then all look 5 s slow. Left
+    to CLOCK_RISE, every window would be stale for 5000 s; after CLOCK_STEP_BACK_S of it the clock re-anchors. A
+    backlog of the same length interleaved with a live device's deliveries changes nothing."""
+    host, t0 = HostClock(), 1000.0
+    for i in range(100):  # 10 s of live traffic, 3 ms from the server to here
+        host.see(t0 + 0.1 * i, 5000.0 + 0.1 * i - 0.003)
+    anchored = host.offset(t0 + 10)
+    for i in range(100, 100 + int(CLOCK_STEP_BACK_S * 10) + 10):  # the server's clock is now 5 s behind
+        host.see(t0 + 0.1 * i, 5000.0 + 0.1 * i - 0.003 - 5.0)
+        if i == 100 + int(CLOCK_STEP_BACK_S * 10) - 20:
+            assert abs(host.offset(t0 + 0.1 * i) - anchored) < 0.1  # not yet: it could still be a backlog
+    assert abs(host.offset(t0 + 0.1 * i) - (anchored + 5.0)) < 0.1
+
+    host, t0 = HostClock(), 1000.0
+    for i in range(100 + int(CLOCK_STEP_BACK_S * 10) * 2):  # a server backlog 10 s old, live deliveries between
+        host.see(t0 + 0.1 * i, 5000.0 + 0.1 * i - 0.003 - (10.0 if i >= 100 and i % 5 else 0.0))
+        assert abs(host.offset(t0 + 0.1 * i) - anchored) < 0.2
