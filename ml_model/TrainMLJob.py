@@ -143,8 +143,9 @@ def evaluate_subjects(
                          "hold out repetitions of it")
     if tests_train_session and train_cycles is not None and set(train_cycles) & set(test_cycles):
         raise ValueError(f"train cycles {train_cycles} and test cycles {test_cycles} overlap in session {train_session}")
-    if base is not None:  # a base learned every repetition of its subjects: none of theirs is held out from it
-        pretrained = artifacts.read_artifact_dir(base)[1].get("pretrain") or {}
+    base_artifact = None if base is None else artifacts.read_artifact_dir(base)  # read once, for every subject
+    if base_artifact is not None:  # a base learned every repetition of its subjects: none of theirs is held out
+        pretrained = base_artifact[1].get("pretrain") or {}
         seen = sorted(set(subjects) & set(pretrained.get("subjects") or []))
         if seen and pretrained.get("source") in (None, "myo-armband"):
             raise ValueError(f"subjects {seen} were in the pretraining data of the base {base} (all their "
@@ -171,12 +172,12 @@ def evaluate_subjects(
 
         t0, cpu0 = time.perf_counter(), time.process_time()
         train, train_cfg = training.train_model, cfg
-        if base is not None:  # fine-tune: only the options given here override the fine-tuning defaults
+        if base_artifact is not None:  # fine-tune: only the options given here override the fine-tuning defaults
             import functools
 
             from ml_model import transfer
 
-            train = functools.partial(transfer.finetune_from_training_config, base=base)
+            train = functools.partial(transfer.finetune_from_training_config, base=base_artifact)
             train_cfg = {"sample_rate_hz": cfg["sample_rate_hz"], **(config or {})}
         model, meta, metrics = train(
             x, labels, groups, train_cfg, seed=seed, progress_callback=progress, class_names=datasets.MYO_CLASS_NAMES
