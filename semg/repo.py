@@ -88,7 +88,7 @@ def _tx(conn: psycopg2.extensions.connection) -> Iterator[psycopg2.extras.RealDi
 NUL_MESSAGE = "must not contain a NUL character (\\x00): PostgreSQL text cannot store it"
 
 
-def _no_nul(field: str, value: str | None) -> str | None:
+def check_no_nul(field: str, value: str | None) -> str | None:
     """Refuse a NUL in a text field by its name (the database would fail with a message naming nothing)."""
     if value is not None and "\x00" in value:
         raise Invalid(f"{field} {NUL_MESSAGE}")
@@ -123,9 +123,9 @@ _USER_COLS = "id, name, email, notes, created_at, updated_at"
 
 
 def _clean_user(name: str | None, email: str | None, notes: str | None = None) -> tuple[str | None, str | None]:
-    _no_nul("user name", name)
-    _no_nul("email", email)
-    _no_nul("notes", notes)
+    check_no_nul("user name", name)
+    check_no_nul("email", email)
+    check_no_nul("notes", notes)
     if name is not None:
         name = name.strip()
         if not 1 <= len(name) <= 200:
@@ -204,7 +204,7 @@ def delete_user(conn, user_id: int, video_dir: Path | None = None) -> dict:
 def list_users(conn, search: str | None = None, limit: int = 100, offset: int = 0,
                only_user: int | None = None) -> list[dict]:
     """Users by id (matching `search` in name or email), or just `only_user` when given."""
-    _no_nul("search", search)
+    check_no_nul("search", search)
     # the typed text matches literally: LIKE's own % and _ and its escape character (backslash) are escaped
     literal = (search or "").strip().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     pattern = f"%{literal}%" if literal else None
@@ -240,12 +240,12 @@ def _clean_channels(channels_used: Sequence[int] | None, channel_purposes: dict 
         if not 0 <= c < MAX_CHANNELS:
             raise Invalid(f"channel purpose for channel {c}: channels are 0 to {MAX_CHANNELS - 1}")
         if str(v).strip():
-            purposes[str(c)] = _no_nul("channel purpose", str(v).strip()[:200])
+            purposes[str(c)] = check_no_nul("channel purpose", str(v).strip()[:200])
     return chans, purposes
 
 
 def _clean_gesture_name(name: str) -> str:
-    name = _no_nul("gesture name", (name or "").strip())
+    name = check_no_nul("gesture name", (name or "").strip())
     if not 1 <= len(name) <= 80:
         raise Invalid("gesture name must be 1 to 80 characters")
     if name.upper() == REST:
@@ -262,7 +262,7 @@ def list_gestures(conn, user_id: int) -> list[dict]:
 def add_gesture(conn, user_id: int, name: str, description: str = "", channels_used: Sequence[int] = (),
                 channel_purposes: dict | None = None) -> dict:
     name = _clean_gesture_name(name)
-    _no_nul("gesture description", description)
+    check_no_nul("gesture description", description)
     chans, purposes = _clean_channels(channels_used, channel_purposes)
     with _tx(conn) as cur:
         cur.execute(
@@ -276,7 +276,7 @@ def add_gesture(conn, user_id: int, name: str, description: str = "", channels_u
 def update_gesture(conn, gesture_id: int, name: str | None = None, description: str | None = None,
                    channels_used: Sequence[int] | None = None, channel_purposes: dict | None = None) -> dict:
     name = _clean_gesture_name(name) if name is not None else None
-    _no_nul("gesture description", description)
+    check_no_nul("gesture description", description)
     chans, purposes = _clean_channels(channels_used, channel_purposes)
     with _tx(conn) as cur:
         cur.execute("SELECT name FROM gestures WHERE id = %s FOR UPDATE", (gesture_id,))
@@ -318,7 +318,7 @@ _DEVICE_COLS = "id, user_id, name, protocol, channel_count, sample_rate_hz, key_
 def register_device(conn, user_id: int, channel_count: int, sample_rate_hz: float, protocol: str = "binary",
                     name: str = "") -> dict:
     """Register a sensor. A binary device gets a fresh 32-byte key, returned ONCE as secret_key_hex."""
-    _no_nul("device name", name)
+    check_no_nul("device name", name)
     if protocol not in ("binary", "legacy"):
         raise Invalid("protocol must be 'binary' or 'legacy'")
     if not 1 <= int(channel_count) <= MAX_CHANNELS:
@@ -442,7 +442,7 @@ _INTERVAL_COLS = ("id, session_id, ordinal, kind, gesture_id, label, repetition,
 
 def create_session(conn, user_id: int, device_id: int | None, gestures: Sequence[str], repetitions: int,
                    hold_s: float, rest_s: float, name: str = "") -> dict:
-    _no_nul("session name", name)
+    check_no_nul("session name", name)
     intervals = plan_intervals(gestures, repetitions, hold_s, rest_s)
     with _tx(conn) as cur:
         cur.execute("SELECT name, id FROM gestures WHERE user_id = %s", (user_id,))

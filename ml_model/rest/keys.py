@@ -43,8 +43,7 @@ def create_key(conn, role: str, user_id: int | None = None, name: str = "", key:
     name = (name or "").strip()
     if len(name) > 200:
         raise repo.Invalid("key name must be at most 200 characters")
-    if "\x00" in name:
-        raise repo.Invalid(f"key name {repo.NUL_MESSAGE}")
+    repo.check_no_nul("key name", name)
     key = key or new_key()
     with conn, _cursor(conn) as cur:
         if user_id is not None:
