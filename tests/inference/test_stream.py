@@ -117,3 +117,62 @@ def test_partition_is_deterministic_balanced_and_stable():
     moved = [u for u in users if three[u] != two[u]]
     assert all(three[u] == 2 for u in moved)  # a new worker only takes users; others stay put
     assert owner_slot(5, set()) is None and owner_slot(5, {7}) == 7
+
+
+def test_a_lost_packet_is_bridged_and_the_run_goes_on():
+    spec = ModelSpec(artifact_id=1, classes=("REST", "a"), n_device_channels=2, sample_rate_hz=100.0, window=20,
+                     step=5)  # bridges gaps of up to 5 samples
+    data = np.arange(200).reshape(100, 2).astype(float)
+    stream = UserStream(1, spec, votes=3)
+    ends, _ = _feed(stream, [_msg(0, data[0:30])])
+    epoch = stream.epoch
+    ends, wins = _feed(stream, [_msg(34, data[34:41])])  # 30..33 lost
+    assert stream.resets == 0 and stream.bridged == 4 and stream.epoch == epoch
+    assert ends == [34, 39]  # no window ends on a lost sample
+    # the window ending at 34 holds the 20 samples received up to it: 11..29 and 34
+    np.testing.assert_array_equal(wins[0].T, data[[*range(11, 30), 34]])
+    np.testing.assert_array_equal(wins[1].T, data[[*range(16, 30), *range(34, 40)]])
+    # 41..43 lost too: windows ending at 44, 49 and 54 would span both gaps, 7 lost samples, over a quarter
+    # window: not cut; the one ending at 59 spans only the second (37..40, 44..59)
+    ends, wins = _feed(stream, [_msg(44, data[44:60])])
+    assert ends == [59] and stream.too_lossy == 3 and stream.resets == 0 and stream.bridged == 7
+    np.testing.assert_array_equal(wins[0].T, data[[*range(37, 41), *range(44, 60)]])
+    ends, _ = _feed(stream, [_msg(66, data[66:90])])  # 6 lost: more than a quarter window -> a new run
+    assert stream.resets == 1 and ends == [89] and stream.epoch != epoch and stream.bridged == 7 and \
+        stream.too_lossy == 3
+
+
+def test_a_reordered_packet_takes_its_place():
+    spec = ModelSpec(artifact_id=1, classes=("REST", "a"), n_device_channels=2, sample_rate_hz=100.0, window=20,
+                     step=5)
+    data = np.arange(200).reshape(100, 2).astype(float) + 1000
+    stream = UserStream(1, spec, votes=3)
+    _feed(stream, [_msg(0, data[0:30]), _msg(34, data[34:40])])
+    ends, wins = _feed(stream, [_msg(30, data[30:34]), _msg(40, data[40:50])])  # 30..33 arrive late
+    assert stream.duplicates == 0 and ends == [44, 49]
+    np.testing.assert_array_equal(wins[0].T, data[25:45])  # contiguous again
+
+
+@settings(max_examples=80, deadline=None)
+@given(lost=st.lists(st.booleans(), min_size=5, max_size=40), size=st.integers(1, 7))
+def test_windows_across_losses_hold_the_last_received_samples_and_span_little(lost, size):
+    spec = ModelSpec(artifact_id=1, classes=("REST", "a"), n_device_channels=2, sample_rate_hz=100.0, window=24,
+                     step=4)  # bridges up to 6 lost samples
+    total = len(lost) * size
+    data = np.stack([np.arange(total), -np.arange(total)], axis=1).astype(float) + 1
+    stream = UserStream(1, spec, votes=3)
+    msgs = [_msg(i * size, data[i * size:(i + 1) * size]) for i, gone in enumerate(lost) if not gone]
+    ends, wins = _feed(stream, msgs)
+    got = sorted({m.seq0 + j for m in msgs for j in range(len(m.values))})
+    for e, w in zip(ends, wins):
+        held = [s for s in got if s <= e][-24:]
+        assert held[-1] == e and e - held[0] + 1 - 24 <= 6
+        np.testing.assert_array_equal(w.T, data[held])
+    gaps = [b - a - 1 for a, b in zip(got, got[1:]) if b - a > 1]
+    if all(g <= 6 for g in gaps):  # every gap is bridged: one run, and every grid window with little loss is cut
+        assert stream.resets == 0
+        want = [e for e in got if (e + 1) % 4 == 0 and e >= 23
+                and len([s for s in got if s <= e]) >= 24 and e - [s for s in got if s <= e][-24] + 1 - 24 <= 6]
+        assert ends == want
+    else:
+        assert stream.resets >= 1

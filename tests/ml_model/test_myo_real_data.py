@@ -69,6 +69,24 @@ def test_fire_list_quirks():
     assert _as_list(None) is None
 
 
+def test_packet_loss_bench_compares_bridging_with_restarting(myo_dir):
+    cmd = [sys.executable, "bench/packet_loss.py", "--data-dir", str(myo_dir), "--subjects", "Male8", "--epochs", "1",
+           "--loss", "0.1"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    last = json.loads(r.stdout.strip().splitlines()[-1])
+    assert last["packet_ms"] == 50.0 and last["subjects"] == ["Male8"]
+    lossless, lossy = last["loss_0"], last["loss_0.1"]
+    assert lossless["bridge"] == lossless["reset"] and lossless["bridge"]["coverage"] == 1.0
+    # the same losses: bridging decides windows across a lost packet, restarting waits for a whole window
+    assert lossy["bridge"]["coverage"] > lossy["reset"]["coverage"] + 0.1
+    assert lossy["bridge"]["windows_spanning_a_loss"] > 0 and lossy["reset"]["windows_spanning_a_loss"] == 0
+    assert lossy["bridge"]["max_silence_ms"] < lossy["reset"]["max_silence_ms"]
+    bad = subprocess.run([sys.executable, "bench/packet_loss.py", "--loss", "1.5"], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "--loss" in bad.stderr
+
+
 def test_accuracy_bench_prints_one_json_line_last(myo_dir):
     cmd = [sys.executable, "bench/accuracy.py", "--data-dir", str(myo_dir), "--subjects", "Male8", "--epochs", "1"]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
