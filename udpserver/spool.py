@@ -11,7 +11,9 @@ A chunk is what one receive burst accepted, written with one write() *before* it
                                         time0 (unix s), server_ts (unix s)
             followed by n * channels int16 LE values.
 A write that a kill interrupts leaves a chunk whose length or CRC does not check out; it was never counted,
-and recovery truncates it. The page cache survives a process kill, so no fsync per chunk is needed.
+and recovery truncates it. A chunk that does not check out before valid ones (damage, not an interrupted
+write) is skipped, so only its own packets are lost. The page cache survives a process kill, so no fsync
+per chunk is needed.
 
 Chunks are committed to PostgreSQL and then published strictly in journal order, so two positions describe
 the progress; a segment is deleted once everything in it is published. On start, chunks after `committed`
@@ -162,6 +164,27 @@ def records_by_k(payload: bytes) -> dict[int, np.ndarray]:
     return groups
 
 
+def _chunk_end(buf: bytes, off: int) -> int | None:
+    """The end of the chunk starting at `off` if its header, length and CRC check out, else None."""
+    if off + CHUNK_HDR.size > len(buf):
+        return None
+    magic, length, crc, _nrec = CHUNK_HDR.unpack_from(buf, off)
+    start = off + CHUNK_HDR.size
+    if magic != CHUNK_MAGIC or start + length > len(buf) or zlib.crc32(buf[start:start + length]) != crc:
+        return None
+    return start + length
+
+
+def _next_chunk(buf: bytes, off: int) -> int | None:
+    """The offset of the first chunk at or after `off` that checks out, or None."""
+    off = buf.find(CHUNK_MAGIC, off)
+    while off != -1:
+        if _chunk_end(buf, off) is not None:
+            return off
+        off = buf.find(CHUNK_MAGIC, off + 1)
+    return None
+
+
 class SpoolLocked(RuntimeError):
     pass
 
@@ -212,10 +235,17 @@ class Spool:
             buf = path.read_bytes()
             off = 0
             while off + CHUNK_HDR.size <= len(buf):
-                magic, length, crc, nrec = CHUNK_HDR.unpack_from(buf, off)
+                if _chunk_end(buf, off) is None:
+                    # A torn tail (nothing valid after it) is cut off below; damage before valid chunks (a bad
+                    # disk block, a power loss) costs only the damaged bytes, not every chunk after them.
+                    nxt = _next_chunk(buf, off + 1)
+                    if nxt is None:
+                        break
+                    log.error("spool %s: %d damaged bytes at offset %d skipped (the packets in them are lost); "
+                              "the chunks after them are recovered", path.name, nxt - off, off)
+                    off = nxt
+                _magic, length, _crc, nrec = CHUNK_HDR.unpack_from(buf, off)
                 start = off + CHUNK_HDR.size
-                if magic != CHUNK_MAGIC or start + length > len(buf) or zlib.crc32(buf[start:start + length]) != crc:
-                    break
                 payload = buf[start:start + length]
                 per_device: dict[int, list[int]] = {}
                 nsamples = 0

@@ -13,7 +13,7 @@ from udpserver import protocol
 from udpserver.clock import WRAP, DeviceClock
 from udpserver.ingest import DeviceInfo, Ingestor, Record, Resume
 from udpserver.protocol import BinaryPacket, LegacyPacket, Reject
-from udpserver.spool import ChunkBuilder, Spool, SpoolLocked, iter_records
+from udpserver.spool import CHUNK_HDR, ChunkBuilder, Spool, SpoolLocked, iter_records
 
 KEY = bytes(range(32))
 
@@ -293,6 +293,33 @@ def test_spool_recovers_chunks_and_truncates_a_torn_write(tmp_path):
     b = ChunkBuilder()
     b.add(_record(40))
     assert sp.append(b, keep=False).seg > first_seg  # new data sorts after the published cursor
+    sp.close()
+
+
+@pytest.mark.parametrize("where", [CHUNK_HDR.size + 20, 0], ids=["payload", "header"])
+def test_spool_damage_costs_only_the_damaged_chunk(tmp_path, caplog, where):
+    """A chunk that does not check out in the middle of a segment (a bad block, a power loss) was taken for an
+    interrupted write: the segment was truncated there, silently losing every good chunk after it."""
+    sp = Spool(tmp_path, max_bytes=1 << 20)
+    offsets = []
+    for i in range(5):
+        b = ChunkBuilder()
+        b.add(_record(10 * i))
+        offsets.append(sp.append(b, keep=False).off)
+    seg_no = sp.cur_seg
+    sp.close()
+    seg = tmp_path / f"seg-{seg_no:010d}.spool"
+    data = bytearray(seg.read_bytes())
+    data[offsets[1] + where] ^= 0xFF
+    seg.write_bytes(bytes(data))
+    sp = Spool(tmp_path, max_bytes=1 << 20)
+    with caplog.at_level("ERROR", logger="udpserver.spool"):
+        chunks, resume = sp.recover()
+    recs = [h for c in chunks for h, _, _ in iter_records(sp.read(c))]
+    assert [h[3] for h in recs] == [0, 20, 30, 40]
+    assert resume[3].last_seq == 41
+    assert seg.stat().st_size == len(data)
+    assert f"{offsets[2] - offsets[1]} damaged bytes at offset {offsets[1]} skipped" in caplog.text
     sp.close()
 
 
