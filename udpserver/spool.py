@@ -44,6 +44,7 @@ CHUNK_MAGIC = b"SPK1"
 CHUNK_HDR = struct.Struct("<4sIII")
 REC_HDR = struct.Struct("<qqqqHHfddd")
 _SEG_PREFIX, _SEG_SUFFIX = "seg-", ".spool"
+_SET_ASIDE = ".unreadable"  # appended to the name of a segment recovery cannot read
 # Heap of a queued Chunk (object, per_device dict and lists), counted against --memory-max-mb: one per
 # receive burst adds up to gigabytes for a full spool of small bursts, beyond the payload bytes.
 CHUNK_OVERHEAD = 512
@@ -219,62 +220,105 @@ class Spool:
 
     def recover(self) -> tuple[list[Chunk], dict[int, Resume]]:
         """Scan the segments left by a previous run: their valid chunks (payload not kept in memory) and
-        the furthest position of every device found in them. Torn tails are truncated."""
+        the furthest position of every device found in them. Torn tails are truncated. A segment that cannot
+        be read is set aside (renamed *.unreadable) and comes back, after the others, once it can be read."""
         cur = self.dir / "cursors.json"
         if cur.exists():
             try:
                 c = json.loads(cur.read_text())
                 self.committed, self.published = tuple(c["committed"]), tuple(c["published"])
-            except (ValueError, KeyError, TypeError):
+            except (OSError, ValueError, KeyError, TypeError):
                 log.warning("unreadable %s: replaying the whole spool (idempotent)", cur)
         chunks: list[Chunk] = []
         resume: dict[int, Resume] = {}
-        segs = sorted(int(p.name[len(_SEG_PREFIX):-len(_SEG_SUFFIX)]) for p in self.dir.glob(f"{_SEG_PREFIX}*{_SEG_SUFFIX}"))
+        segs = []
+        for p in self.dir.glob(f"{_SEG_PREFIX}*{_SEG_SUFFIX}"):
+            number = p.name[len(_SEG_PREFIX):-len(_SEG_SUFFIX)]
+            if number.isdecimal() and p.name == self._path(int(number)).name:
+                segs.append(int(number))
+            else:
+                log.warning("spool: ignoring %s, which is not a spool segment", p.name)
+        segs.sort()
+        aside = sorted(self.dir.glob(f"{_SEG_PREFIX}*{_SEG_SUFFIX}{_SET_ASIDE}"))
         for seg in segs:
             path = self._path(seg)
-            buf = path.read_bytes()
-            off = 0
-            while off + CHUNK_HDR.size <= len(buf):
-                if _chunk_end(buf, off) is None:
-                    # A torn tail (nothing valid after it) is cut off below; damage before valid chunks (a bad
-                    # disk block, a power loss) costs only the damaged bytes, not every chunk after them.
-                    nxt = _next_chunk(buf, off + 1)
-                    if nxt is None:
-                        break
-                    log.error("spool %s: %d damaged bytes at offset %d skipped (the packets in them are lost); "
-                              "the chunks after them are recovered", path.name, nxt - off, off)
-                    off = nxt
-                _magic, length, _crc, nrec = CHUNK_HDR.unpack_from(buf, off)
-                start = off + CHUNK_HDR.size
-                payload = buf[start:start + length]
-                per_device: dict[int, list[int]] = {}
-                nsamples = 0
-                for h, _voff, _vlen in iter_records(payload):
-                    dev, boot, seq0, n = h[1], h[2], h[3], h[4]
-                    c = per_device.setdefault(dev, [0, 0])
-                    c[0] += 1
-                    c[1] += n
-                    nsamples += n
-                    last = seq0 + n - 1
-                    r = resume.get(dev)
-                    if r is None or (boot, last) > (r.boot, r.last_seq):
-                        resume[dev] = Resume(boot, last, h[7] + (n - 1) * 1000.0 / h[6], h[9])
-                end = start + length
-                if (seg, end) > self.published:
-                    c = Chunk(seg, off, end, nrec, nsamples, per_device, None, replayed=(seg, end) > self.committed)
-                    if not (chunks and chunks[-1].absorb(c)):
-                        chunks.append(c)
-                off = end
-            if off < len(buf):
-                log.warning("spool %s: discarding %d bytes of an interrupted write at offset %d",
-                            path.name, len(buf) - off, off)
-                os.truncate(path, off)
-            self.seg_sizes[seg] = off
-            self.sealed.add(seg)
+            try:
+                buf = path.read_bytes()
+            except OSError as e:  # a directory, another owner or mode, an I/O error: the rest must still come back
+                self._set_aside(path, e)
+                continue
+            self._scan(seg, path, buf, chunks, resume)
         # New segments must sort after everything the cursors have seen, even if all files are gone.
         self.cur_seg = max([0, self.committed[0], self.published[0], *segs])
+        # Set aside by an earlier start and readable now: the cursors have passed its number, so it is stored
+        # under a new one, after everything else (re-inserting what may already be stored is idempotent).
+        for path in aside:
+            try:
+                buf = path.read_bytes()
+            except OSError as e:
+                log.error("spool segment %s still cannot be read (%s): its packets wait there", path,
+                          e.strerror or e)
+                continue
+            self.cur_seg += 1
+            os.rename(path, self._path(self.cur_seg))
+            log.warning("spool segment %s can be read again: its packets are stored (as %s)", path.name,
+                        self._path(self.cur_seg).name)
+            self._scan(self.cur_seg, self._path(self.cur_seg), buf, chunks, resume)
         self.release_published()
         return chunks, resume
+
+    def _set_aside(self, path: Path, err: OSError) -> None:
+        why = err.strerror or str(err)
+        try:
+            os.rename(path, path.with_name(path.name + _SET_ASIDE))
+        except OSError as e:
+            log.error("spool segment %s cannot be read (%s) nor set aside (%s): its packets are not stored",
+                      path, why, e.strerror or e)
+            return
+        log.error("spool segment %s cannot be read (%s): set aside as %s%s; its packets are stored by the first "
+                  "start after it can be read", path, why, path.name, _SET_ASIDE)
+
+    def _scan(self, seg: int, path: Path, buf: bytes, chunks: list[Chunk], resume: dict[int, Resume]) -> None:
+        """Add the valid chunks of segment `seg` (contents `buf`) not yet published to `chunks`, its devices'
+        positions to `resume`; truncate a torn tail."""
+        off = 0
+        while off + CHUNK_HDR.size <= len(buf):
+            if _chunk_end(buf, off) is None:
+                # A torn tail (nothing valid after it) is cut off below; damage before valid chunks (a bad
+                # disk block, a power loss) costs only the damaged bytes, not every chunk after them.
+                nxt = _next_chunk(buf, off + 1)
+                if nxt is None:
+                    break
+                log.error("spool %s: %d damaged bytes at offset %d skipped (the packets in them are lost); "
+                          "the chunks after them are recovered", path.name, nxt - off, off)
+                off = nxt
+            _magic, length, _crc, nrec = CHUNK_HDR.unpack_from(buf, off)
+            start = off + CHUNK_HDR.size
+            payload = buf[start:start + length]
+            per_device: dict[int, list[int]] = {}
+            nsamples = 0
+            for h, _voff, _vlen in iter_records(payload):
+                dev, boot, seq0, n = h[1], h[2], h[3], h[4]
+                c = per_device.setdefault(dev, [0, 0])
+                c[0] += 1
+                c[1] += n
+                nsamples += n
+                last = seq0 + n - 1
+                r = resume.get(dev)
+                if r is None or (boot, last) > (r.boot, r.last_seq):
+                    resume[dev] = Resume(boot, last, h[7] + (n - 1) * 1000.0 / h[6], h[9])
+            end = start + length
+            if (seg, end) > self.published:
+                c = Chunk(seg, off, end, nrec, nsamples, per_device, None, replayed=(seg, end) > self.committed)
+                if not (chunks and chunks[-1].absorb(c)):
+                    chunks.append(c)
+            off = end
+        if off < len(buf):
+            log.warning("spool %s: discarding %d bytes of an interrupted write at offset %d",
+                        path.name, len(buf) - off, off)
+            os.truncate(path, off)
+        self.seg_sizes[seg] = off
+        self.sealed.add(seg)
 
     # ---- appending (event loop thread) ------------------------------------------------------------
     @property

@@ -323,6 +323,44 @@ def test_spool_damage_costs_only_the_damaged_chunk(tmp_path, caplog, where):
     sp.close()
 
 
+def test_spool_recovery_survives_foreign_and_unreadable_segments(tmp_path, caplog):
+    """A file named like a segment but not one (a copy) stopped every start with a ValueError traceback, and a
+    segment that could not be read (a directory, another owner) with an OSError: the server never came up. Now
+    the copy is ignored, the unreadable segment is set aside, and stored by the first start that can read it."""
+    sp = Spool(tmp_path, max_bytes=1 << 20, segment_age_s=0)  # one segment per chunk
+    for i in range(3):
+        b = ChunkBuilder()
+        b.add(_record(10 * i))
+        sp.append(b, keep=False)
+    sp.close()
+    (tmp_path / "seg-0000000001 (copy).spool").write_bytes(b"whatever")
+    second = tmp_path / "seg-0000000002.spool"
+    saved = second.read_bytes()
+    second.unlink()
+    second.mkdir()  # cannot be read as a file
+    sp = Spool(tmp_path, max_bytes=1 << 20)
+    with caplog.at_level("WARNING", logger="udpserver.spool"):
+        chunks, _ = sp.recover()
+    assert [h[3] for c in chunks for h, _, _ in iter_records(sp.read(c))] == [0, 20]
+    assert "ignoring seg-0000000001 (copy).spool" in caplog.text
+    assert "seg-0000000002.spool cannot be read (Is a directory): set aside as seg-0000000002.spool.unreadable" \
+        in caplog.text
+    for c in chunks:  # stored and published: the cursors pass the number of the segment set aside
+        sp.mark_committed(c)
+        sp.mark_published(c)
+    sp.release_published()
+    sp.close()
+    aside = tmp_path / "seg-0000000002.spool.unreadable"
+    aside.rmdir()
+    aside.write_bytes(saved)  # readable again
+    sp = Spool(tmp_path, max_bytes=1 << 20)
+    chunks, resume = sp.recover()
+    assert [h[3] for c in chunks for h, _, _ in iter_records(sp.read(c))] == [10]
+    assert all(c.replayed for c in chunks) and resume[3].last_seq == 11
+    assert not aside.exists() and (tmp_path / f"seg-{chunks[0].seg:010d}.spool").exists() and chunks[0].seg > 3
+    sp.close()
+
+
 def test_spool_bound_and_single_owner(tmp_path):
     sp = Spool(tmp_path, max_bytes=300)
     b = ChunkBuilder()
