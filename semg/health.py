@@ -43,6 +43,22 @@ def check_postgres(s: Settings) -> tuple[bool, str]:
         return False, str(e).strip().splitlines()[0]
 
 
+def check_udpserver(s: Settings) -> tuple[bool, str]:
+    """Up, and able to journal what it accepts (degraded only by PostgreSQL or NATS being away is up: it spools)."""
+    url = f"http://{s.service_url_host}:{s.udp_metrics_port}/health"
+    try:
+        r = httpx.get(url, timeout=2)
+    except httpx.HTTPError as e:
+        return False, f"{url}: {type(e).__name__}"
+    if r.status_code != 200:
+        return False, f"{url}: HTTP {r.status_code}"
+    with contextlib.suppress(ValueError, AttributeError):
+        error = r.json().get("spool_error")
+        if error:
+            return False, f"{url}: the spool cannot be written ({error}): packets are dropped"
+    return True, url
+
+
 def supervisor_states(s: Settings) -> dict[str, str]:
     """Program -> state from this instance's supervisord (XML-RPC on its socket), or {} if it is not running."""
     sock = s.state_dir / "run" / "supervisor.sock"
@@ -64,7 +80,7 @@ def supervisor_states(s: Settings) -> dict[str, str]:
 def check_all(s: Settings) -> dict[str, tuple[bool, str]]:
     results: dict[str, tuple[bool, str]] = {"postgres": check_postgres(s)}
     results["api"] = _http_ok(f"{s.api_url}/health", expect_json_status=True)
-    results["udpserver"] = _http_ok(f"http://{s.service_url_host}:{s.udp_metrics_port}/health")
+    results["udpserver"] = check_udpserver(s)
     results["ui"] = _http_ok(f"http://{s.service_url_host}:{s.ui_port}/_stcore/health")
     states = supervisor_states(s)
     for prog in ("inference", "trainer"):

@@ -920,9 +920,13 @@ def _check_udp(s: Settings) -> dict:
         r = _udp_metrics(s, url)
         body = r.json()
         samples = body.get("samples", {}) if isinstance(body, dict) else {}
-        ok = r.status_code == 200 and body.get("db_connected", True) and body.get("nats_connected", True)
+        spool_error = body.get("spool_error")
+        ok = (r.status_code == 200 and body.get("db_connected", True) and body.get("nats_connected", True)
+              and not spool_error)
         detail = (f"{samples.get('stored', 0):,} samples stored, {samples.get('lost', 0):,} lost, "
                   f"db {'up' if body.get('db_connected') else 'DOWN'}, nats {'up' if body.get('nats_connected') else 'DOWN'}")
+        if spool_error:
+            detail += f"; the spool cannot be written ({spool_error}): packets are dropped"
         return {"ok": bool(ok), "detail": detail, "body": body}
     except (httpx.HTTPError, ValueError) as e:
         return {"ok": False, "detail": f"metrics not reachable at {url} ({type(e).__name__}); is udpserver running?"}

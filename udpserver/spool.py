@@ -213,6 +213,8 @@ class Spool:
         self.published = (0, 0)
         self._cursors_dirty = False
         self._saved_at = 0.0
+        # why the last append could not be written (disk full, I/O error...), None once one is: health reports it
+        self.write_error: str | None = None
 
     # ---- recovery -------------------------------------------------------------------------------
     def _path(self, seg: int) -> Path:
@@ -348,7 +350,7 @@ class Spool:
             try:
                 self._roll(now)
             except OSError as e:
-                log.error("cannot open a new spool segment (%s): packets dropped", e)
+                self._write_failed(f"cannot open a new spool segment: {e.strerror or e}")
                 return None
         off = self.seg_sizes[self.cur_seg]
         data = CHUNK_HDR.pack(CHUNK_MAGIC, len(payload), zlib.crc32(payload), b.nrec) + payload
@@ -358,12 +360,21 @@ class Spool:
                 written = os.write(self._fd, view)
                 view = view[written:]
         except OSError as e:
-            log.error("spool write failed (%s): packets dropped", e)
+            self._write_failed(f"spool write failed: {e.strerror or e}")
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, off)  # never leave half a chunk for recovery to misread
             return None
+        if self.write_error is not None:
+            log.warning("spool %s is writable again: packets are accepted", self.dir)
+            self.write_error = None
         self.seg_sizes[self.cur_seg] = off + size
         return Chunk(self.cur_seg, off, off + size, b.nrec, b.nsamples, b.per_device, payload if keep else None)
+
+    def _write_failed(self, why: str) -> None:
+        # once per failure spell, not once per receive burst (hundreds a second, into logs on the same full disk)
+        if self.write_error is None:
+            log.error("%s (%s): packets are dropped until it can be written", why, self.dir)
+        self.write_error = why
 
     def seal_idle(self) -> None:
         """Close the current segment when it is old enough, so it can be deleted once published."""

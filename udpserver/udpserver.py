@@ -375,6 +375,7 @@ class Server(asyncio.DatagramProtocol):
             "ready": self.ingestor.ready,
             "db_connected": self.writer.connected,
             "nats_connected": self.publisher.connected,
+            "spool_error": self.spool.write_error,
             "packets": {"received": self.received_packets, "received_bytes": self.received_bytes,
                         "accepted": self.accepted_packets, "rejected": sum(rej.values())},
             "samples": {"accepted": self.accepted_samples, "stored": self.stored_samples,
@@ -404,11 +405,12 @@ class Server(asyncio.DatagramProtocol):
         return m
 
     def health(self) -> tuple[int, dict]:
+        spool_error = self.spool.write_error
         body = {"status": "ok" if self.ingestor.ready and self.writer.connected and self.publisher.connected
-                else "degraded" if self.ingestor.ready else "starting",
+                and spool_error is None else "degraded" if self.ingestor.ready else "starting",
                 "ready": self.ingestor.ready, "db_connected": self.writer.connected,
-                "nats_connected": self.publisher.connected, "unstored_samples": self.unstored_samples,
-                "unpublished_samples": self.unpublished_samples}
+                "nats_connected": self.publisher.connected, "spool_error": spool_error,
+                "unstored_samples": self.unstored_samples, "unpublished_samples": self.unpublished_samples}
         return (200 if self.ingestor.ready else 503), body
 
     # ---- lifecycle --------------------------------------------------------------------------------

@@ -584,3 +584,72 @@ def test_recovery_does_not_publish_samples_of_a_device_deleted_while_the_server_
     assert m["samples"]["publish_dropped"] == 200
     assert "deleted" in srv.log_tail(50)
     assert srv.stop() == 0
+
+
+@contextlib.contextmanager
+def _small_filesystem(path, size: str = "512k"):
+    """A tmpfs of `size` mounted at `path` for the block (needs root: skipped otherwise)."""
+    import subprocess
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip() or r.returncode}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_full_spool_disk_is_reported_and_nothing_accepted_is_lost(clean_db, tmp_path, sender):
+    """The spool's disk fills up (PostgreSQL and NATS up): packets were dropped, but /health said "ok",
+    `python -m semg.health` said the server was fine, and the log got one error line per receive burst (into
+    logs on the same full disk). Now health is degraded with the reason, the error is logged once, and once
+    space is back packets are accepted again; everything accepted is stored."""
+    from udphelpers import UdpServer
+
+    from semg import health
+    from semg.config import get_settings
+    from streamlit_apps import data
+
+    dev, key = _device(clean_db)
+    with _small_filesystem(tmp_path / "disk") as disk:
+        srv = UdpServer(disk / "spool", tmp_path / "udpserver.log", []).start()
+        try:
+            sender.send([protocol_packet(dev, key, 10 * i) for i in range(100)])
+            srv.wait_settled()
+            for filler in ("filler", "filler2"):  # again once the spool has deleted its published segments
+                fd = os.open(disk / filler, os.O_WRONLY | os.O_CREAT)
+                with contextlib.suppress(OSError):
+                    while os.write(fd, b"\0" * 4096):
+                        pass
+                os.close(fd)
+                time.sleep(1.5)
+            sender.send([protocol_packet(dev, key, 10 * i) for i in range(100, 400)], pace_every=20, pause=0.01)
+            m = srv.wait_for(lambda m: m["packets"]["received"] == 400, 20, "all packets received")
+            assert m["samples"]["dropped"] > 0
+            assert m["samples"]["accepted"] + m["samples"]["dropped"] == 4000
+            h = srv.health()
+            assert h["status"] == "degraded" and "No space left on device" in h["spool_error"], h
+            assert m["spool_error"] == h["spool_error"]
+            ok, detail = health.check_udpserver(get_settings())
+            assert not ok and "spool cannot be written" in detail
+            ui = data._check_udp(get_settings())  # the UI's Overview
+            assert not ui["ok"] and "spool cannot be written" in ui["detail"]
+            (disk / "filler").unlink()
+            (disk / "filler2").unlink()
+            sender.send([protocol_packet(dev, key, 10 * i) for i in range(400, 500)])
+            m = srv.wait_for(lambda m: m["packets"]["received"] == 500, 20, "all packets received")
+            m = srv.wait_settled()
+            assert srv.health()["status"] == "ok" and m["spool_error"] is None
+            assert health.check_udpserver(get_settings())[0]
+            seqs = _fresh_seqs(dev)
+            assert len(seqs) == len(set(seqs)) == m["samples"]["accepted"] == m["samples"]["stored"]
+            assert seqs[:1000] == [(1, s) for s in range(1000)] and seqs[-1000:] == [(1, s) for s in range(4000, 5000)]
+            log = srv.log_path.read_text()
+            assert log.count("packets are dropped until it can be written") == 1, log[-3000:]
+            assert "writable again" in log
+            assert srv.stop() == 0
+        finally:
+            with contextlib.suppress(Exception):
+                srv.stop()
