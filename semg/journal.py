@@ -200,7 +200,9 @@ def _replay_journal_file(path: Path, result: dict, connection: Callable[[], cont
             return
         if (st_path.st_dev, st_path.st_ino) != (st_fd.st_dev, st_fd.st_ino):
             return
-        if time.time() - st_fd.st_mtime < JOURNAL_LEASE_S:
+        # An mtime further ahead than the lease is from before the clock stepped back: a live run would have
+        # touched the file since (every tick), so it is not alive.
+        if abs(time.time() - st_fd.st_mtime) < JOURNAL_LEASE_S:
             result["live"] += 1  # its run is alive (another window) and stores its changes itself
             return
         with os.fdopen(os.dup(fd), "rb") as f:

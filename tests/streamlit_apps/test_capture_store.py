@@ -613,3 +613,26 @@ def test_a_capture_tick_that_finds_its_session_deleted_ends_the_run(page, seeded
     assert at.session_state["capture_shared"].run is None
     assert not [j for j in journals(settings) if f"session{run.session_id}-" in j.name]
     assert f"Session #{run.session_id} was deleted" in texts(at)  # the page it reran says so
+
+
+def test_a_journal_left_before_the_clock_stepped_back_is_replayed(new_session, settings):
+    """The host clock stepped back (NTP correcting it) after a window closed with labels in its journal: the
+    file's mtime is then ahead of the clock, it was taken for a live run's for as long as the step (an hour
+    here), and training jobs read the session without those labels meanwhile. Its run would have touched it
+    since (every tick), so it is replayed."""
+    run, _store = new_session(gestures=("fist",), reps=1, hold=2.0, rest=2.0)
+    session = data.get_session(run.session_id)
+    rest0 = session["intervals"][0]["id"]
+    d = settings.state_dir / "capture-journal"
+    d.mkdir(exist_ok=True)
+    journal = d / "stepped.jsonl"
+    journal.write_text(json.dumps({
+        "v": 1, "session_id": session["id"], "session_created_at": session["created_at"].isoformat(), "op": "mark",
+        "interval_id": rest0, "started_at": "2026-01-01T10:00:00+00:00",
+        "ended_at": "2026-01-01T10:00:02+00:00"}) + "\n")
+    went_quiet(journal, seconds=-3600)  # last touched "an hour from now" on the stepped-back clock
+    done = data.replay_interval_journals()
+    assert (done["stored"], done["live"]) == (1, 0)
+    ivs = {i["id"]: i for i in data.get_session(session["id"])["intervals"]}
+    assert ivs[rest0]["ended_at"] == datetime(2026, 1, 1, 10, 0, 2, tzinfo=UTC)
+    assert journals(settings) == []
