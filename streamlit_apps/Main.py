@@ -1,6 +1,6 @@
 """Overview: services' health, users, devices streaming now, recent jobs and a first-five-minutes guide.
 
-Run: streamlit run streamlit_apps/Main.py --server.port $UI_PORT
+Run: python -m streamlit_apps (on SEMG_BIND_HOST:UI_PORT, as supervisord runs it)
 """
 
 import data
