@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import psycopg2
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -298,6 +299,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (OSError, ValueError, LookupError, psycopg2.Error) as e:  # database down, no such file, bad JSON
+        from semg.db import first_line
+        where = "database: " if isinstance(e, psycopg2.Error) else ""
+        print(f"udpsim: {where}{first_line(e)}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not 0 < args.duration <= 86400 or args.speed <= 0 or not 0 <= args.loss < 1:
         raise SystemExit("udpsim: --duration must be in (0, 86400], --speed > 0, --loss in [0, 1)")

@@ -178,3 +178,19 @@ def test_sampledataload_builds_a_trainable_labelled_session(clean_db):
         assert count == pytest.approx(expected, abs=1), label
         assert first == started  # the first sample of each interval is at its start time
     assert rows[0][4] == s_start and rows[-1][5] == s_end
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--register"], "udpsim: database: connection to server"),
+    (["--device", "7:00", "--session", "3"], "udpsim: database: connection to server"),
+    (["--register", "--replay", "/nonexistent-replay-dir"], "/nonexistent-replay-dir"),
+    (["--legacy-user", "1", "--schedule", "/nonexistent-schedule.json"], "/nonexistent-schedule.json"),
+])
+def test_udpsim_user_errors_are_one_line(services, args, needle):
+    from semg.embedded import free_port
+    env = {**os.environ, "POSTGRES_PORT": str(free_port())}  # nothing listens there: the database is down
+    r = subprocess.run([sys.executable, str(REPO / "testing" / "udpsim.py"), *args, "--duration", "1"],
+                       capture_output=True, text=True, timeout=60, env=env, cwd=REPO)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and needle in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("udpsim: "), r.stderr[-2000:]
