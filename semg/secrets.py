@@ -233,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             rotate_file("ui_password", s, "SEMG_UI_PASSWORD", nbytes=12)
     except Exception as e:  # noqa: BLE001 - one line for the operator
-        print(f"semg.secrets rotate {args.what}: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}",
-              file=sys.stderr)
+        from semg.db import first_line
+        print(f"semg.secrets rotate {args.what}: {first_line(e)}", file=sys.stderr)
         return 2
     print(f"{args.what}: {_NEXT[args.what]}")
     return 0

@@ -106,6 +106,16 @@ def test_rotation_refuses_secrets_set_in_the_environment(settings):
         r = rotate(what, **{var: "x" * 24})
         assert r.returncode == 2 and var in r.stderr and "Traceback" not in r.stderr, (what, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1
+        # the message itself, not its repr in quotes
+        assert r.stderr.startswith(f"semg.secrets rotate {what}: {var} is set: "), r.stderr
+
+
+def test_rotation_with_the_database_down_is_one_plain_line(settings):
+    from semg.embedded import free_port
+    r = rotate("postgres", POSTGRES_PORT=str(free_port()))  # nothing listens there
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("semg.secrets rotate postgres: connection to server at "), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_rotate_nats_passwords(services, settings):
