@@ -515,7 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", default=os.environ.get(ENV_DEVICE_KEY),
                    help=f"the device's secret key, hex; env {ENV_DEVICE_KEY}")
     default_server = os.environ.get(ENV_SERVER) or f"127.0.0.1:{os.environ.get('UDP_PORT', '8081')}"
-    p.add_argument("--server", type=_server, default=_server(default_server),
+    # a string default: argparse converts it only when --server is not given, and a bad one is a usage error
+    p.add_argument("--server", type=_server, default=default_server,
                    help=f"udpserver HOST:PORT (env {ENV_SERVER}; default {default_server})")
     p.add_argument("--address", help="Bluetooth address of the armband (default: first Myo found)")
     p.add_argument("--name", default="Myo", help="advertised name prefix to look for (default Myo)")

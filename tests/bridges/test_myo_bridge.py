@@ -215,6 +215,22 @@ def test_bad_options_are_one_line_and_use_no_boot(tmp_path, capsys):
     assert not boot.exists(), "a refused option took a boot number"
 
 
+@pytest.mark.parametrize("var, value", [("SEMG_UDP_SERVER", "myhost"), ("UDP_PORT", "abc")])
+def test_a_bad_server_in_the_environment_is_one_line(tmp_path, capsys, monkeypatch, var, value):
+    """The server comes from SEMG_UDP_SERVER or UDP_PORT when --server is not given: a bad value there ended in
+    a traceback (argparse.ArgumentTypeError raised while the parser was built), even for --help."""
+    monkeypatch.delenv("SEMG_UDP_SERVER", raising=False)
+    monkeypatch.setenv(var, value)
+    (tmp_path / "ok.jsonl").write_text(json.dumps({"t": 1.0, "char": 0, "data": "00" * 16}) + "\n")
+    boot = tmp_path / "boot"
+    with pytest.raises(SystemExit) as e:
+        mb.main(["--device-id", "3", "--key", KEY.hex(), "--replay", str(tmp_path / "ok.jsonl"),
+                 "--boot-file", str(boot)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "argument --server: expected HOST:PORT" in err and value in err, err
+    assert not boot.exists()
+
+
 def test_replay_recording_through_real_udpserver(clean_db, tmp_path):
     """A recorded notification stream goes through the bridge CLI into a real udpserver and PostgreSQL."""
     sys.path.insert(0, str(REPO / "tests" / "udpserver"))
