@@ -251,8 +251,9 @@ def _user_errors(command: str):
 
 
 class Jobs:
-    """Training job commands: ``train JOB_ID``, ``worker``, ``cancel JOB_ID`` (database jobs) and
-    ``evaluate`` (offline per-subject accuracy on a recorded data set)."""
+    """Training job commands: ``train JOB_ID``, ``worker``, ``cancel JOB_ID`` (database jobs), ``evaluate``
+    (offline per-subject accuracy on a recorded data set), ``pretrain`` (a base model for fine-tuning) and
+    ``export JOB_ID`` (ONNX / TorchScript for running off the server)."""
 
     @_raw_args
     def evaluate(
@@ -457,7 +458,8 @@ def main() -> None:
     import fire
 
     # Fire would print a command's return value; commands write their own output, so return None.
-    fire.Fire(Jobs)
+    # An instance, not the class: with the class, `--help` shows the constructor ("TrainMLJob.py -") and no commands.
+    fire.Fire(Jobs())
 
 
 if __name__ == "__main__":

@@ -60,6 +60,16 @@ def test_numbers_and_paths_are_converted_in_one_place():
         TrainMLJob._as_list("a,b", int, "test-cycles")
 
 
+def test_help_lists_every_command(tmp_path):
+    proc = cli("--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout + proc.stderr  # fire writes help to stderr when not on a terminal
+    assert "SYNOPSIS\n    TrainMLJob.py COMMAND" in text, text
+    listed = text.split("COMMANDS", 1)[-1]
+    for command in ("cancel", "evaluate", "export", "pretrain", "train", "worker"):
+        assert f"\n     {command}\n" in listed, text
+
+
 def test_wrong_argument_types_are_one_line_and_exit_2(tmp_path):
     missing = str(tmp_path / "nope")
     cases = [
