@@ -8,10 +8,12 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import sys
 import time
+from urllib.parse import urlsplit
 
 import httpx
 import psycopg2
@@ -59,6 +61,30 @@ def check_udpserver(s: Settings) -> tuple[bool, str]:
     return True, url
 
 
+def check_nats(s: Settings) -> tuple[bool, str]:
+    """A connection with the UI's identity (subscribe-only) and one round trip to the server."""
+    from semg import natsio
+
+    where = ",".join(f"{u.hostname}:{u.port or 4222}" for u in map(urlsplit, s.nats_url.split(",")))
+
+    async def quiet(_e: Exception) -> None:  # the failure is the answer, not a log line
+        return None
+
+    async def probe() -> float:
+        nc = await natsio.connect("ui", s, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2,
+                                  error_cb=quiet, disconnected_cb=None, reconnected_cb=None)
+        try:
+            return await nc.rtt()
+        finally:
+            await nc.close()
+
+    try:
+        rtt = asyncio.run(asyncio.wait_for(probe(), 5))
+    except Exception as e:  # noqa: BLE001 - any failure is "down", with its reason
+        return False, f"nats://{where}: {type(e).__name__}: {str(e).strip()[:200] or 'no answer'}"
+    return True, f"nats://{where} (round trip {rtt * 1000:.1f} ms)"
+
+
 def supervisor_states(s: Settings) -> dict[str, str]:
     """Program -> state from this instance's supervisord (XML-RPC on its socket), or {} if it is not running."""
     sock = s.state_dir / "run" / "supervisor.sock"
@@ -79,6 +105,7 @@ def supervisor_states(s: Settings) -> dict[str, str]:
 
 def check_all(s: Settings) -> dict[str, tuple[bool, str]]:
     results: dict[str, tuple[bool, str]] = {"postgres": check_postgres(s)}
+    results["nats"] = check_nats(s)
     results["api"] = _http_ok(f"{s.api_url}/health", expect_json_status=True)
     results["udpserver"] = check_udpserver(s)
     results["ui"] = _http_ok(f"http://{s.service_url_host}:{s.ui_port}/_stcore/health")
@@ -93,7 +120,6 @@ def check_all(s: Settings) -> dict[str, tuple[bool, str]]:
             if st not in (None, "RUNNING") and not (prog in ("postgres", "nats") and st == "STOPPED"):
                 ok, detail = results.get(prog, (True, ""))
                 results[prog] = (False, f"supervisor: {st}; {detail}")
-    # NATS health is what the API reports (it holds a live connection).
     return results
 
 

@@ -74,7 +74,7 @@ def test_start_stop_start_keeps_data_and_leaves_nothing(state):
     assert f"http://127.0.0.1:{env['UI_PORT']}" in r.stdout
     health = _health(env)
     assert health and all(v["ok"] for v in health.values()), health
-    assert {"postgres", "api", "udpserver", "ui", "inference", "trainer"} <= set(health)
+    assert {"postgres", "nats", "api", "udpserver", "ui", "inference", "trainer"} <= set(health)
 
     # re-running while up is harmless and quick
     t1 = time.monotonic()

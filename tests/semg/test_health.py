@@ -1,0 +1,26 @@
+"""`python -m semg.health`: one line per service, NATS included (a real server, and one that is not there)."""
+
+from __future__ import annotations
+
+import socket
+
+from semg.config import Settings
+from semg.health import check_nats
+
+
+def test_nats_line_answers_for_the_server_itself(settings, monkeypatch):
+    ok, detail = check_nats(settings)
+    assert ok, detail
+    assert f"nats://127.0.0.1:{settings.nats_port}" in detail and "round trip" in detail
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        free = sock.getsockname()[1]
+    monkeypatch.setenv("NATS_PORT", str(free))
+    ok, detail = check_nats(Settings())
+    assert not ok and detail.startswith(f"nats://127.0.0.1:{free}: "), detail
+
+    # an external NATS with credentials in the URL: the line names the host, never the password
+    monkeypatch.setenv("NATS_SERVER", f"nats://semg:s3cret@127.0.0.1:{free}")
+    ok, detail = check_nats(Settings())
+    assert not ok and "s3cret" not in detail and f"127.0.0.1:{free}" in detail, detail
