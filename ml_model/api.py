@@ -24,7 +24,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ValidationError
 
 from ml_model.rest import errors, keys
-from ml_model.rest.auth import KeyCache
+from ml_model.rest.auth import KeyBeforeBody, KeyCache
 from ml_model.rest.pool import ConnectionPool, DatabaseUnavailable
 from ml_model.rest.routes import jobs as jobs_routes
 from ml_model.rest.routes import keys as keys_routes
@@ -148,6 +148,7 @@ app = FastAPI(
                 "its own user's data.",
 )
 errors.install(app)
+app.add_middleware(KeyBeforeBody)  # outermost: no body is read for a caller without a valid key
 for r in (models_routes, users_routes, sessions_routes, jobs_routes, keys_routes):
     app.include_router(r.router)
 

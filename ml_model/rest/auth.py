@@ -16,6 +16,7 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Path, Security
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
 
 from ml_model.rest import keys
@@ -177,3 +178,37 @@ async def user_scope(user_id: Annotated[int, Path(ge=1, le=2**63 - 1, descriptio
 
 
 UserScoped = Annotated[int, Depends(user_scope)]
+
+
+OPEN_PATHS = ("/health",)  # the one route that needs no key (it reads no body)
+
+
+class KeyBeforeBody:
+    """ASGI middleware: a request that carries a body is answered 401 before its body is read unless its
+    X-API-Key is valid. FastAPI reads and parses a route's body before it checks the key, so without this anyone
+    could make the API parse up to MAX_BODY_BYTES of JSON (over a GB of memory and seconds of a blocked event
+    loop, stalling /predict for everyone) with no key at all. Every route that takes a body needs a key."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or ())
+        length = headers.get(b"content-length")
+        has_body = b"transfer-encoding" in headers or (length is not None and length.strip() not in (b"", b"0"))
+        if has_body:
+            state = getattr(scope["app"].state, "semg", None)
+            key = headers.get(HEADER.lower().encode(), b"").decode("latin-1")
+            try:
+                if state is not None:
+                    await get_principal(state, key or None)
+            except HTTPException as e:
+                await JSONResponse({"detail": e.detail}, status_code=e.status_code, headers=e.headers)(
+                    scope, receive, send)
+                return
+            except Exception:  # noqa: BLE001 - e.g. the database is down: the route gives its usual answer
+                pass
+        await self.app(scope, receive, send)
