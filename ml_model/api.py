@@ -235,10 +235,12 @@ async def health(state: State) -> Health:
 def _serve() -> None:
     import uvicorn
 
+    from ml_model.rest.connections import GuardedHttp
+
     s = settings_or_exit("api")
     logging.basicConfig(level=s.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run("ml_model.api:app", host=s.semg_bind_host, port=s.api_port, log_level=s.log_level.lower(),
-                access_log=False)
+                access_log=False, http=GuardedHttp)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ import configparser
 import contextlib
 import os
 import re
+import resource
 import shlex
 import signal
 import socket
@@ -61,15 +62,23 @@ def ui_server(settings):
         log.close()
 
 
+API_MAX_FILES = 512
+
+
+def _few_files() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (API_MAX_FILES, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
 @pytest.fixture
 def api_server(settings, clean_db):
-    """The API exactly as supervisord starts it, on a free port; yields (host, port)."""
+    """The API exactly as supervisord starts it, on a free port, allowed API_MAX_FILES open files (as a small
+    container may be: connection floods then need few sockets); yields (host, port)."""
     from semg.embedded import free_port
     port = free_port()
     env = {**os.environ, "SEMG_PYTHON": sys.executable, "API_PORT": str(port), "SEMG_BIND_HOST": "127.0.0.1"}
     log = open(settings.log_dir / "test-exposure-api.log", "ab")
     proc = subprocess.Popen(_supervisor_command("api", env), cwd=REPO, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_few_files)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -179,3 +188,49 @@ def test_the_api_reads_no_body_of_a_caller_without_a_valid_key(api_server, key, 
             answer = b"(no answer within 10 s: the API waits for the rest of the body)"
     assert answer.startswith(b"HTTP/1.1 401"), answer
     assert b"www-authenticate: X-API-Key" in answer.lower().replace(b"x-api-key", b"X-API-Key")
+
+
+def _closed_within(s: socket.socket, seconds: float, trickle: bytes = b"") -> bool:
+    """Whether the server closes `s` within `seconds` (sending `trickle` every second meanwhile)."""
+    deadline = time.monotonic() + seconds
+    s.settimeout(1)
+    while time.monotonic() < deadline:
+        try:
+            if s.recv(4096) == b"":
+                return True
+        except TimeoutError:
+            with contextlib.suppress(OSError):
+                s.sendall(trickle)
+        except ConnectionError:
+            return True
+    return False
+
+
+def test_the_api_closes_connections_that_send_no_request(api_server):
+    """uvicorn kept a connection that never sent a whole request head open for ever."""
+    from ml_model.rest.connections import HEAD_TIMEOUT_S
+    with socket.create_connection(api_server) as idle, socket.create_connection(api_server) as slow:
+        slow.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        assert _closed_within(idle, HEAD_TIMEOUT_S + 5), "a connection that sent nothing is still open"
+        assert _closed_within(slow, 5, trickle=b"X-A: b\r\n"), "a connection trickling its head is still open"
+    with socket.create_connection(api_server) as kept:  # a keep-alive connection between requests is not cut short
+        for _ in range(2):
+            kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            kept.settimeout(10)
+            assert kept.recv(4096).startswith(b"HTTP/1.1 200")
+            time.sleep(2)
+
+
+def test_a_flood_of_idle_connections_leaves_the_api_reachable(api_server):
+    """Connections that send nothing used to hold the API's file descriptors until it could accept no more:
+    /health and /predict were unreachable. Now the oldest idle ones are closed for new ones."""
+    flood: list[socket.socket] = []
+    try:
+        for _ in range(API_MAX_FILES + 200):
+            with contextlib.suppress(OSError):
+                flood.append(socket.create_connection(api_server, timeout=2))
+        r = httpx.get(f"http://{api_server[0]}:{api_server[1]}/health", timeout=10)
+        assert r.status_code == 200, r.text
+    finally:
+        for s in flood:
+            s.close()

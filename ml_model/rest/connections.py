@@ -1,0 +1,78 @@
+"""The API's HTTP protocol: uvicorn's own, with a bound on connections that have not sent a request.
+
+Uvicorn never closes a connection that has not sent a whole request head: a client on the network could open
+connections and send nothing (or a header line now and then) until the API ran out of file descriptors, and
+then nobody could reach it, not even the inference workers. Here a request head must arrive within
+HEAD_TIMEOUT_S of the connection (or of the previous response), and beyond max_connections() open connections
+a new one closes the oldest still waiting for its request head (or is itself closed if none is waiting).
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+log = logging.getLogger("semg.api.connections")
+
+HEAD_TIMEOUT_S = 10.0
+MAX_CONNECTIONS = 1000
+
+
+def max_connections() -> int:
+    """MAX_CONNECTIONS, or fewer when the process may not open that many files (it needs some of its own)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(16, min(MAX_CONNECTIONS, soft // 2))
+
+
+class GuardedHttp(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
+    # connections waiting for a request head, oldest first (a dict keeps insertion order)
+    _waiting: dict[GuardedHttp, None] = {}
+    evicted = 0
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_timer = None
+        self._wait_for_head()
+        if len(self.connections) > max_connections():
+            oldest = next((c for c in self._waiting if c is not self), None)
+            victim = oldest if oldest is not None else self
+            victim._stop_waiting()
+            victim.transport.abort()
+            GuardedHttp.evicted += 1
+            if GuardedHttp.evicted % 1000 == 1:
+                log.warning("more than %d API connections at once: closing ones that sent no request (%d so far)",
+                            max_connections(), GuardedHttp.evicted)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_waiting()
+        super().connection_lost(exc)
+
+    def on_headers_complete(self) -> None:
+        self._stop_waiting()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._wait_for_head()  # the next request (keep-alive) gets the same time
+
+    def _wait_for_head(self) -> None:
+        self._stop_waiting()
+        self._waiting[self] = None
+        self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_timeout)
+
+    def _stop_waiting(self) -> None:
+        self._waiting.pop(self, None)
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        self._waiting.pop(self, None)
+        if not self.transport.is_closing():
+            self.transport.close()
