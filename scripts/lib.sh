@@ -50,6 +50,8 @@ semg_export_env() {
   export SEMG_STATE_DIR
   mkdir -p "$SEMG_STATE_DIR/logs" "$SEMG_STATE_DIR/run" || semg_die "cannot create SEMG_STATE_DIR=$SEMG_STATE_DIR"
   chmod 755 "$SEMG_STATE_DIR"
+  # the logs hold people's data (PostgreSQL logs a failed statement with its values: names, emails, notes)
+  chmod 700 "$SEMG_STATE_DIR/logs"
   local envfile="$SEMG_STATE_DIR/run/supervisor.env"
   # holds the supervisor password: private file
   (umask 077; "$SEMG_PYTHON" -m semg.config shell > "$envfile") || exit 1

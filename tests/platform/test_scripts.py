@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -163,6 +164,18 @@ def test_port_in_use_is_refused_with_one_line_and_nothing_starts(state):
     assert any("API_PORT" in ln and "in use" in ln for ln in errors), r.stderr
     assert "Traceback" not in r.stderr
     assert ours(str(state)) == []
+
+
+def test_the_logs_are_private_to_the_platforms_account(state):
+    """PostgreSQL logs a failed statement with its values (a user's name, email and notes when the email is taken)
+    and supervisord writes every log 0644: the logs folder was 0755, so any account on the host could read them."""
+    (state / "logs").mkdir()
+    os.chmod(state / "logs", 0o755)  # as an earlier version left it
+    r = subprocess.run(["bash", "-c", '. scripts/lib.sh && SEMG_PYTHON="$1" && semg_export_env', "-", sys.executable],
+                       env=_env(state, SEMG_REPO=str(REPO)), cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE((state / "logs").stat().st_mode) == 0o700
+    assert stat.S_IMODE(state.stat().st_mode) == 0o755  # the embedded PostgreSQL's account must still enter it
 
 
 @pytest.mark.parametrize("var,value,needle", [
