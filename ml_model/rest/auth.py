@@ -209,6 +209,6 @@ class KeyBeforeBody:
                 await JSONResponse({"detail": e.detail}, status_code=e.status_code, headers=e.headers)(
                     scope, receive, send)
                 return
-            except Exception:  # noqa: BLE001 - e.g. the database is down: the route gives its usual answer
+            except Exception:  # noqa: BLE001, S110 - e.g. the database is down: the route gives its usual answer
                 pass
         await self.app(scope, receive, send)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import resource
 
-from uvicorn.protocols.http.auto import AutoHTTPProtocol
+# httptools' protocol (pinned in requirements.txt), not uvicorn's 'auto' choice: on_headers_complete below is its
+# callback; h11's protocol has none, and its head timer would cut requests running longer than HEAD_TIMEOUT_S.
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger("semg.api.connections")
 
@@ -28,7 +30,7 @@ def max_connections() -> int:
     return max(16, min(MAX_CONNECTIONS, soft // 2))
 
 
-class GuardedHttp(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
+class GuardedHttp(HttpToolsProtocol):  # type: ignore[misc,valid-type]
     # connections waiting for a request head, oldest first (a dict keeps insertion order)
     _waiting: dict[GuardedHttp, None] = {}
     evicted = 0
