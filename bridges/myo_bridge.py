@@ -406,6 +406,20 @@ async def _find(address: str | None, name: str, timeout: float):
     )
 
 
+def ble_problem(e: BaseException) -> str:
+    """A Bluetooth failure as a line that says what to do (bleak's own words name no cause on a host without BlueZ)."""
+    text = str(e).strip() or type(e).__name__
+    low = text.lower()
+    if isinstance(e, FileNotFoundError) or "system_bus_socket" in low:
+        return (f"{text}: no D-Bus system bus, which Bluetooth on Linux needs (install and start dbus and bluez, "
+                "e.g. `apt install bluez && systemctl start bluetooth`; in a container mount /run/dbus)")
+    if "serviceunknown" in low or "org.bluez" in low and "not" in low:
+        return f"{text}: the BlueZ daemon is not running (`systemctl start bluetooth`)"
+    if "no bluetooth adapters" in low or "adapter" in low and "not found" in low:
+        return f"{text}: no Bluetooth adapter (plug one in; `rfkill unblock bluetooth`)"
+    return text
+
+
 async def run_ble(forwarder: UdpForwarder, stop: asyncio.Event, *, address: str | None = None, name: str = "Myo",
                   emg_mode: int = EMG_MODE_RAW, scan_timeout: float = 10.0, max_backoff: float = 30.0,
                   record: Path | None = None, tick_s: float = 0.02) -> None:
@@ -450,7 +464,7 @@ async def run_ble(forwarder: UdpForwarder, stop: asyncio.Event, *, address: str 
                             await client.write_gatt_char(myo_uuid(COMMAND_CHAR), set_mode_command(EMG_MODE_NONE),
                                                          response=True)
             except (TimeoutError, BleakError, OSError, ConnectionError) as e:
-                log.warning("Bluetooth: %s", e)
+                log.warning("Bluetooth: %s", ble_problem(e))
             if rec_file is not None:  # so a replay of the recording loses the outage's samples as we do
                 rec_file.write(json.dumps({"t": time.monotonic(), "event": DISCONNECTED}) + "\n")
             forwarder.connection_lost()

@@ -357,3 +357,27 @@ def test_device_time_after_reconnect_continues_forward():
     assert seqs[gap] > 82 and np.diff(times).min() > 0
     # The device time across the outage follows the sequence jump (both from the same host interval)
     assert abs((times[gap] - times[gap - 1]) - (seqs[gap] - seqs[gap - 1]) * 5.0) <= 5.0
+
+
+def test_no_bluetooth_stack_is_named_with_what_to_install(caplog):
+    """On a host without D-Bus/BlueZ bleak fails with a bare '[Errno 2] No such file or directory', repeated on
+    every retry; the bridge's line now says what is missing."""
+    import asyncio
+    import logging
+
+    if Path("/run/dbus/system_bus_socket").exists():
+        pytest.skip("this host has a D-Bus system bus: the failure cannot be produced here")
+    fwd = mb.UdpForwarder(7, KEY, boot=1, batch=4, send=lambda _p: None)
+
+    async def one_attempt() -> None:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.5, stop.set)
+        await mb.run_ble(fwd, stop, scan_timeout=1.0)
+
+    with caplog.at_level(logging.WARNING, logger=mb.log.name):
+        asyncio.run(asyncio.wait_for(one_attempt(), 30))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Bluetooth:")]
+    assert lines and "no D-Bus system bus" in lines[0] and "bluez" in lines[0], lines
+    assert mb.ble_problem(RuntimeError("No Bluetooth adapters found.")).endswith("(plug one in; `rfkill unblock "
+                                                                                 "bluetooth`)")
+    assert mb.ble_problem(TimeoutError()) == "TimeoutError"
