@@ -24,6 +24,7 @@ from ml_model.rest.state import AppState, State
 
 KEY_TTL_S = 5.0
 KEY_MAX_STALE_S = 60.0
+MAX_CACHED_KEYS = 10_000
 TOUCH_INTERVAL_S = 60.0  # last_used_at is informative: at most one write per key and minute
 HEADER = "X-API-Key"
 
@@ -86,8 +87,12 @@ class KeyCache:
         with self._lock:
             if generation != self._generation:
                 return
-            if len(self._entries) > 10000:  # bounded: wrong keys must not grow it without end
-                self._entries.clear()
+            if len(self._entries) > MAX_CACHED_KEYS:  # bounded: wrong keys must not grow it without end
+                # ... nor push out the valid ones: a flood of made-up keys would otherwise send every caller to the
+                # database (and during an outage turn their requests into 503s before KEY_MAX_STALE_S)
+                self._entries = {d: e for d, e in self._entries.items() if e[0] is not None}
+                if len(self._entries) > MAX_CACHED_KEYS:
+                    self._entries.clear()
             self._entries[digest] = (principal, time.monotonic())
 
     def start_refresh(self, digest: str) -> bool:

@@ -221,3 +221,21 @@ def test_a_user_key_lists_its_own_user_however_many_users_exist(api, keys, clean
     assert [u["id"] for u in api.get("/users?search=User 1001", headers=mine).json()] == [last]
     assert api.get("/users?search=nobody", headers=mine).json() == []
     assert len(api.get("/users?limit=1000", headers=keys.admin).json()) == 1000
+
+
+def test_made_up_keys_do_not_push_valid_ones_out_of_the_cache(api, keys, make_user, clean_db, monkeypatch):
+    """The key cache was emptied whenever it passed its bound, and wrong keys are cached too: a flood of made-up
+    keys sent every valid caller back to the database (and, during an outage, to 503s before KEY_MAX_STALE_S)."""
+    from ml_model.rest.auth import MAX_CACHED_KEYS
+
+    user = make_user()
+    h = keys("user", user["id"])
+    assert api.get(f"/users/{user['id']}", headers=h).status_code == 200  # now cached
+    cache = api.app.state.semg.key_cache
+    for i in range(MAX_CACHED_KEYS + 1):  # what as many requests with made-up keys leave behind
+        cache.put(keystore.key_hash(f"made-up-{i}"), None, cache.generation)
+    lookups = []
+    real_lookup = keystore.lookup
+    monkeypatch.setattr(keystore, "lookup", lambda conn, key: lookups.append(key) or real_lookup(conn, key))
+    assert api.get(f"/users/{user['id']}", headers=h).status_code == 200
+    assert lookups == []  # answered from the cache
