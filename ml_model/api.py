@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import sys
+import time
 from collections.abc import AsyncIterator
 
 import psycopg2
@@ -217,7 +218,16 @@ def _check_db(state: AppState) -> ComponentHealth:
             version = cur.fetchone()[0]
         return ComponentHealth(ok=True, detail=f"schema version {version}")
     except (DatabaseUnavailable, psycopg2.Error) as e:
-        return ComponentHealth(ok=False, detail=str(e).strip().splitlines()[0])
+        # /health answers anyone: the reason (host, port, role, server messages) goes to the log, not the network
+        now = time.monotonic()
+        if now - _health_logged[0] > 30:
+            _health_logged[0] = now
+            log.warning("health: database not reachable: %s", str(e).strip().splitlines()[0] if str(e).strip() else
+                        type(e).__name__)
+        return ComponentHealth(ok=False, detail="not reachable (the API's log says why)")
+
+
+_health_logged = [-1e9]  # monotonic time of the last health warning (at most one per 30 s while polled)
 
 
 @app.get("/health", response_model=Health, tags=["health"])
