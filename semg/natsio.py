@@ -23,7 +23,12 @@ async def connect(service: str, settings: Settings | None = None, **options) -> 
     async def error_cb(e: Exception) -> None:
         log.warning("NATS error: %s", e)
 
+    client: list[Client] = []
+
     async def disconnected_cb() -> None:
+        if client and client[0].is_closed:  # our own close() or drain(): not worth a warning after a clean run
+            log.debug("NATS connection closed")
+            return
         log.warning("NATS disconnected")
 
     async def reconnected_cb() -> None:
@@ -36,7 +41,9 @@ async def connect(service: str, settings: Settings | None = None, **options) -> 
         reconnected_cb=reconnected_cb, inbox_prefix=secrets.nats_inbox_prefix(service, s),
     )
     kw.update(options)
-    return await nats.connect(**kw)
+    nc = await nats.connect(**kw)
+    client.append(nc)
+    return nc
 
 
 def install_shutdown(loop: asyncio.AbstractEventLoop, stop: Callable[[], Awaitable[None]]) -> asyncio.Event:
