@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(info, default=str))
         return 0
-    print(f"database {s.postgres_db} on {s.postgres_address}{'' if s.postgres_host else ' (embedded)'}:{s.postgres_port}")
+    print(f"database {s.postgres_db} on {s.postgres_address}:{s.postgres_port}{'' if s.postgres_host else ' (embedded)'}")
     for t in info:
         print(f"\n== {t['table']} ({t['rows']} rows)")
         for c in t["columns"]:

@@ -18,6 +18,7 @@ def test_view_dbs_lists_tables_counts_and_hides_secrets(clean_db, test_env):
     assert "secret_key" not in info["devices"]["sample"][0]
     r = subprocess.run([sys.executable, str(REPO / "db" / "view_dbs.py"), "users"], capture_output=True, text=True)
     assert r.returncode == 0 and "v@example.org" in r.stdout
+    assert r.stdout.startswith(f"database sensordb on 127.0.0.1:{test_env['POSTGRES_PORT']} (embedded)\n"), r.stdout
     r = subprocess.run([sys.executable, str(REPO / "db" / "view_dbs.py"), "nosuch"], capture_output=True, text=True)
     assert r.returncode != 0 and "no such table" in r.stderr
 
