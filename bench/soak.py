@@ -1,5 +1,6 @@
-"""Soak run: many simulated users streaming to the whole platform for a long time; nothing may be lost, no
-service may grow, latency must stay steady.
+"""Soak run: simulated users stream to the whole platform for a long time; nothing lost, memory flat, latency steady.
+
+Nothing may be lost, no service may grow, latency must stay steady.
 
     python bench/soak.py                          # 50 users for 10 minutes (about 12 minutes in all)
     python bench/soak.py --users 10 --duration 30 # the short version
