@@ -266,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     rv = sub.add_parser("revoke-key", help="revoke a key by id")
     rv.add_argument("key_id", type=int)
     args = p.parse_args(argv)
+    if args.cmd == "create-key" and (args.role == "user") != (args.user_id is not None):
+        c.error("--user-id is required with --role user" if args.role == "user" else
+                f"--user-id goes only with --role user (an '{args.role}' key belongs to no user)")
     if args.cmd in (None, "serve"):
         _serve()
         return 0

@@ -162,7 +162,10 @@ def test_cli_mints_a_working_admin_key(api, settings):
     assert "ops" in listed.stdout and key not in listed.stdout
     bad = subprocess.run([sys.executable, "-m", "ml_model.api", "create-key", "--role", "user"],
                          capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "user_id" in bad.stderr
+    assert bad.returncode == 2 and "--user-id is required with --role user" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "ml_model.api", "create-key", "--role", "admin", "--user-id", "1"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--user-id goes only with --role user" in bad.stderr
 
 
 def test_every_route_but_health_needs_a_key(api, keys):
