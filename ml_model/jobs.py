@@ -143,6 +143,7 @@ def load_job_data(conn, job_id: int, config: dict) -> dict[str, Any]:
 
         win, step = preprocessing.window_params(config["window_ms"], config["step_ms"], rate)
         all_w, all_l, all_g = [], [], []
+        recorded: dict[str, dict] = {}  # class -> its longest recorded hold (ms) and sessions
         for session_id, device_id, _, _ in sessions:
             cur.execute(
                 """SELECT label, kind, repetition, started_at,
@@ -157,6 +158,11 @@ def load_job_data(conn, job_id: int, config: dict) -> dict[str, Any]:
             intervals = [{"label": lab, "kind": kind, "cycle": rep,
                           "start_ms": st.timestamp() * 1000.0, "end_ms": en.timestamp() * 1000.0}
                          for lab, kind, rep, st, en in ivs]
+            for iv in intervals:
+                name = preprocessing.REST_LABEL if iv["kind"] == "rest" else str(iv["label"])
+                seen = recorded.setdefault(name, {"hold_ms": 0.0, "sessions": set()})
+                seen["hold_ms"] = max(seen["hold_ms"], iv["end_ms"] - iv["start_ms"])
+                seen["sessions"].add(session_id)
             values, times, run_id = _session_samples(cur, device_id, ivs[0][3], ivs[-1][4])
             for run in np.unique(run_id):
                 sel = run_id == run
@@ -170,10 +176,30 @@ def load_job_data(conn, job_id: int, config: dict) -> dict[str, Any]:
     if not all_w:
         raise JobFailed("no data in the chosen sessions: no samples were recorded during their gesture/rest cues "
                         "(is the device streaming while you capture?)")
+    _check_every_class_has_windows(recorded, {str(v) for v in np.concatenate(all_l)}, win, rate)
     return {
         "windows": np.concatenate(all_w), "labels": np.concatenate(all_l), "groups": np.concatenate(all_g),
         "sample_rate_hz": rate, "channels_used": channels_used, "sessions": [s[0] for s in sessions],
     }
+
+
+def _check_every_class_has_windows(recorded: Mapping[str, dict], found: set[str], win: int, rate: float) -> None:
+    """JobFailed naming each class recorded in the sessions that yields no window: the model would silently
+    lack it (e.g. holds shorter than the reaction time plus one window, or no samples during its holds)."""
+    problems = []
+    for name in sorted(set(recorded) - found):
+        hold_ms, sessions = recorded[name]["hold_ms"], sorted(recorded[name]["sessions"])
+        need_ms = preprocessing.DEFAULT_REACTION_MS + win * 1000.0 / rate
+        if hold_ms < need_ms:
+            why = (f"its longest hold is {hold_ms / 1000:.2f} s, shorter than the "
+                   f"{preprocessing.DEFAULT_REACTION_MS / 1000:g} s reaction time plus one window "
+                   f"({need_ms / 1000:.2f} s): record it with longer holds")
+        else:
+            why = "no complete window of samples was recorded during its holds (device not streaming, lost packets)"
+        problems.append(f"{name!r} (sessions {sessions}): {why}")
+    if problems:
+        raise JobFailed("no training windows for " + "; ".join(problems)
+                        + "; the model could not recognise it: record it again or leave those sessions out")
 
 
 # ---- job state -----------------------------------------------------------------------------------

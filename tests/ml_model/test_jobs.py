@@ -27,13 +27,13 @@ PATTERNS = {"REST": [0.05, 0.05, 0.05, 0.05], "fist": [1.0, 0.8, 0.2, 0.1], "ope
 
 
 def record_session(conn, user_id, device_id, gestures=("fist", "open hand"), reps=3, hold_s=2.0, rest_s=1.5,
-                   seed=0, stream=True, journal_dir=None):
+                   seed=0, stream=True, journal_dir=None, minutes_ago=5):
     """Create a session through semg.repo, mark its cues as 'happened', store matching sample blocks.
     journal_dir: the marks are left in a capture journal there instead (a window that could not store them and
-    was closed), not in the database."""
+    was closed), not in the database. minutes_ago: when it started (two sessions of a device must not overlap)."""
     rng = np.random.default_rng(seed)
     s = repo.create_session(conn, user_id, device_id, list(gestures), reps, hold_s, rest_s)
-    t0 = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    t0 = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=minutes_ago)
     repo.start_session(conn, s["id"], at=t0)
     marks = []
     for iv in s["intervals"]:
@@ -194,6 +194,23 @@ def test_failing_jobs_show_their_cause_and_change_nothing_else(clean_db, user_de
         repo.schedule_job(clean_db, u["id"], [one["id"], s8["id"]])
     assert jobs.run_job(job3["id"]) == "failed"
     assert "inconsistent channel counts" in repo.get_job(clean_db, job3["id"])["error"]
+
+
+def test_a_gesture_that_yields_no_windows_fails_the_job_naming_it(clean_db, user_device):
+    """A gesture recorded with holds too short for one window after the reaction time (0.5 s, which the plan
+    allows) had no training windows: the job completed with a model that could never recognise it, silently."""
+    u, d = user_device
+    a = record_session(clean_db, u["id"], d["id"], gestures=("fist",), reps=4, minutes_ago=20)
+    b = record_session(clean_db, u["id"], d["id"], gestures=("open hand",), reps=4, hold_s=0.5, seed=1)
+    job = repo.schedule_job(clean_db, u["id"], [a["id"], b["id"]], {"epochs": 2})
+    assert jobs.run_job(job["id"]) == "failed"
+    error = repo.get_job(clean_db, job["id"])["error"]
+    assert "'open hand'" in error and f"sessions [{b['id']}]" in error and "0.50 s" in error, error
+    assert "'fist'" not in error and repo.latest_model(clean_db, u["id"]) is None
+    # with a window that fits its holds it trains, and the model knows it
+    job = repo.schedule_job(clean_db, u["id"], [a["id"], b["id"]], {"epochs": 2, "window_ms": 100})
+    assert jobs.run_job(job["id"]) == "completed", repo.get_job(clean_db, job["id"])["error"]
+    assert sorted(repo.latest_model(clean_db, u["id"])["classes"]) == ["REST", "fist", "open hand"]
 
 
 def train_in_background(conn, job_id: int) -> tuple[threading.Thread, dict]:
