@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import functools
 import hashlib
 import logging
@@ -146,24 +147,21 @@ def load_job_data(conn, job_id: int, config: dict) -> dict[str, Any]:
         recorded: dict[str, dict] = {}  # class -> its longest recorded hold (ms) and sessions
         for session_id, device_id, _, _ in sessions:
             cur.execute(
-                """SELECT label, kind, repetition, started_at,
-                          coalesce(ended_at, started_at + make_interval(secs => (planned_end_ms - planned_start_ms) / 1000.0))
+                """SELECT label, kind, repetition, started_at, ended_at, planned_end_ms - planned_start_ms
                    FROM session_intervals
-                   WHERE session_id = %s AND started_at IS NOT NULL AND NOT discarded ORDER BY started_at""",
+                   WHERE session_id = %s AND started_at IS NOT NULL AND NOT discarded ORDER BY started_at, ordinal""",
                 (session_id,),
             )
             ivs = cur.fetchall()
             if not ivs:
                 continue
-            intervals = [{"label": lab, "kind": kind, "cycle": rep,
-                          "start_ms": st.timestamp() * 1000.0, "end_ms": en.timestamp() * 1000.0}
-                         for lab, kind, rep, st, en in ivs]
+            intervals, last_end = _session_intervals(session_id, ivs)
             for iv in intervals:
                 name = preprocessing.REST_LABEL if iv["kind"] == "rest" else str(iv["label"])
                 seen = recorded.setdefault(name, {"hold_ms": 0.0, "sessions": set()})
                 seen["hold_ms"] = max(seen["hold_ms"], iv["end_ms"] - iv["start_ms"])
                 seen["sessions"].add(session_id)
-            values, times, run_id = _session_samples(cur, device_id, ivs[0][3], ivs[-1][4])
+            values, times, run_id = _session_samples(cur, device_id, ivs[0][3], last_end)
             for run in np.unique(run_id):
                 sel = run_id == run
                 if sel.sum() < win:
@@ -181,6 +179,37 @@ def load_job_data(conn, job_id: int, config: dict) -> dict[str, Any]:
         "windows": np.concatenate(all_w), "labels": np.concatenate(all_l), "groups": np.concatenate(all_g),
         "sample_rate_hz": rate, "channels_used": channels_used, "sessions": [s[0] for s in sessions],
     }
+
+
+def _session_intervals(session_id: int, rows: list[tuple]) -> tuple[list[dict], datetime.datetime]:
+    """The labelling intervals of a session from its recorded interval rows (label, kind, repetition,
+    started_at, ended_at, planned length ms) ordered by start, and when the last one ends. An interval marked
+    without an end lasts its planned length but never past the next cue (a client's cue timer may run a little
+    early). Intervals whose marked times overlap cannot label the samples between them: JobFailed names them."""
+    intervals, last_end = [], rows[0][3]
+    for i, (label, kind, rep, started, ended, planned_ms) in enumerate(rows):
+        if ended is None:
+            ended = started + datetime.timedelta(milliseconds=planned_ms)
+            if i + 1 < len(rows):
+                ended = min(ended, rows[i + 1][3])
+        last_end = max(last_end, ended)
+        intervals.append({"label": label, "kind": kind, "cycle": rep, "started_at": started,
+                          "start_ms": started.timestamp() * 1000.0, "end_ms": ended.timestamp() * 1000.0})
+    latest = None  # the interval so far that ends last
+    for iv in intervals:
+        if latest is not None and iv["start_ms"] < latest["end_ms"]:
+            raise JobFailed(f"session {session_id}: the recorded times of {_describe(latest)} and {_describe(iv)} "
+                            f"overlap by {(latest['end_ms'] - iv['start_ms']) / 1000:.3f} s, so their samples have "
+                            "no single label: correct their times or discard one of them")
+        if latest is None or iv["end_ms"] > latest["end_ms"]:
+            latest = iv
+    return intervals, last_end
+
+
+def _describe(iv: Mapping[str, Any]) -> str:
+    t = iv["started_at"].astimezone(datetime.UTC)
+    what = "the rest" if iv["kind"] == "rest" else repr(iv["label"])
+    return f"{what} of repetition {iv['cycle'] + 1} (started {t:%H:%M:%S}.{t.microsecond // 1000:03d} UTC)"
 
 
 def _check_every_class_has_windows(recorded: Mapping[str, dict], found: set[str], win: int, rate: float) -> None:

@@ -213,6 +213,31 @@ def test_a_gesture_that_yields_no_windows_fails_the_job_naming_it(clean_db, user
     assert sorted(repo.latest_model(clean_db, u["id"])["classes"]) == ["REST", "fist", "open hand"]
 
 
+def test_intervals_marked_without_an_end_or_overlapping(clean_db, user_device):
+    """A client that marks only each cue's start (the REST API's ended_at is optional) gets the planned length as
+    the end; its cue timer running 1 ms early made that overlap the next cue, and every job on the session failed
+    with "internal error: ValueError: capture-plan intervals ... must not overlap", naming nothing."""
+    u, d = user_device
+    s = record_session(clean_db, u["id"], d["id"])
+    ivs = sorted(s["intervals"], key=lambda iv: iv["ordinal"])
+    started = {iv["id"]: iv["started_at"] for iv in repo.get_session(clean_db, s["id"])["intervals"]}
+    for iv in ivs:
+        repo.mark_interval(clean_db, iv["id"], started[iv["id"]] - dt.timedelta(milliseconds=iv["ordinal"]))
+    job = repo.schedule_job(clean_db, u["id"], [s["id"]], {"epochs": 2})
+    assert jobs.run_job(job["id"]) == "completed", repo.get_job(clean_db, job["id"])["error"]
+    assert sorted(repo.latest_model(clean_db, u["id"])["classes"]) == ["REST", "fist", "open hand"]
+    # marked ends that really overlap the next cue: the job fails naming the session and both intervals
+    fist = ivs[1]
+    nxt = started[ivs[2]["id"]] - dt.timedelta(milliseconds=2)
+    repo.mark_interval(clean_db, fist["id"], started[fist["id"]] - dt.timedelta(milliseconds=1),
+                       nxt + dt.timedelta(milliseconds=500))
+    job = repo.schedule_job(clean_db, u["id"], [s["id"]], {"epochs": 2})
+    assert jobs.run_job(job["id"]) == "failed"
+    error = repo.get_job(clean_db, job["id"])["error"]
+    assert error.startswith(f"session {s['id']}: ") and "internal error" not in error, error
+    assert "'fist' of repetition 1" in error and "the rest of repetition 1" in error and "0.500 s" in error, error
+
+
 def train_in_background(conn, job_id: int) -> tuple[threading.Thread, dict]:
     """run_job(job_id) in a thread, returned once training is under way; the dict gets its `status`."""
     result: dict = {}
