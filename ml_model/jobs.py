@@ -496,6 +496,11 @@ def _train(conn, s: Settings, job_id: int, worker: str, user_id: int, params: di
             data["windows"], data["labels"], data["groups"], cfg, seed=int(params.get("seed", 0)),
             progress_callback=progress,
         )
+        if flat := [meta["channels"][i] for i in preprocessing.flat_channels(meta["scaler"])]:
+            _log(conn, job_id, f"channel{'s' if len(flat) > 1 else ''} {', '.join(map(str, flat))} did not vary in "
+                               "the training data (an electrode off or disconnected?): the model ignores "
+                               f"{'them' if len(flat) > 1 else 'it'}; reattach and record again to use "
+                               f"{'them' if len(flat) > 1 else 'it'}", "WARNING")
         meta["job_id"] = job_id
         meta["train_seconds"] = round(time.monotonic() - t0, 2)
         weights, meta = artifacts.save_artifact(model, meta, metrics)

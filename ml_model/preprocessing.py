@@ -164,17 +164,35 @@ def apply_filter(windows: np.ndarray, cfg: Mapping[str, Any] | None, sample_rate
 
 
 # ---- standardisation ----------------------------------------------------------------------------------
+# A channel whose spread is at most this share of the liveliest channel's carries nothing (an electrode off or
+# disconnected: constant, at a rail, or one odd sample); the scaler gives it this many times the liveliest's std.
+FLAT_RELATIVE_STD = 1e-3
+FLAT_STD_FACTOR = 1e6
+
+
 def fit_standardizer(windows: np.ndarray) -> dict[str, list[float]]:
     """Per-channel mean/std over all windows and samples.
 
     windows: (n_windows, n_channels, win) -> ``{"mean": [n_channels], "std": [n_channels]}`` (JSON-able).
-    Fit on training data only. A flat channel gets std 1 so it stays zero instead of exploding.
+    Fit on training data only. A flat channel gets a std ``FLAT_STD_FACTOR`` times the liveliest channel's,
+    so it stays ~0 whatever it carries later: the model never learnt from it, and an electrode that was off
+    while recording and is on at serving must not feed it values in the thousands (``flat_channels``).
     """
     w = np.asarray(windows, dtype=np.float64)
     mean = w.mean(axis=(0, 2))
     std = w.std(axis=(0, 2))
-    std = np.where(std > 1e-8, std, 1.0)
+    flat = std <= max(FLAT_RELATIVE_STD * float(std.max(initial=0.0)), 1e-8)
+    std[flat] = FLAT_STD_FACTOR * max(float(std[~flat].max(initial=0.0)), 1.0)
     return {"mean": mean.tolist(), "std": std.tolist()}
+
+
+def flat_channels(params: Mapping[str, Sequence[float]]) -> list[int]:
+    """Indices of the channels ``fit_standardizer`` found flat, from its result: their std is at least
+    ``FLAT_STD_FACTOR`` times the smallest (live channels' stds are within 1/``FLAT_RELATIVE_STD`` of each other)."""
+    std = np.asarray(params["std"], dtype=np.float64)
+    if std.size == 0:
+        return []
+    return [int(i) for i in np.flatnonzero(std >= FLAT_STD_FACTOR * float(std.min()))]
 
 
 def input_stats(raw_windows: np.ndarray) -> dict[str, list[float]]:
@@ -182,9 +200,12 @@ def input_stats(raw_windows: np.ndarray) -> dict[str, list[float]]:
 
     Recorded in the artifact as ``input_stats``: the level (e.g. an ADC's DC offset, which a high-pass filter
     removes from everything the scaler sees) and spread of what the device sends, so an export can be checked
-    on inputs of the real scale (``export.probe_windows``). Same form as ``fit_standardizer``.
+    on inputs of the real scale (``export.probe_windows``). Same form as ``fit_standardizer`` (a constant
+    channel's std is 1).
     """
-    return fit_standardizer(raw_windows)
+    w = np.asarray(raw_windows, dtype=np.float64)
+    std = w.std(axis=(0, 2))
+    return {"mean": w.mean(axis=(0, 2)).tolist(), "std": np.where(std > 1e-8, std, 1.0).tolist()}
 
 
 def apply_standardizer(windows: np.ndarray, params: Mapping[str, Sequence[float]]) -> np.ndarray:

@@ -383,6 +383,8 @@ def train_model(
     # and the final model sees inputs on the same scale.
     unscaled = pp.prepare_unscaled(x_raw, meta)
     meta["scaler"] = pp.fit_standardizer(unscaled[~is_val])
+    if flat := [channels[i] for i in pp.flat_channels(meta["scaler"])]:
+        log.warning("channels %s are flat in the training data (electrode off?): the model ignores them", flat)
     x_all = torch.from_numpy(pp.apply_standardizer(unscaled, meta["scaler"]))
     del unscaled
     class_index = {c: i for i, c in enumerate(classes)}

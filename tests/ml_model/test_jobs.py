@@ -17,6 +17,7 @@ import psycopg2.extras
 import pytest
 
 from ml_model import artifacts, jobs
+from ml_model import preprocessing as pp
 from semg import repo
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,10 +28,11 @@ PATTERNS = {"REST": [0.05, 0.05, 0.05, 0.05], "fist": [1.0, 0.8, 0.2, 0.1], "ope
 
 
 def record_session(conn, user_id, device_id, gestures=("fist", "open hand"), reps=3, hold_s=2.0, rest_s=1.5,
-                   seed=0, stream=True, journal_dir=None, minutes_ago=5):
+                   seed=0, stream=True, journal_dir=None, minutes_ago=5, transform=None):
     """Create a session through semg.repo, mark its cues as 'happened', store matching sample blocks.
     journal_dir: the marks are left in a capture journal there instead (a window that could not store them and
-    was closed), not in the database. minutes_ago: when it started (two sessions of a device must not overlap)."""
+    was closed), not in the database. minutes_ago: when it started (two sessions of a device must not overlap).
+    transform: applied to the float samples (n, CHANNELS) before they are stored as int16."""
     rng = np.random.default_rng(seed)
     s = repo.create_session(conn, user_id, device_id, list(gestures), reps, hold_s, rest_s)
     t0 = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=minutes_ago)
@@ -60,7 +62,8 @@ def record_session(conn, user_id, device_id, gestures=("fist", "open hand"), rep
     for iv in s["intervals"]:
         sel = (t_ms >= iv["planned_start_ms"]) & (t_ms < iv["planned_end_ms"])
         amp[sel] = PATTERNS[iv["label"]]
-    x = np.clip(rng.standard_normal((n, CHANNELS)) * amp * 2000, -32768, 32767).astype(np.int16)
+    x = rng.standard_normal((n, CHANNELS)) * amp * 2000
+    x = np.clip(x if transform is None else transform(x), -32768, 32767).astype(np.int16)
     rows, k = [], 25
     for i in range(0, n - k + 1, k):
         rows.append((user_id, device_id, 0, i, k, CHANNELS, RATE, i * 1000 / RATE,
@@ -236,6 +239,34 @@ def test_intervals_marked_without_an_end_or_overlapping(clean_db, user_device):
     error = repo.get_job(clean_db, job["id"])["error"]
     assert error.startswith(f"session {s['id']}: ") and "internal error" not in error, error
     assert "'fist' of repetition 1" in error and "the rest of repetition 1" in error and "0.500 s" in error, error
+
+
+def test_an_electrode_off_while_recording_is_ignored_and_reported(clean_db, user_device):
+    """An ESP32 channel at its rail (electrode disconnected) in every training window got std 1: with the
+    electrode back at serving its ~2048 +- EMG values reached the model as thousands and it recognised nothing
+    (fist 0 %, open hand 13 %); nobody was told. Now the model ignores the channel and the job log says so."""
+    u, d = user_device
+
+    def esp32_off(x):
+        x = x + 2048
+        x[:, 3] = 4095
+        return x
+
+    s = record_session(clean_db, u["id"], d["id"], reps=4, transform=esp32_off)
+    job = repo.schedule_job(clean_db, u["id"], [s["id"]], {"epochs": 10})
+    assert jobs.run_job(job["id"]) == "completed", repo.get_job(clean_db, job["id"])["error"]
+    warned = [line for line in repo.job_logs(clean_db, job["id"]) if line["level"] == "WARNING"]
+    assert len(warned) == 1 and warned[0]["message"].startswith("channel 3 did not vary"), warned
+    model = repo.latest_model(clean_db, u["id"])
+    with clean_db.cursor() as cur:
+        cur.execute("SELECT weights FROM model_artifacts WHERE id = %s", (model["id"],))
+        pred = artifacts.Predictor(bytes(cur.fetchone()[0]), model["metadata"])
+    rng = np.random.default_rng(7)
+    for label in ("REST", "fist", "open hand"):  # the electrode is back: channel 3 carries EMG again
+        x = 2048 + rng.standard_normal((pred.window * 6, CHANNELS)) * np.asarray(PATTERNS[label]) * 2000
+        raw = pp.make_windows(np.clip(x, -32768, 32767).astype(np.int16), pred.window, pred.window // 2)
+        names, _ = pred.predict(raw)
+        assert np.mean([n == label for n in names]) > 0.9, (label, names)
 
 
 def train_in_background(conn, job_id: int) -> tuple[threading.Thread, dict]:

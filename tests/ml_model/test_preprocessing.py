@@ -118,6 +118,26 @@ def test_standardizer_and_channel_selection():
         pp.select_channels(w, [3], axis=1)
 
 
+def test_a_flat_channel_stays_zero_when_it_comes_alive():
+    """A channel that was flat in training (electrode off: constant, at a rail, or one odd sample) got std 1 (or
+    its tiny std): once the electrode was back at serving its values reached the model in the thousands."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(2048.0, 300.0, size=(200, 4, 20))
+    w[:, 2] = 4095.0  # at the ADC's rail
+    w[:, 3] = 0.0
+    w[7, 3, 5] = 1.0  # one odd sample
+    params = pp.fit_standardizer(w)
+    assert pp.flat_channels(params) == [2, 3]
+    alive = rng.normal(2048.0, 300.0, size=(50, 4, 20))
+    z = pp.apply_standardizer(alive, params)
+    assert np.abs(z[:, 2:]).max() < 1e-4, np.abs(z[:, 2:]).max()
+    np.testing.assert_allclose(z[:, :2].std(axis=(0, 2)), 1, atol=0.05)
+    assert pp.flat_channels(pp.fit_standardizer(w[:, :2])) == []
+    assert pp.flat_channels(pp.fit_standardizer(np.stack([w[:, 0], w[:, 0] / 500], axis=1))) == []  # weak but alive
+    stats = pp.input_stats(w)  # the raw level and spread stay what they were
+    assert stats["std"][2] == 1.0 and stats["mean"][2] == 4095.0
+
+
 def test_filters_keep_shape_and_remove_what_they_should():
     rate = 200.0
     t = np.arange(50) / rate
