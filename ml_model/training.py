@@ -46,7 +46,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "label_smoothing": 0.1,
     # Augmentation in standardised units: per-window per-channel gain (log-normal), global gain, noise.
     "augment": {"channel_gain_std": 0.15, "gain_std": 0.2, "noise_std": 0.05},
-    "val_groups": None,  # groups held out for early stopping; None = the last group
+    "val_groups": None,  # groups held out for early stopping; None = default_val_group
     "retrain_full": True,
     "min_windows_per_class": 10,
     # One intra-op thread: these ops are too small to split, and on a busy 2-core host (API, worker, other
@@ -160,6 +160,23 @@ def _check_classes(y: np.ndarray, class_names: Sequence[str], min_per_class: int
         raise TrainingDataError(f"classes {missing} have no windows in the {where}")
     if few:
         raise TrainingDataError(f"too few windows in the {where} for {few}; need at least {min_per_class} each")
+
+
+def default_val_group(y: np.ndarray, groups: np.ndarray) -> Any:
+    """The group (repetition) to hold out: the last one of those holding the most classes, among those whose
+    classes all keep windows in the other groups. A last repetition cut short (a session aborted in its first
+    rest) holds only rest: held out, it chose the epoch count on rest alone and reported its accuracy as the
+    model's. Falls back to the last group."""
+    unique_groups = np.unique(groups)
+    best, best_n = unique_groups[-1], -1
+    for gr in unique_groups:
+        inside = groups == gr
+        held = set(y[inside].tolist())
+        if held - set(y[~inside].tolist()):
+            continue  # the only windows of some class: training would lack it
+        if len(held) >= best_n:
+            best, best_n = gr, len(held)
+    return _json_scalar(best)
 
 
 # ---- torch plumbing -----------------------------------------------------------------------------------
@@ -361,7 +378,7 @@ def train_model(
     unique_groups = np.unique(g)
     if len(unique_groups) < 2:
         raise TrainingDataError("need at least 2 repetitions (groups) so one can be held out for validation")
-    val_groups = [_json_scalar(unique_groups[-1])] if cfg["val_groups"] is None else list(cfg["val_groups"])
+    val_groups = [default_val_group(y_str, g)] if cfg["val_groups"] is None else list(cfg["val_groups"])
     is_val = np.isin(g, val_groups)
     if not is_val.any() or is_val.all():
         raise TrainingDataError(f"validation groups {val_groups} must hold some but not all windows")

@@ -44,6 +44,7 @@ from ml_model.training import (
     TrainingCancelled,
     TrainingDataError,
     class_metrics,
+    default_val_group,
     evaluate,
     fit,
     jsonable,
@@ -380,11 +381,12 @@ def finetune_model(
             recipe_source += f", capped at max_epochs {fixed}"
     if from_scratch:
         alpha = 1.0
-    # Validation part: the last group, or (one group) the end of every recording. With a fixed epoch count it
+    # Validation part: one group (default_val_group), or (one group) the end of every recording. With a fixed epoch count it
     # only measures the recipe (a model trained without that part), the returned model never uses it.
     if len(unique_groups) >= 2:
-        split = np.isin(g, [unique_groups[-1]]).astype(np.int8)
-        val_kind = f"held-out group {jsonable(unique_groups[-1])!r}"
+        held_out = default_val_group(y_str, g)
+        split = np.isin(g, [held_out]).astype(np.int8)
+        val_kind = f"held-out group {jsonable(held_out)!r}"
     else:
         gap = int(math.ceil(win / max(step, 1)))
         split = time_split(y_str, g, float(cfg["val_fraction"]), gap)

@@ -269,6 +269,24 @@ def test_an_electrode_off_while_recording_is_ignored_and_reported(clean_db, user
         assert np.mean([n == label for n in names]) > 0.9, (label, names)
 
 
+def test_a_session_aborted_in_its_last_repetition_is_validated_on_a_whole_one(clean_db, user_device):
+    """Aborted in the first rest of its last repetition: that repetition (rest only) was held out, so early
+    stopping chose the epochs on rest alone (3 of 20) and the job reported "held-out accuracy 1.0" for a model
+    never validated on a gesture."""
+    u, d = user_device
+    s = record_session(clean_db, u["id"], d["id"], reps=4)
+    last = [iv for iv in sorted(s["intervals"], key=lambda iv: iv["ordinal"]) if iv["repetition"] == 3]
+    with clean_db.cursor() as cur:  # nothing after the first rest of repetition 4 was recorded
+        cur.execute("UPDATE session_intervals SET started_at = NULL, ended_at = NULL WHERE id = ANY(%s)",
+                    ([iv["id"] for iv in last[1:]],))
+    clean_db.commit()
+    job = repo.schedule_job(clean_db, u["id"], [s["id"]], {"epochs": 20})
+    assert jobs.run_job(job["id"]) == "completed", repo.get_job(clean_db, job["id"])["error"]
+    metrics = repo.latest_model(clean_db, u["id"])["metrics"]
+    assert metrics["val_groups"] == [2], metrics["val_groups"]
+    assert all(v is not None for v in metrics["per_class_accuracy"].values()), metrics["per_class_accuracy"]
+
+
 def train_in_background(conn, job_id: int) -> tuple[threading.Thread, dict]:
     """run_job(job_id) in a thread, returned once training is under way; the dict gets its `status`."""
     result: dict = {}

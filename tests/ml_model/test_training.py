@@ -15,6 +15,7 @@ from ml_model.model import EMGNet, count_parameters
 from ml_model.training import (
     TrainingCancelled,
     TrainingDataError,
+    default_val_group,
     evaluate_model,
     merge_config,
     train_model,
@@ -34,6 +35,19 @@ def test_trains_on_separable_data(trained_synth):
     assert metrics["val_groups"] == [2]  # the last repetition is held out, whole
     json.dumps(meta, allow_nan=False)
     json.dumps(metrics, allow_nan=False)
+
+
+def test_the_held_out_repetition_holds_every_class_it_can():
+    """A last repetition cut short (only its first rest recorded) was held out: the epoch count was chosen on
+    rest windows alone and their accuracy reported as the model's."""
+    y = np.array(["REST", "fist", "open"] * 3 + ["REST"] * 4)
+    g = np.array([0] * 3 + [1] * 3 + [2] * 3 + [3] * 4)
+    assert default_val_group(y, g) == 2
+    # never the only repetition of a class (training would lack it), nor one holding fewer classes
+    y2 = np.r_[y, ["point"] * 3]
+    g2 = np.r_[g, [0] * 3]
+    assert default_val_group(y2, g2) == 2
+    assert default_val_group(np.array(["REST", "fist", "REST", "fist"]), np.array([0, 0, 1, 1])) == 1
 
 
 def test_model_accepts_any_channel_count_and_window_length():
