@@ -75,11 +75,14 @@ def _job_row(cur, job_id: int) -> dict:
     return dict(zip(("id", "user_id", "status", "params", "cancel_requested"), row, strict=True))
 
 
-def _session_samples(cur, device_id: int, t_from, t_to) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _session_samples(cur, device_id: int, t_from, t_to, max_gap: int = 0
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """All samples of a device between two server times.
 
-    Returns (values (n, channels) int16, time_ms (n,) server-clock ms since epoch, run_id (n,)) where run_id
-    changes wherever the sequence numbers jump (lost packets or a reboot): windows never span a jump.
+    Returns (values (n, channels) int16, time_ms (n,) server-clock ms since epoch, run_id (n,), seq (n,))
+    where run_id changes wherever the sequence numbers jump by more than ``max_gap`` lost samples, or go back,
+    or the boot changes (a reboot): windows never span such a jump; smaller gaps are bridged as the live
+    worker bridges them (``preprocessing.MAX_BRIDGE_FRACTION``).
     """
     cur.execute(
         """SELECT boot, seq0, n, channels, sample_rate_hz, extract(epoch FROM device_time0)::float8 * 1000.0, values
@@ -90,7 +93,7 @@ def _session_samples(cur, device_id: int, t_from, t_to) -> tuple[np.ndarray, np.
     )
     rows = cur.fetchall()
     if not rows:
-        return np.zeros((0, 1), np.int16), np.zeros(0), np.zeros(0, np.int64)
+        return np.zeros((0, 1), np.int16), np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64)
     channels = {r[3] for r in rows}
     if len(channels) != 1:
         raise JobFailed(f"device {device_id} changed its channel count during the session ({sorted(channels)})")
@@ -100,10 +103,11 @@ def _session_samples(cur, device_id: int, t_from, t_to) -> tuple[np.ndarray, np.
     starts_new_run = np.ones(len(rows), dtype=bool)
     for i in range(1, len(rows)):
         prev, cur_ = rows[i - 1], rows[i]
-        starts_new_run[i] = not (prev[0] == cur_[0] and prev[1] + prev[2] == cur_[1])
+        starts_new_run[i] = not (prev[0] == cur_[0] and 0 <= cur_[1] - (prev[1] + prev[2]) <= max_gap)
     run_of_block = np.cumsum(starts_new_run)
     run_id = np.repeat(run_of_block, [r[2] for r in rows])
-    return values, times, run_id
+    seq = np.concatenate([r[1] + np.arange(r[2], dtype=np.int64) for r in rows])
+    return values, times, run_id, seq
 
 
 def load_job_data(conn, job_id: int, config: dict) -> dict[str, Any]:
@@ -161,12 +165,14 @@ def load_job_data(conn, job_id: int, config: dict) -> dict[str, Any]:
                 seen = recorded.setdefault(name, {"hold_ms": 0.0, "sessions": set()})
                 seen["hold_ms"] = max(seen["hold_ms"], iv["end_ms"] - iv["start_ms"])
                 seen["sessions"].add(session_id)
-            values, times, run_id = _session_samples(cur, device_id, ivs[0][3], last_end)
+            values, times, run_id, seq = _session_samples(cur, device_id, ivs[0][3], last_end,
+                                                          preprocessing.max_bridged(win))
             for run in np.unique(run_id):
                 sel = run_id == run
                 if sel.sum() < win:
                     continue
-                w, lab, grp = training.windows_from_capture(values[sel], times[sel], intervals, win, step)
+                w, lab, grp = training.windows_from_capture(values[sel], times[sel], intervals, win, step,
+                                                            seq=seq[sel])
                 if len(w):
                     all_w.append(w)
                     all_l.append(lab)

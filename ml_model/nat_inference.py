@@ -55,6 +55,7 @@ import psycopg2
 from pydantic import ValidationError
 
 from ml_model import postprocessing
+from ml_model.preprocessing import MAX_BRIDGE_FRACTION
 from ml_model.rest.schemas import MAX_PREDICT_ITEMS
 from semg import db, natsio, procs, secrets
 from semg.config import Settings, settings_or_exit
@@ -89,13 +90,6 @@ CLOCK_RISE = 1e-3
 # with it): re-anchor. Until then its windows look stale; without it, CLOCK_RISE would take an hour per 3.6 s.
 CLOCK_STEP_BACK_S = 60.0
 CLOCK_STEP_MIN_S = 1.0
-# A lost packet (a forward gap of at most this fraction of a window) is bridged: a window across it holds the
-# `window` received samples before its end (only measured samples; sEMG is noise-like, so the seam does not
-# change the level and spectrum the model reads); windows spanning more lost samples than this are not cut.
-# Without it, every lost packet (25 samples on the ESP32 sketch) cost a whole window (250 ms) without decisions.
-# bench/packet_loss.py (Myo, 50 ms packets): at 5 % loss 96 % of windows decided instead of 76 %, 98.3 % vs 98.5 %
-# of them right.
-MAX_BRIDGE_FRACTION = 0.25
 MAX_STORE_BACKLOG = 200_000
 STATS_INTERVAL_S = float(os.environ.get("SEMG_INFERENCE_STATS_S", "60"))
 

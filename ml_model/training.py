@@ -85,10 +85,12 @@ def windows_from_capture(
     win: int,
     step: int,
     reaction_ms: float = pp.DEFAULT_REACTION_MS,
+    seq: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Labelled windows of one recording cued by a capture plan.
 
-    samples: (n_samples, n_channels); timestamps_ms: (n_samples,).
+    samples: (n_samples, n_channels); timestamps_ms: (n_samples,); seq: (n_samples,) the samples' sequence
+    numbers where lost packets were bridged (``pp.MAX_BRIDGE_FRACTION``): windows spanning more are left out.
     Returns ``(windows (n, n_channels, win), labels (n,) object, groups (n,) int64)``. The group is the
     interval's ``cycle`` when given (not None), else the repetition number of its gesture (k-th cue of that label);
     a rest interval belongs to the cycle of the gesture before it, so holding out a cycle holds out its rests.
@@ -111,6 +113,8 @@ def windows_from_capture(
         if iv.get("kind") != "rest":
             current = int(cycle_of[i])
     keep = index >= 0
+    if seq is not None:
+        keep &= pp.spans_little_loss(seq, win, step)
     windows = pp.make_windows(samples, win, step)[keep]
     return windows, labels[keep], cycle_of[index[keep]]
 

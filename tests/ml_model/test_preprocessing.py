@@ -167,3 +167,17 @@ def test_prepare_for_model_shapes_and_dtype():
         meta["scaler"]["std"]
     )[None, :, None]
     np.testing.assert_allclose(x, expected, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=100, deadline=None)
+@given(gaps=st.lists(st.integers(0, 40), min_size=1, max_size=60), win=st.integers(4, 60), step=st.integers(1, 9))
+def test_spans_little_loss_marks_the_windows_the_live_worker_would_cut(gaps, win, step):
+    """Training keeps a window across lost samples exactly when the live worker would cut it: at most
+    max_bridged(win) sequence numbers missing between its first and last sample."""
+    seq = np.cumsum(np.asarray(gaps) + 1)  # each sample follows the previous after `gap` lost ones
+    keep = pp.spans_little_loss(seq, win, step)
+    assert len(keep) == pp.n_windows(len(seq), win, step)
+    for i, k in enumerate(keep):
+        first, last = seq[i * step], seq[i * step + win - 1]
+        assert k == (last - first + 1 - win <= pp.max_bridged(win))
+    assert pp.max_bridged(win) == int(win * pp.MAX_BRIDGE_FRACTION)
