@@ -16,14 +16,15 @@ Myo GATT (from Thalmic's ``myohw.h``; 128-bit UUIDs ``d506XXXX-a904-deb9-4748-2c
 Forwarding (``UdpForwarder``, no Bluetooth involved so it is testable): samples are batched (``--batch``, and at
 most ``--max-delay-ms`` old) into binary v1 packets built with ``udpserver.protocol.build_binary``: sequence
 numbers count samples from 0 per boot; the boot counter is persisted (``--boot-file``) and incremented at
-every start, so the server's replay protection accepts a restarted bridge. ``millis0`` is the device time of the
-packet's first sample: it follows the sample count at the nominal rate (5 ms per sample), so BLE's late and
-bunched-up delivery moves neither it nor the sample order. It starts at the host's monotonic clock (ms since the
-bridge started) and is re-anchored to that clock, only ever forwards, after a reconnect and when, over a
-``--resync-window-s`` window, even the least delayed notification shows the device time more than
-``--max-drift-ms`` behind the host (notifications lost unnoticed, or an armband slower than 200 Hz; a faster
-one runs ahead of the host, which the server's rolling clock-offset estimate follows). Delivery delays only add
-to (host - device time), so their minimum is the drift; one late burst does not move the clock.
+every start, so the server's replay protection accepts a restarted bridge; likewise when the 32-bit sequence
+number would wrap (after 2^32 samples, ~248 days at 200 Hz): the bridge goes on from 0 under the next boot.
+``millis0`` is the device time of the packet's first sample: it follows the sample count at the nominal rate
+(5 ms per sample), so BLE's late and bunched-up delivery moves neither it nor the sample order. It starts at the
+host's monotonic clock (ms since the bridge started) and is re-anchored to that clock, only ever forwards, after
+a reconnect and when, over a ``--resync-window-s`` window, even the least delayed notification shows the device
+time more than ``--max-drift-ms`` behind the host (notifications lost unnoticed, or an armband slower than
+200 Hz; a faster one runs ahead of the host, which the server's rolling clock-offset estimate follows). Delivery
+delays only add to (host - device time), so their minimum is the drift; one late burst does not move the clock.
 
 Losses: after a Bluetooth disconnect the bridge reconnects with exponential back-off; the sequence number jumps
 by the number of samples the armband produced meanwhile (elapsed time x 200 Hz), so the server counts them as
@@ -175,6 +176,7 @@ class UdpForwarder:
         resync_window_s: float = 2.0,
         send: Callable[[bytes], Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        new_boot: Callable[[], int] | None = None,
     ) -> None:
         if not 1 <= batch <= (protocol.MAX_PACKET_SIZE - protocol.HEADER_SIZE - protocol.TAG_SIZE) // (2 * channels):
             raise ValueError(f"batch {batch} does not fit in one packet")
@@ -187,6 +189,8 @@ class UdpForwarder:
             raise ValueError("max_drift_ms and resync_window_s must be positive")
         self.max_drift_ms, self.resync_window_s = float(max_drift_ms), float(resync_window_s)
         self.clock = clock
+        # the next boot counter once the sequence numbers are used up (the CLI: the next one from --boot-file)
+        self._new_boot = new_boot if new_boot is not None else lambda: (self.boot + 1) & protocol.UINT32_MAX or 1
         self.t0 = clock()
         self.seq = 0  # sequence number of the next sample
         # Device time (ms) of sample seq = _anchor_ms + (seq - _anchor_seq) * 1000 / rate; None until the first
@@ -287,17 +291,31 @@ class UdpForwarder:
         self._observe(self.clock() if first_time is None else first_time, reanchor)
         i = 0
         while i < len(samples):
+            if self.seq > protocol.UINT32_MAX:
+                self._next_boot()
             if self._pending_n == 0:
                 self._pending_seq0 = self.seq
                 self._pending_millis0 = int(round(self.device_ms(self.seq)))
                 self._pending_since = self.clock()
-            take = min(self.batch - self._pending_n, len(samples) - i)
+            # a packet's sequence numbers are 32-bit: none may run past 2^32 - 1
+            take = min(self.batch - self._pending_n, len(samples) - i, protocol.UINT32_MAX + 1 - self.seq)
             self._pending.append(samples[i : i + take])
             self._pending_n += take
             self.seq += take
             i += take
             if self._pending_n >= self.batch:
                 self.flush()
+
+    def _next_boot(self) -> None:
+        """The sequence numbers are used up: go on from 0 under a new boot counter (the server would reject
+        wrapped ones as replays of the current boot), the device time going on unchanged."""
+        self.flush()
+        ms = self.device_ms(self.seq)
+        self.boot = int(self._new_boot())
+        self.seq = 0
+        if self._anchor_ms is not None:
+            self._anchor_ms, self._anchor_seq = ms, 0
+        log.info("sequence numbers used up: going on as boot %s", self.boot)
 
     def skip(self, n_samples: int) -> None:
         """``n_samples`` were lost: send what is pending, then jump the sequence number past them."""
@@ -569,10 +587,11 @@ def main(argv: list[str] | None = None) -> int:
             recording = read_recording(args.replay)
         except (OSError, ValueError) as e:
             raise SystemExit(f"myo_bridge: --replay: {e}") from None
-    boot = next_boot(args.boot_file or default_boot_file(device_id))
+    boot_file = args.boot_file or default_boot_file(device_id)
+    boot = next_boot(boot_file)
     fwd = UdpForwarder(device_id, key, boot, args.server, batch=args.batch, max_delay_ms=args.max_delay_ms,
                        detect_gaps=args.detect_gaps, max_drift_ms=args.max_drift_ms,
-                       resync_window_s=args.resync_window_s)
+                       resync_window_s=args.resync_window_s, new_boot=lambda: next_boot(boot_file))
     log.info("device %s boot %s -> udp %s:%s", device_id, boot, *args.server)
     try:
         if recording is not None:
@@ -592,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
             stats = dict(fwd.stats)
     finally:
         fwd.close()
-    print(json.dumps({"device_id": device_id, "boot": boot, "last_seq": fwd.seq - 1, **stats}), flush=True)
+    print(json.dumps({"device_id": device_id, "boot": fwd.boot, "last_seq": fwd.seq - 1, **stats}), flush=True)
     return 0
 
 

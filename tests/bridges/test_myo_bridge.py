@@ -381,3 +381,41 @@ def test_no_bluetooth_stack_is_named_with_what_to_install(caplog):
     assert mb.ble_problem(RuntimeError("No Bluetooth adapters found.")).endswith("(plug one in; `rfkill unblock "
                                                                                  "bluetooth`)")
     assert mb.ble_problem(TimeoutError()) == "TimeoutError"
+
+
+def test_sequence_numbers_used_up_go_on_under_a_new_boot_through_real_udpserver(clean_db, tmp_path):
+    """Sequence numbers are 32-bit (2^32 samples: ~248 days at 200 Hz). They wrapped to 0 within the same boot,
+    and the server rejected every later packet as a replay; the bridge now goes on from 0 under the next boot
+    counter of its boot file, and the server stores everything."""
+    sys.path.insert(0, str(REPO / "tests" / "udpserver"))
+    from udphelpers import UdpServer, add_device, add_user
+
+    with clean_db.cursor() as cur:
+        device = add_device(cur, add_user(cur), "binary", channels=8, rate=200, key=KEY)
+    boot_file = tmp_path / "boot"
+    first = mb.next_boot(boot_file)
+    srv = UdpServer(tmp_path / "spool", tmp_path / "udpserver.log", []).start()
+    try:
+        clock = FakeClock()
+        fwd = mb.UdpForwarder(device, KEY, first, ("127.0.0.1", int(os.environ["UDP_PORT"])), batch=10,
+                              clock=clock, new_boot=lambda: mb.next_boot(boot_file))
+        fwd.seq = protocol.UINT32_MAX + 1 - 25  # 25 samples before the wrap
+        for i, note in enumerate(_notifications(50, seed=9)):  # 100 samples
+            clock.t += 0.01
+            fwd.on_notification(note, i % 4)
+        fwd.close()
+        m = srv.wait_for(lambda m: m["samples"]["stored"] + m["packets"]["rejected"] * 10 >= 100, what="all handled")
+        assert m["rejected"] == {} and m["samples"]["stored"] == 100 and m["samples"]["lost"] == 0
+        assert fwd.boot == first + 1 and int(boot_file.read_text()) == first + 1
+        with clean_db.cursor() as cur:
+            cur.execute("SELECT boot, seq0, n, device_millis0 FROM sample_blocks WHERE device_id = %s "
+                        "ORDER BY boot, seq0", (device,))
+            rows = cur.fetchall()
+        top = protocol.UINT32_MAX + 1
+        assert [(b, s, n) for b, s, n, _ in rows] == [
+            (first, top - 25, 10), (first, top - 15, 10), (first, top - 5, 5),
+            *((first + 1, s, 10) for s in range(0, 70, 10)), (first + 1, 70, 5)]
+        millis = [ms for *_, ms in rows]  # the device time goes on across the new boot, 5 ms per sample
+        assert millis == [millis[0] + 5.0 * k for k in (0, 10, 20, 25, 35, 45, 55, 65, 75, 85, 95)]
+    finally:
+        assert srv.stop() == 0
