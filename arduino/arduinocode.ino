@@ -56,7 +56,12 @@ static const size_t UDP_TX_BUFFER = 1460;
 #define WIFI_RETRY_MAX_MS 60000  // ...up to this
 #endif
 // Restart (and so bump the boot counter) long before the 32-bit sequence number could wrap.
-static const uint32_t SEQ_RESTART_AT = 0xFFF00000u;
+#ifndef SEQ_RESTART_AT
+#define SEQ_RESTART_AT 0xFFF00000u
+#endif
+#ifndef SEMG_FIRST_SEQ
+#define SEMG_FIRST_SEQ 0u  // sequence number of a boot's first sample (tests start near SEQ_RESTART_AT)
+#endif
 
 struct Sample {
     uint32_t seq;
@@ -82,7 +87,7 @@ static IPAddress serverIp;
 static uint8_t deviceKey[64];
 static size_t deviceKeyLen = 0;
 static uint32_t bootCounter = 0;
-static uint32_t nextSeq = 0;  // written by the sampler task only
+static uint32_t nextSeq = SEMG_FIRST_SEQ;  // written by the sampler task only
 
 // batch being assembled by the sender (loop)
 static int16_t batchValues[SAMPLES_PER_PACKET * SEMG_MAX_CHANNELS];
@@ -293,6 +298,12 @@ void setup() {
 void loop() {
     ensureWifi();
     if (WiFi.status() != WL_CONNECTED) {
+        if (nextSeq >= SEQ_RESTART_AT) {
+            // The sampler counts on while nothing is sent: restart before its sequence number wraps, or every
+            // packet after the outage would be a replay of this boot to the server (the queued samples are lost).
+            Serial.println("semg: sequence number nearly exhausted; restarting (new boot)");
+            ESP.restart();
+        }
         delay(5);  // keep the samples queued (see QUEUE_SAMPLES) until there is a network to send them to
         printDiagnostics();
         return;

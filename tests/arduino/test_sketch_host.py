@@ -308,3 +308,28 @@ def test_legacy_build_streams_text_packets(sim_object, db_conn, tmp_path):
     taken = sorted(set(range(len(got) + len(r.not_served()))) - r.not_served())[:len(got)]
     stored = [got[s] for s in sorted(got)]
     assert all(stored[k] == [signal_value(p, seq) for p in PINS] for k, seq in enumerate(taken))
+
+
+def test_sequence_numbers_running_out_during_a_wifi_outage_restart_the_sketch(sim_object, device, server):
+    """The sketch restarts (new boot) before its 32-bit sequence number wraps, but it checked only the samples it
+    sent: during a WiFi outage the sampler kept counting, wrapped, and once WiFi was back every packet (sequence
+    numbers from 0 again in the same boot) was rejected as a replay until the counter came round again (~99 days
+    at 500 Hz). Here the counter starts 5 s before the wrap (the restart point 3 s before it), WiFi is lost after
+    0.8 s for 5.7 s: the sketch must restart while WiFi is down."""
+    top = 1 << 32
+    exe = device.build(sim_object, f"SEMG_FIRST_SEQ={top - 5 * RATE}u", f"SEQ_RESTART_AT={top - 2 * RATE}u")
+    ap = device.tmp / "access-point"
+    ap.touch()
+    proc = start(exe, 8000, SIM_NVS_DIR=str(device.tmp / "nvs"), SIM_WIFI_FILE=str(ap))
+    time.sleep(0.8)
+    ap.unlink()
+    time.sleep(5.7)
+    ap.touch()
+    r = finish(proc)
+    server.wait_settled()
+    m = server.metrics()
+    assert m["rejected"] == {}, (m["rejected"], r.out)
+    assert r.returncode == 75, (r.returncode, r.out)  # ESP.restart()
+    assert "semg: sequence number nearly exhausted; restarting (new boot)" in r.out
+    got = samples_of(device.blocks(), boot=1)
+    assert got and min(got) == top - 5 * RATE and max(got) < top - 2 * RATE, sorted(got)[-3:]
