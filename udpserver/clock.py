@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 
 WRAP = 1 << 32
-HALF_WRAP = 1 << 31
 
 
 class DeviceClock:
@@ -48,14 +47,14 @@ class DeviceClock:
         """Milliseconds from the last packet's millis to `raw` going forward (mod 2^32)."""
         return (raw - self.last_raw) % WRAP if self.last_raw is not None else 0
 
-    def unwrap(self, raw: int) -> float:
-        """Unwrapped device time of `raw` within the current boot (small backward steps stay backward)."""
+    def unwrap(self, raw: int, expected_ms: float = 0.0) -> float:
+        """Unwrapped device time of `raw` within the current boot: the step from the last packet's millis nearest
+        to `expected_ms` (what the sequence numbers say passed; small backward steps stay backward). Without
+        it, a device back after more than 24.8 days offline in the same boot would go back in time."""
         if self.last_raw is None:
             return float(raw)
         d = (raw - self.last_raw) % WRAP
-        if d >= HALF_WRAP:
-            d -= WRAP
-        return self.last_unwrapped + d
+        return self.last_unwrapped + d + round((expected_ms - d) / WRAP) * WRAP
 
     def observe(self, raw: int, unwrapped: float, last_sample_ms: float, server_time: float) -> float:
         """Record an accepted packet; returns the offset (server ms - device ms) to map it with."""

@@ -205,7 +205,9 @@ class Ingestor:
             else:
                 lost = p.seq0  # the new boot started at 0
                 clock.reset()
-        millis0 = clock.unwrap(p.millis0)
+        # the sequence numbers say how long it was since the last packet (one per sample): its millis alone do
+        # not, once it was offline for half of their 2^32 ms range or more (after a new boot: unused, no last packet)
+        millis0 = clock.unwrap(p.millis0, (p.seq0 - st.last_seq) * 1000.0 / p.rate_hz)
         last_ms = millis0 + (p.n - 1) * 1000.0 / p.rate_hz
         offset = clock.observe(p.millis0, millis0, last_ms, now)
         st.boot = boot

@@ -188,6 +188,29 @@ def test_legacy_millis_wrap_is_not_a_reboot():
     assert (r.boot, r.seq0, r.millis0) == (0, 11, WRAP + 2)
 
 
+@pytest.mark.parametrize("days", [1, 30, 60, 90])
+def test_a_binary_device_back_after_weeks_offline_keeps_its_clock_going_forward(days):
+    """A device left powered without WiFi for weeks comes back in the same boot: millis() moved on by more than
+    half of its 2^32 ms range (24.8 days), or wrapped more than once, which its millis alone cannot tell, but its
+    sequence numbers (one per sample at its rate) can. The clock was unwrapped backwards (-19.7 days after 30
+    days away), and the live worker, which times samples by device millis per (device, boot), took every later
+    window of that boot as taken weeks ago: no more decisions until the device rebooted."""
+    ing = _ingestor()  # device 3: 500 Hz
+    t0 = 1_700_000_000.0
+    ing.handle(_binary(seq0=0, millis0=1000, n=5)[0], t0)
+    away = days * 86_400_000  # ms
+    seq = 5 + away // 2  # 2 ms per sample
+    r = ing.handle(_binary(seq0=seq, millis0=(1000 + 2 * seq) % WRAP, n=5)[0], t0 + away / 1000)
+    assert isinstance(r, Record) and r.lost == seq - 5
+    assert r.millis0 == 1000 + 2 * seq
+    assert r.time0 == pytest.approx(t0 + away / 1000 - 0.008, abs=0.01)
+    # the next packets go on from there; a small step back of the clock stays a small step back
+    r2 = ing.handle(_binary(seq0=seq + 5, millis0=(1000 + 2 * seq + 9) % WRAP, n=5)[0], t0 + away / 1000 + 0.01)
+    assert r2.millis0 == 1000 + 2 * seq + 9
+    r3 = ing.handle(_binary(seq0=seq + 10, millis0=(1000 + 2 * seq + 7) % WRAP, n=5)[0], t0 + away / 1000 + 0.02)
+    assert r3.millis0 == 1000 + 2 * seq + 7
+
+
 def test_device_time_follows_server_clock():
     ing = _ingestor()
     r = ing.handle(_binary(seq0=0, millis0=7000, n=50)[0], 1_700_000_000.0)
