@@ -368,6 +368,20 @@ def test_capture_tells_whether_the_device_is_streaming(page, seeded):
     assert "would record no signals" in texts(at)
 
 
+def test_capture_warns_that_too_short_holds_give_no_training_data(page, seeded):
+    at = page("capture", user_id=seeded["user"]["id"])
+    at.run()
+    assert "give no training data" not in texts(at)  # the defaults (3 s) are fine
+    at.number_input(key="capture_hold").set_value(0.5)
+    at.run()
+    assert_clean(at)
+    assert "Holds shorter than 0.55 s give no training data" in texts(at)
+    at.number_input(key="capture_hold").set_value(1.0)
+    at.number_input(key="capture_rest").set_value(0.5)
+    at.run()
+    assert "Rests shorter than 0.55 s give no training data" in texts(at)
+
+
 def test_capture_offers_to_close_a_session_left_recording(page, seeded):
     conn, uid = seeded["conn"], seeded["user"]["id"]
     s = repo.create_session(conn, uid, seeded["device"]["id"], ["fist"], 1, 1, 1)
