@@ -59,8 +59,10 @@ class GuardedHttp(HttpToolsProtocol):  # type: ignore[misc,valid-type]
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing():
-            self._wait_for_head()  # the next request (keep-alive) gets the same time
+        # the next request (keep-alive) gets the same time, unless its head has come already (pipelined: it runs
+        # now, and may take longer than HEAD_TIMEOUT_S to send its body or to be answered)
+        if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+            self._wait_for_head()
 
     def _wait_for_head(self) -> None:
         self._stop_waiting()

@@ -250,3 +250,22 @@ def test_a_flood_of_idle_connections_leaves_the_api_reachable(api_server):
     finally:
         for s in flood:
             s.close()
+
+
+def test_a_pipelined_request_is_not_cut_at_the_head_timeout(api_server, clean_db):
+    """A request whose head came while the one before it was answered (HTTP/1.1 pipelining) got the head timer
+    when that answer was complete, though its head had arrived: the connection was closed HEAD_TIMEOUT_S later,
+    in the middle of its body (or of a longer answer)."""
+    from ml_model.rest import keys as keystore
+    from ml_model.rest.connections import HEAD_TIMEOUT_S
+    key = keystore.create_key(clean_db, "admin", None, "pipelining")["key"]
+    body = b'{"name": "Pipelined", "email": "pipelined@example.org"}'
+    with socket.create_connection(api_server) as s:
+        s.settimeout(HEAD_TIMEOUT_S + 10)
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+                  b"POST /users HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"X-API-Key: " + key.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:10])
+        assert _read_response(s).startswith(b"HTTP/1.1 200")
+        time.sleep(HEAD_TIMEOUT_S + 2)  # a slow upload: its head came long ago
+        s.sendall(body[10:])
+        assert _read_response(s).startswith(b"HTTP/1.1 201")
