@@ -216,11 +216,13 @@ def fit_standardizer(windows: np.ndarray) -> dict[str, list[float]]:
 
 def flat_channels(params: Mapping[str, Sequence[float]]) -> list[int]:
     """Indices of the channels ``fit_standardizer`` found flat, from its result: their std is at least
-    ``FLAT_STD_FACTOR`` times the smallest (live channels' stds are within 1/``FLAT_RELATIVE_STD`` of each other)."""
+    ``FLAT_STD_FACTOR`` times the smallest (live channels' stds are within 1/``FLAT_RELATIVE_STD`` of each other),
+    or exactly ``FLAT_STD_FACTOR`` (what every channel gets when all are flat)."""
     std = np.asarray(params["std"], dtype=np.float64)
     if std.size == 0:
         return []
-    return [int(i) for i in np.flatnonzero(std >= FLAT_STD_FACTOR * float(std.min()))]
+    # every channel flat: each got FLAT_STD_FACTOR (times 1, there being no liveliest), none larger than another
+    return [int(i) for i in np.flatnonzero((std >= FLAT_STD_FACTOR * float(std.min())) | (std == FLAT_STD_FACTOR))]
 
 
 def input_stats(raw_windows: np.ndarray) -> dict[str, list[float]]:

@@ -43,6 +43,7 @@ from ml_model.model import MAX_CHANNELS, EMGNet
 from ml_model.training import (
     TrainingCancelled,
     TrainingDataError,
+    check_some_channel_varies,
     class_metrics,
     default_val_group,
     evaluate,
@@ -411,6 +412,7 @@ def finetune_model(
     # trained on everything, gets the scaler of everything.
     unscaled = pp.prepare_unscaled(x, meta)
     meta["scaler"] = pp.fit_standardizer(unscaled[is_tr])
+    check_some_channel_varies([meta["channels"][i] for i in pp.flat_channels(meta["scaler"])], meta["channels"])
     x_all = torch.from_numpy(pp.apply_standardizer(unscaled, meta["scaler"]))
     final_scaler = meta["scaler"] if fixed is None or not is_va.any() else pp.fit_standardizer(unscaled)
     x_final = x_all if final_scaler is meta["scaler"] else torch.from_numpy(pp.apply_standardizer(unscaled, final_scaler))

@@ -297,6 +297,19 @@ def test_an_electrode_off_while_recording_is_ignored_and_reported(clean_db, user
         assert np.mean([n == label for n in names]) > 0.9, (label, names)
 
 
+def test_a_recording_in_which_no_channel_varied_fails_the_job(clean_db, user_device):
+    """Every channel at the ADC's rail (the sensor board unpowered or unplugged) was flat, but flat_channels named
+    none (each got the same std, none a million times another's): the job completed without a warning, with a
+    model answering the same whatever the user does (held-out accuracy 0.50), served in place of the last one."""
+    u, d = user_device
+    s = record_session(clean_db, u["id"], d["id"], reps=4, transform=lambda x: np.full_like(x, 4095))
+    job = repo.schedule_job(clean_db, u["id"], [s["id"]], {"epochs": 10})
+    assert jobs.run_job(job["id"]) == "failed"
+    error = repo.get_job(clean_db, job["id"])["error"]
+    assert error.startswith("no channel varied in the training data (channels 0, 1, 2, 3 constant"), error
+    assert repo.latest_model(clean_db, u["id"]) is None
+
+
 def test_a_session_aborted_in_its_last_repetition_is_validated_on_a_whole_one(clean_db, user_device):
     """Aborted in the first rest of its last repetition: that repetition (rest only) was held out, so early
     stopping chose the epochs on rest alone (3 of 20) and the job reported "held-out accuracy 1.0" for a model

@@ -136,6 +136,9 @@ def test_a_flat_channel_stays_zero_when_it_comes_alive():
     assert pp.flat_channels(pp.fit_standardizer(np.stack([w[:, 0], w[:, 0] / 500], axis=1))) == []  # weak but alive
     stats = pp.input_stats(w)  # the raw level and spread stay what they were
     assert stats["std"][2] == 1.0 and stats["mean"][2] == 4095.0
+    at_rails = np.stack([w[:, 2], w[:, 2] * 0], axis=1)
+    assert pp.flat_channels(pp.fit_standardizer(at_rails)) == [0, 1]  # every channel flat: all are named
+    assert pp.flat_channels(pp.fit_standardizer(w[:, 2:3])) == [0]
 
 
 def test_filters_keep_shape_and_remove_what_they_should():

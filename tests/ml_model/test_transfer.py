@@ -257,6 +257,8 @@ def test_bad_data_and_cancel(base):
         transfer.finetune_model(x[y == "fist"], y[y == "fist"], g[y == "fist"], base, {"sample_rate_hz": RATE})
     with pytest.raises(TrainingDataError, match="sample_rate_hz"):
         transfer.finetune_model(x, y, g, base, {})
+    with pytest.raises(TrainingDataError, match="no channel varied"):  # every electrode at a rail
+        transfer.finetune_model(np.full_like(x, 127), y, g, base, {"sample_rate_hz": RATE})
 
     def cancel(*_a):
         raise TrainingCancelled("stop")
