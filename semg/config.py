@@ -141,6 +141,14 @@ class Settings(BaseSettings):
         return f"nats://{self.service_url_host}:{self.nats_port}"
 
     @property
+    def nats_addresses(self) -> str:
+        """The NATS server(s) as host:port, comma-separated, without any credentials the URLs carry (for messages)."""
+        from urllib.parse import urlsplit
+
+        parts = [u if "://" in u else f"nats://{u}" for u in (p.strip() for p in self.nats_url.split(",")) if u]
+        return ",".join(f"{p.hostname}:{p.port or 4222}" for p in map(urlsplit, parts))
+
+    @property
     def udp_metrics_url(self) -> str:
         """The UDP server's metrics endpoint (it listens on semg_bind_host)."""
         return f"http://{self.service_url_host}:{self.udp_metrics_port}/metrics"

@@ -13,7 +13,6 @@ import contextlib
 import json
 import sys
 import time
-from urllib.parse import urlsplit
 
 import httpx
 import psycopg2
@@ -65,7 +64,7 @@ def check_nats(s: Settings) -> tuple[bool, str]:
     """A connection with the UI's identity (subscribe-only) and one round trip to the server."""
     from semg import natsio
 
-    where = ",".join(f"{u.hostname}:{u.port or 4222}" for u in map(urlsplit, s.nats_url.split(",")))
+    where = s.nats_addresses
 
     async def quiet(_e: Exception) -> None:  # the failure is the answer, not a log line
         return None

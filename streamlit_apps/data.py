@@ -952,9 +952,9 @@ def _check_nats(s: Settings) -> dict:
 
     try:
         asyncio.run(asyncio.wait_for(ping(), timeout=3))
-        return {"ok": True, "detail": f"connected to {s.nats_url}"}
+        return {"ok": True, "detail": f"connected to {s.nats_addresses}"}
     except Exception as e:  # noqa: BLE001 - any failure means "not reachable"; the page shows the reason
-        return {"ok": False, "detail": f"not reachable at {s.nats_url} ({type(e).__name__})"}
+        return {"ok": False, "detail": f"not reachable at {s.nats_addresses} ({type(e).__name__})"}
 
 
 @st.cache_data(ttl=5, show_spinner=False)

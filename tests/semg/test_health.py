@@ -24,3 +24,10 @@ def test_nats_line_answers_for_the_server_itself(settings, monkeypatch):
     monkeypatch.setenv("NATS_SERVER", f"nats://semg:s3cret@127.0.0.1:{free}")
     ok, detail = check_nats(Settings())
     assert not ok and "s3cret" not in detail and f"127.0.0.1:{free}" in detail, detail
+
+
+def test_nats_addresses_never_carry_credentials(monkeypatch):
+    monkeypatch.setenv("NATS_SERVER", "nats://semg:s3cret@a.example:4333,b.example:4222,tls://u:p@c.example")
+    monkeypatch.setenv("NATS_USER", "semg")
+    monkeypatch.setenv("NATS_PASSWORD", "x")
+    assert Settings().nats_addresses == "a.example:4333,b.example:4222,c.example:4222"
