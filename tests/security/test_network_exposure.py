@@ -9,7 +9,6 @@ import os
 import re
 import resource
 import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.processes import stop_group, wait_until_answers
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,23 +43,10 @@ def ui_server(settings):
                             stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, "the UI exited at start (see test-exposure-ui.log)"
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(base + "/_stcore/health", timeout=2).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, "the UI did not answer /_stcore/health within 60 s"
-            time.sleep(0.3)
+        wait_until_answers(proc, base + "/_stcore/health", "the UI (see test-exposure-ui.log)")
         yield base
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+        stop_group(proc)
         log.close()
 
 
@@ -80,23 +68,10 @@ def api_server(settings, clean_db):
     proc = subprocess.Popen(_supervisor_command("api", env), cwd=REPO, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_few_files)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, "the API exited at start (see test-exposure-api.log)"
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, "the API did not answer /health within 60 s"
-            time.sleep(0.3)
+        wait_until_answers(proc, f"http://127.0.0.1:{port}/health", "the API (see test-exposure-api.log)")
         yield "127.0.0.1", port
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+        stop_group(proc, grace=20)
         log.close()
 
 

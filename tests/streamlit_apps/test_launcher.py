@@ -3,16 +3,14 @@ the settings say, like every other service, not on every interface as a bare `st
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import psutil
+
+from tests.processes import stop_group, wait_until_answers
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,25 +26,15 @@ def test_the_ui_listens_on_the_bind_host_and_ui_port_only(settings, tmp_path):
         proc = subprocess.Popen([sys.executable, "-m", "streamlit_apps"], cwd=REPO, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, f"the UI exited: {log.read_text()[-2000:]}"
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, "the UI did not answer /_stcore/health within 60 s"
-            time.sleep(0.3)
+        try:
+            wait_until_answers(proc, f"http://127.0.0.1:{port}/_stcore/health", "the UI")
+        except AssertionError as e:
+            raise AssertionError(f"{e}: {log.read_text()[-2000:]}") from None
         listening = {(c.laddr.ip, c.laddr.port) for c in psutil.Process(proc.pid).net_connections("tcp")
                      if c.status == psutil.CONN_LISTEN}
         assert listening == {("127.0.0.1", port)}, listening
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+        stop_group(proc)
 
 
 def test_a_bad_setting_is_one_line(settings):
