@@ -492,8 +492,38 @@ def list_sessions(conn, user_id: int) -> list[dict]:
         return [dict(r) for r in cur.fetchall()]
 
 
-def start_session(conn, session_id: int, at: datetime | None = None) -> dict:
+def recording_on_device(conn, device_id: int, at: datetime | None = None, exclude: int | None = None) -> dict | None:
+    """The session recording on this device at `at` (default now) within its planned time, if any: a second
+    session started then would label the same samples again, with other gestures."""
     with _tx(conn) as cur:
+        return _recording_on_device(cur, device_id, at, exclude)
+
+
+def _recording_on_device(cur, device_id: int, at: datetime | None, exclude: int | None) -> dict | None:
+    cur.execute("""SELECT id, started_at + make_interval(secs => coalesce((plan->>'total_ms')::bigint, 0) / 1000.0)
+                          AS planned_end
+                   FROM capture_sessions
+                   WHERE device_id = %(d)s AND status = 'recording' AND id IS DISTINCT FROM %(x)s
+                     AND started_at <= coalesce(%(at)s, now())
+                     AND started_at + make_interval(secs => coalesce((plan->>'total_ms')::bigint, 0) / 1000.0)
+                         > coalesce(%(at)s, now())
+                   ORDER BY planned_end DESC LIMIT 1""", {"d": device_id, "x": exclude, "at": at})
+    row = cur.fetchone()
+    return dict(row) if row else None
+
+
+def start_session(conn, session_id: int, at: datetime | None = None) -> dict:
+    """Mark the session recording. Refused while another session records on the same device (within its
+    planned time): both would label the same samples, and training on both would learn contradictory labels."""
+    with _tx(conn) as cur:
+        cur.execute("SELECT device_id FROM capture_sessions WHERE id = %s", (session_id,))
+        found = cur.fetchone()
+        if found is not None and found["device_id"] is not None:
+            cur.execute("SELECT id FROM devices WHERE id = %s FOR UPDATE", (found["device_id"],))  # one start at a time
+            if busy := _recording_on_device(cur, found["device_id"], at, session_id):
+                raise Conflict(f"device {found['device_id']} is already recording session {busy['id']} (planned "
+                               f"to end {busy['planned_end']:%Y-%m-%d %H:%M:%S %Z}): two sessions at once would "
+                               "label the same samples twice; stop that one first, or start after it ends")
         cur.execute(f"""UPDATE capture_sessions SET status = 'recording', started_at = coalesce(%s, now())
                         WHERE id = %s AND status IN ('planned', 'recording') RETURNING {_SESSION_COLS}""",
                     (at, session_id))

@@ -299,6 +299,11 @@ def start_session(session_id: int, at: datetime | None = None) -> dict:
     return _repo(repo.start_session, session_id, at)
 
 
+def recording_on_device(device_id: int) -> dict | None:
+    """The session recording on this device now (within its planned time), e.g. in another window, or None."""
+    return _repo(repo.recording_on_device, device_id)
+
+
 def end_session(session_id: int, status: str = "completed", at: datetime | None = None) -> dict:
     return _repo(repo.end_session, session_id, status, at)
 

@@ -25,7 +25,14 @@ shared: capture.CaptureShared = st.session_state[SHARED]
 
 
 def start_session(user: dict, device: dict, gestures: list[str], reps: int, hold: float, rest: float,
-                  name: str) -> None:
+                  name: str) -> bool:
+    """Start recording; False (and says why) while the device already records a session, e.g. in another window:
+    both sessions would label the same samples, each with its own gestures."""
+    if busy := data.recording_on_device(device["id"]):
+        st.error(f"Device #{device['id']} is already recording session #{busy['id']} (in another window, planned "
+                 f"to end {ui.fmt_time(busy['planned_end'])}): a second session now would label the same signals "
+                 "again. Stop that one, or start after it ends.", icon=":material/block:")
+        return False
     session = data.create_session(user["id"], device["id"], gestures, reps, hold, rest, name)
     run = capture.CueRun.from_session(session, journal=data.IntervalJournal(session))
     now = time.time()
@@ -36,6 +43,7 @@ def start_session(user: dict, device: dict, gestures: list[str], reps: int, hold
     shared.recorder.start(path)
     shared.run = run
     st.session_state.pop(LAST, None)
+    return True
 
 
 def finish(run: capture.CueRun) -> None:
@@ -190,9 +198,9 @@ def setup_view(user: dict, devices: list[dict], gestures: list[dict]) -> dict:
         st.warning("This device is not streaming, so the session would record no signals. Check the live strip "
                    "on the right before starting.")
     if st.button("Start session", type="primary", key="capture_start", icon=":material/play_arrow:"):
-        start_session(user, device, chosen, int(reps), float(hold), float(rest),
-                      name or f"{', '.join(chosen)} x{int(reps)}")
-        st.rerun()
+        if start_session(user, device, chosen, int(reps), float(hold), float(rest),
+                         name or f"{', '.join(chosen)} x{int(reps)}"):
+            st.rerun()
     return device
 
 

@@ -105,6 +105,30 @@ def test_session_plan_and_job_lifecycle(clean_db, user):
     assert repo.recent_predictions(clean_db, user["id"]) == []
 
 
+def test_a_device_records_one_session_at_a_time(clean_db, user):
+    """A second session started on a device while another records there (within its planned time) would label
+    the same samples again; it is refused until the first ends or its plan runs out."""
+    import datetime as dt
+    repo.add_gesture(clean_db, user["id"], "fist")
+    dev = repo.register_device(clean_db, user["id"], 4, 500.0)
+    other_dev = repo.register_device(clean_db, user["id"], 4, 500.0)
+    a, b, c = (repo.create_session(clean_db, user["id"], d["id"], ["fist"], 2, 5, 5) for d in (dev, dev, other_dev))
+    repo.start_session(clean_db, a["id"])
+    with pytest.raises(repo.Conflict, match=f"device {dev['id']} is already recording session {a['id']}"):
+        repo.start_session(clean_db, b["id"])
+    assert repo.get_session(clean_db, b["id"])["status"] == "planned"
+    repo.start_session(clean_db, c["id"])  # another device: fine
+    repo.start_session(clean_db, a["id"], at=None)  # the same session again is no conflict with itself
+    repo.end_session(clean_db, a["id"], "aborted")
+    assert repo.start_session(clean_db, b["id"])["status"] == "recording"
+    # a session left recording whose plan ran out (its window closed) does not block the device
+    repo.end_session(clean_db, b["id"], "aborted")
+    stale = repo.create_session(clean_db, user["id"], dev["id"], ["fist"], 1, 1, 1)
+    repo.start_session(clean_db, stale["id"], at=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5))
+    fresh = repo.create_session(clean_db, user["id"], dev["id"], ["fist"], 1, 1, 1)
+    assert repo.start_session(clean_db, fresh["id"])["status"] == "recording"
+
+
 def test_videos_are_registered_with_safe_relative_paths(clean_db, user):
     import datetime as dt
     now = dt.datetime.now(dt.UTC)

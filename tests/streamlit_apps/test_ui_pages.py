@@ -354,6 +354,30 @@ def test_capture_redo_last_repetition_discards_and_repeats_it(page, seeded):
     assert repo.get_session(conn, session_id)["status"] == "aborted"
 
 
+def test_a_second_window_cannot_record_on_a_device_already_recording(page, seeded):
+    """Two windows on one user could each start a session on the same armband at once: both completed, so the
+    same samples were labelled twice with different gestures (fist in one, REST in the other), and Kickoff
+    ticks both for training by default."""
+    conn, uid = seeded["conn"], seeded["user"]["id"]
+    first, second = page("capture", user_id=uid), page("capture", user_id=uid)
+    first.run()
+    second.run()
+    _start_capture(first, ["fist"], reps=2, hold=5.0, rest=5.0)
+    recording = first.session_state["capture_shared"].run.session_id
+    _start_capture(second, ["open hand"], reps=2, hold=5.0, rest=5.0)
+    assert_clean(second)
+    assert second.session_state["capture_shared"].run is None
+    assert f"already recording session #{recording}" in texts(second)
+    sessions = repo.list_sessions(conn, uid)
+    assert [s["id"] for s in sessions if s["status"] in ("planned", "recording")] == [recording]
+    button(first, "Stop session").click()
+    first.run()
+    first.run()
+    _start_capture(second, ["open hand"], reps=1, hold=0.5, rest=0.5)  # once it stopped, the device is free
+    assert_clean(second)
+    assert second.session_state["capture_shared"].run is not None
+
+
 def test_capture_tells_whether_the_device_is_streaming(page, seeded):
     conn, uid = seeded["conn"], seeded["user"]["id"]
     at = page("capture", user_id=uid)
