@@ -635,8 +635,12 @@ def _cached_quality(device_id: int, t0: datetime, t1: datetime) -> dict:
     return q
 
 
+EDGE_S = 0.1  # a block starting just before a session's start is not counted in it
+
+
 def session_quality(session: dict) -> dict:
-    """Samples, loss % (sequence gaps), per-channel RMS and label counts of a session (cached once complete)."""
+    """Samples, loss % (sequence gaps, and stretches where the device sent nothing), per-channel RMS and label
+    counts of a session (cached once complete)."""
     ivs = session.get("intervals") or []
     out = {"samples": 0, "expected": 0, "lost": 0, "loss_pct": None, "rms": [], "channels": 0, "duration_s": None,
            "gesture_reps": sum(1 for i in ivs if i["kind"] == "gesture" and i.get("started_at") and not i["discarded"]),
@@ -652,6 +656,14 @@ def session_quality(session: dict) -> dict:
         q["rms"] = channel_rms(session["device_id"], t0, t1, q["blocks"])
     out.update(q)
     out["duration_s"] = (t1 - t0).total_seconds()
+    # A device that stops sending (battery, Wi-Fi, a reboot) leaves no sequence gap among the samples that did
+    # arrive: the session's length at the device's rate counts too (less a packet's worth at either edge).
+    if q.get("rate") and q["samples"]:
+        by_time = int((out["duration_s"] - EDGE_S) * float(q["rate"]))
+        if by_time > out["expected"]:
+            out["expected"], out["lost"] = by_time, max(0, by_time - q["samples"])
+            out["loss_pct"] = 100.0 * out["lost"] / by_time
+    out["missing_s"] = out["lost"] / float(q["rate"]) if q.get("rate") else None
     return out
 
 

@@ -18,7 +18,7 @@ def quality_table(user_id: int, sessions: list[dict]) -> list[int]:
     ticks_key = f"kickoff_ticks_{user_id}"  # session id -> ticked, as last left in this user's editor
     default = st.session_state.get(default_selection, True)
     ticks = st.session_state.get(ticks_key, {})
-    rows = []
+    rows, by_id = [], {s["id"]: s for s in sessions}
     for s in sessions:
         q = s["quality"]
         plan = s.get("plan") or {}
@@ -53,8 +53,8 @@ def quality_table(user_id: int, sessions: list[dict]) -> list[int]:
         column_config={
             "train": st.column_config.CheckboxColumn("train", help="Use this session for training"),
             "samples": st.column_config.NumberColumn("samples", format="%d"),
-            "loss %": st.column_config.NumberColumn("loss %", help="Samples missing from sequence gaps",
-                                                    format="%.2f"),
+            "loss %": st.column_config.NumberColumn("loss %", format="%.2f", help="Samples missing: packets lost, "
+                                                    "or the device sending nothing for part of the session"),
             "RMS per channel": st.column_config.BarChartColumn("RMS per channel", y_min=0),
             "redone": st.column_config.NumberColumn("redone", help="Repetitions thrown away and done again"),
         },
@@ -64,7 +64,10 @@ def quality_table(user_id: int, sessions: list[dict]) -> list[int]:
             st.warning(f"Session #{r['session']} has no samples (the device was not streaming); it cannot be "
                        "trained on.")
         elif r["loss %"] is not None and r["loss %"] > 5:
-            st.warning(f"Session #{r['session']} lost {r['loss %']:.1f}% of its samples: check the Wi-Fi signal.")
+            missing = by_id[r["session"]]["quality"].get("missing_s")
+            st.warning(f"Session #{r['session']} lost {r['loss %']:.1f}% of its samples"
+                       + (f" ({missing:.0f} s of signal)" if missing is not None and missing >= 1 else "")
+                       + ": check the armband's power and Wi-Fi signal.")
     st.session_state[ticks_key] = {int(i): bool(t) for i, t in zip(edited["session"], edited["train"], strict=True)}
     return [int(x) for x in edited.loc[edited["train"], "session"]]
 

@@ -445,6 +445,29 @@ def test_kickoff_shows_quality_and_schedules_a_job(page, seeded):
     assert f"Training job #{newest['id']} scheduled" in texts(at)
 
 
+def test_kickoff_shows_a_device_that_went_silent_mid_session_as_lost_samples(page, clean_db):
+    """The armband stopped sending 8 s into a 32.5 s session (battery, Wi-Fi): no sequence gap among the samples
+    that did arrive, so Kickoff showed 'loss % 0.00', no warning, and the session ticked for training."""
+    base = ui_seed.seed_user(clean_db)
+    uid, did = base["user"]["id"], base["device"]["id"]
+    start = datetime.now(UTC) - timedelta(minutes=2)
+    ui_seed.seed_samples(clean_db, uid, did, start, 8_000, channels=8, rate=1000.0, drop_every=0)
+    silent = ui_seed.seed_session(clean_db, uid, did, start)  # 32.5 s
+    later = start + timedelta(seconds=60)
+    ui_seed.seed_samples(clean_db, uid, did, later, 33_000, channels=8, rate=1000.0, drop_every=0, boot=1)
+    whole = ui_seed.seed_session(clean_db, uid, did, later)
+    at = page("kickoff", user_id=uid)
+    at.run()
+    assert_clean(at)
+    table = at.dataframe[0].value.set_index("session")
+    assert table.loc[silent["id"], "samples"] == 8_000
+    assert table.loc[silent["id"], "loss %"] > 70
+    assert table.loc[whole["id"], "loss %"] == 0  # fully covered: nothing lost at its edges either
+    warnings = [w.value for w in at.warning]
+    assert any(f"Session #{silent['id']} lost" in w and "24 s of signal" in w for w in warnings), warnings
+    assert not any(f"Session #{whole['id']}" in w for w in warnings), warnings
+
+
 def test_kickoff_offers_only_bases_of_the_sessions_sample_rate(page, seeded):
     conn = seeded["conn"]
     ids = {}
