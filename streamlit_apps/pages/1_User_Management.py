@@ -1,5 +1,7 @@
 """Users: search, create, edit, export all their data, delete (with confirmation; removes all their data)."""
 
+import time
+
 import data
 import pandas as pd
 import streamlit as st
@@ -9,6 +11,8 @@ ui.page_setup("Users", ":material/person:")
 st.title(":material/person: User Management")
 
 PENDING_DELETE = "users_pending_delete"
+JUST_CREATED = "users_just_created"  # (user, time.monotonic()) of the last user created in this window
+DOUBLE_CLICK_S = 3.0
 
 
 def create_form() -> None:
@@ -20,15 +24,37 @@ def create_form() -> None:
         notes = st.text_area("Notes (optional)", height=68, key="new_user_notes")
         if st.form_submit_button("Create user", type="primary"):
             if not name.strip() or not email.strip():
+                if user := first_click_user():
+                    # A double click: the second click submits the form the first one cleared. The user was
+                    # created; say so (not 'required'), and keep them picked.
+                    created(user)
+                    return
                 st.error("Name and email are both required.")
                 return
+            # Streamlit starts the second click's run at once, beside this one: it waits for what this one creates
+            st.session_state[JUST_CREATED] = (None, time.monotonic())
             try:
                 user = data.create_user(name, email, notes)
             except data.RepoError as e:
+                st.session_state.pop(JUST_CREATED, None)
                 st.error(f"Not created: {e}")
                 return
-            st.session_state[ui.USER_KEY] = user["id"]
-            st.success(f"Created {user['name']} (#{user['id']}). Next: add gestures on **Gesture Management**.")
+            st.session_state[JUST_CREATED] = (user, time.monotonic())
+            created(user)
+
+
+def first_click_user() -> dict | None:
+    """The user a click of this window created just before (waiting while that click's run still creates it)."""
+    while (just := st.session_state.get(JUST_CREATED)) and time.monotonic() - just[1] < DOUBLE_CLICK_S:
+        if just[0] is not None:
+            return just[0]
+        time.sleep(0.05)
+    return None
+
+
+def created(user: dict) -> None:
+    st.session_state[ui.USER_KEY] = user["id"]
+    st.success(f"Created {user['name']} (#{user['id']}). Next: add gestures on **Gesture Management**.")
 
 
 def user_table(users: list[dict]) -> None:

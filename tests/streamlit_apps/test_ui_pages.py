@@ -189,6 +189,30 @@ def test_create_edit_search_and_delete_a_user(page, clean_db):
     assert repo.list_users(clean_db) == []
 
 
+def test_a_double_click_on_create_user_says_the_user_was_created(page, clean_db):
+    """A double click on 'Create user' created the user, then the second click submitted the form the first had
+    cleared: the page said 'Name and email are both required.' instead of 'Created', and the picked user fell back
+    to another one. The second click now confirms the creation; an empty form later still asks for both."""
+    first = repo.create_user(clean_db, "Ada", "ada@example.org")
+    at = page("users", user_id=first["id"])
+    at.run()
+    create_user_on_page(at, "Grace Hopper", "grace@example.org")
+    grace = repo.list_users(clean_db, search="grace")[0]
+    at.text_input(key="new_user_name").input("")  # what the browser sends with the second click
+    at.text_input(key="new_user_email").input("")
+    button(at, "Create user").click()
+    at.run()
+    assert_clean(at)
+    assert not [e.value for e in at.error], [e.value for e in at.error]
+    assert f"Created Grace Hopper (#{grace['id']})" in texts(at)
+    assert at.session_state["semg_user_id"] == grace["id"]
+    assert len(repo.list_users(clean_db)) == 2
+    at.session_state["users_just_created"] = (grace, time.monotonic() - 60)  # long after: a real empty form
+    button(at, "Create user").click()
+    at.run()
+    assert "Name and email are both required." in [e.value for e in at.error]
+
+
 def test_deleting_a_user_removes_their_data_and_videos(page, seeded, settings):
     conn, uid = seeded["conn"], seeded["user"]["id"]
     video = settings.video_dir / f"user{uid}" / "x.webm"
