@@ -13,6 +13,7 @@ import contextlib
 import json
 import sys
 import time
+from collections.abc import Callable
 
 import httpx
 import psycopg2
@@ -21,18 +22,29 @@ from semg import db
 from semg.config import Settings, SettingsError, get_settings
 
 
-def _http_ok(url: str, expect_json_status: bool = False) -> tuple[bool, str]:
+def _http_ok(url: str, problem: Callable[[httpx.Response], str | None] | None = None) -> tuple[bool, str]:
+    """(ok, detail) of a GET: up when it answers 200 and `problem` (given the answer) finds none."""
     try:
         r = httpx.get(url, timeout=2)
     except httpx.HTTPError as e:
         return False, f"{url}: {type(e).__name__}"
     if r.status_code != 200:
         return False, f"{url}: HTTP {r.status_code}"
-    if expect_json_status:
-        body = r.json()
-        if body.get("status") != "ok":
-            return False, f"{url}: {json.dumps(body)[:200]}"
-    return True, url
+    found = problem(r) if problem is not None else None
+    return (False, f"{url}: {found}") if found else (True, url)
+
+
+def _status_not_ok(r: httpx.Response) -> str | None:
+    body = r.json()
+    return None if body.get("status") == "ok" else json.dumps(body)[:200]
+
+
+def _spool_not_writable(r: httpx.Response) -> str | None:
+    with contextlib.suppress(ValueError, AttributeError):
+        error = r.json().get("spool_error")
+        if error:
+            return f"the spool cannot be written ({error}): packets are dropped"
+    return None
 
 
 def check_postgres(s: Settings) -> tuple[bool, str]:
@@ -46,18 +58,7 @@ def check_postgres(s: Settings) -> tuple[bool, str]:
 
 def check_udpserver(s: Settings) -> tuple[bool, str]:
     """Up, and able to journal what it accepts (degraded only by PostgreSQL or NATS being away is up: it spools)."""
-    url = f"http://{s.service_url_host}:{s.udp_metrics_port}/health"
-    try:
-        r = httpx.get(url, timeout=2)
-    except httpx.HTTPError as e:
-        return False, f"{url}: {type(e).__name__}"
-    if r.status_code != 200:
-        return False, f"{url}: HTTP {r.status_code}"
-    with contextlib.suppress(ValueError, AttributeError):
-        error = r.json().get("spool_error")
-        if error:
-            return False, f"{url}: the spool cannot be written ({error}): packets are dropped"
-    return True, url
+    return _http_ok(f"http://{s.service_url_host}:{s.udp_metrics_port}/health", _spool_not_writable)
 
 
 def check_nats(s: Settings) -> tuple[bool, str]:
@@ -105,7 +106,7 @@ def supervisor_states(s: Settings) -> dict[str, str]:
 def check_all(s: Settings) -> dict[str, tuple[bool, str]]:
     results: dict[str, tuple[bool, str]] = {"postgres": check_postgres(s)}
     results["nats"] = check_nats(s)
-    results["api"] = _http_ok(f"{s.api_url}/health", expect_json_status=True)
+    results["api"] = _http_ok(f"{s.api_url}/health", _status_not_ok)
     results["udpserver"] = check_udpserver(s)
     results["ui"] = _http_ok(f"http://{s.service_url_host}:{s.ui_port}/_stcore/health")
     states = supervisor_states(s)
