@@ -20,6 +20,10 @@ import time
 from collections.abc import AsyncIterator
 
 import psycopg2
+
+# Loaded at start, not by the first model load (preprocessing imports it lazily, so the live worker never does):
+# that took 0.7 s or more, and a worker listing the served models meanwhile saw none of them.
+import scipy.signal  # noqa: F401
 import torch
 from fastapi import FastAPI
 from pydantic import BaseModel, ValidationError
