@@ -186,6 +186,10 @@ def _next_chunk(buf: bytes, off: int) -> int | None:
     return None
 
 
+# While writes fail: how often to try a probe file, and its size (about a receive burst's chunk)
+PROBE_INTERVAL_S = 2.0
+PROBE_BYTES = 64 * 1024
+
 class SpoolLocked(RuntimeError):
     pass
 
@@ -215,6 +219,7 @@ class Spool:
         self._saved_at = 0.0
         # why the last append could not be written (disk full, I/O error...), None once one is: health reports it
         self.write_error: str | None = None
+        self._probed_at = 0.0
 
     # ---- recovery -------------------------------------------------------------------------------
     def _path(self, seg: int) -> Path:
@@ -375,6 +380,28 @@ class Spool:
         if self.write_error is None:
             log.error("%s (%s): packets are dropped until it can be written", why, self.dir)
         self.write_error = why
+
+    def probe_writable(self) -> None:
+        """While writes fail, try a small probe file now and then: with no packet arriving, nothing else would
+        clear `write_error`, and health would say the spool cannot be written after space came back."""
+        now = time.monotonic()
+        if self.write_error is None or now - self._probed_at < PROBE_INTERVAL_S:
+            return
+        self._probed_at = now
+        probe = self.dir / ".write-probe"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, b"\0" * PROBE_BYTES)
+            finally:
+                os.close(fd)
+        except OSError:
+            return
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+        log.warning("spool %s is writable again: packets are accepted", self.dir)
+        self.write_error = None
 
     def seal_idle(self) -> None:
         """Close the current segment when it is old enough, so it can be deleted once published."""

@@ -345,6 +345,7 @@ class Server(asyncio.DatagramProtocol):
             try:
                 self.spool.seal_idle()
                 self.spool.release_published()
+                self.spool.probe_writable()
             except OSError as e:
                 self.bad_log.warning("housekeeping", "spool housekeeping failed: %s", e)
 
