@@ -150,6 +150,18 @@ def pick_user(key: str = "semg_user_pick", label: str = "User") -> dict | None:
     return by_id[chosen]
 
 
+def signal_problem(session_id: int, quality: dict) -> str | None:
+    """What is wrong with a session's signal (data.session_quality), in a line; None when nothing is."""
+    if not quality.get("samples"):
+        return f"Session #{session_id} has no samples (the device was not streaming); it cannot be trained on."
+    loss, missing = quality.get("loss_pct"), quality.get("missing_s")
+    if loss is not None and loss > 5:
+        return (f"Session #{session_id} lost {loss:.1f}% of its samples"
+                + (f" ({missing:.0f} s of signal)" if missing is not None and missing >= 1 else "")
+                + ": check the armband's power and Wi-Fi signal.")
+    return None
+
+
 def badge(ok: bool | None, text: str) -> str:
     """A coloured markdown badge (renders without emoji fonts): green = up, red = down, grey = unknown."""
     color = "gray" if ok is None else "green" if ok else "red"

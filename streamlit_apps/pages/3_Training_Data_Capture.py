@@ -320,6 +320,10 @@ def page() -> None:
             (st.success if last["status"] == "completed" else st.warning)(
                 f"Session #{last['session_id']} {last['status']}: {s['gestures']} gesture repetitions recorded, "
                 f"{s['redone']} redone. {last['note']} Next: check its quality and train on **Kickoff Training**.")
+            with contextlib.suppress(data.RepoError):  # deleted meanwhile: nothing to check
+                quality = data.session_quality(data.get_session(last["session_id"]))
+                if problem := ui.signal_problem(last["session_id"], quality):
+                    st.warning(problem, icon=":material/sensors_off:")
         unfinished(user)
         device = setup_view(user, devices, gestures)
     with right:

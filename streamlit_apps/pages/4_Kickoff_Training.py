@@ -60,14 +60,8 @@ def quality_table(user_id: int, sessions: list[dict]) -> list[int]:
         },
     )
     for r in rows:
-        if r["samples"] == 0:
-            st.warning(f"Session #{r['session']} has no samples (the device was not streaming); it cannot be "
-                       "trained on.")
-        elif r["loss %"] is not None and r["loss %"] > 5:
-            missing = by_id[r["session"]]["quality"].get("missing_s")
-            st.warning(f"Session #{r['session']} lost {r['loss %']:.1f}% of its samples"
-                       + (f" ({missing:.0f} s of signal)" if missing is not None and missing >= 1 else "")
-                       + ": check the armband's power and Wi-Fi signal.")
+        if problem := ui.signal_problem(r["session"], by_id[r["session"]]["quality"]):
+            st.warning(problem)
     st.session_state[ticks_key] = {int(i): bool(t) for i, t in zip(edited["session"], edited["train"], strict=True)}
     return [int(x) for x in edited.loc[edited["train"], "session"]]
 

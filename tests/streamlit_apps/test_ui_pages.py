@@ -354,6 +354,9 @@ def test_capture_session_records_interval_times_as_cues_happen(page, seeded):
         assert a["ended_at"] == b["started_at"], "intervals must be contiguous in server time"
     assert abs((ivs[1]["ended_at"] - ivs[1]["started_at"]).total_seconds() - 0.5) < 1e-3
     assert "completed" in texts(at) and "No video" in texts(at)
+    # the device sent nothing during the session (nothing streams here): the summary must not stop at
+    # "1 gesture repetitions recorded"
+    assert f"Session #{session_id} has no samples (the device was not streaming)" in texts(at)
 
 
 def test_capture_redo_last_repetition_discards_and_repeats_it(page, seeded):
