@@ -54,7 +54,11 @@ def signal_review(device_id: int, t0: datetime, t1: datetime, *, intervals: Sequ
             offset = (t0 - video["started_at"]).total_seconds() + cursor
             st.video(str(video["file"]), format=video.get("mime_type") or "video/webm",
                      start_time=max(0.0, round(offset, 1)), subtitles=webvtt(intervals, video["started_at"]))
-            st.caption(f"Video frame at {max(0.0, offset):.1f} s of the recording = the red line. "
-                       "Labels are shown as subtitles.")
+            if offset < 0:  # the cursor is before the video began: it shows its first frame, not the red line's
+                st.caption(f"The video starts {-offset:.1f} s after the red line: move the cursor to "
+                           f"{cursor - offset:.1f} s or later to see the same moment. Labels are shown as subtitles.")
+            else:
+                st.caption(f"Video frame at {offset:.1f} s of the recording = the red line. "
+                           "Labels are shown as subtitles.")
     elif video is not None:
         st.caption("The video file of this session is missing from the video folder.")

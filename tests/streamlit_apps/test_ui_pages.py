@@ -783,3 +783,30 @@ def test_user_search_box_matches_what_is_typed_literally(page, clean_db):
     at.text_input(key="user_search").input("%")
     at.run()
     assert list(at.dataframe[0].value["name"]) == ["100% sure"]
+
+
+def _review_with_video(device_id: int, t0_iso: str, t1_iso: str, video_file: str, video_start_iso: str) -> None:
+    from datetime import datetime
+
+    import views
+    views.signal_review(device_id, datetime.fromisoformat(t0_iso), datetime.fromisoformat(t1_iso),
+                        video={"file": video_file, "started_at": datetime.fromisoformat(video_start_iso),
+                               "mime_type": "video/webm"}, key="r")
+
+
+def test_review_caption_when_the_cursor_is_before_the_video_starts(seeded, tmp_path):
+    """The video player shows its first frame when the cursor is before the video began; the caption said that
+    frame was the red line's moment."""
+    from streamlit.testing.v1 import AppTest
+    s = seeded["session"]
+    video = tmp_path / "v.webm"
+    video.write_bytes(b"\x1a\x45\xdf\xa3")
+    args = (seeded["device"]["id"], s["started_at"].isoformat(), s["ended_at"].isoformat(), str(video),
+            (s["started_at"] + timedelta(seconds=18)).isoformat())
+    at = AppTest.from_function(_review_with_video, args=args, default_timeout=60)
+    at.run()
+    assert not at.exception, at.exception
+    assert "The video starts 18.0 s after the red line: move the cursor to 18.0 s or later" in texts(at), texts(at)
+    at.slider(key="r_cursor").set_value(20.0)
+    at.run()
+    assert "Video frame at 2.0 s of the recording = the red line" in texts(at), texts(at)
