@@ -226,8 +226,7 @@ def _check_db(state: AppState) -> ComponentHealth:
         now = time.monotonic()
         if now - _health_logged[0] > 30:
             _health_logged[0] = now
-            log.warning("health: database not reachable: %s", str(e).strip().splitlines()[0] if str(e).strip() else
-                        type(e).__name__)
+            log.warning("health: database not reachable: %s", db.first_line(e))
         return ComponentHealth(ok=False, detail="not reachable (the API's log says why)")
 
 

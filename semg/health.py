@@ -53,7 +53,7 @@ def check_postgres(s: Settings) -> tuple[bool, str]:
             cur.execute("SELECT max(version) FROM schema_version")
             return True, f"{s.postgres_address}:{s.postgres_port}/{s.postgres_db} schema v{cur.fetchone()[0]}"
     except psycopg2.Error as e:
-        return False, str(e).strip().splitlines()[0]
+        return False, db.first_line(e)
 
 
 def check_udpserver(s: Settings) -> tuple[bool, str]:
