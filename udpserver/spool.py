@@ -190,6 +190,7 @@ def _next_chunk(buf: bytes, off: int) -> int | None:
 PROBE_INTERVAL_S = 2.0
 PROBE_BYTES = 64 * 1024
 
+
 class SpoolLocked(RuntimeError):
     pass
 
@@ -369,9 +370,7 @@ class Spool:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, off)  # never leave half a chunk for recovery to misread
             return None
-        if self.write_error is not None:
-            log.warning("spool %s is writable again: packets are accepted", self.dir)
-            self.write_error = None
+        self._writable_again()
         self.seg_sizes[self.cur_seg] = off + size
         return Chunk(self.cur_seg, off, off + size, b.nrec, b.nsamples, b.per_device, payload if keep else None)
 
@@ -400,8 +399,12 @@ class Spool:
         finally:
             with contextlib.suppress(OSError):
                 probe.unlink()
-        log.warning("spool %s is writable again: packets are accepted", self.dir)
-        self.write_error = None
+        self._writable_again()
+
+    def _writable_again(self) -> None:
+        if self.write_error is not None:
+            log.warning("spool %s is writable again: packets are accepted", self.dir)
+            self.write_error = None
 
     def seal_idle(self) -> None:
         """Close the current segment when it is old enough, so it can be deleted once published."""
