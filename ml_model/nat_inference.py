@@ -16,8 +16,9 @@ and lower sequence number: the UDP server publishes at least once) are skipped, 
 twice. A short forward sequence gap (a lost packet: at most a quarter of a window, MAX_BRIDGE_FRACTION) is
 bridged: windows across it hold the `window` received samples before their end, spanning at most a quarter
 window of lost ones, so one lost packet does not silence recognition for a whole window; a longer gap or a new
-device/boot resets that user's buffer and vote history: the next decision comes once a full window has arrived again. Only consecutive
-windows vote together: after windows that got no decision (too old, /predict failed) the votes start afresh.
+device/boot resets that user's buffer and vote history: the next decision comes once a full window has arrived
+again. Only consecutive windows vote together: after windows that got no decision (too old, /predict failed)
+the votes start afresh.
 
 Several workers. Each user's stream must reach a single worker (a window needs all its samples), so users
 are partitioned deterministically: every worker holds one PostgreSQL advisory lock "slot" (released when it
@@ -55,7 +56,7 @@ import psycopg2
 from pydantic import ValidationError
 
 from ml_model import postprocessing
-from ml_model.preprocessing import MAX_BRIDGE_FRACTION
+from ml_model.preprocessing import MAX_BRIDGE_FRACTION, max_bridged
 from ml_model.rest.schemas import MAX_PREDICT_ITEMS
 from semg import db, natsio, procs, secrets
 from semg.config import Settings, settings_or_exit
@@ -370,9 +371,8 @@ class UserStream:
                      self.millis[idx].copy(), self.recv[idx].copy(), self.taken[idx].copy(), self.host,
                      time.monotonic(), self.epoch)
 
-
     def _max_bridge(self) -> int:
-        return int(self.spec.window * self.bridge_fraction)
+        return max_bridged(self.spec.window, self.bridge_fraction)
 
     def _mark_lost(self, gap: int, k: int) -> None:
         """Keep slots for `gap` lost samples before the next `k` (windows skip them; a late arrival fills them)."""

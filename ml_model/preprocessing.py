@@ -67,10 +67,10 @@ def make_windows(x: np.ndarray, win: int, step: int) -> np.ndarray:
     return np.lib.stride_tricks.sliding_window_view(x, win, axis=0)[::step]
 
 
-def max_bridged(win: int) -> int:
-    """How many lost samples a window of ``win`` may span (MAX_BRIDGE_FRACTION of it): training and the live
-    worker alike bridge such a gap (a window across it holds the ``win`` received samples before its end)."""
-    return int(win * MAX_BRIDGE_FRACTION)
+def max_bridged(win: int, fraction: float = MAX_BRIDGE_FRACTION) -> int:
+    """How many lost samples a window of ``win`` may span (``fraction`` of it): training and the live worker
+    alike bridge such a gap (a window across it holds the ``win`` received samples before its end)."""
+    return int(win * fraction)
 
 
 def spans_little_loss(seq: np.ndarray, win: int, step: int) -> np.ndarray:
