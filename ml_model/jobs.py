@@ -502,7 +502,7 @@ def _train(conn, s: Settings, job_id: int, worker: str, user_id: int, params: di
             data["windows"], data["labels"], data["groups"], cfg, seed=int(params.get("seed", 0)),
             progress_callback=progress,
         )
-        if flat := [meta["channels"][i] for i in preprocessing.flat_channels(meta["scaler"])]:
+        if flat := training.flat_device_channels(meta["scaler"], meta["channels"]):
             _log(conn, job_id, f"channel{'s' if len(flat) > 1 else ''} {', '.join(map(str, flat))} did not vary in "
                                "the training data (an electrode off or disconnected?): the model ignores "
                                f"{'them' if len(flat) > 1 else 'it'}; reattach and record again to use "

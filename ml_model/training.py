@@ -183,13 +183,16 @@ def default_val_group(y: np.ndarray, groups: np.ndarray) -> Any:
     return _json_scalar(best)
 
 
-def check_some_channel_varies(flat: Sequence[int], channels: Sequence[int]) -> None:
-    """TrainingDataError when every channel was flat (``pp.flat_channels``): the model would ignore them all and
-    answer the same whatever the user does (a sensor unpowered or unplugged, every input at a rail)."""
+def flat_device_channels(scaler: Mapping[str, Sequence[float]], channels: Sequence[int]) -> list[int]:
+    """The device channels (of the model's ``channels``) that ``scaler`` found flat (``pp.flat_channels``); a
+    TrainingDataError when every one was: the model would ignore them all and answer the same whatever the user
+    does (a sensor unpowered or unplugged, every input at a rail)."""
+    flat = [channels[i] for i in pp.flat_channels(scaler)]
     if len(flat) == len(channels):
         raise TrainingDataError(f"no channel varied in the training data (channels {', '.join(map(str, flat))} "
                                 "constant: is the sensor powered and plugged in?); a model of it would recognise "
                                 "nothing: check the sensor and record again")
+    return flat
 
 
 # ---- torch plumbing -----------------------------------------------------------------------------------
@@ -413,8 +416,7 @@ def train_model(
     # and the final model sees inputs on the same scale.
     unscaled = pp.prepare_unscaled(x_raw, meta)
     meta["scaler"] = pp.fit_standardizer(unscaled[~is_val])
-    if flat := [channels[i] for i in pp.flat_channels(meta["scaler"])]:
-        check_some_channel_varies(flat, channels)
+    if flat := flat_device_channels(meta["scaler"], channels):
         log.warning("channels %s are flat in the training data (electrode off?): the model ignores them", flat)
     x_all = torch.from_numpy(pp.apply_standardizer(unscaled, meta["scaler"]))
     del unscaled

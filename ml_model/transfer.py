@@ -43,11 +43,11 @@ from ml_model.model import MAX_CHANNELS, EMGNet
 from ml_model.training import (
     TrainingCancelled,
     TrainingDataError,
-    check_some_channel_varies,
     class_metrics,
     default_val_group,
     evaluate,
     fit,
+    flat_device_channels,
     jsonable,
     torch_session,
 )
@@ -382,8 +382,9 @@ def finetune_model(
             recipe_source += f", capped at max_epochs {fixed}"
     if from_scratch:
         alpha = 1.0
-    # Validation part: one group (default_val_group), or (one group) the end of every recording. With a fixed epoch count it
-    # only measures the recipe (a model trained without that part), the returned model never uses it.
+    # Validation part: a held-out group (default_val_group), or with a single group the end of every recording.
+    # With a fixed epoch count it only measures the recipe (a model trained without that part), the returned
+    # model never uses it.
     if len(unique_groups) >= 2:
         held_out = default_val_group(y_str, g)
         split = np.isin(g, [held_out]).astype(np.int8)
@@ -412,7 +413,7 @@ def finetune_model(
     # trained on everything, gets the scaler of everything.
     unscaled = pp.prepare_unscaled(x, meta)
     meta["scaler"] = pp.fit_standardizer(unscaled[is_tr])
-    check_some_channel_varies([meta["channels"][i] for i in pp.flat_channels(meta["scaler"])], meta["channels"])
+    flat_device_channels(meta["scaler"], meta["channels"])  # raises when no channel varied
     x_all = torch.from_numpy(pp.apply_standardizer(unscaled, meta["scaler"]))
     final_scaler = meta["scaler"] if fixed is None or not is_va.any() else pp.fit_standardizer(unscaled)
     x_final = x_all if final_scaler is meta["scaler"] else torch.from_numpy(pp.apply_standardizer(unscaled, final_scaler))
