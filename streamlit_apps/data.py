@@ -282,12 +282,12 @@ def plan_intervals(gestures: Sequence[str], repetitions: int, hold_s: float, res
     return repo.plan_intervals(gestures, repetitions, hold_s, rest_s)
 
 
-def shortest_useful_hold_s() -> float:
-    """The shortest hold (or rest) that yields a training window with the training defaults: the reaction time
-    after each cue plus one window."""
+def training_cue_timing_s() -> tuple[float, float]:
+    """(reaction time skipped after each cue, window length) in seconds, with the training defaults: a hold (or
+    rest) shorter than their sum yields no training window."""
     from ml_model import preprocessing as pp
 
-    return (pp.DEFAULT_REACTION_MS + pp.DEFAULT_WINDOW_MS) / 1000.0
+    return pp.DEFAULT_REACTION_MS / 1000.0, pp.DEFAULT_WINDOW_MS / 1000.0
 
 
 def create_session(user_id: int, device_id: int | None, gestures: Sequence[str], repetitions: int, hold_s: float,

@@ -187,10 +187,12 @@ def setup_view(user: dict, devices: list[dict], gestures: list[dict]) -> dict:
     total = plan[-1]["planned_end_ms"] / 1000
     st.caption(f"{len(plan)} intervals, {int(reps) * len(chosen)} gesture repetitions, "
                f"{int(total // 60)} min {total % 60:.0f} s. Each gesture is held {hold:g} s after a {rest:g} s rest.")
-    shortest = data.shortest_useful_hold_s()
+    reaction_s, window_s = data.training_cue_timing_s()
+    shortest = reaction_s + window_s
     if min(hold, rest) < shortest:
         st.warning(f"{'Holds' if hold < shortest else 'Rests'} shorter than {shortest:g} s give no training data: "
-                   "the first 0.3 s after each cue are skipped (you are still moving) and a window is 0.25 s. "
+                   f"the first {reaction_s:g} s after each cue are skipped (you are still moving) and a window is "
+                   f"{window_s:g} s. "
                    f"Training would fail naming the {'gesture' if hold < shortest else 'rest'}; hold at least "
                    "1 s.", icon=":material/timer:")
     activity = next((d for d in data.device_activity(user["id"]) if d["id"] == device["id"]), None)
