@@ -110,6 +110,11 @@ def _session_samples(cur, device_id: int, t_from, t_to, max_gap: int = 0
     return values, times, run_id, seq
 
 
+# Label of a deleted gesture's intervals: they keep their place in the session (the intervals around them end
+# where they did) but none of their windows trains. Gesture names cannot hold a NUL, so none equals it.
+_DELETED = "\x00deleted gesture"
+
+
 def load_job_data(conn, job_id: int, config: dict) -> dict[str, Any]:
     """Labelled raw windows of every session of the job.
 
@@ -149,9 +154,11 @@ def load_job_data(conn, job_id: int, config: dict) -> dict[str, Any]:
         win, step = preprocessing.window_params(config["window_ms"], config["step_ms"], rate)
         all_w, all_l, all_g = [], [], []
         recorded: dict[str, dict] = {}  # class -> its longest recorded hold (ms) and sessions
+        deleted: dict[str, set] = {}  # name of a gesture deleted from the bank -> sessions holding its recordings
         for session_id, device_id, _, _ in sessions:
             cur.execute(
-                """SELECT label, kind, repetition, started_at, ended_at, planned_end_ms - planned_start_ms
+                """SELECT label, kind, repetition, started_at, ended_at, planned_end_ms - planned_start_ms,
+                          kind = 'gesture' AND gesture_id IS NULL
                    FROM session_intervals
                    WHERE session_id = %s AND started_at IS NOT NULL AND NOT discarded ORDER BY started_at, ordinal""",
                 (session_id,),
@@ -161,6 +168,9 @@ def load_job_data(conn, job_id: int, config: dict) -> dict[str, Any]:
                 continue
             intervals, last_end = _session_intervals(session_id, ivs)
             for iv in intervals:
+                if iv["label"] == _DELETED:
+                    deleted.setdefault(iv["name"], set()).add(session_id)
+                    continue
                 name = preprocessing.REST_LABEL if iv["kind"] == "rest" else str(iv["label"])
                 seen = recorded.setdefault(name, {"hold_ms": 0.0, "sessions": set()})
                 seen["hold_ms"] = max(seen["hold_ms"], iv["end_ms"] - iv["start_ms"])
@@ -173,6 +183,8 @@ def load_job_data(conn, job_id: int, config: dict) -> dict[str, Any]:
                     continue
                 w, lab, grp = training.windows_from_capture(values[sel], times[sel], intervals, win, step,
                                                             seq=seq[sel])
+                kept = lab != _DELETED
+                w, lab, grp = w[kept], lab[kept], grp[kept]
                 if len(w):
                     all_w.append(w)
                     all_l.append(lab)
@@ -180,26 +192,36 @@ def load_job_data(conn, job_id: int, config: dict) -> dict[str, Any]:
     if not all_w:
         raise JobFailed("no data in the chosen sessions: no samples were recorded during their gesture/rest cues "
                         "(is the device streaming while you capture?)")
-    _check_every_class_has_windows(recorded, {str(v) for v in np.concatenate(all_l)}, win, rate)
+    found = {str(v) for v in np.concatenate(all_l)}
+    if deleted and not found - {preprocessing.REST_LABEL}:
+        raise JobFailed(f"the chosen sessions hold no gesture of the bank, only rest and deleted gestures "
+                        f"({_describe_deleted(deleted)}), which do not train")
+    _check_every_class_has_windows(recorded, found, win, rate)
     return {
         "windows": np.concatenate(all_w), "labels": np.concatenate(all_l), "groups": np.concatenate(all_g),
         "sample_rate_hz": rate, "channels_used": channels_used, "sessions": [s[0] for s in sessions],
+        "deleted_gestures": _describe_deleted(deleted),
     }
+
+
+def _describe_deleted(deleted: Mapping[str, set]) -> str:
+    return "; ".join(f"{name!r} (sessions {sorted(ids)})" for name, ids in sorted(deleted.items()))
 
 
 def _session_intervals(session_id: int, rows: list[tuple]) -> tuple[list[dict], datetime.datetime]:
     """The labelling intervals of a session from its recorded interval rows (label, kind, repetition,
-    started_at, ended_at, planned length ms) ordered by start, and when the last one ends. An interval marked
+    started_at, ended_at, planned length ms, gesture deleted) ordered by start, and when the last one ends. An interval marked
     without an end lasts its planned length but never past the next cue (a client's cue timer may run a little
     early). Intervals whose marked times overlap cannot label the samples between them: JobFailed names them."""
     intervals, last_end = [], rows[0][3]
-    for i, (label, kind, rep, started, ended, planned_ms) in enumerate(rows):
+    for i, (label, kind, rep, started, ended, planned_ms, deleted) in enumerate(rows):
         if ended is None:
             ended = started + datetime.timedelta(milliseconds=planned_ms)
             if i + 1 < len(rows):
                 ended = min(ended, rows[i + 1][3])
         last_end = max(last_end, ended)
-        intervals.append({"label": label, "kind": kind, "cycle": rep, "started_at": started,
+        intervals.append({"label": _DELETED if deleted else label, "name": label, "kind": kind, "cycle": rep,
+                          "started_at": started,
                           "start_ms": started.timestamp() * 1000.0, "end_ms": ended.timestamp() * 1000.0})
     latest = None  # the interval so far that ends last
     for iv in intervals:
@@ -214,7 +236,7 @@ def _session_intervals(session_id: int, rows: list[tuple]) -> tuple[list[dict], 
 
 def _describe(iv: Mapping[str, Any]) -> str:
     t = iv["started_at"].astimezone(datetime.UTC)
-    what = "the rest" if iv["kind"] == "rest" else repr(iv["label"])
+    what = "the rest" if iv["kind"] == "rest" else repr(iv["name"])
     return f"{what} of repetition {iv['cycle'] + 1} (started {t:%H:%M:%S}.{t.microsecond // 1000:03d} UTC)"
 
 
@@ -462,6 +484,9 @@ def _train(conn, s: Settings, job_id: int, worker: str, user_id: int, params: di
             _log(conn, job_id, f"stored {replayed['stored']} capture label change(s) that were waiting in journals")
         _log(conn, job_id, "loading capture sessions")
         data = load_job_data(conn, job_id, base_cfg)
+        if data["deleted_gestures"]:
+            _log(conn, job_id, f"left out the recordings of gestures deleted from the bank: {data['deleted_gestures']}"
+                               "; add a gesture of the same name to train them again")
         cfg = training_config(params, data["sample_rate_hz"], data["channels_used"])
         n = len(data["windows"])
         classes, counts = np.unique(data["labels"].astype(str), return_counts=True)

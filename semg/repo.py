@@ -270,7 +270,14 @@ def add_gesture(conn, user_id: int, name: str, description: str = "", channels_u
                 VALUES (%s, %s, %s, %s::smallint[], %s) RETURNING {_GESTURE_COLS}""",
             (user_id, name, description or "", chans, Json(purposes)),
         )
-        return dict(cur.fetchone())
+        gesture = dict(cur.fetchone())
+        # Recordings of a deleted gesture of this name are its recordings again (they do not train while their
+        # gesture is deleted): re-adding a gesture deleted by mistake gives its data back.
+        cur.execute("""UPDATE session_intervals SET gesture_id = %s
+                       WHERE kind = 'gesture' AND gesture_id IS NULL AND label = %s
+                         AND session_id IN (SELECT id FROM capture_sessions WHERE user_id = %s)""",
+                    (gesture["id"], name, user_id))
+        return gesture
 
 
 def update_gesture(conn, gesture_id: int, name: str | None = None, description: str | None = None,

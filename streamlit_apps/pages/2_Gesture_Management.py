@@ -102,7 +102,8 @@ def gesture_bank(user: dict, n_channels: int) -> None:
                     st.error(f"Not saved: {e}")
             if delete:
                 data.delete_gesture(gid)
-                st.toast(f"Deleted {g['name']}; recorded sessions keep their labels.")
+                st.toast(f"Deleted {g['name']}. Its recordings stay in their sessions but no longer train (adding a "
+                         f"gesture named {g['name']} again brings them back); retrain to drop it from recognition.")
                 st.rerun()
 
 

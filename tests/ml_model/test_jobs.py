@@ -328,6 +328,40 @@ def test_a_session_aborted_in_its_last_repetition_is_validated_on_a_whole_one(cl
     assert all(v is not None for v in metrics["per_class_accuracy"].values()), metrics["per_class_accuracy"]
 
 
+def test_a_deleted_gesture_no_longer_trains_until_a_gesture_of_its_name_is_added(clean_db, user_device):
+    """Deleting a gesture from the bank left its recorded intervals labelled with its name, so every later job
+    trained it again and the new model still recognised the gesture the user had removed."""
+    u, d = user_device
+    pinch = repo.add_gesture(clean_db, u["id"], "pinch")
+    PATTERNS["pinch"] = [0.2, 1.0, 0.1, 0.9]
+    try:
+        s = record_session(clean_db, u["id"], d["id"], gestures=("fist", "pinch", "open hand"), reps=3)
+    finally:
+        del PATTERNS["pinch"]
+    repo.delete_gesture(clean_db, pinch["id"])
+    job = repo.schedule_job(clean_db, u["id"], [s["id"]], {"epochs": 2})
+    assert jobs.run_job(job["id"]) == "completed", repo.get_job(clean_db, job["id"])["error"]
+    assert sorted(repo.latest_model(clean_db, u["id"])["classes"]) == ["REST", "fist", "open hand"]
+    logged = [line["message"] for line in repo.job_logs(clean_db, job["id"])]
+    assert any(m.startswith("left out the recordings of gestures deleted from the bank: 'pinch' (sessions "
+                            f"[{s['id']}])") for m in logged), logged
+    # the intervals after it still end where they did: the rest after each pinch keeps its windows
+    data = jobs.load_job_data(clean_db, job["id"], training.merge_config({"sample_rate_hz": 1.0}))
+    assert "pinch" not in set(data["labels"].astype(str)) and "\x00" not in "".join(data["labels"].astype(str))
+    # adding a gesture of that name again (deleted by mistake) brings its recordings back
+    repo.add_gesture(clean_db, u["id"], "pinch")
+    job = repo.schedule_job(clean_db, u["id"], [s["id"]], {"epochs": 2})
+    assert jobs.run_job(job["id"]) == "completed", repo.get_job(clean_db, job["id"])["error"]
+    assert sorted(repo.latest_model(clean_db, u["id"])["classes"]) == ["REST", "fist", "open hand", "pinch"]
+    # a session holding only deleted gestures fails saying so, not "is the device streaming"
+    for g in repo.list_gestures(clean_db, u["id"]):
+        repo.delete_gesture(clean_db, g["id"])
+    job = repo.schedule_job(clean_db, u["id"], [s["id"]], {"epochs": 2})
+    assert jobs.run_job(job["id"]) == "failed"
+    error = repo.get_job(clean_db, job["id"])["error"]
+    assert "only rest and deleted gestures ('fist' (sessions" in error, error
+
+
 def train_in_background(conn, job_id: int) -> tuple[threading.Thread, dict]:
     """run_job(job_id) in a thread, returned once training is under way; the dict gets its `status`."""
     result: dict = {}

@@ -331,6 +331,20 @@ def _start_capture(at, gestures, reps=1, hold=0.5, rest=0.5):
     at.run()
 
 
+def test_deleting_a_gesture_says_its_recordings_stay_but_no_longer_train(page, seeded):
+    conn, uid = seeded["conn"], seeded["user"]["id"]
+    fist = next(g for g in repo.list_gestures(conn, uid) if g["name"] == "fist")
+    at = page("gestures", user_id=uid)
+    at.run()
+    at.selectbox(key="edit_gesture").set_value(fist["id"]).run()
+    button(at, "Delete this gesture").click()
+    at.run()
+    assert_clean(at)
+    assert [g["name"] for g in repo.list_gestures(conn, uid)] == ["open hand"]
+    said = " ".join(t.value for t in at.toast)
+    assert "recordings stay in their sessions but no longer train" in said and "named fist again" in said, said
+
+
 def test_capture_session_records_interval_times_as_cues_happen(page, seeded):
     conn, uid = seeded["conn"], seeded["user"]["id"]
     at = page("capture", user_id=uid)
