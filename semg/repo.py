@@ -14,6 +14,7 @@ import json
 import math
 import re
 import secrets as _secrets
+import unicodedata
 import zipfile
 from collections.abc import Iterator, Sequence
 from datetime import datetime
@@ -245,7 +246,8 @@ def _clean_channels(channels_used: Sequence[int] | None, channel_purposes: dict 
 
 
 def _clean_gesture_name(name: str) -> str:
-    name = check_no_nul("gesture name", (name or "").strip())
+    # NFC: the same name typed on macOS (decomposed accents) and elsewhere must be one gesture, not two classes.
+    name = unicodedata.normalize("NFC", check_no_nul("gesture name", (name or "").strip()))
     if not 1 <= len(name) <= 80:
         raise Invalid("gesture name must be 1 to 80 characters")
     if name.upper() == REST:
@@ -451,6 +453,7 @@ def create_session(conn, user_id: int, device_id: int | None, gestures: Sequence
                    hold_s: float, rest_s: float, name: str = "") -> dict:
     check_no_nul("session name", name)
     intervals = plan_intervals(gestures, repetitions, hold_s, rest_s)
+    gestures = [_clean_gesture_name(g) for g in gestures]  # the plan names them as the bank and intervals do
     with _tx(conn) as cur:
         cur.execute("SELECT name, id FROM gestures WHERE user_id = %s", (user_id,))
         bank = {r["name"]: r["id"] for r in cur.fetchall()}
@@ -605,6 +608,7 @@ def add_interval(conn, session_id: int, kind: str, label: str, repetition: int, 
         sess = _one(cur, "session", session_id)
         gesture_id = None
         if kind == "gesture":
+            label = _clean_gesture_name(label)
             cur.execute("SELECT id FROM gestures WHERE user_id = %s AND name = %s", (sess["user_id"], label))
             g = cur.fetchone()
             if g is None:

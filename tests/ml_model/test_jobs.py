@@ -362,6 +362,20 @@ def test_a_deleted_gesture_no_longer_trains_until_a_gesture_of_its_name_is_added
     assert "only rest and deleted gestures ('fist' (sessions" in error, error
 
 
+def test_gesture_names_typed_decomposed_are_the_same_gesture(clean_db, user_device):
+    """'Hände' typed with a decomposed umlaut (as macOS keyboards send it) was a second gesture beside the
+    composed one: two classes the user cannot tell apart, and sessions planned with one missed the other."""
+    u, _ = user_device
+    composed, decomposed = "H\u00e4nde auf", "Ha\u0308nde auf"
+    g = repo.add_gesture(clean_db, u["id"], composed)
+    with pytest.raises(repo.RepoError, match="already has a gesture with that name"):
+        repo.add_gesture(clean_db, u["id"], decomposed)
+    s = repo.create_session(clean_db, u["id"], None, [decomposed], 1, 2.0, 1.0)
+    assert s["plan"]["gestures"] == [composed]
+    assert [iv["gesture_id"] for iv in s["intervals"] if iv["kind"] == "gesture"] == [g["id"]]
+    assert repo.add_interval(clean_db, s["id"], "gesture", decomposed, 0, 0, 1000)["gesture_id"] == g["id"]
+
+
 def train_in_background(conn, job_id: int) -> tuple[threading.Thread, dict]:
     """run_job(job_id) in a thread, returned once training is under way; the dict gets its `status`."""
     result: dict = {}
