@@ -19,6 +19,7 @@ def quality_table(user_id: int, sessions: list[dict]) -> list[int]:
     default = st.session_state.get(default_selection, True)
     ticks = st.session_state.get(ticks_key, {})
     rows, by_id = [], {s["id"]: s for s in sessions}
+    bank = {g["name"] for g in data.list_gestures(user_id)}  # a gesture deleted since does not train
     for s in sessions:
         q = s["quality"]
         plan = s.get("plan") or {}
@@ -27,7 +28,7 @@ def quality_table(user_id: int, sessions: list[dict]) -> list[int]:
             "session": s["id"],
             "name": s["name"],
             "recorded": ui.fmt_time(s["started_at"]),
-            "gestures": ", ".join(plan.get("gestures", [])),
+            "gestures": ", ".join(g if g in bank else f"{g} (deleted, not trained)" for g in plan.get("gestures", [])),
             "reps": q["gesture_reps"],
             "redone": q["discarded"],
             "samples": q["samples"],

@@ -343,6 +343,11 @@ def test_deleting_a_gesture_says_its_recordings_stay_but_no_longer_train(page, s
     assert [g["name"] for g in repo.list_gestures(conn, uid)] == ["open hand"]
     said = " ".join(t.value for t in at.toast)
     assert "recordings stay in their sessions but no longer train" in said and "named fist again" in said, said
+    at = page("kickoff", user_id=uid)  # the sessions that recorded it say it will not train
+    at.run()
+    table = at.dataframe[0].value
+    row = table[table["session"] == seeded["session"]["id"]].iloc[0]
+    assert row["gestures"] == "fist (deleted, not trained), open hand", row["gestures"]
 
 
 def test_capture_session_records_interval_times_as_cues_happen(page, seeded):
