@@ -8,6 +8,10 @@ stored in session_intervals (what training labels from) are exact, and the cue d
 Interval changes not yet stored are also appended to a Journal (on the server's disk) before the database
 write is tried, so they outlive the browser session when the database is down (see semg.journal.IntervalJournal).
 
+A run outlives the browser session showing it (a reload starts a new one): this process keeps every run by
+session id (register/take_over), so another window of the user -- the reloaded page -- can take it over, pause
+it where its old window stopped showing the cue, and resume or stop it, with its webcam recording.
+
 VideoRecorder encodes the webcam frames (with the cue drawn on them) to WebM, stamping each frame with its
 wall-clock arrival time, so video time t corresponds to server time started_at + t.
 """
@@ -31,6 +35,9 @@ from PIL import ImageDraw, ImageFont
 log = logging.getLogger("semg.ui")
 
 REST = "REST"
+# A window ticks its run every 0.2 s (about once a second in a background tab): a run not ticked for this long
+# has lost its window (reloaded, closed), and another window may take it over.
+LEFT_AFTER_S = 4.0
 
 
 def utc(ts: float) -> datetime:
@@ -76,11 +83,12 @@ class Step:
     started: float | None = None  # wall-clock seconds
     ended: float | None = None
     discarded: bool = False
+    interrupted: bool = False  # under way when the run's window went away: discarded, not redone by the user
 
 
 @dataclass
 class Cue:
-    state: str  # 'waiting' | 'running' | 'done' | 'aborted'
+    state: str  # 'waiting' | 'running' | 'paused' | 'done' | 'aborted'
     label: str = ""
     kind: str = "rest"
     remaining_s: float = 0.0
@@ -95,6 +103,8 @@ class Cue:
             return "Done!"
         if self.state == "aborted":
             return "Stopped"
+        if self.state == "paused":
+            return "Paused"
         if self.state == "waiting":
             return "Get ready"
         return "Rest" if self.kind == "rest" else self.label
@@ -127,6 +137,10 @@ class CueRun:
     journal_error: str | None = None  # why the last journal write failed (None once one succeeds)
     _redo: Step | None = field(default=None, repr=False)  # the inserted gesture of the redo under way
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    user_id: int | None = None
+    name: str = ""
+    seen_at: float | None = None  # when a window last showed its cue (the page's tick): see LEFT_AFTER_S
+    paused_at: float | None = None  # when its window went away, while paused
 
     @classmethod
     def from_session(cls, session: dict, journal: Journal | None = None) -> CueRun:
@@ -135,12 +149,13 @@ class CueRun:
                       (i["planned_end_ms"] - i["planned_start_ms"]) / 1000.0)
                  for i in sorted(session["intervals"], key=lambda i: i["ordinal"]) if not i.get("discarded")]
         return cls(session["id"], steps, int(plan.get("repetitions", 1)), float(plan.get("hold_s", 1)),
-                   float(plan.get("rest_s", 1)), journal=journal)
+                   float(plan.get("rest_s", 1)), journal=journal, user_id=session.get("user_id"),
+                   name=session.get("name") or "")
 
     # -- time ----------------------------------------------------------------------------------------
     def start(self, now: float) -> None:
         with self.lock:
-            self.state, self.index, self.t_start = "running", 0, now
+            self.state, self.index, self.t_start, self.seen_at = "running", 0, now, now
             self.steps[0].started = now
 
     def advance(self, now: float, store: IntervalStore) -> list[Step]:
@@ -214,7 +229,8 @@ class CueRun:
             else:
                 store.extend(op[1])
             with self.lock:
-                self._unsaved.pop(0)
+                if self._unsaved and self._unsaved[0] is op:  # not already popped by another flusher
+                    self._unsaved.pop(0)
                 if not self._unsaved and self.journal is not None:
                     self._unjournaled = 0
                     try:
@@ -234,6 +250,8 @@ class CueRun:
     def cue(self, now: float) -> Cue:
         with self.lock:
             total = len(self.steps)
+            if self.state == "paused":
+                return Cue("paused", progress=self.index / total, repetitions=self.repetitions)
             if self.state != "running":
                 return Cue(self.state, progress=1.0 if self.state == "done" else 0.0, repetitions=self.repetitions)
             cur = self.steps[self.index]
@@ -295,10 +313,71 @@ class CueRun:
         self.flush(store)
         return target
 
+    def pause(self, at: float, store: IntervalStore) -> Step | None:
+        """Its window stopped showing the cue at `at` (a reload, a closed tab): what was due by then is recorded;
+        the interval under way is cut at `at` and discarded -- nobody saw its cue to the end, so what the hand
+        did after is unknown -- and nothing more is recorded until resume() or abort(). Returns the cut interval
+        (None when nothing of it had happened yet: it stays unrecorded). Paused even while the database is
+        unreachable (the final flush raises; the changes wait in the queue/journal)."""
+        self._close_due(at)
+        with self.lock:
+            if self.state != "running":
+                return None
+            self.state, self.paused_at = "paused", at
+            cur = self.steps[self.index]
+            cut = None
+            if at > cur.started + 0.05:
+                cur.ended, cur.discarded, cur.interrupted, cut = at, True, True, cur
+                # mark before discard: marking an interval clears its discarded flag
+                self._queue(("mark", cur.interval_id, cur.started, at), ("discard", cur.interval_id))
+        self.flush(store)
+        return cut
+
+    def resume(self, now: float, store: IntervalStore) -> Step | None:
+        """Go on from a pause at `now`: a rest to get ready, then the interrupted interval again when it was a
+        gesture, then the rest of the plan; the session's planned length grows by the pause and the inserted
+        intervals. Returns the interval under way at the pause. The new intervals are rows the database must
+        add: while it is unreachable this raises (the store's error) and the run stays paused."""
+        with self.lock:
+            if self.state != "paused":
+                return None
+            cur = self.steps[self.index]
+        plan = [("rest", REST, self.rest_s)]
+        if cur.kind == "gesture":
+            plan.append(("gesture", cur.label, cur.duration_s))
+        new, at_ms = [], int((now - self.t_start) * 1000)
+        for kind, label, dur in plan:
+            ms = int(dur * 1000)
+            new.append(Step(store.add(kind, label, cur.repetition, at_ms, at_ms + ms), kind, label, cur.repetition,
+                            dur))
+            at_ms += ms
+        with self.lock:
+            if self._redo is cur:  # the redo under way was interrupted: its repetition is the new one
+                self._redo = new[-1]
+            if cur.ended is not None:  # cut and discarded by pause(): the new intervals follow it
+                self.steps[self.index + 1:self.index + 1] = new
+                self.index += 1
+            else:  # nothing of it was recorded: replaced
+                self.steps[self.index:self.index + 1] = new
+            self.steps[self.index].started = now
+            self.state, self.paused_at, self.seen_at = "running", None, now
+            end = now + sum(s.duration_s for s in self.steps[self.index:])
+            self._queue(("extend", round((end - self.t_start) * 1000)))
+        self.flush(store)
+        return cur
+
     def abort(self, now: float, store: IntervalStore) -> None:
-        """Stop here: the current interval is cut at ``now``. The run is aborted even while the database is
-        unreachable (then the final flush raises the store's error and the marks wait in the queue/journal)."""
+        """Stop here: the current interval is cut at ``now`` (a paused run ends where it was paused). The run is
+        aborted even while the database is unreachable (then the final flush raises the store's error and the
+        marks wait in the queue/journal)."""
         self._close_due(now)
+        with self.lock:
+            paused = self.state == "paused"
+            if paused:
+                self.state = "aborted"
+        if paused:
+            self.flush(store)
+            return
         with self.lock:
             if self.state != "running":
                 return
@@ -313,7 +392,8 @@ class CueRun:
         with self.lock:
             done = [s for s in self.steps if s.ended is not None]
             return {"intervals": len(done), "gestures": sum(1 for s in done if s.kind == "gesture" and not s.discarded),
-                    "redone": sum(1 for s in self.steps if s.discarded), "planned": len(self.steps)}
+                    "redone": sum(1 for s in self.steps if s.discarded and not s.interrupted),
+                    "interrupted": sum(1 for s in self.steps if s.interrupted), "planned": len(self.steps)}
 
 
 # ---- webcam --------------------------------------------------------------------------------------------
@@ -337,7 +417,7 @@ def draw_cue(img, cue: Cue, recording: bool) -> None:
         d.text((10, 4), cue.headline, font=_font(big), fill=color if cue.kind == "gesture" else (230, 230, 230))
         d.text((10, big + 6), cue.subline, font=_font(max(12, h // 22)), fill=(255, 255, 255))
         d.rectangle([0, h - 8, int(w * cue.progress), h], fill=(40, 160, 60))
-    elif cue.state in ("done", "aborted"):
+    elif cue.state in ("done", "aborted", "paused"):
         d.text((10, 4), cue.headline, font=_font(big), fill=(255, 255, 255), stroke_width=2, stroke_fill=(0, 0, 0))
     if recording:
         d.ellipse([w - 30, 10, w - 12, 28], fill=(230, 0, 0))
@@ -424,6 +504,7 @@ class CaptureShared:
         self.frames_seen = 0
         self.last_frame_at: float | None = None
         self._recent = deque(maxlen=30)
+        self.taken_over: int | None = None  # the session whose run another window took from this one
 
     @property
     def camera_fps(self) -> float | None:
@@ -448,3 +529,47 @@ class CaptureShared:
             out.time_base = frame.time_base
         self.recorder.write(out, now)
         return out
+
+
+# ---- runs outliving their window -----------------------------------------------------------------------
+_RUNS: dict[int, CaptureShared] = {}  # session id -> the browser session showing its run
+_RUNS_LOCK = threading.Lock()
+
+
+def register(shared: CaptureShared) -> None:
+    with _RUNS_LOCK:
+        _RUNS[shared.run.session_id] = shared
+
+
+def release(session_id: int, shared: CaptureShared) -> None:
+    """The run is over (or its session gone): no other window may take it over."""
+    with _RUNS_LOCK:
+        if _RUNS.get(session_id) is shared:
+            del _RUNS[session_id]
+
+
+def runs_of(user_id: int, exclude: CaptureShared) -> list[CueRun]:
+    """The user's runs shown (or last shown) in other browser sessions than `exclude`."""
+    with _RUNS_LOCK:
+        return [sh.run for sh in _RUNS.values()
+                if sh is not exclude and sh.run is not None and sh.run.user_id == user_id]
+
+
+def take_over(session_id: int, shared: CaptureShared, now: float) -> float | None:
+    """Move the session's run and its webcam recording to `shared` (this window) once its window has not shown
+    it for LEFT_AFTER_S. Returns when that window last did (where the run is to be paused), or None when it is
+    not there to take: finished, still shown elsewhere, or taken over by another window first."""
+    with _RUNS_LOCK:
+        old = _RUNS.get(session_id)
+        run = old.run if old is not None else None
+        if (old is None or old is shared or run is None or shared.run is not None
+                or now - (run.seen_at or 0.0) < LEFT_AFTER_S):
+            return None
+        left_at, run.seen_at = run.seen_at or now, now
+        # The recording goes along: this window's webcam writes on into the same file on the same clock, and the
+        # old window's frame callback, were it still called, writes into an idle recorder.
+        shared.recorder, old.recorder = old.recorder, VideoRecorder()
+        shared.video, old.video = old.video, None
+        shared.run, old.run, old.taken_over = run, None, session_id
+        _RUNS[session_id] = shared
+        return left_at

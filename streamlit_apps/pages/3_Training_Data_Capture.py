@@ -1,6 +1,7 @@
 """Guided recording: a large cue (gesture, countdown, repetition X of Y), the webcam with the cue drawn on its
 frames and recorded in sync with the signals, a live signal strip proving the device streams, redo-last-
-repetition; interval times are stored as the cues happen (they are what training labels from)."""
+repetition; interval times are stored as the cues happen (they are what training labels from). A session whose
+page was reloaded (or closed) mid-way is offered here to resume or stop, keeping what was recorded."""
 
 import contextlib
 import time
@@ -19,6 +20,7 @@ st.title(":material/videocam: Training Data Capture")
 SHARED = "capture_shared"
 LAST = "capture_last_result"
 GONE = "capture_run_deleted"
+RESUMED = "capture_resumed_note"
 if SHARED not in st.session_state:  # one per browser session: the WebRTC thread holds on to it
     st.session_state[SHARED] = capture.CaptureShared()
 shared: capture.CaptureShared = st.session_state[SHARED]
@@ -42,6 +44,7 @@ def start_session(user: dict, device: dict, gestures: list[str], reps: int, hold
     path, _rel = data.video_path_for(user["id"], session["id"])
     shared.recorder.start(path)
     shared.run = run
+    capture.register(shared)  # a reloaded page finds it there
     st.session_state.pop(LAST, None)
     return True
 
@@ -72,6 +75,7 @@ def finish(run: capture.CueRun) -> None:
     st.session_state[LAST] = {"session_id": run.session_id, "status": status, "summary": run.summary(),
                               "note": note}
     shared.run = None
+    capture.release(run.session_id, shared)
 
 
 def session_deleted(session_id: int) -> bool:
@@ -89,6 +93,7 @@ def end_deleted_run(run: capture.CueRun) -> None:
     """The run's session was deleted with its user elsewhere: stop the cue and the recording, and keep nothing of
     it (the video file, the journal of interval times that have no rows to go to any more)."""
     shared.run = None
+    capture.release(run.session_id, shared)
     path = shared.recorder.path
     with contextlib.suppress(OSError):  # its file was usually removed with the user already
         shared.recorder.stop()
@@ -125,6 +130,7 @@ def run_view() -> None:
 
 def tick(run: capture.CueRun) -> None:
     """One refresh of the running session: store what is due, the Redo/Stop buttons, the cue; finish at the end."""
+    run.seen_at = time.time()  # this window shows the cue: no other window may take the run over
     store = data.SessionStore(run.session_id)
     try:
         run.advance(time.time(), store)
@@ -136,8 +142,10 @@ def tick(run: capture.CueRun) -> None:
     if run.journal_error:
         st.error(f"Interval times cannot be saved on the server ({run.journal_error}): keep this window open "
                  "until the database stores them.")
-    c1, c2 = st.columns(2)
-    if c1.button("Redo last repetition", key="redo", width="stretch", icon=":material/replay:",
+    if run.state == "paused":
+        paused_view(run, store)
+    c1, c2 = st.columns(2) if run.state == "running" else (None, None)
+    if c1 and c1.button("Redo last repetition", key="redo", width="stretch", icon=":material/replay:",
                  help="Throws the last gesture repetition away and does it again after a short rest"):
         try:
             redone = run.redo_last(time.time(), store)
@@ -147,7 +155,7 @@ def tick(run: capture.CueRun) -> None:
         except data.Unavailable:  # nothing changed: the redo's new intervals need the database
             st.toast("A redo needs the database, which is not reachable: try again when it is back",
                      icon=":material/power_off:")
-    if c2.button("Stop session", key="abort", width="stretch", icon=":material/stop:"):
+    if c2 and c2.button("Stop session", key="abort", width="stretch", icon=":material/stop:"):
         try:
             run.abort(time.time(), store)
         except data.Unavailable:  # stopped all the same; the cut interval's time waits in the journal
@@ -164,6 +172,95 @@ def tick(run: capture.CueRun) -> None:
                        "database is reachable again.", icon=":material/power_off:")
             return
         st.rerun(scope="app")
+
+
+def video_note() -> str:
+    """What becomes of the webcam video of a run taken over from a window that went away."""
+    rec = shared.recorder
+    if rec.error:
+        return f"Its webcam video could not be recorded ({rec.error})."
+    if not rec.active:
+        return "It has no webcam video."
+    if rec.frames:
+        return ("Its webcam video so far is kept; after resuming, press START on the webcam and the video goes on "
+                "in the same file (the time away shows as a still picture).")
+    return "No webcam video was recorded before; after resuming, press START on the webcam to record the rest."
+
+
+def paused_view(run: capture.CueRun, store: data.SessionStore) -> None:
+    """A run taken over after its window went away (a reload): go on, or stop and keep what was recorded."""
+    cut = run.steps[run.index]
+    left_out = (f" The {cut.label if cut.kind == 'gesture' else 'rest'} under way then is left out of training"
+                + (" and done again when you resume." if cut.kind == "gesture" else ".") if cut.interrupted else "")
+    st.warning(f"Paused where the page was left ({ui.fmt_time(capture.utc(run.paused_at))}): everything recorded "
+               f"until then is kept.{left_out} {video_note()}", icon=":material/pause_circle:")
+    c1, c2 = st.columns(2)
+    if c1.button("Resume", key="resume", type="primary", width="stretch", icon=":material/play_arrow:",
+                 help="Goes on after a rest, from the interval that was under way"):
+        try:
+            run.resume(time.time(), store)
+        except data.Unavailable:  # still paused: nothing changed
+            st.toast("Resuming needs the database, which is not reachable: try again when it is back",
+                     icon=":material/power_off:")
+        else:
+            st.session_state[RESUMED] = f"Session #{run.session_id} resumed. {video_note()}"
+            st.rerun(scope="app")
+    if c2.button("Stop now and keep what was recorded", key="stop_left", width="stretch", icon=":material/stop:"):
+        with contextlib.suppress(data.Unavailable):  # stopped all the same; the marks wait in the journal
+            run.abort(time.time(), store)
+
+
+def take_over_left(session_id: int, resume: bool) -> None:
+    """Take the run whose window went away into this window, pause it where that window stopped showing its cue,
+    then resume it or stop it."""
+    left_at = capture.take_over(session_id, shared, time.time())
+    if left_at is None:
+        st.toast(f"Session #{session_id} is shown in another window again, or has ended.")
+        st.rerun(scope="app")
+    run = shared.run
+    store = data.SessionStore(session_id)
+    with contextlib.suppress(data.Unavailable):  # paused all the same; the marks wait in the journal
+        run.pause(left_at, store)
+    if resume:
+        try:
+            run.resume(time.time(), store)
+            st.session_state[RESUMED] = f"Session #{session_id} resumed. {video_note()}"
+        except data.Unavailable:  # it stays paused here, with both choices
+            st.toast("Resuming needs the database, which is not reachable: try again when it is back",
+                     icon=":material/power_off:")
+    else:
+        with contextlib.suppress(data.Unavailable):
+            run.abort(time.time(), store)
+    st.rerun(scope="app")
+
+
+@st.fragment(run_every=1.0)
+def left_runs(user_id: int, sessions: dict[int, dict]) -> None:
+    """This user's sessions whose run is in another window: left alone while that window shows it; offered to
+    resume or stop once it has not for capture.LEFT_AFTER_S (the page was reloaded or closed)."""
+    with ui.guard():
+        now = time.time()
+        for run in capture.runs_of(user_id, exclude=shared):
+            if (s := sessions.get(run.session_id)) is None:
+                continue
+            left_s = now - (run.seen_at or 0.0)
+            if left_s < capture.LEFT_AFTER_S:
+                st.caption(f"Session #{s['id']} '{s['name']}' is recording in another window (planned to end "
+                           f"{ui.fmt_time(data.planned_end(s))}).")
+                continue
+            done = run.summary()
+            st.warning(f"Session #{s['id']} '{s['name']}' stopped showing its cue at "
+                       f"{ui.fmt_time(capture.utc(run.seen_at or now))} (its page was reloaded or closed): "
+                       f"{done['gestures']} gesture repetition(s) are recorded. Go on from where it stopped, or stop "
+                       "now and keep what was recorded; the interval under way then is left out of training.",
+                       icon=":material/restart_alt:")
+            c1, c2 = st.columns(2)
+            if c1.button("Resume", key=f"resume_left_{s['id']}", type="primary", width="stretch",
+                         icon=":material/play_arrow:", help="Goes on after a rest, from the interval under way"):
+                take_over_left(s["id"], resume=True)
+            if c2.button("Stop now and keep what was recorded", key=f"stop_left_{s['id']}", width="stretch",
+                         icon=":material/stop:"):
+                take_over_left(s["id"], resume=False)
 
 
 def setup_view(user: dict, devices: list[dict], gestures: list[dict]) -> dict:
@@ -210,6 +307,11 @@ def unfinished(user: dict) -> None:
     current = shared.run.session_id if shared.run else None
     stale = [s for s in data.list_sessions(user["id"]) if s["status"] in ("planned", "recording")
              and s["id"] != current]
+    # runs of this process whose window is elsewhere or gone: shown (and offered to resume or stop) by left_runs
+    with_run = {r.session_id for r in capture.runs_of(user["id"], exclude=shared)}
+    if left := {s["id"]: s for s in stale if s["id"] in with_run and s["status"] == "recording"}:
+        left_runs(user["id"], left)
+    stale = [s for s in stale if s["id"] not in left]
     now = datetime.now(UTC)
     for s in stale:
         end = data.planned_end(s)
@@ -249,7 +351,8 @@ def camera() -> None:
     )
     playing = bool(ctx and ctx.state.playing)
     if not playing:
-        st.caption("Press START to turn the webcam on before starting the session.")
+        st.caption("Press START to turn the webcam on: this session's video records once it is on." if shared.run
+                   else "Press START to turn the webcam on before starting the session.")
     elif shared.recorder.active:
         st.caption(":red[:material/radio_button_checked:] recording: the cue is drawn on every frame")
     else:
@@ -292,6 +395,8 @@ def running_page(user: dict) -> None:
         if owner != user["id"]:
             st.info(f"Recording session #{session['id']} for **{data.get_user(owner)['name']}**: the cue, the "
                     "webcam and the live strip are theirs until it ends.", icon=":material/person:")
+        if note := st.session_state.pop(RESUMED, None):
+            st.info(note, icon=":material/play_arrow:")
         run_view()
     with right:
         camera()
@@ -303,6 +408,10 @@ def page() -> None:
         end_deleted_run(shared.run)
     if gone := st.session_state.pop(GONE, None):
         st.warning(gone, icon=":material/person_off:")
+    if (moved := shared.taken_over) is not None:
+        shared.taken_over = None
+        st.info(f"Session #{moved} goes on in another window (this one had stopped showing its cue).",
+                icon=":material/open_in_new:")
     user = ui.pick_user()
     if not user:
         return
@@ -319,9 +428,12 @@ def page() -> None:
     with left:
         if last := st.session_state.get(LAST):
             s = last["summary"]
+            left_out = (f"{s['interrupted']} interval(s) under way when its page was left are not trained on. "
+                        if s.get("interrupted") else "")
             (st.success if last["status"] == "completed" else st.warning)(
                 f"Session #{last['session_id']} {last['status']}: {s['gestures']} gesture repetitions recorded, "
-                f"{s['redone']} redone. {last['note']} Next: check its quality and train on **Kickoff Training**.")
+                f"{s['redone']} redone. {left_out}{last['note']} Next: check its quality and train on "
+                "**Kickoff Training**.")
             with contextlib.suppress(data.RepoError):  # deleted meanwhile: nothing to check
                 quality = data.session_quality(data.get_session(last["session_id"]))
                 if problem := ui.signal_problem(last["session_id"], quality):

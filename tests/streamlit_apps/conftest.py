@@ -34,6 +34,16 @@ def _fresh_ui_caches():
 
 
 @pytest.fixture(autouse=True)
+def _no_capture_runs_left():
+    """Capture runs outlive their window in a process-wide registry (a reloaded page takes them over); ids
+    restart with every clean database, so no test may find another test's run there."""
+    import capture
+    capture._RUNS.clear()
+    yield
+    capture._RUNS.clear()
+
+
+@pytest.fixture(autouse=True)
 def _no_capture_journals(state_dir):
     """Capture journals are files in the shared state dir (and ids restart in every test): none carries over,
     nor does a replay pause left by a test that had the database down."""
