@@ -194,7 +194,7 @@ def paused_view(run: capture.CueRun, store: data.SessionStore) -> None:
                 + (" and done again when you resume." if cut.kind == "gesture" else ".") if cut.interrupted else "")
     st.warning(f"Paused where the page was left ({ui.fmt_time(capture.utc(run.paused_at))}): everything recorded "
                f"until then is kept.{left_out} {video_note()}", icon=":material/pause_circle:")
-    c1, c2 = st.columns(2)
+    c1, c2 = st.columns([2, 3])  # room for the long label
     if c1.button("Resume", key="resume", type="primary", width="stretch", icon=":material/play_arrow:",
                  help="Goes on after a rest, from the interval that was under way"):
         try:
@@ -254,7 +254,7 @@ def left_runs(user_id: int, sessions: dict[int, dict]) -> None:
                        f"{done['gestures']} gesture repetition(s) are recorded. Go on from where it stopped, or stop "
                        "now and keep what was recorded; the interval under way then is left out of training.",
                        icon=":material/restart_alt:")
-            c1, c2 = st.columns(2)
+            c1, c2 = st.columns([2, 3])  # room for the long label
             if c1.button("Resume", key=f"resume_left_{s['id']}", type="primary", width="stretch",
                          icon=":material/play_arrow:", help="Goes on after a rest, from the interval under way"):
                 take_over_left(s["id"], resume=True)

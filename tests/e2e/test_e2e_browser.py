@@ -159,3 +159,70 @@ def test_the_whole_journey_in_a_browser(stack, browser_page, screenshots_dir, se
                 print(f"--- {name} exited; log tail:\n{stack.tail(name)}")
         with contextlib.suppress(Exception):
             browser_page.close()
+
+
+def _sign_in_on(page, password: str, title: str) -> None:
+    """A full page load starts a new, signed-out browser session: sign in on the page itself."""
+    page.get_by_label("Password", exact=True).fill(password)
+    page.get_by_role("button", name="Sign in").click()
+    page.get_by_role("heading", name=re.compile(re.escape(title))).first.wait_for(timeout=30_000)
+
+
+def test_a_capture_page_reloaded_mid_session_resumes_where_it_stopped(stack, browser_page, screenshots_dir,
+                                                                     settings):
+    """Someone reloads the capture page by mistake a few seconds into a session: the reloaded page offers to
+    go on, the interrupted interval is left out and done again, and every planned repetition is recorded once,
+    with the webcam video of both halves in one registered file."""
+    conn = _conn()
+    try:
+        user = repo.create_user(conn, "Rita Reload", f"reload-{int(time.time())}@example.org")
+        for g in GESTURES:
+            repo.add_gesture(conn, user["id"], g)
+        repo.register_device(conn, user["id"], CHANNELS, RATE)
+        ui = Ui(browser_page, f"http://127.0.0.1:{settings.ui_port}", screenshots_dir)
+        password = secrets.ui_password()
+        browser_page.goto(f"{ui.base_url}/Training_Data_Capture?user={user['id']}")
+        _sign_in_on(browser_page, password, "Training Data Capture")
+        ui.wait_idle()
+        webcam = ui.start_webcam()
+        reps, hold, rest = 2, 2.5, 2.0
+        ui.fill("Repetitions", str(reps))
+        ui.fill("Hold (s)", str(hold))
+        ui.fill("Rest (s)", str(rest))
+        ui.click("Start session")
+        session = _wait(lambda: next((s for s in repo.list_sessions(conn, user["id"]) if s["status"] == "recording"),
+                                     None), 30, "the session to start", poll=0.1)
+        ui.text(re.compile(r"repetition 1 of 2"), timeout=20)
+        time.sleep(3)
+
+        browser_page.reload()  # by mistake
+        _sign_in_on(browser_page, password, "Training Data Capture")
+        ui.text(re.compile(rf"Session #{session['id']} .* stopped showing its cue"), timeout=30)
+        ui.shot("capture-reloaded-offer")
+        ui.click("Resume", exact=True)
+        ui.text(re.compile(rf"Session #{session['id']} resumed"), timeout=30)
+        if webcam:
+            assert ui.start_webcam(), "the webcam did not come back on after the reload"
+        ui.shot("capture-resumed")
+        ui.text(re.compile(rf"Session #{session['id']} completed"), timeout=120)
+        ui.shot("capture-resumed-completed")
+
+        done = repo.get_session(conn, session["id"])
+        assert done["status"] == "completed"
+        trained = sorted((i for i in done["intervals"] if i["started_at"] and not i["discarded"]),
+                         key=lambda i: i["started_at"])
+        gestures = sorted((i["label"], i["repetition"]) for i in trained if i["kind"] == "gesture")
+        assert gestures == sorted((g, r) for g in GESTURES for r in range(reps)), gestures  # each once
+        # one gap: the time away, with the interval under way at the reload (if it had begun) discarded in it
+        [(away_from, away_to)] = [(a["ended_at"], b["started_at"]) for a, b in zip(trained, trained[1:])
+                                  if a["ended_at"] != b["started_at"]]
+        cut = [i for i in done["intervals"] if i["discarded"]]
+        assert len(cut) <= 1 and all(away_from <= i["started_at"] < i["ended_at"] <= away_to for i in cut), cut
+        after = [i for i in trained if i["started_at"] >= away_to]
+        videos = repo.list_videos(conn, user["id"], session["id"])
+        if webcam:
+            [video] = videos
+            assert video["frame_count"] > 10 and (settings.video_dir / video["path"]).stat().st_size > 0, video
+            assert video["ended_at"] > after[0]["started_at"]  # it goes on after the resume
+    finally:
+        conn.close()
