@@ -20,6 +20,11 @@ device/boot resets that user's buffer and vote history: the next decision comes 
 again. Only consecutive windows vote together: after windows that got no decision (too old, /predict failed)
 the votes start afresh.
 
+Electrodes. Each stream judges the model's channels over the last second (ChannelWatch, pp.channel_faults): a
+channel flat or railing there is read as its training level, named in the decisions (channel_faults) and logged
+once when the spell starts and once when it ends; with more than MAX_FAULT_SHARE of them failed the decisions
+are the unsure label.
+
 Several workers. Each user's stream must reach a single worker (a window needs all its samples), so users
 are partitioned deterministically: every worker holds one PostgreSQL advisory lock "slot" (released when it
 dies), sees the live slots, and owns the users that rendezvous hashing assigns to its slot. It subscribes to
@@ -40,6 +45,7 @@ import hashlib
 import io
 import itertools
 import logging
+import math
 import os
 import socket
 import sys
@@ -56,12 +62,14 @@ import psycopg2
 from pydantic import ValidationError
 
 from ml_model import postprocessing
+from ml_model import preprocessing as pp
 from ml_model.preprocessing import MAX_BRIDGE_FRACTION, max_bridged
 from ml_model.rest.schemas import MAX_PREDICT_ITEMS
 from semg import db, natsio, procs, secrets
 from semg.config import Settings, settings_or_exit
 from semg.messages import (
     MODELS_UPDATED,
+    ChannelFault,
     ModelUpdated,
     PredictionMessage,
     SamplesMessage,
@@ -93,6 +101,18 @@ CLOCK_STEP_BACK_S = 60.0
 CLOCK_STEP_MIN_S = 1.0
 MAX_STORE_BACKLOG = 200_000
 STATS_INTERVAL_S = float(os.environ.get("SEMG_INFERENCE_STATS_S", "60"))
+# Live electrode check (ChannelWatch): judged every FAULT_CHECK_S of samples over the last pp.FAULT_WINDOW_S; a
+# spell ends after FAULT_CLEAR_S of the channel looking fine.
+FAULT_CHECK_S = 0.25
+FAULT_CLEAR_S = 1.0
+# What a decision does while channels look failed. Measured on the Myo set (bench-like: train reps 0-2, test rep
+# 3, Female0/Male3/Female4): one channel stuck at its rail (127) took accuracy from 90-99 % to 14-45 % (chance is
+# 14 %), one at 0 (its training level) only to 75-99 %. So a failed channel's samples are replaced by its training
+# level (the mean of `channel_reference`) before /predict: with one or two of 8 channels so replaced, accuracy is
+# 80-91 %, with three 72-77 %, with four 48-51 % at an unchanged mean confidence of 0.7, which the confidence
+# threshold cannot catch. Hence decisions go on, flagged (channel_faults), while at most this share of the
+# checked channels failed, and are the unsure label beyond it: a prosthesis must not act on a coin toss.
+MAX_FAULT_SHARE = 0.25
 
 
 def _copy_text(v: Any) -> str:
@@ -117,6 +137,10 @@ class ModelSpec:
     sample_rate_hz: float
     window: int
     step: int
+    # the live electrode check (pp.channel_reference): device channels judged, their training level and spread
+    check_channels: tuple[int, ...] = ()
+    check_mean: tuple[float, ...] = ()
+    check_std: tuple[float, ...] = ()
 
     @property
     def shape(self) -> tuple[int, int, int, float]:
@@ -125,8 +149,10 @@ class ModelSpec:
 
     @classmethod
     def from_api(cls, d: dict[str, Any]) -> ModelSpec:
+        ref = d.get("channel_reference") or {"channels": (), "mean": (), "std": ()}
         return cls(int(d["artifact_id"]), tuple(d["classes"]), int(d["n_device_channels"]),
-                   float(d["sample_rate_hz"]), int(d["window"]), int(d["step"]))
+                   float(d["sample_rate_hz"]), int(d["window"]), int(d["step"]), tuple(ref["channels"]),
+                   tuple(ref["mean"]), tuple(ref["std"]))
 
 
 # ---- per-user stream buffer -------------------------------------------------------------------------
@@ -166,6 +192,93 @@ class HostClock:
         return self.lifted + CLOCK_RISE * now
 
 
+@dataclass(frozen=True)
+class Fault:
+    """A spell of one failed channel: since `start_seq` (the first sample of the second that showed it)."""
+
+    channel: int  # device channel (0-based, as the UI labels them)
+    kind: str  # 'flat' | 'saturated' (pp.FAULT_NAMES)
+    start_seq: int
+
+
+class ChannelWatch:
+    """Which of the model's channels look failed (an electrode off, stuck or railing) in the live stream.
+
+    Keeps the last FAULT_WINDOW_S of received samples of the checked channels (a ring: pp.channel_faults
+    reads their distribution, not their order) and judges them every FAULT_CHECK_S of samples. A spell starts at
+    the first check that finds a channel failed and ends after FAULT_CLEAR_S of checks finding it fine (an
+    electrode that touches now and then is one spell, not a warning every quarter second). `events` collects
+    the spells' starts and ends for the worker's log: one line each.
+    """
+
+    def __init__(self, spec: ModelSpec):
+        self.channels = np.asarray(spec.check_channels, dtype=np.intp)
+        # a slice when every device channel is checked (the usual case): a view, no gather per message
+        self._cols = slice(None) if self.channels.tolist() == list(range(spec.n_device_channels)) else self.channels
+        self.mean = np.asarray(spec.check_mean, dtype=np.float64)
+        self.std = np.asarray(spec.check_std, dtype=np.float64)
+        self.size = max(2, round(pp.FAULT_WINDOW_S * spec.sample_rate_hz))
+        self.every = max(1, round(FAULT_CHECK_S * spec.sample_rate_hz))
+        self.clear_checks = max(1, math.ceil(FAULT_CLEAR_S / FAULT_CHECK_S))
+        self.ring = np.zeros((self.size, len(self.channels)), dtype=np.float32)
+        self.faults: dict[int, Fault] = {}  # device channel -> its current spell
+        # (spell, None) when it starts; (spell, the last sample of the last second that showed it) when it ends
+        self.events: list[tuple[Fault, int | None]] = []
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the samples and the spells (another device: its electrodes are others)."""
+        self.filled = self.pos = self.unchecked = 0
+        self.faults.clear()
+        self._fine: dict[int, int] = {}  # device channel -> consecutive checks that found it fine
+        self._last_bad: dict[int, int] = {}  # device channel -> last sample of the last check that found it failed
+
+    def add(self, values: np.ndarray, last_seq: int) -> None:
+        """values: (k, n_device_channels) newly received samples, the last one numbered `last_seq`."""
+        if not len(self.channels):
+            return
+        k, cols = len(values), self._cols
+        if k >= self.size:
+            self.ring[:] = values[-self.size:, cols]
+            self.pos = 0
+        else:
+            end = self.pos + k
+            if end <= self.size:
+                self.ring[self.pos:end] = values[:, cols]
+            else:
+                first = self.size - self.pos
+                self.ring[self.pos:] = values[:first, cols]
+                self.ring[:end - self.size] = values[first:, cols]
+            self.pos = end % self.size
+        self.filled = min(self.size, self.filled + k)
+        self.unchecked += k
+        if self.filled == self.size and self.unchecked >= self.every:
+            self.unchecked = 0
+            self._judge(pp.channel_faults(self.ring, self.mean, self.std), last_seq)
+
+    def _judge(self, codes: np.ndarray, last_seq: int) -> None:
+        for ch, code in zip(self.channels.tolist(), codes.tolist(), strict=True):
+            spell = self.faults.get(ch)
+            if code != pp.CHANNEL_OK:
+                self._fine[ch] = 0
+                self._last_bad[ch] = last_seq
+                kind = pp.FAULT_NAMES[code]
+                if spell is None:
+                    spell = self.faults[ch] = Fault(ch, kind, last_seq - self.size + 1)
+                    self.events.append((spell, None))
+                elif spell.kind != kind:  # e.g. railing, then stuck: the same spell
+                    self.faults[ch] = Fault(ch, kind, spell.start_seq)
+            elif spell is not None:
+                self._fine[ch] = self._fine.get(ch, 0) + 1
+                if self._fine[ch] >= self.clear_checks:
+                    del self.faults[ch]
+                    self.events.append((spell, self._last_bad[ch]))
+
+    def take_events(self) -> list[tuple[Fault, int | None]]:
+        events, self.events = self.events, []
+        return events
+
+
 @dataclass
 class Ready:
     """Windows of one user cut from one contiguous run, waiting for /predict."""
@@ -181,6 +294,8 @@ class Ready:
     host: HostClock  # the server's clock -> this worker's (aged when taken for /predict, by the newest estimate)
     queued_at: float  # monotonic
     epoch: int = 0  # the stream's vote epoch when cut (see UserStream.new_votes)
+    faults: tuple[Fault, ...] = ()  # channels that looked failed when cut (their samples replaced, see MAX_FAULT_SHARE)
+    unsure: bool = False  # more than MAX_FAULT_SHARE of the checked channels failed: decide the unsure label
 
     def keep(self, mask: np.ndarray) -> None:
         """Keep only the windows where `mask` is true."""
@@ -236,6 +351,16 @@ class UserStream:
         self.last_message = 0.0  # monotonic time of the last accepted message
         # (device, boot, running min of the lifted clock offset) for taken_times; kept across gaps in a boot
         self.clock: tuple[int, int, float] | None = None
+        self.watch = ChannelWatch(spec)
+
+    def use_model(self, spec: ModelSpec) -> None:
+        """A new model reading the same windows: keep the samples, not the votes (nor the electrode check, if the
+        new model judges channels against other training data)."""
+        if (spec.check_channels, spec.check_mean, spec.check_std) != \
+                (self.spec.check_channels, self.spec.check_mean, self.spec.check_std):
+            self.watch = ChannelWatch(spec)
+        self.spec = spec
+        self.new_votes()
 
     def reset(self) -> None:
         self.n = 0
@@ -329,6 +454,8 @@ class UserStream:
                 self.new_votes()  # votes from before the gap say nothing about what follows
                 log.debug("user %s: stream reset (device %s boot %s seq %s, expected device %s boot %s seq %s)",
                           self.user_id, msg.device_id, msg.boot, msg.seq0, self.device_id, self.boot, self.next_seq)
+            if msg.device_id != self.device_id:
+                self.watch.reset()  # another device's electrodes
             self.device_id, self.boot = msg.device_id, msg.boot
             self.n = 0
             self.start_seq = seq0
@@ -342,6 +469,7 @@ class UserStream:
         self.lost[a:a + k] = False
         self.n += k
         self.next_seq = seq0 + k
+        self.watch.add(self.values[a:a + k], seq0 + k - 1)
 
         win, step = self.spec.window, self.spec.step
         first_end = max(seq0, self.start_seq + win - 1)
@@ -366,10 +494,22 @@ class UserStream:
         else:
             rows = [slice(i - win + 1, i + 1) for i in idx]
         # (n, win, C) -> (n, C, win): the API takes channels first
-        windows = np.stack([self.values[r] for r in rows]).transpose(0, 2, 1)
-        return Ready(self.user_id, self.spec, msg.device_id, np.ascontiguousarray(windows), ends,
+        windows = np.ascontiguousarray(np.stack([self.values[r] for r in rows]).transpose(0, 2, 1))
+        faults, unsure = self._neutralise(windows)
+        return Ready(self.user_id, self.spec, msg.device_id, windows, ends,
                      self.millis[idx].copy(), self.recv[idx].copy(), self.taken[idx].copy(), self.host,
-                     time.monotonic(), self.epoch)
+                     time.monotonic(), self.epoch, faults, unsure)
+
+    def _neutralise(self, windows: np.ndarray) -> tuple[tuple[Fault, ...], bool]:
+        """Replace the samples of the channels that look failed by their training level, in place (see
+        MAX_FAULT_SHARE); returns those spells and whether too many channels failed to decide."""
+        if not self.watch.faults:
+            return (), False
+        faults = tuple(self.watch.faults.values())
+        level = dict(zip(self.spec.check_channels, self.spec.check_mean, strict=True))
+        for f in faults:
+            windows[:, f.channel, :] = round(level[f.channel])  # whole counts: the windows stay int16 on the wire
+        return faults, len(faults) > MAX_FAULT_SHARE * len(self.spec.check_channels)
 
     def _max_bridge(self) -> int:
         return max_bridged(self.spec.window, self.bridge_fraction)
@@ -581,9 +721,8 @@ class Worker:
         stream = self.streams.get(uid)
         if stream is None or stream.spec.shape != spec.shape:
             stream = self.streams[uid] = UserStream(uid, spec, self.opts.votes, self.host_clock)
-        elif stream.spec != spec:  # a new model reading the same windows: keep the samples, not the votes
-            stream.spec = spec
-            stream.new_votes()
+        elif stream.spec != spec:
+            stream.use_model(spec)
         ignored = stream.other_device
         ready = stream.append(samples)
         if stream.other_device != ignored:
@@ -591,10 +730,26 @@ class Worker:
                             "user %s: device %s streams while device %s does; recognising device %s only (the "
                             "other takes over %g s after it stops)", uid, samples.device_id, stream.device_id,
                             stream.device_id, DEVICE_HANDOVER_S)
+        for fault, ended in stream.watch.take_events():
+            self._log_fault(uid, stream, fault, ended)
         if ready is not None:
             self.pending.append(ready)
             self.stats.windows += len(ready.windows)
             self._wake.set()
+
+    def _log_fault(self, uid: int, stream: UserStream, fault: Fault, ended: int | None) -> None:
+        """One line when a channel's spell starts, one when it ends."""
+        watch, rate = stream.watch, stream.spec.sample_rate_hz
+        if ended is None:
+            what = "looks disconnected (flat" if fault.kind == "flat" else "is saturated (at its limits"
+            many = len(watch.faults) > MAX_FAULT_SHARE * len(watch.channels)
+            log.warning("user %s device %s: channel %d %s for %.1f s): %s", uid, stream.device_id, fault.channel,
+                        what, watch.size / rate,
+                        f"{len(watch.faults)} of {len(watch.channels)} channels failed, decisions are "
+                        f"{self.opts.unsure_label} until they are back" if many else "it is read as its training level until it is back")
+        else:
+            log.info("user %s device %s: channel %d is back (it was %s for %.1f s)", uid, stream.device_id,
+                     fault.channel, fault.kind, (ended - fault.start_seq + 1) / rate)
 
     def _warn_every(self, key: str, fmt: str, *args: Any, interval: float = 10.0) -> None:
         """At most one line per `interval` s for a recurring problem (an API outage must not flood the log)."""
@@ -634,7 +789,8 @@ class Worker:
                 r.keep(fresh)
             prev = last_of.get(r.user_id)
             if (prev is not None and prev.spec == r.spec and prev.device_id == r.device_id
-                    and prev.epoch == r.epoch and prev.end_seq[-1] < r.end_seq[0]):
+                    and prev.epoch == r.epoch and prev.faults == r.faults and prev.unsure == r.unsure
+                    and prev.end_seq[-1] < r.end_seq[0]):
                 prev.merge(self.pending.popleft())
             elif len(batch) < MAX_PREDICT_ITEMS:
                 batch.append(self.pending.popleft())
@@ -750,17 +906,21 @@ class Worker:
                 history.append(p["probabilities"])
                 d = postprocessing.decide(classes, history, self.opts.min_confidence,
                                           unsure_label=self.opts.unsure_label)
+                faults = [ChannelFault(channel=f.channel, fault=f.kind,
+                                       seconds=max(0, end - f.start_seq + 1) / r.spec.sample_rate_hz)
+                          for f in r.faults] or None
                 decided = time.time()
                 pm = PredictionMessage(
-                    userid=r.user_id, gesture=d.gesture, confidence=min(1.0, max(0.0, d.confidence)),
-                    raw_gesture=d.raw_gesture, model_id=res.get("model_id"), device_id=r.device_id,
-                    seq=int(r.end_seq[i]), device_millis=float(r.end_millis[i]),
-                    sample_recv_time=float(r.end_recv[i]), decided_time=decided,
+                    userid=r.user_id, gesture=self.opts.unsure_label if r.unsure else d.gesture,
+                    confidence=min(1.0, max(0.0, d.confidence)), raw_gesture=d.raw_gesture,
+                    model_id=res.get("model_id"), device_id=r.device_id, seq=end, device_millis=float(r.end_millis[i]),
+                    sample_recv_time=float(r.end_recv[i]), decided_time=decided, channel_faults=faults,
                 )
                 await self.nc.publish(predictions_subject(pm.userid), pm.model_dump_json().encode())
                 self.to_store.append((r.user_id, pm.model_id, pm.gesture, pm.confidence, pm.device_id,
                                       pm.device_millis, pm.sample_recv_time, decided,
-                                      (decided - pm.sample_recv_time) * 1000.0))
+                                      (decided - pm.sample_recv_time) * 1000.0,
+                                      None if faults is None else orjson.dumps([f.model_dump() for f in faults])))
             self.stats.decisions += len(preds)
         if len(self.to_store) > MAX_STORE_BACKLOG:
             drop = len(self.to_store) - MAX_STORE_BACKLOG
@@ -893,16 +1053,16 @@ class Worker:
     def _insert(conn, rows: list[tuple]) -> None:
         """COPY: several thousand decisions per second cost PostgreSQL (shared with ingestion) little."""
         buf = io.StringIO()
-        for u, m, g, c, d, dm, sr, dt, lat in rows:
+        for u, m, g, c, d, dm, sr, dt, lat, faults in rows:
             buf.write(f"{u}\t{_copy_text(m)}\t{_copy_text(g)}\t{c!r}\t{_copy_text(d)}\t{dm!r}\t"
-                      f"{_iso(sr)}\t{_iso(dt)}\t{lat!r}\n")
+                      f"{_iso(sr)}\t{_iso(dt)}\t{lat!r}\t{_copy_text(faults and faults.decode())}\n")
         buf.seek(0)
         with conn, conn.cursor() as cur:
             # decisions were already published live; a crash may lose the last half second of the log, and
             # not waiting for the WAL flush keeps the shared disk free for the sample ingestion
             cur.execute("SET LOCAL synchronous_commit TO OFF")
             cur.copy_expert("""COPY predictions (user_id, model_id, gesture, confidence, device_id, device_millis,
-                                   sample_received, decided_at, latency_ms) FROM STDIN""", buf)
+                                   sample_received, decided_at, latency_ms, channel_faults) FROM STDIN""", buf)
 
     async def store_loop(self) -> None:
         while not self._stopping:

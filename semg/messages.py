@@ -62,6 +62,14 @@ class SamplesMessage(_Msg):
         return self
 
 
+class ChannelFault(_Msg):
+    """A channel of the model that looked failed when the window was decided (an electrode off, stuck or railing)."""
+
+    channel: int = Field(ge=0, le=15)  # device channel, 0-based (the UI's ch0, ch1, ...)
+    fault: Literal["flat", "saturated"]  # flat: (near) constant; saturated: mostly at an extreme of its range
+    seconds: float = Field(ge=0)  # how long it has looked so, up to the window's last sample
+
+
 class PredictionMessage(_Msg):
     """One live decision for a window of a user's stream."""
 
@@ -76,6 +84,9 @@ class PredictionMessage(_Msg):
     device_millis: float  # device clock of the window's last sample
     sample_recv_time: float  # server receive time of that sample (unix s)
     decided_time: float  # when the decision was published (unix s)
+    # channels that looked failed (None: all fine); their samples were read as their training level, and with more
+    # than a quarter of the model's channels failed the gesture is the unsure label (ml_model.nat_inference)
+    channel_faults: list[ChannelFault] | None = Field(None, max_length=16)
 
 
 class ModelUpdated(_Msg):

@@ -793,7 +793,7 @@ def recent_predictions(conn, user_id: int, limit: int = 100, since: datetime | N
     with _tx(conn) as cur:
         cur.execute(
             """SELECT id, user_id, model_id, gesture, confidence, device_id, device_millis, sample_received,
-                      decided_at, latency_ms
+                      decided_at, latency_ms, channel_faults
                FROM predictions WHERE user_id = %s AND (%s::timestamptz IS NULL OR decided_at > %s)
                ORDER BY decided_at DESC LIMIT %s""",
             (user_id, since, since, max(1, min(int(limit), 10000))),
@@ -941,7 +941,7 @@ def _write_export(conn, user_id: int, video_dir: Path | None, target) -> dict:
                 conn.cursor(name="semg_export_predictions", cursor_factory=dict_cur) as cur:
             cur.itersize = _EXPORT_FETCH
             cur.execute("""SELECT id, model_id, gesture, confidence, device_id, device_millis, sample_received,
-                                  decided_at, latency_ms
+                                  decided_at, latency_ms, channel_faults
                            FROM predictions WHERE user_id = %s ORDER BY id""", (user_id,))
             f.write(b"[")
             for row in cur:

@@ -220,6 +220,14 @@ class JobLog(_Out):
 
 
 # ---- models ------------------------------------------------------------------------------------------
+class ChannelReference(_Out):
+    """What the live worker's electrode check compares each channel with (ml_model.preprocessing.channel_reference)."""
+
+    channels: list[int] = Field(description="device channels checked: those the model reads that varied in training")
+    mean: list[float] = Field(description="their raw level in the training data")
+    std: list[float] = Field(description="their raw spread (std) in the training data")
+
+
 class ModelInfo(_Out):
     """A trained model as the API serves it (weights excluded)."""
 
@@ -239,6 +247,8 @@ class ModelInfo(_Out):
     window: int = Field(description="window length in samples")
     step: int = Field(description="step between windows in samples")
     metrics: dict[str, Any] = Field(default_factory=dict)
+    channel_reference: ChannelReference | None = Field(
+        None, description="for the live electrode check; null when unknown (an old artifact with a high-pass filter)")
 
 
 # ---- predictions -------------------------------------------------------------------------------------
@@ -253,6 +263,8 @@ class StoredPrediction(_Out):
     sample_received: datetime | None = None
     decided_at: datetime
     latency_ms: float | None = None
+    channel_faults: list[dict[str, Any]] | None = Field(
+        None, description="channels that looked failed at the decision: [{channel, fault, seconds}]")
 
 
 def _check_payload(obj: Any) -> None:

@@ -75,6 +75,11 @@ class ServedModel:
         object.__setattr__(self, "step", int(self.meta["step"]))
 
     @property
+    def channel_reference(self) -> dict[str, list] | None:
+        """What the live electrode check compares the channels with (pp.channel_reference)."""
+        return pp.channel_reference(self.meta)
+
+    @property
     def accuracy(self) -> float | None:
         acc = self.metrics.get("accuracy")
         return float(acc) if isinstance(acc, (int, float)) else None

@@ -295,9 +295,12 @@ def test_recent_predictions(api, keys, make_user, clean_db):
     with clean_db.cursor() as cur:
         cur.execute("""INSERT INTO predictions (user_id, gesture, confidence, decided_at)
                        SELECT %s, 'fist', 0.9, now() - make_interval(secs => g) FROM generate_series(1, 5) g""", (uid,))
+        cur.execute("""UPDATE predictions SET channel_faults = '[{"channel": 3, "fault": "flat", "seconds": 2.5}]'
+                       WHERE id = (SELECT min(id) FROM predictions WHERE user_id = %s)""", (uid,))  # the newest
     with no_server_errors(api):
         r = api.get(f"/users/{uid}/predictions?limit=3", headers=keys("user", uid))
         assert r.status_code == 200 and len(r.json()) == 3 and r.json()[0]["gesture"] == "fist"
+        assert [p["channel_faults"] for p in r.json()] == [[{"channel": 3, "fault": "flat", "seconds": 2.5}], None, None]
         since = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=2.5)).isoformat()
         assert len(api.get(f"/users/{uid}/predictions", params={"since": since}, headers=keys.admin).json()) == 2
         assert api.get(f"/users/{uid}/predictions?limit=0", headers=keys.admin).status_code == 422

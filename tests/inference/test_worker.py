@@ -358,3 +358,55 @@ def test_a_worker_started_while_the_api_waits_for_the_database_serves_its_models
 
     first = asyncio.run(scenario())
     assert first is not None and first < 15, f"first decision {first} s after PostgreSQL came back"
+
+
+def test_a_failed_electrode_is_flagged_live_logged_once_and_cleared(workers, model_user, db_conn):
+    """Channel 3 comes off for 2 s, later three channels at once: decisions say which (published and stored),
+    three of eight failed make them UNKNOWN, the log has one line per spell, and nothing after the return."""
+    (uid, dev, _), = [model_user()]
+    (proc,) = workers(1)
+    _wait_workers(db_conn, 1)
+    rng = np.random.default_rng(5)
+    x = rng.integers(-60, 60, (2400, 8))  # the demo model's channels: level 0, spread 30
+    x[400:800, 3] = 0                     # 2 s off
+    x[1400:1800, [0, 1, 2]] = 127         # 2 s at the rail: three of eight
+
+    async def scenario() -> Collector:
+        nc = await natsio.connect("admin")
+        coll = Collector()
+        await coll.start(nc)
+        await _warm_up(nc, coll, [(uid, dev)])
+        for a in range(0, len(x), 10):
+            await nc.publish(f"emg.samples.{uid}", samples_message(uid, dev, a, x[a:a + 10], RATE, boot=1))
+            await asyncio.sleep(10 / RATE / 3)
+        want = len(expected_ends(0, len(x) - 1, WIN, STEP))
+        deadline = time.monotonic() + 20
+        while len(_counted(coll, uid)) < want and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await nc.close()
+        return coll
+
+    coll = asyncio.run(scenario())
+    live = sorted((d for d in coll.of(uid) if d.seq < WARMUP_SEQ0), key=lambda d: d.seq)
+    assert [d.seq for d in live] == expected_ends(0, len(x) - 1, WIN, STEP)
+    flagged = {d.seq: d for d in live if d.channel_faults}
+    first = [d for d in live if d.channel_faults and d.channel_faults[0].channel == 3]
+    assert first and {(f.channel, f.fault) for d in first for f in d.channel_faults} == {(3, "flat")}
+    assert 400 <= first[0].seq < 800 and max(d.seq for d in first) < 800 + 2 * RATE
+    assert max(f.seconds for d in first for f in d.channel_faults) >= 1.5
+    three = [d for d in live if d.channel_faults and len(d.channel_faults) == 3]
+    assert three and all(d.gesture == "UNKNOWN" for d in three)
+    assert {f.channel for d in three for f in d.channel_faults} == {0, 1, 2}
+    assert all(1400 <= s < 1800 + 2 * RATE for s in flagged if s >= 1400)
+    assert not any(d.channel_faults for d in live if d.seq < 400 or 1000 + 2 * RATE <= d.seq < 1400
+                   or d.seq >= 1800 + 2 * RATE)
+    text = proc.log.read_text()
+    assert text.count("channel 3 looks disconnected (flat") == 1 and text.count("channel 3 is back") == 1
+    assert "decisions are UNKNOWN until they are back" in text
+    time.sleep(1.5)  # store interval
+    with db_conn.cursor() as cur:
+        cur.execute("""SELECT device_millis, channel_faults FROM predictions WHERE user_id = %s
+                       AND channel_faults IS NOT NULL""", (uid,))
+        stored = {round(dm / 5.0): faults for dm, faults in cur.fetchall()}  # device millis -> seq at 200 Hz
+    assert stored.keys() == flagged.keys()
+    assert all(stored[s] == [f.model_dump() for f in flagged[s].channel_faults] for s in stored)

@@ -92,7 +92,7 @@ def test_a_deleted_user_or_model_loses_only_its_own_decisions(settings, clean_db
     now = time.time()
 
     def row(u, m, i):
-        return (u, m, "REST", 0.9, None, float(i), now, now, 1.0)
+        return (u, m, "REST", 0.9, None, float(i), now, now, 1.0, None)  # no channel faults
 
     w.to_store = ([row(alive, model, i) for i in range(50)] + [row(gone, None, 0)]
                   + [row(alive, 999_999, i) for i in range(50, 60)])  # a model deleted meanwhile
