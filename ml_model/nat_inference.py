@@ -22,8 +22,8 @@ the votes start afresh.
 
 Electrodes. Each stream judges the model's channels over the last second (ChannelWatch, pp.channel_faults): a
 channel flat or railing there is read as its training level, named in the decisions (channel_faults) and logged
-once when the spell starts and once when it ends; with more than MAX_FAULT_SHARE of them failed the decisions
-are the unsure label.
+once when the spell starts and once when it ends; with more than a quarter of them failed (pp.too_many_faults)
+the decisions are the unsure label.
 
 Several workers. Each user's stream must reach a single worker (a window needs all its samples), so users
 are partitioned deterministically: every worker holds one PostgreSQL advisory lock "slot" (released when it
@@ -110,9 +110,8 @@ FAULT_CLEAR_S = 1.0
 # 14 %), one at 0 (its training level) only to 75-99 %. So a failed channel's samples are replaced by its training
 # level (the mean of `channel_reference`) before /predict: with one or two of 8 channels so replaced, accuracy is
 # 80-91 %, with three 72-77 %, with four 48-51 % at an unchanged mean confidence of 0.7, which the confidence
-# threshold cannot catch. Hence decisions go on, flagged (channel_faults), while at most this share of the
-# checked channels failed, and are the unsure label beyond it: a prosthesis must not act on a coin toss.
-MAX_FAULT_SHARE = 0.25
+# threshold cannot catch. Hence decisions go on, flagged (channel_faults), while at most a quarter of the checked
+# channels failed (pp.too_many_faults), and are the unsure label beyond it: a prosthesis must not act on a coin toss.
 
 
 def _copy_text(v: Any) -> str:
@@ -294,8 +293,8 @@ class Ready:
     host: HostClock  # the server's clock -> this worker's (aged when taken for /predict, by the newest estimate)
     queued_at: float  # monotonic
     epoch: int = 0  # the stream's vote epoch when cut (see UserStream.new_votes)
-    faults: tuple[Fault, ...] = ()  # channels that looked failed when cut (their samples replaced, see MAX_FAULT_SHARE)
-    unsure: bool = False  # more than MAX_FAULT_SHARE of the checked channels failed: decide the unsure label
+    faults: tuple[Fault, ...] = ()  # channels that looked failed when cut (their samples replaced, see _neutralise)
+    unsure: bool = False  # too many of the checked channels failed (pp.too_many_faults): decide the unsure label
 
     def keep(self, mask: np.ndarray) -> None:
         """Keep only the windows where `mask` is true."""
@@ -501,15 +500,15 @@ class UserStream:
                      time.monotonic(), self.epoch, faults, unsure)
 
     def _neutralise(self, windows: np.ndarray) -> tuple[tuple[Fault, ...], bool]:
-        """Replace the samples of the channels that look failed by their training level, in place (see
-        MAX_FAULT_SHARE); returns those spells and whether too many channels failed to decide."""
+        """Replace the samples of the channels that look failed by their training level, in place (why: see
+        FAULT_CHECK_S); returns those spells and whether too many channels failed to decide."""
         if not self.watch.faults:
             return (), False
         faults = tuple(self.watch.faults.values())
         level = dict(zip(self.spec.check_channels, self.spec.check_mean, strict=True))
         for f in faults:
             windows[:, f.channel, :] = round(level[f.channel])  # whole counts: the windows stay int16 on the wire
-        return faults, len(faults) > MAX_FAULT_SHARE * len(self.spec.check_channels)
+        return faults, pp.too_many_faults(len(faults), len(self.spec.check_channels))
 
     def _max_bridge(self) -> int:
         return max_bridged(self.spec.window, self.bridge_fraction)
@@ -742,7 +741,7 @@ class Worker:
         watch, rate = stream.watch, stream.spec.sample_rate_hz
         if ended is None:
             what = "looks disconnected (flat" if fault.kind == "flat" else "is saturated (at its limits"
-            many = len(watch.faults) > MAX_FAULT_SHARE * len(watch.channels)
+            many = pp.too_many_faults(len(watch.faults), len(watch.channels))
             log.warning("user %s device %s: channel %d %s for %.1f s): %s", uid, stream.device_id, fault.channel,
                         what, watch.size / rate,
                         f"{len(watch.faults)} of {len(watch.channels)} channels failed, decisions are "

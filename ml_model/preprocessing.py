@@ -281,6 +281,9 @@ FAULT_FLAT_RATIO = 0.01
 # in the Myo set clip too, but at most 16 % of a second.
 FAULT_SATURATED_SHARE = 0.5
 FAULT_EXTREME_SIGMAS = 2.0
+# More than this share of a model's checked channels failed: its decisions are worth nothing (four of 8 Myo
+# channels read as their training level: about half right, at an unchanged confidence; see nat_inference).
+FAULT_MAX_SHARE = 0.25
 CHANNEL_OK, CHANNEL_FLAT, CHANNEL_SATURATED = 0, 1, 2
 FAULT_NAMES = {CHANNEL_FLAT: "flat", CHANNEL_SATURATED: "saturated"}
 
@@ -316,14 +319,22 @@ def channel_faults(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarr
     return out
 
 
+def too_many_faults(n_failed: int, n_checked: int) -> bool:
+    """Whether ``n_failed`` of ``n_checked`` channels failed is too many to decide (FAULT_MAX_SHARE)."""
+    return n_failed > FAULT_MAX_SHARE * n_checked
+
+
 def channel_reference(meta: Mapping[str, Any]) -> dict[str, list] | None:
     """What the live electrode check compares with, from a model's metadata: ``{"channels", "mean", "std"}``,
     the device channels the model reads and that varied in training (a channel flat then is ignored by the
     model, so its electrode does not matter), with their raw level and spread in the training data.
 
     From ``input_stats`` (raw device channels); artifacts from before it was recorded have only the scaler,
-    which is in raw units unless a high-pass filter ran first (then: None, nothing is checked).
+    which is in raw units unless a high-pass filter ran first (then: None, nothing is checked). None as well for
+    metadata without a scaler (not a trained model's).
     """
+    if "std" not in (meta.get("scaler") or {}):
+        return None
     channels = [int(c) for c in meta.get("channels") or range(int(meta["n_device_channels"]))]
     flat = set(flat_channels(meta["scaler"]))
     used = [i for i in range(len(channels)) if i not in flat]

@@ -896,16 +896,27 @@ def server_now() -> datetime:
 
 # ---- live decisions ----------------------------------------------------------------------------------
 def predictions_between(user_id: int, t0: datetime, t1: datetime, limit: int = 5000) -> pd.DataFrame:
-    """The user's live decisions in (t0, t1], newest first, with latency = decision time - sample receive time."""
+    """The user's live decisions in (t0, t1], newest first, with latency = decision time - sample receive time and
+    channel_faults = the channels the worker found failed then (a list of {channel, fault, seconds}, or None)."""
     rows = _rows(
         """SELECT decided_at, gesture, confidence::float8 AS confidence, model_id, device_id, sample_received,
-                  coalesce(1000 * extract(epoch FROM decided_at - sample_received), latency_ms)::float8 AS latency_ms
+                  coalesce(1000 * extract(epoch FROM decided_at - sample_received), latency_ms)::float8 AS latency_ms,
+                  channel_faults
            FROM predictions WHERE user_id = %s AND decided_at > %s AND decided_at <= %s
            ORDER BY decided_at DESC LIMIT %s""",
         (user_id, t0, t1, limit),
     )
     return pd.DataFrame(rows, columns=["decided_at", "gesture", "confidence", "model_id", "device_id",
-                                       "sample_received", "latency_ms"])
+                                       "sample_received", "latency_ms", "channel_faults"])
+
+
+def too_many_failed(model: dict | None, n_failed: int) -> bool:
+    """Whether the inference worker answers the unsure label because `n_failed` of the model's checked channels
+    failed (preprocessing.too_many_faults, as the worker judges it)."""
+    from ml_model import preprocessing as pp
+
+    ref = pp.channel_reference({**model["metadata"], "channels": model["channels"], "scaler": model["scaler"]}) if model else None
+    return bool(ref) and pp.too_many_faults(n_failed, len(ref["channels"]))
 
 
 # ---- service health ----------------------------------------------------------------------------------

@@ -15,12 +15,29 @@ PAUSED_AT = "live_paused_at"
 FRESH_S = 3.0  # a decision older than this is not "current"
 
 
+def electrode_warnings(faults: list[dict] | None, model: dict | None) -> None:
+    """The channels the inference worker found failed at the current decision, named as in the signal chart."""
+    if not faults:
+        return
+    for f in faults:
+        secs = f["seconds"]
+        what = "looks disconnected (flat" if f["fault"] == "flat" else "is saturated (at its limits"
+        st.warning(f"**Channel {f['channel']}** (ch{f['channel']} below) {what} for "
+                   f"{secs:{'.0f' if secs >= 10 else '.1f'}} s): check its electrode's skin contact and cable. "
+                   "Until it is back, recognition leaves it out and may be less accurate.",
+                   icon=":material/sensors_off:")
+    if data.too_many_failed(model, len(faults)):
+        st.error(f"{len(faults)} channels failed: too many to recognise anything, the decisions are 'unsure' "
+                 "until they are back.", icon=":material/block:")
+
+
 def current_gesture(pred, now: datetime, model: dict | None, streaming: bool) -> None:
     latest = pred.iloc[0] if not pred.empty else None
     if latest is not None and (now - latest["decided_at"]).total_seconds() <= FRESH_S:
         g = latest["gesture"]
         color = "#777777" if g.upper() in ("REST", "UNKNOWN") else "#2ca02c"
         ui.big_cue(g, f"confidence {latest['confidence']:.0%}", color=color, size_rem=5.0)
+        electrode_warnings(latest["channel_faults"], model)
         return
     ui.big_cue("—", "no current decision", color="#999999", size_rem=5.0)
     if model is None:

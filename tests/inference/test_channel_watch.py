@@ -7,7 +7,7 @@ import pytest
 
 from ml_model import datasets
 from ml_model import preprocessing as pp
-from ml_model.nat_inference import MAX_FAULT_SHARE, ChannelWatch, ModelSpec, UserStream
+from ml_model.nat_inference import ChannelWatch, ModelSpec, UserStream
 from semg.messages import SamplesMessage
 from tests.conftest import require_myo_data
 
@@ -95,7 +95,8 @@ def test_failed_channels_are_read_as_their_training_level_and_too_many_make_deci
     assert at[int(1.9 * RATE)] == (set(), False)
     assert at[int(3.5 * RATE)] == ({0}, False)
     assert at[int(5.5 * RATE)] == ({0, 1}, False)
-    assert 3 > MAX_FAULT_SHARE * 8 and at[int(7.9 * RATE)] == ({0, 1, 5}, True)
+    assert pp.too_many_faults(3, 8) and not pp.too_many_faults(2, 8)
+    assert at[int(7.9 * RATE)] == ({0, 1, 5}, True)
     assert at[int(11.9 * RATE)] == ({0, 1}, False)  # channel 5 back: decisions go on
     events = stream.watch.take_events()
     assert [(f.channel, end is None) for f, end in events] == [(0, True), (1, True), (5, True), (5, False)]

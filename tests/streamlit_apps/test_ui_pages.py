@@ -587,6 +587,44 @@ def test_live_page_shows_the_current_gesture_and_latency(page, seeded):
     assert_clean(at)
 
 
+def test_live_page_names_a_failed_electrode_until_it_is_back(page, seeded):
+    """The worker's channel_faults of the current decision: a warning per channel, an error when so many failed
+    that the worker answers UNKNOWN, nothing once the decisions are clean again."""
+    from psycopg2.extras import Json
+    conn, uid = seeded["conn"], seeded["user"]["id"]
+    ui_seed.seed_predictions(conn, uid, n=20, gesture="fist")
+    with conn.cursor() as cur:  # the seeded model as the trainer stores one: 8 channels that varied
+        cur.execute("""UPDATE model_artifacts SET scaler = %s, metadata = %s WHERE user_id = %s""",
+                    (Json({"mean": [0.0] * 8, "std": [30.0] * 8}), Json({"n_device_channels": 8}), uid))
+
+    def newest(gesture: str, faults: list[dict] | None) -> None:
+        with conn.cursor() as cur:
+            cur.execute("""UPDATE predictions SET gesture = %s, channel_faults = %s
+                           WHERE id = (SELECT max(id) FROM predictions WHERE user_id = %s)""",
+                        (gesture, None if faults is None else Json(faults), uid))
+        conn.commit()
+
+    def electrode_warnings(at) -> list[str]:
+        return [w.value for w in at.warning if "skin contact" in w.value]
+
+    newest("fist", [{"channel": 3, "fault": "flat", "seconds": 2.0}])
+    at = page("live", user_id=uid)
+    at.run()
+    assert_clean(at)
+    (warning,) = electrode_warnings(at)
+    assert "**Channel 3** (ch3 below) looks disconnected (flat for 2.0 s)" in warning
+    assert not at.error
+    newest("UNKNOWN", [{"channel": c, "fault": "saturated", "seconds": 12.4} for c in (0, 1, 5)])
+    at.run()
+    assert_clean(at)
+    assert len(electrode_warnings(at)) == 3 and "is saturated (at its limits for 12 s)" in electrode_warnings(at)[0]
+    assert any("3 channels failed" in e.value for e in at.error)
+    newest("fist", None)
+    at.run()
+    assert_clean(at)
+    assert not electrode_warnings(at) and not at.error
+
+
 # ---- 7. review ----------------------------------------------------------------------------------------
 def test_review_session_and_time_range_with_csv(page, seeded):
     import data
