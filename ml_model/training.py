@@ -415,7 +415,7 @@ def train_model(
     # The scaler is fit on the training part only, then kept for the retrain so validation stays honest
     # and the final model sees inputs on the same scale.
     unscaled = pp.prepare_unscaled(x_raw, meta)
-    meta["scaler"] = pp.fit_standardizer(unscaled[~is_val])
+    meta["scaler"] = pp.fit_standardizer(unscaled, ~is_val)
     if flat := flat_device_channels(meta["scaler"], channels):
         log.warning("channels %s are flat in the training data (electrode off?): the model ignores them", flat)
     x_all = torch.from_numpy(pp.apply_standardizer(unscaled, meta["scaler"]))

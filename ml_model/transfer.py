@@ -412,7 +412,7 @@ def finetune_model(
     # The user's own scaler, fit on the training part only (like train_model). A fixed-epoch final model,
     # trained on everything, gets the scaler of everything.
     unscaled = pp.prepare_unscaled(x, meta)
-    meta["scaler"] = pp.fit_standardizer(unscaled[is_tr])
+    meta["scaler"] = pp.fit_standardizer(unscaled, is_tr)
     flat_device_channels(meta["scaler"], meta["channels"])  # raises when no channel varied
     x_all = torch.from_numpy(pp.apply_standardizer(unscaled, meta["scaler"]))
     final_scaler = meta["scaler"] if fixed is None or not is_va.any() else pp.fit_standardizer(unscaled)
