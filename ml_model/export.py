@@ -24,7 +24,6 @@ import io
 import json
 import logging
 import os
-import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,11 +34,10 @@ import torch
 from torch import nn
 
 from ml_model import preprocessing as pp
+from ml_model.export_names import EXTENSIONS, FORMATS, export_filename  # noqa: F401 (part of this module's API)
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "onnx-int8", "torchscript")
-EXTENSIONS = {"onnx": ".onnx", "onnx-int8": ".int8.onnx", "torchscript": ".pt"}
 INPUT_NAME, OUTPUT_NAME = "raw_windows", "probabilities"
 OPSET = 17
 
@@ -241,20 +239,6 @@ def export_bytes(weights: bytes, meta: Mapping[str, Any], fmt: str = "onnx") -> 
     if fmt == "torchscript":
         return to_torchscript(weights, meta)
     raise ValueError(f"unknown export format {fmt!r}; choose one of {FORMATS}")
-
-
-def export_filename(meta: Mapping[str, Any], fmt: str) -> str:
-    """Default file name: ``semg-job<job id>`` or ``semg-<sha256 prefix>`` plus the format's extension.
-
-    Always one plain file name in the current folder: metadata can come from a file anyone wrote, so only a
-    whole-number job id is used and the sha256 part keeps letters, digits, ``-`` and ``_`` only.
-    """
-    job_id = str(meta.get("job_id"))
-    if re.fullmatch(r"[0-9]{1,18}", job_id) and int(job_id) > 0:  # also refuses True, 3.0, "../x"
-        stem = f"semg-job{int(job_id)}"
-    else:
-        stem = "semg-" + (re.sub(r"[^A-Za-z0-9_-]", "", str(meta.get("sha256") or ""))[:12] or "model")
-    return stem + EXTENSIONS[fmt.lower() if fmt.lower() in EXTENSIONS else "onnx"]
 
 
 # ---- running exported files (checks, benchmarks) ------------------------------------------------------

@@ -458,9 +458,9 @@ def export_model(artifact_id: int, fmt: str) -> tuple[bytes, str]:
 
 def export_file_name(job_id: int | None, artifact_id: int, fmt: str) -> str:
     """The download name of ``export_model(artifact_id, fmt)`` (known without exporting)."""
-    from ml_model import export
+    from ml_model.export_names import export_filename
 
-    return export.export_filename({"job_id": job_id, "sha256": f"model{int(artifact_id)}"}, fmt)
+    return export_filename({"job_id": job_id, "sha256": f"model{int(artifact_id)}"}, fmt)
 
 
 @st.cache_data(ttl=600, show_spinner=False, max_entries=12)

@@ -100,3 +100,20 @@ def test_jobs_without_a_usable_model_offer_no_download(page, seeded):
     assert_clean(at)
     assert not at.get("download_button")
     assert "Download the model" not in texts(at)
+
+
+def test_naming_the_download_files_does_not_load_pytorch():
+    """The Jobs page imported ml_model.export (and so PyTorch: +180 MB in the UI process, seconds on its first
+    render) only to name its download buttons; the names come from a torch-free module."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ui_dir = Path(__file__).resolve().parents[2] / "streamlit_apps"
+    code = ("import sys; import data; "
+            "print(data.export_file_name(3, 7, 'onnx-int8'), data.export_file_name(None, 7, 'torchscript'), "
+            "'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ui_dir, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": f"{ui_dir}:{ui_dir.parent}"})
+    assert out.stdout.split() == ["semg-job3.int8.onnx", "semg-model7.pt", "False"], (out.stdout, out.stderr)
