@@ -74,6 +74,7 @@ from semg.messages import (
     PredictionMessage,
     SamplesMessage,
     predictions_subject,
+    published_time,
     samples_subject,
 )
 
@@ -164,6 +165,10 @@ class HostClock:
     whether or not the hosts' clocks agree (a worker on another host, no NTP), and a backlog the server
     publishes late (after a NATS/PostgreSQL outage) still shows its age by its receive times. One per worker:
     any live device anchors it, also for a device whose first messages here are a backlog.
+
+    A message with the UDP server's publish time (Semg-Published header) is seen at that time instead: it is on
+    the same clock and later than the receive times, so a backlog the server held shows its age even when it is
+    all a fresh worker has seen (a restart after a power loss), whatever this host's clock says.
     """
 
     def __init__(self) -> None:
@@ -417,9 +422,10 @@ class UserStream:
                     new[:keep] = old[:keep]
                     setattr(self, name, new)
 
-    def append(self, msg: SamplesMessage, arrival: float | None = None) -> Ready | None:
-        """Add a message's samples (arrived at `arrival`, this worker's monotonic clock; default now); returns the
-        windows they complete (None if none).
+    def append(self, msg: SamplesMessage, arrival: float | None = None, published: float | None = None
+               ) -> Ready | None:
+        """Add a message's samples (arrived at `arrival`, this worker's monotonic clock; default now; published by
+        the UDP server at `published`, its clock, if known); returns the windows they complete (None if none).
 
         A sample is (device, boot, seq): samples of the current run seen before (the UDP server publishes at
         least once and re-sends a batch after a timeout) are skipped, so no window is decided twice. A short
@@ -434,7 +440,9 @@ class UserStream:
             self.other_device += k
             return None
         self.last_message = now
-        self.host.see(arrival, max(msg.recv_time))
+        # the latest server time known to precede this delivery (the publish time, unless that clock stepped back)
+        sent = max(msg.recv_time)
+        self.host.see(arrival, sent if published is None or published < sent else published)
         values, millis, recv = msg.values, msg.device_millis, msg.recv_time
         same_run = self.next_seq is not None and msg.device_id == self.device_id and msg.boot == self.boot
         if same_run and seq0 < self.next_seq:
@@ -723,7 +731,7 @@ class Worker:
         elif stream.spec != spec:
             stream.use_model(spec)
         ignored = stream.other_device
-        ready = stream.append(samples)
+        ready = stream.append(samples, published=published_time(msg.headers))
         if stream.other_device != ignored:
             self._warn_once(("device", uid, samples.device_id, stream.device_id),
                             "user %s: device %s streams while device %s does; recognising device %s only (the "

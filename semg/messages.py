@@ -4,10 +4,15 @@ Subjects:
     emg.samples.<userid>      SamplesMessage     UDP server, after the samples are stored
     emg.predictions.<userid>  PredictionMessage  inference worker
     models.updated            ModelUpdated       training job, after the artifact is stored
+
+Header (NATS message header, not payload: consumers that predate it ignore it, and the payload models forbid
+extra fields):
+    Semg-Published            on emg.samples.*: the UDP server's clock (unix s) when it published the message
 """
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -26,6 +31,26 @@ def predictions_subject(userid: int) -> str:
 SAMPLES_WILDCARD = "emg.samples.*"
 PREDICTIONS_WILDCARD = "emg.predictions.*"
 MODELS_UPDATED = "models.updated"
+
+# When the UDP server published a samples message, on the clock its recv_time values are on: minus those, how
+# long the server held the samples (a backlog after an outage or a restart), whatever the reader's clock says.
+PUBLISHED_HEADER = "Semg-Published"
+
+
+def published_headers(t: float) -> dict[str, str]:
+    return {PUBLISHED_HEADER: f"{t:.6f}"}
+
+
+def published_time(headers: dict[str, str] | None) -> float | None:
+    """The Semg-Published time of a message's headers; None if absent or not a finite positive number."""
+    raw = headers.get(PUBLISHED_HEADER) if headers else None
+    if raw is None:
+        return None
+    try:
+        t = float(raw)
+    except ValueError:
+        return None
+    return t if math.isfinite(t) and t > 0 else None
 
 
 class _Msg(BaseModel):

@@ -205,6 +205,26 @@ def test_a_backlog_a_worker_sees_first_is_aged_by_the_server_clock_another_devic
     assert 795 <= decided.min() <= 805 and decided.max() == 999, decided
 
 
+@pytest.mark.parametrize("skew", [0.0, -3600.0, 3600.0])
+def test_a_backlog_a_fresh_worker_sees_first_is_aged_by_its_publish_time(skew):
+    """Nothing anchors the worker's estimate of the server's clock when the first samples it ever sees are a
+    backlog (the host restarted after a power loss; the UDP server publishes what it had stored): by receive
+    times alone the newest of them look live, and the last --max-age of the backlog was decided. The server's
+    publish time (Semg-Published), on the same clock as the receive times, shows they are 10 s old or more.
+    Without it (a server that predates the header) the worker does what it did."""
+    for published, want in ((True, 0), (False, 2.0 * 100 / SPEC.step)):
+        w = _worker(max_age_s=2.0, max_batch_windows=100_000)
+        m_now, t_now = time.monotonic(), time.time() + skew  # the worker's clock, the server's
+        s = UserStream(1, SPEC, votes=3, host=w.host_clock)
+        for i, seq0 in enumerate(range(0, 1000, 10)):  # 10 s received 20 to 10 s ago, published in 0.2 s
+            r = s.append(_timed(1, seq0, 10, t_now - 20 + (seq0 + 9) / 100), arrival=m_now - 0.2 + 0.002 * i,
+                         published=t_now - 0.2 + 0.002 * i - 0.003 if published else None)
+            if r is not None:
+                w.pending.append(r)
+        n = sum(len(b.end_seq) for b in w._take_batch())
+        assert abs(n - want) <= 2, (published, n)
+
+
 def test_the_server_clock_stepping_back_is_followed_within_a_minute_and_a_backlog_is_not_taken_for_it():
     """The UDP server host's clock steps back by 5 s (NTP starting late): deliveries then all look 5 s slow. Left
     to CLOCK_RISE, every window would be stale for 5000 s; after CLOCK_STEP_BACK_S of it the clock re-anchors. A
