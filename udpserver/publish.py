@@ -4,6 +4,9 @@ Consecutive records of one device (same boot, contiguous sequence numbers) becom
 legacy stream of single-sample packets costs one message per commit, not one per packet.
 A batch counts as published only after a NATS flush (PING/PONG) confirms the server has it and no
 disconnect happened meanwhile; otherwise the whole batch is published again (at-least-once).
+Every message carries the publish time in the Semg-Published header (semg.messages), on the clock of its
+receive times: a consumer can tell a backlog (after an outage or a restart) from live samples without any
+clock of its own.
 """
 
 from __future__ import annotations
@@ -19,13 +22,16 @@ import orjson
 
 from semg import natsio
 from semg.config import Settings
-from semg.messages import samples_subject
+from semg.messages import PUBLISHED_HEADER, published_headers, samples_subject
 from udpserver.metrics import RateLimitedLog
 from udpserver.spool import Chunk, iter_records, records_by_k
 
 log = logging.getLogger("udpserver.publish")
 
 MAX_SAMPLES_PER_MESSAGE = 2000
+# The NATS server counts headers against max_payload (nats-py checks only the payload): the header block
+# "NATS/1.0\r\nSemg-Published: <unix s, 6 decimals>\r\n\r\n" is 47 bytes until 2286.
+HEADER_BYTES = len(b"NATS/1.0\r\n\r\n") + len(PUBLISHED_HEADER) + len(": \r\n") + len(f"{9e9:.6f}")
 _DUMPS_OPT = orjson.OPT_SERIALIZE_NUMPY
 
 
@@ -323,13 +329,15 @@ class Publisher:
                         break
                 if limit != self.nc.max_payload:  # per server: a reconnect may reach another one
                     limit = self.nc.max_payload
-                    sendable, too_large, largest = _split_by_size(messages, limit)
+                    sendable, too_large, largest = _split_by_size(messages, limit - HEADER_BYTES)
                 try:
                     before = self.disconnects, self._async_errors
+                    headers = published_headers(time.time())  # the receive times' clock
                     for i, (userid, body) in enumerate(sendable):
-                        await self.nc.publish(samples_subject(userid), body)
+                        await self.nc.publish(samples_subject(userid), body, headers=headers)
                         if i % 256 == 255:
                             await asyncio.sleep(0)  # let datagrams in while a large backlog goes out
+                            headers = published_headers(time.time())
                     await self.nc.flush(timeout=self.FLUSH_TIMEOUT_S)
                     if self.failing:
                         # The server's error for a refused message can come after the flush's PONG: while it is
@@ -359,7 +367,7 @@ class Publisher:
                 if too_large:  # this server would never take them: retrying cannot help; the rest went out
                     self._error_log.warning("max_payload", "%d samples of a stored batch are not published: a "
                                             "message of %d bytes exceeds the NATS server's max_payload of %d",
-                                            sum(too_large.values()), largest, limit)
+                                            sum(too_large.values()), largest + HEADER_BYTES, limit)
                 self.on_published(batch, False, not_published=too_large)
                 break
 

@@ -59,6 +59,11 @@ def test_binary_and_legacy_stored_once_published_once(clean_db, udp_server, send
     assert abs(float(dev_time) - float(server_ts)) < 1.0
     assert srv.stop() == 0
 
+    # every message says when it was published, on its receive times' clock (consumers tell a backlog by it)
+    assert len(collector.published) == len(collector.messages)
+    for msg, published in zip(collector.messages, collector.published, strict=True):
+        assert published is not None and max(msg.recv_time) <= published <= time.time()
+
 
 def test_restart_keeps_sequence_numbers(clean_db, udp_server, sender):
     with clean_db.cursor() as cur:

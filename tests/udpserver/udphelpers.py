@@ -174,6 +174,7 @@ class Collector(threading.Thread):
         super().__init__(daemon=True)
         self.settings = settings  # None: the session's (cached) settings
         self.messages = []
+        self.published: list[float | None] = []  # each message's Semg-Published header
         self.errors: list[str] = []
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -184,7 +185,7 @@ class Collector(threading.Thread):
 
     async def _main(self):
         from semg import natsio
-        from semg.messages import SamplesMessage
+        from semg.messages import SamplesMessage, published_time
         self._loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
         nc = await natsio.connect("admin", self.settings, reconnect_time_wait=0.2)
@@ -192,6 +193,7 @@ class Collector(threading.Thread):
         async def on_msg(msg):
             try:
                 self.messages.append(SamplesMessage.model_validate_json(msg.data))
+                self.published.append(published_time(msg.headers))
             except Exception as e:  # noqa: BLE001
                 self.errors.append(str(e))
 
