@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -104,33 +105,39 @@ def test_a_blank_or_empty_secret_is_never_used(monkeypatch, tmp_path):
     assert (tmp_path / "secrets" / "ui_password").read_text() == again
 
 
-def _first_start(state_dir: str, barrier, out) -> None:
+def _first_start(state_dirs: list[str], barrier, out) -> None:
+    """One service's first start in each of `state_dirs` in turn, all processes at the same moment in each."""
     import os
-    os.environ["SEMG_STATE_DIR"] = state_dir
+
     from semg import secrets
     from semg.config import Settings
-    s = Settings()
-    barrier.wait()
-    try:
-        out.put((secrets.service_api_key(s), secrets.nats_credentials("api", s)[1]))
-    except Exception as e:  # noqa: BLE001 - reported to the test
-        out.put(repr(e))
+    for state_dir in state_dirs:
+        os.environ["SEMG_STATE_DIR"] = state_dir
+        s = Settings()
+        barrier.wait()
+        try:
+            out.put((state_dir, secrets.service_api_key(s), secrets.nats_credentials("api", s)[1]))
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            out.put((state_dir, repr(e)))
 
 
 def test_services_creating_a_secret_at_the_same_moment_agree_on_it(tmp_path):
-    """First start: api, worker and UI all create the service key (and NATS identities) concurrently."""
+    """First start: api, worker and UI all create the service key (and NATS identities) concurrently. Four
+    processes race in five fresh state folders (spawning them per folder cost 20 s)."""
     import multiprocessing
     ctx = multiprocessing.get_context("spawn")
-    for trial in range(5):
-        d = tmp_path / f"state{trial}"
-        barrier, out = ctx.Barrier(4), ctx.Queue()
-        procs = [ctx.Process(target=_first_start, args=(str(d), barrier, out)) for _ in range(4)]
-        for p in procs:
-            p.start()
-        got = [out.get(timeout=60) for _ in procs]
-        for p in procs:
-            p.join(30)
-        assert all(isinstance(g, tuple) for g in got), got
-        assert len(set(got)) == 1, got
-        assert (d / "secrets" / "service_api_key").read_text() == got[0][0]
+    dirs = [str(tmp_path / f"state{trial}") for trial in range(5)]
+    barrier, out = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_first_start, args=(dirs, barrier, out)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    got = [out.get(timeout=60) for _ in range(4 * len(dirs))]
+    for p in procs:
+        p.join(30)
+    for state_dir in dirs:
+        d = Path(state_dir)
+        mine = [g[1:] for g in got if g[0] == state_dir]
+        assert len(mine) == 4 and all(len(g) == 2 for g in mine), mine
+        assert len(set(mine)) == 1, mine
+        assert (d / "secrets" / "service_api_key").read_text() == mine[0][0]
         assert not [f for f in (d / "secrets").iterdir() if f.name.endswith(".tmp")]
