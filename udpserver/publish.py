@@ -6,7 +6,7 @@ A batch counts as published only after a NATS flush (PING/PONG) confirms the ser
 disconnect happened meanwhile; otherwise the whole batch is published again (at-least-once).
 Every message carries the publish time in the Semg-Published header (semg.messages), on the clock of its
 receive times: a consumer can tell a backlog (after an outage or a restart) from live samples without any
-clock of its own.
+clock of its own. Not to a server without header support (it would close the connection): there, no header.
 """
 
 from __future__ import annotations
@@ -33,6 +33,12 @@ MAX_SAMPLES_PER_MESSAGE = 2000
 # "NATS/1.0\r\nSemg-Published: <unix s, 6 decimals>\r\n\r\n" is 47 bytes until 2286.
 HEADER_BYTES = len(b"NATS/1.0\r\n\r\n") + len(PUBLISHED_HEADER) + len(": \r\n") + len(f"{9e9:.6f}")
 _DUMPS_OPT = orjson.OPT_SERIALIZE_NUMPY
+
+
+def _takes_headers(nc) -> bool:
+    """Whether the connected server takes message headers (NATS >= 2.2, unless configured off): one that does
+    not closes the connection on a message with headers, so nothing would ever be published to it."""
+    return bool((getattr(nc, "_server_info", None) or {}).get("headers"))
 
 
 class _Run:
@@ -307,7 +313,7 @@ class Publisher:
                 self.on_published(batch, True, True)
                 continue
             messages = None
-            limit = 0
+            limit, stamped, hdr_bytes = 0, False, 0
             while True:
                 await self._wait_ready()
                 if (not self.connected or self.failing) and self.should_shed():
@@ -327,17 +333,19 @@ class Publisher:
                         self.queue.popleft()
                         self.on_published(batch, True)
                         break
-                if limit != self.nc.max_payload:  # per server: a reconnect may reach another one
-                    limit = self.nc.max_payload
-                    sendable, too_large, largest = _split_by_size(messages, limit - HEADER_BYTES)
+                # per server: a reconnect may reach another one
+                if (limit, stamped) != (self.nc.max_payload, _takes_headers(self.nc)):
+                    limit, stamped = self.nc.max_payload, _takes_headers(self.nc)
+                    hdr_bytes = HEADER_BYTES if stamped else 0
+                    sendable, too_large, largest = _split_by_size(messages, limit - hdr_bytes)
                 try:
                     before = self.disconnects, self._async_errors
-                    headers = published_headers(time.time())  # the receive times' clock
+                    headers = published_headers(time.time()) if stamped else None  # the receive times' clock
                     for i, (userid, body) in enumerate(sendable):
                         await self.nc.publish(samples_subject(userid), body, headers=headers)
                         if i % 256 == 255:
                             await asyncio.sleep(0)  # let datagrams in while a large backlog goes out
-                            headers = published_headers(time.time())
+                            headers = published_headers(time.time()) if stamped else None
                     await self.nc.flush(timeout=self.FLUSH_TIMEOUT_S)
                     if self.failing:
                         # The server's error for a refused message can come after the flush's PONG: while it is
@@ -367,7 +375,7 @@ class Publisher:
                 if too_large:  # this server would never take them: retrying cannot help; the rest went out
                     self._error_log.warning("max_payload", "%d samples of a stored batch are not published: a "
                                             "message of %d bytes exceeds the NATS server's max_payload of %d",
-                                            sum(too_large.values()), largest + HEADER_BYTES, limit)
+                                            sum(too_large.values()), largest + hdr_bytes, limit)
                 self.on_published(batch, False, not_published=too_large)
                 break
 
