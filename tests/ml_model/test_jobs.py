@@ -469,3 +469,46 @@ def test_cli_rejects_bad_job_ids(services):
     r = subprocess.run([sys.executable, str(REPO / "ml_model" / "TrainMLJob.py"), "cancel", "987654"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "not found" in r.stderr
+
+
+def test_gesture_data_stored_before_nfc_and_relinking_is_brought_in_line_by_migration_0005(clean_db, user_device):
+    """Stored by the code before: a gesture named with decomposed accents (macOS), and a gesture deleted and added
+    again (its intervals stayed unlinked, and trained by label). After the upgrade, no session could be planned
+    with the first ("not in this user's gesture bank") and the second's recordings silently stopped training."""
+    from semg.db import MIGRATIONS_DIR
+
+    u, d = user_device
+    decomposed, composed = "Ha\u0308nde", "H\u00e4nde"
+    s = record_session(clean_db, u["id"], d["id"], reps=3)
+    with clean_db.cursor() as cur:
+        cur.execute("INSERT INTO gestures (user_id, name) VALUES (%s, %s) RETURNING id", (u["id"], decomposed))
+        old = cur.fetchone()[0]
+        cur.execute("""INSERT INTO capture_sessions (user_id, name, plan) VALUES (%s, '', %s) RETURNING id""",
+                    (u["id"], json.dumps({"gestures": [decomposed], "repetitions": 1})))
+        planned = cur.fetchone()[0]
+        cur.execute("""INSERT INTO session_intervals (session_id, ordinal, kind, gesture_id, label, repetition,
+                           planned_start_ms, planned_end_ms) VALUES (%s, 0, 'gesture', %s, %s, 0, 0, 1000)""",
+                    (planned, old, decomposed))
+        # "fist" deleted and added again by the code before: its intervals unlinked, labelled "fist"
+        cur.execute("UPDATE session_intervals SET gesture_id = NULL WHERE session_id = %s AND label = 'fist'",
+                    (s["id"],))
+    clean_db.commit()
+    job = repo.schedule_job(clean_db, u["id"], [s["id"]], {"epochs": 2})
+    before = jobs.load_job_data(clean_db, job["id"], training.merge_config({"sample_rate_hz": 1.0}))
+    assert "fist" not in set(before["labels"].astype(str))  # the upgrade alone dropped them
+    with pytest.raises(repo.Invalid, match="not in this user's gesture bank"):
+        repo.create_session(clean_db, u["id"], None, [decomposed], 1, 2.0, 1.0)
+
+    sql = (MIGRATIONS_DIR / "0005_gesture_names_nfc.sql").read_text()
+    for _ in range(2):  # and again: nothing more changes
+        with clean_db, clean_db.cursor() as cur:
+            cur.execute(sql)
+
+    assert [g["name"] for g in repo.list_gestures(clean_db, u["id"]) if g["id"] == old] == [composed]
+    assert repo.get_session(clean_db, planned)["plan"]["gestures"] == [composed]
+    assert [(iv["label"], iv["gesture_id"]) for iv in repo.get_session(clean_db, planned)["intervals"]] == \
+        [(composed, old)]
+    new = repo.create_session(clean_db, u["id"], None, [decomposed], 1, 2.0, 1.0)
+    assert [iv["gesture_id"] for iv in new["intervals"] if iv["kind"] == "gesture"] == [old]
+    after = jobs.load_job_data(clean_db, job["id"], training.merge_config({"sample_rate_hz": 1.0}))
+    assert "fist" in set(after["labels"].astype(str)) and not after["deleted_gestures"]
