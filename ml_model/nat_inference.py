@@ -237,6 +237,24 @@ class ChannelWatch:
         self._fine: dict[int, int] = {}  # device channel -> consecutive checks that found it fine
         self._last_bad: dict[int, int] = {}  # device channel -> last sample of the last check that found it failed
 
+    def carry(self, old: ChannelWatch, last_seq: int | None) -> None:
+        """Go on from `old`, the same stream's check against another model's reference (a model update): its
+        samples and spells are kept and judged against this reference at once, so a channel failed at the update
+        stays read as its training level (and one spell) instead of going to /predict as it is until a second of
+        samples came in. Starts afresh when `old` did not keep every channel this one judges."""
+        where = {c: i for i, c in enumerate(old.channels.tolist())}
+        mine = self.channels.tolist()
+        if old.size != self.size or not mine or any(c not in where for c in mine):
+            return
+        self.ring[:] = old.ring[:, [where[c] for c in mine]]
+        self.filled, self.pos, self.unchecked = old.filled, old.pos, old.unchecked
+        self.faults.update((c, f) for c, f in old.faults.items() if c in mine)
+        self._fine.update((c, n) for c, n in old._fine.items() if c in mine)
+        self._last_bad.update((c, n) for c, n in old._last_bad.items() if c in mine)
+        if self.filled == self.size and last_seq is not None:
+            self.unchecked = 0
+            self._judge(pp.channel_faults(self.ring, self.mean, self.std), last_seq)
+
     def add(self, values: np.ndarray, last_seq: int) -> None:
         """values: (k, n_device_channels) newly received samples, the last one numbered `last_seq`."""
         if not len(self.channels):
@@ -358,11 +376,13 @@ class UserStream:
         self.watch = ChannelWatch(spec)
 
     def use_model(self, spec: ModelSpec) -> None:
-        """A new model reading the same windows: keep the samples, not the votes (nor the electrode check, if the
-        new model judges channels against other training data)."""
+        """A new model reading the same windows: keep the samples, not the votes; the electrode check goes on
+        against the new model's reference (ChannelWatch.carry)."""
         if (spec.check_channels, spec.check_mean, spec.check_std) != \
                 (self.spec.check_channels, self.spec.check_mean, self.spec.check_std):
-            self.watch = ChannelWatch(spec)
+            watch = ChannelWatch(spec)
+            watch.carry(self.watch, None if self.next_seq is None else self.next_seq - 1)
+            self.watch = watch
         self.spec = spec
         self.new_votes()
 

@@ -100,3 +100,29 @@ def test_failed_channels_are_read_as_their_training_level_and_too_many_make_deci
     assert at[int(11.9 * RATE)] == ({0, 1}, False)  # channel 5 back: decisions go on
     events = stream.watch.take_events()
     assert [(f.channel, end is None) for f, end in events] == [(0, True), (1, True), (5, True), (5, False)]
+
+
+def test_a_model_update_mid_spell_keeps_the_failed_channel_read_as_its_training_level():
+    """A new model (a retrain: the same channels, slightly other training levels) arriving while an electrode was
+    railed started the check from nothing: for the next second the railing channel went to /predict as it was
+    (one of 8 Myo channels at its rail: 14-45 % right) and the log said the spell started again, never that the
+    first one ended. Now the last second's samples are judged against the new reference at once."""
+    mean, std = (0.0,) * 8, (20.0,) * 8
+    old = ModelSpec(1, ("REST", "a"), 8, float(RATE), 50, 5, tuple(range(8)), mean, std)
+    new = ModelSpec(2, ("REST", "a"), 8, float(RATE), 50, 5, tuple(range(8)), (0.4,) + mean[1:], (21.0,) + std[1:])
+    stream = UserStream(1, old, votes=3)
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 20, (8 * RATE, 8)).round()
+    x[2 * RATE:, 1] = 127  # channel 1 rails from 2 s on
+    seen, events = [], []
+    for a in range(0, len(x), CHUNK):
+        if a == 5 * RATE:
+            stream.use_model(new)
+        r = stream.append(_msg(a, x[a:a + CHUNK]))
+        events += [(f.channel, end is None) for f, end in stream.watch.take_events()]
+        if r is not None and a >= 4 * RATE:
+            seen.append((a, {f.channel for f in r.faults}, bool((r.windows[:, 1, :] == 127).any())))
+    assert all(faults == {1} and not railed for a, faults, railed in seen), \
+        [(a / RATE, faults, railed) for a, faults, railed in seen if faults != {1} or railed][:3]
+    assert events == [(1, True)]  # one spell, still under way
+    assert stream.watch.faults[1].start_seq < 3 * RATE  # since it started, not since the update
