@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 GESTURES = ["fist", "open hand"]
 CHANNELS, RATE = 4, 500.0
-REPS, HOLD, REST = 4, 2.5, 2.0
+REPS, HOLD, REST = 3, 2.5, 2.0
 
 
 def _conn():
@@ -81,7 +81,7 @@ def test_the_whole_journey_in_a_browser(stack, browser_page, screenshots_dir, se
                                      None), 30, "the session to start", poll=0.1)
         full = repo.get_session(conn, session["id"])
         wearer.follow_session(full["started_at"], full["intervals"])
-        ui.text(re.compile(r"repetition 1 of 4"), timeout=20)
+        ui.text(re.compile(rf"repetition 1 of {REPS}"), timeout=20)
         time.sleep(3)
         ui.shot("capture-cue-running")
         total_s = full["plan"]["total_ms"] / 1000

@@ -36,7 +36,7 @@ def _wait_handling(proc, uid: int, timeout: float = 30) -> None:
     pytest.fail(f"the worker did not subscribe to user {uid}: {Path(proc.log).read_text()[-2000:]}")
 
 
-@pytest.mark.parametrize("skew", [0.0, -30.0, 30.0])
+@pytest.mark.parametrize("skew", [-30.0, 30.0])  # the worker's clock behind / ahead of the server's
 def test_a_backlog_a_fresh_worker_sees_first_is_not_decided(skew, workers, model_user, db_conn):
     """10 s of samples received 20 to 10 s before the server publishes them, at once, to a worker that has seen
     nothing yet (on a host whose clock is `skew` s behind or ahead of the server's), then 2 s live: no decision
@@ -77,7 +77,7 @@ def test_a_backlog_the_udp_server_publishes_after_a_restart_is_not_decided(worke
                                                                           tmp_path, monkeypatch):
     """The real path: the UDP server stores a device's samples but cannot publish them (NATS unreachable), the
     host loses power (kill -9), and after the restart a fresh worker is up before the server publishes the
-    spooled backlog, 10 s or more after receiving it. Then the device streams live again."""
+    spooled backlog, 6 s or more after receiving it (3x --max-age). Then the device streams live again."""
     from ml_model.rest.demo_models import insert_artifact, random_artifact
     from semg import repo
     from semg.embedded import free_port
@@ -117,7 +117,7 @@ def test_a_backlog_the_udp_server_publishes_after_a_restart_is_not_decided(worke
         proc, = workers(1)  # the host comes back: a fresh worker ...
         _wait_workers(db_conn, 1)
         _wait_handling(proc, uid)
-        time.sleep(max(0.0, last_received + 10.0 - time.time()))
+        time.sleep(max(0.0, last_received + 6.0 - time.time()))
 
         async def scenario() -> Collector:
             nc = await natsio.connect("admin")

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -91,8 +92,9 @@ def test_wrong_argument_types_are_one_line_and_exit_2(tmp_path):
         (("evaluate", "--data-dir", missing, "--test-cycles", "3", "--base", "2024"), "not found"),
         (("export", "--artifact-dir", "123", "--out", "123"), "123"),
     ]
-    for args, message in cases:
-        proc = cli(*args, cwd=tmp_path)
+    with ThreadPoolExecutor(2) as pool:  # independent processes: two at a time (each starts a Python)
+        procs = list(pool.map(lambda case: cli(*case[0], cwd=tmp_path), cases))
+    for (_args, message), proc in zip(cases, procs, strict=True):
         assert_usage_error(proc, message)
     assert not (tmp_path / "b").exists() and not (tmp_path / "2024").exists()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -187,8 +188,9 @@ def test_cli_bad_input_is_one_clear_line_and_exit_2(tmp_path):
         (("export", "5", "--format", "keras"), "--format must be onnx or torchscript"),
         (("export", "--artifact-dir", str(tmp_path / "nope")), "nope"),
     ]
-    for args, message in cases:
-        proc = _cli(*args)
+    with ThreadPoolExecutor(2) as pool:  # independent processes: two at a time (each starts a Python)
+        procs = list(pool.map(lambda case: _cli(*case[0]), cases))
+    for (args, message), proc in zip(cases, procs, strict=True):
         assert proc.returncode == 2, (args, proc.stderr[-2000:])
         assert message in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr[-2000:])
     assert not (tmp_path / "b").exists()
