@@ -334,8 +334,9 @@ class Publisher:
                         self.on_published(batch, True)
                         break
                 # per server: a reconnect may reach another one
-                if (limit, stamped) != (self.nc.max_payload, _takes_headers(self.nc)):
-                    limit, stamped = self.nc.max_payload, _takes_headers(self.nc)
+                server = (self.nc.max_payload, _takes_headers(self.nc))
+                if (limit, stamped) != server:
+                    limit, stamped = server
                     hdr_bytes = HEADER_BYTES if stamped else 0
                     sendable, too_large, largest = _split_by_size(messages, limit - hdr_bytes)
                 try:
