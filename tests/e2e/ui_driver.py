@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from playwright.sync_api import Page, expect
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -78,9 +79,20 @@ class Ui:
         self.text("Your first five minutes")
 
     def goto(self, nav_label: str, title: str) -> None:
-        """Client-side navigation through the sidebar (a full reload would start a new, signed-out session)."""
-        self.page.locator('[data-testid="stSidebarNav"] a').filter(has_text=nav_label).first.click()
-        self.page.get_by_role("heading", name=re.compile(re.escape(title))).first.wait_for(timeout=30_000)
+        """Client-side navigation through the sidebar (a full reload would start a new, signed-out session).
+
+        As a person would, it waits for the page to settle first: a link clicked while a button's rerun was still
+        being delivered was seen lost on a loaded machine (the browser stayed on the old page for 30 s). The
+        click is repeated once if the page has not switched after 15 s."""
+        self.wait_idle()
+        link = self.page.locator('[data-testid="stSidebarNav"] a').filter(has_text=nav_label).first
+        heading = self.page.get_by_role("heading", name=re.compile(re.escape(title))).first
+        link.click()
+        try:
+            heading.wait_for(timeout=15_000)
+        except PlaywrightTimeoutError:
+            link.click()
+            heading.wait_for(timeout=30_000)
         self.wait_idle()
 
     def click(self, name: str, exact: bool = False) -> None:
