@@ -181,9 +181,10 @@ def _lock(fd: int) -> bool:
             time.sleep(0.02)
 
 
-def _replay_journal_file(path: Path, result: dict, connection: Callable[[], contextlib.AbstractContextManager]) -> None:
-    """Store one journal's changes in order, unless its run is alive. The database being unreachable raises
-    (the file is kept)."""
+def _replay_journal_file(path: Path, result: dict, connection: Callable[[], contextlib.AbstractContextManager],
+                         force: bool = False) -> None:
+    """Store one journal's changes in order, unless its run is alive (unless `force`: its run was taken over).
+    The database being unreachable raises (the file is kept)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -202,7 +203,7 @@ def _replay_journal_file(path: Path, result: dict, connection: Callable[[], cont
             return
         # An mtime further ahead than the lease is from before the clock stepped back: a live run would have
         # touched the file since (every tick), so it is not alive.
-        if abs(time.time() - st_fd.st_mtime) < JOURNAL_LEASE_S:
+        if not force and abs(time.time() - st_fd.st_mtime) < JOURNAL_LEASE_S:
             result["live"] += 1  # its run is alive (another window) and stores its changes itself
             return
         with os.fdopen(os.dup(fd), "rb") as f:
@@ -327,22 +328,27 @@ UNAVAILABLE = (psycopg2.OperationalError, psycopg2.InterfaceError)
 
 
 def replay_interval_journals(directory: Path | None = None, connection: Callable[[], contextlib.AbstractContextManager] | None = None,
-                             unavailable: tuple[type[BaseException], ...] = UNAVAILABLE) -> dict:
+                             unavailable: tuple[type[BaseException], ...] = UNAVAILABLE,
+                             session_id: int | None = None) -> dict:
     """Store the interval changes capture runs that are gone left in their journals (called on every UI page
     load, by the REST API before it schedules a job and by a training job before it reads its sessions).
 
     `connection()` gives a database connection as a context manager (default: a new one from the settings);
     an `unavailable` error from it keeps the journals and pauses replays for JOURNAL_RETRY_S. Returns counts: stored, dropped (their session or interval no longer exists), bad_lines, files done,
-    live (its run is alive), pending (kept: the database is unreachable, or an unexpected error)."""
+    live (its run is alive), pending (kept: the database is unreachable, or an unexpected error).
+    With `session_id`, only that session's journals, young or not, and regardless of a recent unreachable
+    database: its run was taken over from a dead process, which can write no more, and the new run must start
+    from everything the old one recorded."""
     global _retry_at
     result = dict.fromkeys(("stored", "dropped", "bad_lines", "files", "live", "pending"), 0)
     directory = directory or journal_dir()
     connection = connection or _own_connection
     try:
-        paths = [p for p in directory.glob("*.jsonl") if p.is_file()]
+        pattern = "*.jsonl" if session_id is None else f"*session{int(session_id)}-*.jsonl"
+        paths = [p for p in directory.glob(pattern) if p.is_file()]
     except OSError:
         return result
-    if not paths or time.monotonic() < _retry_at:
+    if not paths or (session_id is None and time.monotonic() < _retry_at):
         result["pending"] = len(paths)
         return result
 
@@ -354,7 +360,7 @@ def replay_interval_journals(directory: Path | None = None, connection: Callable
 
     for n, path in enumerate(sorted(paths, key=age)):
         try:
-            _replay_journal_file(path, result, connection)
+            _replay_journal_file(path, result, connection, force=session_id is not None)
         except unavailable as e:
             _retry_at = time.monotonic() + JOURNAL_RETRY_S
             result["pending"] += len(paths) - n

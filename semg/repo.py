@@ -522,9 +522,10 @@ def _recording_on_device(cur, device_id: int, at: datetime | None, exclude: int 
     return dict(row) if row else None
 
 
-def start_session(conn, session_id: int, at: datetime | None = None) -> dict:
+def start_session(conn, session_id: int, at: datetime | None = None, owner: str | None = None) -> dict:
     """Mark the session recording. Refused while another session records on the same device (within its
-    planned time): both would label the same samples, and training on both would learn contradictory labels."""
+    planned time): both would label the same samples, and training on both would learn contradictory labels.
+    `owner` names the run recording it (see run_heartbeat): its first heartbeat is the start."""
     with _tx(conn) as cur:
         cur.execute("SELECT device_id FROM capture_sessions WHERE id = %s", (session_id,))
         found = cur.fetchone()
@@ -534,9 +535,11 @@ def start_session(conn, session_id: int, at: datetime | None = None) -> dict:
                 raise Conflict(f"device {found['device_id']} is already recording session {busy['id']} (planned "
                                f"to end {busy['planned_end']:%Y-%m-%d %H:%M:%S %Z}): two sessions at once would "
                                "label the same samples twice; stop that one first, or start after it ends")
-        cur.execute(f"""UPDATE capture_sessions SET status = 'recording', started_at = coalesce(%s, now())
+        cur.execute(f"""UPDATE capture_sessions SET status = 'recording', started_at = coalesce(%s, now()),
+                            run_owner = %s, heartbeat_at = CASE WHEN %s::text IS NULL THEN NULL ELSE now() END,
+                            run_seen_at = CASE WHEN %s::text IS NULL THEN NULL ELSE coalesce(%s, now()) END
                         WHERE id = %s AND status IN ('planned', 'recording') RETURNING {_SESSION_COLS}""",
-                    (at, session_id))
+                    (at, owner, owner, owner, at, session_id))
         row = cur.fetchone()
         if row is None:
             _session_state_error(cur, session_id, "start")
@@ -567,6 +570,66 @@ def extend_session_plan(conn, session_id: int, total_ms: int) -> dict:
                             greatest(coalesce((plan->>'total_ms')::bigint, 0), %s::bigint)))
                         WHERE id = %s RETURNING {_SESSION_COLS}""", (int(total_ms), session_id))
         return _one(cur, "session", session_id)
+
+
+def run_heartbeat(conn, session_id: int, owner: str, seen_at: datetime, video: dict | None = None,
+                  cursor: dict | None = None) -> str:
+    """The run `owner` still shows the session's cue (last at `seen_at`, its own clock): one UPDATE, which also
+    stores where the run is in its plan (`cursor`, when it changed) and its webcam file. Returns 'ok'; 'lost'
+    when another window took the run over (its owner changed: this one must stop writing); 'ended' when the
+    session is no longer recording (closed elsewhere). NotFound when it is gone."""
+    with _tx(conn) as cur:
+        cur.execute("""UPDATE capture_sessions SET heartbeat_at = now(), run_seen_at = %s,
+                           run_video = coalesce(%s, run_video), run_cursor = coalesce(%s, run_cursor)
+                       WHERE id = %s AND run_owner = %s AND status = 'recording' RETURNING id""",
+                    (seen_at, Json(video) if video is not None else None, Json(cursor) if cursor is not None else None,
+                     session_id, owner))
+        if cur.fetchone() is not None:
+            return "ok"
+        cur.execute("SELECT status, run_owner FROM capture_sessions WHERE id = %s", (session_id,))
+        row = _one(cur, "session", session_id)
+        return "lost" if row["status"] == "recording" and row["run_owner"] != owner else "ended"
+
+
+# How long the run has not been heard of, by the database's clock. Counted from the server's start at the
+# earliest: while the database was down (restarted) no run could beat, and that must not make live runs look dead.
+_HEARD_AGO = "now() - greatest(heartbeat_at, pg_postmaster_start_time())"  # NULL (never beat) stays NULL below
+_RUN_COLS = ("run_owner, heartbeat_at, run_seen_at, run_cursor, run_video, "
+             f"CASE WHEN heartbeat_at IS NOT NULL THEN extract(epoch FROM {_HEARD_AGO})::float8 END AS heartbeat_age_s")
+
+
+def recording_runs(conn, user_id: int) -> dict[int, dict]:
+    """The user's recording sessions' run columns by session id, with heartbeat_age_s by the database's own
+    clock (None for a session recorded before heartbeats)."""
+    with _tx(conn) as cur:
+        cur.execute(f"""SELECT id, {_RUN_COLS} FROM capture_sessions
+                        WHERE user_id = %s AND status = 'recording'""", (user_id,))
+        return {r["id"]: dict(r) for r in cur.fetchall()}
+
+
+def take_over_run(conn, session_id: int, old_owner: str, old_heartbeat: datetime, new_owner: str,
+                  stale_s: float) -> dict | None:
+    """Make `new_owner` the run recording the session, if its heartbeat is still the one seen (old_owner's, at
+    old_heartbeat) and at least stale_s old by the database's clock. Atomic: of concurrent take-overs exactly
+    one gets the session (with its run columns as they were, and its intervals); the others get None."""
+    with _tx(conn) as cur:
+        # the row lock orders concurrent take-overs: the second sees the first's owner and takes nothing
+        cur.execute(f"SELECT {_RUN_COLS} FROM capture_sessions WHERE id = %s FOR UPDATE", (session_id,))
+        row = cur.fetchone()
+        cur.execute(f"""UPDATE capture_sessions SET run_owner = %(new)s, heartbeat_at = now()
+                       WHERE id = %(id)s AND status = 'recording' AND run_owner = %(old)s AND heartbeat_at = %(hb)s
+                         AND {_HEARD_AGO} >= make_interval(secs => %(stale)s) RETURNING id""",
+                    {"id": session_id, "new": new_owner, "old": old_owner, "hb": old_heartbeat,
+                     "stale": float(stale_s)})
+        if row is None or cur.fetchone() is None:
+            return None
+        taken = dict(row)
+        cur.execute(f"SELECT {_SESSION_COLS} FROM capture_sessions WHERE id = %s", (session_id,))
+        session = dict(cur.fetchone())
+        cur.execute(f"SELECT {_INTERVAL_COLS} FROM session_intervals WHERE session_id = %s ORDER BY ordinal",
+                    (session_id,))
+        session["intervals"] = [dict(r) for r in cur.fetchall()]
+    return {**session, **{k: v for k, v in taken.items() if k != "id"}}
 
 
 def _session_state_error(cur, session_id: int, action: str) -> None:

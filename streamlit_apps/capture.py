@@ -11,6 +11,9 @@ write is tried, so they outlive the browser session when the database is down (s
 A run outlives the browser session showing it (a reload starts a new one): this process keeps every run by
 session id (register/take_over), so another window of the user -- the reloaded page -- can take it over, pause
 it where its old window stopped showing the cue, and resume or stop it, with its webcam recording.
+A run also outlives its UI process (a crash, a restart): its window writes a heartbeat to the database about once
+a second (where the run is in its plan included: CueRun.cursor), so another process can tell a dead run from one
+live elsewhere and rebuild it from the database (CueRun.from_left) to resume or stop it.
 
 VideoRecorder encodes the webcam frames (with the cue drawn on them) to WebM, stamping each frame with its
 wall-clock arrival time, so video time t corresponds to server time started_at + t.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import threading
 import time
 from collections import deque
@@ -38,6 +42,9 @@ REST = "REST"
 # A window ticks its run every 0.2 s (about once a second in a background tab): a run not ticked for this long
 # has lost its window (reloaded, closed), and another window may take it over.
 LEFT_AFTER_S = 4.0
+# How often a window refreshes its run's heartbeat in the database (one UPDATE). A run whose heartbeat is
+# LEFT_AFTER_S old (by the database's clock) has lost its window, whichever UI process it was in.
+BEAT_EVERY_S = 1.0
 
 
 def utc(ts: float) -> datetime:
@@ -141,6 +148,72 @@ class CueRun:
     name: str = ""
     seen_at: float | None = None  # when a window last showed its cue (the page's tick): see LEFT_AFTER_S
     paused_at: float | None = None  # when its window went away, while paused
+    owner: str = field(default_factory=lambda: secrets.token_hex(8))  # names this run in the database
+    beat_at: float | None = None  # time.monotonic() of the last heartbeat stored
+    cursor_sent: dict | None = None  # the cursor the database holds
+
+    def cursor(self) -> dict | None:
+        """Where the run is in its plan, as the database keeps it (see from_left): the intervals still to run,
+        in order (a redo or resume inserts some), from the one under way, when that one started, and whether
+        the run is paused (then the first is the interval cut by the pause, to be done again)."""
+        with self.lock:
+            if self.state not in ("running", "paused"):
+                return None
+            return {"steps": [s.interval_id for s in self.steps[self.index:]],
+                    "started": self.steps[self.index].started, "paused": self.state == "paused"}
+
+    @classmethod
+    def from_left(cls, session: dict, journal: Journal | None = None, owner: str | None = None) -> tuple[CueRun, float]:
+        """The run of a session whose UI process died, rebuilt from what the database holds (its intervals with
+        the times stored so far, and the run columns: cursor, run_seen_at), and when it was last seen: its last
+        heartbeat, or the end of an interval it stored after that if later. The run is as it was then (running
+        from the interval under way, or paused); pause() it at that time to cut that interval."""
+        plan = session.get("plan") or {}
+        rows = {i["id"]: i for i in session["intervals"]}
+        cursor = session.get("run_cursor") or {}
+        if cursor.get("steps"):
+            ahead = [i for i in cursor["steps"] if i in rows]
+        else:  # no redo or resume yet: the plan's order
+            ahead = [i["id"] for i in sorted(session["intervals"], key=lambda i: i["ordinal"]) if not i["discarded"]]
+        ahead_set = set(ahead)
+        done = sorted((i for i in session["intervals"] if i["ended_at"] is not None and i["id"] not in ahead_set),
+                      key=lambda i: i["started_at"])
+
+        def step(i: dict) -> Step:
+            s = Step(i["id"], i["kind"], i["label"], int(i["repetition"]),
+                     (i["planned_end_ms"] - i["planned_start_ms"]) / 1000.0, discarded=i["discarded"])
+            if i["ended_at"] is not None:
+                s.started, s.ended = i["started_at"].timestamp(), i["ended_at"].timestamp()
+            return s
+
+        t_start = session["started_at"].timestamp()
+        run = cls(session["id"], [step(i) for i in done] + [step(rows[i]) for i in ahead],
+                  int(plan.get("repetitions", 1)), float(plan.get("hold_s", 1)), float(plan.get("rest_s", 1)),
+                  index=len(done), t_start=t_start, journal=journal, user_id=session.get("user_id"),
+                  name=session.get("name") or "")
+        if owner is not None:
+            run.owner = owner
+        seen = session.get("run_seen_at")
+        left_at = max([seen.timestamp() if seen is not None else t_start]
+                      + [s.ended for s in run.steps if s.ended is not None])
+        if cursor.get("paused") and run.index < len(run.steps) and run.steps[run.index].ended is not None:
+            cut = run.steps[run.index]  # cut by a pause and not done again yet
+            cut.interrupted = True
+            run.state, run.paused_at = "paused", cut.ended
+            return run, left_at
+        started = float(cursor["started"]) if cursor.get("started") is not None else t_start
+        while run.index < len(run.steps) and run.steps[run.index].ended is not None:  # stored after the cursor
+            started = run.steps[run.index].ended
+            run.index += 1
+        if run.index < len(run.steps):
+            run.state = "running"
+            run.steps[run.index].started = started
+        else:
+            run.state = "done"
+        return run, left_at
+
+    def beat_due(self, now_monotonic: float) -> bool:
+        return self.beat_at is None or now_monotonic - self.beat_at >= BEAT_EVERY_S
 
     @classmethod
     def from_session(cls, session: dict, journal: Journal | None = None) -> CueRun:
@@ -460,7 +533,10 @@ class VideoRecorder:
                 if self._container is None:
                     w, h = frame.width - frame.width % 2, frame.height - frame.height % 2
                     os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))  # private file
-                    self._container = av.open(str(self.path), "w", format="webm")
+                    # the file gets each cluster (1 s of frames) as soon as it is complete, not in 5 s / 32 KB lumps:
+                    # a UI process killed mid-session leaves its video up to its last second, not an empty file
+                    self._container = av.open(str(self.path), "w", format="webm",
+                                              options={"flush_packets": "1", "cluster_time_limit": "1000"})
                     self._stream = self._container.add_stream("libvpx", rate=30)
                     self._stream.width, self._stream.height, self._stream.pix_fmt = w, h, "yuv420p"
                     self._stream.time_base = Fraction(1, 1000)

@@ -294,8 +294,22 @@ def create_session(user_id: int, device_id: int | None, gestures: Sequence[str],
     return _repo(repo.create_session, user_id, device_id, gestures, repetitions, hold_s, rest_s, name)
 
 
-def start_session(session_id: int, at: datetime | None = None) -> dict:
-    return _repo(repo.start_session, session_id, at)
+def start_session(session_id: int, at: datetime | None = None, owner: str | None = None) -> dict:
+    return _repo(repo.start_session, session_id, at, owner)
+
+
+def run_heartbeat(session_id: int, owner: str, seen_at: datetime, video: dict | None = None,
+                  cursor: dict | None = None) -> str:
+    return _repo(repo.run_heartbeat, session_id, owner, seen_at, video, cursor)
+
+
+def recording_runs(user_id: int) -> dict[int, dict]:
+    return _repo(repo.recording_runs, user_id)
+
+
+def take_over_run(session_id: int, old_owner: str, old_heartbeat: datetime, new_owner: str,
+                  stale_s: float) -> dict | None:
+    return _repo(repo.take_over_run, session_id, old_owner, old_heartbeat, new_owner, stale_s)
 
 
 def recording_on_device(device_id: int) -> dict | None:
@@ -367,6 +381,51 @@ def record_video(session: dict, video: dict) -> None:
     if video.get("journal") is not None:
         with contextlib.suppress(OSError):
             video["journal"].unlink()
+
+
+def _probe_video(path: Path) -> tuple[int, float, int | None, int | None]:
+    """(frames that decode, seconds from the first to the last, width, height) of a WebM file that may have been
+    cut off mid-write (its process was killed): decoding stops at the damage, what came before counts."""
+    import av
+
+    frames, first, last, size = 0, None, None, (None, None)
+    try:
+        with av.open(str(path)) as c:
+            for frame in c.decode(video=0):
+                t = float(frame.pts * frame.time_base) if frame.pts is not None else None
+                if t is not None:
+                    first = t if first is None else min(first, t)
+                    last = t if last is None else max(last, t)
+                frames, size = frames + 1, (frame.width, frame.height)
+    except (av.error.FFmpegError, OSError, ValueError) as e:
+        log.warning("video %s is damaged after %d frame(s): %s", path, frames, e)
+    return frames, (last - first) if frames else 0.0, *size
+
+
+def keep_left_video(session: dict) -> str:
+    """The webcam file of a run whose UI process died (session["run_video"]: path, first frame time) cannot be
+    continued -- its writer is gone, the file may be cut off -- so it is registered as it is when it has
+    anything in it (what decodes of it is counted), and a new file records the rest after a resume. An empty
+    file (the process died before writing out a frame) is removed. Returns what became of it, for the user."""
+    info = session.get("run_video") or {}
+    rel = info.get("path")
+    if not rel:
+        return "It had no webcam video."
+    root = settings().video_dir.resolve()
+    path = (root / rel).resolve()
+    if root not in path.parents or not path.is_file():
+        return "Its webcam video had not been written yet."
+    size = path.stat().st_size
+    if size == 0:
+        path.unlink()
+        return "Its webcam video had not been written yet."
+    frames, span, width, height = _probe_video(path)
+    started = datetime.fromisoformat(info["started_at"]) if info.get("started_at") else session["started_at"]
+    record_video(session, {"path": rel, "started_at": started, "ended_at": started + timedelta(seconds=span),
+                           "frame_count": frames, "fps": (frames - 1) / span if span > 0 else None,
+                           "width": width, "height": height, "bytes": size})
+    return (f"Its webcam video until then is kept as it was written ({frames} frames readable, {size:,} bytes); "
+            "a new video records the rest.")
 
 
 def session_video(session_id: int) -> dict | None:
@@ -1129,6 +1188,7 @@ IntervalJournal = journal.IntervalJournal
 journal_dir = journal.journal_dir
 
 
-def replay_interval_journals(directory: Path | None = None) -> dict:
-    """Store the interval changes capture runs that are gone left in their journals (called on page load)."""
-    return journal.replay_interval_journals(directory, connection, unavailable=(Unavailable,))
+def replay_interval_journals(directory: Path | None = None, session_id: int | None = None) -> dict:
+    """Store the interval changes capture runs that are gone left in their journals (called on page load; with
+    session_id, that session's at once: its run was taken over from a dead process)."""
+    return journal.replay_interval_journals(directory, connection, unavailable=(Unavailable,), session_id=session_id)

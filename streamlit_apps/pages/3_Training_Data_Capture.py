@@ -1,9 +1,11 @@
 """Guided recording: a large cue (gesture, countdown, repetition X of Y), the webcam with the cue drawn on its
 frames and recorded in sync with the signals, a live signal strip proving the device streams, redo-last-
 repetition; interval times are stored as the cues happen (they are what training labels from). A session whose
-page was reloaded (or closed) mid-way is offered here to resume or stop, keeping what was recorded."""
+page was reloaded (or closed) mid-way, or whose UI process died (its heartbeat in the database stopped), is
+offered here to resume or stop, keeping what was recorded."""
 
 import contextlib
+import secrets
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -38,8 +40,9 @@ def start_session(user: dict, device: dict, gestures: list[str], reps: int, hold
     session = data.create_session(user["id"], device["id"], gestures, reps, hold, rest, name)
     run = capture.CueRun.from_session(session, journal=data.IntervalJournal(session))
     now = time.time()
-    data.start_session(session["id"], at=capture.utc(now))
+    data.start_session(session["id"], at=capture.utc(now), owner=run.owner)  # its first heartbeat
     run.start(now)
+    run.beat_at = time.monotonic()
     # The recorder opens its file on the first frame, so a webcam started mid-session still records.
     path, _rel = data.video_path_for(user["id"], session["id"])
     shared.recorder.start(path)
@@ -113,6 +116,50 @@ def end_deleted_run(run: capture.CueRun) -> None:
                               "so the recording stopped and nothing of it was kept.")
 
 
+def beat(run: capture.CueRun, force: bool = False) -> str:
+    """The run's heartbeat, at most every capture.BEAT_EVERY_S unless `force` (its plan just changed): 'ok',
+    'lost' (another window took it over), 'ended', 'down' (the database is unreachable: the run goes on, and
+    as nobody can take it over meanwhile it is not lost), or 'skip' (not due)."""
+    if not force and not run.beat_due(time.monotonic()):
+        return "skip"
+    cursor = run.cursor()
+    rec = shared.recorder
+    video = None
+    if rec.path is not None:
+        root = data.settings().video_dir.resolve()
+        video = {"path": rec.path.resolve().relative_to(root).as_posix(),
+                 "started_at": capture.utc(rec.first).isoformat() if rec.first is not None else None}
+    try:
+        result = data.run_heartbeat(run.session_id, run.owner, capture.utc(run.seen_at or time.time()), video,
+                                    cursor if cursor != run.cursor_sent else None)
+    except data.Unavailable:
+        return "down"
+    run.beat_at = time.monotonic()
+    if result == "ok":
+        run.cursor_sent = cursor
+    return result
+
+
+def let_go(run: capture.CueRun) -> None:
+    """Another window (of another UI process) took the run over: this one stops the cue and writes nothing more
+    of it -- its changes not stored yet are dropped, the new window cut the run where this one was last seen.
+    The webcam file is closed and registered (unless the other window did already)."""
+    shared.run = None
+    capture.release(run.session_id, shared)
+    with run.lock:
+        run._unsaved.clear()
+    if run.journal is not None:
+        with contextlib.suppress(OSError):
+            run.journal.clear()
+    with contextlib.suppress(OSError):
+        video = shared.recorder.stop()
+        if video:
+            rel = video["path"].resolve().relative_to(data.settings().video_dir.resolve()).as_posix()
+            with contextlib.suppress(data.Unavailable, data.RepoError):  # journalled: registered later
+                data.record_video(data.get_session(run.session_id), {**video, "path": rel})
+    shared.taken_over = run.session_id
+
+
 @st.fragment(run_every=0.2)
 def run_view() -> None:
     with ui.guard():
@@ -131,6 +178,9 @@ def run_view() -> None:
 def tick(run: capture.CueRun) -> None:
     """One refresh of the running session: store what is due, the Redo/Stop buttons, the cue; finish at the end."""
     run.seen_at = time.time()  # this window shows the cue: no other window may take the run over
+    if beat(run) == "lost":
+        let_go(run)
+        st.rerun(scope="app")
     store = data.SessionStore(run.session_id)
     try:
         run.advance(time.time(), store)
@@ -149,6 +199,7 @@ def tick(run: capture.CueRun) -> None:
                  help="Throws the last gesture repetition away and does it again after a short rest"):
         try:
             redone = run.redo_last(time.time(), store)
+            beat(run, force=True)  # the plan changed: another process resuming the run must know
             st.toast(f"Redoing {redone.label} (repetition {redone.repetition + 1})" if redone
                      else "Already redoing: finish that repetition first" if run.redo_pending
                      else "Nothing to redo yet")
@@ -203,6 +254,7 @@ def paused_view(run: capture.CueRun, store: data.SessionStore) -> None:
             st.toast("Resuming needs the database, which is not reachable: try again when it is back",
                      icon=":material/power_off:")
         else:
+            beat(run, force=True)
             st.session_state[RESUMED] = f"Session #{run.session_id} resumed. {video_note()}"
             st.rerun(scope="app")
     if c2.button("Stop now and keep what was recorded", key="stop_left", width="stretch", icon=":material/stop:"):
@@ -218,13 +270,26 @@ def take_over_left(session_id: int, resume: bool) -> None:
         st.toast(f"Session #{session_id} is shown in another window again, or has ended.")
         st.rerun(scope="app")
     run = shared.run
+    if beat(run, force=True) == "lost":  # a window of another UI process has taken it meanwhile
+        let_go(run)
+        shared.taken_over = None
+        st.toast(f"Session #{session_id} was taken over in another window.")
+        st.rerun(scope="app")
+    pause_and_go_on(run, left_at, resume)
+
+
+def pause_and_go_on(run: capture.CueRun, left_at: float, resume: bool, note: str = "") -> None:
+    """A run taken over into this window: paused where it was last seen, then resumed or stopped."""
+    session_id = run.session_id
     store = data.SessionStore(session_id)
     with contextlib.suppress(data.Unavailable):  # paused all the same; the marks wait in the journal
         run.pause(left_at, store)
+    beat(run, force=True)
     if resume:
         try:
             run.resume(time.time(), store)
-            st.session_state[RESUMED] = f"Session #{session_id} resumed. {video_note()}"
+            beat(run, force=True)
+            st.session_state[RESUMED] = f"Session #{session_id} resumed. {note or video_note()}"
         except data.Unavailable:  # it stays paused here, with both choices
             st.toast("Resuming needs the database, which is not reachable: try again when it is back",
                      icon=":material/power_off:")
@@ -261,6 +326,60 @@ def left_runs(user_id: int, sessions: dict[int, dict]) -> None:
             if c2.button("Stop now and keep what was recorded", key=f"stop_left_{s['id']}", width="stretch",
                          icon=":material/stop:"):
                 take_over_left(s["id"], resume=False)
+
+
+def take_over_dead(session_id: int, info: dict, resume: bool) -> None:
+    """Take over the run of a session whose UI process died (its heartbeat stopped): claimed in the database
+    (only one window can), rebuilt from what is stored there, paused where it was last seen, then resumed or
+    stopped."""
+    owner = secrets.token_hex(8)
+    taken = data.take_over_run(session_id, info["run_owner"], info["heartbeat_at"], owner, capture.LEFT_AFTER_S)
+    if taken is None:
+        st.toast(f"Session #{session_id} is going on in another window again, or was taken over there.")
+        st.rerun(scope="app")
+    # What the dead run had journalled but not stored (the database was down) first: the run goes on from that.
+    data.replay_interval_journals(session_id=session_id)
+    session = {**taken, "intervals": data.get_session(session_id)["intervals"]}
+    run, left_at = capture.CueRun.from_left(session, journal=data.IntervalJournal(session), owner=owner)
+    try:
+        note = data.keep_left_video(session)
+    except data.Unavailable:  # its registration is journalled: stored by a later page load
+        note = "Its webcam video until then is kept."
+    run.seen_at = time.time()
+    shared.run = run
+    capture.register(shared)
+    if resume:  # the dead process's file cannot be continued: the rest goes to a new one
+        shared.recorder.start(data.video_path_for(run.user_id, session_id)[0])
+        note += " Press START on the webcam to record the rest."
+    pause_and_go_on(run, left_at, resume, note)
+
+
+@st.fragment(run_every=1.0)
+def other_process_runs(user_id: int, sessions: dict[int, dict]) -> None:
+    """This user's recording sessions whose run is not in this UI process: left alone while their heartbeat in
+    the database is fresh (recording in another window, maybe of another UI process); offered to resume or stop
+    once it is capture.LEFT_AFTER_S old by the database's clock (the process showing it died or restarted)."""
+    with ui.guard():
+        runs = data.recording_runs(user_id)
+        for sid, s in sessions.items():
+            if (info := runs.get(sid)) is None or sid in {r.session_id for r in capture.runs_of(user_id, shared)}:
+                continue  # ended meanwhile, or taken into this process
+            if info["heartbeat_age_s"] < capture.LEFT_AFTER_S:
+                st.caption(f"Session #{sid} '{s['name']}' is recording in another window (planned to end "
+                           f"{ui.fmt_time(data.planned_end(s))}).")
+                continue
+            seen = info["run_seen_at"] or s["started_at"]
+            st.warning(f"Session #{sid} '{s['name']}' stopped at {ui.fmt_time(seen)}: the program showing it ended "
+                       "(the UI was restarted, or crashed). Everything recorded until then is kept. Go on from where "
+                       "it stopped, or stop now; the interval under way then is left out of training.",
+                       icon=":material/restart_alt:")
+            c1, c2 = st.columns([2, 3])  # room for the long label
+            if c1.button("Resume", key=f"resume_left_{sid}", type="primary", width="stretch",
+                         icon=":material/play_arrow:", help="Goes on after a rest, from the interval under way"):
+                take_over_dead(sid, info, resume=True)
+            if c2.button("Stop now and keep what was recorded", key=f"stop_left_{sid}", width="stretch",
+                         icon=":material/stop:"):
+                take_over_dead(sid, info, resume=False)
 
 
 def setup_view(user: dict, devices: list[dict], gestures: list[dict]) -> dict:
@@ -312,6 +431,12 @@ def unfinished(user: dict) -> None:
     if left := {s["id"]: s for s in stale if s["id"] in with_run and s["status"] == "recording"}:
         left_runs(user["id"], left)
     stale = [s for s in stale if s["id"] not in left]
+    # recording with a heartbeat (not a session from before heartbeats): its run's liveness is in the database
+    runs = data.recording_runs(user["id"])
+    if elsewhere := {s["id"]: s for s in stale if s["status"] == "recording"
+                     and runs.get(s["id"], {}).get("heartbeat_age_s") is not None}:
+        other_process_runs(user["id"], elsewhere)
+    stale = [s for s in stale if s["id"] not in elsewhere]
     now = datetime.now(UTC)
     for s in stale:
         end = data.planned_end(s)
