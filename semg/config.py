@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticUseDefault
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -54,6 +55,10 @@ class Settings(BaseSettings):
     # machine shared with the live path it must yield to it (0 = same priority as the live services).
     semg_train_nice: int = Field(10, ge=0, le=19)
 
+    # Days the live decisions (table predictions) are kept; the inference worker deletes older ones hourly.
+    # 0 = keep forever. Recordings (samples) are never pruned. At most 100 years: more overflows a timestamp.
+    semg_prediction_retention_days: int = Field(90, ge=0, le=36500)
+
     log_level: str = "INFO"
 
     @field_validator("postgres_host", "nats_server", "nats_user", mode="before")
@@ -67,6 +72,14 @@ class Settings(BaseSettings):
         # `docker run -e SEMG_UI_PASSWORD` or compose passing an unset variable gives "": never a valid secret
         # (an empty UI password would let an empty form sign in); unset means "generated" or "required".
         return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("semg_prediction_retention_days", mode="before")
+    @classmethod
+    def _blank_is_default(cls, v: object) -> object:
+        # compose passing an unset variable gives "": the default, as for the other settings
+        if isinstance(v, str) and not v.strip():
+            raise PydanticUseDefault()
+        return v
 
     @field_validator("log_level")
     @classmethod

@@ -57,11 +57,33 @@ def test_clients_reach_an_ipv6_bind_host_through_valid_urls(monkeypatch, bind, u
     ({"POSTGRES_HOST": "db.example"}, "POSTGRES_PASSWORD"),
     ({"LOG_LEVEL": "chatty"}, "LOG_LEVEL"),
     ({"SEMG_TRAIN_NICE": "25"}, "SEMG_TRAIN_NICE"),
+    ({"SEMG_PREDICTION_RETENTION_DAYS": "-1"}, "SEMG_PREDICTION_RETENTION_DAYS"),
+    ({"SEMG_PREDICTION_RETENTION_DAYS": "1.5"}, "SEMG_PREDICTION_RETENTION_DAYS"),
+    ({"SEMG_PREDICTION_RETENTION_DAYS": "ninety"}, "SEMG_PREDICTION_RETENTION_DAYS"),
+    ({"SEMG_PREDICTION_RETENTION_DAYS": "100000"}, "SEMG_PREDICTION_RETENTION_DAYS"),
 ])
 def test_invalid_setting_names_the_variable(monkeypatch, env, var):
     with pytest.raises(SettingsError) as e:
         _settings(monkeypatch, **env)
     assert var in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("value,days", [(None, 90), ("30", 30), ("0", 0), (" ", 90)])
+def test_prediction_retention_days(monkeypatch, value, days):
+    """Decisions are kept 90 days unless told otherwise; 0 keeps them forever; blank (compose passing an unset
+    variable) is the default."""
+    monkeypatch.delenv("SEMG_PREDICTION_RETENTION_DAYS", raising=False)
+    env = {} if value is None else {"SEMG_PREDICTION_RETENTION_DAYS": value}
+    assert _settings(monkeypatch, **env).semg_prediction_retention_days == days
+
+
+def test_a_bad_retention_stops_the_worker_in_one_line(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "SEMG_STATE_DIR": str(tmp_path), "SEMG_PREDICTION_RETENTION_DAYS": "-3"}
+    r = subprocess.run([sys.executable, "-m", "ml_model.nat_inference"], env=env, capture_output=True, text=True,
+                       timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 2, r.stderr
+    assert "SEMG_PREDICTION_RETENTION_DAYS='-3'" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_service_entry_point_prints_one_line_not_a_traceback(tmp_path):
