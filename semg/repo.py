@@ -14,9 +14,10 @@ import json
 import math
 import re
 import secrets as _secrets
+import time
 import unicodedata
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -170,10 +171,103 @@ def user_video_folder(user_id: int) -> str:
     return f"user{int(user_id)}"
 
 
-def delete_user(conn, user_id: int, video_dir: Path | None = None) -> dict:
+# ---- decisions: bounded deletes ----------------------------------------------------------------------
+PREDICTION_BATCH = 10_000
+# Advisory lock (two-int form; the inference worker slots use namespace 0x5E3C1F) held by the one pruning pass
+# that runs at a time, whichever worker started it.
+PRUNE_LOCK = (0x5E3C20, 1)
+
+# ctid: the rows just picked are deleted without a second (primary key) lookup each; ORDER BY decided_at makes
+# the planner walk the (user_id, decided_at) index instead of a LIMITed sequential scan, which has to pass
+# every already-emptied page again on each batch.
+_DELETE_BATCH = """DELETE FROM predictions WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM predictions WHERE user_id = %(u)s {older} ORDER BY decided_at LIMIT %(n)s))"""
+
+
+@contextlib.contextmanager
+def _own_transactions(conn) -> Iterator[None]:
+    """Each `with conn:` block below is one transaction, also on a caller's autocommit connection."""
+    was = conn.autocommit
+    if was:
+        conn.autocommit = False
+    try:
+        yield
+    finally:
+        if was and not conn.closed:
+            with contextlib.suppress(psycopg2.Error):
+                conn.rollback()
+                conn.autocommit = True
+
+
+def _delete_predictions(conn, user_id: int, before: datetime | None, batch: int,
+                        stop: Callable[[], bool] | None = None, pause_s: float = 0.0) -> int:
+    """Delete the user's decisions (those decided before `before`, or all), `batch` per short transaction, so no
+    statement runs long and nothing waits long on its locks. Returns how many."""
+    if batch < 1:
+        raise Invalid("batch must be at least 1")
+    sql = _DELETE_BATCH.format(older="AND decided_at < %(before)s" if before is not None else "")
+    total = 0
+    with _own_transactions(conn):
+        while not (stop and stop()):
+            with conn, conn.cursor() as cur:
+                # deleted decisions coming back after a crash are deleted by the next pass; not waiting for
+                # each batch's WAL flush leaves the disk to the live ingestion
+                cur.execute("SET LOCAL synchronous_commit TO OFF")
+                cur.execute(sql, {"u": user_id, "before": before, "n": batch})
+                n = cur.rowcount
+            total += n
+            if n < batch:
+                break
+            if pause_s:
+                time.sleep(pause_s)
+    return total
+
+
+def prune_predictions(conn, days: int, batch: int = PREDICTION_BATCH, stop: Callable[[], bool] | None = None,
+                      pause_s: float = 0.0) -> dict:
+    """Delete the decisions older than `days` days (0 = keep forever), user by user in bounded batches.
+
+    Recordings (samples) are never touched. One pass at a time: while another connection prunes, this returns
+    at once with busy=True. Returns {"removed", "older_than" (the cutoff), "busy"}."""
+    if days < 0:
+        raise Invalid("retention days must be 0 (keep forever) or more")
+    out = {"removed": 0, "older_than": None, "busy": False}
+    if days == 0:
+        return out
+    with _own_transactions(conn):
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT pg_try_advisory_lock(%s, %s), now() - make_interval(days => %s)", (*PRUNE_LOCK, days))
+            locked, out["older_than"] = cur.fetchone()
+        if not locked:
+            out["busy"] = True
+            return out
+        try:
+            with conn, conn.cursor() as cur:
+                # every decision belongs to a user (NOT NULL, cascaded): per user, the batches walk the
+                # (user_id, decided_at) index, so no index of its own is needed on the insert path
+                cur.execute("SELECT id FROM users ORDER BY id")
+                users = [r[0] for r in cur.fetchall()]
+            for user_id in users:
+                if stop and stop():
+                    break
+                out["removed"] += _delete_predictions(conn, user_id, out["older_than"], batch, stop, pause_s)
+        finally:
+            if not conn.closed:  # a lost connection took its lock with it
+                with contextlib.suppress(psycopg2.Error), conn, conn.cursor() as cur:
+                    cur.execute("SELECT pg_advisory_unlock(%s, %s)", PRUNE_LOCK)
+    return out
+
+
+def delete_user(conn, user_id: int, video_dir: Path | None = None, batch: int = PREDICTION_BATCH) -> dict:
     """Delete the user and, by cascade, all their data; then remove their video files: the registered ones, and
     whatever else is in their recording folder (a capture whose window closed before it ended never registered
-    its video)."""
+    its video).
+
+    Their decisions go first, `batch` per transaction: a heavy user has millions (144,000 an hour of live use),
+    and one cascade over them all outran the UI's 20 s statement timeout. Interrupted (database gone), the user
+    is still there, without some of their decisions, and can be deleted again; nobody else's rows are touched."""
+    get_user(conn, user_id)  # NotFound before anything is deleted
+    _delete_predictions(conn, user_id, None, batch)
     with _tx(conn) as cur:
         cur.execute("SELECT path FROM videos WHERE user_id = %s", (user_id,))
         paths = [r["path"] for r in cur.fetchall()]
