@@ -265,9 +265,19 @@ def delete_user(conn, user_id: int, video_dir: Path | None = None, batch: int = 
 
     Their decisions go first, `batch` per transaction: a heavy user has millions (144,000 an hour of live use),
     and one cascade over them all outran the UI's 20 s statement timeout. Interrupted (database gone), the user
-    is still there, without some of their decisions, and can be deleted again; nobody else's rows are touched."""
+    is still there, without some of their decisions (or models), and can be deleted again; nobody else's rows
+    are touched."""
     get_user(conn, user_id)  # NotFound before anything is deleted
     _delete_predictions(conn, user_id, None, batch)
+    # Then their models, one per transaction: a model's ON DELETE SET NULL looks its decisions up in
+    # predictions_model_idx, which lists the rows just deleted until VACUUM, each checked in the table; in the
+    # user row's cascade that was one statement for all models (12.7 s for 3 M decisions over 100 models).
+    with _tx(conn) as cur:
+        cur.execute("SELECT id FROM model_artifacts WHERE user_id = %s ORDER BY id", (user_id,))
+        models = [r["id"] for r in cur.fetchall()]
+    for model_id in models:
+        with _tx(conn) as cur:
+            cur.execute("DELETE FROM model_artifacts WHERE id = %s AND user_id = %s", (model_id, user_id))
     with _tx(conn) as cur:
         cur.execute("SELECT path FROM videos WHERE user_id = %s", (user_id,))
         paths = [r["path"] for r in cur.fetchall()]

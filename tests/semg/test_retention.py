@@ -64,23 +64,25 @@ def _count(conn, table: str) -> int:
 
 @pytest.fixture
 def statement_sizes(clean_db):
-    """The number of predictions each DELETE statement removed, in order (read it after the work)."""
+    """sizes(table): how many rows of predictions / model_artifacts each DELETE statement removed, in order."""
     with clean_db.cursor() as cur:
-        cur.execute("""CREATE TABLE test_delete_sizes (id serial, n bigint);
+        cur.execute("""CREATE TABLE test_delete_sizes (id serial, tab text, n bigint);
             CREATE FUNCTION test_log_delete() RETURNS trigger LANGUAGE plpgsql AS $$
-            BEGIN INSERT INTO test_delete_sizes (n) SELECT count(*) FROM gone; RETURN NULL; END $$;
+            BEGIN INSERT INTO test_delete_sizes (tab, n) SELECT TG_TABLE_NAME, count(*) FROM gone; RETURN NULL; END $$;
             CREATE TRIGGER test_log_delete AFTER DELETE ON predictions REFERENCING OLD TABLE AS gone
+            FOR EACH STATEMENT EXECUTE FUNCTION test_log_delete();
+            CREATE TRIGGER test_log_delete AFTER DELETE ON model_artifacts REFERENCING OLD TABLE AS gone
             FOR EACH STATEMENT EXECUTE FUNCTION test_log_delete()""")
 
-    def sizes() -> list[int]:
+    def sizes(table: str = "predictions") -> list[int]:
         with clean_db.cursor() as cur:
-            cur.execute("SELECT n FROM test_delete_sizes ORDER BY id")
+            cur.execute("SELECT n FROM test_delete_sizes WHERE tab = %s ORDER BY id", (table,))
             return [r[0] for r in cur.fetchall()]
 
     yield sizes
     with clean_db.cursor() as cur:
-        cur.execute("""DROP TRIGGER test_log_delete ON predictions; DROP FUNCTION test_log_delete();
-                       DROP TABLE test_delete_sizes""")
+        cur.execute("""DROP TRIGGER test_log_delete ON predictions; DROP TRIGGER test_log_delete ON model_artifacts;
+                       DROP FUNCTION test_log_delete(); DROP TABLE test_delete_sizes""")
 
 
 @contextlib.contextmanager
@@ -173,6 +175,8 @@ def test_delete_user_removes_predictions_in_bounded_batches(clean_db, statement_
     assert out["id"] == a and out["videos_removed"] == 0
     sizes = [n for n in statement_sizes() if n]  # the user row's cascade finds nothing left
     assert max(sizes) == 7 and sum(sizes) == 60
+    # each model in a statement of its own (its ON DELETE SET NULL walks the index entries of its decisions)
+    assert [n for n in statement_sizes("model_artifacts") if n] == [1, 1, 1]
     assert _ids(clean_db) == set(other) and _count(clean_db, "model_artifacts") == 1
     with pytest.raises(repo.NotFound):
         repo.get_user(clean_db, a)
