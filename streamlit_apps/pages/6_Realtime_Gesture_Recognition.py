@@ -73,6 +73,9 @@ def live(user: dict, device: dict | None, window_s: float, model: dict | None) -
         if model:
             st.caption(f"Model #{model['id']} · classes {', '.join(model['classes'])} · trained "
                        f"{ui.fmt_time(model['created_at'])}")
+        days = data.settings().semg_prediction_retention_days
+        st.caption(f"Decisions are kept {days} days (SEMG_PREDICTION_RETENTION_DAYS), then deleted; recordings are "
+                   "kept." if days else "Decisions are kept forever (SEMG_PREDICTION_RETENTION_DAYS=0).")
 
     if device is None:
         st.info("This user has no device: register one on **Gesture Management**.")
