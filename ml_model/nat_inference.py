@@ -1161,12 +1161,23 @@ class Worker:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         done = natsio.install_shutdown(loop, self.stop)
-        self.membership = Membership(self.settings)
-        await asyncio.to_thread(self.membership.poll)
-        self.http = ApiClient(self.opts.api_url, secrets.service_api_key(self.settings), self.opts.http_timeout_s,
-                              self.opts.max_inflight + 2)
-        self.nc = await natsio.connect("inference", self.settings)
-        await self.nc.subscribe(MODELS_UPDATED, cb=self.on_models_updated)
+        stop_requested = asyncio.create_task(done.wait())
+        # NATS not reachable yet: connecting retries forever, and a SIGTERM meanwhile must still end the worker
+        # (supervisord and stop_all.sh wait for it), not only once it is connected
+        connecting = asyncio.create_task(self._connect())
+        await asyncio.wait([connecting, stop_requested], return_when=asyncio.FIRST_COMPLETED)
+        if not connecting.done():
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await connecting
+            await stop_requested
+            if self.http is not None:
+                await self.http.close()
+            if self.membership is not None:
+                self.membership.close()
+            log.info("inference worker stopped before it was connected")
+            return
+        connecting.result()
         store_task = asyncio.create_task(self.store_loop())
         tasks = [asyncio.create_task(self.stats_loop()), asyncio.create_task(self.prune_loop())]
         batcher = asyncio.create_task(self.batcher())
@@ -1183,7 +1194,6 @@ class Worker:
         tasks += [asyncio.create_task(c) for c in (self.membership_loop(), self.catalogue_loop())]
         gc.freeze()  # startup objects leave the collector's scans: shorter pauses while streaming
         log.info("inference worker running: %d users with models, api %s", len(self.specs), self.opts.api_url)
-        stop_requested = asyncio.create_task(done.wait())
         await asyncio.wait([stop_requested, batcher], return_when=asyncio.FIRST_COMPLETED)
         failed = None
         if batcher.done() and not self._stopping:  # cannot happen by design; never keep running deaf
@@ -1211,6 +1221,14 @@ class Worker:
         log.info("inference worker stopped: %s", self.stats.line())
         if failed is not None:
             raise SystemExit(1)
+
+    async def _connect(self) -> None:
+        self.membership = Membership(self.settings)
+        await asyncio.to_thread(self.membership.poll)
+        self.http = ApiClient(self.opts.api_url, secrets.service_api_key(self.settings), self.opts.http_timeout_s,
+                              self.opts.max_inflight + 2)
+        self.nc = await natsio.connect("inference", self.settings)
+        await self.nc.subscribe(MODELS_UPDATED, cb=self.on_models_updated)
 
     async def stop(self) -> None:
         """SIGTERM: stop taking samples, finish the queued windows, publish and store their decisions."""
