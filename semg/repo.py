@@ -680,8 +680,10 @@ def run_heartbeat(conn, session_id: int, owner: str, seen_at: datetime, video: d
                   cursor: dict | None = None) -> str:
     """The run `owner` still shows the session's cue (last at `seen_at`, its own clock): one UPDATE, which also
     stores where the run is in its plan (`cursor`, when it changed) and its webcam file. Returns 'ok'; 'lost'
-    when another window took the run over (its owner changed: this one must stop writing); 'ended' when the
-    session is no longer recording (closed elsewhere). NotFound when it is gone."""
+    when another window took the run over (its owner changed: this one must stop writing), whether that window
+    is still recording it or has stopped or finished it since; 'ended' when the session, still this run's, is
+    no longer recording (closed elsewhere: the run still stores its times and finishes). NotFound when it is
+    gone."""
     with _tx(conn) as cur:
         cur.execute("""UPDATE capture_sessions SET heartbeat_at = now(), run_seen_at = %s,
                            run_video = coalesce(%s, run_video), run_cursor = coalesce(%s, run_cursor)
@@ -692,7 +694,7 @@ def run_heartbeat(conn, session_id: int, owner: str, seen_at: datetime, video: d
             return "ok"
         cur.execute("SELECT status, run_owner FROM capture_sessions WHERE id = %s", (session_id,))
         row = _one(cur, "session", session_id)
-        return "lost" if row["status"] == "recording" and row["run_owner"] != owner else "ended"
+        return "lost" if row["run_owner"] != owner else "ended"
 
 
 # How long the run has not been heard of, by the database's clock. Counted from the server's start at the

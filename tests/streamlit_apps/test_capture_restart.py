@@ -343,3 +343,38 @@ def test_the_webcam_file_of_a_dead_process_is_kept_as_it_is(page, seeded, frames
         assert videos == [] and not path.exists()
     shared2 = tab2.session_state["capture_shared"]
     assert shared2.recorder.active and shared2.recorder.path != path  # the rest goes to a new file
+
+
+def test_a_stalled_window_whose_run_was_taken_over_and_stopped_writes_nothing_more(page, seeded):
+    """Its process stalled (SIGSTOP, swapped out) past LEFT_AFTER_S, another process took the run over and
+    stopped it. The stalled window's heartbeat said 'ended' (the session is no longer recording), not 'lost',
+    and its tick went on: it ran its plan on, marking the interval the take-over cut (which clears its
+    discarded flag) and the ones after it, in a session that ended before them. It must let go: the session is
+    another run's. (A session closed elsewhere while still this run's is recorded on: test_capture_store.)"""
+    conn, uid = seeded["conn"], seeded["user"]["id"]
+    tab1, run = start_on_page(page, uid, hold=1.0, rest=0.5)  # REST 0-0.5, fist 0.5-1.5, REST 1.5-2
+    sid = run.session_id
+    time.sleep(max(0.0, run.t_start + 0.8 - time.time()))  # into the fist
+    left_at = last_beat(run, tab1)
+    process_dies()  # as seen from the next process; tab1's process is only stalled
+    wait_until_stale()
+    time.sleep(max(0.0, run.t_start + 2.2 - time.time()))  # by its own clock the plan is over
+
+    tab2 = next_process_page(page, uid)
+    tab2.button(key=f"stop_left_{sid}").click()
+    tab2.run()
+    assert not tab2.exception, tab2.exception
+    stopped = repo.get_session(conn, sid)
+    assert stopped["status"] == "aborted"
+
+    tab1.run()  # the stalled process wakes up: its window's next tick
+    assert not tab1.exception, tab1.exception
+    assert tab1.session_state["capture_shared"].run is None
+    s = repo.get_session(conn, sid)
+    rest0, fist, rest1 = sorted(s["intervals"], key=lambda i: i["ordinal"])
+    assert fist["discarded"] and fist["ended_at"] == capture.utc(left_at)
+    assert rest1["started_at"] is None
+    assert (s["status"], s["ended_at"]) == ("aborted", stopped["ended_at"])
+    assert [i["id"] for i in trained_on(s)] == [rest0["id"]]
+    assert f"Session #{sid} goes on in another window" in texts(tab1)  # it let go of it
+
