@@ -66,6 +66,37 @@ class Invalid(RepoError):
     pass
 
 
+class RunTakenOver(Conflict):
+    """The capture run writing to a session is no longer the session's run: another window took it over (see
+    take_over_run). It must write nothing more: the new run cut it where it was last seen."""
+
+
+def _own_run(cur, session_id: int, owner: str | None) -> None:
+    """With `owner` (a capture run's name, see run_heartbeat): raise RunTakenOver unless it is still the session's
+    run. The row stays KEY SHARE locked until the transaction ends, so a take-over (SELECT ... FOR UPDATE)
+    waits for the write under way, and a write after it sees the new owner."""
+    if owner is None:
+        return
+    cur.execute("SELECT run_owner FROM capture_sessions WHERE id = %s FOR KEY SHARE", (session_id,))
+    row = _one(cur, "session", session_id)
+    if row["run_owner"] != owner:
+        raise RunTakenOver(f"session {session_id} is recorded by another window now: this one writes nothing more")
+
+
+# An interval write's condition with an owner: its session's run is still that owner (the session row KEY SHARE
+# locked until the write commits, as in _own_run). In the UPDATE itself, so that the write waits on its rows.
+_OWNED = """(%(owner)s::text IS NULL OR session_id IN (SELECT id FROM capture_sessions
+                                                     WHERE run_owner = %(owner)s FOR KEY SHARE))"""
+
+
+def _interval_write_refused(cur, interval_id: int, owner: str | None) -> None:
+    """An owned interval write matched no row: NotFound when the interval is gone, else RunTakenOver."""
+    cur.execute("SELECT session_id FROM session_intervals WHERE id = %s", (interval_id,))
+    row = _one(cur, "interval", interval_id)
+    raise RunTakenOver(f"session {row['session_id']} is recorded by another window now: this one writes nothing "
+                       "more")
+
+
 @contextlib.contextmanager
 def _tx(conn: psycopg2.extensions.connection) -> Iterator[psycopg2.extras.RealDictCursor]:
     """One transaction with a dict cursor; integrity errors become RepoErrors."""
@@ -650,10 +681,13 @@ def start_session(conn, session_id: int, at: datetime | None = None, owner: str 
         return dict(row)
 
 
-def end_session(conn, session_id: int, status: str = "completed", at: datetime | None = None) -> dict:
+def end_session(conn, session_id: int, status: str = "completed", at: datetime | None = None,
+                owner: str | None = None) -> dict:
+    """With `owner`, only while that capture run is the session's (else RunTakenOver)."""
     if status not in ("completed", "aborted"):
         raise Invalid("a session ends as 'completed' or 'aborted'")
     with _tx(conn) as cur:
+        _own_run(cur, session_id, owner)
         cur.execute(f"""UPDATE capture_sessions SET status = %s, ended_at = coalesce(%s, now()),
                            started_at = coalesce(started_at, coalesce(%s, now()))
                         WHERE id = %s AND status IN ('planned', 'recording') RETURNING {_SESSION_COLS}""",
@@ -664,12 +698,14 @@ def end_session(conn, session_id: int, status: str = "completed", at: datetime |
         return dict(row)
 
 
-def extend_session_plan(conn, session_id: int, total_ms: int) -> dict:
+def extend_session_plan(conn, session_id: int, total_ms: int, owner: str | None = None) -> dict:
     """The session now runs until total_ms after its start (a redo inserts time): plan.total_ms, which says
-    when a started session's plan runs out, never moves earlier."""
+    when a started session's plan runs out, never moves earlier. With `owner`, only while that capture run is
+    the session's (else RunTakenOver), as for every write of a run."""
     if int(total_ms) <= 0:
         raise Invalid("a session's planned length must be positive")
     with _tx(conn) as cur:
+        _own_run(cur, session_id, owner)
         cur.execute(f"""UPDATE capture_sessions SET plan = jsonb_set(plan, '{{total_ms}}', to_jsonb(
                             greatest(coalesce((plan->>'total_ms')::bigint, 0), %s::bigint)))
                         WHERE id = %s RETURNING {_SESSION_COLS}""", (int(total_ms), session_id))
@@ -747,32 +783,41 @@ def _session_state_error(cur, session_id: int, action: str) -> None:
 
 
 def mark_interval(conn, interval_id: int, started_at: datetime, ended_at: datetime | None = None,
-                  keep_discarded: bool = False) -> dict:
+                  keep_discarded: bool = False, owner: str | None = None) -> dict:
     """Record when a cue actually started (and ended): training labels samples by these times. Marking
-    clears the discarded flag unless keep_discarded (a late replay of a mark must not undo a redo)."""
+    clears the discarded flag unless keep_discarded (a late replay of a mark must not undo a redo). With
+    `owner`, only while that capture run is the session's (else RunTakenOver)."""
     if ended_at is not None and ended_at <= started_at:
         raise Invalid("an interval must end after it starts")
     with _tx(conn) as cur:
-        cur.execute(f"""UPDATE session_intervals SET started_at = %s, ended_at = %s, discarded = discarded AND %s
-                        WHERE id = %s RETURNING {_INTERVAL_COLS}""",
-                    (started_at, ended_at, bool(keep_discarded), interval_id))
-        return _one(cur, "interval", interval_id)
+        cur.execute(f"""UPDATE session_intervals SET started_at = %(s)s, ended_at = %(e)s,
+                               discarded = discarded AND %(keep)s
+                        WHERE id = %(id)s AND {_OWNED} RETURNING {_INTERVAL_COLS}""",
+                    {"s": started_at, "e": ended_at, "keep": bool(keep_discarded), "id": interval_id, "owner": owner})
+        if (row := cur.fetchone()) is None:
+            _interval_write_refused(cur, interval_id, owner)
+        return dict(row)
 
 
-def discard_interval(conn, interval_id: int) -> dict:
-    """Keep a redone repetition's times for the record but leave it out of training."""
+def discard_interval(conn, interval_id: int, owner: str | None = None) -> dict:
+    """Keep a redone repetition's times for the record but leave it out of training. With `owner`, only while
+    that capture run is the session's (else RunTakenOver)."""
     with _tx(conn) as cur:
-        cur.execute(f"UPDATE session_intervals SET discarded = true WHERE id = %s RETURNING {_INTERVAL_COLS}",
-                    (interval_id,))
-        return _one(cur, "interval", interval_id)
+        cur.execute(f"""UPDATE session_intervals SET discarded = true WHERE id = %(id)s AND {_OWNED}
+                        RETURNING {_INTERVAL_COLS}""", {"id": interval_id, "owner": owner})
+        if (row := cur.fetchone()) is None:
+            _interval_write_refused(cur, interval_id, owner)
+        return dict(row)
 
 
 def add_interval(conn, session_id: int, kind: str, label: str, repetition: int, planned_start_ms: int,
-                 planned_end_ms: int) -> dict:
-    """Append an interval (used when a repetition is redone): it gets the next ordinal."""
+                 planned_end_ms: int, owner: str | None = None) -> dict:
+    """Append an interval (used when a repetition is redone): it gets the next ordinal. With `owner`, only
+    while that capture run is the session's (else RunTakenOver)."""
     if kind not in ("rest", "gesture"):
         raise Invalid("kind must be 'rest' or 'gesture'")
     with _tx(conn) as cur:
+        _own_run(cur, session_id, owner)
         cur.execute("SELECT user_id FROM capture_sessions WHERE id = %s", (session_id,))
         sess = _one(cur, "session", session_id)
         gesture_id = None

@@ -35,6 +35,7 @@ log = logging.getLogger("semg.ui")
 
 RepoError = repo.RepoError
 NotFound = repo.NotFound
+RunTakenOver = repo.RunTakenOver
 GESTURE_LIBRARY = repo.GESTURE_LIBRARY
 REST = repo.REST
 
@@ -317,21 +318,26 @@ def recording_on_device(device_id: int) -> dict | None:
     return _repo(repo.recording_on_device, device_id)
 
 
-def end_session(session_id: int, status: str = "completed", at: datetime | None = None) -> dict:
-    return _repo(repo.end_session, session_id, status, at)
+def end_session(session_id: int, status: str = "completed", at: datetime | None = None,
+                owner: str | None = None) -> dict:
+    return _repo(repo.end_session, session_id, status, at, owner)
 
 
-def end_session_once(session_id: int, status: str, at: datetime | None = None) -> tuple[dict, bool]:
+def end_session_once(session_id: int, status: str, at: datetime | None = None,
+                     owner: str | None = None) -> tuple[dict, bool]:
     """(session, ended here): a session already ended elsewhere (another tab's 'Close it') is returned as it is,
-    so the recording tab can still close its video and stop."""
+    so the recording tab can still close its video and stop. RunTakenOver when `owner` (the run ending it) is
+    no longer the session's run."""
     try:
-        return end_session(session_id, status, at), True
+        return end_session(session_id, status, at, owner), True
+    except repo.RunTakenOver:
+        raise
     except repo.Conflict:
         return get_session(session_id), False
 
 
-def extend_session_plan(session_id: int, total_ms: int) -> dict:
-    return _repo(repo.extend_session_plan, session_id, total_ms)
+def extend_session_plan(session_id: int, total_ms: int, owner: str | None = None) -> dict:
+    return _repo(repo.extend_session_plan, session_id, total_ms, owner)
 
 
 def planned_end(session: dict) -> datetime | None:
@@ -342,17 +348,17 @@ def planned_end(session: dict) -> datetime | None:
     return session["started_at"] + timedelta(milliseconds=total_ms)
 
 
-def mark_interval(interval_id: int, started_at: datetime, ended_at: datetime | None) -> dict:
-    return _repo(repo.mark_interval, interval_id, started_at, ended_at)
+def mark_interval(interval_id: int, started_at: datetime, ended_at: datetime | None, owner: str | None = None) -> dict:
+    return _repo(repo.mark_interval, interval_id, started_at, ended_at, owner=owner)
 
 
-def discard_interval(interval_id: int) -> dict:
-    return _repo(repo.discard_interval, interval_id)
+def discard_interval(interval_id: int, owner: str | None = None) -> dict:
+    return _repo(repo.discard_interval, interval_id, owner)
 
 
 def add_interval(session_id: int, kind: str, label: str, repetition: int, planned_start_ms: int,
-                 planned_end_ms: int) -> dict:
-    return _repo(repo.add_interval, session_id, kind, label, repetition, planned_start_ms, planned_end_ms)
+                 planned_end_ms: int, owner: str | None = None) -> dict:
+    return _repo(repo.add_interval, session_id, kind, label, repetition, planned_start_ms, planned_end_ms, owner)
 
 
 def get_session(session_id: int) -> dict:
@@ -1165,22 +1171,25 @@ def video_path_for(user_id: int, session_id: int) -> tuple[Path, str]:
 
 
 class SessionStore:
-    """capture.IntervalStore backed by semg.repo: how a running capture records its intervals."""
+    """capture.IntervalStore backed by semg.repo: how a running capture records its intervals. With `owner`
+    (the run's name, CueRun.owner) every write is refused with RunTakenOver once another window has taken the
+    run over: a window whose process stalled past its heartbeat must not write what it did after."""
 
-    def __init__(self, session_id: int):
-        self.session_id = session_id
+    def __init__(self, session_id: int, owner: str | None = None):
+        self.session_id, self.owner = session_id, owner
 
     def mark(self, interval_id: int, started_at: datetime, ended_at: datetime) -> None:
-        mark_interval(interval_id, started_at, ended_at)
+        mark_interval(interval_id, started_at, ended_at, self.owner)
 
     def discard(self, interval_id: int) -> None:
-        discard_interval(interval_id)
+        discard_interval(interval_id, self.owner)
 
     def extend(self, total_ms: int) -> None:
-        extend_session_plan(self.session_id, total_ms)
+        extend_session_plan(self.session_id, total_ms, self.owner)
 
     def add(self, kind: str, label: str, repetition: int, planned_start_ms: int, planned_end_ms: int) -> int:
-        return add_interval(self.session_id, kind, label, repetition, planned_start_ms, planned_end_ms)["id"]
+        return add_interval(self.session_id, kind, label, repetition, planned_start_ms, planned_end_ms,
+                            self.owner)["id"]
 
 
 # ---- capture interval journal (semg.journal: the API and the training jobs replay the same journals) -------

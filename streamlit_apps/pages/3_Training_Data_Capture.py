@@ -55,11 +55,11 @@ def start_session(user: dict, device: dict, gestures: list[str], reps: int, hold
 def finish(run: capture.CueRun) -> None:
     """End the session (completed or aborted), close the video and register it."""
     # The last marks first (journalled, then stored): the session must not end before its intervals are.
-    run.flush(data.SessionStore(run.session_id))
+    run.flush(data.SessionStore(run.session_id, run.owner))
     status = "completed" if run.state == "done" else "aborted"
     ends = [s.ended for s in run.steps if s.ended is not None]
     end = max(ends) if ends else time.time()
-    session, ended_here = data.end_session_once(run.session_id, status, at=capture.utc(end))
+    session, ended_here = data.end_session_once(run.session_id, status, at=capture.utc(end), owner=run.owner)
     retry = shared.video is not None  # this window ended the session; registering its video failed
     if not ended_here:
         status = session["status"]
@@ -168,6 +168,9 @@ def run_view() -> None:
             st.rerun(scope="app")
         try:
             tick(run)
+        except data.RunTakenOver:  # taken over while this tick ran (its process stalled after the heartbeat)
+            let_go(run)
+            st.rerun(scope="app")
         except data.NotFound:
             if not session_deleted(run.session_id):
                 raise
@@ -181,7 +184,7 @@ def tick(run: capture.CueRun) -> None:
     if beat(run) == "lost":
         let_go(run)
         st.rerun(scope="app")
-    store = data.SessionStore(run.session_id)
+    store = data.SessionStore(run.session_id, run.owner)  # refused once another window took the run over
     try:
         run.advance(time.time(), store)
     except data.Unavailable:  # the cue goes on; the times wait in memory and in the journal
@@ -281,7 +284,7 @@ def take_over_left(session_id: int, resume: bool) -> None:
 def pause_and_go_on(run: capture.CueRun, left_at: float, resume: bool, note: str = "") -> None:
     """A run taken over into this window: paused where it was last seen, then resumed or stopped."""
     session_id = run.session_id
-    store = data.SessionStore(session_id)
+    store = data.SessionStore(session_id, run.owner)
     with contextlib.suppress(data.Unavailable):  # paused all the same; the marks wait in the journal
         run.pause(left_at, store)
     beat(run, force=True)

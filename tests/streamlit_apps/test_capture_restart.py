@@ -378,3 +378,38 @@ def test_a_stalled_window_whose_run_was_taken_over_and_stopped_writes_nothing_mo
     assert [i["id"] for i in trained_on(s)] == [rest0["id"]]
     assert f"Session #{sid} goes on in another window" in texts(tab1)  # it let go of it
 
+
+def test_a_window_stalled_between_its_heartbeat_and_its_writes_writes_nothing_once_taken_over(page, seeded):
+    """Its process stalled in the middle of a tick -- after the heartbeat, before the interval writes (a
+    SIGSTOP, a swap storm, a database call that hung) -- for longer than LEFT_AFTER_S, and another process took
+    the run over and resumed it. When it wakes up it finishes that tick: its writes must be refused (the
+    session's run_owner is no longer its own), not run its plan on -- marking the interval the take-over cut
+    (clearing its discarded flag), labelling samples of the new run's time, and completing the session under
+    the new run."""
+    conn, uid = seeded["conn"], seeded["user"]["id"]
+    tab1, run = start_on_page(page, uid, hold=1.0, rest=0.5)  # REST 0-0.5, fist 0.5-1.5, REST 1.5-2
+    sid = run.session_id
+    time.sleep(max(0.0, run.t_start + 0.8 - time.time()))  # into the fist
+    left_at = last_beat(run, tab1)
+    process_dies()  # as seen from the next process; tab1's process is only stalled
+    wait_until_stale()
+    time.sleep(max(0.0, run.t_start + 2.2 - time.time()))  # by its own clock the plan is over
+
+    tab2 = next_process_page(page, uid)
+    tab2.button(key=f"resume_left_{sid}").click()
+    tab2.run()
+    assert not tab2.exception, tab2.exception
+    new = tab2.session_state["capture_shared"].run
+    assert new is not None and new.state == "running"
+
+    run.beat_at = time.monotonic()  # the stalled tick had beaten just before it stopped
+    tab1.run()  # it wakes up and goes on with that tick
+    assert not tab1.exception, tab1.exception
+    assert tab1.session_state["capture_shared"].run is None
+    assert f"Session #{sid} goes on in another window" in texts(tab1)
+    s = repo.get_session(conn, sid)
+    assert s["status"] == "recording" and repo.recording_runs(conn, uid)[sid]["run_owner"] == new.owner
+    fist = next(i for i in s["intervals"] if i["ordinal"] == 1)
+    assert fist["discarded"] and fist["ended_at"] == capture.utc(left_at)
+    rest1 = next(i for i in s["intervals"] if i["ordinal"] == 2)
+    assert rest1["started_at"] is None  # the new run's to record
