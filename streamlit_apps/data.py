@@ -313,9 +313,10 @@ def take_over_run(session_id: int, old_owner: str, old_heartbeat: datetime, new_
     return _repo(repo.take_over_run, session_id, old_owner, old_heartbeat, new_owner, stale_s)
 
 
-def recording_on_device(device_id: int) -> dict | None:
-    """The session recording on this device now (within its planned time), e.g. in another window, or None."""
-    return _repo(repo.recording_on_device, device_id)
+def recording_on_device(device_id: int, exclude: int | None = None) -> dict | None:
+    """The session recording on this device now (within its planned time), e.g. in another window, or None;
+    `exclude` is a session not to count (the one asking)."""
+    return _repo(repo.recording_on_device, device_id, exclude=exclude)
 
 
 def end_session(session_id: int, status: str = "completed", at: datetime | None = None,

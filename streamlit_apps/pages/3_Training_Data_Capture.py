@@ -23,6 +23,7 @@ SHARED = "capture_shared"
 LAST = "capture_last_result"
 GONE = "capture_run_deleted"
 RESUMED = "capture_resumed_note"
+BUSY = "capture_device_busy"
 if SHARED not in st.session_state:  # one per browser session: the WebRTC thread holds on to it
     st.session_state[SHARED] = capture.CaptureShared()
 shared: capture.CaptureShared = st.session_state[SHARED]
@@ -241,6 +242,22 @@ def video_note() -> str:
     return "No webcam video was recorded before; after resuming, press START on the webcam to record the rest."
 
 
+def device_taken(run: capture.CueRun) -> str | None:
+    """Why the run cannot go on now: another session records on its device (within its planned time). Once a
+    run's planned end has passed while nobody showed it (its window or its process went away), its device is
+    free for a new session; going on with it then would label the same samples twice, each session with its
+    own gestures -- what start_session() refuses. None when it may go on (or when that cannot be told: the
+    resume needs the database anyway)."""
+    with contextlib.suppress(data.RepoError, data.Unavailable):
+        device_id = data.get_session(run.session_id)["device_id"]
+        if device_id is not None and (busy := data.recording_on_device(device_id, exclude=run.session_id)):
+            return (f"Device #{device_id} is recording session #{busy['id']} now (planned to end "
+                    f"{ui.fmt_time(busy['planned_end'])}): going on with this one would label the same signals "
+                    "twice. Stop that session first to resume this one, or stop this one and keep what was "
+                    "recorded.")
+    return None
+
+
 def paused_view(run: capture.CueRun, store: data.SessionStore) -> None:
     """A run taken over after its window went away (a reload): go on, or stop and keep what was recorded."""
     cut = run.steps[run.index]
@@ -248,9 +265,17 @@ def paused_view(run: capture.CueRun, store: data.SessionStore) -> None:
                 + (" and done again when you resume." if cut.kind == "gesture" else ".") if cut.interrupted else "")
     st.warning(f"Paused where the page was left ({ui.fmt_time(capture.utc(run.paused_at))}): everything recorded "
                f"until then is kept.{left_out} {video_note()}", icon=":material/pause_circle:")
+    busy = st.empty()
+    if why := st.session_state.get(BUSY):
+        busy.error(why, icon=":material/block:")
     c1, c2 = st.columns([2, 3])  # room for the long label
     if c1.button("Resume", key="resume", type="primary", width="stretch", icon=":material/play_arrow:",
                  help="Goes on after a rest, from the interval that was under way"):
+        if why := device_taken(run):  # still paused: nothing changed
+            st.session_state[BUSY] = why
+            busy.error(why, icon=":material/block:")
+            return
+        st.session_state.pop(BUSY, None)
         try:
             run.resume(time.time(), store)
         except data.Unavailable:  # still paused: nothing changed
@@ -261,6 +286,7 @@ def paused_view(run: capture.CueRun, store: data.SessionStore) -> None:
             st.session_state[RESUMED] = f"Session #{run.session_id} resumed. {video_note()}"
             st.rerun(scope="app")
     if c2.button("Stop now and keep what was recorded", key="stop_left", width="stretch", icon=":material/stop:"):
+        st.session_state.pop(BUSY, None)
         with contextlib.suppress(data.Unavailable):  # stopped all the same; the marks wait in the journal
             run.abort(time.time(), store)
 
@@ -288,7 +314,9 @@ def pause_and_go_on(run: capture.CueRun, left_at: float, resume: bool, note: str
     with contextlib.suppress(data.Unavailable):  # paused all the same; the marks wait in the journal
         run.pause(left_at, store)
     beat(run, force=True)
-    if resume:
+    if resume and (why := device_taken(run)):  # it stays paused here, with both choices and why
+        st.session_state[BUSY] = why
+    elif resume:
         try:
             run.resume(time.time(), store)
             beat(run, force=True)

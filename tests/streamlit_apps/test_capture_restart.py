@@ -413,3 +413,41 @@ def test_a_window_stalled_between_its_heartbeat_and_its_writes_writes_nothing_on
     assert fist["discarded"] and fist["ended_at"] == capture.utc(left_at)
     rest1 = next(i for i in s["intervals"] if i["ordinal"] == 2)
     assert rest1["started_at"] is None  # the new run's to record
+
+
+def test_a_dead_run_is_not_resumed_over_a_session_recording_on_its_device_since(page, seeded):
+    """Once a dead run's planned end has passed, its device is free for a new session (start_session refuses
+    only within a recording session's planned time). Resuming the dead run then recorded two sessions on the
+    device at once: both label the same samples, each with its own gestures. It stays paused with both choices
+    and says why, until that session ends."""
+    conn, uid = seeded["conn"], seeded["user"]["id"]
+    tab1, run = start_on_page(page, uid, hold=0.5, rest=0.5)  # REST 0-0.5, fist 0.5-1, REST 1-1.5
+    sid = run.session_id
+    time.sleep(max(0.0, run.t_start + 0.7 - time.time()))  # into the fist
+    last_beat(run, tab1)
+    process_dies()
+    time.sleep(max(0.0, run.t_start + 1.8 - time.time(), LEFT_S + 0.3))  # stale, and past its planned end
+
+    tab2, other = start_on_page(page, uid)  # a new session on the same device, in another window
+    assert other is not None and other.session_id != sid
+    tab3 = next_process_page(page, uid)
+    tab3.button(key=f"resume_left_{sid}").click()
+    tab3.run()
+    assert not tab3.exception, tab3.exception
+    mine = tab3.session_state["capture_shared"].run
+    assert mine is not None and mine.state == "paused"  # taken over, not recording over the other session
+    assert f"recording session #{other.session_id} now" in texts(tab3)
+    assert repo.get_session(conn, sid)["plan"]["total_ms"] == 1500  # not extended: no time was added
+    tab3.button(key="resume").click()  # the paused window's own Resume: the same
+    tab3.run()
+    assert not tab3.exception, tab3.exception
+    assert mine.state == "paused" and f"recording session #{other.session_id} now" in texts(tab3)
+
+    tab2.button(key="abort").click()  # that session ends: this one may go on
+    tab2.run()
+    assert repo.get_session(conn, other.session_id)["status"] == "aborted"
+    tab3.button(key="resume").click()
+    tab3.run()
+    assert not tab3.exception, tab3.exception
+    assert mine.state == "running" and f"Session #{sid} resumed" in texts(tab3)
+    assert "recording session #" not in texts(tab3)
