@@ -196,10 +196,14 @@ class CueRun:
         seen = session.get("run_seen_at")
         left_at = max([seen.timestamp() if seen is not None else t_start]
                       + [s.ended for s in run.steps if s.ended is not None])
-        if cursor.get("paused") and run.index < len(run.steps) and run.steps[run.index].ended is not None:
-            cut = run.steps[run.index]  # cut by a pause and not done again yet
-            cut.interrupted = True
-            run.state, run.paused_at = "paused", cut.ended
+        if cursor.get("paused") and run.index < len(run.steps):
+            cut = run.steps[run.index]
+            if cut.ended is not None:  # cut by a pause and not done again yet
+                cut.interrupted = True
+                run.state, run.paused_at = "paused", cut.ended
+            else:  # paused before anything of it happened: nothing was cut, and nothing ran since
+                cut.started = float(cursor["started"]) if cursor.get("started") is not None else left_at
+                run.state, run.paused_at = "paused", cut.started
             return run, left_at
         started = float(cursor["started"]) if cursor.get("started") is not None else t_start
         while run.index < len(run.steps) and run.steps[run.index].ended is not None:  # stored after the cursor

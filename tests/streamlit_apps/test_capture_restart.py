@@ -451,3 +451,48 @@ def test_a_dead_run_is_not_resumed_over_a_session_recording_on_its_device_since(
     assert not tab3.exception, tab3.exception
     assert mine.state == "running" and f"Session #{sid} resumed" in texts(tab3)
     assert "recording session #" not in texts(tab3)
+
+
+def test_a_run_paused_before_its_next_interval_began_is_rebuilt_paused_after_another_restart(page, seeded):
+    """A run taken over from a dead process is paused where it was last seen; when that is where an interval
+    ended (stored after the last heartbeat), nothing of the next one has happened and the pause cuts nothing.
+    While it stays paused (its device records another session, or the database is down) its heartbeat goes on,
+    cursor 'paused'. If this process dies too, the next one must rebuild it paused -- not running from that
+    interval's start until where the paused window was last seen, which marked the intervals of the whole
+    pause as recorded, labelling samples nobody was cued for."""
+    conn, uid = seeded["conn"], seeded["user"]["id"]
+    tab1, run = start_on_page(page, uid, hold=1.0, rest=0.5)  # REST 0-0.5, fist 0.5-1.5, REST 1.5-2
+    sid = run.session_id
+    time.sleep(max(0.0, run.t_start + 0.3 - time.time()))
+    last_beat(run, tab1)  # run_seen_at 0.3
+    time.sleep(max(0.0, run.t_start + 0.6 - time.time()))
+    run.beat_at = time.monotonic()  # a tick between heartbeats: it stores REST 0-0.5, no heartbeat
+    tab1.run()
+    assert not tab1.exception, tab1.exception
+    assert repo.get_session(conn, sid)["intervals"][0]["ended_at"] == capture.utc(run.t_start + 0.5)
+    process_dies()
+    time.sleep(max(0.0, run.t_start + 2.2 - time.time()))  # stale, and past its planned end
+
+    _tab2, other = start_on_page(page, uid)  # its device records another session meanwhile
+    tab3 = next_process_page(page, uid)
+    tab3.button(key=f"resume_left_{sid}").click()
+    tab3.run()
+    assert not tab3.exception, tab3.exception
+    paused = tab3.session_state["capture_shared"].run
+    assert paused is not None and paused.state == "paused"
+    time.sleep(0.5)
+    last_beat(paused, tab3)  # paused, seen later and later
+    process_dies()  # this process dies too
+    wait_until_stale()
+
+    tab4 = next_process_page(page, uid)
+    tab4.button(key=f"stop_left_{sid}").click()
+    tab4.run()
+    assert not tab4.exception, tab4.exception
+    s = repo.get_session(conn, sid)
+    assert s["status"] == "aborted"
+    rest0, fist, rest1 = sorted(s["intervals"], key=lambda i: i["ordinal"])
+    assert fist["started_at"] is None and rest1["started_at"] is None  # never cued after the first death
+    assert [i["id"] for i in trained_on(s)] == [rest0["id"]]
+    assert s["ended_at"] <= capture.utc(run.t_start + 0.6)
+    assert repo.get_session(conn, other.session_id)["status"] == "recording"
