@@ -345,22 +345,26 @@ def test_the_webcam_file_of_a_dead_process_is_kept_as_it_is(page, seeded, frames
     assert shared2.recorder.active and shared2.recorder.path != path  # the rest goes to a new file
 
 
+def stalled_in_the_fist(page, seeded):
+    """A run whose window's process stalls in its fist (REST 0-0.5, fist 0.5-1.5, REST 1.5-2) until its plan is
+    over by its own clock; the next process's capture page. (conn, uid, tab1, run, sid, left_at, tab2)."""
+    conn, uid = seeded["conn"], seeded["user"]["id"]
+    tab1, run = start_on_page(page, uid, hold=1.0, rest=0.5)
+    time.sleep(max(0.0, run.t_start + 0.8 - time.time()))  # into the fist
+    left_at = last_beat(run, tab1)
+    process_dies()  # as seen from the next process; tab1's process is only stalled
+    wait_until_stale()
+    time.sleep(max(0.0, run.t_start + 2.2 - time.time()))  # by its own clock the plan is over
+    return conn, uid, tab1, run, run.session_id, left_at, next_process_page(page, uid)
+
+
 def test_a_stalled_window_whose_run_was_taken_over_and_stopped_writes_nothing_more(page, seeded):
     """Its process stalled (SIGSTOP, swapped out) past LEFT_AFTER_S, another process took the run over and
     stopped it. The stalled window's heartbeat said 'ended' (the session is no longer recording), not 'lost',
     and its tick went on: it ran its plan on, marking the interval the take-over cut (which clears its
     discarded flag) and the ones after it, in a session that ended before them. It must let go: the session is
     another run's. (A session closed elsewhere while still this run's is recorded on: test_capture_store.)"""
-    conn, uid = seeded["conn"], seeded["user"]["id"]
-    tab1, run = start_on_page(page, uid, hold=1.0, rest=0.5)  # REST 0-0.5, fist 0.5-1.5, REST 1.5-2
-    sid = run.session_id
-    time.sleep(max(0.0, run.t_start + 0.8 - time.time()))  # into the fist
-    left_at = last_beat(run, tab1)
-    process_dies()  # as seen from the next process; tab1's process is only stalled
-    wait_until_stale()
-    time.sleep(max(0.0, run.t_start + 2.2 - time.time()))  # by its own clock the plan is over
-
-    tab2 = next_process_page(page, uid)
+    conn, uid, tab1, run, sid, left_at, tab2 = stalled_in_the_fist(page, seeded)
     tab2.button(key=f"stop_left_{sid}").click()
     tab2.run()
     assert not tab2.exception, tab2.exception
@@ -386,16 +390,7 @@ def test_a_window_stalled_between_its_heartbeat_and_its_writes_writes_nothing_on
     session's run_owner is no longer its own), not run its plan on -- marking the interval the take-over cut
     (clearing its discarded flag), labelling samples of the new run's time, and completing the session under
     the new run."""
-    conn, uid = seeded["conn"], seeded["user"]["id"]
-    tab1, run = start_on_page(page, uid, hold=1.0, rest=0.5)  # REST 0-0.5, fist 0.5-1.5, REST 1.5-2
-    sid = run.session_id
-    time.sleep(max(0.0, run.t_start + 0.8 - time.time()))  # into the fist
-    left_at = last_beat(run, tab1)
-    process_dies()  # as seen from the next process; tab1's process is only stalled
-    wait_until_stale()
-    time.sleep(max(0.0, run.t_start + 2.2 - time.time()))  # by its own clock the plan is over
-
-    tab2 = next_process_page(page, uid)
+    conn, uid, tab1, run, sid, left_at, tab2 = stalled_in_the_fist(page, seeded)
     tab2.button(key=f"resume_left_{sid}").click()
     tab2.run()
     assert not tab2.exception, tab2.exception
