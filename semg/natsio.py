@@ -46,6 +46,19 @@ async def connect(service: str, settings: Settings | None = None, **options) -> 
     return nc
 
 
+async def connect_once(service: str, settings: Settings | None = None, timeout: float = 2.0) -> Client:
+    """One connection attempt, for a health probe: a refused or unreachable server fails at once with
+    NoServersError. (nats-py reads max_reconnect_attempts=0 as "no limit" even without reconnecting: a probe
+    of a NATS that was down then waited out its caller's whole timeout and reported only "TimeoutError".)"""
+
+    async def quiet(_e: Exception) -> None:  # the failure is the answer, not a log line
+        return None
+
+    return await connect(service, settings, allow_reconnect=False, max_reconnect_attempts=1,
+                         reconnect_time_wait=0.05, connect_timeout=timeout, error_cb=quiet,
+                         disconnected_cb=None, reconnected_cb=None)
+
+
 def install_shutdown(loop: asyncio.AbstractEventLoop, stop: Callable[[], Awaitable[None]]) -> asyncio.Event:
     """SIGTERM/SIGINT -> run `stop()` (typically nc.drain()) once; returns an event set when it is done."""
     done = asyncio.Event()

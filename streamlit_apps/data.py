@@ -1055,7 +1055,7 @@ def _check_nats(s: Settings) -> dict:
     from semg import natsio
 
     async def ping() -> None:
-        nc = await natsio.connect("ui", s, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=1.5)
+        nc = await natsio.connect_once("ui", s, timeout=1.5)
         try:
             await nc.flush(timeout=1.5)
         finally:

@@ -19,6 +19,8 @@ def test_nats_line_answers_for_the_server_itself(settings, monkeypatch):
     monkeypatch.setenv("NATS_PORT", str(free))
     ok, detail = check_nats(Settings())
     assert not ok and detail.startswith(f"nats://127.0.0.1:{free}: "), detail
+    # refused at once and said so: the probe used to retry until its own 5 s timeout ("TimeoutError: no answer")
+    assert "NoServersError" in detail, detail
 
     # an external NATS with credentials in the URL: the line names the host, never the password
     monkeypatch.setenv("NATS_SERVER", f"nats://semg:s3cret@127.0.0.1:{free}")

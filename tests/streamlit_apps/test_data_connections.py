@@ -32,3 +32,19 @@ def test_connections_killed_by_a_database_restart_are_replaced_at_once(clean_db)
         assert cur.fetchone()[0] >= 4
     assert data._one("SELECT 1 AS ok")["ok"] == 1  # the first query after the restart already works
     assert data._one("SELECT 1 AS ok")["ok"] == 1
+
+
+def test_the_nats_line_says_at_once_that_nats_is_down(settings):
+    """The sidebar's service line (data.health, in parallel, cached 5 s) waited for its NATS probe's whole 3 s
+    timeout whenever NATS was down -- every page render after the cache expired -- and said only 'TimeoutError':
+    the probe now fails on the refused connection and says so."""
+    import socket
+
+    import data
+    ok = data._check_nats(settings)
+    assert ok["ok"], ok
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        free = sock.getsockname()[1]
+    down = data._check_nats(settings.model_copy(update={"nats_port": free, "nats_server": None}))
+    assert not down["ok"] and f"127.0.0.1:{free}" in down["detail"] and "NoServersError" in down["detail"], down
