@@ -294,7 +294,7 @@ def _publish_model_updated(settings: Settings, user_id: int, job_id: int, artifa
     from semg.messages import MODELS_UPDATED, ModelUpdated
 
     async def _send() -> None:
-        nc = await natsio.connect("trainer", settings, max_reconnect_attempts=0, allow_reconnect=False)
+        nc = await natsio.connect_once("trainer", settings)
         try:
             msg = ModelUpdated(userid=user_id, job_id=job_id, artifact_id=artifact_id)
             await nc.publish(MODELS_UPDATED, msg.model_dump_json().encode())
