@@ -70,6 +70,10 @@ class RunTakenOver(Conflict):
     """The capture run writing to a session is no longer the session's run: another window took it over (see
     take_over_run). It must write nothing more: the new run cut it where it was last seen."""
 
+    @classmethod
+    def of(cls, session_id: int) -> RunTakenOver:
+        return cls(f"session {session_id} is recorded by another window now: this one writes nothing more")
+
 
 def _own_run(cur, session_id: int, owner: str | None) -> None:
     """With `owner` (a capture run's name, see run_heartbeat): raise RunTakenOver unless it is still the session's
@@ -80,7 +84,7 @@ def _own_run(cur, session_id: int, owner: str | None) -> None:
     cur.execute("SELECT run_owner FROM capture_sessions WHERE id = %s FOR KEY SHARE", (session_id,))
     row = _one(cur, "session", session_id)
     if row["run_owner"] != owner:
-        raise RunTakenOver(f"session {session_id} is recorded by another window now: this one writes nothing more")
+        raise RunTakenOver.of(session_id)
 
 
 # An interval write's condition with an owner: its session's run is still that owner (the session row KEY SHARE
@@ -89,12 +93,10 @@ _OWNED = """(%(owner)s::text IS NULL OR session_id IN (SELECT id FROM capture_se
                                                      WHERE run_owner = %(owner)s FOR KEY SHARE))"""
 
 
-def _interval_write_refused(cur, interval_id: int, owner: str | None) -> None:
+def _interval_write_refused(cur, interval_id: int) -> None:
     """An owned interval write matched no row: NotFound when the interval is gone, else RunTakenOver."""
     cur.execute("SELECT session_id FROM session_intervals WHERE id = %s", (interval_id,))
-    row = _one(cur, "interval", interval_id)
-    raise RunTakenOver(f"session {row['session_id']} is recorded by another window now: this one writes nothing "
-                       "more")
+    raise RunTakenOver.of(_one(cur, "interval", interval_id)["session_id"])
 
 
 @contextlib.contextmanager
@@ -795,7 +797,7 @@ def mark_interval(conn, interval_id: int, started_at: datetime, ended_at: dateti
                         WHERE id = %(id)s AND {_OWNED} RETURNING {_INTERVAL_COLS}""",
                     {"s": started_at, "e": ended_at, "keep": bool(keep_discarded), "id": interval_id, "owner": owner})
         if (row := cur.fetchone()) is None:
-            _interval_write_refused(cur, interval_id, owner)
+            _interval_write_refused(cur, interval_id)
         return dict(row)
 
 
@@ -806,7 +808,7 @@ def discard_interval(conn, interval_id: int, owner: str | None = None) -> dict:
         cur.execute(f"""UPDATE session_intervals SET discarded = true WHERE id = %(id)s AND {_OWNED}
                         RETURNING {_INTERVAL_COLS}""", {"id": interval_id, "owner": owner})
         if (row := cur.fetchone()) is None:
-            _interval_write_refused(cur, interval_id, owner)
+            _interval_write_refused(cur, interval_id)
         return dict(row)
 
 
