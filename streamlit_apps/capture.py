@@ -21,6 +21,7 @@ wall-clock arrival time, so video time t corresponds to server time started_at +
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -442,6 +443,16 @@ class CueRun:
             self._queue(("extend", round((end - self.t_start) * 1000)))
         self.flush(store)
         return cur
+
+    def forget_unsaved(self) -> None:
+        """Another window took the run over and cut it where this one was last seen: what this one has not
+        stored yet is dropped, from the queue and from its journal, and never written."""
+        with self.lock:
+            self._unsaved.clear()
+            self._unjournaled = 0
+        if self.journal is not None:
+            with contextlib.suppress(OSError):
+                self.journal.clear()
 
     def abort(self, now: float, store: IntervalStore) -> None:
         """Stop here: the current interval is cut at ``now`` (a paused run ends where it was paused). The run is

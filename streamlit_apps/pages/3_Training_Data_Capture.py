@@ -8,6 +8,7 @@ import contextlib
 import secrets
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import capture
 import charts
@@ -53,6 +54,11 @@ def start_session(user: dict, device: dict, gestures: list[str], reps: int, hold
     return True
 
 
+def in_video_dir(path: Path) -> str:
+    """A recording's path as the videos table keeps it: relative to the video dir."""
+    return path.resolve().relative_to(data.settings().video_dir.resolve()).as_posix()
+
+
 def finish(run: capture.CueRun) -> None:
     """End the session (completed or aborted), close the video and register it."""
     # The last marks first (journalled, then stored): the session must not end before its intervals are.
@@ -66,8 +72,7 @@ def finish(run: capture.CueRun) -> None:
         status = session["status"]
     note = "" if ended_here or retry else "It had already been closed in another window. "
     if not retry and (video := shared.recorder.stop()):
-        rel = video["path"].resolve().relative_to(data.settings().video_dir.resolve()).as_posix()
-        shared.video = {**video, "path": rel}  # kept (and journalled) until it is registered
+        shared.video = {**video, "path": in_video_dir(video["path"])}  # kept (and journalled) until it is registered
     if video := shared.video:
         data.record_video(session, video)
         shared.video = None
@@ -127,8 +132,7 @@ def beat(run: capture.CueRun, force: bool = False) -> str:
     rec = shared.recorder
     video = None
     if rec.path is not None:
-        root = data.settings().video_dir.resolve()
-        video = {"path": rec.path.resolve().relative_to(root).as_posix(),
+        video = {"path": in_video_dir(rec.path),
                  "started_at": capture.utc(rec.first).isoformat() if rec.first is not None else None}
     try:
         result = data.run_heartbeat(run.session_id, run.owner, capture.utc(run.seen_at or time.time()), video,
@@ -147,17 +151,12 @@ def let_go(run: capture.CueRun) -> None:
     The webcam file is closed and registered (unless the other window did already)."""
     shared.run = None
     capture.release(run.session_id, shared)
-    with run.lock:
-        run._unsaved.clear()
-    if run.journal is not None:
-        with contextlib.suppress(OSError):
-            run.journal.clear()
+    run.forget_unsaved()
     with contextlib.suppress(OSError):
         video = shared.recorder.stop()
         if video:
-            rel = video["path"].resolve().relative_to(data.settings().video_dir.resolve()).as_posix()
             with contextlib.suppress(data.Unavailable, data.RepoError):  # journalled: registered later
-                data.record_video(data.get_session(run.session_id), {**video, "path": rel})
+                data.record_video(data.get_session(run.session_id), {**video, "path": in_video_dir(video["path"])})
     shared.taken_over = run.session_id
 
 
@@ -392,8 +391,9 @@ def other_process_runs(user_id: int, sessions: dict[int, dict]) -> None:
     once it is capture.LEFT_AFTER_S old by the database's clock (the process showing it died or restarted)."""
     with ui.guard():
         runs = data.recording_runs(user_id)
+        here = {r.session_id for r in capture.runs_of(user_id, shared)}
         for sid, s in sessions.items():
-            if (info := runs.get(sid)) is None or sid in {r.session_id for r in capture.runs_of(user_id, shared)}:
+            if (info := runs.get(sid)) is None or sid in here:
                 continue  # ended meanwhile, or taken into this process
             if info["heartbeat_age_s"] < capture.LEFT_AFTER_S:
                 st.caption(f"Session #{sid} '{s['name']}' is recording in another window (planned to end "
