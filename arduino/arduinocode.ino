@@ -74,7 +74,7 @@ struct Stats {
     uint32_t timer_overruns;   // timer ticks the sampler could not serve (samples never taken)
     uint32_t queue_drops;      // samples lost because the sender fell behind
     uint32_t packets_sent;
-    uint32_t send_failures;    // no WiFi, or the UDP stack refused the packet
+    uint32_t send_failures;    // sends refused (no WiFi, or the UDP stack): the packet is sent again
     uint32_t wifi_reconnects;
 };
 
@@ -197,45 +197,65 @@ static void ensureWifi() {
     }
 }
 
-static void sendDatagram(const uint8_t *data, size_t len) {
-    if (WiFi.status() != WL_CONNECTED) {
-        stats.send_failures++;
-        return;
-    }
-    if (udp.beginPacket(serverIp, SECRET_SERVER_PORT) == 1 && udp.write(data, len) == len && udp.endPacket() == 1) {
+// A packet whose send failed (WiFi went down between loop()'s check and the send, or the UDP stack had no
+// buffer) stays in packetBuf and is sent again before anything newer: its samples have already left the queue,
+// so dropping it would lose them although the outage is shorter than the queue.
+static size_t pendingLen = 0;
+
+static bool sendDatagram(const uint8_t *data, size_t len) {
+    if (WiFi.status() == WL_CONNECTED && udp.beginPacket(serverIp, SECRET_SERVER_PORT) == 1 &&
+        udp.write(data, len) == len && udp.endPacket() == 1) {
         stats.packets_sent++;
-    } else {
-        stats.send_failures++;
+        return true;
     }
+    stats.send_failures++;
+    return false;
 }
 
-static void flushBatch() {
-    if (batchCount == 0) return;
+// Sends the packet left over by a failed send, if any. False while it is still unsent.
+static bool sendPending() {
+    if (pendingLen == 0) return true;
+    if (!sendDatagram(packetBuf, pendingLen)) return false;
+    pendingLen = 0;
+    return true;
+}
+
+// Builds and sends the batch. False when the send failed (the packet is kept as pending).
+static bool flushBatch() {
+    if (batchCount == 0) return true;
     size_t len = semg_build_packet(packetBuf, sizeof packetBuf, SECRET_DEVICE_ID, bootCounter, batchSeq0,
                                    batchMillis0, SEMG_SAMPLE_RATE_HZ, CHANNELS, batchCount, batchValues,
                                    deviceKey, deviceKeyLen, hmacMbedtls, NULL);
-    if (len > 0) {
-        sendDatagram(packetBuf, len);
-    } else {
-        stats.send_failures++;
-    }
     batchCount = 0;
+    if (len == 0) {  // cannot happen with the sizes checked in setup(); counted rather than retried forever
+        stats.send_failures++;
+        return true;
+    }
+    if (sendDatagram(packetBuf, len)) return true;
+    pendingLen = len;
+    return false;
 }
 
-static void queueSample(const Sample &s) {
+// Adds a sample to the batch, sending what is complete. False when a send failed (see pendingLen): the caller
+// stops taking samples off the queue until the pending packet is sent.
+static bool queueSample(const Sample &s) {
 #if SEMG_LEGACY_PROTOCOL
-    char text[160];
-    size_t len = semg_build_legacy(text, sizeof text, SECRET_USER_ID, s.millis, s.v, CHANNELS);
-    if (len > 0) sendDatagram((const uint8_t *)text, len);
+    size_t len = semg_build_legacy((char *)packetBuf, sizeof packetBuf, SECRET_USER_ID, s.millis, s.v, CHANNELS);
+    if (len == 0) return true;
+    if (sendDatagram(packetBuf, len)) return true;
+    pendingLen = len;
+    return false;
 #else
+    bool sent = true;
     // a packet holds consecutive samples only: a gap (overrun, queue drop) starts a new one
-    if (batchCount > 0 && s.seq != batchSeq0 + batchCount) flushBatch();
+    if (batchCount > 0 && s.seq != batchSeq0 + batchCount) sent = flushBatch();
     if (batchCount == 0) {
         batchSeq0 = s.seq;
         batchMillis0 = s.millis;
     }
     memcpy(&batchValues[batchCount * CHANNELS], s.v, CHANNELS * sizeof(int16_t));
-    if (++batchCount == SAMPLES_PER_PACKET) flushBatch();
+    if (++batchCount == SAMPLES_PER_PACKET) sent = flushBatch() && sent;
+    return sent;
 #endif
 }
 
@@ -308,6 +328,11 @@ void loop() {
         printDiagnostics();
         return;
     }
+    if (!sendPending()) {  // WiFi dropped while sending, or the stack refused it: try again next loop()
+        delay(5);
+        printDiagnostics();
+        return;
+    }
     // Take what the sampler has queued (waiting up to 5 ms for a first sample), then return: a sample arrives
     // every 2 ms at 500 Hz, so waiting for the next one each time would never let loop() get back to
     // ensureWifi() and printDiagnostics().
@@ -315,13 +340,13 @@ void loop() {
     if (xQueueReceive(sampleQueue, &s, pdMS_TO_TICKS(5)) == pdTRUE) {
         UBaseType_t more = uxQueueMessagesWaiting(sampleQueue);
         for (;;) {
-            queueSample(s);
+            bool sent = queueSample(s);
             if (s.seq >= SEQ_RESTART_AT) {
-                flushBatch();
+                if (sent) flushBatch();
                 Serial.println("semg: sequence number nearly exhausted; restarting (new boot)");
                 ESP.restart();
             }
-            if (more == 0 || xQueueReceive(sampleQueue, &s, 0) != pdTRUE) break;
+            if (!sent || more == 0 || xQueueReceive(sampleQueue, &s, 0) != pdTRUE) break;
             more--;
         }
     }

@@ -222,7 +222,9 @@ def test_a_wifi_outage_shorter_than_the_queue_loses_nothing_and_diagnostics_keep
     down = [d for d in before + during if d["wifi"] == "DOWN"]
     assert down and down[-1]["queued"] > 0.5 * RATE, r.out  # the samples wait in the queue...
     assert all(d["wifi"] == "up" for d in after) and after[-1]["wifi_retries"] >= 1, r.out
-    assert after[-1]["queue_drops"] == 0 and after[-1]["send_failures"] == 0, r.out
+    # a send may be refused if WiFi goes in the moment between loop()'s status check and the send (the packet is
+    # sent again, test_wifi_lost_during_a_send_loses_no_sample); it is the only way a send can fail here
+    assert after[-1]["queue_drops"] == 0 and after[-1]["send_failures"] <= 1, r.out
     assert after[-1]["sent"] > after[0]["sent"] > before[-1]["sent"]
 
     server.wait_settled()
@@ -235,11 +237,41 @@ def test_a_wifi_outage_shorter_than_the_queue_loses_nothing_and_diagnostics_keep
     assert server.metrics()["devices"][str(device.id)]["lost_samples"] == last + 1 - len(got)
 
 
+def test_wifi_lost_during_a_send_loses_no_sample(sim_object, device, server):
+    """WiFi going down between loop()'s status check and the send: the refused packet's samples have left the
+    queue already, so the sketch must keep the packet and send it again once WiFi is back."""
+    exe = device.build(sim_object, "DIAG_INTERVAL_MS=500", "WIFI_RETRY_MS=300")
+    ap = device.tmp / "access-point"
+    ap.touch()
+    proc = start(exe, 3000, SIM_NVS_DIR=str(device.tmp / "nvs"), SIM_WIFI_FILE=str(ap),
+                 SIM_WIFI_AUTORECONNECT="0", SIM_WIFI_DROP_AT_SEND="20")  # the 20th send, ~1 s in
+    deadline = time.monotonic() + 10
+    while ap.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    assert not ap.exists(), "the simulator never dropped WiFi during a send"
+    time.sleep(0.4)
+    ap.touch()
+    r = finish(proc)
+    assert r.returncode == 0, (r.returncode, r.out, r.err)
+    lines = r.out.splitlines()
+    joined = [i for i, line in enumerate(lines) if line.startswith("semg: WiFi connected")]
+    assert len(joined) == 2, r.out
+    after = [diag_fields(m) for line in lines[joined[1]:] if (m := DIAG.search(line))]
+    assert after and after[-1]["send_failures"] == 1 and after[-1]["queue_drops"] == 0, r.out
+
+    server.wait_settled()
+    got = samples_of(device.blocks(), boot=1)
+    last = max(got)
+    assert last + 1 >= 0.7 * 2.8 * RATE  # streaming went on after the outage
+    assert set(range(last + 1)) - set(got) == {k for k in r.not_served() if k <= last}, r.err
+    assert all(v == [signal_value(p, k) for p in PINS] for k, v in got.items())
+
+
 def test_a_longer_wifi_outage_keeps_the_queue_and_drops_and_counts_the_rest(sim_object, device, server):
     queue = 200  # 0.4 s at 500 Hz, so a 1.2 s outage overflows it
     r, lost, joined, parsed = wifi_outage(sim_object, device, f"QUEUE_SAMPLES={queue}")
     after = [d for i, d in parsed if i > joined]
-    assert after and after[-1]["queue_drops"] > 0 and after[-1]["send_failures"] == 0, r.out
+    assert after and after[-1]["queue_drops"] > 0 and after[-1]["send_failures"] <= 1, r.out  # as above
 
     server.wait_settled()
     got = samples_of(device.blocks(), boot=1)

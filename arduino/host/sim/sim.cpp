@@ -13,6 +13,8 @@
  *                     as when the core's auto-reconnect gives up.
  *   SIM_WIFI_JOIN_MS  joining (WiFi.begin(), or the driver's own rejoin) takes this long before the station is
  *                     connected (default 0); WiFi.disconnect() abandons a join under way, as on the device.
+ *   SIM_WIFI_DROP_AT_SEND=N  the access point leaves range (SIM_WIFI_FILE is removed) during the N-th
+ *                     endPacket(), which fails: WiFi lost between the sketch's status check and its send.
  *   SIM_RUN_MS        exit (status 0) after this many ms of run time; SIGTERM/SIGINT also exit with status 0.
  *                     Either prints "sim: exit ..." with the counters below on stderr first.
  *
@@ -546,7 +548,16 @@ static bool wifiUp() {
     return up;
 }
 
+// SIM_WIFI_DROP_AT_SEND: the access point goes out of range in the middle of this send
+static void dropWifiAtSend() {
+    static const char *at = getenv("SIM_WIFI_DROP_AT_SEND");
+    static const char *ap = getenv("SIM_WIFI_FILE");
+    static unsigned long sends = 0;
+    if (at && ap && *ap && ++sends == strtoul(at, nullptr, 10)) unlink(ap);
+}
+
 int WiFiUDP::endPacket() {
+    dropWifiAtSend();
     if (!open_ || fd_ < 0 || !wifiUp()) return 0;
     struct sockaddr_in to;
     memset(&to, 0, sizeof to);
