@@ -296,6 +296,14 @@ def _delete_samples(conn, device_id: int, batch: int) -> int:
     return total
 
 
+# Set in the transaction deleting a users/devices row once its recordings are gone. The cascade's query
+# (sample_blocks WHERE device_id = $1) is planned on statistics that still count the rows just deleted in
+# batches (until the next ANALYZE): on a database with a few users it chose a sequential scan of everyone's
+# recordings (0.4 s for the user, 0.3 s for a device, on 3.5 M blocks: growing with the whole table) where the
+# device index has only the entries just deleted, marked dead, to step over (0.05 s, 0.04 s).
+_CASCADE_BY_INDEX = "SET LOCAL enable_seqscan TO off"
+
+
 def prune_predictions(conn, days: int, batch: int = PREDICTION_BATCH, stop: Callable[[], bool] | None = None,
                       pause_s: float = 0.0) -> dict:
     """Delete the decisions older than `days` days (0 = keep forever), user by user in bounded batches.
@@ -364,6 +372,7 @@ def delete_user(conn, user_id: int, video_dir: Path | None = None, batch: int = 
     with _tx(conn) as cur:
         cur.execute("SELECT path FROM videos WHERE user_id = %s", (user_id,))
         paths = [r["path"] for r in cur.fetchall()]
+        cur.execute(_CASCADE_BY_INDEX)
         cur.execute("DELETE FROM users WHERE id = %s RETURNING id, name, email", (user_id,))
         deleted = _one(cur, "user", user_id)
     removed = 0
@@ -600,6 +609,7 @@ def delete_device(conn, device_id: int, batch: int = SAMPLE_BATCH) -> None:
     get_device(conn, device_id)  # NotFound before anything is deleted
     _delete_samples(conn, device_id, batch)
     with _tx(conn) as cur:
+        cur.execute(_CASCADE_BY_INDEX)
         cur.execute("DELETE FROM devices WHERE id = %s RETURNING id", (device_id,))
         _one(cur, "device", device_id)
 
