@@ -17,6 +17,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 
+# Shortest secrets a person may choose: the UI's sign-in and the API answer anyone who can reach them (the
+# generated ones are 16 and 43 characters).
+MIN_UI_PASSWORD_CHARS = 12
+MIN_SERVICE_KEY_CHARS = 24
+
 
 class SettingsError(RuntimeError):
     """A setting is missing or invalid; the message names the environment variable."""
@@ -72,6 +77,15 @@ class Settings(BaseSettings):
         # `docker run -e SEMG_UI_PASSWORD` or compose passing an unset variable gives "": never a valid secret
         # (an empty UI password would let an empty form sign in); unset means "generated" or "required".
         return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("semg_ui_password", "semg_service_key")
+    @classmethod
+    def _long_enough(cls, v: SecretStr | None, info) -> SecretStr | None:
+        least = MIN_UI_PASSWORD_CHARS if info.field_name == "semg_ui_password" else MIN_SERVICE_KEY_CHARS
+        if v is not None and len(v.get_secret_value().strip()) < least:
+            raise ValueError(f"must be at least {least} characters: it guards a service reachable over the "
+                             "network (unset it to have one generated)")
+        return v
 
     @field_validator("semg_prediction_retention_days", mode="before")
     @classmethod

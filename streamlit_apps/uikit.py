@@ -5,14 +5,18 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import math
+import threading
 import time
-from collections.abc import Iterator
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
 import data
 import streamlit as st
 
 from semg import secrets
+from semg.config import MIN_UI_PASSWORD_CHARS
 
 log = logging.getLogger("semg.ui")
 
@@ -68,6 +72,58 @@ def refuse_uploads() -> None:
         store.remove_session_files(session_id)
 
 
+class SignInGuard:
+    """Wrong UI passwords per client address: after `max_failures` within `window_s`, that address's sign-ins are
+    refused without checking the password until its oldest failure is out of the window. Every session of the
+    UI process shares one guard, so many tabs guess no faster than one. The address is the TCP peer (Streamlit
+    reads no forwarding header, so it cannot be forged); all local clients -- and everyone behind a reverse proxy
+    on this host -- share one ("local"). At most `max_addresses` are remembered (the least recently failed go)."""
+
+    def __init__(self, max_failures: int = 5, window_s: float = 60.0, max_addresses: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_failures, self.window_s, self.max_addresses, self.clock = max_failures, window_s, max_addresses, clock
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _recent(self, address: str, now: float) -> deque[float]:
+        times = self._failures.get(address, deque())
+        while times and times[0] <= now - self.window_s:
+            times.popleft()
+        return times
+
+    def wait_s(self, address: str) -> float:
+        """Seconds until `address` may try a password again (0: now)."""
+        with self._lock:
+            now = self.clock()
+            times = self._recent(address, now)
+            if len(times) < self.max_failures:
+                return 0.0
+            return times[-self.max_failures] + self.window_s - now
+
+    def failed(self, address: str) -> bool:
+        """Count a wrong password from `address`; True when this one locks it out."""
+        with self._lock:
+            now = self.clock()
+            times = self._recent(address, now)
+            times.append(now)
+            self._failures[address] = times
+            self._failures.move_to_end(address)
+            while len(self._failures) > self.max_addresses:
+                self._failures.popitem(last=False)
+            return len(times) == self.max_failures
+
+    def succeeded(self, address: str) -> None:
+        with self._lock:
+            self._failures.pop(address, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._failures.clear()
+
+
+SIGN_IN = SignInGuard()
+
+
 def require_login() -> None:
     """Ask for the UI password (semg.secrets.ui_password) once per browser session; st.stop() until given."""
     if st.session_state.get(AUTH_KEY):
@@ -81,6 +137,11 @@ def require_login() -> None:
         log.exception("the UI password cannot be read")
         st.error("The UI password cannot be read (a file access error); the UI server's log says which file.")
         st.stop()
+    if len(expected.strip()) < MIN_UI_PASSWORD_CHARS:  # someone wrote a short one into the file
+        st.error(f"The UI password (the file `secrets/ui_password` of the server's state directory) is shorter "
+                 f"than {MIN_UI_PASSWORD_CHARS} characters, so nobody is signed in with it: write a longer one "
+                 "there, or run `python -m semg.secrets rotate ui-password`.")
+        st.stop()
     st.title(":material/back_hand: sEMG gesture platform")
     with st.form("semg_login"):
         password = st.text_input("Password", type="password", key="semg_login_password")
@@ -89,9 +150,19 @@ def require_login() -> None:
     st.caption("The password is in the file `secrets/ui_password` of the server's state directory (or set "
                "SEMG_UI_PASSWORD).")
     if submitted:
+        ip = st.context.ip_address  # None for a local client (a mock object under streamlit.testing)
+        address = ip if isinstance(ip, str) and ip else "local"
+        wait = SIGN_IN.wait_s(address)
+        if wait > 0:  # refused unchecked: guessing on gains nothing
+            st.error(f"Too many wrong passwords from your address: try again in {math.ceil(wait)} s.")
+            st.stop()
         if expected and hmac.compare_digest(password.encode(), expected.encode()):  # never an empty password
+            SIGN_IN.succeeded(address)
             st.session_state[AUTH_KEY] = True
             st.rerun()
+        if SIGN_IN.failed(address):
+            log.warning("%d wrong UI passwords from %s within %.0f s: its sign-ins are refused for a while",
+                        SIGN_IN.max_failures, address, SIGN_IN.window_s)
         time.sleep(0.5)  # slows down guessing
         st.error("Wrong password.")
     st.stop()

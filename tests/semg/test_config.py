@@ -61,6 +61,8 @@ def test_clients_reach_an_ipv6_bind_host_through_valid_urls(monkeypatch, bind, u
     ({"SEMG_PREDICTION_RETENTION_DAYS": "1.5"}, "SEMG_PREDICTION_RETENTION_DAYS"),
     ({"SEMG_PREDICTION_RETENTION_DAYS": "ninety"}, "SEMG_PREDICTION_RETENTION_DAYS"),
     ({"SEMG_PREDICTION_RETENTION_DAYS": "100000"}, "SEMG_PREDICTION_RETENTION_DAYS"),
+    ({"SEMG_UI_PASSWORD": "hunter2hunt"}, "SEMG_UI_PASSWORD"),  # 11 characters
+    ({"SEMG_SERVICE_KEY": "k" * 23}, "SEMG_SERVICE_KEY"),
 ])
 def test_invalid_setting_names_the_variable(monkeypatch, env, var):
     with pytest.raises(SettingsError) as e:
@@ -111,6 +113,20 @@ def test_training_yields_to_the_live_path():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["7", "7"]
+
+
+def test_a_chosen_secret_too_short_to_face_the_network_is_refused_without_showing_it(monkeypatch):
+    """The UI's sign-in and the API answer whoever reaches them: a password or key a person sets must be long
+    enough that guessing it online is hopeless; the one-line error never shows the value."""
+    for var, least in [("SEMG_UI_PASSWORD", 12), ("SEMG_SERVICE_KEY", 24)]:
+        short = "Xq7" * 8
+        with pytest.raises(SettingsError) as e:
+            _settings(monkeypatch, **{var: short[:least - 1]})
+        assert var in str(e.value) and f"at least {least} characters" in str(e.value)
+        assert short[:least - 1] not in str(e.value)
+        monkeypatch.delenv(var)
+    s = _settings(monkeypatch, SEMG_UI_PASSWORD="x" * 12, SEMG_SERVICE_KEY="k" * 24)
+    assert s.semg_ui_password.get_secret_value() == "x" * 12 and s.semg_service_key.get_secret_value() == "k" * 24
 
 
 def test_a_blank_or_empty_secret_is_never_used(monkeypatch, tmp_path):

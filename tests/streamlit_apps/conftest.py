@@ -34,6 +34,15 @@ def _fresh_ui_caches():
 
 
 @pytest.fixture(autouse=True)
+def _no_failed_sign_ins_left():
+    """Wrong passwords are counted per address in the UI process (every AppTest is "local" in this one)."""
+    import uikit
+    uikit.SIGN_IN.clear()
+    yield
+    uikit.SIGN_IN.clear()
+
+
+@pytest.fixture(autouse=True)
 def _no_capture_runs_left():
     """Capture runs outlive their window in a process-wide registry (a reloaded page takes them over); ids
     restart with every clean database, so no test may find another test's run there."""
