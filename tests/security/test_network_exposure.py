@@ -57,10 +57,11 @@ def _few_files() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (API_MAX_FILES, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
 
-@pytest.fixture
-def api_server(settings, clean_db):
+@pytest.fixture(scope="module")
+def api_server(settings):
     """The API exactly as supervisord starts it, on a free port, allowed API_MAX_FILES open files (as a small
-    container may be: connection floods then need few sockets); yields (host, port)."""
+    container may be: connection floods then need few sockets); yields (host, port). One for the module: every
+    test here opens its own connections and closes them, and none depends on what the database holds."""
     from semg.embedded import free_port
     port = free_port()
     env = {**os.environ, "SEMG_PYTHON": sys.executable, "API_PORT": str(port), "SEMG_BIND_HOST": "127.0.0.1"}
