@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -152,20 +153,22 @@ def test_service_key_cannot_be_revoked_through_the_api(api, keys):
 
 
 def test_cli_mints_a_working_admin_key(api, settings):
-    out = subprocess.run([sys.executable, "-m", "ml_model.api", "create-key", "--role", "admin", "--name", "ops"],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    key = out.stdout.strip().splitlines()[-1]
-    assert api.get("/keys", headers={"X-API-Key": key}).status_code == 200
-    listed = subprocess.run([sys.executable, "-m", "ml_model.api", "list-keys"], capture_output=True, text=True,
-                            timeout=60)
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ml_model.api", *args], capture_output=True, text=True,
+                              timeout=60)
+
+    # independent processes, two at a time (each imports torch); list-keys only after create-key has finished
+    with ThreadPoolExecutor(2) as pool:
+        out, bad_user = pool.map(lambda args: cli(*args), [("create-key", "--role", "admin", "--name", "ops"),
+                                                           ("create-key", "--role", "user")])
+        assert out.returncode == 0, out.stderr
+        key = out.stdout.strip().splitlines()[-1]
+        assert api.get("/keys", headers={"X-API-Key": key}).status_code == 200
+        listed, bad_admin = pool.map(lambda args: cli(*args), [("list-keys",),
+                                                               ("create-key", "--role", "admin", "--user-id", "1")])
     assert "ops" in listed.stdout and key not in listed.stdout
-    bad = subprocess.run([sys.executable, "-m", "ml_model.api", "create-key", "--role", "user"],
-                         capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "--user-id is required with --role user" in bad.stderr
-    bad = subprocess.run([sys.executable, "-m", "ml_model.api", "create-key", "--role", "admin", "--user-id", "1"],
-                         capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "--user-id goes only with --role user" in bad.stderr
+    assert bad_user.returncode == 2 and "--user-id is required with --role user" in bad_user.stderr
+    assert bad_admin.returncode == 2 and "--user-id goes only with --role user" in bad_admin.stderr
 
 
 def test_every_route_but_health_needs_a_key(api, keys):
