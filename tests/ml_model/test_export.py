@@ -7,6 +7,7 @@ import io
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -123,30 +124,32 @@ def test_cli_export_job_from_database(clean_db, plain, tmp_path):
         job_id = cur.fetchone()[0]
     jobs.store_artifact(clean_db, user["id"], job_id, weights, {**meta, "job_id": job_id})
     out = tmp_path / "job.pt"
-    proc = subprocess.run([sys.executable, "ml_model/TrainMLJob.py", "export", str(job_id), "--format", "torchscript",
-                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report["job_id"] == job_id and report["check"]["torchscript"]["max_abs_diff"] <= TOL
-    assert np.max(np.abs(export.run_torchscript(out.read_bytes(), x)
-                         - artifacts.Predictor(weights, meta).predict_proba(x))) <= TOL
     # --out naming a folder (existing, or to be made: a trailing "/") puts the file in it, under its usual name
     (tmp_path / "exports").mkdir()
-    for folder in (str(tmp_path / "exports"), str(tmp_path / "new") + "/"):
-        proc = subprocess.run([sys.executable, "ml_model/TrainMLJob.py", "export", str(job_id), "--int8", "false",
-                               "--out", folder], cwd=REPO, capture_output=True, text=True, timeout=180)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        path = Path(json.loads(proc.stdout.strip().splitlines()[-1])["path"])
-        assert path.parent == Path(folder) and path.name == f"semg-job{job_id}.onnx" and path.is_file()
+    folders = (str(tmp_path / "exports"), str(tmp_path / "new") + "/")
     # a job without a model says why: it does not exist, or what its status is
     with clean_db.cursor() as cur:
         cur.execute("INSERT INTO training_jobs (user_id, params, status) VALUES (%s, '{}', 'scheduled') RETURNING id",
                     (user["id"],))
         waiting = cur.fetchone()[0]
-    for job, said in (("999999", "job 999999 does not exist"),
-                      (str(waiting), f"job {waiting} is scheduled: it has no model artifact yet")):
-        missing = subprocess.run([sys.executable, "ml_model/TrainMLJob.py", "export", job], cwd=REPO,
-                                 capture_output=True, text=True, timeout=120)
+    runs = [(("export", str(job_id), "--format", "torchscript", "--out", str(out)), 180),
+            *((("export", str(job_id), "--int8", "false", "--out", folder), 180) for folder in folders),
+            (("export", "999999"), 120), (("export", str(waiting)), 120)]
+    with ThreadPoolExecutor(2) as pool:  # independent processes, two at a time (each imports torch)
+        procs = list(pool.map(lambda run: subprocess.run([sys.executable, "ml_model/TrainMLJob.py", *run[0]], cwd=REPO,
+                                                         capture_output=True, text=True, timeout=run[1]), runs))
+    proc, *in_folders, missing_job, waiting_job = procs
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["job_id"] == job_id and report["check"]["torchscript"]["max_abs_diff"] <= TOL
+    assert np.max(np.abs(export.run_torchscript(out.read_bytes(), x)
+                         - artifacts.Predictor(weights, meta).predict_proba(x))) <= TOL
+    for folder, proc in zip(folders, in_folders, strict=True):
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        path = Path(json.loads(proc.stdout.strip().splitlines()[-1])["path"])
+        assert path.parent == Path(folder) and path.name == f"semg-job{job_id}.onnx" and path.is_file()
+    for missing, said in ((missing_job, "job 999999 does not exist"),
+                          (waiting_job, f"job {waiting} is scheduled: it has no model artifact yet")):
         assert missing.returncode == 2 and said in missing.stderr, missing.stderr
 
 
