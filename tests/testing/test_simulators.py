@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -91,8 +90,7 @@ def test_udpsim_follows_a_recording_session_from_its_start(clean_db, udp_server,
     repo.add_gesture(clean_db, user["id"], "fist")
     dev = repo.register_device(clean_db, user["id"], 4, 500.0)
     session = repo.create_session(clean_db, user["id"], dev["id"], ["fist"], repetitions=2, hold_s=4.0, rest_s=4.0)
-    srv = udp_server()
-    time.sleep(2.5)  # the server loads its device list every 2 s
+    srv = udp_server()  # ready once it has loaded the device list, which holds the device registered above
     started = repo.start_session(clean_db, session["id"])["started_at"].timestamp()
     out = _run("udpsim.py", "--device", f"{dev['id']}:{dev['secret_key_hex']}", "--session", str(session["id"]),
                "--duration", "10", "--schedule-out", str(tmp_path / "sched.json"))
