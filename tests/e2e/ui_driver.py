@@ -56,7 +56,10 @@ class Ui:
         """A screenshot of the whole page: Streamlit scrolls inside its main block, so the viewport is made as
         tall as that block for the picture."""
         self.wait_idle()
-        time.sleep(0.8)  # let plotly finish drawing
+        # plotly draws (and redraws after a resize) asynchronously; the other elements are laid out at once
+        plots = self.page.locator('[data-testid="stPlotlyChart"], .js-plotly-plot').count() > 0
+        if plots:
+            time.sleep(0.8)  # let plotly finish drawing
         size = self.page.viewport_size
         height = self.page.evaluate(
             "() => { const m = document.querySelector('[data-testid=\"stMain\"]');"
@@ -65,7 +68,10 @@ class Ui:
         try:
             if height > size["height"]:
                 self.page.set_viewport_size({"width": size["width"], "height": min(int(height) + 40, 6000)})
-                time.sleep(0.8)  # plotly resizes to the new layout
+                if plots:
+                    time.sleep(0.8)  # plotly resizes to the new layout
+                else:  # two animation frames: the new layout is painted (data grids redraw their canvas)
+                    self.page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
             self.page.screenshot(path=str(path), full_page=True)
         finally:
             self.page.set_viewport_size(size)
