@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import re
 import time
+from datetime import UTC, datetime
 
 import pytest
 from playwright.sync_api import expect
@@ -133,12 +134,18 @@ def test_the_whole_journey_in_a_browser(stack, browser_page, screenshots_dir, se
         if why := stack.not_available("inference"):
             pytest.skip(f"inference worker: {why}; the model was trained, live decisions were not checked")
         assert stack.alive("inference"), f"the inference worker died:\n{stack.tail('inference')}"
+        cycling_from = datetime.now(UTC)
         wearer.cycle(GESTURES, hold_s=3.0, rest_s=2.0)
         ui.goto("Realtime Gesture Recognition", "Real-time Gesture Recognition")
         _wait(lambda: repo.recent_predictions(conn, user["id"], limit=5), 180, "live decisions", poll=1)
         cue = browser_page.locator('[data-testid="stHtml"]').filter(has_text="confidence").first
         expect(cue).to_be_visible(timeout=60_000)
-        time.sleep(8)  # a few gestures' worth of timeline
+        # a few gestures' worth of timeline for the picture: until each gesture was decided since the cycling
+        # began (rest 2 s, fist 3 s, rest 2 s, open hand 3 s), or 8 s at most (the fixed wait this was)
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline and not set(GESTURES) <= {
+                p["gesture"] for p in repo.recent_predictions(conn, user["id"], limit=500, since=cycling_from)}:
+            time.sleep(0.5)
         ui.shot("realtime-gesture-recognition")
         preds = repo.recent_predictions(conn, user["id"], limit=500)
         shown = {p["gesture"] for p in preds}
