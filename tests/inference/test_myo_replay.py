@@ -21,6 +21,7 @@ import pytest
 
 from tests.conftest import require_myo_data
 from tests.inference.conftest import REPO, announce_model
+from tests.inference.test_fresh_worker_backlog import _wait_handling
 
 pytestmark = pytest.mark.slow
 
@@ -135,8 +136,8 @@ def test_live_accuracy_matches_offline(clean_db, settings, workers, udp_server):
     dev = repo.register_device(clean_db, user["id"], CHANNELS, RATE)
     announce_model(user["id"], insert_artifact(clean_db, user["id"], weights, meta))
     udp_server()
-    workers(1)
-    time.sleep(3)  # worker: model catalogue and subscriptions
+    proc, = workers(1)
+    _wait_handling(proc, user["id"])  # worker: model catalogue and subscriptions
 
     stream = np.concatenate([r.data for r in test])
     bounds = np.cumsum([0] + [len(r.data) for r in test])  # recording k holds seq bounds[k] .. bounds[k+1]-1
