@@ -149,8 +149,10 @@ def test_a_bad_setting_is_one_line_for_every_database_command(tmp_path):
     cases = [("export", "5"),
              ("pretrain", "--data-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "b"), "--register"),
              ("cancel", "5")]
-    for args in cases:
-        assert_usage_error(cli(*args, env={"API_PORT": "abc"}), "API_PORT")
+    with ThreadPoolExecutor(2) as pool:  # independent processes: two at a time (each starts a Python)
+        procs = list(pool.map(lambda args: cli(*args, env={"API_PORT": "abc"}), cases))
+    for proc in procs:
+        assert_usage_error(proc, "API_PORT")
 
 
 def test_evaluate_on_an_empty_folder_or_with_hidden_folders(tmp_path):

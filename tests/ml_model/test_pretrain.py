@@ -200,8 +200,10 @@ def test_cli_says_when_the_database_is_unreachable(settings):
     from semg.embedded import free_port
 
     closed = str(free_port())
-    for args in (("export", "5"), ("cancel", "5"), ("train", "5")):
-        proc = _cli(*args, env={"POSTGRES_PORT": closed})
+    cases = (("export", "5"), ("cancel", "5"), ("train", "5"))
+    with ThreadPoolExecutor(2) as pool:  # independent processes: two at a time (each starts a Python)
+        procs = list(pool.map(lambda args: _cli(*args, env={"POSTGRES_PORT": closed}), cases))
+    for args, proc in zip(cases, procs, strict=True):
         assert proc.returncode == 2, (args, proc.stderr[-2000:])
         assert "database unreachable" in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr[-2000:])
 
