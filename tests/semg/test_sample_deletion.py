@@ -198,7 +198,9 @@ def test_blocks_arriving_from_a_live_device_while_deleting_it_are_removed_too(cl
         while sent[a1] < 5:  # it is live before the delete starts
             time.sleep(0.01)
         repo.delete_device(clean_db, a1)
-        time.sleep(0.1)  # its next packets are refused
+        deadline = time.monotonic() + 10  # its next packet is refused (the sender may be slow to try on a busy machine)
+        while not refused and sender.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
     finally:
         stop.set()
         sender.join(30)
