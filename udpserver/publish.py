@@ -281,14 +281,19 @@ class Publisher:
 
     async def connect_forever(self) -> None:
         backoff = 0.5
+        errors = self._async_errors  # _error counts every failed connection attempt
         log.info("connecting to NATS at %s", self.settings.nats_url)
         while self.nc is None and not self._stopping:
             try:  # nats-py itself retries the first connection until it succeeds (unlimited reconnects)
                 self.nc = await natsio.connect("ingest", self.settings, disconnected_cb=self._disconnected,
                                                reconnected_cb=self._reconnected, error_cb=self._error)
-                self._up_since = time.monotonic()
+                # SETTLE_S is for NATS coming back, when every subscriber re-subscribes at the same time; NATS
+                # found up at the first attempt already has its subscribers: publish at once
+                away = self._async_errors != errors
+                self._up_since = time.monotonic() - (0.0 if away else self.SETTLE_S)
                 log.info("connected to NATS at %s", self.settings.nats_url)
             except Exception as e:  # noqa: BLE001 - nats raises several unrelated types when unreachable
+                errors = -1  # NATS was away: the settle applies to the connection that follows
                 log.warning("NATS not reachable (%s); retrying in %.1fs", e or type(e).__name__, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
