@@ -58,17 +58,22 @@ def test_the_login_page_reveals_no_server_path(page, clean_db, settings, monkeyp
     assert "SEMG_UI_PASSWORD" in shown and "ui_password" in shown  # an administrator still knows where to look
     assert str(settings.state_dir) not in shown and str(settings.secrets_dir) not in shown, shown
 
-    from semg.config import get_settings
     (tmp_path / "secrets" / "ui_password").mkdir(parents=True)  # cannot be read as a file
-    monkeypatch.setenv("SEMG_STATE_DIR", str(tmp_path))
+    at, shown = _login_page_in_state_dir(page, monkeypatch, tmp_path)
+    assert "The UI password cannot be read" in shown and str(tmp_path) not in shown, shown
+    assert not at.text_input  # no sign-in form without a password to check against
+
+
+def _login_page_in_state_dir(page, monkeypatch, state_dir):
+    """The sign-in page run once with SEMG_STATE_DIR=state_dir (restored after): (AppTest, its texts)."""
+    from semg.config import get_settings
+    monkeypatch.setenv("SEMG_STATE_DIR", str(state_dir))
     get_settings.cache_clear()
     try:
         at = page("users", login=False)
         at.run()
         assert_clean(at)
-        shown = texts(at)
-        assert "The UI password cannot be read" in shown and str(tmp_path) not in shown, shown
-        assert not at.text_input  # no sign-in form without a password to check against
+        return at, texts(at)
     finally:
         monkeypatch.undo()
         get_settings.cache_clear()
@@ -113,21 +118,11 @@ def test_wrong_passwords_lock_the_address_out_for_a_while_in_every_tab(page, cle
 def test_a_short_password_in_the_file_signs_nobody_in(page, clean_db, monkeypatch, tmp_path):
     """SEMG_UI_PASSWORD must have 12 characters (semg.config); a shorter one written into the secret file by hand
     is not accepted either: the page says so instead of offering a form that a few guesses open."""
-    from semg.config import get_settings
     (tmp_path / "secrets").mkdir(mode=0o700)
     (tmp_path / "secrets" / "ui_password").write_text("admin\n")
-    monkeypatch.setenv("SEMG_STATE_DIR", str(tmp_path))
-    get_settings.cache_clear()
-    try:
-        at = page("users", login=False)
-        at.run()
-        assert_clean(at)
-        shown = texts(at)
-        assert "shorter than 12 characters" in shown and "rotate ui-password" in shown, shown
-        assert not at.text_input
-    finally:
-        monkeypatch.undo()
-        get_settings.cache_clear()
+    at, shown = _login_page_in_state_dir(page, monkeypatch, tmp_path)
+    assert "shorter than 12 characters" in shown and "rotate ui-password" in shown, shown
+    assert not at.text_input
 
 
 def test_the_sign_in_guard_counts_each_address_apart_and_forgets_the_oldest():
