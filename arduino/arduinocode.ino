@@ -220,6 +220,13 @@ static bool sendPending() {
     return true;
 }
 
+// Sends the packet built in packetBuf; when refused it stays there as the pending one. False then.
+static bool sendOrKeep(size_t len) {
+    if (sendDatagram(packetBuf, len)) return true;
+    pendingLen = len;
+    return false;
+}
+
 // Builds and sends the batch. False when the send failed (the packet is kept as pending).
 static bool flushBatch() {
     if (batchCount == 0) return true;
@@ -231,9 +238,7 @@ static bool flushBatch() {
         stats.send_failures++;
         return true;
     }
-    if (sendDatagram(packetBuf, len)) return true;
-    pendingLen = len;
-    return false;
+    return sendOrKeep(len);
 }
 
 // Adds a sample to the batch, sending what is complete. False when a send failed (see pendingLen): the caller
@@ -241,10 +246,7 @@ static bool flushBatch() {
 static bool queueSample(const Sample &s) {
 #if SEMG_LEGACY_PROTOCOL
     size_t len = semg_build_legacy((char *)packetBuf, sizeof packetBuf, SECRET_USER_ID, s.millis, s.v, CHANNELS);
-    if (len == 0) return true;
-    if (sendDatagram(packetBuf, len)) return true;
-    pendingLen = len;
-    return false;
+    return len == 0 || sendOrKeep(len);
 #else
     bool sent = true;
     // a packet holds consecutive samples only: a gap (overrun, queue drop) starts a new one
