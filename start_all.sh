@@ -44,13 +44,13 @@ if ! "$SEMG_PYTHON" -m semg.health --wait "${SEMG_START_TIMEOUT:-180}"; then
   exit 1
 fi
 
-read -r host api_port udp_port < <("$SEMG_PYTHON" -c \
-  'from semg.config import get_settings as g; s = g(); print(s.service_url_host, s.api_port, s.udp_port)')
+read -r ui_url api_url host udp_port < <("$SEMG_PYTHON" -c \
+  'from semg.config import get_settings as g; s = g(); print(s.ui_url, s.api_url, s.service_url_host, s.udp_port)')
 cat <<TXT
 
 The sEMG platform is running.
-  Web UI        http://$host:$UI_PORT      (password: $SEMG_STATE_DIR/secrets/ui_password)
-  REST API      http://$host:$api_port/docs
+  Web UI        $ui_url      (password: $SEMG_STATE_DIR/secrets/ui_password)
+  REST API      $api_url/docs
   Sensors (UDP) $host:$udp_port
   Logs          $SEMG_STATE_DIR/logs/
 Stop everything with ./stop_all.sh

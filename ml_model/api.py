@@ -38,7 +38,7 @@ from ml_model.rest.routes import sessions as sessions_routes
 from ml_model.rest.routes import users as users_routes
 from ml_model.rest.serving import ModelRegistry
 from ml_model.rest.state import AppState, State
-from semg import db, natsio, procs, secrets
+from semg import db, natsio, procs, secrets, tls
 from semg.config import SettingsError, get_settings, settings_or_exit
 from semg.messages import MODELS_UPDATED, ModelUpdated
 
@@ -252,8 +252,17 @@ def _serve() -> None:
 
     s = settings_or_exit("api")
     logging.basicConfig(level=s.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        tls_context = tls.server_context(s)
+    except tls.TlsError as e:
+        print(f"api: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    https = {}
+    if tls_context is not None:
+        https = {"ssl_certfile": str(s.tls_files[0]), "ssl_context_factory": lambda _config, _default: tls_context,
+                 "loop": "ml_model.rest.connections:handshake_bound_loop"}
     uvicorn.run("ml_model.api:app", host=s.semg_bind_host, port=s.api_port, log_level=s.log_level.lower(),
-                access_log=False, http=GuardedHttp)
+                access_log=False, http=GuardedHttp, **https)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,6 +51,7 @@ import logging
 import math
 import os
 import socket
+import ssl
 import sys
 import time
 from collections import deque
@@ -68,7 +69,7 @@ from ml_model import postprocessing
 from ml_model import preprocessing as pp
 from ml_model.preprocessing import MAX_BRIDGE_FRACTION, max_bridged
 from ml_model.rest.schemas import MAX_PREDICT_ITEMS
-from semg import db, natsio, procs, repo, secrets
+from semg import db, natsio, procs, repo, secrets, tls
 from semg.config import Settings, settings_or_exit
 from semg.messages import (
     MODELS_UPDATED,
@@ -685,11 +686,14 @@ class ApiClient:
     against 1200-1250 us, which at ~150 calls/s is a tenth of a core on the live path.
     """
 
-    def __init__(self, base_url: str, api_key: str, timeout_s: float, max_connections: int):
+    def __init__(self, base_url: str, api_key: str, timeout_s: float, max_connections: int,
+                 tls_context: ssl.SSLContext | None = None):
+        # tls_context: semg.tls.client_context (the API's pinned certificate) when the API serves HTTPS
         self._session = aiohttp.ClientSession(
             base_url=base_url.rstrip("/") + "/", headers={"X-API-Key": api_key},
             timeout=aiohttp.ClientTimeout(total=timeout_s),
-            connector=aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=60))
+            connector=aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=60,
+                                           ssl=tls_context if tls_context is not None else True))
 
     async def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
         headers = {"Content-Type": "application/json"} if body is not None else None
@@ -1226,7 +1230,7 @@ class Worker:
         self.membership = Membership(self.settings)
         await asyncio.to_thread(self.membership.poll)
         self.http = ApiClient(self.opts.api_url, secrets.service_api_key(self.settings), self.opts.http_timeout_s,
-                              self.opts.max_inflight + 2)
+                              self.opts.max_inflight + 2, tls.client_context(self.settings))
         self.nc = await natsio.connect("inference", self.settings)
         await self.nc.subscribe(MODELS_UPDATED, cb=self.on_models_updated)
 
@@ -1270,6 +1274,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--votes must be >= 1 and --min-confidence in [0, 1]")
     if not 1 <= len(args.unsure_label) <= 80 or args.unsure_label != args.unsure_label.strip():
         p.error("--unsure-label (SEMG_INFERENCE_UNSURE_LABEL) must be 1-80 characters without surrounding spaces")
+    if problem := tls.problem(s):  # it trusts the API's certificate from SEMG_TLS_CERT_FILE
+        print(f"inference: {problem}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=s.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     opts = Options(api_url=args.api_url, votes=args.votes, min_confidence=args.min_confidence,

@@ -51,6 +51,12 @@ class Settings(BaseSettings):
     # Ingestion metrics endpoint of the UDP server (HTTP, local only by default).
     udp_metrics_port: Port = 8082
 
+    # HTTPS for the web UI, the API and the UDP server's metrics: a PEM certificate (or chain) and its private key,
+    # both or neither (semg.tls). Unset = plain HTTP, fine on 127.0.0.1; on a network the UI password and API keys
+    # would cross it readable, and browsers allow the capture page's webcam only over HTTPS (or on localhost).
+    semg_tls_cert_file: Path | None = None
+    semg_tls_key_file: Path | None = None
+
     # Service-to-service API key used by the inference worker and the UI (generated when embedded).
     semg_service_key: SecretStr | None = None
     # Password of the web UI login (generated when unset and the state dir is writable).
@@ -66,7 +72,8 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
-    @field_validator("postgres_host", "nats_server", "nats_user", mode="before")
+    @field_validator("postgres_host", "nats_server", "nats_user", "semg_tls_cert_file", "semg_tls_key_file",
+                     mode="before")
     @classmethod
     def _blank_is_unset(cls, v: object) -> object:
         return None if isinstance(v, str) and not v.strip() else v
@@ -109,6 +116,10 @@ class Settings(BaseSettings):
             raise ValueError("POSTGRES_PASSWORD is required when POSTGRES_HOST is set (external database)")
         if self.nats_server and self.nats_user and self.nats_password is None:
             raise ValueError("NATS_PASSWORD is required when NATS_USER is set")
+        if (self.semg_tls_cert_file is None) != (self.semg_tls_key_file is None):
+            given, missing = (("SEMG_TLS_CERT_FILE", "SEMG_TLS_KEY_FILE") if self.semg_tls_key_file is None
+                              else ("SEMG_TLS_KEY_FILE", "SEMG_TLS_CERT_FILE"))
+            raise ValueError(f"{given} is set but {missing} is not: HTTPS needs the certificate and its key")
         return self
 
     # ---- derived values -------------------------------------------------------------------------
@@ -157,9 +168,26 @@ class Settings(BaseSettings):
         return self.postgres_host or self.service_host
 
     @property
+    def tls_files(self) -> tuple[Path, Path] | None:
+        """(certificate, key) the HTTP services serve HTTPS with, or None for plain HTTP (semg.tls checks them)."""
+        if self.semg_tls_cert_file is None or self.semg_tls_key_file is None:
+            return None
+        return self.semg_tls_cert_file.expanduser().resolve(), self.semg_tls_key_file.expanduser().resolve()
+
+    @property
+    def http_scheme(self) -> str:
+        """'https' when the HTTP services serve TLS (SEMG_TLS_CERT_FILE), else 'http'."""
+        return "https" if self.tls_files else "http"
+
+    @property
     def api_url(self) -> str:
         """Where local clients (worker, UI, tests) reach the API."""
-        return f"http://{self.service_url_host}:{self.api_port}"
+        return f"{self.http_scheme}://{self.service_url_host}:{self.api_port}"
+
+    @property
+    def ui_url(self) -> str:
+        """Where local clients reach the web UI."""
+        return f"{self.http_scheme}://{self.service_url_host}:{self.ui_port}"
 
     @property
     def nats_url(self) -> str:
@@ -178,7 +206,7 @@ class Settings(BaseSettings):
     @property
     def udp_metrics_url(self) -> str:
         """The UDP server's metrics endpoint (it listens on semg_bind_host)."""
-        return f"http://{self.service_url_host}:{self.udp_metrics_port}/metrics"
+        return f"{self.http_scheme}://{self.service_url_host}:{self.udp_metrics_port}/metrics"
 
 
 def _client_host(bind_host: str) -> str:

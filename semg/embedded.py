@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from semg import secrets
+from semg import secrets, tls
 from semg.config import Settings, SettingsError, get_settings
 
 # postgres refuses to run as root; when we are root it runs as this unprivileged system user.
@@ -347,6 +347,8 @@ def preflight(settings: Settings | None = None) -> list[str]:
         seen[(port, udp)] = var
         if not host_problem and (problem := _port_problem(var, port, host, udp)):
             problems.append(problem)
+    if tls_problem := tls.problem(s):
+        problems.append(tls_problem)
     if not s.embedded_postgres:
         try:
             with socket.create_connection((s.postgres_host, s.postgres_port), timeout=3):

@@ -18,14 +18,14 @@ from collections.abc import Callable
 import httpx
 import psycopg2
 
-from semg import db
+from semg import db, tls
 from semg.config import Settings, SettingsError, get_settings
 
 
-def _http_ok(url: str, problem: Callable[[httpx.Response], str | None] | None = None) -> tuple[bool, str]:
+def _http_ok(s: Settings, url: str, problem: Callable[[httpx.Response], str | None] | None = None) -> tuple[bool, str]:
     """(ok, detail) of a GET: up when it answers 200 and `problem` (given the answer) finds none."""
     try:
-        r = httpx.get(url, timeout=2)
+        r = httpx.get(url, timeout=2, verify=tls.httpx_verify(s))
     except httpx.HTTPError as e:
         return False, f"{url}: {type(e).__name__}"
     if r.status_code != 200:
@@ -58,7 +58,7 @@ def check_postgres(s: Settings) -> tuple[bool, str]:
 
 def check_udpserver(s: Settings) -> tuple[bool, str]:
     """Up, and able to journal what it accepts (degraded only by PostgreSQL or NATS being away is up: it spools)."""
-    return _http_ok(f"http://{s.service_url_host}:{s.udp_metrics_port}/health", _spool_not_writable)
+    return _http_ok(s, f"{s.http_scheme}://{s.service_url_host}:{s.udp_metrics_port}/health", _spool_not_writable)
 
 
 def check_nats(s: Settings) -> tuple[bool, str]:
@@ -102,9 +102,9 @@ def supervisor_states(s: Settings) -> dict[str, str]:
 def check_all(s: Settings) -> dict[str, tuple[bool, str]]:
     results: dict[str, tuple[bool, str]] = {"postgres": check_postgres(s)}
     results["nats"] = check_nats(s)
-    results["api"] = _http_ok(f"{s.api_url}/health", _status_not_ok)
+    results["api"] = _http_ok(s, f"{s.api_url}/health", _status_not_ok)
     results["udpserver"] = check_udpserver(s)
-    results["ui"] = _http_ok(f"http://{s.service_url_host}:{s.ui_port}/_stcore/health")
+    results["ui"] = _http_ok(s, f"{s.ui_url}/_stcore/health")
     states = supervisor_states(s)
     for prog in ("inference", "trainer"):
         if states:

@@ -26,7 +26,7 @@ import psycopg2.extras
 import psycopg2.pool
 import streamlit as st
 
-from semg import db, journal, repo
+from semg import db, journal, repo, tls
 from semg import secrets as semg_secrets
 from semg.config import Settings, SettingsError, get_settings
 from udpserver import troubleshooting
@@ -1016,7 +1016,7 @@ def _check_database(s: Settings) -> dict:
 def _check_api(s: Settings) -> dict:
     url = f"{s.api_url}/health"
     try:
-        r = httpx.get(url, timeout=1.5)
+        r = httpx.get(url, timeout=1.5, verify=tls.httpx_verify(s))
         body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
         status = body.get("status", f"HTTP {r.status_code}")
         return {"ok": r.status_code == 200 and status == "ok", "detail": f"{status} ({url})", "body": body}
@@ -1030,7 +1030,8 @@ def _udp_metrics_url(s: Settings, query: str) -> str:
 
 def _udp_metrics(s: Settings, url: str) -> httpx.Response:
     """GET the UDP server's /metrics at `url` (_udp_metrics_url); it answers only the service API key."""
-    return httpx.get(url, timeout=1.5, headers={"X-API-Key": semg_secrets.service_api_key(s)})
+    return httpx.get(url, timeout=1.5, headers={"X-API-Key": semg_secrets.service_api_key(s)},
+                     verify=tls.httpx_verify(s))
 
 
 def _check_udp(s: Settings) -> dict:

@@ -169,11 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.batch <= 5000:
         p.error("--batch must be 1..5000")
 
-    from semg import secrets
+    from semg import secrets, tls
     from semg.config import get_settings
     settings = get_settings()
     key = args.api_key or secrets.service_api_key(settings)
-    client = httpx.Client(base_url=args.api_url or settings.api_url, headers={"X-API-Key": key}, timeout=60)
+    client = httpx.Client(base_url=args.api_url or settings.api_url, headers={"X-API-Key": key}, timeout=60,
+                          verify=tls.httpx_verify(settings))
 
     def model_of(user_id: int) -> dict:
         r = client.get(f"/models/{user_id}")

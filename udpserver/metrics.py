@@ -7,10 +7,13 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import ssl
 import time
 from collections.abc import Callable
 
 import orjson
+
+from semg.tls import HANDSHAKE_TIMEOUT_S
 
 log = logging.getLogger("udpserver.metrics")
 
@@ -55,8 +58,8 @@ class MetricsServer:
     HEADER_TIMEOUT_S = 5.0
 
     def __init__(self, host: str, port: int, metrics: Callable[[str], dict], health: Callable[[], tuple[int, dict]],
-                 api_key: Callable[[], str]):
-        self.host, self.port = host, port
+                 api_key: Callable[[], str], tls: ssl.SSLContext | None = None):
+        self.host, self.port, self.tls = host, port, tls
         self.metrics = metrics
         self.health = health
         self.api_key = api_key
@@ -66,7 +69,9 @@ class MetricsServer:
         self.evicted = 0
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port, reuse_address=True)
+        # Over TLS a connection reaches _handle only after its handshake: that has its own time limit.
+        https = {"ssl": self.tls, "ssl_handshake_timeout": HANDSHAKE_TIMEOUT_S} if self.tls is not None else {}
+        self._server = await asyncio.start_server(self._handle, self.host, self.port, reuse_address=True, **https)
 
     async def close(self) -> None:
         if self._server is not None:

@@ -27,7 +27,7 @@ import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
-from semg import db, procs, secrets
+from semg import db, procs, secrets, tls
 from semg.config import Settings, settings_or_exit
 from udpserver.ingest import Ingestor, Record, Resume
 from udpserver.metrics import MetricsServer, RateLimitedLog
@@ -67,6 +67,7 @@ class Server(asyncio.DatagramProtocol):
     def __init__(self, settings: Settings, args: argparse.Namespace):
         self.settings = settings
         self.args = args
+        self.tls = tls.server_context(settings)  # the metrics endpoint's HTTPS, or None
         self.loop = asyncio.get_running_loop()
         self.started = time.time()
         self.ingestor = Ingestor()
@@ -460,11 +461,12 @@ class Server(asyncio.DatagramProtocol):
         self.sock_inode = os.fstat(self.sock.fileno()).st_ino
         self.transport, _ = await self.loop.create_datagram_endpoint(lambda: self, sock=self.sock)
         metrics = MetricsServer(self.settings.semg_bind_host or "127.0.0.1", self.settings.udp_metrics_port,
-                                self.metrics, self.health, lambda: secrets.service_api_key(self.settings))
+                                self.metrics, self.health, lambda: secrets.service_api_key(self.settings),
+                                tls=self.tls)
         await metrics.start()
-        log.info("listening on udp %s:%d, metrics on http://%s:%d/metrics, spool %s",
-                 self.settings.semg_bind_host, self.settings.udp_port, self.settings.semg_bind_host,
-                 self.settings.udp_metrics_port, self.spool.dir)
+        log.info("listening on udp %s:%d, metrics on %s://%s:%d/metrics, spool %s",
+                 self.settings.semg_bind_host, self.settings.udp_port, self.settings.http_scheme,
+                 self.settings.semg_bind_host, self.settings.udp_metrics_port, self.spool.dir)
         self.writer.start()
         tasks = [asyncio.create_task(coro) for coro in (
             self.publisher.connect_forever(), self.publisher.run(), self.registry_loop(),
@@ -514,6 +516,9 @@ def parse_args(argv: list[str] | None, settings: Settings) -> argparse.Namespace
 def main(argv: list[str] | None = None) -> int:
     settings = settings_or_exit("udpserver")
     args = parse_args(argv, settings)
+    if problem := tls.problem(settings):
+        print(f"udpserver: {problem}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         import uvloop  # noqa: PLC0415 - optional speed-up of the datagram path

@@ -9,6 +9,7 @@ a new one closes the oldest still waiting for its request head (or is itself clo
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import resource
 
@@ -80,3 +81,27 @@ class GuardedHttp(HttpToolsProtocol):  # type: ignore[misc,valid-type]
         self._waiting.pop(self, None)
         if not self.transport.is_closing():
             self.transport.close()
+
+
+def handshake_bound_loop() -> asyncio.AbstractEventLoop:
+    """uvicorn's `loop` for HTTPS (it calls an import string's target for each new loop): its usual event loop
+    (uvloop when installed), whose TLS servers drop a connection that has not finished its handshake within
+    semg.tls.HANDSHAKE_TIMEOUT_S instead of asyncio's 60 s. The guard above sees a TLS connection only once its
+    handshake is done, so without this a client that connects and sends nothing would hold a file descriptor
+    for a minute."""
+    from uvicorn.loops.auto import auto_loop_factory
+
+    from semg.tls import HANDSHAKE_TIMEOUT_S
+
+    new_loop = auto_loop_factory(use_subprocess=False)
+    probe = new_loop()
+    base = type(probe)
+    probe.close()
+
+    class HandshakeBoundLoop(base):  # type: ignore[misc,valid-type]
+        async def create_server(self, *args, **kwargs):  # type: ignore[override]
+            if kwargs.get("ssl") is not None:
+                kwargs.setdefault("ssl_handshake_timeout", HANDSHAKE_TIMEOUT_S)
+            return await super().create_server(*args, **kwargs)
+
+    return HandshakeBoundLoop()

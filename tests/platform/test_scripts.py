@@ -181,6 +181,7 @@ def test_the_logs_are_private_to_the_platforms_account(state):
 @pytest.mark.parametrize("var,value,needle", [
     ("UDP_PORT", "not-a-port", "UDP_PORT"),
     ("POSTGRES_HOST", "127.0.0.1", "POSTGRES_PASSWORD"),
+    ("SEMG_TLS_CERT_FILE", "/etc/ssl/semg.pem", "SEMG_TLS_KEY_FILE"),
 ])
 def test_invalid_setting_is_refused_with_one_line(state, var, value, needle):
     r = _run("start_all.sh", _env(state, **{var: value}), timeout=300)

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import configparser
 import contextlib
 import os
 import re
 import resource
-import shlex
 import socket
 import subprocess
 import sys
@@ -18,17 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.processes import stop_group, wait_until_answers
+from tests.processes import stop_group, supervisor_command, wait_until_answers
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _supervisor_command(program: str, env: dict[str, str]) -> list[str]:
-    """The command line supervisord.conf runs for `program`, with its %(ENV_X)s filled in from env."""
-    conf = configparser.RawConfigParser()
-    conf.read(REPO / "supervisord.conf")
-    line = conf.get(f"program:{program}", "command")
-    return shlex.split(re.sub(r"%\(ENV_(\w+)\)s", lambda m: env[m.group(1)], line))
 
 
 @pytest.fixture
@@ -39,7 +29,7 @@ def ui_server(settings):
     env = {**os.environ, "SEMG_PYTHON": sys.executable, "UI_PORT": str(port), "SEMG_BIND_HOST": "127.0.0.1",
            "PYTHONUNBUFFERED": "1"}
     log = open(settings.log_dir / "test-exposure-ui.log", "ab")
-    proc = subprocess.Popen(_supervisor_command("ui", env), cwd=REPO, env=env, stdout=log,
+    proc = subprocess.Popen(supervisor_command("ui", env), cwd=REPO, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -66,7 +56,7 @@ def api_server(settings):
     port = free_port()
     env = {**os.environ, "SEMG_PYTHON": sys.executable, "API_PORT": str(port), "SEMG_BIND_HOST": "127.0.0.1"}
     log = open(settings.log_dir / "test-exposure-api.log", "ab")
-    proc = subprocess.Popen(_supervisor_command("api", env), cwd=REPO, env=env, stdout=log,
+    proc = subprocess.Popen(supervisor_command("api", env), cwd=REPO, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_few_files)
     try:
         wait_until_answers(proc, f"http://127.0.0.1:{port}/health", "the API (see test-exposure-api.log)")
