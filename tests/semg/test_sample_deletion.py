@@ -38,6 +38,17 @@ def _blocks(conn, device_id: int, count: int, tie: int = 1, first: int = 0) -> N
                     {"d": device_id, "n": count, "tie": tie, "first": first})
 
 
+def _packet(conn, user_id: int, device_id: int, seq0: int) -> None:
+    """One block stored as the UDP server stores it: the device named by value (refused by the foreign key once
+    the device is gone; _blocks, selecting from devices, would then insert nothing and say nothing)."""
+    with conn.cursor() as cur:
+        cur.execute("""INSERT INTO sample_blocks (user_id, device_id, seq0, n, channels, sample_rate_hz,
+                                                  device_millis0, device_time0, server_ts, values)
+                       VALUES (%s, %s, %s, 1, 1, 20, %s * 50.0,
+                               timestamptz '2026-01-01' + %s * interval '50 ms', now(), '{1}')""",
+                    (user_id, device_id, seq0, seq0, seq0))
+
+
 def _count(conn, device_id: int | None = None) -> int:
     with conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM sample_blocks WHERE %(d)s::bigint IS NULL OR device_id = %(d)s",
@@ -174,6 +185,7 @@ def test_blocks_arriving_from_a_live_device_while_deleting_it_are_removed_too(cl
     a1, b1 = _device(clean_db, a), _device(clean_db, b)
     _blocks(clean_db, a1, 25_000)
     sent: dict[int, int] = {a1: 0, b1: 0}
+    owner = {a1: a, b1: b}
     refused: list[Exception] = []
     stop = threading.Event()
 
@@ -186,7 +198,7 @@ def test_blocks_arriving_from_a_live_device_while_deleting_it_are_removed_too(cl
                     if dev == a1 and refused:
                         continue
                     try:
-                        _blocks(conn, dev, 1, first=100_000 + sent[dev])
+                        _packet(conn, owner[dev], dev, 100_000 + sent[dev])
                         sent[dev] += 1
                     except psycopg2.errors.ForeignKeyViolation as e:
                         refused.append(e)
