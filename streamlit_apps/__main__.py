@@ -3,11 +3,14 @@
 Listens on SEMG_BIND_HOST:UI_PORT like every other service (a bare ``streamlit run`` listens on every
 interface and reports usage statistics), headless, without a file watcher. Extra arguments go to
 ``streamlit run`` after these, so they win (e.g. ``--server.fileWatcherType auto`` while editing pages).
+
+Streamlit serves with uvicorn, which it configures itself; its defaults face a network badly (a connection that
+never sends a request is kept for ever: enough of them, with no password, leave the UI unreachable), so
+Streamlit runs in this process with the API's guards installed (``guard_streamlits_server``).
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from semg.config import Settings, settings_or_exit  # noqa: E402
 
 
 def command(settings: Settings, extra: list[str]) -> list[str]:
+    """The `streamlit run` command line (the launcher runs it in this process: see main)."""
     https = []
     if settings.tls_files is not None:  # HTTPS (semg.tls): the same certificate as the API's
         https = ["--server.sslCertFile", str(settings.tls_files[0]), "--server.sslKeyFile", str(settings.tls_files[1])]
@@ -28,6 +32,34 @@ def command(settings: Settings, extra: list[str]) -> list[str]:
             "--server.fileWatcherType", "none", "--server.maxUploadSize", "0", *https, *extra]
 
 
+def guard_streamlits_server(settings: Settings) -> None:
+    """Give Streamlit's uvicorn server what the API's has (ml_model.rest.connections): a request head within
+    HEAD_TIMEOUT_S and, beyond max_connections(), the oldest connection still waiting for one closed (websockets
+    of open tabs are never closed); with HTTPS, our TLS context (uvicorn's own allows its 'TLSv1' cipher list)
+    and a bounded handshake. Streamlit has no setting for these, so two of its functions are wrapped; if a
+    Streamlit upgrade renames them this fails at start rather than serving unguarded."""
+    from streamlit.web import bootstrap
+    from streamlit.web.server.starlette import starlette_server
+
+    from ml_model.rest.connections import GuardedHttp, handshake_bound_loop
+
+    kwargs_of = getattr(starlette_server, "_get_uvicorn_config_kwargs", None)
+    if kwargs_of is None or not hasattr(bootstrap, "_get_uvloop_loop_factory"):
+        raise RuntimeError("this Streamlit version configures its server elsewhere: update "
+                           "streamlit_apps.__main__.guard_streamlits_server")
+    tls_context = tls.server_context(settings)
+
+    def guarded_kwargs() -> dict:
+        kwargs = kwargs_of()
+        kwargs["http"] = GuardedHttp
+        if tls_context is not None:
+            kwargs["ssl_context_factory"] = lambda _config, _default: tls_context
+        return kwargs
+
+    starlette_server._get_uvicorn_config_kwargs = guarded_kwargs
+    bootstrap._get_uvloop_loop_factory = lambda: handshake_bound_loop
+
+
 def main(argv: list[str] | None = None) -> None:
     settings = settings_or_exit("streamlit_apps")
     if problem := tls.problem(settings):  # checked here: Streamlit would print a traceback, or prompt for a passphrase
@@ -35,7 +67,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     cmd = command(settings, sys.argv[1:] if argv is None else argv)
     sys.stdout.flush()
-    os.execv(cmd[0], cmd)  # the same process: supervisord's signals reach Streamlit itself
+    guard_streamlits_server(settings)
+    from streamlit.web import cli
+
+    # In this process, as `streamlit run` (supervisord's signals reach Streamlit itself, as with exec before)
+    sys.argv = ["streamlit", *cmd[3:]]
+    cli.main(prog_name="streamlit")
 
 
 if __name__ == "__main__":

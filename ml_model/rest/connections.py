@@ -1,4 +1,4 @@
-"""The API's HTTP protocol: uvicorn's own, with a bound on connections that have not sent a request.
+"""The HTTP protocol of the API and of the web UI (Streamlit's uvicorn, see streamlit_apps.__main__): uvicorn's own, with a bound on connections that have not sent a request.
 
 Uvicorn never closes a connection that has not sent a whole request head: a client on the network could open
 connections and send nothing (or a header line now and then) until the API ran out of file descriptors, and
@@ -10,6 +10,7 @@ a new one closes the oldest still waiting for its request head (or is itself clo
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import resource
 
@@ -47,7 +48,7 @@ class GuardedHttp(HttpToolsProtocol):  # type: ignore[misc,valid-type]
             victim.transport.abort()
             GuardedHttp.evicted += 1
             if GuardedHttp.evicted % 1000 == 1:
-                log.warning("more than %d API connections at once: closing ones that sent no request (%d so far)",
+                log.warning("more than %d HTTP connections at once: closing ones that sent no request (%d so far)",
                             max_connections(), GuardedHttp.evicted)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -83,18 +84,13 @@ class GuardedHttp(HttpToolsProtocol):  # type: ignore[misc,valid-type]
             self.transport.close()
 
 
-def handshake_bound_loop() -> asyncio.AbstractEventLoop:
-    """uvicorn's `loop` for HTTPS (it calls an import string's target for each new loop): its usual event loop
-    (uvloop when installed), whose TLS servers drop a connection that has not finished its handshake within
-    semg.tls.HANDSHAKE_TIMEOUT_S instead of asyncio's 60 s. The guard above sees a TLS connection only once its
-    handshake is done, so without this a client that connects and sends nothing would hold a file descriptor
-    for a minute."""
+@functools.cache
+def _handshake_bound_loop_class() -> type[asyncio.AbstractEventLoop]:
     from uvicorn.loops.auto import auto_loop_factory
 
     from semg.tls import HANDSHAKE_TIMEOUT_S
 
-    new_loop = auto_loop_factory(use_subprocess=False)
-    probe = new_loop()
+    probe = auto_loop_factory(use_subprocess=False)()
     base = type(probe)
     probe.close()
 
@@ -104,4 +100,13 @@ def handshake_bound_loop() -> asyncio.AbstractEventLoop:
                 kwargs.setdefault("ssl_handshake_timeout", HANDSHAKE_TIMEOUT_S)
             return await super().create_server(*args, **kwargs)
 
-    return HandshakeBoundLoop()
+    return HandshakeBoundLoop
+
+
+def handshake_bound_loop() -> asyncio.AbstractEventLoop:
+    """A new event loop for an HTTPS server (uvicorn's `loop` as an import string, Streamlit's server loop): the
+    usual one (uvloop when installed), whose TLS servers drop a connection that has not finished its handshake
+    within semg.tls.HANDSHAKE_TIMEOUT_S instead of asyncio's 60 s. GuardedHttp sees a TLS connection only once
+    its handshake is done, so without this a client that connects and sends nothing would hold a file descriptor
+    for a minute."""
+    return _handshake_bound_loop_class()()

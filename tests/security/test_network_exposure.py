@@ -21,16 +21,24 @@ from tests.processes import stop_group, supervisor_command, wait_until_answers
 REPO = Path(__file__).resolve().parents[2]
 
 
+API_MAX_FILES = 512
+
+
+def _few_files() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (API_MAX_FILES, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
 @pytest.fixture
 def ui_server(settings):
-    """The web UI exactly as supervisord starts it, on a free port; yields its base URL."""
+    """The web UI exactly as supervisord starts it, on a free port, allowed API_MAX_FILES open files like the
+    API below; yields its base URL."""
     from semg.embedded import free_port
     port = free_port()
     env = {**os.environ, "SEMG_PYTHON": sys.executable, "UI_PORT": str(port), "SEMG_BIND_HOST": "127.0.0.1",
            "PYTHONUNBUFFERED": "1"}
     log = open(settings.log_dir / "test-exposure-ui.log", "ab")
     proc = subprocess.Popen(supervisor_command("ui", env), cwd=REPO, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_few_files)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until_answers(proc, base + "/_stcore/health", "the UI (see test-exposure-ui.log)")
@@ -38,13 +46,6 @@ def ui_server(settings):
     finally:
         stop_group(proc)
         log.close()
-
-
-API_MAX_FILES = 512
-
-
-def _few_files() -> None:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (API_MAX_FILES, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +132,44 @@ def test_the_ui_keeps_no_file_uploaded_by_a_tab_that_never_signed_in(ui_server):
     statuses = asyncio.run(attack())
     assert all(s in (204, 413) for s in statuses), statuses
     assert statuses[0] == 413, "a file with a body is refused at once (server.maxUploadSize is 0)"
+
+
+def test_idle_connections_neither_lock_people_out_of_the_ui_nor_stay_open(ui_server):
+    """Streamlit's uvicorn kept a connection that never sent a request open for ever: about as many as the UI
+    may open files, from anyone (no password needed), and nobody could load the UI until they went. It now
+    has the API's guard: a tab already open (its websocket) keeps working, new visitors get in, and a
+    connection that sends nothing is closed (here by the flood, as the oldest waiting; else after
+    HEAD_TIMEOUT_S, which test_the_api_closes_connections_that_send_no_request times for the same guard)."""
+    import websockets
+
+    from ml_model.rest.connections import HEAD_TIMEOUT_S
+    base = ui_server
+    host, port = base.removeprefix("http://").split(":")
+    xsrf = httpx.get(base + "/_stcore/health", timeout=5).cookies["_streamlit_xsrf"]
+
+    async def scenario() -> None:
+        ws, _ = await _unsigned_session(base, xsrf, websockets)  # a tab on the sign-in page
+        idle = socket.create_connection((host, int(port)))
+        opened = time.monotonic()
+        flood: list[socket.socket] = []
+        try:
+            for _ in range(API_MAX_FILES + 200):
+                with contextlib.suppress(OSError):
+                    flood.append(socket.create_connection((host, int(port)), timeout=2))
+            async with httpx.AsyncClient(timeout=10) as c:
+                assert (await c.get(base + "/_stcore/health")).status_code == 200
+                assert (await c.get(base + "/")).status_code == 200
+            pong = await ws.ping()  # the open tab's websocket survived the flood
+            await asyncio.wait_for(pong, 5)
+        finally:
+            for s in flood:
+                s.close()
+            await ws.close()
+        assert _closed_within(idle, opened + HEAD_TIMEOUT_S + 5 - time.monotonic()), \
+            "a connection that sent nothing is still open"
+        idle.close()
+
+    asyncio.run(scenario())
 
 
 @pytest.mark.parametrize("key", [None, "semg_not-a-key"])
