@@ -165,7 +165,8 @@ _ERRORS = {
     403: "this API key may not access that user's data (or this endpoint)",
     404: "a referenced user, device, session, job, gesture, key or model does not exist",
     409: "conflicts with stored data (duplicate, or the state does not allow it)",
-    413: "the request body is too large",
+    413: f"the request body is too large: at most {errors.USER_MAX_BODY_BYTES // 2**10} KiB with a user API key (or one "
+         f"that could not be verified), {errors.MAX_BODY_BYTES // 2**20} MiB with an admin or service key",
     503: "the database is unavailable; retry later (Retry-After)",
 }
 

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
 
 from ml_model.rest import keys
+from ml_model.rest.errors import ROLE_SCOPE_KEY
 from ml_model.rest.state import AppState, State
 
 KEY_TTL_S = 5.0
@@ -192,7 +193,11 @@ class KeyBeforeBody:
     """ASGI middleware: a request that carries a body is answered 401 before its body is read unless its
     X-API-Key is valid. FastAPI reads and parses a route's body before it checks the key, so without this anyone
     could make the API parse up to MAX_BODY_BYTES of JSON (over a GB of memory and seconds of a blocked event
-    loop, stalling /predict for everyone) with no key at all. Every route that takes a body needs a key."""
+    loop, stalling /predict for everyone) with no key at all. Every route that takes a body needs a key.
+
+    The verified key's role goes into the scope (ROLE_SCOPE_KEY) for BodySizeLimit, inside this: only admin and
+    service keys may send up to MAX_BODY_BYTES; a user key, or one that could not be verified (the database is
+    down), gets USER_MAX_BODY_BYTES."""
 
     def __init__(self, app) -> None:
         self.app = app
@@ -201,6 +206,7 @@ class KeyBeforeBody:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
+        scope.pop(ROLE_SCOPE_KEY, None)  # only ever set here, from a verified key
         headers = dict(scope.get("headers") or ())
         length = headers.get(b"content-length")
         has_body = b"transfer-encoding" in headers or (length is not None and length.strip() not in (b"", b"0"))
@@ -209,11 +215,11 @@ class KeyBeforeBody:
             key = headers.get(HEADER.lower().encode(), b"").decode("latin-1")
             try:
                 if state is not None:
-                    await get_principal(state, key or None)
+                    scope[ROLE_SCOPE_KEY] = (await get_principal(state, key or None)).role
             except HTTPException as e:
                 await JSONResponse({"detail": e.detail}, status_code=e.status_code, headers=e.headers)(
                     scope, receive, send)
                 return
             except Exception:  # noqa: BLE001, S110 - e.g. the database is down: the route gives its usual answer
-                pass
+                pass  # (and the body, unverified, gets the user limit)
         await self.app(scope, receive, send)

@@ -26,24 +26,44 @@ def _answer(status: int, detail: str, headers: dict[str, str] | None = None) -> 
 
 
 MAX_BODY_BYTES = 128 * 2**20  # above the largest legitimate /predict batch; parsing more would cost GBs
+# Callers whose key is not a verified admin or service key: a `user` key, or one that could not be checked (the
+# database is down). FastAPI parses and validates JSON on the event loop, where the worst body of this size (deep
+# nested lists of one-digit numbers) costs ~0.1 s, not the ~6 s a 128 MB body did, stalling /predict for everyone.
+# As data_b64 (base64 int16) it still holds ~98k values: 245 windows of 8 x 50, or a minute of 8 channels at 200 Hz.
+USER_MAX_BODY_BYTES = 256 * 2**10
+TRUSTED_ROLES = ("admin", "service")
+ROLE_SCOPE_KEY = "semg.role"  # the ASGI scope entry where KeyBeforeBody records the verified key's role
+
+
+def _too_large(limit: int, trusted: bool) -> str:
+    if trusted:
+        return f"request body too large (at most {limit} bytes)"
+    return (f"request body too large: at most {limit} bytes ({limit // 1024} KiB) for a user API key (or one that "
+            f"could not be verified). Send /predict data as data_b64 (the compact form: base64 of little-endian int16, "
+            f"with its shape) or split it into several requests")
 
 
 class BodySizeLimit:
-    """ASGI middleware: a request body over ``max_bytes`` gets 413, whether it says its length or streams it.
+    """ASGI middleware: a request body over its limit gets 413, whether it says its length or streams it.
 
-    Checked before anything parses it (FastAPI reads and parses the body before the API key is checked).
+    Checked before anything parses it (FastAPI reads and parses the body before the API key is checked). The limit
+    is ``max_bytes`` for a verified admin or service key (KeyBeforeBody, outside this, records the role in the
+    scope), else the smaller ``user_max_bytes``: a user key, or a key nobody could verify, may not make the event
+    loop parse seconds' worth of JSON.
     """
 
-    def __init__(self, app, max_bytes: int = MAX_BODY_BYTES) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int = MAX_BODY_BYTES, user_max_bytes: int = USER_MAX_BODY_BYTES) -> None:
+        self.app, self.max_bytes, self.user_max_bytes = app, max_bytes, user_max_bytes
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        trusted = scope.get(ROLE_SCOPE_KEY) in TRUSTED_ROLES
+        limit = self.max_bytes if trusted else min(self.max_bytes, self.user_max_bytes)
         length = dict(scope.get("headers") or ()).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await _answer(413, f"request body too large (at most {self.max_bytes} bytes)")(scope, receive, send)
+        if length is not None and length.isdigit() and int(length) > limit:
+            await _answer(413, _too_large(limit, trusted))(scope, receive, send)
             return
         seen = 0
 
@@ -52,8 +72,8 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise HTTPException(413, f"request body too large (at most {self.max_bytes} bytes)")
+                if seen > limit:
+                    raise HTTPException(413, _too_large(limit, trusted))
             return message
 
         await self.app(scope, limited, send)

@@ -285,3 +285,105 @@ def test_an_oversized_body_is_413_before_it_is_parsed():
 
         r = client.post("/echo", content=chunks(), headers={"Content-Type": "application/json"})
         assert r.status_code == 413, r.text
+
+
+@pytest.fixture
+def parses(monkeypatch):
+    """Counts the request bodies FastAPI parses as JSON (starlette's Request.json)."""
+    from starlette.requests import Request
+
+    seen = []
+    orig = Request.json
+
+    async def json(self):
+        seen.append(self.url.path)
+        return await orig(self)
+
+    monkeypatch.setattr(Request, "json", json)
+    return seen
+
+
+def _predict_body(user_id: int, size: int) -> bytes:
+    """A valid nested-list /predict body of exactly `size` bytes (windows, then spaces)."""
+    import json
+
+    window = np.full((8, 50), -123).tolist()
+    n = (size - 100) // (len(json.dumps(window)) + 2)
+    body = json.dumps({"user_id": user_id, "windows": [window] * n}).encode()
+    assert len(body) <= size
+    return body.ljust(size)
+
+
+def _streamed(body: bytes):
+    """The body in 16 KiB chunks with no Content-Length (Transfer-Encoding: chunked)."""
+    def chunks():
+        for i in range(0, len(body), 16384):
+            yield body[i:i + 16384]
+    return chunks()
+
+
+def test_a_user_keys_body_over_its_limit_is_413_before_it_is_parsed(api, keys, served, parses):
+    """Any valid key could send 128 MB of nested-list JSON to /predict, which FastAPI parses on the event loop
+    (~6 s for 117 MB, /predict stalled for everyone). A user key may send USER_MAX_BODY_BYTES, which still holds
+    245 windows of 8 x 50 int16 samples as data_b64, or ~61 s of 8 channels at 200 Hz; admin and service keys
+    keep MAX_BODY_BYTES."""
+    from ml_model.rest.errors import USER_MAX_BODY_BYTES
+
+    user, _, _ = served()
+    mine = {**keys("user", user["id"]), "Content-Type": "application/json"}
+    body = _predict_body(user["id"], USER_MAX_BODY_BYTES + 1)
+    r = api.post("/predict", content=body, headers=mine)
+    assert r.status_code == 413, r.text[:300]
+    detail = r.json()["detail"]
+    assert str(USER_MAX_BODY_BYTES) in detail and "data_b64" in detail and "split" in detail
+    r = api.post("/predict", content=_streamed(body), headers=mine)
+    assert r.status_code == 413 and r.json()["detail"] == detail, r.text[:300]
+    assert parses == []
+    # under the limit a user key is served as before, e.g. a minute of data in the compact form
+    for data in (_windows(245).astype("<i2"), np.random.default_rng(0).integers(-500, 500, (12_280, 8), "<i2")):
+        compact = {"user_id": user["id"], "data_b64": base64.b64encode(data.tobytes()).decode(),
+                   "shape": list(data.shape), "include_probabilities": False}
+        r = api.post("/predict", json=compact, headers=mine)
+        assert len(r.request.content) <= USER_MAX_BODY_BYTES
+        assert r.status_code == 200, r.text[:300]
+        n = len(data) if data.ndim == 3 else (len(data) - 50) // 5 + 1
+        assert len(r.json()["results"][0]["predictions"]) == n
+    # the oversized body with a service or admin key is served
+    for trusted in (keys.service, keys.admin):
+        r = api.post("/predict", content=body, headers={**trusted, "Content-Type": "application/json"})
+        assert r.status_code == 200, r.text[:300]
+        r = api.post("/predict", content=_streamed(body), headers={**trusted, "Content-Type": "application/json"})
+        assert r.status_code == 200, r.text[:300]
+    assert len(parses) == 2 + 4
+    docs = api.get("/openapi.json").json()["paths"]["/predict"]["post"]
+    assert f"{USER_MAX_BODY_BYTES // 2**10} KiB" in docs["description"] and "data_b64" in docs["description"]
+    assert f"{USER_MAX_BODY_BYTES // 2**10} KiB" in docs["responses"]["413"]["description"]
+
+
+def test_a_key_that_cannot_be_verified_gets_the_user_limit(api, keys, served, parses, monkeypatch):
+    """The database is down and the key is not cached: nobody knows its role, so its body gets the small limit
+    (the route then answers 503 for it, but only after FastAPI has parsed the body)."""
+    from ml_model.api import app
+    from ml_model.rest.errors import USER_MAX_BODY_BYTES
+    from ml_model.rest.pool import DatabaseUnavailable
+
+    user, _, _ = served()
+    admin = {**keys("admin"), "Content-Type": "application/json"}  # never used yet: not in the key cache
+
+    def down():
+        raise DatabaseUnavailable("database unavailable: test")
+
+    small = {"user_id": user["id"], "windows": _windows(1).tolist()}
+    assert api.post("/predict", json=small, headers=keys.service).status_code == 200  # key and model now cached
+    monkeypatch.setattr(app.state.semg.pool, "connection", down)
+    body = _predict_body(user["id"], USER_MAX_BODY_BYTES + 1)
+    r = api.post("/predict", content=body, headers=admin)
+    assert r.status_code == 413 and str(USER_MAX_BODY_BYTES) in r.json()["detail"], r.text[:300]
+    assert api.post("/predict", content=_streamed(body), headers=admin).status_code == 413
+    assert parses == ["/predict"]  # only the service key's first request
+    # under the limit, the route gives its usual answer for an unverifiable key
+    r = api.post("/predict", json=small, headers=admin)
+    assert r.status_code == 503, r.text[:300]
+    # a service key already verified (cached) keeps the large limit while the database is down
+    r = api.post("/predict", content=body, headers={**keys.service, "Content-Type": "application/json"})
+    assert r.status_code == 200, r.text[:300]
