@@ -11,6 +11,8 @@ import logging
 
 import psycopg2
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from ml_model.rest.pool import DatabaseUnavailable
@@ -79,8 +81,33 @@ class BodySizeLimit:
         await self.app(scope, limited, send)
 
 
+MAX_REPORTED_ERRORS = 20
+MAX_ECHOED_INPUT = 200  # characters
+
+
+def _reported(error: dict) -> dict:
+    """A validation error as the 422 shows it: the bad value only when it is short (FastAPI echoed every input,
+    e.g. a whole 256 KiB list for an unexpected field, and encoding it took longer than parsing the body)."""
+    out = {k: v for k, v in error.items() if k != "input"}
+    value = error.get("input")
+    if value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and
+                                                                  len(value) <= MAX_ECHOED_INPUT):
+        out["input"] = value
+    return out
+
+
 def install(app: FastAPI) -> None:
     app.add_middleware(BodySizeLimit)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
+        """FastAPI's 422 (a list of {loc, msg, type, ...}), with at most MAX_REPORTED_ERRORS errors."""
+        errors = e.errors()
+        shown = [_reported(err) for err in errors[:MAX_REPORTED_ERRORS]]
+        if len(errors) > MAX_REPORTED_ERRORS:
+            shown.append({"type": "too_many_errors", "loc": ["body"],
+                          "msg": f"and {len(errors) - MAX_REPORTED_ERRORS} more errors"})
+        return JSONResponse({"detail": jsonable_encoder(shown)}, status_code=422)
 
     @app.exception_handler(repo.NotFound)
     async def _not_found(_: Request, e: repo.NotFound) -> JSONResponse:

@@ -387,3 +387,28 @@ def test_a_key_that_cannot_be_verified_gets_the_user_limit(api, keys, served, pa
     # a service key already verified (cached) keeps the large limit while the database is down
     r = api.post("/predict", content=body, headers={**keys.service, "Content-Type": "application/json"})
     assert r.status_code == 200, r.text[:300]
+
+
+def test_a_422_for_a_big_body_is_short(api, keys, served):
+    """Each bad value was one validation error and FastAPI's 422 listed them all, echoing every input: a user
+    key's 256 KiB of empty strings took seconds of the event loop and answered ~6 MB."""
+    from ml_model.rest.errors import MAX_REPORTED_ERRORS, USER_MAX_BODY_BYTES
+
+    user, _, _ = served()
+    mine = {**keys("user", user["id"]), "Content-Type": "application/json"}
+    n = (USER_MAX_BODY_BYTES - 100) // 8
+    head = b'{"user_id": %d, ' % user["id"]
+    for body in (head + b'"windows": [' + b",".join([b'[[""]]'] * n) + b"]}",  # 43k bad values
+                 head + b'"samples": [' + b",".join([b'[0,""]'] * n) + b"]}",
+                 head + b'"windows": [[[0]]], "junk": [' + b",".join([b'[[0]]'] * n) + b"]}"):  # not echoed
+        assert len(body) <= USER_MAX_BODY_BYTES
+        r = api.post("/predict", content=body, headers=mine)
+        assert r.status_code == 422 and len(r.content) < 1000, (len(r.content), r.text[:300])
+        (error,) = r.json()["detail"]
+        assert error["loc"][0] == "body" and error["msg"] and error["type"]
+    assert error["type"] == "extra_forbidden" and "input" not in error
+    # a body with many independent mistakes: the first MAX_REPORTED_ERRORS, and how many more there were
+    bad = {"user_id": "x", "items": [{"user_id": 0, "windows": [[["a"]]]} for _ in range(30)]}
+    detail = api.post("/predict", json=bad, headers=keys.service).json()["detail"]
+    assert len(detail) == MAX_REPORTED_ERRORS + 1 and detail[-1]["type"] == "too_many_errors"
+    assert detail[0]["input"] == "x"
