@@ -123,15 +123,24 @@ def run(client: httpx.Client, user_id: int, windows: np.ndarray, labels: np.ndar
     ints = np.array_equal(windows, np.round(windows)) and np.abs(windows).max() <= 32767
     dtype, np_dtype = ("int16", "<i2") if ints else ("float32", "<f4")
     t_all = time.perf_counter()
-    for a in range(0, len(windows), batch):
+    a = 0
+    while a < len(windows):
         chunk = np.ascontiguousarray(windows[a:a + batch], dtype=np_dtype)
         body = {"user_id": user_id, "data_b64": base64.b64encode(chunk.tobytes()).decode("ascii"),
                 "shape": list(chunk.shape), "dtype": dtype, "include_probabilities": False}
         t = time.perf_counter()
         r = client.post("/predict", json=body)
+        limit = re.search(r"at most (\d+) bytes", r.text) if r.status_code == 413 else None
+        if limit and len(chunk) > 1:
+            # a user key may send less per request than the service key (the 413 says how much): fewer windows
+            per_window = len(r.request.content) / len(chunk)
+            batch = max(1, min(len(chunk) - 1, int(int(limit.group(1)) * 0.95 / per_window)))
+            log(f"the API takes at most {limit.group(1)} bytes per request with this key: {batch} windows each")
+            continue
         lat_ms.append((time.perf_counter() - t) * 1000)
         if r.status_code != 200:
             raise SystemExit(f"/predict answered {r.status_code}: {r.text[:300]}")
+        a += len(chunk)
         res = r.json()["results"][0]
         model_id = res["model_id"]
         preds += [p["gesture"] for p in res["predictions"]]

@@ -62,3 +62,17 @@ def test_capture_session(api_server, model_user, clean_db):
     # 5 intervals (rest, fist, rest, open, rest); windows of 250 ms every 25 ms after 300 ms reaction time
     assert 150 < report["windows"] <= 175, report  # 3 x 19 + 2 x 59 at most
     assert set(report["per_class_accuracy"]) == {"REST", "fist", "open"}
+
+
+def test_a_user_key_gets_its_windows_through_in_smaller_requests(api_server, model_user, clean_db):
+    """A user key may send 256 KiB per request: 256 windows of 8 x 50 int16 (273 KB as base64) are refused with 413,
+    and the tool then sends as many as fit, instead of stopping."""
+    from ml_model.rest import keys as keystore
+    folder = require_myo_data() / "Female0" / "training0"
+    uid, _, meta = model_user()
+    key = keystore.create_key(clean_db, "user", uid, "test_inference")["key"]
+    everything = _run("--user-id", str(uid), "myo", str(folder), "--cycles", "3")
+    report = _run("--user-id", str(uid), "--api-key", key, "myo", str(folder), "--cycles", "3")
+    assert report["windows"] == everything["windows"] and report["accuracy"] == everything["accuracy"]
+    assert 100 < report["windows_per_request"] < 256 and everything["windows_per_request"] == 256
+    assert report["requests"] == -(-report["windows"] // report["windows_per_request"])
