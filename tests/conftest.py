@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -135,12 +136,21 @@ def db_conn(services):
 
 @pytest.fixture
 def clean_db(db_conn):
-    """Empty every data table (keeps the schema) so a test starts from nothing."""
+    """Empty every data table (keeps the schema) and the webcam videos, so a test starts from nothing: ids start
+    again at 1, and a video left under videos/user1/ by an earlier test would belong to this test's user 1."""
+    from semg.config import get_settings
     with db_conn.cursor() as cur:
         cur.execute("""SELECT string_agg(format('%I', tablename), ', ') FROM pg_tables
                        WHERE schemaname = 'public' AND tablename <> 'schema_version'""")
         tables = cur.fetchone()[0]
         cur.execute(f"TRUNCATE {tables} RESTART IDENTITY CASCADE")
+    videos = get_settings().video_dir
+    if videos.is_dir():
+        for entry in videos.iterdir():
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
     return db_conn
 
 
