@@ -530,6 +530,12 @@ def audit(conn, fleet: Fleet, observer: Observer | None, outages: list[Outage], 
         out["published_packets"] = int((pub & stored).sum())
         out["stored_not_published"] = int((stored & ~pub).sum())
         out["published_not_stored"] = int((pub & ~stored).sum())
+        # when they were sent, on the clock of the log's [HH:MM:SS] lines, to set beside the faults injected then
+        to_wall = time.time() - time.monotonic()
+        out["stored_not_published_examples"] = [
+            (fleet.devices[d].device_id, int(k), time.strftime("%H:%M:%S", time.localtime(sent[d, k] + to_wall))
+             + f".{int((sent[d, k] + to_wall) % 1 * 1000):03d}")
+            for d, k in zip(*np.nonzero(stored & ~pub & was_sent), strict=True)][:10]
     return out
 
 
