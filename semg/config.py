@@ -179,15 +179,19 @@ class Settings(BaseSettings):
         """'https' when the HTTP services serve TLS (SEMG_TLS_CERT_FILE), else 'http'."""
         return "https" if self.tls_files else "http"
 
+    def service_url(self, port: int) -> str:
+        """Where local clients reach this install's HTTP service on `port` (scheme, host and port, no path)."""
+        return f"{self.http_scheme}://{self.service_url_host}:{port}"
+
     @property
     def api_url(self) -> str:
         """Where local clients (worker, UI, tests) reach the API."""
-        return f"{self.http_scheme}://{self.service_url_host}:{self.api_port}"
+        return self.service_url(self.api_port)
 
     @property
     def ui_url(self) -> str:
         """Where local clients reach the web UI."""
-        return f"{self.http_scheme}://{self.service_url_host}:{self.ui_port}"
+        return self.service_url(self.ui_port)
 
     @property
     def nats_url(self) -> str:
@@ -206,7 +210,7 @@ class Settings(BaseSettings):
     @property
     def udp_metrics_url(self) -> str:
         """The UDP server's metrics endpoint (it listens on semg_bind_host)."""
-        return f"{self.http_scheme}://{self.service_url_host}:{self.udp_metrics_port}/metrics"
+        return f"{self.service_url(self.udp_metrics_port)}/metrics"
 
 
 def _client_host(bind_host: str) -> str:

@@ -58,7 +58,7 @@ def check_postgres(s: Settings) -> tuple[bool, str]:
 
 def check_udpserver(s: Settings) -> tuple[bool, str]:
     """Up, and able to journal what it accepts (degraded only by PostgreSQL or NATS being away is up: it spools)."""
-    return _http_ok(s, f"{s.http_scheme}://{s.service_url_host}:{s.udp_metrics_port}/health", _spool_not_writable)
+    return _http_ok(s, f"{s.service_url(s.udp_metrics_port)}/health", _spool_not_writable)
 
 
 def check_nats(s: Settings) -> tuple[bool, str]:
