@@ -11,6 +11,7 @@ Streamlit runs in this process with the API's guards installed (``guard_streamli
 
 from __future__ import annotations
 
+import ssl
 import sys
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def command(settings: Settings, extra: list[str]) -> list[str]:
             "--server.fileWatcherType", "none", "--server.maxUploadSize", "0", *https, *extra]
 
 
-def guard_streamlits_server(settings: Settings) -> None:
+def guard_streamlits_server(tls_context: ssl.SSLContext | None) -> None:
     """Give Streamlit's uvicorn server what the API's has (ml_model.rest.connections): a request head within
     HEAD_TIMEOUT_S and, beyond max_connections(), the oldest connection still waiting for one closed (websockets
     of open tabs are never closed); with HTTPS, our TLS context (uvicorn's own allows its 'TLSv1' cipher list)
@@ -47,7 +48,6 @@ def guard_streamlits_server(settings: Settings) -> None:
     if kwargs_of is None or not hasattr(bootstrap, "_get_uvloop_loop_factory"):
         raise RuntimeError("this Streamlit version configures its server elsewhere: update "
                            "streamlit_apps.__main__.guard_streamlits_server")
-    tls_context = tls.server_context(settings)
 
     def guarded_kwargs() -> dict:
         kwargs = kwargs_of()
@@ -62,12 +62,14 @@ def guard_streamlits_server(settings: Settings) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     settings = settings_or_exit("streamlit_apps")
-    if problem := tls.problem(settings):  # checked here: Streamlit would print a traceback, or prompt for a passphrase
-        print(f"streamlit_apps: {problem}", file=sys.stderr)
-        raise SystemExit(2)
+    try:  # loaded here: Streamlit would print a traceback, or prompt for a passphrase
+        tls_context = tls.server_context(settings)
+    except tls.TlsError as e:
+        print(f"streamlit_apps: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     cmd = command(settings, sys.argv[1:] if argv is None else argv)
     sys.stdout.flush()
-    guard_streamlits_server(settings)
+    guard_streamlits_server(tls_context)
     from streamlit.web import cli
 
     # In this process, as `streamlit run` (supervisord's signals reach Streamlit itself, as with exec before)
