@@ -28,7 +28,7 @@ import torch
 from fastapi import FastAPI
 from pydantic import BaseModel, ValidationError
 
-from ml_model.rest import errors, keys
+from ml_model.rest import auth, errors, keys
 from ml_model.rest.auth import KeyBeforeBody, KeyCache
 from ml_model.rest.pool import ConnectionPool, DatabaseUnavailable
 from ml_model.rest.routes import jobs as jobs_routes
@@ -165,8 +165,11 @@ _ERRORS = {
     403: "this API key may not access that user's data (or this endpoint)",
     404: "a referenced user, device, session, job, gesture, key or model does not exist",
     409: "conflicts with stored data (duplicate, or the state does not allow it)",
-    413: f"the request body is too large: at most {errors.USER_MAX_BODY_BYTES // 2**10} KiB with a user API key (or one "
-         f"that could not be verified), {errors.MAX_BODY_BYTES // 2**20} MiB with an admin or service key",
+    413: f"the request body is too large: at most {errors.USER_MAX_BODY_BYTES // 2**10} KiB and "
+         f"{errors.USER_MAX_JSON_VALUES} JSON values with a user API key (or one that could not be verified), "
+         f"{errors.MAX_BODY_BYTES // 2**20} MiB with an admin or service key",
+    429: f"a user API key already has {auth.USER_MAX_IN_FLIGHT} requests with a body under way; retry after their "
+         f"answers (Retry-After)",
     503: "the database is unavailable; retry later (Retry-After)",
 }
 
@@ -187,7 +190,7 @@ def _openapi() -> dict:
         for method, op in ops.items():
             responses = op.setdefault("responses", {})
             for code, text in _ERRORS.items():
-                if code in (400, 409, 413) and method == "get":
+                if code in (400, 409, 413, 429) and method == "get":
                     continue
                 responses.setdefault(str(code), {"description": text, "content": {"application/json": {"schema": error}}})
             invalid = responses.setdefault("422", {"description": "Validation Error",

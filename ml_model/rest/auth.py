@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
 
 from ml_model.rest import keys
-from ml_model.rest.errors import ROLE_SCOPE_KEY
+from ml_model.rest.errors import ROLE_SCOPE_KEY, TRUSTED_ROLES
 from ml_model.rest.state import AppState, State
 
 KEY_TTL_S = 5.0
@@ -187,6 +187,10 @@ UserScoped = Annotated[int, Depends(user_scope)]
 
 
 OPEN_PATHS = ("/health",)  # the one route that needs no key (it reads no body)
+# Requests with a body that one user key (or one nobody could verify) may have under way at once. Each such body
+# costs up to a few ms of the event loop and its /predict windows queue for the one inference thread before the
+# live worker's: without a bound, one key on many connections slowed live recognition for everyone.
+USER_MAX_IN_FLIGHT = 2
 
 
 class KeyBeforeBody:
@@ -197,10 +201,12 @@ class KeyBeforeBody:
 
     The verified key's role goes into the scope (ROLE_SCOPE_KEY) for BodySizeLimit, inside this: only admin and
     service keys may send up to MAX_BODY_BYTES; a user key, or one that could not be verified (the database is
-    down), gets USER_MAX_BODY_BYTES."""
+    down), gets USER_MAX_BODY_BYTES. Such a key may have USER_MAX_IN_FLIGHT requests with a body under way at
+    once; one more gets 429 before its body is read."""
 
-    def __init__(self, app) -> None:
-        self.app = app
+    def __init__(self, app, user_max_in_flight: int = USER_MAX_IN_FLIGHT) -> None:
+        self.app, self.user_max_in_flight = app, user_max_in_flight
+        self.in_flight: dict[str, int] = {}  # key hash -> requests under way (one event loop: no lock needed)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
@@ -210,16 +216,35 @@ class KeyBeforeBody:
         headers = dict(scope.get("headers") or ())
         length = headers.get(b"content-length")
         has_body = b"transfer-encoding" in headers or (length is not None and length.strip() not in (b"", b"0"))
-        if has_body:
-            state = getattr(scope["app"].state, "semg", None)
-            key = headers.get(HEADER.lower().encode(), b"").decode("latin-1")
-            try:
-                if state is not None:
-                    scope[ROLE_SCOPE_KEY] = (await get_principal(state, key or None)).role
-            except HTTPException as e:
-                await JSONResponse({"detail": e.detail}, status_code=e.status_code, headers=e.headers)(
-                    scope, receive, send)
-                return
-            except Exception:  # noqa: BLE001, S110 - e.g. the database is down: the route gives its usual answer
-                pass  # (and the body, unverified, gets the user limit)
-        await self.app(scope, receive, send)
+        if not has_body:
+            await self.app(scope, receive, send)
+            return
+        state = getattr(scope["app"].state, "semg", None)
+        key = headers.get(HEADER.lower().encode(), b"").decode("latin-1")
+        try:
+            if state is not None:
+                scope[ROLE_SCOPE_KEY] = (await get_principal(state, key or None)).role
+        except HTTPException as e:
+            await JSONResponse({"detail": e.detail}, status_code=e.status_code, headers=e.headers)(
+                scope, receive, send)
+            return
+        except Exception:  # noqa: BLE001, S110 - e.g. the database is down: the route gives its usual answer
+            pass  # (and the body, unverified, gets the user limits)
+        if scope.get(ROLE_SCOPE_KEY) in TRUSTED_ROLES:
+            await self.app(scope, receive, send)
+            return
+        digest = keys.key_hash(key)
+        if self.in_flight.get(digest, 0) >= self.user_max_in_flight:
+            await JSONResponse(
+                {"detail": f"too many requests at once with this API key: a user key may have "
+                           f"{self.user_max_in_flight} requests with a body under way; wait for their answers"},
+                status_code=429, headers={"Retry-After": "1"})(scope, receive, send)
+            return
+        self.in_flight[digest] = self.in_flight.get(digest, 0) + 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if self.in_flight[digest] <= 1:
+                del self.in_flight[digest]
+            else:
+                self.in_flight[digest] -= 1

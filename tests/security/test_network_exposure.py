@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import resource
@@ -278,3 +279,70 @@ def test_a_pipelined_request_is_not_cut_at_the_head_timeout(api_server, clean_db
         time.sleep(HEAD_TIMEOUT_S + 2)  # a slow upload: its head came long ago
         s.sendall(body[10:])
         assert _read_response(s).startswith(b"HTTP/1.1 201")
+
+
+def test_a_user_key_may_have_few_requests_with_a_body_under_way(api_server, clean_db):
+    """One user key sending bodies on many connections at once kept the event loop parsing them (and queued their
+    windows for the one inference thread) before the live worker's /predict. Now a user key may have
+    USER_MAX_IN_FLIGHT requests with a body under way; one more is answered 429 before its body is read. A
+    request that ends (answered, or its client gone) frees its place; other keys are not affected."""
+    from ml_model.rest import keys as keystore
+    from ml_model.rest.auth import USER_MAX_IN_FLIGHT
+    from semg import repo
+    base = f"http://{api_server[0]}:{api_server[1]}"
+    admin = keystore.create_key(clean_db, "admin", None, "in flight")["key"]
+    users = [repo.create_user(clean_db, f"In Flight {i}", f"inflight{i}@example.org") for i in range(2)]
+    mine, other = (keystore.create_key(clean_db, "user", u["id"], "in flight")["key"] for u in users)
+    path = f"/users/{users[0]['id']}"
+    body = json.dumps({"notes": "sent slowly"}).encode()
+
+    def started(key: str) -> socket.socket:
+        """A PATCH whose head and first bytes are sent, the rest of its body not yet."""
+        s = socket.create_connection(api_server)
+        s.settimeout(10)
+        s.sendall(f"PATCH {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-API-Key: {key}\r\n"
+                  f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:5])
+        return s
+
+    def patch(key: str, notes: str) -> httpx.Response:
+        return httpx.patch(base + path, json={"notes": notes}, headers={"X-API-Key": key}, timeout=10)
+
+    def answered(s: socket.socket) -> bool:
+        s.settimeout(0.05)
+        try:
+            s.recv(4096)  # an answer, or the connection closed
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            s.settimeout(10)
+
+    admins = [started(admin) for _ in range(USER_MAX_IN_FLIGHT + 1)]
+    held: list[socket.socket] = []
+    try:
+        for _attempt in range(5):  # the server reads the held heads in its own order: one may race the probe
+            held = [started(mine) for _ in range(USER_MAX_IN_FLIGHT)]
+            time.sleep(0.5)
+            r = patch(mine, "one too many")
+            if r.status_code == 429 and not any(answered(s) for s in held):
+                break
+            for s in held:
+                s.close()
+        assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
+        assert f"{USER_MAX_IN_FLIGHT} requests with a body under way" in r.json()["detail"]
+        assert httpx.get(base + path, headers={"X-API-Key": mine}, timeout=10).status_code == 200  # no body
+        r = httpx.patch(f"{base}/users/{users[1]['id']}", json={"notes": "x"}, headers={"X-API-Key": other})
+        assert r.status_code == 200, r.text
+        assert patch(admin, "admin, with its own requests under way").status_code == 200, "admin keys are trusted"
+        held[0].sendall(body[5:])  # answered: its place is free
+        assert _read_response(held[0]).startswith(b"HTTP/1.1 200")
+        assert patch(mine, "after an answer").status_code == 200
+        held[1].close()  # the client went away mid-body: its place is free too
+        deadline = time.monotonic() + 10
+        while (r := patch(mine, "after a hang-up")).status_code == 429 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert r.status_code == 200, r.text
+        assert patch(mine, "and again").status_code == 200
+    finally:
+        for s in held + admins:
+            s.close()

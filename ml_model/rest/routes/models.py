@@ -143,10 +143,11 @@ async def predict(req: PredictRequest, caller: Caller, state: State) -> Response
     pass (small batches of several users' models share one). Single requests answer 404 when the user has
     no model and 422 for data that does not fit it; batch requests answer 200 with an `error` per failed item.
 
-    Body size: at most 256 KiB with a user API key (or one that could not be verified), 128 MiB with an admin or
-    service key; a larger body is refused with 413 before it is read. Send data as `data_b64` (base64 of
-    little-endian int16 with its `shape`: 256 KiB hold ~245 windows of 8 x 50 samples, or a minute of 8 channels
-    at 200 Hz) rather than nested lists, or split it into several requests.
+    Body size: at most 256 KiB and 8192 JSON values with a user API key (or one that could not be verified),
+    128 MiB with an admin or service key; a larger body is refused with 413 before it is parsed. Send data as
+    `data_b64` (base64 of little-endian int16 with its `shape`: 256 KiB hold ~245 windows of 8 x 50 samples, or a
+    minute of 8 channels at 200 Hz; as nested lists 8192 values are 20 such windows) rather than nested lists, or
+    split it into several requests. A user key may have 2 requests with a body under way at once (429 beyond).
     """
     items = req.as_items()
     for it in items:

@@ -1,0 +1,106 @@
+"""What a user API key may make the API parse: errors.json_values, the count the per-request value limit uses,
+against json's own parser; and the limit through the API."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ml_model.rest.errors import USER_MAX_JSON_VALUES, json_values
+
+# strings that look like structure to a byte scan: quotes, backslashes, brackets and commas inside them
+_text = st.text(alphabet=st.sampled_from(list('"\\[]{},:ab é\u2028\n')) | st.characters(blacklist_categories=("Cs",)), max_size=12)
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | _text,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(_text, inner, max_size=5),
+    max_leaves=40,
+)
+
+
+def _values_below(v) -> int:
+    """Values below `v`, plus one per empty list or object (each container counts at least once)."""
+    if isinstance(v, list):
+        return max(len(v), 1) + sum(_values_below(x) for x in v)
+    if isinstance(v, dict):
+        return max(len(v), 1) + sum(_values_below(x) for x in v.values())
+    return 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(_json, st.sampled_from([{}, {"ensure_ascii": False}, {"indent": 1}, {"separators": (",", ":")}]))
+def test_json_values_counts_what_the_parser_reads(value, style):
+    text = json.dumps(value, **style)
+    assert json_values(text.encode()) == _values_below(value)
+    # UTF-16/32, which json.loads also accepts, is never counted short
+    for enc in ("utf-16", "utf-32-le"):
+        assert json_values(text.encode(enc)) >= _values_below(value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_json, st.data())
+def test_a_cut_body_counts_no_more_than_the_whole(value, data):
+    """Invalid JSON (a body cut anywhere) counts at most what the whole body does: a prefix never hides values
+    that a parser reading the prefix would see."""
+    body = json.dumps(value, ensure_ascii=False).encode()
+    cut = data.draw(st.integers(0, len(body)))
+    assert json_values(body[:cut]) <= json_values(body)
+
+
+def test_strings_are_one_value_however_much_structure_they_spell():
+    assert json_values(json.dumps({"notes": "[{," * 3000}).encode()) == 1
+    assert json_values(json.dumps({"a": '\\"[,', "b": [1, 2]}).encode()) == 4  # an escaped quote does not end it
+    assert json_values(b'{"a": "\\\\", "b": [1, 2]}') == 4  # an escaped backslash does not escape the quote
+
+
+@pytest.fixture
+def served(api, keys, make_user, clean_db):
+    from ml_model.rest.demo_models import insert_artifact, random_artifact
+
+    user = make_user()
+    weights, meta = random_artifact(8, 200.0, seed=0)
+    insert_artifact(clean_db, user["id"], weights, meta)
+    return user
+
+
+def test_a_user_key_may_send_so_many_json_values(api, keys, served, monkeypatch):
+    """Within its 256 KiB a user key could send 43k one-value windows, which took the event loop ~0.1 s to parse
+    and validate (probes of the live path waited ~90 ms while one key sent them back to back). The number of
+    values is now bounded too, before anything is parsed; strings are one value however long."""
+    from starlette.requests import Request
+
+    parsed = []
+    orig = Request.json
+
+    async def spy(self):
+        parsed.append(self.url.path)
+        return await orig(self)
+
+    monkeypatch.setattr(Request, "json", spy)
+    mine = {**keys("user", served["id"]), "Content-Type": "application/json"}
+    window = np.zeros((8, 50), dtype=int).tolist()  # 409 values
+    fits = USER_MAX_JSON_VALUES // 409
+    r = api.post("/predict", json={"user_id": served["id"], "windows": [window] * fits}, headers=mine)
+    assert r.status_code == 200 and len(r.json()["results"][0]["predictions"]) == fits, r.text[:300]
+    worst = b'{"user_id": %d, "windows": [' % served["id"] + b",".join([b"[[0]]"] * 5000) + b"]}"
+    for body in (json.dumps({"user_id": served["id"], "windows": [window] * (fits + 1)}).encode(), worst):
+        assert json_values(body) > USER_MAX_JSON_VALUES
+        parsed.clear()
+        for content in (body, iter([body[:1000], body[1000:]])):  # declared, and streamed in two chunks
+            r = api.post("/predict", content=content, headers=mine)
+            assert r.status_code == 413, r.text[:300]
+            detail = r.json()["detail"]
+            assert f"at most {USER_MAX_JSON_VALUES}" in detail and "data_b64" in detail
+        assert parsed == []
+        r = api.post("/predict", content=body, headers={**keys.service, "Content-Type": "application/json"})
+        assert r.status_code in (200, 422), r.text[:300]  # trusted keys: parsed and answered ([[0]] has 1 sample)
+    # the longest note a user may keep, all brackets and commas, is one value
+    note = "[{," * 3333
+    r = api.patch(f"/users/{served['id']}", json={"notes": note}, headers=mine)
+    assert r.status_code == 200 and r.json()["notes"] == note, r.text[:300]
+    docs = api.get("/openapi.json").json()["paths"]["/predict"]["post"]
+    assert f"{USER_MAX_JSON_VALUES} JSON values" in docs["description"]
+    assert str(USER_MAX_JSON_VALUES) in docs["responses"]["413"]["description"]
