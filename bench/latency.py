@@ -1,6 +1,6 @@
 """End-to-end live latency: UDP packet that completes a window -> decision received on NATS.
 
-    python bench/latency.py [--users 1,10,50,100] [--duration 10] [--workers 1] [--packet-ms 50,10]
+    python bench/latency.py [--users 1,10,50,100] [--duration 10] [--workers 1] [--packet-ms 50,10] [--tls off]
 
 Starts its own full live path in a temporary state dir on free ports: embedded PostgreSQL and NATS, the API,
 the inference worker(s) and the UDP server. For each simulated user it registers a device and inserts a
@@ -14,10 +14,23 @@ Packet periods: the first (default 50 ms) is what the platform's own senders sen
 SAMPLES_PER_PACKET, the Myo bridge's --batch); the others (default 10 ms: five times the packets, as from a
 bridge run with --batch 2) are measured alongside, interleaved per user count so both see the same machine.
 
+HTTPS: --tls off,on measures plain HTTP and HTTPS (SEMG_TLS_CERT_FILE / SEMG_TLS_KEY_FILE, a self-signed
+ECDSA P-256 certificate made at start in the temp dir) in one run. The API, UDP server and worker(s) are restarted
+with or without the pair between variants, in the order off,on for the first user count, on,off for the next, and
+so on (one restart per user count; both variants see the same machine, and each comes first as often as the
+other). PostgreSQL, NATS and the provisioned users stay. Default: off only, exactly as before.
+
 Prints a breakdown per run, then ONE JSON line; the configuration keys hold the first packet period, each
 further period has the same shape under "packet_ms_<period>":
     {"packet_ms": 50, "200hz_8ch": {"50": {"p50_ms": .., "p95_ms": .., "p99_ms": .., "decisions_per_s": ..}, ...},
      "500hz_4ch": {...}, "packet_ms_10": {"200hz_8ch": {...}, "500hz_4ch": {...}}}
+With --tls other than "off", the keys above hold the first variant ("tls": "off"), each further variant has the
+same shape (without "packet_ms") under "tls_<variant>", and "api_connections" says, per variant and run, how
+many TCP connections to the API were opened during the run (each one a TLS handshake under HTTPS) beside the
+decisions received: the worker keeps its connections alive, so a count near the decisions would be a defect.
+    {"packet_ms": 50, "tls": "off", "200hz_8ch": {...}, "tls_on": {"200hz_8ch": {...}},
+     "api_connections": {"tls_off": {"200hz_8ch": {"50": {"new": 0, "decisions": 812}}}, "tls_on": {...}}}
+(per packet period other than the first, api_connections has a "packet_ms_<period>" key as above.)
 """
 
 from __future__ import annotations
@@ -48,7 +61,9 @@ CONFIGS = {"200hz_8ch": (200, 8), "500hz_4ch": (500, 4)}
 WARMUP_S = 2.0
 SENDER_TICK_S = 0.001
 _OWN_VARS = ["POSTGRES_HOST", "POSTGRES_DB", "POSTGRES_USER", "POSTGRES_PASSWORD", "NATS_SERVER", "NATS_USER",
-             "NATS_PASSWORD", "SEMG_SERVICE_KEY", "SEMG_UI_PASSWORD", "SEMG_BIND_HOST"]
+             "NATS_PASSWORD", "SEMG_SERVICE_KEY", "SEMG_UI_PASSWORD", "SEMG_BIND_HOST", "SEMG_TLS_CERT_FILE",
+             "SEMG_TLS_KEY_FILE"]
+TLS_VARIANTS = ("off", "on")
 
 
 def log(msg: str) -> None:
@@ -76,6 +91,22 @@ class Stack:
         self.settings = get_settings()
         self.procs: list[tuple[str, subprocess.Popen]] = []
         (self.dir / "logs").mkdir(exist_ok=True)
+        self.tls: str | None = None  # the variant the services run with ("off"/"on"), None while stopped
+
+    def set_tls(self, on: bool) -> None:
+        """Point this process's environment (inherited by the services started next) and settings at HTTPS or
+        plain HTTP."""
+        if on:
+            cert, key = self.dir / "tls" / "cert.pem", self.dir / "tls" / "key.pem"
+            if not cert.exists():
+                make_self_signed(cert, key)
+            os.environ.update(SEMG_TLS_CERT_FILE=str(cert), SEMG_TLS_KEY_FILE=str(key))
+        else:
+            os.environ.pop("SEMG_TLS_CERT_FILE", None)
+            os.environ.pop("SEMG_TLS_KEY_FILE", None)
+        from semg.config import get_settings
+        get_settings.cache_clear()
+        self.settings = get_settings()
 
     def start(self, name: str, *cmd: str) -> subprocess.Popen:
         out = open(self.dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
@@ -94,12 +125,15 @@ class Stack:
 
     def wait_http(self, url: str, proc: subprocess.Popen, what: str, timeout: float = 90) -> None:
         import httpx
+
+        from semg import tls
+        verify = tls.httpx_verify(self.settings)  # the pinned bench certificate under HTTPS
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{what} did not become healthy; see {self.dir}/logs")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url, timeout=1).status_code == 200:
+                if httpx.get(url, timeout=1, verify=verify).status_code == 200:
                     return
             time.sleep(0.2)
 
@@ -110,7 +144,9 @@ class Stack:
         self.wait_port(s.nats_port, self.start("nats", "-m", "semg.embedded", "nats"), "nats")
         db.init(s, wait=60)
 
-    def services(self, workers: int, udp_commit_ms: float | None = None) -> None:
+    def services(self, workers: int, udp_commit_ms: float | None = None, tls: str = "off") -> None:
+        self.set_tls(tls == "on")
+        self.tls = tls
         s = self.settings
         api = self.start("api", "-m", "ml_model.api")
         self.wait_http(f"{s.api_url}/health", api, "api")
@@ -121,23 +157,89 @@ class Stack:
                     f"storage.DbWriter.COMMIT_INTERVAL_S = {udp_commit_ms / 1000!r}; "
                     "from udpserver.udpserver import main; sys.exit(main())")
             udp = self.start("udpserver", "-c", code)
-        self.wait_http(f"http://127.0.0.1:{s.udp_metrics_port}/health", udp, "udpserver")
+        self.wait_http(f"{s.service_url(s.udp_metrics_port)}/health", udp, "udpserver")
         for i in range(workers):
             self.start(f"inference-{i}", "-m", "ml_model.nat_inference")
 
-    def stop(self) -> None:
-        for name, p in reversed(self.procs):
+    def stop_services(self) -> None:
+        """Stop the API, UDP server and worker(s); PostgreSQL and NATS keep running."""
+        self._stop([(n, p) for n, p in self.procs if n not in ("postgres", "nats")])
+        self.procs = [(n, p) for n, p in self.procs if n in ("postgres", "nats")]
+        self.tls = None
+
+    def _stop(self, procs: list[tuple[str, subprocess.Popen]]) -> None:
+        for name, p in reversed(procs):
             if p.poll() is None:
                 p.send_signal(signal.SIGINT if name in ("postgres", "nats") else signal.SIGTERM)
-        for _name, p in reversed(self.procs):
+        for _name, p in reversed(procs):
             try:
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+    def stop(self) -> None:
+        self._stop(self.procs)
         if self.keep:
             log(f"state and logs kept in {self.dir}")
         else:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def make_self_signed(cert: Path, key: Path) -> None:
+    """A self-signed ECDSA P-256 certificate (CN semg-bench, 127.0.0.1 and localhost, one day) and its key, made
+    here: with the `cryptography` package if importable (streamlit-webrtc's aiortc and the dev dependency trustme
+    pull it in), else with the openssl command."""
+    cert.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        import datetime
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+    except ImportError:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                        "-nodes", "-days", "1", "-subj", "/CN=semg-bench", "-keyout", str(key), "-out", str(cert),
+                        "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                       check=True, capture_output=True)
+    else:
+        pk = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "semg-bench")])
+        now = datetime.datetime.now(datetime.UTC)
+        crt = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(pk.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                           x509.DNSName("localhost")]), critical=False)
+               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+               .sign(pk, hashes.SHA256()))
+        key.write_bytes(pk.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()))
+        cert.write_bytes(crt.public_bytes(serialization.Encoding.PEM))
+    key.chmod(0o600)
+
+
+def tcp_peers(port: int) -> set[tuple[str, int]]:
+    """The far ends of the TCP sockets of this network namespace with `port` at one end, in any state, listening
+    sockets aside (from /proc/net/tcp and tcp6). A connection closed gracefully stays listed (TIME_WAIT) for
+    60 s on the side that closed first, so two snapshots up to a minute apart show every connection opened
+    between them, however short-lived (only one reset on both sides would escape)."""
+    out: set[tuple[str, int]] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                local, remote, state = fields[1], fields[2], fields[3]
+                if state == "0A":  # LISTEN
+                    continue
+                lport, rport = int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16)
+                if lport == port:
+                    out.add((remote, rport))  # the API's end: keyed by the client's address and port
+                elif rport == port:
+                    out.add((local, lport))  # the client's end (e.g. in TIME_WAIT)
+    return out
 
 
 def provision(conn, n_users: int, rate: int, channels: int, seed0: int) -> list[dict]:
@@ -227,6 +329,8 @@ async def run_once(stack: Stack, devices: list[dict], rate: int, channels: int, 
     gc.collect()
     gc.freeze()
     gc.disable()
+    api_port = stack.settings.api_port
+    peers_before = tcp_peers(api_port)
     parent, child = mp.Pipe(duplex=False)
     t_start = time.monotonic() + 0.5
     proc = mp.get_context("fork").Process(
@@ -239,6 +343,7 @@ async def run_once(stack: Stack, devices: list[dict], rate: int, channels: int, 
             sent = parent.recv()
     proc.join()
     await asyncio.sleep(1.0)  # the last windows' decisions
+    new_connections = len(tcp_peers(api_port) - peers_before)
     await nc.close()
     gc.enable()
     gc.unfreeze()
@@ -302,6 +407,7 @@ async def run_once(stack: Stack, devices: list[dict], rate: int, channels: int, 
         "ingest_to_decided_p50_ms": round(float(np.percentile(srv_a, 50)), 2),
         "ingest_to_decided_p99_ms": round(float(np.percentile(srv_a, 99)), 2),
         "max_ms": round(float(np.max(lat_a)), 2),
+        "api_new_connections": new_connections, "decisions_all": len(received),
     }
     if slow:  # (s into the run, user, udp->samples ms, samples->decided ms, total ms) of the slowest
         detail["slowest"] = sorted(slow, key=lambda r: -r[-1])[:8]
@@ -329,6 +435,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="inference workers in the queue group")
     p.add_argument("--packet-ms", default="50,10",
                    help="comma-separated packet periods of the simulated devices (ms); the first is the headline")
+    p.add_argument("--tls", default="off",
+                   help="comma-separated: off (plain HTTP), on (HTTPS, a self-signed certificate); with both, "
+                        "the services are restarted between them, alternating per user count; the first is the "
+                        "headline")
     p.add_argument("--keep", action="store_true", help="keep the temporary state dir and logs")
     p.add_argument("--udp-commit-ms", type=float, default=None,
                    help="what-if: run the UDP server with this commit interval instead of its own")
@@ -348,9 +458,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--packet-ms takes numbers, e.g. 50,10")
     if not periods or min(periods) < 1 or max(periods) > 1000:
         p.error("packet periods must be 1..1000 ms")
+    variants = list(dict.fromkeys(v.strip() for v in args.tls.split(",") if v.strip()))
+    if not variants or any(v not in TLS_VARIANTS for v in variants):
+        p.error("--tls takes off, on or both, e.g. off,on")
 
     stack = Stack(args.keep)
-    by_period: dict[float, dict[str, dict[str, dict]]] = {pk: {} for pk in periods}
+    # variant -> period -> config -> user count -> figures (conns: the same for the API connection counts)
+    by_period = {v: {pk: {} for pk in periods} for v in variants}
+    conns = {v: {pk: {} for pk in periods} for v in variants}
     try:
         log(f"starting PostgreSQL and NATS in {stack.dir}")
         stack.infrastructure()
@@ -362,28 +477,47 @@ def main(argv: list[str] | None = None) -> int:
             log(f"provisioning {max(counts)} users with devices and models for {c}")
             fleets[c] = provision(conn, max(counts), rate, channels, seed0=1000 * i)
         conn.close()
-        log("starting API, UDP server and inference worker(s)")
-        stack.services(args.workers, args.udp_commit_ms)
-        time.sleep(3)  # worker: catalogue + membership
         boot = 1
+        turn = 0  # user counts so far: the variants' order flips with each (off,on / on,off / ...)
         for c in configs:
             rate, channels = CONFIGS[c]
             for n in counts:
-                for pk in periods:
-                    log(f"{c}: {n} users streaming for {args.duration:g} s (+{WARMUP_S:g} s warm-up), "
-                        f"a packet every {pk:g} ms")
-                    res, detail = asyncio.run(run_once(stack, fleets[c][:n], rate, channels, args.duration,
-                                                       pk, boot, args.breakdown))
-                    boot += 1
-                    by_period[pk].setdefault(c, {})[str(n)] = res
-                    log(f"  {json.dumps(res)} {json.dumps(detail)}")
-                    time.sleep(1)
+                for v in (variants if turn % 2 == 0 else variants[::-1]):
+                    if stack.tls != v:
+                        if stack.tls is not None:
+                            stack.stop_services()
+                        log(f"starting API, UDP server and inference worker(s), HTTPS {v}")
+                        stack.services(args.workers, args.udp_commit_ms, tls=v)
+                        time.sleep(3)  # worker: catalogue + membership
+                    for pk in periods:
+                        log(f"{c}: {n} users streaming for {args.duration:g} s (+{WARMUP_S:g} s warm-up), "
+                            f"a packet every {pk:g} ms" + (f", HTTPS {v}" if variants != ["off"] else ""))
+                        res, detail = asyncio.run(run_once(stack, fleets[c][:n], rate, channels, args.duration,
+                                                           pk, boot, args.breakdown))
+                        boot += 1
+                        by_period[v][pk].setdefault(c, {})[str(n)] = res
+                        conns[v][pk].setdefault(c, {})[str(n)] = {"new": detail["api_new_connections"],
+                                                                  "decisions": detail["decisions_all"]}
+                        log(f"  {json.dumps(res)} {json.dumps(detail)}")
+                        time.sleep(1)
+                turn += 1
     finally:
         stack.stop()
-    head = periods[0]
-    results: dict[str, Any] = {"packet_ms": _num(head), **by_period[head]}
-    for pk in periods[1:]:
-        results[f"packet_ms_{_num(pk)}"] = by_period[pk]
+
+    def shaped(per_period: dict) -> dict[str, Any]:
+        out = dict(per_period[periods[0]])
+        for pk in periods[1:]:
+            out[f"packet_ms_{_num(pk)}"] = per_period[pk]
+        return out
+
+    results: dict[str, Any] = {"packet_ms": _num(periods[0])}
+    if variants != ["off"]:
+        results["tls"] = variants[0]
+    results.update(shaped(by_period[variants[0]]))
+    if variants != ["off"]:
+        for v in variants[1:]:
+            results[f"tls_{v}"] = shaped(by_period[v])
+        results["api_connections"] = {f"tls_{v}": shaped(conns[v]) for v in variants}
     print(json.dumps(results))
     return 0
 
