@@ -178,6 +178,8 @@ class Stack:
                 p.kill()
 
     def stop(self) -> None:
+        # the services first, while NATS is still there for the worker and the UDP server to drain into
+        self.stop_services()
         self._stop(self.procs)
         if self.keep:
             log(f"state and logs kept in {self.dir}")
