@@ -8,6 +8,8 @@ import csv
 import hashlib
 import io
 import json
+import threading
+import time
 import zipfile
 import zlib
 from datetime import UTC, datetime, timedelta
@@ -217,6 +219,59 @@ def test_export_through_the_api_owner_or_admin_only(api, admin_key, user_key, tw
     assert api.get(f"/users/{uid}/export").status_code == 401
     assert api.get(f"/users/{uid}/export", headers={"X-API-Key": "semg_wrong"}).status_code == 401
     assert api.get("/users/987654321/export", headers=admin_key).status_code == 404
+
+
+def test_exports_are_made_one_per_key_and_two_at_once(api, admin_key, two_people, monkeypatch):
+    """An export holds a pooled database connection while it is made (a minute for a few million samples): 16 at
+    once with one user key (a script retrying on its timeout) took every pooled connection, and every other
+    request needing the database waited 10 s and got 503, for everyone. Now one per key and two at once; more
+    get 429 without taking a connection."""
+    from ml_model.rest.routes import users as users_routes
+    ada, alan = two_people
+    own = {"X-API-Key": ada["key"]["key"]}
+    theirs = {"X-API-Key": alan["key"]["key"]}
+    release, started = threading.Event(), []
+    real = users_routes.repo.export_user_data
+
+    def slow(conn, user_id, video_dir, out):
+        started.append(user_id)
+        release.wait(30)
+        return real(conn, user_id, video_dir, out=out)
+
+    monkeypatch.setattr(users_routes.repo, "export_user_data", slow)
+    answers: dict[str, object] = {}
+
+    def export(name: str, uid: int, headers: dict) -> None:
+        answers[name] = api.get(f"/users/{uid}/export", headers=headers)
+
+    def wait_started(n: int) -> None:
+        deadline = time.monotonic() + 10
+        while len(started) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(started) == n, started
+
+    first = threading.Thread(target=export, args=("ada", ada["user"]["id"], own))
+    first.start()
+    try:
+        wait_started(1)
+        again = api.get(f"/users/{ada['user']['id']}/export", headers=own)
+        assert again.status_code == 429 and again.headers["retry-after"] == "30", again.text
+        assert "one at a time per key" in again.json()["detail"]
+        second = threading.Thread(target=export, args=("alan", alan["user"]["id"], theirs))
+        second.start()
+        wait_started(2)
+        full = api.get(f"/users/{ada['user']['id']}/export", headers=admin_key)
+        assert full.status_code == 429 and "2 exports are being made" in full.json()["detail"], full.text
+        assert api.get(f"/users/{alan['user']['id']}", headers=theirs).status_code == 200
+    finally:
+        release.set()
+        first.join(30)
+        second.join(30)
+    assert answers["ada"].status_code == 200 and answers["alan"].status_code == 200
+    check_export(answers["ada"].content, ada, alan)
+    assert len(started) == 2
+    assert api.get(f"/users/{ada['user']['id']}/export", headers=own).status_code == 200  # its place is free
+    assert api.get("/openapi.json").json()["paths"]["/users/{user_id}/export"]["get"]["responses"]["429"]
 
 
 def test_export_through_the_ui(page, two_people):

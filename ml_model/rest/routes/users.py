@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
+import threading
 from collections.abc import Iterator
 from typing import Annotated, BinaryIO
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, HTTPException, Path, Query, Response
 from fastapi.responses import StreamingResponse
 
 from ml_model.rest import queries
@@ -84,16 +86,61 @@ def _chunks(f: BinaryIO) -> Iterator[bytes]:
         f.close()
 
 
+# An export holds a pooled database connection and a worker thread while it is made (a minute for ~5 M samples):
+# 16 at once (one script retrying on its timeout is enough) took every pooled connection, and every other request
+# that needed the database waited 10 s and got 503, for everyone. At most this many are made at once, and one per
+# API key; more get 429.
+EXPORTS_AT_ONCE = 2
+EXPORT_RETRY_AFTER_S = 30
+
+
+class ExportSlots:
+    """The exports being made, by API key id (thread-safe: export_user runs in the thread pool)."""
+
+    def __init__(self, at_once: int = EXPORTS_AT_ONCE) -> None:
+        self.at_once = at_once
+        self._lock = threading.Lock()
+        self._keys: set[int] = set()
+
+    @contextlib.contextmanager
+    def take(self, key_id: int) -> Iterator[None]:
+        """Hold a place while an export is made; HTTPException 429 when the key has one under way or all are
+        taken."""
+        retry = {"Retry-After": str(EXPORT_RETRY_AFTER_S)}
+        with self._lock:
+            if key_id in self._keys:
+                raise HTTPException(429, "an export with this API key is being made: wait for it (one at a time "
+                                         "per key)", headers=retry)
+            if len(self._keys) >= self.at_once:
+                raise HTTPException(429, f"{self.at_once} exports are being made: retry in a minute", headers=retry)
+            self._keys.add(key_id)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._keys.discard(key_id)
+
+
+export_slots = ExportSlots()
+
+
 @router.get(
     "/users/{user_id}/export", tags=["users"], response_class=StreamingResponse,
-    responses={200: {"description": "a zip of all the user's data", "content": {"application/zip": {}}}},
+    responses={200: {"description": "a zip of all the user's data", "content": {"application/zip": {}}},
+               429: {"description": f"an export with this key is being made, or {EXPORTS_AT_ONCE} are (Retry-After)",
+                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}},
 )
-def export_user(user_id: UserScoped, conn: Conn, state: State) -> StreamingResponse:
+def export_user(user_id: UserScoped, caller: Caller, state: State) -> StreamingResponse:
     """Download ALL the user's data as a zip (owner or admin): their rows as JSON, samples as CSV per device,
-    model weights and metadata, and their video files. See manifest.json inside."""
+    model weights and metadata, and their video files. See manifest.json inside.
+
+    One export at a time per API key, and at most 2 at once on the server (each holds a database connection
+    while it is made): 429 with Retry-After otherwise."""
     f = tempfile.SpooledTemporaryFile(max_size=64 << 20)  # noqa: SIM115 - closed by _chunks when sent
     try:
-        repo.export_user_data(conn, user_id, state.settings.video_dir, out=f)
+        # the place first, then a pooled connection: a refused export takes none
+        with export_slots.take(caller.key_id), state.pool.connection() as conn:
+            repo.export_user_data(conn, user_id, state.settings.video_dir, out=f)
     except BaseException:
         f.close()
         raise
