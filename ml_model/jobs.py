@@ -636,14 +636,24 @@ _CLAIM_SET = """status = 'in-progress', worker = %(worker)s, started_at = now(),
 
 
 def claim_next(conn, worker: str | None = None) -> int | None:
-    """Take the oldest scheduled job (skipping ones other workers hold) and mark it in-progress for `worker`
-    (default: this process); run it with run_job(job_id, worker=worker)."""
+    """Take the next scheduled job (skipping ones other workers hold) and mark it in-progress for `worker`
+    (default: this process); run it with run_job(job_id, worker=worker).
+
+    Users take turns: the oldest job of the user with the fewest jobs in progress, among those the user whose
+    last job started longest ago (or never). Oldest-first let one user's queue (a script, or 30 retrains
+    scheduled at once) keep everyone else's first job waiting until all of it was trained."""
     me = worker or _worker_name()
     with conn, conn.cursor() as cur:
         cur.execute(
             f"""UPDATE training_jobs SET {_CLAIM_SET}
-                WHERE id = (SELECT id FROM training_jobs WHERE status = 'scheduled' ORDER BY created_at, id
-                            FOR UPDATE SKIP LOCKED LIMIT 1)
+                WHERE id = (WITH waiting AS (SELECT DISTINCT user_id FROM training_jobs WHERE status = 'scheduled'),
+                                 turn AS (SELECT r.user_id, count(*) FILTER (WHERE r.status = 'in-progress') AS running,
+                                                 max(r.started_at) AS last_start
+                                          FROM training_jobs r JOIN waiting USING (user_id) GROUP BY r.user_id)
+                            SELECT j.id FROM training_jobs j JOIN turn USING (user_id)
+                            WHERE j.status = 'scheduled'
+                            ORDER BY turn.running, turn.last_start NULLS FIRST, j.created_at, j.id
+                            FOR UPDATE OF j SKIP LOCKED LIMIT 1)
                 RETURNING id""",
             {"worker": me},
         )

@@ -416,6 +416,43 @@ def test_job_of_a_dead_worker_is_requeued_then_failed(clean_db, user_device):
     assert "stopped responding" in repo.get_job(clean_db, job["id"])["error"]
 
 
+def test_users_take_turns_in_the_queue(clean_db, user_device):
+    """Oldest-first let one user's queue (a script, or many retrains scheduled at once) keep everyone else's first
+    job waiting until all of it was trained. Now the user with fewer jobs running, then the one whose last job
+    started longest ago, goes first; each user's own jobs keep their order."""
+    u, d = user_device
+    v = repo.create_user(clean_db, "Second", "second@example.org")
+    for g in PATTERNS:
+        if g != "REST":
+            repo.add_gesture(clean_db, v["id"], g)
+    dv = repo.register_device(clean_db, v["id"], CHANNELS, RATE)
+    su = record_session(clean_db, u["id"], d["id"], stream=False)
+    sv = record_session(clean_db, v["id"], dv["id"], stream=False)
+
+    def schedule(user, session, n=1):
+        return [repo.schedule_job(clean_db, user["id"], [session["id"]])["id"] for _ in range(n)]
+
+    def finish(job_id):
+        with clean_db.cursor() as cur:
+            cur.execute("UPDATE training_jobs SET status = 'canceled', finished_at = now() WHERE id = %s", (job_id,))
+        clean_db.commit()
+
+    # one worker, each job done before the next is taken
+    first = schedule(u, su, 3)
+    late = schedule(v, sv)
+    order = []
+    while (j := jobs.claim_next(clean_db)) is not None:
+        order.append(j)
+        finish(j)
+    assert order == [first[0], late[0], first[1], first[2]]
+    # two workers: while one of the first user's jobs runs, the other user's (newest) job is next
+    again = schedule(u, su, 3)
+    assert jobs.claim_next(clean_db) == again[0]
+    later = schedule(v, sv)
+    assert jobs.claim_next(clean_db) == later[0]
+    assert jobs.claim_next(clean_db) == again[1]
+
+
 def test_two_workers_never_take_the_same_job(clean_db, user_device):
     u, d = user_device
     s = record_session(clean_db, u["id"], d["id"], stream=False)
