@@ -71,3 +71,19 @@ def all_routes(client) -> list[tuple[str, str]]:
     """(METHOD, path template) of every documented endpoint (the OpenAPI schema lists the included routers)."""
     paths = client.get("/openapi.json").json()["paths"]
     return [(m.upper(), p) for p, ops in paths.items() for m in ops]
+
+
+@pytest.fixture
+def parses(monkeypatch):
+    """Counts the request bodies FastAPI parses as JSON (starlette's Request.json)."""
+    from starlette.requests import Request
+
+    seen = []
+    orig = Request.json
+
+    async def json(self):
+        seen.append(self.url.path)
+        return await orig(self)
+
+    monkeypatch.setattr(Request, "json", json)
+    return seen

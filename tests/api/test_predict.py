@@ -287,22 +287,6 @@ def test_an_oversized_body_is_413_before_it_is_parsed():
         assert r.status_code == 413, r.text
 
 
-@pytest.fixture
-def parses(monkeypatch):
-    """Counts the request bodies FastAPI parses as JSON (starlette's Request.json)."""
-    from starlette.requests import Request
-
-    seen = []
-    orig = Request.json
-
-    async def json(self):
-        seen.append(self.url.path)
-        return await orig(self)
-
-    monkeypatch.setattr(Request, "json", json)
-    return seen
-
-
 def _predict_body(user_id: int, size: int) -> bytes:
     """A valid nested-list /predict body of exactly `size` bytes (windows, then spaces)."""
     import json
