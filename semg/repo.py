@@ -30,6 +30,9 @@ import psycopg2.extras
 from psycopg2.extras import Json
 
 MAX_CHANNELS = 16
+# The UDP server reloads every device every 2 s: a user registering devices in a loop (anyone with a user API key
+# can) would slow everyone's packets with a list of millions. No person wears more than a few sensors.
+MAX_DEVICES_PER_USER = 64
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 JOB_STATUSES = ("scheduled", "in-progress", "completed", "failed", "canceled")
 REST = "REST"
@@ -532,6 +535,13 @@ def register_device(conn, user_id: int, channel_count: int, sample_rate_hz: floa
         raise Invalid("sample rate must be above 0 and at most 10000 Hz")
     key = _secrets.token_bytes(32) if protocol == "binary" else None
     with _tx(conn) as cur:
+        # the user's row lock serialises registrations, so two at once cannot both pass the count
+        cur.execute("SELECT 1 FROM users WHERE id = %s FOR UPDATE", (user_id,))
+        _one(cur, "user", user_id)
+        cur.execute("SELECT count(*) AS n FROM devices WHERE user_id = %s", (user_id,))
+        if cur.fetchone()["n"] >= MAX_DEVICES_PER_USER:
+            raise Conflict(f"a user may have at most {MAX_DEVICES_PER_USER} devices: delete one that is no longer "
+                           f"used (its recordings go with it) before registering another")
         cur.execute(
             f"""INSERT INTO devices (user_id, name, protocol, channel_count, sample_rate_hz, secret_key)
                 VALUES (%s, %s, %s, %s, %s, %s) RETURNING {_DEVICE_COLS}""",

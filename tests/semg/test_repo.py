@@ -217,3 +217,37 @@ def test_user_search_matches_percent_and_underscore_literally(clean_db):
     assert found("\\") == {"back\\slash"}
     assert found("K\\S") == {"back\\slash"}  # still case-insensitive
     assert found("@EXAMPLE.org") == set(ids)
+
+
+def test_a_user_may_register_so_many_devices(clean_db, user):
+    """Anyone with a user API key could register devices in a loop, and the UDP server reloads every device every
+    2 s for everyone. A user may have MAX_DEVICES_PER_USER; deleting one makes room; nobody else is limited by it."""
+    import threading
+
+    from semg import db
+    ids = [repo.register_device(clean_db, user["id"], 8, 200.0)["id"] for _ in range(repo.MAX_DEVICES_PER_USER - 2)]
+    # the last two places, asked for from two connections at once: exactly one each, never a third
+    conns = [db.connect() for _ in range(3)]
+    answers: list = []
+
+    def register(conn):
+        try:
+            answers.append(repo.register_device(conn, user["id"], 8, 200.0)["id"])
+        except repo.Conflict as e:
+            answers.append(e)
+
+    threads = [threading.Thread(target=register, args=(c,)) for c in conns]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    [c.close() for c in conns]
+    refused = [a for a in answers if isinstance(a, repo.Conflict)]
+    assert len(answers) == 3 and len(refused) == 1, answers
+    assert f"at most {repo.MAX_DEVICES_PER_USER} devices" in str(refused[0])
+    with pytest.raises(repo.Conflict):
+        repo.register_device(clean_db, user["id"], 8, 200.0, protocol="legacy")
+    other = repo.create_user(clean_db, "Other", "other-devices@example.org")
+    assert repo.register_device(clean_db, other["id"], 8, 200.0)["id"]
+    repo.delete_device(clean_db, ids[0])
+    assert repo.register_device(clean_db, user["id"], 8, 200.0)["id"]
+    with pytest.raises(repo.NotFound):
+        repo.register_device(clean_db, 987654321, 8, 200.0)
