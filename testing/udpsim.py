@@ -12,6 +12,10 @@ be checked; `--replay DIR` streams recorded Myo-armband files instead. Examples:
     # replay recordings (DIR/<subject>/<session>/classe_<i>.dat) 5x faster
     python testing/udpsim.py --register --replay ../shared/data/myo-armband/pretraining --subjects Female0 --speed 5
 
+The server lets a device send at most 1.25x its registered rate, after 30 s of samples at once (its sample
+budget, udpserver/PROTOCOL.md): with --speed above 1.25 for longer than that, start it with --rate-tolerance 0
+(or the excess is refused as too_fast).
+
 Sends only where --host says (default 127.0.0.1). The last stdout line is a JSON summary.
 """
 
@@ -288,7 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule-out", type=Path, help="write the schedule(s) with absolute times here")
     p.add_argument("--replay", type=Path, metavar="DIR", help="stream DIR/<subject>/<session>/classe_<i>.dat files")
     p.add_argument("--subjects", help="comma-separated subjects to replay (default: all)")
-    p.add_argument("--speed", type=float, default=1.0, help="replay/simulation speed factor (default 1)")
+    p.add_argument("--speed", type=float, default=1.0,
+                   help="replay/simulation speed factor (default 1; above 1.25 for more than ~30 s the server "
+                        "refuses the excess as too_fast unless started with --rate-tolerance 0)")
     p.add_argument("--loss", type=float, default=0.0, help="fraction of packets to drop on purpose (default 0)")
     p.add_argument("--start-delay", type=float, default=None,
                    help="seconds to wait before streaming (default 2.5 after --register: the server reloads "

@@ -29,6 +29,21 @@ LEGACY_STEP_HISTORY = 32
 # jump forward is taken for a reboot instead.
 LEGACY_FORWARD_SLACK_MS = 60_000
 
+# Per-device sample budget of binary devices (a token bucket counted in samples): it refills at the device's
+# registered rate times RATE_TOLERANCE and holds at most BURST_S seconds of samples at the registered rate (at
+# least BURST_MIN_SAMPLES). A packet with more samples than the budget holds is rejected whole (too_fast), so a
+# device, or anyone with its key, cannot fill the database and the shared spool at up to 16 x 10000 values/s
+# while registered at 500 Hz. Legitimate bursts stay within it: the sketch's Wi-Fi outage backlog is
+# QUEUE_SAMPLES = 1024 samples (2 s at 500 Hz) sent at once, the Myo bridge sends 10-sample packets of a 200 Hz
+# stream that Bluetooth delivers bunched (stalls of well under a second), and a server that was busy or
+# restarted receives what queued in the socket meanwhile; 30 s covers all of them with room to spare. The
+# tolerance is for clocks (a crystal is off by ppm, the sketch's integer timer period by < 1 %) and for how
+# packets bunch on the way. BURST_MIN_SAMPLES lets any legal packet through (MAX_BINARY_SAMPLES = 4076 samples of
+# one channel) and a whole QUEUE_SAMPLES backlog of a slow device (1024 samples are 20 s at 50 Hz).
+RATE_TOLERANCE = 1.25
+BURST_S = 30.0
+BURST_MIN_SAMPLES = 4096
+
 _INT16 = [struct.Struct(f"<{k}h") for k in range(protocol.MAX_CHANNELS + 1)]
 
 
@@ -69,7 +84,7 @@ class Record(NamedTuple):
 class DeviceState:
     __slots__ = ("boot", "last_seq", "clock", "accepted_packets", "accepted_samples", "stored_samples",
                  "published_samples", "lost_samples", "dropped_samples", "rejected", "last_accepted",
-                 "last_rejected", "rejected_boot", "rejected_channels", "legacy_steps")
+                 "last_rejected", "rejected_boot", "rejected_channels", "legacy_steps", "budget", "budget_at")
 
     def __init__(self) -> None:
         self.boot: int | None = None
@@ -88,6 +103,8 @@ class DeviceState:
         self.rejected_boot: int | None = None       # boot of the last packet rejected as old_boot
         self.rejected_channels: int | None = None   # channels of the last packet rejected as channel_mismatch
         self.legacy_steps: deque[float] = deque(maxlen=LEGACY_STEP_HISTORY)  # ms between legacy samples
+        self.budget: float | None = None  # samples the device may still send now (None: a full bucket)
+        self.budget_at = 0.0              # unix s the budget was last brought up to date
 
     def resume(self, r: Resume) -> None:
         self.boot = r.boot
@@ -120,7 +137,10 @@ class DeviceState:
 
 
 class Ingestor:
-    def __init__(self) -> None:
+    def __init__(self, rate_tolerance: float = RATE_TOLERANCE, burst_s: float = BURST_S) -> None:
+        """`rate_tolerance` 0 turns the per-device sample budget off (see RATE_TOLERANCE)."""
+        self.rate_tolerance = rate_tolerance
+        self.burst_s = burst_s
         self.devices: dict[int, DeviceInfo] = {}
         self.legacy_by_user: dict[int, DeviceInfo] = {}
         self.states: dict[int, DeviceState] = {}
@@ -194,6 +214,7 @@ class Ingestor:
         clock = st.clock
         lost = 0
         boot = p.boot + dev.boot_offset
+        new_boot = False
         if st.boot is not None:
             if boot < st.boot:
                 st.rejected_boot = p.boot
@@ -204,7 +225,21 @@ class Ingestor:
                 lost = p.seq0 - st.last_seq - 1
             else:
                 lost = p.seq0  # the new boot started at 0
-                clock.reset()
+                new_boot = True
+        if self.rate_tolerance:  # the sample budget (after the tag: nobody else can spend a device's budget)
+            cap = max(BURST_MIN_SAMPLES, self.burst_s * dev.rate_hz)
+            budget = st.budget
+            if budget is None:
+                budget = cap
+            elif now > st.budget_at:
+                budget = min(cap, budget + (now - st.budget_at) * dev.rate_hz * self.rate_tolerance)
+            st.budget_at = now  # also after a step back of the clock: refills go on from there
+            if p.n > budget:
+                st.budget = budget
+                return self._reject(Reject.TOO_FAST, dev.id, now)
+            st.budget = budget - p.n
+        if new_boot:
+            clock.reset()
         # the sequence numbers say how long it was since the last packet (one per sample): its millis alone do
         # not, once it was offline for half of their 2^32 ms range or more (after a new boot: unused, no last packet)
         millis0 = clock.unwrap(p.millis0, (p.seq0 - st.last_seq) * 1000.0 / p.rate_hz)

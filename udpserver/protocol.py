@@ -55,6 +55,7 @@ class Reject(enum.StrEnum):
     CHANNEL_MISMATCH = "channel_mismatch"    # channel count differs from the registered one
     REPLAY = "replay"                        # sequence (legacy: millis) not after the last accepted
     OLD_BOOT = "old_boot"                    # boot counter older than the device's current boot
+    TOO_FAST = "too_fast"                    # more samples than the device's registered rate allows (budget)
     NOT_READY = "not_ready"                  # server has not loaded the device list yet
     MALFORMED = "malformed"                  # neither a binary nor a legacy text packet
 

@@ -33,6 +33,11 @@ REJECT_HINTS: dict[str, str] = {
                    "binary device, reset its boot counter ('Reset boot counter' on Gesture Management, or POST "
                    "/devices/{id}/reset-boot) and flash the new key it gives; a few after a Wi-Fi hiccup are "
                    "harmless",
+    Reject.TOO_FAST: "the device sends more samples per second than its registered rate allows (by default beyond "
+                     "1.25 times it, after a 30 s allowance for bursts), so the excess is not stored: check that "
+                     "SEMG_SAMPLE_RATE_HZ in the sketch (or the bridge's rate) is the rate the device is registered "
+                     "with, or register a new device with the rate it sends; a simulator replaying faster than "
+                     "real time needs a server started with --rate-tolerance 0",
     Reject.UNKNOWN_DEVICE: "a binary packet for a device id that is not registered (deleted, or a typo): flash the "
                            "secrets of a device registered on Gesture Management (SEMG_DEVICE_ID and its key)",
     Reject.UNKNOWN_USER: "a text packet for a user without a legacy device: flash the binary sketch with a "
@@ -65,7 +70,7 @@ REJECT_HINTS = {str(k): v for k, v in REJECT_HINTS.items()}
 # The reasons the server counts per device (GET /metrics -> devices -> <id> -> rejected); the others are
 # rejected before a packet can be tied to a registered device.
 DEVICE_REASONS = (Reject.BAD_TAG, Reject.OLD_BOOT, Reject.CHANNEL_MISMATCH, Reject.PROTOCOL_MISMATCH,
-                  Reject.REPLAY)
+                  Reject.REPLAY, Reject.TOO_FAST)
 
 # When nothing arrives under a device's id (no packet accepted, none rejected).
 SILENT_HINT = ("no packet reaches the server under this device's id: check on the device's serial monitor "

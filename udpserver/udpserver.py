@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from semg import db, procs, secrets, tls
 from semg.config import Settings, settings_or_exit
-from udpserver.ingest import Ingestor, Record, Resume
+from udpserver.ingest import BURST_MIN_SAMPLES, BURST_S, RATE_TOLERANCE, Ingestor, Record, Resume
 from udpserver.metrics import MetricsServer, RateLimitedLog
 from udpserver.protocol import Reject
 from udpserver.publish import Publisher
@@ -70,7 +70,7 @@ class Server(asyncio.DatagramProtocol):
         self.tls = tls.server_context(settings)  # the metrics endpoint's HTTPS, or None
         self.loop = asyncio.get_running_loop()
         self.started = time.time()
-        self.ingestor = Ingestor()
+        self.ingestor = Ingestor(args.rate_tolerance, args.burst_s)
         self.spool = Spool(args.spool_dir, max_bytes=args.spool_max_mb << 20)
         self.memory_max = args.memory_max_mb << 20
         # chunk payloads held in memory (the rest is read back from the spool) plus CHUNK_OVERHEAD per queued
@@ -495,6 +495,13 @@ class Server(asyncio.DatagramProtocol):
         return 0
 
 
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
 def parse_args(argv: list[str] | None, settings: Settings) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m udpserver.udpserver", description=__doc__.splitlines()[0])
     p.add_argument("--spool-dir", default=str(settings.state_dir / "spool"),
@@ -508,6 +515,13 @@ def parse_args(argv: list[str] | None, settings: Settings) -> argparse.Namespace
                    help="longest a received packet waits for its batch commit (default %(default)g ms)")
     p.add_argument("--refresh-interval", type=float, default=2.0, help="seconds between device list reloads")
     p.add_argument("--stats-interval", type=float, default=5.0, help="seconds between counter log lines")
+    p.add_argument("--rate-tolerance", type=_non_negative, default=RATE_TOLERANCE,
+                   help="a binary device may send its registered rate times this, in the long run; beyond it, its "
+                        "packets are rejected as too_fast (default %(default)g; 0 = no limit, e.g. for replaying "
+                        "recordings faster than real time)")
+    p.add_argument("--burst-s", type=_non_negative, default=BURST_S,
+                   help="seconds of samples at the registered rate a device may send at once on top of it (an "
+                        f"outage backlog; at least {BURST_MIN_SAMPLES} samples; default %(default)g)")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="on SIGTERM, how long to wait for an unreachable PostgreSQL/NATS")
     return p.parse_args(argv)

@@ -16,9 +16,12 @@ from udpserver import protocol
 
 
 def _device(conn, channels: int = 4) -> tuple[int, bytes]:
+    """A binary device registered at the highest rate: these tests use it as a load source, sending up to 20 x
+    the 500 Hz its packets say (to fill the spool, the memory bound, a backlog) and up to 140,000 samples at once,
+    which the sample budget of a device registered at 500 Hz would refuse as too_fast (PROTOCOL.md)."""
     key = b"f" * 32
     with conn.cursor() as cur:
-        return add_device(cur, add_user(cur), "binary", channels=channels, key=key), key
+        return add_device(cur, add_user(cur), "binary", channels=channels, rate=protocol.MAX_RATE_HZ, key=key), key
 
 
 def restart(services, name: str, attempts: int = 5) -> None:
