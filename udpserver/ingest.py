@@ -226,18 +226,27 @@ class Ingestor:
             else:
                 lost = p.seq0  # the new boot started at 0
                 new_boot = True
-        if self.rate_tolerance:  # the sample budget (after the tag: nobody else can spend a device's budget)
-            cap = max(BURST_MIN_SAMPLES, self.burst_s * dev.rate_hz)
+        tolerance = self.rate_tolerance
+        if tolerance:  # the sample budget (after the tag: nobody else can spend a device's budget)
+            rate = dev.rate_hz
+            cap = self.burst_s * rate
+            if cap < BURST_MIN_SAMPLES:
+                cap = BURST_MIN_SAMPLES
             budget = st.budget
             if budget is None:
                 budget = cap
-            elif now > st.budget_at:
-                budget = min(cap, budget + (now - st.budget_at) * dev.rate_hz * self.rate_tolerance)
+            else:
+                elapsed = now - st.budget_at
+                if elapsed > 0.0:
+                    budget += elapsed * rate * tolerance
+                    if budget > cap:
+                        budget = cap
             st.budget_at = now  # also after a step back of the clock: refills go on from there
-            if p.n > budget:
+            n = p.n
+            if n > budget:
                 st.budget = budget
                 return self._reject(Reject.TOO_FAST, dev.id, now)
-            st.budget = budget - p.n
+            st.budget = budget - n
         if new_boot:
             clock.reset()
         # the sequence numbers say how long it was since the last packet (one per sample): its millis alone do
