@@ -33,6 +33,10 @@ MAX_CHANNELS = 16
 # The UDP server reloads every device every 2 s: a user registering devices in a loop (anyone with a user API key
 # can) would slow everyone's packets with a list of millions. No person wears more than a few sensors.
 MAX_DEVICES_PER_USER = 64
+# What the devices of one user may send together (channels x registered rate, values/s): as much as one device at
+# the highest rate and channel count. The UDP server holds each device to its registered rate (its sample budget),
+# so this bounds what one user can make the server store and publish for everyone.
+MAX_VALUES_PER_S_PER_USER = MAX_CHANNELS * 10_000
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 JOB_STATUSES = ("scheduled", "in-progress", "completed", "failed", "canceled")
 REST = "REST"
@@ -538,10 +542,16 @@ def register_device(conn, user_id: int, channel_count: int, sample_rate_hz: floa
         # the user's row lock serialises registrations, so two at once cannot both pass the count
         cur.execute("SELECT 1 FROM users WHERE id = %s FOR UPDATE", (user_id,))
         _one(cur, "user", user_id)
-        cur.execute("SELECT count(*) AS n FROM devices WHERE user_id = %s", (user_id,))
-        if cur.fetchone()["n"] >= MAX_DEVICES_PER_USER:
+        cur.execute("""SELECT count(*) AS n, coalesce(sum(channel_count * sample_rate_hz), 0) AS values_per_s
+                       FROM devices WHERE user_id = %s""", (user_id,))
+        have = cur.fetchone()
+        if have["n"] >= MAX_DEVICES_PER_USER:
             raise Conflict(f"a user may have at most {MAX_DEVICES_PER_USER} devices: delete one that is no longer "
                            f"used (its recordings go with it) before registering another")
+        if have["values_per_s"] + int(channel_count) * float(sample_rate_hz) > MAX_VALUES_PER_S_PER_USER:
+            raise Conflict(f"a user's devices may send at most {MAX_VALUES_PER_S_PER_USER} values/s together "
+                           f"(channels x sample rate); theirs send {have['values_per_s']:g} and this one would add "
+                           f"{int(channel_count) * float(sample_rate_hz):g}: delete a device no longer used")
         cur.execute(
             f"""INSERT INTO devices (user_id, name, protocol, channel_count, sample_rate_hz, secret_key)
                 VALUES (%s, %s, %s, %s, %s, %s) RETURNING {_DEVICE_COLS}""",

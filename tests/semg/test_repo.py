@@ -251,3 +251,8 @@ def test_a_user_may_register_so_many_devices(clean_db, user):
     assert repo.register_device(clean_db, user["id"], 8, 200.0)["id"]
     with pytest.raises(repo.NotFound):
         repo.register_device(clean_db, 987654321, 8, 200.0)
+    # together, one user's devices may send as much as one device at the highest rate and channel count
+    fast = repo.create_user(clean_db, "Fast", "fast@example.org")
+    assert repo.register_device(clean_db, fast["id"], repo.MAX_CHANNELS, 10_000.0)["id"]
+    with pytest.raises(repo.Conflict, match=f"at most {repo.MAX_VALUES_PER_S_PER_USER} values/s"):
+        repo.register_device(clean_db, fast["id"], 1, 1.0)
