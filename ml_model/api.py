@@ -168,8 +168,8 @@ _ERRORS = {
     413: f"the request body is too large: at most {errors.USER_MAX_BODY_BYTES // 2**10} KiB and "
          f"{errors.USER_MAX_JSON_VALUES} JSON values with a user API key (or one that could not be verified), "
          f"{errors.MAX_BODY_BYTES // 2**20} MiB with an admin or service key",
-    429: f"a user API key already has {auth.USER_MAX_IN_FLIGHT} requests with a body under way; retry after their "
-         f"answers (Retry-After)",
+    429: f"a user API key already has {auth.USER_MAX_IN_FLIGHT} requests with a body under way (while the database "
+         f"is down: the keys that cannot be verified, together); retry after their answers (Retry-After)",
     503: "the database is unavailable; retry later (Retry-After)",
 }
 

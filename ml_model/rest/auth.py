@@ -191,6 +191,7 @@ OPEN_PATHS = ("/health",)  # the one route that needs no key (it reads no body)
 # costs up to a few ms of the event loop and its /predict windows queue for the one inference thread before the
 # live worker's: without a bound, one key on many connections slowed live recognition for everyone.
 USER_MAX_IN_FLIGHT = 2
+UNVERIFIED = "unverified"  # the in-flight count of all keys that could not be verified (not a SHA-256 hex digest)
 
 
 class KeyBeforeBody:
@@ -202,7 +203,7 @@ class KeyBeforeBody:
     The verified key's role goes into the scope (ROLE_SCOPE_KEY) for BodySizeLimit, inside this: only admin and
     service keys may send up to MAX_BODY_BYTES; a user key, or one that could not be verified (the database is
     down), gets USER_MAX_BODY_BYTES. Such a key may have USER_MAX_IN_FLIGHT requests with a body under way at
-    once; one more gets 429 before its body is read."""
+    once (all keys that could not be verified together); one more gets 429 before its body is read."""
 
     def __init__(self, app, user_max_in_flight: int = USER_MAX_IN_FLIGHT) -> None:
         self.app, self.user_max_in_flight = app, user_max_in_flight
@@ -233,12 +234,18 @@ class KeyBeforeBody:
         if scope.get(ROLE_SCOPE_KEY) in TRUSTED_ROLES:
             await self.app(scope, receive, send)
             return
-        digest = keys.key_hash(key)
+        # A key nobody could verify (the database is down) counts under one shared name: under its own, every
+        # made-up key would be a new count and anyone could have any number of bodies parsed at once.
+        verified = ROLE_SCOPE_KEY in scope
+        digest = keys.key_hash(key) if verified else UNVERIFIED
         if self.in_flight.get(digest, 0) >= self.user_max_in_flight:
-            await JSONResponse(
-                {"detail": f"too many requests at once with this API key: a user key may have "
-                           f"{self.user_max_in_flight} requests with a body under way; wait for their answers"},
-                status_code=429, headers={"Retry-After": "1"})(scope, receive, send)
+            detail = (f"too many requests at once with this API key: a user key may have {self.user_max_in_flight} "
+                      f"requests with a body under way; wait for their answers") if verified else (
+                      f"the database is unavailable, so this API key cannot be verified, and keys that cannot be "
+                      f"verified may have {self.user_max_in_flight} requests with a body under way together; "
+                      f"retry later")
+            await JSONResponse({"detail": detail}, status_code=429, headers={"Retry-After": "1"})(
+                scope, receive, send)
             return
         self.in_flight[digest] = self.in_flight.get(digest, 0) + 1
         try:

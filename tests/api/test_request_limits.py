@@ -94,3 +94,61 @@ def test_a_user_key_may_send_so_many_json_values(api, keys, served, parses):
     docs = api.get("/openapi.json").json()["paths"]["/predict"]["post"]
     assert f"{USER_MAX_JSON_VALUES} JSON values" in docs["description"]
     assert str(USER_MAX_JSON_VALUES) in docs["responses"]["413"]["description"]
+
+
+def test_keys_nobody_can_verify_share_the_in_flight_limit(monkeypatch):
+    """While the database is down a key that is not cached cannot be verified: KeyBeforeBody lets such a request
+    through with the user limits, and counted its in-flight requests under the key it named. Every made-up key was
+    a new count, so anyone, with no key at all, could have any number of bodies parsed at once during an outage
+    (the route then answers 503 anyway). Unverified keys now share one count."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from ml_model.rest import auth
+    from ml_model.rest.pool import DatabaseUnavailable
+
+    async def unverifiable(state, key):
+        raise DatabaseUnavailable("database unavailable: test")
+
+    monkeypatch.setattr(auth, "get_principal", unverifiable)
+
+    async def run() -> list[int]:
+        release = asyncio.Event()
+        entered = 0
+
+        async def inner(scope, receive, send):  # the route: holds its place until released
+            nonlocal entered
+            entered += 1
+            await release.wait()
+            await send({"type": "http.response.start", "status": 503, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+        mw = auth.KeyBeforeBody(inner)
+        app = SimpleNamespace(state=SimpleNamespace(semg=object()))
+        statuses: list[int] = []
+
+        async def request(key: str) -> None:
+            scope = {"type": "http", "path": "/predict", "method": "POST", "app": app,
+                     "headers": [(b"content-length", b"2"), (b"x-api-key", key.encode())]}
+
+            async def receive():
+                return {"type": "http.request", "body": b"{}", "more_body": False}
+
+            async def send(message):
+                if message["type"] == "http.response.start":
+                    statuses.append(message["status"])
+
+            await mw(scope, receive, send)
+
+        tasks = [asyncio.create_task(request(f"semg_made_up_{i}")) for i in range(auth.USER_MAX_IN_FLIGHT + 3)]
+        for _ in range(50):
+            await asyncio.sleep(0)
+        held = entered
+        release.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        assert not mw.in_flight, mw.in_flight  # every place freed
+        return [held, *statuses]
+
+    held, *statuses = asyncio.run(run())
+    assert held == auth.USER_MAX_IN_FLIGHT, f"{held} requests with unverifiable keys under way at once"
+    assert statuses.count(429) == 3, statuses
