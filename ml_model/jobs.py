@@ -635,15 +635,23 @@ _CLAIM_SET = """status = 'in-progress', worker = %(worker)s, started_at = now(),
                 attempts = attempts + 1, error = NULL, progress = 0, epoch_metrics = '[]'"""
 
 
+# Claims are made one at a time (a transaction-level advisory lock, two-int form): a claim's choice depends on the
+# jobs the others took (turns), which it cannot see while another claim is not committed.
+CLAIM_LOCK = (0x5E3C21, 1)
+
+
 def claim_next(conn, worker: str | None = None) -> int | None:
     """Take the next scheduled job (skipping ones other workers hold) and mark it in-progress for `worker`
     (default: this process); run it with run_job(job_id, worker=worker).
 
     Users take turns: the oldest job of the user with the fewest jobs in progress, among those the user whose
     last job started longest ago (or never). Oldest-first let one user's queue (a script, or 30 retrains
-    scheduled at once) keep everyone else's first job waiting until all of it was trained."""
+    scheduled at once) keep everyone else's first job waiting until all of it was trained. Claims are made one
+    at a time (CLAIM_LOCK), so two workers claiming at once do not both take the same user's turn."""
     me = worker or _worker_name()
     with conn, conn.cursor() as cur:
+        # before the UPDATE, whose snapshot then holds the claim made meanwhile (READ COMMITTED)
+        cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", CLAIM_LOCK)
         cur.execute(
             f"""UPDATE training_jobs SET {_CLAIM_SET}
                 WHERE id = (WITH waiting AS (SELECT DISTINCT user_id FROM training_jobs WHERE status = 'scheduled'),

@@ -453,6 +453,51 @@ def test_users_take_turns_in_the_queue(clean_db, user_device):
     assert jobs.claim_next(clean_db) == again[1]
 
 
+def test_users_take_turns_when_two_workers_claim_at_once(clean_db, user_device):
+    """Two workers claiming at the same moment each read the queue before the other's claim was committed: both
+    saw the first user with no job running and both took that user's jobs, while the second user's one job
+    waited for a whole training. A claim now waits for the one under way, so it sees the job that one took."""
+    import psycopg2.extensions
+
+    from semg import db
+    u, d = user_device
+    v = repo.create_user(clean_db, "Second", "second@example.org")
+    for g in PATTERNS:
+        if g != "REST":
+            repo.add_gesture(clean_db, v["id"], g)
+    dv = repo.register_device(clean_db, v["id"], CHANNELS, RATE)
+    su = record_session(clean_db, u["id"], d["id"], stream=False)
+    sv = record_session(clean_db, v["id"], dv["id"], stream=False)
+    first = [repo.schedule_job(clean_db, u["id"], [su["id"]])["id"] for _ in range(3)]
+    late = repo.schedule_job(clean_db, v["id"], [sv["id"]])["id"]
+    claimed, commit = threading.Event(), threading.Event()
+
+    class SlowCommit(psycopg2.extensions.connection):
+        """A worker whose claim has been made but is not yet committed (the moment the other one claims)."""
+
+        def __exit__(self, *exc):
+            claimed.set()
+            commit.wait(10)
+            return super().__exit__(*exc)
+
+    conns = [db.connect(connection_factory=SlowCommit), db.connect()]
+    got: dict[int, int | None] = {}
+    try:
+        a = threading.Thread(target=lambda: got.__setitem__(0, jobs.claim_next(conns[0], "worker-a")))
+        a.start()
+        assert claimed.wait(10)
+        b = threading.Thread(target=lambda: got.__setitem__(1, jobs.claim_next(conns[1], "worker-b")))
+        b.start()
+        b.join(0.5)  # the second claim is made while the first is not committed yet
+        commit.set()
+        a.join(10)
+        b.join(10)
+    finally:
+        commit.set()
+        [c.close() for c in conns]
+    assert got == {0: first[0], 1: late}, (got, first, late)
+
+
 def test_two_workers_never_take_the_same_job(clean_db, user_device):
     u, d = user_device
     s = record_session(clean_db, u["id"], d["id"], stream=False)
