@@ -565,7 +565,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="count lost notifications from the round-robin order of the 4 EMG characteristics")
     p.add_argument("--record", type=Path, help="append received notifications to this JSON-lines file")
     p.add_argument("--replay", type=Path, help="forward a recording instead of connecting over Bluetooth")
-    p.add_argument("--speed", type=float, default=1.0, help="--replay pace (0 = as fast as possible)")
+    p.add_argument("--speed", type=float, default=1.0,
+                   help="--replay pace (0 = as fast as possible); above 1.25 for more than ~30 s of the recording "
+                        "the UDP server refuses the excess as too_fast (its per-device sample budget, "
+                        "udpserver/PROTOCOL.md) unless it was started with --rate-tolerance 0")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 

@@ -419,3 +419,13 @@ def test_sequence_numbers_used_up_go_on_under_a_new_boot_through_real_udpserver(
         assert millis == [millis[0] + 5.0 * k for k in (0, 10, 20, 25, 35, 45, 55, 65, 75, 85, 95)]
     finally:
         assert srv.stop() == 0
+
+
+def test_replay_speed_help_names_the_servers_sample_budget():
+    """--replay --speed 0 (as fast as possible, the help's own suggestion) sends a recording at many times the
+    200 Hz the armband is registered with: the UDP server keeps the first ~30 s and refuses the rest as too_fast
+    (its per-device sample budget), while the bridge's summary says every packet was sent. udpsim's --speed help
+    says so; the bridge's said nothing."""
+    from udpserver.ingest import RATE_TOLERANCE
+    text = " ".join(mb.build_parser().format_help().split())
+    assert "too_fast" in text and "--rate-tolerance 0" in text and f"{RATE_TOLERANCE:g}" in text, text
