@@ -655,9 +655,13 @@ def claim_next(conn, worker: str | None = None) -> int | None:
         cur.execute(
             f"""UPDATE training_jobs SET {_CLAIM_SET}
                 WHERE id = (WITH waiting AS (SELECT DISTINCT user_id FROM training_jobs WHERE status = 'scheduled'),
-                                 turn AS (SELECT r.user_id, count(*) FILTER (WHERE r.status = 'in-progress') AS running,
-                                                 max(r.started_at) AS last_start
-                                          FROM training_jobs r JOIN waiting USING (user_id) GROUP BY r.user_id)
+                                 -- per waiting user from indexes (0007), not an aggregate over all their jobs
+                                 turn AS (SELECT w.user_id,
+                                                 (SELECT count(*) FROM training_jobs r
+                                                  WHERE r.user_id = w.user_id AND r.status = 'in-progress') AS running,
+                                                 (SELECT max(r.started_at) FROM training_jobs r
+                                                  WHERE r.user_id = w.user_id) AS last_start
+                                          FROM waiting w)
                             SELECT j.id FROM training_jobs j JOIN turn USING (user_id)
                             WHERE j.status = 'scheduled'
                             ORDER BY turn.running, turn.last_start NULLS FIRST, j.created_at, j.id
