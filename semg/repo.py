@@ -540,7 +540,8 @@ def register_device(conn, user_id: int, channel_count: int, sample_rate_hz: floa
     key = _secrets.token_bytes(32) if protocol == "binary" else None
     with _tx(conn) as cur:
         # the user's row lock serialises registrations, so two at once cannot both pass the count
-        cur.execute("SELECT 1 FROM users WHERE id = %s FOR UPDATE", (user_id,))
+        # (NO KEY: rows that only reference the user, e.g. the live worker's predictions, are not held up)
+        cur.execute("SELECT 1 FROM users WHERE id = %s FOR NO KEY UPDATE", (user_id,))
         _one(cur, "user", user_id)
         cur.execute("""SELECT count(*) AS n, coalesce(sum(channel_count * sample_rate_hz), 0) AS values_per_s
                        FROM devices WHERE user_id = %s""", (user_id,))

@@ -112,7 +112,8 @@ class ExportSlots:
                 raise HTTPException(429, "an export with this API key is being made: wait for it (one at a time "
                                          "per key)", headers=retry)
             if len(self._keys) >= self.at_once:
-                raise HTTPException(429, f"{self.at_once} exports are being made: retry in a minute", headers=retry)
+                raise HTTPException(429, f"{self.at_once} exports are being made: retry in "
+                                         f"{EXPORT_RETRY_AFTER_S} s", headers=retry)
             self._keys.add(key_id)
         try:
             yield
