@@ -416,10 +416,9 @@ def test_job_of_a_dead_worker_is_requeued_then_failed(clean_db, user_device):
     assert "stopped responding" in repo.get_job(clean_db, job["id"])["error"]
 
 
-def test_users_take_turns_in_the_queue(clean_db, user_device):
-    """Oldest-first let one user's queue (a script, or many retrains scheduled at once) keep everyone else's first
-    job waiting until all of it was trained. Now the user with fewer jobs running, then the one whose last job
-    started longest ago, goes first; each user's own jobs keep their order."""
+@pytest.fixture
+def two_trainees(clean_db, user_device):
+    """(u, su, v, sv): the job tests' user and a second one, each with a completed capture session."""
     u, d = user_device
     v = repo.create_user(clean_db, "Second", "second@example.org")
     for g in PATTERNS:
@@ -428,6 +427,14 @@ def test_users_take_turns_in_the_queue(clean_db, user_device):
     dv = repo.register_device(clean_db, v["id"], CHANNELS, RATE)
     su = record_session(clean_db, u["id"], d["id"], stream=False)
     sv = record_session(clean_db, v["id"], dv["id"], stream=False)
+    return u, su, v, sv
+
+
+def test_users_take_turns_in_the_queue(clean_db, two_trainees):
+    """Oldest-first let one user's queue (a script, or many retrains scheduled at once) keep everyone else's first
+    job waiting until all of it was trained. Now the user with fewer jobs running, then the one whose last job
+    started longest ago, goes first; each user's own jobs keep their order."""
+    u, su, v, sv = two_trainees
 
     def schedule(user, session, n=1):
         return [repo.schedule_job(clean_db, user["id"], [session["id"]])["id"] for _ in range(n)]
@@ -453,21 +460,14 @@ def test_users_take_turns_in_the_queue(clean_db, user_device):
     assert jobs.claim_next(clean_db) == again[1]
 
 
-def test_users_take_turns_when_two_workers_claim_at_once(clean_db, user_device):
+def test_users_take_turns_when_two_workers_claim_at_once(clean_db, two_trainees):
     """Two workers claiming at the same moment each read the queue before the other's claim was committed: both
     saw the first user with no job running and both took that user's jobs, while the second user's one job
     waited for a whole training. A claim now waits for the one under way, so it sees the job that one took."""
     import psycopg2.extensions
 
     from semg import db
-    u, d = user_device
-    v = repo.create_user(clean_db, "Second", "second@example.org")
-    for g in PATTERNS:
-        if g != "REST":
-            repo.add_gesture(clean_db, v["id"], g)
-    dv = repo.register_device(clean_db, v["id"], CHANNELS, RATE)
-    su = record_session(clean_db, u["id"], d["id"], stream=False)
-    sv = record_session(clean_db, v["id"], dv["id"], stream=False)
+    u, su, v, sv = two_trainees
     first = [repo.schedule_job(clean_db, u["id"], [su["id"]])["id"] for _ in range(3)]
     late = repo.schedule_job(clean_db, v["id"], [sv["id"]])["id"]
     claimed, commit = threading.Event(), threading.Event()
