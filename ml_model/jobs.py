@@ -640,6 +640,23 @@ _CLAIM_SET = """status = 'in-progress', worker = %(worker)s, started_at = now(),
 CLAIM_LOCK = (0x5E3C21, 1)
 
 
+# The next job in turn (see claim_next), as one statement; EXPLAIN-able by the tests with a worker name.
+CLAIM_SQL = f"""UPDATE training_jobs SET {_CLAIM_SET}
+WHERE id = (WITH waiting AS (SELECT DISTINCT user_id FROM training_jobs WHERE status = 'scheduled'),
+                 -- per waiting user from indexes (0007), not an aggregate over all their jobs
+                 turn AS (SELECT w.user_id,
+                                 (SELECT count(*) FROM training_jobs r
+                                  WHERE r.user_id = w.user_id AND r.status = 'in-progress') AS running,
+                                 (SELECT max(r.started_at) FROM training_jobs r
+                                  WHERE r.user_id = w.user_id) AS last_start
+                          FROM waiting w)
+            SELECT j.id FROM training_jobs j JOIN turn USING (user_id)
+            WHERE j.status = 'scheduled'
+            ORDER BY turn.running, turn.last_start NULLS FIRST, j.created_at, j.id
+            FOR UPDATE OF j SKIP LOCKED LIMIT 1)
+RETURNING id"""
+
+
 def claim_next(conn, worker: str | None = None) -> int | None:
     """Take the next scheduled job (skipping ones other workers hold) and mark it in-progress for `worker`
     (default: this process); run it with run_job(job_id, worker=worker).
@@ -652,23 +669,7 @@ def claim_next(conn, worker: str | None = None) -> int | None:
     with conn, conn.cursor() as cur:
         # before the UPDATE, whose snapshot then holds the claim made meanwhile (READ COMMITTED)
         cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", CLAIM_LOCK)
-        cur.execute(
-            f"""UPDATE training_jobs SET {_CLAIM_SET}
-                WHERE id = (WITH waiting AS (SELECT DISTINCT user_id FROM training_jobs WHERE status = 'scheduled'),
-                                 -- per waiting user from indexes (0007), not an aggregate over all their jobs
-                                 turn AS (SELECT w.user_id,
-                                                 (SELECT count(*) FROM training_jobs r
-                                                  WHERE r.user_id = w.user_id AND r.status = 'in-progress') AS running,
-                                                 (SELECT max(r.started_at) FROM training_jobs r
-                                                  WHERE r.user_id = w.user_id) AS last_start
-                                          FROM waiting w)
-                            SELECT j.id FROM training_jobs j JOIN turn USING (user_id)
-                            WHERE j.status = 'scheduled'
-                            ORDER BY turn.running, turn.last_start NULLS FIRST, j.created_at, j.id
-                            FOR UPDATE OF j SKIP LOCKED LIMIT 1)
-                RETURNING id""",
-            {"worker": me},
-        )
+        cur.execute(CLAIM_SQL, {"worker": me})
         row = cur.fetchone()
         if row:
             cur.execute("INSERT INTO job_logs (job_id, message) VALUES (%s, %s)", (row[0], f"taken by worker {me}"))
