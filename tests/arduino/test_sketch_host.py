@@ -308,11 +308,16 @@ def test_a_join_slower_than_the_retry_interval_still_completes(sim_object, devic
 def test_packets_fit_in_the_esp32_wifiudp_buffer(sim_object, device, server):
     """The ESP32 core's WiFiUDP buffers 1460 bytes and sends a longer packet as two datagrams, which the server
     rejects: with 4 channels at most 177 samples fit (40 + 177 * 8 = 1456 bytes)."""
-    most = run(device.build(sim_object, "SAMPLES_PER_PACKET=177"), 1500, SIM_NVS_DIR=str(device.tmp / "nvs"))
-    assert "udp_split=0" in most.err
-    server.wait_settled()
-    blocks = device.blocks()
-    assert blocks and max(b[2] for b in blocks) == 177  # (shorter ones end at a timer overrun)
+    exe = device.build(sim_object, "SAMPLES_PER_PACKET=177")
+    for _ in range(3):  # a packet ends early at a timer overrun: on a loaded machine a run may have no full one
+        most = run(exe, 1500, SIM_NVS_DIR=str(device.tmp / "nvs"))
+        assert "udp_split=0" in most.err
+        server.wait_settled()
+        blocks = device.blocks()
+        assert blocks and max(b[2] for b in blocks) <= 177
+        if max(b[2] for b in blocks) == 177:
+            break
+    assert max(b[2] for b in blocks) == 177
     assert server.metrics()["devices"][str(device.id)]["rejected"] == {}
 
     # 179 samples = 1472 bytes: within one MTU, but not within WiFiUDP's buffer
@@ -334,7 +339,9 @@ def test_legacy_build_streams_text_packets(sim_object, db_conn, tmp_path):
     finally:
         srv.stop()
     got = samples_of(device.blocks(), boot=0)
-    assert min(got) == 0 and len(got) >= 0.7 * 1.3 * RATE
+    # most of what the sampler took is stored (what it took depends on how loaded the machine was, not the sketch)
+    ticks = int(re.search(r"timer_ticks=(\d+) missed_ticks=(\d+)", r.err)[1])
+    assert min(got) == 0 and len(got) >= 0.7 * (ticks - len(r.not_served())), (len(got), ticks)
     # the server numbers text packets itself (skipping the numbers of samples its clock shows missing): the k-th
     # stored is the k-th sample the sampler took
     taken = sorted(set(range(len(got) + len(r.not_served()))) - r.not_served())[:len(got)]
