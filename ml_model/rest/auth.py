@@ -16,11 +16,10 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Path, Security
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
 
 from ml_model.rest import keys
-from ml_model.rest.errors import ROLE_SCOPE_KEY, TRUSTED_ROLES
+from ml_model.rest.errors import ROLE_SCOPE_KEY, TRUSTED_ROLES, error_response
 from ml_model.rest.state import AppState, State
 
 KEY_TTL_S = 5.0
@@ -226,8 +225,7 @@ class KeyBeforeBody:
             if state is not None:
                 scope[ROLE_SCOPE_KEY] = (await get_principal(state, key or None)).role
         except HTTPException as e:
-            await JSONResponse({"detail": e.detail}, status_code=e.status_code, headers=e.headers)(
-                scope, receive, send)
+            await error_response(e.status_code, e.detail, e.headers)(scope, receive, send)
             return
         except Exception:  # noqa: BLE001, S110 - e.g. the database is down: the route gives its usual answer
             pass  # (and the body, unverified, gets the user limits)
@@ -244,8 +242,7 @@ class KeyBeforeBody:
                       f"the database is unavailable, so this API key cannot be verified, and keys that cannot be "
                       f"verified may have {self.user_max_in_flight} requests with a body under way together; "
                       f"retry later")
-            await JSONResponse({"detail": detail}, status_code=429, headers={"Retry-After": "1"})(
-                scope, receive, send)
+            await error_response(429, detail, {"Retry-After": "1"})(scope, receive, send)
             return
         self.in_flight[digest] = self.in_flight.get(digest, 0) + 1
         try:

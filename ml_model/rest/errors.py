@@ -24,7 +24,8 @@ from semg.db import first_line
 log = logging.getLogger("semg.api.errors")
 
 
-def _answer(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The API's error answer: {"detail": ...} (also sent by the ASGI middlewares, before any route runs)."""
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
@@ -109,7 +110,7 @@ class BodySizeLimit:
         limit = self.max_bytes if trusted else min(self.max_bytes, self.user_max_bytes)
         length = dict(scope.get("headers") or ()).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            await _answer(413, _too_large(limit, trusted))(scope, receive, send)
+            await error_response(413, _too_large(limit, trusted))(scope, receive, send)
             return
         seen = 0
 
@@ -170,33 +171,33 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(repo.NotFound)
     async def _not_found(_: Request, e: repo.NotFound) -> JSONResponse:
-        return _answer(404, str(e))
+        return error_response(404, str(e))
 
     @app.exception_handler(repo.Conflict)
     async def _conflict(_: Request, e: repo.Conflict) -> JSONResponse:
-        return _answer(409, str(e))
+        return error_response(409, str(e))
 
     @app.exception_handler(repo.RepoError)
     async def _invalid(_: Request, e: repo.RepoError) -> JSONResponse:
-        return _answer(422, str(e))
+        return error_response(422, str(e))
 
     @app.exception_handler(InputError)
     async def _bad_input(_: Request, e: InputError) -> JSONResponse:
-        return _answer(422, str(e))
+        return error_response(422, str(e))
 
     @app.exception_handler(DatabaseUnavailable)
     async def _db_down(_: Request, e: DatabaseUnavailable) -> JSONResponse:
-        return _answer(503, str(e), {"Retry-After": "5"})
+        return error_response(503, str(e), {"Retry-After": "5"})
 
     @app.exception_handler(psycopg2.OperationalError)
     @app.exception_handler(psycopg2.InterfaceError)
     async def _db_error(_: Request, e: psycopg2.Error) -> JSONResponse:
-        return _answer(503, f"database unavailable: {first_line(e)}", {"Retry-After": "5"})
+        return error_response(503, f"database unavailable: {first_line(e)}", {"Retry-After": "5"})
 
     @app.exception_handler(psycopg2.IntegrityError)
     async def _integrity(_: Request, e: psycopg2.IntegrityError) -> JSONResponse:
-        return _answer(409, f"conflicts with stored data: {first_line(e)}")
+        return error_response(409, f"conflicts with stored data: {first_line(e)}")
 
     @app.exception_handler(psycopg2.DataError)
     async def _data(_: Request, e: psycopg2.DataError) -> JSONResponse:
-        return _answer(422, f"invalid value: {first_line(e)}")
+        return error_response(422, f"invalid value: {first_line(e)}")
