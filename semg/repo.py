@@ -549,10 +549,11 @@ def register_device(conn, user_id: int, channel_count: int, sample_rate_hz: floa
         if have["n"] >= MAX_DEVICES_PER_USER:
             raise Conflict(f"a user may have at most {MAX_DEVICES_PER_USER} devices: delete one that is no longer "
                            f"used (its recordings go with it) before registering another")
-        if have["values_per_s"] + int(channel_count) * float(sample_rate_hz) > MAX_VALUES_PER_S_PER_USER:
+        adds = int(channel_count) * float(sample_rate_hz)
+        if have["values_per_s"] + adds > MAX_VALUES_PER_S_PER_USER:
             raise Conflict(f"a user's devices may send at most {MAX_VALUES_PER_S_PER_USER} values/s together "
                            f"(channels x sample rate); theirs send {have['values_per_s']:g} and this one would add "
-                           f"{int(channel_count) * float(sample_rate_hz):g}: delete a device no longer used")
+                           f"{adds:g}: delete a device no longer used")
         cur.execute(
             f"""INSERT INTO devices (user_id, name, protocol, channel_count, sample_rate_hz, secret_key)
                 VALUES (%s, %s, %s, %s, %s, %s) RETURNING {_DEVICE_COLS}""",

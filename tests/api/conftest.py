@@ -87,3 +87,17 @@ def parses(monkeypatch):
 
     monkeypatch.setattr(Request, "json", json)
     return seen
+
+
+@pytest.fixture
+def served(api, keys, make_user, clean_db):
+    """Factory: served(channels=8, rate=200, seed=0) -> (user, weights, meta) with the model loaded."""
+    def make(channels: int = 8, rate: float = 200.0, seed: int = 0, classes=None):
+        user = make_user()
+        kw = {"classes": classes} if classes else {}
+        from ml_model.rest.demo_models import insert_artifact, random_artifact
+
+        weights, meta = random_artifact(channels, rate, seed=seed, **kw)
+        meta["artifact_id"] = insert_artifact(clean_db, user["id"], weights, meta)
+        return user, weights, meta
+    return make

@@ -15,18 +15,6 @@ from ml_model import artifacts
 from ml_model.rest.demo_models import insert_artifact, random_artifact
 
 
-@pytest.fixture
-def served(api, keys, make_user, clean_db):
-    """Factory: served(channels=8, rate=200, seed=0) -> (user, weights, meta) with the model loaded."""
-    def make(channels: int = 8, rate: float = 200.0, seed: int = 0, classes=None):
-        user = make_user()
-        kw = {"classes": classes} if classes else {}
-        weights, meta = random_artifact(channels, rate, seed=seed, **kw)
-        meta["artifact_id"] = insert_artifact(clean_db, user["id"], weights, meta)
-        return user, weights, meta
-    return make
-
-
 def _windows(n, channels=8, win=50, seed=0):
     return np.random.default_rng(seed).integers(-100, 100, size=(n, channels, win))
 

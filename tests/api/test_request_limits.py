@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -56,27 +55,18 @@ def test_strings_are_one_value_however_much_structure_they_spell():
     assert json_values(b'{"a": "\\\\", "b": [1, 2]}') == 4  # an escaped backslash does not escape the quote
 
 
-@pytest.fixture
-def served(api, keys, make_user, clean_db):
-    from ml_model.rest.demo_models import insert_artifact, random_artifact
-
-    user = make_user()
-    weights, meta = random_artifact(8, 200.0, seed=0)
-    insert_artifact(clean_db, user["id"], weights, meta)
-    return user
-
-
 def test_a_user_key_may_send_so_many_json_values(api, keys, served, parses):
     """Within its 256 KiB a user key could send 43k one-value windows, which took the event loop ~0.1 s to parse
     and validate (probes of the live path waited ~90 ms while one key sent them back to back). The number of
     values is now bounded too, before anything is parsed; strings are one value however long."""
-    mine = {**keys("user", served["id"]), "Content-Type": "application/json"}
+    user, _, _ = served()
+    mine = {**keys("user", user["id"]), "Content-Type": "application/json"}
     window = np.zeros((8, 50), dtype=int).tolist()  # 409 values
     fits = USER_MAX_JSON_VALUES // 409
-    r = api.post("/predict", json={"user_id": served["id"], "windows": [window] * fits}, headers=mine)
+    r = api.post("/predict", json={"user_id": user["id"], "windows": [window] * fits}, headers=mine)
     assert r.status_code == 200 and len(r.json()["results"][0]["predictions"]) == fits, r.text[:300]
-    worst = b'{"user_id": %d, "windows": [' % served["id"] + b",".join([b"[[0]]"] * 5000) + b"]}"
-    for body in (json.dumps({"user_id": served["id"], "windows": [window] * (fits + 1)}).encode(), worst):
+    worst = b'{"user_id": %d, "windows": [' % user["id"] + b",".join([b"[[0]]"] * 5000) + b"]}"
+    for body in (json.dumps({"user_id": user["id"], "windows": [window] * (fits + 1)}).encode(), worst):
         assert json_values(body) > USER_MAX_JSON_VALUES
         parses.clear()
         for content in (body, iter([body[:1000], body[1000:]])):  # declared, and streamed in two chunks
@@ -89,7 +79,7 @@ def test_a_user_key_may_send_so_many_json_values(api, keys, served, parses):
         assert r.status_code in (200, 422), r.text[:300]  # trusted keys: parsed and answered ([[0]] has 1 sample)
     # the longest note a user may keep, all brackets and commas, is one value
     note = "[{," * 3333
-    r = api.patch(f"/users/{served['id']}", json={"notes": note}, headers=mine)
+    r = api.patch(f"/users/{user['id']}", json={"notes": note}, headers=mine)
     assert r.status_code == 200 and r.json()["notes"] == note, r.text[:300]
     docs = api.get("/openapi.json").json()["paths"]["/predict"]["post"]
     assert f"{USER_MAX_JSON_VALUES} JSON values" in docs["description"]
