@@ -70,6 +70,10 @@ class Settings(BaseSettings):
     # 0 = keep forever. Recordings (samples) are never pruned. At most 100 years: more overflows a timestamp.
     semg_prediction_retention_days: int = Field(90, ge=0, le=36500)
 
+    # Below this much free space (MB) on a disk the platform writes to (state directory, embedded database, spool,
+    # videos), semg.health and the web UI warn: once it is full, recordings are lost. 0 = no warning.
+    semg_min_free_disk_mb: int = Field(2048, ge=0)
+
     log_level: str = "INFO"
 
     @field_validator("postgres_host", "nats_server", "nats_user", "semg_tls_cert_file", "semg_tls_key_file",
@@ -94,7 +98,7 @@ class Settings(BaseSettings):
                              "network (unset it to have one generated)")
         return v
 
-    @field_validator("semg_prediction_retention_days", mode="before")
+    @field_validator("semg_prediction_retention_days", "semg_min_free_disk_mb", mode="before")
     @classmethod
     def _blank_is_default(cls, v: object) -> object:
         # compose passing an unset variable gives "": the default, as for the other settings

@@ -1,6 +1,7 @@
 """Health of every service of a running platform, as start_all.sh and the tests see it.
 
-    python -m semg.health               # one line per service, exit 0 when all are healthy
+    python -m semg.health               # one line per service, exit 0 when all are healthy; and the free
+                                        # disk space (a warning, never the exit status: no restart mends it)
     python -m semg.health --wait 120    # keep checking until healthy (exit 1 on timeout)
     python -m semg.health --json
 """
@@ -18,7 +19,7 @@ from collections.abc import Callable
 import httpx
 import psycopg2
 
-from semg import db, tls
+from semg import db, diskspace, tls
 from semg.config import Settings, SettingsError, get_settings
 
 
@@ -119,6 +120,9 @@ def check_all(s: Settings) -> dict[str, tuple[bool, str]]:
     return results
 
 
+WARNINGS = ("disk",)  # reported after the services; waiting does not mend them, so they never fail the exit status
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m semg.health")
     p.add_argument("--wait", type=float, default=0, help="seconds to keep trying until all are healthy")
@@ -136,11 +140,12 @@ def main(argv: list[str] | None = None) -> int:
         if healthy or time.monotonic() >= deadline:
             break
         time.sleep(1)
+    results["disk"] = diskspace.check(s)
     if args.json:
         print(json.dumps({k: {"ok": ok, "detail": d} for k, (ok, d) in results.items()}))
     else:
         for name, (ok, detail) in results.items():
-            print(f"  {'ok  ' if ok else 'DOWN'} {name:<10} {detail}")
+            print(f"  {'ok  ' if ok else 'LOW ' if name in WARNINGS else 'DOWN'} {name:<10} {detail}")
     return 0 if healthy else 1
 
 

@@ -22,6 +22,7 @@ def services() -> None:
         ok = h[key]["ok"]
         col.markdown(ui.badge(ok, name))
         col.caption(h[key]["detail"])
+    ui.disk_warning(h)
     if not h["database"]["ok"]:
         cols[-1].markdown(ui.badge(None, "Training worker"))
         cols[-1].caption("unknown while the database is down")

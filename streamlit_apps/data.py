@@ -26,7 +26,7 @@ import psycopg2.extras
 import psycopg2.pool
 import streamlit as st
 
-from semg import db, journal, repo, tls
+from semg import db, diskspace, journal, repo, tls
 from semg import secrets as semg_secrets
 from semg.config import Settings, SettingsError, get_settings
 from udpserver import troubleshooting
@@ -1069,11 +1069,18 @@ def _check_nats(s: Settings) -> dict:
         return {"ok": False, "detail": f"not reachable at {s.nats_addresses} ({type(e).__name__})"}
 
 
+def _check_disk(s: Settings) -> dict:
+    ok, detail = diskspace.check(s)
+    return {"ok": ok, "detail": detail}
+
+
 @st.cache_data(ttl=5, show_spinner=False)
 def health() -> dict[str, dict]:
-    """Reachability of the database, REST API, UDP ingestion and NATS (checked in parallel, cached 5 s)."""
+    """Reachability of the database, REST API, UDP ingestion and NATS, and whether the disks the platform writes
+    to have room ("disk"; checked in parallel, cached 5 s)."""
     s = settings()
-    checks = {"database": _check_database, "api": _check_api, "udp": _check_udp, "nats": _check_nats}
+    checks = {"database": _check_database, "api": _check_api, "udp": _check_udp, "nats": _check_nats,
+              "disk": _check_disk}
     with ThreadPoolExecutor(max_workers=len(checks)) as ex:
         futures = {name: ex.submit(fn, s) for name, fn in checks.items()}
         return {name: f.result() for name, f in futures.items()}

@@ -176,6 +176,13 @@ def _sidebar_health() -> None:
         return
     names = {"database": "Database", "api": "API", "udp": "UDP ingest", "nats": "NATS"}
     st.caption("Services: " + " ".join(badge(h[k]["ok"], v) for k, v in names.items()))
+    disk_warning(h)
+
+
+def disk_warning(h: dict) -> None:
+    """A warning while a disk the platform writes to is nearly full (data.health()'s "disk")."""
+    if not h["disk"]["ok"]:
+        st.warning(f"Low disk space: {h['disk']['detail']}.", icon=":material/hard_drive:")
 
 
 @contextlib.contextmanager

@@ -797,6 +797,29 @@ def test_overview_reports_nats_down(page, clean_db, monkeypatch):
         get_settings.cache_clear()
 
 
+def test_a_nearly_full_disk_is_shown_on_the_overview_and_beside_every_page(page, clean_db, monkeypatch):
+    import streamlit as st
+
+    from semg.config import get_settings
+    at = page("main")
+    at.run()
+    assert not [w.value for w in at.warning if "disk" in w.value.lower()]  # this machine has room
+    monkeypatch.setenv("SEMG_MIN_FREE_DISK_MB", str(10**12))  # more than any disk has: "nearly full"
+    get_settings.cache_clear()
+    st.cache_data.clear()  # the health line is cached for 5 s
+    try:
+        for name in ("main", "capture"):
+            at = page(name)
+            at.run()
+            assert_clean(at)
+            low = [w.value for w in at.warning if w.value.startswith("Low disk space")]
+            assert low and "recordings stop being stored" in low[0], texts(at)
+            assert str(get_settings().state_dir) in low[0], low
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+
+
 def test_kickoff_counts_redone_repetitions(page, seeded):
     conn, s = seeded["conn"], seeded["session"]
     fist = next(i for i in s["intervals"] if i["label"] == "fist")
