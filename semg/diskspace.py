@@ -7,8 +7,11 @@ there is still room gives people time to free space or move the state directory.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,10 +63,11 @@ def _gb(n: int) -> str:
     return f"{n / (1 << 30):.1f} GB"
 
 
-def check(s: Settings) -> tuple[bool, str]:
-    """(enough space, one line) for the disks of `writable_paths`; not enough is below SEMG_MIN_FREE_DISK_MB."""
+def check(s: Settings, extra: Sequence[Path] = ()) -> tuple[bool, str]:
+    """(enough space, one line) for the disks of `writable_paths` and `extra`; not enough is below
+    SEMG_MIN_FREE_DISK_MB."""
     try:
-        found = disks(writable_paths(s))
+        found = disks([*writable_paths(s), *extra])
     except OSError as e:
         return False, f"free space of {s.state_dir} cannot be read ({e.strerror or e})"
     low = [d for d in found if d.low(s.semg_min_free_disk_mb)]
@@ -73,3 +77,22 @@ def check(s: Settings) -> tuple[bool, str]:
         return False, (f"{text}: under SEMG_MIN_FREE_DISK_MB={s.semg_min_free_disk_mb}; recordings stop being "
                        "stored when the disk is full: free space there, or delete sessions or users no longer needed")
     return True, text
+
+
+class LowSpaceLog:
+    """For a service's log: a WARNING when a disk goes low, again every `repeat_s` while it stays low, and one
+    INFO line once there is room again."""
+
+    def __init__(self, log: logging.Logger, repeat_s: float = 600.0, clock: Callable[[], float] = time.monotonic):
+        self.log, self.repeat_s, self.clock = log, repeat_s, clock
+        self._warned_at: float | None = None
+
+    def update(self, ok: bool, line: str) -> None:
+        now = self.clock()
+        if not ok:
+            if self._warned_at is None or now - self._warned_at >= self.repeat_s:
+                self.log.warning("low disk space: %s", line)
+                self._warned_at = now
+        elif self._warned_at is not None:
+            self.log.info("disk space is back above SEMG_MIN_FREE_DISK_MB: %s", line)
+            self._warned_at = None

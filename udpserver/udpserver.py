@@ -26,8 +26,9 @@ import sys
 import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
-from semg import db, procs, secrets, tls
+from semg import db, diskspace, procs, secrets, tls
 from semg.config import Settings, settings_or_exit
 from udpserver.ingest import BURST_MIN_SAMPLES, BURST_S, RATE_TOLERANCE, Ingestor, Record, Resume
 from udpserver.metrics import MetricsServer, RateLimitedLog
@@ -352,9 +353,12 @@ class Server(asyncio.DatagramProtocol):
 
     async def stats_loop(self) -> None:
         prev = (time.monotonic(), 0, 0, 0)
+        disk_log = diskspace.LowSpaceLog(log)
         while not self._stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self.args.stats_interval)
+            # in a thread: a stat of a hung disk must not stop the receive loop
+            disk_log.update(*await asyncio.to_thread(diskspace.check, self.settings, [Path(self.args.spool_dir)]))
             now = time.monotonic()
             dt = max(now - prev[0], 1e-9)
             rej = dict(self.ingestor.rejected)

@@ -4,6 +4,7 @@ below SEMG_MIN_FREE_DISK_MB by `python -m semg.health` (never failing its exit s
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 
@@ -101,3 +102,20 @@ def test_health_warns_of_a_low_disk_without_failing(settings, monkeypatch, capsy
     finally:
         monkeypatch.undo()
         get_settings.cache_clear()
+
+
+def test_a_service_log_warns_when_low_again_every_ten_minutes_and_once_when_there_is_room(caplog):
+    now = [0.0]
+    log = logging.getLogger("semg.test.disk")
+    watch = diskspace.LowSpaceLog(log, repeat_s=600, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger=log.name):
+        watch.update(True, "50 GB free")  # room: nothing said
+        for t in (5, 10, 300, 599, 605, 900, 1205):
+            now[0] = t
+            watch.update(False, "0.5 GB free of 50 GB at /state")
+        now[0] = 1210
+        watch.update(True, "3.0 GB free of 50 GB at /state")
+        watch.update(True, "3.0 GB free of 50 GB at /state")
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert said == [("WARNING", "low disk space: 0.5 GB free of 50 GB at /state")] * 3 + [
+        ("INFO", "disk space is back above SEMG_MIN_FREE_DISK_MB: 3.0 GB free of 50 GB at /state")], said
