@@ -1,0 +1,331 @@
+"""Back up and restore what the platform stores: the database (users, devices and their keys, every sample,
+sessions, models, jobs, decisions, API keys) and the webcam videos, in one tar file.
+
+    python -m semg.backup create FILE.tar     # while the platform runs: one consistent snapshot of the database
+    python -m semg.backup restore FILE.tar    # into an install whose database holds nothing yet
+    python -m semg.backup show FILE.tar       # what a backup holds
+
+The secrets of the state directory (database password, service key, UI password) are not in the backup: a new
+install makes its own, and the devices' and users' keys, which live in the database, keep working. A backup is
+restored by the same schema version that made it (then upgrade as usual); restoring never overwrites anything:
+it refuses a database that holds any row, and video files that already exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+
+import psycopg2
+from psycopg2 import sql
+
+from semg import db, secrets
+from semg.config import Settings, SettingsError, get_settings
+
+FORMAT = "semg-backup"
+FORMAT_VERSION = 1
+MANIFEST, DUMP, VIDEOS = "manifest.json", "database.dump", "videos"
+COUNTED = {"users": "count(*)", "devices": "count(*)", "sample_blocks": "coalesce(sum(n), 0)",
+           "capture_sessions": "count(*)", "videos": "count(*)", "model_artifacts": "count(*)",
+           "predictions": "count(*)"}
+
+
+class BackupError(RuntimeError):
+    """A backup cannot be made or restored; the message says why and what to do."""
+
+
+def _pg_tool(name: str) -> str:
+    from semg.embedded import pg_bin_dir
+    with contextlib.suppress(Exception):
+        tool = pg_bin_dir() / name
+        if tool.exists():
+            return str(tool)
+    found = shutil.which(name)
+    if found is None:
+        raise BackupError(f"{name} not found (it comes with the pgserver package, or install PostgreSQL's client)")
+    return found
+
+
+def _pg_args(s: Settings) -> tuple[list[str], dict]:
+    kw = db.connect_kwargs(s)
+    env = {**os.environ, "PGPASSWORD": secrets.postgres_password(s), "PGCONNECT_TIMEOUT": "10"}
+    return ["-h", str(kw["host"]), "-p", str(kw["port"]), "-U", str(kw["user"]), "-d", str(kw["dbname"])], env
+
+
+def _run(cmd: list[str], env: dict, what: str) -> None:
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        raise BackupError(f"{what} failed: {' | '.join(lines[-3:]) or f'exit status {r.returncode}'}")
+
+
+def _schema_version(cur) -> int:
+    cur.execute("SELECT max(version) FROM schema_version")
+    return int(cur.fetchone()[0])
+
+
+def _counts(cur) -> dict[str, int]:
+    out = {}
+    for table, expr in COUNTED.items():
+        cur.execute(sql.SQL("SELECT {} FROM {}").format(sql.SQL(expr), sql.Identifier(table)))
+        out[table] = int(cur.fetchone()[0])
+    return out
+
+
+def create(out: Path, settings: Settings | None = None) -> dict:
+    """Write a backup to `out` (a new file) and return its manifest. The database is read in one snapshot (the
+    platform may keep running and recording); the videos of that snapshot are copied as they are on disk."""
+    s = settings or get_settings()
+    out = Path(out)
+    if out.exists():
+        raise BackupError(f"{out} exists: give a new file name (a backup never overwrites)")
+    if not out.parent.is_dir():
+        raise BackupError(f"{out.parent} is not a directory")
+    work = Path(tempfile.mkdtemp(prefix=".semg-backup-", dir=out.parent))
+    try:
+        with contextlib.closing(db.connect(s)) as conn:
+            conn.autocommit = False  # the snapshot lives as long as this transaction
+            conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
+            with conn.cursor() as cur:
+                cur.execute("SELECT pg_export_snapshot()")  # pg_dump reads exactly what this transaction sees
+                snapshot = cur.fetchone()[0]
+                version, counts = _schema_version(cur), _counts(cur)
+                cur.execute("SELECT path FROM videos ORDER BY id")
+                video_paths = [r[0] for r in cur.fetchall()]
+                args, env = _pg_args(s)
+                # data only, in foreign-key order; the schema comes from the restoring install's own migrations
+                _run([_pg_tool("pg_dump"), *args, "--format=custom", "--data-only", f"--snapshot={snapshot}",
+                      "--exclude-table-data=public.schema_version", f"--file={work / DUMP}"], env, "pg_dump")
+            conn.rollback()
+        videos, missing = [], []
+        root = s.video_dir
+        for rel in video_paths:
+            (videos if (root / rel).is_file() else missing).append(rel)
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "schema_version": version,
+                    "created_at": datetime.now(UTC).isoformat(), "counts": counts, "videos": len(videos),
+                    "videos_missing": missing}
+        part = work / "backup.tar"
+        with tarfile.open(part, "w") as tar:
+            data = json.dumps(manifest, indent=1).encode()
+            info = tarfile.TarInfo(MANIFEST)
+            info.size, info.mtime = len(data), int(datetime.now(UTC).timestamp())
+            tar.addfile(info, io.BytesIO(data))
+            tar.add(work / DUMP, arcname=DUMP)
+            for rel in videos:
+                with contextlib.suppress(FileNotFoundError):  # deleted with its user since the snapshot
+                    tar.add(root / rel, arcname=f"{VIDEOS}/{rel}", recursive=False)
+        with open(part, "rb") as f:
+            os.fsync(f.fileno())
+        os.link(part, out)  # fails rather than replace a file made meanwhile
+        return manifest
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _video_rel(name: str) -> str | None:
+    """The relative video path of a member name `videos/...`, or None when the name is anything else."""
+    p = PurePosixPath(name)
+    if p.is_absolute() or ".." in p.parts or len(p.parts) < 2 or p.parts[0] != VIDEOS:
+        return None
+    return str(PurePosixPath(*p.parts[1:]))
+
+
+def read_manifest(tar: tarfile.TarFile) -> tuple[dict, dict[str, tarfile.TarInfo]]:
+    """(manifest, video member by relative path) after checking every member; BackupError for anything else."""
+    members = {}
+    for m in tar.getmembers():
+        if m.name in members:
+            raise BackupError(f"not a backup of this platform: {m.name!r} appears twice")
+        members[m.name] = m
+    for name in (MANIFEST, DUMP):
+        if name not in members or not members[name].isreg():
+            raise BackupError(f"not a backup of this platform: it has no {name}")
+    videos = {}
+    for name, m in members.items():
+        if name in (MANIFEST, DUMP):
+            continue
+        rel = _video_rel(name)
+        if rel is None or not m.isreg():
+            raise BackupError(f"not a backup of this platform: unexpected member {name!r}")
+        videos[rel] = m
+    try:
+        manifest = json.loads(tar.extractfile(members[MANIFEST]).read())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BackupError(f"the backup's {MANIFEST} is not JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BackupError("not a backup of this platform (its manifest names another format)")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BackupError(f"backup format version {manifest.get('format_version')!r}; this version reads "
+                          f"{FORMAT_VERSION}")
+    return manifest, videos
+
+
+def show(src: Path) -> dict:
+    try:
+        with tarfile.open(src, "r:") as tar:
+            return read_manifest(tar)[0]
+    except (OSError, tarfile.TarError) as e:
+        raise BackupError(f"{src} cannot be read as a backup ({e})") from None
+
+
+def restore(src: Path, settings: Settings | None = None) -> dict:
+    """Restore the backup `src` into this install, whose database must hold no rows yet. All or nothing: the
+    data goes in one transaction, and the videos are put in place only once it committed."""
+    s = settings or get_settings()
+    try:
+        tar = tarfile.open(src, "r:")
+    except (OSError, tarfile.TarError) as e:
+        raise BackupError(f"{src} cannot be read as a backup ({e})") from None
+    placed: list[Path] = []
+    with tar, contextlib.closing(db.connect(s)) as conn:
+        manifest, videos = read_manifest(tar)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            version = _schema_version(cur)
+            if manifest.get("schema_version") != version:
+                raise BackupError(f"the backup was made with database schema version {manifest.get('schema_version')}"
+                                  f" and this install has {version}: restore it with the platform version that "
+                                  "made it, then upgrade")
+            cur.execute("""SELECT tablename FROM pg_tables WHERE schemaname = 'public'
+                           AND tablename <> 'schema_version' ORDER BY tablename""")
+            holding = []
+            for (table,) in cur.fetchall():
+                # the API's own service key is there from its first start: it is kept (see _BEFORE)
+                where = sql.SQL(" WHERE role <> 'service'" if table == "api_keys" else "")
+                cur.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {}{})").format(sql.Identifier(table), where))
+                if cur.fetchone()[0]:
+                    holding.append(table)
+            if holding:
+                raise BackupError("a backup is restored only into a database that holds nothing yet, so nothing "
+                                  f"stored is overwritten; this one has rows in {', '.join(holding)}")
+        root = s.video_dir
+        there = [rel for rel in videos if (root / rel).exists()]
+        if there:
+            raise BackupError(f"{len(there)} video file(s) of the backup exist already under {root} (e.g. "
+                              f"{there[0]}): move them away first")
+        work = Path(tempfile.mkdtemp(prefix=".semg-restore-", dir=_existing_parent(s.state_dir)))
+        try:
+            for rel, m in videos.items():  # beside their place first: in place only after the data committed
+                tmp = root / f"{rel}.restoring"
+                tmp.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    o = open(tmp, "xb")
+                except FileExistsError:
+                    raise BackupError(f"{tmp} exists (left by a restore that was stopped?): remove it first") from None
+                placed.append(tmp)
+                with tar.extractfile(m) as f, o:
+                    shutil.copyfileobj(f, o)
+            dump = work / DUMP
+            with tar.extractfile(DUMP) as f, open(dump, "wb") as o:
+                shutil.copyfileobj(f, o)
+            _restore_data(s, dump, work)
+            for tmp in placed:
+                os.link(tmp, tmp.with_suffix(""))
+        finally:
+            for tmp in placed:
+                tmp.unlink(missing_ok=True)
+            shutil.rmtree(work, ignore_errors=True)
+        with conn.cursor() as cur:
+            counts = _counts(cur)
+    return {"restored": counts, "videos": len(videos), "schema_version": manifest["schema_version"],
+            "created_at": manifest.get("created_at")}
+
+
+# Run around the backup's rows, in the same transaction. The install's own service key stays what its services
+# use; the backup's service keys (the old install's internal credential) are not restored as credentials here.
+_BEFORE = """BEGIN;
+CREATE TEMP TABLE semg_own_service_keys ON COMMIT DROP AS
+  SELECT user_id, name, role, key_prefix, key_hash, created_at, last_used_at, revoked_at
+  FROM public.api_keys WHERE role = 'service';
+DELETE FROM public.api_keys WHERE role = 'service';
+"""
+_AFTER = """
+DELETE FROM public.api_keys WHERE role = 'service';
+INSERT INTO public.api_keys (user_id, name, role, key_prefix, key_hash, created_at, last_used_at, revoked_at)
+  SELECT user_id, name, role, key_prefix, key_hash, created_at, last_used_at, revoked_at
+  FROM pg_temp.semg_own_service_keys;
+COMMIT;
+"""
+
+
+def _restore_data(s: Settings, dump: Path, work: Path) -> None:
+    """The dump's rows into the database in one transaction: pg_restore's SQL is fed to psql between _BEFORE and
+    _AFTER, and COMMIT is sent only once pg_restore has read the whole archive without error (a cut or damaged
+    archive ends the connection with the transaction open, which rolls it back)."""
+    args, env = _pg_args(s)
+    with open(work / "pg_restore.err", "w+") as rerr, open(work / "psql.err", "w+") as perr:
+        reader = subprocess.Popen([_pg_tool("pg_restore"), "--data-only", "--file=-", str(dump)],
+                                  stdout=subprocess.PIPE, stderr=rerr, env=env)
+        writer = subprocess.Popen([_pg_tool("psql"), *args, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", "-"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=perr, env=env)
+        try:
+            writer.stdin.write(_BEFORE.encode())
+            while chunk := reader.stdout.read(1 << 20):
+                writer.stdin.write(chunk)
+            if reader.wait() == 0:
+                writer.stdin.write(_AFTER.encode())
+        except BrokenPipeError:  # psql stopped at an error (ON_ERROR_STOP): its stderr says which
+            pass
+        finally:
+            with contextlib.suppress(BrokenPipeError):
+                writer.stdin.close()
+            if reader.poll() is None:
+                reader.kill()
+            reader.wait()
+            writer.wait()
+        rerr.seek(0)
+        perr.seek(0)
+        why = [ln for ln in (perr.read() + rerr.read()).splitlines() if ln.strip()]
+    if reader.returncode != 0 or writer.returncode != 0:
+        raise BackupError("the database rows could not be restored, so nothing was: "
+                          + (" | ".join(why[-3:]) or f"exit status {reader.returncode}/{writer.returncode}"))
+
+
+def _existing_parent(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m semg.backup", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, text in (("create", "write a backup to a new FILE"), ("restore", "restore FILE into this install "
+                       "(its database must hold nothing yet)"), ("show", "print FILE's manifest")):
+        sub.add_parser(name, help=text).add_argument("file", type=Path)
+    args = p.parse_args(argv)
+    try:
+        if args.command == "show":
+            print(json.dumps(show(args.file)))
+            return 0
+        s = get_settings()
+        if args.command == "create":
+            m = create(args.file, s)
+            print(f"backup written to {args.file}: {m['counts']['users']} users, {m['counts']['sample_blocks']:,} "
+                  f"samples, {m['videos']} videos (schema version {m['schema_version']})")
+            print(json.dumps(m))
+        else:
+            r = restore(args.file, s)
+            print(f"restored {args.file}: {r['restored']['users']} users, {r['restored']['sample_blocks']:,} "
+                  f"samples, {r['videos']} videos")
+            print(json.dumps(r))
+        return 0
+    except (BackupError, SettingsError) as e:
+        print(f"semg.backup: {e}", file=sys.stderr)
+        return 1
+    except psycopg2.Error as e:
+        print(f"semg.backup: the database cannot be reached: {db.first_line(e)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

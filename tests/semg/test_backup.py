@@ -1,0 +1,210 @@
+"""`python -m semg.backup`: everything stored (database rows, sample values, videos) goes into one file and comes
+back whole into a new install; a restore never overwrites anything and is all or nothing. Real PostgreSQL (the
+test session's server, with a second database as the new install), real pg_dump/pg_restore."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from psycopg2 import sql
+
+from ml_model.rest import keys
+from semg import backup, db, repo
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "streamlit_apps"))
+import ui_seed  # noqa: E402  (the UI tests' data seeding: samples generated inside PostgreSQL)
+
+REPO = Path(__file__).resolve().parents[2]
+TARGET_DB = "semg_restore_target"
+OLD_SERVICE_KEY, NEW_SERVICE_KEY = "semg_" + "o" * 40, "semg_" + "n" * 40
+
+
+def _tables(conn) -> list[str]:
+    with conn.cursor() as cur:
+        cur.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY tablename")
+        return [r[0] for r in cur.fetchall()]
+
+
+def _rows(conn, table: str) -> list:
+    """Every row; of api_keys those that are not the install's own service key."""
+    where = sql.SQL(" WHERE role <> 'service'" if table == "api_keys" else "")
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("SELECT * FROM {}{} ORDER BY 1, 2").format(sql.Identifier(table), where))
+        return [tuple(r) for r in cur.fetchall()]
+
+
+@pytest.fixture
+def source(clean_db, settings):
+    """A user with gestures, a device, 20,000 samples, a session with its video file, a trained model, API key."""
+    conn = clean_db
+    base = ui_seed.seed_user(conn)
+    uid, did = base["user"]["id"], base["device"]["id"]
+    start = datetime.now(UTC) - timedelta(minutes=5)
+    samples = ui_seed.seed_samples(conn, uid, did, start, 20_000, channels=8, rate=1000.0)
+    session = ui_seed.seed_session(conn, uid, did, start + timedelta(seconds=1), repetitions=2)
+    ui_seed.seed_job(conn, uid, [session["id"]])
+    ui_seed.seed_predictions(conn, uid, n=20)
+    key = keys.create_key(conn, "user", uid, "backup test")["key"]
+    keys.ensure_key(conn, OLD_SERVICE_KEY, "service", "service")  # as the old install's API made at its start
+    rel = f"user{uid}/session{session['id']}.webm"
+    video = settings.video_dir / rel
+    video.parent.mkdir(parents=True, exist_ok=True)
+    video.write_bytes(os.urandom(50_000))
+    repo.add_video(conn, uid, session["id"], rel, start, start + timedelta(seconds=20), size=50_000)
+    return {"conn": conn, "user": uid, "samples": samples, "video": rel, "key": key}
+
+
+@pytest.fixture
+def target(settings, tmp_path, db_conn):
+    """A new install on the same server: its own database (schema from the migrations, no rows) and state dir."""
+    with db_conn.cursor() as cur:
+        cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(TARGET_DB)))
+        cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TARGET_DB)))
+    state = tmp_path / "new-install"
+    (state / "secrets").mkdir(parents=True)
+    shutil.copy(settings.secrets_dir / "postgres_password", state / "secrets" / "postgres_password")
+    s = settings.model_copy(update={"semg_state_dir": state, "postgres_db": TARGET_DB})
+    with contextlib.closing(db.connect(s)) as conn:
+        db.migrate(conn)
+        keys.ensure_key(conn, NEW_SERVICE_KEY, "service", "service")  # the new install's API has started
+    yield s
+    with db_conn.cursor() as cur:
+        cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(TARGET_DB)))
+
+
+def test_a_backup_restored_into_a_new_install_holds_everything(source, target, settings, tmp_path):
+    out = tmp_path / "semg.tar"
+    manifest = backup.create(out, settings)
+    assert manifest["counts"]["users"] == 1 and manifest["counts"]["sample_blocks"] == source["samples"]
+    assert manifest["videos"] == 1 and manifest["videos_missing"] == []
+    assert backup.show(out) == manifest
+
+    result = backup.restore(out, target)
+    assert result["restored"] == manifest["counts"], result
+    src = source["conn"]
+    with contextlib.closing(db.connect(target)) as new:
+        new.autocommit = True
+        assert _tables(new) == _tables(src)
+        for table in _tables(src):  # every row of every table, sample values included
+            if table != "schema_version":
+                assert _rows(new, table) == _rows(src, table), table
+        # the user's key works; the new install's service key still does, the old install's does not
+        assert keys.lookup(new, source["key"])["user_id"] == source["user"]
+        assert keys.lookup(new, NEW_SERVICE_KEY)["role"] == "service"
+        assert keys.lookup(new, OLD_SERVICE_KEY) is None
+        # ids go on after the restored ones (the identity sequences came along)
+        other = repo.create_user(new, "After Restore", "after@example.org")
+        assert other["id"] > source["user"]
+    assert (target.video_dir / source["video"]).read_bytes() == (settings.video_dir / source["video"]).read_bytes()
+    assert not list(target.video_dir.rglob("*.restoring"))
+
+
+def test_a_restore_never_overwrites_and_is_all_or_nothing(source, target, settings, tmp_path):
+    out = tmp_path / "semg.tar"
+    backup.create(out, settings)
+    with pytest.raises(backup.BackupError, match="never overwrites"):
+        backup.create(out, settings)
+
+    # a video file of the same name is in the way: nothing is restored
+    in_the_way = target.video_dir / source["video"]
+    in_the_way.parent.mkdir(parents=True)
+    in_the_way.write_bytes(b"someone else's")
+    with pytest.raises(backup.BackupError, match="exist already"):
+        backup.restore(out, target)
+    assert in_the_way.read_bytes() == b"someone else's"
+    in_the_way.unlink()
+
+    # a dump the server refuses part way (here: cut short): one transaction, so no row and no video stays
+    cut = tmp_path / "cut.tar"
+    with tarfile.open(out) as tar, tarfile.open(cut, "w") as w:
+        for m in tar.getmembers():
+            data = tar.extractfile(m).read()
+            if m.name == backup.DUMP:
+                data = data[: len(data) * 2 // 3]
+                m.size = len(data)
+            w.addfile(m, io.BytesIO(data))
+    with pytest.raises(backup.BackupError, match="pg_restore"):
+        backup.restore(cut, target)
+    with contextlib.closing(db.connect(target)) as new, new.cursor() as cur:
+        cur.execute("SELECT count(*) FROM users")
+        assert cur.fetchone()[0] == 0
+    assert not [p for p in target.video_dir.rglob("*") if p.is_file()]
+
+    # restored once; a second restore finds rows and refuses, changing nothing
+    backup.restore(out, target)
+    with pytest.raises(backup.BackupError, match="holds nothing yet.*users"):
+        backup.restore(out, target)
+    with contextlib.closing(db.connect(target)) as new, new.cursor() as cur:
+        cur.execute("SELECT count(*) FROM users")
+        assert cur.fetchone()[0] == 1
+
+
+def _tar_with(path: Path, members: dict[str, bytes], symlink: str | None = None) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        if symlink:
+            info = tarfile.TarInfo(symlink)
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(info)
+    return path
+
+
+@pytest.mark.parametrize("case", ["traversal", "absolute", "symlink", "no_dump", "other_format", "schema"])
+def test_a_file_that_is_not_a_backup_of_this_version_is_refused_before_anything_is_written(case, target, tmp_path):
+    good = {"format": backup.FORMAT, "format_version": backup.FORMAT_VERSION, "schema_version": 7}
+    with contextlib.closing(db.connect(target)) as conn, conn.cursor() as cur:
+        cur.execute("SELECT max(version) FROM schema_version")
+        good["schema_version"] = cur.fetchone()[0]
+    members = {backup.MANIFEST: json.dumps(good).encode(), backup.DUMP: b"x"}
+    symlink = None
+    expected = "unexpected member"
+    if case == "traversal":
+        members["videos/../../../escaped.webm"] = b"x"
+    elif case == "absolute":
+        members["/tmp/escaped.webm"] = b"x"
+    elif case == "symlink":
+        symlink = "videos/user1/link.webm"
+    elif case == "no_dump":
+        del members[backup.DUMP]
+        expected = "it has no database.dump"
+    elif case == "other_format":
+        members[backup.MANIFEST] = json.dumps({**good, "format": "zip"}).encode()
+        expected = "another format"
+    else:
+        members[backup.MANIFEST] = json.dumps({**good, "schema_version": good["schema_version"] + 1}).encode()
+        expected = "schema version"
+    src = _tar_with(tmp_path / f"{case}.tar", members, symlink)
+    with pytest.raises(backup.BackupError, match=expected):
+        backup.restore(src, target)
+    assert not list(tmp_path.rglob("escaped.webm"))
+    assert not target.video_dir.exists() or not [p for p in target.video_dir.rglob("*") if p.is_file()]
+
+
+def test_the_command_line(source, settings, tmp_path):
+    out = tmp_path / "cli.tar"
+    env = {**os.environ, "LOG_LEVEL": "ERROR"}
+    r = subprocess.run([sys.executable, "-m", "semg.backup", "create", str(out)], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"backup written to {out}: 1 users, {source['samples']:,} samples, 1 videos" in r.stdout
+    assert json.loads(r.stdout.splitlines()[-1])["counts"]["users"] == 1
+    r = subprocess.run([sys.executable, "-m", "semg.backup", "restore", str(out)], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "holds nothing yet" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "semg.backup", "show", str(tmp_path / "missing.tar")], env=env,
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "cannot be read as a backup" in r.stderr and "Traceback" not in r.stderr
+
