@@ -127,6 +127,8 @@ def create(out: Path, settings: Settings | None = None) -> dict:
             for rel in videos:
                 with contextlib.suppress(FileNotFoundError):  # deleted with its user since the snapshot
                     tar.add(root / rel, arcname=f"{VIDEOS}/{rel}", recursive=False)
+        # it holds the devices' secret keys and the API key hashes: for the owner only (the umask gave 0644)
+        os.chmod(part, 0o600)
         with open(part, "rb") as f:
             os.fsync(f.fileno())
         os.link(part, out)  # fails rather than replace a file made meanwhile

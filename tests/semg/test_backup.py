@@ -109,6 +109,17 @@ def test_a_backup_restored_into_a_new_install_holds_everything(source, target, s
     assert not list(target.video_dir.rglob("*.restoring"))
 
 
+def test_a_backup_file_is_readable_by_its_owner_only(source, settings, tmp_path):
+    """It holds the devices' secret keys and the API key hashes: not for the other accounts of the machine."""
+    out = tmp_path / "semg.tar"
+    old = os.umask(0o022)
+    try:
+        backup.create(out, settings)
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o600
+
+
 def test_a_restore_never_overwrites_and_is_all_or_nothing(source, target, settings, tmp_path):
     out = tmp_path / "semg.tar"
     backup.create(out, settings)
