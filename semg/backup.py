@@ -193,7 +193,10 @@ def restore(src: Path, settings: Settings | None = None) -> dict:
         raise BackupError(f"{src} cannot be read as a backup ({e})") from None
     placed: list[Path] = []
     with tar, contextlib.closing(db.connect(s)) as conn:
-        manifest, videos = read_manifest(tar)
+        try:
+            manifest, videos = read_manifest(tar)
+        except (OSError, tarfile.TarError) as e:  # a file cut short (a copy stopped part way) ends mid-member
+            raise BackupError(f"{src} cannot be read as a backup ({e})") from None
         conn.autocommit = True
         with conn.cursor() as cur:
             version = _schema_version(cur)

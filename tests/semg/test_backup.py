@@ -160,6 +160,19 @@ def test_a_restore_never_overwrites_and_is_all_or_nothing(source, target, settin
         assert cur.fetchone()[0] == 1
 
 
+def test_a_backup_file_cut_short_is_refused_with_a_message(source, target, settings, tmp_path):
+    """As when a copy of it stopped part way: tarfile finds the end of a member missing."""
+    out = tmp_path / "semg.tar"
+    backup.create(out, settings)
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(out.read_bytes()[: out.stat().st_size * 2 // 3])
+    with pytest.raises(backup.BackupError, match="cannot be read as a backup"):
+        backup.restore(cut, target)
+    with pytest.raises(backup.BackupError, match="cannot be read as a backup"):
+        backup.show(cut)
+    assert not target.video_dir.exists() or not [p for p in target.video_dir.rglob("*") if p.is_file()]
+
+
 def _tar_with(path: Path, members: dict[str, bytes], symlink: str | None = None) -> Path:
     with tarfile.open(path, "w") as tar:
         for name, data in members.items():
