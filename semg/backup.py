@@ -192,6 +192,8 @@ def restore(src: Path, settings: Settings | None = None) -> dict:
     except (OSError, tarfile.TarError) as e:
         raise BackupError(f"{src} cannot be read as a backup ({e})") from None
     placed: list[Path] = []
+    unplaced: list[str] = []
+    committed = False
     with tar, contextlib.closing(db.connect(s)) as conn:
         try:
             manifest, videos = read_manifest(tar)
@@ -237,12 +239,22 @@ def restore(src: Path, settings: Settings | None = None) -> dict:
             with tar.extractfile(DUMP) as f, open(dump, "wb") as o:
                 shutil.copyfileobj(f, o)
             _restore_data(s, dump, work)
+            committed = True
             for tmp in placed:
-                os.link(tmp, tmp.with_suffix(""))
+                try:
+                    os.link(tmp, tmp.with_suffix(""))
+                except OSError as e:  # the rows are in: the file is kept for putting in place by hand
+                    unplaced.append(f"{tmp} ({e.strerror or e})")
+                else:
+                    tmp.unlink()
         finally:
-            for tmp in placed:
-                tmp.unlink(missing_ok=True)
+            if not committed:
+                for tmp in placed:
+                    tmp.unlink(missing_ok=True)
             shutil.rmtree(work, ignore_errors=True)
+        if unplaced:
+            raise BackupError(f"the database rows were restored, but {len(unplaced)} video file(s) could not be put "
+                              f"in place: rename them without their '.restoring' suffix: {'; '.join(unplaced)}")
         with conn.cursor() as cur:
             counts = _counts(cur)
     return {"restored": counts, "videos": len(videos), "schema_version": manifest["schema_version"],

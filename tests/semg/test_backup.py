@@ -173,6 +173,27 @@ def test_a_backup_file_cut_short_is_refused_with_a_message(source, target, setti
     assert not target.video_dir.exists() or not [p for p in target.video_dir.rglob("*") if p.is_file()]
 
 
+def test_a_video_that_cannot_be_put_in_place_after_the_commit_is_kept(source, target, settings, tmp_path,
+                                                                        monkeypatch):
+    """Once the rows are committed the restore cannot be repeated (the database holds rows): a video whose name
+    was taken meanwhile (or on a disk without hard links) stays beside its place, and the error says where."""
+    out = tmp_path / "semg.tar"
+    backup.create(out, settings)
+    in_the_way = target.video_dir / source["video"]
+    restore_data = backup._restore_data
+
+    def and_meanwhile_a_file_of_that_name(*args):
+        restore_data(*args)
+        in_the_way.write_bytes(b"someone else's")
+
+    monkeypatch.setattr(backup, "_restore_data", and_meanwhile_a_file_of_that_name)
+    with pytest.raises(backup.BackupError, match="rows were restored.*could not be put in place.*restoring"):
+        backup.restore(out, target)
+    assert in_the_way.read_bytes() == b"someone else's"
+    kept = in_the_way.with_name(in_the_way.name + ".restoring")
+    assert kept.read_bytes() == (settings.video_dir / source["video"]).read_bytes()
+
+
 def _tar_with(path: Path, members: dict[str, bytes], symlink: str | None = None) -> Path:
     with tarfile.open(path, "w") as tar:
         for name, data in members.items():
