@@ -264,6 +264,8 @@ def restore(src: Path, settings: Settings | None = None) -> dict:
 # Run around the backup's rows, in the same transaction. The install's own service key stays what its services
 # use; the backup's service keys (the old install's internal credential) are not restored as credentials here.
 _BEFORE = """BEGIN;
+-- an API starting meanwhile waits to add its service key until this committed: else _AFTER would delete it
+LOCK TABLE public.api_keys IN SHARE ROW EXCLUSIVE MODE;
 CREATE TEMP TABLE semg_own_service_keys ON COMMIT DROP AS
   SELECT user_id, name, role, key_prefix, key_hash, created_at, last_used_at, revoked_at
   FROM public.api_keys WHERE role = 'service';

@@ -12,6 +12,8 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -192,6 +194,55 @@ def test_a_video_that_cannot_be_put_in_place_after_the_commit_is_kept(source, ta
     assert in_the_way.read_bytes() == b"someone else's"
     kept = in_the_way.with_name(in_the_way.name + ".restoring")
     assert kept.read_bytes() == (settings.video_dir / source["video"]).read_bytes()
+
+
+def test_the_service_key_of_an_api_starting_during_the_restore_is_kept(source, target, settings, tmp_path):
+    """The new install's API starts (and adds its service key) while the rows are being restored."""
+    out = tmp_path / "semg.tar"
+    backup.create(out, settings)
+    with contextlib.closing(db.connect(target)) as conn, conn.cursor() as cur:
+        conn.autocommit = True
+        cur.execute("DELETE FROM api_keys")  # the API has not started yet
+    holder = db.connect(target)  # holds the restore's COPY into users, after it began its transaction
+    with holder.cursor() as cur:
+        cur.execute("LOCK TABLE users IN EXCLUSIVE MODE")  # its emptiness check (a SELECT) still passes
+    results: dict = {}
+
+    def run(name, fn):
+        try:
+            results[name] = fn()
+        except Exception as e:
+            results[name] = e
+
+    def api_start():
+        with contextlib.closing(db.connect(target)) as conn:
+            keys.ensure_key(conn, NEW_SERVICE_KEY, "service", "service")
+
+    restoring = threading.Thread(target=run, args=("restore", lambda: backup.restore(out, target)))
+    restoring.start()
+    try:
+        with contextlib.closing(db.connect(target)) as watch, watch.cursor() as cur:
+            watch.autocommit = True
+            for _ in range(1200):
+                cur.execute("""SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                               WHERE datname = %s AND application_name = 'psql' AND wait_event_type = 'Lock')""",
+                            (TARGET_DB,))
+                if cur.fetchone()[0] or not restoring.is_alive():
+                    break
+                time.sleep(0.05)
+        api = threading.Thread(target=run, args=("api", api_start))
+        api.start()
+        api.join(timeout=1)  # it may wait for the restore (as it should) or be done
+    finally:
+        holder.commit()
+        holder.close()
+    restoring.join(timeout=120)
+    api.join(timeout=120)
+    assert not isinstance(results["restore"], Exception), results["restore"]
+    assert results["api"] is None
+    with contextlib.closing(db.connect(target)) as new:
+        assert keys.lookup(new, NEW_SERVICE_KEY)["role"] == "service"
+        assert keys.lookup(new, source["key"])["user_id"] == source["user"]
 
 
 def _tar_with(path: Path, members: dict[str, bytes], symlink: str | None = None) -> Path:
