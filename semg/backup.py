@@ -110,23 +110,25 @@ def create(out: Path, settings: Settings | None = None) -> dict:
                       f"--snapshot={snapshot}",
                       "--exclude-table-data=public.schema_version", f"--file={work / DUMP}"], env, "pg_dump")
             conn.rollback()
-        videos, missing = [], []
         root = s.video_dir
-        for rel in video_paths:
-            (videos if (root / rel).is_file() else missing).append(rel)
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "schema_version": version,
-                    "created_at": datetime.now(UTC).isoformat(), "counts": counts, "videos": len(videos),
-                    "videos_missing": missing}
+        copied, missing = [], []
         part = work / "backup.tar"
         with tarfile.open(part, "w") as tar:
+            tar.add(work / DUMP, arcname=DUMP)
+            for rel in video_paths:
+                try:  # a video deleted (with its user) since the snapshot is listed as missing
+                    tar.add(root / rel, arcname=f"{VIDEOS}/{rel}", recursive=False)
+                    copied.append(rel)
+                except FileNotFoundError:
+                    missing.append(rel)
+            # last: a file cut between members has none, so it is never taken for a whole backup
+            manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "schema_version": version,
+                        "created_at": datetime.now(UTC).isoformat(), "counts": counts, "videos": len(copied),
+                        "videos_missing": missing}
             data = json.dumps(manifest, indent=1).encode()
             info = tarfile.TarInfo(MANIFEST)
             info.size, info.mtime = len(data), int(datetime.now(UTC).timestamp())
             tar.addfile(info, io.BytesIO(data))
-            tar.add(work / DUMP, arcname=DUMP)
-            for rel in videos:
-                with contextlib.suppress(FileNotFoundError):  # deleted with its user since the snapshot
-                    tar.add(root / rel, arcname=f"{VIDEOS}/{rel}", recursive=False)
         # it holds the devices' secret keys and the API key hashes: for the owner only (the umask gave 0644)
         os.chmod(part, 0o600)
         with open(part, "rb") as f:
@@ -154,7 +156,7 @@ def read_manifest(tar: tarfile.TarFile) -> tuple[dict, dict[str, tarfile.TarInfo
         members[m.name] = m
     for name in (MANIFEST, DUMP):
         if name not in members or not members[name].isreg():
-            raise BackupError(f"not a backup of this platform: it has no {name}")
+            raise BackupError(f"it has no {name}: a backup cut short, or not a backup of this platform")
     videos = {}
     for name, m in members.items():
         if name in (MANIFEST, DUMP):
@@ -172,6 +174,9 @@ def read_manifest(tar: tarfile.TarFile) -> tuple[dict, dict[str, tarfile.TarInfo
     if manifest.get("format_version") != FORMAT_VERSION:
         raise BackupError(f"backup format version {manifest.get('format_version')!r}; this version reads "
                           f"{FORMAT_VERSION}")
+    if manifest.get("videos") != len(videos):
+        raise BackupError(f"the backup holds {len(videos)} video file(s) where its manifest lists "
+                          f"{manifest.get('videos')!r}: it is damaged")
     return manifest, videos
 
 
@@ -346,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except psycopg2.Error as e:
         print(f"semg.backup: the database cannot be reached: {db.first_line(e)}", file=sys.stderr)
+        return 1
+    except OSError as e:  # e.g. no permission to write FILE's directory
+        print(f"semg.backup: {e}", file=sys.stderr)
         return 1
 
 

@@ -174,6 +174,24 @@ def test_a_backup_file_cut_short_is_refused_with_a_message(source, target, setti
         backup.show(cut)
     assert not target.video_dir.exists() or not [p for p in target.video_dir.rglob("*") if p.is_file()]
 
+    # cut exactly between two members, it is a well-formed tar: the manifest, written last, is missing
+    with tarfile.open(out) as tar:
+        names = tar.getnames()
+        assert names[-1] == backup.MANIFEST and names[0] == backup.DUMP, names
+        ends = [m.offset_data + -(-m.size // 512) * 512 for m in tar.getmembers()]
+    cut.write_bytes(out.read_bytes()[: ends[-2]])
+    with pytest.raises(backup.BackupError, match="no manifest.json"):
+        backup.restore(cut, target)
+    # a video member left out of a whole-looking file: the manifest's count says so
+    damaged = tmp_path / "damaged.tar"
+    with tarfile.open(out) as tar, tarfile.open(damaged, "w") as w:
+        for m in tar.getmembers():
+            if not m.name.startswith("videos/"):
+                w.addfile(m, tar.extractfile(m))
+    with pytest.raises(backup.BackupError, match="holds 0 video file.*lists 1: it is damaged"):
+        backup.restore(damaged, target)
+    assert not target.video_dir.exists() or not [p for p in target.video_dir.rglob("*") if p.is_file()]
+
 
 def test_a_video_that_cannot_be_put_in_place_after_the_commit_is_kept(source, target, settings, tmp_path,
                                                                         monkeypatch):
@@ -260,7 +278,7 @@ def _tar_with(path: Path, members: dict[str, bytes], symlink: str | None = None)
 
 @pytest.mark.parametrize("case", ["traversal", "absolute", "symlink", "no_dump", "other_format", "schema"])
 def test_a_file_that_is_not_a_backup_of_this_version_is_refused_before_anything_is_written(case, target, tmp_path):
-    good = {"format": backup.FORMAT, "format_version": backup.FORMAT_VERSION, "schema_version": 7}
+    good = {"format": backup.FORMAT, "format_version": backup.FORMAT_VERSION, "schema_version": 7, "videos": 0}
     with contextlib.closing(db.connect(target)) as conn, conn.cursor() as cur:
         cur.execute("SELECT max(version) FROM schema_version")
         good["schema_version"] = cur.fetchone()[0]
