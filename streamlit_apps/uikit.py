@@ -182,7 +182,7 @@ def _sidebar_health() -> None:
 def disk_warning(h: dict) -> None:
     """A warning while a disk the platform writes to is nearly full (data.health()'s "disk")."""
     if not h["disk"]["ok"]:
-        st.warning(f"Low disk space: {h['disk']['detail']}.", icon=":material/hard_drive:")
+        st.warning(f"Disk space: {h['disk']['detail']}.", icon=":material/hard_drive:")  # low, or unreadable
 
 
 @contextlib.contextmanager

@@ -812,7 +812,7 @@ def test_a_nearly_full_disk_is_shown_on_the_overview_and_beside_every_page(page,
             at = page(name)
             at.run()
             assert_clean(at)
-            low = [w.value for w in at.warning if w.value.startswith("Low disk space")]
+            low = [w.value for w in at.warning if w.value.startswith("Disk space: ")]
             assert low and "recordings stop being stored" in low[0], texts(at)
             assert str(get_settings().state_dir) in low[0], low
     finally:
