@@ -6,9 +6,10 @@ sessions, models, jobs, decisions, API keys) and the webcam videos, in one tar f
     python -m semg.backup show FILE.tar       # what a backup holds
 
 The secrets of the state directory (database password, service key, UI password) are not in the backup: a new
-install makes its own, and the devices' and users' keys, which live in the database, keep working. A backup is
-restored by the same schema version that made it (then upgrade as usual); restoring never overwrites anything:
-it refuses a database that holds any row, and video files that already exist.
+install makes its own, and the devices' and users' keys, which live in the database, keep working. A backup made
+by an older platform version is restored into a newer one (the data migrations since are applied to its rows),
+not the other way round; restoring never overwrites anything: it refuses a database that holds any row, and video
+files that already exist.
 """
 
 from __future__ import annotations
@@ -207,10 +208,13 @@ def restore(src: Path, settings: Settings | None = None) -> dict:
         conn.autocommit = True
         with conn.cursor() as cur:
             version = _schema_version(cur)
-            if manifest.get("schema_version") != version:
-                raise BackupError(f"the backup was made with database schema version {manifest.get('schema_version')}"
-                                  f" and this install has {version}: restore it with the platform version that "
-                                  "made it, then upgrade")
+            made = manifest.get("schema_version")
+            if not isinstance(made, int) or isinstance(made, bool) or not 1 <= made <= version:
+                raise BackupError(f"the backup was made with database schema version {made!r} and this install has "
+                                  f"{version}: upgrade this install first (a newer platform version made it)")
+            # an older backup's rows get what the migrations since did to the data, in the same transaction (each
+            # migration is written to run again safely: IF NOT EXISTS, and data changes only where still needed)
+            later = [path.read_text() for v, _, path in db.migrations() if v > made]
             cur.execute("""SELECT tablename FROM pg_tables WHERE schemaname = 'public'
                            AND tablename <> 'schema_version' ORDER BY tablename""")
             holding = []
@@ -243,7 +247,7 @@ def restore(src: Path, settings: Settings | None = None) -> dict:
             dump = work / DUMP
             with tar.extractfile(DUMP) as f, open(dump, "wb") as o:
                 shutil.copyfileobj(f, o)
-            _restore_data(s, dump, work)
+            _restore_data(s, dump, work, later)
             committed = True
             for tmp in placed:
                 try:
@@ -262,7 +266,7 @@ def restore(src: Path, settings: Settings | None = None) -> dict:
                               f"in place: rename them without their '.restoring' suffix: {'; '.join(unplaced)}")
         with conn.cursor() as cur:
             counts = _counts(cur)
-    return {"restored": counts, "videos": len(videos), "schema_version": manifest["schema_version"],
+    return {"restored": counts, "videos": len(videos), "schema_version": version, "backup_schema_version": made,
             "created_at": manifest.get("created_at")}
 
 
@@ -285,10 +289,11 @@ COMMIT;
 """
 
 
-def _restore_data(s: Settings, dump: Path, work: Path) -> None:
+def _restore_data(s: Settings, dump: Path, work: Path, migrations: list[str]) -> None:
     """The dump's rows into the database in one transaction: pg_restore's SQL is fed to psql between _BEFORE and
-    _AFTER, and COMMIT is sent only once pg_restore has read the whole archive without error (a cut or damaged
-    archive ends the connection with the transaction open, which rolls it back)."""
+    `migrations` (SQL of those newer than the backup) + _AFTER, and COMMIT is sent only once pg_restore has read
+    the whole archive without error (a cut or damaged archive ends the connection with the transaction open, which
+    rolls it back)."""
     args, env = _pg_args(s)
     with open(work / "pg_restore.err", "w+") as rerr, open(work / "psql.err", "w+") as perr:
         reader = subprocess.Popen([_pg_tool("pg_restore"), "--data-only", "--file=-", str(dump)],
@@ -300,6 +305,10 @@ def _restore_data(s: Settings, dump: Path, work: Path) -> None:
             while chunk := reader.stdout.read(1 << 20):
                 writer.stdin.write(chunk)
             if reader.wait() == 0:
+                # pg_restore's SQL empties search_path; the migrations name their tables unqualified
+                writer.stdin.write(b"\nSET search_path TO public;\n")
+                for text in migrations:
+                    writer.stdin.write(f"\n{text}\n".encode())
                 writer.stdin.write(_AFTER.encode())
         except BrokenPipeError:  # psql stopped at an error (ON_ERROR_STOP): its stderr says which
             pass

@@ -297,9 +297,9 @@ def test_a_file_that_is_not_a_backup_of_this_version_is_refused_before_anything_
     elif case == "other_format":
         members[backup.MANIFEST] = json.dumps({**good, "format": "zip"}).encode()
         expected = "another format"
-    else:
+    else:  # made by a newer platform version
         members[backup.MANIFEST] = json.dumps({**good, "schema_version": good["schema_version"] + 1}).encode()
-        expected = "schema version"
+        expected = "upgrade this install first"
     src = _tar_with(tmp_path / f"{case}.tar", members, symlink)
     with pytest.raises(backup.BackupError, match=expected):
         backup.restore(src, target)
@@ -322,3 +322,52 @@ def test_the_command_line(source, settings, tmp_path):
                        cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "cannot be read as a backup" in r.stderr and "Traceback" not in r.stderr
 
+
+
+def test_a_backup_of_an_older_version_is_restored_with_the_migrations_since(settings, db_conn, target, tmp_path):
+    """A backup made at schema version 4 (before gesture names were made NFC, 0005) into today's install: its rows
+    come back as the migrations since would have left them."""
+    old_db = "semg_backup_v4"
+    with db_conn.cursor() as cur:
+        cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(old_db)))
+        cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(old_db)))
+    old = target.model_copy(update={"postgres_db": old_db, "semg_state_dir": target.state_dir})
+    try:
+        with contextlib.closing(db.connect(old)) as conn, conn, conn.cursor() as cur:
+            cur.execute(db.BASELINE.read_text())
+            for version, name, path in db.migrations():
+                if version <= 4:
+                    cur.execute(path.read_text())
+                    cur.execute("INSERT INTO schema_version (version, name) VALUES (%s, %s)", (version, name))
+            decomposed = "cafe\u0301"  # as typed on macOS, stored before 0005
+            cur.execute("INSERT INTO users (name, email) VALUES ('Old', 'old@example.org') RETURNING id")
+            uid = cur.fetchone()[0]
+            cur.execute("INSERT INTO gestures (user_id, name) VALUES (%s, %s) RETURNING id", (uid, decomposed))
+            gid = cur.fetchone()[0]
+            cur.execute("""INSERT INTO devices (user_id, channel_count, sample_rate_hz, secret_key)
+                           VALUES (%s, 8, 200, %s) RETURNING id""", (uid, os.urandom(32)))
+            did = cur.fetchone()[0]
+            cur.execute("""INSERT INTO capture_sessions (user_id, device_id, status, plan)
+                           VALUES (%s, %s, 'completed', %s) RETURNING id""",
+                        (uid, did, json.dumps({"gestures": [decomposed]})))
+            sid = cur.fetchone()[0]
+            cur.execute("""INSERT INTO session_intervals (session_id, ordinal, kind, label, planned_start_ms,
+                                                          planned_end_ms)
+                           VALUES (%s, 0, 'gesture', %s, 0, 2000)""", (sid, decomposed))
+        out = tmp_path / "v4.tar"
+        assert backup.create(out, old)["schema_version"] == 4
+
+        result = backup.restore(out, target)
+        assert (result["backup_schema_version"], result["schema_version"]) == (4, max(v for v, _, _ in db.migrations()))
+        with contextlib.closing(db.connect(target)) as new, new.cursor() as cur:
+            cur.execute("SELECT id, name FROM gestures")
+            assert cur.fetchall() == [(gid, "caf\u00e9")]  # NFC now (0005)
+            cur.execute("SELECT label, gesture_id FROM session_intervals")
+            assert cur.fetchall() == [("caf\u00e9", gid)]  # and linked to its gesture (0005)
+            cur.execute("SELECT plan->'gestures' FROM capture_sessions")
+            assert cur.fetchone()[0] == ["caf\u00e9"]
+            cur.execute("SELECT boot_offset FROM devices")  # 0002's column, as the migration left it
+            assert cur.fetchone()[0] == 0
+    finally:
+        with db_conn.cursor() as cur:
+            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(old_db)))
