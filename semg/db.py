@@ -106,7 +106,9 @@ def create_database(settings: Settings | None = None) -> bool:
 
 
 def migrations() -> list[tuple[int, str, Path]]:
-    """Ordered (version, name, path) of db/migrations/NNNN_name.sql files (versions start at 2)."""
+    """Ordered (version, name, path) of db/migrations/NNNN_name.sql files (versions start at 2). Each must be
+    safe to run again on a database it already changed (IF NOT EXISTS; data changes only where still needed):
+    restoring an older backup (semg.backup) runs the newer ones over its rows."""
     found = []
     if MIGRATIONS_DIR.is_dir():
         for p in sorted(MIGRATIONS_DIR.iterdir()):

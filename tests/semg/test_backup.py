@@ -371,3 +371,13 @@ def test_a_backup_of_an_older_version_is_restored_with_the_migrations_since(sett
     finally:
         with db_conn.cursor() as cur:
             cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(old_db)))
+
+
+def test_every_migration_runs_again_on_a_database_it_already_changed(target):
+    """What restoring an older backup relies on (semg.db.migrations): a new migration that is not safe to run
+    again fails here."""
+    with contextlib.closing(db.connect(target)) as conn:
+        for version, name, path in db.migrations():
+            with conn.cursor() as cur:
+                cur.execute(path.read_text())  # raises on e.g. a plain ADD COLUMN or CREATE INDEX
+            conn.rollback()
