@@ -355,14 +355,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"samples, {r['videos']} videos")
             print(json.dumps(r))
         return 0
-    except (BackupError, SettingsError) as e:
+    except (BackupError, SettingsError, OSError) as e:  # OSError: e.g. no permission to write FILE's directory
         print(f"semg.backup: {e}", file=sys.stderr)
         return 1
     except psycopg2.Error as e:
         print(f"semg.backup: the database cannot be reached: {db.first_line(e)}", file=sys.stderr)
-        return 1
-    except OSError as e:  # e.g. no permission to write FILE's directory
-        print(f"semg.backup: {e}", file=sys.stderr)
         return 1
 
 
