@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import io
 import json
 import os
@@ -134,7 +135,14 @@ def create(out: Path, settings: Settings | None = None) -> dict:
         os.chmod(part, 0o600)
         with open(part, "rb") as f:
             os.fsync(f.fileno())
-        os.link(part, out)  # fails rather than replace a file made meanwhile
+        try:
+            os.link(part, out)  # fails rather than replace a file made meanwhile
+        except FileExistsError:
+            raise BackupError(f"{out} exists: give a new file name (a backup never overwrites)") from None
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP) or out.exists():
+                raise
+            os.rename(part, out)  # no hard links there (a FAT/exFAT USB disk): checked just before instead
         return manifest
     finally:
         shutil.rmtree(work, ignore_errors=True)

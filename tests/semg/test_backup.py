@@ -381,3 +381,19 @@ def test_every_migration_runs_again_on_a_database_it_already_changed(target):
             with conn.cursor() as cur:
                 cur.execute(path.read_text())  # raises on e.g. a plain ADD COLUMN or CREATE INDEX
             conn.rollback()
+
+
+def test_a_backup_is_written_where_there_are_no_hard_links(source, settings, tmp_path, monkeypatch):
+    """A FAT or exFAT USB disk, the usual place for a copy, refuses link(2) with EPERM: the file is renamed there."""
+    import errno
+
+    def no_links(src, dst, *a, **kw):
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(src))
+
+    monkeypatch.setattr(backup.os, "link", no_links)
+    out = tmp_path / "usb.tar"
+    manifest = backup.create(out, settings)
+    assert backup.show(out) == manifest and oct(out.stat().st_mode & 0o777) == "0o600"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".semg-backup-")] == []
+    with pytest.raises(backup.BackupError, match="never overwrites"):
+        backup.create(out, settings)
