@@ -4,6 +4,7 @@ sessions, models, jobs, decisions, API keys) and the webcam videos, in one tar f
     python -m semg.backup create FILE.tar     # while the platform runs: one consistent snapshot of the database
     python -m semg.backup restore FILE.tar    # into an install whose database holds nothing yet
     python -m semg.backup show FILE.tar       # what a backup holds
+    python -m semg.backup auto                # every SEMG_BACKUP_EVERY_H into SEMG_BACKUP_DIR (supervisord runs it)
 
 The secrets of the state directory (database password, service key, UI password) are not in the backup: a new
 install makes its own, and the devices' and users' keys, which live in the database, keep working. A backup made
@@ -19,19 +20,23 @@ import contextlib
 import errno
 import io
 import json
+import logging
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
-from datetime import UTC, datetime
+import threading
+from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePosixPath
 
 import psycopg2
 from psycopg2 import sql
 
-from semg import db, secrets
+from semg import db, diskspace, secrets
 from semg.config import Settings, SettingsError, get_settings
 
 FORMAT = "semg-backup"
@@ -40,6 +45,11 @@ MANIFEST, DUMP, VIDEOS = "manifest.json", "database.dump", "videos"
 COUNTED = {"users": "count(*)", "devices": "count(*)", "sample_blocks": "coalesce(sum(n), 0)",
            "capture_sessions": "count(*)", "videos": "count(*)", "model_artifacts": "count(*)",
            "predictions": "count(*)"}
+
+
+log = logging.getLogger("semg.backup")
+AUTO_NAME = re.compile(r"^semg-backup-(\d{8}T\d{6}Z)\.tar$")  # the automatic backups; nothing else is pruned
+AUTO_RETRY_S = 600.0
 
 
 class BackupError(RuntimeError):
@@ -340,13 +350,109 @@ def _existing_parent(path: Path) -> Path:
     return path
 
 
+# ---- automatic backups ------------------------------------------------------------------------------
+def auto_backups(directory: Path) -> list[tuple[datetime, Path]]:
+    """The automatic backups in `directory`, oldest first, with the time in their name."""
+    found = []
+    with contextlib.suppress(FileNotFoundError):
+        for p in directory.iterdir():
+            if (m := AUTO_NAME.match(p.name)) and p.is_file():
+                found.append((datetime.strptime(m.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC), p))
+    return sorted(found)
+
+
+def auto_status(s: Settings, now: datetime | None = None) -> tuple[bool, str]:
+    """(on time, one line) for semg.health: the last automatic backup and when the next is due; late when the
+    last is older than two intervals (or there is none a day after the first was due)."""
+    now = now or datetime.now(UTC)
+    every = timedelta(hours=s.semg_backup_every_h)
+    directory = s.semg_backup_dir.expanduser().resolve()
+    done = auto_backups(directory)
+    if not done:
+        return True, f"none in {directory} yet (every {s.semg_backup_every_h:g} h)"
+    last, path = done[-1]
+    age = now - last
+    line = f"last {last:%Y-%m-%d %H:%M} UTC ({path.name}, {len(done)} kept in {directory}), every {s.semg_backup_every_h:g} h"
+    if age > 2 * every:
+        return False, f"{line}: the last is {age.total_seconds() / 3600:.0f} h old; the backup log says why"
+    return True, line
+
+
+def run_auto(s: Settings, stop: threading.Event, clock=lambda: datetime.now(UTC)) -> None:
+    """Until `stop`: a backup into SEMG_BACKUP_DIR whenever the newest there is SEMG_BACKUP_EVERY_H old (at once
+    when there is none), then all but the newest SEMG_BACKUP_KEEP automatic ones deleted. A failure is logged
+    and tried again in 10 minutes; a disk without room for one more (the last one's size above
+    SEMG_MIN_FREE_DISK_MB) is not filled."""
+    directory = s.semg_backup_dir.expanduser().resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    every = timedelta(hours=s.semg_backup_every_h)
+    log.info("automatic backups into %s every %g h, the newest %d kept", directory, s.semg_backup_every_h,
+             s.semg_backup_keep)
+    _wait_for_schema(s, stop)
+    while not stop.is_set():
+        done = auto_backups(directory)
+        now = clock()
+        if done and (wait := (done[-1][0] + every - now).total_seconds()) > 0:
+            stop.wait(min(wait, 3600.0))  # looked at again hourly: a clock change, a backup removed by hand
+            continue
+        try:
+            need = (done[-1][1].stat().st_size if done else 0) + s.semg_min_free_disk_mb * diskspace.MB
+            free = shutil.disk_usage(directory).free
+            if free < need:
+                raise BackupError(f"{free >> 20} MB free in {directory}, {need >> 20} MB needed (the last backup's "
+                                  "size and SEMG_MIN_FREE_DISK_MB): free space there or lower SEMG_BACKUP_KEEP")
+            out = directory / f"semg-backup-{now:%Y%m%dT%H%M%SZ}.tar"
+            m = create(out, s)
+            log.info("backup written to %s: %d users, %d samples, %d videos, %.1f MB", out, m["counts"]["users"],
+                     m["counts"]["sample_blocks"], m["videos"], out.stat().st_size / 2**20)
+            for _, old in auto_backups(directory)[:-s.semg_backup_keep]:
+                old.unlink(missing_ok=True)
+                log.info("removed the old backup %s (SEMG_BACKUP_KEEP=%d)", old.name, s.semg_backup_keep)
+        except (BackupError, OSError, psycopg2.Error) as e:
+            log.error("automatic backup failed: %s; trying again in %.0f minutes", str(e).strip().splitlines()[0],
+                      AUTO_RETRY_S / 60)
+            stop.wait(AUTO_RETRY_S)
+
+
+def _wait_for_schema(s: Settings, stop: threading.Event) -> None:
+    """Until the database answers with its schema: at a first start this program runs before the schema is made,
+    and a failed backup is tried again only 10 minutes later."""
+    while not stop.is_set():
+        try:
+            with contextlib.closing(db.connect(s, connect_timeout=5)) as conn, conn.cursor() as cur:
+                _schema_version(cur)
+                return
+        except (psycopg2.Error, TypeError):  # TypeError: no version row yet
+            stop.wait(2.0)
+
+
+def _auto_main(s: Settings) -> int:
+    logging.basicConfig(level=s.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if s.semg_backup_dir is None:
+        print("semg.backup auto: SEMG_BACKUP_DIR is not set (automatic backups are off)", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())  # a backup under way finishes (or supervisord's wait ends)
+    run_auto(s, stop)
+    log.info("automatic backups stopped")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m semg.backup", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     for name, text in (("create", "write a backup to a new FILE"), ("restore", "restore FILE into this install "
                        "(its database must hold nothing yet)"), ("show", "print FILE's manifest")):
         sub.add_parser(name, help=text).add_argument("file", type=Path)
+    sub.add_parser("auto", help="a backup into SEMG_BACKUP_DIR every SEMG_BACKUP_EVERY_H hours (runs until stopped)")
     args = p.parse_args(argv)
+    if args.command == "auto":
+        try:
+            return _auto_main(get_settings())
+        except SettingsError as e:
+            print(f"semg.backup: {e}", file=sys.stderr)
+            return 2
     try:
         if args.command == "show":
             print(json.dumps(show(args.file)))

@@ -74,10 +74,16 @@ class Settings(BaseSettings):
     # videos), semg.health and the web UI warn: once it is full, recordings are lost. 0 = no warning.
     semg_min_free_disk_mb: int = Field(2048, ge=0)
 
+    # Automatic backups (python -m semg.backup auto, under supervisord): a backup into this directory every
+    # SEMG_BACKUP_EVERY_H hours, the newest SEMG_BACKUP_KEEP kept. Unset = off. Best on another disk.
+    semg_backup_dir: Path | None = None
+    semg_backup_every_h: float = Field(24.0, gt=0, le=24 * 366)
+    semg_backup_keep: int = Field(7, ge=1, le=10_000)
+
     log_level: str = "INFO"
 
     @field_validator("postgres_host", "nats_server", "nats_user", "semg_tls_cert_file", "semg_tls_key_file",
-                     mode="before")
+                     "semg_backup_dir", mode="before")
     @classmethod
     def _blank_is_unset(cls, v: object) -> object:
         return None if isinstance(v, str) and not v.strip() else v
@@ -98,7 +104,8 @@ class Settings(BaseSettings):
                              "network (unset it to have one generated)")
         return v
 
-    @field_validator("semg_prediction_retention_days", "semg_min_free_disk_mb", mode="before")
+    @field_validator("semg_prediction_retention_days", "semg_min_free_disk_mb", "semg_backup_every_h",
+                     "semg_backup_keep", mode="before")
     @classmethod
     def _blank_is_default(cls, v: object) -> object:
         # compose passing an unset variable gives "": the default, as for the other settings
@@ -267,6 +274,7 @@ def _shell_exports(s: Settings) -> str:
         "UI_PORT": str(s.ui_port),
         "SEMG_EMBEDDED_PG": "true" if s.embedded_postgres else "false",
         "SEMG_EMBEDDED_NATS": "true" if s.embedded_nats else "false",
+        "SEMG_BACKUP_AUTOSTART": "true" if s.semg_backup_dir is not None else "false",
         "SEMG_SUPERVISOR_USER": "semg",  # semg.health uses the same name
         "SEMG_SUPERVISOR_PASSWORD": secrets.get_or_create("supervisor_password", s),
     }

@@ -107,7 +107,7 @@ def check_all(s: Settings) -> dict[str, tuple[bool, str]]:
     results["udpserver"] = check_udpserver(s)
     results["ui"] = _http_ok(s, f"{s.ui_url}/_stcore/health")
     states = supervisor_states(s)
-    for prog in ("inference", "trainer"):
+    for prog in ("inference", "trainer", *(("backup",) if s.semg_backup_dir is not None else ())):
         if states:
             st = states.get(prog, "missing")
             results[prog] = (st == "RUNNING", f"supervisor: {st}")
@@ -120,7 +120,9 @@ def check_all(s: Settings) -> dict[str, tuple[bool, str]]:
     return results
 
 
-WARNINGS = ("disk",)  # reported after the services; waiting does not mend them, so they never fail the exit status
+# reported after the services, with their own word when not ok; waiting does not mend them, so they never fail the
+# exit status
+WARNINGS = {"disk": "LOW ", "backups": "LATE"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,11 +143,14 @@ def main(argv: list[str] | None = None) -> int:
             break
         time.sleep(1)
     results["disk"] = diskspace.check(s)
+    if s.semg_backup_dir is not None:
+        from semg import backup
+        results["backups"] = backup.auto_status(s)
     if args.json:
         print(json.dumps({k: {"ok": ok, "detail": d} for k, (ok, d) in results.items()}))
     else:
         for name, (ok, detail) in results.items():
-            print(f"  {'ok  ' if ok else 'LOW ' if name in WARNINGS else 'DOWN'} {name:<10} {detail}")
+            print(f"  {'ok  ' if ok else WARNINGS.get(name, 'DOWN')} {name:<10} {detail}")
     return 0 if healthy else 1
 
 

@@ -67,15 +67,21 @@ def _connect(env: dict, state: Path):
 
 
 def test_start_stop_start_keeps_data_and_leaves_nothing(state):
-    env = _env(state)
+    backups = state.parent / "backups"  # automatic backups on (semg.backup auto under supervisord)
+    env = _env(state, SEMG_BACKUP_DIR=str(backups))
     t0 = time.monotonic()
     r = _run("start_all.sh", env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     first_start = time.monotonic() - t0
     assert f"http://127.0.0.1:{env['UI_PORT']}" in r.stdout
+    deadline = time.monotonic() + 60  # the first automatic backup is made at once
+    while not list(backups.glob("semg-backup-*.tar")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(list(backups.glob("semg-backup-*.tar"))) == 1, (state / "logs" / "backup.log").read_text()[-2000:]
     health = _health(env)
     assert health and all(v["ok"] for v in health.values()), health
-    assert {"postgres", "nats", "api", "udpserver", "ui", "inference", "trainer"} <= set(health)
+    assert {"postgres", "nats", "api", "udpserver", "ui", "inference", "trainer", "backup", "disk",
+            "backups"} <= set(health)
 
     # re-running while up is harmless and quick
     t1 = time.monotonic()
@@ -126,6 +132,7 @@ def test_start_stop_start_keeps_data_and_leaves_nothing(state):
     with contextlib.closing(_connect(env, state)) as conn, conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM users WHERE email = 'persist@example.org'")
         assert cur.fetchone()[0] == 1
+    assert len(list(backups.glob("semg-backup-*.tar"))) == 1  # the last one is not a day old: none made now
     r = _run("stop_all.sh", env, timeout=240)
     assert r.returncode == 0 and ours(str(state)) == []
     print(json.dumps({"first_start_s": round(first_start, 1), "second_start_s": round(second_start, 1)}))

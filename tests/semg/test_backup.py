@@ -397,3 +397,62 @@ def test_a_backup_is_written_where_there_are_no_hard_links(source, settings, tmp
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".semg-backup-")] == []
     with pytest.raises(backup.BackupError, match="never overwrites"):
         backup.create(out, settings)
+
+
+def test_automatic_backups_come_every_interval_and_only_the_newest_are_kept(source, settings, tmp_path, caplog):
+    import logging
+
+    directory = tmp_path / "auto"
+    directory.mkdir()
+    (directory / "my-own-copy.tar").write_bytes(b"not ours to prune")
+    s = settings.model_copy(update={"semg_backup_dir": directory, "semg_backup_every_h": 1.5 / 3600,
+                                    "semg_backup_keep": 2})
+    stop = threading.Event()
+    worker = threading.Thread(target=backup.run_auto, args=(s, stop), daemon=True)
+    with caplog.at_level(logging.INFO, logger="semg.backup"):
+        worker.start()
+        deadline = time.monotonic() + 60
+        while sum("backup written to" in r.getMessage() for r in caplog.records) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        stop.set()
+        worker.join(60)
+    assert not worker.is_alive()
+    written = [r.getMessage() for r in caplog.records if "backup written to" in r.getMessage()]
+    assert len(written) >= 3, [r.getMessage() for r in caplog.records]
+    kept = backup.auto_backups(directory)
+    assert len(kept) == 2 and (directory / "my-own-copy.tar").exists()
+    assert backup.show(kept[-1][1])["counts"]["sample_blocks"] == source["samples"]
+    ok, line = backup.auto_status(s)
+    assert ok and kept[-1][1].name in line and "2 kept" in line, line
+    # late: the newest is more than two intervals old
+    ok, line = backup.auto_status(s, now=kept[-1][0] + timedelta(seconds=4))
+    assert not ok and "the backup log says why" in line, line
+
+
+def test_automatic_backups_never_fill_the_disk(source, settings, tmp_path, caplog):
+    import logging
+
+    directory = tmp_path / "auto"
+    s = settings.model_copy(update={"semg_backup_dir": directory, "semg_min_free_disk_mb": 10**12})
+    stop = threading.Event()
+    worker = threading.Thread(target=backup.run_auto, args=(s, stop), daemon=True)
+    with caplog.at_level(logging.INFO, logger="semg.backup"):
+        worker.start()
+        deadline = time.monotonic() + 30
+        while not any("automatic backup failed" in r.getMessage() for r in caplog.records) \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stop.set()
+        worker.join(30)
+    failed = [r.getMessage() for r in caplog.records if "automatic backup failed" in r.getMessage()]
+    assert failed and "MB needed" in failed[0] and "trying again in 10 minutes" in failed[0], failed
+    assert backup.auto_backups(directory) == [] and list(directory.iterdir()) == []
+    ok, line = backup.auto_status(s)
+    assert ok and "none in" in line, line  # nothing yet is not late: the log says why
+
+
+def test_auto_without_a_directory_says_it_is_off(settings):
+    env = {k: v for k, v in os.environ.items() if k != "SEMG_BACKUP_DIR"}
+    r = subprocess.run([sys.executable, "-m", "semg.backup", "auto"], env=env, cwd=REPO, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "SEMG_BACKUP_DIR is not set" in r.stderr, r.stderr
