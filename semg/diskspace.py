@@ -39,10 +39,13 @@ def _existing(path: Path) -> Path:
 
 
 def writable_paths(s: Settings) -> list[Path]:
-    """Where this install writes: the state directory, and the parts of it that may be mounted elsewhere."""
+    """Where this install writes: the state directory, the parts of it that may be mounted elsewhere, and the
+    automatic backups' directory."""
     paths = [s.state_dir, s.video_dir, s.state_dir / "spool"]
     if s.embedded_postgres:
         paths.append(s.pg_data_dir)
+    if s.semg_backup_dir is not None:
+        paths.append(s.semg_backup_dir.expanduser().resolve())
     return paths
 
 

@@ -64,6 +64,12 @@ def test_a_directory_mounted_elsewhere_is_checked_on_its_own(tmp_path):
         shutil.rmtree(elsewhere, ignore_errors=True)
 
 
+def test_the_automatic_backups_directory_is_one_of_the_disks(tmp_path):
+    s = _settings(tmp_path / "state", semg_backup_dir=tmp_path / "backups-not-made-yet")
+    assert tmp_path / "backups-not-made-yet" in diskspace.writable_paths(s)
+    assert tmp_path / "backups-not-made-yet" not in diskspace.writable_paths(_settings(tmp_path / "state"))
+
+
 def test_the_setting_is_checked(monkeypatch, tmp_path):
     monkeypatch.setenv("SEMG_STATE_DIR", str(tmp_path))
     monkeypatch.setenv("SEMG_MIN_FREE_DISK_MB", "-1")
