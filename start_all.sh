@@ -31,7 +31,7 @@ fi
 echo "waiting for the services to become healthy..."
 if ! "$SEMG_PYTHON" -m semg.health --wait "${SEMG_START_TIMEOUT:-180}"; then
   echo "start_all.sh: not every service became healthy; last log lines:" >&2
-  for svc in postgres nats dbinit api udpserver inference trainer ui; do
+  for svc in postgres nats dbinit api udpserver inference trainer backup ui; do
     log="$SEMG_STATE_DIR/logs/$svc.log"
     [ -s "$log" ] && { echo "--- $svc" >&2; tail -n 3 "$log" >&2; }
   done

@@ -367,7 +367,10 @@ def auto_status(s: Settings, now: datetime | None = None) -> tuple[bool, str]:
     now = now or datetime.now(UTC)
     every = timedelta(hours=s.semg_backup_every_h)
     directory = s.semg_backup_dir.expanduser().resolve()
-    done = auto_backups(directory)
+    try:
+        done = auto_backups(directory)
+    except OSError as e:
+        return False, f"{directory} cannot be read ({e.strerror or e})"
     if not done:
         return True, f"none in {directory} yet (every {s.semg_backup_every_h:g} h)"
     last, path = done[-1]
@@ -430,6 +433,12 @@ def _auto_main(s: Settings) -> int:
     logging.basicConfig(level=s.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if s.semg_backup_dir is None:
         print("semg.backup auto: SEMG_BACKUP_DIR is not set (automatic backups are off)", file=sys.stderr)
+        return 2
+    try:  # a directory that cannot be made is a setting to mend: say so once, and supervisord reports the exit
+        s.semg_backup_dir.expanduser().resolve().mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"semg.backup auto: SEMG_BACKUP_DIR={s.semg_backup_dir} cannot be made ({e.strerror or e})",
+              file=sys.stderr)
         return 2
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -451,8 +451,15 @@ def test_automatic_backups_never_fill_the_disk(source, settings, tmp_path, caplo
     assert ok and "none in" in line, line  # nothing yet is not late: the log says why
 
 
-def test_auto_without_a_directory_says_it_is_off(settings):
+def test_auto_without_a_usable_directory_says_so(settings, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "SEMG_BACKUP_DIR"}
     r = subprocess.run([sys.executable, "-m", "semg.backup", "auto"], env=env, cwd=REPO, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and "SEMG_BACKUP_DIR is not set" in r.stderr, r.stderr
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    r = subprocess.run([sys.executable, "-m", "semg.backup", "auto"], env={**env, "SEMG_BACKUP_DIR": str(a_file / "x")},
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "cannot be made" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    ok, line = backup.auto_status(settings.model_copy(update={"semg_backup_dir": a_file / "x"}))
+    assert not ok and "cannot be read (Not a directory)" in line, line  # health says so instead of failing
