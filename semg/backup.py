@@ -356,8 +356,13 @@ def auto_backups(directory: Path) -> list[tuple[datetime, Path]]:
     found = []
     with contextlib.suppress(FileNotFoundError):
         for p in directory.iterdir():
-            if (m := AUTO_NAME.match(p.name)) and p.is_file():
-                found.append((datetime.strptime(m.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC), p))
+            if not ((m := AUTO_NAME.match(p.name)) and p.is_file()):
+                continue
+            try:
+                made = datetime.strptime(m.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+            except ValueError:  # not a time (a file named by hand): not ours, and no reason to stop
+                continue
+            found.append((made, p))
     return sorted(found)
 
 

@@ -463,3 +463,13 @@ def test_auto_without_a_usable_directory_says_so(settings, tmp_path):
     assert r.returncode == 2 and "cannot be made" in r.stderr and "Traceback" not in r.stderr, r.stderr
     ok, line = backup.auto_status(settings.model_copy(update={"semg_backup_dir": a_file / "x"}))
     assert not ok and "cannot be read (Not a directory)" in line, line  # health says so instead of failing
+
+
+def test_a_file_named_like_a_backup_but_without_a_time_is_not_ours_and_stops_nothing(settings, tmp_path):
+    (tmp_path / "semg-backup-20241399T000000Z.tar").write_bytes(b"made by hand")  # month 13, day 99
+    ours = tmp_path / "semg-backup-20240101T000000Z.tar"
+    ours.write_bytes(b"")
+    assert backup.auto_backups(tmp_path) == [(datetime(2024, 1, 1, tzinfo=UTC), ours)]
+    ok, line = backup.auto_status(settings.model_copy(update={"semg_backup_dir": tmp_path}),
+                                  now=datetime(2024, 1, 1, 1, tzinfo=UTC))
+    assert ok and ours.name in line and "1 kept" in line, line
