@@ -48,7 +48,8 @@ COUNTED = {"users": "count(*)", "devices": "count(*)", "sample_blocks": "coalesc
 
 
 log = logging.getLogger("semg.backup")
-AUTO_NAME = re.compile(r"^semg-backup-(\d{8}T\d{6}Z)\.tar$")  # the automatic backups; nothing else is pruned
+# the automatic backups (fullmatch: `$` would also match before a final newline); nothing else is pruned
+AUTO_NAME = re.compile(r"semg-backup-(\d{8}T\d{6}Z)\.tar", re.ASCII)
 AUTO_RETRY_S = 600.0
 
 
@@ -356,7 +357,7 @@ def auto_backups(directory: Path) -> list[tuple[datetime, Path]]:
     found = []
     with contextlib.suppress(FileNotFoundError):
         for p in directory.iterdir():
-            if not ((m := AUTO_NAME.match(p.name)) and p.is_file()):
+            if not ((m := AUTO_NAME.fullmatch(p.name)) and p.is_file()):
                 continue
             try:
                 made = datetime.strptime(m.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)

@@ -473,3 +473,11 @@ def test_a_file_named_like_a_backup_but_without_a_time_is_not_ours_and_stops_not
     ok, line = backup.auto_status(settings.model_copy(update={"semg_backup_dir": tmp_path}),
                                   now=datetime(2024, 1, 1, 1, tzinfo=UTC))
     assert ok and ours.name in line and "1 kept" in line, line
+
+
+def test_only_exactly_the_automatic_backups_name_is_pruned(tmp_path):
+    ours = tmp_path / "semg-backup-20240101T000000Z.tar"
+    ours.write_bytes(b"")
+    (tmp_path / "semg-backup-20240102T000000Z.tar\n").write_bytes(b"made by hand")  # `$` matches before a newline
+    (tmp_path / "semg-backup-\u0662\u0660\u0662\u0664\u0660\u0661\u0660\u0663T000000Z.tar").write_bytes(b"by hand")
+    assert backup.auto_backups(tmp_path) == [(datetime(2024, 1, 1, tzinfo=UTC), ours)]
