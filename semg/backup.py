@@ -390,7 +390,7 @@ def auto_status(s: Settings, now: datetime | None = None) -> tuple[bool, str]:
 def run_auto(s: Settings, stop: threading.Event, clock=lambda: datetime.now(UTC)) -> None:
     """Until `stop`: a backup into SEMG_BACKUP_DIR whenever the newest there is SEMG_BACKUP_EVERY_H old (at once
     when there is none), then all but the newest SEMG_BACKUP_KEEP automatic ones deleted. A failure is logged
-    and tried again in 10 minutes; a disk without room for one more (the last one's size above
+    and tried again in 10 minutes; a disk without room for one more (twice the last one's size above
     SEMG_MIN_FREE_DISK_MB) is not filled."""
     directory = s.semg_backup_dir.expanduser().resolve()
     directory.mkdir(parents=True, exist_ok=True)
@@ -405,11 +405,13 @@ def run_auto(s: Settings, stop: threading.Event, clock=lambda: datetime.now(UTC)
             stop.wait(min(wait, 3600.0))  # looked at again hourly: a clock change, a backup removed by hand
             continue
         try:
-            need = (done[-1][1].stat().st_size if done else 0) + s.semg_min_free_disk_mb * diskspace.MB
+            # twice the last one's size: create() writes the database dump beside the backup that holds it
+            need = 2 * (done[-1][1].stat().st_size if done else 0) + s.semg_min_free_disk_mb * diskspace.MB
             free = shutil.disk_usage(directory).free
             if free < need:
-                raise BackupError(f"{free >> 20} MB free in {directory}, {need >> 20} MB needed (the last backup's "
-                                  "size and SEMG_MIN_FREE_DISK_MB): free space there or lower SEMG_BACKUP_KEEP")
+                raise BackupError(f"{free >> 20} MB free in {directory}, {need >> 20} MB needed (twice the last "
+                                  "backup's size, and SEMG_MIN_FREE_DISK_MB): free space there or lower "
+                                  "SEMG_BACKUP_KEEP")
             out = directory / f"semg-backup-{now:%Y%m%dT%H%M%SZ}.tar"
             m = create(out, s)
             log.info("backup written to %s: %d users, %d samples, %d videos, %.1f MB", out, m["counts"]["users"],

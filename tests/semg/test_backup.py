@@ -481,3 +481,34 @@ def test_only_exactly_the_automatic_backups_name_is_pruned(tmp_path):
     (tmp_path / "semg-backup-20240102T000000Z.tar\n").write_bytes(b"made by hand")  # `$` matches before a newline
     (tmp_path / "semg-backup-\u0662\u0660\u0662\u0664\u0660\u0661\u0660\u0663T000000Z.tar").write_bytes(b"by hand")
     assert backup.auto_backups(tmp_path) == [(datetime(2024, 1, 1, tzinfo=UTC), ours)]
+
+
+def test_the_free_space_needed_counts_the_database_dump_written_beside_the_backup(settings, tmp_path, monkeypatch,
+                                                                                  caplog):
+    import logging
+
+    last = tmp_path / "semg-backup-20240101T000000Z.tar"
+    with open(last, "wb") as f:
+        f.truncate(8 * backup.diskspace.MB)
+    s = settings.model_copy(update={"semg_backup_dir": tmp_path, "semg_min_free_disk_mb": 1})
+    # room for one more backup of the last one's size, not for its database dump beside it as create() writes it
+    usage = shutil.disk_usage(tmp_path)._replace(free=10 * backup.diskspace.MB)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage)
+    monkeypatch.setattr(backup, "_wait_for_schema", lambda *_: None)
+    made = []
+
+    def create(out, _s):
+        made.append(out)
+        raise backup.BackupError("not here")
+
+    monkeypatch.setattr(backup, "create", create)
+
+    class OneRound(threading.Event):
+        def wait(self, timeout=None):
+            self.set()
+            return True
+
+    with caplog.at_level(logging.INFO, logger="semg.backup"):
+        backup.run_auto(s, OneRound())
+    assert made == [], "a backup was started on a disk it can fill"
+    assert any("MB needed" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
