@@ -352,8 +352,13 @@ def _existing_parent(path: Path) -> Path:
 
 
 # ---- automatic backups ------------------------------------------------------------------------------
-def auto_backups(directory: Path) -> list[tuple[datetime, Path]]:
-    """The automatic backups in `directory`, oldest first, with the time in their name."""
+FUTURE_SLACK = timedelta(hours=1)
+
+
+def auto_backups(directory: Path, before: datetime | None = None) -> list[tuple[datetime, Path]]:
+    """The automatic backups in `directory`, oldest first, with the time in their name; with `before`, only those
+    named before it (one named in the future, made while the clock was ahead, would otherwise hold off every
+    later backup until that time, or be kept in place of them)."""
     found = []
     with contextlib.suppress(FileNotFoundError):
         for p in directory.iterdir():
@@ -363,18 +368,19 @@ def auto_backups(directory: Path) -> list[tuple[datetime, Path]]:
                 made = datetime.strptime(m.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
             except ValueError:  # not a time (a file named by hand): not ours, and no reason to stop
                 continue
-            found.append((made, p))
+            if before is None or made <= before:
+                found.append((made, p))
     return sorted(found)
 
 
 def auto_status(s: Settings, now: datetime | None = None) -> tuple[bool, str]:
-    """(on time, one line) for semg.health: the last automatic backup and when the next is due; late when the
-    last is older than two intervals (or there is none a day after the first was due)."""
+    """(on time, one line) for semg.health: the last automatic backup; late when it is older than two intervals.
+    None yet is not late (the program makes one as soon as it can; its log says why it cannot)."""
     now = now or datetime.now(UTC)
     every = timedelta(hours=s.semg_backup_every_h)
     directory = s.semg_backup_dir.expanduser().resolve()
     try:
-        done = auto_backups(directory)
+        done = auto_backups(directory, before=now + FUTURE_SLACK)
     except OSError as e:
         return False, f"{directory} cannot be read ({e.strerror or e})"
     if not done:
@@ -399,8 +405,8 @@ def run_auto(s: Settings, stop: threading.Event, clock=lambda: datetime.now(UTC)
              s.semg_backup_keep)
     _wait_for_schema(s, stop)
     while not stop.is_set():
-        done = auto_backups(directory)
         now = clock()
+        done = auto_backups(directory, before=now + FUTURE_SLACK)
         if done and (wait := (done[-1][0] + every - now).total_seconds()) > 0:
             stop.wait(min(wait, 3600.0))  # looked at again hourly: a clock change, a backup removed by hand
             continue
@@ -416,7 +422,7 @@ def run_auto(s: Settings, stop: threading.Event, clock=lambda: datetime.now(UTC)
             m = create(out, s)
             log.info("backup written to %s: %d users, %d samples, %d videos, %.1f MB", out, m["counts"]["users"],
                      m["counts"]["sample_blocks"], m["videos"], out.stat().st_size / 2**20)
-            for _, old in auto_backups(directory)[:-s.semg_backup_keep]:
+            for _, old in auto_backups(directory, before=now + FUTURE_SLACK)[:-s.semg_backup_keep]:
                 old.unlink(missing_ok=True)
                 log.info("removed the old backup %s (SEMG_BACKUP_KEEP=%d)", old.name, s.semg_backup_keep)
         except (BackupError, OSError, psycopg2.Error) as e:

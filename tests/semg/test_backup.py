@@ -512,3 +512,29 @@ def test_the_free_space_needed_counts_the_database_dump_written_beside_the_backu
         backup.run_auto(s, OneRound())
     assert made == [], "a backup was started on a disk it can fill"
     assert any("MB needed" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_a_backup_named_in_the_future_holds_nothing_off(source, settings, tmp_path, caplog):
+    """One made while the clock was ahead (then set back) must neither delay the next backups until that time nor
+    be kept in their place."""
+    import logging
+
+    directory = tmp_path / "auto"
+    directory.mkdir()
+    future = directory / "semg-backup-20991231T000000Z.tar"
+    future.write_bytes(b"made while the clock was ahead")
+    s = settings.model_copy(update={"semg_backup_dir": directory, "semg_backup_keep": 1})
+    stop = threading.Event()
+    worker = threading.Thread(target=backup.run_auto, args=(s, stop), daemon=True)
+    with caplog.at_level(logging.INFO, logger="semg.backup"):
+        worker.start()
+        deadline = time.monotonic() + 60
+        while not any("backup written to" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        stop.set()
+        worker.join(60)
+    made = backup.auto_backups(directory, before=datetime.now(UTC))
+    assert len(made) == 1 and backup.show(made[0][1])["counts"]["users"] == 1, [r.getMessage() for r in caplog.records]
+    assert future.exists()  # not ours to judge: left as it is
+    ok, line = backup.auto_status(s)
+    assert ok and made[0][1].name in line, line
