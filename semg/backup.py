@@ -378,7 +378,7 @@ def auto_status(s: Settings, now: datetime | None = None) -> tuple[bool, str]:
     None yet is not late (the program makes one as soon as it can; its log says why it cannot)."""
     now = now or datetime.now(UTC)
     every = timedelta(hours=s.semg_backup_every_h)
-    directory = s.semg_backup_dir.expanduser().resolve()
+    directory = s.backup_dir
     try:
         done = auto_backups(directory, before=now + FUTURE_SLACK)
     except OSError as e:
@@ -398,7 +398,7 @@ def run_auto(s: Settings, stop: threading.Event, clock=lambda: datetime.now(UTC)
     when there is none), then all but the newest SEMG_BACKUP_KEEP automatic ones deleted. A failure is logged
     and tried again in 10 minutes; a disk without room for one more (twice the last one's size above
     SEMG_MIN_FREE_DISK_MB) is not filled."""
-    directory = s.semg_backup_dir.expanduser().resolve()
+    directory = s.backup_dir
     directory.mkdir(parents=True, exist_ok=True)
     every = timedelta(hours=s.semg_backup_every_h)
     log.info("automatic backups into %s every %g h, the newest %d kept", directory, s.semg_backup_every_h,
@@ -449,7 +449,7 @@ def _auto_main(s: Settings) -> int:
         print("semg.backup auto: SEMG_BACKUP_DIR is not set (automatic backups are off)", file=sys.stderr)
         return 2
     try:  # a directory that cannot be made is a setting to mend: say so once, and supervisord reports the exit
-        s.semg_backup_dir.expanduser().resolve().mkdir(parents=True, exist_ok=True)
+        s.backup_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         print(f"semg.backup auto: SEMG_BACKUP_DIR={s.semg_backup_dir} cannot be made ({e.strerror or e})",
               file=sys.stderr)

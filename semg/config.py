@@ -151,6 +151,11 @@ class Settings(BaseSettings):
         return self.state_dir / "videos"
 
     @property
+    def backup_dir(self) -> Path | None:
+        """SEMG_BACKUP_DIR resolved (None: automatic backups off)."""
+        return None if self.semg_backup_dir is None else self.semg_backup_dir.expanduser().resolve()
+
+    @property
     def pg_data_dir(self) -> Path:
         return self.state_dir / "pgdata"
 

@@ -44,8 +44,8 @@ def writable_paths(s: Settings) -> list[Path]:
     paths = [s.state_dir, s.video_dir, s.state_dir / "spool"]
     if s.embedded_postgres:
         paths.append(s.pg_data_dir)
-    if s.semg_backup_dir is not None:
-        paths.append(s.semg_backup_dir.expanduser().resolve())
+    if s.backup_dir is not None:
+        paths.append(s.backup_dir)
     return paths
 
 
