@@ -100,8 +100,9 @@ def create(out: Path, settings: Settings | None = None) -> dict:
     platform may keep running and recording); the videos of that snapshot are copied as they are on disk."""
     s = settings or get_settings()
     out = Path(out)
+    exists = BackupError(f"{out} exists: give a new file name (a backup never overwrites)")
     if out.exists():
-        raise BackupError(f"{out} exists: give a new file name (a backup never overwrites)")
+        raise exists
     if not out.parent.is_dir():
         raise BackupError(f"{out.parent} is not a directory")
     work = Path(tempfile.mkdtemp(prefix=".semg-backup-", dir=out.parent))
@@ -149,7 +150,7 @@ def create(out: Path, settings: Settings | None = None) -> dict:
         try:
             os.link(part, out)  # fails rather than replace a file made meanwhile
         except FileExistsError:
-            raise BackupError(f"{out} exists: give a new file name (a backup never overwrites)") from None
+            raise exists from None
         except OSError as e:
             if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP) or out.exists():
                 raise
@@ -200,30 +201,36 @@ def read_manifest(tar: tarfile.TarFile) -> tuple[dict, dict[str, tarfile.TarInfo
     return manifest, videos
 
 
-def show(src: Path) -> dict:
+def _open(src: Path) -> tuple[tarfile.TarFile, dict, dict[str, tarfile.TarInfo]]:
+    """(open tar, manifest, video members) of the backup `src`; BackupError when it cannot be read as one (a file
+    cut short, a copy stopped part way, ends mid-member)."""
+    tar = None
     try:
-        with tarfile.open(src, "r:") as tar:
-            return read_manifest(tar)[0]
-    except (OSError, tarfile.TarError) as e:
-        raise BackupError(f"{src} cannot be read as a backup ({e})") from None
+        tar = tarfile.open(src, "r:")
+        return (tar, *read_manifest(tar))
+    except BaseException as e:
+        if tar is not None:
+            tar.close()
+        if isinstance(e, (OSError, tarfile.TarError)):
+            raise BackupError(f"{src} cannot be read as a backup ({e})") from None
+        raise
+
+
+def show(src: Path) -> dict:
+    tar, manifest, _ = _open(src)
+    tar.close()
+    return manifest
 
 
 def restore(src: Path, settings: Settings | None = None) -> dict:
     """Restore the backup `src` into this install, whose database must hold no rows yet. All or nothing: the
     data goes in one transaction, and the videos are put in place only once it committed."""
     s = settings or get_settings()
-    try:
-        tar = tarfile.open(src, "r:")
-    except (OSError, tarfile.TarError) as e:
-        raise BackupError(f"{src} cannot be read as a backup ({e})") from None
+    tar, manifest, videos = _open(src)
     placed: list[Path] = []
     unplaced: list[str] = []
     committed = False
     with tar, contextlib.closing(db.connect(s)) as conn:
-        try:
-            manifest, videos = read_manifest(tar)
-        except (OSError, tarfile.TarError) as e:  # a file cut short (a copy stopped part way) ends mid-member
-            raise BackupError(f"{src} cannot be read as a backup ({e})") from None
         conn.autocommit = True
         with conn.cursor() as cur:
             version = _schema_version(cur)
@@ -251,7 +258,8 @@ def restore(src: Path, settings: Settings | None = None) -> dict:
         if there:
             raise BackupError(f"{len(there)} video file(s) of the backup exist already under {root} (e.g. "
                               f"{there[0]}): move them away first")
-        work = Path(tempfile.mkdtemp(prefix=".semg-restore-", dir=_existing_parent(s.state_dir)))
+        s.state_dir.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".semg-restore-", dir=s.state_dir))
         try:
             for rel, m in videos.items():  # beside their place first: in place only after the data committed
                 tmp = root / f"{rel}.restoring"
@@ -344,11 +352,6 @@ def _restore_data(s: Settings, dump: Path, work: Path, migrations: list[str]) ->
     if reader.returncode != 0 or writer.returncode != 0:
         raise BackupError("the database rows could not be restored, so nothing was: "
                           + (" | ".join(why[-3:]) or f"exit status {reader.returncode}/{writer.returncode}"))
-
-
-def _existing_parent(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 # ---- automatic backups ------------------------------------------------------------------------------
