@@ -29,13 +29,6 @@ sys.path.insert(0, str(REPO))
 BLOCK = 50
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _seed(conn, hours: float, rate: float, channels: int) -> int:
     from semg import repo
     user = repo.create_user(conn, "Bench Backup", "bench-backup@example.org")
@@ -68,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     os.chmod(state, 0o755)  # the embedded postgres runs unprivileged when we are root
     for var in ("POSTGRES_HOST", "POSTGRES_PASSWORD", "SEMG_BIND_HOST"):
         os.environ.pop(var, None)
-    os.environ.update({"SEMG_STATE_DIR": str(state), "POSTGRES_PORT": str(_free_port()), "POSTGRES_DB": "sensordb",
-                       "NATS_PORT": str(_free_port())})
+    from semg.embedded import free_port
+    os.environ.update({"SEMG_STATE_DIR": str(state), "POSTGRES_PORT": str(free_port()), "POSTGRES_DB": "sensordb",
+                       "NATS_PORT": str(free_port())})
     (state / "logs").mkdir()
     pg = subprocess.Popen([sys.executable, "-m", "semg.embedded", "postgres"], cwd=REPO,
                           stdout=open(state / "logs" / "postgres.log", "ab"), stderr=subprocess.STDOUT)
