@@ -399,26 +399,33 @@ def test_a_backup_is_written_where_there_are_no_hard_links(source, settings, tmp
         backup.create(out, settings)
 
 
-def test_automatic_backups_come_every_interval_and_only_the_newest_are_kept(source, settings, tmp_path, caplog):
+def _run_auto_until(s, caplog, said: str, times: int = 1, timeout: float = 60) -> list[str]:
+    """backup.run_auto in a thread until the log has said `said` `times` times (or `timeout`), then stopped;
+    returns every message it logged."""
     import logging
 
+    stop = threading.Event()
+    worker = threading.Thread(target=backup.run_auto, args=(s, stop), daemon=True)
+    with caplog.at_level(logging.INFO, logger="semg.backup"):
+        worker.start()
+        deadline = time.monotonic() + timeout
+        while sum(said in r.getMessage() for r in caplog.records) < times and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stop.set()
+        worker.join(60)
+    assert not worker.is_alive()
+    return [r.getMessage() for r in caplog.records]
+
+
+def test_automatic_backups_come_every_interval_and_only_the_newest_are_kept(source, settings, tmp_path, caplog):
     directory = tmp_path / "auto"
     directory.mkdir()
     (directory / "my-own-copy.tar").write_bytes(b"not ours to prune")
     s = settings.model_copy(update={"semg_backup_dir": directory, "semg_backup_every_h": 1.5 / 3600,
                                     "semg_backup_keep": 2})
-    stop = threading.Event()
-    worker = threading.Thread(target=backup.run_auto, args=(s, stop), daemon=True)
-    with caplog.at_level(logging.INFO, logger="semg.backup"):
-        worker.start()
-        deadline = time.monotonic() + 60
-        while sum("backup written to" in r.getMessage() for r in caplog.records) < 3 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        stop.set()
-        worker.join(60)
-    assert not worker.is_alive()
-    written = [r.getMessage() for r in caplog.records if "backup written to" in r.getMessage()]
-    assert len(written) >= 3, [r.getMessage() for r in caplog.records]
+    said = _run_auto_until(s, caplog, "backup written to", times=3)
+    written = [m for m in said if "backup written to" in m]
+    assert len(written) >= 3, said
     kept = backup.auto_backups(directory)
     assert len(kept) == 2 and (directory / "my-own-copy.tar").exists()
     assert backup.show(kept[-1][1])["counts"]["sample_blocks"] == source["samples"]
@@ -430,21 +437,10 @@ def test_automatic_backups_come_every_interval_and_only_the_newest_are_kept(sour
 
 
 def test_automatic_backups_never_fill_the_disk(source, settings, tmp_path, caplog):
-    import logging
-
     directory = tmp_path / "auto"
     s = settings.model_copy(update={"semg_backup_dir": directory, "semg_min_free_disk_mb": 10**12})
-    stop = threading.Event()
-    worker = threading.Thread(target=backup.run_auto, args=(s, stop), daemon=True)
-    with caplog.at_level(logging.INFO, logger="semg.backup"):
-        worker.start()
-        deadline = time.monotonic() + 30
-        while not any("automatic backup failed" in r.getMessage() for r in caplog.records) \
-                and time.monotonic() < deadline:
-            time.sleep(0.1)
-        stop.set()
-        worker.join(30)
-    failed = [r.getMessage() for r in caplog.records if "automatic backup failed" in r.getMessage()]
+    said = _run_auto_until(s, caplog, "automatic backup failed", timeout=30)
+    failed = [m for m in said if "automatic backup failed" in m]
     assert failed and "MB needed" in failed[0] and "trying again in 10 minutes" in failed[0], failed
     assert backup.auto_backups(directory) == [] and list(directory.iterdir()) == []
     ok, line = backup.auto_status(s)
@@ -517,24 +513,15 @@ def test_the_free_space_needed_counts_the_database_dump_written_beside_the_backu
 def test_a_backup_named_in_the_future_holds_nothing_off(source, settings, tmp_path, caplog):
     """One made while the clock was ahead (then set back) must neither delay the next backups until that time nor
     be kept in their place."""
-    import logging
 
     directory = tmp_path / "auto"
     directory.mkdir()
     future = directory / "semg-backup-20991231T000000Z.tar"
     future.write_bytes(b"made while the clock was ahead")
     s = settings.model_copy(update={"semg_backup_dir": directory, "semg_backup_keep": 1})
-    stop = threading.Event()
-    worker = threading.Thread(target=backup.run_auto, args=(s, stop), daemon=True)
-    with caplog.at_level(logging.INFO, logger="semg.backup"):
-        worker.start()
-        deadline = time.monotonic() + 60
-        while not any("backup written to" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        stop.set()
-        worker.join(60)
+    said = _run_auto_until(s, caplog, "backup written to")
     made = backup.auto_backups(directory, before=datetime.now(UTC))
-    assert len(made) == 1 and backup.show(made[0][1])["counts"]["users"] == 1, [r.getMessage() for r in caplog.records]
+    assert len(made) == 1 and backup.show(made[0][1])["counts"]["users"] == 1, said
     assert future.exists()  # not ours to judge: left as it is
     ok, line = backup.auto_status(s)
     assert ok and made[0][1].name in line, line
