@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import fcntl
 import io
 import json
 import logging
@@ -51,6 +52,10 @@ log = logging.getLogger("semg.backup")
 # the automatic backups (fullmatch: `$` would also match before a final newline); nothing else is pruned
 AUTO_NAME = re.compile(r"semg-backup-(\d{8}T\d{6}Z)\.tar", re.ASCII)
 AUTO_RETRY_S = 600.0
+# create's and restore's temporary directories (tempfile.mkdtemp's names), each with LOCK held (flock) by its
+# backup or restore for as long as it runs; one whose lock can be taken was left by one that was stopped
+TEMP_NAME = re.compile(r"\.semg-(?:backup|restore)-[a-z0-9_]{8}", re.ASCII)
+LOCK = ".lock"
 
 
 class BackupError(RuntimeError):
@@ -82,6 +87,120 @@ def _run(cmd: list[str], env: dict, what: str) -> None:
         raise BackupError(f"{what} failed: {' | '.join(lines[-3:]) or f'exit status {r.returncode}'}")
 
 
+def _try_lock(fd: int) -> bool | None:
+    """Take an exclusive flock on `fd`: True, False when someone else holds it, None when it cannot be had at all
+    (a file system without locks: a backup there goes on without, and nothing there is taken for a leftover)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+    return True
+
+
+def _open_lock(path: str | Path, dir_fd: int | None = None) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+
+
+def _is_linked_as(path: str | Path, fd: int) -> bool:
+    """Whether `path` is the file open as `fd` (not removed or moved away meanwhile)."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    fst = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
+
+
+@contextlib.contextmanager
+def _temp_dir(kind: str, parent: Path):
+    """A new directory .semg-<kind>-XXXXXXXX in `parent` whose LOCK this process holds until the directory is
+    removed on leaving: _remove_stale leaves it alone while this process lives, and removes it if it is killed."""
+    for _ in range(10):
+        work = Path(tempfile.mkdtemp(prefix=f".semg-{kind}-", dir=parent))
+        try:
+            fd = _open_lock(work / LOCK)
+        except FileNotFoundError:  # _remove_stale took it for a leftover before it was locked: make another
+            continue
+        try:
+            if _try_lock(fd) is False or not _is_linked_as(work / LOCK, fd):
+                continue  # the same, a moment later: it is being removed
+            try:
+                yield work
+            finally:
+                shutil.rmtree(work, ignore_errors=True)  # the lock still held
+            return
+        finally:
+            os.close(fd)
+    raise BackupError(f"no temporary directory could be made in {parent}")
+
+
+def _disk_usage(path: str) -> int:
+    total = 0
+    for top, dirs, files in os.walk(path):  # does not follow symbolic links
+        for name in dirs + files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(top, name)).st_blocks * 512
+    return total
+
+
+def _claim_stale(path: str) -> str | None:
+    """`path`, a directory named TEMP_NAME, moved to `path`.removing if no running backup or restore holds its lock
+    (then it is a leftover; one made before the lock file existed gets one here); else None. Moved away while
+    locked, so that a backup that made it a moment ago and has not locked it yet finds it gone and makes another."""
+    gone = f"{path}.removing"
+    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fd = _open_lock(LOCK, dir_fd=dfd)
+    finally:
+        os.close(dfd)
+    try:
+        if _try_lock(fd) is not True or not _is_linked_as(os.path.join(path, LOCK), fd) or os.path.lexists(gone):
+            return None
+        os.rename(path, gone)
+        return gone
+    finally:
+        os.close(fd)
+
+
+def _remove_stale(parent: Path) -> int:
+    """Remove the temporary directories that backups or restores which were stopped (killed, the power gone) left
+    in `parent`: directories named exactly TEMP_NAME whose lock nobody holds (and TEMP_NAME.removing, one this was
+    removing when it was stopped itself); never one in use, nor anything else. One INFO line says what went and
+    the room that came back; returns that room in bytes."""
+    removed, freed = [], 0
+    try:
+        entries = sorted(os.scandir(parent), key=lambda e: e.name)
+    except OSError as e:
+        log.warning("%s cannot be read for what stopped backups left (%s)", parent, e.strerror or e)
+        return 0
+    for entry in entries:
+        claimed = entry.name.endswith(".removing") and TEMP_NAME.fullmatch(entry.name.removesuffix(".removing"))
+        if not (claimed or TEMP_NAME.fullmatch(entry.name)):
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            gone = entry.path if claimed else _claim_stale(entry.path)
+            if gone is None:
+                continue
+            size = _disk_usage(gone)
+            shutil.rmtree(gone)
+        except FileNotFoundError:  # removed meanwhile by another (one of ours: it is named so)
+            continue
+        except OSError as e:
+            log.warning("%s, left by a stopped backup or restore, cannot be removed (%s)", entry.path,
+                        e.strerror or e)
+            continue
+        removed.append(entry.name)
+        freed += size
+    if removed:
+        log.info("removed what stopped backups or restores left in %s: %s (%.1f MB freed)", parent,
+                 ", ".join(removed), freed / 2**20)
+    return freed
+
+
 def _schema_version(cur) -> int:
     cur.execute("SELECT max(version) FROM schema_version")
     return int(cur.fetchone()[0])
@@ -105,8 +224,8 @@ def create(out: Path, settings: Settings | None = None) -> dict:
         raise exists
     if not out.parent.is_dir():
         raise BackupError(f"{out.parent} is not a directory")
-    work = Path(tempfile.mkdtemp(prefix=".semg-backup-", dir=out.parent))
-    try:
+    _remove_stale(out.parent)
+    with _temp_dir("backup", out.parent) as work:
         with contextlib.closing(db.connect(s)) as conn:
             conn.autocommit = False  # the snapshot lives as long as this transaction
             conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
@@ -156,8 +275,6 @@ def create(out: Path, settings: Settings | None = None) -> dict:
                 raise
             os.rename(part, out)  # no hard links there (a FAT/exFAT USB disk): checked just before instead
         return manifest
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _video_rel(name: str) -> str | None:
@@ -259,35 +376,35 @@ def restore(src: Path, settings: Settings | None = None) -> dict:
             raise BackupError(f"{len(there)} video file(s) of the backup exist already under {root} (e.g. "
                               f"{there[0]}): move them away first")
         s.state_dir.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=".semg-restore-", dir=s.state_dir))
-        try:
-            for rel, m in videos.items():  # beside their place first: in place only after the data committed
-                tmp = root / f"{rel}.restoring"
-                tmp.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    o = open(tmp, "xb")
-                except FileExistsError:
-                    raise BackupError(f"{tmp} exists (left by a restore that was stopped?): remove it first") from None
-                placed.append(tmp)
-                with tar.extractfile(m) as f, o:
+        _remove_stale(s.state_dir)
+        with _temp_dir("restore", s.state_dir) as work:
+            try:
+                for rel, m in videos.items():  # beside their place first: in place only after the data committed
+                    tmp = root / f"{rel}.restoring"
+                    tmp.parent.mkdir(parents=True, exist_ok=True)
+                    try:
+                        o = open(tmp, "xb")
+                    except FileExistsError:
+                        raise BackupError(f"{tmp} exists (left by a restore that was stopped?): remove it first") from None
+                    placed.append(tmp)
+                    with tar.extractfile(m) as f, o:
+                        shutil.copyfileobj(f, o)
+                dump = work / DUMP
+                with tar.extractfile(DUMP) as f, open(dump, "wb") as o:
                     shutil.copyfileobj(f, o)
-            dump = work / DUMP
-            with tar.extractfile(DUMP) as f, open(dump, "wb") as o:
-                shutil.copyfileobj(f, o)
-            _restore_data(s, dump, work, later)
-            committed = True
-            for tmp in placed:
-                try:
-                    os.link(tmp, tmp.with_suffix(""))
-                except OSError as e:  # the rows are in: the file is kept for putting in place by hand
-                    unplaced.append(f"{tmp} ({e.strerror or e})")
-                else:
-                    tmp.unlink()
-        finally:
-            if not committed:
+                _restore_data(s, dump, work, later)
+                committed = True
                 for tmp in placed:
-                    tmp.unlink(missing_ok=True)
-            shutil.rmtree(work, ignore_errors=True)
+                    try:
+                        os.link(tmp, tmp.with_suffix(""))
+                    except OSError as e:  # the rows are in: the file is kept for putting in place by hand
+                        unplaced.append(f"{tmp} ({e.strerror or e})")
+                    else:
+                        tmp.unlink()
+            finally:
+                if not committed:
+                    for tmp in placed:
+                        tmp.unlink(missing_ok=True)
         if unplaced:
             raise BackupError(f"the database rows were restored, but {len(unplaced)} video file(s) could not be put "
                               f"in place: rename them without their '.restoring' suffix: {'; '.join(unplaced)}")
@@ -414,6 +531,7 @@ def run_auto(s: Settings, stop: threading.Event, clock=lambda: datetime.now(UTC)
             stop.wait(min(wait, 3600.0))  # looked at again hourly: a clock change, a backup removed by hand
             continue
         try:
+            _remove_stale(directory)  # before the free space is measured: what it gives back counts
             # twice the last one's size: create() writes the database dump beside the backup that holds it
             need = 2 * (done[-1][1].stat().st_size if done else 0) + s.semg_min_free_disk_mb * diskspace.MB
             free = shutil.disk_usage(directory).free
@@ -484,6 +602,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(show(args.file)))
             return 0
         s = get_settings()
+        # on stderr: what the leftovers of stopped backups or restores removed first gave back (_remove_stale)
+        logging.basicConfig(level=s.log_level, format="semg.backup: %(message)s")
         if args.command == "create":
             m = create(args.file, s)
             print(f"backup written to {args.file}: {m['counts']['users']} users, {m['counts']['sample_blocks']:,} "

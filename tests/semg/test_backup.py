@@ -525,3 +525,137 @@ def test_a_backup_named_in_the_future_holds_nothing_off(source, settings, tmp_pa
     assert future.exists()  # not ours to judge: left as it is
     ok, line = backup.auto_status(s)
     assert ok and made[0][1].name in line, line
+
+
+class _OneRound(threading.Event):
+    """run_auto's stop event that ends it at its first wait (after one round)."""
+
+    def wait(self, timeout=None):
+        self.set()
+        return True
+
+
+def _wait_for(what: str, condition, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.05)
+
+
+def test_what_an_interrupted_backup_left_is_removed_and_nothing_else(clean_db, settings, tmp_path, monkeypatch,
+                                                                     caplog):
+    """A backup killed part way (SIGKILL, power loss, supervisord's stop wait ending) leaves its temporary
+    directory, possibly a partial multi-GB dump, beside the backups. The automatic backups remove such leftovers,
+    never the temporary directory of a backup still running (here a real `python -m semg.backup create` held up
+    by a table lock), and nothing that is not exactly ours."""
+    import logging
+
+    directory = tmp_path / "auto"
+    directory.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("not ours")
+    not_ours = [directory / ".semg-backup-mine", directory / ".semg-backup-abcdefgh.old",
+                directory / "semg-backup-abcdefgh", directory / ".semg-backup-ABCDEFGH",
+                directory / ".semg-copy-abcdefgh"]
+    for d in not_ours:
+        d.mkdir()
+        (d / "keep.txt").write_text("not ours")
+    a_file = directory / ".semg-backup-f1le0000"
+    a_file.write_text("a file, not a directory")
+    a_link = directory / ".semg-backup-l1nk0000"
+    a_link.symlink_to(elsewhere, target_is_directory=True)
+    known = {p.name for p in directory.iterdir()}
+
+    def temp_dirs() -> set[str]:
+        return {p.name for p in directory.iterdir() if p.name.startswith(".semg-backup-")} - known
+
+    def waiting_on_the_lock() -> int:
+        with clean_db.cursor() as cur:
+            cur.execute("""SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'""",
+                        (settings.postgres_db,))
+            return cur.fetchone()[0]
+
+    holder = db.connect(settings)  # every backup waits for it at its first count of the rows
+    procs = []
+    try:
+        with holder.cursor() as cur:
+            cur.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        for name in ("live", "killed"):
+            had = temp_dirs()
+            cmd = [sys.executable, "-m", "semg.backup", "create", str(directory / f"{name}.tar")]
+            procs.append(subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "LOG_LEVEL": "ERROR"},
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            _wait_for(f"the {name} backup waits with its temporary directory",
+                      lambda: len(temp_dirs() - had) == 1 and waiting_on_the_lock() >= len(procs))
+            procs[-1].temp = (temp_dirs() - had).pop()
+        live, killed = procs
+        killed.kill()
+        # and one left by a version before the lock file (made now: each `create` above removed such leftovers)
+        before_locks = directory / ".semg-backup-0ld_v3r5"
+        before_locks.mkdir()
+        (before_locks / backup.DUMP).write_bytes(os.urandom(1 << 20))
+        killed.wait(timeout=30)
+        assert (directory / killed.temp).is_dir()
+
+        monkeypatch.setattr(backup, "create", lambda out, _s: (_ for _ in ()).throw(backup.BackupError("not now")))
+        measured, disk_usage = [], shutil.disk_usage  # the free space needed is measured with the room given back
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: (measured.append(before_locks.exists()), disk_usage(p))[1])
+        s = settings.model_copy(update={"semg_backup_dir": directory, "semg_min_free_disk_mb": 0})
+        with caplog.at_level(logging.INFO, logger="semg.backup"):
+            backup.run_auto(s, _OneRound())
+        said = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and "removed" in r.getMessage()]
+
+        assert not (directory / killed.temp).exists() and not before_locks.exists(), sorted(os.listdir(directory))
+        assert (directory / live.temp).is_dir() and live.poll() is None  # still at work
+        assert all((d / "keep.txt").read_text() == "not ours" for d in not_ours)
+        assert a_file.read_text() == "a file, not a directory"
+        assert a_link.is_symlink() and (elsewhere / "keep.txt").exists()
+        assert measured == [False]
+        assert len(said) == 1 and killed.temp in said[0] and before_locks.name in said[0] and "MB" in said[0], said
+    finally:
+        holder.rollback()
+        holder.close()
+        for p in procs:
+            if p.poll() is None and p is not procs[0]:
+                p.kill()
+    out, err = live.communicate(timeout=120)
+    assert live.returncode == 0, err  # the live backup was not disturbed
+    assert backup.show(directory / "live.tar")["counts"]["users"] == 0
+    assert temp_dirs() == set() and {p.name for p in directory.iterdir()} == known | {"live.tar"}
+
+
+def test_a_backup_and_a_restore_remove_what_stopped_ones_left_but_not_what_running_ones_use(clean_db, target,
+                                                                                           settings, tmp_path):
+    """`create` in the directory it writes to, `restore` in the state directory: leftovers (with a lock file no
+    one holds, or half removed when the removing was stopped) go; one whose lock is held stays."""
+    import fcntl
+
+    def leftover(path: Path, locked: bool = False) -> Path:
+        path.mkdir()
+        (path / backup.DUMP).write_bytes(b"part of a dump")
+        fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT)  # backup.LOCK
+        if locked:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            held.append(fd)
+        else:
+            os.close(fd)
+        return path
+
+    held: list[int] = []
+    try:
+        stale = [leftover(tmp_path / ".semg-backup-abcdefgh"), leftover(tmp_path / ".semg-backup-12345678.removing")]
+        running = leftover(tmp_path / ".semg-backup-runn1ng_", locked=True)
+        out = tmp_path / "semg.tar"
+        backup.create(out, settings)
+        assert not any(p.exists() for p in stale) and (running / backup.DUMP).exists()
+
+        target.state_dir.mkdir(parents=True, exist_ok=True)
+        stale = leftover(target.state_dir / ".semg-restore-abcdefgh")
+        running = leftover(target.state_dir / ".semg-restore-runn1ng_", locked=True)
+        backup.restore(out, target)
+        assert not stale.exists() and (running / backup.DUMP).exists()
+        assert {p.name for p in target.state_dir.iterdir() if p.name.startswith(".semg-")} == {running.name}
+    finally:
+        for fd in held:
+            os.close(fd)
