@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -375,6 +376,13 @@ def restore(src: Path, settings: Settings | None = None) -> dict:
         if there:
             raise BackupError(f"{len(there)} video file(s) of the backup exist already under {root} (e.g. "
                               f"{there[0]}): move them away first")
+        # a restore stopped before its commit (its rows rolled back) left these; not removed here: one running now
+        # (into the same empty database) writes the same names
+        left = [root / f"{rel}.restoring" for rel in videos if os.path.lexists(root / f"{rel}.restoring")]
+        if left:
+            more = f" and {len(left) - 10} more *.restoring under {root}" if len(left) > 10 else ""
+            raise BackupError(f"{len(left)} file(s) left by a restore that was stopped are in the way: remove them "
+                              f"first: {' '.join(shlex.quote(str(p)) for p in left[:10])}{more}")
         s.state_dir.mkdir(parents=True, exist_ok=True)
         _remove_stale(s.state_dir)
         with _temp_dir("restore", s.state_dir) as work:
@@ -385,7 +393,7 @@ def restore(src: Path, settings: Settings | None = None) -> dict:
                     try:
                         o = open(tmp, "xb")
                     except FileExistsError:
-                        raise BackupError(f"{tmp} exists (left by a restore that was stopped?): remove it first") from None
+                        raise BackupError(f"{tmp} exists (made just now by another restore?)") from None
                     placed.append(tmp)
                     with tar.extractfile(m) as f, o:
                         shutil.copyfileobj(f, o)

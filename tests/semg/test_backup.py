@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -136,6 +137,14 @@ def test_a_restore_never_overwrites_and_is_all_or_nothing(source, target, settin
         backup.restore(out, target)
     assert in_the_way.read_bytes() == b"someone else's"
     in_the_way.unlink()
+    # one left by a restore that was stopped: refused, naming the very file to remove
+    left = in_the_way.with_name(in_the_way.name + ".restoring")
+    left.write_bytes(b"half a video")
+    named = f"left by a restore that was stopped.*remove them first: {re.escape(str(left))}$"
+    with pytest.raises(backup.BackupError, match=named):
+        backup.restore(out, target)
+    assert left.read_bytes() == b"half a video"
+    left.unlink()
 
     # a dump the server refuses part way (here: cut short): one transaction, so no row and no video stays
     cut = tmp_path / "cut.tar"
