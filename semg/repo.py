@@ -1245,8 +1245,7 @@ def _write_export(conn, user_id: int, video_dir: Path | None, target) -> dict:
         models = _export_rows(cur, f"SELECT {_MODEL_COLS} FROM model_artifacts WHERE user_id = %s ORDER BY id",
                               (user_id,))
 
-    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED,
-                         compresslevel=EXPORT_ZIP_LEVEL) as zf:
+    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=EXPORT_ZIP_LEVEL) as zf:
         zf.writestr("user.json", _dump(user))
         for name, rows in tables.items():
             zf.writestr(f"{name}.json", _dump(rows))
@@ -1331,7 +1330,6 @@ def _export_samples(conn, zf: zipfile.ZipFile, dev: dict) -> int:
             conn.cursor(name=f"semg_export_samples_{dev['id']}") as cur:
         raw.write(",".join(["device_id", "boot", "seq", "device_millis", "device_time_unix", "server_ts_unix",
                             *[f"ch{c}" for c in range(channels)]]).encode() + b"\r\n")
-        cur.itersize = _EXPORT_FETCH
         cur.execute("""SELECT boot, seq0, n, channels, sample_rate_hz, device_millis0,
                               extract(epoch FROM device_time0)::float8, extract(epoch FROM server_ts)::float8, values
                        FROM sample_blocks WHERE device_id = %s ORDER BY boot, seq0""", (dev["id"],))
