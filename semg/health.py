@@ -2,7 +2,8 @@
 
     python -m semg.health               # one line per service, exit 0 when all are healthy; and the free
                                         # disk space (a warning, never the exit status: no restart mends it)
-    python -m semg.health --wait 120    # keep checking until healthy (exit 1 on timeout)
+    python -m semg.health --wait 120    # keep checking until healthy (exit 1 on timeout, or at once when
+                                        # supervisord gave up on a service: FATAL)
     python -m semg.health --json
 """
 
@@ -139,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     while True:
         results = check_all(s)
         healthy = all(ok for ok, _ in results.values())
-        if healthy or time.monotonic() >= deadline:
+        # supervisord starts a FATAL program (too many quick exits) never again by itself: waiting cannot mend it
+        gave_up = any(detail.startswith("supervisor: FATAL") for _, detail in results.values())
+        if healthy or gave_up or time.monotonic() >= deadline:
             break
         time.sleep(1)
     results["disk"] = diskspace.check(s)

@@ -33,3 +33,26 @@ def test_nats_addresses_never_carry_credentials(monkeypatch):
     monkeypatch.setenv("NATS_USER", "semg")
     monkeypatch.setenv("NATS_PASSWORD", "x")
     assert Settings().nats_addresses == "a.example:4333,b.example:4222,c.example:4222"
+
+
+def test_wait_stops_when_supervisord_gave_up_on_a_service(tmp_path, monkeypatch, capsys):
+    """A program supervisord has put in FATAL (too many quick exits) is never started again by it: --wait (what
+    start_all.sh runs, 180 s by default) used to go on checking until its deadline, so a start whose NATS could
+    not run kept the user waiting minutes for nothing."""
+    from semg import health
+
+    monkeypatch.setenv("SEMG_STATE_DIR", str(tmp_path))
+    monkeypatch.setattr(health, "get_settings", Settings)
+    calls = []
+
+    def check_all(s):
+        calls.append(1)
+        assert len(calls) <= 3, "kept waiting for a service supervisord gave up on"
+        return {"postgres": (True, "up"), "nats": (False, "supervisor: FATAL; nats://127.0.0.1:1: refused"),
+                "api": (True, "ok")}
+
+    monkeypatch.setattr(health, "check_all", check_all)
+    monkeypatch.setattr(health.time, "sleep", lambda s: None)
+    assert health.main(["--wait", "600"]) == 1
+    assert len(calls) == 1
+    assert "DOWN nats" in capsys.readouterr().out
