@@ -27,7 +27,7 @@ def job_label(j: dict) -> str:
 def jobs_table(jobs: list[dict]) -> None:
     st.dataframe(pd.DataFrame([{
         "job": j["id"], "status": j["status"], "progress": float(j["progress"]),
-        "sessions": ", ".join(map(str, j["session_ids"])), "epochs": (j["params"] or {}).get("epochs"),
+        "sessions": ", ".join(f"#{i}" for i in j["session_ids"]), "epochs": (j["params"] or {}).get("epochs"),
         "created": ui.fmt_time(j["created_at"]), "finished": ui.fmt_time(j["finished_at"]),
         "model": f"#{j['artifact_id']}" if j["artifact_id"] else "",
     } for j in jobs]), hide_index=True, width="stretch",
@@ -111,7 +111,7 @@ def details(job_id: int) -> None:
             st.markdown(f"### Job #{j['id']} — {STATUS_ICON.get(j['status'], '')} {j['status']}")
             st.progress(min(1.0, float(j["progress"]) / 100), text=f"{float(j['progress']):.0f}%")
             params = ", ".join(f"{k}={v}" for k, v in (j["params"] or {}).items()) or "defaults"
-            st.caption(f"sessions {', '.join(map(str, j['session_ids']))} · {params} · created "
+            st.caption(f"sessions {', '.join(f'#{i}' for i in j['session_ids'])} · {params} · created "
                        f"{ui.fmt_time(j['created_at'])} · started {ui.fmt_time(j['started_at'])} · finished "
                        f"{ui.fmt_time(j['finished_at'])}" + (f" · worker {j['worker']}" if j["worker"] else ""))
             if j["error"]:

@@ -636,6 +636,17 @@ def test_job_status_shows_results_errors_and_cancels(page, seeded):
     assert repo.get_job(conn, queued["id"])["status"] == "canceled"
 
 
+
+def test_job_status_names_the_sessions_by_id_not_as_a_count(page, seeded):
+    """The jobs table's 'sessions' column and the job's caption showed the session ids bare ('sessions 2' for one
+    job trained on session #2), which reads as a count next to 'epochs 30'."""
+    sid = seeded["session"]["id"]
+    at = page("jobs", user_id=seeded["user"]["id"])
+    at.run()
+    assert_clean(at)
+    assert list(at.dataframe[0].value["sessions"]) == [f"#{sid}"]
+    assert f"sessions #{sid} · " in texts(at)
+
 # ---- 6. live ------------------------------------------------------------------------------------------
 def test_live_page_shows_the_current_gesture_and_latency(page, seeded):
     import ui_seed
