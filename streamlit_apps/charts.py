@@ -75,7 +75,8 @@ def signal_figure(frame: pd.DataFrame, channels: Sequence[int] | None = None, *,
 
 
 def _interval_traces(intervals: Sequence[dict], t0: datetime) -> list[dict]:
-    """Gesture intervals (rest is the background) as one filled trace per label; redone ones in grey."""
+    """Gesture intervals (rest is the background) as one filled trace per label; discarded ones (redone, or cut
+    off when a capture was left) in grey."""
     spans: dict[str, list[tuple[float, float]]] = {}
     for iv in intervals:
         if not iv.get("started_at") or not iv.get("ended_at"):
@@ -83,7 +84,7 @@ def _interval_traces(intervals: Sequence[dict], t0: datetime) -> list[dict]:
         discarded = bool(iv.get("discarded"))
         if iv["label"].upper() == "REST" and not discarded:
             continue
-        name = "redone (not trained on)" if discarded else iv["label"]
+        name = "discarded (not trained on)" if discarded else iv["label"]
         spans.setdefault(name, []).append(((iv["started_at"] - t0).total_seconds(),
                                            (iv["ended_at"] - t0).total_seconds()))
     traces = []
@@ -93,7 +94,7 @@ def _interval_traces(intervals: Sequence[dict], t0: datetime) -> list[dict]:
         for a, b in items:
             xs += [a, a, b, b, None]
             ys += [0, 1, 1, 0, None]
-        color = "#999999" if name.startswith("redone") else label_color(name)
+        color = "#999999" if name.startswith("discarded") else label_color(name)
         traces.append({"type": "scatter", "x": xs, "y": ys, "fill": "toself", "mode": "none", "name": name,
                        "fillcolor": _rgba(color, 0.2), "xaxis": "x", "yaxis": "y", "hoverinfo": "skip"})
     return traces

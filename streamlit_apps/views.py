@@ -23,7 +23,7 @@ def webvtt(intervals: Sequence[dict], video_start: datetime) -> str:
         a, b = (iv["started_at"] - video_start).total_seconds(), (iv["ended_at"] - video_start).total_seconds()
         if b <= 0:
             continue
-        text = ("[redone] " if iv.get("discarded") else "") + (
+        text = ("[discarded] " if iv.get("discarded") else "") + (
             "rest" if iv["label"].upper() == "REST" else f"{iv['label']} · rep {int(iv.get('repetition', 0)) + 1}")
         lines += [f"{ts(a)} --> {ts(b)}", text, ""]
     return "\n".join(lines)

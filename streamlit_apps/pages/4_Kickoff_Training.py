@@ -30,7 +30,7 @@ def quality_table(user_id: int, sessions: list[dict]) -> list[int]:
             "recorded": ui.fmt_time(s["started_at"]),
             "gestures": ", ".join(g if g in bank else f"{g} (deleted, not trained)" for g in plan.get("gestures", [])),
             "reps": q["gesture_reps"],
-            "redone": q["discarded"],
+            "discarded": q["discarded"],
             "samples": q["samples"],
             "loss %": round(q["loss_pct"], 2) if q["loss_pct"] is not None else None,
             "length (s)": round(q["duration_s"] or 0, 1),
@@ -57,7 +57,8 @@ def quality_table(user_id: int, sessions: list[dict]) -> list[int]:
             "loss %": st.column_config.NumberColumn("loss %", format="%.2f", help="Samples missing: packets lost, "
                                                     "or the device sending nothing for part of the session"),
             "RMS per channel": st.column_config.BarChartColumn("RMS per channel", y_min=0),
-            "redone": st.column_config.NumberColumn("redone", help="Repetitions thrown away and done again"),
+            "discarded": st.column_config.NumberColumn("discarded", help="Intervals left out of training: repetitions "
+                                                       "redone, and the one under way when a capture was left"),
         },
     )
     for r in rows:

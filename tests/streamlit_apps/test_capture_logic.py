@@ -153,7 +153,7 @@ def test_webvtt_labels_are_relative_to_the_first_frame():
     vtt = views.webvtt(ivs, t0 + timedelta(seconds=1))
     assert vtt.startswith("WEBVTT")
     assert "00:00:00.000 --> 00:00:01.000\nrest" in vtt
-    assert "00:00:01.000 --> 00:00:03.500\n[redone] fist · rep 1" in vtt
+    assert "00:00:01.000 --> 00:00:03.500\n[discarded] fist · rep 1" in vtt
 
 
 @pytest.mark.parametrize("ok,color", [(True, "green"), (False, "red"), (None, "gray")])

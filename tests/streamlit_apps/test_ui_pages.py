@@ -831,6 +831,25 @@ def test_a_nearly_full_disk_is_shown_on_the_overview_and_beside_every_page(page,
         get_settings.cache_clear()
 
 
+
+def test_an_interrupted_interval_is_not_called_redone(page, seeded):
+    """Leaving the capture page mid-interval discards the interval under way (it may be a rest), as a redo does;
+    the Kickoff table ('redone'), the review chart's legend ('redone (not trained on)') and the video's
+    subtitles ('[redone]') then said the user redid something they never redid."""
+    import charts
+    import views
+    conn, s = seeded["conn"], seeded["session"]
+    rest = next(i for i in s["intervals"] if i["label"] == "REST")
+    repo.discard_interval(conn, rest["id"])  # what a capture left mid-rest stores
+    at = page("kickoff", user_id=seeded["user"]["id"])
+    at.run()
+    assert_clean(at)
+    assert "redone" not in at.dataframe[0].value.columns
+    assert at.dataframe[0].value.iloc[0]["discarded"] == 1
+    ivs = repo.get_session(conn, s["id"])["intervals"]
+    assert not [t["name"] for t in charts._interval_traces(ivs, ivs[0]["started_at"]) if "redone" in t["name"]]
+    assert "redone" not in views.webvtt(ivs, ivs[0]["started_at"])
+
 def test_kickoff_counts_redone_repetitions(page, seeded):
     conn, s = seeded["conn"], seeded["session"]
     fist = next(i for i in s["intervals"] if i["label"] == "fist")
@@ -838,7 +857,7 @@ def test_kickoff_counts_redone_repetitions(page, seeded):
     at = page("kickoff", user_id=seeded["user"]["id"])
     at.run()
     row = at.dataframe[0].value.iloc[0]
-    assert row["redone"] == 1 and row["reps"] == 5  # 3 repetitions x 2 gestures, one thrown away
+    assert row["discarded"] == 1 and row["reps"] == 5  # 3 repetitions x 2 gestures, one thrown away
 
 
 def test_a_user_deleted_in_another_window_gets_nothing_done_as_someone_else(page, seeded):
