@@ -1094,6 +1094,7 @@ def _capital(text: str) -> str:
 REJECT_HINTS = troubleshooting.REJECT_HINTS
 reject_hint = troubleshooting.hint
 SILENT_HINT = _capital(troubleshooting.SILENT_HINT) + "."
+STOPPED_HINT = _capital(troubleshooting.STOPPED_HINT) + "."
 
 
 @st.cache_data(ttl=3, show_spinner=False)
@@ -1131,12 +1132,13 @@ def explain_device_status(device: dict, counters: dict | None) -> dict:
     """What a device's counters from `udp_device_status` mean for its owner.
 
     {"state": "receiving" | "rejected" | "silent" | "unknown", "summary": str, "last_accepted_age_s": float | None,
-     "totals": str | None, "reasons": [{"reason", "count", "age_s", "text"}]} (reasons most recent first; `text`
-    is what was seen plus the cause and remedy from udpserver/troubleshooting.py)."""
+     "totals": str | None, "reasons": [{"reason", "count", "age_s", "text"}], "hint": str | None} (reasons most
+    recent first; `text` is what was seen plus the cause and remedy from udpserver/troubleshooting.py; `hint` what
+    to check when nothing arrives: a device never heard from is set up wrong, one that stopped lost power or Wi-Fi)."""
     if counters is None:
         return {"state": "unknown", "summary": "not known to the UDP server yet (it loads new devices within a "
                                                "few seconds): reload the page in a moment",
-                "last_accepted_age_s": None, "totals": None, "reasons": []}
+                "last_accepted_age_s": None, "totals": None, "reasons": [], "hint": None}
     age = counters.get("last_accepted_age_s")
     ages = counters.get("rejected_age_s") or {}
     reasons = []
@@ -1166,10 +1168,12 @@ def explain_device_status(device: dict, counters: dict | None) -> dict:
     else:
         state = "silent"
         summary = ("not receiving: no packet from it since the UDP server started" if age is None
-                   else "not receiving")
+                   else "not receiving: it stopped sending")
     totals = (f"{counters.get('stored_samples', 0):,} samples stored, {counters.get('lost_samples', 0):,} lost "
               f"(sequence gaps), {counters.get('dropped_samples', 0):,} dropped since the UDP server started")
-    return {"state": state, "summary": summary, "last_accepted_age_s": age, "totals": totals, "reasons": reasons}
+    hint = (SILENT_HINT if age is None else STOPPED_HINT) if state == "silent" else None
+    return {"state": state, "summary": summary, "last_accepted_age_s": age, "totals": totals, "reasons": reasons,
+            "hint": hint}
 
 
 def video_path_for(user_id: int, session_id: int) -> tuple[Path, str]:

@@ -77,6 +77,9 @@ SILENT_HINT = ("no packet reaches the server under this device's id: check on th
                "(115200 baud) that it joins the Wi-Fi and sends to this server's address (SECRET_SERVER_IP) and "
                "UDP port (SECRET_SERVER_PORT), that no firewall drops UDP, and that SEMG_DEVICE_ID is this "
                "device's id (packets under an unregistered id count as unknown_device)")
+# When a device that was sending has stopped: its settings were right, so what changed is power, Wi-Fi or the device.
+STOPPED_HINT = ("it was sending and has stopped, so its settings were right: check that it is powered and in reach of "
+                "the Wi-Fi; its serial monitor (115200 baud) says whether it lost the Wi-Fi or restarted")
 
 
 def hint(reason: str) -> str:

@@ -147,8 +147,8 @@ def live_status(devs: list[dict]) -> None:
                     for r in v["reasons"]))
             if v["state"] in ("silent", "unknown"):
                 silent = True
-                if v["state"] == "silent":
-                    st.caption(data.SILENT_HINT)
+                if v["hint"]:
+                    st.caption(v["hint"])
     if silent and status["unattributed"]:
         st.caption("Packets the UDP server could not tie to any device since it started: " + "; ".join(
             f"`{k}` {n:,} ({data.reject_hint(k)})" for k, n in sorted(status["unattributed"].items())))

@@ -130,6 +130,7 @@ def test_a_device_the_server_never_heard_from_gets_the_nothing_arrives_hint():
     quiet = {"rejected": {}, "rejected_age_s": {}, "last_accepted_age_s": None, "stored_samples": 0}
     v = data.explain_device_status({"id": 1, "channel_count": 4}, quiet)
     assert v["state"] == "silent" and not v["reasons"] and "since the UDP server started" in v["summary"]
+    assert v["hint"] == data.SILENT_HINT
     assert data.explain_device_status({"id": 1}, None)["state"] == "unknown"
     # old rejections with packets arriving now: receiving, the history still listed
     healed = {"rejected": {"old_boot": 3}, "rejected_age_s": {"old_boot": 3600.0}, "last_accepted_age_s": 0.5}
@@ -139,3 +140,15 @@ def test_a_device_the_server_never_heard_from_gets_the_nothing_arrives_hint():
     stuck = {"rejected": {"old_boot": 300}, "rejected_age_s": {"old_boot": 0.1}, "last_accepted_age_s": 900.0}
     v = data.explain_device_status({"id": 1}, stuck)
     assert v["state"] == "rejected" and "old_boot" in v["summary"]
+
+
+def test_a_device_that_stopped_sending_is_not_told_its_setup_is_wrong():
+    """A device that streamed (65,000 samples stored) and was then switched off got the never-heard-from hint:
+    'no packet reaches the server under this device's id: check ... SECRET_SERVER_IP ...', which sends its owner
+    to re-check settings that were right minutes ago."""
+    import data
+    stopped = {"rejected": {}, "rejected_age_s": {}, "last_accepted_age_s": 600.0, "stored_samples": 65_000}
+    v = data.explain_device_status({"id": 1, "channel_count": 4}, stopped)
+    assert v["state"] == "silent" and v["summary"] == "not receiving: it stopped sending"
+    assert "SECRET_SERVER_IP" not in v["hint"] and "stopped" in v["hint"] and "powered" in v["hint"]
+    assert data.explain_device_status({"id": 1}, {**stopped, "last_accepted_age_s": 0.5})["hint"] is None

@@ -11,7 +11,7 @@ from udphelpers import REPO, add_device, add_user
 from udpserver import protocol
 from udpserver.ingest import DeviceInfo, Ingestor, Record, Resume
 from udpserver.protocol import Reject
-from udpserver.troubleshooting import DEVICE_REASONS, INTERNAL_ERROR, REJECT_HINTS, SILENT_HINT
+from udpserver.troubleshooting import DEVICE_REASONS, INTERNAL_ERROR, REJECT_HINTS, SILENT_HINT, STOPPED_HINT
 
 KEY = bytes(range(32))
 
@@ -26,7 +26,8 @@ def test_every_rejection_reason_has_a_hint_and_the_readme_lists_them():
     assert all(h and ":" in h and "\n" not in h for h in REJECT_HINTS.values())  # "cause: remedy", one line
     readme = re.sub(r"\s+", " ", (REPO / "README.md").read_text())
     section = readme.split("## Troubleshooting a device", 1)[1].split(" ## ", 1)[0]
-    for reason, hint in [*REJECT_HINTS.items(), ("nothing arrives", SILENT_HINT)]:
+    for reason, hint in [*REJECT_HINTS.items(), ("nothing arrives", SILENT_HINT),
+                         ("it stopped", STOPPED_HINT)]:
         assert hint in section, f"README 'Troubleshooting a device' lacks the hint of {reason}: {hint}"
     assert set(DEVICE_REASONS) <= set(REJECT_HINTS)
 
