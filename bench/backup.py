@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         figures = {"hours": a.hours, "rate_hz": a.rate, "channels": a.channels, "samples": samples,
                    "database_mb": round(db_bytes / 2**20, 1), "backup_mb": round(out.stat().st_size / 2**20, 1),
                    "create_s": round(create_s, 2), "restore_s": round(restore_s, 2),
-                   "restored_samples": result["restored"]["sample_blocks"]}
+                   "restored_samples": result["restored"]["samples"]}
         print(json.dumps(figures))
         return 0 if figures["restored_samples"] == samples else 1
 

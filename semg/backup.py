@@ -44,9 +44,12 @@ from semg.config import Settings, SettingsError, get_settings
 FORMAT = "semg-backup"
 FORMAT_VERSION = 1
 MANIFEST, DUMP, VIDEOS = "manifest.json", "database.dump", "videos"
-COUNTED = {"users": "count(*)", "devices": "count(*)", "sample_blocks": "coalesce(sum(n), 0)",
-           "capture_sessions": "count(*)", "videos": "count(*)", "model_artifacts": "count(*)",
-           "predictions": "count(*)"}
+# what a manifest and a restore report: name -> (table, expression); "samples" is the samples in sample_blocks (a
+# manifest of the first backups called that "sample_blocks")
+COUNTED = {"users": ("users", "count(*)"), "devices": ("devices", "count(*)"),
+           "samples": ("sample_blocks", "coalesce(sum(n), 0)"), "capture_sessions": ("capture_sessions", "count(*)"),
+           "videos": ("videos", "count(*)"), "model_artifacts": ("model_artifacts", "count(*)"),
+           "predictions": ("predictions", "count(*)")}
 
 
 log = logging.getLogger("semg.backup")
@@ -209,9 +212,9 @@ def _schema_version(cur) -> int:
 
 def _counts(cur) -> dict[str, int]:
     out = {}
-    for table, expr in COUNTED.items():
+    for name, (table, expr) in COUNTED.items():
         cur.execute(sql.SQL("SELECT {} FROM {}").format(sql.SQL(expr), sql.Identifier(table)))
-        out[table] = int(cur.fetchone()[0])
+        out[name] = int(cur.fetchone()[0])
     return out
 
 
@@ -550,7 +553,7 @@ def run_auto(s: Settings, stop: threading.Event, clock=lambda: datetime.now(UTC)
             out = directory / f"semg-backup-{now:%Y%m%dT%H%M%SZ}.tar"
             m = create(out, s)
             log.info("backup written to %s: %d users, %d samples, %d videos, %.1f MB", out, m["counts"]["users"],
-                     m["counts"]["sample_blocks"], m["videos"], out.stat().st_size / 2**20)
+                     m["counts"]["samples"], m["videos"], out.stat().st_size / 2**20)
             for _, old in auto_backups(directory, before=now + FUTURE_SLACK)[:-s.semg_backup_keep]:
                 old.unlink(missing_ok=True)
                 log.info("removed the old backup %s (SEMG_BACKUP_KEEP=%d)", old.name, s.semg_backup_keep)
@@ -614,12 +617,12 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=s.log_level, format="semg.backup: %(message)s")
         if args.command == "create":
             m = create(args.file, s)
-            print(f"backup written to {args.file}: {m['counts']['users']} users, {m['counts']['sample_blocks']:,} "
+            print(f"backup written to {args.file}: {m['counts']['users']} users, {m['counts']['samples']:,} "
                   f"samples, {m['videos']} videos (schema version {m['schema_version']})")
             print(json.dumps(m))
         else:
             r = restore(args.file, s)
-            print(f"restored {args.file}: {r['restored']['users']} users, {r['restored']['sample_blocks']:,} "
+            print(f"restored {args.file}: {r['restored']['users']} users, {r['restored']['samples']:,} "
                   f"samples, {r['videos']} videos")
             print(json.dumps(r))
         return 0

@@ -88,7 +88,7 @@ def target(settings, tmp_path, db_conn):
 def test_a_backup_restored_into_a_new_install_holds_everything(source, target, settings, tmp_path):
     out = tmp_path / "semg.tar"
     manifest = backup.create(out, settings)
-    assert manifest["counts"]["users"] == 1 and manifest["counts"]["sample_blocks"] == source["samples"]
+    assert manifest["counts"]["users"] == 1 and manifest["counts"]["samples"] == source["samples"]
     assert manifest["videos"] == 1 and manifest["videos_missing"] == []
     assert backup.show(out) == manifest
 
@@ -437,7 +437,7 @@ def test_automatic_backups_come_every_interval_and_only_the_newest_are_kept(sour
     assert len(written) >= 3, said
     kept = backup.auto_backups(directory)
     assert len(kept) == 2 and (directory / "my-own-copy.tar").exists()
-    assert backup.show(kept[-1][1])["counts"]["sample_blocks"] == source["samples"]
+    assert backup.show(kept[-1][1])["counts"]["samples"] == source["samples"]
     ok, line = backup.auto_status(s)
     assert ok and kept[-1][1].name in line and "2 kept" in line, line
     # late: the newest is more than two intervals old
