@@ -32,6 +32,7 @@ import sys
 import tarfile
 import tempfile
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePosixPath
 
@@ -84,11 +85,72 @@ def _pg_args(s: Settings) -> tuple[list[str], dict]:
     return ["-h", str(kw["host"]), "-p", str(kw["port"]), "-U", str(kw["user"]), "-d", str(kw["dbname"])], env
 
 
-def _run(cmd: list[str], env: dict, what: str) -> None:
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if r.returncode != 0:
-        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-        raise BackupError(f"{what} failed: {' | '.join(lines[-3:]) or f'exit status {r.returncode}'}")
+# A backup is written at SEMG_BACKUP_MB_PER_S (10 by default) and flushed to the disk every FLUSH_EVERY bytes. At full
+# speed (~20 MB/s here, pg_dump's compression the limit) its CPU and writes compete with the decisions and with the
+# database's commits on the same disk: the live path's p99 at 10 users went from 19-20 ms to 83-93 ms while backups
+# ran, at 10 MB/s to 33-34 ms, at 5 MB/s 33-36 ms (bench/backup.py --live). A daily backup takes minutes instead.
+FLUSH_EVERY = 8 << 20
+_clock, _sleep = time.monotonic, time.sleep  # the pace's; a test's own clock replaces them
+
+
+class _PacedFile(io.RawIOBase):
+    """A file being written (`f`, binary), at most `bytes_per_s` (0: no limit), its data sent to the disk every
+    FLUSH_EVERY bytes rather than left to go out in bursts. pg_dump, writing into a pipe read at that pace, waits."""
+
+    def __init__(self, f, bytes_per_s: float) -> None:
+        self.f, self.bytes_per_s = f, bytes_per_s
+        self.written, self._unflushed, self._start = 0, 0, _clock()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        n = self.f.write(b)
+        self.written += n
+        self._unflushed += n
+        if self._unflushed >= FLUSH_EVERY:
+            self.flush_to_disk()
+        if self.bytes_per_s and (ahead := self._start + self.written / self.bytes_per_s - _clock()) > 0:
+            _sleep(ahead)
+        return n
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def flush_to_disk(self) -> None:
+        self.f.flush()
+        os.fdatasync(self.f.fileno())
+        self._unflushed = 0
+
+
+def _dump_member(cmd: list[str], env: dict, out: _PacedFile, stderr_path: Path) -> int:
+    """Run pg_dump (`cmd`, writing to its stdout) into `out` as the tar member DUMP: a header written after the
+    data, once its size is known (GNU format: one 512-byte block for any size). The dump is never a file of its
+    own, so it is written once rather than twice. Returns the member's size."""
+    start = out.tell()
+    out.write(bytes(tarfile.BLOCKSIZE))  # the header's place
+    with open(stderr_path, "w+b") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err)
+        size = 0
+        try:
+            while chunk := proc.stdout.read(1 << 20):
+                out.write(chunk)
+                size += len(chunk)
+        finally:
+            proc.stdout.close()
+            rc = proc.wait()
+        if rc != 0:
+            err.seek(0)
+            lines = [ln for ln in err.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+            raise BackupError(f"pg_dump failed: {' | '.join(lines[-3:]) or f'exit status {rc}'}")
+    out.write(bytes(-size % tarfile.BLOCKSIZE))
+    end = out.tell()
+    info = tarfile.TarInfo(DUMP)
+    info.size, info.mode, info.mtime = size, 0o600, int(datetime.now(UTC).timestamp())
+    out.f.seek(start)
+    out.f.write(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
+    out.f.seek(end)
+    return size
 
 
 def _try_lock(fd: int) -> bool | None:
@@ -230,46 +292,45 @@ def create(out: Path, settings: Settings | None = None) -> dict:
         raise BackupError(f"{out.parent} is not a directory")
     _remove_stale(out.parent)
     with _temp_dir("backup", out.parent) as work:
-        with contextlib.closing(db.connect(s)) as conn:
-            conn.autocommit = False  # the snapshot lives as long as this transaction
-            conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
-            with conn.cursor() as cur:
-                cur.execute("SELECT pg_export_snapshot()")  # pg_dump reads exactly what this transaction sees
-                snapshot = cur.fetchone()[0]
-                version, counts = _schema_version(cur), _counts(cur)
-                cur.execute("SELECT path FROM videos ORDER BY id")
-                video_paths = [r[0] for r in cur.fetchall()]
-                args, env = _pg_args(s)
-                # data only, in foreign-key order; the schema comes from the restoring install's own migrations
-                # gzip level 1: an hour of 8-channel EMG at 500 Hz in 0.8 s and 31 MB, level 6 (the default)
-                # 7.4 s and 26 MB (bench/backup.py's data); samples are noise-like and hardly compress further
-                _run([_pg_tool("pg_dump"), *args, "--format=custom", "--compress=1", "--data-only",
-                      f"--snapshot={snapshot}",
-                      "--exclude-table-data=public.schema_version", f"--file={work / DUMP}"], env, "pg_dump")
-            conn.rollback()
-        root = s.video_dir
-        copied, missing = [], []
         part = work / "backup.tar"
-        with tarfile.open(part, "w") as tar:
-            tar.add(work / DUMP, arcname=DUMP)
-            for rel in video_paths:
-                try:  # a video deleted (with its user) since the snapshot is listed as missing
-                    tar.add(root / rel, arcname=f"{VIDEOS}/{rel}", recursive=False)
-                    copied.append(rel)
-                except FileNotFoundError:
-                    missing.append(rel)
-            # last: a file cut between members has none, so it is never taken for a whole backup
-            manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "schema_version": version,
-                        "created_at": datetime.now(UTC).isoformat(), "counts": counts, "videos": len(copied),
-                        "videos_missing": missing}
-            data = json.dumps(manifest, indent=1).encode()
-            info = tarfile.TarInfo(MANIFEST)
-            info.size, info.mtime = len(data), int(datetime.now(UTC).timestamp())
-            tar.addfile(info, io.BytesIO(data))
-        # it holds the devices' secret keys and the API key hashes: for the owner only (the umask gave 0644)
-        os.chmod(part, 0o600)
-        with open(part, "rb") as f:
-            os.fsync(f.fileno())
+        # it holds the devices' secret keys and the API key hashes: for the owner only
+        with open(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), "wb") as f:
+            paced = _PacedFile(f, s.semg_backup_mb_per_s * 2**20)
+            with contextlib.closing(db.connect(s)) as conn:
+                conn.autocommit = False  # the snapshot lives as long as this transaction
+                conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
+                with conn.cursor() as cur:
+                    cur.execute("SELECT pg_export_snapshot()")  # pg_dump reads exactly what this transaction sees
+                    snapshot = cur.fetchone()[0]
+                    version, counts = _schema_version(cur), _counts(cur)
+                    cur.execute("SELECT path FROM videos ORDER BY id")
+                    video_paths = [r[0] for r in cur.fetchall()]
+                    args, env = _pg_args(s)
+                    # data only, in foreign-key order; the schema comes from the restoring install's own
+                    # migrations. gzip level 1: an hour of 8-channel EMG at 500 Hz in 0.8 s and 31 MB, level 6 (the
+                    # default) 7.4 s and 26 MB (bench/backup.py's data); noise-like samples hardly compress further
+                    _dump_member([_pg_tool("pg_dump"), *args, "--format=custom", "--compress=1", "--data-only",
+                                  f"--snapshot={snapshot}", "--exclude-table-data=public.schema_version"],
+                                 env, paced, work / "pg_dump.err")
+                conn.rollback()
+            root = s.video_dir
+            copied, missing = [], []
+            with tarfile.open(fileobj=paced, mode="w") as tar:  # goes on after the dump's member
+                for rel in video_paths:
+                    try:  # a video deleted (with its user) since the snapshot is listed as missing
+                        tar.add(root / rel, arcname=f"{VIDEOS}/{rel}", recursive=False)
+                        copied.append(rel)
+                    except FileNotFoundError:
+                        missing.append(rel)
+                # last: a file cut between members has none, so it is never taken for a whole backup
+                manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "schema_version": version,
+                            "created_at": datetime.now(UTC).isoformat(), "counts": counts, "videos": len(copied),
+                            "videos_missing": missing}
+                data = json.dumps(manifest, indent=1).encode()
+                info = tarfile.TarInfo(MANIFEST)
+                info.size, info.mtime = len(data), int(datetime.now(UTC).timestamp())
+                tar.addfile(info, io.BytesIO(data))
+            paced.flush_to_disk()
         try:
             os.link(part, out)  # fails rather than replace a file made meanwhile
         except FileExistsError:
@@ -527,7 +588,7 @@ def auto_status(s: Settings, now: datetime | None = None) -> tuple[bool, str]:
 def run_auto(s: Settings, stop: threading.Event, clock=lambda: datetime.now(UTC)) -> None:
     """Until `stop`: a backup into SEMG_BACKUP_DIR whenever the newest there is SEMG_BACKUP_EVERY_H old (at once
     when there is none), then all but the newest SEMG_BACKUP_KEEP automatic ones deleted. A failure is logged
-    and tried again in 10 minutes; a disk without room for one more (twice the last one's size above
+    and tried again in 10 minutes; a disk without room for one more (the last one's size above
     SEMG_MIN_FREE_DISK_MB) is not filled."""
     directory = s.backup_dir
     directory.mkdir(parents=True, exist_ok=True)
@@ -543,11 +604,10 @@ def run_auto(s: Settings, stop: threading.Event, clock=lambda: datetime.now(UTC)
             continue
         try:
             _remove_stale(directory)  # before the free space is measured: what it gives back counts
-            # twice the last one's size: create() writes the database dump beside the backup that holds it
-            need = 2 * (done[-1][1].stat().st_size if done else 0) + s.semg_min_free_disk_mb * diskspace.MB
+            need = (done[-1][1].stat().st_size if done else 0) + s.semg_min_free_disk_mb * diskspace.MB
             free = shutil.disk_usage(directory).free
             if free < need:
-                raise BackupError(f"{free >> 20} MB free in {directory}, {need >> 20} MB needed (twice the last "
+                raise BackupError(f"{free >> 20} MB free in {directory}, {need >> 20} MB needed (the last "
                                   "backup's size, and SEMG_MIN_FREE_DISK_MB): free space there or lower "
                                   "SEMG_BACKUP_KEEP")
             out = directory / f"semg-backup-{now:%Y%m%dT%H%M%SZ}.tar"

@@ -79,6 +79,8 @@ class Settings(BaseSettings):
     semg_backup_dir: Path | None = None
     semg_backup_every_h: float = Field(24.0, gt=0, le=24 * 366)
     semg_backup_keep: int = Field(7, ge=1, le=10_000)
+    # the pace a backup is written at (MB/s, 0: as fast as it can): at full speed it slows live recognition
+    semg_backup_mb_per_s: float = Field(10.0, ge=0)
 
     log_level: str = "INFO"
 
@@ -105,7 +107,7 @@ class Settings(BaseSettings):
         return v
 
     @field_validator("semg_prediction_retention_days", "semg_min_free_disk_mb", "semg_backup_every_h",
-                     "semg_backup_keep", mode="before")
+                     "semg_backup_keep", "semg_backup_mb_per_s", mode="before")
     @classmethod
     def _blank_is_default(cls, v: object) -> object:
         # compose passing an unset variable gives "": the default, as for the other settings

@@ -488,16 +488,18 @@ def test_only_exactly_the_automatic_backups_name_is_pruned(tmp_path):
     assert backup.auto_backups(tmp_path) == [(datetime(2024, 1, 1, tzinfo=UTC), ours)]
 
 
-def test_the_free_space_needed_counts_the_database_dump_written_beside_the_backup(settings, tmp_path, monkeypatch,
-                                                                                  caplog):
+@pytest.mark.parametrize("free_mb, started", [(8.5, False), (9.5, True)])
+def test_the_free_space_needed_is_the_last_backups_size_and_the_reserve(settings, tmp_path, monkeypatch, caplog,
+                                                                        free_mb, started):
+    """create() streams the database dump into the backup (never a file of its own beside it), so room for one more
+    backup of the last one's size above SEMG_MIN_FREE_DISK_MB is enough; less is not filled."""
     import logging
 
     last = tmp_path / "semg-backup-20240101T000000Z.tar"
     with open(last, "wb") as f:
         f.truncate(8 * backup.diskspace.MB)
     s = settings.model_copy(update={"semg_backup_dir": tmp_path, "semg_min_free_disk_mb": 1})
-    # room for one more backup of the last one's size, not for its database dump beside it as create() writes it
-    usage = shutil.disk_usage(tmp_path)._replace(free=10 * backup.diskspace.MB)
+    usage = shutil.disk_usage(tmp_path)._replace(free=int(free_mb * backup.diskspace.MB))
     monkeypatch.setattr(shutil, "disk_usage", lambda _: usage)
     monkeypatch.setattr(backup, "_wait_for_schema", lambda *_: None)
     made = []
@@ -515,8 +517,35 @@ def test_the_free_space_needed_counts_the_database_dump_written_beside_the_backu
 
     with caplog.at_level(logging.INFO, logger="semg.backup"):
         backup.run_auto(s, OneRound())
-    assert made == [], "a backup was started on a disk it can fill"
-    assert any("MB needed" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert bool(made) == started, "a backup was started on a disk it can fill" if made else "room was refused"
+    assert any("MB needed" in r.getMessage() for r in caplog.records) != started, \
+        [r.getMessage() for r in caplog.records]
+
+
+def test_a_backup_is_written_at_its_pace_and_the_same_with_none(source, settings, tmp_path, monkeypatch):
+    """SEMG_BACKUP_MB_PER_S: the file goes out at that pace (a fake clock, moved on only by the pacing's sleeps, so
+    the time slept is what the pace asks for); 0 sleeps never. Both files restore-read the same."""
+    clock = [0.0]
+
+    def sleep(s):
+        clock[0] += s
+
+    monkeypatch.setattr(backup, "_clock", lambda: clock[0])
+    monkeypatch.setattr(backup, "_sleep", sleep)
+    rate_mb = 0.25
+    paced = tmp_path / "paced.tar"
+    m = backup.create(paced, settings.model_copy(update={"semg_backup_mb_per_s": rate_mb}))
+    size = paced.stat().st_size
+    assert size > 256 * 1024, "too small a backup to see its pace"
+    # the tar's closing blocks are written at the end, the last write's pace is kept: within one write of it
+    assert size / (rate_mb * 2**20) - 0.1 <= clock[0] <= size / (rate_mb * 2**20), (clock[0], size)
+    clock[0] = 0.0
+    fast = tmp_path / "fast.tar"
+    assert backup.create(fast, settings.model_copy(update={"semg_backup_mb_per_s": 0}))["counts"] == m["counts"]
+    assert clock[0] == 0.0
+    with tarfile.open(paced) as a, tarfile.open(fast) as b:
+        assert [(x.name, x.size) for x in a.getmembers()] == [(x.name, x.size) for x in b.getmembers()]
+        assert a.extractfile(backup.DUMP).read()[:5] == b"PGDMP"  # pg_dump's custom format
 
 
 def test_a_backup_named_in_the_future_holds_nothing_off(source, settings, tmp_path, caplog):
