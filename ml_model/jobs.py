@@ -714,7 +714,7 @@ def worker_loop(settings: Settings | None = None, poll_s: float = 1.0, once: boo
     while not stop.is_set():
         try:
             if conn is None or conn.closed:
-                conn = db.connect(s)
+                conn = db.connect(s, application_name=db.TRAINER_APPLICATION_NAME)
             recover_stale_jobs(conn)
             job_id = claim_next(conn, me)
         except psycopg2.Error as e:

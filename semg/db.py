@@ -41,6 +41,10 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+# The training worker's waiting connection is named so: the web UI tells an idle worker from none by it
+TRAINER_APPLICATION_NAME = "semg-trainer"
+
+
 def connect_kwargs(settings: Settings | None = None, dbname: str | None = None) -> dict:
     s = settings or get_settings()
     return {

@@ -36,9 +36,13 @@ def services() -> None:
     elif t.get("queued") and waiting > 60:
         cols[-1].markdown(ui.badge(False, "Training worker"))
         cols[-1].caption(f"{t['queued']} job(s) waiting for {waiting:.0f} s: is `TrainMLJob.py worker` running?")
+    elif t.get("workers"):
+        cols[-1].markdown(ui.badge(True, "Training worker"))
+        cols[-1].caption(f"idle, waiting for jobs; {t.get('queued', 0)} queued")
     else:
-        cols[-1].markdown(ui.badge(None, "Training worker"))
-        cols[-1].caption(f"idle; {t.get('queued', 0)} job(s) queued")
+        cols[-1].markdown(ui.badge(False, "Training worker"))
+        cols[-1].caption("none connected to the database: jobs wait until one runs (`./start_all.sh` starts it, "
+                         "or `python ml_model/TrainMLJob.py worker`)")
 
 
 def counts_and_devices() -> None:

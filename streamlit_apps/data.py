@@ -565,13 +565,16 @@ def base_fits_rate(base: dict, sample_rate_hz: float) -> bool:
 
 
 def trainer_status() -> dict:
-    """Whether a training worker looks alive: queue length, and the freshest heartbeat of a running job."""
+    """Whether a training worker looks alive: queue length, the freshest heartbeat of a running job, and the
+    workers connected to the database (an idle worker writes nothing, but keeps its connection open)."""
     return _one("""SELECT count(*) FILTER (WHERE status = 'scheduled') AS queued,
                           count(*) FILTER (WHERE status = 'in-progress') AS running,
                           min(created_at) FILTER (WHERE status = 'scheduled') AS oldest_queued,
                           max(heartbeat_at) FILTER (WHERE status = 'in-progress') AS last_heartbeat,
+                          (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+                                  AND application_name = %s) AS workers,
                           now() AS now
-                   FROM training_jobs""") or {}
+                   FROM training_jobs""", (db.TRAINER_APPLICATION_NAME,)) or {}
 
 
 def normalize_metrics(metrics: dict | None, classes: Sequence[str] | None = None) -> dict:

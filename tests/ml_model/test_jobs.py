@@ -87,6 +87,31 @@ def _run_worker_until_idle(timeout=300):
     return stop, t
 
 
+def test_a_waiting_worker_is_seen_connected_under_its_name(clean_db):
+    """The web UI's Overview tells an idle worker from none by its connection's application_name."""
+    import time
+
+    from semg import db
+
+    def connected() -> int:
+        with clean_db.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND application_name = %s", (db.TRAINER_APPLICATION_NAME,))
+            return cur.fetchone()[0]
+
+    assert connected() == 0
+    stop, t = _run_worker_until_idle()
+    try:
+        deadline = time.monotonic() + 20
+        while connected() == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert connected() == 1
+    finally:
+        stop.set()
+        t.join(20)
+    assert not t.is_alive() and connected() == 0
+
+
 def test_scheduled_job_is_trained_by_the_worker(clean_db, user_device):
     u, d = user_device
     s = record_session(clean_db, u["id"], d["id"])

@@ -793,6 +793,25 @@ def test_a_new_user_becomes_the_current_user_everywhere(page, seeded):
     assert at2.selectbox(key="semg_user_pick").value == new_id
 
 
+def test_the_overview_tells_an_idle_training_worker_from_none(page, clean_db, settings):
+    """With no job queued or running, the badge was a grey '?' and 'idle' whether a worker was running or not, so
+    nobody learned that no worker was there until a job had waited a minute. A worker keeps its connection open
+    (application_name semg-trainer): connected is idle and green, none is red with how to start one."""
+    import contextlib
+
+    from semg import db
+    at = page("main")
+    at.run()
+    assert_clean(at)
+    assert ":red-badge[:material/close: Training worker]" in texts(at) and "none connected" in texts(at)
+    with contextlib.closing(db.connect(settings, application_name=db.TRAINER_APPLICATION_NAME)):
+        at = page("main")
+        at.run()
+        assert_clean(at)
+        assert ":green-badge[:material/check: Training worker]" in texts(at), texts(at)
+        assert "idle, waiting for jobs; 0 queued" in texts(at)
+
+
 def test_overview_reports_nats_down(page, clean_db, monkeypatch):
     from semg.config import get_settings
     from semg.embedded import free_port
