@@ -94,11 +94,12 @@ _clock, _sleep = time.monotonic, time.sleep  # the pace's; a test's own clock re
 
 
 class _PacedFile(io.RawIOBase):
-    """A file being written (`f`, binary), at most `bytes_per_s` (0: no limit), its data sent to the disk every
-    FLUSH_EVERY bytes rather than left to go out in bursts. pg_dump, writing into a pipe read at that pace, waits."""
+    """A file being written (`f`, binary), at most `bytes_per_s` (0: no limit) until `full_speed` is set, its data
+    sent to the disk every FLUSH_EVERY bytes rather than left to go out in bursts. pg_dump, writing into a pipe read
+    at that pace, waits."""
 
-    def __init__(self, f, bytes_per_s: float) -> None:
-        self.f, self.bytes_per_s = f, bytes_per_s
+    def __init__(self, f, bytes_per_s: float, full_speed: threading.Event | None = None) -> None:
+        self.f, self.bytes_per_s, self.full_speed = f, bytes_per_s, full_speed
         self.written, self._unflushed, self._start = 0, 0, _clock()
 
     def writable(self) -> bool:
@@ -110,6 +111,8 @@ class _PacedFile(io.RawIOBase):
         self._unflushed += n
         if self._unflushed >= FLUSH_EVERY:
             self.flush_to_disk()
+        if self.full_speed is not None and self.full_speed.is_set():
+            return n
         if self.bytes_per_s and (ahead := self._start + self.written / self.bytes_per_s - _clock()) > 0:
             _sleep(ahead)
         return n
@@ -280,9 +283,10 @@ def _counts(cur) -> dict[str, int]:
     return out
 
 
-def create(out: Path, settings: Settings | None = None) -> dict:
+def create(out: Path, settings: Settings | None = None, full_speed: threading.Event | None = None) -> dict:
     """Write a backup to `out` (a new file) and return its manifest. The database is read in one snapshot (the
-    platform may keep running and recording); the videos of that snapshot are copied as they are on disk."""
+    platform may keep running and recording); the videos of that snapshot are copied as they are on disk. Written
+    at SEMG_BACKUP_MB_PER_S, at full speed from when `full_speed` is set (the platform is stopping)."""
     s = settings or get_settings()
     out = Path(out)
     exists = BackupError(f"{out} exists: give a new file name (a backup never overwrites)")
@@ -295,7 +299,7 @@ def create(out: Path, settings: Settings | None = None) -> dict:
         part = work / "backup.tar"
         # it holds the devices' secret keys and the API key hashes: for the owner only
         with open(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), "wb") as f:
-            paced = _PacedFile(f, s.semg_backup_mb_per_s * 2**20)
+            paced = _PacedFile(f, s.semg_backup_mb_per_s * 2**20, full_speed)
             with contextlib.closing(db.connect(s)) as conn:
                 conn.autocommit = False  # the snapshot lives as long as this transaction
                 conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
@@ -611,7 +615,7 @@ def run_auto(s: Settings, stop: threading.Event, clock=lambda: datetime.now(UTC)
                                   "backup's size, and SEMG_MIN_FREE_DISK_MB): free space there or lower "
                                   "SEMG_BACKUP_KEEP")
             out = directory / f"semg-backup-{now:%Y%m%dT%H%M%SZ}.tar"
-            m = create(out, s)
+            m = create(out, s, full_speed=stop)  # stopping: finish it before supervisord's wait ends
             log.info("backup written to %s: %d users, %d samples, %d videos, %.1f MB", out, m["counts"]["users"],
                      m["counts"]["samples"], m["videos"], out.stat().st_size / 2**20)
             for _, old in auto_backups(directory, before=now + FUTURE_SLACK)[:-s.semg_backup_keep]:
@@ -648,7 +652,7 @@ def _auto_main(s: Settings) -> int:
         return 2
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())  # a backup under way finishes (or supervisord's wait ends)
+        signal.signal(sig, lambda *_: stop.set())  # a backup under way finishes at full speed (or the wait ends)
     run_auto(s, stop)
     log.info("automatic backups stopped")
     return 0

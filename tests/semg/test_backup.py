@@ -504,7 +504,7 @@ def test_the_free_space_needed_is_the_last_backups_size_and_the_reserve(settings
     monkeypatch.setattr(backup, "_wait_for_schema", lambda *_: None)
     made = []
 
-    def create(out, _s):
+    def create(out, _s, full_speed=None):
         made.append(out)
         raise backup.BackupError("not here")
 
@@ -524,7 +524,8 @@ def test_the_free_space_needed_is_the_last_backups_size_and_the_reserve(settings
 
 def test_a_backup_is_written_at_its_pace_and_the_same_with_none(source, settings, tmp_path, monkeypatch):
     """SEMG_BACKUP_MB_PER_S: the file goes out at that pace (a fake clock, moved on only by the pacing's sleeps, so
-    the time slept is what the pace asks for); 0 sleeps never. Both files restore-read the same."""
+    the time slept is what the pace asks for); 0 sleeps never, nor a backup told to finish at full speed (the
+    automatic one when the platform stops). The files hold the same."""
     clock = [0.0]
 
     def sleep(s):
@@ -542,6 +543,10 @@ def test_a_backup_is_written_at_its_pace_and_the_same_with_none(source, settings
     clock[0] = 0.0
     fast = tmp_path / "fast.tar"
     assert backup.create(fast, settings.model_copy(update={"semg_backup_mb_per_s": 0}))["counts"] == m["counts"]
+    assert clock[0] == 0.0
+    stopping = threading.Event()
+    stopping.set()
+    backup.create(tmp_path / "stopping.tar", settings.model_copy(update={"semg_backup_mb_per_s": rate_mb}), stopping)
     assert clock[0] == 0.0
     with tarfile.open(paced) as a, tarfile.open(fast) as b:
         assert [(x.name, x.size) for x in a.getmembers()] == [(x.name, x.size) for x in b.getmembers()]
@@ -636,7 +641,7 @@ def test_what_an_interrupted_backup_left_is_removed_and_nothing_else(clean_db, s
         killed.wait(timeout=30)
         assert (directory / killed.temp).is_dir()
 
-        monkeypatch.setattr(backup, "create", lambda out, _s: (_ for _ in ()).throw(backup.BackupError("not now")))
+        monkeypatch.setattr(backup, "create", lambda out, _s, **_: (_ for _ in ()).throw(backup.BackupError("not now")))
         measured, disk_usage = [], shutil.disk_usage  # the free space needed is measured with the room given back
         monkeypatch.setattr(shutil, "disk_usage", lambda p: (measured.append(before_locks.exists()), disk_usage(p))[1])
         s = settings.model_copy(update={"semg_backup_dir": directory, "semg_min_free_disk_mb": 0})
