@@ -202,8 +202,8 @@ def test_worker_survives_losing_its_database_connection(clean_db, user_device, m
     job = repo.schedule_job(clean_db, u["id"], [s["id"]], {"epochs": 500})
     real_connect = db.connect
     # the worker's connections get their own name so that exactly those are cut below
-    monkeypatch.setattr(db, "connect", lambda *a, **kw: real_connect(*a, **{"application_name": "semg-test-worker",
-                                                                          **kw}))
+    monkeypatch.setattr(db, "connect", lambda *a, **kw: real_connect(*a, **{**kw,
+                                                                          "application_name": "semg-test-worker"}))
     stop = threading.Event()
     outcome = {}
 
