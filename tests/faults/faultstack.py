@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 import xmlrpc.client
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -495,9 +496,13 @@ class Outage:
     accepted: dict[int, int]
 
 
-def audit(conn, fleet: Fleet, observer: Observer | None, outages: list[Outage], slack_s: float = 0.3) -> dict:
+def audit(conn, fleet: Fleet, observer: Observer | None, outages: list[Outage],
+          nats_kills: Sequence[tuple[float, float]] = (), slack_s: float = 0.3) -> dict:
     """Every packet sent is stored, unless it was sent while the UDP server was down (and after the last one
-    it had accepted); everything stored is published. Returns figures and the offending packets."""
+    it had accepted); everything stored is published, but for packets sent from 1 s before NATS was killed -9
+    until it was ready again (`nats_kills`: (killed, ready) monotonic): core NATS keeps nothing, so a message it had
+    acknowledged but not yet delivered, or one the UDP server sent again before a subscriber was back, is gone
+    for that subscriber (counted as unpublished_at_nats_kill). Returns figures and the offending packets."""
     sent = fleet.sent_times()
     was_sent = ~np.isnan(sent)
     stored = stored_packets(conn, fleet)
@@ -527,15 +532,19 @@ def audit(conn, fleet: Fleet, observer: Observer | None, outages: list[Outage], 
     }
     if observer is not None:
         pub = published_packets(observer, fleet)
+        at_kill = np.zeros_like(was_sent)
+        for killed, ready in nats_kills:
+            at_kill |= was_sent & (sent >= killed - 1.0) & (sent <= ready)
         out["published_packets"] = int((pub & stored).sum())
-        out["stored_not_published"] = int((stored & ~pub).sum())
+        out["unpublished_at_nats_kill"] = int((stored & ~pub & at_kill).sum())
+        out["stored_not_published"] = int((stored & ~pub & ~at_kill).sum())
         out["published_not_stored"] = int((pub & ~stored).sum())
         # when they were sent, on the clock of the log's [HH:MM:SS] lines, to set beside the faults injected then
         to_wall = time.time() - time.monotonic()
         out["stored_not_published_examples"] = [
             (fleet.devices[d].device_id, int(k), time.strftime("%H:%M:%S", time.localtime(sent[d, k] + to_wall))
              + f".{int((sent[d, k] + to_wall) % 1 * 1000):03d}")
-            for d, k in zip(*np.nonzero(stored & ~pub & was_sent), strict=True)][:10]
+            for d, k in zip(*np.nonzero(stored & ~pub & was_sent & ~at_kill), strict=True)][:10]
     return out
 
 
