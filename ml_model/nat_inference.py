@@ -1171,8 +1171,12 @@ class Worker:
         connecting = asyncio.create_task(self._connect())
         await asyncio.wait([connecting, stop_requested], return_when=asyncio.FIRST_COMPLETED)
         if not connecting.done():
-            connecting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # asked again until it ends: Python 3.11's asyncio.wait_for (nats-py's connect attempt) loses a cancel
+            # that comes as the refused attempt fails (gh-86296), and the retries then went on for ever (a CI run)
+            while not connecting.done():
+                connecting.cancel()
+                await asyncio.wait({connecting}, timeout=0.5)
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await connecting
             await stop_requested
             if self.http is not None:
