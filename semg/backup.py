@@ -6,11 +6,12 @@ sessions, models, jobs, decisions, API keys) and the webcam videos, in one tar f
     python -m semg.backup show FILE.tar       # what a backup holds
     python -m semg.backup auto                # every SEMG_BACKUP_EVERY_H into SEMG_BACKUP_DIR (supervisord runs it)
 
-The secrets of the state directory (database password, service key, UI password) are not in the backup: a new
+The secrets of the state directory (database password, service key, UI password) and the web UI's remembered
+sign-ins are not in the backup: a new
 install makes its own, and the devices' and users' keys, which live in the database, keep working. A backup made
 by an older platform version is restored into a newer one (the data migrations since are applied to its rows),
-not the other way round; restoring never overwrites anything: it refuses a database that holds any row, and video
-files that already exist.
+not the other way round; restoring never overwrites anything: it refuses a database that holds any row (sign-ins
+aside), and video files that already exist.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ COUNTED = {"users": ("users", "count(*)"), "devices": ("devices", "count(*)"),
            "samples": ("sample_blocks", "coalesce(sum(n), 0)"), "capture_sessions": ("capture_sessions", "count(*)"),
            "videos": ("videos", "count(*)"), "model_artifacts": ("model_artifacts", "count(*)"),
            "predictions": ("predictions", "count(*)")}
+# not in a backup, and not "data" a restore refuses to overwrite: the web UI's remembered sign-ins (an
+# administrator who opened the UI before restoring has one), which name no user and restore nothing of worth
+NOT_BACKED_UP = ("ui_sessions",)
 
 
 log = logging.getLogger("semg.backup")
@@ -314,7 +318,8 @@ def create(out: Path, settings: Settings | None = None, full_speed: threading.Ev
                     # migrations. gzip level 1: an hour of 8-channel EMG at 500 Hz in 0.8 s and 31 MB, level 6 (the
                     # default) 7.4 s and 26 MB (bench/backup.py's data); noise-like samples hardly compress further
                     _dump_member([_pg_tool("pg_dump"), *args, "--format=custom", "--compress=1", "--data-only",
-                                  f"--snapshot={snapshot}", "--exclude-table-data=public.schema_version"],
+                                  f"--snapshot={snapshot}", "--exclude-table-data=public.schema_version",
+                                  *(f"--exclude-table-data=public.{t}" for t in NOT_BACKED_UP)],
                                  env, paced, work / "pg_dump.err")
                 conn.rollback()
             root = s.video_dir
@@ -428,7 +433,8 @@ def restore(src: Path, settings: Settings | None = None) -> dict:
             # migration is written to run again safely: IF NOT EXISTS, and data changes only where still needed)
             later = [path.read_text() for v, _, path in db.migrations() if v > made]
             cur.execute("""SELECT tablename FROM pg_tables WHERE schemaname = 'public'
-                           AND tablename <> 'schema_version' ORDER BY tablename""")
+                           AND tablename <> 'schema_version' AND tablename <> ALL(%s) ORDER BY tablename""",
+                        (list(NOT_BACKED_UP),))
             holding = []
             for (table,) in cur.fetchall():
                 # the API's own service key is there from its first start: it is kept (see _BEFORE)

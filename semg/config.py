@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     semg_service_key: SecretStr | None = None
     # Password of the web UI login (generated when unset and the state dir is writable).
     semg_ui_password: SecretStr | None = None
+    # Days a web UI sign-in is remembered by the browser (a cookie) without being used; each page load renews
+    # it. 0 = never: every page load or new tab asks for the password.
+    semg_ui_session_days: float = Field(7.0, ge=0, le=366)
 
     # Scheduling priority (nice) of training: a job uses a whole core for tens of seconds, and on a small
     # machine shared with the live path it must yield to it (0 = same priority as the live services).
@@ -107,7 +110,7 @@ class Settings(BaseSettings):
         return v
 
     @field_validator("semg_prediction_retention_days", "semg_min_free_disk_mb", "semg_backup_every_h",
-                     "semg_backup_keep", "semg_backup_mb_per_s", mode="before")
+                     "semg_backup_keep", "semg_backup_mb_per_s", "semg_ui_session_days", mode="before")
     @classmethod
     def _blank_is_default(cls, v: object) -> object:
         # compose passing an unset variable gives "": the default, as for the other settings

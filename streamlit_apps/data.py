@@ -26,7 +26,7 @@ import psycopg2.extras
 import psycopg2.pool
 import streamlit as st
 
-from semg import db, diskspace, journal, repo, tls
+from semg import db, diskspace, journal, repo, tls, uisessions
 from semg import secrets as semg_secrets
 from semg.config import Settings, SettingsError, get_settings
 from udpserver import troubleshooting
@@ -162,6 +162,19 @@ def _one(sql: str, params: dict | Sequence | None = None) -> dict | None:
 def _repo(fn, *args, **kwargs):
     with connection() as conn:
         return fn(conn, *args, **kwargs)
+
+
+# ---- remembered sign-ins (semg.uisessions) --------------------------------------------------------
+def create_ui_session(password: str, days: float) -> str:
+    return _repo(uisessions.create, password, days)
+
+
+def resume_ui_session(token: str, password: str, days: float) -> bool:
+    return _repo(uisessions.resume, token, password, days)
+
+
+def end_ui_session(token: str) -> None:
+    _repo(uisessions.end, token)
 
 
 # ---- users, gestures, devices (repo) -------------------------------------------------------------

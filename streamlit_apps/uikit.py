@@ -15,13 +15,15 @@ from datetime import UTC, datetime
 import data
 import streamlit as st
 
-from semg import secrets
+from semg import secrets, uisessions
 from semg.config import MIN_UI_PASSWORD_CHARS
 
 log = logging.getLogger("semg.ui")
 
 AUTH_KEY = "semg_authenticated"
 USER_KEY = "semg_user_id"
+SESSION_KEY = "semg_remembered_session"  # this browser session's remembered sign-in (semg.uisessions), for signing out
+COOKIE_KEY = "semg_cookie_script"  # the cookie change to send to the browser on the next run
 
 
 def page_setup(title: str, icon: str = ":material/back_hand:", *, health_sidebar: bool = True) -> None:
@@ -37,8 +39,7 @@ def page_setup(title: str, icon: str = ":material/back_hand:", *, health_sidebar
         if health_sidebar:
             _sidebar_health()
         if st.button("Sign out", key="semg_sign_out"):
-            st.session_state.pop(AUTH_KEY, None)
-            st.rerun()
+            sign_out()
 
 
 def store_journaled_intervals() -> None:
@@ -124,10 +125,75 @@ class SignInGuard:
 SIGN_IN = SignInGuard()
 
 
-def require_login() -> None:
-    """Ask for the UI password (semg.secrets.ui_password) once per browser session; st.stop() until given."""
-    if st.session_state.get(AUTH_KEY):
+def _cookie_token() -> str | None:
+    """The remembered sign-in the browser sent when this page was loaded (streamlit.testing sends no cookies)."""
+    token = st.context.cookies.get(uisessions.COOKIE)
+    return token if isinstance(token, str) else None
+
+
+def _send_cookie_change() -> None:
+    """Run the cookie change a sign-in or sign-out left for this run in the browser (st.html runs its script in the
+    page itself; a component's iframe has another document)."""
+    script = st.session_state.pop(COOKIE_KEY, None)
+    if script:
+        with st.sidebar:
+            st.html(script, unsafe_allow_javascript=True)
+
+
+def _remember_sign_in(password: str) -> None:
+    days = data.settings().semg_ui_session_days
+    if days <= 0:
         return
+    try:
+        token = data.create_ui_session(password, days)
+    except data.Unavailable as e:  # signed in for this page load only; the password works as ever
+        log.warning("the sign-in is not remembered across page loads: %s", e)
+        return
+    st.session_state[SESSION_KEY] = token
+    st.session_state[COOKIE_KEY] = uisessions.cookie_script(token, days)
+
+
+def _resume_sign_in(expected: str) -> bool:
+    """Signs this browser session in with the cookie of an earlier sign-in, when that is still valid."""
+    token = _cookie_token()
+    if not token:
+        return False
+    days = data.settings().semg_ui_session_days
+    try:
+        valid = data.resume_ui_session(token, expected, days)
+    except data.Unavailable as e:  # the password still signs in; the cookie is kept for the next page load
+        log.warning("a remembered sign-in could not be checked: %s", e)
+        return False
+    if valid:
+        st.session_state[AUTH_KEY] = True
+        st.session_state[SESSION_KEY] = token
+        return True
+    st.session_state[COOKIE_KEY] = uisessions.cookie_script(None, 0)  # expired, signed out or another password
+    return False
+
+
+def sign_out() -> None:
+    """Sign this browser out: its remembered sign-in is ended on the server and its cookie deleted."""
+    token = st.session_state.pop(SESSION_KEY, None)
+    if token:
+        try:
+            data.end_ui_session(token)
+        except data.Unavailable as e:  # the cookie goes anyway; the session ends at its expiry
+            log.warning("a signed-out session could not be ended in the database: %s", e)
+    st.session_state.pop(AUTH_KEY, None)
+    st.session_state[COOKIE_KEY] = uisessions.cookie_script(None, 0)
+    st.rerun()
+
+
+def require_login() -> None:
+    """Ask for the UI password (semg.secrets.ui_password) unless this browser session is signed in, or the browser
+    holds a remembered sign-in (semg.uisessions) issued under the current password; st.stop() until then."""
+    if not st.session_state.get(AUTH_KEY):
+        _require_login()
+    _send_cookie_change()  # st.stop() ends the run at the next element: never after it
+
+
+def _require_login() -> None:
     try:
         expected = secrets.ui_password(data.settings())
     except data.Unavailable as e:
@@ -142,6 +208,9 @@ def require_login() -> None:
                  f"than {MIN_UI_PASSWORD_CHARS} characters, so nobody is signed in with it: write a longer one "
                  "there, or run `python -m semg.secrets rotate ui-password`.")
         st.stop()
+    if _resume_sign_in(expected):
+        return
+    _send_cookie_change()
     st.title(":material/back_hand: sEMG gesture platform")
     with st.form("semg_login"):
         password = st.text_input("Password", type="password", key="semg_login_password")
@@ -159,6 +228,7 @@ def require_login() -> None:
         if expected and hmac.compare_digest(password.encode(), expected.encode()):  # never an empty password
             SIGN_IN.succeeded(address)
             st.session_state[AUTH_KEY] = True
+            _remember_sign_in(expected)
             st.rerun()
         if SIGN_IN.failed(address):
             log.warning("%d wrong UI passwords from %s within %.0f s: its sign-ins are refused for a while",

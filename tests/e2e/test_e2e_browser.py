@@ -169,7 +169,7 @@ def test_the_whole_journey_in_a_browser(stack, browser_page, screenshots_dir, se
 
 
 def _sign_in_on(page, password: str, title: str) -> None:
-    """A full page load starts a new, signed-out browser session: sign in on the page itself."""
+    """Sign in on the page itself (a browser without a remembered sign-in is asked on any page)."""
     page.get_by_label("Password", exact=True).fill(password)
     page.get_by_role("button", name="Sign in").click()
     page.get_by_role("heading", name=re.compile(re.escape(title))).first.wait_for(timeout=30_000)
@@ -191,6 +191,9 @@ def test_a_capture_page_reloaded_mid_session_resumes_where_it_stopped(stack, bro
         browser_page.goto(f"{ui.base_url}/Training_Data_Capture?user={user['id']}")
         _sign_in_on(browser_page, password, "Training Data Capture")
         ui.wait_idle()
+        [cookie] = _wait(lambda: [c for c in browser_page.context.cookies() if c["name"] == "semg_session"], 10,
+                         "the sign-in's cookie")
+        assert cookie["sameSite"] == "Strict" and cookie["expires"] > time.time() + 6 * 86400, cookie
         webcam = ui.start_webcam()
         reps, hold, rest = 2, 2.5, 2.0
         ui.fill("Repetitions", str(reps))
@@ -202,8 +205,8 @@ def test_a_capture_page_reloaded_mid_session_resumes_where_it_stopped(stack, bro
         ui.text(re.compile(r"repetition 1 of 2"), timeout=20)
         time.sleep(3)
 
-        browser_page.reload()  # by mistake
-        _sign_in_on(browser_page, password, "Training Data Capture")
+        browser_page.reload()  # by mistake: the sign-in is remembered (semg.uisessions), no password asked
+        browser_page.get_by_role("heading", name=re.compile("Training Data Capture")).first.wait_for(timeout=30_000)
         ui.text(re.compile(rf"Session #{session['id']} .* stopped showing its cue"), timeout=30)
         ui.shot("capture-reloaded-offer")
         ui.click("Resume", exact=True)
@@ -231,5 +234,12 @@ def test_a_capture_page_reloaded_mid_session_resumes_where_it_stopped(stack, bro
             [video] = videos
             assert video["frame_count"] > 10 and (settings.video_dir / video["path"]).stat().st_size > 0, video
             assert video["ended_at"] > after[0]["started_at"]  # it goes on after the resume
+
+        browser_page.get_by_role("button", name="Sign out").click()
+        browser_page.get_by_label("Password", exact=True).wait_for(timeout=30_000)
+        _wait(lambda: not [c for c in browser_page.context.cookies() if c["name"] == "semg_session"], 10,
+              "the cookie to be deleted")
+        browser_page.reload()
+        browser_page.get_by_label("Password", exact=True).wait_for(timeout=30_000)
     finally:
         conn.close()

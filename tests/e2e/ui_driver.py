@@ -85,7 +85,7 @@ class Ui:
         self.text("Your first five minutes")
 
     def goto(self, nav_label: str, title: str) -> None:
-        """Client-side navigation through the sidebar (a full reload would start a new, signed-out session).
+        """Client-side navigation through the sidebar, as a person clicks (a full reload would start a new session).
 
         As a person would, it waits for the page to settle first: a link clicked while a button's rerun was still
         being delivered was seen lost on a loaded machine (the browser stayed on the old page for 30 s). The

@@ -125,6 +125,69 @@ def test_a_short_password_in_the_file_signs_nobody_in(page, clean_db, monkeypatc
     assert not at.text_input
 
 
+def _cookie_scripts(at) -> list[str]:
+    return [el.proto.body for el in at.get("html") if "document.cookie" in el.proto.body]
+
+
+def _asks_password(at) -> bool:
+    return any(t.key == "semg_login_password" for t in at.text_input)
+
+
+def _ui_sessions(conn) -> int:
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM ui_sessions")
+        return cur.fetchone()[0]
+
+
+def test_a_sign_in_is_remembered_across_page_loads_until_signing_out(page, clean_db, monkeypatch):
+    """Streamlit keeps state per websocket: every reload or new tab asked for the password again. A sign-in now
+    sends the browser a cookie; a page loaded with it is signed in, until "Sign out" ends it on the server."""
+    import uikit
+
+    from semg import secrets
+    first = page("users", login=False)
+    first.run()
+    assert "User Management" in _sign_in(first, secrets.ui_password())
+    [script] = _cookie_scripts(first)
+    token = first.session_state[uikit.SESSION_KEY]
+    assert f"semg_session={token}; Max-Age=604800" in script and _ui_sessions(clean_db) == 1
+
+    monkeypatch.setattr(uikit, "_cookie_token", lambda: token)  # a reload, or another tab of that browser
+    reloaded = page("users", login=False)
+    reloaded.run()
+    assert_clean(reloaded)
+    assert "User Management" in texts(reloaded) and not _asks_password(reloaded)
+    assert not _cookie_scripts(reloaded)
+    monkeypatch.setattr(uikit, "_cookie_token", lambda: "A" * 43)  # a cookie this server never issued
+    forged = page("users", login=False)
+    forged.run()
+    assert "User Management" not in texts(forged) and "semg_session=; Max-Age=0" in _cookie_scripts(forged)[0]
+
+    monkeypatch.setattr(uikit, "_cookie_token", lambda: token)
+    button(reloaded, "Sign out").click()
+    reloaded.run()
+    assert "User Management" not in texts(reloaded) and _asks_password(reloaded)
+    assert "semg_session=; Max-Age=0" in _cookie_scripts(reloaded)[0] and _ui_sessions(clean_db) == 0
+    again = page("users", login=False)  # the cookie of a signed-out session signs nobody in
+    again.run()
+    assert "User Management" not in texts(again) and _asks_password(again)
+
+
+def test_with_sessions_switched_off_every_page_load_asks(page, clean_db, monkeypatch):
+    from semg import secrets
+    from semg.config import get_settings
+    monkeypatch.setenv("SEMG_UI_SESSION_DAYS", "0")
+    get_settings.cache_clear()
+    try:
+        at = page("users", login=False)
+        at.run()
+        assert "User Management" in _sign_in(at, secrets.ui_password())
+        assert not _cookie_scripts(at) and _ui_sessions(clean_db) == 0
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+
+
 def test_the_sign_in_guard_counts_each_address_apart_and_forgets_the_oldest():
     import uikit
     now = [0.0]
