@@ -43,7 +43,8 @@ def create(conn, password: str, days: float) -> str:
 
 def resume(conn, token: str | None, password: str, days: float) -> bool:
     """True when `token` (a cookie's value; None or anything) names a live session issued under `password`; its
-    expiry then moves to `days` from now. A session issued under another password is deleted."""
+    expiry then moves to `days` from now (written at most once a minute: every page run of a signed-in browser
+    asks). A session issued under another password is deleted."""
     if days <= 0 or not isinstance(token, str) or not _TOKEN.fullmatch(token):
         return False
     with conn, conn.cursor() as cur:
@@ -57,7 +58,7 @@ def resume(conn, token: str | None, password: str, days: float) -> bool:
             cur.execute("DELETE FROM ui_sessions WHERE id = %s", (session_id,))
             return False
         cur.execute("""UPDATE ui_sessions SET last_used_at = now(), expires_at = now() + make_interval(secs => %s)
-                       WHERE id = %s""", (days * 86400.0, session_id))
+                       WHERE id = %s AND last_used_at < now() - interval '1 minute'""", (days * 86400.0, session_id))
     return True
 
 

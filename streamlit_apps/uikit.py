@@ -24,6 +24,7 @@ AUTH_KEY = "semg_authenticated"
 USER_KEY = "semg_user_id"
 SESSION_KEY = "semg_remembered_session"  # this browser session's remembered sign-in (semg.uisessions), for signing out
 COOKIE_KEY = "semg_cookie_script"  # the cookie change to send to the browser on the next run
+SIGNED_OUT_KEY = "semg_signed_out_elsewhere"  # the sign-in page says why it is back
 
 
 def page_setup(title: str, icon: str = ":material/back_hand:", *, health_sidebar: bool = True) -> None:
@@ -188,9 +189,30 @@ def sign_out() -> None:
 def require_login() -> None:
     """Ask for the UI password (semg.secrets.ui_password) unless this browser session is signed in, or the browser
     holds a remembered sign-in (semg.uisessions) issued under the current password; st.stop() until then."""
+    if st.session_state.get(AUTH_KEY):
+        _check_still_signed_in()
     if not st.session_state.get(AUTH_KEY):
         _require_login()
     _send_cookie_change()  # st.stop() ends the run at the next element: never after it
+
+
+def _check_still_signed_in() -> None:
+    """A browser session signed in with a remembered sign-in stays signed in only while that lives: "Sign out" in
+    another tab, or a changed UI password, signs it out at its next run. An outage signs nobody out."""
+    token = st.session_state.get(SESSION_KEY)
+    if not token:
+        return
+    try:
+        s = data.settings()
+        live = data.resume_ui_session(token, secrets.ui_password(s), s.semg_ui_session_days)
+    except (data.Unavailable, OSError) as e:
+        log.warning("a remembered sign-in could not be checked: %s", e)
+        return
+    if not live:
+        st.session_state.pop(AUTH_KEY, None)
+        st.session_state.pop(SESSION_KEY, None)
+        st.session_state[COOKIE_KEY] = uisessions.cookie_script(None, 0)
+        st.session_state[SIGNED_OUT_KEY] = True
 
 
 def _require_login() -> None:
@@ -212,6 +234,9 @@ def _require_login() -> None:
         return
     _send_cookie_change()
     st.title(":material/back_hand: sEMG gesture platform")
+    if st.session_state.pop(SIGNED_OUT_KEY, False):
+        st.info("You were signed out: this browser signed out in another tab, or the UI password was changed.",
+                icon=":material/logout:")
     with st.form("semg_login"):
         password = st.text_input("Password", type="password", key="semg_login_password")
         submitted = st.form_submit_button("Sign in", type="primary")

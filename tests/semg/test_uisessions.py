@@ -24,12 +24,16 @@ def test_a_sign_in_is_resumed_with_its_token_and_its_expiry_moves_on(clean_db):
     token = uisessions.create(clean_db, PASSWORD, 7)
     assert re.fullmatch(r"[A-Za-z0-9_-]{43}", token)
     with clean_db, clean_db.cursor() as cur:  # as if last used two days ago
-        cur.execute("UPDATE ui_sessions SET expires_at = now() + interval '5 days'")
+        cur.execute("""UPDATE ui_sessions SET expires_at = now() + interval '5 days',
+                                              last_used_at = now() - interval '2 days'""")
     assert uisessions.resume(clean_db, token, PASSWORD, 7)
     [row] = _rows(clean_db)
     left = (row["expires_at"] - row["last_used_at"]).total_seconds()
     assert left == pytest.approx(7 * 86400, abs=1)
-    assert uisessions.resume(clean_db, token, PASSWORD, 7)  # and again: a session serves many page loads
+    assert row["last_used_at"] > row["created_at"]
+    # and again: a session serves many page runs, written at most once a minute
+    assert uisessions.resume(clean_db, token, PASSWORD, 7)
+    assert _rows(clean_db) == [row]
 
 
 def test_the_table_holds_neither_the_token_nor_the_password(clean_db):

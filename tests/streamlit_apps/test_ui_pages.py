@@ -171,6 +171,28 @@ def test_a_sign_in_is_remembered_across_page_loads_until_signing_out(page, clean
     again = page("users", login=False)  # the cookie of a signed-out session signs nobody in
     again.run()
     assert "User Management" not in texts(again) and _asks_password(again)
+    first.run()  # the first tab, still open: signed out at its next run
+    assert _asks_password(first) and "signed out in another tab" in texts(first)
+    assert "semg_session=; Max-Age=0" in _cookie_scripts(first)[0]
+
+
+def test_a_changed_ui_password_signs_out_open_pages(page, clean_db, monkeypatch):
+    from semg import secrets
+    from semg.config import get_settings
+    at = page("users", login=False)
+    at.run()
+    assert "User Management" in _sign_in(at, secrets.ui_password())
+    at.run()
+    assert "User Management" in texts(at)
+    monkeypatch.setenv("SEMG_UI_PASSWORD", "a new password, rotated")
+    get_settings.cache_clear()
+    try:
+        at.run()
+        assert _asks_password(at) and "the UI password was changed" in texts(at) and _ui_sessions(clean_db) == 0
+        assert "User Management" in _sign_in(at, "a new password, rotated")
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
 
 
 def test_with_sessions_switched_off_every_page_load_asks(page, clean_db, monkeypatch):
