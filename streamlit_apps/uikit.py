@@ -25,6 +25,8 @@ USER_KEY = "semg_user_id"
 SESSION_KEY = "semg_remembered_session"  # this browser session's remembered sign-in (semg.uisessions), for signing out
 COOKIE_KEY = "semg_cookie_script"  # the cookie change to send to the browser on the next run
 SIGNED_OUT_KEY = "semg_signed_out_elsewhere"  # the sign-in page says why it is back
+CHECKED_KEY = "semg_session_checked_at"  # time.monotonic() of the last check that the sign-in lives
+RECHECK_S = 10.0
 
 
 def page_setup(title: str, icon: str = ":material/back_hand:", *, health_sidebar: bool = True) -> None:
@@ -198,10 +200,14 @@ def require_login() -> None:
 
 def _check_still_signed_in() -> None:
     """A browser session signed in with a remembered sign-in stays signed in only while that lives: "Sign out" in
-    another tab, or a changed UI password, signs it out at its next run. An outage signs nobody out."""
+    another tab, or a changed UI password, signs it out at its next run (checked at most every RECHECK_S, so a
+    database outage costs a page one connection attempt per interval, not per click). An outage signs nobody
+    out."""
     token = st.session_state.get(SESSION_KEY)
-    if not token:
+    now = time.monotonic()
+    if not token or now < st.session_state.get(CHECKED_KEY, 0.0) + RECHECK_S:
         return
+    st.session_state[CHECKED_KEY] = now
     try:
         s = data.settings()
         live = data.resume_ui_session(token, secrets.ui_password(s), s.semg_ui_session_days)

@@ -171,12 +171,18 @@ def test_a_sign_in_is_remembered_across_page_loads_until_signing_out(page, clean
     again = page("users", login=False)  # the cookie of a signed-out session signs nobody in
     again.run()
     assert "User Management" not in texts(again) and _asks_password(again)
-    first.run()  # the first tab, still open: signed out at its next run
+    monkeypatch.setattr(uikit, "RECHECK_S", 3600.0)
+    first.run()  # the first tab, still open: checked at most every RECHECK_S ...
+    assert "User Management" in texts(first)
+    monkeypatch.setattr(uikit, "RECHECK_S", 0.0)
+    first.run()  # ... and then signed out
     assert _asks_password(first) and "signed out in another tab" in texts(first)
     assert "semg_session=; Max-Age=0" in _cookie_scripts(first)[0]
 
 
 def test_a_changed_ui_password_signs_out_open_pages(page, clean_db, monkeypatch):
+    import uikit
+
     from semg import secrets
     from semg.config import get_settings
     at = page("users", login=False)
@@ -184,6 +190,7 @@ def test_a_changed_ui_password_signs_out_open_pages(page, clean_db, monkeypatch)
     assert "User Management" in _sign_in(at, secrets.ui_password())
     at.run()
     assert "User Management" in texts(at)
+    monkeypatch.setattr(uikit, "RECHECK_S", 0.0)
     monkeypatch.setenv("SEMG_UI_PASSWORD", "a new password, rotated")
     get_settings.cache_clear()
     try:
