@@ -27,6 +27,12 @@
 #ifndef SEMG_SAMPLE_RATE_HZ
 #define SEMG_SAMPLE_RATE_HZ 500  // per channel; the timer fires at this rate
 #endif
+// The rate may have decimals (the web UI's snippet writes the registered rate, e.g. 333.3): the timer's period
+// comes from it, the packet header carries the nearest whole number (udpserver/PROTOCOL.md). Never pass the
+// macro itself to printf: a fractional one is a double there.
+static_assert(SEMG_SAMPLE_RATE_HZ >= 1 && SEMG_SAMPLE_RATE_HZ < 10000.5, "SEMG_SAMPLE_RATE_HZ must be 1..10000");
+static const uint32_t SAMPLE_PERIOD_US = (uint32_t)(1000000.0 / (SEMG_SAMPLE_RATE_HZ) + 0.5);
+static const uint16_t HEADER_RATE_HZ = (uint16_t)((SEMG_SAMPLE_RATE_HZ) + 0.5);
 #ifndef SEMG_LEGACY_PROTOCOL
 #define SEMG_LEGACY_PROTOCOL 0
 #endif
@@ -155,7 +161,7 @@ static void samplerTask(void *) {
 }
 
 static void startSampleTimer() {
-    const uint32_t periodUs = 1000000UL / SEMG_SAMPLE_RATE_HZ;
+    const uint32_t periodUs = SAMPLE_PERIOD_US;
 #if defined(ESP_ARDUINO_VERSION_MAJOR) && ESP_ARDUINO_VERSION_MAJOR >= 3
     sampleTimer = timerBegin(1000000);  // 1 MHz tick
     timerAttachInterrupt(sampleTimer, &onSampleTimer);
@@ -231,7 +237,7 @@ static bool sendOrKeep(size_t len) {
 static bool flushBatch() {
     if (batchCount == 0) return true;
     size_t len = semg_build_packet(packetBuf, sizeof packetBuf, SECRET_DEVICE_ID, bootCounter, batchSeq0,
-                                   batchMillis0, SEMG_SAMPLE_RATE_HZ, CHANNELS, batchCount, batchValues,
+                                   batchMillis0, HEADER_RATE_HZ, CHANNELS, batchCount, batchValues,
                                    deviceKey, deviceKeyLen, hmacMbedtls, NULL);
     batchCount = 0;
     if (len == 0) {  // cannot happen with the sizes checked in setup(); counted rather than retried forever
@@ -292,7 +298,7 @@ void setup() {
     prefs.putUInt("boot", bootCounter);
     prefs.end();
     Serial.printf("semg: device %lu boot %lu, %u channels at %u Hz, %s protocol, %u samples/packet\n",
-                  (unsigned long)SECRET_DEVICE_ID, (unsigned long)bootCounter, CHANNELS, SEMG_SAMPLE_RATE_HZ,
+                  (unsigned long)SECRET_DEVICE_ID, (unsigned long)bootCounter, CHANNELS, (unsigned)HEADER_RATE_HZ,
                   SEMG_LEGACY_PROTOCOL ? "legacy" : "binary", SAMPLES_PER_PACKET);
 
 #if !SEMG_LEGACY_PROTOCOL

@@ -372,3 +372,36 @@ def test_sequence_numbers_running_out_during_a_wifi_outage_restart_the_sketch(si
     assert "semg: sequence number nearly exhausted; restarting (new boot)" in r.out
     got = samples_of(device.blocks(), boot=1)
     assert got and min(got) == top - 5 * RATE and max(got) < top - 2 * RATE, sorted(got)[-3:]
+
+
+def test_the_web_uis_snippet_for_a_fractional_rate_builds_and_streams(sim_object, db_conn, tmp_path):
+    """The Gesture Management page accepts a rate like 333.3 Hz and its arduino_secrets.h snippet then holds
+    `#define SEMG_SAMPLE_RATE_HZ 333.3`: the sketch passed that double to Serial.printf's %u in setup(), so the
+    next %s read a wrong argument (on the host: a segmentation fault at boot; on an ESP32 a crash or garbage)."""
+    from streamlit_apps import data
+
+    user = repo.create_user(db_conn, "Fraction", f"fraction{time.monotonic_ns()}@example.org")
+    dev = repo.register_device(db_conn, user["id"], len(PINS), 333.3, name="fractional rate")
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    snippet = data.arduino_secrets_snippet(dev)
+    assert "#define SEMG_SAMPLE_RATE_HZ 333.3" in snippet
+    # the maker fills in the server's address, as the page asks
+    (secrets / "arduino_secrets.h").write_text(
+        re.sub(r'#define SECRET_SERVER_IP "[^"]*"', '#define SECRET_SERVER_IP "127.0.0.1"', snippet) + "\n")
+    exe = tmp_path / "sketch"
+    r = subprocess.run(["g++", *CXXFLAGS, "-I", str(secrets), "-I", str(SIM), "-I", str(ARDUINO), "-x", "c++",
+                        str(ARDUINO / "arduinocode.ino"), "-x", "none", str(sim_object), "-o", str(exe)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    srv = UdpServer(tmp_path / "spool", tmp_path / "udpserver.log", []).start()
+    try:
+        out = run(exe, 1500)
+        assert f"semg: device {dev['id']} boot 1, 4 channels at 333 Hz, binary protocol" in out.out
+        srv.wait_settled()
+        assert srv.metrics()["devices"][str(dev["id"])]["rejected"] == {}
+    finally:
+        srv.stop()
+    with db_conn.cursor() as cur:
+        cur.execute("SELECT DISTINCT sample_rate_hz FROM sample_blocks WHERE device_id = %s", (dev["id"],))
+        assert [float(r[0]) for r in cur.fetchall()] == [333.0]  # the header's whole number (PROTOCOL.md)
