@@ -85,6 +85,8 @@ MYO_CHANNELS = 8
 SAMPLES_PER_NOTIFICATION = 2
 NOTIFICATION_SIZE = SAMPLES_PER_NOTIFICATION * MYO_CHANNELS  # 16 bytes
 
+MIN_KEY_BYTES, MAX_KEY_BYTES = 16, 64  # devices.secret_key (db/postgres.sql)
+
 ENV_DEVICE_ID = "SEMG_MYO_DEVICE_ID"
 ENV_DEVICE_KEY = "SEMG_MYO_DEVICE_KEY"
 ENV_SERVER = "SEMG_UDP_SERVER"
@@ -580,9 +582,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.device_id is None or not args.key:
         raise SystemExit(f"myo_bridge: give --device-id and --key (or {ENV_DEVICE_ID} / {ENV_DEVICE_KEY})")
     try:
-        key = bytes.fromhex(args.key)
+        key = bytes.fromhex(args.key.strip())
     except ValueError:
         raise SystemExit("myo_bridge: --key must be hex") from None
+    # devices.secret_key is 16..64 bytes (the platform gives 32): any other length is a cut-off or mistyped key,
+    # and every packet signed with it would be refused as bad_tag without a word here
+    if not MIN_KEY_BYTES <= len(key) <= MAX_KEY_BYTES:
+        raise SystemExit(f"myo_bridge: --key has {2 * len(key)} hex digits; a device key has "
+                         f"{2 * MIN_KEY_BYTES}..{2 * MAX_KEY_BYTES} (64 as Gesture Management shows it): "
+                         "copy the whole key")
     device_id = int(args.device_id)
     recording = None
     if args.replay:  # read before taking a boot number: a bad file must not use one up

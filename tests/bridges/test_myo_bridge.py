@@ -231,6 +231,19 @@ def test_a_bad_server_in_the_environment_is_one_line(tmp_path, capsys, monkeypat
     assert not boot.exists()
 
 
+@pytest.mark.parametrize("key", ["00", KEY.hex()[:30], (KEY * 3).hex()])
+def test_a_key_of_the_wrong_length_is_refused_and_uses_no_boot(tmp_path, key):
+    """A key cut short when copied ("00", 30 of its 64 hex digits) was taken: every packet then went out signed
+    with it and the server refused them all as bad_tag, while the bridge's summary counted them as sent."""
+    (tmp_path / "ok.jsonl").write_text(json.dumps({"t": 1.0, "char": 0, "data": "00" * 16}) + "\n")
+    boot = tmp_path / "boot"
+    with pytest.raises(SystemExit) as e:
+        mb.main(["--device-id", "3", "--key", key, "--replay", str(tmp_path / "ok.jsonl"), "--boot-file", str(boot),
+                 "--server", "127.0.0.1:9"])
+    assert f"--key has {len(key)} hex digits; a device key has 32..128" in str(e.value.code)
+    assert not boot.exists(), "a refused key took a boot number"
+
+
 def test_replay_recording_through_real_udpserver(clean_db, tmp_path):
     """A recorded notification stream goes through the bridge CLI into a real udpserver and PostgreSQL."""
     sys.path.insert(0, str(REPO / "tests" / "udpserver"))
