@@ -504,7 +504,22 @@ def _server(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit():
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    if not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port 1..65535 (the server's UDP_PORT), got {text!r}")
     return host.strip("[]"), int(port)
+
+
+def resolve_server(server: tuple[str, int]) -> tuple[str, int]:
+    """HOST:PORT -> (address, port), once at start: a name nobody can resolve is said once instead of failing
+    every packet, and no packet waits for a DNS lookup (sendto with a name resolves it each time, in the event
+    loop that also receives the armband's notifications)."""
+    host, port = server
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except (OSError, UnicodeError) as e:
+        raise SystemExit(f"myo_bridge: --server: cannot resolve {host!r} ({e}): give the address of the "
+                         "machine running the UDP server, e.g. 192.168.1.20:8081") from None
+    return infos[0][4][0], port
 
 
 def _positive(text: str) -> float:
@@ -598,12 +613,13 @@ def main(argv: list[str] | None = None) -> int:
             recording = read_recording(args.replay)
         except (OSError, ValueError) as e:
             raise SystemExit(f"myo_bridge: --replay: {e}") from None
+    server = resolve_server(args.server)
     boot_file = args.boot_file or default_boot_file(device_id)
     boot = next_boot(boot_file)
-    fwd = UdpForwarder(device_id, key, boot, args.server, batch=args.batch, max_delay_ms=args.max_delay_ms,
+    fwd = UdpForwarder(device_id, key, boot, server, batch=args.batch, max_delay_ms=args.max_delay_ms,
                        detect_gaps=args.detect_gaps, max_drift_ms=args.max_drift_ms,
                        resync_window_s=args.resync_window_s, new_boot=lambda: next_boot(boot_file))
-    log.info("device %s boot %s -> udp %s:%s", device_id, boot, *args.server)
+    log.info("device %s boot %s -> udp %s:%s", device_id, boot, *server)
     try:
         if recording is not None:
             stats = replay(fwd, recording, speed=args.speed)

@@ -231,6 +231,27 @@ def test_a_bad_server_in_the_environment_is_one_line(tmp_path, capsys, monkeypat
     assert not boot.exists()
 
 
+@pytest.mark.parametrize("server, expect", [
+    ("127.0.0.1:99999", "argument --server: expected a port 1..65535"),
+    ("127.0.0.1:0", "argument --server: expected a port 1..65535"),
+    ("nosuchhost.invalid:8081", "--server: cannot resolve 'nosuchhost.invalid'"),
+])
+def test_a_server_that_cannot_be_sent_to_is_one_line_and_uses_no_boot(tmp_path, capsys, server, expect):
+    """--server 127.0.0.1:99999 ended in a traceback (OverflowError from sendto) after a boot number was taken; a
+    name that does not resolve logged a warning for every packet (20 a second, for ever), each after a DNS lookup
+    in the event loop that receives the armband's notifications."""
+    (tmp_path / "ok.jsonl").write_text(json.dumps({"t": 1.0, "char": 0, "data": "00" * 16}) + "\n")
+    boot = tmp_path / "boot"
+    with pytest.raises(SystemExit) as e:
+        mb.main(["--device-id", "3", "--key", KEY.hex(), "--replay", str(tmp_path / "ok.jsonl"),
+                 "--boot-file", str(boot), "--server", server])
+    said = f"{e.value.code} {capsys.readouterr().err}"
+    assert expect in said and "Traceback" not in said, said
+    assert not boot.exists(), "a server nobody can send to took a boot number"
+    # a name that resolves is sent to at its address
+    assert mb.resolve_server(("localhost", 8081))[0] in ("127.0.0.1", "::1")
+
+
 @pytest.mark.parametrize("key", ["00", KEY.hex()[:30], (KEY * 3).hex()])
 def test_a_key_of_the_wrong_length_is_refused_and_uses_no_boot(tmp_path, key):
     """A key cut short when copied ("00", 30 of its 64 hex digits) was taken: every packet then went out signed
