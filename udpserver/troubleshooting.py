@@ -22,8 +22,8 @@ REJECT_HINTS: dict[str, str] = {
                      "gives; a few right after a "
                      "restart are late packets and harmless",
     Reject.CHANNEL_MISMATCH: "the device sends a different number of channels than registered: list exactly the "
-                             "registered number of pins in ANALOG_PINS in the sketch, or register a new device "
-                             "with the number of channels it sends",
+                             "registered number of pins in ANALOG_PINS in the sketch (the Myo bridge always sends "
+                             "8), or register a new device with the number of channels it sends",
     Reject.PROTOCOL_MISMATCH: "the device sends binary packets but is registered for the legacy text protocol: "
                               "register a binary device and flash its secrets, or build the sketch with "
                               "SEMG_LEGACY_PROTOCOL 1",
@@ -35,11 +35,12 @@ REJECT_HINTS: dict[str, str] = {
                    "harmless",
     Reject.TOO_FAST: "the device sends more samples per second than its registered rate allows (by default beyond "
                      "1.25 times it, after a 30 s allowance for bursts), so the excess is not stored: check that "
-                     "SEMG_SAMPLE_RATE_HZ in the sketch (or the bridge's rate) is the rate the device is registered "
-                     "with, or register a new device with the rate it sends; a simulator replaying faster than "
+                     "SEMG_SAMPLE_RATE_HZ in the sketch is the rate the device is registered with (the Myo "
+                     "bridge sends 200 Hz), or register a new device with the rate it sends; a simulator replaying faster than "
                      "real time needs a server started with --rate-tolerance 0",
     Reject.UNKNOWN_DEVICE: "a binary packet for a device id that is not registered (deleted, or a typo): flash the "
-                           "secrets of a device registered on Gesture Management (SEMG_DEVICE_ID and its key)",
+                           "secrets of a device registered on Gesture Management (SECRET_DEVICE_ID and its key; the Myo "
+                           "bridge's --device-id and --key)",
     Reject.UNKNOWN_USER: "a text packet for a user without a legacy device: flash the binary sketch with a "
                          "registered device's secrets, or check SECRET_USER_ID",
     Reject.NOT_READY: "the server has not loaded the device list yet (PostgreSQL unreachable since it started): "
@@ -53,7 +54,7 @@ REJECT_HINTS: dict[str, str] = {
     Reject.BAD_VERSION: "a binary packet of an unknown protocol version: flash the sketch from this "
                         "repository's arduino/ folder",
     Reject.BAD_HEADER: "a binary header out of range (channels not 1..16, rate not 1..10000, no samples, device "
-                       "id 0): check ANALOG_PINS, SEMG_SAMPLE_RATE_HZ and SEMG_DEVICE_ID",
+                       "id 0): check ANALOG_PINS, SEMG_SAMPLE_RATE_HZ and SECRET_DEVICE_ID",
     Reject.MALFORMED: "neither a binary nor a text packet: something other than the sketch sends to the UDP "
                       "port; find it and point it elsewhere",
     Reject.BAD_FIELD_COUNT: "a text packet without 1..16 values: the legacy sender must send "
@@ -75,8 +76,11 @@ DEVICE_REASONS = (Reject.BAD_TAG, Reject.OLD_BOOT, Reject.CHANNEL_MISMATCH, Reje
 # When nothing arrives under a device's id (no packet accepted, none rejected).
 SILENT_HINT = ("no packet reaches the server under this device's id: check on the device's serial monitor "
                "(115200 baud) that it joins the Wi-Fi and sends to this server's address (SECRET_SERVER_IP) and "
-               "UDP port (SECRET_SERVER_PORT), that no firewall drops UDP, and that SEMG_DEVICE_ID is this "
-               "device's id (packets under an unregistered id count as unknown_device)")
+               "UDP port (SECRET_SERVER_PORT), that the platform listens where the device can reach it "
+               "(SEMG_BIND_HOST is 127.0.0.1 by default, which only this computer reaches: start it with "
+               "SEMG_BIND_HOST=0.0.0.0 and firewall PostgreSQL and NATS), that no firewall drops UDP, and that "
+               "SECRET_DEVICE_ID (the Myo bridge's --device-id) is this device's id (packets under an "
+               "unregistered id count as unknown_device)")
 # When a device that was sending has stopped: its settings were right, so what changed is power, Wi-Fi or the device.
 STOPPED_HINT = ("it was sending and has stopped, so its settings were right: check that it is powered and in reach of "
                 "the Wi-Fi; its serial monitor (115200 baud) says whether it lost the Wi-Fi or restarted")

@@ -32,6 +32,24 @@ def test_every_rejection_reason_has_a_hint_and_the_readme_lists_them():
     assert set(DEVICE_REASONS) <= set(REJECT_HINTS)
 
 
+def test_every_setting_a_hint_names_is_one_the_maker_has():
+    """The hints told the maker to check SEMG_DEVICE_ID, a name neither the sketch nor arduino_secrets.h.example
+    has (the sketch reads SECRET_DEVICE_ID); a device that never arrived was not told that the platform listens on
+    127.0.0.1 (SEMG_BIND_HOST's default), out of an ESP32's reach, and a Myo bridge's channel mismatch was sent to
+    the sketch's ANALOG_PINS."""
+    arduino = REPO / "arduino"
+    sketch = (arduino / "arduino_secrets.h.example").read_text() + (arduino / "arduinocode.ino").read_text()
+    known = set(re.findall(r"#define\s+(\w+)", sketch)) | set(re.findall(r"static const \w+ (\w+)", sketch))
+    readme = (REPO / "README.md").read_text()
+    settings = readme.split("## Settings", 1)[1].split("\n## ", 1)[0]
+    known |= set(re.findall(r"^\| `(\w+)`", settings, re.M))
+    hints = [*REJECT_HINTS.values(), SILENT_HINT, STOPPED_HINT]
+    named = {n for h in hints for n in re.findall(r"\b[A-Z][A-Z0-9]*_[A-Z0-9_]+\b", h)}
+    assert named and named <= known, f"hints name settings the maker cannot find: {sorted(named - known)}"
+    assert "SEMG_BIND_HOST=0.0.0.0" in SILENT_HINT
+    assert "Myo bridge always sends 8" in REJECT_HINTS["channel_mismatch"]
+
+
 def test_device_state_records_when_and_what_was_rejected():
     ing = Ingestor()
     ing.set_devices({3: DeviceInfo(3, 30, "binary", 4, 500.0, KEY), 4: DeviceInfo(4, 40, "legacy", 2, 200.0, None)},
