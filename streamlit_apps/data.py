@@ -1111,6 +1111,7 @@ REJECT_HINTS = troubleshooting.REJECT_HINTS
 reject_hint = troubleshooting.hint
 SILENT_HINT = _capital(troubleshooting.SILENT_HINT) + "."
 STOPPED_HINT = _capital(troubleshooting.STOPPED_HINT) + "."
+RATE_HINT = _capital(troubleshooting.RATE_HINT) + "."
 
 
 @st.cache_data(ttl=3, show_spinner=False)
@@ -1148,13 +1149,14 @@ def explain_device_status(device: dict, counters: dict | None) -> dict:
     """What a device's counters from `udp_device_status` mean for its owner.
 
     {"state": "receiving" | "rejected" | "silent" | "unknown", "summary": str, "last_accepted_age_s": float | None,
-     "totals": str | None, "reasons": [{"reason", "count", "age_s", "text"}], "hint": str | None} (reasons most
+     "totals": str | None, "reasons": [{"reason", "count", "age_s", "text"}], "hint": str | None,
+     "rate_note": str | None} (reasons most
     recent first; `text` is what was seen plus the cause and remedy from udpserver/troubleshooting.py; `hint` what
     to check when nothing arrives: a device never heard from is set up wrong, one that stopped lost power or Wi-Fi)."""
     if counters is None:
         return {"state": "unknown", "summary": "not known to the UDP server yet (it loads new devices within a "
                                                "few seconds): reload the page in a moment",
-                "last_accepted_age_s": None, "totals": None, "reasons": [], "hint": None}
+                "last_accepted_age_s": None, "totals": None, "reasons": [], "hint": None, "rate_note": None}
     age = counters.get("last_accepted_age_s")
     ages = counters.get("rejected_age_s") or {}
     reasons = []
@@ -1188,8 +1190,15 @@ def explain_device_status(device: dict, counters: dict | None) -> dict:
     totals = (f"{counters.get('stored_samples', 0):,} samples stored, {counters.get('lost_samples', 0):,} lost "
               f"(sequence gaps), {counters.get('dropped_samples', 0):,} dropped since the UDP server started")
     hint = (SILENT_HINT if age is None else STOPPED_HINT) if state == "silent" else None
+    # the header carries a whole number: a registered 333.3 Hz is sent as 333, which is no mismatch
+    sent, registered = counters.get("rate_hz"), device.get("sample_rate_hz")
+    rate_note = None
+    if sent is not None and registered is not None and abs(float(sent) - float(registered)) >= 1.0:
+        rate_note = f"The device sends {sent} Hz, registered with {float(registered):g} Hz: {RATE_HINT}"
+        if state == "receiving" and summary == "receiving":
+            summary = f"receiving, but at {sent} Hz, not the registered {float(registered):g} Hz"
     return {"state": state, "summary": summary, "last_accepted_age_s": age, "totals": totals, "reasons": reasons,
-            "hint": hint}
+            "hint": hint, "rate_note": rate_note}
 
 
 def video_path_for(user_id: int, session_id: int) -> tuple[Path, str]:

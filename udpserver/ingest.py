@@ -84,7 +84,8 @@ class Record(NamedTuple):
 class DeviceState:
     __slots__ = ("boot", "last_seq", "clock", "accepted_packets", "accepted_samples", "stored_samples",
                  "published_samples", "lost_samples", "dropped_samples", "rejected", "last_accepted",
-                 "last_rejected", "rejected_boot", "rejected_channels", "legacy_steps", "budget", "budget_at")
+                 "last_rejected", "rejected_boot", "rejected_channels", "legacy_steps", "budget", "budget_at",
+                 "rate_hz")
 
     def __init__(self) -> None:
         self.boot: int | None = None
@@ -105,6 +106,9 @@ class DeviceState:
         self.legacy_steps: deque[float] = deque(maxlen=LEGACY_STEP_HISTORY)  # ms between legacy samples
         self.budget: float | None = None  # samples the device may still send now (None: a full bucket)
         self.budget_at = 0.0              # unix s the budget was last brought up to date
+        # rate_hz of the last accepted binary packet: the rate the device says it samples at, shown against the
+        # registered one (training and recognition assume the registered rate; a slower device is not refused)
+        self.rate_hz: int | None = None
 
     def resume(self, r: Resume) -> None:
         self.boot = r.boot
@@ -133,6 +137,7 @@ class DeviceState:
             "last_accepted_age_s": None if seen is None else round(max(0.0, now - seen), 3),
             "rejected_age_s": {k: round(max(0.0, now - t), 3) for k, t in self.last_rejected.items()},
             "rejected_boot": self.rejected_boot, "rejected_channels": self.rejected_channels,
+            "rate_hz": self.rate_hz,
         }
 
 
@@ -258,6 +263,7 @@ class Ingestor:
         st.last_seq = p.seq0 + p.n - 1
         st.lost_samples += lost
         st.last_accepted = now
+        st.rate_hz = p.rate_hz
         return Record(dev.user_id, dev.id, boot, p.seq0, p.n, p.channels, float(p.rate_hz), millis0,
                       (millis0 + offset) / 1000.0, now, p.values, lost)
 

@@ -81,6 +81,12 @@ SILENT_HINT = ("no packet reaches the server under this device's id: check on th
                "SEMG_BIND_HOST=0.0.0.0 and firewall PostgreSQL and NATS), that no firewall drops UDP, and that "
                "SECRET_DEVICE_ID (the Myo bridge's --device-id) is this device's id (packets under an "
                "unregistered id count as unknown_device)")
+# When a binary device's packets say another rate (rate_hz) than it is registered with. Not a rejection: a device
+# sending slower than registered harms nobody else (PROTOCOL.md), but its own recordings are on the wrong time scale.
+RATE_HINT = ("its samples are stored, but training and live recognition take them at the registered rate, so "
+             "their windows and filters are on the wrong time scale: set SEMG_SAMPLE_RATE_HZ in arduino_secrets.h to "
+             "the registered rate (the snippet Gesture Management gives does), or register a new device with the "
+             "rate it sends")
 # When a device that was sending has stopped: its settings were right, so what changed is power, Wi-Fi or the device.
 STOPPED_HINT = ("it was sending and has stopped, so its settings were right: check that it is powered and in reach of "
                 "the Wi-Fi; its serial monitor (115200 baud) says whether it lost the Wi-Fi or restarted")

@@ -141,6 +141,8 @@ def live_status(devs: list[dict]) -> None:
             st.markdown(f"{ui.badge(ok, '#' + str(d['id']))} **{d['name'] or 'device'}**: {v['summary']}")
             if v["totals"]:
                 st.caption(f"Last accepted packet: {ui.fmt_age_s(v['last_accepted_age_s'])}. {v['totals']}.")
+            if v["rate_note"]:
+                st.warning(v["rate_note"], icon=":material/speed:")
             if v["reasons"]:
                 st.markdown("Rejected packets:\n" + "\n".join(
                     f"- `{r['reason']}`: {r['count']:,}, last {ui.fmt_age_s(r['age_s'])}. {r['text']}"

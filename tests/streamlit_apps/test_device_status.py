@@ -152,3 +152,35 @@ def test_a_device_that_stopped_sending_is_not_told_its_setup_is_wrong():
     assert v["state"] == "silent" and v["summary"] == "not receiving: it stopped sending"
     assert "SECRET_SERVER_IP" not in v["hint"] and "stopped" in v["hint"] and "powered" in v["hint"]
     assert data.explain_device_status({"id": 1}, {**stopped, "last_accepted_age_s": 0.5})["hint"] is None
+
+
+def test_a_device_sending_another_rate_than_registered_is_told_so(page, clean_db, tmp_path):
+    """A board built at the sketch's 500 Hz but registered at the page's suggested 1000 Hz (or a Myo bridge, 200 Hz)
+    had every packet accepted and nothing said: its recordings were trained and recognised as 1000 Hz ones. The
+    UDP server now reports the rate the packets carry and the page warns; a registered 333.3 Hz, sent as 333, is
+    no mismatch."""
+    user = repo.create_user(clean_db, "Rate", "rate@example.org")
+    fast = repo.register_device(clean_db, user["id"], 4, 1000.0, name="registered fast")
+    frac = repo.register_device(clean_db, user["id"], 4, 333.3, name="fractional")
+    srv = UdpServer(tmp_path / "spool", tmp_path / "udpserver.log", []).start()
+    sender = Sender()
+    try:
+        sender.send([protocol.build_binary(fast["id"], 1, 0, 1000, 500, np.ones((5, 4), int),
+                                           bytes.fromhex(fast["secret_key_hex"])),
+                     protocol.build_binary(frac["id"], 1, 0, 1000, 333, np.ones((5, 4), int),
+                                           bytes.fromhex(frac["secret_key_hex"]))])
+        m = srv.wait_for(lambda m: m["samples"]["stored"] == 10, what="both devices' packets stored")
+        assert m["devices"][str(fast["id"])]["rate_hz"] == 500 and m["devices"][str(frac["id"])]["rate_hz"] == 333
+        at = page("gestures", user_id=user["id"])
+        at.run()
+        assert_clean(at)
+        shown = texts(at)
+        fast_part = _section(shown, fast["id"]).split(f" #{frac['id']}]")[0]
+        assert "receiving, but at 500 Hz, not the registered 1000 Hz" in fast_part
+        assert "The device sends 500 Hz, registered with 1000 Hz: Its samples are stored" in shown
+        assert shown.count("registered with") == 1, shown  # none for the 333.3 Hz device sending 333
+        frac_part = _section(shown, frac["id"]).split(f" #{fast['id']}]")[0]
+        assert "receiving" in frac_part and "not the registered" not in frac_part
+    finally:
+        sender.sock.close()
+        srv.stop()

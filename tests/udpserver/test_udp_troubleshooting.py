@@ -11,7 +11,14 @@ from udphelpers import REPO, add_device, add_user
 from udpserver import protocol
 from udpserver.ingest import DeviceInfo, Ingestor, Record, Resume
 from udpserver.protocol import Reject
-from udpserver.troubleshooting import DEVICE_REASONS, INTERNAL_ERROR, REJECT_HINTS, SILENT_HINT, STOPPED_HINT
+from udpserver.troubleshooting import (
+    DEVICE_REASONS,
+    INTERNAL_ERROR,
+    RATE_HINT,
+    REJECT_HINTS,
+    SILENT_HINT,
+    STOPPED_HINT,
+)
 
 KEY = bytes(range(32))
 
@@ -27,7 +34,7 @@ def test_every_rejection_reason_has_a_hint_and_the_readme_lists_them():
     readme = re.sub(r"\s+", " ", (REPO / "README.md").read_text())
     section = readme.split("## Troubleshooting a device", 1)[1].split(" ## ", 1)[0]
     for reason, hint in [*REJECT_HINTS.items(), ("nothing arrives", SILENT_HINT),
-                         ("it stopped", STOPPED_HINT)]:
+                         ("it stopped", STOPPED_HINT), ("another rate", RATE_HINT)]:
         assert hint in section, f"README 'Troubleshooting a device' lacks the hint of {reason}: {hint}"
     assert set(DEVICE_REASONS) <= set(REJECT_HINTS)
 
@@ -43,7 +50,7 @@ def test_every_setting_a_hint_names_is_one_the_maker_has():
     readme = (REPO / "README.md").read_text()
     settings = readme.split("## Settings", 1)[1].split("\n## ", 1)[0]
     known |= set(re.findall(r"^\| `(\w+)`", settings, re.M))
-    hints = [*REJECT_HINTS.values(), SILENT_HINT, STOPPED_HINT]
+    hints = [*REJECT_HINTS.values(), SILENT_HINT, STOPPED_HINT, RATE_HINT]
     named = {n for h in hints for n in re.findall(r"\b[A-Z][A-Z0-9]*_[A-Z0-9_]+\b", h)}
     assert named and named <= known, f"hints name settings the maker cannot find: {sorted(named - known)}"
     assert "SEMG_BIND_HOST=0.0.0.0" in SILENT_HINT
