@@ -31,8 +31,13 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
 
     semg_state_dir: Path = Path("./.state")
-    # Interface every service listens on; the Docker image sets 0.0.0.0.
+    # Interface the services people and devices use listen on (UDP ingestion and its metrics, API, web UI); the
+    # Docker image sets 0.0.0.0.
     semg_bind_host: str = "127.0.0.1"
+    # Interface the embedded PostgreSQL and NATS listen on. Unset: 127.0.0.1 whatever SEMG_BIND_HOST is (only this
+    # machine's services use them; letting an ESP32 reach the UDP port must not open the database to the network).
+    # Set it (e.g. 0.0.0.0, then firewall) for training or inference workers on other machines.
+    semg_internal_bind_host: str | None = None
 
     postgres_host: str | None = None  # unset -> embedded PostgreSQL
     postgres_port: Port = 5432
@@ -88,7 +93,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
     @field_validator("postgres_host", "nats_server", "nats_user", "semg_tls_cert_file", "semg_tls_key_file",
-                     "semg_backup_dir", mode="before")
+                     "semg_backup_dir", "semg_internal_bind_host", mode="before")
     @classmethod
     def _blank_is_unset(cls, v: object) -> object:
         return None if isinstance(v, str) and not v.strip() else v
@@ -184,9 +189,20 @@ class Settings(BaseSettings):
         return f"[{self.service_host}]" if ":" in self.service_host else self.service_host
 
     @property
+    def internal_bind_host(self) -> str:
+        """Where the embedded PostgreSQL and NATS listen (SEMG_INTERNAL_BIND_HOST, else 127.0.0.1)."""
+        return self.semg_internal_bind_host or "127.0.0.1"
+
+    @property
+    def internal_url_host(self) -> str:
+        """Where clients reach the embedded PostgreSQL and NATS, as written in a URL (IPv6 in brackets)."""
+        host = _client_host(self.internal_bind_host)
+        return f"[{host}]" if ":" in host else host
+
+    @property
     def postgres_address(self) -> str:
         """The database host clients connect to: POSTGRES_HOST, or the embedded server's address."""
-        return self.postgres_host or self.service_host
+        return self.postgres_host or _client_host(self.internal_bind_host)
 
     @property
     def tls_files(self) -> tuple[Path, Path] | None:
@@ -218,7 +234,7 @@ class Settings(BaseSettings):
     def nats_url(self) -> str:
         if self.nats_server:
             return self.nats_server if "://" in self.nats_server else f"nats://{self.nats_server}"
-        return f"nats://{self.service_url_host}:{self.nats_port}"
+        return f"nats://{self.internal_url_host}:{self.nats_port}"
 
     @property
     def nats_addresses(self) -> str:

@@ -77,12 +77,13 @@ def _port_problem(var: str, port: int, host: str, udp: bool = False) -> str | No
     return f"{var} {port} cannot be used on {host}: {err.strerror or err}"
 
 
-def _bind_host_problem(host: str) -> str | None:
-    """SEMG_BIND_HOST must be an address of this machine (or 0.0.0.0 / ::): else every port would fail."""
+def _bind_host_problem(host: str, var: str = "SEMG_BIND_HOST") -> str | None:
+    """SEMG_BIND_HOST (or SEMG_INTERNAL_BIND_HOST) must be an address of this machine (or 0.0.0.0 / ::): else
+    every port on it would fail."""
     err = bind_error(0, host)
     if err is None:
         return None
-    return (f"SEMG_BIND_HOST={host} cannot be listened on ({err.strerror or err}): use 127.0.0.1, 0.0.0.0 or an "
+    return (f"{var}={host} cannot be listened on ({err.strerror or err}): use 127.0.0.1, 0.0.0.0 or an "
             f"address of this machine")
 
 
@@ -93,7 +94,18 @@ def free_port(udp: bool = False) -> int:
 
 
 def _bind_addr(settings: Settings) -> str:
+    """Where the services people and devices use listen (SEMG_BIND_HOST)."""
     return settings.semg_bind_host or "127.0.0.1"
+
+
+def _internal_addr(settings: Settings) -> str:
+    """Where the embedded PostgreSQL and NATS listen (SEMG_INTERNAL_BIND_HOST, 127.0.0.1 when unset)."""
+    return settings.internal_bind_host
+
+
+def _internal_problem(settings: Settings, var: str, port: int) -> str | None:
+    host = _internal_addr(settings)
+    return _bind_host_problem(host, "SEMG_INTERNAL_BIND_HOST") or _port_problem(var, port, host)
 
 
 # ---- PostgreSQL ----------------------------------------------------------------------------------
@@ -178,7 +190,7 @@ def _write_hba(settings: Settings) -> None:
         "host  all all 127.0.0.1/32 scram-sha-256",
         "host  all all ::1/128 scram-sha-256",
     ]
-    if _bind_addr(settings) not in ("127.0.0.1", "localhost", "::1"):
+    if _internal_addr(settings) not in ("127.0.0.1", "localhost", "::1"):
         lines += ["host  all all 0.0.0.0/0 scram-sha-256", "host  all all ::/0 scram-sha-256"]
     hba = settings.pg_data_dir / "pg_hba.conf"
     hba.write_text("\n".join(lines) + "\n")
@@ -187,7 +199,7 @@ def _write_hba(settings: Settings) -> None:
 def postgres_command(settings: Settings) -> list[str]:
     return [
         str(pg_bin_dir() / "postgres"), "-D", str(settings.pg_data_dir),
-        "-c", f"listen_addresses={_bind_addr(settings)}",
+        "-c", f"listen_addresses={_internal_addr(settings)}",
         "-c", f"port={settings.postgres_port}",
         "-c", "unix_socket_directories=",  # TCP only: no socket path-length or permission surprises
         "-c", "max_connections=200",
@@ -238,7 +250,7 @@ def run_postgres(settings: Settings | None = None) -> None:
     s = settings or get_settings()
     if not s.embedded_postgres:
         raise EmbeddedError("POSTGRES_HOST is set: the embedded PostgreSQL is not used")
-    if problem := _bind_host_problem(_bind_addr(s)) or _port_problem("POSTGRES_PORT", s.postgres_port, _bind_addr(s)):
+    if problem := _internal_problem(s, "POSTGRES_PORT", s.postgres_port):
         raise EmbeddedError(problem)
     init_postgres(s)
     _write_hba(s)
@@ -298,7 +310,7 @@ def write_nats_config(settings: Settings | None = None) -> Path:
                             "subscribe": {"allow": perms["subscribe"] + inbox}},
         })
     conf = {
-        "host": _bind_addr(s),
+        "host": _internal_addr(s),
         "port": s.nats_port,
         "max_payload": 4 * 1024 * 1024,
         "jetstream": {"store_dir": str(s.state_dir / "nats" / "jetstream"), "max_memory_store": 256 * 2**20,
@@ -318,7 +330,7 @@ def run_nats(settings: Settings | None = None) -> None:
     s = settings or get_settings()
     if not s.embedded_nats:
         raise EmbeddedError("NATS_SERVER is set: the embedded NATS is not used")
-    if problem := _bind_host_problem(_bind_addr(s)) or _port_problem("NATS_PORT", s.nats_port, _bind_addr(s)):
+    if problem := _internal_problem(s, "NATS_PORT", s.nats_port):
         raise EmbeddedError(problem)
     conf = write_nats_config(s)
     cmd = [str(nats_server_bin()), "-c", str(conf)]
@@ -329,23 +341,24 @@ def run_nats(settings: Settings | None = None) -> None:
 def preflight(settings: Settings | None = None) -> list[str]:
     """Problems that would leave the system half-started: busy ports, unreachable external services."""
     s = settings or get_settings()
-    host = _bind_addr(s)
+    public, internal = _bind_addr(s), _internal_addr(s)
     problems = []
-    checks = [("API_PORT", s.api_port, False), ("UI_PORT", s.ui_port, False), ("UDP_PORT", s.udp_port, True),
-              ("UDP_METRICS_PORT", s.udp_metrics_port, False)]
+    checks = [("API_PORT", s.api_port, False, public), ("UI_PORT", s.ui_port, False, public),
+              ("UDP_PORT", s.udp_port, True, public), ("UDP_METRICS_PORT", s.udp_metrics_port, False, public)]
     if s.embedded_postgres:
-        checks.append(("POSTGRES_PORT", s.postgres_port, False))
+        checks.append(("POSTGRES_PORT", s.postgres_port, False, internal))
     if s.embedded_nats:
-        checks.append(("NATS_PORT", s.nats_port, False))
+        checks.append(("NATS_PORT", s.nats_port, False, internal))
+    host_problems = {public: _bind_host_problem(public)}
+    if s.embedded_postgres or s.embedded_nats:
+        host_problems.setdefault(internal, _bind_host_problem(internal, "SEMG_INTERNAL_BIND_HOST"))
+    problems += [p for p in host_problems.values() if p]
     seen: dict[tuple[int, bool], str] = {}
-    host_problem = _bind_host_problem(host)
-    if host_problem:
-        problems.append(host_problem)
-    for var, port, udp in checks:
-        if (port, udp) in seen:
+    for var, port, udp, host in checks:
+        if (port, udp) in seen:  # also on two interfaces: 0.0.0.0 holds the port on 127.0.0.1 as well
             problems.append(f"{var} and {seen[(port, udp)]} are both {port}")
         seen[(port, udp)] = var
-        if not host_problem and (problem := _port_problem(var, port, host, udp)):
+        if not host_problems[host] and (problem := _port_problem(var, port, host, udp)):
             problems.append(problem)
     if tls_problem := tls.problem(s):
         problems.append(tls_problem)

@@ -78,7 +78,8 @@ SILENT_HINT = ("no packet reaches the server under this device's id: check on th
                "(115200 baud) that it joins the Wi-Fi and sends to this server's address (SECRET_SERVER_IP) and "
                "UDP port (SECRET_SERVER_PORT), that the platform listens where the device can reach it "
                "(SEMG_BIND_HOST is 127.0.0.1 by default, which only this computer reaches: start it with "
-               "SEMG_BIND_HOST=0.0.0.0 and firewall PostgreSQL and NATS), that no firewall drops UDP, and that "
+               "SEMG_BIND_HOST=0.0.0.0; the database and NATS stay on 127.0.0.1), that no firewall drops UDP, "
+               "and that "
                "SECRET_DEVICE_ID (the Myo bridge's --device-id) is this device's id (packets under an "
                "unregistered id count as unknown_device)")
 # When a binary device's packets say another rate (rate_hz) than it is registered with. Not a rejection: a device

@@ -39,14 +39,17 @@ def test_external_services_chosen_by_environment(monkeypatch):
 
 @pytest.mark.parametrize("bind,url_host", [("::1", "[::1]"), ("::", "127.0.0.1"), ("127.0.0.2", "127.0.0.2")])
 def test_clients_reach_an_ipv6_bind_host_through_valid_urls(monkeypatch, bind, url_host):
-    """The services listen on an IPv6 SEMG_BIND_HOST; the URLs the clients use put it in brackets (an address
+    """The services listen on an IPv6 SEMG_BIND_HOST (or SEMG_INTERNAL_BIND_HOST); the URLs the clients use put it in brackets (an address
     without them, http://::1:8000, is not a URL: every health check and API call raised)."""
     import httpx
     s = _settings(monkeypatch, SEMG_BIND_HOST=bind, API_PORT="8000", NATS_PORT="4222", UDP_METRICS_PORT="8082")
     assert s.api_url == f"http://{url_host}:8000"
-    assert s.nats_url == f"nats://{url_host}:4222"
     assert s.udp_metrics_url == f"http://{url_host}:8082/metrics"
     assert httpx.URL(s.api_url).port == 8000 and httpx.URL(s.udp_metrics_url).port == 8082
+    # the embedded PostgreSQL and NATS listen on SEMG_INTERNAL_BIND_HOST (127.0.0.1 unless set)
+    assert s.nats_url == "nats://127.0.0.1:4222" and s.postgres_address == "127.0.0.1"
+    s = _settings(monkeypatch, SEMG_INTERNAL_BIND_HOST=bind, NATS_PORT="4222")
+    assert s.nats_url == f"nats://{url_host}:4222"
     assert s.postgres_address == url_host.strip("[]")  # libpq takes the bare address
 
 

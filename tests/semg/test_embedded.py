@@ -5,6 +5,7 @@ now belongs to an unrelated process (a container restart reuses PIDs), is."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -127,37 +128,40 @@ def test_stale_lock_is_removed_and_postgres_starts(state, owner):
 
 
 def test_services_bound_to_one_address_are_reached_there(tmp_path_factory, monkeypatch):
-    """SEMG_BIND_HOST set to one address (a LAN IP; here the loopback alias 127.0.0.2): the embedded PostgreSQL
-    and NATS listen only there, and every client (database, NATS, API and UDP metrics URLs) goes there, not to
-    127.0.0.1 where nothing listens."""
+    """SEMG_BIND_HOST and SEMG_INTERNAL_BIND_HOST set to one address each (LAN IPs; here the loopback aliases
+    127.0.0.2 and .3): the embedded PostgreSQL and NATS listen only on the internal one, and every client goes
+    where its service listens (database and NATS there, API and UDP metrics URLs on the other), not to 127.0.0.1
+    where nothing listens."""
     import asyncio
 
     from semg import db, natsio
     from semg.config import get_settings
 
     state = _state_dir(tmp_path_factory, "bound-state")
-    host, pg_port, nats_port = "127.0.0.2", free_port(), free_port()
-    env = {**_env(state, pg_port), "NATS_PORT": str(nats_port), "SEMG_BIND_HOST": host}
+    public, host, pg_port, nats_port = "127.0.0.2", "127.0.0.3", free_port(), free_port()
+    env = {**_env(state, pg_port), "NATS_PORT": str(nats_port), "SEMG_BIND_HOST": public,
+           "SEMG_INTERNAL_BIND_HOST": host}
     env.pop("NATS_SERVER", None)
     procs = {name: subprocess.Popen([sys.executable, "-m", "semg.embedded", name], env=env, cwd=REPO,
                                     stdout=open(state / f"{name}.log", "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
              for name in ("postgres", "nats")}
     try:
-        for key in ("SEMG_STATE_DIR", "POSTGRES_PORT", "NATS_PORT", "SEMG_BIND_HOST"):
+        for key in ("SEMG_STATE_DIR", "POSTGRES_PORT", "NATS_PORT", "SEMG_BIND_HOST", "SEMG_INTERNAL_BIND_HOST"):
             monkeypatch.setenv(key, env[key])
         for key in ("POSTGRES_HOST", "NATS_SERVER"):
             monkeypatch.delenv(key, raising=False)
         get_settings.cache_clear()
         s = get_settings()
         assert s.postgres_address == host and s.nats_url == f"nats://{host}:{nats_port}"
-        assert s.api_url.startswith(f"http://{host}:") and s.udp_metrics_url.startswith(f"http://{host}:")
+        assert s.api_url.startswith(f"http://{public}:") and s.udp_metrics_url.startswith(f"http://{public}:")
         deadline = time.monotonic() + 120
         while not (port_in_use(pg_port, host) and port_in_use(nats_port, host)):
             for name, p in procs.items():
                 assert p.poll() is None, (state / f"{name}.log").read_text()[-2000:]
             assert time.monotonic() < deadline, "the embedded services did not start"
             time.sleep(0.2)
-        assert not port_in_use(pg_port) and not port_in_use(nats_port), "expected nothing on 127.0.0.1"
+        for elsewhere in ("127.0.0.1", public):
+            assert not port_in_use(pg_port, elsewhere) and not port_in_use(nats_port, elsewhere), elsewhere
         db.wait_until_ready(s, timeout=60)
         with contextlib.closing(db.connect(s, dbname="postgres")) as conn, conn.cursor() as cur:
             cur.execute("SELECT inet_server_addr()::text")
@@ -176,6 +180,32 @@ def test_services_bound_to_one_address_are_reached_there(tmp_path_factory, monke
             _stop(p)
         monkeypatch.undo()
         get_settings.cache_clear()
+
+
+@pytest.mark.parametrize("bind", ["0.0.0.0", "192.0.2.7"])  # noqa: S104 - what a maker sets for an ESP32
+def test_opening_the_services_to_the_network_keeps_the_database_and_nats_on_loopback(bind, tmp_path, monkeypatch):
+    """SEMG_BIND_HOST=0.0.0.0 (the README's first step for an ESP32 on Wi-Fi) also put the embedded PostgreSQL
+    and NATS on every interface, with pg_hba open to any address: the database and the message bus exposed to the
+    network for the sake of a UDP port. They stay on 127.0.0.1 unless SEMG_INTERNAL_BIND_HOST says otherwise."""
+    from semg.config import Settings
+    from semg.embedded import _write_hba, postgres_command, write_nats_config
+
+    for key in ("SEMG_INTERNAL_BIND_HOST", "POSTGRES_HOST", "NATS_SERVER"):
+        monkeypatch.delenv(key, raising=False)
+    s = Settings(semg_state_dir=tmp_path, semg_bind_host=bind)
+    (tmp_path / "pgdata").mkdir()
+    _write_hba(s)
+    assert "listen_addresses=127.0.0.1" in postgres_command(s)
+    assert json.loads(write_nats_config(s).read_text())["host"] == "127.0.0.1"
+    assert "0.0.0.0/0" not in (tmp_path / "pgdata" / "pg_hba.conf").read_text()
+    assert s.postgres_address == "127.0.0.1" and s.nats_url.startswith("nats://127.0.0.1:")
+
+    s = Settings(semg_state_dir=tmp_path, semg_bind_host=bind, semg_internal_bind_host="0.0.0.0")  # noqa: S104
+    _write_hba(s)
+    assert "listen_addresses=0.0.0.0" in postgres_command(s)
+    assert json.loads(write_nats_config(s).read_text())["host"] == "0.0.0.0"
+    assert "host  all all 0.0.0.0/0 scram-sha-256" in (tmp_path / "pgdata" / "pg_hba.conf").read_text()
+    assert s.postgres_address == "127.0.0.1"
 
 
 def _preflight(state: Path, host: str, **ports: int) -> subprocess.CompletedProcess:
