@@ -150,6 +150,7 @@ class Ingestor:
         self.legacy_by_user: dict[int, DeviceInfo] = {}
         self.states: dict[int, DeviceState] = {}
         self.rejected: Counter[str] = Counter()
+        self.rejected_device: int | None = None  # the device id the last rejected packet named, if any
         self.ready = False
 
     # ---- registry -------------------------------------------------------------------------------
@@ -181,6 +182,7 @@ class Ingestor:
     # ---- packets --------------------------------------------------------------------------------
     def _reject(self, reason: Reject, device_id: int | None = None, now: float = 0.0) -> Reject:
         self.rejected[reason.value] += 1
+        self.rejected_device = device_id
         if device_id is not None:
             st = self.state(device_id)
             st.rejected[reason.value] += 1
@@ -207,7 +209,9 @@ class Ingestor:
     def _binary(self, p: BinaryPacket, now: float) -> Record | Reject:
         dev = self.devices.get(p.device_id)
         if dev is None:
-            return self._reject(Reject.UNKNOWN_DEVICE)
+            self._reject(Reject.UNKNOWN_DEVICE)
+            self.rejected_device = p.device_id  # for the log line; no state is kept for ids nobody registered
+            return Reject.UNKNOWN_DEVICE
         if dev.key is None:
             return self._reject(Reject.PROTOCOL_MISMATCH, dev.id, now)
         if not protocol.verify_tag(p, dev.key):

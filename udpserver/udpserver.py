@@ -36,6 +36,7 @@ from udpserver.protocol import Reject
 from udpserver.publish import Publisher
 from udpserver.spool import CHUNK_OVERHEAD, Chunk, ChunkBuilder, Spool, SpoolLocked, without_devices
 from udpserver.storage import DbWriter, first_line, load_devices, load_resume
+from udpserver.troubleshooting import hint
 
 log = logging.getLogger("udpserver")
 
@@ -135,7 +136,12 @@ class Server(asyncio.DatagramProtocol):
         if reason in _REFRESH_ON:
             self._refresh_wanted.set()
         if reason is not Reject.NOT_READY:
-            self.bad_log.warning(reason.value, "rejected packet from %s:%s: %s", addr[0], addr[1], reason.value)
+            # one line per reason and registered device every few seconds (any number of ids nobody registered
+            # share one), naming the device and what to check
+            device = self.ingestor.rejected_device
+            key = reason.value if device is None or reason is Reject.UNKNOWN_DEVICE else f"{reason.value}/{device}"
+            self.bad_log.warning(key, "rejected packet from %s:%s%s: %s: %s", addr[0], addr[1],
+                                 "" if device is None else f" for device {device}", reason.value, hint(reason.value))
 
     def _journal(self) -> None:
         """Write the burst's records to the spool; only then do they count as accepted."""

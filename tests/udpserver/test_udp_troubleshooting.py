@@ -4,6 +4,7 @@ counters on their own (GET /metrics?device=ID), and a hint for every rejection r
 from __future__ import annotations
 
 import re
+import time
 
 import numpy as np
 from udphelpers import REPO, add_device, add_user
@@ -83,15 +84,26 @@ def test_metrics_of_one_device(clean_db, udp_server, sender):
     srv = udp_server()
     sender.send([_pkt(dev, boot=5)])
     srv.wait_for(lambda m: m["devices"][str(dev)]["accepted_packets"] == 1, what="packet accepted")
-    sender.send([_pkt(dev, key=b"z" * 32, seq0=10), _pkt(dev, boot=1), _pkt(other, key=b"z" * 32)])
-    srv.wait_for(lambda m: m["packets"]["rejected"] == 3, what="rejections counted")
+    sender.send([_pkt(dev, key=b"z" * 32, seq0=10), _pkt(dev, boot=1), _pkt(other, key=b"z" * 32),
+                 _pkt(999999)])
+    srv.wait_for(lambda m: m["packets"]["rejected"] == 4, what="rejections counted")
+    # the log names the device and what to check: one line per reason and device (the second device's bad_tag
+    # is not suppressed as "similar" to the first's)
+    expected = [f"for device {dev}: bad_tag: {REJECT_HINTS['bad_tag']}",
+                f"for device {dev}: old_boot: {REJECT_HINTS['old_boot']}",
+                f"for device {other}: bad_tag: {REJECT_HINTS['bad_tag']}",
+                f"for device 999999: unknown_device: {REJECT_HINTS['unknown_device']}"]
+    deadline = time.monotonic() + 10
+    while not all(e in srv.log_path.read_text() for e in expected):
+        assert time.monotonic() < deadline, srv.log_tail()
+        time.sleep(0.1)
 
     one = srv._get(f"/metrics?device={dev}")
     assert list(one["devices"]) == [str(dev)]
     d = one["devices"][str(dev)]
     assert d["rejected"] == {"bad_tag": 1, "old_boot": 1} and d["rejected_boot"] == 1 and d["boot"] == 5
     assert d["last_accepted_age_s"] >= 0 and set(d["rejected_age_s"]) == {"bad_tag", "old_boot"}
-    assert one["rejected"] == {"bad_tag": 2, "old_boot": 1}  # the server-wide part is unchanged
+    assert one["rejected"] == {"bad_tag": 2, "old_boot": 1, "unknown_device": 1}  # the server-wide part
     # several ids (comma-separated or repeated); unknown ids and junk are left out
     both = srv._get(f"/metrics?device={dev},999999,x&device={other}")
     assert set(both["devices"]) == {str(dev), str(other)}
