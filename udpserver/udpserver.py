@@ -39,6 +39,7 @@ from udpserver.storage import DbWriter, first_line, load_devices, load_resume
 from udpserver.troubleshooting import hint
 
 log = logging.getLogger("udpserver")
+QUIET_STATS_S = 300.0  # the counter line of a server whose counters did not change comes this often
 
 # Rejections that may mean the registry changed (new device, rotated key): reload it (rate-limited).
 _REFRESH_ON = {Reject.UNKNOWN_DEVICE, Reject.UNKNOWN_USER, Reject.BAD_TAG, Reject.PROTOCOL_MISMATCH,
@@ -359,6 +360,7 @@ class Server(asyncio.DatagramProtocol):
 
     async def stats_loop(self) -> None:
         prev = (time.monotonic(), 0, 0, 0)
+        last_seen, last_line = None, 0.0
         disk_log = diskspace.LowSpaceLog(log)
         while not self._stop.is_set():
             with contextlib.suppress(TimeoutError):
@@ -368,15 +370,24 @@ class Server(asyncio.DatagramProtocol):
             now = time.monotonic()
             dt = max(now - prev[0], 1e-9)
             rej = dict(self.ingestor.rejected)
+            db_state = "up" if self.writer.connected else "DOWN"
+            nats_state = "DOWN" if not self.publisher.connected else "REFUSING" if self.publisher.failing else "up"
+            # an idle server wrote the same line every 5 s (17,000 a day): a line when something changed, and at
+            # least every QUIET_STATS_S as a sign of life
+            seen = (self.received_packets, self.accepted_samples, self.stored_samples, self.published_samples,
+                    self.lost_samples, self.dropped_samples + self.failed_samples, self.unstored_samples,
+                    self.unpublished_samples, sorted(rej.items()), db_state, nats_state)
+            if seen == last_seen and now - last_line < QUIET_STATS_S:
+                prev = (now, self.received_packets, self.accepted_samples, self.stored_samples)
+                continue
+            last_seen, last_line = seen, now
             log.info("packets %.0f/s, accepted %.0f samples/s, stored %.0f samples/s | totals: accepted %d, "
                      "stored %d, published %d, lost %d, dropped %d, unstored %d, unpublished %d, rejected %s | "
                      "db %s, nats %s",
                      (self.received_packets - prev[1]) / dt, (self.accepted_samples - prev[2]) / dt,
                      (self.stored_samples - prev[3]) / dt, self.accepted_samples, self.stored_samples,
                      self.published_samples, self.lost_samples, self.dropped_samples + self.failed_samples,
-                     self.unstored_samples, self.unpublished_samples, rej or "none",
-                     "up" if self.writer.connected else "DOWN",
-                     "DOWN" if not self.publisher.connected else "REFUSING" if self.publisher.failing else "up")
+                     self.unstored_samples, self.unpublished_samples, rej or "none", db_state, nats_state)
             prev = (now, self.received_packets, self.accepted_samples, self.stored_samples)
 
     # ---- metrics ----------------------------------------------------------------------------------

@@ -129,3 +129,27 @@ def test_a_device_reflashed_to_the_boot_the_server_has_is_pointed_to_the_boot_co
     ing.set_devices({3: DeviceInfo(3, 30, "binary", 4, 500.0, new_key, boot_offset=2)}, {})
     r = ing.handle(_pkt(3, key=new_key, boot=1, seq0=0), 1002.0)
     assert isinstance(r, Record) and r.boot == 3
+
+
+def test_an_idle_server_does_not_repeat_its_counter_line(clean_db, udp_server, sender):
+    """The counter line came every 5 s whether anything happened or not (17,000 identical lines a day); it now
+    comes when a counter changed (and every 5 minutes as a sign of life)."""
+    with clean_db.cursor() as cur:
+        dev = add_device(cur, add_user(cur), "binary", channels=4, key=KEY)
+    srv = udp_server("--stats-interval", "0.1")
+
+    def lines() -> int:
+        return srv.log_path.read_text().count("samples/s | totals:")
+
+    deadline = time.monotonic() + 10
+    while lines() < 1:
+        assert time.monotonic() < deadline, srv.log_tail()
+        time.sleep(0.1)
+    time.sleep(1.5)  # 15 intervals with nothing received
+    assert lines() <= 2, srv.log_tail()  # the first, and one more if the device list loaded after it
+    before = lines()
+    sender.send([_pkt(dev)])
+    srv.wait_for(lambda m: m["devices"][str(dev)]["accepted_packets"] == 1, what="packet accepted")
+    while lines() == before:
+        assert time.monotonic() < deadline + 20, srv.log_tail()
+        time.sleep(0.1)
