@@ -32,7 +32,8 @@ REJECT_HINTS: dict[str, str] = {
                    "boot last received): flash each board with its own device's secrets; after re-flashing a "
                    "binary device, reset its boot counter ('Reset boot counter' on Gesture Management, or POST "
                    "/devices/{id}/reset-boot) and flash the new key it gives; a few after a Wi-Fi hiccup are "
-                   "harmless",
+                   "harmless (duplicates, or a packet overtaken by a later one: its samples were counted lost "
+                   "when the later one came, as sequence numbers only go forward)",
     Reject.TOO_FAST: "the device sends more samples per second than its registered rate allows (by default beyond "
                      "1.25 times it, after a 30 s allowance for bursts), so the excess is not stored: check that "
                      "SEMG_SAMPLE_RATE_HZ in the sketch is the rate the device is registered with (the Myo "
