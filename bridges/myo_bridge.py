@@ -572,7 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--filtered", action="store_true", help="ask for the armband's filtered EMG (mode 0x02) "
                    "instead of raw (0x03)")
     p.add_argument("--batch", type=_batch, default=10, help="samples per UDP packet (default 10 = 50 ms)")
-    p.add_argument("--max-delay-ms", type=_non_negative, default=60.0, help="send a partial batch after this long")
+    p.add_argument("--max-delay-ms", type=_non_negative, default=60.0,
+                   help="send a partial batch after this long (default 60)")
     p.add_argument("--max-drift-ms", type=_positive, default=100.0,
                    help="re-anchor the device time to the host clock when it falls this far behind (default 100)")
     p.add_argument("--resync-window-s", type=_positive, default=2.0,
@@ -582,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="count lost notifications from the round-robin order of the 4 EMG characteristics")
     p.add_argument("--record", type=Path, help="append received notifications to this JSON-lines file")
     p.add_argument("--replay", type=Path, help="forward a recording instead of connecting over Bluetooth")
-    p.add_argument("--speed", type=float, default=1.0,
+    p.add_argument("--speed", type=_non_negative, default=1.0,
                    help="--replay pace (0 = as fast as possible); above 1.25 for more than ~30 s of the recording "
                         "the UDP server refuses the excess as too_fast (its per-device sample budget, "
                         "udpserver/PROTOCOL.md) unless it was started with --rate-tolerance 0")

@@ -204,7 +204,8 @@ def test_bad_options_are_one_line_and_use_no_boot(tmp_path, capsys):
     (tmp_path / "ok.jsonl").write_text(json.dumps({"t": 1.0, "char": 0, "data": "00" * 16}) + "\n")
     boot = tmp_path / "boot"
     cases = [(["--batch", "0"], "--batch"), (["--batch", "600"], "--batch"), (["--device-id", "0"], "--device-id"),
-             (["--device-id", "x"], "--device-id"), (["--max-delay-ms", "-5"], "--max-delay-ms")]
+             (["--device-id", "x"], "--device-id"), (["--max-delay-ms", "-5"], "--max-delay-ms"),
+             (["--speed", "nan"], "--speed"), (["--speed", "-1"], "--speed")]  # not "as fast as possible"
     for extra, option in cases:
         args = ["--device-id", "3", "--key", KEY.hex(), "--replay", str(tmp_path / "ok.jsonl"),
                 "--boot-file", str(boot), "--server", "127.0.0.1:9", *extra]
