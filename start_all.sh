@@ -44,14 +44,22 @@ if ! "$SEMG_PYTHON" -m semg.health --wait "${SEMG_START_TIMEOUT:-180}"; then
   exit 1
 fi
 
-read -r ui_url api_url host udp_port < <("$SEMG_PYTHON" -c \
-  'from semg.config import get_settings as g; s = g(); print(s.ui_url, s.api_url, s.service_url_host, s.udp_port)')
+# sensors: the address a board on the network sends to (this machine's, when listening on every interface)
+read -r ui_url api_url host udp_port < <("$SEMG_PYTHON" -c '
+from semg.config import get_settings as g
+from udpserver.troubleshooting import sensor_address
+s = g(); a = sensor_address(s.semg_bind_host)
+print(s.ui_url, s.api_url, (f"[{a}]" if ":" in a else a) if a else s.service_url_host, s.udp_port)')
+reach=""
+case "$host" in
+  127.*|localhost|"[::1]") reach="   (this computer only: SEMG_BIND_HOST=0.0.0.0 for boards on Wi-Fi)" ;;
+esac
 cat <<TXT
 
 The sEMG platform is running.
   Web UI        $ui_url      (password: $SEMG_STATE_DIR/secrets/ui_password)
   REST API      $api_url/docs
-  Sensors (UDP) $host:$udp_port
+  Sensors (UDP) $host:$udp_port$reach
   Logs          $SEMG_STATE_DIR/logs/
 Stop everything with ./stop_all.sh
 TXT

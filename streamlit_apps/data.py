@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -257,13 +256,9 @@ def delete_device(device_id: int) -> None:
     _repo(repo.delete_device, device_id)
 
 
-def _reachable_from_lan(host: str) -> bool:
-    """A concrete non-loopback address the armband could send to (not 127.0.0.1, not 'any')."""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return not (ip.is_loopback or ip.is_unspecified)
+def unreachable_from_boards() -> bool:
+    """True when the platform listens on loopback only (SEMG_BIND_HOST's default): no board on Wi-Fi reaches it."""
+    return troubleshooting.listens_on_loopback_only(settings().semg_bind_host)
 
 
 def arduino_secrets_snippet(device: dict) -> str:
@@ -272,7 +267,7 @@ def arduino_secrets_snippet(device: dict) -> str:
     The sketch (arduino/arduinocode.ino) reads the SECRET_* names; SEMG_DEVICE_ID / SEMG_DEVICE_KEY_HEX carry
     the values under the platform's names, and SEMG_SAMPLE_RATE_HZ overrides the sketch's default rate."""
     s = settings()
-    host = s.semg_bind_host if _reachable_from_lan(s.semg_bind_host) else "YOUR.SERVER.IP"
+    host = troubleshooting.sensor_address(s.semg_bind_host) or "YOUR.SERVER.IP"
     rate = float(device["sample_rate_hz"])
     return "\n".join([
         f"// arduino_secrets.h for device #{device['id']} (user #{device['user_id']})",

@@ -7,6 +7,10 @@ rejection reason the server counts (`protocol.Reject` plus `internal_error`).
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
+import socket
+
 from udpserver.protocol import Reject
 
 INTERNAL_ERROR = "internal_error"  # counted by udpserver.udpserver when handling a packet raised
@@ -97,3 +101,33 @@ STOPPED_HINT = ("it was sending and has stopped, so its settings were right: che
 def hint(reason: str) -> str:
     """The hint of a reason; a reason this module does not know yet still gets a pointer."""
     return REJECT_HINTS.get(reason, "see udpserver/PROTOCOL.md, 'Rejection reasons'")
+
+
+def sensor_address(bind_host: str) -> str | None:
+    """The address a board on the network sends its packets to (SECRET_SERVER_IP), given SEMG_BIND_HOST: that
+    address when it is one of the network's; for 0.0.0.0 / :: this machine's address on its default route (a UDP
+    socket's connect sends nothing); None when the services listen on loopback only (no board can reach them) or
+    no address is found."""
+    try:
+        ip = ipaddress.ip_address(bind_host)
+    except ValueError:
+        return None  # a host name: the maker knows it better than we do
+    if ip.is_loopback:
+        return None
+    if not ip.is_unspecified:
+        return str(ip)
+    family, probe = (socket.AF_INET6, "2001:db8::1") if ip.version == 6 else (socket.AF_INET, "192.0.2.1")
+    with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect((probe, 9))
+        found = ipaddress.ip_address(s.getsockname()[0])
+        if not (found.is_loopback or found.is_unspecified):
+            return str(found)
+    return None
+
+
+def listens_on_loopback_only(bind_host: str) -> bool:
+    """True when SEMG_BIND_HOST keeps every service out of a board's reach (127.0.0.1, the default)."""
+    try:
+        return ipaddress.ip_address(bind_host).is_loopback
+    except ValueError:
+        return bind_host == "localhost"

@@ -153,3 +153,18 @@ def test_an_idle_server_does_not_repeat_its_counter_line(clean_db, udp_server, s
     while lines() == before:
         assert time.monotonic() < deadline + 20, srv.log_tail()
         time.sleep(0.1)
+
+
+def test_the_address_a_board_sends_to_follows_the_bind_host():
+    """The arduino_secrets.h snippet and start_all.sh named no address a board could use when the platform
+    listened on every interface (SEMG_BIND_HOST=0.0.0.0, the README's set-up): YOUR.SERVER.IP and 127.0.0.1."""
+    import ipaddress
+
+    from udpserver.troubleshooting import listens_on_loopback_only, sensor_address
+    assert sensor_address("192.168.1.20") == "192.168.1.20"
+    assert sensor_address("127.0.0.1") is None and sensor_address("::1") is None
+    assert sensor_address("emg.lab.example") is None  # a name: the maker knows it
+    found = sensor_address("0.0.0.0")  # noqa: S104 - this machine's address on its default route, if it has one
+    assert found is None or not ipaddress.ip_address(found).is_loopback, found
+    assert listens_on_loopback_only("127.0.0.1") and listens_on_loopback_only("localhost")
+    assert not listens_on_loopback_only("0.0.0.0") and not listens_on_loopback_only("192.168.1.20")  # noqa: S104
