@@ -113,8 +113,9 @@ def show_secret_once(user: dict) -> None:
         return
     _, device_id, snippet, what = shown
     st.success(f"{what} Copy the key now: **it is shown only once** (the server keeps it, but never shows it again).")
-    st.markdown("Paste these lines into `arduino/arduino_secrets.h`, fill in your Wi-Fi and this computer's "
-                "address, then build and flash the sketch:")
+    st.markdown("Save these lines as `arduino/arduino_secrets.h` (the whole file: in place of a copy of the "
+                "example, not below it), fill in your Wi-Fi and check the server address, then build and flash "
+                "the sketch:")
     st.code(snippet, language="c", wrap_lines=True)
     if data.unreachable_from_boards():
         st.warning("The platform listens on 127.0.0.1 only (`SEMG_BIND_HOST`'s default), which a board on Wi-Fi "
