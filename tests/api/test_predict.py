@@ -147,6 +147,23 @@ def test_non_finite_values_are_422(api, keys, served):
     assert r.status_code == 422
 
 
+def test_finite_values_that_overflow_the_model_are_422_not_null_probabilities(api, keys, served):
+    """1e30 is a valid float32, but the model's arithmetic overflows on it: the API answered 200 with null
+    confidences (the schema says a number) and the first class as the gesture."""
+    user, _, _ = served()
+    huge = (np.ones((2, 8, 50), dtype=np.float32) * 1e30).tolist()
+    r = api.post("/predict", json={"user_id": user["id"], "windows": huge}, headers=keys.service)
+    assert r.status_code == 422, r.text
+    assert "no finite probabilities for 2 of 2 windows" in r.json()["detail"] and "int16" in r.json()["detail"]
+    other, _, _ = served(seed=1)
+    items = [{"user_id": user["id"], "windows": huge}, {"user_id": other["id"], "windows": _windows(1).tolist()}]
+    r = api.post("/predict", json={"items": items}, headers=keys.service)
+    assert r.status_code == 200, r.text
+    bad, good = r.json()["results"]
+    assert bad["error"]["status"] == 422 and bad["predictions"] == [] and "finite" in bad["error"]["detail"]
+    assert good["error"] is None and isinstance(good["predictions"][0]["confidence"], float)
+
+
 def test_not_json_is_422(api, keys):
     r = api.post("/predict", content=b"{nope", headers={**keys.service, "Content-Type": "application/json"})
     assert r.status_code == 422

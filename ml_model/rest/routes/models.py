@@ -86,6 +86,13 @@ def _windows_for(model: ServedModel, item: PredictItem, x: np.ndarray, budget: i
     return serving.check_windows(model, x)
 
 
+def _overflow_detail(model: ServedModel, x: np.ndarray, probs: np.ndarray) -> str:
+    bad = int(np.count_nonzero(~np.isfinite(probs).all(axis=1)))
+    return (f"user {model.user_id}'s model gives no finite probabilities for {bad} of {len(probs)} windows: their "
+            f"values (largest magnitude {float(np.abs(x).max()):.3g}) are far beyond a sensor's; send the raw device "
+            f"values as recorded (int16 range, -32768..32767)")
+
+
 INLINE_MAX_VALUES = 200_000  # ~250 windows of 8 x 100 samples
 
 
@@ -122,7 +129,15 @@ def _predict_sync(state: AppState, items: list[PredictItem], batch: bool, with_p
         results.append({"user_id": item.user_id, "model_id": model.artifact_id, "classes": model.classes,
                         "window": model.window, "step": model.step, "predictions": [], "error": None})
     probs = serving.predict_many([(m, x) for _, m, x in work], state.models.banks, state.models.live)
-    for (slot, model, _), p in zip(work, probs, strict=True):
+    for (slot, model, x), p in zip(work, probs, strict=True):
+        if not np.isfinite(p).all():
+            # Finite values far beyond any sensor's (~1e25) overflow float32 inside the model: the answer was a 200
+            # with null confidences and the first class as the "gesture".
+            e = InputError(_overflow_detail(model, x, p))
+            if not batch:
+                raise e
+            results[slot].update(predictions=[], error={"status": 422, "detail": str(e)})
+            continue
         classes = model.classes
         top = p.argmax(axis=1)
         conf = p[np.arange(len(p)), top].tolist()
