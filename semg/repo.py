@@ -955,7 +955,7 @@ def _check_job_params(params: dict) -> dict:
         raise Invalid("epochs must be a whole number from 1 to 1000")
     if seed is not None and not (whole(seed) and 0 <= seed < 2**31):
         raise Invalid("seed must be a whole number from 0 to 2147483647")
-    if base is not None and not (whole(base) and base >= 1):
+    if base is not None and not (whole(base) and 1 <= base < 2**63):
         raise Invalid("base_artifact_id must be the id of a base model")
     window, step = params.get("window_ms"), params.get("step_ms")
     if window is not None and not (number(window) and 10 <= window <= 10_000):
@@ -1015,6 +1015,14 @@ def schedule_job(conn, user_id: int, session_ids: Sequence[int], params: dict | 
         cur.execute("SELECT 1 FROM users WHERE id = %s", (user_id,))
         _one(cur, "user", user_id)
         _check_training_sessions(cur, user_id, ids)
+        if (base := params.get("base_artifact_id")) is not None:
+            # The worker checks it again (it may be deleted meanwhile), but only once the job is its turn. One
+            # answer for missing and another user's, so a user key cannot learn which ids exist.
+            cur.execute("SELECT 1 FROM model_artifacts WHERE id = %s AND (user_id IS NULL OR user_id = %s)",
+                        (base, user_id))
+            if cur.fetchone() is None:
+                raise NotFound(f"base model {base} not found: give the id of a shared base model or of one of "
+                               f"user {user_id}'s own models")
         cur.execute("INSERT INTO training_jobs (user_id, params) VALUES (%s, %s) RETURNING id",
                     (user_id, Json(params)))
         job_id = cur.fetchone()["id"]

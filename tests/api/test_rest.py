@@ -341,3 +341,31 @@ def test_a_nul_character_in_a_name_is_a_422_naming_the_field(api, keys, make_use
             assert r.status_code == 422 and f"{field} must not contain a NUL character" in r.text, (path, r.text)
         r = api.patch(f"/users/{uid}", json={"name": "B\x00"}, headers=mine)
         assert r.status_code == 422 and "user name must not contain a NUL" in r.text, r.text
+
+
+def test_a_base_model_that_is_missing_or_another_users_is_refused_when_the_job_is_scheduled(api, keys, make_user,
+                                                                                             clean_db):
+    """Both were queued (201) and failed only when a training worker took the job, after any jobs before it."""
+    from ml_model.rest.demo_models import insert_artifact, random_artifact
+
+    uid, other = make_user()["id"], make_user()["id"]
+    mine = keys("user", uid)
+    sid = _completed_session(api, mine, uid)
+    weights, meta = random_artifact(8, 200.0)
+    theirs = insert_artifact(clean_db, other, weights, meta)
+    own = insert_artifact(clean_db, uid, weights, meta)
+    with no_server_errors(api):
+        for base in (theirs, 424242):
+            r = api.post(f"/users/{uid}/jobs", json={"session_ids": [sid], "params": {"base_artifact_id": base}},
+                         headers=mine)
+            assert r.status_code == 404, r.text
+            assert r.json()["detail"] == (f"base model {base} not found: give the id of a shared base model or of "
+                                          f"one of user {uid}'s own models")
+        assert api.get("/jobs", headers=mine).json() == []
+        r = api.post(f"/users/{uid}/jobs", json={"session_ids": [sid], "params": {"base_artifact_id": 2**63}},
+                     headers=mine)
+        assert r.status_code == 422 and "base_artifact_id" in r.text
+        r = api.post(f"/users/{uid}/jobs", json={"session_ids": [sid], "params": {"base_artifact_id": own}},
+                     headers=mine)
+        assert r.status_code == 201, r.text
+        api.post(f"/jobs/{r.json()['id']}/cancel", headers=mine)

@@ -301,12 +301,18 @@ def test_training_job_fine_tunes_a_registered_base(clean_db, base, monkeypatch):
         served = artifacts.Predictor(bytes(cur.fetchone()[0]), model["metadata"])
     assert served.predict_proba(np.zeros((2, CHANNELS, served.window), np.float32)).shape == (2, 3)
 
-    bad = repo.schedule_job(clean_db, u["id"], [s["id"]], {"base_artifact_id": foreign_id})
-    assert jobs.run_job(bad["id"]) == "failed"
-    assert "another user" in repo.get_job(clean_db, bad["id"])["error"]
-    gone = repo.schedule_job(clean_db, u["id"], [s["id"]], {"base_artifact_id": 999999})
-    assert jobs.run_job(gone["id"]) == "failed"
-    assert "does not exist" in repo.get_job(clean_db, gone["id"])["error"]
+    # another user's model, or none, is refused when the job is scheduled (one answer for both) ...
+    for refused in (foreign_id, 999999):
+        with pytest.raises(repo.NotFound, match=f"base model {refused} not found: give the id of a shared base"):
+            repo.schedule_job(clean_db, u["id"], [s["id"]], {"base_artifact_id": refused})
+    # ... and by the worker when that changed after scheduling
+    for change in ("UPDATE model_artifacts SET user_id = %s WHERE id = %s", "DELETE FROM model_artifacts WHERE id = %s"):
+        later_id = jobs.store_artifact(clean_db, None, None, weights, meta)
+        job = repo.schedule_job(clean_db, u["id"], [s["id"]], {"base_artifact_id": later_id})
+        with clean_db, clean_db.cursor() as cur:
+            cur.execute(change, (other["id"], later_id) if "UPDATE" in change else (later_id,))
+        assert jobs.run_job(job["id"]) == "failed"
+        assert ("another user" if "UPDATE" in change else "does not exist") in repo.get_job(clean_db, job["id"])["error"]
 
 
 def test_evaluate_cli_with_base_on_real_data(tmp_path):
