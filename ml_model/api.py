@@ -168,6 +168,7 @@ _ERRORS = {
     413: f"the request body is too large: at most {errors.USER_MAX_BODY_BYTES // 2**10} KiB and "
          f"{errors.USER_MAX_JSON_VALUES} JSON values with a user API key (or one that could not be verified), "
          f"{errors.MAX_BODY_BYTES // 2**20} MiB with an admin or service key",
+    415: "the request body is not sent as JSON (its Content-Type header is not application/json)",
     429: f"a user API key already has {auth.USER_MAX_IN_FLIGHT} requests with a body under way (while the database "
          f"is down: the keys that cannot be verified, together); retry after their answers (Retry-After)",
     503: "the database is unavailable; retry later (Retry-After)",
@@ -190,7 +191,7 @@ def _openapi() -> dict:
         for method, op in ops.items():
             responses = op.setdefault("responses", {})
             for code, text in _ERRORS.items():
-                if code in (400, 409, 413, 429) and method == "get":
+                if code in (400, 409, 413, 415, 429) and method == "get":
                     continue
                 responses.setdefault(str(code), {"description": text, "content": {"application/json": {"schema": error}}})
             invalid = responses.setdefault("422", {"description": "Validation Error",

@@ -156,13 +156,26 @@ def _reported(error: dict) -> dict:
     return out
 
 
+_NOT_JSON = ("the request body must be JSON sent with the header Content-Type: application/json (got Content-Type: "
+             "{}). curl -d sends a form unless given -H 'Content-Type: application/json'; Python requests: json=body")
+
+
+def _not_json(errors: list) -> bool:
+    """FastAPI parses a body as JSON only when its Content-Type says so (none counts as not: CSRF); otherwise the
+    model gets the raw bytes and the 422 said only "Input should be a valid dictionary or object"."""
+    return len(errors) == 1 and errors[0].get("type") == "model_attributes_type" and \
+        tuple(errors[0].get("loc") or ()) == ("body",) and isinstance(errors[0].get("input"), bytes | bytearray)
+
+
 def install(app: FastAPI) -> None:
     app.add_middleware(BodySizeLimit)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, e: RequestValidationError) -> JSONResponse:
         """FastAPI's 422 (a list of {loc, msg, type, ...}), with at most MAX_REPORTED_ERRORS errors."""
         errors = e.errors()
+        if _not_json(errors):
+            return error_response(415, _NOT_JSON.format(request.headers.get("content-type") or "none"))
         shown = [_reported(err) for err in errors[:MAX_REPORTED_ERRORS]]
         if len(errors) > MAX_REPORTED_ERRORS:
             shown.append({"type": "too_many_errors", "loc": ["body"],

@@ -405,3 +405,23 @@ def test_a_422_for_a_big_body_is_short(api, keys, served):
     detail = api.post("/predict", json=bad, headers=keys.service).json()["detail"]
     assert len(detail) == MAX_REPORTED_ERRORS + 1 and detail[-1]["type"] == "too_many_errors"
     assert detail[0]["input"] == "x"
+
+
+def test_a_body_not_sent_as_json_is_415_saying_which_header_to_send(api, keys, served):
+    """curl -d (a form) and Python requests' data= (no Content-Type) were answered 422 "Input should be a valid
+    dictionary or object to extract fields from", about a body that was valid JSON."""
+    import json
+    user, _, _ = served()
+    body = json.dumps({"user_id": user["id"], "windows": _windows(1).tolist()}).encode()
+    for content_type in ("application/x-www-form-urlencoded", "text/plain", None):
+        headers = {**keys.service, **({"Content-Type": content_type} if content_type else {})}
+        r = api.post("/predict", content=body, headers=headers)
+        assert r.status_code == 415, (content_type, r.text)
+        assert "Content-Type: application/json" in r.json()["detail"] and (content_type or "none") in r.json()["detail"]
+    r = api.post("/users", content=b'{"name": "A", "email": "a@example.org"}', headers=keys.admin)
+    assert r.status_code == 415 and "-H 'Content-Type: application/json'" in r.json()["detail"]
+    # a JSON body that is not an object stays a 422
+    r = api.post("/predict", json=[1, 2], headers=keys.service)
+    assert r.status_code == 422 and r.json()["detail"][0]["type"] == "model_attributes_type"
+    r = api.post("/predict", content=body, headers={**keys.service, "Content-Type": "application/json; charset=utf-8"})
+    assert r.status_code == 200, r.text
