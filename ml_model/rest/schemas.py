@@ -22,6 +22,12 @@ class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _example(body: dict) -> ConfigDict:
+    """An input model's config with the request /docs fills in for "Try it out" (the example Swagger made up from the
+    types was refused: 'string' as an email, both single and batch fields in /predict, 'additionalProp1' params)."""
+    return ConfigDict(extra="forbid", json_schema_extra={"examples": [body]})
+
+
 class _Out(BaseModel):
     model_config = ConfigDict(extra="ignore", from_attributes=True)
 
@@ -32,12 +38,14 @@ class Message(_Out):
 
 # ---- users -------------------------------------------------------------------------------------------
 class UserCreate(_In):
+    model_config = _example({"name": "Ada Lovelace", "email": "ada@example.org", "notes": "right forearm"})
     name: str = Field(min_length=1, max_length=200)
     email: str = Field(min_length=3, max_length=320)
     notes: str = Field("", max_length=10000)
 
 
 class UserUpdate(_In):
+    model_config = _example({"notes": "electrodes 2 cm below the elbow"})
     name: str | None = Field(None, min_length=1, max_length=200)
     email: str | None = Field(None, min_length=3, max_length=320)
     notes: str | None = Field(None, max_length=10000)
@@ -63,6 +71,8 @@ class UserDeleted(_Out):
 
 # ---- gestures ----------------------------------------------------------------------------------------
 class GestureCreate(_In):
+    model_config = _example({"name": "fist", "description": "close the hand firmly", "channels_used": [],
+                             "channel_purposes": {"0": "flexors"}})
     name: str = Field(min_length=1, max_length=80)
     description: str = Field("", max_length=2000)
     channels_used: list[Channel] = Field(default_factory=list, max_length=16,
@@ -72,6 +82,7 @@ class GestureCreate(_In):
 
 
 class GestureUpdate(_In):
+    model_config = _example({"description": "close the hand firmly, thumb outside"})
     name: str | None = Field(None, min_length=1, max_length=80)
     description: str | None = Field(None, max_length=2000)
     channels_used: list[Channel] | None = Field(None, max_length=16)
@@ -95,6 +106,7 @@ class LibraryGesture(_Out):
 
 # ---- devices -----------------------------------------------------------------------------------------
 class DeviceCreate(_In):
+    model_config = _example({"channel_count": 8, "sample_rate_hz": 200, "protocol": "binary", "name": "Myo armband"})
     channel_count: int = Field(ge=1, le=16)
     sample_rate_hz: float = Field(gt=0, le=10000)
     protocol: Literal["binary", "legacy"] = "binary"
@@ -119,6 +131,7 @@ class DeviceWithKey(Device):
 
 # ---- capture sessions --------------------------------------------------------------------------------
 class PlanRequest(_In):
+    model_config = _example({"gestures": ["fist"], "repetitions": 3, "hold_s": 3, "rest_s": 2})
     gestures: list[str] = Field(min_length=1, max_length=50)
     repetitions: int = Field(ge=1, le=50)
     hold_s: float = Field(ge=0.5, le=60)
@@ -126,6 +139,8 @@ class PlanRequest(_In):
 
 
 class SessionCreate(PlanRequest):
+    model_config = _example({"gestures": ["fist"], "repetitions": 3, "hold_s": 3, "rest_s": 2, "device_id": 1,
+                             "name": "calibration"})
     device_id: Id | None = None
     name: str = Field("", max_length=200)
 
@@ -163,10 +178,12 @@ class Session(_Out):
 
 
 class SessionStart(_In):
+    model_config = _example({})
     at: datetime | None = Field(None, description="actual start (server clock); default now")
 
 
 class SessionEnd(_In):
+    model_config = _example({"status": "completed"})
     status: Literal["completed", "aborted"] = "completed"
     at: datetime | None = Field(None, description="actual end (server clock); default now")
 
@@ -174,6 +191,8 @@ class SessionEnd(_In):
 class IntervalAdd(_In):
     """An extra interval appended to a session (a repetition redone); it gets the next ordinal."""
 
+    model_config = _example({"kind": "gesture", "label": "fist", "repetition": 3, "planned_start_ms": 17000,
+                             "planned_end_ms": 20000})
     kind: Literal["rest", "gesture"]
     label: str = Field(min_length=1, max_length=80, description="a gesture of the user's bank (REST for rests)")
     repetition: int = Field(ge=0, le=1000)
@@ -188,12 +207,14 @@ class IntervalAdd(_In):
 
 
 class IntervalMark(_In):
+    model_config = _example({"started_at": "2026-01-01T10:00:02Z", "ended_at": "2026-01-01T10:00:05Z"})
     started_at: datetime = Field(description="when the cue actually started")
     ended_at: datetime | None = Field(None, description="when it actually ended")
 
 
 # ---- training jobs -----------------------------------------------------------------------------------
 class JobCreate(_In):
+    model_config = _example({"session_ids": [1], "params": {"epochs": 30}})
     session_ids: list[Id] = Field(min_length=1, max_length=1000)
     params: dict[str, Any] | None = Field(None, description="training parameters, e.g. {\"epochs\": 30}")
 
@@ -302,6 +323,7 @@ class PredictItem(_In):
 class PredictRequest(_In):
     """Either one user's data (the fields of an item at the top level) or `items` for several users."""
 
+    model_config = _example({"user_id": 1, "windows": [[[12, -40, 7], [3, 5, -9]]], "include_probabilities": True})
     user_id: Id | None = None
     windows: Windows | None = None
     samples: Rows | None = None
@@ -357,6 +379,7 @@ class PredictResponse(_Out):
 
 # ---- API keys ----------------------------------------------------------------------------------------
 class KeyCreate(_In):
+    model_config = _example({"role": "user", "user_id": 1, "name": "analysis notebook"})
     role: Literal["admin", "user", "service"]
     user_id: Id | None = Field(None, description="required for role 'user', empty otherwise")
     name: str = Field("", max_length=200)

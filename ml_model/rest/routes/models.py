@@ -5,10 +5,11 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+from typing import Annotated
 
 import numpy as np
 import orjson
-from fastapi import APIRouter, HTTPException, Response
+from fastapi import APIRouter, Body, HTTPException, Response
 from fastapi.concurrency import run_in_threadpool
 
 from ml_model import preprocessing as pp
@@ -149,8 +150,26 @@ def _predict_sync(state: AppState, items: list[PredictItem], batch: bool, with_p
     return orjson.dumps({"results": results})
 
 
+_SHAPE_NOTE = ("shown with 2 channels of 3 samples: use your model's n_device_channels and window "
+               "(GET /models/{user_id}), or the model answers 422 saying what it reads")
+PREDICT_EXAMPLES = {
+    "windows": {"summary": "one user's raw windows (n_windows x channels x samples)", "description": _SHAPE_NOTE,
+                "value": {"user_id": 1, "windows": [[[12, -40, 7], [3, 5, -9]]], "include_probabilities": True}},
+    "data_b64": {"summary": "the same as base64 little-endian int16 with its shape (compact)",
+                 "description": _SHAPE_NOTE + "; the bytes are numpy's arr.astype('<i2').tobytes()",
+                 "value": {"user_id": 1, "data_b64": "AQACAAMABAAFAAYA", "shape": [1, 2, 3], "dtype": "int16"}},
+    "samples": {"summary": "a raw recording (n_samples x channels), cut with the model's window and step",
+                "value": {"user_id": 1, "samples": [[12, 3], [-40, 5], [7, -9]]}},
+    "items": {"summary": "several users in one request (errors reported per item)",
+              "value": {"items": [{"user_id": 1, "windows": [[[12, -40, 7], [3, 5, -9]]]},
+                                  {"user_id": 2, "data_b64": "AQACAAMABAAFAAYA", "shape": [1, 2, 3]}],
+                        "include_probabilities": False}},
+}
+
+
 @router.post("/predict", response_model=PredictResponse)
-async def predict(req: PredictRequest, caller: Caller, state: State) -> Response:
+async def predict(req: Annotated[PredictRequest, Body(openapi_examples=PREDICT_EXAMPLES)], caller: Caller,
+                  state: State) -> Response:
     """Gesture and class probabilities for each window of one user's data, or of several users' (`items`).
 
     Windows must have the model's device channel count and window length (see `GET /models/{user_id}`);
