@@ -2,7 +2,7 @@
 
 Verified keys are cached so the hot /predict path costs no database round trip (and a slow commit elsewhere
 never stalls it); revoking a key through the API drops it from the cache at once, a key revoked elsewhere
-(the CLI) stops working within KEY_TTL_S.
+(the CLI) stops working within KEY_REVALIDATE_S.
 """
 
 from __future__ import annotations
@@ -14,15 +14,21 @@ import time
 from dataclasses import dataclass
 from typing import Annotated
 
+import psycopg2
 from fastapi import Depends, HTTPException, Path, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyHeader
 
 from ml_model.rest import keys
 from ml_model.rest.errors import ROLE_SCOPE_KEY, TRUSTED_ROLES, error_response
+from ml_model.rest.pool import DatabaseUnavailable
 from ml_model.rest.state import AppState, State
 
 KEY_TTL_S = 5.0
+# A key checked longer ago than this is checked again before its request is answered (the answer cached before is
+# used only when the database cannot say): served stale up to KEY_MAX_STALE_S, a key revoked with the CLI passed
+# once more whenever it came back within a minute, however long after its revocation.
+KEY_REVALIDATE_S = 2 * KEY_TTL_S
 KEY_MAX_STALE_S = 60.0
 MAX_CACHED_KEYS = 10_000
 TOUCH_INTERVAL_S = 60.0  # last_used_at is informative: at most one write per key and minute
@@ -52,8 +58,9 @@ class Principal:
 
 
 class KeyCache:
-    """Verified keys by SHA-256. A valid entry older than KEY_TTL_S is still served (up to KEY_MAX_STALE_S)
-    while one background check refreshes it, so no request ever waits for the database on a hot key.
+    """Verified keys by SHA-256. A valid entry older than KEY_TTL_S is still served (up to KEY_REVALIDATE_S)
+    while one background check refreshes it, so no request ever waits for the database on a hot key; an older
+    one ('old') is checked first, and served up to KEY_MAX_STALE_S only when the database cannot be reached.
 
     ``clear()`` (a key revoked, a user deleted) starts a new generation: a check that began before it may have
     read the key as valid, so its answer is not cached (``put`` with the older generation is ignored).
@@ -65,9 +72,12 @@ class KeyCache:
         self._entries: dict[str, tuple[Principal | None, float]] = {}
         self._refreshing: set[str] = set()
         self._touched: dict[int, float] = {}
+        # the last key check could not reach the database: 'old' entries are then served as 'stale' (one request
+        # waits for the outage to be noticed, not every one: the live worker's must not wait for a connect timeout)
+        self.unreachable = False
 
     def get(self, digest: str) -> tuple[str, Principal | None]:
-        """('fresh' | 'stale' | 'miss', principal)."""
+        """('fresh' | 'stale' | 'old' | 'miss', principal)."""
         with self._lock:
             hit = self._entries.get(digest)
         if hit is None:
@@ -76,7 +86,7 @@ class KeyCache:
         if age < KEY_TTL_S:
             return "fresh", hit[0]
         if hit[0] is not None and age < KEY_MAX_STALE_S:
-            return "stale", hit[0]
+            return ("stale" if age < KEY_REVALIDATE_S else "old"), hit[0]
         return "miss", None
 
     @property
@@ -134,7 +144,9 @@ async def _refresh(state: AppState, key: str, digest: str) -> None:
     generation = state.key_cache.generation
     try:
         state.key_cache.put(digest, await run_in_threadpool(_verify, state, key), generation)
+        state.key_cache.unreachable = False
     except Exception as e:  # noqa: BLE001 - keep serving the cached answer; the next request tries again
+        state.key_cache.unreachable = True
         log.debug("background key check failed: %s", e)
     finally:
         state.key_cache.end_refresh(digest)
@@ -149,12 +161,23 @@ async def get_principal(
                             headers={"WWW-Authenticate": HEADER})
     digest = keys.key_hash(key)
     status, principal = state.key_cache.get(digest)
-    if status == "miss":
+    if status == "old" and state.key_cache.unreachable:
+        status = "stale"
+    if status in ("miss", "old"):
         generation = state.key_cache.generation
-        principal = await run_in_threadpool(_verify, state, key)
-        if state.key_cache.generation != generation and principal is not None:
-            principal = await run_in_threadpool(_verify, state, key)  # revoked meanwhile? ask again
-        state.key_cache.put(digest, principal, generation)
+        try:
+            checked = await run_in_threadpool(_verify, state, key)
+            if state.key_cache.generation != generation and checked is not None:
+                checked = await run_in_threadpool(_verify, state, key)  # revoked meanwhile? ask again
+        except (DatabaseUnavailable, psycopg2.Error):
+            state.key_cache.unreachable = True
+            if status == "miss":
+                raise
+            checked = principal  # the database cannot say (an outage): keep the answer cached before, not put
+        else:
+            state.key_cache.unreachable = False
+            state.key_cache.put(digest, checked, generation)
+        principal = checked
     elif status == "stale" and state.key_cache.start_refresh(digest):
         task = asyncio.get_running_loop().create_task(_refresh(state, key, digest))
         state.tasks.append(task)

@@ -245,3 +245,29 @@ def test_made_up_keys_do_not_push_valid_ones_out_of_the_cache(api, keys, make_us
     monkeypatch.setattr(keystore, "lookup", lambda conn, key: lookups.append(key) or real_lookup(conn, key))
     assert api.get(f"/users/{user['id']}", headers=h).status_code == 200
     assert lookups == []  # answered from the cache
+
+
+def _age_cached_check(api, key: str, seconds: float) -> None:
+    """Make the key cache's check of `key` `seconds` old, as if the key had not been used since."""
+    import time
+
+    cache = api.app.state.semg.key_cache
+    digest = keystore.key_hash(key)
+    principal, _ = cache._entries[digest]
+    cache._entries[digest] = (principal, time.monotonic() - seconds)
+
+
+def test_a_key_revoked_with_the_cli_is_refused_once_its_cached_check_is_old(api, make_user, clean_db):
+    """A key revoked outside the API (`python -m ml_model.api revoke-key`) was answered from the key cache,
+    unchecked, by the first request that came within KEY_MAX_STALE_S (a minute) of its last check, however long
+    after the revocation: the docstring promised KEY_TTL_S."""
+    from ml_model.rest.auth import KEY_REVALIDATE_S
+
+    user = make_user()
+    row = keystore.create_key(clean_db, "user", user["id"], "revoked with the CLI")
+    h = {"X-API-Key": row["key"]}
+    assert api.get(f"/users/{user['id']}", headers=h).status_code == 200  # checked and cached
+    keystore.revoke_key(clean_db, row["id"])  # as the CLI does: the running API is not told
+    _age_cached_check(api, row["key"], KEY_REVALIDATE_S + 1)
+    r = api.get(f"/users/{user['id']}", headers=h)
+    assert r.status_code == 401 and r.json()["detail"] == "invalid or revoked API key"
