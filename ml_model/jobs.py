@@ -155,6 +155,7 @@ def load_job_data(conn, job_id: int, config: dict) -> dict[str, Any]:
         all_w, all_l, all_g = [], [], []
         recorded: dict[str, dict] = {}  # class -> its longest recorded hold (ms) and sessions
         deleted: dict[str, set] = {}  # name of a gesture deleted from the bank -> sessions holding its recordings
+        unmarked = []  # sessions none of whose intervals has its actual times: nothing in them is labelled
         for session_id, device_id, _, _ in sessions:
             cur.execute(
                 """SELECT label, kind, repetition, started_at, ended_at, planned_end_ms - planned_start_ms,
@@ -165,6 +166,7 @@ def load_job_data(conn, job_id: int, config: dict) -> dict[str, Any]:
             )
             ivs = cur.fetchall()
             if not ivs:
+                unmarked.append(session_id)
                 continue
             intervals, last_end = _session_intervals(session_id, ivs)
             for iv in intervals:
@@ -190,6 +192,13 @@ def load_job_data(conn, job_id: int, config: dict) -> dict[str, Any]:
                     all_l.append(lab)
                     all_g.append(grp)
     if not all_w:
+        # A session captured through the API whose intervals were never marked looked like a silent device.
+        if unmarked:
+            raise JobFailed(f"no data in the chosen sessions: {_sessions(unmarked)} no interval with its actual "
+                            "start and end, so no sample is labelled (the capture page records them as "
+                            "it cues each interval; through the API: POST /intervals/{id}/mark for each)"
+                            + ("" if len(unmarked) == len(sessions) else "; in the others no samples were recorded "
+                               "during their cues"))
         raise JobFailed("no data in the chosen sessions: no samples were recorded during their gesture/rest cues "
                         "(is the device streaming while you capture?)")
     found = {str(v) for v in np.concatenate(all_l)}
@@ -202,6 +211,10 @@ def load_job_data(conn, job_id: int, config: dict) -> dict[str, Any]:
         "sample_rate_hz": rate, "channels_used": channels_used, "sessions": [s[0] for s in sessions],
         "deleted_gestures": _describe_deleted(deleted),
     }
+
+
+def _sessions(ids: list[int]) -> str:
+    return f"session {ids[0]} has" if len(ids) == 1 else f"sessions {', '.join(map(str, ids))} have"
 
 
 def _describe_deleted(deleted: Mapping[str, set]) -> str:

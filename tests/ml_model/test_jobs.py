@@ -672,3 +672,23 @@ def test_gesture_data_stored_before_nfc_and_relinking_is_brought_in_line_by_migr
     assert [iv["gesture_id"] for iv in new["intervals"] if iv["kind"] == "gesture"] == [old]
     after = jobs.load_job_data(clean_db, job["id"], training.merge_config({"sample_rate_hz": 1.0}))
     assert "fist" in set(after["labels"].astype(str)) and not after["deleted_gestures"]
+
+
+def test_a_session_whose_intervals_were_never_marked_fails_saying_so(clean_db, user_device, tmp_path):
+    """A session captured through the API without POST /intervals/{id}/mark has samples but nothing labels them:
+    the job said "no samples were recorded during their gesture/rest cues (is the device streaming ...?)"."""
+    u, d = user_device
+    # streamed, but its marks only in a journal the platform does not read (as if never sent)
+    unmarked = record_session(clean_db, u["id"], d["id"], journal_dir=tmp_path / "elsewhere", minutes_ago=5)
+    silent = record_session(clean_db, u["id"], d["id"], stream=False, minutes_ago=10)  # marked, nothing streamed
+    errors = []
+    for ids in ([unmarked["id"]], [unmarked["id"], silent["id"]], [silent["id"]]):
+        job = repo.schedule_job(clean_db, u["id"], ids, {"epochs": 2})
+        assert jobs.run_job(job["id"]) == "failed"
+        errors.append(repo.get_job(clean_db, job["id"])["error"])
+    assert errors[0] == (f"no data in the chosen sessions: session {unmarked['id']} has no interval with its actual "
+                         "start and end, so no sample is labelled (the capture page records them as it "
+                         "cues each interval; through the API: POST /intervals/{id}/mark for each)"), errors[0]
+    assert errors[1].startswith(f"no data in the chosen sessions: session {unmarked['id']} has no interval") and \
+        errors[1].endswith("; in the others no samples were recorded during their cues"), errors[1]
+    assert "is the device streaming while you capture?" in errors[2], errors[2]
