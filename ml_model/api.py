@@ -160,7 +160,7 @@ for r in (models_routes, users_routes, sessions_routes, jobs_routes, keys_routes
 # Error answers every keyed endpoint may give (ml_model/rest/errors.py, auth.py): documented in the schema, so
 # clients (and schemathesis, tests/fuzz) can rely on it. A 422 is FastAPI's validation list or one message.
 _ERRORS = {
-    400: "the request body could not be read (e.g. not UTF-8)",
+    400: "the request body could not be read as JSON (it is not UTF-8)",
     401: "missing, unknown or revoked API key",
     403: "this API key may not access that user's data (or this endpoint)",
     404: "a referenced user, device, session, job, gesture, key or model does not exist",

@@ -13,8 +13,10 @@ import numpy as np
 import psycopg2
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ml_model.rest.pool import DatabaseUnavailable
 from ml_model.rest.serving import InputError
@@ -160,6 +162,12 @@ _NOT_JSON = ("the request body must be JSON sent with the header Content-Type: a
              "{}). curl -d sends a form unless given -H 'Content-Type: application/json'; Python requests: json=body")
 
 
+# FastAPI's whole answer to a JSON body it could not decode (e.g. not UTF-8): it says neither why nor what to send
+_FASTAPI_UNREADABLE = "There was an error parsing the body"
+_UNREADABLE = ("the request body could not be read as JSON: it must be UTF-8 text (JSON escapes like \\u00fc for "
+               "other characters are fine)")
+
+
 def _not_json(errors: list) -> bool:
     """FastAPI parses a body as JSON only when its Content-Type says so (none counts as not: CSRF); otherwise the
     model gets the raw bytes and the 422 said only "Input should be a valid dictionary or object"."""
@@ -181,6 +189,12 @@ def install(app: FastAPI) -> None:
             shown.append({"type": "too_many_errors", "loc": ["body"],
                           "msg": f"and {len(errors) - MAX_REPORTED_ERRORS} more errors"})
         return JSONResponse({"detail": jsonable_encoder(shown)}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        if e.status_code == 400 and e.detail == _FASTAPI_UNREADABLE:
+            return error_response(400, _UNREADABLE)
+        return await http_exception_handler(request, e)
 
     @app.exception_handler(repo.NotFound)
     async def _not_found(_: Request, e: repo.NotFound) -> JSONResponse:

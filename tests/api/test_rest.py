@@ -433,3 +433,17 @@ def test_every_docs_example_is_a_request_the_api_takes(api, keys, served):
                 assert r.status_code == 200 and all("windows of 50 samples" in x["error"]["detail"]
                                                     for x in r.json()["results"]), r.text
     assert not documented, f"examples not tried: {list(documented)}"
+
+
+def test_a_body_that_is_not_utf8_is_400_saying_what_to_send(api, keys):
+    """A Latin-1 name (as some tools send it) was answered only "There was an error parsing the body"."""
+    body = '{"name": "Jürgen Müller", "email": "jm@example.org"}'
+    r = api.post("/users", content=body.encode("latin-1"),
+                 headers={**keys.admin, "Content-Type": "application/json"})
+    assert r.status_code == 400
+    assert r.json()["detail"].startswith("the request body could not be read as JSON: it must be UTF-8"), r.text
+    r = api.post("/users", content=body.encode(), headers={**keys.admin, "Content-Type": "application/json"})
+    assert r.status_code == 201 and r.json()["name"] == "Jürgen Müller"
+    assert api.get("/users/424242", headers=keys.admin).json() == {"detail": "user 424242 not found"}
+    r = api.get("/users", headers={"X-API-Key": "semg_wrong"})  # other HTTP errors as before, headers included
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "X-API-Key"
