@@ -990,6 +990,16 @@ def _check_training_sessions(cur, user_id: int, ids: list[int]) -> None:
     if mismatches:
         raise Invalid(f"the chosen sessions were recorded with {' and '.join(mismatches)}; a training job needs "
                       "sessions of one sensor setup")
+    if with_device:
+        # Training reads the channels of every gesture of the bank (ml_model.jobs): one naming a channel the device
+        # lacks failed every job, but only once a worker took it.
+        n = with_device[0]["channel_count"]
+        cur.execute("""SELECT g.name, c FROM gestures g, unnest(g.channels_used) AS c
+                       WHERE g.user_id = %s AND c >= %s ORDER BY c DESC, g.name LIMIT 1""", (user_id, n))
+        if (row := cur.fetchone()) is not None:
+            raise Invalid(f"gesture {row['name']!r} of the bank uses channel {row['c']}, but these sessions were "
+                          f"recorded with {n} channels (0 to {n - 1}), and training reads the channels of every "
+                          f"gesture of the bank: change that gesture's channels first")
 
 
 def training_sessions_problem(conn, user_id: int, session_ids: Sequence[int]) -> str | None:

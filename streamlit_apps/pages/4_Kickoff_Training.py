@@ -125,7 +125,8 @@ def options_and_schedule(user: dict, selected: list[int]) -> None:
         params["base_artifact_id"] = int(base)
     problem = data.training_sessions_problem(user["id"], selected)
     if problem:
-        st.error(f"Cannot train on these sessions: {problem}. Tick only sessions recorded with one device setup.",
+        hint = " Tick only sessions recorded with one device setup." if "one sensor setup" in problem else ""
+        st.error(f"Cannot train on these sessions: {problem}.{hint}",
                  icon=":material/block:")
     if st.button(f"Train on {len(selected)} session(s)", type="primary", disabled=not selected or bool(problem),
                  key="kick_schedule", icon=":material/rocket_launch:"):

@@ -447,3 +447,27 @@ def test_a_body_that_is_not_utf8_is_400_saying_what_to_send(api, keys):
     assert api.get("/users/424242", headers=keys.admin).json() == {"detail": "user 424242 not found"}
     r = api.get("/users", headers={"X-API-Key": "semg_wrong"})  # other HTTP errors as before, headers included
     assert r.status_code == 401 and r.headers["www-authenticate"] == "X-API-Key"
+
+
+def test_a_gesture_naming_a_channel_the_sessions_device_lacks_is_refused_when_the_job_is_scheduled(api, keys,
+                                                                                                  make_user):
+    """Training reads the channels of every gesture of the bank: one gesture naming channel 5 of a 4-channel
+    device (accepted when added, the user may have bigger devices) failed every later job, but only in the worker."""
+    uid = make_user()["id"]
+    mine = keys("user", uid)
+    dev = api.post(f"/users/{uid}/devices", json={"channel_count": 4, "sample_rate_hz": 500}, headers=mine).json()
+    api.post(f"/users/{uid}/gestures", json={"name": "fist"}, headers=mine)
+    s = api.post(f"/users/{uid}/sessions", json={"gestures": ["fist"], "repetitions": 1, "hold_s": 1, "rest_s": 1,
+                                                 "device_id": dev["id"]}, headers=mine).json()
+    api.post(f"/sessions/{s['id']}/end", headers=mine)
+    g = api.post(f"/users/{uid}/gestures", json={"name": "pinch", "channels_used": [1, 5]}, headers=mine)
+    assert g.status_code == 201, g.text
+    with no_server_errors(api):
+        r = api.post(f"/users/{uid}/jobs", json={"session_ids": [s["id"]]}, headers=mine)
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"] == ("gesture 'pinch' of the bank uses channel 5, but these sessions were recorded "
+                                      "with 4 channels (0 to 3), and training reads the channels of every gesture "
+                                      "of the bank: change that gesture's channels first")
+        assert api.get("/jobs", headers=mine).json() == []
+        api.patch(f"/gestures/{g.json()['id']}", json={"channels_used": [1, 3]}, headers=mine)
+        assert api.post(f"/users/{uid}/jobs", json={"session_ids": [s["id"]]}, headers=mine).status_code == 201

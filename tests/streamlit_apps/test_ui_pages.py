@@ -1042,6 +1042,25 @@ def test_kickoff_tick_boxes_belong_to_the_user_they_were_ticked_for(page, clean_
     assert button(at, "Train on 0").disabled  # and Ann's choice is still hers
 
 
+def test_kickoff_refuses_a_bank_naming_a_channel_the_sessions_device_lacks(page, clean_db):
+    """A gesture naming channel 5 of the 4-channel device the session was recorded with failed every job in the
+    worker; the page now says which gesture and channel, without the advice about mixed device setups."""
+    ann = ui_seed.seed_user(clean_db, "Ann", "ann@example.org", channels=4, rate=200.0)
+    uid = ann["user"]["id"]
+    start = datetime.now(UTC) - timedelta(seconds=60)
+    ui_seed.seed_samples(clean_db, uid, ann["device"]["id"], start, 4_000, channels=4, rate=200.0)
+    ui_seed.seed_session(clean_db, uid, ann["device"]["id"], start + timedelta(seconds=1), repetitions=1)
+    repo.add_gesture(clean_db, uid, "pinch", channels_used=[5])
+    at = page("kickoff", user_id=uid)
+    at.run()
+    assert_clean(at)
+    shown = texts(at)
+    assert "gesture 'pinch' of the bank uses channel 5, but these sessions were recorded with 4 channels" in shown, shown
+    assert "Tick only sessions recorded with one device setup" not in shown
+    assert button(at, "Train on 1").disabled
+    assert repo.list_jobs(clean_db, uid) == []
+
+
 def test_kickoff_refuses_sessions_of_different_sample_rates_or_channel_counts(page, clean_db):
     """The page warned about mixed sample rates but still scheduled the job (and said nothing of channel
     counts); the worker then failed it. Now the mismatch is named and nothing is scheduled."""
