@@ -968,7 +968,7 @@ def _check_job_params(params: dict) -> dict:
 def _check_training_sessions(cur, user_id: int, ids: list[int]) -> None:
     """The sessions exist, are the user's, completed, and of one sensor setup (a job over mixed sample rates or
     channel counts would only fail in the training worker)."""
-    cur.execute("""SELECT s.id, s.user_id, s.status, d.channel_count, d.sample_rate_hz
+    cur.execute("""SELECT s.id, s.user_id, s.status, s.device_id, d.channel_count, d.sample_rate_hz
                    FROM capture_sessions s LEFT JOIN devices d ON d.id = s.device_id
                    WHERE s.id = ANY(%s) ORDER BY s.id""", (ids,))
     found = {r["id"]: r for r in cur.fetchall()}
@@ -979,6 +979,9 @@ def _check_training_sessions(cur, user_id: int, ids: list[int]) -> None:
             raise Invalid(f"session {sid} belongs to another user")
         if found[sid]["status"] != "completed":
             raise Invalid(f"session {sid} is {found[sid]['status']}; only completed sessions can be trained on")
+        if found[sid]["device_id"] is None:  # the worker failed such a job only when it took it
+            raise Invalid(f"session {sid} has no device (none was given when it was created, or it was deleted "
+                          "with its samples), so it holds no samples to train on")
     with_device = [r for r in found.values() if r["channel_count"] is not None]
     mismatches = []
     if len({float(r["sample_rate_hz"]) for r in with_device}) > 1:

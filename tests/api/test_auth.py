@@ -78,7 +78,8 @@ def test_user_key_cannot_touch_other_users_resources_by_id(api, keys, make_user)
     s = api.post(f"/users/{other['id']}/sessions", json={"gestures": ["fist"], "repetitions": 1, "hold_s": 1,
                                                          "rest_s": 1}, headers=keys.admin).json()
     done = api.post(f"/users/{other['id']}/sessions", json={"gestures": ["fist"], "repetitions": 1, "hold_s": 1,
-                                                            "rest_s": 1}, headers=keys.admin).json()
+                                                            "rest_s": 1, "device_id": d["id"]},
+                    headers=keys.admin).json()
     api.post(f"/sessions/{done['id']}/end", headers=keys.admin)
     job = api.post(f"/users/{other['id']}/jobs", json={"session_ids": [done["id"]]}, headers=keys.admin)
     assert job.status_code == 201, job.text

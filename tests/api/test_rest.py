@@ -190,10 +190,15 @@ def test_capture_session_lifecycle(api, keys, make_user):
         assert api.get("/sessions/424242", headers=keys.admin).status_code == 404
 
 
+def _device(api, headers, uid) -> int:
+    return api.post(f"/users/{uid}/devices", json={"channel_count": 8, "sample_rate_hz": 200},
+                    headers=headers).json()["id"]
+
+
 def _completed_session(api, headers, uid) -> int:
     api.post(f"/users/{uid}/gestures", json={"name": "fist"}, headers=headers)
-    s = api.post(f"/users/{uid}/sessions", json={"gestures": ["fist"], "repetitions": 2, "hold_s": 1, "rest_s": 1},
-                 headers=headers).json()
+    s = api.post(f"/users/{uid}/sessions", json={"gestures": ["fist"], "repetitions": 2, "hold_s": 1, "rest_s": 1,
+                                                 "device_id": _device(api, headers, uid)}, headers=headers).json()
     api.post(f"/sessions/{s['id']}/end", headers=headers)
     return s["id"]
 
@@ -273,8 +278,8 @@ def test_scheduling_a_job_stores_the_labels_waiting_in_capture_journals(api, key
     uid = make_user()["id"]
     mine = keys("user", uid)
     api.post(f"/users/{uid}/gestures", json={"name": "fist"}, headers=mine)
-    s = api.post(f"/users/{uid}/sessions", json={"gestures": ["fist"], "repetitions": 2, "hold_s": 1, "rest_s": 1},
-                 headers=mine).json()
+    s = api.post(f"/users/{uid}/sessions", json={"gestures": ["fist"], "repetitions": 2, "hold_s": 1, "rest_s": 1,
+                                                 "device_id": _device(api, mine, uid)}, headers=mine).json()
     t0 = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)
     api.post(f"/sessions/{s['id']}/start", json={"at": t0.isoformat()}, headers=mine)
     path = write_quiet_journal(settings, s, t0)
@@ -471,3 +476,25 @@ def test_a_gesture_naming_a_channel_the_sessions_device_lacks_is_refused_when_th
         assert api.get("/jobs", headers=mine).json() == []
         api.patch(f"/gestures/{g.json()['id']}", json={"channels_used": [1, 3]}, headers=mine)
         assert api.post(f"/users/{uid}/jobs", json={"session_ids": [s["id"]]}, headers=mine).status_code == 201
+
+
+def test_a_session_without_a_device_is_refused_when_the_job_is_scheduled(api, keys, make_user):
+    """A session created without device_id, or whose device was deleted (with its samples), was queued and failed
+    in the worker ('has no device (it was deleted)')."""
+    uid = make_user()["id"]
+    mine = keys("user", uid)
+    api.post(f"/users/{uid}/gestures", json={"name": "fist"}, headers=mine)
+    dev = api.post(f"/users/{uid}/devices", json={"channel_count": 4, "sample_rate_hz": 500}, headers=mine).json()
+    plan = {"gestures": ["fist"], "repetitions": 1, "hold_s": 1, "rest_s": 1}
+    none = api.post(f"/users/{uid}/sessions", json=plan, headers=mine).json()
+    gone = api.post(f"/users/{uid}/sessions", json={**plan, "device_id": dev["id"]}, headers=mine).json()
+    for s in (none, gone):
+        api.post(f"/sessions/{s['id']}/end", headers=mine)
+    assert api.post(f"/users/{uid}/jobs", json={"session_ids": [gone["id"]]}, headers=mine).status_code == 201
+    assert api.delete(f"/devices/{dev['id']}", headers=mine).status_code == 204
+    with no_server_errors(api):
+        for s in (none, gone):
+            r = api.post(f"/users/{uid}/jobs", json={"session_ids": [s["id"]]}, headers=mine)
+            assert r.status_code == 422, r.text
+            assert r.json()["detail"] == (f"session {s['id']} has no device (none was given when it was created, or "
+                                          "it was deleted with its samples), so it holds no samples to train on")
