@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -382,3 +383,26 @@ def cli_export(
     if check:
         report["check"] = compare(weights, meta, formats=list(exported), exported=exported)
     return report
+
+
+def _main(argv: Sequence[str]) -> int:
+    """``python -m ml_model.export ARTIFACT_DIR FORMAT OUT``: write ``export_bytes`` of an artifact dir to OUT.
+
+    The API's model download runs this in its own process, at low priority: an export takes seconds of CPU and
+    torch.onnx's global export state, neither of which belongs in the process serving live /predict."""
+    from ml_model import artifacts
+
+    if len(argv) != 3:
+        print("usage: python -m ml_model.export ARTIFACT_DIR FORMAT OUT", file=sys.stderr)
+        return 2
+    src, fmt, out = argv
+    os.nice(10)
+    torch.set_num_threads(1)
+    weights, meta = artifacts.read_artifact_dir(src)
+    Path(out).write_bytes(export_bytes(weights, meta, fmt))
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    sys.exit(_main(sys.argv[1:]))

@@ -425,3 +425,40 @@ def test_a_body_not_sent_as_json_is_415_saying_which_header_to_send(api, keys, s
     assert r.status_code == 422 and r.json()["detail"][0]["type"] == "model_attributes_type"
     r = api.post("/predict", content=body, headers={**keys.service, "Content-Type": "application/json; charset=utf-8"})
     assert r.status_code == 200, r.text
+
+
+def test_a_users_model_downloads_as_onnx_int8_and_torchscript_through_the_api(api, keys, served):
+    """README promises the API does everything the UI does, but the UI's ONNX / int8 / TorchScript downloads had
+    no route: a researcher scripting the API could not get a model to run off the platform."""
+    import io
+
+    import torch
+
+    from ml_model import export
+
+    user, weights, meta = served(seed=5)
+    other, _, other_meta = served(seed=6)
+    mine = keys("user", user["id"])
+    x = _windows(4, seed=2).astype(np.float32)
+    want = artifacts.Predictor(weights, meta).predict_proba(x)
+    url = f"/users/{user['id']}/models/{meta['artifact_id']}/export"
+    r = api.get(url, headers=mine)  # ONNX by default
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/octet-stream"
+    assert r.headers["content-disposition"].startswith('attachment; filename="semg-')
+    assert r.headers["content-disposition"].endswith('.onnx"')
+    np.testing.assert_allclose(export.run_onnx(r.content, x), want, atol=1e-5)
+    r = api.get(url, params={"format": "torchscript"}, headers=mine)
+    assert r.status_code == 200 and r.headers["content-disposition"].endswith('.pt"'), r.text
+    ts = torch.jit.load(io.BytesIO(r.content))
+    with torch.no_grad():
+        np.testing.assert_allclose(ts(torch.from_numpy(x)).numpy(), want, atol=1e-5)
+    r = api.get(url, params={"format": "onnx-int8"}, headers=mine)
+    assert r.status_code == 200 and r.headers["content-disposition"].endswith('.int8.onnx"')
+    assert (export.run_onnx(r.content, x).argmax(1) == want.argmax(1)).mean() >= 0.5
+    # another user's model is not there for this key, whichever way it is asked for
+    theirs = f"/users/{user['id']}/models/{other_meta['artifact_id']}/export"
+    r = api.get(theirs, headers=mine)
+    assert r.status_code == 404 and "GET /users/" in r.json()["detail"], r.text
+    assert api.get(f"/users/{other['id']}/models/{other_meta['artifact_id']}/export", headers=mine).status_code == 403
+    assert api.get(url, params={"format": "tflite"}, headers=mine).status_code == 422

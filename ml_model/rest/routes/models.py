@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import math
-from typing import Annotated
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import orjson
-from fastapi import APIRouter, Body, HTTPException, Response
+from fastapi import APIRouter, Body, HTTPException, Query, Response
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 
+from ml_model import artifacts
 from ml_model import preprocessing as pp
+from ml_model.export_names import export_filename
 from ml_model.rest import serving
 from ml_model.rest.auth import Caller, UserScoped
 from ml_model.rest.deps import Conn
@@ -28,6 +37,7 @@ from ml_model.rest.state import AppState, State
 from semg import repo
 
 router = APIRouter(tags=["models"])
+log = logging.getLogger("semg.api.models")
 
 MAX_WINDOWS_PER_REQUEST = 20_000
 MAX_VALUES_PER_ITEM = 20_000_000
@@ -237,3 +247,58 @@ def user_model_history(user_id: UserScoped, conn: Conn) -> list[ModelInfo]:
         ))
     return out
 
+
+
+# A model export (ml_model.export) takes seconds of CPU: it runs in its own process at low priority, one at a time.
+MODEL_EXPORT_TIMEOUT_S = 300
+MODEL_EXPORT_RETRY_AFTER_S = 10
+_model_export = threading.Lock()
+
+
+@router.get(
+    "/users/{user_id}/models/{artifact_id}/export", response_class=Response,
+    responses={200: {"description": "the model file: raw windows (batch, n_device_channels, window) as float32 in, "
+                                    "class probabilities out; its description is embedded (ONNX metadata_props "
+                                    "'semg', TorchScript extra file semg.json)",
+                     "content": {"application/octet-stream": {}}},
+               429: {"description": "another model is being exported (Retry-After)",
+                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}},
+)
+def export_model(
+    user_id: UserScoped, artifact_id: Annotated[int, PathParam(ge=1, le=2**63 - 1)], state: State,
+    format: Annotated[Literal["onnx", "onnx-int8", "torchscript"],  # noqa: A002 - the query parameter's name
+                      Query(description="onnx (float32), onnx-int8 (CNN weights int8) or torchscript")] = "onnx",
+) -> Response:
+    """Download one of the user's models (`GET /users/{user_id}/models` lists them) to run off the platform: the
+    whole serving path (channel selection, filter, scaler, CNN, softmax) in one file, as the web UI's Training Jobs
+    page offers. Takes seconds; one export at a time on the server (429 with Retry-After otherwise)."""
+    with state.pool.connection() as conn, conn.cursor() as cur:  # not held while the file is made
+        cur.execute("SELECT id, job_id, weights, metadata FROM model_artifacts WHERE id = %s AND user_id = %s",
+                    (artifact_id, user_id))
+        row = cur.fetchone()
+        conn.rollback()
+    if row is None:
+        raise HTTPException(404, f"user {user_id} has no model {artifact_id} (GET /users/{user_id}/models lists them)")
+    meta = dict(row[3] or {})
+    meta.setdefault("artifact_id", row[0])
+    if row[1] is not None:
+        meta.setdefault("job_id", row[1])
+    if not _model_export.acquire(blocking=False):
+        raise HTTPException(429, f"another model is being exported: retry in {MODEL_EXPORT_RETRY_AFTER_S} s",
+                            headers={"Retry-After": str(MODEL_EXPORT_RETRY_AFTER_S)})
+    try:
+        with tempfile.TemporaryDirectory(prefix="semg-export-") as tmp:
+            src = artifacts.write_artifact_dir(Path(tmp) / "artifact", bytes(row[2]), meta)
+            out = Path(tmp) / "model"
+            done = subprocess.run([sys.executable, "-m", "ml_model.export", str(src), format, str(out)],
+                                  capture_output=True, text=True, timeout=MODEL_EXPORT_TIMEOUT_S, check=False)
+            if done.returncode != 0 or not out.exists():
+                last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                log.error("export of model %s as %s failed: %s", artifact_id, format, done.stderr[-2000:])
+                raise HTTPException(500, f"the export of model {artifact_id} as {format} failed ({last}); the "
+                                         "API's log has the details")
+            data = out.read_bytes()
+    finally:
+        _model_export.release()
+    return Response(data, media_type="application/octet-stream",
+                    headers={"Content-Disposition": f'attachment; filename="{export_filename(meta, format)}"'})
