@@ -774,6 +774,12 @@ def end_session(conn, session_id: int, status: str = "completed", at: datetime |
         raise Invalid("a session ends as 'completed' or 'aborted'")
     with _tx(conn) as cur:
         _own_run(cur, session_id, owner)
+        # an end before the start broke a CHECK constraint, whose text was all the caller saw
+        cur.execute("""SELECT started_at, coalesce(%s, now()) AS ended_at FROM capture_sessions
+                       WHERE id = %s AND started_at > coalesce(%s, now())""", (at, session_id, at))
+        if early := cur.fetchone():
+            raise Invalid(f"session {session_id} cannot end at {early['ended_at']:%Y-%m-%d %H:%M:%S.%f %Z}: it started "
+                          f"later, at {early['started_at']:%Y-%m-%d %H:%M:%S.%f %Z}; give an end (at) after its start")
         cur.execute(f"""UPDATE capture_sessions SET status = %s, ended_at = coalesce(%s, now()),
                            started_at = coalesce(started_at, coalesce(%s, now()))
                         WHERE id = %s AND status IN ('planned', 'recording') RETURNING {_SESSION_COLS}""",

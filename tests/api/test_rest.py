@@ -498,3 +498,27 @@ def test_a_session_without_a_device_is_refused_when_the_job_is_scheduled(api, ke
             assert r.status_code == 422, r.text
             assert r.json()["detail"] == (f"session {s['id']} has no device (none was given when it was created, or "
                                           "it was deleted with its samples), so it holds no samples to train on")
+
+
+def test_a_session_ended_before_it_started_is_422_saying_so(api, keys, make_user):
+    """The answer was the database's CHECK constraint: 'capture_sessions: is not valid (new row for relation
+    "capture_sessions" violates check constraint "capture_sessions_check")'. Also for the default end (now) of a
+    session whose start was given in the future."""
+    uid = make_user()["id"]
+    mine = keys("user", uid)
+    api.post(f"/users/{uid}/gestures", json={"name": "fist"}, headers=mine)
+    plan = {"gestures": ["fist"], "repetitions": 1, "hold_s": 1, "rest_s": 1}
+    s = api.post(f"/users/{uid}/sessions", json=plan, headers=mine).json()
+    start = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    assert api.post(f"/sessions/{s['id']}/start", json={"at": start.isoformat()}, headers=mine).status_code == 200
+    with no_server_errors(api):
+        for body in ({"status": "aborted", "at": "2020-01-01T00:00:00Z"}, None):
+            r = api.post(f"/sessions/{s['id']}/end", json=body, headers=mine)
+            assert r.status_code == 422, r.text
+            detail = r.json()["detail"]
+            assert detail.startswith(f"session {s['id']} cannot end at ") and "it started later, at " in detail, detail
+            assert detail.endswith("give an end (at) after its start") and "constraint" not in detail, detail
+        assert api.get(f"/sessions/{s['id']}", headers=mine).json()["status"] == "recording"
+        end = start + dt.timedelta(seconds=5)
+        r = api.post(f"/sessions/{s['id']}/end", json={"at": end.isoformat()}, headers=mine)
+        assert r.status_code == 200 and r.json()["status"] == "completed", r.text
