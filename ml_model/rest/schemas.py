@@ -196,8 +196,9 @@ class IntervalAdd(_In):
     kind: Literal["rest", "gesture"]
     label: str = Field(min_length=1, max_length=80, description="a gesture of the user's bank (REST for rests)")
     repetition: int = Field(ge=0, le=1000)
-    planned_start_ms: int = Field(ge=0)
-    planned_end_ms: int = Field(ge=1)
+    # the columns are 32-bit integers: a bigger value was refused by the database without naming the field
+    planned_start_ms: int = Field(ge=0, le=2**31 - 2, description="from the session's start")
+    planned_end_ms: int = Field(ge=1, le=2**31 - 1, description="from the session's start")
 
     @model_validator(mode="after")
     def _ordered(self) -> IntervalAdd:

@@ -522,3 +522,22 @@ def test_a_session_ended_before_it_started_is_422_saying_so(api, keys, make_user
         end = start + dt.timedelta(seconds=5)
         r = api.post(f"/sessions/{s['id']}/end", json={"at": end.isoformat()}, headers=mine)
         assert r.status_code == 200 and r.json()["status"] == "completed", r.text
+
+
+def test_an_interval_planned_beyond_the_columns_range_is_422_naming_the_field(api, keys, make_user):
+    """planned_end_ms 99999999999999 was answered 'value: is not valid (integer out of range)'."""
+    uid = make_user()["id"]
+    mine = keys("user", uid)
+    api.post(f"/users/{uid}/gestures", json={"name": "fist"}, headers=mine)
+    s = api.post(f"/users/{uid}/sessions", json={"gestures": ["fist"], "repetitions": 1, "hold_s": 1, "rest_s": 1},
+                 headers=mine).json()
+    with no_server_errors(api):
+        for field in ("planned_start_ms", "planned_end_ms"):
+            body = {"kind": "rest", "label": "REST", "repetition": 0, "planned_start_ms": 0, "planned_end_ms": 5,
+                    field: 99_999_999_999_999}
+            r = api.post(f"/sessions/{s['id']}/intervals", json=body, headers=mine)
+            assert r.status_code == 422, r.text
+            assert [e["loc"] for e in r.json()["detail"]] == [["body", field]], r.text
+        body = {"kind": "rest", "label": "REST", "repetition": 0, "planned_start_ms": 2**31 - 2,
+                "planned_end_ms": 2**31 - 1}
+        assert api.post(f"/sessions/{s['id']}/intervals", json=body, headers=mine).status_code == 201
