@@ -26,6 +26,7 @@ import psycopg2
 import scipy.signal  # noqa: F401
 import torch
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ValidationError
 
 from ml_model.rest import auth, errors, keys
@@ -146,11 +147,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     pool.close()
 
 
-app = FastAPI(
-    title="sEMG gesture platform API", version="0.2.0", lifespan=lifespan,
-    description="Live gesture inference and the REST API of the platform. Every endpoint except /health needs "
-                "an API key in the `X-API-Key` header: admin and service keys reach everything, a user key only "
-                "its own user's data.",
+DOCS_STATIC_URL = "/docs-static"
+# FastAPIOffline: FastAPI with /docs and /redoc served from files installed with it (FastAPI's own pages load
+# Swagger UI and ReDoc from a CDN, so they were blank on a lab network without internet)
+app = FastAPIOffline(
+    title="sEMG gesture platform API", version="0.2.0", lifespan=lifespan, static_url=DOCS_STATIC_URL,
+    description="Live gesture inference and the REST API of the platform. Every endpoint except /health and this "
+                "documentation (/docs, /redoc, /openapi.json) needs an API key in the `X-API-Key` header: admin "
+                "and service keys reach everything, a user key only its own user's data.",
 )
 errors.install(app)
 app.add_middleware(KeyBeforeBody)  # outermost: no body is read for a caller without a valid key

@@ -29,6 +29,22 @@ def test_openapi_documents_every_resource(api):
     assert any(s.get("name") == "X-API-Key" for s in schemes.values())
 
 
+def test_the_documentation_pages_need_no_internet_and_no_key(api):
+    """/docs and /redoc loaded Swagger UI and ReDoc from cdn.jsdelivr.net: blank pages on a lab network without
+    internet. Every script and style they load now comes from the API itself, without an API key."""
+    import re
+    for page, assets in (("/docs", ("swagger-ui-bundle.js", "swagger-ui.css")), ("/redoc", ("redoc.standalone.js",))):
+        r = api.get(page)
+        assert r.status_code == 200, (page, r.status_code)
+        loaded = re.findall(r'(?:src|href)=["\']([^"\']+)', r.text)
+        assert loaded and not [u for u in loaded if "://" in u or u.startswith("//")], (page, loaded)
+        for asset in assets:
+            [url] = [u for u in loaded if u.endswith(asset)]
+            got = api.get(url)
+            assert got.status_code == 200 and len(got.content) > 100_000, (url, got.status_code)
+    assert api.get("/openapi.json").status_code == 200
+
+
 def test_users(api, keys):
     with no_server_errors(api):
         r = api.post("/users", json={"name": " Ada ", "email": "ada@example.org", "notes": "left arm"},
