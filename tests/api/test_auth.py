@@ -115,7 +115,14 @@ def test_key_management_is_admin_only(api, keys, make_user):
     assert api.get("/keys", headers=mine).status_code == 403
     assert api.post("/keys", json={"role": "admin"}, headers=mine).status_code == 403
     assert api.post("/users", json={"name": "x", "email": "x@y.org"}, headers=mine).status_code == 403
-    assert api.get("/devices", headers=mine).status_code == 403
+    # the device list answers a user key with its own devices, as /users and /jobs do (it was 403)
+    other = make_user()
+    api.post(f"/users/{other['id']}/devices", json={"channel_count": 4, "sample_rate_hz": 500}, headers=keys.admin)
+    own = api.post(f"/users/{me['id']}/devices", json={"channel_count": 4, "sample_rate_hz": 500},
+                   headers=keys.admin).json()
+    listed = api.get("/devices", headers=mine)
+    assert listed.status_code == 200 and [d["id"] for d in listed.json()] == [own["id"]], listed.text
+    assert len(api.get("/devices", headers=keys.admin).json()) == 2
 
     created = api.post("/keys", json={"role": "user", "user_id": me["id"], "name": "phone"}, headers=keys.admin)
     assert created.status_code == 201

@@ -187,9 +187,9 @@ def delete_gesture(gesture_id: PathId, caller: Caller, conn: Conn) -> Response:
 
 # ---- devices -----------------------------------------------------------------------------------------
 @router.get("/devices", response_model=list[Device], tags=["devices"])
-def list_all_devices(_: Admin, conn: Conn) -> list[dict]:
-    """Every registered device (admin/service)."""
-    return repo.list_devices(conn)
+def list_all_devices(caller: Caller, conn: Conn) -> list[dict]:
+    """Every registered device (admin/service), or the caller's own (user key), as /users and /jobs answer."""
+    return repo.list_devices(conn, None if caller.is_admin else caller.user_id)
 
 
 @router.get("/users/{user_id}/devices", response_model=list[Device], tags=["devices"])
