@@ -34,6 +34,7 @@ from ml_model.rest.auth import KeyBeforeBody, KeyCache
 from ml_model.rest.pool import ConnectionPool, DatabaseUnavailable
 from ml_model.rest.routes import jobs as jobs_routes
 from ml_model.rest.routes import keys as keys_routes
+from ml_model.rest.routes import live as live_routes
 from ml_model.rest.routes import models as models_routes
 from ml_model.rest.routes import sessions as sessions_routes
 from ml_model.rest.routes import users as users_routes
@@ -158,7 +159,7 @@ app = FastAPIOffline(
 )
 errors.install(app)
 app.add_middleware(KeyBeforeBody)  # outermost: no body is read for a caller without a valid key
-for r in (models_routes, users_routes, sessions_routes, jobs_routes, keys_routes):
+for r in (models_routes, users_routes, sessions_routes, jobs_routes, keys_routes, live_routes):
     app.include_router(r.router)
 
 # Error answers every keyed endpoint may give (ml_model/rest/errors.py, auth.py): documented in the schema, so
@@ -271,7 +272,10 @@ def _serve() -> None:
         https = {"ssl_certfile": str(s.tls_files[0]), "ssl_context_factory": lambda _config, _default: tls_context,
                  "loop": "ml_model.rest.connections:handshake_bound_loop"}
     uvicorn.run("ml_model.api:app", host=s.semg_bind_host, port=s.api_port, log_level=s.log_level.lower(),
-                access_log=False, http=GuardedHttp, **https)
+                access_log=False, http=GuardedHttp,
+                # a stopping server waits this long for open responses (a live decision stream never ends by
+                # itself), then closes them: supervisord's stopwaitsecs is 20
+                timeout_graceful_shutdown=5, **https)
 
 
 def main(argv: list[str] | None = None) -> int:

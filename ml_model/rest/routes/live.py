@@ -1,0 +1,124 @@
+"""A user's live decisions as they are made, over HTTP: Server-Sent Events from NATS `emg.predictions.<user>`.
+
+For the apps that act on them (a prosthesis or haptic controller, a phone, a script): one long GET with the user's
+own API key, over the API's port and TLS, instead of NATS credentials that read every user's decisions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Security
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
+
+from ml_model.rest import auth
+from ml_model.rest.auth import UserScoped
+from ml_model.rest.state import State
+from semg import repo
+from semg.messages import PredictionMessage, predictions_subject
+
+router = APIRouter(tags=["predictions"])
+log = logging.getLogger("semg.api.live")
+
+KEEPALIVE_S = 15.0  # a comment line this often: the client (and any proxy) sees a dead connection
+KEY_RECHECK_S = 5.0  # a revoked key (or a deleted user) ends its streams this long after (or at the keep-alive)
+BUFFER = 256  # decisions kept for a client that reads slower than they come; the oldest go first
+MAX_STREAMS_PER_KEY = 4
+MAX_STREAMS = 64
+_streams: Counter[int] = Counter()  # open streams per key id (the event loop is the only writer)
+
+
+def _check_user(state, user_id: int) -> None:
+    with state.pool.connection() as conn:
+        repo.get_user(conn, user_id)  # NotFound -> 404
+
+
+def _event(data: str, event: str | None = None) -> bytes:
+    return ((f"event: {event}\n" if event else "") + f"data: {data}\n\n").encode()
+
+
+@router.get(
+    "/users/{user_id}/predictions/live", response_class=StreamingResponse,
+    responses={200: {"description": "text/event-stream: one `data:` line per decision (the JSON published on NATS "
+                                    "emg.predictions.<user_id>: gesture, confidence, raw_gesture, model_id, device_id, "
+                                    "seq, device_millis, sample_recv_time, decided_time, channel_faults), a comment "
+                                    f"line every {KEEPALIVE_S:g} s, `event: dropped` when a slow reader missed some, "
+                                    "and `event: end` before the server ends the stream",
+                     "content": {"text/event-stream": {}}},
+               429: {"description": f"this key has {MAX_STREAMS_PER_KEY} streams open already (or the server "
+                                    f"{MAX_STREAMS})"},
+               503: {"description": "NATS is not reachable yet (Retry-After)"}},
+)
+async def live_predictions(
+    user_id: UserScoped, caller: auth.Caller, state: State,
+    key: Annotated[str | None, Security(auth.api_key_header)],
+) -> StreamingResponse:
+    """The user's live decisions as the inference worker makes them (Server-Sent Events), until the client goes,
+    its key is revoked or the API stops. Nothing is replayed: `GET /users/{user_id}/predictions` has the stored
+    ones. Example: `curl -N -H "X-API-Key: $KEY" http://127.0.0.1:8000/users/1/predictions/live`."""
+    await run_in_threadpool(_check_user, state, user_id)  # a connection only for this: a stream may last days
+    nc = state.nats
+    if nc is None or not nc.is_connected:
+        raise HTTPException(503, "live decisions come over NATS, which the API cannot reach now: retry shortly",
+                            headers={"Retry-After": "5"})
+    if _streams[caller.key_id] >= MAX_STREAMS_PER_KEY or sum(_streams.values()) >= MAX_STREAMS:
+        raise HTTPException(429, f"at most {MAX_STREAMS_PER_KEY} live streams per API key ({MAX_STREAMS} on the "
+                                 "server) are open at once: close one first", headers={"Retry-After": "10"})
+    pending: deque[bytes] = deque(maxlen=BUFFER)
+    arrived = asyncio.Event()
+    missed = [0]
+
+    async def on_decision(msg) -> None:
+        try:
+            decision = PredictionMessage.model_validate_json(msg.data)
+        except ValidationError:
+            return  # the inference worker validates what it publishes; anything else is not a decision
+        if len(pending) == pending.maxlen:
+            missed[0] += 1
+        pending.append(_event(decision.model_dump_json()))
+        arrived.set()
+
+    sub = await nc.subscribe(predictions_subject(user_id), cb=on_decision)
+    _streams[caller.key_id] += 1
+
+    async def stream() -> AsyncIterator[bytes]:
+        next_check = time.monotonic() + KEY_RECHECK_S
+        try:
+            yield b": live decisions of user %d\n\n" % user_id
+            while True:
+                try:
+                    await asyncio.wait_for(arrived.wait(), KEEPALIVE_S)
+                except TimeoutError:
+                    yield b": keep-alive\n\n"
+                arrived.clear()
+                if missed[0]:
+                    yield _event(f'{{"missed": {missed[0]}}}', "dropped")
+                    missed[0] = 0
+                while pending:
+                    yield pending.popleft()
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + KEY_RECHECK_S
+                    try:
+                        still = await run_in_threadpool(auth._verify, state, key)
+                    except Exception:  # noqa: BLE001 - an outage ends no live feed; checked again later
+                        still = caller
+                    if still is None or not still.can_access(user_id):
+                        yield _event('{"reason": "the API key was revoked (or its user deleted)"}', "end")
+                        return
+        finally:
+            _streams[caller.key_id] -= 1
+            if _streams[caller.key_id] <= 0:
+                del _streams[caller.key_id]
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
