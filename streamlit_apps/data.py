@@ -176,6 +176,29 @@ def end_ui_session(token: str) -> None:
     _repo(uisessions.end, token)
 
 
+# ---- a user's API keys (ml_model.rest.keys) -------------------------------------------------------
+def list_user_keys(user_id: int) -> list[dict]:
+    """The user's API keys, revoked ones included (newest last)."""
+    from ml_model.rest import keys
+    return _repo(keys.list_keys, user_id, include_revoked=True)
+
+
+def create_user_key(user_id: int, name: str) -> dict:
+    """A new API key scoped to the user; its row with "key" (the secret: shown once, only its hash is stored)."""
+    from ml_model.rest import keys
+    return _repo(keys.create_key, "user", user_id, name)
+
+
+def revoke_user_key(user_id: int, key_id: int) -> dict:
+    """Revoke one of the user's keys (refused for a key of another user or role). The API refuses it at once for
+    new callers and within 10 s where it had just checked it (its key cache)."""
+    from ml_model.rest import keys
+    with connection() as conn:
+        if not any(k["id"] == key_id for k in keys.list_keys(conn, user_id, include_revoked=True)):
+            raise repo.NotFound(f"user {user_id} has no API key {key_id}")
+        return keys.revoke_key(conn, key_id)
+
+
 # ---- users, gestures, devices (repo) -------------------------------------------------------------
 def list_users(search: str | None = None, limit: int = 200) -> list[dict]:
     return _repo(repo.list_users, search=search, limit=limit)

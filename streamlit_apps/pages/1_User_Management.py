@@ -11,6 +11,7 @@ ui.page_setup("Users", ":material/person:")
 st.title(":material/person: User Management")
 
 PENDING_DELETE = "users_pending_delete"
+NEW_KEY_STATE = "users_new_api_key"  # (user id, key): shown once, until dismissed, only on that user's page
 JUST_CREATED = "users_just_created"  # (user, time.monotonic()) of the last user created in this window
 DOUBLE_CLICK_S = 3.0
 
@@ -75,6 +76,51 @@ def export_button(user: dict) -> None:
     )
 
 
+def api_keys(user: dict) -> None:
+    """The user's API keys, for their own apps (the REST API, the live decision stream): create (shown once), list,
+    revoke."""
+    uid = user["id"]
+    with st.expander(f"API keys of {user['name']}", icon=":material/key:",
+                     expanded=st.session_state.get(NEW_KEY_STATE, (None,))[0] == uid):
+        st.caption("A user key reaches only this user's data through the REST API, e.g. "
+                   f"`GET /users/{uid}/predictions/live` for an app that acts on their gestures. One key per app "
+                   "or device: a lost one is revoked alone.")
+        shown = st.session_state.get(NEW_KEY_STATE)
+        if shown and shown[0] == uid:
+            st.success("Copy the key now: **it is shown only once** (the server keeps only its hash).")
+            st.code(shown[1], language=None)
+            if st.button("I have saved the key", key="dismiss_api_key"):
+                st.session_state.pop(NEW_KEY_STATE, None)
+                st.rerun()
+        with st.form(f"new_api_key_{uid}", clear_on_submit=True):
+            name = st.text_input("Name of the new key", max_chars=200, placeholder="e.g. prosthesis controller")
+            if st.form_submit_button("Create API key"):
+                try:
+                    st.session_state[NEW_KEY_STATE] = (uid, data.create_user_key(uid, name)["key"])
+                    st.rerun()
+                except data.RepoError as e:
+                    st.error(f"Not created: {e}")
+        rows = data.list_user_keys(uid)
+        if not rows:
+            st.caption("No API keys yet.")
+            return
+        st.dataframe(pd.DataFrame([{
+            "id": k["id"], "name": k["name"], "starts with": k["key_prefix"] + "…",
+            "created": ui.fmt_time(k["created_at"]),
+            "last used": ui.fmt_time(k["last_used_at"]) if k["last_used_at"] else "never",
+            "revoked": ui.fmt_time(k["revoked_at"]) if k["revoked_at"] else "",
+        } for k in rows]), hide_index=True, width="stretch")
+        live = {k["id"]: k for k in rows if not k["revoked_at"]}
+        if live:
+            c1, c2 = st.columns([3, 1])
+            kid = c1.selectbox("Revoke", list(live), key=f"revoke_key_pick_{uid}",
+                               format_func=lambda i: f"#{i} {live[i]['name'] or 'unnamed'} ({live[i]['key_prefix']}…)")
+            if c2.button("Revoke key", key=f"revoke_key_{uid}"):
+                data.revoke_user_key(uid, kid)
+                st.toast(f"Revoked key #{kid}: the API refuses it from now on (within 10 s where it was just used).")
+                st.rerun()
+
+
 def edit_and_delete(users: list[dict]) -> None:
     by_id = {u["id"]: u for u in users}
     uid = ui.user_selectbox("Edit or delete", list(by_id), by_id, "edit_user_pick", st.session_state.get(ui.USER_KEY))
@@ -94,6 +140,7 @@ def edit_and_delete(users: list[dict]) -> None:
                 st.error(f"Not saved: {e}")
 
     export_button(user)
+    api_keys(user)
     if st.session_state.get(PENDING_DELETE) != uid:
         if st.button(f"Delete {user['name']}…", key="ask_delete"):
             st.session_state[PENDING_DELETE] = uid

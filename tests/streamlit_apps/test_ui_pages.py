@@ -864,6 +864,40 @@ def test_a_new_device_key_is_shown_only_on_its_users_page(page, clean_db):
     assert "SEMG_DEVICE_KEY_HEX" in at.code[0].value
 
 
+def test_a_users_api_keys_are_made_shown_once_listed_and_revoked_on_their_page(page, clean_db):
+    """A user's own apps (the live decision stream of a prosthesis controller) need a user API key, which only
+    the command line or an admin key through the API could make: User Management now does."""
+    from ml_model.rest import keys
+    ann = repo.create_user(clean_db, "Ann", "ann@example.org")
+    bob = repo.create_user(clean_db, "Bob", "bob@example.org")
+    bobs = keys.create_key(clean_db, "user", bob["id"], "bob's phone")
+    at = page("users", user_id=ann["id"])
+    at.run()
+    [name] = [t for t in at.text_input if t.label == "Name of the new key"]
+    name.input("prosthesis controller")
+    button(at, "Create API key").click()
+    at.run()
+    assert_clean(at)
+    [shown] = [c.value for c in at.code]
+    row = keys.lookup(clean_db, shown)
+    assert row["user_id"] == ann["id"] and row["role"] == "user" and row["name"] == "prosthesis controller"
+    assert "shown only once" in texts(at)
+    button(at, "I have saved the key").click()
+    at.run()
+    assert not at.code and shown not in texts(at)
+    [listed] = [d.value for d in at.dataframe if "starts with" in d.value.columns]
+    assert list(listed["starts with"]) == [row["key_prefix"] + "…"]  # its first characters only
+    at.selectbox(key=f"revoke_key_pick_{ann['id']}").set_value(row["id"])
+    button(at, "Revoke key").click()
+    at.run()
+    assert_clean(at)
+    assert keys.lookup(clean_db, shown) is None
+    assert keys.lookup(clean_db, bobs["key"]) is not None
+    from streamlit_apps import data
+    with pytest.raises(repo.NotFound):  # another user's key is not revoked from Ann's page
+        data.revoke_user_key(ann["id"], bobs["id"])
+
+
 def test_secret_key_is_never_in_the_devices_listing(page, seeded):
     """The key is shown once at registration; later listings carry no trace of it."""
     at = page("gestures", user_id=seeded["user"]["id"])
