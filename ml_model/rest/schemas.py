@@ -278,6 +278,20 @@ class ModelInfo(_Out):
         None, description="for the live electrode check; null when unknown (an old artifact with a high-pass filter)")
 
 
+class SharedBase(_Out):
+    """A shared base model (pretrained on many people, no user's) that a training job may fine-tune from."""
+
+    artifact_id: int = Field(description="give it as a training job's params.base_artifact_id")
+    created_at: datetime
+    classes: list[str]
+    channels: list[int] = Field(description="device channels it was pretrained on")
+    sample_rate_hz: float = Field(description="fine-tune it only with sessions recorded at this rate")
+    window_ms: float
+    size_bytes: int
+    val_accuracy: float | None = Field(None, description="held-out accuracy of its pretraining")
+    pretrain: dict[str, Any] | None = Field(None, description="what it was pretrained on (source, subjects, ...)")
+
+
 # ---- predictions -------------------------------------------------------------------------------------
 class StoredPrediction(_Out):
     id: int

@@ -392,6 +392,28 @@ def test_a_base_model_that_is_missing_or_another_users_is_refused_when_the_job_i
         api.post(f"/jobs/{r.json()['id']}/cancel", headers=mine)
 
 
+def test_the_shared_bases_are_listed_for_any_key_and_fine_tune_a_job(api, keys, make_user, clean_db):
+    """A job may fine-tune a shared base (params.base_artifact_id), but only the web UI could list them: a
+    researcher scripting the API had no way to find an id. GET /bases lists them."""
+    from ml_model import jobs
+    from ml_model.rest.demo_models import random_artifact
+
+    uid = make_user()["id"]
+    mine = keys("user", uid)
+    weights, meta = random_artifact(8, 200.0)
+    base = jobs.store_artifact(clean_db, None, None, weights, {**meta, "pretrain": {"source": "myo-armband"}})
+    with no_server_errors(api):
+        [listed] = api.get("/bases", headers=mine).json()
+        assert listed["artifact_id"] == base and listed["sample_rate_hz"] == 200.0, listed
+        assert listed["channels"] == list(range(8)) and listed["pretrain"] == {"source": "myo-armband"}
+        assert api.get("/bases").status_code == 401
+        sid = _completed_session(api, mine, uid)
+        r = api.post(f"/users/{uid}/jobs", json={"session_ids": [sid], "params": {"base_artifact_id": base}},
+                     headers=mine)
+        assert r.status_code == 201, r.text
+        api.post(f"/jobs/{r.json()['id']}/cancel", headers=mine)
+
+
 def test_every_docs_example_is_a_request_the_api_takes(api, keys, served):
     """/docs "Try it out" offered bodies Swagger made up from the types, and the API refused nearly all of them
     (422: 'string' as an email, sample rate 0, single and batch fields at once in /predict, 'additionalProp1' as a

@@ -31,6 +31,7 @@ from ml_model.rest.schemas import (
     PredictItem,
     PredictRequest,
     PredictResponse,
+    SharedBase,
 )
 from ml_model.rest.serving import InputError, ServedModel
 from ml_model.rest.state import AppState, State
@@ -207,6 +208,14 @@ async def predict(req: Annotated[PredictRequest, Body(openapi_examples=PREDICT_E
     except NoModelError as e:
         raise HTTPException(404, str(e)) from None
     return Response(body, media_type="application/json")
+
+
+@router.get("/bases", response_model=list[SharedBase])
+def shared_bases(_: Caller, conn: Conn) -> list[dict]:
+    """The shared base models, newest first (any key: they hold no user's data). Fine-tune one in a training job
+    with `params.base_artifact_id`; use one pretrained at the sample rate of the sessions."""
+    from ml_model import pretrain
+    return [{**b, "artifact_id": b["id"]} for b in pretrain.list_bases(conn)]
 
 
 @router.get("/models", response_model=list[ModelInfo])
