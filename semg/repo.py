@@ -920,6 +920,8 @@ def add_interval(conn, session_id: int, kind: str, label: str, repetition: int, 
             if g is None:
                 raise Invalid(f"{label!r} is not in this user's gesture bank")
             gesture_id = g["id"]
+        elif label.strip().upper() not in ("", REST):  # a gesture's samples would train as REST
+            raise Invalid(f"a rest interval's label is {REST}, not {label!r}: for that gesture give kind 'gesture'")
         else:
             label = REST
         cur.execute(f"""INSERT INTO session_intervals (session_id, ordinal, kind, gesture_id, label, repetition,

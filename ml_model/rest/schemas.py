@@ -194,7 +194,7 @@ class IntervalAdd(_In):
     model_config = _example({"kind": "gesture", "label": "fist", "repetition": 3, "planned_start_ms": 17000,
                              "planned_end_ms": 20000})
     kind: Literal["rest", "gesture"]
-    label: str = Field(min_length=1, max_length=80, description="a gesture of the user's bank (REST for rests)")
+    label: str = Field(min_length=1, max_length=80, description="a gesture of the user's bank; REST for kind rest")
     repetition: int = Field(ge=0, le=1000)
     # the columns are 32-bit integers: a bigger value was refused by the database without naming the field
     planned_start_ms: int = Field(ge=0, le=2**31 - 2, description="from the session's start")

@@ -86,8 +86,11 @@ def test_session_plan_and_job_lifecycle(clean_db, user):
     import datetime as dt
     t0 = dt.datetime.now(dt.UTC)
     repo.mark_interval(clean_db, first["id"], t0, t0 + dt.timedelta(seconds=2))
+    with pytest.raises(repo.Invalid, match="for that gesture give kind 'gesture'"):  # its samples would be REST
+        repo.add_interval(clean_db, s["id"], "rest", "fist", 0, 0, 3000)
     redo = repo.add_interval(clean_db, s["id"], "gesture", "fist", 0, 0, 3000)
     assert redo["ordinal"] == len(plan)
+    assert repo.add_interval(clean_db, s["id"], "rest", "rest", 3000, 3000, 5000)["label"] == "REST"
     repo.discard_interval(clean_db, first["id"])
     repo.end_session(clean_db, s["id"])
     with pytest.raises(repo.Conflict):
