@@ -743,11 +743,22 @@ def _recording_on_device(cur, device_id: int, at: datetime | None, exclude: int 
     return dict(row) if row else None
 
 
+START_SKEW_S = 300.0  # how far ahead of the server's clock a session's given start may be (clocks differ a little)
+
+
 def start_session(conn, session_id: int, at: datetime | None = None, owner: str | None = None) -> dict:
     """Mark the session recording. Refused while another session records on the same device (within its
     planned time): both would label the same samples, and training on both would learn contradictory labels.
-    `owner` names the run recording it (see run_heartbeat): its first heartbeat is the start."""
+    `owner` names the run recording it (see run_heartbeat): its first heartbeat is the start. A start more than
+    START_SKEW_S ahead of the database's clock is refused: the session would hold its device until then."""
     with _tx(conn) as cur:
+        if at is not None:
+            cur.execute("SELECT %s::timestamptz > now() + make_interval(secs => %s), now()", (at, START_SKEW_S))
+            ahead, now = cur.fetchone().values()
+            if ahead:
+                raise Invalid(f"the start {at.isoformat()} is in the future (the server's time is "
+                              f"{now.isoformat(timespec='seconds')}): give the time the session started, or none "
+                              "for now")
         cur.execute("SELECT device_id FROM capture_sessions WHERE id = %s", (session_id,))
         found = cur.fetchone()
         if found is not None and found["device_id"] is not None:

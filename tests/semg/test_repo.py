@@ -129,6 +129,10 @@ def test_a_device_records_one_session_at_a_time(clean_db, user):
     stale = repo.create_session(clean_db, user["id"], dev["id"], ["fist"], 1, 1, 1)
     repo.start_session(clean_db, stale["id"], at=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5))
     fresh = repo.create_session(clean_db, user["id"], dev["id"], ["fist"], 1, 1, 1)
+    # a start far ahead of the server's clock (year 3000 was taken) would hold the device until then
+    with pytest.raises(repo.Invalid, match="is in the future"):
+        repo.start_session(clean_db, fresh["id"], at=dt.datetime(3000, 1, 1, tzinfo=dt.UTC))
+    assert repo.get_session(clean_db, fresh["id"])["status"] == "planned"
     assert repo.start_session(clean_db, fresh["id"])["status"] == "recording"
 
 
