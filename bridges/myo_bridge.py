@@ -549,6 +549,9 @@ def _device_id(text: str) -> int:
 
 
 MAX_BATCH = (protocol.MAX_PACKET_SIZE - protocol.HEADER_SIZE - protocol.TAG_SIZE) // (2 * MYO_CHANNELS)
+# the most samples whose packet fits one Ethernet/Wi-Fi frame (1500-byte MTU less IPv4 and UDP headers): a bigger
+# one travels as IP fragments and is lost whole when any fragment is
+ONE_FRAME_BATCH = (1472 - protocol.HEADER_SIZE - protocol.TAG_SIZE) // (2 * MYO_CHANNELS)
 
 
 def _batch(text: str) -> int:
@@ -571,7 +574,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="Myo", help="advertised name prefix to look for (default Myo)")
     p.add_argument("--filtered", action="store_true", help="ask for the armband's filtered EMG (mode 0x02) "
                    "instead of raw (0x03)")
-    p.add_argument("--batch", type=_batch, default=10, help="samples per UDP packet (default 10 = 50 ms)")
+    p.add_argument("--batch", type=_batch, default=10,
+                   help=f"samples per UDP packet (default 10 = 50 ms; above {ONE_FRAME_BATCH} a packet no longer "
+                        "fits one network frame and is lost whole when one of its fragments is)")
     p.add_argument("--max-delay-ms", type=_non_negative, default=60.0,
                    help="send a partial batch after this long (default 60)")
     p.add_argument("--max-drift-ms", type=_positive, default=100.0,
@@ -617,6 +622,10 @@ def main(argv: list[str] | None = None) -> int:
     server = resolve_server(args.server)
     boot_file = args.boot_file or default_boot_file(device_id)
     boot = next_boot(boot_file)
+    if args.batch > ONE_FRAME_BATCH:
+        log.warning("--batch %d: each packet is sent in IP fragments (more than %d samples do not fit one network "
+                    "frame) and is lost whole when one fragment is; %d or fewer is safer", args.batch,
+                    ONE_FRAME_BATCH, ONE_FRAME_BATCH)
     fwd = UdpForwarder(device_id, key, boot, server, batch=args.batch, max_delay_ms=args.max_delay_ms,
                        detect_gaps=args.detect_gaps, max_drift_ms=args.max_drift_ms,
                        resync_window_s=args.resync_window_s, new_boot=lambda: next_boot(boot_file))

@@ -464,3 +464,17 @@ def test_replay_speed_help_names_the_servers_sample_budget():
     from udpserver.ingest import RATE_TOLERANCE
     text = " ".join(mb.build_parser().format_help().split())
     assert "too_fast" in text and "--rate-tolerance 0" in text and f"{RATE_TOLERANCE:g}" in text, text
+
+
+def test_a_batch_too_big_for_one_network_frame_is_warned_about(tmp_path, caplog):
+    """--batch took up to 509 samples (an 8 KB packet) without a word; above ONE_FRAME_BATCH a packet travels as
+    IP fragments and Wi-Fi losing any one fragment loses it whole."""
+    import logging
+    (tmp_path / "ok.jsonl").write_text(json.dumps({"t": 1.0, "char": 0, "data": "00" * 16}) + "\n")
+    base = ["--device-id", "3", "--key", KEY.hex(), "--replay", str(tmp_path / "ok.jsonl"), "--server", "127.0.0.1:9"]
+    with caplog.at_level(logging.WARNING, logger=mb.log.name):
+        mb.main([*base, "--boot-file", str(tmp_path / "a.boot"), "--batch", str(mb.ONE_FRAME_BATCH)])
+        assert "IP fragments" not in caplog.text
+        mb.main([*base, "--boot-file", str(tmp_path / "b.boot"), "--batch", str(mb.ONE_FRAME_BATCH + 1)])
+    assert f"--batch {mb.ONE_FRAME_BATCH + 1}: each packet is sent in IP fragments" in caplog.text
+    assert len(protocol.build_binary(3, 1, 0, 0, 200, np.zeros((mb.ONE_FRAME_BATCH, 8), int), KEY)) <= 1472
