@@ -44,17 +44,19 @@ def create(conn, password: str, days: float) -> str:
 def resume(conn, token: str | None, password: str, days: float) -> bool:
     """True when `token` (a cookie's value; None or anything) names a live session issued under `password`; its
     expiry then moves to `days` from now (written at most once a minute: every page run of a signed-in browser
-    asks). A session issued under another password is deleted."""
+    asks). A session issued under another password, or unused for `days`, is deleted."""
     if days <= 0 or not isinstance(token, str) or not _TOKEN.fullmatch(token):
         return False
     with conn, conn.cursor() as cur:
-        cur.execute("SELECT id, password_tag FROM ui_sessions WHERE token_hash = %s AND expires_at > now()",
-                    (_token_hash(token),))
+        # idle: unused for `days` now, whatever the lifetime was when its expiry was last written (a lowered
+        # SEMG_UI_SESSION_DAYS applies to the sessions made before)
+        cur.execute("""SELECT id, password_tag, last_used_at <= now() - make_interval(secs => %s) FROM ui_sessions
+                       WHERE token_hash = %s AND expires_at > now()""", (days * 86400.0, _token_hash(token)))
         row = cur.fetchone()
         if row is None:
             return False
-        session_id, tag = row
-        if not hmac.compare_digest(tag, _password_tag(token, password)):
+        session_id, tag, idle = row
+        if idle or not hmac.compare_digest(tag, _password_tag(token, password)):
             cur.execute("DELETE FROM ui_sessions WHERE id = %s", (session_id,))
             return False
         cur.execute("""UPDATE ui_sessions SET last_used_at = now(), expires_at = now() + make_interval(secs => %s)

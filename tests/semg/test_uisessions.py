@@ -88,3 +88,20 @@ def test_the_cookie_script_sets_and_deletes_only_a_token(clean_db):
     assert "semg_session=; Max-Age=0;" in uisessions.cookie_script(None, 0)
     with pytest.raises(ValueError):  # nothing else is ever written into the page's script
         uisessions.cookie_script("x'; alert(1); '", 7)
+
+
+def test_a_shorter_session_lifetime_applies_to_the_sessions_made_before(clean_db):
+    """SEMG_UI_SESSION_DAYS lowered (say 30 -> 1, after a lab laptop went missing) still let a browser idle for
+    29 days in: a session's expiry was fixed when it was last used, under the lifetime in force then. A session
+    now also ends `days` after its last use under the lifetime in force now."""
+    idle, recent = uisessions.create(clean_db, PASSWORD, 30), uisessions.create(clean_db, PASSWORD, 30)
+    with clean_db, clean_db.cursor() as cur:  # made under 30 days, last used 5 days ago and 1 hour ago
+        cur.execute("""UPDATE ui_sessions SET last_used_at = now() - interval '5 days'
+                       WHERE id = (SELECT min(id) FROM ui_sessions)""")
+        cur.execute("""UPDATE ui_sessions SET last_used_at = now() - interval '1 hour'
+                       WHERE id = (SELECT max(id) FROM ui_sessions)""")
+    assert not uisessions.resume(clean_db, idle, PASSWORD, 1)
+    assert not uisessions.resume(clean_db, idle, PASSWORD, 30)  # and it stays ended
+    assert uisessions.resume(clean_db, recent, PASSWORD, 1)
+    [row] = [r for r in _rows(clean_db) if r["last_used_at"] > r["created_at"]]
+    assert (row["expires_at"] - row["last_used_at"]).total_seconds() == pytest.approx(86400, abs=1)
