@@ -196,13 +196,13 @@ class Settings(BaseSettings):
     @property
     def internal_url_host(self) -> str:
         """Where clients reach the embedded PostgreSQL and NATS, as written in a URL (IPv6 in brackets)."""
-        host = _client_host(self.internal_bind_host)
+        host = _internal_client_host(self.internal_bind_host)
         return f"[{host}]" if ":" in host else host
 
     @property
     def postgres_address(self) -> str:
         """The database host clients connect to: POSTGRES_HOST, or the embedded server's address."""
-        return self.postgres_host or _client_host(self.internal_bind_host)
+        return self.postgres_host or _internal_client_host(self.internal_bind_host)
 
     @property
     def tls_files(self) -> tuple[Path, Path] | None:
@@ -252,6 +252,12 @@ class Settings(BaseSettings):
 
 def _client_host(bind_host: str) -> str:
     return "127.0.0.1" if bind_host in ("0.0.0.0", "::", "", None) else bind_host  # noqa: S104
+
+
+def _internal_client_host(bind_host: str) -> str:
+    """Where clients reach the embedded PostgreSQL and NATS listening on `bind_host`: PostgreSQL on '::' listens
+    for IPv6 only (it sets IPV6_V6ONLY), so 127.0.0.1 is refused there; ::1 reaches it, and NATS on '::' too."""
+    return "::1" if bind_host == "::" else _client_host(bind_host)
 
 
 def describe_error(err: ValidationError) -> str:

@@ -49,6 +49,7 @@ def test_clients_reach_an_ipv6_bind_host_through_valid_urls(monkeypatch, bind, u
     # the embedded PostgreSQL and NATS listen on SEMG_INTERNAL_BIND_HOST (127.0.0.1 unless set)
     assert s.nats_url == "nats://127.0.0.1:4222" and s.postgres_address == "127.0.0.1"
     s = _settings(monkeypatch, SEMG_INTERNAL_BIND_HOST=bind, NATS_PORT="4222")
+    url_host = "[::1]" if bind == "::" else url_host  # PostgreSQL on '::' answers IPv6 only
     assert s.nats_url == f"nats://{url_host}:4222"
     assert s.postgres_address == url_host.strip("[]")  # libpq takes the bare address
 

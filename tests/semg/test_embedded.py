@@ -182,6 +182,54 @@ def test_services_bound_to_one_address_are_reached_there(tmp_path_factory, monke
         get_settings.cache_clear()
 
 
+def test_database_and_nats_on_every_ipv6_interface_are_reached(tmp_path_factory, monkeypatch):
+    """SEMG_INTERNAL_BIND_HOST=:: (workers on other machines of an IPv6 lab network): PostgreSQL listens on '::'
+    for IPv6 only (it sets IPV6_V6ONLY), but every client connected to 127.0.0.1, so no service reached the
+    database. Clients now go to ::1, which both PostgreSQL and NATS on '::' answer."""
+    import asyncio
+
+    from semg import db, natsio
+    from semg.config import get_settings
+
+    state = _state_dir(tmp_path_factory, "ipv6-state")
+    pg_port, nats_port = free_port(), free_port()
+    env = {**_env(state, pg_port), "NATS_PORT": str(nats_port), "SEMG_INTERNAL_BIND_HOST": "::"}
+    env.pop("NATS_SERVER", None)
+    procs = {name: subprocess.Popen([sys.executable, "-m", "semg.embedded", name], env=env, cwd=REPO,
+                                    stdout=open(state / f"{name}.log", "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
+             for name in ("postgres", "nats")}
+    try:
+        for key in ("SEMG_STATE_DIR", "POSTGRES_PORT", "NATS_PORT", "SEMG_INTERNAL_BIND_HOST"):
+            monkeypatch.setenv(key, env[key])
+        for key in ("POSTGRES_HOST", "NATS_SERVER", "SEMG_BIND_HOST"):
+            monkeypatch.delenv(key, raising=False)
+        get_settings.cache_clear()
+        s = get_settings()
+        deadline = time.monotonic() + 120
+        while not (port_in_use(pg_port, "::1") and port_in_use(nats_port, "::1")):
+            for name, p in procs.items():
+                assert p.poll() is None, (state / f"{name}.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "the embedded services did not start"
+            time.sleep(0.2)
+        db.wait_until_ready(s, timeout=60)
+        with contextlib.closing(db.connect(s, dbname="postgres")) as conn, conn.cursor() as cur:
+            cur.execute("SELECT 1")
+
+        async def ping() -> None:
+            nc = await natsio.connect("admin", s, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=5)
+            try:
+                await nc.flush(timeout=5)
+            finally:
+                await nc.close()
+
+        asyncio.run(ping())
+    finally:
+        for p in procs.values():
+            _stop(p)
+        monkeypatch.undo()
+        get_settings.cache_clear()
+
+
 @pytest.mark.parametrize("bind", ["0.0.0.0", "192.0.2.7"])  # noqa: S104 - what a maker sets for an ESP32
 def test_opening_the_services_to_the_network_keeps_the_database_and_nats_on_loopback(bind, tmp_path, monkeypatch):
     """SEMG_BIND_HOST=0.0.0.0 (the README's first step for an ESP32 on Wi-Fi) also put the embedded PostgreSQL
