@@ -8,6 +8,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -140,3 +141,57 @@ def test_a_users_live_decisions_reach_their_key_and_nobody_elses(api_process, se
     proc.wait(timeout=15)
     other.thread.join(timeout=10)
     assert not other.thread.is_alive(), "the stream stayed open after the API stopped"
+
+
+def test_a_revoked_key_reading_slowly_gets_nothing_decided_after_the_check(api_process, settings, clean_db):
+    """The key was checked only once the decisions waiting for a client were all sent: a client that stopped
+    reading (or read a little slower than decisions came, so some were always waiting) got, whenever it read
+    again, up to 256 decisions made after its key was revoked, however long after. The key is now checked before
+    each decision is sent once a check is due."""
+    from urllib.parse import urlsplit
+
+    from ml_model.rest.routes.live import KEY_RECHECK_S
+
+    _proc, base = api_process
+    user = repo.create_user(clean_db, "ann", "ann@example.org")
+    key = keys.create_key(clean_db, "user", user["id"], "controller")
+    address = urlsplit(base)
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a reader that stops reading fills up soon
+    s.settimeout(30)
+    with s:
+        s.connect((address.hostname, address.port))
+        s.sendall(f"GET /users/{user['id']}/predictions/live HTTP/1.1\r\nHost: {address.netloc}\r\n"
+                  f"X-API-Key: {key['key']}\r\n\r\n".encode())
+        head = b""
+        while b"live decisions of user" not in head:
+            chunk = s.recv(4096)
+            assert chunk and len(head) < 65536, head
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 200"), head
+
+        # decisions the client does not read: more than the socket buffers and the stream's queue hold (8 MB)
+        def decision(gesture: str, raw: str | None = None) -> bytes:
+            now = time.time()
+            return PredictionMessage(userid=user["id"], gesture=gesture, confidence=0.9, raw_gesture=raw,
+                                     device_millis=1.0, sample_recv_time=now, decided_time=now
+                                     ).model_dump_json().encode()
+
+        subject = predictions_subject(user["id"])
+        for batch in range(6):
+            _publish(settings, *[(subject, decision(f"before-{batch}-{i}", "x" * 65536)) for i in range(20)])
+            time.sleep(0.2)
+        keys.revoke_key(clean_db, key["id"])
+        _publish(settings, *[(subject, decision(f"after-{i}")) for i in range(20)])
+        time.sleep(KEY_RECHECK_S + 1)  # the key's check is due
+
+        received, deadline = bytearray(), time.monotonic() + 60
+        while time.monotonic() < deadline and len(received) < 64 * 2**20:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+            if b"event: end" in received:
+                break
+    assert b"event: end" in received, received[-500:]
+    assert b'"gesture":"after-' not in received, "decisions made after the key was revoked were sent"

@@ -89,8 +89,22 @@ async def live_predictions(
     sub = await nc.subscribe(predictions_subject(user_id), cb=on_decision)
     _streams[caller.key_id] += 1
 
+    next_check = [time.monotonic() + KEY_RECHECK_S]
+
+    async def revoked() -> bool:
+        """Whether the key no longer reaches the user, asked when a check is due: before each decision is sent,
+        so a client that reads slowly (decisions always waiting for it) or stopped reading for a while gets none
+        decided after its key was revoked, beyond KEY_RECHECK_S."""
+        if time.monotonic() < next_check[0]:
+            return False
+        next_check[0] = time.monotonic() + KEY_RECHECK_S
+        try:
+            still = await run_in_threadpool(auth._verify, state, key)
+        except Exception:  # noqa: BLE001 - an outage ends no live feed; checked again later
+            still = caller
+        return still is None or not still.can_access(user_id)
+
     async def stream() -> AsyncIterator[bytes]:
-        next_check = time.monotonic() + KEY_RECHECK_S
         try:
             yield b": live decisions of user %d\n\n" % user_id
             while True:
@@ -102,17 +116,13 @@ async def live_predictions(
                 if missed[0]:
                     yield _event(f'{{"missed": {missed[0]}}}', "dropped")
                     missed[0] = 0
-                while pending:
+                ended = await revoked()
+                while pending and not ended:
                     yield pending.popleft()
-                if time.monotonic() >= next_check:
-                    next_check = time.monotonic() + KEY_RECHECK_S
-                    try:
-                        still = await run_in_threadpool(auth._verify, state, key)
-                    except Exception:  # noqa: BLE001 - an outage ends no live feed; checked again later
-                        still = caller
-                    if still is None or not still.can_access(user_id):
-                        yield _event('{"reason": "the API key was revoked (or its user deleted)"}', "end")
-                        return
+                    ended = await revoked()
+                if ended:
+                    yield _event('{"reason": "the API key was revoked (or its user deleted)"}', "end")
+                    return
         finally:
             _streams[caller.key_id] -= 1
             if _streams[caller.key_id] <= 0:
