@@ -1,8 +1,9 @@
 """Web UI sign-ins remembered across page loads and tabs (table ui_sessions, db/migrations/0008).
 
 Streamlit keeps state per websocket, so without this every reload or new tab asked for the password again. After a
-sign-in the browser keeps a random token in a cookie; a new page load presents it and is signed in while the token
-is known, unexpired and was issued under the UI password in force now. Only the token's SHA-256 is stored, with an
+sign-in the browser keeps a random token (in its localStorage, streamlit_apps/session_store: not a cookie, which every
+port of the host name would get); a new page load presents it and is signed in while the token is known, unexpired
+and was issued under the UI password in force now. Only the token's SHA-256 is stored, with an
 HMAC of the password keyed by the token: a changed UI password ends every session, and neither column lets a copy
 of the table sign in or test a guess of the password. Sessions expire `days` after their last use.
 """
@@ -14,7 +15,6 @@ import hmac
 import re
 import secrets
 
-COOKIE = "semg_session"
 # token_urlsafe(32): 43 characters of [A-Za-z0-9_-]; anything else a browser sends is not ours
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")
 
@@ -28,7 +28,7 @@ def _password_tag(token: str, password: str) -> str:
 
 
 def create(conn, password: str, days: float) -> str:
-    """A new session for someone who just gave the UI password; returns its token (for the cookie). Expired
+    """A new session for someone who just gave the UI password; returns its token (for the browser to keep). Expired
     sessions are deleted on the way."""
     if days <= 0:
         raise ValueError("sessions are off (SEMG_UI_SESSION_DAYS=0)")
@@ -42,7 +42,7 @@ def create(conn, password: str, days: float) -> str:
 
 
 def resume(conn, token: str | None, password: str, days: float) -> bool:
-    """True when `token` (a cookie's value; None or anything) names a live session issued under `password`; its
+    """True when `token` (what a browser sent; None or anything) names a live session issued under `password`; its
     expiry then moves to `days` from now (written at most once a minute: every page run of a signed-in browser
     asks). A session issued under another password, or unused for `days`, is deleted."""
     if days <= 0 or not isinstance(token, str) or not _TOKEN.fullmatch(token):
@@ -69,13 +69,3 @@ def end(conn, token: str | None) -> None:
     if isinstance(token, str) and _TOKEN.fullmatch(token):
         with conn, conn.cursor() as cur:
             cur.execute("DELETE FROM ui_sessions WHERE token_hash = %s", (_token_hash(token),))
-
-
-def cookie_script(token: str | None, days: float) -> str:
-    """JavaScript that stores `token` in the browser's cookie for `days` (None: deletes it). SameSite=Strict: no
-    other site's page makes the browser send it; Secure when the page came over https."""
-    value, max_age = (token, round(days * 86400)) if token else ("", 0)
-    if token is not None and not _TOKEN.fullmatch(token):
-        raise ValueError("not a session token")
-    return (f"<script>document.cookie = '{COOKIE}={value}; Max-Age={max_age}; Path=/; SameSite=Strict'"
-            " + (location.protocol === 'https:' ? '; Secure' : '');</script>")

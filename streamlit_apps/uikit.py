@@ -11,11 +11,13 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import data
 import streamlit as st
+import streamlit.components.v1 as components
 
-from semg import secrets, uisessions
+from semg import secrets
 from semg.config import MIN_UI_PASSWORD_CHARS
 
 log = logging.getLogger("semg.ui")
@@ -23,7 +25,8 @@ log = logging.getLogger("semg.ui")
 AUTH_KEY = "semg_authenticated"
 USER_KEY = "semg_user_id"
 SESSION_KEY = "semg_remembered_session"  # this browser session's remembered sign-in (semg.uisessions), for signing out
-COOKIE_KEY = "semg_cookie_script"  # the cookie change to send to the browser on the next run
+STORE_OP_KEY = "semg_session_store_op"  # ("store", token) or ("clear", None) for the browser, until it is done
+ENDED_KEY = "semg_ended_sessions"  # tokens this browser session ended: never resumed, whatever the browser says
 SIGNED_OUT_KEY = "semg_signed_out_elsewhere"  # the sign-in page says why it is back
 CHECKED_KEY = "semg_session_checked_at"  # time.monotonic() of the last check that the sign-in lives
 RECHECK_S = 10.0
@@ -128,19 +131,37 @@ class SignInGuard:
 SIGN_IN = SignInGuard()
 
 
-def _cookie_token() -> str | None:
-    """The remembered sign-in the browser sent when this page was loaded (streamlit.testing sends no cookies)."""
-    token = st.context.cookies.get(uisessions.COOKIE)
-    return token if isinstance(token, str) else None
+# The browser side of a remembered sign-in: a component whose page keeps the token in this origin's localStorage.
+# Not a cookie: cookies go to (and can be read by pages of) every port of a host name, so any other web server on
+# the same machine (a Jupyter, a `python -m http.server`) could have taken the token, or opened this UI's websocket
+# with it from its own page.
+_session_store = components.declare_component("semg_session_store", path=str(Path(__file__).parent / "session_store"))
 
 
-def _send_cookie_change() -> None:
-    """Run the cookie change a sign-in or sign-out left for this run in the browser (st.html runs its script in the
-    page itself; a component's iframe has another document)."""
-    script = st.session_state.pop(COOKIE_KEY, None)
-    if script:
-        with st.sidebar:
-            st.html(script, unsafe_allow_javascript=True)
+def _browser_store(op: str, token: str | None) -> str | None:
+    """Render the store with `op` ("get", "store" a token, "clear"); the token the browser holds after the last op
+    it ran ("" none; None: it has not answered yet, e.g. on the first run of a page load)."""
+    with st.sidebar:
+        return _session_store(op=op, token=token, key="semg_session_store", default=None)
+
+
+def _stored_token() -> str | None:
+    """Runs a pending store/clear in the browser (kept pending until the browser says it is done) and returns the
+    token the browser holds, unless this browser session ended it (the browser's answer may be a run behind)."""
+    op, token = st.session_state.get(STORE_OP_KEY) or ("get", None)
+    held = _browser_store(op, token)
+    if op != "get" and held == (token or ""):
+        st.session_state.pop(STORE_OP_KEY, None)
+    if not held or held in st.session_state.get(ENDED_KEY, ()):
+        return None
+    return held
+
+
+def _forget_in_browser(token: str | None) -> None:
+    """This browser session will never resume `token`, and the browser is told to forget what it holds."""
+    if token:
+        st.session_state[ENDED_KEY] = {*st.session_state.get(ENDED_KEY, ()), token}
+    st.session_state[STORE_OP_KEY] = ("clear", None)
 
 
 def _remember_sign_in(password: str) -> None:
@@ -153,38 +174,38 @@ def _remember_sign_in(password: str) -> None:
         log.warning("the sign-in is not remembered across page loads: %s", e)
         return
     st.session_state[SESSION_KEY] = token
-    st.session_state[COOKIE_KEY] = uisessions.cookie_script(token, days)
+    st.session_state[STORE_OP_KEY] = ("store", token)
 
 
 def _resume_sign_in(expected: str) -> bool:
-    """Signs this browser session in with the cookie of an earlier sign-in, when that is still valid."""
-    token = _cookie_token()
+    """Signs this browser session in with the token of an earlier sign-in the browser holds, while it is valid."""
+    token = _stored_token()
     if not token:
         return False
     days = data.settings().semg_ui_session_days
     try:
         valid = data.resume_ui_session(token, expected, days)
-    except data.Unavailable as e:  # the password still signs in; the cookie is kept for the next page load
+    except data.Unavailable as e:  # the password still signs in; the token is kept for the next page load
         log.warning("a remembered sign-in could not be checked: %s", e)
         return False
     if valid:
         st.session_state[AUTH_KEY] = True
         st.session_state[SESSION_KEY] = token
         return True
-    st.session_state[COOKIE_KEY] = uisessions.cookie_script(None, 0)  # expired, signed out or another password
-    return False
+    _forget_in_browser(token)  # expired, signed out or another password
+    st.rerun()  # the store was rendered in this run already: the next one tells the browser
 
 
 def sign_out() -> None:
-    """Sign this browser out: its remembered sign-in is ended on the server and its cookie deleted."""
+    """Sign this browser out: its remembered sign-in is ended on the server and forgotten by the browser."""
     token = st.session_state.pop(SESSION_KEY, None)
     if token:
         try:
             data.end_ui_session(token)
-        except data.Unavailable as e:  # the cookie goes anyway; the session ends at its expiry
+        except data.Unavailable as e:  # the browser forgets it anyway, and this tab never resumes it
             log.warning("a signed-out session could not be ended in the database: %s", e)
     st.session_state.pop(AUTH_KEY, None)
-    st.session_state[COOKIE_KEY] = uisessions.cookie_script(None, 0)
+    _forget_in_browser(token)
     st.rerun()
 
 
@@ -195,7 +216,8 @@ def require_login() -> None:
         _check_still_signed_in()
     if not st.session_state.get(AUTH_KEY):
         _require_login()
-    _send_cookie_change()  # st.stop() ends the run at the next element: never after it
+    elif STORE_OP_KEY in st.session_state:  # just signed in: the browser is to keep the token
+        _stored_token()
 
 
 def _check_still_signed_in() -> None:
@@ -217,7 +239,7 @@ def _check_still_signed_in() -> None:
     if not live:
         st.session_state.pop(AUTH_KEY, None)
         st.session_state.pop(SESSION_KEY, None)
-        st.session_state[COOKIE_KEY] = uisessions.cookie_script(None, 0)
+        _forget_in_browser(token)
         st.session_state[SIGNED_OUT_KEY] = True
 
 
@@ -238,7 +260,6 @@ def _require_login() -> None:
         st.stop()
     if _resume_sign_in(expected):
         return
-    _send_cookie_change()
     st.title(":material/back_hand: sEMG gesture platform")
     if st.session_state.pop(SIGNED_OUT_KEY, False):
         st.info("You were signed out: this browser signed out in another tab, or the UI password was changed.",

@@ -191,9 +191,11 @@ def test_a_capture_page_reloaded_mid_session_resumes_where_it_stopped(stack, bro
         browser_page.goto(f"{ui.base_url}/Training_Data_Capture?user={user['id']}")
         _sign_in_on(browser_page, password, "Training Data Capture")
         ui.wait_idle()
-        [cookie] = _wait(lambda: [c for c in browser_page.context.cookies() if c["name"] == "semg_session"], 10,
-                         "the sign-in's cookie")
-        assert cookie["sameSite"] == "Strict" and cookie["expires"] > time.time() + 6 * 86400, cookie
+        # the remembered sign-in is in this origin's localStorage, not in a cookie (which every port of the host
+        # name would be sent and could read)
+        token = _wait(lambda: browser_page.evaluate("() => localStorage.getItem('semg_session')"), 10,
+                      "the sign-in's token in the browser")
+        assert len(token) == 43 and all(token not in c["value"] for c in browser_page.context.cookies())
         webcam = ui.start_webcam()
         reps, hold, rest = 2, 2.5, 2.0
         ui.fill("Repetitions", str(reps))
@@ -237,8 +239,8 @@ def test_a_capture_page_reloaded_mid_session_resumes_where_it_stopped(stack, bro
 
         browser_page.get_by_role("button", name="Sign out").click()
         browser_page.get_by_label("Password", exact=True).wait_for(timeout=30_000)
-        _wait(lambda: not [c for c in browser_page.context.cookies() if c["name"] == "semg_session"], 10,
-              "the cookie to be deleted")
+        _wait(lambda: browser_page.evaluate("() => localStorage.getItem('semg_session') === null"), 10,
+              "the browser to forget the token")
         browser_page.reload()
         browser_page.get_by_label("Password", exact=True).wait_for(timeout=30_000)
     finally:

@@ -125,8 +125,21 @@ def test_a_short_password_in_the_file_signs_nobody_in(page, clean_db, monkeypatc
     assert not at.text_input
 
 
-def _cookie_scripts(at) -> list[str]:
-    return [el.proto.body for el in at.get("html") if "document.cookie" in el.proto.body]
+class FakeBrowserStore:
+    """What streamlit_apps/session_store/index.html does with the browser's localStorage, for AppTest (which runs
+    no component): one browser; `stale` answers with the token held before the last op (the real one's answer
+    comes a run later)."""
+
+    def __init__(self):
+        self.token, self.stale = "", False
+
+    def __call__(self, op: str, token: str | None) -> str:
+        before = self.token
+        if op == "store" and token:
+            self.token = token
+        elif op == "clear":
+            self.token = ""
+        return before if self.stale else self.token
 
 
 def _asks_password(at) -> bool:
@@ -141,34 +154,34 @@ def _ui_sessions(conn) -> int:
 
 def test_a_sign_in_is_remembered_across_page_loads_until_signing_out(page, clean_db, monkeypatch):
     """Streamlit keeps state per websocket: every reload or new tab asked for the password again. A sign-in now
-    sends the browser a cookie; a page loaded with it is signed in, until "Sign out" ends it on the server."""
+    leaves a token in the browser; a page loaded with it is signed in, until "Sign out" ends it on the server."""
     import uikit
 
     from semg import secrets
+    browser = FakeBrowserStore()
+    monkeypatch.setattr(uikit, "_browser_store", browser)
     first = page("users", login=False)
     first.run()
     assert "User Management" in _sign_in(first, secrets.ui_password())
-    [script] = _cookie_scripts(first)
     token = first.session_state[uikit.SESSION_KEY]
-    assert f"semg_session={token}; Max-Age=604800" in script and _ui_sessions(clean_db) == 1
+    assert browser.token == token and _ui_sessions(clean_db) == 1
 
-    monkeypatch.setattr(uikit, "_cookie_token", lambda: token)  # a reload, or another tab of that browser
-    reloaded = page("users", login=False)
+    reloaded = page("users", login=False)  # a reload, or another tab of that browser
     reloaded.run()
     assert_clean(reloaded)
     assert "User Management" in texts(reloaded) and not _asks_password(reloaded)
-    assert not _cookie_scripts(reloaded)
-    monkeypatch.setattr(uikit, "_cookie_token", lambda: "A" * 43)  # a cookie this server never issued
+    browser.token = "A" * 43  # a token this server never issued
     forged = page("users", login=False)
     forged.run()
-    assert "User Management" not in texts(forged) and "semg_session=; Max-Age=0" in _cookie_scripts(forged)[0]
+    assert "User Management" not in texts(forged) and _asks_password(forged) and browser.token == ""
 
-    monkeypatch.setattr(uikit, "_cookie_token", lambda: token)
+    browser.token = token
     button(reloaded, "Sign out").click()
     reloaded.run()
     assert "User Management" not in texts(reloaded) and _asks_password(reloaded)
-    assert "semg_session=; Max-Age=0" in _cookie_scripts(reloaded)[0] and _ui_sessions(clean_db) == 0
-    again = page("users", login=False)  # the cookie of a signed-out session signs nobody in
+    assert browser.token == "" and _ui_sessions(clean_db) == 0
+    browser.token = token  # kept by a browser that never got the "forget" (a page closed at once)
+    again = page("users", login=False)  # the token of a signed-out session signs nobody in
     again.run()
     assert "User Management" not in texts(again) and _asks_password(again)
     monkeypatch.setattr(uikit, "RECHECK_S", 3600.0)
@@ -177,7 +190,31 @@ def test_a_sign_in_is_remembered_across_page_loads_until_signing_out(page, clean
     monkeypatch.setattr(uikit, "RECHECK_S", 0.0)
     first.run()  # ... and then signed out
     assert _asks_password(first) and "signed out in another tab" in texts(first)
-    assert "semg_session=; Max-Age=0" in _cookie_scripts(first)[0]
+
+
+def test_signing_out_while_the_database_is_down_does_not_sign_back_in(page, clean_db, monkeypatch):
+    """Sign out could not end the session in the database (an outage): the tab must not resume it from what the
+    browser still reports a run later, once the database is back."""
+    import data
+    import uikit
+
+    from semg import secrets
+    browser = FakeBrowserStore()
+    monkeypatch.setattr(uikit, "_browser_store", browser)
+    at = page("users", login=False)
+    at.run()
+    assert "User Management" in _sign_in(at, secrets.ui_password())
+
+    def down(_token):
+        raise data.Unavailable("The database at 127.0.0.1 is not reachable")
+
+    monkeypatch.setattr(data, "end_ui_session", down)
+    browser.stale = True  # the browser's answer to "forget it" is a run behind
+    button(at, "Sign out").click()
+    at.run()
+    assert _asks_password(at) and _ui_sessions(clean_db) == 1  # still valid in the database
+    at.run()
+    assert _asks_password(at) and "User Management" not in texts(at)
 
 
 def test_a_changed_ui_password_signs_out_open_pages(page, clean_db, monkeypatch):
@@ -211,7 +248,7 @@ def test_with_sessions_switched_off_every_page_load_asks(page, clean_db, monkeyp
         at = page("users", login=False)
         at.run()
         assert "User Management" in _sign_in(at, secrets.ui_password())
-        assert not _cookie_scripts(at) and _ui_sessions(clean_db) == 0
+        assert _ui_sessions(clean_db) == 0
     finally:
         monkeypatch.undo()
         get_settings.cache_clear()
