@@ -102,7 +102,7 @@ class PredictionMessage(_Msg):
     userid: UserId
     gesture: str = Field(min_length=1, max_length=80)  # 'REST' / 'UNKNOWN' when unsure
     confidence: float = Field(ge=0, le=1)
-    raw_gesture: str | None = None  # the model's own top class before smoothing/threshold
+    raw_gesture: str | None = Field(None, max_length=80)  # the model's own top class before smoothing/threshold
     model_id: int | None = None
     device_id: int | None = None
     seq: int | None = None  # sequence number of the window's last sample

@@ -120,6 +120,14 @@ def test_a_users_live_decisions_reach_their_key_and_nobody_elses(api_process, se
     assert [(e, json.loads(d)["gesture"]) for e, d in got] == [("message", "fist"), ("message", "open hand")], got
     assert json.loads(got[0][1])["userid"] == ann["id"]
 
+    # at most 4 streams of one user's decisions, whichever of the user's keys open them
+    second = keys.create_key(clean_db, "user", ann["id"], "second")["key"]
+    extra = [Stream(url, second) for _ in range(3)]
+    assert [x.status.get(timeout=30) for x in extra] == [200, 200, 200]
+    third = keys.create_key(clean_db, "user", ann["id"], "third")["key"]
+    refused = httpx.get(url, headers={"X-API-Key": third}, timeout=10)
+    assert refused.status_code == 429 and "4 live streams per user" in refused.json()["detail"], refused.text
+
     # revoked (here with the CLI's function, so no cache is told): the stream ends, saying why
     keys.revoke_key(clean_db, ann_key["id"])
     deadline = time.monotonic() + 30
@@ -170,17 +178,17 @@ def test_a_revoked_key_reading_slowly_gets_nothing_decided_after_the_check(api_p
             head += chunk
         assert head.startswith(b"HTTP/1.1 200"), head
 
-        # decisions the client does not read: more than the socket buffers and the stream's queue hold (8 MB)
-        def decision(gesture: str, raw: str | None = None) -> bytes:
+        # decisions the client does not read: more than the socket buffers and the stream's queue hold (~13 MB)
+        def decision(gesture: str) -> bytes:
             now = time.time()
-            return PredictionMessage(userid=user["id"], gesture=gesture, confidence=0.9, raw_gesture=raw,
+            return PredictionMessage(userid=user["id"], gesture=gesture, confidence=0.9, raw_gesture="x" * 80,
                                      device_millis=1.0, sample_recv_time=now, decided_time=now
                                      ).model_dump_json().encode()
 
         subject = predictions_subject(user["id"])
-        for batch in range(6):
-            _publish(settings, *[(subject, decision(f"before-{batch}-{i}", "x" * 65536)) for i in range(20)])
-            time.sleep(0.2)
+        for batch in range(40):
+            _publish(settings, *[(subject, decision(f"before-{batch}-{i}")) for i in range(1000)])
+            time.sleep(0.05)
         keys.revoke_key(clean_db, key["id"])
         _publish(settings, *[(subject, decision(f"after-{i}")) for i in range(20)])
         time.sleep(KEY_RECHECK_S + 1)  # the key's check is due

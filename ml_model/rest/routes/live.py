@@ -31,9 +31,9 @@ log = logging.getLogger("semg.api.live")
 KEEPALIVE_S = 15.0  # a comment line this often: the client (and any proxy) sees a dead connection
 KEY_RECHECK_S = 5.0  # a revoked key (or a deleted user) ends its streams this long after (or at the keep-alive)
 BUFFER = 256  # decisions kept for a client that reads slower than they come; the oldest go first
-MAX_STREAMS_PER_KEY = 4
+MAX_STREAMS_PER_USER = 4  # of one user's decisions, whatever keys open them (a user may have many keys)
 MAX_STREAMS = 64
-_streams: Counter[int] = Counter()  # open streams per key id (the event loop is the only writer)
+_streams: Counter[int] = Counter()  # open streams per streamed user (the event loop is the only writer)
 
 
 def _check_user(state, user_id: int) -> None:
@@ -53,7 +53,7 @@ def _event(data: str, event: str | None = None) -> bytes:
                                     f"line every {KEEPALIVE_S:g} s, `event: dropped` when a slow reader missed some, "
                                     "and `event: end` before the server ends the stream",
                      "content": {"text/event-stream": {}}},
-               429: {"description": f"this key has {MAX_STREAMS_PER_KEY} streams open already (or the server "
+               429: {"description": f"{MAX_STREAMS_PER_USER} streams of this user's decisions are open already (or the server "
                                     f"{MAX_STREAMS})"},
                503: {"description": "NATS is not reachable yet (Retry-After)"}},
 )
@@ -69,8 +69,8 @@ async def live_predictions(
     if nc is None or not nc.is_connected:
         raise HTTPException(503, "live decisions come over NATS, which the API cannot reach now: retry shortly",
                             headers={"Retry-After": "5"})
-    if _streams[caller.key_id] >= MAX_STREAMS_PER_KEY or sum(_streams.values()) >= MAX_STREAMS:
-        raise HTTPException(429, f"at most {MAX_STREAMS_PER_KEY} live streams per API key ({MAX_STREAMS} on the "
+    if _streams[user_id] >= MAX_STREAMS_PER_USER or sum(_streams.values()) >= MAX_STREAMS:
+        raise HTTPException(429, f"at most {MAX_STREAMS_PER_USER} live streams per user ({MAX_STREAMS} on the "
                                  "server) are open at once: close one first", headers={"Retry-After": "10"})
     pending: deque[bytes] = deque(maxlen=BUFFER)
     arrived = asyncio.Event()
@@ -87,7 +87,7 @@ async def live_predictions(
         arrived.set()
 
     sub = await nc.subscribe(predictions_subject(user_id), cb=on_decision)
-    _streams[caller.key_id] += 1
+    _streams[user_id] += 1
 
     next_check = [time.monotonic() + KEY_RECHECK_S]
 
@@ -124,9 +124,9 @@ async def live_predictions(
                     yield _event('{"reason": "the API key was revoked (or its user deleted)"}', "end")
                     return
         finally:
-            _streams[caller.key_id] -= 1
-            if _streams[caller.key_id] <= 0:
-                del _streams[caller.key_id]
+            _streams[user_id] -= 1
+            if _streams[user_id] <= 0:
+                del _streams[user_id]
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
