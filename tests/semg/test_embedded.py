@@ -127,107 +127,82 @@ def test_stale_lock_is_removed_and_postgres_starts(state, owner):
         other.wait()
 
 
-def test_services_bound_to_one_address_are_reached_there(tmp_path_factory, monkeypatch):
-    """SEMG_BIND_HOST and SEMG_INTERNAL_BIND_HOST set to one address each (LAN IPs; here the loopback aliases
-    127.0.0.2 and .3): the embedded PostgreSQL and NATS listen only on the internal one, and every client goes
-    where its service listens (database and NATS there, API and UDP metrics URLs on the other), not to 127.0.0.1
-    where nothing listens."""
-    import asyncio
-
-    from semg import db, natsio
+@contextlib.contextmanager
+def _embedded_services(tmp_path_factory, monkeypatch, name: str, listen_host: str, **settings: str):
+    """The embedded PostgreSQL and NATS as supervisord starts them, with `settings` (env vars) set here too; yields
+    (Settings, pg_port, nats_port) once both listen on `listen_host`; stops them after."""
     from semg.config import get_settings
 
-    state = _state_dir(tmp_path_factory, "bound-state")
-    public, host, pg_port, nats_port = "127.0.0.2", "127.0.0.3", free_port(), free_port()
-    env = {**_env(state, pg_port), "NATS_PORT": str(nats_port), "SEMG_BIND_HOST": public,
-           "SEMG_INTERNAL_BIND_HOST": host}
+    state = _state_dir(tmp_path_factory, name)
+    pg_port, nats_port = free_port(), free_port()
+    env = {**_env(state, pg_port), "NATS_PORT": str(nats_port), **settings}
     env.pop("NATS_SERVER", None)
-    procs = {name: subprocess.Popen([sys.executable, "-m", "semg.embedded", name], env=env, cwd=REPO,
-                                    stdout=open(state / f"{name}.log", "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
-             for name in ("postgres", "nats")}
+    procs = {what: subprocess.Popen([sys.executable, "-m", "semg.embedded", what], env=env, cwd=REPO,
+                                    stdout=open(state / f"{what}.log", "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
+             for what in ("postgres", "nats")}
     try:
-        for key in ("SEMG_STATE_DIR", "POSTGRES_PORT", "NATS_PORT", "SEMG_BIND_HOST", "SEMG_INTERNAL_BIND_HOST"):
+        for key in ("SEMG_STATE_DIR", "POSTGRES_PORT", "NATS_PORT", *settings):
             monkeypatch.setenv(key, env[key])
-        for key in ("POSTGRES_HOST", "NATS_SERVER"):
+        for key in {"POSTGRES_HOST", "NATS_SERVER", "SEMG_BIND_HOST", "SEMG_INTERNAL_BIND_HOST"} - set(settings):
             monkeypatch.delenv(key, raising=False)
         get_settings.cache_clear()
-        s = get_settings()
-        assert s.postgres_address == host and s.nats_url == f"nats://{host}:{nats_port}"
-        assert s.api_url.startswith(f"http://{public}:") and s.udp_metrics_url.startswith(f"http://{public}:")
         deadline = time.monotonic() + 120
-        while not (port_in_use(pg_port, host) and port_in_use(nats_port, host)):
-            for name, p in procs.items():
-                assert p.poll() is None, (state / f"{name}.log").read_text()[-2000:]
+        while not (port_in_use(pg_port, listen_host) and port_in_use(nats_port, listen_host)):
+            for what, p in procs.items():
+                assert p.poll() is None, (state / f"{what}.log").read_text()[-2000:]
             assert time.monotonic() < deadline, "the embedded services did not start"
             time.sleep(0.2)
-        for elsewhere in ("127.0.0.1", public):
-            assert not port_in_use(pg_port, elsewhere) and not port_in_use(nats_port, elsewhere), elsewhere
-        db.wait_until_ready(s, timeout=60)
-        with contextlib.closing(db.connect(s, dbname="postgres")) as conn, conn.cursor() as cur:
-            cur.execute("SELECT inet_server_addr()::text")
-            assert cur.fetchone()[0].split("/")[0] == host
-
-        async def ping() -> None:
-            nc = await natsio.connect("admin", s, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=5)
-            try:
-                await nc.flush(timeout=5)
-            finally:
-                await nc.close()
-
-        asyncio.run(ping())
+        yield get_settings(), pg_port, nats_port
     finally:
         for p in procs.values():
             _stop(p)
         monkeypatch.undo()
         get_settings.cache_clear()
+
+
+def _reached(s) -> str:
+    """Connect to the database and to NATS as the services do; the address the database saw us come to."""
+    import asyncio
+
+    from semg import db, natsio
+    db.wait_until_ready(s, timeout=60)
+    with contextlib.closing(db.connect(s, dbname="postgres")) as conn, conn.cursor() as cur:
+        cur.execute("SELECT inet_server_addr()::text")
+        server_addr = cur.fetchone()[0].split("/")[0]
+
+    async def ping() -> None:
+        nc = await natsio.connect("admin", s, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=5)
+        try:
+            await nc.flush(timeout=5)
+        finally:
+            await nc.close()
+
+    asyncio.run(ping())
+    return server_addr
+
+
+def test_services_bound_to_one_address_are_reached_there(tmp_path_factory, monkeypatch):
+    """SEMG_BIND_HOST and SEMG_INTERNAL_BIND_HOST set to one address each (LAN IPs; here the loopback aliases
+    127.0.0.2 and .3): the embedded PostgreSQL and NATS listen only on the internal one, and every client goes
+    where its service listens (database and NATS there, API and UDP metrics URLs on the other), not to 127.0.0.1
+    where nothing listens."""
+    public, host = "127.0.0.2", "127.0.0.3"
+    with _embedded_services(tmp_path_factory, monkeypatch, "bound-state", host, SEMG_BIND_HOST=public,
+                            SEMG_INTERNAL_BIND_HOST=host) as (s, pg_port, nats_port):
+        assert s.postgres_address == host and s.nats_url == f"nats://{host}:{nats_port}"
+        assert s.api_url.startswith(f"http://{public}:") and s.udp_metrics_url.startswith(f"http://{public}:")
+        for elsewhere in ("127.0.0.1", public):
+            assert not port_in_use(pg_port, elsewhere) and not port_in_use(nats_port, elsewhere), elsewhere
+        assert _reached(s) == host
 
 
 def test_database_and_nats_on_every_ipv6_interface_are_reached(tmp_path_factory, monkeypatch):
     """SEMG_INTERNAL_BIND_HOST=:: (workers on other machines of an IPv6 lab network): PostgreSQL listens on '::'
     for IPv6 only (it sets IPV6_V6ONLY), but every client connected to 127.0.0.1, so no service reached the
     database. Clients now go to ::1, which both PostgreSQL and NATS on '::' answer."""
-    import asyncio
-
-    from semg import db, natsio
-    from semg.config import get_settings
-
-    state = _state_dir(tmp_path_factory, "ipv6-state")
-    pg_port, nats_port = free_port(), free_port()
-    env = {**_env(state, pg_port), "NATS_PORT": str(nats_port), "SEMG_INTERNAL_BIND_HOST": "::"}
-    env.pop("NATS_SERVER", None)
-    procs = {name: subprocess.Popen([sys.executable, "-m", "semg.embedded", name], env=env, cwd=REPO,
-                                    stdout=open(state / f"{name}.log", "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
-             for name in ("postgres", "nats")}
-    try:
-        for key in ("SEMG_STATE_DIR", "POSTGRES_PORT", "NATS_PORT", "SEMG_INTERNAL_BIND_HOST"):
-            monkeypatch.setenv(key, env[key])
-        for key in ("POSTGRES_HOST", "NATS_SERVER", "SEMG_BIND_HOST"):
-            monkeypatch.delenv(key, raising=False)
-        get_settings.cache_clear()
-        s = get_settings()
-        deadline = time.monotonic() + 120
-        while not (port_in_use(pg_port, "::1") and port_in_use(nats_port, "::1")):
-            for name, p in procs.items():
-                assert p.poll() is None, (state / f"{name}.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "the embedded services did not start"
-            time.sleep(0.2)
-        db.wait_until_ready(s, timeout=60)
-        with contextlib.closing(db.connect(s, dbname="postgres")) as conn, conn.cursor() as cur:
-            cur.execute("SELECT 1")
-
-        async def ping() -> None:
-            nc = await natsio.connect("admin", s, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=5)
-            try:
-                await nc.flush(timeout=5)
-            finally:
-                await nc.close()
-
-        asyncio.run(ping())
-    finally:
-        for p in procs.values():
-            _stop(p)
-        monkeypatch.undo()
-        get_settings.cache_clear()
+    with _embedded_services(tmp_path_factory, monkeypatch, "ipv6-state", "::1",
+                            SEMG_INTERNAL_BIND_HOST="::") as (s, _pg_port, _nats_port):
+        assert _reached(s) == "::1"
 
 
 @pytest.mark.parametrize("bind", ["0.0.0.0", "192.0.2.7"])  # noqa: S104 - what a maker sets for an ESP32
