@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ml_model import preprocessing as pp
-from ml_model.export_names import EXTENSIONS, FORMATS, export_filename  # noqa: F401 (part of this module's API)
+from ml_model.export_names import EXTENSIONS, FORMATS, export_filename, stored_meta  # noqa: F401 (part of this module's API)
 
 log = logging.getLogger(__name__)
 
@@ -328,9 +328,7 @@ def load_job_artifact(job_id: int, settings=None) -> tuple[bytes, dict[str, Any]
         if job[0] in ("scheduled", "running"):
             raise LookupError(f"job {job_id} is {job[0]}: it has no model artifact yet (export it once it completed)")
         raise LookupError(f"job {job_id} is {job[0]}: it has no model artifact")
-    meta = dict(row[2])
-    meta.setdefault("artifact_id", int(row[0]))
-    return bytes(row[1]), meta, int(row[0])
+    return bytes(row[1]), stored_meta(row[0], None, row[2]), int(row[0])
 
 
 def cli_export(

@@ -11,6 +11,16 @@ FORMATS = ("onnx", "onnx-int8", "torchscript")
 EXTENSIONS = {"onnx": ".onnx", "onnx-int8": ".int8.onnx", "torchscript": ".pt"}
 
 
+def stored_meta(artifact_id: int, job_id: int | None, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A stored model's metadata (model_artifacts row) with its artifact and job ids, which its export's name and
+    embedded description use (ids the metadata already holds are kept)."""
+    meta = dict(metadata or {})
+    meta.setdefault("artifact_id", int(artifact_id))
+    if job_id is not None:
+        meta.setdefault("job_id", int(job_id))
+    return meta
+
+
 def export_filename(meta: Mapping[str, Any], fmt: str) -> str:
     """Default file name: ``semg-job<job id>`` or ``semg-<sha256 prefix>`` plus the format's extension.
 

@@ -566,10 +566,7 @@ def _export_model_cached(artifact_id: int, fmt: str) -> tuple[bytes, str]:
     row = _one("SELECT id, job_id, weights, metadata FROM model_artifacts WHERE id = %s", (artifact_id,))
     if row is None:
         raise Unavailable(f"Model #{artifact_id} no longer exists (deleted?); reload the page.")
-    meta = dict(row["metadata"] or {})
-    meta.setdefault("artifact_id", row["id"])
-    if row["job_id"] is not None:
-        meta.setdefault("job_id", row["job_id"])
+    meta = export.stored_meta(row["id"], row["job_id"], row["metadata"])
     weights = bytes(row["weights"])
     return export.export_bytes(weights, meta, fmt), export.export_filename(meta, fmt)
 

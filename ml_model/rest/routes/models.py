@@ -21,7 +21,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from ml_model import artifacts
 from ml_model import preprocessing as pp
-from ml_model.export_names import export_filename
+from ml_model.export_names import export_filename, stored_meta
 from ml_model.rest import serving
 from ml_model.rest.auth import Caller, UserScoped
 from ml_model.rest.deps import Conn
@@ -288,10 +288,7 @@ def export_model(
         conn.rollback()
     if row is None:
         raise HTTPException(404, f"user {user_id} has no model {artifact_id} (GET /users/{user_id}/models lists them)")
-    meta = dict(row[3] or {})
-    meta.setdefault("artifact_id", row[0])
-    if row[1] is not None:
-        meta.setdefault("job_id", row[1])
+    meta = stored_meta(row[0], row[1], row[3])
     if not _model_export.acquire(blocking=False):
         raise HTTPException(429, f"another model is being exported: retry in {MODEL_EXPORT_RETRY_AFTER_S} s",
                             headers={"Retry-After": str(MODEL_EXPORT_RETRY_AFTER_S)})
