@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     semg_service_key: SecretStr | None = None
     # Password of the web UI login (generated when unset and the state dir is writable).
     semg_ui_password: SecretStr | None = None
-    # Days a web UI sign-in is remembered by the browser (a cookie) without being used; each page load renews
+    # Days a web UI sign-in is remembered by the browser (semg.uisessions) without being used; each use renews
     # it. 0 = never: every page load or new tab asks for the password.
     semg_ui_session_days: float = Field(7.0, ge=0, le=366)
 
