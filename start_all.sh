@@ -48,11 +48,11 @@ fi
 read -r ui_url api_url host udp_port < <("$SEMG_PYTHON" -c '
 from semg.config import get_settings as g
 from udpserver.troubleshooting import sensor_address
-s = g(); a = sensor_address(s.semg_bind_host)
+s = g(); a = sensor_address(s.udp_bind_host)
 print(s.ui_url, s.api_url, (f"[{a}]" if ":" in a else a) if a else s.service_url_host, s.udp_port)')
 reach=""
 case "$host" in
-  127.*|localhost|"[::1]") reach="   (this computer only: SEMG_BIND_HOST=0.0.0.0 for boards on Wi-Fi)" ;;
+  127.*|localhost|"[::1]") reach="   (this computer only: SEMG_UDP_BIND_HOST=0.0.0.0 for boards on Wi-Fi)" ;;
 esac
 cat <<TXT
 

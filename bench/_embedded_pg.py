@@ -23,7 +23,8 @@ def embedded_postgres(prefix: str) -> Iterator[Path]:
     set in os.environ), wait for its schema, yield the state directory; stop it and remove everything after."""
     state = Path(tempfile.mkdtemp(prefix=prefix))
     os.chmod(state, 0o755)  # the embedded postgres runs unprivileged when we are root
-    for var in ("POSTGRES_HOST", "POSTGRES_PASSWORD", "SEMG_BIND_HOST", "SEMG_INTERNAL_BIND_HOST"):
+    for var in ("POSTGRES_HOST", "POSTGRES_PASSWORD", "SEMG_BIND_HOST", "SEMG_INTERNAL_BIND_HOST",
+                "SEMG_UDP_BIND_HOST"):
         os.environ.pop(var, None)
     from semg.embedded import free_port
     os.environ.update({"SEMG_STATE_DIR": str(state), "POSTGRES_PORT": str(free_port()), "POSTGRES_DB": "sensordb",

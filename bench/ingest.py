@@ -87,7 +87,7 @@ class Stack:
         os.chmod(self.dir, 0o755)  # the embedded postgres runs unprivileged when we are root
         self.keep = keep
         for var in ("POSTGRES_HOST", "POSTGRES_PASSWORD", "NATS_SERVER", "NATS_USER", "NATS_PASSWORD",
-                    "SEMG_BIND_HOST", "SEMG_INTERNAL_BIND_HOST"):
+                    "SEMG_BIND_HOST", "SEMG_INTERNAL_BIND_HOST", "SEMG_UDP_BIND_HOST"):
             os.environ.pop(var, None)
         self.env = {"SEMG_STATE_DIR": str(self.dir), "POSTGRES_PORT": str(free_port()),
                     "NATS_PORT": str(free_port()), "UDP_PORT": str(free_port(udp=True)),

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     # machine's services use them; letting an ESP32 reach the UDP port must not open the database to the network).
     # Set it (e.g. 0.0.0.0, then firewall) for training or inference workers on other machines.
     semg_internal_bind_host: str | None = None
+    # Interface the UDP ingestion port alone listens on. Unset: SEMG_BIND_HOST. An ESP32 on Wi-Fi needs only this
+    # port, so SEMG_UDP_BIND_HOST=0.0.0.0 lets boards in while the web UI and the API stay on this computer.
+    semg_udp_bind_host: str | None = None
 
     postgres_host: str | None = None  # unset -> embedded PostgreSQL
     postgres_port: Port = 5432
@@ -93,7 +96,8 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
     @field_validator("postgres_host", "nats_server", "nats_user", "semg_tls_cert_file", "semg_tls_key_file",
-                     "semg_backup_dir", "semg_internal_bind_host", mode="before")
+                     "semg_backup_dir", "semg_internal_bind_host", "semg_udp_bind_host",
+                     mode="before")
     @classmethod
     def _blank_is_unset(cls, v: object) -> object:
         return None if isinstance(v, str) and not v.strip() else v
@@ -187,6 +191,11 @@ class Settings(BaseSettings):
     def service_url_host(self) -> str:
         """service_host as it is written in a URL (an IPv6 address in brackets)."""
         return f"[{self.service_host}]" if ":" in self.service_host else self.service_host
+
+    @property
+    def udp_bind_host(self) -> str:
+        """Where the UDP ingestion port listens (SEMG_UDP_BIND_HOST, else SEMG_BIND_HOST)."""
+        return self.semg_udp_bind_host or self.semg_bind_host or "127.0.0.1"
 
     @property
     def internal_bind_host(self) -> str:

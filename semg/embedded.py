@@ -341,15 +341,16 @@ def run_nats(settings: Settings | None = None) -> None:
 def preflight(settings: Settings | None = None) -> list[str]:
     """Problems that would leave the system half-started: busy ports, unreachable external services."""
     s = settings or get_settings()
-    public, internal = _bind_addr(s), _internal_addr(s)
+    public, internal, sensors = _bind_addr(s), _internal_addr(s), s.udp_bind_host
     problems = []
     checks = [("API_PORT", s.api_port, False, public), ("UI_PORT", s.ui_port, False, public),
-              ("UDP_PORT", s.udp_port, True, public), ("UDP_METRICS_PORT", s.udp_metrics_port, False, public)]
+              ("UDP_PORT", s.udp_port, True, sensors), ("UDP_METRICS_PORT", s.udp_metrics_port, False, public)]
     if s.embedded_postgres:
         checks.append(("POSTGRES_PORT", s.postgres_port, False, internal))
     if s.embedded_nats:
         checks.append(("NATS_PORT", s.nats_port, False, internal))
     host_problems = {public: _bind_host_problem(public)}
+    host_problems.setdefault(sensors, _bind_host_problem(sensors, "SEMG_UDP_BIND_HOST"))
     if s.embedded_postgres or s.embedded_nats:
         host_problems.setdefault(internal, _bind_host_problem(internal, "SEMG_INTERNAL_BIND_HOST"))
     problems += [p for p in host_problems.values() if p]

@@ -280,8 +280,8 @@ def delete_device(device_id: int) -> None:
 
 
 def unreachable_from_boards() -> bool:
-    """True when the platform listens on loopback only (SEMG_BIND_HOST's default): no board on Wi-Fi reaches it."""
-    return troubleshooting.listens_on_loopback_only(settings().semg_bind_host)
+    """True when the UDP port listens on loopback only (the default): no board on Wi-Fi reaches it."""
+    return troubleshooting.listens_on_loopback_only(settings().udp_bind_host)
 
 
 def arduino_secrets_snippet(device: dict) -> str:
@@ -290,7 +290,7 @@ def arduino_secrets_snippet(device: dict) -> str:
     The sketch (arduino/arduinocode.ino) reads the SECRET_* names; SEMG_DEVICE_ID / SEMG_DEVICE_KEY_HEX carry
     the values under the platform's names, and SEMG_SAMPLE_RATE_HZ overrides the sketch's default rate."""
     s = settings()
-    host = troubleshooting.sensor_address(s.semg_bind_host) or "YOUR.SERVER.IP"
+    host = troubleshooting.sensor_address(s.udp_bind_host) or "YOUR.SERVER.IP"
     rate = float(device["sample_rate_hz"])
     return "\n".join([
         f"// arduino_secrets.h for device #{device['id']} (user #{device['user_id']})",

@@ -21,7 +21,8 @@ MYO_DATA = Path(os.environ.get("SEMG_MYO_DATA", REPO.parent / "shared" / "data" 
 
 # Settings the suite must never inherit from a developer's shell.
 _OWN_VARS = ["POSTGRES_HOST", "POSTGRES_DB", "POSTGRES_USER", "POSTGRES_PASSWORD", "NATS_SERVER", "NATS_USER",
-             "NATS_PASSWORD", "SEMG_SERVICE_KEY", "SEMG_UI_PASSWORD", "SEMG_BIND_HOST", "SEMG_INTERNAL_BIND_HOST"]
+             "NATS_PASSWORD", "SEMG_SERVICE_KEY", "SEMG_UI_PASSWORD", "SEMG_BIND_HOST", "SEMG_INTERNAL_BIND_HOST",
+             "SEMG_UDP_BIND_HOST"]
 
 
 def _free_port(udp: bool = False) -> int:

@@ -82,8 +82,8 @@ DEVICE_REASONS = (Reject.BAD_TAG, Reject.OLD_BOOT, Reject.CHANNEL_MISMATCH, Reje
 SILENT_HINT = ("no packet reaches the server under this device's id: check on the device's serial monitor "
                "(115200 baud) that it joins the Wi-Fi and sends to this server's address (SECRET_SERVER_IP) and "
                "UDP port (SECRET_SERVER_PORT), that the platform listens where the device can reach it "
-               "(SEMG_BIND_HOST is 127.0.0.1 by default, which only this computer reaches: start it with "
-               "SEMG_BIND_HOST=0.0.0.0; the database and NATS stay on 127.0.0.1), that no firewall drops UDP, "
+               "(it listens on 127.0.0.1 by default, which only this computer reaches: start it with "
+               "SEMG_UDP_BIND_HOST=0.0.0.0, which opens the UDP port alone), that no firewall drops UDP, "
                "and that "
                "SECRET_DEVICE_ID (the Myo bridge's --device-id) is this device's id (packets under an "
                "unregistered id count as unknown_device)")
@@ -104,7 +104,8 @@ def hint(reason: str) -> str:
 
 
 def sensor_address(bind_host: str) -> str | None:
-    """The address a board on the network sends its packets to (SECRET_SERVER_IP), given SEMG_BIND_HOST: that
+    """The address a board on the network sends its packets to (SECRET_SERVER_IP), given where the UDP port
+    listens (Settings.udp_bind_host): that
     address when it is one of the network's; for 0.0.0.0 / :: this machine's address on its default route (a UDP
     socket's connect sends nothing); None when the services listen on loopback only (no board can reach them) or
     no address is found."""
@@ -126,7 +127,7 @@ def sensor_address(bind_host: str) -> str | None:
 
 
 def listens_on_loopback_only(bind_host: str) -> bool:
-    """True when SEMG_BIND_HOST keeps every service out of a board's reach (127.0.0.1, the default)."""
+    """True when the UDP port listens where no board can reach it (127.0.0.1, the default)."""
     try:
         return ipaddress.ip_address(bind_host).is_loopback
     except ValueError:

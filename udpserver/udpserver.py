@@ -2,8 +2,8 @@
 
     python -m udpserver.udpserver [--spool-dir DIR] [--spool-max-mb N] [--memory-max-mb N]
 
-Listens on SEMG_BIND_HOST:UDP_PORT (wire format: udpserver/PROTOCOL.md) and serves GET /metrics and
-GET /health on SEMG_BIND_HOST:UDP_METRICS_PORT. Path of an accepted packet:
+Listens on SEMG_UDP_BIND_HOST:UDP_PORT (default SEMG_BIND_HOST; wire format: udpserver/PROTOCOL.md) and serves
+GET /metrics and GET /health on SEMG_BIND_HOST:UDP_METRICS_PORT. Path of an accepted packet:
 
     datagram -> Ingestor (parse, device, HMAC, replay, clock) -> spool chunk (one write per receive burst;
     only now counted as accepted) -> DbWriter thread (binary COPY, commit <= 20 ms after arrival)
@@ -438,7 +438,7 @@ class Server(asyncio.DatagramProtocol):
 
     # ---- lifecycle --------------------------------------------------------------------------------
     def _open_socket(self) -> socket.socket:
-        host = self.settings.semg_bind_host or "127.0.0.1"
+        host = self.settings.udp_bind_host
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         want = self.args.rcvbuf_mb << 20
@@ -486,7 +486,7 @@ class Server(asyncio.DatagramProtocol):
                                 tls=self.tls)
         await metrics.start()
         log.info("listening on udp %s:%d, metrics on %s://%s:%d/metrics, spool %s",
-                 self.settings.semg_bind_host, self.settings.udp_port, self.settings.http_scheme,
+                 self.settings.udp_bind_host, self.settings.udp_port, self.settings.http_scheme,
                  self.settings.semg_bind_host, self.settings.udp_metrics_port, self.spool.dir)
         self.writer.start()
         tasks = [asyncio.create_task(coro) for coro in (

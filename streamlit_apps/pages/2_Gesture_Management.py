@@ -118,9 +118,10 @@ def show_secret_once(user: dict) -> None:
                 "the sketch:")
     st.code(snippet, language="c", wrap_lines=True)
     if data.unreachable_from_boards():
-        st.warning("The platform listens on 127.0.0.1 only (`SEMG_BIND_HOST`'s default), which a board on Wi-Fi "
-                   "cannot reach: restart it with `SEMG_BIND_HOST=0.0.0.0 ./start_all.sh` (the database and NATS "
-                   "stay on 127.0.0.1).", icon=":material/wifi_off:")
+        st.warning("The sensor port (UDP) listens on 127.0.0.1 only (the default), which a board on Wi-Fi "
+                   "cannot reach: restart the platform with `SEMG_UDP_BIND_HOST=0.0.0.0 ./start_all.sh` (that "
+                   "opens the UDP port alone; the web UI and the API stay on this computer).",
+                   icon=":material/wifi_off:")
     if st.button("I have saved the key", key="dismiss_secret"):
         st.session_state.pop(KEY_ONCE_STATE, None)
         st.rerun()

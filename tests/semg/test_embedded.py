@@ -231,9 +231,9 @@ def test_opening_the_services_to_the_network_keeps_the_database_and_nats_on_loop
     assert s.postgres_address == "127.0.0.1"
 
 
-def _preflight(state: Path, host: str, **ports: int) -> subprocess.CompletedProcess:
+def _preflight(state: Path, host: str, udp_host: str = "", **ports: int) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "PYTHONPATH")}
-    env.update({"SEMG_STATE_DIR": str(state), "SEMG_BIND_HOST": host})
+    env.update({"SEMG_STATE_DIR": str(state), "SEMG_BIND_HOST": host, "SEMG_UDP_BIND_HOST": udp_host})
     for var in ("POSTGRES_PORT", "NATS_PORT", "API_PORT", "UI_PORT", "UDP_PORT", "UDP_METRICS_PORT"):
         env[var] = str(ports.get(var) or free_port(udp=var == "UDP_PORT"))
     return subprocess.run([sys.executable, "-m", "semg.embedded", "preflight"], env=env, capture_output=True,
@@ -249,6 +249,20 @@ def test_a_bind_host_this_machine_does_not_have_is_named_not_reported_as_busy_po
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"SEMG_BIND_HOST={host} cannot be listened on"), r.stderr
     assert "in use" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_udp_port_is_checked_where_semg_udp_bind_host_says(tmp_path):
+    """The UDP port alone may listen elsewhere (SEMG_UDP_BIND_HOST): an address this machine lacks is named under
+    that variable, and a busy UDP port is found there, not on SEMG_BIND_HOST's interface."""
+    r = _preflight(tmp_path, "127.0.0.1", udp_host="192.0.2.1")
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("SEMG_UDP_BIND_HOST=192.0.2.1 cannot be listened on"), r.stderr
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
+        busy.bind(("127.0.0.6", 0))
+        port = busy.getsockname()[1]
+        r = _preflight(tmp_path, "127.0.0.1", udp_host="127.0.0.6", UDP_PORT=port)
+        assert r.stderr.strip() == f"UDP_PORT {port} is already in use on 127.0.0.6", r.stderr
+        assert _preflight(tmp_path, "127.0.0.7", udp_host="127.0.0.8", UDP_PORT=port).returncode == 0
 
 
 def test_an_ipv6_bind_host_is_checked_with_ipv6_sockets(tmp_path):

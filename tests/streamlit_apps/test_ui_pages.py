@@ -476,7 +476,7 @@ def test_quick_add_custom_gesture_and_device_key_shown_once(page, clean_db):
     assert "shown only once" in texts(at)
     # the suite's platform listens on 127.0.0.1: the maker is told no board reaches that, and how to open it
     assert '#define SECRET_SERVER_IP "YOUR.SERVER.IP"' in snippet
-    assert "SEMG_BIND_HOST=0.0.0.0 ./start_all.sh" in texts(at)
+    assert "SEMG_UDP_BIND_HOST=0.0.0.0 ./start_all.sh" in texts(at)
     button(at, "I have saved the key").click()
     at.run()
     assert not at.code, "the key must not be shown again"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import time
 
@@ -211,3 +212,20 @@ def test_idle_connections_to_the_metrics_port_cannot_exhaust_the_servers_file_de
                      "the second packet handled")
     assert m["samples"]["stored"] == 20 and m["samples"]["dropped"] == 0, m["samples"]
     assert srv.stop() == 0
+
+
+def test_the_udp_port_alone_listens_where_semg_udp_bind_host_says(clean_db, udp_server, sender, monkeypatch):
+    """SEMG_UDP_BIND_HOST (here the loopback alias 127.0.0.5, a LAN address in real life) moves the sensor port
+    alone: packets sent there are stored, nothing listens on 127.0.0.1's UDP port, and the metrics stay on
+    SEMG_BIND_HOST (the fixture reads them at 127.0.0.1)."""
+    from semg.embedded import port_in_use
+    key = b"u" * 32
+    with clean_db.cursor() as cur:
+        dev = add_device(cur, add_user(cur), "binary", channels=4, key=key)
+    monkeypatch.setenv("SEMG_UDP_BIND_HOST", "127.0.0.5")
+    srv = udp_server()
+    port = int(os.environ["UDP_PORT"])
+    assert port_in_use(port, "127.0.0.5", udp=True) and not port_in_use(port, "127.0.0.1", udp=True)
+    sender.addr = ("127.0.0.5", port)
+    sender.send([_pkt(dev, key, 10 * i) for i in range(3)])
+    srv.wait_for(lambda m: m["samples"]["stored"] == 30, what="packets sent to SEMG_UDP_BIND_HOST stored")

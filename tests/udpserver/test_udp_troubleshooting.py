@@ -43,7 +43,7 @@ def test_every_rejection_reason_has_a_hint_and_the_readme_lists_them():
 def test_every_setting_a_hint_names_is_one_the_maker_has():
     """The hints told the maker to check SEMG_DEVICE_ID, a name neither the sketch nor arduino_secrets.h.example
     has (the sketch reads SECRET_DEVICE_ID); a device that never arrived was not told that the platform listens on
-    127.0.0.1 (SEMG_BIND_HOST's default), out of an ESP32's reach, and a Myo bridge's channel mismatch was sent to
+    127.0.0.1 (the default), out of an ESP32's reach, and a Myo bridge's channel mismatch was sent to
     the sketch's ANALOG_PINS."""
     arduino = REPO / "arduino"
     sketch = (arduino / "arduino_secrets.h.example").read_text() + (arduino / "arduinocode.ino").read_text()
@@ -54,7 +54,7 @@ def test_every_setting_a_hint_names_is_one_the_maker_has():
     hints = [*REJECT_HINTS.values(), SILENT_HINT, STOPPED_HINT, RATE_HINT]
     named = {n for h in hints for n in re.findall(r"\b[A-Z][A-Z0-9]*_[A-Z0-9_]+\b", h)}
     assert named and named <= known, f"hints name settings the maker cannot find: {sorted(named - known)}"
-    assert "SEMG_BIND_HOST=0.0.0.0" in SILENT_HINT
+    assert "SEMG_UDP_BIND_HOST=0.0.0.0" in SILENT_HINT
     assert "Myo bridge always sends 8" in REJECT_HINTS["channel_mismatch"]
 
 
@@ -168,3 +168,19 @@ def test_the_address_a_board_sends_to_follows_the_bind_host():
     assert found is None or not ipaddress.ip_address(found).is_loopback, found
     assert listens_on_loopback_only("127.0.0.1") and listens_on_loopback_only("localhost")
     assert not listens_on_loopback_only("0.0.0.0") and not listens_on_loopback_only("192.168.1.20")  # noqa: S104
+
+
+def test_the_sensor_port_opens_to_boards_without_the_web_ui_and_the_api(monkeypatch):
+    """An ESP32 on Wi-Fi needs only the UDP port, but the README's set-up (SEMG_BIND_HOST=0.0.0.0) also put the web
+    UI and the API on the network. SEMG_UDP_BIND_HOST moves the UDP port alone; the snippet, start_all.sh and the
+    Gesture Management warning follow it."""
+    from semg.config import Settings
+    from streamlit_apps import data
+    s = Settings(semg_bind_host="127.0.0.1", semg_udp_bind_host="192.0.2.7")
+    assert s.udp_bind_host == "192.0.2.7" and s.api_url.startswith("http://127.0.0.1:")
+    assert Settings(semg_bind_host="192.0.2.8").udp_bind_host == "192.0.2.8"  # unset: with SEMG_BIND_HOST
+    assert Settings(semg_bind_host="192.0.2.8", semg_udp_bind_host=" ").udp_bind_host == "192.0.2.8"
+    monkeypatch.setattr(data, "settings", lambda: s)
+    device = {"id": 3, "user_id": 1, "sample_rate_hz": 500.0, "channel_count": 4, "secret_key_hex": "00" * 32}
+    assert '#define SECRET_SERVER_IP "192.0.2.7"' in data.arduino_secrets_snippet(device)
+    assert not data.unreachable_from_boards()
