@@ -258,7 +258,7 @@ async def health(state: State) -> Health:
 def _serve() -> None:
     import uvicorn
 
-    from ml_model.rest.connections import GuardedHttp
+    from ml_model.rest.connections import KEEP_ALIVE_S, GuardedHttp
 
     s = settings_or_exit("api")
     logging.basicConfig(level=s.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -272,7 +272,7 @@ def _serve() -> None:
         https = {"ssl_certfile": str(s.tls_files[0]), "ssl_context_factory": lambda _config, _default: tls_context,
                  "loop": "ml_model.rest.connections:handshake_bound_loop"}
     uvicorn.run("ml_model.api:app", host=s.semg_bind_host, port=s.api_port, log_level=s.log_level.lower(),
-                access_log=False, http=GuardedHttp,
+                access_log=False, http=GuardedHttp, timeout_keep_alive=KEEP_ALIVE_S,
                 # a stopping server waits this long for open responses (a live decision stream never ends by
                 # itself), then closes them: supervisord's stopwaitsecs is 20
                 timeout_graceful_shutdown=5, **https)

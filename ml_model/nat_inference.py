@@ -679,6 +679,12 @@ class ApiUnreachable(Exception):
     """The API could not be reached or did not answer in time."""
 
 
+# Idle pooled connections to the API are closed after this, before the API closes them (KEEP_ALIVE_S in
+# ml_model/rest/connections.py): a request sent on a connection the server is closing at that moment fails, and its
+# windows are dropped.
+POOL_IDLE_S = 4.0
+
+
 class ApiClient:
     """Keep-alive HTTP/1.1 connection(s) to the API, answering (status, body bytes).
 
@@ -692,7 +698,7 @@ class ApiClient:
         self._session = aiohttp.ClientSession(
             base_url=base_url.rstrip("/") + "/", headers={"X-API-Key": api_key},
             timeout=aiohttp.ClientTimeout(total=timeout_s),
-            connector=aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=60,
+            connector=aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=POOL_IDLE_S,
                                            ssl=tls_context if tls_context is not None else True))
 
     async def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:

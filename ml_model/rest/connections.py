@@ -21,6 +21,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 log = logging.getLogger("semg.api.connections")
 
 HEAD_TIMEOUT_S = 10.0
+KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this (uvicorn's timeout_keep_alive)
 MAX_CONNECTIONS = 1000
 
 
