@@ -180,7 +180,11 @@ def test_boot_counter_persists_across_runs_and_the_server_takes_the_new_boot(sim
     blocks = device.blocks()
     assert {b[0] for b in blocks} == {1, 2}
     again = samples_of(blocks, boot=2)
-    assert min(again) == 0 and len(again) >= 0.5 * RATE
+    # from 0 again; the only sequence numbers missing are ticks the host-scheduled sampler took late (a loaded
+    # machine: the sketch counts them as timer overruns and skips them)
+    missing = set(range(max(again) + 1)) - set(again)
+    assert missing == {k for k in second.not_served() if k <= max(again)}, second.err
+    assert len(again) >= 0.5 * RATE
     assert all(v == [signal_value(p, k) for p in PINS] for k, v in again.items())
     assert server.metrics()["devices"][str(device.id)]["rejected"] == {}
 
