@@ -26,4 +26,14 @@ fi
 
 # Keep the tests away from any developer instance: only the fixtures' temporary settings apply.
 unset SEMG_STATE_DIR POSTGRES_HOST NATS_SERVER
-exec "$SEMG_PYTHON" -m pytest "$@"
+
+# Two pytest processes (pytest-xdist), each with its own PostgreSQL, NATS and ports; a test file stays on one of
+# them, so its module fixtures start once. Most of the suite waits on services, so this halves its time on two
+# cores. SEMG_TEST_WORKERS=0 runs everything in this one process (e.g. to see a test's prints with -s).
+workers="${SEMG_TEST_WORKERS:-2}"
+case "$workers" in
+  ''|*[!0-9]*) echo "run_tests.sh: SEMG_TEST_WORKERS must be a number of processes, got '$workers'" >&2; exit 2 ;;
+esac
+parallel=()
+[ "$workers" -ge 2 ] && parallel=(-n "$workers" --dist loadfile)
+exec "$SEMG_PYTHON" -m pytest "${parallel[@]}" "$@"
