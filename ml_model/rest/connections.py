@@ -5,6 +5,11 @@ connections and send nothing (or a header line now and then) until the API ran o
 then nobody could reach it, not even the inference workers. Here a request head must arrive within
 HEAD_TIMEOUT_S of the connection (or of the previous response), and beyond max_connections() open connections
 a new one closes the oldest still waiting for its request head (or is itself closed if none is waiting).
+
+Nor does it close a connection whose client stopped reading a response (a live decision stream, a download): the
+response waits for it forever, holding what it holds (a live stream's slot). A client that has not taken enough
+to drain the server's send buffer (64 KB, beyond the sockets' own) for STALL_S is disconnected: it has stopped
+reading, or reads under ~1 KB/s.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ log = logging.getLogger("semg.api.connections")
 HEAD_TIMEOUT_S = 10.0
 KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this (uvicorn's timeout_keep_alive)
 MAX_CONNECTIONS = 1000
+STALL_S = 60.0
 
 
 def max_connections() -> int:
@@ -41,6 +47,7 @@ class GuardedHttp(HttpToolsProtocol):  # type: ignore[misc,valid-type]
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._head_timer = None
+        self._stall_timer = None
         self._wait_for_head()
         if len(self.connections) > max_connections():
             oldest = next((c for c in self._waiting if c is not self), None)
@@ -54,7 +61,29 @@ class GuardedHttp(HttpToolsProtocol):  # type: ignore[misc,valid-type]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_waiting()
+        self._not_stalled()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        """The transport's buffer is full: the client has stopped taking data, or takes it slowly."""
+        super().pause_writing()
+        if self._stall_timer is None:
+            self._stall_timer = self.loop.call_later(STALL_S, self._stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._not_stalled()
+
+    def _not_stalled(self) -> None:
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+
+    def _stalled(self) -> None:
+        self._stall_timer = None
+        peer = f"{self.client[0]}:{self.client[1]}" if self.client else "?"
+        log.warning("closed a connection from %s that has stopped reading its response (%g s)", peer, STALL_S)
+        self.transport.abort()  # close() would wait for the buffer to be sent, which it never is
 
     def on_headers_complete(self) -> None:
         self._stop_waiting()

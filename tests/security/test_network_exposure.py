@@ -346,3 +346,67 @@ def test_a_user_key_may_have_few_requests_with_a_body_under_way(api_server, clea
     finally:
         for s in held + admins:
             s.close()
+
+
+def test_a_client_that_stops_reading_a_response_is_disconnected(monkeypatch):
+    """A client that stopped reading a response (a live decision stream, a download) kept its connection, and
+    the response what it held (a live stream's slot of its user's 4), for as long as the client stayed. Now one
+    that takes nothing for STALL_S while data waits for it is disconnected and the response ends; a client that
+    reads slowly is not. Real uvicorn with the services' protocol, and a streaming response like the live route's
+    (here STALL_S is 1 s)."""
+    import threading
+
+    import uvicorn
+    from fastapi.responses import StreamingResponse
+
+    from ml_model.rest import connections
+    from semg.embedded import free_port
+    monkeypatch.setattr(connections, "STALL_S", 1.0)
+    ended: dict[str, threading.Event] = {}
+
+    async def app(scope, receive, send):
+        name = scope["path"].strip("/")
+        ended[name] = threading.Event()
+
+        async def chunks():
+            try:
+                for _ in range(2000):  # 128 MB at most: the test's bound
+                    yield b"x" * 65536
+                    await asyncio.sleep(0)
+            finally:
+                ended[name].set()
+        await StreamingResponse(chunks(), media_type="application/octet-stream")(scope, receive, send)
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=connections.GuardedHttp,
+                                           lifespan="off", log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+        def client(path: str) -> socket.socket:
+            s = socket.socket()
+            if path == "stalled":
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", port))
+            s.sendall(f"GET /{path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            return s
+
+        stalled, slow = client("stalled"), client("slow")
+        received, t0 = 0, time.monotonic()
+        with contextlib.closing(stalled), contextlib.closing(slow):
+            while time.monotonic() - t0 < 3:  # reads all the time, far slower than it is sent (buffers full)
+                received += len(slow.recv(65536))
+                time.sleep(0.01)
+            assert ended["stalled"].wait(5), "the response to a client that reads nothing never ended"
+            assert not ended["slow"].is_set() and received > 0, "a client that reads slowly was cut"
+            stalled.settimeout(5)  # the server closed its end: what was sent already, then the end
+            with contextlib.suppress(ConnectionResetError):
+                while stalled.recv(1 << 20):
+                    pass
+    finally:
+        server.should_exit = True
+        thread.join(10)
