@@ -105,10 +105,9 @@ def hint(reason: str) -> str:
 
 def sensor_address(bind_host: str) -> str | None:
     """The address a board on the network sends its packets to (SECRET_SERVER_IP), given where the UDP port
-    listens (Settings.udp_bind_host): that
-    address when it is one of the network's; for 0.0.0.0 / :: this machine's address on its default route (a UDP
-    socket's connect sends nothing); None when the services listen on loopback only (no board can reach them) or
-    no address is found."""
+    listens (Settings.udp_bind_host): that address when it is one of the network's; for 0.0.0.0 / :: this
+    machine's address on its default route (a UDP socket's connect sends nothing); None when the port listens on
+    loopback only (no board can reach it) or no address is found."""
     try:
         ip = ipaddress.ip_address(bind_host)
     except ValueError:
