@@ -34,7 +34,7 @@ import psycopg2.extensions
 from psycopg2.extras import Json
 
 from ml_model import artifacts, preprocessing, training
-from semg import db, journal
+from semg import db, journal, repo
 from semg.config import Settings, get_settings
 
 log = logging.getLogger("semg.trainer")
@@ -228,10 +228,7 @@ def _session_intervals(session_id: int, rows: list[tuple]) -> tuple[list[dict], 
     early). Intervals whose marked times overlap cannot label the samples between them: JobFailed names them."""
     intervals, last_end = [], rows[0][3]
     for i, (label, kind, rep, started, ended, planned_ms, deleted) in enumerate(rows):
-        if ended is None:
-            ended = started + datetime.timedelta(milliseconds=planned_ms)
-            if i + 1 < len(rows):
-                ended = min(ended, rows[i + 1][3])
+        ended = repo.interval_label_end(started, ended, planned_ms, rows[i + 1][3] if i + 1 < len(rows) else None)
         last_end = max(last_end, ended)
         intervals.append({"label": _DELETED if deleted else label, "name": label, "kind": kind, "cycle": rep,
                           "started_at": started,

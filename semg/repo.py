@@ -17,7 +17,7 @@ import time
 import unicodedata
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -900,6 +900,31 @@ def mark_interval(conn, interval_id: int, started_at: datetime, ended_at: dateti
         if (row := cur.fetchone()) is None:
             _interval_write_refused(cur, interval_id)
         return dict(row)
+
+
+def interval_label_end(started_at: datetime, ended_at: datetime | None, planned_ms: float,
+                       next_started_at: datetime | None) -> datetime:
+    """Where an interval's label ends: its marked end, or, for one marked without an end, its planned length but
+    never past the next cue's start (a client's cue timer may run a little early). Training and every export of
+    labels use this one rule, so a CSV's labels are the ones the model learnt from."""
+    if ended_at is not None:
+        return ended_at
+    end = started_at + timedelta(milliseconds=planned_ms)
+    return end if next_started_at is None else min(end, next_started_at)
+
+
+def with_label_ends(intervals: Sequence[dict]) -> list[dict]:
+    """Copies of a session's interval rows (with planned_start_ms/planned_end_ms) where each labelled one (marked,
+    not discarded) marked without an end has `ended_at` where training ends its label (interval_label_end)."""
+    out = [dict(iv) for iv in intervals]
+    live = sorted((iv for iv in out if iv.get("started_at") is not None and not iv.get("discarded")),
+                  key=lambda iv: (iv["started_at"], iv.get("ordinal", 0)))
+    for i, iv in enumerate(live):
+        if iv.get("ended_at") is None:
+            nxt = live[i + 1]["started_at"] if i + 1 < len(live) else None
+            iv["ended_at"] = interval_label_end(iv["started_at"], None,
+                                                iv["planned_end_ms"] - iv["planned_start_ms"], nxt)
+    return out
 
 
 def discard_interval(conn, interval_id: int, owner: str | None = None) -> dict:

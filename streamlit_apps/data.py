@@ -37,6 +37,7 @@ NotFound = repo.NotFound
 RunTakenOver = repo.RunTakenOver
 GESTURE_LIBRARY = repo.GESTURE_LIBRARY
 REST = repo.REST
+with_label_ends = repo.with_label_ends
 
 # Raw samples are plotted as they are up to this many per channel; longer ranges become a min/max envelope.
 MAX_PLOT_POINTS = 2000
@@ -479,11 +480,21 @@ def session_video(session_id: int) -> dict | None:
 
 
 def intervals_between(user_id: int, t0: datetime, t1: datetime) -> list[dict]:
-    """Labelled intervals of any of the user's sessions overlapping [t0, t1] (for time-range review)."""
-    return _rows("""SELECT i.id, i.session_id, i.kind, i.label, i.repetition, i.started_at, i.ended_at, i.discarded
+    """Labelled intervals of any of the user's sessions overlapping [t0, t1] (for time-range review); one marked
+    without an end ends where training ends its label (repo.with_label_ends, within its session)."""
+    rows = _rows("""SELECT i.id, i.session_id, i.ordinal, i.kind, i.label, i.repetition, i.planned_start_ms,
+                           i.planned_end_ms, i.started_at, i.ended_at, i.discarded
                     FROM session_intervals i JOIN capture_sessions s ON s.id = i.session_id
-                    WHERE s.user_id = %s AND i.started_at < %s AND i.ended_at > %s
-                    ORDER BY i.started_at""", (user_id, t1, t0))
+                    WHERE s.user_id = %s AND i.started_at IS NOT NULL AND i.session_id IN (
+                          SELECT session_id FROM session_intervals j JOIN capture_sessions t ON t.id = j.session_id
+                          WHERE t.user_id = %s AND j.started_at < %s AND (j.ended_at IS NULL OR j.ended_at > %s))
+                    ORDER BY i.started_at""", (user_id, user_id, t1, t0))
+    by_session: dict[int, list[dict]] = {}
+    for r in rows:
+        by_session.setdefault(r["session_id"], []).append(r)
+    ends = [iv for ivs in by_session.values() for iv in repo.with_label_ends(ivs)]
+    return sorted((iv for iv in ends if iv["started_at"] < t1 and iv["ended_at"] is not None and iv["ended_at"] > t0),
+                  key=lambda iv: iv["started_at"])
 
 
 def user_videos_between(user_id: int, t0: datetime, t1: datetime) -> list[dict]:
@@ -959,8 +970,10 @@ EXPORT_CHUNK_BLOCKS = 2000
 def export_csv(device_id: int, t0: datetime, t1: datetime, intervals: Sequence[dict] = ()) -> bytes:
     """Raw samples of [t0, t1] as CSV: server time, seconds from t0, sequence number, channels, label. Read
     and formatted EXPORT_CHUNK_BLOCKS blocks at a time (a server-side cursor), so memory is the file and a chunk."""
+    # an interval marked without an end (through the API) labels as far as training takes it
     marked = [((iv["started_at"] - t0).total_seconds(), (iv["ended_at"] - t0).total_seconds(), iv["label"])
-              for iv in intervals if iv.get("started_at") and iv.get("ended_at") and not iv.get("discarded")]
+              for iv in repo.with_label_ends(intervals) if iv.get("started_at") and iv.get("ended_at")
+              and not iv.get("discarded")]
     span_s = (t1 - t0).total_seconds()
     with connection() as conn:
         with conn.cursor() as cur:

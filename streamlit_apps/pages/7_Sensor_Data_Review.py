@@ -25,7 +25,8 @@ def choose_session(user: dict) -> tuple | None:
                                              f"{ui.fmt_time(by_id[i]['started_at'])}")
     s = data.get_session(sid)
     t1 = s["ended_at"] or datetime.now(UTC)
-    return s["device_id"], s["started_at"], t1, s["intervals"], data.session_video(sid), f"session #{sid}"
+    intervals = data.with_label_ends(s["intervals"])  # the labels training uses, also for intervals without an end
+    return s["device_id"], s["started_at"], t1, intervals, data.session_video(sid), f"session #{sid}"
 
 
 def choose_range(user: dict) -> tuple | None:
