@@ -824,7 +824,7 @@ def _expand_blocks(rows: list[dict], epoch0: float, channels: int) -> tuple[np.n
 # Blocks are at most a few seconds long: one starting a little before t0 may still hold samples after it.
 _BLOCKS_IN_RANGE = ("device_id = %s AND device_time0 >= %s::timestamptz - interval '5 seconds' "
                     "AND device_time0 <= %s")
-_BLOCKS_SQL = f"""SELECT extract(epoch FROM device_time0)::float8 AS e0, seq0, n, channels, sample_rate_hz AS rate,
+_BLOCKS_SQL = f"""SELECT extract(epoch FROM device_time0)::float8 AS e0, boot, seq0, n, channels, sample_rate_hz AS rate,
                          values
                   FROM sample_blocks WHERE {_BLOCKS_IN_RANGE} ORDER BY device_time0"""
 
@@ -968,8 +968,9 @@ EXPORT_CHUNK_BLOCKS = 2000
 
 
 def export_csv(device_id: int, t0: datetime, t1: datetime, intervals: Sequence[dict] = ()) -> bytes:
-    """Raw samples of [t0, t1] as CSV: server time, seconds from t0, sequence number, channels, label. Read
-    and formatted EXPORT_CHUNK_BLOCKS blocks at a time (a server-side cursor), so memory is the file and a chunk."""
+    """Raw samples of [t0, t1] as CSV: server time, seconds from t0, boot, sequence number, channels, label. A
+    sample is (boot, seq): sequence numbers start again when the device restarts. Read and formatted
+    EXPORT_CHUNK_BLOCKS blocks at a time (a server-side cursor), so memory is the file and a chunk."""
     # an interval marked without an end (through the API) labels as far as training takes it
     marked = [((iv["started_at"] - t0).total_seconds(), (iv["ended_at"] - t0).total_seconds(), iv["label"])
               for iv in repo.with_label_ends(intervals) if iv.get("started_at") and iv.get("ended_at")
@@ -979,19 +980,22 @@ def export_csv(device_id: int, t0: datetime, t1: datetime, intervals: Sequence[d
         with conn.cursor() as cur:
             cur.execute(f"SELECT max(channels) FROM sample_blocks WHERE {_BLOCKS_IN_RANGE}", (device_id, t0, t1))
             channels = int(cur.fetchone()[0] or 0)
-        columns = ["time", "t_s", "seq", *(f"ch{c}" for c in range(channels)), "label"]
+        columns = ["time", "t_s", "boot", "seq", *(f"ch{c}" for c in range(channels)), "label"]
         parts = [(",".join(columns) + "\n").encode()]
         with conn.cursor("export_csv", cursor_factory=psycopg2.extras.RealDictCursor) as cur:
             cur.itersize = EXPORT_CHUNK_BLOCKS
             cur.execute(_BLOCKS_SQL, (device_id, t0, t1))
             while rows := cur.fetchmany(EXPORT_CHUNK_BLOCKS):
                 t, seq, v = _expand_blocks(rows, t0.timestamp(), channels)
+                boot = np.concatenate([np.full(int(r["n"]), int(r["boot"]), dtype=np.int64) for r in rows
+                                       if int(r["channels"]) == channels] or [np.empty(0, dtype=np.int64)])
                 keep = (t >= 0) & (t <= span_s)
-                t, seq, v = t[keep], seq[keep], v[keep]
+                t, boot, seq, v = t[keep], boot[keep], seq[keep], v[keep]
                 if not len(t):
                     continue
-                frame = pd.DataFrame(v, columns=columns[3:-1])
+                frame = pd.DataFrame(v, columns=columns[4:-1])
                 frame.insert(0, "seq", seq)
+                frame.insert(0, "boot", boot)
                 frame.insert(0, "t_s", np.round(t, 6))
                 frame.insert(0, "time", pd.to_datetime(t0.timestamp() + t, unit="s", utc=True))
                 label = np.full(len(t), "", dtype=object)

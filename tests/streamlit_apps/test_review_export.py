@@ -46,3 +46,35 @@ def test_intervals_marked_without_an_end_are_labelled_in_the_csv_as_training_lab
         ("REST", at(100), at(150)), ("fist", at(150), at(300)), ("REST", at(400), at(500))]
     label = _labels(data.export_csv(did, start, at(999), found))
     assert (label[100], label[149], label[450], label[500]) == ("REST", "REST", "REST", "")
+
+
+def test_the_csv_tells_samples_of_a_restarted_device_apart_by_boot(clean_db):
+    """A device that restarts mid-recording (a brown-out, a re-flash) numbers its samples from 0 again. The CSV
+    had no boot column: two samples shared each sequence number and a lost packet could not be told from a
+    restart. Each row now carries its boot, and every (boot, seq) comes out once with the values stored."""
+    import data
+    import ui_seed
+    base = ui_seed.seed_user(clean_db, gestures=("fist",), channels=2, rate=100.0)
+    uid, did = base["user"]["id"], base["device"]["id"]
+    start = datetime(2026, 1, 5, 10, 0, tzinfo=UTC)
+    rows = []
+    for boot, t, first in ((1, start, 0), (2, start + timedelta(seconds=1), 0)):
+        for b in range(5):  # 5 blocks of 10 samples; values say boot, seq and channel; the int16 limits too
+            seq0 = first + 10 * b
+            values = [[-32768, 32767] if (boot, seq0 + k) == (1, 0) else [boot * 1000 + seq0 + k, -(seq0 + k)]
+                      for k in range(10)]
+            rows.append((uid, did, boot, seq0, 10, 2, 100.0, 0.0, t + timedelta(milliseconds=100 * b), t,
+                         [v for pair in values for v in pair]))
+    with clean_db.cursor() as cur:
+        cur.executemany("""INSERT INTO sample_blocks (user_id, device_id, boot, seq0, n, channels, sample_rate_hz,
+                                                      device_millis0, device_time0, server_ts, values)
+                           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""", rows)
+    clean_db.commit()
+
+    df = pd.read_csv(io.BytesIO(data.export_csv(did, start, start + timedelta(seconds=3))), keep_default_na=False)
+    assert list(df.columns[:4]) == ["time", "t_s", "boot", "seq"]
+    assert len(df) == 100 and not df.duplicated(["boot", "seq"]).any()
+    assert df.groupby("boot")["seq"].apply(list).to_dict() == {1: list(range(50)), 2: list(range(50))}
+    first, later = df.iloc[0], df[(df.boot == 2) & (df.seq == 7)].iloc[0]
+    assert (first.ch0, first.ch1) == (-32768, 32767)
+    assert (later.ch0, later.ch1) == (2007, -7)

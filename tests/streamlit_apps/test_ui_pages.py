@@ -854,7 +854,7 @@ def test_review_session_and_time_range_with_csv(page, seeded):
     s = seeded["session"]
     csv = data.export_csv(seeded["device"]["id"], s["started_at"], s["ended_at"], s["intervals"]).decode()
     header, first = csv.splitlines()[:2]
-    assert header == "time,t_s,seq,ch0,ch1,ch2,ch3,ch4,ch5,ch6,ch7,label"
+    assert header == "time,t_s,boot,seq,ch0,ch1,ch2,ch3,ch4,ch5,ch6,ch7,label"
     assert first.endswith(",REST")
     assert ",fist" in csv and ",open hand" in csv
 
@@ -878,7 +878,7 @@ def test_the_csv_export_is_read_and_formatted_in_chunks(seeded, monkeypatch):
         tracemalloc.stop()
     assert chunked == whole
     lines = whole.decode().splitlines()
-    assert lines[0] == "time,t_s,seq,ch0,ch1,ch2,ch3,ch4,ch5,ch6,ch7,label" and len(lines) > 30_000
+    assert lines[0] == "time,t_s,boot,seq,ch0,ch1,ch2,ch3,ch4,ch5,ch6,ch7,label" and len(lines) > 30_000
     assert lines[1].split(",")[-1] == "" and {"REST", "fist", "open hand"} <= {x.split(",")[-1] for x in lines}
     # the file, its chunks joined, and one chunk's objects (before: ~7x the file)
     assert peak < 3 * len(whole), (peak, len(whole))
