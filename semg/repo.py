@@ -1287,7 +1287,8 @@ def _write_export(conn, user_id: int, video_dir: Path | None, target) -> dict:
         tables = {
             "gestures": _export_rows(cur, f"SELECT {_GESTURE_COLS} FROM gestures WHERE user_id = %s ORDER BY id",
                                      (user_id,)),
-            "devices": _export_rows(cur, f"""SELECT {_DEVICE_COLS}, secret_key IS NOT NULL AS has_secret_key
+            "devices": _export_rows(cur, f"""SELECT {_DEVICE_COLS}, secret_key IS NOT NULL AS has_secret_key,
+                                                    boot_offset
                                              FROM devices WHERE user_id = %s ORDER BY id""", (user_id,)),
             "sessions": _export_rows(cur, f"SELECT {_SESSION_COLS} FROM capture_sessions WHERE user_id = %s "
                                           "ORDER BY id", (user_id,)),
@@ -1364,7 +1365,10 @@ def _write_export(conn, user_id: int, video_dir: Path | None, target) -> dict:
             "not_included": {"device secret keys": "credentials: rotate a key to get a new one",
                              "API key hashes": "credentials: create a new key instead"},
             "samples_csv_columns": "device_id, boot, seq, device_millis, device_time_unix, server_ts_unix, "
-                                   "ch0..chN (device_time_unix: the sample's time on the server clock)",
+                                   "ch0..chN (device_time_unix: the sample's time on the server clock; boot: the "
+                                   "platform's number of the device's boot, its own boot counter plus the "
+                                   "device's boot_offset in devices.json at the time, which 'Reset boot counter' "
+                                   "raises so that numbers never repeat)",
         }
         zf.writestr("manifest.json", _dump(manifest))
     return manifest

@@ -73,11 +73,15 @@ def test_the_export_holds_every_row_across_fetch_batches(clean_db, monkeypatch):
                          t0 + timedelta(seconds=i, milliseconds=30), None if i == 4 else 12.25,
                          None if i % 2 else psycopg2.extras.Json([{"channel": 2, "fault": "flat"}])))
     conn.commit()
+    repo.reset_device_boot(conn, dev["id"])  # after a re-flash: its next boot 1 is stored as boot 4
 
     with zipfile.ZipFile(io.BytesIO(repo.export_user_data(conn, uid))) as zf:
         samples_csv = zf.read(f"samples/device_{dev['id']}.csv").decode()
         predictions = json.loads(zf.read("predictions.json"))
         manifest = json.loads(zf.read("manifest.json"))
+        devices = json.loads(zf.read("devices.json"))
+    # the CSV's boot is the platform's number: the export says how it relates to the device's own counter
+    assert [d["boot_offset"] for d in devices] == [3] and "boot_offset" in manifest["samples_csv_columns"]
 
     header = "device_id,boot,seq,device_millis,device_time_unix,server_ts_unix,ch0,ch1,ch2\r\n"
     expected = header + "".join(
