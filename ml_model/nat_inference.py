@@ -318,6 +318,7 @@ class Ready:
     user_id: int
     spec: ModelSpec
     device_id: int
+    boot: int  # the device's boot the windows' samples come from (their sequence numbers count in it)
     windows: np.ndarray  # (n, channels, window) float32
     end_seq: np.ndarray  # (n,) sequence number of each window's last sample
     end_millis: np.ndarray  # (n,) its device clock
@@ -533,7 +534,7 @@ class UserStream:
         # (n, win, C) -> (n, C, win): the API takes channels first
         windows = np.ascontiguousarray(np.stack([self.values[r] for r in rows]).transpose(0, 2, 1))
         faults, unsure = self._neutralise(windows)
-        return Ready(self.user_id, self.spec, msg.device_id, windows, ends,
+        return Ready(self.user_id, self.spec, msg.device_id, msg.boot, windows, ends,
                      self.millis[idx].copy(), self.recv[idx].copy(), self.taken[idx].copy(), self.host,
                      time.monotonic(), self.epoch, faults, unsure)
 
@@ -834,7 +835,7 @@ class Worker:
                 self.stats.dropped += int(np.count_nonzero(~fresh))
                 r.keep(fresh)
             prev = last_of.get(r.user_id)
-            if (prev is not None and prev.spec == r.spec and prev.device_id == r.device_id
+            if (prev is not None and prev.spec == r.spec and prev.device_id == r.device_id and prev.boot == r.boot
                     and prev.epoch == r.epoch and prev.faults == r.faults and prev.unsure == r.unsure
                     and prev.end_seq[-1] < r.end_seq[0]):
                 prev.merge(self.pending.popleft())
@@ -959,7 +960,7 @@ class Worker:
                 pm = PredictionMessage(
                     userid=r.user_id, gesture=self.opts.unsure_label if r.unsure else d.gesture,
                     confidence=min(1.0, max(0.0, d.confidence)), raw_gesture=d.raw_gesture,
-                    model_id=res.get("model_id"), device_id=r.device_id, seq=end, device_millis=float(r.end_millis[i]),
+                    model_id=res.get("model_id"), device_id=r.device_id, boot=r.boot, seq=end, device_millis=float(r.end_millis[i]),
                     sample_recv_time=float(r.end_recv[i]), decided_time=decided, channel_faults=faults,
                 )
                 await self.nc.publish(predictions_subject(pm.userid), pm.model_dump_json().encode())

@@ -105,8 +105,11 @@ class PredictionMessage(_Msg):
     raw_gesture: str | None = Field(None, max_length=80)  # the model's own top class before smoothing/threshold
     model_id: int | None = None
     device_id: int | None = None
-    seq: int | None = None  # sequence number of the window's last sample
-    device_millis: float  # device clock of the window's last sample
+    # the device's boot: seq and device_millis count from 0 again at each (a sensor reboot), so a decision's place
+    # in its user's stream is (device_id, boot, seq), never seq alone
+    boot: int | None = Field(None, ge=0)
+    seq: int | None = None  # sequence number of the window's last sample (per device and boot)
+    device_millis: float  # device clock of the window's last sample (ms since the device's boot)
     sample_recv_time: float  # server receive time of that sample (unix s)
     decided_time: float  # when the decision was published (unix s)
     # channels that looked failed (None: all fine); their samples were read as their training level, and with more

@@ -410,3 +410,31 @@ def test_a_failed_electrode_is_flagged_live_logged_once_and_cleared(workers, mod
         stored = {round(dm / 5.0): faults for dm, faults in cur.fetchall()}  # device millis -> seq at 200 Hz
     assert stored.keys() == flagged.keys()
     assert all(stored[s] == [f.model_dump() for f in flagged[s].channel_faults] for s in stored)
+
+
+def test_decisions_say_which_boot_their_seq_counts_in(workers, model_user, db_conn):
+    """A decision's `seq` (and `device_millis`) count from 0 again when the sensor reboots (power, a crash), but the
+    decision did not say which boot it came from: a controller that orders or de-duplicates decisions by seq
+    took every decision after a reboot for an old one. Decisions now carry the device's boot, and
+    (device_id, boot, seq) only goes forward."""
+    (uid, dev, _), = [model_user()]
+    workers(1)
+    _wait_workers(db_conn, 1)
+
+    async def scenario() -> Collector:
+        nc = await natsio.connect("admin")
+        coll = Collector()
+        await coll.start(nc)
+        await _warm_up(nc, coll, [(uid, dev)])  # boot 0, seq from 1,000,000
+        await _stream(nc, [(uid, dev)], 200, boot=1)  # rebooted: seq from 0
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(_counted(coll, uid)) < len(expected_ends(0, 199, WIN, STEP)):
+            await asyncio.sleep(0.1)
+        await nc.close()
+        return coll
+
+    decisions = asyncio.run(scenario()).of(uid)
+    assert {d.boot for d in decisions if d.seq >= WARMUP_SEQ0} == {0}
+    assert {d.boot for d in decisions if d.seq < WARMUP_SEQ0} == {1}
+    order = [(d.device_id, d.boot, d.seq) for d in decisions]  # as published
+    assert order == sorted(set(order)), "decisions went back (or repeated) in (device_id, boot, seq)"
