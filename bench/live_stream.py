@@ -59,9 +59,14 @@ async def _variant(base: str, users: list[dict], rate: float, seconds: float) ->
         async with client.stream("GET", f"{base}/users/{user['id']}/predictions/live",
                                  headers={"X-API-Key": user["key"]}) as r:
             r.raise_for_status()
+            event = "message"
             async for line in r.aiter_lines():
                 if line.startswith(": live"):
                     ready[i].set()
+                elif line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: ") and event != "message":  # `event: stalled` while none are sent
+                    event = "message"
                 elif line.startswith("data: "):
                     latencies.append(time.time() - json.loads(line[6:])["decided_time"])
                     received[0] += 1

@@ -116,7 +116,7 @@ def test_a_users_live_decisions_reach_their_key_and_nobody_elses(api_process, se
              (predictions_subject(bob["id"]), _decision(bob["id"], "bob's secret")),
              (predictions_subject(ann["id"]), b'{"not": "a decision"}'),
              (predictions_subject(ann["id"]), _decision(ann["id"], "open hand")))
-    got = stream.events(lambda g: len(g) >= 2)
+    got = [(e, d) for e, d in stream.events(lambda g: sum(e == "message" for e, _ in g) >= 2) if e != "stalled"]
     assert [(e, json.loads(d)["gesture"]) for e, d in got] == [("message", "fist"), ("message", "open hand")], got
     assert json.loads(got[0][1])["userid"] == ann["id"]
 
@@ -149,6 +149,30 @@ def test_a_users_live_decisions_reach_their_key_and_nobody_elses(api_process, se
     proc.wait(timeout=15)
     other.thread.join(timeout=10)
     assert not other.thread.is_alive(), "the stream stayed open after the API stopped"
+
+
+def test_silence_is_flagged_once_so_a_controller_stops_acting_on_the_last_gesture(api_process, settings, clean_db):
+    """Decisions come every model step while the sensor streams (REST included); when it stops (power, Wi-Fi) or
+    an outage on the way stops them, the stream went silent and a controller saw nothing but the keep-alive 15 s
+    later, acting on the last gesture meanwhile. It now gets `event: stalled` once per silence, saying which
+    decision was the last."""
+    _proc, base = api_process
+    user = repo.create_user(clean_db, "ann", "ann@example.org")
+    key = keys.create_key(clean_db, "user", user["id"], "controller")["key"]
+    stream = Stream(f"{base}/users/{user['id']}/predictions/live", key)
+    assert stream.status.get(timeout=30) == 200
+    first = stream.events(lambda g: bool(g), timeout=10)  # nothing decided yet: flagged as well
+    assert [(e, json.loads(d)["last"]) for e, d in first] == [("stalled", None)], first
+
+    now = time.time()
+    decision = PredictionMessage(userid=user["id"], gesture="fist", confidence=0.9, device_id=3, boot=2, seq=499,
+                                 device_millis=2500.0, sample_recv_time=now, decided_time=now)
+    _publish(settings, (predictions_subject(user["id"]), decision.model_dump_json().encode()))
+    got = stream.events(lambda g: len(g) >= 2, timeout=10)
+    assert [e for e, _ in got] == ["message", "stalled"], got
+    stalled = json.loads(got[1][1])
+    assert stalled["last"] == {"device_id": 3, "boot": 2, "seq": 499, "decided_time": now}, stalled
+    assert stalled["seconds"] >= 1.0
 
 
 def test_a_revoked_key_reading_slowly_gets_nothing_decided_after_the_check(api_process, settings, clean_db):

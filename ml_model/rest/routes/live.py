@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import math
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator
@@ -33,6 +35,11 @@ KEY_RECHECK_S = 5.0  # a revoked key (or a deleted user) ends its streams this l
 BUFFER = 256  # decisions kept for a client that reads slower than they come; the oldest go first
 MAX_STREAMS_PER_USER = 4  # of one user's decisions, whatever keys open them (a user may have many keys)
 MAX_STREAMS = 64
+# No decision for this long (or 3 of the intervals they last came at, if longer): `event: stalled`, once per silence.
+# Decisions come every model step (25 ms by default) while the sensor streams, REST included, so silence means no
+# live data (a sensor off or out of Wi-Fi, an outage on the way); without the event a controller saw only the
+# keep-alive 15 s later and went on acting on the last gesture meanwhile.
+STALL_S = 1.0
 _streams: Counter[int] = Counter()  # open streams per streamed user (the event loop is the only writer)
 
 
@@ -50,7 +57,8 @@ def _event(data: str, event: str | None = None) -> bytes:
     responses={200: {"description": "text/event-stream: one `data:` line per decision (the JSON published on NATS "
                                     "emg.predictions.<user_id>: gesture, confidence, raw_gesture, model_id, device_id, "
                                     "boot, seq, device_millis, sample_recv_time, decided_time, channel_faults), a comment "
-                                    f"line every {KEEPALIVE_S:g} s, `event: dropped` when a slow reader missed some, "
+                                    f"line every {KEEPALIVE_S:g} s, `event: stalled` once when no decision came for "
+                                    f"{STALL_S:g} s (no live data), `event: dropped` when a slow reader missed some, "
                                     "and `event: end` before the server ends the stream",
                      "content": {"text/event-stream": {}}},
                429: {"description": f"{MAX_STREAMS_PER_USER} streams of this user's decisions are open already (or the server "
@@ -75,6 +83,7 @@ async def live_predictions(
     pending: deque[bytes] = deque(maxlen=BUFFER)
     arrived = asyncio.Event()
     missed = [0]
+    last: list = [None, time.monotonic(), STALL_S]  # the newest decision, when it came, the silence that stalls
 
     async def on_decision(msg) -> None:
         try:
@@ -83,6 +92,11 @@ async def live_predictions(
             return  # the inference worker validates what it publishes; anything else is not a decision
         if len(pending) == pending.maxlen:
             missed[0] += 1
+        prev, stall = last[0], STALL_S
+        if (prev is not None and decision.seq is not None and prev.seq is not None
+                and (prev.device_id, prev.boot) == (decision.device_id, decision.boot) and decision.seq > prev.seq):
+            stall = max(STALL_S, 3 * (decision.device_millis - prev.device_millis) / 1000)  # a model with long steps
+        last[:] = decision, time.monotonic(), stall
         pending.append(_event(decision.model_dump_json()))
         arrived.set()
 
@@ -104,14 +118,28 @@ async def live_predictions(
             still = caller
         return still is None or not still.can_access(user_id)
 
+    def stalled_event() -> bytes:
+        d = last[0]
+        seen = None if d is None else {"device_id": d.device_id, "boot": d.boot, "seq": d.seq,
+                                       "decided_time": d.decided_time}
+        return _event(json.dumps({"seconds": round(time.monotonic() - last[1], 3), "last": seen}), "stalled")
+
     async def stream() -> AsyncIterator[bytes]:
         try:
             yield b": live decisions of user %d\n\n" % user_id
+            sent_at, stalled_for = time.monotonic(), None  # when something was last sent; the silence flagged
             while True:
+                now = time.monotonic()
+                stall_at = last[1] + last[2] if stalled_for != last[1] else math.inf
                 try:
-                    await asyncio.wait_for(arrived.wait(), KEEPALIVE_S)
+                    await asyncio.wait_for(arrived.wait(), max(0.0, min(sent_at + KEEPALIVE_S, stall_at) - now))
                 except TimeoutError:
-                    yield b": keep-alive\n\n"
+                    if time.monotonic() >= stall_at:
+                        stalled_for = last[1]
+                        yield stalled_event()
+                    elif time.monotonic() >= sent_at + KEEPALIVE_S:
+                        yield b": keep-alive\n\n"
+                sent_at = time.monotonic()
                 arrived.clear()
                 if missed[0]:
                     yield _event(f'{{"missed": {missed[0]}}}', "dropped")
