@@ -95,7 +95,8 @@ async def live_predictions(
         prev, stall = last[0], STALL_S
         if (prev is not None and decision.seq is not None and prev.seq is not None
                 and (prev.device_id, prev.boot) == (decision.device_id, decision.boot) and decision.seq > prev.seq):
-            stall = max(STALL_S, 3 * (decision.device_millis - prev.device_millis) / 1000)  # a model with long steps
+            # a model with long steps; bounded, as the step after a gap in the data is the gap
+            stall = min(KEEPALIVE_S, max(STALL_S, 3 * (decision.device_millis - prev.device_millis) / 1000))
         last[:] = decision, time.monotonic(), stall
         pending.append(_event(decision.model_dump_json()))
         arrived.set()
@@ -129,23 +130,25 @@ async def live_predictions(
             yield b": live decisions of user %d\n\n" % user_id
             sent_at, stalled_for = time.monotonic(), None  # when something was last sent; the silence flagged
             while True:
-                now = time.monotonic()
                 stall_at = last[1] + last[2] if stalled_for != last[1] else math.inf
-                try:
-                    await asyncio.wait_for(arrived.wait(), max(0.0, min(sent_at + KEEPALIVE_S, stall_at) - now))
-                except TimeoutError:
-                    if time.monotonic() >= stall_at:
-                        stalled_for = last[1]
-                        yield stalled_event()
-                    elif time.monotonic() >= sent_at + KEEPALIVE_S:
-                        yield b": keep-alive\n\n"
-                sent_at = time.monotonic()
+                # wake for a decision, a silence to flag, the keep-alive, or the key's check (also when idle)
+                wake_at = min(sent_at + KEEPALIVE_S, stall_at, next_check[0])
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(arrived.wait(), max(0.0, wake_at - time.monotonic()))
                 arrived.clear()
+                if not pending and time.monotonic() >= stall_at:
+                    stalled_for = last[1]
+                    sent_at = time.monotonic()
+                    yield stalled_event()
+                elif not pending and time.monotonic() >= sent_at + KEEPALIVE_S:
+                    sent_at = time.monotonic()
+                    yield b": keep-alive\n\n"
                 if missed[0]:
                     yield _event(f'{{"missed": {missed[0]}}}', "dropped")
                     missed[0] = 0
                 ended = await revoked()
                 while pending and not ended:
+                    sent_at = time.monotonic()
                     yield pending.popleft()
                     ended = await revoked()
                 if ended:
