@@ -960,8 +960,10 @@ class Worker:
                 pm = PredictionMessage(
                     userid=r.user_id, gesture=self.opts.unsure_label if r.unsure else d.gesture,
                     confidence=min(1.0, max(0.0, d.confidence)), raw_gesture=d.raw_gesture,
-                    model_id=res.get("model_id"), device_id=r.device_id, boot=r.boot, seq=end, device_millis=float(r.end_millis[i]),
-                    sample_recv_time=float(r.end_recv[i]), decided_time=decided, channel_faults=faults,
+                    model_id=res.get("model_id"), device_id=r.device_id, boot=r.boot, seq=end,
+                    device_millis=float(r.end_millis[i]),
+                    sample_recv_time=float(r.end_recv[i]), sample_taken_time=float(r.end_taken[i]),
+                    decided_time=decided, channel_faults=faults,
                 )
                 await self.nc.publish(predictions_subject(pm.userid), pm.model_dump_json().encode())
                 self.to_store.append((r.user_id, pm.model_id, pm.gesture, pm.confidence, pm.device_id,

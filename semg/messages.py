@@ -111,6 +111,10 @@ class PredictionMessage(_Msg):
     seq: int | None = None  # sequence number of the window's last sample (per device and boot)
     device_millis: float  # device clock of the window's last sample (ms since the device's boot)
     sample_recv_time: float  # server receive time of that sample (unix s)
+    # when that sample was taken, estimated on the server's clock (unix s): before sample_recv_time by the sensor's
+    # packet and network delay, and by however long a sensor kept it through a Wi-Fi drop (its receive time is
+    # fresh then); decided_time minus this is the decision's age from the muscle (None from older workers)
+    sample_taken_time: float | None = None
     decided_time: float  # when the decision was published (unix s)
     # channels that looked failed (None: all fine); their samples were read as their training level, and with more
     # than a quarter of the model's channels failed the gesture is the unsure label (ml_model.nat_inference)

@@ -438,3 +438,37 @@ def test_decisions_say_which_boot_their_seq_counts_in(workers, model_user, db_co
     assert {d.boot for d in decisions if d.seq < WARMUP_SEQ0} == {1}
     order = [(d.device_id, d.boot, d.seq) for d in decisions]  # as published
     assert order == sorted(set(order)), "decisions went back (or repeated) in (device_id, boot, seq)"
+
+
+def test_decisions_give_when_their_samples_were_taken(workers, model_user, db_conn):
+    """A sensor that kept its samples through a short Wi-Fi drop sends them at once when it is back, with fresh
+    receive times: the decisions on them (up to --max-age old) looked as fresh as live ones, and a controller had
+    no way to see their age. Decisions now carry sample_taken_time (the device clock on the server's, as the
+    worker estimates it): a second behind their receive time here, and with the receive time when live."""
+    (uid, dev, _), = [model_user()]
+    workers(1)
+    _wait_workers(db_conn, 1)
+    half, held = int(RATE) // 2, int(RATE)  # half a second live, then one second kept by the sensor
+
+    async def scenario() -> Collector:
+        nc = await natsio.connect("admin")
+        coll = Collector()
+        await coll.start(nc)
+        await _warm_up(nc, coll, [(uid, dev)])
+        await _stream(nc, [(uid, dev)], half, speed=1.0, boot=2)  # live: the device clock's offset is learnt
+        await asyncio.sleep(held / RATE)  # the Wi-Fi drop: nothing arrives, the sensor keeps its samples
+        rng = np.random.default_rng(5)
+        await nc.publish(f"emg.samples.{uid}", samples_message(uid, dev, half, rng.integers(-60, 60, (held, 8)),
+                                                               RATE, boot=2))  # all at once, received now
+        await _stream(nc, [(uid, dev)], half, speed=1.0, boot=2, seq0=half + held)
+        await asyncio.sleep(1.0)
+        await nc.close()
+        return coll
+
+    ds = [d for d in asyncio.run(scenario()).of(uid) if d.boot == 2]
+    lag = {d.seq: d.sample_recv_time - d.sample_taken_time for d in ds}
+    kept = [s for s in lag if half <= s < half + held // 2]  # taken 1 to 0.5 s before they came
+    live = [s for s in lag if s < half or s >= half + held + STEP]
+    assert kept and live, sorted(lag)
+    assert min(lag[s] for s in kept) > 0.45, {s: round(lag[s], 3) for s in kept}  # 0.5 s at least, by design
+    assert float(np.median([lag[s] for s in live])) < 0.2, {s: round(lag[s], 3) for s in live}

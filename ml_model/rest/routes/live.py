@@ -56,7 +56,8 @@ def _event(data: str, event: str | None = None) -> bytes:
     "/users/{user_id}/predictions/live", response_class=StreamingResponse,
     responses={200: {"description": "text/event-stream: one `data:` line per decision (the JSON published on NATS "
                                     "emg.predictions.<user_id>: gesture, confidence, raw_gesture, model_id, device_id, "
-                                    "boot, seq, device_millis, sample_recv_time, decided_time, channel_faults), a comment "
+                                    "boot, seq, device_millis, sample_recv_time, sample_taken_time, decided_time, "
+                                    "channel_faults), a comment "
                                     f"line every {KEEPALIVE_S:g} s, `event: stalled` once when no decision came for "
                                     f"{STALL_S:g} s (no live data), `event: dropped` when a slow reader missed some, "
                                     "and `event: end` before the server ends the stream",
