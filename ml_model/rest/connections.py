@@ -9,7 +9,9 @@ a new one closes the oldest still waiting for its request head (or is itself clo
 Nor does it close a connection whose client stopped reading a response (a live decision stream, a download): the
 response waits for it forever, holding what it holds (a live stream's slot). A client that has not taken enough
 to drain the server's send buffer (64 KB, beyond the sockets' own) for STALL_S is disconnected: it has stopped
-reading, or reads under ~1 KB/s.
+reading, or reads under ~1 KB/s. Below 64 KB the buffer never counts as full, and a connection closed with some
+of it unsent (keep-alive timeout, `Connection: close`, the head timer) waited for the client for ever: one that
+has not taken the rest STALL_S after its response ended is disconnected too.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class GuardedHttp(HttpToolsProtocol):  # type: ignore[misc,valid-type]
         super().connection_made(transport)
         self._head_timer = None
         self._stall_timer = None
+        self._drain_timer = None
         self._wait_for_head()
         if len(self.connections) > max_connections():
             oldest = next((c for c in self._waiting if c is not self), None)
@@ -62,6 +65,9 @@ class GuardedHttp(HttpToolsProtocol):  # type: ignore[misc,valid-type]
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_waiting()
         self._not_stalled()
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
         super().connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -95,6 +101,23 @@ class GuardedHttp(HttpToolsProtocol):  # type: ignore[misc,valid-type]
         # now, and may take longer than HEAD_TIMEOUT_S to send its body or to be answered)
         if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
             self._wait_for_head()
+        self._watch_drain()
+
+    def _watch_drain(self) -> None:
+        """Part of a finished response is still unsent: the client must take it within STALL_S once the
+        connection is closing (a close waits for the buffer to be sent, however long that is)."""
+        if self._drain_timer is None and self.transport.get_write_buffer_size():
+            self._drain_timer = self.loop.call_later(STALL_S, self._drain_due)
+
+    def _drain_due(self) -> None:
+        self._drain_timer = None
+        if not self.transport.is_closing():
+            self._watch_drain()  # still open (keep-alive, a next response): its close is yet to come
+        elif self.transport.get_write_buffer_size():
+            peer = f"{self.client[0]}:{self.client[1]}" if self.client else "?"
+            log.warning("closed a connection from %s that has not taken the end of its response (%g s)", peer,
+                        STALL_S)
+            self.transport.abort()
 
     def _wait_for_head(self) -> None:
         self._stop_waiting()

@@ -410,3 +410,56 @@ def test_a_client_that_stops_reading_a_response_is_disconnected(monkeypatch):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_a_closed_connection_whose_client_leaves_the_end_of_a_response_unread_is_dropped(monkeypatch):
+    """The stall guard acts on a full send buffer (64 KB); a response whose unsent end was smaller never filled
+    it, and the close that follows (keep-alive timeout, `Connection: close`, the head timer) waited for the client
+    to take it for ever: any client on the network could pin a connection per request (with pipelined requests,
+    even with 401s), and at max_connections() nobody could connect. Now the end must be taken within STALL_S.
+    Real uvicorn with the services' protocol; small socket buffers so the unsent end stays under 64 KB."""
+    import threading
+
+    import uvicorn
+
+    from ml_model.rest import connections
+    monkeypatch.setattr(connections, "STALL_S", 1.0)
+
+    async def app(scope, receive, send):
+        body = b"x" * 40_000
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # accepted connections inherit it
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    server = uvicorn.Server(uvicorn.Config(app, http=connections.GuardedHttp, lifespan="off", log_level="warning",
+                                           timeout_keep_alive=1))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        with contextlib.closing(client):
+            client.connect(("127.0.0.1", listener.getsockname()[1]))
+            client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # and reads nothing
+            conns = server.server_state.connections
+            deadline = time.monotonic() + 10
+            while not (conns and all(c.cycle is not None and c.cycle.response_complete for c in list(conns))) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.05)
+            (conn,) = conns
+            left = conn.transport.get_write_buffer_size()
+            assert 0 < left < 65536 and not conn.flow.write_paused, f"the case is not set up: {left} bytes unsent"
+            deadline = time.monotonic() + 15
+            while conns and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not conns, "the connection of a client that left a response's end unread was never dropped"
+    finally:
+        server.should_exit = True
+        thread.join(10)
