@@ -36,4 +36,4 @@ case "$workers" in
 esac
 parallel=()
 [ "$workers" -ge 2 ] && parallel=(-n "$workers" --dist loadfile)
-exec "$SEMG_PYTHON" -m pytest "${parallel[@]}" "$@"
+exec "$SEMG_PYTHON" -m pytest ${parallel[@]+"${parallel[@]}"} "$@"  # (an empty array is "unbound" to bash < 4.4)
