@@ -967,12 +967,19 @@ def _spectrum(device_id: int, t0: datetime, t1: datetime, nperseg: int, windows:
 EXPORT_CHUNK_BLOCKS = 2000
 
 
+def _spreadsheet_safe(text: str) -> str:
+    """A gesture name as a CSV cell: one starting with = + - @ gets a leading ' (what a spreadsheet shows as text),
+    so a name like =HYPERLINK(...) given through the API is not run as a formula by whoever opens the file."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
 def export_csv(device_id: int, t0: datetime, t1: datetime, intervals: Sequence[dict] = ()) -> bytes:
     """Raw samples of [t0, t1] as CSV: server time, seconds from t0, boot, sequence number, channels, label. A
     sample is (boot, seq): sequence numbers start again when the device restarts. Read and formatted
     EXPORT_CHUNK_BLOCKS blocks at a time (a server-side cursor), so memory is the file and a chunk."""
     # an interval marked without an end (through the API) labels as far as training takes it
-    marked = [((iv["started_at"] - t0).total_seconds(), (iv["ended_at"] - t0).total_seconds(), iv["label"])
+    marked = [((iv["started_at"] - t0).total_seconds(), (iv["ended_at"] - t0).total_seconds(),
+               _spreadsheet_safe(iv["label"]))
               for iv in repo.with_label_ends(intervals) if iv.get("started_at") and iv.get("ended_at")
               and not iv.get("discarded")]
     span_s = (t1 - t0).total_seconds()

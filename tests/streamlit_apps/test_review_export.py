@@ -78,3 +78,20 @@ def test_the_csv_tells_samples_of_a_restarted_device_apart_by_boot(clean_db):
     first, later = df.iloc[0], df[(df.boot == 2) & (df.seq == 7)].iloc[0]
     assert (first.ch0, first.ch1) == (-32768, 32767)
     assert (later.ch0, later.ch1) == (2007, -7)
+
+
+def test_a_gesture_name_is_never_a_spreadsheet_formula_in_the_csv(clean_db):
+    """A gesture may be named through the API by a user's key; the operator who opens that user's review CSV in a
+    spreadsheet ran `=HYPERLINK(...)` as a formula. Such a label gets a leading ' (shown as text); others as they are."""
+    import data
+    import ui_seed
+    base = ui_seed.seed_user(clean_db, gestures=('=HYPERLINK("http://x.invalid","y")', "fist"), channels=2,
+                             rate=100.0)
+    uid, did = base["user"]["id"], base["device"]["id"]
+    start = datetime(2026, 1, 5, 10, 0, tzinfo=UTC)
+    ui_seed.seed_samples(clean_db, uid, did, start, 400, channels=2, rate=100.0, block=10, drop_every=0)
+    at = lambda k: start + timedelta(milliseconds=10 * k)  # noqa: E731
+    intervals = [{"label": '=HYPERLINK("http://x.invalid","y")', "started_at": at(0), "ended_at": at(100)},
+                 {"label": "fist", "started_at": at(100), "ended_at": at(200)}]
+    label = _labels(data.export_csv(did, start, at(399), intervals))
+    assert (label[0], label[150]) == ('\'=HYPERLINK("http://x.invalid","y")', "fist")
