@@ -36,4 +36,19 @@ case "$workers" in
 esac
 parallel=()
 [ "$workers" -ge 2 ] && parallel=(-n "$workers" --dist loadfile)
-exec "$SEMG_PYTHON" -m pytest ${parallel[@]+"${parallel[@]}"} "$@"  # (an empty array is "unbound" to bash < 4.4)
+# pytest's shared temporary root (/tmp/pytest-of-$USER) is made private (0700) again by every pytest that starts on
+# this machine, while the embedded PostgreSQL (an unprivileged user when we are root) must enter the tests' state
+# dirs under it: this run gets a root of its own, removed when every test passed, kept (with its logs) otherwise.
+tmp_root="$(mktemp -d /tmp/semg-tests.XXXXXX)"
+chmod 755 "$tmp_root"
+set +e
+# (an empty array is "unbound" to bash < 4.4, hence the + form)
+"$SEMG_PYTHON" -m pytest --basetemp "$tmp_root/t" ${parallel[@]+"${parallel[@]}"} "$@"
+rc=$?
+set -e
+if [ "$rc" = 0 ] || [ "$rc" = 5 ]; then
+  rm -rf "$tmp_root"
+else
+  echo "run_tests.sh: the temporary files and logs of this run are kept in $tmp_root" >&2
+fi
+exit "$rc"
