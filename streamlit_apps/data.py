@@ -806,19 +806,22 @@ class Signal:
         return self.frame.empty
 
 
-def _expand_blocks(rows: list[dict], epoch0: float, channels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(t seconds since epoch0, seq, values (n, channels)) of fetched blocks, in time order."""
-    ts, seqs, vals = [], [], []
+def _expand_blocks(rows: list[dict], epoch0: float, channels: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(t seconds since epoch0, boot, seq, values (n, channels)) of fetched blocks, in time order."""
+    ts, boots, seqs, vals = [], [], [], []
     for r in rows:
         if int(r["channels"]) != channels:
             continue  # a block from a differently configured boot; never mix channel layouts
         n = int(r["n"])
         ts.append(float(r["e0"]) - epoch0 + np.arange(n) / float(r["rate"]))
+        boots.append(np.full(n, int(r["boot"]), dtype=np.int64))
         seqs.append(int(r["seq0"]) + np.arange(n))
         vals.append(np.asarray(r["values"], dtype=np.int16).reshape(n, channels))
     if not ts:
-        return np.empty(0), np.empty(0, dtype=np.int64), np.empty((0, channels), dtype=np.int16)
-    return np.concatenate(ts), np.concatenate(seqs), np.vstack(vals)
+        empty = np.empty(0, dtype=np.int64)
+        return np.empty(0), empty, empty, np.empty((0, channels), dtype=np.int16)
+    return np.concatenate(ts), np.concatenate(boots), np.concatenate(seqs), np.vstack(vals)
 
 
 # Blocks are at most a few seconds long: one starting a little before t0 may still hold samples after it.
@@ -864,7 +867,7 @@ def _signal(device_id: int, t0: datetime, t1: datetime, max_points: int) -> Sign
     epoch0 = t0.timestamp()
     span = max((t1 - t0).total_seconds(), 1e-3)
     if samples <= max_points:
-        t, _seq, v = _expand_blocks(_fetch_blocks(device_id, t0, t1), epoch0, channels)
+        t, _boot, _seq, v = _expand_blocks(_fetch_blocks(device_id, t0, t1), epoch0, channels)
         keep = (t >= 0) & (t <= span)
         frame = pd.DataFrame(v[keep], columns=cols)
         frame.insert(0, "t", t[keep])
@@ -931,7 +934,7 @@ def _spectrum(device_id: int, t0: datetime, t1: datetime, nperseg: int, windows:
     starts = [t0 + timedelta(seconds=(span - win_s) * (i + 0.5) / n_win) for i in range(n_win)] if span > win_s \
         else [t0]
     rows = _rows(
-        """SELECT w.i, extract(epoch FROM b.device_time0)::float8 AS e0, b.seq0, b.n, b.channels,
+        """SELECT w.i, extract(epoch FROM b.device_time0)::float8 AS e0, b.boot, b.seq0, b.n, b.channels,
                   b.sample_rate_hz AS rate, b.values
            FROM unnest(%(starts)s::timestamptz[]) WITH ORDINALITY AS w(ts, i)
            JOIN sample_blocks b ON b.device_id = %(d)s AND b.device_time0 >= w.ts
@@ -947,7 +950,7 @@ def _spectrum(device_id: int, t0: datetime, t1: datetime, nperseg: int, windows:
     for r in rows:
         by_window.setdefault(int(r["i"]), []).append(r)
     for blocks in by_window.values():
-        _t, _s, v = _expand_blocks(blocks, 0.0, channels)
+        _t, _b, _s, v = _expand_blocks(blocks, 0.0, channels)
         x = v.astype(np.float64)
         for start in range(0, len(x) - nperseg + 1, nperseg // 2):
             seg = x[start:start + nperseg]
@@ -993,9 +996,7 @@ def export_csv(device_id: int, t0: datetime, t1: datetime, intervals: Sequence[d
             cur.itersize = EXPORT_CHUNK_BLOCKS
             cur.execute(_BLOCKS_SQL, (device_id, t0, t1))
             while rows := cur.fetchmany(EXPORT_CHUNK_BLOCKS):
-                t, seq, v = _expand_blocks(rows, t0.timestamp(), channels)
-                boot = np.concatenate([np.full(int(r["n"]), int(r["boot"]), dtype=np.int64) for r in rows
-                                       if int(r["channels"]) == channels] or [np.empty(0, dtype=np.int64)])
+                t, boot, seq, v = _expand_blocks(rows, t0.timestamp(), channels)
                 keep = (t >= 0) & (t <= span_s)
                 t, boot, seq, v = t[keep], boot[keep], seq[keep], v[keep]
                 if not len(t):
