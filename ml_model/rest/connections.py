@@ -70,6 +70,10 @@ class GuardedHttp(HttpToolsProtocol):  # type: ignore[misc,valid-type]
             self._drain_timer = None
         super().connection_lost(exc)
 
+    @property
+    def _peer(self) -> str:
+        return f"{self.client[0]}:{self.client[1]}" if self.client else "?"
+
     def pause_writing(self) -> None:
         """The transport's buffer is full: the client has stopped taking data, or takes it slowly."""
         super().pause_writing()
@@ -87,8 +91,7 @@ class GuardedHttp(HttpToolsProtocol):  # type: ignore[misc,valid-type]
 
     def _stalled(self) -> None:
         self._stall_timer = None
-        peer = f"{self.client[0]}:{self.client[1]}" if self.client else "?"
-        log.warning("closed a connection from %s that has stopped reading its response (%g s)", peer, STALL_S)
+        log.warning("closed a connection from %s that has stopped reading its response (%g s)", self._peer, STALL_S)
         self.transport.abort()  # close() would wait for the buffer to be sent, which it never is
 
     def on_headers_complete(self) -> None:
@@ -114,8 +117,7 @@ class GuardedHttp(HttpToolsProtocol):  # type: ignore[misc,valid-type]
         if not self.transport.is_closing():
             self._watch_drain()  # still open (keep-alive, a next response): its close is yet to come
         elif self.transport.get_write_buffer_size():
-            peer = f"{self.client[0]}:{self.client[1]}" if self.client else "?"
-            log.warning("closed a connection from %s that has not taken the end of its response (%g s)", peer,
+            log.warning("closed a connection from %s that has not taken the end of its response (%g s)", self._peer,
                         STALL_S)
             self.transport.abort()
 
