@@ -1027,6 +1027,10 @@ class Worker:
                 await sub.unsubscribe()
             self.streams.pop(uid, None)
         if wanted != self._announced:
+            # The SUBs go out with the next flush: only once the server has them are the users handled (a
+            # sample published before would go to no one), so the line below is true when it is read.
+            with contextlib.suppress(Exception):  # disconnected: the client re-sends its SUBs on reconnect
+                await self.nc.flush(timeout=2)
             self._announced = frozenset(wanted)
             log.info("handling users %s", sorted(wanted))
 

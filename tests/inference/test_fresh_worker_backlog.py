@@ -25,12 +25,12 @@ MAX_AGE_S = 2.0  # the worker's default --max-age
 
 
 def _wait_handling(proc, uid: int, timeout: float = 30) -> None:
-    """Until the worker subscribed to the user's samples (it logs the users it handles after subscribing)."""
+    """Until the worker subscribed to the user's samples (it logs the users it handles once the NATS server has
+    its subscriptions)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         lines = re.findall(r"handling users \[([\d, ]*)\]", Path(proc.log).read_text())
         if lines and uid in map(int, re.findall(r"\d+", lines[-1])):
-            time.sleep(0.5)  # the SUB reaches the NATS server
             return
         time.sleep(0.1)
     pytest.fail(f"the worker did not subscribe to user {uid}: {Path(proc.log).read_text()[-2000:]}")
