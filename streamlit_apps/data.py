@@ -824,16 +824,21 @@ def _expand_blocks(rows: list[dict], epoch0: float, channels: int
     return np.concatenate(ts), np.concatenate(boots), np.concatenate(seqs), np.vstack(vals)
 
 
-# Blocks are at most a few seconds long: one starting a little before t0 may still hold samples after it.
-_BLOCKS_IN_RANGE = ("device_id = %s AND device_time0 >= %s::timestamptz - interval '5 seconds' "
-                    "AND device_time0 <= %s")
+# Blocks that may hold samples of [t0, t1]: those starting in it, and those starting up to 5 s before it (a block
+# is usually well under a second long) or at the last start before t0 (a slow device's packet may be longer: 100
+# samples at 10 Hz, up to 4076 at any rate), found by one index probe. Parameters: (device_id, t0, t1).
+_BLOCKS_IN_RANGE = """device_id = %(d)s AND device_time0 <= %(t1)s AND device_time0 >= least(
+                          %(t0)s::timestamptz - interval '5 seconds',
+                          (SELECT max(device_time0) FROM sample_blocks WHERE device_id = %(d)s AND device_time0 < %(t0)s))"""
+# The channel layout shown: the range's own (a device reconfigured just before it keeps its new layout).
+_RANGE_CHANNELS = "coalesce(max(channels) FILTER (WHERE device_time0 >= %(t0)s), max(channels))"
 _BLOCKS_SQL = f"""SELECT extract(epoch FROM device_time0)::float8 AS e0, boot, seq0, n, channels, sample_rate_hz AS rate,
                          values
                   FROM sample_blocks WHERE {_BLOCKS_IN_RANGE} ORDER BY device_time0"""
 
 
 def _fetch_blocks(device_id: int, t0: datetime, t1: datetime) -> list[dict]:
-    return _rows(_BLOCKS_SQL, (device_id, t0, t1))
+    return _rows(_BLOCKS_SQL, {"d": device_id, "t0": t0, "t1": t1})
 
 
 def _settled(t1: datetime) -> bool:
@@ -855,14 +860,15 @@ def signal(device_id: int, t0: datetime, t1: datetime, max_points: int = MAX_PLO
 
 
 def _signal(device_id: int, t0: datetime, t1: datetime, max_points: int) -> Signal:
-    stats = _one("""SELECT coalesce(sum(n), 0) AS samples, max(channels) AS channels, max(sample_rate_hz) AS rate,
-                           count(*) AS blocks
-                    FROM sample_blocks WHERE device_id = %s AND device_time0 >= %s AND device_time0 <= %s""",
-                 (device_id, t0, t1)) or {}
+    # counted over the blocks starting in the range (an index range); a range inside one long packet has none
+    stats = _one(f"""SELECT coalesce(sum(n) FILTER (WHERE device_time0 >= %(t0)s), 0) AS samples,
+                            count(*) FILTER (WHERE device_time0 >= %(t0)s) AS blocks, count(*) AS fetched,
+                            {_RANGE_CHANNELS} AS channels, max(sample_rate_hz) AS rate
+                     FROM sample_blocks WHERE {_BLOCKS_IN_RANGE}""", {"d": device_id, "t0": t0, "t1": t1}) or {}
     samples, channels = int(stats.get("samples") or 0), int(stats.get("channels") or 0)
     rate = float(stats["rate"]) if stats.get("rate") else None
     cols = [f"ch{c}" for c in range(channels)]
-    if samples == 0:
+    if not stats.get("fetched"):
         return Signal(t0, t1, "raw", 0, channels, rate, pd.DataFrame(columns=["t", *cols]))
     epoch0 = t0.timestamp()
     span = max((t1 - t0).total_seconds(), 1e-3)
@@ -871,7 +877,7 @@ def _signal(device_id: int, t0: datetime, t1: datetime, max_points: int) -> Sign
         keep = (t >= 0) & (t <= span)
         frame = pd.DataFrame(v[keep], columns=cols)
         frame.insert(0, "t", t[keep])
-        return Signal(t0, t1, "raw", samples, channels, rate, frame)
+        return Signal(t0, t1, "raw", len(frame), channels, rate, frame)
     buckets = max(1, max_points // 2)
     blocks = int(stats.get("blocks") or 1)
     # The first samples of each time bucket, found by one index probe per bucket (a long range is never
@@ -988,13 +994,14 @@ def export_csv(device_id: int, t0: datetime, t1: datetime, intervals: Sequence[d
     span_s = (t1 - t0).total_seconds()
     with connection() as conn:
         with conn.cursor() as cur:
-            cur.execute(f"SELECT max(channels) FROM sample_blocks WHERE {_BLOCKS_IN_RANGE}", (device_id, t0, t1))
+            cur.execute(f"SELECT {_RANGE_CHANNELS} FROM sample_blocks WHERE {_BLOCKS_IN_RANGE}",
+                        {"d": device_id, "t0": t0, "t1": t1})
             channels = int(cur.fetchone()[0] or 0)
         columns = ["time", "t_s", "boot", "seq", *(f"ch{c}" for c in range(channels)), "label"]
         parts = [(",".join(columns) + "\n").encode()]
         with conn.cursor("export_csv", cursor_factory=psycopg2.extras.RealDictCursor) as cur:
             cur.itersize = EXPORT_CHUNK_BLOCKS
-            cur.execute(_BLOCKS_SQL, (device_id, t0, t1))
+            cur.execute(_BLOCKS_SQL, {"d": device_id, "t0": t0, "t1": t1})
             while rows := cur.fetchmany(EXPORT_CHUNK_BLOCKS):
                 t, boot, seq, v = _expand_blocks(rows, t0.timestamp(), channels)
                 keep = (t >= 0) & (t <= span_s)

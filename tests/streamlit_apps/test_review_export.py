@@ -95,3 +95,29 @@ def test_a_gesture_name_is_never_a_spreadsheet_formula_in_the_csv(clean_db):
                  {"label": "fist", "started_at": at(100), "ended_at": at(200)}]
     label = _labels(data.export_csv(did, start, at(399), intervals))
     assert (label[0], label[150]) == ('\'=HYPERLINK("http://x.invalid","y")', "fist")
+
+
+def test_a_range_starting_inside_a_long_packet_has_that_packets_later_samples(clean_db):
+    """A slow device sends long packets (here 10 Hz, 100 samples = 10 s each: legal up to 4076 samples). The
+    review fetched only blocks that began at most 5 s before the range, so a range starting 7 s into a packet
+    had no samples for its first 3 s, in the chart and in the CSV, though they are stored."""
+    import data
+    import ui_seed
+    base = ui_seed.seed_user(clean_db, gestures=("fist",), channels=1, rate=10.0)
+    uid, did = base["user"]["id"], base["device"]["id"]
+    start = datetime(2026, 1, 5, 10, 0, tzinfo=UTC)
+    rows = [(uid, did, 1, 100 * b, 100, 1, 10.0, 10_000.0 * b, start + timedelta(seconds=10 * b), start,
+             list(range(100 * b, 100 * b + 100))) for b in range(3)]  # each sample's value is its seq
+    with clean_db.cursor() as cur:
+        cur.executemany("""INSERT INTO sample_blocks (user_id, device_id, boot, seq0, n, channels, sample_rate_hz,
+                                                      device_millis0, device_time0, server_ts, values)
+                           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""", rows)
+    clean_db.commit()
+    t0, t1 = start + timedelta(seconds=17), start + timedelta(seconds=24)  # 17.0 .. 24.0 s: seq 170 .. 240
+
+    df = pd.read_csv(io.BytesIO(data.export_csv(did, t0, t1)), keep_default_na=False)
+    assert list(df.seq) == list(range(170, 241)) and list(df.ch0) == list(range(170, 241))
+    shown = data.signal(did, t0, t1)
+    assert list(shown.frame.ch0) == list(range(170, 241)) and shown.samples == 71
+    inside = data.signal(did, start + timedelta(seconds=12), start + timedelta(seconds=18))  # within one packet
+    assert list(inside.frame.ch0) == list(range(120, 181)) and inside.samples == 61
