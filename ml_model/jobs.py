@@ -84,14 +84,14 @@ def _session_samples(cur, device_id: int, t_from, t_to, max_gap: int = 0
     or the boot changes (a reboot): windows never span such a jump; smaller gaps are bridged as the live
     worker bridges them (``preprocessing.MAX_BRIDGE_FRACTION``).
     """
-    cur.execute(
-        """SELECT boot, seq0, n, channels, sample_rate_hz, extract(epoch FROM device_time0)::float8 * 1000.0, values
-           FROM sample_blocks
-           WHERE device_id = %s AND device_time0 >= %s AND device_time0 <= %s
-           ORDER BY boot, seq0""",
-        (device_id, t_from, t_to),
+    cur.execute(  # a block begun before t_from may hold samples after it (a slow device's long packet)
+        f"""SELECT boot, seq0, n, channels, sample_rate_hz, extract(epoch FROM device_time0)::float8 * 1000.0, values
+            FROM sample_blocks WHERE {repo.BLOCKS_OVERLAPPING}
+            ORDER BY boot, seq0""",
+        {"d": device_id, "t0": t_from, "t1": t_to},
     )
-    rows = cur.fetchall()
+    from_ms = t_from.timestamp() * 1000.0
+    rows = [r for r in cur.fetchall() if r[5] + r[2] * 1000.0 / r[4] > from_ms]  # blocks ending before: none of theirs
     if not rows:
         return np.zeros((0, 1), np.int16), np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64)
     channels = {r[3] for r in rows}

@@ -902,6 +902,15 @@ def mark_interval(conn, interval_id: int, started_at: datetime, ended_at: dateti
         return dict(row)
 
 
+# A device's sample blocks that may hold samples between two server times %(t0)s and %(t1)s: those starting in
+# it, and those starting up to 5 s before it (a block usually lasts well under a second) or at the last start
+# before t0 (a slow device's packet may be long: 100 samples at 10 Hz, up to 4076 at any rate), found by one
+# index probe. One rule for training and the data review. Parameters: d (device id), t0, t1.
+BLOCKS_OVERLAPPING = """device_id = %(d)s AND device_time0 <= %(t1)s AND device_time0 >= least(
+    %(t0)s::timestamptz - interval '5 seconds',
+    (SELECT max(device_time0) FROM sample_blocks WHERE device_id = %(d)s AND device_time0 < %(t0)s))"""
+
+
 def interval_label_end(started_at: datetime, ended_at: datetime | None, planned_ms: float,
                        next_started_at: datetime | None) -> datetime:
     """Where an interval's label ends: its marked end, or, for one marked without an end, its planned length but

@@ -824,12 +824,7 @@ def _expand_blocks(rows: list[dict], epoch0: float, channels: int
     return np.concatenate(ts), np.concatenate(boots), np.concatenate(seqs), np.vstack(vals)
 
 
-# Blocks that may hold samples of [t0, t1]: those starting in it, and those starting up to 5 s before it (a block
-# is usually well under a second long) or at the last start before t0 (a slow device's packet may be longer: 100
-# samples at 10 Hz, up to 4076 at any rate), found by one index probe. Parameters: (device_id, t0, t1).
-_BLOCKS_IN_RANGE = """device_id = %(d)s AND device_time0 <= %(t1)s AND device_time0 >= least(
-                          %(t0)s::timestamptz - interval '5 seconds',
-                          (SELECT max(device_time0) FROM sample_blocks WHERE device_id = %(d)s AND device_time0 < %(t0)s))"""
+_BLOCKS_IN_RANGE = repo.BLOCKS_OVERLAPPING
 # The channel layout shown: the range's own (a device reconfigured just before it keeps its new layout).
 _RANGE_CHANNELS = "coalesce(max(channels) FILTER (WHERE device_time0 >= %(t0)s), max(channels))"
 _BLOCKS_SQL = f"""SELECT extract(epoch FROM device_time0)::float8 AS e0, boot, seq0, n, channels, sample_rate_hz AS rate,

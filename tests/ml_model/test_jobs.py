@@ -28,12 +28,14 @@ PATTERNS = {"REST": [0.05, 0.05, 0.05, 0.05], "fist": [1.0, 0.8, 0.2, 0.1], "ope
 
 
 def record_session(conn, user_id, device_id, gestures=("fist", "open hand"), reps=3, hold_s=2.0, rest_s=1.5,
-                   seed=0, stream=True, journal_dir=None, minutes_ago=5, transform=None, lose_every=0, boot=0):
+                   seed=0, stream=True, journal_dir=None, minutes_ago=5, transform=None, lose_every=0, boot=0,
+                   packet=25, lead_s=0.0):
     """Create a session through semg.repo, mark its cues as 'happened', store matching sample blocks.
     journal_dir: the marks are left in a capture journal there instead (a window that could not store them and
     was closed), not in the database. minutes_ago: when it started (two sessions of a device must not overlap).
     transform: applied to the float samples (n, CHANNELS) before they are stored as int16.
-    lose_every: every lose_every-th packet of 25 samples is not stored (lost on the way)."""
+    lose_every: every lose_every-th packet is not stored (lost on the way). packet: samples per packet.
+    lead_s: the device streamed that long before the session started (its packets are not aligned to the start)."""
     rng = np.random.default_rng(seed)
     s = repo.create_session(conn, user_id, device_id, list(gestures), reps, hold_s, rest_s)
     t0 = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=minutes_ago)
@@ -57,20 +59,20 @@ def record_session(conn, user_id, device_id, gestures=("fist", "open hand"), rep
     repo.end_session(conn, s["id"], at=t0 + dt.timedelta(milliseconds=total_ms))
     if not stream:
         return s
-    n = int(total_ms / 1000 * RATE)
-    t_ms = np.arange(n) * 1000 / RATE
+    n = int((total_ms / 1000 + lead_s) * RATE)
+    t_ms = np.arange(n) * 1000 / RATE - lead_s * 1000
     amp = np.zeros((n, CHANNELS))
     for iv in s["intervals"]:
         sel = (t_ms >= iv["planned_start_ms"]) & (t_ms < iv["planned_end_ms"])
         amp[sel] = PATTERNS[iv["label"]]
     x = rng.standard_normal((n, CHANNELS)) * amp * 2000
     x = np.clip(x if transform is None else transform(x), -32768, 32767).astype(np.int16)
-    rows, k = [], 25
+    rows, k = [], packet
     for i in range(0, n - k + 1, k):
         if lose_every and (i // k) % lose_every == lose_every - 1:
             continue
         rows.append((user_id, device_id, boot, i, k, CHANNELS, RATE, i * 1000 / RATE,
-                     t0 + dt.timedelta(milliseconds=i * 1000 / RATE), t0, x[i:i + k].ravel().tolist()))
+                     t0 + dt.timedelta(milliseconds=float(t_ms[i])), t0, x[i:i + k].ravel().tolist()))
     with conn.cursor() as cur:
         cur.execute("SELECT coalesce(max(seq0 + n), 0) FROM sample_blocks WHERE device_id = %s", (device_id,))
         offset = cur.fetchone()[0]
@@ -271,6 +273,27 @@ def test_lost_packets_are_bridged_in_training_as_in_live_recognition(clean_db, u
     windows = jobs.load_job_data(clean_db, job["id"], cfg)["windows"]
     assert all(tuple(v) in stored for w in windows[::50] for v in np.asarray(w).T.tolist())
     assert jobs.run_job(job["id"]) == "completed", repo.get_job(clean_db, job["id"])["error"]
+
+
+def test_a_session_starting_inside_a_long_packet_trains_on_all_its_samples(clean_db, user_device):
+    """A slow device sends long packets (legal up to 4076 samples). Training fetched the blocks that began in the
+    session only, so the samples of the packet under way when the session started were left out: here the
+    first second of the session (2 s packets, the session starting halfway through one)."""
+    u, d = user_device
+    s = record_session(clean_db, u["id"], d["id"], packet=1000, lead_s=1.0)
+    marked = repo.get_session(clean_db, s["id"])["intervals"]
+    t_from = min(iv["started_at"] for iv in marked)
+    t_to = max(iv["ended_at"] for iv in marked)
+    with clean_db.cursor() as cur:
+        _, times, _, seq = jobs._session_samples(cur, d["id"], t_from, t_to)
+        cur.execute("""SELECT seq0 + k FROM sample_blocks, generate_series(0, n - 1) AS k WHERE device_id = %s
+                       AND device_time0 + make_interval(secs => k / sample_rate_hz) BETWEEN %s AND %s""",
+                    (d["id"], t_from, t_to))
+        stored = {r[0] for r in cur.fetchall()}
+    assert len(stored) > 0.9 * (t_to - t_from).total_seconds() * RATE
+    missing = stored - set(seq.tolist())
+    assert not missing, f"{len(missing)} of the session's {len(stored)} samples left out (seq {min(missing)}..)"
+    assert times.min() < t_from.timestamp() * 1000 <= times.min() + 2000  # the packet under way, not older ones
 
 
 def test_intervals_marked_without_an_end_or_overlapping(clean_db, user_device):
