@@ -47,6 +47,14 @@ ENVELOPE_VALUES = 120_000
 RMS_SAMPLE_BUDGET = 10_000
 # CSV export refuses ranges above this many samples (the browser download would be hundreds of MB).
 MAX_EXPORT_SAMPLES = 2_000_000
+# The web UI builds a user's export zip in its own memory (a download button needs the bytes): above this estimated
+# size it sends the user to the API's export instead, which spools to disk and streams.
+MAX_UI_EXPORT_BYTES = 512 * 2**20
+# Zipped bytes per exported sample value (CSV at zip level 1; bench/export.py: 56 MB for 14.4 M values and 144,000
+# decisions) and per decision (JSON): an over-estimate rather than an under-estimate.
+EXPORT_BYTES_PER_VALUE = 4
+EXPORT_BYTES_PER_DECISION = 60
+EXPORT_OVERHEAD_BYTES = 2**20  # users, gestures, sessions, intervals, jobs as JSON; the manifest
 # Database connections the UI keeps open for reuse (each page run makes dozens of queries).
 POOL_IDLE = 8
 STREAMING_WINDOW_S = 5.0
@@ -224,6 +232,19 @@ def delete_user(user_id: int) -> dict:
 def export_user(user_id: int) -> bytes:
     """All the user's data as a zip (semg.repo.export_user_data): rows as JSON, samples as CSV, models, videos."""
     return _repo(repo.export_user_data, user_id, settings().video_dir)
+
+
+@st.cache_data(ttl=60, show_spinner=False, max_entries=64)
+def export_size_estimate(user_id: int) -> int:
+    """About how many bytes the user's export zip takes: samples, decisions, videos and models as stored, plus the
+    rows' JSON (EXPORT_OVERHEAD_BYTES)."""
+    r = _one("""SELECT (SELECT coalesce(sum(n::bigint * channels), 0) FROM sample_blocks WHERE user_id = %(u)s) AS v,
+                       (SELECT count(*) FROM predictions WHERE user_id = %(u)s) AS p,
+                       (SELECT coalesce(sum(bytes), 0) FROM videos WHERE user_id = %(u)s)
+                       + (SELECT coalesce(sum(size_bytes), 0) FROM model_artifacts WHERE user_id = %(u)s) AS b""",
+             {"u": user_id}) or {}
+    return (int(r.get("v") or 0) * EXPORT_BYTES_PER_VALUE + int(r.get("p") or 0) * EXPORT_BYTES_PER_DECISION
+            + int(r.get("b") or 0) + EXPORT_OVERHEAD_BYTES)
 
 
 def user_data_counts(user_id: int) -> dict:

@@ -68,6 +68,15 @@ def user_table(users: list[dict]) -> None:
 def export_button(user: dict) -> None:
     """A copy of everything stored about the user; the zip is built only when the button is clicked."""
     uid = user["id"]
+    size = data.export_size_estimate(uid)
+    if size > data.MAX_UI_EXPORT_BYTES:
+        # built in this process's memory it could take the web UI down; the API writes it to disk and streams it
+        st.caption(f"{user['name']}'s data is about {size / 2**20:,.0f} MB zipped: too much to build in the web UI "
+                   f"(limit {data.MAX_UI_EXPORT_BYTES / 2**20:,.0f} MB). Take it through the API, which streams it "
+                   "to a file, with one of their API keys (below) or an admin key:")
+        st.code(f'curl -fo semg-user-{uid}-export.zip -H "X-API-Key: $KEY" {data.settings().api_url}/users/{uid}/export',
+                language="bash")
+        return
     st.download_button(
         f"Export {user['name']}'s data (zip)", data=lambda: data.export_user(uid),
         file_name=f"semg-user-{uid}-export.zip", mime="application/zip", key=f"export_user_{uid}",

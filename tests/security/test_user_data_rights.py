@@ -296,3 +296,26 @@ def test_export_is_a_consistent_snapshot_and_leaves_the_connection_as_it_was(cle
     check_export(out.getvalue(), alan, ada)
     with pytest.raises(repo.NotFound):
         repo.export_user_data(clean_db, 987654321, settings.video_dir)
+
+
+def test_an_export_too_large_for_the_ui_is_sent_to_the_api(page, two_people, clean_db, monkeypatch, settings):
+    """The web UI builds the export zip in its own memory for the download button: a user with hours of recordings
+    and webcam videos (hundreds of MB) could take the UI process down. Above MAX_UI_EXPORT_BYTES (estimated from
+    what is stored) the page offers no button and gives the API's command, which streams the zip to a file."""
+    import data
+    ada, _alan = two_people
+    uid = ada["user"]["id"]
+    size = data.export_size_estimate(uid)
+    assert size > 0  # her samples and decisions count
+    with clean_db.cursor() as cur:
+        cur.execute("SELECT coalesce(sum(n::bigint * channels), 0) FROM sample_blocks WHERE user_id = %s", (uid,))
+        assert size >= cur.fetchone()[0] * data.EXPORT_BYTES_PER_VALUE
+    assert size >= len(data.export_user(uid))  # an estimate on the safe side of the real zip
+
+    monkeypatch.setattr(data, "MAX_UI_EXPORT_BYTES", size - 1)
+    at = page("pages/1_User_Management.py", user_id=uid)
+    at.run()
+    assert not [el for el in at.get("download_button") if "Export" in el.proto.label]
+    [cmd] = [c.value for c in at.code if "/export" in c.value]
+    assert f"{settings.api_url}/users/{uid}/export" in cmd and "X-API-Key" in cmd
+    assert "too much to build in the web UI" in " ".join(m.value for m in at.caption)
