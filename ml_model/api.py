@@ -286,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--role", choices=keys.ROLES, required=True)
     c.add_argument("--user-id", type=int, default=None, help="the user a 'user' key is scoped to")
     c.add_argument("--name", default="", help="a label to recognise the key by")
+    c.add_argument("--read-only", action="store_true",
+                   help="the key may only read (GET): for an app that follows a user's decisions")
     ls = sub.add_parser("list-keys", help="list keys (prefixes only)")
     ls.add_argument("--all", action="store_true", help="include revoked keys")
     rv = sub.add_parser("revoke-key", help="revoke a key by id")
@@ -301,15 +303,16 @@ def main(argv: list[str] | None = None) -> int:
         s = get_settings()
         with contextlib.closing(db.connect(s)) as conn:
             if args.cmd == "create-key":
-                row = keys.create_key(conn, args.role, args.user_id, args.name)
-                print(f"created {row['role']} key id {row['id']}"
+                row = keys.create_key(conn, args.role, args.user_id, args.name, read_only=args.read_only)
+                print(f"created {'read-only ' if row['read_only'] else ''}{row['role']} key id {row['id']}"
                       + (f" for user {row['user_id']}" if row["user_id"] else "")
                       + "; store it now, it is not shown again:", file=sys.stderr)
                 print(row["key"])
             elif args.cmd == "list-keys":
                 for row in keys.list_keys(conn, include_revoked=args.all):
                     state = f"revoked {row['revoked_at']:%Y-%m-%d %H:%M}" if row["revoked_at"] else "active"
-                    print(f"{row['id']:>5} {row['role']:<8} user={row['user_id'] or '-':<6} {row['key_prefix']}… "
+                    role = row["role"] + (" (read-only)" if row["read_only"] else "")
+                    print(f"{row['id']:>5} {role:<20} user={row['user_id'] or '-':<6} {row['key_prefix']}… "
                           f"{state:<25} {row['name']}")
             else:
                 row = keys.revoke_key(conn, args.key_id)

@@ -192,10 +192,11 @@ def list_user_keys(user_id: int) -> list[dict]:
     return _repo(keys.list_keys, user_id, include_revoked=True)
 
 
-def create_user_key(user_id: int, name: str) -> dict:
-    """A new API key scoped to the user; its row with "key" (the secret: shown once, only its hash is stored)."""
+def create_user_key(user_id: int, name: str, read_only: bool = False) -> dict:
+    """A new API key scoped to the user (read_only: it may only read); its row with "key" (the secret: shown once,
+    only its hash is stored)."""
     from ml_model.rest import keys
-    return _repo(keys.create_key, "user", user_id, name)
+    return _repo(keys.create_key, "user", user_id, name, read_only=read_only)
 
 
 def revoke_user_key(user_id: int, key_id: int) -> dict:

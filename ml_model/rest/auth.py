@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 import psycopg2
-from fastapi import Depends, HTTPException, Path, Security
+from fastapi import Depends, HTTPException, Path, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyHeader
 
@@ -44,6 +44,7 @@ class Principal:
     key_id: int
     role: str  # 'admin' | 'service' | 'user'
     user_id: int | None  # set for role 'user' only
+    read_only: bool = False  # may only read (READ_METHODS)
 
     @property
     def is_admin(self) -> bool:
@@ -137,7 +138,7 @@ def _verify(state: AppState, key: str) -> Principal | None:
             return None
         if state.key_cache.due_for_touch(row["id"]):
             keys.touch(conn, [row["id"]])
-    return Principal(key_id=row["id"], role=row["role"], user_id=row["user_id"])
+    return Principal(key_id=row["id"], role=row["role"], user_id=row["user_id"], read_only=bool(row["read_only"]))
 
 
 async def _refresh(state: AppState, key: str, digest: str) -> None:
@@ -152,10 +153,28 @@ async def _refresh(state: AppState, key: str, digest: str) -> None:
         state.key_cache.end_refresh(digest)
 
 
+READ_METHODS = ("GET", "HEAD")
+READ_ONLY_DETAIL = "this API key is read-only: it may only read (GET); use a key that is not read-only to change data"
+
+
+def check_method(principal: Principal, method: str) -> None:
+    """403 for a read-only key asking to do anything but read."""
+    if principal.read_only and method.upper() not in READ_METHODS:
+        raise HTTPException(403, READ_ONLY_DETAIL)
+
+
 async def get_principal(
-    state: State, key: Annotated[str | None, Security(api_key_header)]
+    state: State, key: Annotated[str | None, Security(api_key_header)], request: Request
 ) -> Principal:
-    """The caller behind X-API-Key; 401 when it is missing, unknown or revoked."""
+    """The caller behind X-API-Key; 401 when it is missing, unknown or revoked; 403 for a read-only key that asks to
+    change something."""
+    principal = await verified_principal(state, key)
+    check_method(principal, request.method)
+    return principal
+
+
+async def verified_principal(state: AppState, key: str | None) -> Principal:
+    """The caller behind a key; 401 when it is missing, unknown or revoked."""
     if not key:
         raise HTTPException(401, f"missing API key: send it in the {HEADER} header",
                             headers={"WWW-Authenticate": HEADER})
@@ -246,7 +265,9 @@ class KeyBeforeBody:
         key = headers.get(HEADER.lower().encode(), b"").decode("latin-1")
         try:
             if state is not None:
-                scope[ROLE_SCOPE_KEY] = (await get_principal(state, key or None)).role
+                principal = await verified_principal(state, key or None)
+                scope[ROLE_SCOPE_KEY] = principal.role
+                check_method(principal, scope["method"])  # refused before its body is read
         except HTTPException as e:
             await error_response(e.status_code, e.detail, e.headers)(scope, receive, send)
             return

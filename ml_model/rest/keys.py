@@ -1,7 +1,8 @@
 """API keys: generation, hashing and the `api_keys` table (only the SHA-256 of a key is ever stored).
 
 Roles: 'admin' (everything), 'service' (internal services: the inference worker and the UI; same rights as
-admin) and 'user' (scoped to its user_id).
+admin) and 'user' (scoped to its user_id). An admin or user key may be read-only: it may only read (GET/HEAD),
+for an app that follows a user's decisions, so that a key copied off its device can change nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from semg import repo
 ROLES = ("admin", "user", "service")
 KEY_PREFIX = "semg_"
 _SHOWN_PREFIX_LEN = len(KEY_PREFIX) + 6
-_KEY_COLS = "id, user_id, name, role, key_prefix, created_at, last_used_at, revoked_at"
+_KEY_COLS = "id, user_id, name, role, read_only, key_prefix, created_at, last_used_at, revoked_at"
 
 
 def new_key() -> str:
@@ -32,10 +33,13 @@ def _cursor(conn):
     return conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor)
 
 
-def create_key(conn, role: str, user_id: int | None = None, name: str = "", key: str | None = None) -> dict[str, Any]:
+def create_key(conn, role: str, user_id: int | None = None, name: str = "", key: str | None = None,
+               read_only: bool = False) -> dict[str, Any]:
     """Store a new key's hash; returns its row plus 'key' (the secret, shown once)."""
     if role not in ROLES:
         raise repo.Invalid(f"role must be one of {', '.join(ROLES)}")
+    if read_only and role == "service":
+        raise repo.Invalid("a 'service' key cannot be read-only (the platform's services write with it)")
     if role == "user" and user_id is None:
         raise repo.Invalid("a 'user' key needs the user_id it is scoped to")
     if role != "user" and user_id is not None:
@@ -51,9 +55,9 @@ def create_key(conn, role: str, user_id: int | None = None, name: str = "", key:
             if cur.fetchone() is None:
                 raise repo.NotFound(f"user {user_id} not found")
         cur.execute(
-            f"""INSERT INTO api_keys (user_id, name, role, key_prefix, key_hash) VALUES (%s, %s, %s, %s, %s)
-                RETURNING {_KEY_COLS}""",  # noqa: S608 - constant column list
-            (user_id, name, role, key[:_SHOWN_PREFIX_LEN], key_hash(key)),
+            f"""INSERT INTO api_keys (user_id, name, role, read_only, key_prefix, key_hash)
+                VALUES (%s, %s, %s, %s, %s, %s) RETURNING {_KEY_COLS}""",  # noqa: S608 - constant column list
+            (user_id, name, role, bool(read_only), key[:_SHOWN_PREFIX_LEN], key_hash(key)),
         )
         row = dict(cur.fetchone())
     row["key"] = key
@@ -65,7 +69,8 @@ def ensure_key(conn, key: str, role: str, name: str) -> None:
     with conn, _cursor(conn) as cur:
         cur.execute(
             """INSERT INTO api_keys (name, role, key_prefix, key_hash) VALUES (%s, %s, %s, %s)
-               ON CONFLICT (key_hash) DO UPDATE SET revoked_at = NULL, role = EXCLUDED.role, user_id = NULL""",
+               ON CONFLICT (key_hash) DO UPDATE SET revoked_at = NULL, role = EXCLUDED.role, user_id = NULL,
+                                                    read_only = false""",
             (name, role, key[:_SHOWN_PREFIX_LEN], key_hash(key)),
         )
 

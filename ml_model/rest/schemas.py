@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 MAX_PREDICT_ITEMS = 1000  # items (users' window batches) in one /predict request; the worker sends no more
 
@@ -394,10 +394,12 @@ class PredictResponse(_Out):
 
 # ---- API keys ----------------------------------------------------------------------------------------
 class KeyCreate(_In):
-    model_config = _example({"role": "user", "user_id": 1, "name": "analysis notebook"})
+    model_config = _example({"role": "user", "user_id": 1, "name": "prosthesis controller", "read_only": True})
     role: Literal["admin", "user", "service"]
     user_id: Id | None = Field(None, description="required for role 'user', empty otherwise")
     name: str = Field("", max_length=200)
+    read_only: StrictBool = Field(False, description="the key may only read (GET): for an app that follows a "
+                                  "user's decisions; not for 'service' keys")
 
 
 class ApiKey(_Out):
@@ -405,6 +407,7 @@ class ApiKey(_Out):
     user_id: int | None = None
     name: str
     role: str
+    read_only: bool = False
     key_prefix: str
     created_at: datetime
     last_used_at: datetime | None = None

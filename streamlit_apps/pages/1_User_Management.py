@@ -103,9 +103,12 @@ def api_keys(user: dict) -> None:
                 st.rerun()
         with st.form(f"new_api_key_{uid}", clear_on_submit=True):
             name = st.text_input("Name of the new key", max_chars=200, placeholder="e.g. prosthesis controller")
+            read_only = st.checkbox("Read-only", help="The key may only read (follow the live decisions, list and "
+                                    "export data), never change or delete anything: for an app that only acts on "
+                                    "the gestures, so that a key copied off its device can do no harm.")
             if st.form_submit_button("Create API key"):
                 try:
-                    st.session_state[NEW_KEY_STATE] = (uid, data.create_user_key(uid, name)["key"])
+                    st.session_state[NEW_KEY_STATE] = (uid, data.create_user_key(uid, name, read_only)["key"])
                     st.rerun()
                 except data.RepoError as e:
                     st.error(f"Not created: {e}")
@@ -115,6 +118,7 @@ def api_keys(user: dict) -> None:
             return
         st.dataframe(pd.DataFrame([{
             "id": k["id"], "name": k["name"], "starts with": k["key_prefix"] + "…",
+            "may": "read only" if k["read_only"] else "read and change",
             "created": ui.fmt_time(k["created_at"]),
             "last used": ui.fmt_time(k["last_used_at"]) if k["last_used_at"] else "never",
             "revoked": ui.fmt_time(k["revoked_at"]) if k["revoked_at"] else "",

@@ -172,9 +172,14 @@ def test_cli_mints_a_working_admin_key(api, settings):
         assert out.returncode == 0, out.stderr
         key = out.stdout.strip().splitlines()[-1]
         assert api.get("/keys", headers={"X-API-Key": key}).status_code == 200
-        listed, bad_admin = pool.map(lambda args: cli(*args), [("list-keys",),
-                                                               ("create-key", "--role", "admin", "--user-id", "1")])
-    assert "ops" in listed.stdout and key not in listed.stdout
+        ro, bad_admin = pool.map(lambda args: cli(*args), [("create-key", "--role", "admin", "--read-only"),
+                                                           ("create-key", "--role", "admin", "--user-id", "1")])
+        listed = cli("list-keys")
+    assert "ops" in listed.stdout and key not in listed.stdout and "admin (read-only)" in listed.stdout
+    assert ro.returncode == 0 and "created read-only admin key" in ro.stderr, ro.stderr
+    ro_key = {"X-API-Key": ro.stdout.strip().splitlines()[-1]}
+    assert api.get("/keys", headers=ro_key).status_code == 200
+    assert api.post("/keys", json={"role": "admin"}, headers=ro_key).status_code == 403
     assert bad_user.returncode == 2 and "--user-id is required with --role user" in bad_user.stderr
     assert bad_admin.returncode == 2 and "--user-id goes only with --role user" in bad_admin.stderr
 
@@ -279,3 +284,41 @@ def test_a_key_revoked_with_the_cli_is_refused_once_its_cached_check_is_old(api,
     _age_cached_check(api, row["key"], KEY_REVALIDATE_S + 1)
     r = api.get(f"/users/{user['id']}", headers=h)
     assert r.status_code == 401 and r.json()["detail"] == "invalid or revoked API key"
+
+
+def test_a_read_only_key_reads_and_changes_nothing(api, keys, make_user, clean_db):
+    """An app that only follows a user's decisions (a prosthesis or haptic controller) held a key that could also
+    delete the user and all their recordings, rename gestures or revoke devices: a key copied off the device did
+    all that. A read-only key (admin or user) may only read; anything else is 403 before its body is read."""
+    me = make_user()
+    gesture = api.post(f"/users/{me['id']}/gestures", json={"name": "fist"}, headers=keys.admin).json()
+    row = keystore.create_key(clean_db, "user", me["id"], "controller", read_only=True)
+    assert row["read_only"] is True
+    ro = {"X-API-Key": row["key"]}
+    assert api.get(f"/users/{me['id']}", headers=ro).status_code == 200
+    assert api.get(f"/users/{me['id']}/predictions", headers=ro).status_code == 200
+    assert api.head(f"/users/{me['id']}", headers=ro).status_code in (200, 405)  # never 403
+    for method, path, body in [
+        ("DELETE", f"/users/{me['id']}", None),
+        ("PATCH", f"/users/{me['id']}", {"notes": "x"}),
+        ("POST", f"/users/{me['id']}/gestures", {"name": "open hand"}),
+        ("PATCH", f"/gestures/{gesture['id']}", {"name": "renamed"}),
+        ("DELETE", f"/gestures/{gesture['id']}", None),
+        ("POST", f"/users/{me['id']}/devices", {"channel_count": 8, "sample_rate_hz": 200}),
+        ("POST", "/predict", {"user_id": me["id"], "data": [[0] * 50] * 8}),
+    ]:
+        r = api.request(method, path, headers=ro, json=body)
+        assert r.status_code == 403 and "read-only" in r.json()["detail"], (method, path, r.status_code, r.text)
+    assert api.get(f"/users/{me['id']}", headers=keys.admin).json()["notes"] == me["notes"]
+    assert [g["name"] for g in api.get(f"/users/{me['id']}/gestures", headers=keys.admin).json()] == ["fist"]
+
+    # an admin key too; the service key never (the worker posts /predict with it)
+    made = api.post("/keys", json={"role": "admin", "name": "dashboard", "read_only": True}, headers=keys.admin)
+    assert made.status_code == 201 and made.json()["read_only"] is True
+    dash = {"X-API-Key": made.json()["key"]}
+    assert api.get("/users", headers=dash).status_code == 200
+    assert api.post("/keys", json={"role": "admin"}, headers=dash).status_code == 403
+    r = api.post("/keys", json={"role": "service", "read_only": True}, headers=keys.admin)
+    assert r.status_code in (400, 422) and "read-only" in r.text, r.text
+    listed = {k["id"]: k["read_only"] for k in api.get("/keys", headers=keys.admin).json()}
+    assert listed[row["id"]] is True and listed[made.json()["id"]] is True

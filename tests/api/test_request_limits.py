@@ -100,7 +100,7 @@ def test_keys_nobody_can_verify_share_the_in_flight_limit(monkeypatch):
     async def unverifiable(state, key):
         raise DatabaseUnavailable("database unavailable: test")
 
-    monkeypatch.setattr(auth, "get_principal", unverifiable)
+    monkeypatch.setattr(auth, "verified_principal", unverifiable)
 
     async def run() -> list[int]:
         release = asyncio.Event()

@@ -934,6 +934,20 @@ def test_a_users_api_keys_are_made_shown_once_listed_and_revoked_on_their_page(p
     with pytest.raises(repo.NotFound):  # another user's key is not revoked from Ann's page
         data.revoke_user_key(ann["id"], bobs["id"])
 
+    # a read-only key, for an app that only follows her decisions
+    [name] = [t for t in at.text_input if t.label == "Name of the new key"]
+    name.input("haptic band")
+    [ro] = [c for c in at.checkbox if c.label == "Read-only"]
+    ro.check()
+    button(at, "Create API key").click()
+    at.run()
+    assert_clean(at)
+    [shown] = [c.value for c in at.code]
+    row = keys.lookup(clean_db, shown)
+    assert row["name"] == "haptic band" and row["read_only"] is True and row["user_id"] == ann["id"]
+    [listed] = [d.value for d in at.dataframe if "starts with" in d.value.columns]
+    assert list(listed["may"]) == ["read and change", "read only"]
+
 
 def test_secret_key_is_never_in_the_devices_listing(page, seeded):
     """The key is shown once at registration; later listings carry no trace of it."""

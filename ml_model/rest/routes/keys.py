@@ -19,7 +19,7 @@ router = APIRouter(tags=["api keys"])
 @router.post("/keys", response_model=ApiKeyCreated, status_code=201)
 def create_key(body: KeyCreate, _: Admin, conn: Conn) -> dict:
     """Mint a key: 'user' keys are scoped to user_id; 'admin'/'service' keys to everything."""
-    return keys.create_key(conn, body.role, body.user_id, body.name)
+    return keys.create_key(conn, body.role, body.user_id, body.name, read_only=body.read_only)
 
 
 @router.get("/keys", response_model=list[ApiKey])
