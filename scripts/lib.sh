@@ -71,6 +71,12 @@ semg_supervisord_pid() {
   [ -f "$pidfile" ] || return 1
   pid="$(cat "$pidfile" 2>/dev/null)"
   [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+  # After a power cut or a container restart the file is stale and its PID may be anyone's by now (the
+  # user's editor): only a process started for this state dir (semg_export_env's SEMG_INSTANCE) is ours.
+  local theirs
+  theirs="$(grep -azm1 '^SEMG_INSTANCE=' "/proc/$pid/environ" 2>/dev/null | tr -d '\0')" || return 1
+  theirs="${theirs#SEMG_INSTANCE=}"  # compared as paths: SEMG_STATE_DIR may be given with a '/' more or less
+  [ -n "$theirs" ] && [ "$(realpath -m -- "$theirs")" = "$(realpath -m -- "$SEMG_STATE_DIR")" ] || return 1
   # a killed supervisord nobody reaped yet (a container's PID 1 may never) is a zombie: not running
   local stat; stat="$(cat "/proc/$pid/stat" 2>/dev/null)"; stat="${stat##*) }"
   [ "${stat%% *}" != Z ] && echo "$pid"
