@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import fcntl
 import importlib.util
 import json
 import os
@@ -149,15 +150,29 @@ def pg_initialized(settings: Settings) -> bool:
 def init_postgres(settings: Settings | None = None) -> bool:
     """initdb the embedded cluster once (superuser POSTGRES_USER, generated password). True if created now."""
     s = settings or get_settings()
-    data = s.pg_data_dir
     if pg_initialized(s):
         return False
+    s.state_dir.mkdir(parents=True, exist_ok=True)
+    # two starts at once (start_all.sh run twice) must not both work in the one scratch directory
+    with open(s.state_dir / ".initdb.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return not pg_initialized(s) and _initdb(s)
+
+
+def _initdb(s: Settings) -> bool:
+    data = s.pg_data_dir
     account = _pg_account()
     password = secrets.postgres_password(s)
     if data.exists() and any(data.iterdir()):
         raise EmbeddedError(f"{data} exists but is not a PostgreSQL data directory; move it away")
-    data.mkdir(parents=True, exist_ok=True)
-    os.chmod(data, 0o700)
+    # initdb works in a scratch directory that becomes the data directory only once it is complete: a first start
+    # cut short (power lost, killed) left a half-made cluster that PostgreSQL refused at every later start
+    # ("could not find the database system"). A scratch left so holds no data: the next attempt replaces it.
+    work = data.with_name(f".{data.name}.initdb")
+    shutil.rmtree(work, ignore_errors=True)
+    for left in s.state_dir.glob(".initdb-*"):  # the password files of such a start
+        shutil.rmtree(left, ignore_errors=True)
+    work.mkdir(mode=0o700, parents=True)
     # initdb reads the password from a file: a private directory only the postgres account can enter.
     pwdir = Path(tempfile.mkdtemp(dir=s.state_dir, prefix=".initdb-"))
     pwfile = pwdir / "pw"
@@ -165,20 +180,23 @@ def init_postgres(settings: Settings | None = None) -> bool:
     os.chmod(pwfile, 0o600)
     try:
         if account is not None:
-            _check_traversable(data, account)
-            for p in (data, pwdir, pwfile):
+            _check_traversable(work, account)
+            for p in (work, pwdir, pwfile):
                 os.chown(p, account.pw_uid, account.pw_gid)
         r = subprocess.run(
-            [str(pg_bin_dir() / "initdb"), "-D", str(data), "-U", s.postgres_user, f"--pwfile={pwfile}",
+            [str(pg_bin_dir() / "initdb"), "-D", str(work), "-U", s.postgres_user, f"--pwfile={pwfile}",
              "--auth-local=scram-sha-256", "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8"],
             capture_output=True, text=True, **_as_account(account),
         )
     finally:
         shutil.rmtree(pwdir, ignore_errors=True)
     if r.returncode != 0:
-        shutil.rmtree(data, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
         last = (r.stderr or r.stdout).strip().splitlines()
         raise EmbeddedError(f"initdb failed: {last[-1] if last else r.returncode}")
+    if data.exists():
+        data.rmdir()  # empty (checked above)
+    os.rename(work, data)
     return True
 
 

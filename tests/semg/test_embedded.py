@@ -127,6 +127,28 @@ def test_stale_lock_is_removed_and_postgres_starts(state, owner):
         other.wait()
 
 
+def test_a_first_start_cut_short_during_initdb_starts_the_next_time(tmp_path_factory):
+    """The power lost (or everything killed) while the very first start initialises the cluster: the next start
+    initialises it again and PostgreSQL starts. It used to find a half-made data directory it then refused at
+    every start ("could not find the database system"), until someone deleted it by hand."""
+    state = _state_dir(tmp_path_factory, "initdb-cut")
+    first = subprocess.Popen([sys.executable, "-m", "semg.embedded", "init-postgres"], env=_env(state, free_port()),
+                             cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        # initdb writes PG_VERSION first and the control file near its end: cut in between
+        while not any(state.rglob("PG_VERSION")) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert first.poll() is None, "initdb finished before the cut could be made"
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # initdb and its postgres --boot with it
+        first.wait()
+    assert not (state / "pgdata" / "global" / "pg_control").exists()
+    _stop(_start(state, free_port()))  # started, and a password login answered
+    assert not list(state.glob(".initdb-*")), "the generated password was left in a scratch directory"
+    assert not (state / ".pgdata.initdb").exists()
+
+
 @contextlib.contextmanager
 def _embedded_services(tmp_path_factory, monkeypatch, name: str, listen_host: str, **settings: str):
     """The embedded PostgreSQL and NATS as supervisord starts them, with `settings` (env vars) set here too; yields
