@@ -29,6 +29,12 @@ semg_setup_venv() {
   want="$(cat "$SEMG_REPO/requirements.txt" "$SEMG_REPO/$req" | sha256sum | cut -d' ' -f1)"
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "installing dependencies from $req (first run takes a few minutes)"
+    # a first run cut short (power lost, Ctrl-C) while `venv` was installing pip left a virtualenv without it
+    if ! "$SEMG_VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+      echo "the virtualenv $SEMG_VENV has no pip (its creation was cut short?): installing it"
+      "$SEMG_VENV/bin/python" -m ensurepip --upgrade >/dev/null \
+        || semg_die "could not install pip into $SEMG_VENV: remove that directory and run $(basename "$0") again"
+    fi
     "$SEMG_VENV/bin/python" -m pip install --disable-pip-version-check -q --upgrade pip >/dev/null 2>&1 || true
     "$SEMG_VENV/bin/python" -m pip install --disable-pip-version-check -q -r "$SEMG_REPO/$req" \
       || semg_die "pip install -r $req failed (see the messages above)"
