@@ -348,6 +348,8 @@ def create(out: Path, settings: Settings | None = None, full_speed: threading.Ev
             if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP) or out.exists():
                 raise
             os.rename(part, out)  # no hard links there (a FAT/exFAT USB disk): checked just before instead
+        with contextlib.suppress(OSError):  # the backup's name survives a power loss too (not on every filesystem)
+            diskspace.sync_dir(out.parent)
         return manifest
 
 

@@ -99,3 +99,13 @@ class LowSpaceLog:
         elif self._warned_at is not None:
             self.log.info("disk space is back above SEMG_MIN_FREE_DISK_MB: %s", line)
             self._warned_at = None
+
+
+def sync_dir(directory: Path) -> None:
+    """Make a name just given in `directory` (a rename, a link) survive a power loss: the file's own fsync does not
+    write its directory entry, so after a crash it could still be under its temporary name, which nothing reads."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -27,7 +27,7 @@ from pathlib import Path
 import psycopg2
 import psycopg2.extensions
 
-from semg import db, repo
+from semg import db, diskspace, repo
 from semg.config import Settings, get_settings
 
 log = logging.getLogger("semg.journal")
@@ -66,6 +66,8 @@ class IntervalJournal:
             fcntl.flock(fd, fcntl.LOCK_EX)
             self.path = self.directory / f"{name}.jsonl"
             os.rename(tmp, self.path)
+            with contextlib.suppress(OSError):  # the records fsynced into it later must be found under this name
+                diskspace.sync_dir(self.directory)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -297,6 +299,8 @@ def journal_video(session: dict, video: dict, directory: Path | None = None) -> 
             os.fsync(f.fileno())
         final = directory / f"{name}.jsonl"
         os.rename(tmp, final)
+        with contextlib.suppress(OSError):
+            diskspace.sync_dir(directory)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
