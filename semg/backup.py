@@ -415,9 +415,34 @@ def show(src: Path) -> dict:
     return manifest
 
 
+def _finish_placing(cur, root: Path, videos: dict[str, tarfile.TarInfo]) -> int:
+    """Put in place the videos a restore of this backup left as *.restoring when it was stopped (killed, the power
+    gone) after its rows committed: their rows are in the database, their files not under their names. Only a file
+    of the backup's size whose name is free and whose row is there. Returns how many were put in place."""
+    left = {rel: root / f"{rel}.restoring" for rel, m in videos.items()
+            if (root / f"{rel}.restoring").is_file() and not os.path.lexists(root / rel)
+            and (root / f"{rel}.restoring").stat().st_size == m.size}
+    if not left:
+        return 0
+    cur.execute("SELECT path FROM videos WHERE path = ANY(%s)", (list(left),))
+    placed = 0
+    for (rel,) in cur.fetchall():
+        try:
+            os.link(left[rel], root / rel)
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP) or os.path.lexists(root / rel):
+                raise
+            os.rename(left[rel], root / rel)  # no hard links there
+        else:
+            left[rel].unlink()
+        placed += 1
+    return placed
+
+
 def restore(src: Path, settings: Settings | None = None) -> dict:
     """Restore the backup `src` into this install, whose database must hold no rows yet. All or nothing: the
-    data goes in one transaction, and the videos are put in place only once it committed."""
+    data goes in one transaction, and the videos are put in place only once it committed. Run again after a
+    restore stopped once its rows committed, it puts the videos that restore left beside their place in place."""
     s = settings or get_settings()
     tar, manifest, videos = _open(src)
     placed: list[Path] = []
@@ -445,6 +470,11 @@ def restore(src: Path, settings: Settings | None = None) -> dict:
                 if cur.fetchone()[0]:
                     holding.append(table)
             if holding:
+                finished = _finish_placing(cur, s.video_dir, videos)
+                if finished:
+                    return {"restored": _counts(cur), "videos": len(videos), "videos_put_in_place": finished,
+                            "schema_version": version, "backup_schema_version": made,
+                            "created_at": manifest.get("created_at")}
                 raise BackupError("a backup is restored only into a database that holds nothing yet, so nothing "
                                   f"stored is overwritten; this one has rows in {', '.join(holding)}")
         root = s.video_dir
@@ -694,8 +724,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(m))
         else:
             r = restore(args.file, s)
-            print(f"restored {args.file}: {r['restored']['users']} users, {r['restored']['samples']:,} "
-                  f"samples, {r['videos']} videos")
+            if r.get("videos_put_in_place"):
+                print(f"{args.file} had been restored, but a stop left {r['videos_put_in_place']} of its videos "
+                      "beside their place: now in place")
+            else:
+                print(f"restored {args.file}: {r['restored']['users']} users, {r['restored']['samples']:,} "
+                      f"samples, {r['videos']} videos")
             print(json.dumps(r))
         return 0
     except (BackupError, SettingsError, OSError) as e:  # OSError: e.g. no permission to write FILE's directory

@@ -709,3 +709,22 @@ def test_a_backup_and_a_restore_remove_what_stopped_ones_left_but_not_what_runni
     finally:
         for fd in held:
             os.close(fd)
+
+
+def test_a_restore_stopped_after_its_commit_is_finished_by_running_it_again(source, target, settings, tmp_path):
+    """A restore killed (or the power gone) after its rows committed, while it put the videos in place, left them
+    as *.restoring: the rows said the session has a video, the file was not there, and running the restore again
+    was refused (the database holds rows) with no word about them. Running it again now puts them in place."""
+    out = tmp_path / "semg.tar"
+    backup.create(out, settings)
+    backup.restore(out, target)
+    video = target.video_dir / source["video"]
+    content = video.read_bytes()
+    video.rename(video.with_name(video.name + ".restoring"))  # where the stop left it
+
+    r = backup.restore(out, target)
+    assert r["videos_put_in_place"] == 1 and r["restored"]["users"] >= 1
+    assert video.read_bytes() == content and not list(target.video_dir.rglob("*.restoring"))
+    # once all is in place, running it again is refused as before
+    with pytest.raises(backup.BackupError, match="holds nothing yet"):
+        backup.restore(out, target)
