@@ -353,6 +353,18 @@ def too_many_faults(n_failed: int, n_checked: int) -> bool:
     return n_failed > FAULT_MAX_SHARE * n_checked
 
 
+def _constant_before_flat_factor(meta: Mapping[str, Any], channels: Sequence[int]) -> list[int]:
+    """Indices (of ``channels``) of the channels an artifact trained before ``FLAT_STD_FACTOR`` found constant:
+    the scaler then gave such a channel a std of exactly 1 (and ``input_stats`` its device channel too), which
+    ``flat_channels`` does not recognise. Their model reads them at that constant, as it did before an upgrade;
+    checked live, a rail or an unwired input it was trained on looked like a failed electrode, and two of four
+    made every decision unsure. A channel that varied is not exactly 1 in both but for a fluke."""
+    std = meta["scaler"]["std"]
+    stats = (meta.get("input_stats") or {}).get("std")
+    return [i for i in range(len(channels))
+            if float(std[i]) == 1.0 and (stats is None or float(stats[channels[i]]) == 1.0)]
+
+
 def channel_reference(meta: Mapping[str, Any]) -> dict[str, list] | None:
     """What the live electrode check compares with, from a model's metadata: ``{"channels", "mean", "std"}``,
     the device channels the model reads and that varied in training (a channel flat then is ignored by the
@@ -365,7 +377,7 @@ def channel_reference(meta: Mapping[str, Any]) -> dict[str, list] | None:
     if "std" not in (meta.get("scaler") or {}):
         return None
     channels = [int(c) for c in meta.get("channels") or range(int(meta["n_device_channels"]))]
-    flat = set(flat_channels(meta["scaler"]))
+    flat = set(flat_channels(meta["scaler"])) | set(_constant_before_flat_factor(meta, channels))
     used = [i for i in range(len(channels)) if i not in flat]
     stats = meta.get("input_stats")
     if stats:

@@ -126,3 +126,30 @@ def test_a_model_update_mid_spell_keeps_the_failed_channel_read_as_its_training_
         [(a / RATE, faults, railed) for a, faults, railed in seen if faults != {1} or railed][:3]
     assert events == [(1, True)]  # one spell, still under way
     assert stream.watch.faults[1].start_seq < 3 * RATE  # since it started, not since the update
+
+
+def test_channels_an_older_model_was_trained_on_as_constants_are_not_failed_electrodes():
+    """A model trained before flat channels got FLAT_STD_FACTOR (a constant channel's std was exactly 1) on a
+    4-channel board with two inputs unwired (one at the ADC's rail, one at 0): before the upgrade it decided as
+    trained; after it, the live check took both for failed electrodes and made every decision unsure."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(2048, 120, (400, 4, 50)).round()
+    x[:, 2, :], x[:, 3, :] = 4095, 0
+    mean, std = pp.channel_mean_std(x)
+    old_scaler = {"mean": mean.tolist(), "std": np.where(std > 1e-8, std, 1.0).tolist()}  # the old rule
+    meta = {"channels": [0, 1, 2, 3], "n_device_channels": 4, "filter": pp.filter_config(None),
+            "scaler": old_scaler, "input_stats": old_scaler}
+    ref = pp.channel_reference(meta)
+    assert ref["channels"] == [0, 1]
+    spec = ModelSpec(1, ("REST", "a"), 4, float(RATE), 50, 5, tuple(ref["channels"]), tuple(ref["mean"]),
+                     tuple(ref["std"]))
+    stream = UserStream(1, spec, votes=3)
+    live = rng.normal(2048, 120, (4 * RATE, 4)).round()
+    live[:, 2], live[:, 3] = 4095, 0
+    decided = 0
+    for a in range(0, len(live), CHUNK):
+        r = stream.append(_msg(a, live[a:a + CHUNK]))
+        if r is not None:
+            decided += 1
+            assert (r.faults, r.unsure) == ((), False), a
+    assert decided > 0 and stream.watch.take_events() == []
