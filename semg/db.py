@@ -125,10 +125,34 @@ def migrations() -> list[tuple[int, str, Path]]:
     return found
 
 
+# In a SchemaTooNew message, and what semg.health looks for to stop waiting at once (no restart mends it)
+SCHEMA_TOO_NEW = "newer than this platform version knows"
+
+
+class SchemaTooNew(RuntimeError):
+    """The database holds migrations this code does not have: a newer platform version ran on it."""
+
+
+def schema_too_new(versions) -> str | None:
+    """Why this code must not run on a database with these applied schema versions, or None when it may.
+
+    An older checkout started on a database a newer one migrated (a `git checkout` back after `git pull`) would
+    write rows without what the newer code relies on (a gesture name stored as typed where the newer one
+    normalised every name once, in a migration that does not run again), and nothing would say so."""
+    newest, known = max(versions, default=1), max((v for v, _, _ in migrations()), default=1)
+    if newest <= known:
+        return None
+    return (f"the database's schema is v{newest}, {SCHEMA_TOO_NEW} (v{known}): a newer version ran on it. Start "
+            f"that version again (git checkout or git pull it, then ./start_all.sh); this one could store data "
+            f"the newer one reads wrongly. To go back to this version, restore a backup made with it into a new "
+            f"SEMG_STATE_DIR")
+
+
 def migrate(conn: psycopg2.extensions.connection) -> list[int]:
     """Apply the baseline schema and every pending migration, each in its own transaction.
 
-    Returns the versions applied now. Safe to run concurrently and repeatedly.
+    Returns the versions applied now. Safe to run concurrently and repeatedly. Raises SchemaTooNew, changing
+    nothing, on a database a newer platform version has migrated.
     """
     applied_now: list[int] = []
     old_autocommit = conn.autocommit
@@ -137,6 +161,13 @@ def migrate(conn: psycopg2.extensions.connection) -> list[int]:
         with conn.cursor() as cur:
             cur.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
         try:
+            with conn.cursor() as cur:  # before the baseline: a newer schema may no longer take its statements
+                cur.execute("SELECT to_regclass('schema_version') IS NOT NULL")
+                if cur.fetchone()[0]:
+                    cur.execute("SELECT version FROM schema_version")
+                    if problem := schema_too_new([r[0] for r in cur.fetchall()]):
+                        raise SchemaTooNew(problem)
+            conn.commit()
             with conn, conn.cursor() as cur:
                 cur.execute(BASELINE.read_text())
             with conn.cursor() as cur:
@@ -199,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                 cur.execute("SELECT version, name, applied_at FROM schema_version ORDER BY version")
                 for v, n, t in cur.fetchall():
                     print(f"{v:04d} {n} {t:%Y-%m-%d %H:%M:%S}")
-    except (SettingsError, ConnectionError) as e:
+    except (SettingsError, ConnectionError, SchemaTooNew) as e:
         print(f"semg.db: {e}", file=sys.stderr)
         return 2
     except psycopg2.Error as e:

@@ -52,8 +52,12 @@ def _spool_not_writable(r: httpx.Response) -> str | None:
 def check_postgres(s: Settings) -> tuple[bool, str]:
     try:
         with contextlib.closing(db.connect(s, connect_timeout=2)) as conn, conn.cursor() as cur:
-            cur.execute("SELECT max(version) FROM schema_version")
-            return True, f"{s.postgres_address}:{s.postgres_port}/{s.postgres_db} schema v{cur.fetchone()[0]}"
+            cur.execute("SELECT version FROM schema_version")
+            versions = [r[0] for r in cur.fetchall()]
+            where = f"{s.postgres_address}:{s.postgres_port}/{s.postgres_db}"
+            if problem := db.schema_too_new(versions):
+                return False, f"{where}: {problem}"
+            return True, f"{where} schema v{max(versions, default=0)}"
     except psycopg2.Error as e:
         return False, db.first_line(e)
 
@@ -140,8 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     while True:
         results = check_all(s)
         healthy = all(ok for ok, _ in results.values())
-        # supervisord starts a FATAL program (too many quick exits) never again by itself: waiting cannot mend it
-        gave_up = any(detail.startswith("supervisor: FATAL") for _, detail in results.values())
+        # supervisord starts a FATAL program (too many quick exits) never again by itself, and a database a newer
+        # version migrated stays so: waiting cannot mend either
+        gave_up = any(detail.startswith("supervisor: FATAL") or db.SCHEMA_TOO_NEW in detail
+                      for _, detail in results.values())
         if healthy or gave_up or time.monotonic() >= deadline:
             break
         time.sleep(1)

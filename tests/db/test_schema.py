@@ -1,9 +1,12 @@
 """The schema against a real PostgreSQL: idempotent, versioned, constraints hold, delete cascades."""
 
+import contextlib
+
 import psycopg2
 import pytest
+from psycopg2 import sql
 
-from semg import db
+from semg import db, health
 
 
 def test_schema_applies_twice_and_records_version(db_conn):
@@ -14,6 +17,36 @@ def test_schema_applies_twice_and_records_version(db_conn):
         versions = [r[0] for r in cur.fetchall()]
     assert versions[0] == 1
     assert versions == sorted(versions)
+
+
+def test_a_database_a_newer_version_migrated_is_refused_and_left_alone(settings, db_conn):
+    """`git pull`, start, then `git checkout` back to the older code: its start went on silently on the newer schema
+    (and the older code stored rows the newer one had normalised once, in a migration that does not run again).
+    Now the migration step refuses, changing nothing, and the health check says what to do."""
+    name = "semg_newer_schema_test"
+    with db_conn.cursor() as cur:
+        cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    s = settings.model_copy(update={"postgres_db": name})
+    newer = max(v for v, _, _ in db.migrations()) + 1
+    try:
+        with contextlib.closing(db.connect(s)) as conn:
+            db.migrate(conn)
+            assert health.check_postgres(s)[0]
+            with conn, conn.cursor() as cur:
+                cur.execute("INSERT INTO schema_version (version, name) VALUES (%s, 'from_a_newer_version')", (newer,))
+                cur.execute("DROP INDEX sample_blocks_user_time_idx")  # as if that version had dropped it
+            with pytest.raises(RuntimeError, match=f"schema is v{newer}.*git checkout or git pull"):
+                db.migrate(conn)
+            with conn.cursor() as cur:
+                cur.execute("SELECT to_regclass('sample_blocks_user_time_idx') IS NULL, max(version) FROM schema_version")
+                assert cur.fetchone() == (True, newer)  # nothing re-created, nothing recorded
+            conn.rollback()
+        ok, detail = health.check_postgres(s)
+        assert not ok and "newer than this platform version" in detail and f"v{newer}" in detail
+    finally:
+        with db_conn.cursor() as cur:
+            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def _user(cur, email="a@example.org"):
