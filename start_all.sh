@@ -15,6 +15,11 @@ if pid="$(semg_supervisord_pid)"; then
   changed="$("$SEMG_PYTHON" -m semg.procs changed "$pid")" || exit 1
   [ -z "$changed" ] || semg_die "already running (supervisord pid $pid) with other values of $changed;" \
     "to apply them: ./stop_all.sh, then ./start_all.sh"
+  # The services also keep the code they were started with: after a `git pull` (or checkout) while they ran,
+  # saying "running" would leave the old code, and the old database schema, in place
+  "$SEMG_PYTHON" -m semg.procs code-changed "$pid" || semg_die "already running (supervisord pid $pid)," \
+    "with the code as it was when it started, not the code now in $SEMG_REPO (a git pull or checkout since?);" \
+    "to run this code: ./stop_all.sh, then ./start_all.sh"
   echo "already running (supervisord pid $pid); making sure every service is up"
   semg_ctl start all >/dev/null 2>&1 || true
 else
@@ -24,6 +29,8 @@ else
   [ -z "$left" ] || semg_die "services of an earlier start still run without their supervisor (PIDs" \
     "$(echo "$left" | cut -d' ' -f1 | paste -sd' ')): stop them with ./stop_all.sh, then ./start_all.sh"
   semg_preflight
+  SEMG_CODE_STAMP="$("$SEMG_PYTHON" -m semg.procs code-stamp)" || exit 1
+  export SEMG_CODE_STAMP  # what the services run, for the check above at the next start
   "$SEMG_PYTHON" -m supervisor.supervisord -c "$SEMG_REPO/supervisord.conf" \
     || semg_die "supervisord did not start (see $SEMG_STATE_DIR/logs/supervisord.log)"
 fi

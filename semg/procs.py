@@ -6,10 +6,13 @@ nothing of ours is left running.
     python -m semg.procs list
     python -m semg.procs kill      # SIGTERM, then SIGKILL after a grace period
     python -m semg.procs changed PID   # settings that differ between this environment and process PID's
+    python -m semg.procs code-stamp    # a digest of the code the services run (start_all.sh gives supervisord)
+    python -m semg.procs code-changed PID   # exit 1 when process PID runs other code than is here now
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import sys
@@ -100,12 +103,50 @@ def changed_settings(pid: int, env: dict[str, str] | None = None) -> list[str]:
     return sorted(k.upper() for k in now if now[k] != before[k])
 
 
+REPO = Path(__file__).resolve().parent.parent
+# What the services run: their packages, the schema and migrations, the scripts and supervisord's programs, and
+# the pinned dependencies. Not tests, benchmarks, docs, the virtualenv or a state directory inside the checkout.
+CODE_DIRS = ("semg", "ml_model", "udpserver", "streamlit_apps", "db", "scripts")
+CODE_FILES = ("start_all.sh", "stop_all.sh", "supervisord.conf", "requirements.txt", "docker-entrypoint.sh")
+CODE_SUFFIXES = (".py", ".sql", ".sh", ".conf", ".txt", ".toml", ".html")
+CODE_STAMP_VAR = "SEMG_CODE_STAMP"
+
+
+def code_stamp(repo: Path = REPO) -> str:
+    """A digest of the code files under `repo` (names and contents): it changes with a `git pull`, a `git
+    checkout` or an edit, so a start finding the platform already running can tell it runs older code."""
+    h = hashlib.sha256()
+    files = [repo / f for f in CODE_FILES]
+    for d in CODE_DIRS:
+        files += [p for p in (repo / d).rglob("*") if p.suffix in CODE_SUFFIXES and "__pycache__" not in p.parts]
+    for path in sorted(p for p in files if p.is_file()):
+        h.update(str(path.relative_to(repo)).encode() + b"\0")
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def code_changed(pid: int, repo: Path = REPO) -> bool:
+    """Whether process `pid` (supervisord: every service got its environment) was started with other code than
+    is in `repo` now: its CODE_STAMP_VAR differs, or it has none (started by a version from before stamps)."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:  # exited meanwhile: nothing runs the old code
+        return False
+    theirs = dict(item.decode(errors="replace").partition("=")[::2] for item in raw.split(b"\0") if b"=" in item)
+    return theirs.get(CODE_STAMP_VAR) != code_stamp(repo)
+
+
 def main() -> int:
     state_dir = os.environ.get("SEMG_STATE_DIR")
     if not state_dir:
         print("semg.procs: SEMG_STATE_DIR is not set", file=sys.stderr)
         return 2
     cmd = sys.argv[1] if len(sys.argv) > 1 else "list"
+    if cmd == "code-stamp":
+        print(code_stamp())
+        return 0
+    if cmd == "code-changed":
+        return 1 if code_changed(int(sys.argv[2])) else 0
     if cmd == "changed":  # `changed PID`: the settings this shell changed since PID was started
         print(" ".join(changed_settings(int(sys.argv[2]))))
         return 0
