@@ -13,6 +13,7 @@ import json
 import logging
 import threading
 import time
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -88,7 +89,9 @@ class ServedModel:
 def meta_from_row(row: Mapping[str, Any]) -> dict[str, Any]:
     """The artifact's metadata, completed from its columns (the columns win: they are what was indexed)."""
     meta = dict(row["metadata"] or {})
-    meta["classes"] = list(row["classes"])
+    # NFC as the gesture bank (semg.repo, migration 0005): a model trained on a name typed with decomposed accents
+    # before then would otherwise answer with a name that is no longer in the bank
+    meta["classes"] = [unicodedata.normalize("NFC", c) for c in row["classes"]]
     meta["channels"] = [int(c) for c in row["channels"]]
     meta["sample_rate_hz"] = float(row["sample_rate_hz"])
     meta["window_ms"] = float(row["window_ms"])

@@ -46,6 +46,22 @@ def test_predict_matches_the_predictor(api, keys, served):
     assert all(abs(p["confidence"] - max(p["probabilities"])) < 1e-6 for p in res["predictions"])
 
 
+def test_a_model_trained_before_gesture_names_were_nfc_answers_with_the_banks_names(api, keys, served, clean_db):
+    """A gesture typed with a decomposed accent (macOS) before names were NFC: the upgrade's migration 0005 made its
+    bank entry, labels and plans NFC, but the model trained before kept the name as typed, so its decisions
+    ("o" + U+0301 "k") no longer matched the bank's "ók" for a client mapping gestures to actions by name."""
+    from semg import repo
+    user, _, _ = served(classes=["REST", "o\u0301k"])
+    bank = repo.add_gesture(clean_db, user["id"], "\u00f3k")["name"]
+    r = api.post("/predict", json={"user_id": user["id"], "windows": _windows(40).tolist()}, headers=keys.service)
+    assert r.status_code == 200, r.text
+    (res,) = r.json()["results"]
+    assert res["classes"] == ["REST", bank]
+    assert {p["gesture"] for p in res["predictions"]} <= {"REST", bank}
+    assert api.get(f"/models/{user['id']}", headers=keys.service).json()["classes"] == ["REST", bank]
+    assert api.get(f"/users/{user['id']}/models", headers=keys.service).json()[0]["classes"] == ["REST", bank]
+
+
 def test_user_key_may_predict_for_itself(api, keys, served):
     user, _, _ = served()
     r = api.post("/predict", json={"user_id": user["id"], "windows": _windows(1).tolist()},
