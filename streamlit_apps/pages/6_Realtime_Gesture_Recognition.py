@@ -77,8 +77,8 @@ def live(user: dict, device: dict | None, window_s: float, model: dict | None) -
         st.caption(f"Decisions are kept {days} days (SEMG_PREDICTION_RETENTION_DAYS), then deleted; recordings are "
                    "kept." if days else "Decisions are kept forever (SEMG_PREDICTION_RETENTION_DAYS=0).")
         st.caption(f"An app can act on these decisions as they come: `GET {data.settings().api_url}/users/"
-                   f"{user['id']}/predictions/live` with this user's API key (Server-Sent Events; README, "
-                   "Live decisions).")
+                   f"{user['id']}/predictions/live` with a read-only API key of this user (User Management; Server-Sent "
+                   "Events; README, Live decisions).")
 
     if device is None:
         st.info("This user has no device: register one on **Gesture Management**.")

@@ -791,7 +791,7 @@ def test_live_page_shows_the_current_gesture_and_latency(page, seeded):
     assert "fist" in cue and "confidence 80%" in cue
     assert "35 ms" in texts(at)
     assert "Decisions are kept 90 days (SEMG_PREDICTION_RETENTION_DAYS)" in texts(at)
-    assert f"/users/{uid}/predictions/live` with this user's API key" in texts(at)
+    assert f"/users/{uid}/predictions/live` with a read-only API key of this user" in texts(at)
     at.toggle(key="live_pause").set_value(True)
     at.run()
     assert_clean(at)
