@@ -19,16 +19,20 @@ def electrode_warnings(faults: list[dict] | None, model: dict | None) -> None:
     """The channels the inference worker found failed at the current decision, named as in the signal chart."""
     if not faults:
         return
+    # With too many failed (on a 1- to 3-channel sensor: any one) nothing is recognised at all, so the warnings
+    # must not promise that recognition goes on without the channel.
+    unsure = data.too_many_failed(model, len(faults))
     for f in faults:
         secs = f["seconds"]
         what = "looks disconnected (flat" if f["fault"] == "flat" else "is saturated (at its limits"
         st.warning(f"**Channel {f['channel']}** (ch{f['channel']} below) {what} for "
-                   f"{secs:{'.0f' if secs >= 10 else '.1f'}} s): check its electrode's skin contact and cable. "
-                   "Until it is back, recognition leaves it out and may be less accurate.",
+                   f"{secs:{'.0f' if secs >= 10 else '.1f'}} s): check its electrode's skin contact and cable."
+                   + ("" if unsure else " Until it is back, recognition leaves it out and may be less accurate."),
                    icon=":material/sensors_off:")
-    if data.too_many_failed(model, len(faults)):
-        st.error(f"{len(faults)} channels failed: too many to recognise anything, the decisions are 'unsure' "
-                 "until they are back.", icon=":material/block:")
+    if unsure:
+        failed = "1 channel" if len(faults) == 1 else f"{len(faults)} channels"
+        st.error(f"{failed} failed: too many to recognise anything, the decisions are 'unsure' until "
+                 f"{'it is' if len(faults) == 1 else 'they are'} back.", icon=":material/block:")
 
 
 def current_gesture(pred, now: datetime, model: dict | None, streaming: bool) -> None:

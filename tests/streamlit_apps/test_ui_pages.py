@@ -838,6 +838,29 @@ def test_live_page_names_a_failed_electrode_until_it_is_back(page, seeded):
     assert not electrode_warnings(at) and not at.error
 
 
+def test_live_page_does_not_promise_recognition_without_the_only_channel(page, seeded):
+    """A one-channel sensor (a MyoWare on an ESP32) whose electrode came off: the worker answers 'unsure', so the
+    page must not say recognition goes on without the channel, and names the one failed channel in the singular."""
+    from psycopg2.extras import Json
+    conn, uid = seeded["conn"], seeded["user"]["id"]
+    ui_seed.seed_predictions(conn, uid, n=20, gesture="UNKNOWN")
+    with conn.cursor() as cur:  # a one-channel model whose channel varied in training
+        cur.execute("""UPDATE model_artifacts SET channels = '{0}', scaler = %s, metadata = %s WHERE user_id = %s""",
+                    (Json({"mean": [2048.0], "std": [150.0]}), Json({"n_device_channels": 1}), uid))
+        cur.execute("""UPDATE predictions SET channel_faults = %s
+                       WHERE id = (SELECT max(id) FROM predictions WHERE user_id = %s)""",
+                    (Json([{"channel": 0, "fault": "flat", "seconds": 2.0}]), uid))
+    conn.commit()
+    at = page("live", user_id=uid)
+    at.run()
+    assert_clean(at)
+    (warning,) = [w.value for w in at.warning if "skin contact" in w.value]
+    assert "**Channel 0** (ch0 below) looks disconnected (flat for 2.0 s)" in warning
+    assert "leaves it out" not in warning
+    (error,) = [e.value for e in at.error]
+    assert error.startswith("1 channel failed: too many to recognise anything") and "until it is back" in error
+
+
 # ---- 7. review ----------------------------------------------------------------------------------------
 def test_review_session_and_time_range_with_csv(page, seeded):
     import data
