@@ -20,6 +20,7 @@ import datetime
 import functools
 import hashlib
 import logging
+import math
 import os
 import socket
 import threading
@@ -115,10 +116,12 @@ def _session_samples(cur, device_id: int, t_from, t_to, max_gap: int = 0
 _DELETED = "\x00deleted gesture"
 
 
-def load_job_data(conn, job_id: int, config: dict) -> dict[str, Any]:
+def load_job_data(conn, job_id: int, config: dict, max_window_bytes: int | None = None) -> dict[str, Any]:
     """Labelled raw windows of every session of the job.
 
-    Returns {windows (n, channels, win), labels (n,), groups (n,), sample_rate_hz, channels_used, sessions}.
+    Returns {windows (n, channels, win), labels (n,), groups (n,), sample_rate_hz, channels_used, sessions,
+    deleted_gestures, stride (samples between windows), thinned (k: every k-th window of config's step)}.
+    max_window_bytes: when the windows at config's step would exceed this as float32, every k-th is cut instead.
     Raises JobFailed with a user-facing message for unusable data.
     """
     with conn.cursor() as cur:
@@ -156,6 +159,7 @@ def load_job_data(conn, job_id: int, config: dict) -> dict[str, Any]:
         recorded: dict[str, dict] = {}  # class -> its longest recorded hold (ms) and sessions
         deleted: dict[str, set] = {}  # name of a gesture deleted from the bank -> sessions holding its recordings
         unmarked = []  # sessions none of whose intervals has its actual times: nothing in them is labelled
+        labelled = []  # (session, device, intervals, first start, last end)
         for session_id, device_id, _, _ in sessions:
             cur.execute(
                 """SELECT label, kind, repetition, started_at, ended_at, planned_end_ms - planned_start_ms,
@@ -177,13 +181,25 @@ def load_job_data(conn, job_id: int, config: dict) -> dict[str, Any]:
                 seen = recorded.setdefault(name, {"hold_ms": 0.0, "sessions": set()})
                 seen["hold_ms"] = max(seen["hold_ms"], iv["end_ms"] - iv["start_ms"])
                 seen["sessions"].add(session_id)
-            values, times, run_id, seq = _session_samples(cur, device_id, ivs[0][3], last_end,
+            labelled.append((session_id, device_id, intervals, ivs[0][3], last_end))
+        thinned = 1
+        if max_window_bytes and labelled:  # counted before any window is cut: the int16 windows are large too
+            total = 0
+            for _, device_id, _, t_from, t_to in labelled:
+                cur.execute(f"SELECT coalesce(sum(n), 0) FROM sample_blocks WHERE {repo.BLOCKS_OVERLAPPING}",
+                            {"d": device_id, "t0": t_from, "t1": t_to})
+                total += int(cur.fetchone()[0])
+            need = total / step * n_channels * win * 4  # float32, as training holds them
+            thinned = max(1, math.ceil(need / max_window_bytes))
+        stride = step * thinned
+        for _session_id, device_id, intervals, t_from, last_end in labelled:
+            values, times, run_id, seq = _session_samples(cur, device_id, t_from, last_end,
                                                           preprocessing.max_bridged(win))
             for run in np.unique(run_id):
                 sel = run_id == run
                 if sel.sum() < win:
                     continue
-                w, lab, grp = training.windows_from_capture(values[sel], times[sel], intervals, win, step,
+                w, lab, grp = training.windows_from_capture(values[sel], times[sel], intervals, win, stride,
                                                             seq=seq[sel])
                 kept = lab != _DELETED
                 w, lab, grp = w[kept], lab[kept], grp[kept]
@@ -209,8 +225,12 @@ def load_job_data(conn, job_id: int, config: dict) -> dict[str, Any]:
     return {
         "windows": np.concatenate(all_w), "labels": np.concatenate(all_l), "groups": np.concatenate(all_g),
         "sample_rate_hz": rate, "channels_used": channels_used, "sessions": [s[0] for s in sessions],
-        "deleted_gestures": _describe_deleted(deleted),
+        "deleted_gestures": _describe_deleted(deleted), "stride": stride, "thinned": thinned,
     }
+
+
+def _ordinal(k: int) -> str:
+    return f"{k}{'th' if 10 <= k % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(k % 10, 'th')}"
 
 
 def _sessions(ids: list[int]) -> str:
@@ -493,7 +513,12 @@ def _train(conn, s: Settings, job_id: int, worker: str, user_id: int, params: di
         if replayed["stored"]:
             _log(conn, job_id, f"stored {replayed['stored']} capture label change(s) that were waiting in journals")
         _log(conn, job_id, "loading capture sessions")
-        data = load_job_data(conn, job_id, base_cfg)
+        data = load_job_data(conn, job_id, base_cfg, s.semg_train_max_window_mb * 2**20)
+        if data["thinned"] > 1:
+            _log(conn, job_id, f"the sessions hold more training windows than SEMG_TRAIN_MAX_WINDOW_MB "
+                               f"({s.semg_train_max_window_mb} MB) allows: training uses every "
+                               f"{_ordinal(data['thinned'])} window (one every "
+                               f"{data['stride'] * 1000 / data['sample_rate_hz']:g} ms); the model serves as set")
         if data["deleted_gestures"]:
             _log(conn, job_id, f"left out the recordings of gestures deleted from the bank: {data['deleted_gestures']}"
                                "; add a gesture of the same name to train them again")

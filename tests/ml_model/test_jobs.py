@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -294,6 +295,36 @@ def test_a_session_starting_inside_a_long_packet_trains_on_all_its_samples(clean
     missing = stored - set(seq.tolist())
     assert not missing, f"{len(missing)} of the session's {len(stored)} samples left out (seq {min(missing)}..)"
     assert times.min() < t_from.timestamp() * 1000 <= times.min() + 2000  # the packet under way, not older ones
+
+
+def test_a_job_whose_windows_would_exceed_the_memory_budget_trains_on_every_kth(clean_db, user_device, settings):
+    """Training windows overlap (one every step_ms): a long recording of many channels at a high rate (16 at 4 kHz:
+    ~400 MB a minute as float32, and training holds ~2.6 copies) had no bound and could exhaust the machine's
+    memory, the job then killed and re-queued. Above SEMG_TRAIN_MAX_WINDOW_MB the job cuts every k-th window."""
+    u, d = user_device
+    s = record_session(clean_db, u["id"], d["id"])
+    cfg = training.merge_config({"sample_rate_hz": 1.0})
+    job = repo.schedule_job(clean_db, u["id"], [s["id"]], {"epochs": 2})
+    whole = jobs.load_job_data(clean_db, job["id"], cfg)
+    win = whole["windows"].shape[2]
+    need = len(whole["windows"]) * CHANNELS * win * 4
+    thin = jobs.load_job_data(clean_db, job["id"], cfg, max_window_bytes=need // 3)
+    assert whole["thinned"] == 1 and thin["thinned"] >= 3 and thin["stride"] == thin["thinned"] * whole["stride"]
+    assert len(thin["windows"]) * thin["thinned"] <= len(whole["windows"]) + 3 * thin["thinned"] * 7  # (run edges)
+    assert len(thin["windows"]) * CHANNELS * win * 4 <= need // 3 * 1.1
+    assert sorted(set(thin["labels"].astype(str))) == sorted(set(whole["labels"].astype(str)))
+    assert set(thin["groups"]) == set(whole["groups"])  # every repetition still there to validate on
+    assert jobs.load_job_data(clean_db, job["id"], cfg, max_window_bytes=2 * need)["thinned"] == 1
+
+    # the setting, through a job (8 repetitions: ~3 MB of windows): it trains, says so, the model serves as set
+    big = record_session(clean_db, u["id"], d["id"], minutes_ago=30, reps=8)
+    job = repo.schedule_job(clean_db, u["id"], [big["id"]], {"epochs": 2})
+    assert jobs.run_job(job["id"], settings.model_copy(update={"semg_train_max_window_mb": 1})) == "completed"
+    with clean_db.cursor() as cur:
+        cur.execute("SELECT message FROM job_logs WHERE job_id = %s AND message LIKE %s", (job["id"], "%SEMG_TRAIN%"))
+        said = [r[0] for r in cur.fetchall()]
+    assert len(said) == 1 and re.search(r"training uses every ([2-9]|\d\d)(nd|rd|th) window \(one every", said[0]), said
+    assert repo.latest_model(clean_db, u["id"])["step_ms"] == cfg["step_ms"]
 
 
 def test_intervals_marked_without_an_end_or_overlapping(clean_db, user_device):
