@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     # machine shared with the live path it must yield to it (0 = same priority as the live services).
     semg_train_nice: int = Field(10, ge=0, le=19)
     # Training windows overlap (a window every step_ms): many channels at a high rate make them large (16 channels
-    # at 4 kHz: ~400 MB per minute recorded as float32, and training holds ~2.6 copies). Above this many MB a job
+    # at 4 kHz: ~150 MB per minute recorded as float32, and training holds ~2.6 copies). Above this many MB a job
     # trains on every k-th window instead, so a long recording cannot exhaust the machine's memory.
     semg_train_max_window_mb: int = Field(1024, ge=1)
 
