@@ -121,6 +121,7 @@ class EmgSynth:
         self.gain, self.noise, self.hum = gain, noise, hum
         self.rng = np.random.default_rng(seed)
         self._patterns: dict[str, np.ndarray] = {}
+        self._mains: dict[str, tuple] = {}  # gesture -> the channels it drives (in the order they were drawn)
         for g in gestures:
             self.pattern(g)
         nyq = self.rate / 2
@@ -143,7 +144,7 @@ class EmgSynth:
         if p is None:
             # Redraw while another gesture already drives the same main channels (when there are enough
             # channels to tell them apart), so gestures stay separable like distinct muscle groups.
-            used = {tuple(np.flatnonzero(q > 0.5)) for q in self._patterns.values()}
+            used = list(self._mains.values())
             for attempt in range(50):
                 rng = np.random.default_rng(_stable_seed(self.seed, label, attempt))
                 p = rng.uniform(0.05, 0.3, self.channels)
@@ -152,7 +153,14 @@ class EmgSynth:
                 p[main] = rng.uniform(0.6, 1.0, len(main))
                 if tuple(main) not in used:
                     break
+            else:
+                # Too few channels for a muscle group of its own (a single sensor): told apart by force, as a
+                # one-channel user does it (half the level of the last gesture on these channels), not by levels
+                # within one another's force fluctuation.
+                same = [g for g, m in self._mains.items() if m == tuple(main)]
+                p[main] = self._patterns[same[-1]][main] * 0.5
             self._patterns[label] = p
+            self._mains[label] = tuple(main)
         return p
 
     def generate(self, n: int, labels) -> np.ndarray:
