@@ -51,8 +51,11 @@ MAX_EXPORT_SAMPLES = 2_000_000
 # size it sends the user to the API's export instead, which spools to disk and streams.
 MAX_UI_EXPORT_BYTES = 512 * 2**20
 # Zipped bytes per exported sample value (CSV at zip level 1; bench/export.py: 56 MB for 14.4 M values and 144,000
-# decisions) and per decision (JSON): an over-estimate rather than an under-estimate.
+# decisions), per sample (its own columns: device, boot, seq, device millis, device time, server time: 12-17 bytes
+# zipped, what a device with one or two channels exports mostly) and per decision (JSON): an over-estimate rather
+# than an under-estimate.
 EXPORT_BYTES_PER_VALUE = 4
+EXPORT_BYTES_PER_SAMPLE = 14
 EXPORT_BYTES_PER_DECISION = 60
 EXPORT_OVERHEAD_BYTES = 2**20  # users, gestures, sessions, intervals, jobs as JSON; the manifest
 # Database connections the UI keeps open for reuse (each page run makes dozens of queries).
@@ -239,12 +242,15 @@ def export_user(user_id: int) -> bytes:
 def export_size_estimate(user_id: int) -> int:
     """About how many bytes the user's export zip takes: samples, decisions, videos and models as stored, plus the
     rows' JSON (EXPORT_OVERHEAD_BYTES)."""
-    r = _one("""SELECT (SELECT coalesce(sum(n::bigint * channels), 0) FROM sample_blocks WHERE user_id = %(u)s) AS v,
+    r = _one("""SELECT s.v, s.n,
                        (SELECT count(*) FROM predictions WHERE user_id = %(u)s) AS p,
                        (SELECT coalesce(sum(bytes), 0) FROM videos WHERE user_id = %(u)s)
-                       + (SELECT coalesce(sum(size_bytes), 0) FROM model_artifacts WHERE user_id = %(u)s) AS b""",
+                       + (SELECT coalesce(sum(size_bytes), 0) FROM model_artifacts WHERE user_id = %(u)s) AS b
+                FROM (SELECT coalesce(sum(n::bigint * channels), 0) AS v, coalesce(sum(n::bigint), 0) AS n
+                      FROM sample_blocks WHERE user_id = %(u)s) AS s""",
              {"u": user_id}) or {}
-    return (int(r.get("v") or 0) * EXPORT_BYTES_PER_VALUE + int(r.get("p") or 0) * EXPORT_BYTES_PER_DECISION
+    return (int(r.get("v") or 0) * EXPORT_BYTES_PER_VALUE + int(r.get("n") or 0) * EXPORT_BYTES_PER_SAMPLE
+            + int(r.get("p") or 0) * EXPORT_BYTES_PER_DECISION
             + int(r.get("b") or 0) + EXPORT_OVERHEAD_BYTES)
 
 

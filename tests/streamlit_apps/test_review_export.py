@@ -121,3 +121,19 @@ def test_a_range_starting_inside_a_long_packet_has_that_packets_later_samples(cl
     assert list(shown.frame.ch0) == list(range(170, 241)) and shown.samples == 71
     inside = data.signal(did, start + timedelta(seconds=12), start + timedelta(seconds=18))  # within one packet
     assert list(inside.frame.ch0) == list(range(120, 181)) and inside.samples == 61
+
+
+def test_the_export_size_estimate_is_not_below_the_zip_for_a_device_with_few_channels(clean_db):
+    """The web UI builds a user's export zip in its own memory below MAX_UI_EXPORT_BYTES, judged by
+    export_size_estimate. It counted 4 bytes per stored value, but the export's CSV carries six columns per sample
+    (device, boot, seq, device millis, device time, server time) besides the values: for a one-channel device the
+    zip is about 3.5 times the estimate, so an export of well over the limit was still built in the UI."""
+    import data
+    import ui_seed
+    base = ui_seed.seed_user(clean_db, gestures=("fist",), channels=1, rate=1000.0)
+    uid, did = base["user"]["id"], base["device"]["id"]
+    ui_seed.seed_samples(clean_db, uid, did, datetime(2026, 1, 5, 10, 0, tzinfo=UTC), 300_000, channels=1,
+                         rate=1000.0, block=50, drop_every=0)
+    clean_db.commit()
+    zipped = len(data.export_user(uid))
+    assert data.export_size_estimate(uid) >= zipped, (data.export_size_estimate(uid), zipped)
