@@ -28,6 +28,7 @@ import re
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -415,20 +416,43 @@ def show(src: Path) -> dict:
     return manifest
 
 
-def _finish_placing(cur, root: Path, videos: dict[str, tarfile.TarInfo]) -> int:
+def _same_content(path: Path, tar: tarfile.TarFile, member: tarfile.TarInfo) -> bool:
+    with open(path, "rb") as mine, tar.extractfile(member) as theirs:
+        while chunk := theirs.read(1 << 20):
+            if mine.read(len(chunk)) != chunk:
+                return False
+        return mine.read(1) == b""
+
+
+def _left_by_restore(root: Path, rel: str, tar: tarfile.TarFile, member: tarfile.TarInfo) -> bool:
+    """Whether root/rel.restoring is this backup's video as a restore left it: a regular file (not a symbolic link
+    to one elsewhere) inside `root`, with the member's content, and its name root/rel free."""
+    tmp = root / f"{rel}.restoring"
+    try:
+        st = os.lstat(tmp)
+    except OSError:
+        return False
+    resolved_root = root.resolve()
+    if (not stat.S_ISREG(st.st_mode) or st.st_size != member.size or os.path.lexists(root / rel)
+            or (tmp.parent.resolve() != resolved_root and resolved_root not in tmp.parent.resolve().parents)):
+        return False
+    return _same_content(tmp, tar, member)
+
+
+def _finish_placing(cur, root: Path, tar: tarfile.TarFile, videos: dict[str, tarfile.TarInfo]) -> int:
     """Put in place the videos a restore of this backup left as *.restoring when it was stopped (killed, the power
     gone) after its rows committed: their rows are in the database, their files not under their names. Only a file
-    of the backup's size whose name is free and whose row is there. Returns how many were put in place."""
+    with the backup's content (a regular file in the video directory) whose name is free and whose row is there.
+    Returns how many were put in place."""
     left = {rel: root / f"{rel}.restoring" for rel, m in videos.items()
-            if (root / f"{rel}.restoring").is_file() and not os.path.lexists(root / rel)
-            and (root / f"{rel}.restoring").stat().st_size == m.size}
+            if os.path.lexists(root / f"{rel}.restoring") and _left_by_restore(root, rel, tar, m)}
     if not left:
         return 0
     cur.execute("SELECT path FROM videos WHERE path = ANY(%s)", (list(left),))
     placed = 0
     for (rel,) in cur.fetchall():
         try:
-            os.link(left[rel], root / rel)
+            os.link(left[rel], root / rel, follow_symlinks=False)
         except OSError as e:
             if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP) or os.path.lexists(root / rel):
                 raise
@@ -470,7 +494,7 @@ def restore(src: Path, settings: Settings | None = None) -> dict:
                 if cur.fetchone()[0]:
                     holding.append(table)
             if holding:
-                finished = _finish_placing(cur, s.video_dir, videos)
+                finished = _finish_placing(cur, s.video_dir, tar, videos)
                 if finished:
                     return {"restored": _counts(cur), "videos": len(videos), "videos_put_in_place": finished,
                             "schema_version": version, "backup_schema_version": made,

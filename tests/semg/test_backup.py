@@ -728,3 +728,29 @@ def test_a_restore_stopped_after_its_commit_is_finished_by_running_it_again(sour
     # once all is in place, running it again is refused as before
     with pytest.raises(backup.BackupError, match="holds nothing yet"):
         backup.restore(out, target)
+
+
+def test_finishing_a_stopped_restore_places_only_the_backups_own_files(source, target, settings, tmp_path):
+    """Running a restore again puts a video left as *.restoring in place. It took any file of the backup's size
+    there: a symbolic link to a file elsewhere (outside the video directory) was followed and that file linked in
+    under the video's name, and a file of the same size with other content was put in place as the video."""
+    out = tmp_path / "semg.tar"
+    backup.create(out, settings)
+    backup.restore(out, target)
+    video = target.video_dir / source["video"]
+    content = video.read_bytes()
+    video.unlink()
+    left = video.with_name(video.name + ".restoring")
+    elsewhere = tmp_path / "not-a-video"
+    elsewhere.write_bytes(b"x" * len(content))
+    left.symlink_to(elsewhere)
+    with pytest.raises(backup.BackupError, match="holds nothing yet"):
+        backup.restore(out, target)
+    assert not os.path.lexists(video) and elsewhere.stat().st_nlink == 1
+    left.unlink()
+    left.write_bytes(content[:-1] + bytes([content[-1] ^ 1]))  # the size of the backup's, not its content
+    with pytest.raises(backup.BackupError, match="holds nothing yet"):
+        backup.restore(out, target)
+    assert not os.path.lexists(video)
+    left.write_bytes(content)
+    assert backup.restore(out, target)["videos_put_in_place"] == 1 and video.read_bytes() == content
