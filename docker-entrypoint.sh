@@ -27,5 +27,8 @@ export SEMG_DB_INIT="$create_db"
 semg_export_env
 
 semg_preflight
+# what the services run, as start_all.sh records it: a start_all.sh run inside the container then finds it running
+SEMG_CODE_STAMP="$("$SEMG_PYTHON" -m semg.procs code-stamp)" || exit 1
+export SEMG_CODE_STAMP
 # exec: supervisord receives docker stop's SIGTERM and shuts every service down cleanly.
 exec "$SEMG_PYTHON" -m supervisor.supervisord -n -c "$SEMG_REPO/supervisord.conf"

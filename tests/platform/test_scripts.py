@@ -230,6 +230,11 @@ def test_docker_entrypoint_runs_everything_in_foreground_and_stops_cleanly(state
         with contextlib.closing(_connect(env, state)) as conn, conn.cursor() as cur:
             cur.execute("SELECT max(version) FROM schema_version")
             assert cur.fetchone()[0] >= 1
+        # a ./start_all.sh run in the container (docker exec) finds the code it would start running, not "other code"
+        pid = (state / "run" / "supervisord.pid").read_text().strip()
+        r = subprocess.run([sys.executable, "-m", "semg.procs", "code-changed", pid], env=env, cwd=REPO,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
     finally:
         proc.send_signal(signal.SIGTERM)  # what `docker stop` sends
         proc.wait(timeout=120)
