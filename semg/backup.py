@@ -443,13 +443,22 @@ def _finish_placing(cur, root: Path, tar: tarfile.TarFile, videos: dict[str, tar
     """Put in place the videos a restore of this backup left as *.restoring when it was stopped (killed, the power
     gone) after its rows committed: their rows are in the database, their files not under their names. Only a file
     with the backup's content (a regular file in the video directory) whose name is free and whose row is there.
-    Returns how many were put in place."""
+    Returns how many were put in place (a file stopped between its link and the removal of its *.restoring name
+    counts too: that name is removed)."""
+    linked = 0
+    for rel in videos:  # stopped after the link: both names are the one regular file; the spare one goes
+        tmp, final = root / f"{rel}.restoring", root / rel
+        with contextlib.suppress(OSError):
+            a, b = os.lstat(tmp), os.lstat(final)
+            if stat.S_ISREG(a.st_mode) and (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
+                tmp.unlink()
+                linked += 1
     left = {rel: root / f"{rel}.restoring" for rel, m in videos.items()
             if os.path.lexists(root / f"{rel}.restoring") and _left_by_restore(root, rel, tar, m)}
     if not left:
-        return 0
+        return linked
     cur.execute("SELECT path FROM videos WHERE path = ANY(%s)", (list(left),))
-    placed = 0
+    placed = linked
     for (rel,) in cur.fetchall():
         try:
             os.link(left[rel], root / rel, follow_symlinks=False)

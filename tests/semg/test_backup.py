@@ -725,6 +725,10 @@ def test_a_restore_stopped_after_its_commit_is_finished_by_running_it_again(sour
     r = backup.restore(out, target)
     assert r["videos_put_in_place"] == 1 and r["restored"]["users"] >= 1
     assert video.read_bytes() == content and not list(target.video_dir.rglob("*.restoring"))
+    # stopped between the link and the removal of the spare name: that name goes
+    os.link(video, video.with_name(video.name + ".restoring"))
+    assert backup.restore(out, target)["videos_put_in_place"] == 1
+    assert video.read_bytes() == content and not list(target.video_dir.rglob("*.restoring"))
     # once all is in place, running it again is refused as before
     with pytest.raises(backup.BackupError, match="holds nothing yet"):
         backup.restore(out, target)
