@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from semg import secrets, tls
+from semg import diskspace, secrets, tls
 from semg.config import Settings, SettingsError, get_settings
 
 # postgres refuses to run as root; when we are root it runs as this unprivileged system user.
@@ -197,6 +197,8 @@ def _initdb(s: Settings) -> bool:
     if data.exists():
         data.rmdir()  # empty (checked above)
     os.rename(work, data)
+    with contextlib.suppress(OSError):  # the cluster's name survives a power loss too
+        diskspace.sync_dir(data.parent)
     return True
 
 

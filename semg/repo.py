@@ -1302,7 +1302,8 @@ def _write_export(conn, user_id: int, video_dir: Path | None, target) -> dict:
             "sessions": _export_rows(cur, f"SELECT {_SESSION_COLS} FROM capture_sessions WHERE user_id = %s "
                                           "ORDER BY id", (user_id,)),
             "jobs": _export_rows(cur, f"{_JOB_SELECT} WHERE j.user_id = %s ORDER BY j.id", (user_id,)),
-            "api_keys": _export_rows(cur, """SELECT id, name, role, key_prefix, created_at, last_used_at, revoked_at
+            "api_keys": _export_rows(cur, """SELECT id, name, role, read_only, key_prefix, created_at, last_used_at,
+                                                    revoked_at
                                              FROM api_keys WHERE user_id = %s ORDER BY id""", (user_id,)),
             "videos": _export_rows(cur, f"SELECT {_VIDEO_COLS} FROM videos WHERE user_id = %s ORDER BY id",
                                    (user_id,)),

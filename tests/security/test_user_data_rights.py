@@ -179,6 +179,8 @@ def check_export(blob: bytes, person: dict, other: dict) -> dict:
     jobs = json.loads(zf.read("jobs.json"))
     assert jobs[0]["id"] == person["job"]["id"] and jobs[0]["logs"]
     assert len(json.loads(zf.read("predictions.json"))) == 5
+    keys = json.loads(zf.read("api_keys.json"))
+    assert [(k["id"], k["read_only"]) for k in keys] == [(person["key"]["id"], False)]  # what each key may do
 
     rows = list(csv.reader(io.StringIO(zf.read(f"samples/device_{dev}.csv").decode())))
     assert rows[0][:3] == ["device_id", "boot", "seq"] and rows[0][-1] == f"ch{CHANNELS - 1}"
