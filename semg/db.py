@@ -58,24 +58,52 @@ def connect_kwargs(settings: Settings | None = None, dbname: str | None = None) 
     }
 
 
+class SchemaTooNewError(psycopg2.OperationalError):
+    """A connection to a database a newer platform version migrated: refused as a database that cannot be used, so
+    every service handles it as it handles the database being down (the UDP server keeps samples in its spool)."""
+
+
 def connect(settings: Settings | None = None, dbname: str | None = None, **extra) -> psycopg2.extensions.connection:
     """A new connection. Callers own it (use `with contextlib.closing(connect()) as conn`).
 
     If the password is refused and a rotation left a staged password (it crashed after the server took it,
     before the file was replaced), the staged one is tried and, when the server takes it, made the password.
+    A connection to the platform's database raises SchemaTooNewError when a newer version migrated it: this code
+    would write rows the newer one reads wrongly (`semg.db init` alone refused it, the services ran on).
     """
     s = settings or get_settings()
     kw = connect_kwargs(s, dbname)
     kw.update(extra)
     try:
-        return psycopg2.connect(**kw)
+        conn = psycopg2.connect(**kw)
     except psycopg2.OperationalError as e:
         staged = secrets.staged_postgres_password(s)
         if staged is None or "password authentication failed" not in str(e):
             raise
         conn = psycopg2.connect(**{**kw, "password": staged})
         secrets.promote_staged_postgres_password(s)
-        return conn
+    if kw["dbname"] == s.postgres_db:
+        refuse_newer_schema(conn)
+    return conn
+
+
+def refuse_newer_schema(conn: psycopg2.extensions.connection) -> None:
+    """Close `conn` and raise SchemaTooNewError if a newer platform version migrated its database (nothing before
+    the schema exists); leaves no transaction open."""
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT to_regclass('schema_version') IS NOT NULL")
+            problem = None
+            if cur.fetchone()[0]:
+                cur.execute("SELECT version FROM schema_version")
+                problem = schema_too_new([r[0] for r in cur.fetchall()])
+        conn.rollback()
+    except BaseException:
+        conn.close()
+        raise
+    if problem:
+        conn.close()
+        raise SchemaTooNewError(problem)
 
 
 def wait_until_ready(settings: Settings | None = None, timeout: float = 60.0, dbname: str = "postgres") -> None:

@@ -92,7 +92,15 @@ class _FreshPasswordPool(psycopg2.pool.ThreadedConnectionPool):
 
     def _connect(self, key=None):
         self._kwargs["password"] = db.connect_kwargs(settings())["password"]
-        return super()._connect(key)
+        # as psycopg2's, with db.connect's check: the UI never writes to a database a newer version migrated
+        conn = psycopg2.connect(*self._args, **self._kwargs)
+        db.refuse_newer_schema(conn)
+        if key is not None:
+            self._used[key] = conn
+            self._rused[id(conn)] = key
+        else:
+            self._pool.append(conn)
+        return conn
 
     def discard_idle(self) -> None:
         """Close the kept connections: one was found dead (database restart), so the others are too."""
@@ -113,6 +121,8 @@ def _pool(host: str, port: int, dbname: str) -> _FreshPasswordPool:
 
 
 def _db_down_message(err: Exception) -> str:
+    if isinstance(err, db.SchemaTooNewError):
+        return f"The database cannot be used by this version: {err}"
     s = settings()
     where = f"{s.postgres_address}:{s.postgres_port}"
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -44,6 +44,12 @@ def test_a_database_a_newer_version_migrated_is_refused_and_left_alone(settings,
             conn.rollback()
         ok, detail = health.check_postgres(s)
         assert not ok and "newer than this platform version" in detail and f"v{newer}" in detail
+        # every service connects through db.connect: each is refused as if the database were down (the UDP server
+        # keeps samples in its spool, the API answers 503), not only the migration step
+        with pytest.raises(psycopg2.OperationalError, match=f"schema is v{newer}, newer than"):
+            db.connect(s)
+        with contextlib.closing(db.connect(s, dbname="postgres")):  # the server itself is reachable
+            pass
     finally:
         with db_conn.cursor() as cur:
             cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))

@@ -48,3 +48,26 @@ def test_the_nats_line_says_at_once_that_nats_is_down(settings):
         free = sock.getsockname()[1]
     down = data._check_nats(settings.model_copy(update={"nats_port": free, "nats_server": None}))
     assert not down["ok"] and f"127.0.0.1:{free}" in down["detail"] and "NoServersError" in down["detail"], down
+
+
+def test_the_ui_refuses_a_database_a_newer_version_migrated(clean_db):
+    """An older version started on a database a newer one migrated (a `git checkout` back, an older Docker image
+    on the same volume): only its migration step refused, and the web UI went on writing captures and labels the
+    newer code reads wrongly. Its connections are refused now, and the page says why."""
+    import data
+    import pytest
+
+    from semg import db
+    newer = max(v for v, _, _ in db.migrations()) + 1
+    with clean_db.cursor() as cur:
+        cur.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'semg-ui'")
+        cur.execute("INSERT INTO schema_version (version, name) VALUES (%s, 'from_a_newer_version')", (newer,))
+    clean_db.commit()
+    try:
+        with pytest.raises(data.Unavailable, match=f"cannot be used by this version: .*schema is v{newer}"):
+            data._one("SELECT 1 AS ok")
+    finally:
+        with clean_db.cursor() as cur:
+            cur.execute("DELETE FROM schema_version WHERE version = %s", (newer,))
+        clean_db.commit()
+    assert data._one("SELECT 1 AS ok")["ok"] == 1  # the right version again
