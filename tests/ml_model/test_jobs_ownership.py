@@ -109,12 +109,12 @@ def test_cli_train_claims_the_job_and_beats_its_heartbeat(clean_db, user_device,
     real_load = jobs.load_job_data
     seen = {}
 
-    def slow_load(conn, job_id, config):  # loading takes a while: no progress callback beats meanwhile
+    def slow_load(conn, job_id, *args, **kwargs):  # loading takes a while: no progress callback beats meanwhile
         with contextlib.closing(db.connect()) as c:
             seen["claimed"] = repo.get_job(c, job_id)
             time.sleep(1.0)
             seen["later"] = repo.get_job(c, job_id)
-        return real_load(conn, job_id, config)
+        return real_load(conn, job_id, *args, **kwargs)
 
     monkeypatch.setattr(jobs, "load_job_data", slow_load)
     assert jobs.run_job(job["id"]) == "completed"
