@@ -209,8 +209,9 @@ _NEXT = {
     "postgres": "done: the database and every new connection use the new password",
     "nats": "written: restart everything to apply it (./stop_all.sh && ./start_all.sh)",
     "service-key": "written: restart everything (./stop_all.sh && ./start_all.sh); the API revokes the old key",
-    "ui-password": "written: the next sign-in needs it; sessions signed in already end when the UI restarts "
-                   "(./stop_all.sh && ./start_all.sh)",
+    "ui-password": "written: the next sign-in needs it; every signed-in page is signed out at its next click "
+                   "(with SEMG_UI_SESSION_DAYS=0, or signed in while the database was down: when the platform "
+                   "restarts)",
 }
 
 

@@ -168,6 +168,8 @@ def test_rotate_the_ui_password(settings, page):
     old = secrets.ui_password(settings)
     r = rotate("ui-password")
     assert r.returncode == 0, r.stderr
+    # what it says to do agrees with README.md: no restart, remembered sign-ins end at their next click
+    assert "signed out at its next click" in r.stdout and "stop_all" not in r.stdout, r.stdout
     new = secrets.ui_password(settings)
     assert new != old
     _private(settings.secrets_dir / "ui_password")
