@@ -332,5 +332,7 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["shell"]:
         print(_shell_exports(settings))
     else:
-        for name, value in settings.model_dump().items():
+        effective = {"semg_udp_bind_host": settings.udp_bind_host,  # unset: what they fall back to
+                     "semg_internal_bind_host": settings.internal_bind_host}
+        for name, value in {**settings.model_dump(), **effective}.items():
             print(f"{name.upper()}={'***' if isinstance(value, SecretStr) else value}")

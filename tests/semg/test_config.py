@@ -92,6 +92,17 @@ def test_a_bad_retention_stops_the_worker_in_one_line(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_printed_settings_are_the_effective_ones(tmp_path):
+    """`python -m semg.config` prints what the services use: the bind hosts left unset are the addresses they
+    fall back to (README.md's defaults), not None."""
+    env = {"PATH": "/usr/bin:/bin", "SEMG_STATE_DIR": str(tmp_path), "SEMG_BIND_HOST": "0.0.0.0"}
+    r = subprocess.run([sys.executable, "-m", "semg.config"], env=env, capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "SEMG_UDP_BIND_HOST=0.0.0.0" in lines and "SEMG_INTERNAL_BIND_HOST=127.0.0.1" in lines, r.stdout
+
+
 def test_service_entry_point_prints_one_line_not_a_traceback(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "SEMG_STATE_DIR": str(tmp_path), "NATS_PORT": "notaport"}
     r = subprocess.run([sys.executable, "-m", "semg.db", "status"], env=env, capture_output=True, text=True)
