@@ -67,6 +67,10 @@ def check_udpserver(s: Settings) -> tuple[bool, str]:
     return _http_ok(s, f"{s.service_url(s.udp_metrics_port)}/health", _spool_not_writable)
 
 
+# What a NATS server answers to a user or password it does not know: waiting does not mend it
+NATS_REFUSES_CREDENTIALS = "authorization violation"
+
+
 def check_nats(s: Settings) -> tuple[bool, str]:
     """A connection with the UI's identity (subscribe-only) and one round trip to the server."""
     from semg import natsio
@@ -83,7 +87,12 @@ def check_nats(s: Settings) -> tuple[bool, str]:
     try:
         rtt = asyncio.run(asyncio.wait_for(probe(), 5))
     except Exception as e:  # noqa: BLE001 - any failure is "down", with its reason
-        return False, f"nats://{where}: {type(e).__name__}: {str(e).strip()[:200] or 'no answer'}"
+        reason = str(e).strip()[:200] or "no answer"
+        if NATS_REFUSES_CREDENTIALS in reason.lower():
+            hint = ("(credentials rotated with semg.secrets while it ran? ./stop_all.sh, then ./start_all.sh)"
+                    if s.embedded_nats else "(check NATS_USER / NATS_PASSWORD)")
+            reason = f"{reason}: the server refuses this install's NATS credentials {hint}"
+        return False, f"nats://{where}: {type(e).__name__}: {reason}"
     return True, f"nats://{where} (round trip {rtt * 1000:.1f} ms)"
 
 
@@ -144,10 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     while True:
         results = check_all(s)
         healthy = all(ok for ok, _ in results.values())
-        # supervisord starts a FATAL program (too many quick exits) never again by itself, and a database a newer
-        # version migrated stays so: waiting cannot mend either
+        # supervisord starts a FATAL program (too many quick exits) never again by itself, a database a newer
+        # version migrated stays so, and a NATS server refusing the credentials (rotated while it ran) keeps
+        # refusing them: waiting cannot mend any of them
         gave_up = any(detail.startswith("supervisor: FATAL") or db.SCHEMA_TOO_NEW in detail
-                      for _, detail in results.values())
+                      or NATS_REFUSES_CREDENTIALS in detail.lower() for _, detail in results.values())
         if healthy or gave_up or time.monotonic() >= deadline:
             break
         time.sleep(1)

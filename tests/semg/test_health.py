@@ -56,3 +56,29 @@ def test_wait_stops_when_supervisord_gave_up_on_a_service(tmp_path, monkeypatch,
     assert health.main(["--wait", "600"]) == 1
     assert len(calls) == 1
     assert "DOWN nats" in capsys.readouterr().out
+
+
+def test_a_nats_server_refusing_the_credentials_is_named_and_not_waited_for(settings, monkeypatch, capsys):
+    """After `semg.secrets rotate nats` a ./start_all.sh run without stopping first checked health with the new
+    password against the NATS still running with the old one: 'Authorization Violation', and it waited its whole
+    180 s for something waiting cannot mend. The line now says what to do and --wait gives up at once."""
+    from semg import health
+
+    monkeypatch.setenv("NATS_SERVER", f"nats://127.0.0.1:{settings.nats_port}")  # the same server, as external
+    monkeypatch.setenv("NATS_USER", "ui")
+    monkeypatch.setenv("NATS_PASSWORD", "not-the-password")
+    ok, detail = check_nats(Settings())
+    assert not ok and "refuses this install's NATS credentials" in detail and "NATS_PASSWORD" in detail, detail
+
+    calls = []
+    real = health.check_all
+
+    def check_all(s):
+        calls.append(1)
+        return real(s)
+
+    monkeypatch.setattr(health, "check_all", check_all)
+    monkeypatch.setattr(health, "get_settings", Settings)
+    assert health.main(["--wait", "60"]) == 1
+    assert len(calls) == 1, "waited for a NATS server that refuses the credentials"
+    assert "refuses this install's NATS credentials" in capsys.readouterr().out
