@@ -357,7 +357,9 @@ def cli_export(
         source = {"job_id": int(job_id), "artifact_id": artifact_id}
     if not out:
         path = Path(export_filename(meta, fmt))
-    elif str(out).endswith(("/", os.sep)) or Path(out).is_dir():  # a folder: the file goes in it, named as usual
+    # a folder (existing, ending in "/", or a new name without a suffix: `--out exports` never means a file
+    # "exports" with no extension): the file goes in it, named as usual
+    elif str(out).endswith(("/", os.sep)) or Path(out).is_dir() or not Path(out).suffix:
         path = Path(out) / export_filename(meta, fmt)
     else:
         path = Path(out)

@@ -124,9 +124,11 @@ def test_cli_export_job_from_database(clean_db, plain, tmp_path):
         job_id = cur.fetchone()[0]
     jobs.store_artifact(clean_db, user["id"], job_id, weights, {**meta, "job_id": job_id})
     out = tmp_path / "job.pt"
-    # --out naming a folder (existing, or to be made: a trailing "/") puts the file in it, under its usual name
+    # --out naming a folder (existing, or to be made: a trailing "/", or a new name without a suffix, which used to
+    # become a file of that name, its sidecar "NAME.json" and "NAME.int8.onnx" beside it) puts the file in it, under
+    # its usual name
     (tmp_path / "exports").mkdir()
-    folders = (str(tmp_path / "exports"), str(tmp_path / "new") + "/")
+    folders = (str(tmp_path / "exports"), str(tmp_path / "new") + "/", str(tmp_path / "made"))
     # a job without a model says why: it does not exist, or what its status is
     with clean_db.cursor() as cur:
         cur.execute("INSERT INTO training_jobs (user_id, params, status) VALUES (%s, '{}', 'scheduled') RETURNING id",
