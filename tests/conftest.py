@@ -30,6 +30,17 @@ def _free_port(udp: bool = False) -> int:
     return free_port(udp)
 
 
+@pytest.fixture(autouse=True)
+def _main_module_as_it_was():
+    """Streamlit's script runner (AppTest) installs its script as sys.modules["__main__"] and leaves it there: a
+    later test in the same process that starts a multiprocessing "spawn" child (the fault tests' sensor fleet) had
+    the child re-run that script ("NameError: name '__args' is not defined"), so nothing streamed."""
+    main = sys.modules.get("__main__")
+    yield
+    if main is not None and sys.modules.get("__main__") is not main:
+        sys.modules["__main__"] = main
+
+
 @pytest.fixture(scope="session")
 def state_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("semg-state")
