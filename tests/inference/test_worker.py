@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,6 +31,15 @@ def _wait_workers(db_conn, n: int, timeout: float = 30) -> None:
     while _slots(db_conn) < n:
         assert time.monotonic() < deadline, f"{n} inference workers did not register"
         time.sleep(0.2)
+
+
+async def _live(users: list[tuple[int, int]], **warm_up) -> tuple[Any, Collector]:
+    """A NATS connection and a started Collector once every user gets decisions (_warm_up)."""
+    nc = await natsio.connect("admin")
+    coll = Collector()
+    await coll.start(nc)
+    await _warm_up(nc, coll, users, **warm_up)
+    return nc, coll
 
 
 async def _warm_up(nc, coll: Collector, users: list[tuple[int, int]], timeout: float = 30, skew: float = 0.0) -> None:
@@ -75,10 +85,7 @@ def test_every_window_decided_exactly_once(n_workers, workers, model_user, db_co
     n_samples = 1000
 
     async def scenario() -> Collector:
-        nc = await natsio.connect("admin")
-        coll = Collector()
-        await coll.start(nc)
-        await _warm_up(nc, coll, users)
+        nc, coll = await _live(users)
         await _stream(nc, users, n_samples)
         want = len(expected_ends(0, n_samples - 1, WIN, STEP))
         deadline = time.monotonic() + 20
@@ -111,10 +118,7 @@ def test_gaps_reset_the_buffer_and_resent_samples_are_decided_once(workers, mode
     rng = np.random.default_rng(3)
 
     async def scenario() -> Collector:
-        nc = await natsio.connect("admin")
-        coll = Collector()
-        await coll.start(nc)
-        await _warm_up(nc, coll, [(uid, dev)])
+        nc, coll = await _live([(uid, dev)])
 
         async def send(seq0: int, n: int) -> None:
             await nc.publish(f"emg.samples.{uid}", samples_message(uid, dev, seq0, rng.integers(-60, 60, (n, 8)),
@@ -144,10 +148,7 @@ def test_decisions_are_stored_and_unknown_users_skipped(workers, model_user, db_
     _wait_workers(db_conn, 1)
 
     async def scenario() -> Collector:
-        nc = await natsio.connect("admin")
-        coll = Collector()
-        await coll.start(nc)
-        await _warm_up(nc, coll, [(uid, dev)])
+        nc, coll = await _live([(uid, dev)])
         await nc.publish("emg.samples.424242", samples_message(424242, 9, 0, np.zeros((100, 8)), RATE))
         await nc.publish(f"emg.samples.{uid}", b"{not json")
         await nc.publish(f"emg.samples.{uid}", b'{"v": 1, "userid": 1}')
@@ -181,10 +182,7 @@ def test_sigterm_drains_queued_windows(workers, model_user, db_conn):
     _wait_workers(db_conn, 1)
 
     async def scenario() -> Collector:
-        nc = await natsio.connect("admin")
-        coll = Collector()
-        await coll.start(nc)
-        await _warm_up(nc, coll, [(uid, dev)])
+        nc, coll = await _live([(uid, dev)])
         await _stream(nc, [(uid, dev)], 400, speed=50)
         await nc.flush()
         proc.send_signal(15)
@@ -206,10 +204,7 @@ def test_new_model_goes_live_without_losing_windows(workers, model_user, db_conn
     n_samples = 1200  # 6 s of data streamed in real time; the model changes after ~2 s
 
     async def scenario() -> tuple[Collector, float, int]:
-        nc = await natsio.connect("admin")
-        coll = Collector()
-        await coll.start(nc)
-        await _warm_up(nc, coll, [(uid, dev)])
+        nc, coll = await _live([(uid, dev)])
         weights, new_meta = random_artifact(8, RATE, seed=42, classes=("REST", "x", "y"))
         new_id = insert_artifact(clean_db, uid, weights, new_meta)
         stream = asyncio.create_task(_stream(nc, [(uid, dev)], n_samples, speed=1.0))
@@ -236,10 +231,7 @@ def test_worker_survives_a_nats_restart(workers, model_user, db_conn, services):
     _wait_workers(db_conn, 1)
 
     async def before() -> None:
-        nc = await natsio.connect("admin")
-        coll = Collector()
-        await coll.start(nc)
-        await _warm_up(nc, coll, [(uid, dev)])
+        nc, coll = await _live([(uid, dev)])
         await nc.close()
 
     asyncio.run(before())
@@ -269,10 +261,7 @@ def test_worker_recovers_when_the_api_restarts(workers, model_user, db_conn, api
     _wait_workers(db_conn, 1)
 
     async def scenario() -> tuple[int, int]:
-        nc = await natsio.connect("admin")
-        coll = Collector()
-        await coll.start(nc)
-        await _warm_up(nc, coll, [(uid, dev)])
+        nc, coll = await _live([(uid, dev)])
         await asyncio.to_thread(api_server.stop)
         await _stream(nc, [(uid, dev)], 200, speed=2.0, boot=7)  # decisions impossible: windows dropped
         during = len(coll.of(uid))
@@ -303,10 +292,7 @@ def test_a_backlog_after_an_outage_is_not_decided_as_live(skew, workers, model_u
     backlog, live = 2000, 400  # 10 s kept during the outage, then 2 s live
 
     async def scenario() -> Collector:
-        nc = await natsio.connect("admin")
-        coll = Collector()
-        await coll.start(nc)
-        await _warm_up(nc, coll, users, skew=skew)
+        nc, coll = await _live(users, skew=skew)
         rng = np.random.default_rng(4)
         t_down = time.time() - backlog / RATE
         for a in range(0, backlog, 10):
@@ -372,10 +358,7 @@ def test_a_failed_electrode_is_flagged_live_logged_once_and_cleared(workers, mod
     x[1400:1800, [0, 1, 2]] = 127         # 2 s at the rail: three of eight
 
     async def scenario() -> Collector:
-        nc = await natsio.connect("admin")
-        coll = Collector()
-        await coll.start(nc)
-        await _warm_up(nc, coll, [(uid, dev)])
+        nc, coll = await _live([(uid, dev)])
         for a in range(0, len(x), 10):
             await nc.publish(f"emg.samples.{uid}", samples_message(uid, dev, a, x[a:a + 10], RATE, boot=1))
             await asyncio.sleep(10 / RATE / 3)
@@ -422,10 +405,7 @@ def test_decisions_say_which_boot_their_seq_counts_in(workers, model_user, db_co
     _wait_workers(db_conn, 1)
 
     async def scenario() -> Collector:
-        nc = await natsio.connect("admin")
-        coll = Collector()
-        await coll.start(nc)
-        await _warm_up(nc, coll, [(uid, dev)])  # boot 0, seq from 1,000,000
+        nc, coll = await _live([(uid, dev)])  # boot 0, seq from 1,000,000
         await _stream(nc, [(uid, dev)], 200, boot=1)  # rebooted: seq from 0
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and len(_counted(coll, uid)) < len(expected_ends(0, 199, WIN, STEP)):
@@ -451,10 +431,7 @@ def test_decisions_give_when_their_samples_were_taken(workers, model_user, db_co
     half, held = int(RATE) // 2, int(RATE)  # half a second live, then one second kept by the sensor
 
     async def scenario() -> Collector:
-        nc = await natsio.connect("admin")
-        coll = Collector()
-        await coll.start(nc)
-        await _warm_up(nc, coll, [(uid, dev)])
+        nc, coll = await _live([(uid, dev)])
         await _stream(nc, [(uid, dev)], half, speed=1.0, boot=2)  # live: the device clock's offset is learnt
         await asyncio.sleep(held / RATE)  # the Wi-Fi drop: nothing arrives, the sensor keeps its samples
         rng = np.random.default_rng(5)
