@@ -676,7 +676,9 @@ def create_session(conn, user_id: int, device_id: int | None, gestures: Sequence
     intervals = plan_intervals(gestures, repetitions, hold_s, rest_s)
     gestures = [_clean_gesture_name(g) for g in gestures]  # the plan names them as the bank and intervals do
     with _tx(conn) as cur:
-        cur.execute("SELECT name, id FROM gestures WHERE user_id = %s", (user_id,))
+        # KEY SHARE until commit: a rename (FOR UPDATE) waits and then relabels these intervals too, instead of
+        # committing between this read and the insert and leaving them under the old name (two classes)
+        cur.execute("SELECT name, id FROM gestures WHERE user_id = %s FOR KEY SHARE", (user_id,))
         bank = {r["name"]: r["id"] for r in cur.fetchall()}
         missing = [g for g in {i["label"] for i in intervals if i["kind"] == "gesture"} if g not in bank]
         if missing:
@@ -960,7 +962,9 @@ def add_interval(conn, session_id: int, kind: str, label: str, repetition: int, 
         gesture_id = None
         if kind == "gesture":
             label = _clean_gesture_name(label)
-            cur.execute("SELECT id FROM gestures WHERE user_id = %s AND name = %s", (sess["user_id"], label))
+            # KEY SHARE: a concurrent rename waits for this interval and relabels it (see create_session)
+            cur.execute("SELECT id FROM gestures WHERE user_id = %s AND name = %s FOR KEY SHARE",
+                        (sess["user_id"], label))
             g = cur.fetchone()
             if g is None:
                 raise Invalid(f"{label!r} is not in this user's gesture bank")
