@@ -124,7 +124,10 @@ def load_job_data(conn, job_id: int, config: dict, max_window_bytes: int | None 
     max_window_bytes: when the windows at config's step would exceed this as float32, every k-th is cut instead.
     Raises JobFailed with a user-facing message for unusable data.
     """
-    with conn.cursor() as cur:
+    with conn, conn.cursor() as cur:
+        # One snapshot for every read: a gesture renamed (or deleted) between two sessions' label reads trained
+        # one gesture as two classes (or as one from some of its sessions only)
+        cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         job = _job_row(cur, job_id)
         cur.execute(
             """SELECT s.id, s.device_id, d.channel_count, d.sample_rate_hz

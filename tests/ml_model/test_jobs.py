@@ -746,3 +746,40 @@ def test_a_session_whose_intervals_were_never_marked_fails_saying_so(clean_db, u
     assert errors[1].startswith(f"no data in the chosen sessions: session {unmarked['id']} has no interval") and \
         errors[1].endswith("; in the others no samples were recorded during their cues"), errors[1]
     assert "is the device streaming while you capture?" in errors[2], errors[2]
+
+
+def test_a_gesture_renamed_while_a_job_reads_its_sessions_trains_as_one_class(clean_db, user_device):
+    """A job reads each session's labels in turn. 'fist' renamed 'grip' (another tab, the API) between two of
+    those reads gave the first session's intervals as 'fist' and the second's as 'grip': the model learnt one
+    gesture as two classes, each from half its recordings. The job pauses after its first label read here."""
+    from semg import db
+    u, d = user_device
+    first = record_session(clean_db, u["id"], d["id"], minutes_ago=10)
+    second = record_session(clean_db, u["id"], d["id"], seed=1, minutes_ago=5)
+    job = repo.schedule_job(clean_db, u["id"], [first["id"], second["id"]])
+    read_one, go_on = threading.Event(), threading.Event()
+
+    class PauseAfterFirstLabels(psycopg2.extensions.cursor):
+        def execute(self, query, vars=None):
+            super().execute(query, vars)
+            if "FROM session_intervals" in query and not read_one.is_set():
+                read_one.set()
+                assert go_on.wait(30)
+
+    conn = db.connect(cursor_factory=PauseAfterFirstLabels)
+    out: dict = {}
+    reader = threading.Thread(target=lambda: out.update(jobs.load_job_data(
+        conn, job["id"], training.merge_config({"sample_rate_hz": 1.0}))), daemon=True)
+    try:
+        reader.start()
+        assert read_one.wait(30)
+        fist = next(g for g in repo.list_gestures(clean_db, u["id"]) if g["name"] == "fist")
+        repo.update_gesture(clean_db, fist["id"], name="grip")
+        go_on.set()
+        reader.join(60)
+    finally:
+        go_on.set()
+        conn.close()
+    assert not reader.is_alive() and out, "load_job_data did not finish"
+    classes = set(out["labels"].astype(str))
+    assert len(classes & {"fist", "grip"}) == 1, classes
