@@ -1368,7 +1368,13 @@ def _write_export(conn, user_id: int, video_dir: Path | None, target) -> dict:
             if p is None or root not in p.parents or not p.is_file():
                 missing.append(v["path"])
                 continue
-            zf.write(p, f"videos/{v['path']}")
+            try:
+                # ZipFile.write stats and opens the file before it writes anything to the archive, so a video
+                # deleted meanwhile (its user or session deleted in another tab) leaves the zip as it was
+                zf.write(p, f"videos/{v['path']}")
+            except FileNotFoundError:
+                missing.append(v["path"])
+                continue
             copied += 1
         counts["video_files"] = copied
 

@@ -13,6 +13,7 @@ import time
 import zipfile
 import zlib
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import psycopg2.extras
 import pytest
@@ -321,3 +322,25 @@ def test_an_export_too_large_for_the_ui_is_sent_to_the_api(page, two_people, cle
     [cmd] = [c.value for c in at.code if "/export" in c.value]
     assert f"{settings.api_url}/users/{uid}/export" in cmd and "X-API-Key" in cmd
     assert "too much to build in the web UI" in " ".join(m.value for m in at.caption)
+
+
+def test_a_video_deleted_while_the_export_runs_is_listed_as_missing(clean_db, settings, two_people, monkeypatch):
+    """A video deleted between the export's check that it exists and its copy into the zip (its session deleted in
+    another tab) failed the whole export with FileNotFoundError (a 500 from the API). The file is removed here at
+    exactly that moment, by the first call that copies a file into the zip."""
+    ada, alan = two_people
+    real_write = zipfile.ZipFile.write
+
+    def delete_then_write(self, filename, *args, **kwargs):
+        Path(filename).unlink()
+        return real_write(self, filename, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "write", delete_then_write)
+    blob = repo.export_user_data(clean_db, ada["user"]["id"], settings.video_dir)
+    zf = zipfile.ZipFile(io.BytesIO(blob))
+    assert zf.testzip() is None
+    manifest = json.loads(zf.read("manifest.json"))
+    video = f"user{ada['user']['id']}/session{ada['session']['id']}.webm"
+    assert manifest["missing_video_files"] == [video] and manifest["counts"]["video_files"] == 0
+    assert not [n for n in zf.namelist() if n.startswith("videos/")]
+    assert manifest["counts"]["samples"] == BLOCKS * PER_BLOCK  # the rest is all there
