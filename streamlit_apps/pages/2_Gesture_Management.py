@@ -95,8 +95,14 @@ def gesture_bank(user: dict, n_channels: int) -> None:
             if save:
                 used, purposes = from_channel_table(table)
                 try:
-                    data.update_gesture(gid, name, desc, used, purposes)
-                    st.toast(f"Saved {name}")
+                    saved = data.update_gesture(gid, name, desc, used, purposes)
+                    served = data.latest_model(user["id"])
+                    if saved["name"] != g["name"] and served and g["name"] in served["classes"]:
+                        # the served model's classes are the names it was trained under
+                        st.toast(f"Renamed {g['name']} to {saved['name']}. Live recognition still answers "
+                                 f"{g['name']} until you train a new model.")
+                    else:
+                        st.toast(f"Saved {saved['name']}")
                     st.rerun()
                 except data.RepoError as e:
                     st.error(f"Not saved: {e}")
