@@ -673,6 +673,33 @@ def normalize_metrics(metrics: dict | None, classes: Sequence[str] | None = None
     return {"accuracy": acc, "per_class": per_class, "classes": cm_classes, "matrix": matrix}
 
 
+def held_out_note(metrics: dict | None) -> str | None:
+    """What a job's accuracy, per-class figures and confusion matrix were measured on, to cite them: the data held
+    out, how many windows, and that the model served was retrained afterwards (on the held-out part too), so the
+    figures estimate it rather than measure it. None when the metrics say nothing about it (older models)."""
+    m = dict(metrics or {})
+    if m.get("accuracy", m.get("val_accuracy")) is None:
+        return None
+    if isinstance(m.get("validation"), str):  # fine-tuning says how it split (a held-out group or a time split)
+        what = m["validation"]
+    elif m.get("val_groups"):  # groups are the intervals' repetition numbers, counted from 0; the UI counts from 1
+        reps = [int(g) + 1 if isinstance(g, (int, float)) else g for g in m["val_groups"]]
+        what = (f"repetition{'s' if len(reps) > 1 else ''} {', '.join(map(str, reps))} of every session, "
+                "never trained on by the model measured")
+    else:
+        return None
+    counts = [f"{m['n_val_windows']:,} held-out windows" if m.get("n_val_windows") is not None else None,
+              f"{m['n_train_windows']:,} training windows" if m.get("n_train_windows") is not None else None]
+    counts = [c for c in counts if c]
+    note = f"Held out: {what}" + (f" ({', '.join(counts)}; windows overlap)" if counts else "") + "."
+    if m.get("retrained_on_all"):
+        epochs = m.get("final_epochs")
+        note += (" The model served was then retrained on all the data, held-out part included"
+                 + (f" ({epochs} epochs)" if epochs else "")
+                 + ": these figures estimate it; they were not measured on it.")
+    return note
+
+
 # ---- overview ------------------------------------------------------------------------------------
 def overview_counts() -> dict:
     return _one("""SELECT (SELECT count(*) FROM users) AS users,

@@ -76,6 +76,8 @@ def results(job: dict) -> None:
         right.plotly_chart(charts.per_class_figure(m["per_class"]), key=f"pc_{job['id']}")
     if not m["matrix"] and not m["per_class"]:
         st.caption("The model carries no per-class metrics.")
+    if note := data.held_out_note(artifact["metrics"]):
+        st.caption(note)
     if job["status"] == "completed":
         downloads(job, artifact)
 

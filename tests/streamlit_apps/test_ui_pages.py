@@ -782,6 +782,24 @@ def test_job_status_names_the_sessions_by_id_not_as_a_count(page, seeded):
     assert list(at.dataframe[0].value["sessions"]) == [f"#{sid}"]
     assert f"sessions #{sid} · " in texts(at)
 
+def test_job_status_says_what_its_figures_were_measured_on(page, seeded):
+    """The page showed 'Held-out accuracy' and a confusion matrix of 'held-out windows' without saying which
+    repetition was held out, how many windows, nor that the model served was retrained on all the data after
+    they were measured: not enough to cite them."""
+    conn, job = seeded["conn"], seeded["job"]
+    with conn.cursor() as cur:  # the keys training.train_model records in its metrics
+        cur.execute("""UPDATE model_artifacts SET metrics = metrics || %s WHERE job_id = %s""",
+                    (json.dumps({"val_groups": [2], "n_val_windows": 1234, "n_train_windows": 2468,
+                                 "retrained_on_all": True, "final_epochs": 17}), job["id"]))
+    conn.commit()
+    at = page("jobs", user_id=seeded["user"]["id"])
+    at.run()
+    assert_clean(at)
+    shown = texts(at)
+    assert "Held out: repetition 3 of every session" in shown  # repetition numbers count from 1 in the UI
+    assert "1,234 held-out windows, 2,468 training windows" in shown
+    assert "retrained on all the data, held-out part included (17 epochs)" in shown
+
 # ---- 6. live ------------------------------------------------------------------------------------------
 def test_live_page_shows_the_current_gesture_and_latency(page, seeded):
     import ui_seed
