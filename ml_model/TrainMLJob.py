@@ -153,6 +153,9 @@ def evaluate_subjects(
                              "or evaluate other subjects")
 
     accuracy: dict[str, float] = {}
+    per_class: dict[str, dict[str, float | None]] = {}
+    confusion: dict[str, dict[str, Any]] = {}
+    n_windows: dict[str, dict[str, int]] = {}
     val_accuracy: dict[str, float] = {}
     train_seconds: dict[str, float] = {}
     cpu_seconds: dict[str, float] = {}
@@ -202,6 +205,13 @@ def evaluate_subjects(
             raise ValueError(f"{subject}: no test windows in sessions {test_sessions or [train_session]}")
         pred = np.asarray(predictor.classes)[predictor.predict_proba(tx).argmax(axis=1)]
         accuracy[subject] = round(float(np.mean(pred == tlabels.astype(str))), 5)
+        # The figures the Jobs page shows for a job (training.class_metrics), here on the test windows.
+        index = {c: k for k, c in enumerate(predictor.classes)}
+        figures = training.class_metrics(np.array([index[str(v)] for v in tlabels]),
+                                         np.array([index[str(v)] for v in pred]), predictor.classes)
+        per_class[subject] = {c: None if v is None else round(v, 5) for c, v in figures["per_class_accuracy"].items()}
+        confusion[subject] = figures["confusion_matrix"]
+        n_windows[subject] = {"train": int(len(x)), "test": int(len(tx))}
         val_accuracy[subject] = round(metrics["accuracy"], 5)
         log.info(
             "[%d/%d] %s: test accuracy %.4f (validation %.4f, epoch %d), %d train / %d test windows, "
@@ -213,6 +223,13 @@ def evaluate_subjects(
     return {
         "mean_accuracy": round(statistics.fmean(accuracy.values()), 5),
         "accuracy": accuracy,
+        # per subject, on its test windows: recall per class, and the confusion matrix (rows true, columns
+        # predicted, classes in the listed order); windows overlap (window_ms long, one every step_ms)
+        "per_class_accuracy": per_class,
+        "confusion_matrix": confusion,
+        "n_windows": n_windows,
+        "window_ms": cfg["window_ms"],
+        "step_ms": cfg["step_ms"],
         "train_seconds": train_seconds,
         "median_train_seconds": round(statistics.median(train_seconds.values()), 3),
         "model_bytes": model_bytes,

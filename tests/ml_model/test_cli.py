@@ -174,7 +174,31 @@ def test_evaluate_on_an_empty_folder_or_with_hidden_folders(tmp_path):
     assert list(result["accuracy"]) == ["Alice"]
 
 
-def test_export_of_an_artifact_with_a_bad_meta_json_is_one_line(tmp_path):
+def test_evaluate_reports_per_class_figures_and_confusion_of_its_test_windows(tmp_path):
+    """evaluate printed only an accuracy per subject: no per-class figures, no confusion matrix and no window
+    counts, so its figures could not be set beside the Jobs page's nor cited with what they were measured on."""
+    from test_pretrain import write_myo_folder
+
+    from ml_model import datasets
+
+    root = write_myo_folder(tmp_path / "myo", subjects=("Alice",), seconds=1.0)
+    proc = cli("evaluate", "--data-dir", str(root), "--train-cycles", "0,1,2", "--test-cycles", "3", "--epochs", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    test = datasets.load_session(root, "Alice", "training0", cycles=[3])
+    n_test = len(datasets.recordings_to_windows(test, 50, 5)[0])  # 250 ms / 25 ms at 200 Hz
+    assert result["window_ms"] == 250.0 and result["step_ms"] == 25.0
+    assert result["n_windows"]["Alice"]["test"] == n_test > 0
+    cm = result["confusion_matrix"]["Alice"]
+    matrix = cm["matrix"]
+    assert cm["classes"] == datasets.MYO_CLASS_NAMES and len(matrix) == len(cm["classes"])
+    assert sum(map(sum, matrix)) == n_test
+    assert abs(sum(matrix[i][i] for i in range(len(matrix))) / n_test - result["accuracy"]["Alice"]) < 1e-4
+    per_class = result["per_class_accuracy"]["Alice"]
+    assert list(per_class) == cm["classes"]
+    for i, c in enumerate(cm["classes"]):
+        assert per_class[c] == (round(matrix[i][i] / sum(matrix[i]), 5) if sum(matrix[i]) else None)
+
     from test_export import _trained_artifact
 
     from ml_model import artifacts
