@@ -17,15 +17,24 @@ Metadata keys (all JSON types):
     model              EMGNet constructor hyper-parameters
     training           seed, full training config, chosen epoch count
     metrics            validation metrics of the training run (when given)
+    environment        what made it, to reproduce it: python, torch, numpy, scipy and safetensors versions, the
+                       CPU architecture and torch's CPU capability (the same seed gives the same weights only with
+                       the same code, data, versions and capability), and the code's git commit (``git_commit``,
+                       ``git_dirty``: uncommitted changes to tracked files; both null outside a git checkout, e.g.
+                       in the Docker image) as it was when this process first saved a model
+    job_id, data       (training jobs only) the job, and what it trained on (``ml_model.jobs``)
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
 import os
+import platform
+import subprocess
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,6 +58,34 @@ WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"
 
 
+@functools.cache
+def _git_state() -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the checkout this code runs from; (None, None) when it is not one (or git is absent).
+    Once per process: the code a process runs is what it imported, so a later checkout changes nothing."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip() != ""
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    return commit or None, dirty
+
+
+def environment() -> dict[str, Any]:
+    """What a training ran on (``meta["environment"]``): library versions, CPU, code commit."""
+    import safetensors
+    import scipy
+
+    commit, dirty = _git_state()
+    return {
+        "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+        "scipy": scipy.__version__, "safetensors": safetensors.__version__, "machine": platform.machine(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "git_commit": commit, "git_dirty": dirty,
+    }
+
+
 def save_artifact(
     model: EMGNet, meta: Mapping[str, Any], metrics: Mapping[str, Any] | None = None
 ) -> tuple[bytes, dict[str, Any]]:
@@ -68,6 +105,7 @@ def save_artifact(
         format=ARTIFACT_FORMAT,
         format_version=FORMAT_VERSION,
         code_version=__version__,
+        environment=environment(),
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         size_bytes=len(weights),
         sha256=hashlib.sha256(weights).hexdigest(),

@@ -36,7 +36,27 @@ def test_bytes_round_trip(trained_synth):
     assert set(st_load(weights)) == set(model.state_dict())
 
 
-def test_default_size_is_small():
+def test_metadata_records_the_code_commit_and_library_versions(trained_synth):
+    """code_version was a constant ("0.1.0") and no library version was kept: a published figure could not be
+    tied to the code and the torch that made the model (the same seed gives the same weights only with both)."""
+    import platform
+    import subprocess
+    from pathlib import Path
+
+    import scipy
+
+    model, meta, metrics = trained_synth
+    env = artifacts.save_artifact(model, meta, metrics)[1]["environment"]
+    assert env["torch"] == torch.__version__ and env["numpy"] == np.__version__ and env["scipy"] == scipy.__version__
+    assert env["python"] == platform.python_version() and env["machine"] == platform.machine()
+    assert env["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    repo = Path(artifacts.__file__).resolve().parent.parent
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # the tests run from a checkout; the Docker image has none (then both are null)
+        assert env["git_commit"] == head.stdout.strip() and isinstance(env["git_dirty"], bool)
+    else:
+        assert env["git_commit"] is None and env["git_dirty"] is None
+
     weights, _ = artifacts.save_artifact(EMGNet(16, 12), _minimal_meta(16, 12))
     assert len(weights) < 200_000
 
