@@ -120,7 +120,8 @@ def load_job_data(conn, job_id: int, config: dict, max_window_bytes: int | None 
     """Labelled raw windows of every session of the job.
 
     Returns {windows (n, channels, win), labels (n,), groups (n,), sample_rate_hz, channels_used, sessions,
-    deleted_gestures, stride (samples between windows), thinned (k: every k-th window of config's step)}.
+    deleted_gestures, stride (samples between windows), thinned (k: every k-th window of config's step),
+    used (per labelled session: its id, device and the intervals that labelled it, as ``training_data`` keeps them)}.
     max_window_bytes: when the windows at config's step would exceed this as float32, every k-th is cut instead.
     Raises JobFailed with a user-facing message for unusable data.
     """
@@ -163,10 +164,11 @@ def load_job_data(conn, job_id: int, config: dict, max_window_bytes: int | None 
         deleted: dict[str, set] = {}  # name of a gesture deleted from the bank -> sessions holding its recordings
         unmarked = []  # sessions none of whose intervals has its actual times: nothing in them is labelled
         labelled = []  # (session, device, intervals, first start, last end)
+        used = []  # what each session contributed, for the artifact's metadata (meta["data"])
         for session_id, device_id, _, _ in sessions:
             cur.execute(
                 """SELECT label, kind, repetition, started_at, ended_at, planned_end_ms - planned_start_ms,
-                          kind = 'gesture' AND gesture_id IS NULL
+                          kind = 'gesture' AND gesture_id IS NULL, id
                    FROM session_intervals
                    WHERE session_id = %s AND started_at IS NOT NULL AND NOT discarded ORDER BY started_at, ordinal""",
                 (session_id,),
@@ -185,6 +187,9 @@ def load_job_data(conn, job_id: int, config: dict, max_window_bytes: int | None 
                 seen["hold_ms"] = max(seen["hold_ms"], iv["end_ms"] - iv["start_ms"])
                 seen["sessions"].add(session_id)
             labelled.append((session_id, device_id, intervals, ivs[0][3], last_end))
+            used.append({"id": session_id, "device_id": device_id, "intervals": [
+                [iv["id"], preprocessing.REST_LABEL if iv["kind"] == "rest" else iv["name"], iv["cycle"],
+                 round(iv["start_ms"], 3), round(iv["end_ms"], 3)] for iv in intervals if iv["label"] != _DELETED]})
         thinned = 1
         if max_window_bytes and labelled:  # counted before any window is cut: the int16 windows are large too
             total = 0
@@ -228,7 +233,7 @@ def load_job_data(conn, job_id: int, config: dict, max_window_bytes: int | None 
     return {
         "windows": np.concatenate(all_w), "labels": np.concatenate(all_l), "groups": np.concatenate(all_g),
         "sample_rate_hz": rate, "channels_used": channels_used, "sessions": [s[0] for s in sessions],
-        "deleted_gestures": _describe_deleted(deleted), "stride": stride, "thinned": thinned,
+        "deleted_gestures": _describe_deleted(deleted), "stride": stride, "thinned": thinned, "used": used,
     }
 
 
@@ -246,14 +251,15 @@ def _describe_deleted(deleted: Mapping[str, set]) -> str:
 
 def _session_intervals(session_id: int, rows: list[tuple]) -> tuple[list[dict], datetime.datetime]:
     """The labelling intervals of a session from its recorded interval rows (label, kind, repetition,
-    started_at, ended_at, planned length ms, gesture deleted) ordered by start, and when the last one ends. An interval marked
+    started_at, ended_at, planned length ms, gesture deleted, id) ordered by start, and when the last one ends. An interval marked
     without an end lasts its planned length but never past the next cue (a client's cue timer may run a little
     early). Intervals whose marked times overlap cannot label the samples between them: JobFailed names them."""
     intervals, last_end = [], rows[0][3]
-    for i, (label, kind, rep, started, ended, planned_ms, deleted) in enumerate(rows):
+    for i, (label, kind, rep, started, ended, planned_ms, deleted, interval_id) in enumerate(rows):
         ended = repo.interval_label_end(started, ended, planned_ms, rows[i + 1][3] if i + 1 < len(rows) else None)
         last_end = max(last_end, ended)
-        intervals.append({"label": _DELETED if deleted else label, "name": label, "kind": kind, "cycle": rep,
+        intervals.append({"id": interval_id, "label": _DELETED if deleted else label, "name": label, "kind": kind,
+                          "cycle": rep,
                           "started_at": started,
                           "start_ms": started.timestamp() * 1000.0, "end_ms": ended.timestamp() * 1000.0})
     latest = None  # the interval so far that ends last
@@ -311,6 +317,25 @@ def _finish(conn, job_id: int, worker: str, status: str, error: str | None = Non
                         WHERE {_OWNED} RETURNING id""",
                     {"status": status, "error": error, "job": job_id, "worker": worker})
         return cur.fetchone() is not None
+
+
+INTERVAL_COLUMNS = ["id", "label", "repetition", "start_ms", "end_ms"]
+
+
+def training_data(data: Mapping[str, Any]) -> dict[str, Any]:
+    """What a job's model was trained on (``meta["data"]``), so that a figure can be reproduced after the sessions
+    change: each session with the intervals that labelled it (their times as training read them, ms since the
+    epoch on the server clock; an interval corrected or discarded later keeps its id but not these), the windows
+    per class, the repetitions (0-based, as stored) and how far apart the windows were cut."""
+    classes, counts = np.unique(np.asarray(data["labels"]).astype(str), return_counts=True)
+    return {
+        "sessions": data["used"], "interval_columns": INTERVAL_COLUMNS,
+        "n_windows": int(len(data["labels"])),
+        "windows_per_class": {str(c): int(k) for c, k in zip(classes, counts, strict=True)},
+        "repetitions": sorted({int(g) for g in np.unique(data["groups"])}),
+        "window_stride": int(data["stride"]), "thinned": int(data["thinned"]),
+        "left_out_deleted_gestures": data["deleted_gestures"] or None,
+    }
 
 
 def training_config(params: Mapping[str, Any], sample_rate_hz: float, channels: list[int] | None) -> dict:
@@ -571,6 +596,7 @@ def _train(conn, s: Settings, job_id: int, worker: str, user_id: int, params: di
                                f"{'them' if len(flat) > 1 else 'it'}; reattach and record again to use "
                                f"{'them' if len(flat) > 1 else 'it'}", "WARNING")
         meta["job_id"] = job_id
+        meta["data"] = training_data(data)
         meta["train_seconds"] = round(time.monotonic() - t0, 2)
         weights, meta = artifacts.save_artifact(model, meta, metrics)
         outcome, artifact_id = _complete(conn, user_id, job_id, worker, weights, meta)

@@ -297,6 +297,34 @@ def test_a_session_starting_inside_a_long_packet_trains_on_all_its_samples(clean
     assert times.min() < t_from.timestamp() * 1000 <= times.min() + 2000  # the packet under way, not older ones
 
 
+def test_the_model_records_the_intervals_and_windows_it_was_trained_on(clean_db, user_device):
+    """The artifact named its job but not what the job read: the intervals that labelled the samples (which can be
+    corrected or discarded later) and the windows per class and repetition were only in the job's log, or nowhere."""
+    u, d = user_device
+    s = record_session(clean_db, u["id"], d["id"])
+    redone = next(iv for iv in s["intervals"] if iv["label"] == "fist" and iv["repetition"] == 1)
+    repo.discard_interval(clean_db, redone["id"])  # a redone repetition: its times kept, out of training
+    job = repo.schedule_job(clean_db, u["id"], [s["id"]], {"epochs": 2})
+    data = jobs.load_job_data(clean_db, job["id"], training.merge_config({"sample_rate_hz": RATE}))
+    assert jobs.run_job(job["id"]) == "completed"
+    meta = repo.latest_model(clean_db, u["id"])["metadata"]
+    got = meta["data"]
+    assert got["interval_columns"] == ["id", "label", "repetition", "start_ms", "end_ms"]
+    [session] = got["sessions"]
+    assert session["id"] == s["id"] and session["device_id"] == d["id"]
+    stored = {iv["id"]: iv for iv in repo.get_session(clean_db, s["id"])["intervals"]}
+    assert [row[0] for row in session["intervals"]] == [i for i in stored if i != redone["id"]]
+    for iv_id, label, rep, start_ms, end_ms in session["intervals"]:
+        iv = stored[iv_id]
+        assert (label, rep) == (iv["label"], iv["repetition"])
+        assert abs(start_ms - iv["started_at"].timestamp() * 1000) < 1e-3
+        assert abs(end_ms - iv["ended_at"].timestamp() * 1000) < 1e-3
+    classes, counts = np.unique(data["labels"].astype(str), return_counts=True)
+    assert got["windows_per_class"] == dict(zip(classes.tolist(), counts.tolist(), strict=True))
+    assert got["n_windows"] == len(data["labels"]) == sum(counts)
+    assert got["repetitions"] == [0, 1, 2] and got["window_stride"] == data["stride"] and got["thinned"] == 1
+
+
 def test_a_job_whose_windows_would_exceed_the_memory_budget_trains_on_every_kth(clean_db, user_device, settings):
     """Training windows overlap (one every step_ms): a long recording of many channels at a high rate (16 at 4 kHz:
     ~400 MB a minute as float32, and training holds ~2.6 copies) had no bound and could exhaust the machine's
