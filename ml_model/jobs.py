@@ -121,7 +121,9 @@ def load_job_data(conn, job_id: int, config: dict, max_window_bytes: int | None 
 
     Returns {windows (n, channels, win), labels (n,), groups (n,), sample_rate_hz, channels_used, sessions,
     deleted_gestures, stride (samples between windows), thinned (k: every k-th window of config's step),
-    used (per labelled session: its id, device and the intervals that labelled it, as ``training_data`` keeps them)}.
+    used (per labelled session: its id, device and the intervals that labelled it, as ``training_data`` keeps them),
+    group_sessions (None: the groups are the intervals' repetitions; else {group: session id}, when every session
+    holds a single repetition and the sessions are the groups)}.
     max_window_bytes: when the windows at config's step would exceed this as float32, every k-th is cut instead.
     Raises JobFailed with a user-facing message for unusable data.
     """
@@ -200,7 +202,8 @@ def load_job_data(conn, job_id: int, config: dict, max_window_bytes: int | None 
             need = total / step * n_channels * win * 4  # float32, as training holds them
             thinned = max(1, math.ceil(need / max_window_bytes))
         stride = step * thinned
-        for _session_id, device_id, intervals, t_from, last_end in labelled:
+        all_s = []  # the labelled session (its index) of each window
+        for k, (_session_id, device_id, intervals, t_from, last_end) in enumerate(labelled):
             values, times, run_id, seq = _session_samples(cur, device_id, t_from, last_end,
                                                           preprocessing.max_bridged(win))
             for run in np.unique(run_id):
@@ -215,6 +218,7 @@ def load_job_data(conn, job_id: int, config: dict, max_window_bytes: int | None 
                     all_w.append(w)
                     all_l.append(lab)
                     all_g.append(grp)
+                    all_s.append(np.full(len(w), k))
     if not all_w:
         # A session captured through the API whose intervals were never marked looked like a silent device.
         if unmarked:
@@ -230,8 +234,16 @@ def load_job_data(conn, job_id: int, config: dict, max_window_bytes: int | None 
         raise JobFailed(f"the chosen sessions hold no gesture of the bank, only rest and deleted gestures "
                         f"({_describe_deleted(deleted)}), which do not train")
     _check_every_class_has_windows(recorded, found, win, rate)
+    labels, groups, group_sessions = np.concatenate(all_l), np.concatenate(all_g), None
+    window_session = np.concatenate(all_s)
+    if len(np.unique(groups)) == 1 and _a_session_can_be_held_out(labels, window_session):
+        # Every session holds one repetition (e.g. a one-repetition calibration recorded again later): they would
+        # all be repetition 1, leaving nothing to hold out (training from scratch refused, fine-tuning could only
+        # check on the ends of the same recordings), so the sessions are the repetitions.
+        groups = window_session
+        group_sessions = {int(k): labelled[int(k)][0] for k in np.unique(window_session)}
     return {
-        "windows": np.concatenate(all_w), "labels": np.concatenate(all_l), "groups": np.concatenate(all_g),
+        "windows": np.concatenate(all_w), "labels": labels, "groups": groups, "group_sessions": group_sessions,
         "sample_rate_hz": rate, "channels_used": channels_used, "sessions": [s[0] for s in sessions],
         "deleted_gestures": _describe_deleted(deleted), "stride": stride, "thinned": thinned, "used": used,
     }
@@ -243,6 +255,19 @@ def _ordinal(k: int) -> str:
 
 def _sessions(ids: list[int]) -> str:
     return f"session {ids[0]} has" if len(ids) == 1 else f"sessions {', '.join(map(str, ids))} have"
+
+
+def _a_session_can_be_held_out(labels: np.ndarray, window_session: np.ndarray) -> bool:
+    """Whether some session, held out, leaves every class it holds windows in the others (as
+    ``training.default_val_group`` needs of a held-out group). labels, window_session: (n,) per window."""
+    sessions = np.unique(window_session)
+    if len(sessions) < 2:
+        return False
+    for k in sessions:
+        inside = window_session == k
+        if not set(labels[inside].tolist()) - set(labels[~inside].tolist()):
+            return True
+    return False
 
 
 def _describe_deleted(deleted: Mapping[str, set]) -> str:
@@ -326,13 +351,18 @@ def training_data(data: Mapping[str, Any]) -> dict[str, Any]:
     """What a job's model was trained on (``meta["data"]``), so that a figure can be reproduced after the sessions
     change: each session with the intervals that labelled it (their times as training read them, ms since the
     epoch on the server clock; an interval corrected or discarded later keeps its id but not these), the windows
-    per class, the repetitions (0-based, as stored) and how far apart the windows were cut."""
+    per class, the repetitions (0-based, as stored), what the held-out groups are and how far apart the windows
+    were cut."""
     classes, counts = np.unique(np.asarray(data["labels"]).astype(str), return_counts=True)
     return {
         "sessions": data["used"], "interval_columns": INTERVAL_COLUMNS,
         "n_windows": int(len(data["labels"])),
         "windows_per_class": {str(c): int(k) for c, k in zip(classes, counts, strict=True)},
-        "repetitions": sorted({int(g) for g in np.unique(data["groups"])}),
+        "repetitions": sorted({int(iv[2]) for sess in data["used"] for iv in sess["intervals"]}),
+        # what the groups training holds out are: the intervals' repetitions, or (each session holding one) the
+        # sessions, then {group: session id}
+        "groups": "sessions" if data.get("group_sessions") else "repetitions",
+        "group_sessions": data.get("group_sessions"),
         "window_stride": int(data["stride"]), "thinned": int(data["thinned"]),
         "left_out_deleted_gestures": data["deleted_gestures"] or None,
     }
@@ -586,10 +616,15 @@ def _train(conn, s: Settings, job_id: int, worker: str, user_id: int, params: di
                                    f"{data['sample_rate_hz']:g} Hz: its filters see another time scale; a base of "
                                    "the same rate, or training from scratch, may be more accurate", "WARNING")
             train = functools.partial(transfer.finetune_from_training_config, base=base)
+        if data["group_sessions"]:
+            _log(conn, job_id, "each chosen session holds one repetition: the sessions are taken as the repetitions, "
+                               "so one of them can be held out to measure the model")
         model, meta, metrics = train(
             data["windows"], data["labels"], data["groups"], cfg, seed=int(params.get("seed", 0)),
             progress_callback=progress,
         )
+        if data["group_sessions"] and metrics.get("val_groups"):  # the Jobs page names the session held out
+            metrics["val_sessions"] = [data["group_sessions"][int(g)] for g in metrics["val_groups"]]
         if flat := training.flat_device_channels(meta["scaler"], meta["channels"]):
             _log(conn, job_id, f"channel{'s' if len(flat) > 1 else ''} {', '.join(map(str, flat))} did not vary in "
                                "the training data (an electrode off or disconnected?): the model ignores "

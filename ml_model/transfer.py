@@ -389,10 +389,12 @@ def finetune_model(
         held_out = default_val_group(y_str, g)
         split = np.isin(g, [held_out]).astype(np.int8)
         val_kind = f"held-out group {jsonable(held_out)!r}"
+        val_info: dict[str, Any] = {"val_groups": [jsonable(held_out)]}
     else:
         gap = int(math.ceil(win / max(step, 1)))
         split = time_split(y_str, g, float(cfg["val_fraction"]), gap)
         val_kind = f"time split: last {cfg['val_fraction']:.0%} of each recording (gap {gap} windows)"
+        val_info = {"val_time_fraction": float(cfg["val_fraction"]), "val_gap_windows": gap}
         if not (split == 1).any():
             if fixed is None:
                 raise TrainingDataError("recordings are too short to hold out their end for validation; "
@@ -541,7 +543,10 @@ def finetune_model(
         model.eval()
 
     metrics["alpha"] = float(alpha)
-    metrics["retrained_on_all"] = bool(fixed is None and cfg["retrain_full"])
+    if metrics.get("n_val_windows"):  # what the figures were measured on, in fields (the Jobs page says it)
+        metrics.update(val_info)
+    # the model served was trained anew on all the data after the one measured (validated or checked)
+    metrics["retrained_on_all"] = bool(cfg["retrain_full"]) if fixed is None else bool(metrics.get("n_val_windows"))
     metrics["train_seconds"] = time.perf_counter() - t0
     meta["model"] = model.hparams
     meta["training"] = {"seed": seed, "config": jsonable(cfg), "epochs": best["epoch"], "alpha": float(alpha),

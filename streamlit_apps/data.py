@@ -680,12 +680,18 @@ def held_out_note(metrics: dict | None) -> str | None:
     m = dict(metrics or {})
     if m.get("accuracy", m.get("val_accuracy")) is None:
         return None
-    if isinstance(m.get("validation"), str):  # fine-tuning says how it split (a held-out group or a time split)
-        what = m["validation"]
+    if m.get("val_sessions"):  # each session held one repetition: a whole session was held out
+        ids = [f"#{s}" for s in m["val_sessions"]]
+        what = (f"session{'s' if len(ids) > 1 else ''} {', '.join(ids)} (each chosen session holds one "
+                "repetition), never trained on by the model measured")
     elif m.get("val_groups"):  # groups are the intervals' repetition numbers, counted from 0; the UI counts from 1
         reps = [int(g) + 1 if isinstance(g, (int, float)) else g for g in m["val_groups"]]
         what = (f"repetition{'s' if len(reps) > 1 else ''} {', '.join(map(str, reps))} of every session, "
                 "never trained on by the model measured")
+    elif m.get("val_time_fraction") is not None:
+        what = f"the last {float(m['val_time_fraction']):.0%} of each recording (one repetition of each gesture)"
+    elif isinstance(m.get("validation"), str):  # fine-tuned models from before the fields above
+        what = m["validation"]
     else:
         return None
     counts = [f"{m['n_val_windows']:,} held-out windows" if m.get("n_val_windows") is not None else None,
@@ -698,6 +704,13 @@ def held_out_note(metrics: dict | None) -> str | None:
                  + (f" ({epochs} epochs)" if epochs else "")
                  + ": these figures estimate it; they were not measured on it.")
     return note
+
+
+def measured_on_its_own_recordings(metrics: dict | None) -> bool:
+    """Whether a model's figures come from the ends of the recordings it learnt from (one repetition of each
+    gesture, so none left to hold out): they overstate how well it recognises the next attempts."""
+    m = dict(metrics or {})
+    return m.get("val_time_fraction") is not None or "time split" in str(m.get("validation") or "")
 
 
 # ---- overview ------------------------------------------------------------------------------------

@@ -325,6 +325,33 @@ def test_the_model_records_the_intervals_and_windows_it_was_trained_on(clean_db,
     assert got["repetitions"] == [0, 1, 2] and got["window_stride"] == data["stride"] and got["thinned"] == 1
 
 
+def test_sessions_of_one_repetition_each_are_held_out_as_repetitions(clean_db, user_device):
+    """A calibration of one repetition per gesture, recorded again in a second session: both were 'repetition 1', so
+    training from scratch failed ('need at least 2 repetitions') and fine-tuning could only check itself on the
+    ends of the recordings it learnt from. The sessions are the repetitions then, and the second is held out."""
+    u, d = user_device
+    first = record_session(clean_db, u["id"], d["id"], reps=1, minutes_ago=10)
+    second = record_session(clean_db, u["id"], d["id"], reps=1, seed=1, minutes_ago=5)
+    job = repo.schedule_job(clean_db, u["id"], [first["id"], second["id"]], {"epochs": 5})
+    assert jobs.run_job(job["id"]) == "completed", repo.get_job(clean_db, job["id"])["error"]
+    meta = repo.latest_model(clean_db, u["id"])["metadata"]
+    assert meta["metrics"]["val_sessions"] == [second["id"]] and meta["metrics"]["n_val_windows"] > 0
+    assert meta["data"]["groups"] == "sessions" and meta["data"]["repetitions"] == [0]
+    assert meta["data"]["group_sessions"] == {"0": first["id"], "1": second["id"]}
+    assert any("the sessions are taken as the repetitions" in r["message"] for r in repo.job_logs(clean_db, job["id"]))
+
+    # sessions that could not be held out (each the only one of its gesture) stay one group, as before
+    u2 = repo.create_user(clean_db, "Other", "other@example.org")
+    for g in ("fist", "open hand"):
+        repo.add_gesture(clean_db, u2["id"], g)
+    d2 = repo.register_device(clean_db, u2["id"], CHANNELS, RATE)
+    only_fist = record_session(clean_db, u2["id"], d2["id"], gestures=("fist",), reps=1, minutes_ago=10)
+    only_open = record_session(clean_db, u2["id"], d2["id"], gestures=("open hand",), reps=1, minutes_ago=5)
+    job2 = repo.schedule_job(clean_db, u2["id"], [only_fist["id"], only_open["id"]])
+    data = jobs.load_job_data(clean_db, job2["id"], training.merge_config({"sample_rate_hz": RATE}))
+    assert data["group_sessions"] is None and set(data["groups"].tolist()) == {0}
+
+
 def test_a_job_whose_windows_would_exceed_the_memory_budget_trains_on_every_kth(clean_db, user_device, settings):
     """Training windows overlap (one every step_ms): a long recording of many channels at a high rate (16 at 4 kHz:
     ~400 MB a minute as float32, and training holds ~2.6 copies) had no bound and could exhaust the machine's

@@ -157,6 +157,8 @@ def test_one_repetition_finetune_uses_the_base_recipe_and_serves(base):
     # the recipe is first checked on the end of each recording (reported), then trained on everything
     assert len(seen) == 2 * recipe["epochs"] and "base" in meta["training"]["validation"]
     assert "time split" in metrics["validation"] and metrics["accuracy"] is not None
+    # in fields, for the Jobs page: measured on the ends of the recordings by a model the served one is not
+    assert metrics["val_time_fraction"] == 0.3 and metrics["retrained_on_all"] and "val_groups" not in metrics
     assert [s[-1] is None for s in seen] == [False] * recipe["epochs"] + [True] * recipe["epochs"]
     assert meta["base"]["sha256"] == base[1]["sha256"] and meta["base"]["used"]
     weights, meta = artifacts.save_artifact(model, meta, metrics)
@@ -226,7 +228,7 @@ def test_more_repetitions_validate_on_the_last_and_choose_alpha(base):
                                                    {"sample_rate_hz": RATE, "max_epochs": 4, "patience": 2},
                                                    class_names=CLASSES)
     assert metrics["validation"] == "held-out group 1" and metrics["alpha"] in transfer.ALPHA_GRID
-    assert metrics["retrained_on_all"]
+    assert metrics["retrained_on_all"] and metrics["val_groups"] == [1] and "val_time_fraction" not in metrics
 
 
 def test_other_channels_and_classes_than_the_base(base):

@@ -799,6 +799,30 @@ def test_job_status_says_what_its_figures_were_measured_on(page, seeded):
     assert "Held out: repetition 3 of every session" in shown  # repetition numbers count from 1 in the UI
     assert "1,234 held-out windows, 2,468 training windows" in shown
     assert "retrained on all the data, held-out part included (17 epochs)" in shown
+    assert not at.warning  # measured on a repetition the model never saw
+
+    # each chosen session held one repetition: a session was held out
+    with conn.cursor() as cur:
+        cur.execute("UPDATE model_artifacts SET metrics = metrics || %s WHERE job_id = %s",
+                    (json.dumps({"val_sessions": [7]}), job["id"]))
+    conn.commit()
+    at = page("jobs", user_id=seeded["user"]["id"])
+    at.run()
+    assert "Held out: session #7 (each chosen session holds one repetition)" in texts(at)
+
+    # one repetition, fine-tuned: checked on the ends of its own recordings, which overstates; the page says so
+    # and what to do (transfer.finetune_model's metrics)
+    with conn.cursor() as cur:
+        cur.execute("UPDATE model_artifacts SET metrics = metrics - 'val_groups' - 'val_sessions' || %s "
+                    "WHERE job_id = %s", (json.dumps({"val_time_fraction": 0.3, "validation": "time split: ..."}),
+                                          job["id"]))
+    conn.commit()
+    at = page("jobs", user_id=seeded["user"]["id"])
+    at.run()
+    assert_clean(at)
+    assert "Held out: the last 30% of each recording (one repetition of each gesture)" in texts(at)
+    said = " ".join(w.value for w in at.warning)
+    assert "overstate how well it will recognise your next attempts" in said and "train on both sessions" in said
 
 # ---- 6. live ------------------------------------------------------------------------------------------
 def test_live_page_shows_the_current_gesture_and_latency(page, seeded):
