@@ -97,7 +97,14 @@ def compatible_bases(selected: list[int]) -> list[dict]:
     return fitting
 
 
-def options_and_schedule(user: dict, selected: list[int]) -> None:
+def one_repetition(sessions: list[dict], selected: list[int]) -> bool:
+    """Whether the job would see a single repetition of each gesture (one session, planned with one): nothing to
+    hold out, so training from scratch fails and fine-tuning can only check itself on its own recordings."""
+    chosen = [s for s in sessions if s["id"] in selected]
+    return len(chosen) == 1 and (chosen[0].get("plan") or {}).get("repetitions") == 1
+
+
+def options_and_schedule(user: dict, selected: list[int], sessions: list[dict]) -> None:
     st.subheader("Options")
     bases = compatible_bases(selected)
     c1, c2 = st.columns(2)
@@ -123,6 +130,16 @@ def options_and_schedule(user: dict, selected: list[int]) -> None:
             params["step_ms"] = int(a2.number_input("Step (ms)", 10, 1000, 50, step=10, key="kick_step"))
     if base is not None:
         params["base_artifact_id"] = int(base)
+    if one_repetition(sessions, selected):
+        if base is None:
+            st.warning("This session holds one repetition of each gesture: training from scratch needs a second "
+                       "one to hold out, so this job would fail. Record each gesture once more (another short "
+                       "session) and tick both" + (", or start from a pretrained base." if bases else "."),
+                       icon=":material/replay:")
+        else:
+            st.info("One repetition of each gesture is enough to fine-tune a base, but nothing is left to measure "
+                    "the model on; a second short session, ticked too, measures it honestly and usually makes it "
+                    "better.", icon=":material/replay:")
     problem = data.training_sessions_problem(user["id"], selected)
     if problem:
         hint = " Tick only sessions recorded with one device setup." if "one sensor setup" in problem else ""
@@ -151,7 +168,7 @@ def page() -> None:
     st.subheader("Recorded sessions")
     selected = quality_table(user["id"], sessions)
     st.divider()
-    options_and_schedule(user, selected)
+    options_and_schedule(user, selected, sessions)
     st.divider()
     st.subheader("Preview")
     preview(sessions)

@@ -694,6 +694,29 @@ def test_kickoff_shows_quality_and_schedules_a_job(page, seeded):
     assert f"Training job #{newest['id']} scheduled" in texts(at)
 
 
+def test_kickoff_says_one_repetition_cannot_train_from_scratch_and_a_second_session_helps(page, clean_db):
+    """A session of one repetition per gesture, trained from scratch, failed only once the worker took it ('need at
+    least 2 repetitions'); the page now says so before, and what to do (a second session, which the job then holds
+    out as the second repetition)."""
+    import ui_seed
+    base = ui_seed.seed_user(clean_db)
+    uid, did = base["user"]["id"], base["device"]["id"]
+    start = datetime.now(UTC) - timedelta(seconds=60)
+    ui_seed.seed_samples(clean_db, uid, did, start, 50_000, channels=8, rate=1000.0)
+    ui_seed.seed_session(clean_db, uid, did, start + timedelta(seconds=1), repetitions=1, hold_s=2.5, rest_s=2.5)
+    at = page("kickoff", user_id=uid)
+    at.run()
+    assert_clean(at)
+    said = " ".join(w.value for w in at.warning)
+    assert "training from scratch needs a second one" in said and "Record each gesture once more" in said, said
+
+    ui_seed.seed_session(clean_db, uid, did, start + timedelta(seconds=30), repetitions=1, hold_s=2.5, rest_s=2.5)
+    at = page("kickoff", user_id=uid)
+    at.run()
+    assert_clean(at)
+    assert not any("needs a second one" in w.value for w in at.warning)  # both ticked: two repetitions
+
+
 def test_kickoff_shows_a_device_that_went_silent_mid_session_as_lost_samples(page, clean_db):
     """The armband stopped sending 8 s into a 32.5 s session (battery, Wi-Fi): no sequence gap among the samples
     that did arrive, so Kickoff showed 'loss % 0.00', no warning, and the session ticked for training."""
