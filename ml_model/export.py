@@ -109,6 +109,10 @@ def sidecar(meta: Mapping[str, Any], fmt: str) -> dict[str, Any]:
         "source_sha256": meta.get("sha256"),
         "source_artifact_id": meta.get("artifact_id"),
         "job_id": meta.get("job_id"),
+        # how the source model was made, so that a file handed on can be tied to a training (README: Reproducing)
+        "source_created_at": meta.get("created_at"),
+        "training_seed": (meta.get("training") or {}).get("seed"),
+        "environment": meta.get("environment"),
     }
 
 

@@ -107,6 +107,9 @@ def test_cli_export_artifact_dir(plain, tmp_path):
     assert report["check"]["onnx"]["max_abs_diff"] <= TOL and report["int8_bytes"] < report["bytes"]
     side = json.loads(Path(report["sidecar"]).read_text())
     assert side["input"]["name"] == "raw_windows" and side["classes"] == meta["classes"]
+    # what made the source model travels with the file (seed, when, versions and commit)
+    assert side["source_created_at"] == meta["created_at"] and side["training_seed"] == meta["training"]["seed"]
+    assert side["environment"] == meta["environment"] and side["environment"]["torch"]
     probs = export.run_onnx((tmp_path / "m.onnx").read_bytes(), x)
     assert np.max(np.abs(probs - artifacts.Predictor(weights, meta).predict_proba(x))) <= TOL
     assert (tmp_path / "m.int8.onnx").is_file() and (tmp_path / "m.int8.onnx.json").is_file()
