@@ -276,6 +276,10 @@ class ModelInfo(_Out):
     metrics: dict[str, Any] = Field(default_factory=dict)
     channel_reference: ChannelReference | None = Field(
         None, description="for the live electrode check; null when unknown (an old artifact with a high-pass filter)")
+    training: dict[str, Any] | None = Field(
+        None, description="how it was trained: seed, the whole configuration, epochs (README: Reproducing a result)")
+    environment: dict[str, Any] | None = Field(
+        None, description="what trained it: library versions, CPU capability, git commit; null for older models")
 
 
 class SharedBase(_Out):

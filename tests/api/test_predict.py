@@ -19,7 +19,7 @@ def _windows(n, channels=8, win=50, seed=0):
     return np.random.default_rng(seed).integers(-100, 100, size=(n, channels, win))
 
 
-def test_model_info(api, keys, served):
+def test_model_info(api, keys, served, clean_db):
     user, weights, meta = served()
     r = api.get(f"/models/{user['id']}", headers=keys.service)
     assert r.status_code == 200
@@ -30,6 +30,13 @@ def test_model_info(api, keys, served):
     assert [m["user_id"] for m in api.get("/models", headers=keys.service).json()] == [user["id"]]
     assert api.get(f"/users/{user['id']}/models", headers=keys.service).json()[0]["artifact_id"] == meta["artifact_id"]
     assert api.get("/models/424242", headers=keys.service).status_code == 404
+    # how and with what it was trained, to reproduce it (README: Reproducing a result)
+    assert info["environment"] == meta["environment"] and info["environment"]["torch"]
+    trained = {"seed": 7, "config": {"max_epochs": 3}, "epochs": 3}
+    weights2, meta2 = random_artifact(seed=1)
+    insert_artifact(clean_db, user["id"], weights2, {**meta2, "training": trained})
+    newest = api.get(f"/users/{user['id']}/models", headers=keys.service).json()[0]
+    assert newest["training"] == trained and newest["environment"] == meta2["environment"]
 
 
 def test_predict_matches_the_predictor(api, keys, served):

@@ -54,7 +54,8 @@ def model_info(m: ServedModel) -> ModelInfo:
         size_bytes=m.size_bytes, sha256=m.sha256, trained_at=m.created_at, channels=m.meta["channels"],
         n_device_channels=m.n_device_channels, sample_rate_hz=m.meta["sample_rate_hz"],
         window_ms=m.meta["window_ms"], step_ms=m.meta["step_ms"], window=m.window, step=m.step, metrics=m.metrics,
-        channel_reference=m.channel_reference,
+        channel_reference=m.channel_reference, training=m.meta.get("training"),
+        environment=m.meta.get("environment"),
     )
 
 
@@ -253,6 +254,7 @@ def user_model_history(user_id: UserScoped, conn: Conn) -> list[ModelInfo]:
             n_device_channels=meta["n_device_channels"], sample_rate_hz=meta["sample_rate_hz"],
             window_ms=meta["window_ms"], step_ms=meta["step_ms"], window=meta["window"], step=meta["step"],
             metrics=row.get("metrics") or {}, channel_reference=pp.channel_reference(meta),
+            training=meta.get("training"), environment=meta.get("environment"),
         ))
     return out
 
