@@ -26,7 +26,7 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -142,83 +142,109 @@ def load_job_data(conn, job_id: int, config: dict, max_window_bytes: int | None 
         sessions = cur.fetchall()
         if not sessions:
             raise JobFailed("the job has no capture sessions")
-        if any(s[1] is None for s in sessions):
-            raise JobFailed(f"session {next(s[0] for s in sessions if s[1] is None)} has no device (it was deleted)")
-        counts = {s[2] for s in sessions}
-        if len(counts) != 1:
-            raise JobFailed(f"inconsistent channel counts across the chosen sessions: {sorted(counts)}")
-        rates = {float(s[3]) for s in sessions}
-        if len(rates) != 1:
-            raise JobFailed(f"the chosen sessions were recorded at different sample rates: {sorted(rates)} Hz")
-        rate = rates.pop()
-        n_channels = counts.pop()
+        return _load_sessions(cur, job["user_id"], sessions, config, max_window_bytes)
 
-        # Channel selection from the gesture bank: the union of the channels the user's gestures use.
-        cur.execute("SELECT channels_used FROM gestures WHERE user_id = %s", (job["user_id"],))
-        used = sorted({int(c) for (chs,) in cur.fetchall() for c in (chs or [])})
-        if any(c >= n_channels for c in used):
-            raise JobFailed(f"the gesture bank uses channel {max(used)} but the device has {n_channels} channels")
-        channels_used = used or None
 
-        win, step = preprocessing.window_params(config["window_ms"], config["step_ms"], rate)
-        all_w, all_l, all_g = [], [], []
-        recorded: dict[str, dict] = {}  # class -> its longest recorded hold (ms) and sessions
-        deleted: dict[str, set] = {}  # name of a gesture deleted from the bank -> sessions holding its recordings
-        unmarked = []  # sessions none of whose intervals has its actual times: nothing in them is labelled
-        labelled = []  # (session, device, intervals, first start, last end)
-        used = []  # what each session contributed, for the artifact's metadata (meta["data"])
-        for session_id, device_id, _, _ in sessions:
-            cur.execute(
-                """SELECT label, kind, repetition, started_at, ended_at, planned_end_ms - planned_start_ms,
-                          kind = 'gesture' AND gesture_id IS NULL, id
-                   FROM session_intervals
-                   WHERE session_id = %s AND started_at IS NOT NULL AND NOT discarded ORDER BY started_at, ordinal""",
-                (session_id,),
-            )
-            ivs = cur.fetchall()
-            if not ivs:
-                unmarked.append(session_id)
+def load_sessions_data(conn, user_id: int, session_ids: Sequence[int], config: dict) -> dict[str, Any]:
+    """``load_job_data`` for chosen sessions of a user instead of a job's (to test a model on them): the same
+    windows and labels, read in one snapshot. Raises JobFailed naming a session that is not the user's."""
+    ids = sorted({int(i) for i in session_ids})
+    if not ids:
+        raise JobFailed("choose at least one session")
+    with conn, conn.cursor() as cur:
+        cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        cur.execute(
+            """SELECT s.id, s.device_id, d.channel_count, d.sample_rate_hz
+               FROM capture_sessions s LEFT JOIN devices d ON d.id = s.device_id
+               WHERE s.id = ANY(%s) AND s.user_id = %s ORDER BY s.id""",
+            (ids, int(user_id)),
+        )
+        sessions = cur.fetchall()
+        if missing := sorted(set(ids) - {s[0] for s in sessions}):
+            raise JobFailed(f"session {missing[0]} not found for user {user_id}")
+        return _load_sessions(cur, int(user_id), sessions, config, None)
+
+
+def _load_sessions(cur, user_id: int, sessions: list[tuple], config: dict, max_window_bytes: int | None
+                   ) -> dict[str, Any]:
+    """The body of ``load_job_data``: sessions are (id, device_id, channel_count, sample_rate_hz) rows."""
+    if any(s[1] is None for s in sessions):
+        raise JobFailed(f"session {next(s[0] for s in sessions if s[1] is None)} has no device (it was deleted)")
+    counts = {s[2] for s in sessions}
+    if len(counts) != 1:
+        raise JobFailed(f"inconsistent channel counts across the chosen sessions: {sorted(counts)}")
+    rates = {float(s[3]) for s in sessions}
+    if len(rates) != 1:
+        raise JobFailed(f"the chosen sessions were recorded at different sample rates: {sorted(rates)} Hz")
+    rate = rates.pop()
+    n_channels = counts.pop()
+
+    # Channel selection from the gesture bank: the union of the channels the user's gestures use.
+    cur.execute("SELECT channels_used FROM gestures WHERE user_id = %s", (user_id,))
+    used = sorted({int(c) for (chs,) in cur.fetchall() for c in (chs or [])})
+    if any(c >= n_channels for c in used):
+        raise JobFailed(f"the gesture bank uses channel {max(used)} but the device has {n_channels} channels")
+    channels_used = used or None
+
+    win, step = preprocessing.window_params(config["window_ms"], config["step_ms"], rate)
+    all_w, all_l, all_g = [], [], []
+    recorded: dict[str, dict] = {}  # class -> its longest recorded hold (ms) and sessions
+    deleted: dict[str, set] = {}  # name of a gesture deleted from the bank -> sessions holding its recordings
+    unmarked = []  # sessions none of whose intervals has its actual times: nothing in them is labelled
+    labelled = []  # (session, device, intervals, first start, last end)
+    used = []  # what each session contributed, for the artifact's metadata (meta["data"])
+    for session_id, device_id, _, _ in sessions:
+        cur.execute(
+            """SELECT label, kind, repetition, started_at, ended_at, planned_end_ms - planned_start_ms,
+                      kind = 'gesture' AND gesture_id IS NULL, id
+               FROM session_intervals
+               WHERE session_id = %s AND started_at IS NOT NULL AND NOT discarded ORDER BY started_at, ordinal""",
+            (session_id,),
+        )
+        ivs = cur.fetchall()
+        if not ivs:
+            unmarked.append(session_id)
+            continue
+        intervals, last_end = _session_intervals(session_id, ivs)
+        for iv in intervals:
+            if iv["label"] == _DELETED:
+                deleted.setdefault(iv["name"], set()).add(session_id)
                 continue
-            intervals, last_end = _session_intervals(session_id, ivs)
-            for iv in intervals:
-                if iv["label"] == _DELETED:
-                    deleted.setdefault(iv["name"], set()).add(session_id)
-                    continue
-                name = preprocessing.REST_LABEL if iv["kind"] == "rest" else str(iv["label"])
-                seen = recorded.setdefault(name, {"hold_ms": 0.0, "sessions": set()})
-                seen["hold_ms"] = max(seen["hold_ms"], iv["end_ms"] - iv["start_ms"])
-                seen["sessions"].add(session_id)
-            labelled.append((session_id, device_id, intervals, ivs[0][3], last_end))
-            used.append({"id": session_id, "device_id": device_id, "intervals": [
-                [iv["id"], preprocessing.REST_LABEL if iv["kind"] == "rest" else iv["name"], iv["cycle"],
-                 round(iv["start_ms"], 3), round(iv["end_ms"], 3)] for iv in intervals if iv["label"] != _DELETED]})
-        thinned = 1
-        if max_window_bytes and labelled:  # counted before any window is cut: the int16 windows are large too
-            total = 0
-            for _, device_id, _, t_from, t_to in labelled:
-                cur.execute(f"SELECT coalesce(sum(n), 0) FROM sample_blocks WHERE {repo.BLOCKS_OVERLAPPING}",
-                            {"d": device_id, "t0": t_from, "t1": t_to})
-                total += int(cur.fetchone()[0])
-            need = total / step * n_channels * win * 4  # float32, as training holds them
-            thinned = max(1, math.ceil(need / max_window_bytes))
-        stride = step * thinned
-        all_s = []  # the labelled session (its index) of each window
-        for k, (_session_id, device_id, intervals, t_from, last_end) in enumerate(labelled):
-            values, times, run_id, seq = _session_samples(cur, device_id, t_from, last_end,
-                                                          preprocessing.max_bridged(win))
-            for run in np.unique(run_id):
-                sel = run_id == run
-                if sel.sum() < win:
-                    continue
-                w, lab, grp = training.windows_from_capture(values[sel], times[sel], intervals, win, stride,
-                                                            seq=seq[sel])
-                kept = lab != _DELETED
-                w, lab, grp = w[kept], lab[kept], grp[kept]
-                if len(w):
-                    all_w.append(w)
-                    all_l.append(lab)
-                    all_g.append(grp)
-                    all_s.append(np.full(len(w), k))
+            name = preprocessing.REST_LABEL if iv["kind"] == "rest" else str(iv["label"])
+            seen = recorded.setdefault(name, {"hold_ms": 0.0, "sessions": set()})
+            seen["hold_ms"] = max(seen["hold_ms"], iv["end_ms"] - iv["start_ms"])
+            seen["sessions"].add(session_id)
+        labelled.append((session_id, device_id, intervals, ivs[0][3], last_end))
+        used.append({"id": session_id, "device_id": device_id, "intervals": [
+            [iv["id"], preprocessing.REST_LABEL if iv["kind"] == "rest" else iv["name"], iv["cycle"],
+             round(iv["start_ms"], 3), round(iv["end_ms"], 3)] for iv in intervals if iv["label"] != _DELETED]})
+    thinned = 1
+    if max_window_bytes and labelled:  # counted before any window is cut: the int16 windows are large too
+        total = 0
+        for _, device_id, _, t_from, t_to in labelled:
+            cur.execute(f"SELECT coalesce(sum(n), 0) FROM sample_blocks WHERE {repo.BLOCKS_OVERLAPPING}",
+                        {"d": device_id, "t0": t_from, "t1": t_to})
+            total += int(cur.fetchone()[0])
+        need = total / step * n_channels * win * 4  # float32, as training holds them
+        thinned = max(1, math.ceil(need / max_window_bytes))
+    stride = step * thinned
+    all_s = []  # the labelled session (its index) of each window
+    for k, (_session_id, device_id, intervals, t_from, last_end) in enumerate(labelled):
+        values, times, run_id, seq = _session_samples(cur, device_id, t_from, last_end,
+                                                      preprocessing.max_bridged(win))
+        for run in np.unique(run_id):
+            sel = run_id == run
+            if sel.sum() < win:
+                continue
+            w, lab, grp = training.windows_from_capture(values[sel], times[sel], intervals, win, stride,
+                                                        seq=seq[sel])
+            kept = lab != _DELETED
+            w, lab, grp = w[kept], lab[kept], grp[kept]
+            if len(w):
+                all_w.append(w)
+                all_l.append(lab)
+                all_g.append(grp)
+                all_s.append(np.full(len(w), k))
     if not all_w:
         # A session captured through the API whose intervals were never marked looked like a silent device.
         if unmarked:
