@@ -270,7 +270,8 @@ def _user_errors(command: str):
 class Jobs:
     """Training job commands: ``train JOB_ID``, ``worker``, ``cancel JOB_ID`` (database jobs), ``evaluate``
     (offline per-subject accuracy on a recorded data set), ``pretrain`` (a base model for fine-tuning) and
-    ``export JOB_ID`` (ONNX / TorchScript for running off the server)."""
+    ``export JOB_ID`` (ONNX / TorchScript for running off the server) and ``score JOB_ID --sessions ...`` (its
+    model tested on other sessions)."""
 
     @_raw_args
     def evaluate(
@@ -376,6 +377,34 @@ class Jobs:
         with _user_errors("export"):
             report = export.cli_export(**args)
         sys.stdout.write(json.dumps(report) + "\n")
+        sys.stdout.flush()
+
+    @_raw_args
+    def score(self, job_id: int, sessions: Any = None, verbose: bool = False) -> None:
+        """Test a job's model on chosen capture sessions of its user (``--sessions 12,13``), e.g. recorded on
+        another day: prints one JSON line with the accuracy, per-class accuracy (recall) and confusion matrix of
+        their windows, as the Jobs page shows a job's, plus the windows counted, those of gestures the model does
+        not know (left out) and which of the sessions the job trained on (``trained_on``: not a test there)."""
+        with _user_errors("score"):
+            verbose = _flag("verbose", verbose)
+            ids = _as_list(sessions, int, "sessions")
+            if not ids:
+                raise UsageError("--sessions: give the capture session ids to test the model on (e.g. 12,13)")
+        job_id = _job_id(job_id)
+        _setup_logging(verbose)
+        from ml_model import jobs
+        from semg import db
+        from semg.config import settings_or_exit
+
+        settings = settings_or_exit("TrainMLJob score")
+        with _user_errors("score"), contextlib.closing(db.connect(settings)) as conn:
+            try:
+                result = jobs.score_job_model(conn, job_id, ids)
+            except jobs.JobFailed as e:
+                raise ValueError(str(e)) from None
+        log.info("job %s's model on sessions %s: accuracy %.4f over %d windows", job_id, result["sessions"],
+                 result["accuracy"], result["n_windows"])
+        sys.stdout.write(json.dumps(result) + "\n")
         sys.stdout.flush()
 
     @_raw_args

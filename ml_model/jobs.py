@@ -283,6 +283,57 @@ def _sessions(ids: list[int]) -> str:
     return f"session {ids[0]} has" if len(ids) == 1 else f"sessions {', '.join(map(str, ids))} have"
 
 
+def score_job_model(conn, job_id: int, session_ids: Sequence[int], batch: int = 2048) -> dict[str, Any]:
+    """A job's model tested on chosen sessions of its user (e.g. recorded on another day, or a second repetition
+    recorded after a one-repetition calibration): the Jobs page's figures (``training.class_metrics``) on their
+    windows, cut as the model cuts them (its window and step). Windows of gestures the model does not know are
+    left out and counted; sessions the job trained on are named (their figures are not held out).
+    Raises JobFailed (a user-facing message) for a missing job or model, another user's session, another sample
+    rate or channel count, or no window of the model's classes."""
+    with conn, conn.cursor() as cur:
+        job = _job_row(cur, job_id)
+        cur.execute("SELECT id, weights, metadata FROM model_artifacts WHERE job_id = %s "
+                    "ORDER BY created_at DESC, id DESC LIMIT 1", (job_id,))
+        row = cur.fetchone()
+        cur.execute("SELECT session_id FROM training_job_sessions WHERE job_id = %s", (job_id,))
+        trained_on = {r[0] for r in cur.fetchall()}
+    if row is None:
+        raise JobFailed(f"job {job_id} has no model ({job['status']})")
+    artifact_id, weights, meta = row[0], bytes(row[1]), row[2]
+    data = load_sessions_data(conn, job["user_id"], session_ids,
+                              {"window_ms": meta["window_ms"], "step_ms": meta["step_ms"]})
+    if abs(data["sample_rate_hz"] - float(meta["sample_rate_hz"])) > 1e-6:
+        raise JobFailed(f"the model was trained at {float(meta['sample_rate_hz']):g} Hz and these sessions were "
+                        f"recorded at {data['sample_rate_hz']:g} Hz")
+    n_device = int(meta.get("n_device_channels") or max(meta["channels"]) + 1)  # older models lack the key
+    if data["windows"].shape[1] != n_device:
+        raise JobFailed(f"the model reads a {n_device}-channel device and these sessions were recorded with "
+                        f"{data['windows'].shape[1]} channels")
+    classes = [str(c) for c in meta["classes"]]
+    labels = data["labels"].astype(str)
+    known = np.isin(labels, classes)
+    unknown, counts = np.unique(labels[~known], return_counts=True)
+    if not known.any():
+        raise JobFailed(f"none of these sessions' gestures ({', '.join(unknown)}) is one of the model's "
+                        f"({', '.join(classes)})")
+    predictor = artifacts.Predictor(weights, meta)
+    x = data["windows"][known]
+    pred = np.concatenate([predictor.predict_proba(x[i:i + batch]).argmax(axis=1) for i in range(0, len(x), batch)])
+    index = {c: i for i, c in enumerate(classes)}
+    figures = training.class_metrics(np.array([index[v] for v in labels[known]]), pred, classes)
+    per_class, n_per_class = np.unique(labels[known], return_counts=True)
+    return {
+        "job_id": job_id, "artifact_id": artifact_id, "user_id": job["user_id"], "sessions": data["sessions"],
+        **figures,
+        "n_windows": int(known.sum()),
+        "windows_per_class": {str(c): int(k) for c, k in zip(per_class, n_per_class, strict=True)},
+        "not_in_model": {str(c): int(k) for c, k in zip(unknown, counts, strict=True)},
+        "window_ms": float(meta["window_ms"]), "step_ms": float(meta["step_ms"]),
+        # figures on sessions the model learnt from are not a test of it
+        "trained_on": sorted(trained_on & set(data["sessions"])),
+    }
+
+
 def _a_session_can_be_held_out(labels: np.ndarray, window_session: np.ndarray) -> bool:
     """Whether some session, held out, leaves every class it holds windows in the others (as
     ``training.default_val_group`` needs of a held-out group). labels, window_session: (n,) per window."""
