@@ -153,10 +153,11 @@ def curves_figure(epochs: Sequence[dict]) -> go.Figure:
     return fig
 
 
-def confusion_figure(classes: Sequence[str], matrix: Sequence[Sequence[float]]) -> go.Figure:
+def confusion_figure(classes: Sequence[str], matrix: Sequence[Sequence[float]],
+                     title: str = "Confusion matrix (held-out windows)") -> go.Figure:
     fig = go.Figure(go.Heatmap(z=matrix, x=list(classes), y=list(classes), colorscale="Blues", text=matrix,
                                texttemplate="%{text}", showscale=False))
-    fig.update_layout(title="Confusion matrix (held-out windows)", xaxis_title="predicted", yaxis_title="true",
+    fig.update_layout(title=title, xaxis_title="predicted", yaxis_title="true",
                       yaxis_autorange="reversed")
     return _tight(fig, 80 + 45 * max(3, len(classes)))
 

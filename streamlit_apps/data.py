@@ -620,6 +620,18 @@ def _export_model_cached(artifact_id: int, fmt: str) -> tuple[bytes, str]:
     return export.export_bytes(weights, meta, fmt), export.export_filename(meta, fmt)
 
 
+def score_job_model(job_id: int, session_ids: Sequence[int]) -> dict:
+    """A job's model tested on chosen sessions of its user (``ml_model.jobs.score_job_model``): the Jobs page's
+    figures on their windows. Takes seconds for long sessions (it runs the model on every window)."""
+    from ml_model import jobs
+
+    with connection() as conn:
+        try:
+            return jobs.score_job_model(conn, int(job_id), [int(i) for i in session_ids])
+        except jobs.JobFailed as e:
+            raise RepoError(f"Not tested: {e}") from None
+
+
 def pretrained_bases() -> list[dict]:
     """Shared base models (user_id NULL) a user's model can be fine-tuned from."""
     return _rows("""SELECT id, created_at, classes, channels, sample_rate_hz, size_bytes, metrics,

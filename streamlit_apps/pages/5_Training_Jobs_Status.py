@@ -90,7 +90,43 @@ def results(job: dict) -> None:
     if data.measured_on_its_own_recordings(artifact["metrics"]):
         st.warning(ONE_REPETITION, icon=":material/replay:")
     if job["status"] == "completed":
+        test_on_sessions(job)
         downloads(job, artifact)
+
+
+def test_on_sessions(job: dict) -> None:
+    """The model tested on sessions it did not train on (another day's; a second repetition after a one-repetition
+    calibration): the honest figure of the model served, where the held-out one above is an estimate."""
+    sessions = [s for s in data.list_sessions(job["user_id"]) if s["status"] == "completed"]
+    trained = set(job["session_ids"])
+    if not [s for s in sessions if s["id"] not in trained]:
+        return
+    by_id = {s["id"]: s for s in sessions}
+    with st.expander("Test this model on other sessions"):
+        picked = st.multiselect(
+            "Sessions", list(by_id), key=f"score_sessions_{job['id']}",
+            default=[next(i for i in by_id if i not in trained)],  # the newest it did not train on
+            format_func=lambda i: f"#{i} {by_id[i]['name']} ({ui.fmt_time(by_id[i]['started_at'])})"
+                                  + (" · trained on" if i in trained else ""))
+        result_key = f"score_result_{job['id']}"
+        if st.button("Test", key=f"score_go_{job['id']}", disabled=not picked, icon=":material/fact_check:"):
+            with st.spinner("Running the model on every window of these sessions"):
+                st.session_state[result_key] = data.score_job_model(job["id"], picked)
+        r = st.session_state.get(result_key)
+        if not r:
+            return
+        st.metric(f"Accuracy on session(s) {', '.join(f'#{i}' for i in r['sessions'])}", f"{r['accuracy']:.1%}")
+        note = (f"{r['n_windows']:,} windows ({r['window_ms']:g} ms, one every {r['step_ms']:g} ms; they overlap)"
+                + ("; left out, not gestures of this model: "
+                   + ", ".join(f"{c} ({n:,} windows)" for c, n in r["not_in_model"].items())
+                   if r["not_in_model"] else ""))
+        st.caption(note + ".")
+        if r["trained_on"]:
+            st.warning(f"The model trained on session(s) {', '.join(f'#{i}' for i in r['trained_on'])}: "
+                       "figures including them are not a test of it.")
+        cm = r["confusion_matrix"]
+        st.plotly_chart(charts.confusion_figure(cm["classes"], cm["matrix"], "Confusion matrix (tested windows)"),
+                        key=f"score_cm_{job['id']}")
 
 
 def downloads(job: dict, artifact: dict) -> None:

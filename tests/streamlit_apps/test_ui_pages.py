@@ -847,6 +847,36 @@ def test_job_status_says_what_its_figures_were_measured_on(page, seeded):
     said = " ".join(w.value for w in at.warning)
     assert "overstate how well it will recognise your next attempts" in said and "train on both sessions" in said
 
+def test_job_status_tests_the_model_on_sessions_it_did_not_train_on(page, clean_db):
+    """The held-out figures estimate the model served; the honest figure of it is on sessions it never saw (another
+    day's, a second repetition after a one-repetition calibration): the page runs it on sessions the user picks."""
+    import ui_seed
+    from ml_model import jobs
+    base = ui_seed.seed_user(clean_db)
+    uid, did = base["user"]["id"], base["device"]["id"]
+    start = datetime.now(UTC) - timedelta(seconds=60)
+    ui_seed.seed_samples(clean_db, uid, did, start, 50_000, channels=8, rate=1000.0)
+    trained = ui_seed.seed_session(clean_db, uid, did, start + timedelta(seconds=1), repetitions=2)
+    later = ui_seed.seed_session(clean_db, uid, did, start + timedelta(seconds=30), repetitions=1)
+    job = repo.schedule_job(clean_db, uid, [trained["id"]], {"epochs": 2})
+    assert jobs.run_job(job["id"]) == "completed", repo.get_job(clean_db, job["id"])["error"]
+    at = page("jobs", user_id=uid)
+    at.run()
+    assert_clean(at)
+    assert at.multiselect(key=f"score_sessions_{job['id']}").value == [later["id"]]  # the one it did not train on
+    button(at, "Test").click()
+    at.run()
+    assert_clean(at)
+    shown = texts(at)
+    assert f"Accuracy on session(s) #{later['id']}" in shown and "windows (250 ms, one every 25 ms" in shown, shown
+    assert not any("not a test of it" in w.value for w in at.warning)
+    at.multiselect(key=f"score_sessions_{job['id']}").set_value([later["id"], trained["id"]])
+    button(at, "Test").click()
+    at.run()
+    assert_clean(at)
+    assert any(f"The model trained on session(s) #{trained['id']}" in w.value for w in at.warning)
+
+
 # ---- 6. live ------------------------------------------------------------------------------------------
 def test_live_page_shows_the_current_gesture_and_latency(page, seeded):
     import ui_seed
