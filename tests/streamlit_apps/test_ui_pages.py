@@ -851,6 +851,7 @@ def test_job_status_tests_the_model_on_sessions_it_did_not_train_on(page, clean_
     """The held-out figures estimate the model served; the honest figure of it is on sessions it never saw (another
     day's, a second repetition after a one-repetition calibration): the page runs it on sessions the user picks."""
     import ui_seed
+
     from ml_model import jobs
     base = ui_seed.seed_user(clean_db)
     uid, did = base["user"]["id"], base["device"]["id"]
