@@ -21,6 +21,7 @@ import httpx
 import numpy as np
 import pandas as pd
 import psycopg2
+import psycopg2.errors
 import psycopg2.extras
 import psycopg2.pool
 import streamlit as st
@@ -157,6 +158,9 @@ def connection() -> Iterator[psycopg2.extensions.connection]:
     broken = False
     try:
         yield conn
+    except psycopg2.errors.TransactionRollbackError as e:  # the database is up and this connection fine
+        raise RepoError(f"Another change made at the same moment conflicted with this one and the database "
+                        f"cancelled it ({db.first_line(e)}); nothing was changed: try again.") from None
     except (psycopg2.OperationalError, psycopg2.InterfaceError) as e:
         broken = True
         raise Unavailable(_db_down_message(e)) from None

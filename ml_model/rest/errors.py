@@ -11,6 +11,7 @@ import logging
 
 import numpy as np
 import psycopg2
+import psycopg2.errors
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
@@ -215,6 +216,14 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(DatabaseUnavailable)
     async def _db_down(_: Request, e: DatabaseUnavailable) -> JSONResponse:
         return error_response(503, str(e), {"Retry-After": "5"})
+
+    @app.exception_handler(psycopg2.errors.TransactionRollbackError)
+    async def _cancelled(_: Request, e: psycopg2.Error) -> JSONResponse:
+        # A deadlock (or serialization failure) with a change made at the same moment: PostgreSQL cancelled this
+        # one whole; the database is up and the same request normally succeeds at once.
+        return error_response(503, f"another change made at the same moment conflicted with this one and the "
+                                   f"database cancelled it ({first_line(e)}); nothing was changed: try again",
+                              {"Retry-After": "1"})
 
     @app.exception_handler(psycopg2.OperationalError)
     @app.exception_handler(psycopg2.InterfaceError)

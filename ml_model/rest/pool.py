@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
 
 from semg import db
@@ -91,6 +92,8 @@ class ConnectionPool:
         broken = False
         try:
             yield conn
+        except psycopg2.errors.TransactionRollbackError:
+            raise  # a deadlock or serialization failure: the database and this connection are fine (errors.py)
         except (psycopg2.OperationalError, psycopg2.InterfaceError) as e:
             broken = True
             raise DatabaseUnavailable(f"database unavailable: {first_line(e)}") from None

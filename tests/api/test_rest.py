@@ -7,10 +7,12 @@ import datetime as dt
 import json
 import os
 import re
+import threading
 import time
 
 import pytest
 
+from semg import repo
 from tests.api.conftest import all_routes, no_server_errors
 
 
@@ -579,3 +581,49 @@ def test_an_interval_planned_beyond_the_columns_range_is_422_naming_the_field(ap
         body = {"kind": "rest", "label": "REST", "repetition": 0, "planned_start_ms": 2**31 - 2,
                 "planned_end_ms": 2**31 - 1}
         assert api.post(f"/sessions/{s['id']}/intervals", json=body, headers=mine).status_code == 201
+
+
+def test_a_change_cancelled_by_a_deadlock_says_so_and_can_be_retried(api, keys, clean_db):
+    """A rename locks its gesture, then relabels the intervals recorded with it; another transaction holding one of
+    those intervals and then wanting the gesture makes a deadlock, which PostgreSQL breaks by cancelling one side.
+    Cancelled in the API, it answered 503 'database unavailable: deadlock detected' (and the pool closed every idle
+    connection, as after an outage): the database was up, nothing was changed, and the same request succeeds."""
+    import psycopg2.errors
+
+    from semg import db
+    user = repo.create_user(clean_db, "Dee", "dee@example.org")
+    gesture = repo.add_gesture(clean_db, user["id"], "fist")
+    session = repo.create_session(clean_db, user["id"], None, ["fist"], 1, 1.0, 1.0)
+    interval = next(i for i in session["intervals"] if i["kind"] == "gesture")
+    for attempt in range(3):  # the side that waited first is normally the one cancelled: the API's, here
+        other = db.connect()
+        try:
+            with other.cursor() as cur:
+                cur.execute("UPDATE session_intervals SET discarded = discarded WHERE id = %s", (interval["id"],))
+                out = {}
+                rename = threading.Thread(target=lambda: out.update(r=api.patch(
+                    f"/gestures/{gesture['id']}", json={"name": f"grip {attempt}"}, headers=keys.admin)))
+                rename.start()
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline:  # the rename holds the gesture and waits for our interval
+                    cur.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                "AND application_name = 'semg-api'")
+                    if cur.fetchone()[0]:
+                        break
+                    time.sleep(0.01)
+                try:
+                    cur.execute("UPDATE gestures SET description = 'x' WHERE id = %s", (gesture["id"],))
+                except psycopg2.errors.DeadlockDetected:
+                    other.rollback()  # we were cancelled this time, the rename went through: try again
+                rename.join(30)
+            other.rollback()
+        finally:
+            other.close()
+        if out["r"].status_code != 200:
+            break
+    r = out["r"]
+    assert r.status_code == 503 and r.headers["Retry-After"] == "1", r.text
+    said = r.json()["detail"]
+    assert "deadlock detected" in said and "nothing was changed: try again" in said and "unavailable" not in said, said
+    assert api.patch(f"/gestures/{gesture['id']}", json={"name": "grip"}, headers=keys.admin).status_code == 200
+    assert repo.get_session(clean_db, session["id"])["intervals"][interval["ordinal"]]["label"] == "grip"

@@ -71,3 +71,49 @@ def test_the_ui_refuses_a_database_a_newer_version_migrated(clean_db):
             cur.execute("DELETE FROM schema_version WHERE version = %s", (newer,))
         clean_db.commit()
     assert data._one("SELECT 1 AS ok")["ok"] == 1  # the right version again
+
+
+def test_a_change_cancelled_by_a_deadlock_says_so_and_keeps_the_connection(clean_db):
+    """A deadlock with a change made at the same moment (another tab, the API) cancels one side; on a page it read
+    'The database at ... is not reachable (deadlock detected). Start the platform with ./start_all.sh' and the
+    connection was thrown away, though the database was up and the same click works again."""
+    import threading
+    import time
+
+    import data
+    import pytest
+
+    from semg import db, repo
+    user = repo.create_user(clean_db, "Dee", "dee@example.org")
+    a, b = (repo.add_gesture(clean_db, user["id"], name) for name in ("fist", "pinch"))
+    other = db.connect()
+    try:
+        with other.cursor() as cur:
+            cur.execute("UPDATE gestures SET description = 'other' WHERE id = %s", (a["id"],))
+            with pytest.raises(data.RepoError) as raised, data.connection() as conn:
+                pid = conn.get_backend_pid()
+                with conn.cursor() as mine:
+                    mine.execute("UPDATE gestures SET description = 'ui' WHERE id = %s", (b["id"],))
+
+                    def close_the_cycle():  # once the page waits for `a`, the other side wants `b`
+                        deadline = time.monotonic() + 20
+                        with other.cursor() as c:
+                            while time.monotonic() < deadline:
+                                c.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,))
+                                if c.fetchone()[0] == "Lock":
+                                    break
+                                time.sleep(0.01)
+                            c.execute("UPDATE gestures SET description = 'other' WHERE id = %s", (b["id"],))
+
+                    closer = threading.Thread(target=close_the_cycle)
+                    closer.start()
+                    try:
+                        mine.execute("UPDATE gestures SET description = 'ui' WHERE id = %s", (a["id"],))
+                    finally:
+                        closer.join(30)
+        other.rollback()
+    finally:
+        other.close()
+    said = str(raised.value)
+    assert "deadlock detected" in said and "nothing was changed: try again" in said and "not reachable" not in said
+    assert data._one("SELECT pg_backend_pid() AS pid")["pid"] == pid  # the connection was kept
