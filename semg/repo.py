@@ -1161,8 +1161,11 @@ def latest_model(conn, user_id: int) -> dict | None:
 
 
 def list_models(conn, user_id: int) -> list[dict]:
+    """Every model of the user, newest first, without meta["data"] (what its job trained on: every interval, so
+    parsing it for each of many models made a listing take seconds; latest_model and the export keep it)."""
+    cols = _MODEL_COLS.replace("metadata", "metadata - 'data' AS metadata")
     with _tx(conn) as cur:
-        cur.execute(f"SELECT {_MODEL_COLS} FROM model_artifacts WHERE user_id = %s ORDER BY created_at DESC, id DESC",
+        cur.execute(f"SELECT {cols} FROM model_artifacts WHERE user_id = %s ORDER BY created_at DESC, id DESC",
                     (user_id,))
         return [dict(r) for r in cur.fetchall()]
 

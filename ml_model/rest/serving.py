@@ -38,8 +38,10 @@ MAX_STACK = 64
 NEGATIVE_TTL_S = 2.0
 TOMBSTONE_S = 300.0  # far longer than any model load that may have started before a user's deletion
 
+# Without meta["data"] (every interval a job trained on, ~65 bytes each): serving never reads it, and it was held
+# in memory for every user's model.
 _ARTIFACT_COLS = ("id, user_id, job_id, weights, sha256, size_bytes, classes, channels, sample_rate_hz, window_ms, "
-                  "step_ms, scaler, metrics, metadata, created_at")
+                  "step_ms, scaler, metrics, metadata - 'data' AS metadata, created_at")
 
 
 class InputError(ValueError):

@@ -485,3 +485,22 @@ def test_a_users_model_downloads_as_onnx_int8_and_torchscript_through_the_api(ap
     assert r.status_code == 404 and "GET /users/" in r.json()["detail"], r.text
     assert api.get(f"/users/{other['id']}/models/{other_meta['artifact_id']}/export", headers=mine).status_code == 403
     assert api.get(url, params={"format": "tflite"}, headers=mine).status_code == 422
+
+
+def test_listing_and_serving_models_leave_out_what_each_job_trained_on(api, keys, served, clean_db):
+    """meta['data'] lists every interval a job trained on (~65 bytes each): GET /users/{id}/models parsed it for
+    every model the user has (41 models of 5,000 intervals: 1-1.5 s a request, 0.01 s without), and the API held
+    it in memory for every served model, though neither shows or uses it. The stored artifact keeps it."""
+    from ml_model.rest.demo_models import insert_artifact, random_artifact
+    from semg import repo
+    user, _, _ = served()
+    weights, meta = random_artifact(seed=1)
+    data = {"sessions": [{"id": 1, "device_id": 1, "intervals": [[1, "fist", 0, 1.0, 2.0]]}], "n_windows": 1}
+    artifact_id = insert_artifact(clean_db, user["id"], weights, {**meta, "data": data})
+    assert api.get(f"/models/{user['id']}", headers=keys.service).json()["artifact_id"] == artifact_id
+    served_model = api.app.state.semg.models.cached(user["id"])
+    assert served_model.artifact_id == artifact_id and "data" not in served_model.meta
+    assert [m["artifact_id"] for m in api.get(f"/users/{user['id']}/models", headers=keys.service).json()][0] == \
+        artifact_id
+    assert all("data" not in m["metadata"] for m in repo.list_models(clean_db, user["id"]))
+    assert repo.latest_model(clean_db, user["id"])["metadata"]["data"] == data  # kept in the artifact
