@@ -58,15 +58,20 @@ WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"
 
 
+_CODE_ROOT = Path(__file__).resolve().parent.parent
+
+
 @functools.cache
-def _git_state() -> tuple[str | None, bool | None]:
+def _git_state(root: Path = _CODE_ROOT) -> tuple[str | None, bool | None]:
     """(commit, dirty) of the checkout this code runs from; (None, None) when it is not one (or git is absent).
     Once per process: the code a process runs is what it imported, so a later checkout changes nothing."""
-    root = Path(__file__).resolve().parent.parent
+    # --no-optional-locks: a plain `git status` rewrites the index under .git/index.lock, so a git command run in
+    # the checkout meanwhile (a commit while tests or the trainer run) failed with "index.lock: File exists"
+    git = ["git", "--no-optional-locks", "-C", str(root)]
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip() != ""
     except (OSError, subprocess.SubprocessError):
         return None, None

@@ -136,3 +136,31 @@ def test_metadata_that_does_not_describe_the_model_is_a_clear_error(tmp_path, tr
     (folder / artifacts.META_FILE).write_text("{not json")
     with pytest.raises(ValueError, match=r"meta.json: not valid JSON"):
         artifacts.read_artifact_dir(folder)
+
+
+def test_recording_the_commit_leaves_the_checkouts_index_alone(tmp_path):
+    """A plain `git status` refreshes the index and writes it back under .git/index.lock: a git command run in the
+    checkout at that moment (a commit while the tests or the trainer save a model) failed with 'index.lock: File
+    exists'. The state is read without taking that lock, and still right."""
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@example.org",
+                               *args], capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "f.txt").write_text("a\n")
+    git("add", "f.txt")
+    git("commit", "-qm", "one")
+    index = tmp_path / ".git" / "index"
+    stamp = index.stat().st_mtime_ns
+    os.utime(tmp_path / "f.txt", (1_000_000_000, 1_000_000_000))  # same content, stat no longer as indexed
+    assert artifacts._git_state(tmp_path) == (git("rev-parse", "HEAD"), False)
+    assert index.stat().st_mtime_ns == stamp
+    (tmp_path / "f.txt").write_text("b\n")
+    assert artifacts._git_state.__wrapped__(tmp_path) == (git("rev-parse", "HEAD"), True)
