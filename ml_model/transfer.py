@@ -539,7 +539,9 @@ def finetune_model(
                     xs=x_final)
             wise_interpolate(model, init_state, alpha, adapt_info, classes)
             meta["scaler"] = final_scaler
-            metrics.update(validation=val_kind, best_epoch=epochs_max, n_train_windows=len(x))
+            # the windows the model measured learnt from (as when validating); unchecked, the served model's
+            metrics.update(validation=val_kind, best_epoch=epochs_max,
+                           n_train_windows=int(is_tr.sum()) if checked else len(x))
         model.eval()
 
     metrics["alpha"] = float(alpha)

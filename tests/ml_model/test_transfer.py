@@ -159,6 +159,8 @@ def test_one_repetition_finetune_uses_the_base_recipe_and_serves(base):
     assert "time split" in metrics["validation"] and metrics["accuracy"] is not None
     # in fields, for the Jobs page: measured on the ends of the recordings by a model the served one is not
     assert metrics["val_time_fraction"] == 0.3 and metrics["retrained_on_all"] and "val_groups" not in metrics
+    # the Jobs page cites the windows the checked model learnt from: not the held-out ends nor the gap before them
+    assert 0 < metrics["n_train_windows"] < metrics["n_train_windows"] + metrics["n_val_windows"] < one.sum()
     assert [s[-1] is None for s in seen] == [False] * recipe["epochs"] + [True] * recipe["epochs"]
     assert meta["base"]["sha256"] == base[1]["sha256"] and meta["base"]["used"]
     weights, meta = artifacts.save_artifact(model, meta, metrics)
