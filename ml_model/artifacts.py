@@ -69,6 +69,10 @@ def _git_state(root: Path = _CODE_ROOT) -> tuple[str | None, bool | None]:
     # the checkout meanwhile (a commit while tests or the trainer run) failed with "index.lock: File exists"
     git = ["git", "--no-optional-locks", "-C", str(root)]
     try:
+        top = subprocess.run([*git, "rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        if not top or Path(top).resolve() != root.resolve():
+            return None, None  # the code is not a checkout of its own, only inside another one (another project's)
         commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
         dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],

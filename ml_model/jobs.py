@@ -268,6 +268,8 @@ def _load_sessions(cur, user_id: int, sessions: list[tuple], config: dict, max_w
         # check on the ends of the same recordings), so the sessions are the repetitions.
         groups = window_session
         group_sessions = {int(k): labelled[int(k)][0] for k in np.unique(window_session)}
+    cut_from = set(np.unique(window_session).tolist())
+    used = [u for k, u in enumerate(used) if k in cut_from]  # a session that gave no window did not train
     return {
         "windows": np.concatenate(all_w), "labels": labels, "groups": groups, "group_sessions": group_sessions,
         "sample_rate_hz": rate, "channels_used": channels_used, "sessions": [s[0] for s in sessions],

@@ -164,3 +164,6 @@ def test_recording_the_commit_leaves_the_checkouts_index_alone(tmp_path):
     assert index.stat().st_mtime_ns == stamp
     (tmp_path / "f.txt").write_text("b\n")
     assert artifacts._git_state.__wrapped__(tmp_path) == (git("rev-parse", "HEAD"), True)
+    # code copied into a folder of another project's checkout (a venv inside it, say) is not that commit
+    (tmp_path / "code").mkdir()
+    assert artifacts._git_state.__wrapped__(tmp_path / "code") == (None, None)

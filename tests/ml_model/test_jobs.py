@@ -325,6 +325,16 @@ def test_the_model_records_the_intervals_and_windows_it_was_trained_on(clean_db,
     assert got["repetitions"] == [0, 1, 2] and got["window_stride"] == data["stride"] and got["thinned"] == 1
 
 
+def test_a_session_that_gave_no_window_is_not_recorded_as_trained_on(clean_db, user_device):
+    """meta["data"] listed every labelled session of the job, also one whose device sent nothing during it."""
+    u, d = user_device
+    silent = record_session(clean_db, u["id"], d["id"], minutes_ago=20, stream=False)
+    recorded = record_session(clean_db, u["id"], d["id"], minutes_ago=10)
+    job = repo.schedule_job(clean_db, u["id"], [silent["id"], recorded["id"]])
+    data = jobs.load_job_data(clean_db, job["id"], training.merge_config({"sample_rate_hz": RATE}))
+    assert [s["id"] for s in jobs.training_data(data)["sessions"]] == [recorded["id"]]
+
+
 def test_sessions_of_one_repetition_each_are_held_out_as_repetitions(clean_db, user_device):
     """A calibration of one repetition per gesture, recorded again in a second session: both were 'repetition 1', so
     training from scratch failed ('need at least 2 repetitions') and fine-tuning could only check itself on the
