@@ -349,6 +349,26 @@ def _a_session_can_be_held_out(labels: np.ndarray, window_session: np.ndarray) -
     return False
 
 
+def _nothing_to_hold_out(data: Mapping[str, Any]) -> str:
+    """Why a job from scratch cannot train on data of a single group: training's own 'need at least 2 repetitions
+    (groups)' named neither the gestures nor what to record (the sessions may even be two, of different gestures)."""
+    sessions_of: dict[str, set] = {}  # gesture -> the sessions holding it
+    for sess in data["used"]:
+        for iv in sess["intervals"]:
+            if iv[1] != preprocessing.REST_LABEL:
+                sessions_of.setdefault(iv[1], set()).add(sess["id"])
+    if len(data["used"]) == 1:
+        what = "this session holds one repetition of each gesture"
+    else:
+        alone = sorted(g for g, ids in sessions_of.items() if len(ids) == 1)
+        what = ("each chosen session holds one repetition, and each holds a gesture no other one does"
+                + (f" ({', '.join(alone)})" if alone else "") + ", so none can be held out without losing a gesture")
+    return (f"{what}: training from scratch holds a repetition out to measure the model, and none is left. Record "
+            "each gesture once more (another short session) and train on it too, or fine-tune a pretrained base "
+            "(the Kickoff Training page offers those of this sample rate; through the API params.base_artifact_id, "
+            "GET /bases)")
+
+
 def _describe_deleted(deleted: Mapping[str, set]) -> str:
     return "; ".join(f"{name!r} (sessions {sorted(ids)})" for name, ids in sorted(deleted.items()))
 
@@ -695,6 +715,8 @@ def _train(conn, s: Settings, job_id: int, worker: str, user_id: int, params: di
                                    f"{data['sample_rate_hz']:g} Hz: its filters see another time scale; a base of "
                                    "the same rate, or training from scratch, may be more accurate", "WARNING")
             train = functools.partial(transfer.finetune_from_training_config, base=base)
+        if train is training.train_model and len(np.unique(data["groups"])) < 2:
+            raise JobFailed(_nothing_to_hold_out(data))
         if data["group_sessions"]:
             _log(conn, job_id, "each chosen session holds one repetition: the sessions are taken as the repetitions, "
                                "so one of them can be held out to measure the model")

@@ -362,6 +362,28 @@ def test_sessions_of_one_repetition_each_are_held_out_as_repetitions(clean_db, u
     assert data["group_sessions"] is None and set(data["groups"].tolist()) == {0}
 
 
+def test_a_job_from_scratch_with_nothing_to_hold_out_says_what_to_record(clean_db, user_device):
+    """One repetition of each gesture trained from scratch failed with training's 'need at least 2 repetitions
+    (groups) so one can be held out for validation': jargon, no word of what to record, and with two sessions of
+    different gestures ('2 repetitions'?) puzzling. The job now says why and what to do."""
+    u, d = user_device
+    one = record_session(clean_db, u["id"], d["id"], reps=1, minutes_ago=20)
+    job = repo.schedule_job(clean_db, u["id"], [one["id"]], {"epochs": 2})
+    assert jobs.run_job(job["id"]) == "failed"
+    error = repo.get_job(clean_db, job["id"])["error"]
+    assert error.startswith("this session holds one repetition of each gesture: training from scratch holds a "
+                            "repetition out"), error
+    assert "Record each gesture once more" in error and "fine-tune a pretrained base" in error
+
+    only_fist = record_session(clean_db, u["id"], d["id"], gestures=("fist",), reps=1, minutes_ago=15)
+    only_open = record_session(clean_db, u["id"], d["id"], gestures=("open hand",), reps=1, minutes_ago=10)
+    job2 = repo.schedule_job(clean_db, u["id"], [only_fist["id"], only_open["id"]], {"epochs": 2})
+    assert jobs.run_job(job2["id"]) == "failed"
+    error = repo.get_job(clean_db, job2["id"])["error"]
+    assert "each holds a gesture no other one does (fist, open hand), so none can be held out" in error, error
+    assert "Record each gesture once more" in error
+
+
 def test_a_job_whose_windows_would_exceed_the_memory_budget_trains_on_every_kth(clean_db, user_device, settings):
     """Training windows overlap (one every step_ms): a long recording of many channels at a high rate (16 at 4 kHz:
     ~400 MB a minute as float32, and training holds ~2.6 copies) had no bound and could exhaust the machine's
