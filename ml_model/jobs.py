@@ -349,6 +349,13 @@ def _a_session_can_be_held_out(labels: np.ndarray, window_session: np.ndarray) -
     return False
 
 
+def _sessions_holding(used: list[dict], repetitions: list) -> list[int] | None:
+    """The sessions (of ``used``) with an interval of one of ``repetitions``; None when that is all of them."""
+    reps = {int(r) for r in repetitions}
+    holding = [sess["id"] for sess in used if any(int(iv[2]) in reps for iv in sess["intervals"])]
+    return holding if len(holding) < len(used) else None
+
+
 def _nothing_to_hold_out(data: Mapping[str, Any]) -> str:
     """Why a job from scratch cannot train on data of a single group: training's own 'need at least 2 repetitions
     (groups)' named neither the gestures nor what to record (the sessions may even be two, of different gestures)."""
@@ -726,6 +733,10 @@ def _train(conn, s: Settings, job_id: int, worker: str, user_id: int, params: di
         )
         if data["group_sessions"] and metrics.get("val_groups"):  # the Jobs page names the session held out
             metrics["val_sessions"] = [data["group_sessions"][int(g)] for g in metrics["val_groups"]]
+        elif metrics.get("val_groups") and (holding := _sessions_holding(data["used"], metrics["val_groups"])):
+            # sessions of different lengths (a 1-repetition calibration with a 3-repetition one): the repetition
+            # held out is not one 'of every session'
+            metrics["val_repetition_sessions"] = holding
         if flat := training.flat_device_channels(meta["scaler"], meta["channels"]):
             _log(conn, job_id, f"channel{'s' if len(flat) > 1 else ''} {', '.join(map(str, flat))} did not vary in "
                                "the training data (an electrode off or disconnected?): the model ignores "

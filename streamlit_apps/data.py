@@ -702,8 +702,13 @@ def held_out_note(metrics: dict | None) -> str | None:
                 "repetition), never trained on by the model measured")
     elif m.get("val_groups"):  # groups are the intervals' repetition numbers, counted from 0; the UI counts from 1
         reps = [int(g) + 1 if isinstance(g, (int, float)) else g for g in m["val_groups"]]
-        what = (f"repetition{'s' if len(reps) > 1 else ''} {', '.join(map(str, reps))} of every session, "
-                "never trained on by the model measured")
+        what = f"repetition{'s' if len(reps) > 1 else ''} {', '.join(map(str, reps))}"
+        if holding := m.get("val_repetition_sessions"):  # only some sessions have it (they differ in length)
+            what += (f" of session{'s' if len(holding) > 1 else ''} {', '.join(f'#{i}' for i in holding)} only "
+                     f"(the other chosen sessions have no repetition {', '.join(map(str, reps))})")
+        else:
+            what += " of every session"
+        what += ", never trained on by the model measured"
     elif m.get("val_time_fraction") is not None:
         what = f"the last {float(m['val_time_fraction']):.0%} of each recording (one repetition of each gesture)"
     elif isinstance(m.get("validation"), str):  # fine-tuned models from before the fields above

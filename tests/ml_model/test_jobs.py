@@ -384,6 +384,19 @@ def test_a_job_from_scratch_with_nothing_to_hold_out_says_what_to_record(clean_d
     assert "Record each gesture once more" in error
 
 
+def test_a_repetition_held_out_of_the_longer_sessions_only_is_named_so(clean_db, user_device):
+    """A one-repetition calibration trained with an earlier three-repetition session: repetition 3, held out, is
+    only in the longer one, but the Jobs page said 'repetition 3 of every session'. The job names the sessions."""
+    u, d = user_device
+    short = record_session(clean_db, u["id"], d["id"], reps=1, minutes_ago=10)
+    long = record_session(clean_db, u["id"], d["id"], reps=3, seed=1, minutes_ago=5)
+    job = repo.schedule_job(clean_db, u["id"], [short["id"], long["id"]], {"epochs": 3})
+    assert jobs.run_job(job["id"]) == "completed", repo.get_job(clean_db, job["id"])["error"]
+    meta = repo.latest_model(clean_db, u["id"])["metadata"]
+    assert meta["metrics"]["val_groups"] == [2] and meta["data"]["groups"] == "repetitions"
+    assert meta["metrics"]["val_repetition_sessions"] == [long["id"]]
+
+
 def test_a_job_whose_windows_would_exceed_the_memory_budget_trains_on_every_kth(clean_db, user_device, settings):
     """Training windows overlap (one every step_ms): a long recording of many channels at a high rate (16 at 4 kHz:
     ~400 MB a minute as float32, and training holds ~2.6 copies) had no bound and could exhaust the machine's
@@ -496,6 +509,7 @@ def test_a_session_aborted_in_its_last_repetition_is_validated_on_a_whole_one(cl
     metrics = repo.latest_model(clean_db, u["id"])["metrics"]
     assert metrics["val_groups"] == [2], metrics["val_groups"]
     assert all(v is not None for v in metrics["per_class_accuracy"].values()), metrics["per_class_accuracy"]
+    assert "val_repetition_sessions" not in metrics  # the one session holds it: 'of every session'
 
 
 def test_a_deleted_gesture_no_longer_trains_until_a_gesture_of_its_name_is_added(clean_db, user_device):

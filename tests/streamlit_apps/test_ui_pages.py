@@ -824,6 +824,15 @@ def test_job_status_says_what_its_figures_were_measured_on(page, seeded):
     assert "retrained on all the data, held-out part included (17 epochs)" in shown
     assert not at.warning  # measured on a repetition the model never saw
 
+    # sessions of different lengths: the repetition held out is only in the longer one (jobs._train's metrics)
+    with conn.cursor() as cur:
+        cur.execute("UPDATE model_artifacts SET metrics = metrics || %s WHERE job_id = %s",
+                    (json.dumps({"val_repetition_sessions": [4]}), job["id"]))
+    conn.commit()
+    at = page("jobs", user_id=seeded["user"]["id"])
+    at.run()
+    assert "Held out: repetition 3 of session #4 only (the other chosen sessions have no repetition 3)" in texts(at)
+
     # each chosen session held one repetition: a session was held out
     with conn.cursor() as cur:
         cur.execute("UPDATE model_artifacts SET metrics = metrics || %s WHERE job_id = %s",
