@@ -98,10 +98,19 @@ def compatible_bases(selected: list[int]) -> list[dict]:
 
 
 def one_repetition(sessions: list[dict], selected: list[int]) -> bool:
-    """Whether the job would see a single repetition of each gesture (one session, planned with one): nothing to
-    hold out, so training from scratch fails and fine-tuning can only check itself on its own recordings."""
+    """Whether the job would see a single repetition of each gesture (one session planned with one, or several such
+    sessions each holding a gesture no other one does, so the job cannot hold one out as a repetition:
+    jobs.load_job_data): nothing to hold out, so training from scratch fails and fine-tuning can only check itself
+    on its own recordings."""
     chosen = [s for s in sessions if s["id"] in selected]
-    return len(chosen) == 1 and (chosen[0].get("plan") or {}).get("repetitions") == 1
+    plans = [s.get("plan") or {} for s in chosen]
+    if not plans or any(p.get("repetitions") != 1 for p in plans):
+        return False
+    gestures = [set(p.get("gestures") or []) for p in plans]
+    if len(gestures) == 1:
+        return True
+    # the job takes the sessions as the repetitions when one of them holds no gesture the others lack
+    return not any(g <= set().union(*gestures[:i], *gestures[i + 1:]) for i, g in enumerate(gestures))
 
 
 def options_and_schedule(user: dict, selected: list[int], sessions: list[dict]) -> None:
@@ -132,10 +141,12 @@ def options_and_schedule(user: dict, selected: list[int], sessions: list[dict]) 
         params["base_artifact_id"] = int(base)
     if one_repetition(sessions, selected):
         if base is None:
-            st.warning("This session holds one repetition of each gesture: training from scratch needs a second "
-                       "one to hold out, so this job would fail. Record each gesture once more (another short "
-                       "session) and tick both" + (", or start from a pretrained base." if bases else "."),
-                       icon=":material/replay:")
+            what = ("This session holds one repetition of each gesture" if len(selected) == 1 else
+                    "These sessions hold one repetition each, and each holds a gesture no other one does")
+            st.warning(f"{what}: training from scratch needs a second one to hold out, so this job would fail. "
+                       "Record each gesture once more (another short session) and tick "
+                       + ("both" if len(selected) == 1 else "it too")
+                       + (", or start from a pretrained base." if bases else "."), icon=":material/replay:")
         else:
             st.info("One repetition of each gesture is enough to fine-tune a base, but nothing is left to measure "
                     "the model on; a second short session, ticked too, measures it honestly and usually makes it "

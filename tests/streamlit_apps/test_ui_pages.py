@@ -717,6 +717,31 @@ def test_kickoff_says_one_repetition_cannot_train_from_scratch_and_a_second_sess
     assert not any("needs a second one" in w.value for w in at.warning)  # both ticked: two repetitions
 
 
+def test_kickoff_says_sessions_of_one_repetition_of_different_gestures_cannot_train_from_scratch(page, clean_db):
+    """Two one-repetition sessions of different gestures (fist today, open hand tomorrow): neither can be held out
+    without losing a gesture, so a job from scratch fails; the page said nothing before scheduling it."""
+    import ui_seed
+    base = ui_seed.seed_user(clean_db)
+    uid, did = base["user"]["id"], base["device"]["id"]
+    start = datetime.now(UTC) - timedelta(seconds=60)
+    ui_seed.seed_samples(clean_db, uid, did, start, 50_000, channels=8, rate=1000.0)
+    ui_seed.seed_session(clean_db, uid, did, start + timedelta(seconds=1), gestures=("fist",), repetitions=1)
+    ui_seed.seed_session(clean_db, uid, did, start + timedelta(seconds=15), gestures=("open hand",), repetitions=1)
+    at = page("kickoff", user_id=uid)
+    at.run()
+    assert_clean(at)
+    said = " ".join(w.value for w in at.warning)
+    assert "These sessions hold one repetition each, and each holds a gesture no other one does" in said, said
+    assert "Record each gesture once more (another short session) and tick it too" in said
+
+    # a third holding both gestures can be held out (the job takes the sessions as the repetitions)
+    ui_seed.seed_session(clean_db, uid, did, start + timedelta(seconds=30), repetitions=1)
+    at = page("kickoff", user_id=uid)
+    at.run()
+    assert_clean(at)
+    assert not any("needs a second one" in w.value for w in at.warning)
+
+
 def test_kickoff_shows_a_device_that_went_silent_mid_session_as_lost_samples(page, clean_db):
     """The armband stopped sending 8 s into a 32.5 s session (battery, Wi-Fi): no sequence gap among the samples
     that did arrive, so Kickoff showed 'loss % 0.00', no warning, and the session ticked for training."""
