@@ -719,6 +719,11 @@ def held_out_note(metrics: dict | None) -> str | None:
               f"{m['n_train_windows']:,} training windows" if m.get("n_train_windows") is not None else None]
     counts = [c for c in counts if c]
     note = f"Held out: {what}" + (f" ({', '.join(counts)}; windows overlap)" if counts else "") + "."
+    # a class with no held-out window (the session held out lacks it) is in no figure: the accuracy is over the rest
+    unmeasured = sorted(c for c, v in (m.get("per_class_accuracy") or {}).items() if v is None)
+    if unmeasured:
+        note += (f" {', '.join(unmeasured)} {'was' if len(unmeasured) == 1 else 'were'} not in the held-out part: "
+                 "the accuracy is over the other classes only.")
     if m.get("retrained_on_all"):
         epochs = m.get("final_epochs")
         note += (" The model served was then retrained on all the data, held-out part included"

@@ -866,6 +866,17 @@ def test_job_status_says_what_its_figures_were_measured_on(page, seeded):
     at = page("jobs", user_id=seeded["user"]["id"])
     at.run()
     assert "Held out: session #7 (each chosen session holds one repetition)" in texts(at)
+    assert "not in the held-out part" not in texts(at)
+
+    # the session held out lacks some gestures (it re-recorded only one): the accuracy is not over every class
+    with conn.cursor() as cur:
+        cur.execute("UPDATE model_artifacts SET metrics = jsonb_set(metrics, '{per_class_accuracy,open hand}', "
+                    "'null') WHERE job_id = %s", (job["id"],))
+    conn.commit()
+    at = page("jobs", user_id=seeded["user"]["id"])
+    at.run()
+    assert_clean(at)
+    assert "open hand was not in the held-out part: the accuracy is over the other classes only." in texts(at)
 
     # one repetition, fine-tuned: checked on the ends of its own recordings, which overstates; the page says so
     # and what to do (transfer.finetune_model's metrics)
