@@ -753,8 +753,11 @@ def _train(conn, s: Settings, job_id: int, worker: str, user_id: int, params: di
         if outcome == "lost":
             return _lost(conn, job_id, worker, "while saving its model")
         acc = metrics.get("val_accuracy", metrics.get("accuracy"))
+        # a one-repetition fine-tune checks itself on the ends of its own recordings: nothing was held out
+        measured = (f"accuracy on the last {metrics['val_time_fraction']:.0%} of its own recordings (nothing held "
+                    "out: it overstates)" if metrics.get("val_time_fraction") is not None else "held-out accuracy")
         _log(conn, job_id, f"completed in {time.monotonic() - t0:.1f}s: artifact {artifact_id}, "
-                           f"{len(weights)} bytes, held-out accuracy {acc}")
+                           f"{len(weights)} bytes, {measured} {acc}")
         _publish_model_updated(s, user_id, job_id, artifact_id)  # only now: the model is committed and served
         return "completed"
     except _JobLost:

@@ -298,12 +298,21 @@ def test_training_job_fine_tunes_a_registered_base(clean_db, base, monkeypatch):
     assert model["metadata"]["n_device_channels"] == CHANNELS and model["metadata"]["base"]["adaptation"]["input_layer"] == "new"
     logs = repo.job_logs(clean_db, job["id"])
     assert any("fine-tuning base model" in entry["message"] for entry in logs)
+    assert any(", held-out accuracy " in entry["message"] for entry in logs)  # repetition 2 held out
     # This base is 200 Hz and the sessions 500 Hz: allowed, but the job says so.
     assert [e["level"] for e in logs if "trained at 200 Hz and these sessions are 500 Hz" in e["message"]] == ["WARNING"]
     with clean_db.cursor() as cur:
         cur.execute("SELECT weights FROM model_artifacts WHERE id = %s", (model["id"],))
         served = artifacts.Predictor(bytes(cur.fetchone()[0]), model["metadata"])
     assert served.predict_proba(np.zeros((2, CHANNELS, served.window), np.float32)).shape == (2, 3)
+
+    # one repetition: checked on the ends of its own recordings, and its log said 'held-out accuracy' all the same
+    one = record_session(clean_db, u["id"], d["id"], reps=1, minutes_ago=15)
+    job1 = repo.schedule_job(clean_db, u["id"], [one["id"]], {"epochs": 2, "base_artifact_id": base_id})
+    assert jobs.run_job(job1["id"]) == "completed", repo.job_logs(clean_db, job1["id"])
+    done = repo.job_logs(clean_db, job1["id"])[-1]["message"]
+    assert "accuracy on the last 30% of its own recordings (nothing held out: it overstates)" in done, done
+    assert "held-out" not in done
 
     # another user's model, or none, is refused when the job is scheduled (one answer for both) ...
     for refused in (foreign_id, 999999):
