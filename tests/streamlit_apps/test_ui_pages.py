@@ -890,7 +890,7 @@ def test_job_status_says_what_its_figures_were_measured_on(page, seeded):
     assert_clean(at)
     assert "Held out: the last 30% of each recording (one repetition of each gesture)" in texts(at)
     said = " ".join(w.value for w in at.warning)
-    assert "overstate how well it will recognise your next attempts" in said and "train on both sessions" in said
+    assert "overstate how well it will recognise your next attempts" in said and "train with that session too" in said
 
 def test_job_status_tests_the_model_on_sessions_it_did_not_train_on(page, clean_db):
     """The held-out figures estimate the model served; the honest figure of it is on sessions it never saw (another
