@@ -399,7 +399,7 @@ class Jobs:
         settings = settings_or_exit("TrainMLJob score")
         with _user_errors("score"), contextlib.closing(db.connect(settings)) as conn:
             try:
-                result = jobs.score_job_model(conn, job_id, ids)
+                result = jobs.score_job_model(conn, job_id, ids, settings.semg_train_max_window_mb * 2**20)
             except jobs.JobFailed as e:
                 raise ValueError(str(e)) from None
         log.info("job %s's model on sessions %s: accuracy %.4f over %d windows", job_id, result["sessions"],

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import psycopg2
 import psycopg2.extensions
-from psycopg2.extras import Json
+from psycopg2.extras import Json, RealDictCursor
 
 from ml_model import artifacts, preprocessing, training
 from semg import db, journal, repo
@@ -145,9 +145,11 @@ def load_job_data(conn, job_id: int, config: dict, max_window_bytes: int | None 
         return _load_sessions(cur, job["user_id"], sessions, config, max_window_bytes)
 
 
-def load_sessions_data(conn, user_id: int, session_ids: Sequence[int], config: dict) -> dict[str, Any]:
+def load_sessions_data(conn, user_id: int, session_ids: Sequence[int], config: dict,
+                       max_window_bytes: int | None = None) -> dict[str, Any]:
     """``load_job_data`` for chosen sessions of a user instead of a job's (to test a model on them): the same
-    windows and labels, read in one snapshot. Raises JobFailed naming a session that is not the user's."""
+    windows and labels, read in one snapshot (every k-th above max_window_bytes, as load_job_data). Raises
+    JobFailed naming a session that is not the user's."""
     ids = sorted({int(i) for i in session_ids})
     if not ids:
         raise JobFailed("choose at least one session")
@@ -162,7 +164,7 @@ def load_sessions_data(conn, user_id: int, session_ids: Sequence[int], config: d
         sessions = cur.fetchall()
         if missing := sorted(set(ids) - {s[0] for s in sessions}):
             raise JobFailed(f"session {missing[0]} not found for user {user_id}")
-        return _load_sessions(cur, int(user_id), sessions, config, None)
+        return _load_sessions(cur, int(user_id), sessions, config, max_window_bytes)
 
 
 def _load_sessions(cur, user_id: int, sessions: list[tuple], config: dict, max_window_bytes: int | None
@@ -285,29 +287,34 @@ def _sessions(ids: list[int]) -> str:
     return f"session {ids[0]} has" if len(ids) == 1 else f"sessions {', '.join(map(str, ids))} have"
 
 
-def score_job_model(conn, job_id: int, session_ids: Sequence[int], batch: int = 2048) -> dict[str, Any]:
+def score_job_model(conn, job_id: int, session_ids: Sequence[int], max_window_bytes: int | None = None,
+                    batch: int = 2048) -> dict[str, Any]:
     """A job's model tested on chosen sessions of its user (e.g. recorded on another day, or a second repetition
     recorded after a one-repetition calibration): the Jobs page's figures (``training.class_metrics``) on their
     windows, cut as the model cuts them (its window and step). Windows of gestures the model does not know are
     left out and counted; sessions the job trained on are named (their figures are not held out).
     Raises JobFailed (a user-facing message) for a missing job or model, another user's session, another sample
-    rate or channel count, or no window of the model's classes."""
-    with conn, conn.cursor() as cur:
+    rate or channel count, or no window of the model's classes.
+    max_window_bytes: above this (the windows as float32), every k-th window is tested (``stride_ms`` apart), as
+    training thins them: the windows of hours of sessions would otherwise fill the memory of the caller (the UI)."""
+    from ml_model.rest.serving import meta_from_row  # the model as it is served (older metadata completed, NFC)
+
+    with conn, conn.cursor() as cur, conn.cursor(cursor_factory=RealDictCursor) as by_name:
         job = _job_row(cur, job_id)
-        cur.execute("SELECT id, weights, metadata FROM model_artifacts WHERE job_id = %s "
-                    "ORDER BY created_at DESC, id DESC LIMIT 1", (job_id,))
-        row = cur.fetchone()
+        by_name.execute("SELECT id, weights, classes, channels, sample_rate_hz, window_ms, step_ms, scaler, metadata "
+                        "FROM model_artifacts WHERE job_id = %s ORDER BY created_at DESC, id DESC LIMIT 1", (job_id,))
+        row = by_name.fetchone()
         cur.execute("SELECT session_id FROM training_job_sessions WHERE job_id = %s", (job_id,))
         trained_on = {r[0] for r in cur.fetchall()}
     if row is None:
         raise JobFailed(f"job {job_id} has no model ({job['status']})")
-    artifact_id, weights, meta = row[0], bytes(row[1]), row[2]
+    artifact_id, weights, meta = row["id"], bytes(row["weights"]), meta_from_row(row)
     data = load_sessions_data(conn, job["user_id"], session_ids,
-                              {"window_ms": meta["window_ms"], "step_ms": meta["step_ms"]})
+                              {"window_ms": meta["window_ms"], "step_ms": meta["step_ms"]}, max_window_bytes)
     if abs(data["sample_rate_hz"] - float(meta["sample_rate_hz"])) > 1e-6:
         raise JobFailed(f"the model was trained at {float(meta['sample_rate_hz']):g} Hz and these sessions were "
                         f"recorded at {data['sample_rate_hz']:g} Hz")
-    n_device = int(meta.get("n_device_channels") or max(meta["channels"]) + 1)  # older models lack the key
+    n_device = int(meta["n_device_channels"])
     if data["windows"].shape[1] != n_device:
         raise JobFailed(f"the model reads a {n_device}-channel device and these sessions were recorded with "
                         f"{data['windows'].shape[1]} channels")
@@ -319,8 +326,9 @@ def score_job_model(conn, job_id: int, session_ids: Sequence[int], batch: int = 
         raise JobFailed(f"none of these sessions' gestures ({', '.join(unknown)}) is one of the model's "
                         f"({', '.join(classes)})")
     predictor = artifacts.Predictor(weights, meta)
-    x = data["windows"][known]
-    pred = np.concatenate([predictor.predict_proba(x[i:i + batch]).argmax(axis=1) for i in range(0, len(x), batch)])
+    kept = np.flatnonzero(known)  # batches taken from the windows as they are: no copy of all of them
+    pred = np.concatenate([predictor.predict_proba(data["windows"][kept[i:i + batch]]).argmax(axis=1)
+                           for i in range(0, len(kept), batch)])
     index = {c: i for i, c in enumerate(classes)}
     figures = training.class_metrics(np.array([index[v] for v in labels[known]]), pred, classes)
     per_class, n_per_class = np.unique(labels[known], return_counts=True)
@@ -331,6 +339,7 @@ def score_job_model(conn, job_id: int, session_ids: Sequence[int], batch: int = 
         "windows_per_class": {str(c): int(k) for c, k in zip(per_class, n_per_class, strict=True)},
         "not_in_model": {str(c): int(k) for c, k in zip(unknown, counts, strict=True)},
         "window_ms": float(meta["window_ms"]), "step_ms": float(meta["step_ms"]),
+        "stride_ms": float(meta["step_ms"]) * data["thinned"],  # the windows tested are this far apart
         # figures on sessions the model learnt from are not a test of it
         "trained_on": sorted(trained_on & set(data["sessions"])),
     }

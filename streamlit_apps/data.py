@@ -631,7 +631,9 @@ def score_job_model(job_id: int, session_ids: Sequence[int]) -> dict:
 
     with connection() as conn:
         try:
-            return jobs.score_job_model(conn, int(job_id), [int(i) for i in session_ids])
+            # bounded as training is: the windows of hours of sessions would otherwise fill this process's memory
+            return jobs.score_job_model(conn, int(job_id), [int(i) for i in session_ids],
+                                        settings().semg_train_max_window_mb * 2**20)
         except jobs.JobFailed as e:
             raise RepoError(f"Not tested: {e}") from None
 

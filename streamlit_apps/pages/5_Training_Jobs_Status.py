@@ -117,7 +117,9 @@ def test_on_sessions(job: dict) -> None:
         if not r:
             return
         st.metric(f"Accuracy on session(s) {', '.join(f'#{i}' for i in r['sessions'])}", f"{r['accuracy']:.1%}")
-        note = (f"{r['n_windows']:,} windows ({r['window_ms']:g} ms, one every {r['step_ms']:g} ms; they overlap)"
+        apart = r.get("stride_ms", r["step_ms"])  # more than the step when they were thinned (data.score_job_model)
+        note = (f"{r['n_windows']:,} windows ({r['window_ms']:g} ms, one every {apart:g} ms"
+                + ("; they overlap)" if apart < r["window_ms"] else ")")
                 + ("; left out, not gestures of this model: "
                    + ", ".join(f"{c} ({n:,} windows)" for c, n in r["not_in_model"].items())
                    if r["not_in_model"] else ""))

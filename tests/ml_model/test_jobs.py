@@ -886,6 +886,54 @@ def test_a_gesture_renamed_while_a_job_reads_its_sessions_trains_as_one_class(cl
     assert len(classes & {"fist", "grip"}) == 1, classes
 
 
+def test_a_model_is_tested_as_it_is_served_and_within_the_window_bound(clean_db, user_device):
+    """score_job_model read the artifact's metadata raw where serving completes it from its columns: a model whose
+    metadata lacks n_device_channels/window (older ones; serving.meta_from_row fills them) failed with KeyError,
+    and one trained on a name with decomposed accents (before the bank normalised to NFC) counted every window of
+    that gesture 'not in the model'. And the windows were cut at every step with no bound, in the UI's process:
+    hours of sessions took gigabytes (training thins them above SEMG_TRAIN_MAX_WINDOW_MB)."""
+    import unicodedata
+    u, d = user_device
+    trained = record_session(clean_db, u["id"], d["id"], minutes_ago=20)
+    later = record_session(clean_db, u["id"], d["id"], seed=2, minutes_ago=10)
+    job = repo.schedule_job(clean_db, u["id"], [trained["id"]], {"epochs": 8})
+    assert jobs.run_job(job["id"]) == "completed", repo.get_job(clean_db, job["id"])["error"]
+    first = jobs.score_job_model(clean_db, job["id"], [later["id"]])
+    assert first["not_in_model"] == {} and first["stride_ms"] == first["step_ms"], first
+
+    # an older model: its metadata has neither the device's channel count nor the window in samples
+    with clean_db.cursor() as cur:
+        cur.execute("UPDATE model_artifacts SET metadata = metadata - 'n_device_channels' - 'window' - 'step' "
+                    "WHERE job_id = %s", (job["id"],))
+    clean_db.commit()
+    assert jobs.score_job_model(clean_db, job["id"], [later["id"]])["accuracy"] == first["accuracy"]
+
+    # a model from before the bank's NFC: its class is the decomposed spelling of the gesture now named so
+    name = "poing fermé"
+    repo.update_gesture(clean_db, next(g["id"] for g in repo.list_gestures(clean_db, u["id"]) if g["name"] == "fist"),
+                        name=name)
+    nfd = unicodedata.normalize("NFD", name)
+    with clean_db.cursor() as cur:
+        cur.execute("""UPDATE model_artifacts SET classes = %(c)s::jsonb,
+                              metadata = jsonb_set(metadata, '{classes}', %(c)s::jsonb) WHERE job_id = %(j)s""",
+                    {"c": json.dumps([nfd if c == "fist" else c for c in first["confusion_matrix"]["classes"]]),
+                     "j": job["id"]})
+    clean_db.commit()
+    again = jobs.score_job_model(clean_db, job["id"], [later["id"]])
+    assert again["not_in_model"] == {} and again["accuracy"] == first["accuracy"], again
+    assert name in again["confusion_matrix"]["classes"]
+
+    # above the bound every k-th window is cut, as training does, and the result says how far apart they are
+    r = subprocess.run([sys.executable, str(REPO / "ml_model" / "TrainMLJob.py"), "score", str(job["id"]),
+                        "--sessions", str(later["id"])], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "SEMG_TRAIN_MAX_WINDOW_MB": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    thinned = json.loads(r.stdout.strip().splitlines()[-1])
+    k = round(thinned["stride_ms"] / thinned["step_ms"])
+    assert first["n_windows"] * CHANNELS * 125 * 4 > 2**20 and k >= 2  # 250 ms at 500 Hz, as float32
+    assert abs(thinned["n_windows"] - first["n_windows"] / k) <= 40, (thinned["n_windows"], first["n_windows"], k)
+
+
 def test_a_jobs_model_is_tested_on_sessions_it_did_not_train_on(clean_db, user_device):
     """A researcher (or a user after a one-repetition calibration) could not test a stored model on another
     session (another day's): `evaluate` only retrains on a Myo-layout folder. `TrainMLJob.py score` gives the Jobs
