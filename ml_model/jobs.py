@@ -318,7 +318,8 @@ def score_job_model(conn, job_id: int, session_ids: Sequence[int], max_window_by
     if data["windows"].shape[1] != n_device:
         raise JobFailed(f"the model reads a {n_device}-channel device and these sessions were recorded with "
                         f"{data['windows'].shape[1]} channels")
-    classes = [str(c) for c in meta["classes"]]
+    renamed = _renamed_classes(conn, meta)
+    classes = [renamed.get(str(c), str(c)) for c in meta["classes"]]
     labels = data["labels"].astype(str)
     known = np.isin(labels, classes)
     unknown, counts = np.unique(labels[~known], return_counts=True)
@@ -338,11 +339,37 @@ def score_job_model(conn, job_id: int, session_ids: Sequence[int], max_window_by
         "n_windows": int(known.sum()),
         "windows_per_class": {str(c): int(k) for c, k in zip(per_class, n_per_class, strict=True)},
         "not_in_model": {str(c): int(k) for c, k in zip(unknown, counts, strict=True)},
+        "renamed": renamed,  # the model's class -> the gesture's name now
         "window_ms": float(meta["window_ms"]), "step_ms": float(meta["step_ms"]),
         "stride_ms": float(meta["step_ms"]) * data["thinned"],  # the windows tested are this far apart
         # figures on sessions the model learnt from are not a test of it
         "trained_on": sorted(trained_on & set(data["sessions"])),
     }
+
+
+def _renamed_classes(conn, meta: Mapping[str, Any]) -> dict[str, str]:
+    """{model class: its gesture's name now} for the gestures renamed since the model was trained: their recordings
+    take the new name (repo.update_gesture), the model keeps the old one. Found by the intervals the model learnt
+    from (meta["data"]["sessions"]; models without it map nothing)."""
+    ids_of: dict[str, list[int]] = {}
+    trained = meta.get("data")
+    for sess in (trained.get("sessions") if isinstance(trained, Mapping) else None) or []:
+        for iv in sess.get("intervals") or []:
+            if iv[1] != preprocessing.REST_LABEL:
+                ids_of.setdefault(str(iv[1]), []).append(int(iv[0]))
+    if not ids_of:
+        return {}
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT id, label FROM session_intervals WHERE id = ANY(%s) AND gesture_id IS NOT NULL",
+                    ([i for ids in ids_of.values() for i in ids],))
+        now = dict(cur.fetchall())
+    classes = {str(c) for c in meta["classes"]}
+    renamed = {}
+    for name, ids in ids_of.items():
+        names = {now[i] for i in ids if i in now}
+        if name in classes and len(names) == 1 and (new := names.pop()) != name and new not in classes:
+            renamed[name] = new
+    return renamed
 
 
 def _a_session_can_be_held_out(labels: np.ndarray, window_session: np.ndarray) -> bool:

@@ -122,7 +122,9 @@ def test_on_sessions(job: dict) -> None:
                 + ("; they overlap)" if apart < r["window_ms"] else ")")
                 + ("; left out, not gestures of this model: "
                    + ", ".join(f"{c} ({n:,} windows)" for c, n in r["not_in_model"].items())
-                   if r["not_in_model"] else ""))
+                   if r["not_in_model"] else "")
+                + ("; renamed since the model was trained: "
+                   + ", ".join(f"{old} → {new}" for old, new in r["renamed"].items()) if r.get("renamed") else ""))
         st.caption(note + ".")
         if r["trained_on"]:
             st.warning(f"The model trained on session(s) {', '.join(f'#{i}' for i in r['trained_on'])}: "

@@ -923,6 +923,14 @@ def test_a_model_is_tested_as_it_is_served_and_within_the_window_bound(clean_db,
     assert again["not_in_model"] == {} and again["accuracy"] == first["accuracy"], again
     assert name in again["confusion_matrix"]["classes"]
 
+    # a gesture renamed since the model was trained: its recordings carry the new name, the model the old one;
+    # they are the same gesture (found by the intervals the model learnt from), not one the model does not know
+    repo.update_gesture(clean_db, next(g["id"] for g in repo.list_gestures(clean_db, u["id"])
+                                       if g["name"] == "open hand"), name="open palm")
+    renamed = jobs.score_job_model(clean_db, job["id"], [later["id"]])
+    assert renamed["not_in_model"] == {} and renamed["accuracy"] == first["accuracy"], renamed
+    assert renamed["renamed"] == {"open hand": "open palm"} and "open palm" in renamed["confusion_matrix"]["classes"]
+
     # above the bound every k-th window is cut, as training does, and the result says how far apart they are
     r = subprocess.run([sys.executable, str(REPO / "ml_model" / "TrainMLJob.py"), "score", str(job["id"]),
                         "--sessions", str(later["id"])], capture_output=True, text=True, timeout=120,
