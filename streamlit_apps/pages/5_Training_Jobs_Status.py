@@ -111,8 +111,12 @@ def test_on_sessions(job: dict) -> None:
                                   + (" · trained on" if i in trained else ""))
         result_key = f"score_result_{job['id']}"
         if st.button("Test", key=f"score_go_{job['id']}", disabled=not picked, icon=":material/fact_check:"):
-            with st.spinner("Running the model on every window of these sessions"):
-                st.session_state[result_key] = data.score_job_model(job["id"], picked)
+            st.session_state.pop(result_key, None)  # an earlier result is not one of these sessions
+            with st.spinner("Running the model on the windows of these sessions"):
+                try:
+                    st.session_state[result_key] = data.score_job_model(job["id"], picked)
+                except data.RepoError as e:  # said here: the rest of the page (the downloads) stays
+                    st.error(str(e))
         r = st.session_state.get(result_key)
         if not r:
             return

@@ -922,6 +922,16 @@ def test_job_status_tests_the_model_on_sessions_it_did_not_train_on(page, clean_
     assert_clean(at)
     assert any(f"The model trained on session(s) #{trained['id']}" in w.value for w in at.warning)
 
+    # a session it cannot be tested on (nothing was recorded during it): said in place, the rest of the page stays
+    silent = ui_seed.seed_session(clean_db, uid, did, start + timedelta(seconds=120), repetitions=1)
+    at.run()
+    at.multiselect(key=f"score_sessions_{job['id']}").set_value([silent["id"]])
+    button(at, "Test").click()
+    at.run()
+    assert any("Not tested: no data in the chosen sessions" in e.value for e in at.error), [e.value for e in at.error]
+    assert at.get("download_button")  # the model's downloads are still offered
+    assert f"Accuracy on session(s) #{later['id']}, #{trained['id']}" not in texts(at)  # no earlier result as this
+
 
 # ---- 6. live ------------------------------------------------------------------------------------------
 def test_live_page_shows_the_current_gesture_and_latency(page, seeded):
