@@ -363,13 +363,16 @@ def _renamed_classes(conn, meta: Mapping[str, Any]) -> dict[str, str]:
         cur.execute("SELECT id, label FROM session_intervals WHERE id = ANY(%s) AND gesture_id IS NOT NULL",
                     ([i for ids in ids_of.values() for i in ids],))
         now = dict(cur.fetchall())
-    classes = {str(c) for c in meta["classes"]}
+    classes = [str(c) for c in meta["classes"]]
     renamed = {}
     for name, ids in ids_of.items():
         names = {now[i] for i in ids if i in now}
-        if name in classes and len(names) == 1 and (new := names.pop()) != name and new not in classes:
+        if name in classes and len(names) == 1 and (new := names.pop()) != name:
             renamed[name] = new
-    return renamed
+    # names swapped are followed both ways; a name two classes would now share (a gesture deleted, another renamed
+    # to its name) is left as it was
+    mapped = [renamed.get(c, c) for c in classes]
+    return {c: new for c, new in renamed.items() if mapped.count(new) == 1}
 
 
 def _a_session_can_be_held_out(labels: np.ndarray, window_session: np.ndarray) -> bool:

@@ -930,6 +930,19 @@ def test_a_model_is_tested_as_it_is_served_and_within_the_window_bound(clean_db,
     renamed = jobs.score_job_model(clean_db, job["id"], [later["id"]])
     assert renamed["not_in_model"] == {} and renamed["accuracy"] == first["accuracy"], renamed
     assert renamed["renamed"] == {"open hand": "open palm"} and "open palm" in renamed["confusion_matrix"]["classes"]
+    # the two gestures now named as the other was when the model was trained (through a third name): each class
+    # follows its gesture, not the name it had
+    with clean_db.cursor() as cur:  # the model as trained again (without the decomposed spelling above)
+        cur.execute("""UPDATE model_artifacts SET classes = %(c)s::jsonb,
+                              metadata = jsonb_set(metadata, '{classes}', %(c)s::jsonb) WHERE job_id = %(j)s""",
+                    {"c": json.dumps(first["confusion_matrix"]["classes"]), "j": job["id"]})
+    clean_db.commit()
+    ids = {g["name"]: g["id"] for g in repo.list_gestures(clean_db, u["id"])}
+    for gid, to in ((ids[name], "tmp"), (ids["open palm"], "fist"), (ids[name], "open hand")):
+        repo.update_gesture(clean_db, gid, name=to)
+    swapped = jobs.score_job_model(clean_db, job["id"], [later["id"]])
+    assert swapped["renamed"] == {"fist": "open hand", "open hand": "fist"}, swapped["renamed"]
+    assert swapped["not_in_model"] == {} and swapped["accuracy"] == first["accuracy"], swapped
 
     # above the bound every k-th window is cut, as training does, and the result says how far apart they are
     r = subprocess.run([sys.executable, str(REPO / "ml_model" / "TrainMLJob.py"), "score", str(job["id"]),
