@@ -81,6 +81,12 @@ def settings() -> Settings:
         raise Unavailable(f"The platform settings are invalid: {e}. Fix the environment and restart the UI.") from None
 
 
+class Cancelled(Unavailable):
+    """A change the database cancelled because another one made at the same moment conflicted with it (a deadlock):
+    nothing was changed and the same step normally succeeds at once. An Unavailable, so that what keeps work for a
+    database that is down (the capture page's queued interval times) keeps it here too."""
+
+
 class _FreshPasswordPool(psycopg2.pool.ThreadedConnectionPool):
     """Keeps up to `idle` connections for reuse, opened only when needed (psycopg2's pool closes every connection
     handed back beyond minconn, and a minconn above 0 connects in the constructor). Every new connection reads
@@ -159,7 +165,7 @@ def connection() -> Iterator[psycopg2.extensions.connection]:
     try:
         yield conn
     except psycopg2.errors.TransactionRollbackError as e:  # the database is up and this connection fine
-        raise RepoError(f"Another change made at the same moment conflicted with this one and the database "
+        raise Cancelled(f"Another change made at the same moment conflicted with this one and the database "
                         f"cancelled it ({db.first_line(e)}); nothing was changed: try again.") from None
     except (psycopg2.OperationalError, psycopg2.InterfaceError) as e:
         broken = True

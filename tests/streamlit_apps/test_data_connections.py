@@ -90,7 +90,7 @@ def test_a_change_cancelled_by_a_deadlock_says_so_and_keeps_the_connection(clean
     try:
         with other.cursor() as cur:
             cur.execute("UPDATE gestures SET description = 'other' WHERE id = %s", (a["id"],))
-            with pytest.raises(data.RepoError) as raised, data.connection() as conn:
+            with pytest.raises(data.Cancelled) as raised, data.connection() as conn:
                 pid = conn.get_backend_pid()
                 with conn.cursor() as mine:
                     mine.execute("UPDATE gestures SET description = 'ui' WHERE id = %s", (b["id"],))
@@ -117,3 +117,5 @@ def test_a_change_cancelled_by_a_deadlock_says_so_and_keeps_the_connection(clean
     said = str(raised.value)
     assert "deadlock detected" in said and "nothing was changed: try again" in said and "not reachable" not in said
     assert data._one("SELECT pg_backend_pid() AS pid")["pid"] == pid  # the connection was kept
+    # what waits for a database that is down (the capture page's interval times) waits for this too
+    assert isinstance(raised.value, data.Unavailable)
