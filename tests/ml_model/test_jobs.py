@@ -962,7 +962,7 @@ def test_a_jobs_model_is_tested_on_sessions_it_did_not_train_on(clean_db, user_d
     u, d = user_device
     trained = record_session(clean_db, u["id"], d["id"], gestures=("fist",), minutes_ago=20)
     later = record_session(clean_db, u["id"], d["id"], seed=2, minutes_ago=10)  # fist and open hand
-    job = repo.schedule_job(clean_db, u["id"], [trained["id"]], {"epochs": 8})
+    job = repo.schedule_job(clean_db, u["id"], [trained["id"]], {"epochs": 8, "window_ms": 600})
     assert jobs.run_job(job["id"]) == "completed", repo.get_job(clean_db, job["id"])["error"]
 
     def score(*args):
@@ -980,6 +980,13 @@ def test_a_jobs_model_is_tested_on_sessions_it_did_not_train_on(clean_db, user_d
     data = jobs.load_sessions_data(clean_db, u["id"], [later["id"], trained["id"]],
                                    {"window_ms": out["window_ms"], "step_ms": out["step_ms"]})
     assert out["n_windows"] + out["not_in_model"]["open hand"] == len(data["labels"])
+
+    # a session whose gesture holds were too short for a window: tested on the windows it has (its rests), where
+    # training's rule (every gesture recorded must give windows) refused the whole test
+    brief = record_session(clean_db, u["id"], d["id"], hold_s=0.5, seed=3, minutes_ago=3)  # < the 600 ms window
+    r = score(job["id"], "--sessions", brief["id"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["windows_per_class"].keys() == {"REST"}
 
     other = repo.create_user(clean_db, "Else", "else@example.org")
     repo.add_gesture(clean_db, other["id"], "fist")
