@@ -156,7 +156,10 @@ def test_a_flooding_device_is_bounded_and_the_others_lose_nothing(clean_db, udp_
     stream.start()
     sender.send(flood, pace_every=100, pause=0.01)
     stream.join(10)
-    m = srv.wait_for(lambda m: m["packets"]["received"] == len(flood) + 100, 20, "all packets received")
+    # a burst's packets count as accepted once journaled, just after they count as received
+    m = srv.wait_for(lambda m: m["packets"]["received"] == len(flood) + 100
+                     and m["packets"]["accepted"] + m["packets"]["rejected"] == len(flood) + 100,
+                     20, "all packets received and counted as accepted or rejected")
     elapsed = time.time() - t0
     da, db_ = m["devices"][str(a)], m["devices"][str(b)]
     assert CAP <= da["accepted_samples"] <= CAP + RATE * RATE_TOLERANCE * elapsed, (da, elapsed)
