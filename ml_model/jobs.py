@@ -382,13 +382,7 @@ def _a_session_can_be_held_out(labels: np.ndarray, window_session: np.ndarray) -
     """Whether some session, held out, leaves every class it holds windows in the others (as
     ``training.default_val_group`` needs of a held-out group). labels, window_session: (n,) per window."""
     sessions = np.unique(window_session)
-    if len(sessions) < 2:
-        return False
-    for k in sessions:
-        inside = window_session == k
-        if not set(labels[inside].tolist()) - set(labels[~inside].tolist()):
-            return True
-    return False
+    return len(sessions) >= 2 and any(training.can_hold_out(labels, window_session, k) for k in sessions)
 
 
 def _sessions_holding(used: list[dict], repetitions: list) -> list[int] | None:

@@ -174,13 +174,18 @@ def default_val_group(y: np.ndarray, groups: np.ndarray) -> Any:
     unique_groups = np.unique(groups)
     best, best_n = unique_groups[-1], -1
     for gr in unique_groups:
-        inside = groups == gr
-        held = set(y[inside].tolist())
-        if held - set(y[~inside].tolist()):
+        if not can_hold_out(y, groups, gr):
             continue  # the only windows of some class: training would lack it
-        if len(held) >= best_n:
-            best, best_n = gr, len(held)
+        held = len(set(y[groups == gr].tolist()))
+        if held >= best_n:
+            best, best_n = gr, held
     return _json_scalar(best)
+
+
+def can_hold_out(y: np.ndarray, groups: np.ndarray, group: Any) -> bool:
+    """Whether every class with windows in ``group`` also has windows outside it (y, groups: (n,) per window)."""
+    inside = groups == group
+    return not set(y[inside].tolist()) - set(y[~inside].tolist())
 
 
 def flat_device_channels(scaler: Mapping[str, Sequence[float]], channels: Sequence[int]) -> list[int]:
