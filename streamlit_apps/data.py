@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import re
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -697,6 +698,10 @@ def normalize_metrics(metrics: dict | None, classes: Sequence[str] | None = None
     return {"accuracy": acc, "per_class": per_class, "classes": cm_classes, "matrix": matrix}
 
 
+# how transfer.finetune_model named the repetition it held out before it recorded val_groups
+_OLD_HELD_OUT_GROUP = re.compile(r"held-out group (\d+)")
+
+
 def held_out_note(metrics: dict | None) -> str | None:
     """What a job's accuracy, per-class figures and confusion matrix were measured on, to cite them: the data held
     out, how many windows, and that the model served was retrained afterwards (on the held-out part too), so the
@@ -708,8 +713,11 @@ def held_out_note(metrics: dict | None) -> str | None:
         ids = [f"#{s}" for s in m["val_sessions"]]
         what = (f"session{'s' if len(ids) > 1 else ''} {', '.join(ids)} (each chosen session holds one "
                 "repetition), never trained on by the model measured")
-    elif m.get("val_groups"):  # groups are the intervals' repetition numbers, counted from 0; the UI counts from 1
-        reps = [int(g) + 1 if isinstance(g, (int, float)) else g for g in m["val_groups"]]
+    elif m.get("val_groups") or _OLD_HELD_OUT_GROUP.fullmatch(str(m.get("validation") or "")):
+        # groups are the intervals' repetition numbers, counted from 0; the UI counts from 1. Fine-tuned models
+        # from before val_groups only say it in words: "held-out group 1".
+        groups = m.get("val_groups") or [int(_OLD_HELD_OUT_GROUP.fullmatch(m["validation"])[1])]
+        reps = [int(g) + 1 if isinstance(g, (int, float)) else g for g in groups]
         what = f"repetition{'s' if len(reps) > 1 else ''} {', '.join(map(str, reps))}"
         if holding := m.get("val_repetition_sessions"):  # only some sessions have it (they differ in length)
             what += (f" of session{'s' if len(holding) > 1 else ''} {', '.join(f'#{i}' for i in holding)} only "

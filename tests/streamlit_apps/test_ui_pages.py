@@ -892,6 +892,18 @@ def test_job_status_says_what_its_figures_were_measured_on(page, seeded):
     said = " ".join(w.value for w in at.warning)
     assert "overstate how well it will recognise your next attempts" in said and "train with that session too" in said
 
+    # a model fine-tuned before val_groups was recorded says which repetition it held out only in words, counted
+    # from 0 ("held-out group 1"): the page showed that text as is, one less than the repetitions it shows elsewhere
+    with conn.cursor() as cur:
+        cur.execute("UPDATE model_artifacts SET metrics = metrics - 'val_time_fraction' || %s WHERE job_id = %s",
+                    (json.dumps({"validation": "held-out group 1"}), job["id"]))
+    conn.commit()
+    at = page("jobs", user_id=seeded["user"]["id"])
+    at.run()
+    assert_clean(at)
+    assert "Held out: repetition 2 of session #4 only" in texts(at)
+    assert "group" not in texts(at)
+
 def test_job_status_tests_the_model_on_sessions_it_did_not_train_on(page, clean_db):
     """The held-out figures estimate the model served; the honest figure of it is on sessions it never saw (another
     day's, a second repetition after a one-repetition calibration): the page runs it on sessions the user picks."""
