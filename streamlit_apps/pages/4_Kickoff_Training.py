@@ -137,6 +137,13 @@ def options_and_schedule(user: dict, selected: list[int], sessions: list[dict]) 
             a1, a2 = st.columns(2)
             params["window_ms"] = int(a1.number_input("Window (ms)", 50, 2000, 200, step=25, key="kick_window"))
             params["step_ms"] = int(a2.number_input("Step (ms)", 10, 1000, 50, step=10, key="kick_step"))
+        # the same data and seed train the same model (README: Reproducing a result); another seed shows the spread
+        seed = st.number_input("Seed", min_value=0, max_value=2**31 - 1, value=0, step=1, key="kick_seed",
+                               help="Training is repeatable for a seed: the same sessions, settings and seed give "
+                                    "the same model. Train again with other seeds to see how much the accuracy "
+                                    "varies by chance.")
+        if seed:
+            params["seed"] = int(seed)
     if base is not None:
         params["base_artifact_id"] = int(base)
     if one_repetition(sessions, selected):

@@ -692,6 +692,14 @@ def test_kickoff_shows_quality_and_schedules_a_job(page, seeded):
     newest = jobs[0]
     assert newest["status"] == "scheduled" and newest["params"]["epochs"] == 7 and newest["session_ids"] == [sid]
     assert f"Training job #{newest['id']} scheduled" in texts(at)
+    assert "seed" not in newest["params"]  # the default, 0
+
+    # a researcher reports the spread over seeds (README: Reproducing a result): the page always trained with seed 0
+    at.number_input(key="kick_seed").set_value(3)
+    button(at, "Train on 1").click()
+    at.run()
+    assert_clean(at)
+    assert repo.list_jobs(conn, uid)[0]["params"] == {"epochs": 7, "seed": 3}
 
 
 def test_kickoff_says_one_repetition_cannot_train_from_scratch_and_a_second_session_helps(page, clean_db):
