@@ -25,6 +25,7 @@ LAST = "capture_last_result"
 GONE = "capture_run_deleted"
 RESUMED = "capture_resumed_note"
 BUSY = "capture_device_busy"
+PAUSED = "capture_paused_by_user"  # the session id this window's user paused (not a reload's pause)
 if SHARED not in st.session_state:  # one per browser session: the WebRTC thread holds on to it
     st.session_state[SHARED] = capture.CaptureShared()
 shared: capture.CaptureShared = st.session_state[SHARED]
@@ -197,7 +198,15 @@ def tick(run: capture.CueRun) -> None:
                  "until the database stores them.")
     if run.state == "paused":
         paused_view(run, store)
-    c1, c2 = st.columns(2) if run.state == "running" else (None, None)
+    c0, c1, c2 = st.columns(3) if run.state == "running" else (None, None, None)
+    if c0 and c0.button("Pause", key="pause", width="stretch", icon=":material/pause:",
+                        help="Stops the cue until you press Resume: take as long as you need. The repetition under "
+                             "way is left out of training and done again after a rest"):
+        with contextlib.suppress(data.Unavailable):  # paused all the same; the cut interval's time is journalled
+            run.pause(time.time(), store)
+        st.session_state[PAUSED] = run.session_id
+        beat(run, force=True)  # the plan changed: another process resuming the run must know
+        st.rerun(scope="app")
     if c1 and c1.button("Redo last repetition", key="redo", width="stretch", icon=":material/replay:",
                  help="Throws the last gesture repetition away and does it again after a short rest"):
         try:
@@ -262,8 +271,12 @@ def paused_view(run: capture.CueRun, store: data.SessionStore) -> None:
     cut = run.steps[run.index]
     left_out = (f" The {cut.label if cut.kind == 'gesture' else 'rest'} under way then is left out of training"
                 + (" and done again when you resume." if cut.kind == "gesture" else ".") if cut.interrupted else "")
-    st.warning(f"Paused where the page was left ({ui.fmt_time(capture.utc(run.paused_at))}): everything recorded "
-               f"until then is kept.{left_out} {video_note()}", icon=":material/pause_circle:")
+    if st.session_state.get(PAUSED) == run.session_id:
+        st.info(f"Paused at {ui.fmt_time(capture.utc(run.paused_at))}: take as long as you need, nothing is "
+                f"recorded until you press Resume.{left_out}", icon=":material/pause_circle:")
+    else:
+        st.warning(f"Paused where the page was left ({ui.fmt_time(capture.utc(run.paused_at))}): everything "
+                   f"recorded until then is kept.{left_out} {video_note()}", icon=":material/pause_circle:")
     busy = st.empty()
     if why := st.session_state.get(BUSY):
         busy.error(why, icon=":material/block:")
@@ -282,7 +295,8 @@ def paused_view(run: capture.CueRun, store: data.SessionStore) -> None:
                      icon=":material/power_off:")
         else:
             beat(run, force=True)
-            st.session_state[RESUMED] = f"Session #{run.session_id} resumed. {video_note()}"
+            by_user = st.session_state.pop(PAUSED, None) == run.session_id  # its webcam went on meanwhile
+            st.session_state[RESUMED] = f"Session #{run.session_id} resumed." + ("" if by_user else f" {video_note()}")
             st.rerun(scope="app")
     if c2.button("Stop now and keep what was recorded", key="stop_left", width="stretch", icon=":material/stop:"):
         st.session_state.pop(BUSY, None)
@@ -584,7 +598,7 @@ def page() -> None:
     with left:
         if last := st.session_state.get(LAST):
             s = last["summary"]
-            left_out = (f"{s['interrupted']} interval(s) under way when its page was left are not trained on. "
+            left_out = (f"{s['interrupted']} interval(s) under way when it was paused or its page was left are not trained on. "
                         if s.get("interrupted") else "")
             (st.success if last["status"] == "completed" else st.warning)(
                 f"Session #{last['session_id']} {last['status']}: {s['gestures']} gesture repetitions recorded, "

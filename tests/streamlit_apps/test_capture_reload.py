@@ -77,7 +77,7 @@ def test_a_reloaded_page_offers_the_left_session_and_stop_now_keeps_what_was_rec
     assert frame_count(path) == 4  # a finished, playable file, not the 0-byte one left open before
     last = tab2.session_state["capture_last_result"]
     assert last["status"] == "aborted" and "Video saved (4 frames" in last["note"]
-    assert "1 interval(s) under way when its page was left are not trained on" in texts(tab2)
+    assert "1 interval(s) under way when it was paused or its page was left are not trained on" in texts(tab2)
     assert tab2.button(key="capture_start")  # the device is free for the next session
 
     tab1.run()  # the old window, were it still there, lets go of the run

@@ -86,7 +86,7 @@ def test_stop_after_a_restart_keeps_what_was_recorded_and_leaves_out_the_interva
                                                                             capture.utc(left_at))
     assert rest1["started_at"] is None
     assert [i["id"] for i in trained_on(s)] == [rest0["id"]]
-    assert "1 interval(s) under way when its page was left are not trained on" in texts(tab2)
+    assert "1 interval(s) under way when it was paused or its page was left are not trained on" in texts(tab2)
 
 
 def test_resume_after_a_restart_continues_the_plan_from_the_database_even_after_a_redo(page, seeded):

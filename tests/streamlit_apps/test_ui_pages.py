@@ -603,6 +603,43 @@ def test_capture_redo_last_repetition_discards_and_repeats_it(page, seeded):
     assert repo.get_session(conn, session_id)["status"] == "aborted"
 
 
+def test_capture_can_be_paused_for_as_long_as_the_user_needs_and_resumed(page, seeded):
+    """A user who tires, or needs help with the armband, had only Redo (a short rest, then the cue runs on) or
+    Stop: the cue ran on whatever the hand did. Pause stops the cue until Resume; the repetition under way is
+    left out of training and done again after a rest."""
+    conn, uid = seeded["conn"], seeded["user"]["id"]
+    at = page("capture", user_id=uid)
+    at.run()
+    _start_capture(at, ["fist"], reps=1, hold=2.0, rest=0.5)
+    run = at.session_state["capture_shared"].run
+    time.sleep(0.9)  # inside the fist interval
+    at.run()
+    button(at, "Pause").click()
+    at.run()
+    assert_clean(at)
+    assert run.state == "paused"
+    time.sleep(3.0)  # longer than the whole plan: nothing runs on meanwhile
+    at.run()
+    assert_clean(at)
+    assert run.state == "paused" and "Paused" in texts(at)
+    assert "take as long as you need" in texts(at) and "fist under way then is left out of training" in texts(at)
+    assert "press START on the webcam" not in texts(at)  # this window's webcam never went away
+    ivs = repo.get_session(conn, run.session_id)["intervals"]
+    assert [(i["label"], i["discarded"]) for i in ivs] == [("REST", False), ("fist", True), ("REST", False)]
+    button(at, "Resume").click()
+    at.run()
+    assert_clean(at)
+    assert run.state == "running"
+    ivs = repo.get_session(conn, run.session_id)["intervals"]
+    assert [(i["label"], i["discarded"]) for i in ivs] == [
+        ("REST", False), ("fist", True), ("REST", False), ("REST", False), ("fist", False)]
+    button(at, "Stop session").click()
+    at.run()
+    at.run()
+    assert_clean(at)
+    assert "when it was paused or its page was left are not trained on" in texts(at)
+
+
 def test_a_second_window_cannot_record_on_a_device_already_recording(page, seeded):
     """Two windows on one user could each start a session on the same armband at once: both completed, so the
     same samples were labelled twice with different gestures (fist in one, REST in the other), and Kickoff
