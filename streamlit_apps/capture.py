@@ -118,6 +118,16 @@ class Cue:
         return "Rest" if self.kind == "rest" else self.label
 
     @property
+    def spoken(self) -> str:
+        """The cue for a screen reader: what to do now, without the countdown (it changes only when the cue does,
+        so it is said once per interval, not every refresh)."""
+        if self.state != "running":
+            return self.headline
+        if self.kind == "rest":
+            return f"Rest. Next: {self.next_label}" if self.next_label else "Rest. Last rest"
+        return f"{self.label}: hold, repetition {self.repetition} of {self.repetitions}"
+
+    @property
     def subline(self) -> str:
         if self.state != "running":
             return ""

@@ -427,5 +427,12 @@ def big_cue(text: str, sub: str = "", color: str = "#1f77b4", size_rem: float = 
     )
 
 
+def announce(text: str) -> None:
+    """Text a screen reader says as soon as it changes (an ARIA alert, visually hidden). The same text rendered
+    again is not said again, so it must not carry a countdown."""
+    st.html(f'<div role="alert" data-testid="semg-announce" style="position:absolute;width:1px;height:1px;'
+            f'margin:-1px;padding:0;border:0;overflow:hidden;clip:rect(0 0 0 0);white-space:nowrap">{_esc(text)}</div>')
+
+
 def _esc(s: str) -> str:
     return (str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;"))

@@ -226,6 +226,7 @@ def tick(run: capture.CueRun) -> None:
     cue = run.cue(time.time())
     color = "#d62728" if cue.kind == "gesture" and cue.state == "running" else "#555555"
     ui.big_cue(cue.headline, cue.subline, color=color, size_rem=5.0)
+    ui.announce(cue.spoken)  # the cue is a picture to a screen reader otherwise: said once as it changes
     st.progress(min(1.0, max(0.0, cue.progress)), text=f"session #{run.session_id}")
     if run.state in ("done", "aborted"):
         try:

@@ -640,6 +640,33 @@ def test_capture_can_be_paused_for_as_long_as_the_user_needs_and_resumed(page, s
     assert "when it was paused or its page was left are not trained on" in texts(at)
 
 
+def test_capture_cue_is_said_to_a_screen_reader_once_per_interval(page, seeded):
+    """The cue (gesture, hold, repetition) was large coloured text in an HTML block refreshed 5 times a second: a
+    screen reader user was never told it changed. It is also an ARIA alert, without the countdown, so it is said
+    when the cue changes and not at every refresh."""
+    uid = seeded["user"]["id"]
+    at = page("capture", user_id=uid)
+    at.run()
+    _start_capture(at, ["fist"], reps=1, hold=2.0, rest=0.5)
+
+    def said() -> list[str]:
+        return [h.proto.body for h in at.get("html") if 'role="alert"' in h.proto.body]
+
+    [rest] = said()
+    assert ">Rest. Next: fist</div>" in rest, rest
+    time.sleep(0.9)  # inside the fist interval
+    at.run()
+    [fist] = said()
+    assert ">fist: hold, repetition 1 of 1</div>" in fist, fist
+    time.sleep(0.3)
+    at.run()
+    assert said() == [fist]  # the same text: nothing new to say
+    button(at, "Stop session").click()
+    at.run()
+    at.run()
+    assert_clean(at)
+
+
 def test_a_second_window_cannot_record_on_a_device_already_recording(page, seeded):
     """Two windows on one user could each start a session on the same armband at once: both completed, so the
     same samples were labelled twice with different gestures (fist in one, REST in the other), and Kickoff
