@@ -297,7 +297,8 @@ def _sidebar_health() -> None:
         st.error(str(e))
         return
     names = {"database": "Database", "api": "API", "udp": "UDP ingest", "nats": "NATS"}
-    st.caption("Services: " + " ".join(badge(h[k]["ok"], v) for k, v in names.items()))
+    # not st.caption: its faded text made the badges 3:1 against their background (axe color-contrast)
+    st.markdown("Services: " + " ".join(badge(h[k]["ok"], v) for k, v in names.items()))
     disk_warning(h)
 
 

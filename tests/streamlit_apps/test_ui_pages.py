@@ -22,6 +22,16 @@ def button(at, label: str):
     return matches[0]
 
 
+def test_the_sidebar_service_badges_are_not_faded(page, seeded):
+    """The sidebar's service badges were inside a caption, whose faded text colour left them at 3:1 contrast
+    (axe color-contrast on every page; WCAG asks 4.5:1): a plain markdown line keeps the badges' own colours."""
+    at = page("users", user_id=seeded["user"]["id"])
+    at.run()
+    assert_clean(at)
+    assert any(m.value.startswith("Services: :green-badge[") for m in at.sidebar.markdown), at.sidebar.markdown
+    assert not any("Services:" in c.value for c in at.sidebar.caption)
+
+
 # ---- login -----------------------------------------------------------------------------------------
 def test_login_gate_asks_for_the_ui_password(page, clean_db):
     from semg import secrets
