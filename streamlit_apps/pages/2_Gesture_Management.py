@@ -12,6 +12,8 @@ st.title(":material/front_hand: Gesture Management")
 
 # (user id, device id, snippet, what happened): shown once, until dismissed, and only on that user's page
 KEY_ONCE_STATE = "gestures_key_once"
+# What a rename or deletion means for training and recognition: on the page after it, not in a toast gone in 4 s
+NOTE_STATE = "gestures_note"
 
 
 def channel_table(n_channels: int, used=(), purposes=None) -> pd.DataFrame:
@@ -37,6 +39,8 @@ CHANNEL_EDITOR = {
 
 def gesture_bank(user: dict, n_channels: int) -> None:
     st.subheader("Gesture bank")
+    if note := st.session_state.pop(NOTE_STATE, None):
+        st.info(note, icon=":material/info:")
     gestures = data.list_gestures(user["id"])
     if gestures:
         st.dataframe(pd.DataFrame([{
@@ -99,8 +103,8 @@ def gesture_bank(user: dict, n_channels: int) -> None:
                     served = data.latest_model(user["id"])
                     if saved["name"] != g["name"] and served and g["name"] in served["classes"]:
                         # the served model's classes are the names it was trained under
-                        st.toast(f"Renamed {g['name']} to {saved['name']}. Live recognition still answers "
-                                 f"{g['name']} until you train a new model.")
+                        st.session_state[NOTE_STATE] = (f"Renamed {g['name']} to {saved['name']}. Live recognition "
+                                                        f"still answers {g['name']} until you train a new model.")
                     else:
                         st.toast(f"Saved {saved['name']}")
                     st.rerun()
@@ -108,8 +112,9 @@ def gesture_bank(user: dict, n_channels: int) -> None:
                     st.error(f"Not saved: {e}")
             if delete:
                 data.delete_gesture(gid)
-                st.toast(f"Deleted {g['name']}. Its recordings stay in their sessions but no longer train (adding a "
-                         f"gesture named {g['name']} again brings them back); retrain to drop it from recognition.")
+                st.session_state[NOTE_STATE] = (
+                    f"Deleted {g['name']}. Its recordings stay in their sessions but no longer train (adding a "
+                    f"gesture named {g['name']} again brings them back); retrain to drop it from recognition.")
                 st.rerun()
 
 

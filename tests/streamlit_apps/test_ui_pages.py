@@ -516,8 +516,9 @@ def test_renaming_a_gesture_renames_the_labels_of_its_recordings(page, seeded):
     button(at, "Save").click()
     at.run()
     assert_clean(at)
-    # the served model was trained under the old name: its decisions keep it until the next training
-    said = " ".join(t.value for t in at.toast)
+    # the served model was trained under the old name: its decisions keep it until the next training. Said on
+    # the page (not in a toast gone after 4 s, before a slow reader or a screen reader user has read it)
+    said = " ".join(t.value for t in at.info)
     assert "Live recognition still answers fist until you train a new model" in said, said
     at.text_input(key="new_gesture_name").input("fist")  # "fist" now names another gesture
     button(at, "Add gesture").click()
@@ -554,7 +555,7 @@ def test_deleting_a_gesture_says_its_recordings_stay_but_no_longer_train(page, s
     at.run()
     assert_clean(at)
     assert [g["name"] for g in repo.list_gestures(conn, uid)] == ["open hand"]
-    said = " ".join(t.value for t in at.toast)
+    said = " ".join(t.value for t in at.info)  # on the page, not in a toast gone after 4 s
     assert "recordings stay in their sessions but no longer train" in said and "named fist again" in said, said
     at = page("kickoff", user_id=uid)  # the sessions that recorded it say it will not train
     at.run()
