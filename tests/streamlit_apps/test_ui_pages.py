@@ -32,6 +32,17 @@ def test_the_sidebar_service_badges_are_not_faded(page, seeded):
     assert not any("Services:" in c.value for c in at.sidebar.caption)
 
 
+def test_the_sign_in_store_frame_is_no_tab_stop():
+    """The remembered sign-in's component is an invisible (0 px) frame in the sidebar: it was a Tab stop on every
+    page, titled 'uikit.semg_session_store', for keyboard and screen reader users. Its page takes its own frame out
+    of the Tab order and the accessibility tree (checked in Chromium: tabindex -1, aria-hidden; no AppTest runs
+    its script)."""
+    from pathlib import Path
+    page_js = (Path(__file__).resolve().parents[2] / "streamlit_apps" / "session_store" / "index.html").read_text()
+    assert "window.frameElement" in page_js
+    assert 'setAttribute("tabindex", "-1")' in page_js and 'setAttribute("aria-hidden", "true")' in page_js
+
+
 # ---- login -----------------------------------------------------------------------------------------
 def test_login_gate_asks_for_the_ui_password(page, clean_db):
     from semg import secrets
