@@ -86,6 +86,8 @@ def results(job: dict) -> None:
         right.plotly_chart(charts.per_class_figure(m["per_class"]), key=f"pc_{job['id']}")
     if not m["matrix"] and not m["per_class"]:
         st.caption("The model carries no per-class metrics.")
+    else:
+        figures_as_tables(m)
     if note := data.held_out_note(artifact["metrics"]):
         st.caption(note)
     if data.measured_on_its_own_recordings(artifact["metrics"]):
@@ -93,6 +95,18 @@ def results(job: dict) -> None:
     if job["status"] == "completed":
         test_on_sessions(job)
         downloads(job, artifact)
+
+
+def figures_as_tables(m: dict) -> None:
+    """The per-class accuracy and the confusion matrix as HTML tables: a chart is a picture to a screen reader."""
+    with st.expander("These figures as tables"):
+        if m["per_class"]:
+            st.table(pd.DataFrame({"accuracy": [f"{v:.0%}" if v is not None else "—" for v in m["per_class"].values()]},
+                                  index=pd.Index(list(m["per_class"]), name="gesture")))
+        if m["matrix"]:
+            st.caption("Confusion matrix: windows of each true gesture (rows) by the gesture predicted (columns).")
+            st.table(pd.DataFrame(m["matrix"], index=pd.Index(m["classes"], name="true"),
+                                  columns=pd.Index(m["classes"], name="predicted")))
 
 
 def test_on_sessions(job: dict) -> None:

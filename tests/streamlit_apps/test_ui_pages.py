@@ -924,6 +924,17 @@ def test_job_status_names_the_sessions_by_id_not_as_a_count(page, seeded):
     assert list(at.dataframe[0].value["sessions"]) == [f"#{sid}"]
     assert f"sessions #{sid} · " in texts(at)
 
+def test_job_results_are_also_tables_a_screen_reader_can_read(page, seeded):
+    """A job's per-class accuracy and confusion matrix were only plotly charts (an SVG picture without a text
+    alternative): a screen reader user could not read the result of training."""
+    at = page("jobs", user_id=seeded["user"]["id"])
+    at.run()
+    assert_clean(at)
+    per_class, confusion = (t.value for t in at.table)
+    assert per_class.to_dict()["accuracy"] == {"REST": "95%", "fist": "90%", "open hand": "88%"}
+    assert confusion.loc["fist", "open hand"] == 1 and confusion.loc["open hand", "fist"] == 2, confusion
+
+
 def test_job_status_says_what_its_figures_were_measured_on(page, seeded):
     """The page showed 'Held-out accuracy' and a confusion matrix of 'held-out windows' without saying which
     repetition was held out, how many windows, nor that the model served was retrained on all the data after
