@@ -41,9 +41,11 @@ def current_gesture(pred, now: datetime, model: dict | None, streaming: bool) ->
         g = latest["gesture"]
         color = "#777777" if g.upper() in ("REST", "UNKNOWN") else "#2ca02c"
         ui.big_cue(g, f"confidence {latest['confidence']:.0%}", color=color, size_rem=5.0)
+        ui.announce(g)  # said as the decision changes (not its confidence, which changes at every refresh)
         electrode_warnings(latest["channel_faults"], model)
         return
     ui.big_cue("—", "no current decision", color="#999999", size_rem=5.0)
+    ui.announce("No current decision")
     if model is None:
         st.info("No trained model for this user yet: record a session, then train on **Kickoff Training**.")
     elif not streaming:

@@ -1060,6 +1060,8 @@ def test_live_page_shows_the_current_gesture_and_latency(page, seeded):
     assert_clean(at)
     cue = at.get("html")[0].value
     assert "fist" in cue and "confidence 80%" in cue
+    # said to a screen reader as the decision changes (an ARIA alert), without the confidence
+    assert [h.value for h in at.get("html") if 'role="alert"' in h.value][0].endswith(">fist</div>")
     assert "35 ms" in texts(at)
     assert "Decisions are kept 90 days (SEMG_PREDICTION_RETENTION_DAYS)" in texts(at)
     assert f"/users/{uid}/predictions/live` with a read-only API key of this user" in texts(at)
