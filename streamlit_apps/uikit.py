@@ -58,7 +58,7 @@ def store_journaled_intervals() -> None:
         return
     if done["stored"]:
         st.toast(f"Stored {done['stored']} labelled-interval change(s) that a capture window which closed while "
-                 "the database was down had kept.", icon=":material/task_alt:")
+                 "the database was down had kept.", icon=":material/task_alt:", duration="long")
 
 
 def refuse_uploads() -> None:
@@ -366,7 +366,8 @@ def signal_problem(session_id: int, quality: dict) -> str | None:
 def badge(ok: bool | None, text: str) -> str:
     """A coloured markdown badge (renders without emoji fonts): green = up, red = down, grey = unknown."""
     color = "gray" if ok is None else "green" if ok else "red"
-    icon = ":material/help:" if ok is None else ":material/check:" if ok else ":material/close:"
+    # a screen reader says the icon's name: "error", not "close" (a button's word), for a service that is down
+    icon = ":material/help:" if ok is None else ":material/check:" if ok else ":material/error:"
     return f":{color}-badge[{icon} {text}]"
 
 

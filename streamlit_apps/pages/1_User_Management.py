@@ -130,7 +130,8 @@ def api_keys(user: dict) -> None:
                                format_func=lambda i: f"#{i} {live[i]['name'] or 'unnamed'} ({live[i]['key_prefix']}…)")
             if c2.button("Revoke key", key=f"revoke_key_{uid}"):
                 data.revoke_user_key(uid, kid)
-                st.toast(f"Revoked key #{kid}: the API refuses it from now on (within 10 s where it was just used).")
+                st.toast(f"Revoked key #{kid}: the API refuses it from now on (within 10 s where it was just used).",
+                         duration="long")
                 st.rerun()
 
 

@@ -217,7 +217,7 @@ def tick(run: capture.CueRun) -> None:
                      else "Nothing to redo yet")
         except data.Unavailable:  # nothing changed: the redo's new intervals need the database
             st.toast("A redo needs the database, which is not reachable: try again when it is back",
-                     icon=":material/power_off:")
+                     icon=":material/power_off:", duration="long")
     if c2 and c2.button("Stop session", key="abort", width="stretch", icon=":material/stop:"):
         try:
             run.abort(time.time(), store)
@@ -293,7 +293,7 @@ def paused_view(run: capture.CueRun, store: data.SessionStore) -> None:
             run.resume(time.time(), store)
         except data.Unavailable:  # still paused: nothing changed
             st.toast("Resuming needs the database, which is not reachable: try again when it is back",
-                     icon=":material/power_off:")
+                     icon=":material/power_off:", duration="long")
         else:
             beat(run, force=True)
             by_user = st.session_state.pop(PAUSED, None) == run.session_id  # its webcam went on meanwhile
@@ -310,13 +310,13 @@ def take_over_left(session_id: int, resume: bool) -> None:
     then resume it or stop it."""
     left_at = capture.take_over(session_id, shared, time.time())
     if left_at is None:
-        st.toast(f"Session #{session_id} is shown in another window again, or has ended.")
+        st.toast(f"Session #{session_id} is shown in another window again, or has ended.", duration="long")
         st.rerun(scope="app")
     run = shared.run
     if beat(run, force=True) == "lost":  # a window of another UI process has taken it meanwhile
         let_go(run)
         shared.taken_over = None
-        st.toast(f"Session #{session_id} was taken over in another window.")
+        st.toast(f"Session #{session_id} was taken over in another window.", duration="long")
         st.rerun(scope="app")
     pause_and_go_on(run, left_at, resume)
 
@@ -337,7 +337,7 @@ def pause_and_go_on(run: capture.CueRun, left_at: float, resume: bool, note: str
             st.session_state[RESUMED] = f"Session #{session_id} resumed. {note or video_note()}"
         except data.Unavailable:  # it stays paused here, with both choices
             st.toast("Resuming needs the database, which is not reachable: try again when it is back",
-                     icon=":material/power_off:")
+                     icon=":material/power_off:", duration="long")
     else:
         with contextlib.suppress(data.Unavailable):
             run.abort(time.time(), store)
@@ -380,7 +380,8 @@ def take_over_dead(session_id: int, info: dict, resume: bool) -> None:
     owner = secrets.token_hex(8)
     taken = data.take_over_run(session_id, info["run_owner"], info["heartbeat_at"], owner, capture.LEFT_AFTER_S)
     if taken is None:
-        st.toast(f"Session #{session_id} is going on in another window again, or was taken over there.")
+        st.toast(f"Session #{session_id} is going on in another window again, or was taken over there.",
+                 duration="long")
         st.rerun(scope="app")
     # What the dead run had journalled but not stored (the database was down) first: the run goes on from that.
     data.replay_interval_journals(session_id=session_id)

@@ -238,7 +238,7 @@ def test_nats_stopped_10s(stack, live):
     assert h["nats"]["ok"] is False and "not reachable" in h["nats"]["detail"], h
     assert h["database"]["ok"] is True
     page = "\n".join(ui["page"])
-    assert ":red-badge[:material/close: NATS]" in page and f"not reachable at 127.0.0.1:{stack.env['NATS_PORT']}" in page, page
+    assert ":red-badge[:material/error: NATS]" in page and f"not reachable at 127.0.0.1:{stack.env['NATS_PORT']}" in page, page
     assert not ui["exceptions"]
 
 
@@ -250,7 +250,7 @@ def test_postgres_stopped_10s(stack, live):
     h = ui["health"]
     assert h["database"]["ok"] is False and "not reachable" in h["database"]["detail"], h
     page = "\n".join(ui["page"])
-    assert ":red-badge[:material/close: Database]" in page and "is not reachable" in page, page
+    assert ":red-badge[:material/error: Database]" in page and "is not reachable" in page, page
     assert not ui["exceptions"]
 
 

@@ -339,7 +339,7 @@ def test_overview_reports_services_down_without_failing(page, clean_db):
     at.run()
     assert_clean(at)
     shown = texts(at)
-    assert ":red-badge[:material/close: REST API]" in shown and ":red-badge[:material/close: UDP ingestion]" in shown
+    assert ":red-badge[:material/error: REST API]" in shown and ":red-badge[:material/error: UDP ingestion]" in shown
     assert ":green-badge[:material/check: Database]" in shown and ":green-badge[:material/check: NATS]" in shown
     assert "start it with ./start_all.sh" in shown
 
@@ -1226,6 +1226,9 @@ def test_a_users_api_keys_are_made_shown_once_listed_and_revoked_on_their_page(p
     assert_clean(at)
     assert keys.lookup(clean_db, shown) is None
     assert keys.lookup(clean_db, bobs["key"]) is not None
+    # 30 words said in a toast: shown 10 s, not the 4 s a slow reader or a screen reader user cannot keep up with
+    [revoked] = [t for t in at.toast if t.value.startswith(f"Revoked key #{row['id']}: the API refuses it")]
+    assert revoked.proto.duration >= 10  # seconds ("long"; "short" is 4)
     from streamlit_apps import data
     with pytest.raises(repo.NotFound):  # another user's key is not revoked from Ann's page
         data.revoke_user_key(ann["id"], bobs["id"])
@@ -1280,7 +1283,7 @@ def test_the_overview_tells_an_idle_training_worker_from_none(page, clean_db, se
     at = page("main")
     at.run()
     assert_clean(at)
-    assert ":red-badge[:material/close: Training worker]" in texts(at) and "none connected" in texts(at)
+    assert ":red-badge[:material/error: Training worker]" in texts(at) and "none connected" in texts(at)
     with contextlib.closing(db.connect(settings, application_name=db.TRAINER_APPLICATION_NAME)):
         at = page("main")
         at.run()
@@ -1298,7 +1301,7 @@ def test_overview_reports_nats_down(page, clean_db, monkeypatch):
         at = page("main")
         at.run()
         assert_clean(at)
-        assert ":red-badge[:material/close: NATS]" in texts(at)
+        assert ":red-badge[:material/error: NATS]" in texts(at)
     finally:
         monkeypatch.undo()
         get_settings.cache_clear()
