@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 import numpy as np
@@ -60,6 +61,12 @@ EXPORT_BYTES_PER_VALUE = 4
 EXPORT_BYTES_PER_SAMPLE = 14
 EXPORT_BYTES_PER_DECISION = 60
 EXPORT_OVERHEAD_BYTES = 2**20  # users, gestures, sessions, intervals, jobs as JSON; the manifest
+# How many of a user's sample blocks and decisions the User Management page counts at most (export estimate, delete
+# confirmation): a user streaming for months has hundreds of millions of each, and counting them all took longer than
+# the UI's statement timeout. 1 M blocks of an 8-channel armband are ~14 h and ~460 MB of export; 2 M decisions ~14 h
+# of live use. Beyond them the page says "more than".
+COUNT_MAX_BLOCKS = 1_000_000
+COUNT_MAX_DECISIONS = 2_000_000
 # Database connections the UI keeps open for reuse (each page run makes dozens of queries).
 POOL_IDLE = 8
 STREAMING_WINDOW_S = 5.0
@@ -259,35 +266,55 @@ def export_user(user_id: int) -> bytes:
     return _repo(repo.export_user_data, user_id, settings().video_dir)
 
 
+# A user's sample blocks and decisions, each counted up to a cap (COUNT_MAX_*): `blocks`/`p` equal to the cap mean
+# "at least" (the sums are then over the first blocks found).
+_CAPPED_COUNTS = """SELECT s.v, s.n, s.blocks, p.p
+    FROM (SELECT coalesce(sum(n::bigint * channels), 0) AS v, coalesce(sum(n::bigint), 0) AS n, count(*) AS blocks
+          FROM (SELECT n, channels FROM sample_blocks WHERE user_id = %(u)s LIMIT %(max_blocks)s) AS b) AS s,
+         (SELECT count(*) AS p FROM (SELECT 1 FROM predictions WHERE user_id = %(u)s LIMIT %(max_p)s) AS d) AS p"""
+
+
+def _capped_counts(user_id: int) -> dict:
+    r = _one(_CAPPED_COUNTS, {"u": user_id, "max_blocks": COUNT_MAX_BLOCKS, "max_p": COUNT_MAX_DECISIONS}) or {}
+    r = {k: int(r.get(k) or 0) for k in ("v", "n", "blocks", "p")}
+    r["more"] = r["blocks"] >= COUNT_MAX_BLOCKS or r["p"] >= COUNT_MAX_DECISIONS
+    return r
+
+
+class ExportSize(NamedTuple):
+    bytes: int
+    at_least: bool  # the user has more sample blocks or decisions than COUNT_MAX_*: only those were counted
+
+
 @st.cache_data(ttl=60, show_spinner=False, max_entries=64)
-def export_size_estimate(user_id: int) -> int:
+def export_size_estimate(user_id: int) -> ExportSize:
     """About how many bytes the user's export zip takes: samples, decisions, videos and models as stored, plus the
-    rows' JSON (EXPORT_OVERHEAD_BYTES)."""
-    r = _one("""SELECT s.v, s.n,
-                       (SELECT count(*) FROM predictions WHERE user_id = %(u)s) AS p,
-                       (SELECT coalesce(sum(bytes), 0) FROM videos WHERE user_id = %(u)s)
-                       + (SELECT coalesce(sum(size_bytes), 0) FROM model_artifacts WHERE user_id = %(u)s) AS b
-                FROM (SELECT coalesce(sum(n::bigint * channels), 0) AS v, coalesce(sum(n::bigint), 0) AS n
-                      FROM sample_blocks WHERE user_id = %(u)s) AS s""",
+    rows' JSON (EXPORT_OVERHEAD_BYTES). With more sample blocks or decisions than COUNT_MAX_* (counting them all
+    took minutes for a user streaming for months) it is `at_least` and above MAX_UI_EXPORT_BYTES."""
+    c = _capped_counts(user_id)
+    b = _one("""SELECT (SELECT coalesce(sum(bytes), 0) FROM videos WHERE user_id = %(u)s)
+                       + (SELECT coalesce(sum(size_bytes), 0) FROM model_artifacts WHERE user_id = %(u)s) AS b""",
              {"u": user_id}) or {}
-    return (int(r.get("v") or 0) * EXPORT_BYTES_PER_VALUE + int(r.get("n") or 0) * EXPORT_BYTES_PER_SAMPLE
-            + int(r.get("p") or 0) * EXPORT_BYTES_PER_DECISION
-            + int(r.get("b") or 0) + EXPORT_OVERHEAD_BYTES)
+    size = (c["v"] * EXPORT_BYTES_PER_VALUE + c["n"] * EXPORT_BYTES_PER_SAMPLE + c["p"] * EXPORT_BYTES_PER_DECISION
+            + int(b.get("b") or 0) + EXPORT_OVERHEAD_BYTES)
+    return ExportSize(max(size, MAX_UI_EXPORT_BYTES + 1), True) if c["more"] else ExportSize(size, False)
 
 
 def user_data_counts(user_id: int) -> dict:
-    """What deleting a user would remove, to show before asking for confirmation."""
-    return _one(
+    """What deleting a user would remove, to show before asking for confirmation. Samples and predictions are counted
+    up to COUNT_MAX_* (`samples_more`/`predictions_more`: at least that many)."""
+    counts = _one(
         """SELECT (SELECT count(*) FROM gestures WHERE user_id = %(u)s) AS gestures,
                   (SELECT count(*) FROM devices WHERE user_id = %(u)s) AS devices,
                   (SELECT count(*) FROM capture_sessions WHERE user_id = %(u)s) AS sessions,
-                  (SELECT coalesce(sum(n), 0) FROM sample_blocks WHERE user_id = %(u)s) AS samples,
                   (SELECT count(*) FROM videos WHERE user_id = %(u)s) AS videos,
                   (SELECT count(*) FROM training_jobs WHERE user_id = %(u)s) AS jobs,
-                  (SELECT count(*) FROM model_artifacts WHERE user_id = %(u)s) AS models,
-                  (SELECT count(*) FROM predictions WHERE user_id = %(u)s) AS predictions""",
+                  (SELECT count(*) FROM model_artifacts WHERE user_id = %(u)s) AS models""",
         {"u": user_id},
     ) or {}
+    c = _capped_counts(user_id)
+    return {**counts, "samples": c["n"], "samples_more": c["blocks"] >= COUNT_MAX_BLOCKS,
+            "predictions": c["p"], "predictions_more": c["p"] >= COUNT_MAX_DECISIONS}
 
 
 def list_gestures(user_id: int) -> list[dict]:

@@ -68,10 +68,11 @@ def user_table(users: list[dict]) -> None:
 def export_button(user: dict) -> None:
     """A copy of everything stored about the user; the zip is built only when the button is clicked."""
     uid = user["id"]
-    size = data.export_size_estimate(uid)
+    size, at_least = data.export_size_estimate(uid)
     if size > data.MAX_UI_EXPORT_BYTES:
         # built in this process's memory it could take the web UI down; the API writes it to disk and streams it
-        st.caption(f"{user['name']}'s data is about {size / 2**20:,.0f} MB zipped: too much to build in the web UI "
+        about = "more than" if at_least else "about"
+        st.caption(f"{user['name']}'s data is {about} {size / 2**20:,.0f} MB zipped: too much to build in the web UI "
                    f"(limit {data.MAX_UI_EXPORT_BYTES / 2**20:,.0f} MB). Take it through the API, which streams it "
                    "to a file, with one of their API keys (below) or an admin key:")
         st.code(f'curl -fo semg-user-{uid}-export.zip -H "X-API-Key: $KEY" {data.settings().api_url}/users/{uid}/export',
@@ -161,12 +162,16 @@ def edit_and_delete(users: list[dict]) -> None:
             st.rerun()
         return
     counts = data.user_data_counts(uid)
+
+    def more(what: str) -> str:  # counted up to a cap: a user streaming for months has hundreds of millions
+        return "more than " if counts.get(f"{what}_more") else ""
+
     st.warning(
         f"Delete **{user['name']}** and ALL their data? This removes {counts.get('gestures', 0)} gesture(s), "
         f"{counts.get('devices', 0)} device(s), {counts.get('sessions', 0)} session(s), "
-        f"{int(counts.get('samples', 0)):,} samples, {counts.get('videos', 0)} video(s), "
+        f"{more('samples')}{int(counts.get('samples', 0)):,} samples, {counts.get('videos', 0)} video(s), "
         f"{counts.get('jobs', 0)} training job(s), {counts.get('models', 0)} model(s) and "
-        f"{counts.get('predictions', 0)} prediction(s). It cannot be undone."
+        f"{more('predictions')}{int(counts.get('predictions', 0)):,} prediction(s). It cannot be undone."
     )
     c1, c2 = st.columns(2)
     if c1.button("Yes, delete permanently", type="primary", key="confirm_delete"):

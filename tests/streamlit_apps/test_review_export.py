@@ -136,4 +136,4 @@ def test_the_export_size_estimate_is_not_below_the_zip_for_a_device_with_few_cha
                          rate=1000.0, block=50, drop_every=0)
     clean_db.commit()
     zipped = len(data.export_user(uid))
-    assert data.export_size_estimate(uid) >= zipped, (data.export_size_estimate(uid), zipped)
+    assert data.export_size_estimate(uid).bytes >= zipped, (data.export_size_estimate(uid), zipped)
