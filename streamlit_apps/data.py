@@ -175,6 +175,10 @@ def connection() -> Iterator[psycopg2.extensions.connection]:
     except psycopg2.errors.TransactionRollbackError as e:  # the database is up and this connection fine
         raise Cancelled(f"Another change made at the same moment conflicted with this one and the database "
                         f"cancelled it ({db.first_line(e)}); nothing was changed: try again.") from None
+    except psycopg2.errors.QueryCanceled as e:  # an OperationalError, but the database is up and answered
+        raise Unavailable(f"The database took too long to answer and cancelled the request ({db.first_line(e)}); "
+                          "nothing was changed. Try again in a moment; if it keeps happening, the database is "
+                          "overloaded or this page asks for too much at once.") from None
     except (psycopg2.OperationalError, psycopg2.InterfaceError) as e:
         broken = True
         raise Unavailable(_db_down_message(e)) from None

@@ -119,3 +119,22 @@ def test_a_change_cancelled_by_a_deadlock_says_so_and_keeps_the_connection(clean
     assert data._one("SELECT pg_backend_pid() AS pid")["pid"] == pid  # the connection was kept
     # what waits for a database that is down (the capture page's interval times) waits for this too
     assert isinstance(raised.value, data.Unavailable)
+
+
+def test_a_request_the_database_took_too_long_for_says_so_and_keeps_the_connection(clean_db):
+    """The web UI's statement timeout (20 s) cancels a request that takes longer (a query over months of one user's
+    data); psycopg2 raises that as an OperationalError, so the page said 'The database at ... is not reachable
+    (canceling statement due to statement timeout). Start the platform with ./start_all.sh' and threw the
+    connection away, though the database was up."""
+    import data
+    import pytest
+    with pytest.raises(data.Unavailable) as raised, data.connection() as conn:
+        pid = conn.get_backend_pid()
+        with conn.cursor() as cur:
+            cur.execute("SET LOCAL statement_timeout = 50")  # for this transaction only: the pool's stays 20 s
+            cur.execute("SELECT pg_sleep(5)")
+    said = str(raised.value)
+    assert "took too long to answer" in said and "statement timeout" in said and "nothing was changed" in said
+    assert "not reachable" not in said and "start_all" not in said
+    assert data._one("SELECT pg_backend_pid() AS pid")["pid"] == pid  # the connection was kept
+    assert data._one("SHOW statement_timeout")["statement_timeout"] == "20s"
