@@ -199,14 +199,12 @@ def tick(run: capture.CueRun) -> None:
     if run.state == "paused":
         paused_view(run, store)
     c0, c1, c2 = st.columns(3) if run.state == "running" else (None, None, None)
-    if c0 and c0.button("Pause", key="pause", width="stretch", icon=":material/pause:",
-                        help="Stops the cue until you press Resume: take as long as you need. The repetition under "
-                             "way is left out of training and done again after a rest"):
-        with contextlib.suppress(data.Unavailable):  # paused all the same; the cut interval's time is journalled
-            run.pause(time.time(), store)
-        st.session_state[PAUSED] = run.session_id
-        beat(run, force=True)  # the plan changed: another process resuming the run must know
-        st.rerun(scope="app")
+    # Paused in the click's callback, before this refresh draws anything: it shows the paused run at once, with no
+    # rerun of the whole page, which cannot load while the database is down (this fragment goes on meanwhile).
+    if c0:
+        c0.button("Pause", key="pause", width="stretch", icon=":material/pause:", on_click=pause_now, args=(run,),
+                  help="Stops the cue until you press Resume: take as long as you need. The repetition under way "
+                       "is left out of training and done again after a rest")
     if c1 and c1.button("Redo last repetition", key="redo", width="stretch", icon=":material/replay:",
                  help="Throws the last gesture repetition away and does it again after a short rest"):
         try:
@@ -236,6 +234,17 @@ def tick(run: capture.CueRun) -> None:
                        "database is reachable again.", icon=":material/power_off:")
             return
         st.rerun(scope="app")
+
+
+def pause_now(run: capture.CueRun) -> None:
+    """The Pause button: the interval under way is cut, discarded and done again after Resume."""
+    # paused all the same: the cut interval's time is journalled (database down), or the window that took the run
+    # over cut it where this one was last seen (the next heartbeat lets go of it)
+    with contextlib.suppress(data.Unavailable, data.RunTakenOver):
+        run.pause(time.time(), data.SessionStore(run.session_id, run.owner))
+    st.session_state[PAUSED] = run.session_id
+    with contextlib.suppress(data.RunTakenOver):
+        beat(run, force=True)  # the plan changed: another process resuming the run must know
 
 
 def video_note() -> str:
