@@ -454,6 +454,19 @@ class CueRun:
         self.flush(store)
         return cur
 
+    def held_ms(self, now: float) -> int | None:
+        """While paused in a window still showing it: the session's planned length to keep (plan.total_ms), so
+        that its device stays its own however long the pause -- were it resumed now (a rest, the cut gesture
+        again, the rest of the plan), plus LEFT_AFTER_S, the time a window may go without showing it. None when
+        not paused. (A run whose window went away keeps its plan: once that has run out its device is free.)"""
+        with self.lock:
+            if self.state != "paused" or self.t_start is None:
+                return None
+            cur = self.steps[self.index]
+            left = self.rest_s + (cur.duration_s if cur.kind == "gesture" else 0.0)
+            left += sum(s.duration_s for s in self.steps[self.index + 1:])
+            return round((now + LEFT_AFTER_S + left - self.t_start) * 1000)
+
     def forget_unsaved(self) -> None:
         """Another window took the run over and cut it where this one was last seen: what this one has not
         stored yet is dropped, from the queue and from its journal, and never written."""

@@ -182,10 +182,16 @@ def run_view() -> None:
 def tick(run: capture.CueRun) -> None:
     """One refresh of the running session: store what is due, the Redo/Stop buttons, the cue; finish at the end."""
     run.seen_at = time.time()  # this window shows the cue: no other window may take the run over
-    if beat(run) == "lost":
+    beaten = beat(run)
+    if beaten == "lost":
         let_go(run)
         st.rerun(scope="app")
     store = data.SessionStore(run.session_id, run.owner)  # refused once another window took the run over
+    if beaten == "ok" and (held := run.held_ms(time.time())) is not None:
+        # paused for as long as the user needs: the plan's end would pass meanwhile, and with it the device
+        # would be free for a new session, which this one could then not resume over
+        with contextlib.suppress(data.Unavailable):
+            store.extend(held)
     try:
         run.advance(time.time(), store)
     except data.Unavailable:  # the cue goes on; the times wait in memory and in the journal

@@ -48,3 +48,37 @@ def test_pause_while_the_database_is_down_keeps_the_paused_run_on_the_page(page,
 
 def unavailable(*_a, **_k):
     raise data.Unavailable("The database is not reachable")
+
+
+def test_a_pause_longer_than_the_plan_keeps_the_device_for_the_paused_session(page, seeded):
+    """A session's device is free for a new session once the session's planned end has passed (its window went
+    away). A user's pause did not move that end: a pause longer than what was left of the plan let another
+    window start a session on the same armband, and the paused one could then not be resumed (only stopped),
+    although the page said to take as long as needed."""
+    conn, uid = seeded["conn"], seeded["user"]["id"]
+    at, run = start_on_page(page, uid, hold=1.0, rest=0.5)  # REST 0-0.5, fist 0.5-1.5, REST 1.5-2
+    time.sleep(0.8)  # into the fist
+    at.run()
+    at.button(key="pause").click()
+    at.run()
+    assert run.state == "paused"
+    for _ in range(8):  # 4 s: the plan would have ended long ago; the window shows the paused run meanwhile
+        time.sleep(0.5)
+        at.run()
+        assert_clean(at)
+    other = page("capture", user_id=uid)
+    other.run()
+    other.multiselect(key="capture_gestures").set_value(["fist"])
+    other.button(key="capture_start").click()
+    other.run()
+    assert_clean(other)
+    assert other.session_state["capture_shared"].run is None and "is already recording session" in texts(other)
+    at.button(key="resume").click()
+    at.run()
+    assert_clean(at)
+    assert run.state == "running"
+    s = repo.get_session(conn, run.session_id)
+    resumed_fist = run.steps[run.index + 1]
+    assert resumed_fist.label == "fist" and resumed_fist.repetition == 0
+    cur = run.steps[run.index]  # the rest before the fist again; the plan's end is still after all of it
+    assert s["plan"]["total_ms"] / 1000 >= cur.started + sum(x.duration_s for x in run.steps[run.index:]) - run.t_start
