@@ -218,7 +218,15 @@ class CueRun:
             return run, left_at
         started = float(cursor["started"]) if cursor.get("started") is not None else t_start
         while run.index < len(run.steps) and run.steps[run.index].ended is not None:  # stored after the cursor
-            started = run.steps[run.index].ended
+            cut = run.steps[run.index]
+            if cut.discarded and (run.index + 1 == len(run.steps) or run.steps[run.index + 1].ended is None):
+                # the last interval stored, and discarded: cut by a pause whose heartbeat (cursor 'paused') never
+                # reached the database -- it was down, its marks journalled. Paused there, to be done again,
+                # not skipped as if it had run to its end
+                cut.interrupted = True
+                run.state, run.paused_at = "paused", cut.ended
+                return run, left_at
+            started = cut.ended
             run.index += 1
         if run.index < len(run.steps):
             run.state = "running"

@@ -82,3 +82,47 @@ def test_a_pause_longer_than_the_plan_keeps_the_device_for_the_paused_session(pa
     assert resumed_fist.label == "fist" and resumed_fist.repetition == 0
     cur = run.steps[run.index]  # the rest before the fist again; the plan's end is still after all of it
     assert s["plan"]["total_ms"] / 1000 >= cur.started + sum(x.duration_s for x in run.steps[run.index:]) - run.t_start
+
+
+def test_a_pause_the_database_never_heard_of_is_done_again_after_a_restart(page, seeded, monkeypatch):
+    """Pause while the database is down: the cut fist's mark and discard wait in the journal, and the heartbeat
+    saying the run is paused cannot be stored. The UI process then dies, the database comes back, and the next
+    process takes the run over: the journal is stored first, and the run was rebuilt as running from the interval
+    after the cut fist (the cursor still said running, and the fist had an end), so the fist was never done
+    again: the session completed without it."""
+    conn, uid = seeded["conn"], seeded["user"]["id"]
+    monkeypatch.setattr(capture, "LEFT_AFTER_S", 1.0)
+    at, run = start_on_page(page, uid, hold=3.0, rest=0.5)  # REST 0-0.5, fist 0.5-3.5, REST 3.5-4
+    time.sleep(1.0)  # into the fist
+    run.beat_at = None
+    at.run()  # its last heartbeat: running, in the fist
+    for write in ("mark_interval", "discard_interval", "run_heartbeat"):
+        monkeypatch.setattr(data, write, unavailable)
+    at.button(key="pause").click()
+    at.run()
+    assert run.state == "paused" and run.unsaved == 2
+    capture._RUNS.clear()  # the process dies
+    monkeypatch.undo()
+    monkeypatch.setattr(capture, "LEFT_AFTER_S", 1.0)
+    time.sleep(1.3)
+    tab = page("capture", user_id=uid)
+    tab.run()
+    assert_clean(tab)
+    tab.button(key=f"resume_left_{run.session_id}").click()
+    tab.run()
+    assert_clean(tab)
+    again = tab.session_state["capture_shared"].run
+    deadline = time.time() + 10
+    while again.state == "running" and time.time() < deadline:
+        time.sleep(0.2)
+        tab.run()
+    tab.run()
+    s = repo.get_session(conn, run.session_id)
+    assert s["status"] == "completed"
+    kept = sorted((i for i in s["intervals"] if i["started_at"] is not None and not i["discarded"]),
+                  key=lambda i: i["started_at"])
+    assert [(i["label"], i["repetition"]) for i in kept if i["kind"] == "gesture"] == [("fist", 0)]
+    cut = next(i for i in s["intervals"] if i["label"] == "fist" and i["discarded"])
+    assert all(i["started_at"] >= cut["ended_at"] for i in kept[1:])
+    for a, b in zip(kept, kept[1:], strict=False):
+        assert a["ended_at"] <= b["started_at"]
