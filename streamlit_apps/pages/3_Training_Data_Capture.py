@@ -26,6 +26,7 @@ GONE = "capture_run_deleted"
 RESUMED = "capture_resumed_note"
 BUSY = "capture_device_busy"
 PAUSED = "capture_paused_by_user"  # the session id this window's user paused (not a reload's pause)
+PAUSE_KEY = "P"  # the keyboard shortcut of Pause and of Resume (never shown together)
 if SHARED not in st.session_state:  # one per browser session: the WebRTC thread holds on to it
     st.session_state[SHARED] = capture.CaptureShared()
 shared: capture.CaptureShared = st.session_state[SHARED]
@@ -208,9 +209,12 @@ def tick(run: capture.CueRun) -> None:
     # Paused in the click's callback, before this refresh draws anything: it shows the paused run at once, with no
     # rerun of the whole page, which cannot load while the database is down (this fragment goes on meanwhile).
     if c0:
+        # one key (P pauses, P resumes): the hand with the armband is busy, and after a click on Pause the
+        # keyboard focus falls back to the top of the page, far from Resume
         c0.button("Pause", key="pause", width="stretch", icon=":material/pause:", on_click=pause_now, args=(run,),
-                  help="Stops the cue until you press Resume: take as long as you need. The repetition under way "
-                       "is left out of training and done again after a rest")
+                  shortcut=PAUSE_KEY,
+                  help=f"Stops the cue until you press Resume (or the {PAUSE_KEY} key again): take as long as you "
+                       "need. The repetition under way is left out of training and done again after a rest")
     if c1 and c1.button("Redo last repetition", key="redo", width="stretch", icon=":material/replay:",
                  help="Throws the last gesture repetition away and does it again after a short rest"):
         try:
@@ -298,7 +302,7 @@ def paused_view(run: capture.CueRun, store: data.SessionStore) -> None:
         busy.error(why, icon=":material/block:")
     c1, c2 = st.columns([2, 3])  # room for the long label
     if c1.button("Resume", key="resume", type="primary", width="stretch", icon=":material/play_arrow:",
-                 help="Goes on after a rest, from the interval that was under way"):
+                 shortcut=PAUSE_KEY, help="Goes on after a rest, from the interval that was under way"):
         if why := device_taken(run):  # still paused: nothing changed
             st.session_state[BUSY] = why
             busy.error(why, icon=":material/block:")

@@ -245,3 +245,44 @@ def test_a_capture_page_reloaded_mid_session_resumes_where_it_stopped(stack, bro
         browser_page.get_by_label("Password", exact=True).wait_for(timeout=30_000)
     finally:
         conn.close()
+
+
+def test_the_capture_is_paused_and_resumed_with_one_key(stack, browser_page, screenshots_dir, settings):
+    """The hand with the armband is holding gestures and the other may be unsteady: P pauses the cue (the
+    repetition under way is left out and done again) and P resumes it, with the keyboard focus wherever the
+    click on Start left it; every planned repetition is then recorded once."""
+    conn = _conn()
+    try:
+        user = repo.create_user(conn, "Paula Pause", f"pause-{int(time.time())}@example.org")
+        for g in GESTURES:
+            repo.add_gesture(conn, user["id"], g)
+        repo.register_device(conn, user["id"], CHANNELS, RATE)
+        ui = Ui(browser_page, f"http://127.0.0.1:{settings.ui_port}", screenshots_dir)
+        browser_page.goto(f"{ui.base_url}/Training_Data_Capture?user={user['id']}")
+        _sign_in_on(browser_page, secrets.ui_password(), "Training Data Capture")
+        ui.wait_idle()
+        reps = 1
+        ui.fill("Repetitions", str(reps))
+        ui.fill("Hold (s)", "2.5")
+        ui.fill("Rest (s)", "1.5")
+        ui.click("Start session")
+        session = _wait(lambda: next((s for s in repo.list_sessions(conn, user["id"]) if s["status"] == "recording"),
+                                     None), 30, "the session to start", poll=0.1)
+        ui.text(re.compile(r"repetition 1 of 1"), timeout=20)
+        time.sleep(1.0)
+        browser_page.keyboard.press("p")
+        ui.text(re.compile(r"take as long as you need"), timeout=20)
+        ui.shot("capture-paused-by-key")
+        time.sleep(2.0)  # paused: nothing runs on
+        cut = [i for i in repo.get_session(conn, session["id"])["intervals"] if i["discarded"]]
+        assert len(cut) == 1, cut
+        browser_page.keyboard.press("p")
+        ui.text(re.compile(rf"Session #{session['id']} resumed"), timeout=20)
+        ui.text(re.compile(rf"Session #{session['id']} completed"), timeout=120)
+        done = repo.get_session(conn, session["id"])
+        kept = sorted((i["label"], i["repetition"]) for i in done["intervals"]
+                      if i["kind"] == "gesture" and i["started_at"] and not i["discarded"])
+        assert kept == sorted((g, r) for g in GESTURES for r in range(reps)), kept  # each once
+        assert [i["id"] for i in done["intervals"] if i["discarded"]] == [cut[0]["id"]]
+    finally:
+        conn.close()

@@ -636,10 +636,13 @@ def test_capture_can_be_paused_for_as_long_as_the_user_needs_and_resumed(page, s
     run = at.session_state["capture_shared"].run
     time.sleep(0.9)  # inside the fist interval
     at.run()
+    # one key pauses and resumes: the hand with the armband is busy (tests/e2e presses it in a browser)
+    assert button(at, "Pause").proto.shortcut.upper() == "P"
     button(at, "Pause").click()
     at.run()
     assert_clean(at)
     assert run.state == "paused"
+    assert button(at, "Resume").proto.shortcut.upper() == "P"
     time.sleep(3.0)  # longer than the whole plan: nothing runs on meanwhile
     at.run()
     assert_clean(at)
