@@ -250,23 +250,31 @@ def _delete_predictions(conn, user_id: int, before: datetime | None, batch: int,
                         stop: Callable[[], bool] | None = None, pause_s: float = 0.0) -> int:
     """Delete the user's decisions (those decided before `before`, or all), `batch` per short transaction, so no
     statement runs long and nothing waits long on its locks. Returns how many."""
+    sql = _DELETE_BATCH.format(older="AND decided_at < %(before)s" if before is not None else "")
+    return _delete_in_batches(conn, sql, {"u": user_id, "before": before}, batch, stop, pause_s)
+
+
+def _delete_in_batches(conn, sql: str, params: dict, batch: int, stop: Callable[[], bool] | None = None,
+                       pause_s: float = 0.0) -> int:
+    """Run `sql` (_DELETE_BATCH, _DELETE_SAMPLES: deletes up to %(n)s rows from %(since)s on, returns their count
+    and oldest time) batch after batch, each its own short transaction starting at the oldest row of the batch
+    before, until one deletes fewer than `batch` (or `stop()`). Returns how many."""
     if batch < 1:
         raise Invalid("batch must be at least 1")
-    sql = _DELETE_BATCH.format(older="AND decided_at < %(before)s" if before is not None else "")
     total, since = 0, "-infinity"
     with _own_transactions(conn):
         while not (stop and stop()):
             with conn, conn.cursor() as cur:
-                # a synchronous commit, as for the sample blocks: the next batch, walking these entries once
-                # more, can mark them dead only once the commit is flushed, and marked they cost the next pass
-                # (and the cascade of delete_user) a step each instead of a table lookup each
-                cur.execute(sql, {"u": user_id, "since": since, "before": before, "n": batch})
+                # a synchronous commit: the next batch, walking these entries once more, can mark them dead only
+                # once the commit is flushed, and marked they cost the next pass (and the final cascade of a
+                # device's or user's row) a step each instead of a table lookup each (asynchronous ones left a
+                # device's 1 M entries unmarked: its user's cascade took 0.7 s instead of 0.05 s)
+                cur.execute(sql, {**params, "since": since, "n": batch})
                 n, oldest = cur.fetchone()
             total += n
-            if n:
-                since = oldest
             if n < batch:
                 break
+            since = oldest
             if pause_s:
                 time.sleep(pause_s)
     return total
@@ -294,22 +302,7 @@ def _delete_samples(conn, device_id: int, batch: int) -> int:
     hour, and tens of hours in the one cascade from its devices (or users) row outran the UI's statement timeout
     and held its locks throughout. Returns how many. Blocks still arriving (a live device) are for the caller's
     final cascade, which then has only those few left."""
-    if batch < 1:
-        raise Invalid("batch must be at least 1")
-    total, since = 0, "-infinity"
-    with _own_transactions(conn):
-        while True:
-            with conn, conn.cursor() as cur:
-                # a synchronous commit, unlike the decisions' batches: the next batch can mark these entries dead
-                # only once the commit is flushed (asynchronous ones left a device's 1 M entries unmarked, and
-                # the user row's cascade took 0.7 s instead of 0.05 s)
-                cur.execute(_DELETE_SAMPLES, {"d": device_id, "since": since, "n": batch})
-                n, oldest = cur.fetchone()
-            total += n
-            if n < batch:
-                break
-            since = oldest
-    return total
+    return _delete_in_batches(conn, _DELETE_SAMPLES, {"d": device_id}, batch)
 
 
 # Set in the transaction deleting a users/devices row once its recordings are gone. The cascade's query
