@@ -281,7 +281,7 @@ _CAPPED_COUNTS = """SELECT s.v, s.n, s.blocks, p.p
 def _capped_counts(user_id: int) -> dict:
     r = _one(_CAPPED_COUNTS, {"u": user_id, "max_blocks": COUNT_MAX_BLOCKS, "max_p": COUNT_MAX_DECISIONS}) or {}
     r = {k: int(r.get(k) or 0) for k in ("v", "n", "blocks", "p")}
-    r["more"] = r["blocks"] >= COUNT_MAX_BLOCKS or r["p"] >= COUNT_MAX_DECISIONS
+    r["samples_more"], r["predictions_more"] = r["blocks"] >= COUNT_MAX_BLOCKS, r["p"] >= COUNT_MAX_DECISIONS
     return r
 
 
@@ -301,7 +301,9 @@ def export_size_estimate(user_id: int) -> ExportSize:
              {"u": user_id}) or {}
     size = (c["v"] * EXPORT_BYTES_PER_VALUE + c["n"] * EXPORT_BYTES_PER_SAMPLE + c["p"] * EXPORT_BYTES_PER_DECISION
             + int(b.get("b") or 0) + EXPORT_OVERHEAD_BYTES)
-    return ExportSize(max(size, MAX_UI_EXPORT_BYTES + 1), True) if c["more"] else ExportSize(size, False)
+    if c["samples_more"] or c["predictions_more"]:
+        return ExportSize(max(size, MAX_UI_EXPORT_BYTES + 1), True)
+    return ExportSize(size, False)
 
 
 def user_data_counts(user_id: int) -> dict:
@@ -317,8 +319,8 @@ def user_data_counts(user_id: int) -> dict:
         {"u": user_id},
     ) or {}
     c = _capped_counts(user_id)
-    return {**counts, "samples": c["n"], "samples_more": c["blocks"] >= COUNT_MAX_BLOCKS,
-            "predictions": c["p"], "predictions_more": c["p"] >= COUNT_MAX_DECISIONS}
+    return {**counts, "samples": c["n"], "samples_more": c["samples_more"],
+            "predictions": c["p"], "predictions_more": c["predictions_more"]}
 
 
 def list_gestures(user_id: int) -> list[dict]:
