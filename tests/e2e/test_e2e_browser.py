@@ -175,6 +175,19 @@ def _sign_in_on(page, password: str, title: str) -> None:
     page.get_by_role("heading", name=re.compile(re.escape(title))).first.wait_for(timeout=30_000)
 
 
+def _on_capture_page(conn, browser_page, screenshots_dir, settings, name: str) -> tuple[dict, Ui]:
+    """A new user with GESTURES and an armband, signed in on their Training Data Capture page."""
+    user = repo.create_user(conn, name, f"{name.split()[-1].lower()}-{int(time.time())}@example.org")
+    for g in GESTURES:
+        repo.add_gesture(conn, user["id"], g)
+    repo.register_device(conn, user["id"], CHANNELS, RATE)
+    ui = Ui(browser_page, f"http://127.0.0.1:{settings.ui_port}", screenshots_dir)
+    browser_page.goto(f"{ui.base_url}/Training_Data_Capture?user={user['id']}")
+    _sign_in_on(browser_page, secrets.ui_password(), "Training Data Capture")
+    ui.wait_idle()
+    return user, ui
+
+
 def test_a_capture_page_reloaded_mid_session_resumes_where_it_stopped(stack, browser_page, screenshots_dir,
                                                                      settings):
     """Someone reloads the capture page by mistake a few seconds into a session: the reloaded page offers to
@@ -182,15 +195,7 @@ def test_a_capture_page_reloaded_mid_session_resumes_where_it_stopped(stack, bro
     with the webcam video of both halves in one registered file."""
     conn = _conn()
     try:
-        user = repo.create_user(conn, "Rita Reload", f"reload-{int(time.time())}@example.org")
-        for g in GESTURES:
-            repo.add_gesture(conn, user["id"], g)
-        repo.register_device(conn, user["id"], CHANNELS, RATE)
-        ui = Ui(browser_page, f"http://127.0.0.1:{settings.ui_port}", screenshots_dir)
-        password = secrets.ui_password()
-        browser_page.goto(f"{ui.base_url}/Training_Data_Capture?user={user['id']}")
-        _sign_in_on(browser_page, password, "Training Data Capture")
-        ui.wait_idle()
+        user, ui = _on_capture_page(conn, browser_page, screenshots_dir, settings, "Rita Reload")
         # the remembered sign-in is in this origin's localStorage, not in a cookie (which every port of the host
         # name would be sent and could read)
         token = _wait(lambda: browser_page.evaluate("() => localStorage.getItem('semg_session')"), 10,
@@ -253,14 +258,7 @@ def test_the_capture_is_paused_and_resumed_with_one_key(stack, browser_page, scr
     click on Start left it; every planned repetition is then recorded once."""
     conn = _conn()
     try:
-        user = repo.create_user(conn, "Paula Pause", f"pause-{int(time.time())}@example.org")
-        for g in GESTURES:
-            repo.add_gesture(conn, user["id"], g)
-        repo.register_device(conn, user["id"], CHANNELS, RATE)
-        ui = Ui(browser_page, f"http://127.0.0.1:{settings.ui_port}", screenshots_dir)
-        browser_page.goto(f"{ui.base_url}/Training_Data_Capture?user={user['id']}")
-        _sign_in_on(browser_page, secrets.ui_password(), "Training Data Capture")
-        ui.wait_idle()
+        user, ui = _on_capture_page(conn, browser_page, screenshots_dir, settings, "Paula Pause")
         reps = 1
         ui.fill("Repetitions", str(reps))
         ui.fill("Hold (s)", "2.5")
