@@ -304,8 +304,10 @@ def test_a_join_slower_than_the_retry_interval_still_completes(sim_object, devic
     assert diags[-1]["wifi"] == "up" and 1 <= diags[-1]["wifi_retries"] <= 3, r.out
     server.wait_settled()
     got = samples_of(device.blocks(), boot=1)
-    # the samples taken while joining waited in the queue: the stream is whole from sequence number 0
-    assert min(got) == 0 and set(range(max(got) + 1)) - set(got) <= r.not_served(), r.err
+    # the samples taken while joining waited in the queue: the stream is whole from sequence number 0, but for
+    # ticks the host-scheduled sampler took late (a loaded machine: CI once had ticks 0..12 late, the stream
+    # rightly began at 13), which the sketch skips
+    assert set(range(max(got) + 1)) - set(got) <= r.not_served(), r.err
     assert len(got) >= 0.6 * 3.3 * RATE
 
 
