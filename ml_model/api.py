@@ -42,12 +42,12 @@ from ml_model.rest.serving import ModelRegistry
 from ml_model.rest.state import AppState, State
 from semg import db, natsio, procs, secrets, tls
 from semg.config import SettingsError, get_settings, settings_or_exit
-from semg.messages import MODELS_UPDATED, ModelUpdated
+from semg.messages import MODELS_POLL_S, MODELS_UPDATED, ModelUpdated
 
 log = logging.getLogger("semg.api")
 
-# Fallback for a missed models.updated (NATS down, or published before we subscribed).
-MODEL_POLL_S = 30.0
+# Fallback for a missed models.updated (NATS down, or published before we subscribed); follows renamed gestures.
+MODEL_POLL_S = MODELS_POLL_S
 
 
 async def _connect_nats(state: AppState) -> None:

@@ -321,7 +321,7 @@ def score_job_model(conn, job_id: int, session_ids: Sequence[int], max_window_by
     if data["windows"].shape[1] != n_device:
         raise JobFailed(f"the model reads a {n_device}-channel device and these sessions were recorded with "
                         f"{data['windows'].shape[1]} channels")
-    renamed = _renamed_classes(conn, meta)
+    renamed = repo.renamed_classes(conn, artifact_id, meta["classes"])
     classes = [renamed.get(str(c), str(c)) for c in meta["classes"]]
     labels = data["labels"].astype(str)
     known = np.isin(labels, classes)
@@ -348,34 +348,6 @@ def score_job_model(conn, job_id: int, session_ids: Sequence[int], max_window_by
         # figures on sessions the model learnt from are not a test of it
         "trained_on": sorted(trained_on & set(data["sessions"])),
     }
-
-
-def _renamed_classes(conn, meta: Mapping[str, Any]) -> dict[str, str]:
-    """{model class: its gesture's name now} for the gestures renamed since the model was trained: their recordings
-    take the new name (repo.update_gesture), the model keeps the old one. Found by the intervals the model learnt
-    from (meta["data"]["sessions"]; models without it map nothing)."""
-    ids_of: dict[str, list[int]] = {}
-    trained = meta.get("data")
-    for sess in (trained.get("sessions") if isinstance(trained, Mapping) else None) or []:
-        for iv in sess.get("intervals") or []:
-            if iv[1] != preprocessing.REST_LABEL:
-                ids_of.setdefault(str(iv[1]), []).append(int(iv[0]))
-    if not ids_of:
-        return {}
-    with conn, conn.cursor() as cur:
-        cur.execute("SELECT id, label FROM session_intervals WHERE id = ANY(%s) AND gesture_id IS NOT NULL",
-                    ([i for ids in ids_of.values() for i in ids],))
-        now = dict(cur.fetchall())
-    classes = [str(c) for c in meta["classes"]]
-    renamed = {}
-    for name, ids in ids_of.items():
-        names = {now[i] for i in ids if i in now}
-        if name in classes and len(names) == 1 and (new := names.pop()) != name:
-            renamed[name] = new
-    # names swapped are followed both ways; a name two classes would now share (a gesture deleted, another renamed
-    # to its name) is left as it was
-    mapped = [renamed.get(c, c) for c in classes]
-    return {c: new for c, new in renamed.items() if mapped.count(new) == 1}
 
 
 def _a_session_can_be_held_out(labels: np.ndarray, window_session: np.ndarray) -> bool:

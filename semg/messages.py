@@ -31,6 +31,8 @@ def predictions_subject(userid: int) -> str:
 SAMPLES_WILDCARD = "emg.samples.*"
 PREDICTIONS_WILDCARD = "emg.predictions.*"
 MODELS_UPDATED = "models.updated"
+# How often the API looks for new models anyway (a models.updated missed) and for gestures renamed in the web UI.
+MODELS_POLL_S = 30.0
 
 # When the UDP server published a samples message, on the clock its recv_time values are on: minus those, how
 # long the server held the samples (a backlog after an outage or a restart), whatever the reader's clock says.

@@ -1173,6 +1173,42 @@ def list_models(conn, user_id: int) -> list[dict]:
         return [dict(r) for r in cur.fetchall()]
 
 
+def renamed_classes(conn, artifact_id: int, classes: Sequence[str]) -> dict[str, str]:
+    """{model class: its gesture's name now} for the gestures renamed since the model was trained: their recordings
+    take the new name (update_gesture), the model keeps the old one. Found by the intervals the model learnt from
+    (its metadata's data.sessions[].intervals, [id, label, ...] each; a model without them maps nothing), read in
+    the database, so that a caller need not load them. classes: the model's classes as the caller names them."""
+    with _tx(conn) as cur:
+        cur.execute(
+            """SELECT DISTINCT iv->>1 AS trained, si.label AS now
+               FROM model_artifacts a
+               CROSS JOIN LATERAL jsonb_array_elements(CASE WHEN jsonb_typeof(a.metadata #> '{data,sessions}') = 'array'
+                                                           THEN a.metadata #> '{data,sessions}' ELSE '[]' END) s
+               CROSS JOIN LATERAL jsonb_array_elements(CASE WHEN jsonb_typeof(s->'intervals') = 'array'
+                                                           THEN s->'intervals' ELSE '[]' END) iv
+               JOIN session_intervals si ON si.id = (iv->>0)::bigint AND si.gesture_id IS NOT NULL
+               WHERE a.id = %s AND iv->>1 <> %s""", (artifact_id, REST))
+        names_now: dict[str, set[str]] = {}
+        for row in cur.fetchall():
+            names_now.setdefault(row["trained"], set()).add(row["now"])
+    classes = [str(c) for c in classes]
+    renamed = {name: next(iter(now)) for name, now in names_now.items()
+               if name in classes and len(now) == 1 and next(iter(now)) != name}
+    # names swapped are followed both ways; a name two classes would now share (a gesture deleted, another renamed
+    # to its name) is left as it was
+    mapped = [renamed.get(c, c) for c in classes]
+    return {c: new for c, new in renamed.items() if mapped.count(new) == 1}
+
+
+def gesture_names_keys(conn, user_ids: Sequence[int]) -> dict[int, str]:
+    """{user: a digest of their gesture bank's ids and names}: it changes when a gesture is renamed, added or
+    deleted (a user without gestures is absent)."""
+    with _tx(conn) as cur:
+        cur.execute("""SELECT user_id, md5(string_agg(id::text || '=' || name, E'\\n' ORDER BY id)) AS key
+                       FROM gestures WHERE user_id = ANY(%s) GROUP BY user_id""", (list(user_ids),))
+        return {int(r["user_id"]): r["key"] for r in cur.fetchall()}
+
+
 def recent_predictions(conn, user_id: int, limit: int = 100, since: datetime | None = None) -> list[dict]:
     with _tx(conn) as cur:
         cur.execute(

@@ -31,6 +31,7 @@ import streamlit as st
 from semg import db, diskspace, journal, repo, tls, uisessions
 from semg import secrets as semg_secrets
 from semg.config import Settings, SettingsError, get_settings
+from semg.messages import MODELS_POLL_S  # noqa: F401 - the pages say how soon the API follows a rename
 from udpserver import troubleshooting
 
 log = logging.getLogger("semg.ui")
@@ -617,7 +618,13 @@ def job_logs(job_id: int, after_id: int = 0) -> list[dict]:
 
 
 def latest_model(user_id: int) -> dict | None:
-    return _repo(repo.latest_model, user_id)
+    """The served model (no weights), with ``renamed`` {class as trained: its gesture's name now} and ``answers``,
+    its classes by the names live recognition answers (the API follows renames: repo.renamed_classes)."""
+    m = _repo(repo.latest_model, user_id)
+    if m is not None:
+        m["renamed"] = _repo(repo.renamed_classes, m["id"], m["classes"])
+        m["answers"] = [m["renamed"].get(c, c) for c in m["classes"]]
+    return m
 
 
 def list_models(user_id: int) -> list[dict]:

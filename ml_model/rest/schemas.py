@@ -261,7 +261,10 @@ class ModelInfo(_Out):
     artifact_id: int
     user_id: int
     job_id: int | None = None
-    classes: list[str]
+    classes: list[str] = Field(description="the gestures it answers, by their names now (for the served model)")
+    renamed: dict[str, str] = Field(
+        default_factory=dict, description="{name it was trained under: its gesture's name now} for the gestures "
+        "renamed since (the served model answers with the name of now; its metrics keep the old one)")
     accuracy: float | None = Field(None, description="held-out (whole repetition) accuracy")
     size_bytes: int
     sha256: str

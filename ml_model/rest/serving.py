@@ -27,6 +27,7 @@ from ml_model import artifacts
 from ml_model import preprocessing as pp
 from ml_model.rest import stacking
 from ml_model.rest.pool import ConnectionPool
+from semg import repo
 
 log = logging.getLogger("semg.api.models")
 
@@ -65,6 +66,10 @@ class ServedModel:
     group: int | None = None
     scaler_mean: np.ndarray | None = None  # (C, 1) float32
     scaler_std: np.ndarray | None = None
+    # {class as trained: its gesture's name now} (repo.renamed_classes): answers use the gesture's name now, so a
+    # rename shows in live recognition without retraining. names_key: the user's gesture names it was derived from.
+    renamed: Mapping[str, str] = field(default_factory=dict)
+    names_key: str | None = None
     classes: list[str] = field(init=False)
     n_device_channels: int = field(init=False)
     window: int = field(init=False)
@@ -72,7 +77,7 @@ class ServedModel:
 
     def __post_init__(self) -> None:
         # plain attributes for the hot path (the dataclass is frozen: set once here)
-        object.__setattr__(self, "classes", list(self.meta["classes"]))
+        object.__setattr__(self, "classes", [self.renamed.get(c, c) for c in self.meta["classes"]])
         object.__setattr__(self, "n_device_channels", int(self.meta["n_device_channels"]))
         object.__setattr__(self, "window", int(self.meta["window"]))
         object.__setattr__(self, "step", int(self.meta["step"]))
@@ -139,6 +144,13 @@ def build_served(row: Mapping[str, Any]) -> ServedModel:
         log.info("model %s of user %s runs unstacked (architecture not stackable)", row["id"], row["user_id"])
         served = dataclasses.replace(served, parts=None, group=None)
     return served
+
+
+def _with_names_now(served: ServedModel, conn) -> ServedModel:
+    """The model answering with its gestures' names of now (see ServedModel.renamed)."""
+    key = repo.gesture_names_keys(conn, [served.user_id]).get(served.user_id)
+    renamed = repo.renamed_classes(conn, served.artifact_id, served.meta["classes"])
+    return dataclasses.replace(served, renamed=renamed, names_key=key)
 
 
 @dataclass
@@ -232,6 +244,7 @@ class ModelRegistry:
             if current is None:
                 self._absent[user_id] = time.monotonic()
             return current
+        served = _with_names_now(served, conn)
         if user_id in self._deleted:  # deleted while we loaded it
             return None
         self._models[user_id] = served  # atomic swap: in-flight requests keep their reference
@@ -242,7 +255,35 @@ class ModelRegistry:
 
     def refresh_user(self, user_id: int) -> ServedModel | None:
         with self._load_lock, self.pool.connection() as conn:
-            return self._install(user_id, self._latest_id(conn, user_id), conn)
+            served = self._install(user_id, self._latest_id(conn, user_id), conn)
+            if served is not None:
+                self._follow_renames([user_id], conn)
+            return self._models.get(user_id)
+
+    def follow_renames(self, user_id: int, conn) -> None:
+        """After a change to the user's gesture names through this process: answer with them at once."""
+        if user_id in self._models:
+            try:
+                with self._load_lock:
+                    self._follow_renames([user_id], conn)
+            except psycopg2.Error as e:  # the change is stored: the next poll follows it
+                log.warning("could not follow user %s's gesture names now (%s); the next poll will", user_id,
+                            str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+
+    def _follow_renames(self, user_ids: Sequence[int], conn) -> None:
+        """Answer with the gesture names of now for the users whose gesture names changed since their model was
+        installed (same weights: swapped in as a reload is)."""
+        keys = repo.gesture_names_keys(conn, user_ids)
+        for user_id in user_ids:
+            m = self._models.get(user_id)
+            if m is None or keys.get(user_id) == m.names_key:
+                continue
+            renamed = _with_names_now(m, conn)
+            if user_id not in self._deleted and self._models.get(user_id) is m:
+                self._models[user_id] = renamed
+                if renamed.classes != m.classes:
+                    log.info("user %s: gestures renamed; model %s now answers %s", user_id, m.artifact_id,
+                             ", ".join(renamed.classes))
 
     def refresh_all(self) -> int:
         """Bring every user's model up to date; returns how many changed."""
@@ -260,6 +301,7 @@ class ModelRegistry:
                 if cur_model is None or cur_model.artifact_id != artifact_id:
                     self._install(user_id, artifact_id, conn)
                     changed += 1
+            self._follow_renames(list(self._models), conn)
             self.loaded = True
             return changed
 

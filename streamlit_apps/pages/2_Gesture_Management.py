@@ -101,10 +101,14 @@ def gesture_bank(user: dict, n_channels: int) -> None:
                 try:
                     saved = data.update_gesture(gid, name, desc, used, purposes)
                     served = data.latest_model(user["id"])
-                    if saved["name"] != g["name"] and served and g["name"] in served["classes"]:
-                        # the served model's classes are the names it was trained under
-                        st.session_state[NOTE_STATE] = (f"Renamed {g['name']} to {saved['name']}. Live recognition "
-                                                        f"still answers {g['name']} until you train a new model.")
+                    if saved["name"] != g["name"] and served and g["name"] in served["classes"] + served["answers"]:
+                        # the API follows a rename on its next poll, where the model knows what it learnt from
+                        # (older models do not: they answer the name they were trained under)
+                        st.session_state[NOTE_STATE] = (
+                            f"Renamed {g['name']} to {saved['name']}. Live recognition answers {saved['name']} "
+                            f"within {data.MODELS_POLL_S:g} s, without retraining." if saved["name"] in served["answers"]
+                            else f"Renamed {g['name']} to {saved['name']}. Live recognition still answers "
+                                 f"{g['name']} until you train a new model.")
                     else:
                         st.toast(f"Saved {saved['name']}")
                     st.rerun()

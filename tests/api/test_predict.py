@@ -259,6 +259,54 @@ def test_poll_finds_a_model_without_notification(api, keys, served, clean_db):
     assert api.get(f"/models/{user['id']}", headers=keys.service).json()["artifact_id"] == new_id
 
 
+def test_a_renamed_gesture_is_answered_by_its_new_name_without_retraining(api, keys, make_user, clean_db):
+    """The served model answered with the names it was trained under until the next training: 'fist' renamed
+    'power grip' was still decided 'fist' live, and a client mapping gestures to actions by name got a name no
+    longer in the bank. Renamed through the API: at once; through the web UI (another process): by the poll."""
+    from ml_model.api import app
+    from ml_model.jobs import INTERVAL_COLUMNS
+    from semg import repo
+    user = make_user()
+    uid = user["id"]
+    ids = {g: repo.add_gesture(clean_db, uid, g)["id"] for g in ("fist", "open hand", "pinch")}
+    dev = repo.register_device(clean_db, uid, 8, 200.0)
+    session = repo.create_session(clean_db, uid, dev["id"], ["fist", "open hand", "pinch"], 1, 2.0, 1.0)
+    # the model learnt from this session's intervals, as a training job records them (meta["data"])
+    intervals = [[iv["id"], iv["label"], iv["repetition"], 0, 1] for iv in session["intervals"]]
+    weights, meta = random_artifact(8, 200, classes=("REST", "fist", "open hand", "pinch"))
+    meta["data"] = {"sessions": [{"id": session["id"], "intervals": intervals}], "interval_columns": INTERVAL_COLUMNS}
+    artifact_id = insert_artifact(clean_db, uid, weights, meta)
+    body = {"user_id": uid, "windows": _windows(30).tolist()}
+
+    def answers() -> tuple[list, set, dict]:
+        (res,) = api.post("/predict", json=body, headers=keys.service).json()["results"]
+        info = api.get(f"/models/{uid}", headers=keys.service).json()
+        assert res["model_id"] == info["artifact_id"] == artifact_id and info["classes"] == res["classes"]
+        return res["classes"], {p["gesture"] for p in res["predictions"]}, info["renamed"]
+
+    assert answers()[0] == ["REST", "fist", "open hand", "pinch"]
+    r = api.patch(f"/gestures/{ids['fist']}", json={"name": "power grip"}, headers=keys("user", uid))
+    assert r.status_code == 200, r.text
+    classes, decided, renamed = answers()
+    assert classes == ["REST", "power grip", "open hand", "pinch"] and decided <= set(classes)
+    assert renamed == {"fist": "power grip"}
+
+    # the web UI renames in the database (repo.update_gesture); the API follows on its next poll
+    repo.update_gesture(clean_db, ids["open hand"], name="open palm")
+    app.state.semg.models.refresh_all()
+    assert answers()[0] == ["REST", "power grip", "open palm", "pinch"]
+    # two names swapped (through a third): each class follows its gesture, not the name
+    for gid, to in ((ids["pinch"], "tmp"), (ids["fist"], "pinch"), (ids["pinch"], "power grip")):
+        repo.update_gesture(clean_db, gid, name=to)
+    app.state.semg.models.refresh_all()
+    classes, decided, renamed = answers()
+    assert classes == ["REST", "pinch", "open palm", "power grip"], classes
+    assert renamed == {"fist": "pinch", "open hand": "open palm", "pinch": "power grip"}
+    # the metrics and the model history keep the names it was trained under
+    history = api.get(f"/users/{uid}/models", headers=keys.service).json()
+    assert history[0]["classes"] == ["REST", "fist", "open hand", "pinch"]
+
+
 def test_deleted_user_stops_being_served(api, keys, served):
     user, _, _ = served()
     assert api.delete(f"/users/{user['id']}", headers=keys.admin).status_code == 200

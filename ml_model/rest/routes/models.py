@@ -50,8 +50,8 @@ class NoModelError(LookupError):
 
 def model_info(m: ServedModel) -> ModelInfo:
     return ModelInfo(
-        artifact_id=m.artifact_id, user_id=m.user_id, job_id=m.job_id, classes=m.classes, accuracy=m.accuracy,
-        size_bytes=m.size_bytes, sha256=m.sha256, trained_at=m.created_at, channels=m.meta["channels"],
+        artifact_id=m.artifact_id, user_id=m.user_id, job_id=m.job_id, classes=m.classes, renamed=dict(m.renamed),
+        accuracy=m.accuracy, size_bytes=m.size_bytes, sha256=m.sha256, trained_at=m.created_at, channels=m.meta["channels"],
         n_device_channels=m.n_device_channels, sample_rate_hz=m.meta["sample_rate_hz"],
         window_ms=m.meta["window_ms"], step_ms=m.meta["step_ms"], window=m.window, step=m.step, metrics=m.metrics,
         channel_reference=m.channel_reference, training=m.meta.get("training"),

@@ -172,10 +172,14 @@ def add_gesture(user_id: UserScoped, body: GestureCreate, conn: Conn) -> dict:
 
 
 @router.patch("/gestures/{gesture_id}", response_model=Gesture, tags=["gestures"])
-def update_gesture(gesture_id: PathId, body: GestureUpdate, caller: Caller, conn: Conn) -> dict:
-    caller.check_user(queries.gesture_owner(conn, gesture_id))
-    return repo.update_gesture(conn, gesture_id, name=body.name, description=body.description,
-                               channels_used=body.channels_used, channel_purposes=body.channel_purposes)
+def update_gesture(gesture_id: PathId, body: GestureUpdate, caller: Caller, conn: Conn, state: State) -> dict:
+    """Change a gesture; a new name is also what its user's served model answers from now on (no retraining)."""
+    owner = queries.gesture_owner(conn, gesture_id)
+    caller.check_user(owner)
+    gesture = repo.update_gesture(conn, gesture_id, name=body.name, description=body.description,
+                                  channels_used=body.channels_used, channel_purposes=body.channel_purposes)
+    state.models.follow_renames(owner, conn)
+    return gesture
 
 
 @router.delete("/gestures/{gesture_id}", status_code=204, tags=["gestures"])
