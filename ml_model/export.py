@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ml_model import preprocessing as pp
-from ml_model.export_names import EXTENSIONS, FORMATS, export_filename, stored_meta  # noqa: F401 (part of this module's API)
+from ml_model.export_names import EXTENSIONS, FORMATS, export_filename, stored_meta, with_names_now  # noqa: F401 (part of this module's API)
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,8 @@ def sidecar(meta: Mapping[str, Any], fmt: str) -> dict[str, Any]:
         "includes": ["channel selection", "filter" if filter_matrix(meta) is not None else "no filter configured",
                      "standardisation", "cnn", "softmax"],
         "classes": list(meta["classes"]),
+        # {name a class was trained under: its gesture's name now (in `classes`)}
+        "renamed": dict(meta.get("renamed") or {}),
         "channels": list(meta["channels"]),
         "n_device_channels": n_dev,
         "sample_rate_hz": meta["sample_rate_hz"],
@@ -312,18 +314,19 @@ def compare(
 # ---- CLI helpers (used by TrainMLJob.py export) -------------------------------------------------------
 def load_job_artifact(job_id: int, settings=None) -> tuple[bytes, dict[str, Any], int]:
     """(weights, meta, artifact_id) of the newest artifact a job produced."""
-    from semg import db
+    from semg import db, repo
     from semg.config import get_settings
 
     conn = db.connect(settings or get_settings())
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT id, weights, metadata FROM model_artifacts WHERE job_id = %s ORDER BY created_at DESC, "
-                        "id DESC LIMIT 1", (int(job_id),))
+            cur.execute("SELECT id, weights, metadata, classes FROM model_artifacts WHERE job_id = %s "
+                        "ORDER BY created_at DESC, id DESC LIMIT 1", (int(job_id),))
             row = cur.fetchone()
             if row is None:
                 cur.execute("SELECT status FROM training_jobs WHERE id = %s", (int(job_id),))
                 job = cur.fetchone()
+        renamed = repo.renamed_classes(conn, row[0], row[3]) if row is not None else {}
     finally:
         conn.close()
     if row is None:
@@ -332,7 +335,7 @@ def load_job_artifact(job_id: int, settings=None) -> tuple[bytes, dict[str, Any]
         if job[0] in ("scheduled", "running"):
             raise LookupError(f"job {job_id} is {job[0]}: it has no model artifact yet (export it once it completed)")
         raise LookupError(f"job {job_id} is {job[0]}: it has no model artifact")
-    return bytes(row[1]), stored_meta(row[0], None, row[2]), int(row[0])
+    return bytes(row[1]), with_names_now(stored_meta(row[0], None, row[2]), renamed), int(row[0])
 
 
 def cli_export(

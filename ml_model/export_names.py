@@ -21,6 +21,16 @@ def stored_meta(artifact_id: int, job_id: int | None, metadata: Mapping[str, Any
     return meta
 
 
+def with_names_now(meta: Mapping[str, Any], renamed: Mapping[str, str]) -> dict[str, Any]:
+    """The metadata with its classes by the names their gestures have now (semg.repo.renamed_classes), as the API
+    answers: a file exported after a rename names its outputs as the bank does; ``renamed`` keeps the old names."""
+    out = dict(meta)
+    if renamed:
+        out["classes"] = [renamed.get(str(c), str(c)) for c in meta["classes"]]
+        out["renamed"] = dict(renamed)
+    return out
+
+
 def export_filename(meta: Mapping[str, Any], fmt: str) -> str:
     """Default file name: ``semg-job<job id>`` or ``semg-<sha256 prefix>`` plus the format's extension.
 

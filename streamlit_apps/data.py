@@ -649,7 +649,10 @@ def export_model(artifact_id: int, fmt: str) -> tuple[bytes, str]:
     """
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {list(EXPORT_FORMATS)}")
-    return _export_model_cached(int(artifact_id), fmt)
+    row = _one("SELECT classes FROM model_artifacts WHERE id = %s", (artifact_id,))
+    # the outputs are named as the gestures are now (a rename since gives another file, not the cached one)
+    renamed = _repo(repo.renamed_classes, int(artifact_id), row["classes"]) if row else {}
+    return _export_model_cached(int(artifact_id), fmt, tuple(sorted(renamed.items())))
 
 
 def export_file_name(job_id: int | None, artifact_id: int, fmt: str) -> str:
@@ -660,13 +663,13 @@ def export_file_name(job_id: int | None, artifact_id: int, fmt: str) -> str:
 
 
 @st.cache_data(ttl=600, show_spinner=False, max_entries=12)
-def _export_model_cached(artifact_id: int, fmt: str) -> tuple[bytes, str]:
+def _export_model_cached(artifact_id: int, fmt: str, renamed: tuple[tuple[str, str], ...] = ()) -> tuple[bytes, str]:
     from ml_model import export
 
     row = _one("SELECT id, job_id, weights, metadata FROM model_artifacts WHERE id = %s", (artifact_id,))
     if row is None:
         raise Unavailable(f"Model #{artifact_id} no longer exists (deleted?); reload the page.")
-    meta = export.stored_meta(row["id"], row["job_id"], row["metadata"])
+    meta = export.with_names_now(export.stored_meta(row["id"], row["job_id"], row["metadata"]), dict(renamed))
     weights = bytes(row["weights"])
     return export.export_bytes(weights, meta, fmt), export.export_filename(meta, fmt)
 

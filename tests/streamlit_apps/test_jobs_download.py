@@ -117,3 +117,41 @@ def test_naming_the_download_files_does_not_load_pytorch():
     out = subprocess.run([sys.executable, "-c", code], cwd=ui_dir, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": f"{ui_dir}:{ui_dir.parent}"})
     assert out.stdout.split() == ["semg-job3.int8.onnx", "semg-model7.pt", "False"], (out.stdout, out.stderr)
+
+
+def test_a_model_downloaded_after_a_rename_names_its_outputs_as_the_gestures_are_now(page, seeded, deferred_downloads):
+    """Its outputs were named as trained, so a maker running the file on a phone after renaming 'fist' got 'fist',
+    as the platform's live recognition no longer answers (it follows renames)."""
+    import json
+
+    import ui_seed
+
+    from semg import repo
+    conn, uid, session = seeded["conn"], seeded["user"]["id"], seeded["session"]
+    job = ui_seed.seed_job(conn, uid, [session["id"]], with_model=False)
+    weights, meta = _real_artifact()
+    # what the job recorded of the intervals it learnt from (meta["data"])
+    intervals = [[iv["id"], iv["label"], iv["repetition"], 0, 1] for iv in repo.get_session(conn, session["id"])["intervals"]]
+    jobs.store_artifact(conn, uid, job["id"], weights, {**meta, "data": {"sessions": [{"id": session["id"],
+                                                                                     "intervals": intervals}]}})
+    fist = next(g for g in repo.list_gestures(conn, uid) if g["name"] == "fist")
+    at = page("jobs", user_id=uid)
+    at.run()
+    at.selectbox(key="jobs_pick").set_value(job["id"])
+    at.run()
+    before = onnx.load_model_from_string(deferred_downloads[f"semg-job{job['id']}.onnx"]())
+    assert json.loads({p.key: p.value for p in before.metadata_props}["semg"])["classes"] == meta["classes"]
+
+    repo.update_gesture(conn, fist["id"], name="power grip")
+    at.run()
+    assert_clean(at)
+    files = {fmt: deferred_downloads[f"semg-job{job['id']}{export.EXTENSIONS[fmt]}"]() for fmt in LABELS}
+    for fmt in ("onnx", "onnx-int8"):
+        side = json.loads({p.key: p.value for p in onnx.load_model_from_string(files[fmt]).metadata_props}["semg"])
+        assert side["classes"] == ["REST", "power grip", "open hand"] and side["renamed"] == {"fist": "power grip"}
+    extra = {"semg.json": ""}
+    torch.jit.load(io.BytesIO(files["torchscript"]), _extra_files=extra)
+    assert json.loads(extra["semg.json"])["classes"] == ["REST", "power grip", "open hand"]
+    # the command line's export of the job (TrainMLJob.py export JOB_ID) names them so too
+    _, cli_meta, _ = export.load_job_artifact(job["id"])
+    assert cli_meta["classes"] == ["REST", "power grip", "open hand"] and cli_meta["renamed"] == {"fist": "power grip"}
