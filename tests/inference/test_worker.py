@@ -449,3 +449,55 @@ def test_decisions_give_when_their_samples_were_taken(workers, model_user, db_co
     assert kept and live, sorted(lag)
     assert min(lag[s] for s in kept) > 0.45, {s: round(lag[s], 3) for s in kept}  # 0.5 s at least, by design
     assert float(np.median([lag[s] for s in live])) < 0.2, {s: round(lag[s], 3) for s in live}
+
+
+def test_a_gesture_renamed_through_the_api_is_decided_by_its_new_name_at_once(workers, db_conn, clean_db, settings):
+    """Live decisions used the names the model was trained under until the next training: an app acting on
+    'power grip' never saw it after 'fist' was renamed so. Renamed through the API while streaming: the next
+    decisions (same model, same votes) carry the new names."""
+    import httpx
+
+    from ml_model.jobs import INTERVAL_COLUMNS
+    from ml_model.rest import keys as keystore
+    from ml_model.rest.demo_models import insert_artifact, random_artifact
+    from semg import repo
+    from tests.inference.conftest import announce_model
+    user = repo.create_user(clean_db, "Renamer", "renamer@example.org")
+    uid = user["id"]
+    ids = {g: repo.add_gesture(clean_db, uid, g)["id"] for g in ("fist", "open hand")}
+    dev = repo.register_device(clean_db, uid, 8, RATE)["id"]
+    session = repo.create_session(clean_db, uid, dev, ["fist", "open hand"], 1, 2.0, 1.0)
+    # a model of the two gestures only (no REST class), so that every decision names one of them
+    weights, meta = random_artifact(8, RATE, classes=("fist", "open hand"))
+    meta["data"] = {"sessions": [{"id": session["id"], "interval_columns": INTERVAL_COLUMNS,
+                                  "intervals": [[iv["id"], iv["label"], iv["repetition"], 0, 1]
+                                                for iv in session["intervals"]]}]}
+    artifact_id = insert_artifact(clean_db, uid, weights, meta)
+    announce_model(uid, artifact_id)
+    key = {"X-API-Key": keystore.create_key(clean_db, "user", uid, "renamer")["key"]}
+    workers(1)
+    _wait_workers(db_conn, 1)
+
+    async def scenario() -> tuple[Collector, float]:
+        nc, coll = await _live([(uid, dev)])
+        stream = asyncio.create_task(_stream(nc, [(uid, dev)], 600, speed=1.0))  # 3 s
+        await asyncio.sleep(1.0)
+        async with httpx.AsyncClient(base_url=settings.api_url, timeout=10) as client:
+            for gid, to in ((ids["fist"], "power grip"), (ids["open hand"], "open palm")):
+                r = await client.patch(f"/gestures/{gid}", json={"name": to}, headers=key)
+                assert r.status_code == 200, r.text
+        renamed_at = time.time()
+        await stream
+        await asyncio.sleep(1.0)
+        await nc.close()
+        return coll, renamed_at
+
+    coll, renamed_at = asyncio.run(scenario())
+    decided = [d for d in coll.of(uid) if d.seq < WARMUP_SEQ0]
+    before = {d.raw_gesture for d in decided if d.decided_time < renamed_at - 0.2}
+    after = [d for d in decided if d.decided_time > renamed_at + 0.5]
+    assert before and before <= {"fist", "open hand"}, before
+    assert after and {d.raw_gesture for d in after} <= {"power grip", "open palm"}, {d.raw_gesture for d in after}
+    assert {d.gesture for d in after} <= {"power grip", "open palm", "UNKNOWN"}
+    assert {d.model_id for d in decided} == {artifact_id}
+    assert sorted(d.seq for d in decided) == expected_ends(0, 599, WIN, STEP)  # none lost across the rename
