@@ -39,6 +39,9 @@ MAX_VALUES_PER_S_PER_USER = MAX_CHANNELS * 10_000
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 JOB_STATUSES = ("scheduled", "in-progress", "completed", "failed", "canceled")
 REST = "REST"
+# What live recognition answers when unsure (ml_model.postprocessing.UNKNOWN): a gesture of that name would be
+# told apart from "unsure" by no client.
+UNSURE = "UNKNOWN"
 
 # Quick-add library of common gestures (names as used in the sEMG literature).
 GESTURE_LIBRARY: list[dict[str, str]] = [
@@ -457,6 +460,8 @@ def _clean_gesture_name(name: str) -> str:
         raise Invalid("gesture name must be 1 to 80 characters")
     if name.upper() == REST:
         raise Invalid("REST is built in (the rest intervals); choose another name")
+    if name.upper() == UNSURE:
+        raise Invalid(f"{UNSURE} is what live recognition answers when it is unsure; choose another name")
     return name
 
 

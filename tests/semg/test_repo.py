@@ -48,6 +48,14 @@ def test_gestures_and_devices(clean_db, user):
         repo.add_gesture(clean_db, user["id"], "fist")
     with pytest.raises(repo.Invalid, match="REST"):
         repo.add_gesture(clean_db, user["id"], "rest")
+    # nor the live decisions' "unsure" answer: an app could not tell that gesture from no decision
+    from ml_model.postprocessing import UNKNOWN
+    for name in ("unknown", " Unknown "):
+        with pytest.raises(repo.Invalid, match=f"{UNKNOWN} is what live recognition answers when it is unsure"):
+            repo.add_gesture(clean_db, user["id"], name)
+    with pytest.raises(repo.Invalid, match=UNKNOWN):
+        repo.update_gesture(clean_db, g["id"], name="UNKNOWN")
+    assert [x["name"] for x in repo.list_gestures(clean_db, user["id"])] == ["fist"]
     with pytest.raises(repo.Invalid):
         repo.add_gesture(clean_db, user["id"], "x", channels_used=[16])
     assert repo.update_gesture(clean_db, g["id"], description="d")["channels_used"] == [0, 1]
