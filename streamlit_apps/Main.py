@@ -14,7 +14,7 @@ st.caption("Record your own muscle signals, train a personal gesture model, and 
 
 
 def services() -> None:
-    st.subheader("Services")
+    st.header("Services")
     h = data.health()
     labels = {"database": "Database", "api": "REST API", "udp": "UDP ingestion", "nats": "NATS"}
     cols = st.columns(len(labels) + 1)
@@ -53,14 +53,14 @@ def counts_and_devices() -> None:
         col.metric(label, c.get(k, 0))
     users = data.list_users(limit=10)
     if users:
-        st.subheader("Users")
+        st.header("Users")
         st.dataframe(pd.DataFrame([{"user": u["id"], "name": u["name"], "email": u["email"],
                                     "gestures": u["gestures"], "devices": u["devices"],
                                     "since": ui.fmt_time(u["created_at"])} for u in users]),
                      hide_index=True, width="stretch")
         if c.get("users", 0) > len(users):
             st.caption(f"The first {len(users)} of {c['users']}; all of them on **User Management**.")
-    st.subheader("Devices streaming now")
+    st.header("Devices streaming now")
     devices = data.device_activity()
     live = [d for d in devices if d["streaming"]]
     if not devices:
@@ -77,7 +77,7 @@ def counts_and_devices() -> None:
 
 
 def recent_jobs() -> None:
-    st.subheader("Recent training jobs")
+    st.header("Recent training jobs")
     jobs = data.list_jobs(limit=8)
     if not jobs:
         st.info("No training job yet: record a session, then start one on **Kickoff Training**.")
@@ -93,7 +93,7 @@ def recent_jobs() -> None:
 
 
 def guide() -> None:
-    st.subheader("Your first five minutes")
+    st.header("Your first five minutes")
     st.markdown(
         """
 1. **User Management** – create your profile (name and email).

@@ -198,5 +198,5 @@ with ui.guard():
     else:
         st.caption(f"{len(users)} user(s)")
         user_table(users)
-        st.subheader("Edit")
+        st.header("Edit")
         edit_and_delete(users)

@@ -38,7 +38,7 @@ CHANNEL_EDITOR = {
 
 
 def gesture_bank(user: dict, n_channels: int) -> None:
-    st.subheader("Gesture bank")
+    st.header("Gesture bank")
     if note := st.session_state.pop(NOTE_STATE, None):
         st.info(note, icon=":material/info:")
     gestures = data.list_gestures(user["id"])
@@ -178,7 +178,7 @@ def live_status(devs: list[dict]) -> None:
 
 
 def devices(user: dict) -> None:
-    st.subheader("Devices")
+    st.header("Devices")
     show_secret_once(user)
     devs = data.device_activity(user["id"])
     if devs:

@@ -114,7 +114,7 @@ def one_repetition(sessions: list[dict], selected: list[int]) -> bool:
 
 
 def options_and_schedule(user: dict, selected: list[int], sessions: list[dict]) -> None:
-    st.subheader("Options")
+    st.header("Options")
     bases = compatible_bases(selected)
     c1, c2 = st.columns(2)
     with c1:
@@ -183,12 +183,12 @@ def page() -> None:
     if not sessions:
         st.info("No completed recording yet: record one on **Training Data Capture** first.")
         return
-    st.subheader("Recorded sessions")
+    st.header("Recorded sessions")
     selected = quality_table(user["id"], sessions)
     st.divider()
     options_and_schedule(user, selected, sessions)
     st.divider()
-    st.subheader("Preview")
+    st.header("Preview")
     preview(sessions)
 
 

@@ -180,7 +180,7 @@ def details(job_id: int) -> None:
             j = data.get_job(job_id)
             if (j["status"] in ACTIVE) != active:
                 st.rerun(scope="app")  # it just finished (or started): redraw everything once
-            st.markdown(f"### Job #{j['id']} — {STATUS_ICON.get(j['status'], '')} {j['status']}")
+            st.markdown(f"## Job #{j['id']} — {STATUS_ICON.get(j['status'], '')} {j['status']}")
             st.progress(min(1.0, float(j["progress"]) / 100), text=f"{float(j['progress']):.0f}%")
             params = ", ".join(f"{k}={v}" for k, v in (j["params"] or {}).items()) or "defaults"
             st.caption(f"sessions {', '.join(f'#{i}' for i in j['session_ids'])} · {params} · created "

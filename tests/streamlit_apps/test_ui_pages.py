@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import ui_seed
-from ui_checks import assert_clean, texts
+from ui_checks import assert_clean, assert_headings_in_order, headings, texts
 
 from semg import repo
 
@@ -351,6 +351,17 @@ def test_every_page_renders_seeded_data(page, seeded, name):
     at.run()
     assert_clean(at)
     assert not at.warning or name in ("capture", "live", "main", "gestures"), [w.value for w in at.warning]
+
+
+@pytest.mark.parametrize("name", ALL_PAGES)
+def test_every_pages_headings_go_down_one_level_at_a_time(page, seeded, name):
+    """Sections were st.subheader (h3) or markdown '###' straight under the page's st.title (h1): axe heading-order
+    on every page but Live and Review, and a screen reader user listing the headings looked for a missing level."""
+    at = page(name, user_id=seeded["user"]["id"])
+    at.run()
+    assert_clean(at)
+    assert_headings_in_order(at)
+    assert len(headings(at)) > 1 or name in ("capture", "live", "review"), headings(at)  # the sections are seen
 
 
 def create_user_on_page(at, name: str, email: str) -> None:
