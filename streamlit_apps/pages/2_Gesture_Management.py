@@ -58,7 +58,12 @@ def gesture_bank(user: dict, n_channels: int) -> None:
     c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
     picked = c1.multiselect("Quick-add from the library", [g["name"] for g in library], key="quick_add",
                             help="; ".join(f"{g['name']}: {g['description']}" for g in library))
-    if c2.button("Add selected", disabled=not picked, key="quick_add_btn"):
+    # never disabled: the rerun after adding empties the list, and a button disabled then drops the keyboard focus to
+    # the top of the page (a disabled button is also no Tab stop, so nothing said what it needed)
+    clicked = c2.button("Add selected", key="quick_add_btn")
+    if clicked and not picked:
+        st.warning("Pick one or more gestures in the list first.", icon=":material/arrow_back:")
+    elif clicked:
         desc = {g["name"]: g["description"] for g in library}
         for name in picked:
             data.add_gesture(user["id"], name, desc[name])

@@ -284,3 +284,38 @@ def test_the_capture_is_paused_and_resumed_with_one_key(stack, browser_page, scr
         assert [i["id"] for i in done["intervals"] if i["discarded"]] == [cut[0]["id"]]
     finally:
         conn.close()
+
+
+
+def test_the_keyboard_focus_stays_on_add_selected(stack, browser_page, screenshots_dir, settings):
+    """Keyboard only: gestures picked in the quick-add list and added with Enter on "Add selected". The rerun after
+    adding empties the list, which disabled the button, and the browser dropped the focus to the top of the page
+    (document.activeElement was the body): the next Tab started from nowhere a screen reader had said."""
+    conn = _conn()
+    try:
+        user = repo.create_user(conn, "Kim Keys", f"keys-{int(time.time())}@example.org")
+        ui = Ui(browser_page, f"http://127.0.0.1:{settings.ui_port}", screenshots_dir)
+        browser_page.goto(f"{ui.base_url}/Gesture_Management?user={user['id']}")
+        _sign_in_on(browser_page, secrets.ui_password(), "Gesture Management")
+        ui.wait_idle()
+        focused = "() => document.activeElement.tagName + ' ' + document.activeElement.innerText.trim()"
+        browser_page.locator('[data-testid="stMultiSelect"]').filter(has_text="Quick-add").locator("input").focus()
+        for name in GESTURES:
+            browser_page.keyboard.type(name)
+            browser_page.get_by_role("option", name=name, exact=True).wait_for()
+            browser_page.keyboard.press("Enter")
+            ui.wait_idle()
+        browser_page.keyboard.press("Escape")
+        for _ in range(4):  # past the list's "Clear all"
+            browser_page.keyboard.press("Tab")
+            if browser_page.evaluate(focused) == "BUTTON Add selected":
+                break
+        assert browser_page.evaluate(focused) == "BUTTON Add selected"
+        browser_page.keyboard.press("Enter")
+        _wait(lambda: len(repo.list_gestures(conn, user["id"])) == len(GESTURES), 30, "the gestures to be added",
+              poll=0.2)
+        browser_page.locator('[data-testid="stDataFrame"]').first.wait_for()  # the page shows them
+        ui.wait_idle()
+        assert browser_page.evaluate(focused) == "BUTTON Add selected"
+    finally:
+        conn.close()

@@ -478,6 +478,15 @@ def test_quick_add_custom_gesture_and_device_key_shown_once(page, clean_db):
     assert_clean(at)
     assert {g["name"] for g in repo.list_gestures(clean_db, user["id"])} == {"fist", "open hand"}
 
+    # still a Tab stop with the list emptied: a button disabled by that rerun dropped the keyboard focus to the top
+    # of the page (tests/e2e: test_the_keyboard_focus_stays_on_add_selected); clicked with nothing picked, it says so
+    assert not button(at, "Add selected").disabled
+    button(at, "Add selected").click()
+    at.run()
+    assert_clean(at)
+    assert [w.value for w in at.warning] == ["Pick one or more gestures in the list first."]
+    assert len(repo.list_gestures(clean_db, user["id"])) == 2
+
     at.text_input(key="new_gesture_name").input("peace sign")
     at.text_input(key="new_gesture_desc").input("index and middle finger up")
     button(at, "Add gesture").click()
