@@ -150,6 +150,7 @@ def test_on_sessions(job: dict) -> None:
         cm = r["confusion_matrix"]
         st.plotly_chart(charts.confusion_figure(cm["classes"], cm["matrix"], "Confusion matrix (tested windows)"),
                         key=f"score_cm_{job['id']}")
+        figures_as_tables(data.normalize_metrics(r))
 
 
 def downloads(job: dict, artifact: dict) -> None:

@@ -1055,6 +1055,12 @@ def test_job_status_tests_the_model_on_sessions_it_did_not_train_on(page, clean_
     assert_clean(at)
     shown = texts(at)
     assert f"Accuracy on session(s) #{later['id']}" in shown and "windows (250 ms, one every 25 ms" in shown, shown
+    # the tested confusion matrix is also a table (a plotly chart is a picture to a screen reader), after the job's own
+    result = at.session_state[f"score_result_{job['id']}"]
+    *_, scored = (t.value for t in at.table)
+    assert list(scored.index) == result["confusion_matrix"]["classes"] == list(scored.columns)
+    assert scored.to_numpy().tolist() == result["confusion_matrix"]["matrix"]
+    assert scored.to_numpy().sum() == result["n_windows"]
     assert not any("not a test of it" in w.value for w in at.warning)
     at.multiselect(key=f"score_sessions_{job['id']}").set_value([later["id"], trained["id"]])
     button(at, "Test").click()
