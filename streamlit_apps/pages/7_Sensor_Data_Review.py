@@ -5,6 +5,7 @@ from datetime import UTC, datetime, timedelta
 
 import charts
 import data
+import pandas as pd
 import streamlit as st
 import uikit as ui
 import views
@@ -65,6 +66,26 @@ def analysis(device_id: int, t0: datetime, t1: datetime, intervals: list) -> Non
             st.plotly_chart(charts.spectrum_figure(spec), key="review_spectrum")
         else:
             st.caption("Not enough contiguous samples for a spectrum.")
+    if rms or not spec.empty:
+        figures_as_table(rms, spec)
+
+
+def figures_as_table(rms: list[float], spec: pd.DataFrame) -> None:
+    """RMS and the spectrum's peak and median frequency per channel as an HTML table: a chart is a picture to a
+    screen reader (the job page's figures have the same expander)."""
+    columns: dict[str, dict[str, str]] = {}
+    if rms:
+        columns["RMS (ADC units)"] = {f"ch{i}": f"{v:.1f}" for i, v in enumerate(rms)}
+    if not spec.empty:
+        freq = spec["freq_hz"].to_numpy()
+        power = 10 ** (spec.drop(columns="freq_hz") / 10)  # the chart's dB back to power
+        half = power.cumsum() >= power.sum() / 2  # the median frequency halves a channel's power
+        columns["spectrum peak (Hz)"] = {c: f"{freq[power[c].to_numpy().argmax()]:.0f}" for c in power}
+        columns["median frequency (Hz)"] = {c: f"{freq[half[c].to_numpy().argmax()]:.0f}" for c in power}
+    channels = list(dict.fromkeys(c for col in columns.values() for c in col))  # ch0, ch1, ..., ch10 in order
+    with st.expander("These figures as a table"):
+        st.table(pd.DataFrame({k: [v.get(c, "—") for c in channels] for k, v in columns.items()},
+                              index=pd.Index(channels, name="channel")))
 
 
 def export(device_id: int, t0: datetime, t1: datetime, intervals: list, what: str, n: int) -> None:

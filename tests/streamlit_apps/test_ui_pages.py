@@ -1184,6 +1184,27 @@ def test_review_session_and_time_range_with_csv(page, seeded):
     assert ",fist" in csv and ",open hand" in csv
 
 
+def test_review_rms_and_spectrum_are_also_a_table(page, seeded):
+    """RMS and spectrum per channel were only plotly charts, a picture to a screen reader: they are also a table
+    (RMS, the spectrum's peak and median frequency per channel) in an expander under them."""
+    import math
+
+    import data
+    at = page("review", user_id=seeded["user"]["id"])
+    at.run()
+    assert_clean(at)
+    [table] = (t.value for t in at.table)
+    assert list(table.index) == [f"ch{c}" for c in range(8)]
+    s = seeded["session"]
+    rms = data.channel_rms(seeded["device"]["id"], s["started_at"], s["ended_at"])
+    assert [float(v) for v in table["RMS (ADC units)"]] == pytest.approx(rms, abs=0.05)
+    # ui_seed draws channel c as sin(n * (0.35 + 0.05 c)) at 1000 Hz: its frequency, within one 3.9 Hz bin
+    for c in range(8):
+        hz = (0.35 + 0.05 * c) * 1000 / (2 * math.pi)
+        peak, median = float(table["spectrum peak (Hz)"][f"ch{c}"]), float(table["median frequency (Hz)"][f"ch{c}"])
+        assert abs(peak - hz) <= 1000 / 256 and abs(median - hz) <= 1000 / 256, (c, hz, peak, median)
+
+
 def test_the_csv_export_is_read_and_formatted_in_chunks(seeded, monkeypatch):
     """Exporting an hour (1.8 M samples) held every block as Python lists, a DataFrame and two copies of the text:
     +1 GB for a 150 MB file. It is now read and formatted a chunk of blocks at a time: the same file, whatever
