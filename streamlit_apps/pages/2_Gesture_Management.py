@@ -14,6 +14,8 @@ st.title(":material/front_hand: Gesture Management")
 KEY_ONCE_STATE = "gestures_key_once"
 # What a rename or deletion means for training and recognition: on the page after it, not in a toast gone in 4 s
 NOTE_STATE = "gestures_note"
+# A device deleted (and its samples, for good): said on the page after it, like a deleted user, not in a toast
+DEVICE_NOTE_STATE = "devices_note"
 
 
 def channel_table(n_channels: int, used=(), purposes=None) -> pd.DataFrame:
@@ -184,6 +186,8 @@ def live_status(devs: list[dict]) -> None:
 
 def devices(user: dict) -> None:
     st.header("Devices")
+    if note := st.session_state.pop(DEVICE_NOTE_STATE, None):
+        st.success(note, icon=":material/delete:")
     show_secret_once(user)
     devs = data.device_activity(user["id"])
     if devs:
@@ -264,7 +268,7 @@ def devices(user: dict) -> None:
                             f"Boot counter of device #{target} reset: its next boot with this new key is accepted.")
                 else:
                     data.delete_device(target)
-                    st.toast(f"Deleted device #{target}")
+                    st.session_state[DEVICE_NOTE_STATE] = f"Deleted device #{target} and all its samples."
                 st.rerun()
             if k2.button("Cancel", key="device_confirm_no"):
                 st.session_state.pop("device_confirm", None)

@@ -220,9 +220,10 @@ def tick(run: capture.CueRun) -> None:
         try:
             redone = run.redo_last(time.time(), store)
             beat(run, force=True)  # the plan changed: another process resuming the run must know
+            # a refused redo stays 10 s: the hand is busy holding a gesture, and nothing on the page says so
             st.toast(f"Redoing {redone.label} (repetition {redone.repetition + 1})" if redone
                      else "Already redoing: finish that repetition first" if run.redo_pending
-                     else "Nothing to redo yet")
+                     else "Nothing to redo yet", duration="short" if redone else "long")
         except data.Unavailable:  # nothing changed: the redo's new intervals need the database
             st.toast("A redo needs the database, which is not reachable: try again when it is back",
                      icon=":material/power_off:", duration="long")

@@ -531,6 +531,16 @@ def test_quick_add_custom_gesture_and_device_key_shown_once(page, clean_db):
         new_key = bytes(cur.fetchone()[0])
     assert new_key != key and new_key.hex() in at.code[0].value
 
+    # a deleted device (and its samples, for good) is said on the page, like a deleted user, not in a 4 s toast
+    button(at, "Delete device").click()
+    at.run()
+    button(at, "Yes, delete").click()
+    at.run()
+    assert_clean(at)
+    assert not repo.list_devices(clean_db, user["id"])
+    assert f"Deleted device #{dev['id']} and all its samples." in [s.value for s in at.success]
+    assert not at.toast
+
 
 
 def test_renaming_a_gesture_renames_the_labels_of_its_recordings(page, seeded):
@@ -638,6 +648,11 @@ def test_capture_redo_last_repetition_discards_and_repeats_it(page, seeded):
     assert [(i["label"], i["discarded"]) for i in ivs] == [
         ("REST", False), ("fist", True), ("REST", False), ("REST", False), ("fist", False)]
     assert ivs[1]["ended_at"] is not None  # the cut repetition keeps its times for the record
+    # the redo is said briefly (the cue shows it too); a refused one stays 10 s: nothing else says it was refused
+    assert [(t.value, t.proto.duration) for t in at.toast] == [("Redoing fist (repetition 1)", 4)]
+    button(at, "Redo last repetition").click()
+    at.run()
+    assert [(t.value, t.proto.duration) for t in at.toast] == [("Already redoing: finish that repetition first", 10)]
     button(at, "Stop session").click()
     at.run()
     at.run()
