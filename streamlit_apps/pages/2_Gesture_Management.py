@@ -269,6 +269,8 @@ def devices(user: dict) -> None:
                 else:
                     data.delete_device(target)
                     st.session_state[DEVICE_NOTE_STATE] = f"Deleted device #{target} and all its samples."
+                    if (st.session_state.get(KEY_ONCE_STATE) or (None, None))[1] == target:
+                        st.session_state.pop(KEY_ONCE_STATE)  # its key, still shown, is no device's any more
                 st.rerun()
             if k2.button("Cancel", key="device_confirm_no"):
                 st.session_state.pop("device_confirm", None)
