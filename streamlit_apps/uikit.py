@@ -6,6 +6,7 @@ import contextlib
 import hmac
 import logging
 import math
+import re
 import threading
 import time
 from collections import OrderedDict, deque
@@ -315,12 +316,12 @@ def guard() -> Iterator[None]:
         yield
     except data.Unavailable as e:
         st.error(str(e), icon=":material/power_off:")
-    except data.RepoError as e:
-        st.error(str(e))
+    except data.RepoError as e:  # its message may quote what someone typed
+        st.error(md(e))
     except Exception as e:  # noqa: BLE001 - the last line of defence; details go to the server log
         log.exception("page failed")
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        st.error(f"Something went wrong ({type(e).__name__}{': ' + first if first else ''}). "
+        st.error(f"Something went wrong ({type(e).__name__}{': ' + md(first) if first else ''}). "
                  "Reload the page; if it persists, the UI server's log has the details.")
 
 
@@ -382,6 +383,46 @@ def user_selectbox(label: str, ids: list[int], by_id: dict, key: str, current: i
 
     return st.selectbox(label, ids, key=key, on_change=remember,
                         format_func=lambda i: f"{by_id[i]['name']} <{by_id[i]['email']}> · #{i}")
+
+
+# Streamlit's markdown turns some text into something else after the backslash escapes are resolved (they only
+# stop CommonMark syntax): its plugins search the plain text for :material_x: / :streamlit: / emoji shortcodes,
+# the arrows and dashes of "a -> b" / "a -- b", and bare links (https://, www., a@b.c). An invisible word joiner
+# (U+2060, no line break either) inside each such spot keeps the text as typed on the screen.
+WJ = "\u2060"
+# The characters that start markdown anywhere in a line ("$" LaTeX, "|" tables, ":x" Streamlit's directives and
+# shortcodes, "&x" a character reference; the "/" of ":material/" is replaced before parsing), and those that do only
+# where a line starts (headings, lists, quotes, setext underlines). The rest ("!(" need a "[", "." a list number, ": "
+# nothing) stay as typed, as in "Dr. B. (left): 3".
+_MD_INLINE = re.compile(r"([\\`*_~\[\]<$|]|[:&](?=[A-Za-z0-9_+#-]|$)|(?<=:material)/)")
+_MD_LINE_START = re.compile(r"^([#+=>-]|\d+(?=[.)]))", re.MULTILINE)
+_MD_BREAKS = (
+    (re.compile(r":(?=[A-Za-z0-9_+-]+(?::|$))"), ":" + WJ),  # a value may end where a page's text puts a ':'
+    (re.compile(r"(?:(?<=\s)|^)(<|-|>|~)(?=(?:->|[-=>])(?:\s|$))"), r"\1" + WJ),  # <-> -> <- -- >= <= ~=
+    (re.compile(r"(?i)(http)(?=s?://)"), r"\1" + WJ),
+    (re.compile(r"(?i)(www)(?=\.)"), r"\1" + WJ),
+    (re.compile(r"@(?=[-\w]+\.[-\w])"), "@" + WJ),
+)
+_MD_EDGE_SPACE = re.compile(r"^[ \t\f\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]+|"
+                            r"[ \t\f\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]+$", re.MULTILINE)
+
+
+def md(text: object) -> str:
+    """`text` (a name or note someone typed, anything from the database) as Streamlit markdown that shows it as
+    typed: for st.markdown/caption/info/warning/error/success/toast, widget, expander, tab and metric labels and
+    st.table cells; never for selectbox/multiselect options (format_func output is plain text), st.dataframe cells,
+    st.code/st.text, nor st.html (_esc). Line breaks stay line breaks."""
+    s = str(text).replace("\r\n", "\n").replace("\r", "\n")
+    for pattern, repl in _MD_BREAKS:
+        s = pattern.sub(repl, s)
+    s = _MD_INLINE.sub(r"\\\1", s)
+    s = _MD_LINE_START.sub(lambda m: m.group() + "\\" if m.group()[0].isdigit() else "\\" + m.group(), s)
+    # spaces and tabs starting a line would indent it into a code block, and a paragraph drops white space at either
+    # end: as character references they are text
+    s = _MD_EDGE_SPACE.sub(lambda m: "".join(f"&#{ord(c)};" for c in m.group()), s)
+    body = s.rstrip("\n")
+    # a backslash before a line ending is a hard line break; at the very end it would show as a backslash
+    return body.replace("\n", "\\\n") + "&#10;" * (len(s) - len(body))
 
 
 def fmt_time(t: datetime | None) -> str:

@@ -38,7 +38,7 @@ def create_form() -> None:
                 user = data.create_user(name, email, notes)
             except data.RepoError as e:
                 st.session_state.pop(JUST_CREATED, None)
-                st.error(f"Not created: {e}")
+                st.error(f"Not created: {ui.md(e)}")
                 return
             st.session_state[JUST_CREATED] = (user, time.monotonic())
             created(user)
@@ -55,7 +55,7 @@ def first_click_user() -> dict | None:
 
 def created(user: dict) -> None:
     st.session_state[ui.USER_KEY] = user["id"]
-    st.success(f"Created {user['name']} (#{user['id']}). Next: add gestures on **Gesture Management**.")
+    st.success(f"Created {ui.md(user['name'])} (#{user['id']}). Next: add gestures on **Gesture Management**.")
 
 
 def user_table(users: list[dict]) -> None:
@@ -72,14 +72,14 @@ def export_button(user: dict) -> None:
     if size > data.MAX_UI_EXPORT_BYTES:
         # built in this process's memory it could take the web UI down; the API writes it to disk and streams it
         about = "more than" if at_least else "about"
-        st.caption(f"{user['name']}'s data is {about} {size / 2**20:,.0f} MB zipped: too much to build in the web UI "
+        st.caption(f"{ui.md(user['name'])}'s data is {about} {size / 2**20:,.0f} MB zipped: too much to build in the web UI "
                    f"(limit {data.MAX_UI_EXPORT_BYTES / 2**20:,.0f} MB). Take it through the API, which streams it "
                    "to a file, with one of their API keys (below) or an admin key:")
         st.code(f'curl -fo semg-user-{uid}-export.zip -H "X-API-Key: $KEY" {data.settings().api_url}/users/{uid}/export',
                 language="bash")
         return
     st.download_button(
-        f"Export {user['name']}'s data (zip)", data=lambda: data.export_user(uid),
+        f"Export {ui.md(user['name'])}'s data (zip)", data=lambda: data.export_user(uid),
         file_name=f"semg-user-{uid}-export.zip", mime="application/zip", key=f"export_user_{uid}",
         on_click="ignore", icon=":material/download:",
         help="Every row stored about this user (JSON), their samples (CSV per device), trained models and videos.",
@@ -90,7 +90,7 @@ def api_keys(user: dict) -> None:
     """The user's API keys, for their own apps (the REST API, the live decision stream): create (shown once), list,
     revoke."""
     uid = user["id"]
-    with st.expander(f"API keys of {user['name']}", icon=":material/key:",
+    with st.expander(f"API keys of {ui.md(user['name'])}", icon=":material/key:",
                      expanded=st.session_state.get(NEW_KEY_STATE, (None,))[0] == uid):
         st.caption("A user key reaches only this user's data through the REST API, e.g. "
                    f"`GET /users/{uid}/predictions/live` for an app that acts on their gestures. One key per app "
@@ -112,7 +112,7 @@ def api_keys(user: dict) -> None:
                     st.session_state[NEW_KEY_STATE] = (uid, data.create_user_key(uid, name, read_only)["key"])
                     st.rerun()
                 except data.RepoError as e:
-                    st.error(f"Not created: {e}")
+                    st.error(f"Not created: {ui.md(e)}")
         rows = data.list_user_keys(uid)
         if not rows:
             st.caption("No API keys yet.")
@@ -149,15 +149,15 @@ def edit_and_delete(users: list[dict]) -> None:
         if st.form_submit_button("Save changes"):
             try:
                 data.update_user(uid, name, email, notes)
-                st.toast(f"Saved {name}.")
+                st.toast(f"Saved {ui.md(name)}.")
                 st.rerun()
             except data.RepoError as e:
-                st.error(f"Not saved: {e}")
+                st.error(f"Not saved: {ui.md(e)}")
 
     export_button(user)
     api_keys(user)
     if st.session_state.get(PENDING_DELETE) != uid:
-        if st.button(f"Delete {user['name']}…", key="ask_delete"):
+        if st.button(f"Delete {ui.md(user['name'])}…", key="ask_delete"):
             st.session_state[PENDING_DELETE] = uid
             st.rerun()
         return
@@ -167,7 +167,7 @@ def edit_and_delete(users: list[dict]) -> None:
         return "more than " if counts.get(f"{what}_more") else ""
 
     st.warning(
-        f"Delete **{user['name']}** and ALL their data? This removes {counts.get('gestures', 0)} gesture(s), "
+        f"Delete **{ui.md(user['name'])}** and ALL their data? This removes {counts.get('gestures', 0)} gesture(s), "
         f"{counts.get('devices', 0)} device(s), {counts.get('sessions', 0)} session(s), "
         f"{more('samples')}{int(counts.get('samples', 0)):,} samples, {counts.get('videos', 0)} video(s), "
         f"{counts.get('jobs', 0)} training job(s), {counts.get('models', 0)} model(s) and "
@@ -178,7 +178,7 @@ def edit_and_delete(users: list[dict]) -> None:
         deleted = data.delete_user(uid)
         st.session_state.pop(PENDING_DELETE, None)
         st.session_state.pop(ui.USER_KEY, None)
-        st.session_state["users_flash"] = (f"Deleted {deleted['name']} and all their data "
+        st.session_state["users_flash"] = (f"Deleted {ui.md(deleted['name'])} and all their data "
                                            f"({deleted.get('videos_removed', 0)} video file(s) removed).")
         st.rerun()
     if c2.button("Cancel", key="cancel_delete"):

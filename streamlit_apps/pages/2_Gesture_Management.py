@@ -83,10 +83,10 @@ def gesture_bank(user: dict, n_channels: int) -> None:
                 used, purposes = from_channel_table(table)
                 try:
                     data.add_gesture(user["id"], name, desc, used, purposes)
-                    st.toast(f"Added {name}")
+                    st.toast(f"Added {ui.md(name)}")
                     st.rerun()
                 except data.RepoError as e:
-                    st.error(f"Not added: {e}")
+                    st.error(f"Not added: {ui.md(e)}")
 
     if gestures:
         with st.expander("Edit or delete a gesture"):
@@ -111,21 +111,22 @@ def gesture_bank(user: dict, n_channels: int) -> None:
                     if saved["name"] != g["name"] and served and g["name"] in served["classes"] + served["answers"]:
                         # the API follows a rename on its next poll, where the model knows what it learnt from
                         # (older models do not: they answer the name they were trained under)
+                        old, new = ui.md(g["name"]), ui.md(saved["name"])
                         st.session_state[NOTE_STATE] = (
-                            f"Renamed {g['name']} to {saved['name']}. Live recognition answers {saved['name']} "
-                            f"within {data.MODELS_POLL_S:g} s, without retraining." if saved["name"] in served["answers"]
-                            else f"Renamed {g['name']} to {saved['name']}. Live recognition still answers "
-                                 f"{g['name']} until you train a new model.")
+                            f"Renamed {old} to {new}. Live recognition answers {new} within "
+                            f"{data.MODELS_POLL_S:g} s, without retraining." if saved["name"] in served["answers"]
+                            else f"Renamed {old} to {new}. Live recognition still answers {old} until you train "
+                                 "a new model.")
                     else:
-                        st.toast(f"Saved {saved['name']}")
+                        st.toast(f"Saved {ui.md(saved['name'])}")
                     st.rerun()
                 except data.RepoError as e:
-                    st.error(f"Not saved: {e}")
+                    st.error(f"Not saved: {ui.md(e)}")
             if delete:
                 data.delete_gesture(gid)
                 st.session_state[NOTE_STATE] = (
-                    f"Deleted {g['name']}. Its recordings stay in their sessions but no longer train (adding a "
-                    f"gesture named {g['name']} again brings them back); retrain to drop it from recognition.")
+                    f"Deleted {ui.md(g['name'])}. Its recordings stay in their sessions but no longer train (adding a "
+                    f"gesture named {ui.md(g['name'])} again brings them back); retrain to drop it from recognition.")
                 st.rerun()
 
 
@@ -166,7 +167,7 @@ def live_status(devs: list[dict]) -> None:
         v = data.explain_device_status(d, status["devices"].get(d["id"]))
         ok = {"receiving": True, "rejected": False}.get(v["state"])
         with st.container(border=True, key=f"device_status_{d['id']}"):
-            st.markdown(f"{ui.badge(ok, '#' + str(d['id']))} **{d['name'] or 'device'}**: {v['summary']}")
+            st.markdown(f"{ui.badge(ok, '#' + str(d['id']))} **{ui.md(d['name'] or 'device')}**: {v['summary']}")
             if v["totals"]:
                 st.caption(f"Last accepted packet: {ui.fmt_age_s(v['last_accepted_age_s'])}. {v['totals']}.")
             if v["rate_note"]:
@@ -213,7 +214,7 @@ def devices(user: dict) -> None:
             try:
                 dev = data.register_device(user["id"], int(channels), float(rate), name)
             except data.RepoError as e:
-                st.error(f"Not registered: {e}")
+                st.error(f"Not registered: {ui.md(e)}")
             else:
                 st.session_state[KEY_ONCE_STATE] = (user["id"], dev["id"], data.arduino_secrets_snippet(dev),
                                                 f"Registered device #{dev['id']}.")
@@ -261,7 +262,7 @@ def devices(user: dict) -> None:
                     try:
                         dev = data.reset_device_boot(target)
                     except data.RepoError as e:
-                        st.session_state["device_reset_error"] = f"Not reset: {e}"
+                        st.session_state["device_reset_error"] = f"Not reset: {ui.md(e)}"
                     else:
                         st.session_state[KEY_ONCE_STATE] = (
                             user["id"], target, data.arduino_secrets_snippet(dev),

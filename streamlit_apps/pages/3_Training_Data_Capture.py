@@ -221,7 +221,7 @@ def tick(run: capture.CueRun) -> None:
             redone = run.redo_last(time.time(), store)
             beat(run, force=True)  # the plan changed: another process resuming the run must know
             # a refused redo stays 10 s: the hand is busy holding a gesture, and nothing on the page says so
-            st.toast(f"Redoing {redone.label} (repetition {redone.repetition + 1})" if redone
+            st.toast(f"Redoing {ui.md(redone.label)} (repetition {redone.repetition + 1})" if redone
                      else "Already redoing: finish that repetition first" if run.redo_pending
                      else "Nothing to redo yet", duration="short" if redone else "long")
         except data.Unavailable:  # nothing changed: the redo's new intervals need the database
@@ -290,7 +290,7 @@ def device_taken(run: capture.CueRun) -> str | None:
 def paused_view(run: capture.CueRun, store: data.SessionStore) -> None:
     """A run taken over after its window went away (a reload): go on, or stop and keep what was recorded."""
     cut = run.steps[run.index]
-    left_out = (f" The {cut.label if cut.kind == 'gesture' else 'rest'} under way then is left out of training"
+    left_out = (f" The {ui.md(cut.label) if cut.kind == 'gesture' else 'rest'} under way then is left out of training"
                 + (" and done again when you resume." if cut.kind == "gesture" else ".") if cut.interrupted else "")
     if st.session_state.get(PAUSED) == run.session_id:
         st.info(f"Paused at {ui.fmt_time(capture.utc(run.paused_at))}: take as long as you need, nothing is "
@@ -375,11 +375,11 @@ def left_runs(user_id: int, sessions: dict[int, dict]) -> None:
                 continue
             left_s = now - (run.seen_at or 0.0)
             if left_s < capture.LEFT_AFTER_S:
-                st.caption(f"Session #{s['id']} '{s['name']}' is recording in another window (planned to end "
+                st.caption(f"Session #{s['id']} '{ui.md(s['name'])}' is recording in another window (planned to end "
                            f"{ui.fmt_time(data.planned_end(s))}).")
                 continue
             done = run.summary()
-            st.warning(f"Session #{s['id']} '{s['name']}' stopped showing its cue at "
+            st.warning(f"Session #{s['id']} '{ui.md(s['name'])}' stopped showing its cue at "
                        f"{ui.fmt_time(capture.utc(run.seen_at or now))} (its page was reloaded or closed): "
                        f"{done['gestures']} gesture repetition(s) are recorded. Go on from where it stopped, or stop "
                        "now and keep what was recorded; the interval under way then is left out of training.",
@@ -432,11 +432,11 @@ def other_process_runs(user_id: int, sessions: dict[int, dict]) -> None:
             if (info := runs.get(sid)) is None or sid in here:
                 continue  # ended meanwhile, or taken into this process
             if info["heartbeat_age_s"] < capture.LEFT_AFTER_S:
-                st.caption(f"Session #{sid} '{s['name']}' is recording in another window (planned to end "
+                st.caption(f"Session #{sid} '{ui.md(s['name'])}' is recording in another window (planned to end "
                            f"{ui.fmt_time(data.planned_end(s))}).")
                 continue
             seen = info["run_seen_at"] or s["started_at"]
-            st.warning(f"Session #{sid} '{s['name']}' stopped at {ui.fmt_time(seen)}: the program showing it ended "
+            st.warning(f"Session #{sid} '{ui.md(s['name'])}' stopped at {ui.fmt_time(seen)}: the program showing it ended "
                        "(the UI was restarted, or crashed). Everything recorded until then is kept. Go on from where "
                        "it stopped, or stop now; the interval under way then is left out of training.",
                        icon=":material/restart_alt:")
@@ -509,10 +509,10 @@ def unfinished(user: dict) -> None:
         end = data.planned_end(s)
         if s["status"] == "recording" and end is not None and end > now:
             # probably still being recorded in another window: closing it there would cut it short
-            st.caption(f"Session #{s['id']} '{s['name']}' is recording (planned to end {ui.fmt_time(end)}).")
+            st.caption(f"Session #{s['id']} '{ui.md(s['name'])}' is recording (planned to end {ui.fmt_time(end)}).")
             continue
         c1, c2 = st.columns([3, 1], vertical_alignment="center")
-        c1.caption(f"Session #{s['id']} '{s['name']}' was left {s['status']} (started "
+        c1.caption(f"Session #{s['id']} '{ui.md(s['name'])}' was left {s['status']} (started "
                    f"{ui.fmt_time(s['started_at'])}); its recorded intervals stay usable.")
         if c2.button("Close it", key=f"close_{s['id']}"):
             data.end_session(s["id"], "aborted")
@@ -585,7 +585,7 @@ def running_page(user: dict) -> None:
     left, right = st.columns([3, 2], gap="large")
     with left:
         if owner != user["id"]:
-            st.info(f"Recording session #{session['id']} for **{data.get_user(owner)['name']}**: the cue, the "
+            st.info(f"Recording session #{session['id']} for **{ui.md(data.get_user(owner)['name'])}**: the cue, the "
                     "webcam and the live strip are theirs until it ends.", icon=":material/person:")
         if note := st.session_state.pop(RESUMED, None):
             st.info(note, icon=":material/play_arrow:")

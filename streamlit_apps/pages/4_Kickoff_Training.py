@@ -92,7 +92,7 @@ def compatible_bases(selected: list[int]) -> list[dict]:
     others = [b for b in bases if b not in fitting]
     if others:
         st.caption("Not offered: base model(s) " + ", ".join(
-            f"#{b['id']} {b['name'] or 'base'} ({float(b['sample_rate_hz']):g} Hz)" for b in others)
+            f"#{b['id']} {ui.md(b['name'] or 'base')} ({float(b['sample_rate_hz']):g} Hz)" for b in others)
             + f", trained at another sample rate than these sessions' {rates[0]:g} Hz.")
     return fitting
 
@@ -161,7 +161,7 @@ def options_and_schedule(user: dict, selected: list[int], sessions: list[dict]) 
     problem = data.training_sessions_problem(user["id"], selected)
     if problem:
         hint = " Tick only sessions recorded with one device setup." if "one sensor setup" in problem else ""
-        st.error(f"Cannot train on these sessions: {problem}.{hint}",
+        st.error(f"Cannot train on these sessions: {ui.md(problem)}.{hint}",
                  icon=":material/block:")
     if st.button(f"Train on {len(selected)} session(s)", type="primary", disabled=not selected or bool(problem),
                  key="kick_schedule", icon=":material/rocket_launch:"):

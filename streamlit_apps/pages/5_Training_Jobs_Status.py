@@ -58,7 +58,7 @@ def worker_hint(job: dict) -> None:
     elif job["status"] == "in-progress" and job["heartbeat_at"]:
         silent = (now - job["heartbeat_at"]).total_seconds()
         if silent > 30:
-            st.warning(f"No heartbeat from worker {job['worker'] or ''} for {silent:.0f} s: it may have died; the job "
+            st.warning(f"No heartbeat from worker {ui.md(job['worker'] or '')} for {silent:.0f} s: it may have died; the job "
                        "is retried by the next worker once the heartbeat is stale.")
 
 
@@ -102,11 +102,11 @@ def figures_as_tables(m: dict) -> None:
     with st.expander("These figures as tables"):
         if m["per_class"]:
             st.table(pd.DataFrame({"accuracy": [f"{v:.0%}" if v is not None else "—" for v in m["per_class"].values()]},
-                                  index=pd.Index(list(m["per_class"]), name="gesture")))
+                                  index=pd.Index([ui.md(c) for c in m["per_class"]], name="gesture")))
         if m["matrix"]:
             st.caption("Confusion matrix: windows of each true gesture (rows) by the gesture predicted (columns).")
-            st.table(pd.DataFrame(m["matrix"], index=pd.Index(m["classes"], name="true"),
-                                  columns=pd.Index(m["classes"], name="predicted")))
+            st.table(pd.DataFrame(m["matrix"], index=pd.Index([ui.md(c) for c in m["classes"]], name="true"),
+                                  columns=pd.Index([ui.md(c) for c in m["classes"]], name="predicted")))
 
 
 def test_on_sessions(job: dict) -> None:
@@ -130,7 +130,7 @@ def test_on_sessions(job: dict) -> None:
                 try:
                     st.session_state[result_key] = data.score_job_model(job["id"], picked)
                 except data.RepoError as e:  # said here: the rest of the page (the downloads) stays
-                    st.error(str(e))
+                    st.error(ui.md(e))
         r = st.session_state.get(result_key)
         if not r:
             return
@@ -139,10 +139,10 @@ def test_on_sessions(job: dict) -> None:
         note = (f"{r['n_windows']:,} windows ({r['window_ms']:g} ms, one every {apart:g} ms"
                 + ("; they overlap)" if apart < r["window_ms"] else ")")
                 + ("; left out, not gestures of this model: "
-                   + ", ".join(f"{c} ({n:,} windows)" for c, n in r["not_in_model"].items())
+                   + ", ".join(f"{ui.md(c)} ({n:,} windows)" for c, n in r["not_in_model"].items())
                    if r["not_in_model"] else "")
                 + ("; renamed since the model was trained: "
-                   + ", ".join(f"{old} → {new}" for old, new in r["renamed"].items()) if r.get("renamed") else ""))
+                   + ", ".join(f"{ui.md(old)} → {ui.md(new)}" for old, new in r["renamed"].items()) if r.get("renamed") else ""))
         st.caption(note + ".")
         if r["trained_on"]:
             st.warning(f"The model trained on session(s) {', '.join(f'#{i}' for i in r['trained_on'])}: "
@@ -186,9 +186,9 @@ def details(job_id: int) -> None:
             params = ", ".join(f"{k}={v}" for k, v in (j["params"] or {}).items()) or "defaults"
             st.caption(f"sessions {', '.join(f'#{i}' for i in j['session_ids'])} · {params} · created "
                        f"{ui.fmt_time(j['created_at'])} · started {ui.fmt_time(j['started_at'])} · finished "
-                       f"{ui.fmt_time(j['finished_at'])}" + (f" · worker {j['worker']}" if j["worker"] else ""))
+                       f"{ui.fmt_time(j['finished_at'])}" + (f" · worker {ui.md(j['worker'])}" if j["worker"] else ""))
             if j["error"]:
-                st.error(f"Error: {j['error']}")
+                st.error(f"Error: {ui.md(j['error'])}")
             if j["cancel_requested"] and j["status"] == "in-progress":
                 st.info("Cancel requested: the worker stops at the end of the current epoch.")
             worker_hint(j)

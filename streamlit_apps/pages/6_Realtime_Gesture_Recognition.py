@@ -77,9 +77,10 @@ def live(user: dict, device: dict | None, window_s: float, model: dict | None) -
             c2.metric("Latency p95", f"{lat.quantile(0.95):.0f} ms" if len(lat) else "—")
             c3.metric("Decisions/s", f"{len(pred) / window_s:.1f}")
         if model:
-            st.caption(f"Model #{model['id']} · classes {', '.join(model['answers'])} · trained "
+            st.caption(f"Model #{model['id']} · classes {', '.join(map(ui.md, model['answers']))} · trained "
                        f"{ui.fmt_time(model['created_at'])}"
-                       + ("; renamed since: " + ", ".join(f"{old} → {new}" for old, new in model["renamed"].items())
+                       + ("; renamed since: " + ", ".join(f"{ui.md(old)} → {ui.md(new)}"
+                                                         for old, new in model["renamed"].items())
                           if model["renamed"] else ""))
         days = data.settings().semg_prediction_retention_days
         st.caption(f"Decisions are kept {days} days (SEMG_PREDICTION_RETENTION_DAYS), then deleted; recordings are "
