@@ -23,8 +23,10 @@ def webvtt(intervals: Sequence[dict], video_start: datetime) -> str:
         a, b = (iv["started_at"] - video_start).total_seconds(), (iv["ended_at"] - video_start).total_seconds()
         if b <= 0:
             continue
+        # cue text is markup (<b>, &amp;), and a line holding "-->" or a blank line would end the cue early
+        label = " ".join(iv["label"].splitlines()).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
         text = ("[discarded] " if iv.get("discarded") else "") + (
-            "rest" if iv["label"].upper() == "REST" else f"{iv['label']} · rep {int(iv.get('repetition', 0)) + 1}")
+            "rest" if iv["label"].upper() == "REST" else f"{label} · rep {int(iv.get('repetition', 0)) + 1}")
         lines += [f"{ts(a)} --> {ts(b)}", text, ""]
     return "\n".join(lines)
 

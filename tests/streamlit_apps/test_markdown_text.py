@@ -264,6 +264,18 @@ def test_kickoff_says_a_refusal_naming_a_gesture_as_typed(page, clean_db):
     assert f"Cannot train on these sessions: {md(f'gesture {NASTY!r} of the bank uses channel 5')}" in errors, errors
 
 
+def test_review_subtitles_show_a_label_as_typed():
+    """The review's video subtitles are WebVTT, whose cue text is markup: a label `<b>x</b> &amp;` showed bold and
+    as '&', and one holding '-->' ended its cue."""
+    import views
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    ivs = [{"label": "<b>x</b> &amp; a --> b\n\nc", "repetition": 0, "started_at": t0,
+            "ended_at": t0 + timedelta(seconds=2)}]
+    vtt = views.webvtt(ivs, t0)
+    assert vtt.split("\n")[2:5] == ["00:00:00.000 --> 00:00:02.000",
+                                    "&lt;b&gt;x&lt;/b&gt; &amp;amp; a --&gt; b  c · rep 1", ""], vtt
+
+
 def test_review_session_picker_shows_the_name_unescaped(page, clean_db):
     """Selectbox options are plain text: an escaped name would show its backslashes."""
     base = nasty_user(clean_db)
