@@ -286,7 +286,6 @@ def test_the_capture_is_paused_and_resumed_with_one_key(stack, browser_page, scr
         conn.close()
 
 
-
 def test_the_keyboard_focus_stays_on_add_selected(stack, browser_page, screenshots_dir, settings):
     """Keyboard only: gestures picked in the quick-add list and added with Enter on "Add selected". The rerun after
     adding empties the list, which disabled the button, and the browser dropped the focus to the top of the page
@@ -317,5 +316,28 @@ def test_the_keyboard_focus_stays_on_add_selected(stack, browser_page, screensho
         browser_page.locator('[data-testid="stDataFrame"]').first.wait_for()  # the page shows them
         ui.wait_idle()
         assert browser_page.evaluate(focused) == "BUTTON Add selected"
+    finally:
+        conn.close()
+
+
+def test_a_name_is_shown_as_typed(stack, browser_page, screenshots_dir, settings):
+    """Streamlit renders markdown in messages and labels: a user named `*fist* $1$ :red[x]` was shown as an italic
+    word, a formula and red text. Their name is shown character for character (in the expander's label, and in the
+    delete button's), and nothing of it is styled."""
+    name = "*fist* $1$ :red[x] ~~y~~"
+    conn = _conn()
+    try:
+        email = f"md-{int(time.time())}@example.org"
+        repo.create_user(conn, name, email)
+        ui = Ui(browser_page, f"http://127.0.0.1:{settings.ui_port}", screenshots_dir)
+        ui.login(secrets.ui_password())
+        ui.goto("User Management", "User Management")
+        ui.fill("Search by name or email", email)
+        label = ui.text(f"API keys of {name}", exact=True)
+        assert label.inner_text() == f"API keys of {name}"
+        expect(browser_page.get_by_role("button", name=f"Delete {name}…", exact=True)).to_be_visible()
+        styled = browser_page.locator('[data-testid="stMain"]').locator(
+            ".katex, .stMarkdownColoredText, del, em").count()
+        assert styled == 0, styled
     finally:
         conn.close()
