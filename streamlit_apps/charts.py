@@ -31,6 +31,11 @@ def label_color(label: str, labels: Sequence[str] = ()) -> str:
     return GESTURE_COLORS[zlib.crc32(label.encode()) % len(GESTURE_COLORS)]
 
 
+def _text(name: str) -> str:
+    """A gesture name as plotly text: plotly draws <b>, <br>, <a href=...> and entities in legends, ticks and hovers."""
+    return name.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def _tight(fig: go.Figure, height: int) -> go.Figure:
     fig.update_layout(height=height, margin=dict(l=10, r=10, t=30, b=10), legend=dict(orientation="h", y=1.08),
                       hovermode="x unified")
@@ -95,7 +100,7 @@ def _interval_traces(intervals: Sequence[dict], t0: datetime) -> list[dict]:
             xs += [a, a, b, b, None]
             ys += [0, 1, 1, 0, None]
         color = "#999999" if name.startswith("discarded") else label_color(name)
-        traces.append({"type": "scatter", "x": xs, "y": ys, "fill": "toself", "mode": "none", "name": name,
+        traces.append({"type": "scatter", "x": xs, "y": ys, "fill": "toself", "mode": "none", "name": _text(name),
                        "fillcolor": _rgba(color, 0.2), "xaxis": "x", "yaxis": "y", "hoverinfo": "skip"})
     return traces
 
@@ -155,7 +160,7 @@ def curves_figure(epochs: Sequence[dict]) -> go.Figure:
 
 def confusion_figure(classes: Sequence[str], matrix: Sequence[Sequence[float]],
                      title: str = "Confusion matrix (held-out windows)") -> go.Figure:
-    fig = go.Figure(go.Heatmap(z=matrix, x=list(classes), y=list(classes), colorscale="Blues", text=matrix,
+    fig = go.Figure(go.Heatmap(z=matrix, x=[_text(c) for c in classes], y=[_text(c) for c in classes], colorscale="Blues", text=matrix,
                                texttemplate="%{text}", showscale=False))
     fig.update_layout(title=title, xaxis_title="predicted", yaxis_title="true",
                       yaxis_autorange="reversed")
@@ -165,7 +170,7 @@ def confusion_figure(classes: Sequence[str], matrix: Sequence[Sequence[float]],
 def per_class_figure(per_class: dict) -> go.Figure:
     names = list(per_class)
     vals = [per_class[n] if per_class[n] is not None else 0 for n in names]
-    fig = go.Figure(go.Bar(x=names, y=vals, text=[f"{v:.0%}" for v in vals], textposition="auto"))
+    fig = go.Figure(go.Bar(x=[_text(n) for n in names], y=vals, text=[f"{v:.0%}" for v in vals], textposition="auto"))
     fig.update_layout(title="Per-class accuracy", yaxis=dict(range=[0, 1], tickformat=".0%"))
     return _tight(fig, 280)
 
@@ -177,7 +182,7 @@ def timeline_figure(pred: pd.DataFrame, now: datetime, window_s: float) -> go.Fi
     for g in labels:
         d = pred[pred["gesture"] == g]
         x = [(t - now).total_seconds() for t in d["decided_at"]]
-        fig.add_trace(go.Scatter(x=x, y=d["confidence"], mode="markers", name=g,
+        fig.add_trace(go.Scatter(x=x, y=d["confidence"], mode="markers", name=_text(g),
                                  marker=dict(size=9, color=label_color(g, labels))))
     fig.update_layout(xaxis=dict(range=[-window_s, 0], title="seconds ago"), yaxis=dict(range=[0, 1.05],
                       title="confidence"))

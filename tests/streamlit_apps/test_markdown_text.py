@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta
 
+import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -198,6 +199,7 @@ def test_the_page_guard_says_a_refusal_quoting_what_was_typed_as_typed(settings)
     from streamlit.testing.v1 import AppTest
     at = AppTest.from_function(_guarded_failures, args=(NASTY,), default_timeout=30)
     at.run()
+    assert not at.exception, [e.value for e in at.exception]
     refusal, other = (e.value for e in at.error)
     assert refusal == md(f"not in this user's gesture bank: {NASTY}")
     assert other.startswith(f"Something went wrong (KeyError: {md(repr(NASTY))}). Reload the page")
@@ -286,3 +288,22 @@ def test_review_session_picker_shows_the_name_unescaped(page, clean_db):
     at.run()
     assert_clean(at)
     assert at.selectbox(key="review_session").options[0].startswith(f"#{s['id']} {NASTY} · recording")
+
+
+def test_charts_name_gestures_as_typed():
+    """Plotly draws <b>, <br> and <a href> in legends, axis ticks and hovers: a gesture named
+    "<a href='https://example.org'>x</a>" was a link in the confusion matrix (checked in Chromium: the escaped name
+    shows as typed)."""
+    import charts
+    typed = "<a href='https://example.org'>x</a> & <b>y</b>"
+    drawn = "&lt;a href='https://example.org'&gt;x&lt;/a&gt; &amp; &lt;b&gt;y&lt;/b&gt;"
+    assert charts.per_class_figure({typed: 0.5, "REST": 1.0}).data[0].x == (drawn, "REST")
+    cm = charts.confusion_figure([typed, "REST"], [[1, 0], [0, 1]]).data[0]
+    assert cm.x == cm.y == (drawn, "REST")
+    now = datetime.now(UTC)
+    pred = pd.DataFrame({"gesture": [typed], "confidence": [0.9], "decided_at": [now]})
+    assert [t.name for t in charts.timeline_figure(pred, now, 10.0).data] == [drawn]
+    t0 = now - timedelta(seconds=5)
+    shaded = charts._interval_traces([{"label": typed, "started_at": t0, "ended_at": now}], t0)
+    assert [t["name"] for t in shaded] == [drawn]
+    assert shaded[0]["fillcolor"] == charts._rgba(charts.label_color(typed), 0.2)  # its colour: of the name typed
