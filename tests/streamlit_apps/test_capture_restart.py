@@ -240,7 +240,8 @@ def test_a_window_whose_run_was_taken_over_while_it_could_not_reach_the_database
     """Its process was cut off from the database (not dead) and another process took the run over: once it
     reaches the database again it learns so, stops, and writes nothing of what it did meanwhile."""
     conn, uid = seeded["conn"], seeded["user"]["id"]
-    tab1, run = start_on_page(page, uid, hold=1.0, rest=0.5)  # REST 0-0.5, fist 0.5-1.5, REST 1.5-2
+    # a 3 s hold: the tick at 0.6 s must run before fist ends (at 1.5 s, a busy machine's page run ended it too)
+    tab1, run = start_on_page(page, uid, hold=3.0, rest=0.5)  # REST 0-0.5, fist 0.5-3.5, REST 3.5-4
     sid = run.session_id
     point_ui_at(free_port())
     wait_until_stale()
@@ -461,7 +462,8 @@ def test_a_run_paused_before_its_next_interval_began_is_rebuilt_paused_after_ano
     interval's start until where the paused window was last seen, which marked the intervals of the whole
     pause as recorded, labelling samples nobody was cued for."""
     conn, uid = seeded["conn"], seeded["user"]["id"]
-    tab1, run = start_on_page(page, uid, hold=1.0, rest=0.5)  # REST 0-0.5, fist 0.5-1.5, REST 1.5-2
+    # a 3 s hold: the tick at 0.6 s must run before fist ends (at 1.5 s, a busy machine's page run ended it too)
+    tab1, run = start_on_page(page, uid, hold=3.0, rest=0.5)  # REST 0-0.5, fist 0.5-3.5, REST 3.5-4
     sid = run.session_id
     time.sleep(max(0.0, run.t_start + 0.3 - time.time()))
     last_beat(run, tab1)  # run_seen_at 0.3
@@ -471,7 +473,7 @@ def test_a_run_paused_before_its_next_interval_began_is_rebuilt_paused_after_ano
     assert not tab1.exception, tab1.exception
     assert repo.get_session(conn, sid)["intervals"][0]["ended_at"] == capture.utc(run.t_start + 0.5)
     process_dies()
-    time.sleep(max(0.0, run.t_start + 2.2 - time.time()))  # stale, and past its planned end
+    time.sleep(max(0.0, run.t_start + 4.2 - time.time()))  # stale, and past its planned end
 
     _tab2, other = start_on_page(page, uid)  # its device records another session meanwhile
     tab3 = next_process_page(page, uid)
