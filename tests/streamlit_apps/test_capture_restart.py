@@ -240,8 +240,7 @@ def test_a_window_whose_run_was_taken_over_while_it_could_not_reach_the_database
     """Its process was cut off from the database (not dead) and another process took the run over: once it
     reaches the database again it learns so, stops, and writes nothing of what it did meanwhile."""
     conn, uid = seeded["conn"], seeded["user"]["id"]
-    # a 3 s hold: the tick at 0.6 s must run before fist ends (at 1.5 s, a busy machine's page run ended it too)
-    tab1, run = start_on_page(page, uid, hold=3.0, rest=0.5)  # REST 0-0.5, fist 0.5-3.5, REST 3.5-4
+    tab1, run = start_on_page(page, uid, hold=1.0, rest=0.5)  # REST 0-0.5, fist 0.5-1.5, REST 1.5-2
     sid = run.session_id
     point_ui_at(free_port())
     wait_until_stale()
