@@ -42,9 +42,8 @@ class Stack:
             "udpserver": [py, "-m", "udpserver.udpserver"],
             "inference": [py, "-m", "ml_model.nat_inference"],
             "trainer": [py, "ml_model/TrainMLJob.py", "worker"],
-            "ui": [py, "-m", "streamlit", "run", "streamlit_apps/Main.py", "--server.port", self.env["UI_PORT"],
-                   "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats",
-                   "false", "--server.fileWatcherType", "none"],
+            # the platform's own launcher (UI_PORT, 127.0.0.1, its theme and connection guards), as supervisord runs it
+            "ui": [py, "-m", "streamlit_apps"],
         }[name]
 
     def start(self, name: str) -> bool:
