@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import zlib
 from collections.abc import Sequence
 from datetime import datetime
@@ -33,7 +34,7 @@ def label_color(label: str, labels: Sequence[str] = ()) -> str:
 
 def _text(name: str) -> str:
     """A gesture name as plotly text: plotly draws <b>, <br>, <a href=...> and entities in legends, ticks and hovers."""
-    return name.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return html.escape(name, quote=False)
 
 
 def _tight(fig: go.Figure, height: int) -> go.Figure:

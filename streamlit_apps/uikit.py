@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import html
 import logging
 import math
 import re
@@ -478,4 +479,4 @@ def announce(text: str) -> None:
 
 
 def _esc(s: str) -> str:
-    return (str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;"))
+    return html.escape(str(s))

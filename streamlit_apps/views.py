@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -24,7 +25,7 @@ def webvtt(intervals: Sequence[dict], video_start: datetime) -> str:
         if b <= 0:
             continue
         # cue text is markup (<b>, &amp;), and a line holding "-->" or a blank line would end the cue early
-        label = " ".join(iv["label"].splitlines()).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        label = html.escape(" ".join(iv["label"].splitlines()), quote=False)
         text = ("[discarded] " if iv.get("discarded") else "") + (
             "rest" if iv["label"].upper() == "REST" else f"{label} · rep {int(iv.get('repetition', 0)) + 1}")
         lines += [f"{ts(a)} --> {ts(b)}", text, ""]
