@@ -146,11 +146,11 @@ def build_served(row: Mapping[str, Any]) -> ServedModel:
     return served
 
 
-def _with_names_now(served: ServedModel, conn) -> ServedModel:
-    """The model answering with its gestures' names of now (see ServedModel.renamed)."""
-    key = repo.gesture_names_keys(conn, [served.user_id]).get(served.user_id)
+def _with_names_now(served: ServedModel, conn, names_key: str | None) -> ServedModel:
+    """The model answering with its gestures' names of now (see ServedModel.renamed); names_key: the user's
+    (repo.gesture_names_keys) as read before the names."""
     renamed = repo.renamed_classes(conn, served.artifact_id, served.meta["classes"])
-    return dataclasses.replace(served, renamed=renamed, names_key=key)
+    return dataclasses.replace(served, renamed=renamed, names_key=names_key)
 
 
 @dataclass
@@ -244,7 +244,7 @@ class ModelRegistry:
             if current is None:
                 self._absent[user_id] = time.monotonic()
             return current
-        served = _with_names_now(served, conn)
+        served = _with_names_now(served, conn, repo.gesture_names_keys(conn, [user_id]).get(user_id))
         if user_id in self._deleted:  # deleted while we loaded it
             return None
         self._models[user_id] = served  # atomic swap: in-flight requests keep their reference
@@ -255,8 +255,9 @@ class ModelRegistry:
 
     def refresh_user(self, user_id: int) -> ServedModel | None:
         with self._load_lock, self.pool.connection() as conn:
+            before = self._models.get(user_id)
             served = self._install(user_id, self._latest_id(conn, user_id), conn)
-            if served is not None:
+            if served is not None and served is before:  # a model installed now has its names already
                 self._follow_renames([user_id], conn)
             return self._models.get(user_id)
 
@@ -278,7 +279,7 @@ class ModelRegistry:
             m = self._models.get(user_id)
             if m is None or keys.get(user_id) == m.names_key:
                 continue
-            renamed = _with_names_now(m, conn)
+            renamed = _with_names_now(m, conn, keys.get(user_id))
             if user_id not in self._deleted and self._models.get(user_id) is m:
                 self._models[user_id] = renamed
                 if renamed.classes != m.classes:
