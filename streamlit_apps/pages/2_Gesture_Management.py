@@ -112,11 +112,10 @@ def gesture_bank(user: dict, n_channels: int) -> None:
                         # the API follows a rename on its next poll, where the model knows what it learnt from
                         # (older models do not: they answer the name they were trained under)
                         old, new = ui.md(g["name"]), ui.md(saved["name"])
-                        st.session_state[NOTE_STATE] = (
-                            f"Renamed {old} to {new}. Live recognition answers {new} within "
-                            f"{data.MODELS_POLL_S:g} s, without retraining." if saved["name"] in served["answers"]
-                            else f"Renamed {old} to {new}. Live recognition still answers {old} until you train "
-                                 "a new model.")
+                        st.session_state[NOTE_STATE] = f"Renamed {old} to {new}. " + (
+                            f"Live recognition answers {new} within {data.MODELS_POLL_S:g} s, without retraining."
+                            if saved["name"] in served["answers"]
+                            else f"Live recognition still answers {old} until you train a new model.")
                     else:
                         st.toast(f"Saved {ui.md(saved['name'])}")
                     st.rerun()
