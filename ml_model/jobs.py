@@ -365,23 +365,14 @@ def _sessions_holding(used: list[dict], repetitions: list) -> list[int] | None:
 
 
 def _nothing_to_hold_out(data: Mapping[str, Any]) -> str:
-    """Why a job from scratch cannot train on data of a single group: training's own 'need at least 2 repetitions
-    (groups)' named neither the gestures nor what to record (the sessions may even be two, of different gestures)."""
+    """repo.nothing_to_hold_out for data of a single group (scheduling refuses such jobs; one queued before that
+    check existed, or whose intervals gave fewer windows than they promised, still ends here)."""
     sessions_of: dict[str, set] = {}  # gesture -> the sessions holding it
     for sess in data["used"]:
         for iv in sess["intervals"]:
             if iv[1] != preprocessing.REST_LABEL:
                 sessions_of.setdefault(iv[1], set()).add(sess["id"])
-    if len(data["used"]) == 1:
-        what = "this session holds one repetition of each gesture"
-    else:
-        alone = sorted(g for g, ids in sessions_of.items() if len(ids) == 1)
-        what = ("each chosen session holds one repetition, and each holds a gesture no other one does"
-                + (f" ({', '.join(alone)})" if alone else "") + ", so none can be held out without losing a gesture")
-    return (f"{what}: training from scratch holds a repetition out to measure the model, and none is left. Record "
-            "each gesture once more (another short session) and train on it too, or fine-tune a pretrained base "
-            "(the Kickoff Training page offers those of this sample rate; through the API params.base_artifact_id, "
-            "GET /bases)")
+    return repo.nothing_to_hold_out(len(data["used"]), sorted(g for g, ids in sessions_of.items() if len(ids) == 1))
 
 
 def _describe_deleted(deleted: Mapping[str, set]) -> str:

@@ -1070,6 +1070,53 @@ def _check_training_sessions(cur, user_id: int, ids: list[int]) -> None:
                           f"gesture of the bank: change that gesture's channels first")
 
 
+def _single_repetition(cur, ids: list[int]) -> tuple[int, list[str]] | None:
+    """When what the sessions recorded is one repetition and no session could be held out (each holds a gesture no
+    other one does), so a job from scratch has nothing to measure its model on (ml_model.jobs holds the sessions out
+    as repetitions when one can be): how many sessions recorded something, and the gestures only one of them holds.
+    None otherwise, or when nothing is recorded (the job says that). Read as the job reads intervals: recorded, not
+    redone, gestures not deleted."""
+    cur.execute("""SELECT session_id, CASE WHEN kind = 'rest' THEN %s ELSE label END AS name, repetition
+                   FROM session_intervals
+                   WHERE session_id = ANY(%s) AND started_at IS NOT NULL AND NOT discarded
+                         AND NOT (kind = 'gesture' AND gesture_id IS NULL)""", (REST, ids))
+    rows = cur.fetchall()
+    if not rows or len({r["repetition"] for r in rows}) > 1:
+        return None
+    holders: dict[str, set] = {}  # name -> the sessions holding it
+    for r in rows:
+        holders.setdefault(r["name"], set()).add(r["session_id"])
+    sessions = {r["session_id"] for r in rows}
+    if len(sessions) > 1 and any(all(h - {s} for h in holders.values() if s in h) for s in sessions):
+        return None
+    return len(sessions), sorted(n for n, h in holders.items() if len(h) == 1 and n != REST)
+
+
+def nothing_to_hold_out(n_sessions: int, alone: Sequence[str]) -> str:
+    """Why a job from scratch cannot train on one repetition of each gesture, and what to record (training's own
+    'need at least 2 repetitions (groups)' named neither, and two sessions of different gestures puzzled)."""
+    if n_sessions == 1:
+        what = "this session holds one repetition of each gesture"
+    else:
+        what = ("each chosen session holds one repetition, and each holds a gesture no other one does"
+                + (f" ({', '.join(alone)})" if alone else "") + ", so none can be held out without losing a gesture")
+    return (f"{what}: training from scratch holds a repetition out to measure the model, and none is left. Record "
+            "each gesture once more (another short session) and train on it too, or fine-tune a pretrained base "
+            "(the Kickoff Training page offers those of this sample rate; through the API params.base_artifact_id, "
+            "GET /bases)")
+
+
+def single_repetition(conn, user_id: int, session_ids: Sequence[int]) -> bool:
+    """Whether these sessions of the user hold one repetition of each gesture and none can be held out: a job from
+    scratch is refused (schedule_job), fine-tuning a base has nothing to be measured on."""
+    ids = sorted({int(s) for s in session_ids})
+    if not ids:
+        return False
+    with _tx(conn) as cur:
+        cur.execute("SELECT id FROM capture_sessions WHERE id = ANY(%s) AND user_id = %s", (ids, user_id))
+        return _single_repetition(cur, [r["id"] for r in cur.fetchall()]) is not None
+
+
 def training_sessions_problem(conn, user_id: int, session_ids: Sequence[int]) -> str | None:
     """Why schedule_job would refuse these sessions (None when it would not): lets a form say so before a click."""
     ids = sorted({int(s) for s in session_ids})
@@ -1093,7 +1140,11 @@ def schedule_job(conn, user_id: int, session_ids: Sequence[int], params: dict | 
         cur.execute("SELECT 1 FROM users WHERE id = %s", (user_id,))
         _one(cur, "user", user_id)
         _check_training_sessions(cur, user_id, ids)
-        if (base := params.get("base_artifact_id")) is not None:
+        if (base := params.get("base_artifact_id")) is None:
+            # the worker would fail it, but only once it is its turn (maybe behind hours of others' jobs)
+            if (single := _single_repetition(cur, ids)) is not None:
+                raise Invalid(nothing_to_hold_out(*single))
+        else:
             # The worker checks it again (it may be deleted meanwhile), but only once the job is its turn. One
             # answer for missing and another user's, so a user key cannot learn which ids exist.
             cur.execute("SELECT 1 FROM model_artifacts WHERE id = %s AND (user_id IS NULL OR user_id = %s)",

@@ -601,6 +601,11 @@ def training_sessions_problem(user_id: int, session_ids: Sequence[int]) -> str |
     return _repo(repo.training_sessions_problem, user_id, session_ids)
 
 
+def single_repetition(user_id: int, session_ids: Sequence[int]) -> bool:
+    """Whether these sessions hold one repetition of each gesture and none can be held out (repo.single_repetition)."""
+    return _repo(repo.single_repetition, user_id, session_ids)
+
+
 def cancel_job(job_id: int) -> dict:
     return _repo(repo.cancel_job, job_id)
 

@@ -97,23 +97,7 @@ def compatible_bases(selected: list[int]) -> list[dict]:
     return fitting
 
 
-def one_repetition(sessions: list[dict], selected: list[int]) -> bool:
-    """Whether the job would see a single repetition of each gesture (one session planned with one, or several such
-    sessions each holding a gesture no other one does, so the job cannot hold one out as a repetition:
-    jobs.load_job_data): nothing to hold out, so training from scratch fails and fine-tuning can only check itself
-    on its own recordings."""
-    chosen = [s for s in sessions if s["id"] in selected]
-    plans = [s.get("plan") or {} for s in chosen]
-    if not plans or any(p.get("repetitions") != 1 for p in plans):
-        return False
-    gestures = [set(p.get("gestures") or []) for p in plans]
-    if len(gestures) == 1:
-        return True
-    # the job takes the sessions as the repetitions when one of them holds no gesture the others lack
-    return not any(g <= set().union(*gestures[:i], *gestures[i + 1:]) for i, g in enumerate(gestures))
-
-
-def options_and_schedule(user: dict, selected: list[int], sessions: list[dict]) -> None:
+def options_and_schedule(user: dict, selected: list[int]) -> None:
     st.header("Options")
     bases = compatible_bases(selected)
     c1, c2 = st.columns(2)
@@ -146,11 +130,12 @@ def options_and_schedule(user: dict, selected: list[int], sessions: list[dict]) 
             params["seed"] = int(seed)
     if base is not None:
         params["base_artifact_id"] = int(base)
-    if one_repetition(sessions, selected):
+    single = data.single_repetition(user["id"], selected)
+    if single:
         if base is None:
             what = ("This session holds one repetition of each gesture" if len(selected) == 1 else
                     "These sessions hold one repetition each, and each holds a gesture no other one does")
-            st.warning(f"{what}: training from scratch needs a second one to hold out, so this job would fail. "
+            st.warning(f"{what}: training from scratch needs a second one to hold out, so it cannot train. "
                        "Record each gesture once more (another short session) and tick "
                        + ("both" if len(selected) == 1 else "it too")
                        + (", or start from a pretrained base." if bases else "."), icon=":material/replay:")
@@ -163,7 +148,7 @@ def options_and_schedule(user: dict, selected: list[int], sessions: list[dict]) 
         hint = " Tick only sessions recorded with one device setup." if "one sensor setup" in problem else ""
         st.error(f"Cannot train on these sessions: {ui.md(problem)}.{hint}",
                  icon=":material/block:")
-    if st.button(f"Train on {len(selected)} session(s)", type="primary", disabled=not selected or bool(problem),
+    if st.button(f"Train on {len(selected)} session(s)", type="primary", disabled=not selected or bool(problem) or (single and base is None),
                  key="kick_schedule", icon=":material/rocket_launch:"):
         job = data.schedule_job(user["id"], selected, params)  # refuses the same (guard() shows why)
         st.session_state["kick_flash"] = job["id"]
@@ -186,7 +171,7 @@ def page() -> None:
     st.header("Recorded sessions")
     selected = quality_table(user["id"], sessions)
     st.divider()
-    options_and_schedule(user, selected, sessions)
+    options_and_schedule(user, selected)
     st.divider()
     st.header("Preview")
     preview(sessions)

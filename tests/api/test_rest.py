@@ -272,6 +272,23 @@ def test_training_jobs(api, keys, make_user):
             setups.append(s["id"])
         r = api.post(f"/users/{uid}/jobs", json={"session_ids": setups}, headers=mine)
         assert r.status_code == 422 and f"session {setups[1]}: 200 Hz" in r.text, r.text
+        # one repetition of each gesture recorded: nothing to hold out, so a job from scratch is refused now (the
+        # worker failed it once its turn came), saying what to record; a base to fine-tune is what it can take
+        one = api.post(f"/users/{uid}/sessions", json={"gestures": ["fist"], "repetitions": 1, "hold_s": 1,
+                                                       "rest_s": 1, "device_id": _device(api, mine, uid)},
+                       headers=mine).json()
+        t0 = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)
+        api.post(f"/sessions/{one['id']}/start", json={"at": t0.isoformat()}, headers=mine)
+        for iv in one["intervals"]:
+            r = api.post(f"/intervals/{iv['id']}/mark", headers=mine, json={
+                "started_at": (t0 + dt.timedelta(milliseconds=iv["planned_start_ms"])).isoformat(),
+                "ended_at": (t0 + dt.timedelta(milliseconds=iv["planned_end_ms"])).isoformat()})
+            assert r.status_code == 200, r.text
+        api.post(f"/sessions/{one['id']}/end", headers=mine)
+        before = len(api.get("/jobs", headers=mine).json())
+        r = api.post(f"/users/{uid}/jobs", json={"session_ids": [one["id"]]}, headers=mine)
+        assert r.status_code == 422 and "this session holds one repetition of each gesture" in r.text, r.text
+        assert "fine-tune a pretrained base" in r.text and len(api.get("/jobs", headers=mine).json()) == before
 
 
 def write_quiet_journal(settings, session: dict, t0: dt.datetime) -> os.PathLike:
@@ -466,6 +483,15 @@ def test_every_docs_example_is_a_request_the_api_takes(api, keys, served):
         send("POST", "/sessions/{session_id}/intervals", "interval_id")
         send("POST", "/intervals/{interval_id}/mark")
         send("POST", "/sessions/{session_id}/end")
+        # the rest of the session as a capture marks it (one marked interval is one repetition: nothing for a job
+        # from scratch to hold out, refused when scheduled)
+        session = api.get("/sessions/{session_id}".format(**ids), headers=keys.admin).json()
+        began = dt.datetime.fromisoformat(session["started_at"])
+        for iv in session["intervals"]:
+            if iv["started_at"] is None:
+                assert api.post(f"/intervals/{iv['id']}/mark", headers=keys.admin, json={
+                    "started_at": (began + dt.timedelta(milliseconds=iv["planned_start_ms"])).isoformat(),
+                    "ended_at": (began + dt.timedelta(milliseconds=iv["planned_end_ms"])).isoformat()}).status_code == 200
         send("POST", "/users/{user_id}/jobs")
         send("POST", "/keys")
         ids["user_id"] = served(channels=2)[0]["id"]

@@ -214,17 +214,14 @@ def test_failing_jobs_show_their_cause_and_change_nothing_else(clean_db, user_de
     assert jobs.run_job(job["id"]) == "failed"
     j = repo.get_job(clean_db, job["id"])
     assert j["status"] == "failed" and "no data" in j["error"] and j["finished_at"]
-    one = record_session(clean_db, u["id"], d["id"], gestures=("fist",), reps=1)
-    job2 = repo.schedule_job(clean_db, u["id"], [one["id"]])
-    assert jobs.run_job(job2["id"]) == "failed"
-    assert repo.get_job(clean_db, job2["id"])["error"]
+    one = record_session(clean_db, u["id"], d["id"], gestures=("fist",), reps=2)
     assert repo.latest_model(clean_db, u["id"]) is None
     # a device with another channel count in the same job: refused when scheduled, and failed by the worker
     # should the device change after scheduling
     d8 = repo.register_device(clean_db, u["id"], CHANNELS, RATE)
     s8 = repo.create_session(clean_db, u["id"], d8["id"], ["fist"], 1, 1, 1)
     repo.end_session(clean_db, s8["id"])
-    job3 = repo.schedule_job(clean_db, u["id"], [one["id"], s8["id"]])
+    job3 = repo.schedule_job(clean_db, u["id"], [one["id"], s8["id"]])  # s8 recorded nothing yet
     with clean_db.cursor() as cur:
         cur.execute("UPDATE devices SET channel_count = 8 WHERE id = %s", (d8["id"],))
     clean_db.commit()
@@ -357,31 +354,66 @@ def test_sessions_of_one_repetition_each_are_held_out_as_repetitions(clean_db, u
     d2 = repo.register_device(clean_db, u2["id"], CHANNELS, RATE)
     only_fist = record_session(clean_db, u2["id"], d2["id"], gestures=("fist",), reps=1, minutes_ago=10)
     only_open = record_session(clean_db, u2["id"], d2["id"], gestures=("open hand",), reps=1, minutes_ago=5)
-    job2 = repo.schedule_job(clean_db, u2["id"], [only_fist["id"], only_open["id"]])
+    job2 = queue_unchecked(clean_db, u2["id"], [only_fist["id"], only_open["id"]])  # scheduling refuses it now
     data = jobs.load_job_data(clean_db, job2["id"], training.merge_config({"sample_rate_hz": RATE}))
     assert data["group_sessions"] is None and set(data["groups"].tolist()) == {0}
 
 
-def test_a_job_from_scratch_with_nothing_to_hold_out_says_what_to_record(clean_db, user_device):
+def queue_unchecked(conn, user_id, session_ids, params=None) -> dict:
+    """A job queued as schedule_job does but without its checks: one queued before a check existed (upgrade)."""
+    with conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO training_jobs (user_id, params) VALUES (%s, %s) RETURNING id",
+                    (user_id, psycopg2.extras.Json(params or {})))
+        job_id = cur.fetchone()[0]
+        cur.executemany("INSERT INTO training_job_sessions (job_id, session_id) VALUES (%s, %s)",
+                        [(job_id, s) for s in session_ids])
+    return repo.get_job(conn, job_id)
+
+
+def test_a_job_from_scratch_with_nothing_to_hold_out_is_refused_saying_what_to_record(clean_db, user_device):
     """One repetition of each gesture trained from scratch failed with training's 'need at least 2 repetitions
     (groups) so one can be held out for validation': jargon, no word of what to record, and with two sessions of
-    different gestures ('2 repetitions'?) puzzling. The job now says why and what to do."""
+    different gestures ('2 repetitions'?) puzzling; and it failed only once a worker took it, maybe hours later
+    behind other jobs, while the API had answered 201. Scheduling now refuses it, saying why and what to do; a job
+    queued before (an upgrade) fails in the worker with the same words."""
     u, d = user_device
     one = record_session(clean_db, u["id"], d["id"], reps=1, minutes_ago=20)
-    job = repo.schedule_job(clean_db, u["id"], [one["id"]], {"epochs": 2})
-    assert jobs.run_job(job["id"]) == "failed"
-    error = repo.get_job(clean_db, job["id"])["error"]
+    with pytest.raises(repo.Invalid) as refused:
+        repo.schedule_job(clean_db, u["id"], [one["id"]], {"epochs": 2})
+    error = str(refused.value)
     assert error.startswith("this session holds one repetition of each gesture: training from scratch holds a "
                             "repetition out"), error
     assert "Record each gesture once more" in error and "fine-tune a pretrained base" in error
+    assert repo.list_jobs(clean_db, u["id"]) == []
+    assert repo.single_repetition(clean_db, u["id"], [one["id"]])
+    assert not repo.single_repetition(clean_db, u["id"] + 1, [one["id"]])  # another user's session: not theirs
+    queued = queue_unchecked(clean_db, u["id"], [one["id"]], {"epochs": 2})
+    assert jobs.run_job(queued["id"]) == "failed"
+    assert repo.get_job(clean_db, queued["id"])["error"] == error
 
     only_fist = record_session(clean_db, u["id"], d["id"], gestures=("fist",), reps=1, minutes_ago=15)
     only_open = record_session(clean_db, u["id"], d["id"], gestures=("open hand",), reps=1, minutes_ago=10)
-    job2 = repo.schedule_job(clean_db, u["id"], [only_fist["id"], only_open["id"]], {"epochs": 2})
-    assert jobs.run_job(job2["id"]) == "failed"
-    error = repo.get_job(clean_db, job2["id"])["error"]
+    pair = [only_fist["id"], only_open["id"]]
+    with pytest.raises(repo.Invalid) as refused:
+        repo.schedule_job(clean_db, u["id"], pair, {"epochs": 2})
+    error = str(refused.value)
     assert "each holds a gesture no other one does (fist, open hand), so none can be held out" in error, error
     assert "Record each gesture once more" in error
+    queued = queue_unchecked(clean_db, u["id"], pair, {"epochs": 2})
+    assert jobs.run_job(queued["id"]) == "failed"
+    assert repo.get_job(clean_db, queued["id"])["error"] == error
+
+    # what the job can hold out is scheduled: a second repetition of both (the sessions are the repetitions), a
+    # session of two repetitions, a base to fine-tune; a redone repetition is not a second one
+    assert repo.schedule_job(clean_db, u["id"], [one["id"], only_fist["id"], only_open["id"]])
+    assert not repo.single_repetition(clean_db, u["id"], [one["id"], only_fist["id"]])
+    two = record_session(clean_db, u["id"], d["id"], reps=2, minutes_ago=5)
+    assert repo.schedule_job(clean_db, u["id"], [two["id"]])
+    with clean_db, clean_db.cursor() as cur:  # its second repetition redone: left out of training
+        cur.execute("UPDATE session_intervals SET discarded = true WHERE session_id = %s AND repetition = 1",
+                    (two["id"],))
+    with pytest.raises(repo.Invalid, match="this session holds one repetition of each gesture"):
+        repo.schedule_job(clean_db, u["id"], [two["id"]])
 
 
 def test_a_repetition_held_out_of_the_longer_sessions_only_is_named_so(clean_db, user_device):

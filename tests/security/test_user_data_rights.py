@@ -47,12 +47,12 @@ def seed_person(conn, video_dir, name: str) -> dict:
     with conn.cursor() as cur:
         psycopg2.extras.execute_values(cur, """INSERT INTO sample_blocks (user_id, device_id, boot, seq0, n, channels,
             sample_rate_hz, device_millis0, device_time0, server_ts, values) VALUES %s""", rows)
-    s = repo.create_session(conn, uid, dev["id"], ["fist", "open hand"], 1, 1.0, 1.0, name="morning")
+    s = repo.create_session(conn, uid, dev["id"], ["fist", "open hand"], 2, 1.0, 1.0, name="morning")
     repo.start_session(conn, s["id"], at=t0)
     for iv in s["intervals"]:
         repo.mark_interval(conn, iv["id"], t0 + timedelta(milliseconds=iv["planned_start_ms"]),
                            t0 + timedelta(milliseconds=iv["planned_end_ms"]))
-    repo.end_session(conn, s["id"], at=t0 + timedelta(seconds=5))
+    repo.end_session(conn, s["id"], at=t0 + timedelta(seconds=9))
     job = repo.schedule_job(conn, uid, [s["id"]], {"epochs": 2})
     weights, meta = random_artifact(CHANNELS, 500.0, seed=n % 1000)
     model_id = insert_artifact(conn, uid, weights, meta, job_id=job["id"])

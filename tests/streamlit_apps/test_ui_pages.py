@@ -843,12 +843,14 @@ def test_kickoff_says_one_repetition_cannot_train_from_scratch_and_a_second_sess
     assert_clean(at)
     said = " ".join(w.value for w in at.warning)
     assert "training from scratch needs a second one" in said and "Record each gesture once more" in said, said
+    assert button(at, "Train on 1").disabled  # scheduling would refuse it (repo.schedule_job)
 
     ui_seed.seed_session(clean_db, uid, did, start + timedelta(seconds=30), repetitions=1, hold_s=2.5, rest_s=2.5)
     at = page("kickoff", user_id=uid)
     at.run()
     assert_clean(at)
     assert not any("needs a second one" in w.value for w in at.warning)  # both ticked: two repetitions
+    assert not button(at, "Train on 2").disabled
 
 
 def test_kickoff_says_sessions_of_one_repetition_of_different_gestures_cannot_train_from_scratch(page, clean_db):
@@ -1449,7 +1451,7 @@ def test_a_user_deleted_in_another_window_gets_nothing_done_as_someone_else(page
     gone, dev = zoe["user"], zoe["device"]
     start = datetime.now(UTC) - timedelta(seconds=40)
     ui_seed.seed_samples(conn, gone["id"], dev["id"], start, 20_000)
-    ui_seed.seed_session(conn, gone["id"], dev["id"], start + timedelta(seconds=1), repetitions=1)
+    ui_seed.seed_session(conn, gone["id"], dev["id"], start + timedelta(seconds=1), repetitions=2)
     at = page("kickoff", user_id=gone["id"])
     at.run()
     jobs = len(repo.list_jobs(conn, other["id"]))
@@ -1468,7 +1470,7 @@ def _two_users_with_one_session(conn, rates=(1000.0, 1000.0), channels=(8, 8)) -
         start = datetime.now(UTC) - timedelta(seconds=30)
         ui_seed.seed_samples(conn, u["user"]["id"], u["device"]["id"], start, 20_000, channels=ch, rate=rate)
         s = ui_seed.seed_session(conn, u["user"]["id"], u["device"]["id"], start + timedelta(seconds=1),
-                                 repetitions=1)
+                                 repetitions=2)
         users.append({**u, "session": s})
     return users
 
