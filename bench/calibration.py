@@ -109,7 +109,9 @@ def run_subject(data_dir: Path, subject: str, base: tuple[bytes, dict], seed: in
     recs = datasets.load_session(data_dir, subject, "training0")
     x0, y0, g0 = datasets.recordings_to_windows([r for r in recs if r.cycle < train_reps], win, step)
     xt, yt, _ = datasets.recordings_to_windows([r for r in recs if r.cycle >= train_reps], win, step)
-    cfg = {"sample_rate_hz": datasets.MYO_SAMPLE_RATE_HZ, **(ft_config or {})}
+    # the step the windows were cut at: fine-tuning's check split leaves a window's worth of them out before its
+    # end part, counted in windows of that step (the base's 50 ms let 2 of the 25 ms windows overlap training)
+    cfg = {"sample_rate_hz": datasets.MYO_SAMPLE_RATE_HZ, "step_ms": pp.DEFAULT_STEP_MS, **(ft_config or {})}
     out: dict[str, Any] = {"n_train_windows": int(len(x0)), "n_test_windows": int(len(xt))}
     zs_meta = dict(meta_b)
     zs_meta["scaler"] = pp.fit_standardizer(pp.prepare_unscaled(x0, zs_meta))  # the person's scale only

@@ -22,10 +22,10 @@ STATUS_ICON = {"scheduled": ":material/hourglass_top:", "in-progress": ":materia
 ONE_REPETITION = (
     "With one repetition of each gesture there was none left to test on, so these figures come from the end of "
     "the same recordings the model learnt from: they overstate how well it will recognise your next attempts (in "
-    "the calibration benchmark this figure said 100 % for a person whose next repetitions were recognised 75.5 %). "
+    "the calibration benchmark this figure said 100 % for a person whose next repetitions were recognised 73.5 %). "
     "Record each gesture once more (another short session on Training Data Capture) and train with that session "
     "too: one is then held out to measure the model honestly, and the model usually gets better too (in the same "
-    "benchmark, a second repetition took fine-tuned models from 90.6 % to 95.6 %). Test this model on that session "
+    "benchmark, a second repetition took fine-tuned models from 89.8 % to 95.6 %). Test this model on that session "
     "below to measure it as it is.")
 
 

@@ -169,6 +169,24 @@ def test_one_repetition_finetune_uses_the_base_recipe_and_serves(base):
     assert meta["scaler"] == pp.fit_standardizer(pp.prepare_unscaled(x[one], meta))
 
 
+@pytest.mark.parametrize("from_scratch", [False, True])
+def test_the_served_model_is_the_same_with_or_without_the_recipe_check(base, from_scratch):
+    """The check measures the recipe and chooses nothing, so the model served must not depend on it (it did
+    through the random streams it used up: how the check's part was cut moved accuracy by about a point)."""
+    x, y, g = synth_subject(42)
+    one = g == 0
+    states = []
+    for check in (True, False):
+        model, _, metrics = transfer.finetune_model(x[one], y[one], g[one], base,
+                                                    {"sample_rate_hz": RATE, "check_fixed": check},
+                                                    class_names=CLASSES, from_scratch=from_scratch)
+        assert bool(metrics["n_val_windows"]) is check
+        states.append(model.state_dict())
+    assert states[0].keys() == states[1].keys()
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
+
+
 def test_a_training_config_without_a_filter_keeps_the_base_filter(base):
     """A job (or evaluate --base) names no filter: the fine-tuned model filters its input as the base did,
     since the base's weights were learned on filtered windows; a filter the config names wins."""
