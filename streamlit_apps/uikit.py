@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import hmac
 import html
+import itertools
+import json
 import logging
 import math
 import re
@@ -31,6 +33,7 @@ STORE_OP_KEY = "semg_session_store_op"  # ("store", token) or ("clear", None) fo
 ENDED_KEY = "semg_ended_sessions"  # tokens this browser session ended: never resumed, whatever the browser says
 SIGNED_OUT_KEY = "semg_signed_out_elsewhere"  # the sign-in page says why it is back
 CHECKED_KEY = "semg_session_checked_at"  # time.monotonic() of the last check that the sign-in lives
+FOCUS_KEY = "semg_focus_next"  # the texts of where the next run puts the keyboard focus (focus_after_rerun)
 RECHECK_S = 10.0
 
 
@@ -48,6 +51,7 @@ def page_setup(title: str, icon: str = ":material/back_hand:", *, health_sidebar
             _sidebar_health()
         if st.button("Sign out", key="semg_sign_out"):
             sign_out()
+        _move_focus()
 
 
 def store_journaled_intervals() -> None:
@@ -469,6 +473,71 @@ def big_cue(text: str, sub: str = "", color: str = "#1f77b4", size_rem: float = 
                    data-testid="semg-cue">{_esc(text)}</div>
               <div style="font-size:1.3rem;color:#444">{_esc(sub)}</div></div>"""
     )
+
+
+def focus_after_rerun(*targets: str) -> None:
+    """Put the keyboard focus, in the next run, on the first of `targets` (a button's, link's or heading's text as
+    shown, icons left out) found on the page. For a click whose rerun removes the focused button (a confirmation's
+    Yes or Cancel, a dismissed note): the browser drops the focus to the top of the page otherwise, and a keyboard
+    or screen reader user starts again from there. Name the button that opened what is gone first, then the
+    section's heading for when that button is gone too."""
+    st.session_state[FOCUS_KEY] = targets
+
+
+# Waits (up to 5 s: a loaded server draws a page slowly) for a target to render -- the script runs when the sidebar
+# is drawn, before the page -- and until then puts the focus back if a redraw takes it away; never once the person
+# moved it elsewhere. The run number makes each script new: the browser runs one again only in a changed element.
+_FOCUS_JS = r"""(() => {  // run RUN
+  const targets = TARGETS, deadline = Date.now() + 5000;
+  const norm = s => s.replace(/\u2060/g, "").replace(/\s+/g, " ").trim();
+  const name = el => {
+    if (el.getAttribute("aria-label")) return norm(el.getAttribute("aria-label"));
+    const copy = el.cloneNode(true);  // the shown text without icons (their ligature's name is aria-hidden or an img)
+    copy.querySelectorAll('[aria-hidden="true"], [role="img"]').forEach(e => e.remove());
+    return norm(copy.textContent);
+  };
+  const find = () => {
+    const page = document.querySelector('[data-testid="stMain"]') || document;  // not the sidebar's page links
+    const all = [...page.querySelectorAll("button, a[href], summary, h1, h2, h3, h4, h5, h6")]
+      .filter(el => !el.disabled && !el.closest("[inert]") && el.getClientRects().length);  // inert: a closed expander
+    for (const t of targets) {
+      const el = all.find(e => name(e) === norm(t));
+      if (el) return el;
+    }
+    return null;
+  };
+  const left = document.activeElement;  // the clicked button, gone once this run has drawn the page
+  let placed = null;
+  const tick = () => {
+    const now = document.activeElement;
+    if (now && now !== document.body && now !== left && now !== placed && now.isConnected) return;
+    const el = find();  // an earlier target drawn after a later one takes the focus over from it
+    if (el && el !== now) {
+      if (!el.matches("button, a[href], summary")) el.setAttribute("tabindex", "-1");  // a heading
+      el.focus({focusVisible: true});
+      placed = el;
+    }
+    if (Date.now() < deadline) setTimeout(tick, 100);
+  };
+  tick();
+})();"""
+
+
+_FOCUS_RUNS = itertools.count(1)
+
+
+def _focus_script(targets: tuple[str, ...], run: int) -> str:
+    """The focus script for `targets`, which stay data: JSON with "<", ">" and "&" escaped, so that no text (a
+    name with "</script>" in it) ends the script or starts markup."""
+    as_js = json.dumps(list(targets)).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    # the targets go in last, so that no text of theirs is taken for a placeholder
+    return "<script>" + _FOCUS_JS.replace("RUN", str(run)).replace("TARGETS", as_js) + "</script>"
+
+
+def _move_focus() -> None:
+    """Runs the focus move focus_after_rerun asked for (once)."""
+    if targets := st.session_state.pop(FOCUS_KEY, None):
+        st.html(_focus_script(targets, next(_FOCUS_RUNS)), unsafe_allow_javascript=True)
 
 
 def announce(text: str) -> None:

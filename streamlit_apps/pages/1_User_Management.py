@@ -101,6 +101,7 @@ def api_keys(user: dict) -> None:
             st.code(shown[1], language=None)
             if st.button("I have saved the key", key="dismiss_api_key"):
                 st.session_state.pop(NEW_KEY_STATE, None)
+                ui.focus_after_rerun("Create API key", f"API keys of {user['name']}")
                 st.rerun()
         with st.form(f"new_api_key_{uid}", clear_on_submit=True):
             name = st.text_input("Name of the new key", max_chars=200, placeholder="e.g. prosthesis controller")
@@ -133,6 +134,7 @@ def api_keys(user: dict) -> None:
                 data.revoke_user_key(uid, kid)
                 st.toast(f"Revoked key #{kid}: the API refuses it from now on (within 10 s where it was just used).",
                          duration="long")
+                ui.focus_after_rerun("Revoke key", "Create API key")  # the last one revoked, the button is gone
                 st.rerun()
 
 
@@ -159,6 +161,7 @@ def edit_and_delete(users: list[dict]) -> None:
     if st.session_state.get(PENDING_DELETE) != uid:
         if st.button(f"Delete {ui.md(user['name'])}…", key="ask_delete"):
             st.session_state[PENDING_DELETE] = uid
+            ui.focus_after_rerun("Cancel")  # the confirmation replaces this button; its warning is said (an alert)
             st.rerun()
         return
     counts = data.user_data_counts(uid)
@@ -180,9 +183,11 @@ def edit_and_delete(users: list[dict]) -> None:
         st.session_state.pop(ui.USER_KEY, None)
         st.session_state["users_flash"] = (f"Deleted {ui.md(deleted['name'])} and all their data "
                                            f"({deleted.get('videos_removed', 0)} video file(s) removed).")
+        ui.focus_after_rerun("Edit", "User Management")  # the section, or the page when nobody is left
         st.rerun()
     if c2.button("Cancel", key="cancel_delete"):
         st.session_state.pop(PENDING_DELETE, None)
+        ui.focus_after_rerun(f"Delete {user['name']}…")
         st.rerun()
 
 

@@ -10,12 +10,15 @@ import uikit as ui
 ui.page_setup("Gestures & devices", ":material/front_hand:")
 st.title(":material/front_hand: Gesture Management")
 
-# (user id, device id, snippet, what happened): shown once, until dismissed, and only on that user's page
+# (user id, device id, snippet, what happened, the button that led to it): shown once, until dismissed, and only on
+# that user's page
 KEY_ONCE_STATE = "gestures_key_once"
 # What a rename or deletion means for training and recognition: on the page after it, not in a toast gone in 4 s
 NOTE_STATE = "gestures_note"
 # A device deleted (and its samples, for good): said on the page after it, like a deleted user, not in a toast
 DEVICE_NOTE_STATE = "devices_note"
+# The buttons that ask to confirm a device action, by action: the focus goes back to them after the confirmation
+ASK = {"rotate": "Rotate key…", "reset": "Reset boot counter…", "delete": "Delete device…"}
 
 
 def channel_table(n_channels: int, used=(), purposes=None) -> pd.DataFrame:
@@ -133,7 +136,7 @@ def show_secret_once(user: dict) -> None:
     shown = st.session_state.get(KEY_ONCE_STATE)
     if not shown or shown[0] != user["id"]:  # another user picked meanwhile: never show them this device's key
         return
-    _, device_id, snippet, what = shown
+    _, device_id, snippet, what, opener = shown
     st.success(f"{what} Copy the key now: **it is shown only once** (the server keeps it, but never shows it again).")
     st.markdown("Save these lines as `arduino/arduino_secrets.h` (the whole file: in place of a copy of the "
                 "example, not below it), fill in your Wi-Fi and check the server address, then build and flash "
@@ -146,6 +149,7 @@ def show_secret_once(user: dict) -> None:
                    icon=":material/wifi_off:")
     if st.button("I have saved the key", key="dismiss_secret"):
         st.session_state.pop(KEY_ONCE_STATE, None)
+        ui.focus_after_rerun(opener, "Devices")
         st.rerun()
 
 
@@ -216,7 +220,7 @@ def devices(user: dict) -> None:
                 st.error(f"Not registered: {ui.md(e)}")
             else:
                 st.session_state[KEY_ONCE_STATE] = (user["id"], dev["id"], data.arduino_secrets_snippet(dev),
-                                                f"Registered device #{dev['id']}.")
+                                                f"Registered device #{dev['id']}.", "Register device")
                 st.rerun()
 
     if devs:
@@ -227,14 +231,14 @@ def devices(user: dict) -> None:
         confirm = st.session_state.get("device_confirm")
         if err := st.session_state.pop("device_reset_error", None):
             st.error(err)
-        if c2.button("Rotate key…", key="rotate_ask", width="stretch"):
+        if c2.button(ASK["rotate"], key="rotate_ask", width="stretch"):
             st.session_state["device_confirm"] = ("rotate", did)
             st.rerun()
-        if c4.button("Reset boot counter…", key="reset_boot_ask", width="stretch",
+        if c4.button(ASK["reset"], key="reset_boot_ask", width="stretch",
                      help="After re-flashing the device (its boot counter starts again at 0)"):
             st.session_state["device_confirm"] = ("reset", did)
             st.rerun()
-        if c3.button("Delete device…", key="delete_device_ask", width="stretch"):
+        if c3.button(ASK["delete"], key="delete_device_ask", width="stretch"):
             st.session_state["device_confirm"] = ("delete", did)
             st.rerun()
         if confirm and confirm[1] in by_id:
@@ -256,7 +260,7 @@ def devices(user: dict) -> None:
                 if action == "rotate":
                     dev = data.rotate_device_key(target)
                     st.session_state[KEY_ONCE_STATE] = (user["id"], target, data.arduino_secrets_snippet(dev),
-                                                    f"New key for device #{target}.")
+                                                    f"New key for device #{target}.", ASK["rotate"])
                 elif action == "reset":
                     try:
                         dev = data.reset_device_boot(target)
@@ -265,15 +269,18 @@ def devices(user: dict) -> None:
                     else:
                         st.session_state[KEY_ONCE_STATE] = (
                             user["id"], target, data.arduino_secrets_snippet(dev),
-                            f"Boot counter of device #{target} reset: its next boot with this new key is accepted.")
+                            f"Boot counter of device #{target} reset: its next boot with this new key is accepted.",
+                            ASK["reset"])
                 else:
                     data.delete_device(target)
                     st.session_state[DEVICE_NOTE_STATE] = f"Deleted device #{target} and all its samples."
                     if (st.session_state.get(KEY_ONCE_STATE) or (None, None))[1] == target:
                         st.session_state.pop(KEY_ONCE_STATE)  # its key, still shown, is no device's any more
+                ui.focus_after_rerun(ASK[action], "Devices")  # Yes is gone: back to the button that asked
                 st.rerun()
             if k2.button("Cancel", key="device_confirm_no"):
                 st.session_state.pop("device_confirm", None)
+                ui.focus_after_rerun(ASK[action], "Devices")
                 st.rerun()
 
 

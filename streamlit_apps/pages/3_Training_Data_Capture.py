@@ -516,6 +516,7 @@ def unfinished(user: dict) -> None:
                    f"{ui.fmt_time(s['started_at'])}); its recorded intervals stay usable.")
         if c2.button("Close it", key=f"close_{s['id']}"):
             data.end_session(s["id"], "aborted")
+            ui.focus_after_rerun("Close it", "Training Data Capture")  # the next one left open, or the page
             st.rerun()
 
 

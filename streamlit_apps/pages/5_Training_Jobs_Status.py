@@ -34,6 +34,10 @@ def job_label(j: dict) -> str:
     return f"job #{j['id']} · {ui.fmt_time(j['created_at'])}"
 
 
+def job_heading(j: dict, icon: bool = True) -> str:
+    return f"Job #{j['id']} — {STATUS_ICON.get(j['status'], '') + ' ' if icon else ''}{j['status']}"
+
+
 def jobs_table(jobs: list[dict]) -> None:
     st.dataframe(pd.DataFrame([{
         "job": j["id"], "status": j["status"], "progress": float(j["progress"]),
@@ -181,7 +185,7 @@ def details(job_id: int) -> None:
             j = data.get_job(job_id)
             if (j["status"] in ACTIVE) != active:
                 st.rerun(scope="app")  # it just finished (or started): redraw everything once
-            st.markdown(f"## Job #{j['id']} — {STATUS_ICON.get(j['status'], '')} {j['status']}")
+            st.markdown(f"## {job_heading(j)}")
             st.progress(min(1.0, float(j["progress"]) / 100), text=f"{float(j['progress']):.0f}%")
             params = ", ".join(f"{k}={v}" for k, v in (j["params"] or {}).items()) or "defaults"
             st.caption(f"sessions {', '.join(f'#{i}' for i in j['session_ids'])} · {params} · created "
@@ -193,7 +197,9 @@ def details(job_id: int) -> None:
                 st.info("Cancel requested: the worker stops at the end of the current epoch.")
             worker_hint(j)
             if j["status"] in ACTIVE and st.button("Cancel job", key=f"cancel_{job_id}"):
-                data.cancel_job(job_id)
+                canceled = data.cancel_job(job_id)
+                # a job that had not started is canceled, and the button is gone: its heading says so
+                ui.focus_after_rerun("Cancel job", job_heading(canceled, icon=False))
                 st.rerun(scope="app")
             logs = data.job_logs(job_id)
             with st.expander(f"Log ({len(logs)} lines)", expanded=j["status"] in ("failed",) or active):

@@ -110,13 +110,14 @@ def chromium_path() -> str:
     return CHROMIUM
 
 
-@pytest.fixture(scope="module")
-def stack(services, test_env, chromium_path):
+@contextlib.contextmanager
+def _running(names: tuple[str, ...]):
+    """A Stack of these services, each ready; all stopped after."""
     from semg.config import get_settings
     s = get_settings()
     stack = Stack(dict(os.environ), s.log_dir)
     try:
-        for name in ("api", "udpserver", "inference", "trainer", "ui"):
+        for name in names:
             stack.start(name)
         if "api" in stack.procs:
             stack.wait_http("api", f"{s.api_url}/health")
@@ -126,6 +127,19 @@ def stack(services, test_env, chromium_path):
         yield stack
     finally:
         stack.stop_all()
+
+
+@pytest.fixture(scope="module")
+def stack(services, test_env, chromium_path):
+    with _running(("api", "udpserver", "inference", "trainer", "ui")) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def ui_only(services, test_env, chromium_path):
+    """The web UI alone, on the test session's database: no worker takes a training job scheduled meanwhile."""
+    with _running(("ui",)) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")
