@@ -464,14 +464,17 @@ def fmt_bytes(n: float | None) -> str:
     return f"{n:.1f} GB"
 
 
-def big_cue(text: str, sub: str = "", color: str = "#1f77b4", size_rem: float = 4.0) -> None:
-    """A large centred text block (the capture cue, the live gesture)."""
+def big_cue(text: str, sub: str = "", color: str = "#1f77b4", size_rem: float = 4.0,
+            text_color: str | None = None) -> None:
+    """A large centred text block (the capture cue, the live gesture), framed and tinted in `color` (#rrggbb), its
+    text in `text_color` ("inherit": the theme's, for a colour too light to read on the light theme or too dark on
+    the dark one; default `color`). The sub-line is in the theme's text colour (readable on both)."""
     st.html(
         f"""<div style="text-align:center;padding:0.6rem;border-radius:12px;background:{color}18;
                         border:2px solid {color}">
-              <div style="font-size:{size_rem}rem;font-weight:700;color:{color};line-height:1.1"
+              <div style="font-size:{size_rem}rem;font-weight:700;color:{text_color or color};line-height:1.1"
                    data-testid="semg-cue">{_esc(text)}</div>
-              <div style="font-size:1.3rem;color:#444">{_esc(sub)}</div></div>"""
+              <div style="font-size:1.3rem;color:inherit">{_esc(sub)}</div></div>"""
     )
 
 

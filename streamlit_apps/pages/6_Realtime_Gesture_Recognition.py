@@ -44,7 +44,8 @@ def current_gesture(pred, now: datetime, model: dict | None, streaming: bool) ->
         ui.announce(g)  # said as the decision changes (not its confidence, which changes at every refresh)
         electrode_warnings(latest["channel_faults"], model)
         return
-    ui.big_cue("—", "no current decision", color="#999999", size_rem=5.0)
+    # no grey reads at 4.5:1 on both the light and the dark theme (#999999 was 2.6:1 on white): the theme's text colour
+    ui.big_cue("—", "no current decision", color="#999999", size_rem=5.0, text_color="inherit")
     ui.announce("No current decision")
     if model is None:
         st.info("No trained model for this user yet: record a session, then train on **Kickoff Training**.")

@@ -343,23 +343,34 @@ def test_a_name_is_shown_as_typed(stack, browser_page, screenshots_dir, settings
         conn.close()
 
 
-# The colour a caption's text and link are seen in (their colour faded by every opacity above them, over the first
-# opaque background), as axe-core's colour-contrast rule sees it.
-_CAPTION_SEEN = """() => {
+# seen(el): the colour an element's text is seen in (its colour faded by every opacity above it) and its background
+# (the first opaque one, with the translucent ones above it laid over), as axe-core's colour-contrast rule sees them.
+_SEEN = """
   const rgba = s => { const v = s.match(/[\\d.]+/g).map(Number); return v.length < 4 ? [...v, 1] : v; };
   const seen = el => {
     let alpha = rgba(getComputedStyle(el).color)[3], bg = [255, 255, 255];
     for (let e = el; e; e = e.parentElement) alpha *= parseFloat(getComputedStyle(e).opacity);
+    const tints = [];
     for (let e = el; e; e = e.parentElement) {
       const c = rgba(getComputedStyle(e).backgroundColor);
       if (c[3] === 1) { bg = c.slice(0, 3); break; }
+      if (c[3] > 0) tints.unshift(c);
     }
+    for (const c of tints) bg = bg.map((v, i) => c[3] * c[i] + (1 - c[3]) * v);
     return {colour: rgba(getComputedStyle(el).color).slice(0, 3).map((c, i) => alpha * c + (1 - alpha) * bg[i]),
             background: bg, text: el.innerText};
   };
+"""
+# A caption's text and link
+_CAPTION_SEEN = "() => {" + _SEEN + """
   const caption = [...document.querySelectorAll('[data-testid=stMain] [data-testid=stCaptionContainer]')];
   const link = caption.map(c => c.querySelector('a')).find(Boolean);
   return {text: seen(caption[0].querySelector('p')), link: link ? seen(link) : null};
+}"""
+# uikit.big_cue's headline and sub-line
+_CUE_SEEN = "() => {" + _SEEN + """
+  const cue = document.querySelector('[data-testid=semg-cue]');
+  return {headline: seen(cue), sub: seen(cue.nextElementSibling)};
 }"""
 
 
@@ -374,25 +385,56 @@ def _contrast(a, b) -> float:
     return (hi + 0.05) / (lo + 0.05)
 
 
+def _seen_in_both_themes(browser_page, shot, path: str, title: str, ready: str, seen_js: str) -> dict:
+    """{"light"/"dark": what `seen_js` returns} on the page at `path`, signed in, once the element `ready` (a CSS
+    selector) is there, in a browser (context) per preference, as a person has; the light/dark backgrounds checked."""
+    seen = {}
+    for scheme in ("light", "dark"):
+        page = browser_page.context.browser.new_page(color_scheme=scheme, viewport={"width": 1400, "height": 1000})
+        try:
+            page.goto(path)
+            _sign_in_on(page, secrets.ui_password(), title)
+            page.locator(ready).first.wait_for()
+            seen[scheme] = page.evaluate(seen_js)
+            page.screenshot(path=str(shot.with_name(f"{shot.name}-{scheme}.png")))
+        finally:
+            page.close()
+    light, dark = (next(iter(seen[s].values()))["background"] for s in ("light", "dark"))
+    assert _luminance(light) > 0.8, seen["light"]
+    assert _luminance(dark) < 0.1, seen["dark"]  # the browser's preference is kept
+    return seen
+
+
+def _assert_readable(seen: dict) -> None:
+    """WCAG AA's 4.5:1 for every part, in both themes."""
+    unreadable = [(scheme, part, round(_contrast(s["colour"], s["background"]), 2), s)
+                  for scheme, parts in seen.items() for part, s in parts.items()
+                  if _contrast(s["colour"], s["background"]) < 4.5]
+    assert not unreadable, unreadable
+
+
 def test_captions_are_readable_in_the_light_and_the_dark_theme(stack, browser_page, screenshots_dir, settings):
     """st.caption is drawn at 60% opacity: with Streamlit's default light theme its text was 3.9:1 on white and a
     link in it 3.0:1, under WCAG AA's 4.5:1 (axe-core's colour-contrast on every page). The launcher's theme
     darkens them; a browser that prefers dark still gets the dark theme (a top-level theme.* setting would give
     it the light one), where the caption's link was 3.9:1."""
-    seen = {}
-    for scheme in ("light", "dark"):  # a browser (context) per preference, as a person has
-        page = browser_page.context.browser.new_page(color_scheme=scheme, viewport={"width": 1400, "height": 1000})
-        try:
-            page.goto(f"http://127.0.0.1:{settings.ui_port}/")
-            _sign_in_on(page, secrets.ui_password(), "sEMG gesture platform")
-            # the REST API's caption links its health URL (the API runs in this stack)
-            page.locator('[data-testid="stMain"] [data-testid="stCaptionContainer"] a').first.wait_for()
-            seen[scheme] = page.evaluate(_CAPTION_SEEN)
-            page.screenshot(path=str(screenshots_dir / f"captions-{scheme}.png"))
-        finally:
-            page.close()
-    assert _luminance(seen["light"]["text"]["background"]) > 0.8, seen["light"]
-    assert _luminance(seen["dark"]["text"]["background"]) < 0.1, seen["dark"]  # the browser's preference is kept
-    for scheme, parts in seen.items():
-        for part, s in parts.items():
-            assert _contrast(s["colour"], s["background"]) >= 4.5, (scheme, part, s)
+    # the REST API's caption links its health URL (the API runs in this stack)
+    _assert_readable(_seen_in_both_themes(
+        browser_page, screenshots_dir / "captions", f"http://127.0.0.1:{settings.ui_port}/", "sEMG gesture platform",
+        '[data-testid="stMain"] [data-testid="stCaptionContainer"] a', _CAPTION_SEEN))
+
+
+def test_the_live_cue_is_readable_in_the_light_and_the_dark_theme(stack, browser_page, screenshots_dir, settings):
+    """The live page's "no current decision" cue: its dash was #999999, 2.6:1 on its tint over white, and its
+    sub-line (uikit.big_cue's, the capture cue's too) #444444 in either theme, 2.0:1 on the dark one."""
+    conn = _conn()
+    try:
+        user = repo.create_user(conn, "Cue Contrast", f"cue-{int(time.time())}@example.org")
+    finally:
+        conn.close()
+    seen = _seen_in_both_themes(
+        browser_page, screenshots_dir / "live-cue",
+        f"http://127.0.0.1:{settings.ui_port}/Realtime_Gesture_Recognition?user={user['id']}",
+        "Real-time Gesture Recognition", '[data-testid="semg-cue"]', _CUE_SEEN)
+    assert seen["light"]["sub"]["text"] == "no current decision", seen
+    _assert_readable(seen)
