@@ -233,8 +233,10 @@ def tick(run: capture.CueRun) -> None:
         except data.Unavailable:  # stopped all the same; the cut interval's time waits in the journal
             pass
     cue = run.cue(time.time())
-    color = "#d62728" if cue.kind == "gesture" and cue.state == "running" else "#555555"
-    ui.big_cue(cue.headline, cue.subline, color=color, size_rem=5.0)
+    holding = cue.kind == "gesture" and cue.state == "running"
+    # the grey of rest/pause frames the cue; its text, in the theme's colour, is read on the dark theme too (2.5:1)
+    ui.big_cue(cue.headline, cue.subline, color="#d62728" if holding else "#555555", size_rem=5.0,
+               text_color=None if holding else "inherit")
     ui.announce(cue.spoken)  # the cue is a picture to a screen reader otherwise: said once as it changes
     st.progress(min(1.0, max(0.0, cue.progress)), text=f"session #{run.session_id}")
     if run.state in ("done", "aborted"):

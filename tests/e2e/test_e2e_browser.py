@@ -271,6 +271,15 @@ def test_the_capture_is_paused_and_resumed_with_one_key(stack, browser_page, scr
         browser_page.keyboard.press("p")
         ui.text(re.compile(r"take as long as you need"), timeout=20)
         ui.shot("capture-paused-by-key")
+        # the grey cue (rest, pause) was #555555 on the dark theme: 2.5:1
+        for scheme in ("light", "dark"):
+            browser_page.emulate_media(color_scheme=scheme)
+
+            def cue_in_theme(dark=scheme == "dark"):  # the page redraws in the preferred theme
+                cue = browser_page.evaluate(_CUE_SEEN)
+                return cue if (_luminance(cue["headline"]["background"]) < 0.1) == dark else None
+            _assert_readable({scheme: _wait(cue_in_theme, 10, f"the {scheme} theme", poll=0.1)})
+        browser_page.emulate_media(color_scheme="light")
         time.sleep(2.0)  # paused: nothing runs on
         cut = [i for i in repo.get_session(conn, session["id"])["intervals"] if i["discarded"]]
         assert len(cut) == 1, cut
