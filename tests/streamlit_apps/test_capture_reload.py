@@ -87,9 +87,12 @@ def test_a_reloaded_page_offers_the_left_session_and_stop_now_keeps_what_was_rec
 
 def test_resume_after_a_reload_redoes_the_interrupted_gesture_and_finishes_the_plan(page, seeded, left_at_once):
     conn, uid = seeded["conn"], seeded["user"]["id"]
-    tab1, run = start_on_page(page, uid, hold=1.0, rest=0.5)  # REST 0-0.5, fist 0.5-1.5, REST 1.5-2.0
+    # REST 0-0.5, fist 0.5-3.5, REST 3.5-4.0: the fist is long enough to be under way when a busy machine
+    # (CI's, running other tests) has drawn the page (a 1 s fist had ended by then once)
+    hold = 3.0
+    tab1, run = start_on_page(page, uid, hold=hold, rest=0.5)
     record_frames(tab1.session_state["capture_shared"], 3)
-    time.sleep(0.8)
+    time.sleep(max(0.0, run.t_start + 0.8 - time.time()))
     tab1.run()
     left_at = run.seen_at
     assert run.steps[run.index].label == "fist"
@@ -107,7 +110,7 @@ def test_resume_after_a_reload_redoes_the_interrupted_gesture_and_finishes_the_p
     assert run.cue(resumed_at + 0.1).headline == "Rest"  # a rest to get ready first
     record_frames(shared2, 2)  # the webcam turned on again in the new window
 
-    time.sleep(max(0.0, resumed_at + 0.5 + 1.0 + 0.5 + 0.3 - time.time()))  # the rest of the plan
+    time.sleep(max(0.0, resumed_at + 0.5 + hold + 0.5 + 0.3 - time.time()))  # the rest of the plan
     tab2.run()
     assert not tab2.exception, tab2.exception
     assert shared2.run is None and tab2.session_state["capture_last_result"]["status"] == "completed"
