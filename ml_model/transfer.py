@@ -533,11 +533,11 @@ def finetune_model(
                 val_loss, _, val_pred = evaluate(model, *val)
                 metrics = {**class_metrics(val[1].numpy(), val_pred, classes), "val_loss": val_loss,
                            "n_val_windows": int(is_va.sum())}
-                model, _ = new_model()
                 # the random streams as if no check had run: the served model is the same with or without it
                 # (it chooses nothing), not one that changes with how the check's part was cut
                 gen.manual_seed(seed)
                 torch.manual_seed(seed)
+                model, _ = new_model()
             if epochs_max > 0:
                 run(model, np.ones(len(x), dtype=bool), epochs_max, None, on_fixed(total - epochs_max, False),
                     xs=x_final)
