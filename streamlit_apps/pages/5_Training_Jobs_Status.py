@@ -17,6 +17,9 @@ ACTIVE = ("scheduled", "in-progress")
 STATUS_ICON = {"scheduled": ":material/hourglass_top:", "in-progress": ":material/model_training:",
                "completed": ":green[:material/check_circle:]", "failed": ":red[:material/error:]",
                "canceled": ":gray[:material/block:]"}
+# The job whose "Cancel job…" question is open, and the question's buttons (the focus goes back to them)
+CANCEL_ASK = "jobs_cancel_ask"
+CANCEL_OPENER, CANCEL_KEEP = "Cancel job…", "No, keep the job"
 
 
 ONE_REPETITION = (
@@ -175,6 +178,52 @@ def export_file(artifact_id: int, fmt: str) -> bytes:
     return data.export_model(artifact_id, fmt)[0]
 
 
+def cancel(j: dict) -> None:
+    """Cancel job… asks first: a mis-click would throw away a training that may have run for many minutes. The
+    question is kept in the session state, so the fragment's refreshes keep it open; it goes away, and nothing is
+    canceled, when the job ends before the answer. Each answer reruns the whole app: the focus is moved there."""
+    asked = st.session_state.get(CANCEL_ASK) == j["id"]
+    if j["status"] not in ACTIVE or j["cancel_requested"]:  # nothing left to ask (ended, or a cancel is under way)
+        if asked:
+            st.session_state.pop(CANCEL_ASK, None)
+            if j["cancel_requested"]:  # in another window, or through the API
+                st.info(f"Job #{j['id']} was canceled elsewhere before you confirmed.")
+            else:
+                st.info(f"Job #{j['id']} ended ({j['status']}) before the cancel was confirmed: nothing was "
+                        "canceled.")
+        return
+    heading = job_heading(j, icon=False)
+    if not asked:
+        if st.button(CANCEL_OPENER, key=f"cancel_{j['id']}"):
+            st.session_state[CANCEL_ASK] = j["id"]
+            ui.focus_after_rerun(CANCEL_KEEP)  # the safe answer; the question is said (an alert)
+            st.rerun(scope="app")
+        return
+    if j["status"] == "scheduled":
+        st.warning(f"Cancel job #{j['id']}? It has not started: it leaves the queue and no model is trained "
+                   "(schedule it again on **Kickoff Training**).")
+    else:
+        st.warning(f"Cancel job #{j['id']}? Training stops at the end of the current epoch and no model is "
+                   "stored: the epochs trained so far are lost. This cannot be undone.")
+        # not in the warning: an alert is said again whenever its text changes, here at every epoch
+        total = (j["params"] or {}).get("epochs")
+        st.caption(f"Epochs trained so far: {len(j['epoch_metrics'] or [])}" + (f" of {total}." if total else "."))
+    k1, k2 = st.columns(2)
+    if k1.button("Yes, cancel the job", type="primary", key=f"cancel_yes_{j['id']}"):
+        try:
+            j = data.cancel_job(j["id"])
+        except data.RepoError:  # it ended since this run read it: the next run says so (above)
+            st.rerun(scope="app")
+        st.session_state.pop(CANCEL_ASK, None)
+        # the opener is gone (a job not started is canceled, a running one asked to stop): its heading has the focus
+        ui.focus_after_rerun(job_heading(j, icon=False))
+        st.rerun(scope="app")
+    if k2.button(CANCEL_KEEP, key=f"cancel_no_{j['id']}"):
+        st.session_state.pop(CANCEL_ASK, None)
+        ui.focus_after_rerun(CANCEL_OPENER, heading)
+        st.rerun(scope="app")
+
+
 def details(job_id: int) -> None:
     job = data.get_job(job_id)
     active = job["status"] in ACTIVE
@@ -196,11 +245,7 @@ def details(job_id: int) -> None:
             if j["cancel_requested"] and j["status"] == "in-progress":
                 st.info("Cancel requested: the worker stops at the end of the current epoch.")
             worker_hint(j)
-            if j["status"] in ACTIVE and st.button("Cancel job", key=f"cancel_{job_id}"):
-                canceled = data.cancel_job(job_id)
-                # a job that had not started is canceled, and the button is gone: its heading says so
-                ui.focus_after_rerun("Cancel job", job_heading(canceled, icon=False))
-                st.rerun(scope="app")
+            cancel(j)
             logs = data.job_logs(job_id)
             with st.expander(f"Log ({len(logs)} lines)", expanded=j["status"] in ("failed",) or active):
                 st.code("\n".join(f"{r['ts'].astimezone():%H:%M:%S} {r['level']:<7} {r['message']}"

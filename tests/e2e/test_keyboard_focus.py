@@ -132,16 +132,45 @@ def test_a_device_confirmation_keeps_the_keyboard_focus(ui, db_conn):
 
 
 def test_canceling_a_job_keeps_the_keyboard_focus(ui, db_conn):
-    """A job that had not started is canceled at once, and its Cancel button is gone: the job's heading has the
-    focus."""
+    """"Cancel job…" asks first (focus on "No, keep the job", the safe answer), and the page's refreshes every 2 s
+    leave the question and the focus where they are; "No" goes back to "Cancel job…"; a job that ends while the
+    question is open is not canceled. "Yes" on a job that had not started cancels it, and the button is gone: the
+    job's heading has the focus."""
     stamp = int(time.time() * 1000)
     base = ui_seed.seed_user(db_conn, f"Job Focus {stamp}", f"job-{stamp}@example.org", channels=4, rate=500.0)
     uid = base["user"]["id"]
     session = ui_seed.seed_session(db_conn, uid, base["device"]["id"], datetime.now(UTC) - timedelta(minutes=5))
-    job = repo.schedule_job(db_conn, uid, [session["id"]], {"epochs": 1})
-    _open(ui, f"Training_Jobs_Status?user={uid}", "Training Jobs Status")
-    _press(ui, "Cancel job")
-    _focus_on(ui, f"H2 Job #{job['id']} — canceled", "Cancel job")
+    queued = repo.schedule_job(db_conn, uid, [session["id"]], {"epochs": 1})
+    running = ui_seed.seed_job(db_conn, uid, [session["id"]], status="in-progress", epochs=2, with_model=False)
+    with db_conn.cursor() as cur:  # 2 of 10 epochs trained
+        cur.execute("""UPDATE training_jobs SET params = '{"epochs": 10}' WHERE id = %s""", (running["id"],))
+    _open(ui, f"Training_Jobs_Status?user={uid}", "Training Jobs Status")  # the newest job: the running one
+    _answer(ui, "Cancel job…", "No, keep the job", "BUTTON Cancel job…")
+    _press(ui, "Cancel job…")
+    _focus_on(ui, "BUTTON No, keep the job", "opening the confirmation")
+    ui.text("Epochs trained so far: 2 of 10.")
+    with db_conn.cursor() as cur:  # another epoch: the refresh shows it, the question and the focus stay
+        cur.execute("UPDATE training_jobs SET epoch_metrics = epoch_metrics || epoch_metrics -> 0 WHERE id = %s",
+                    (running["id"],))
+    ui.text("Epochs trained so far: 3 of 10.")
+    ui.text(f"Cancel job #{running['id']}? Training stops")
+    assert ui.page.evaluate(FOCUSED) == "BUTTON No, keep the job"
+    with db_conn.cursor() as cur:  # the worker finishes it while the question is open
+        cur.execute("UPDATE training_jobs SET status = 'completed', progress = 100, finished_at = now() WHERE id = %s",
+                    (running["id"],))
+    ui.text("before the cancel was confirmed: nothing was canceled")
+    assert ui.page.get_by_role("button", name="Yes, cancel the job").count() == 0
+    assert repo.get_job(db_conn, running["id"])["status"] == "completed"
+
+    ui.select(re.compile("^Job"), re.compile(rf"^job #{queued['id']} "))  # not "User", whose name has "Job" in it
+    ui.page.get_by_role("heading", name=re.compile(rf"^Job #{queued['id']} — .*scheduled$")).wait_for()
+    _press(ui, "Cancel job…")
+    _focus_on(ui, "BUTTON No, keep the job", "opening the confirmation")
+    ui.page.keyboard.press("Shift+Tab")
+    assert ui.page.evaluate(FOCUSED) == "BUTTON Yes, cancel the job"
+    ui.page.keyboard.press("Enter")
+    _focus_on(ui, f"H2 Job #{queued['id']} — canceled", "Yes")
+    assert repo.get_job(db_conn, queued["id"])["status"] == "canceled"
 
 
 def test_closing_left_sessions_keeps_the_keyboard_focus(ui, db_conn):

@@ -949,10 +949,72 @@ def test_job_status_shows_results_errors_and_cancels(page, seeded):
     at.selectbox(key="jobs_pick").set_value(queued["id"])
     at.run()
     assert_clean(at)
-    button(at, "Cancel job").click()
+    button(at, "Cancel job…").click()
+    at.run()
+    assert repo.get_job(conn, queued["id"])["status"] == "scheduled"  # asked first
+    assert any(f"Cancel job #{queued['id']}? It has not started" in w.value for w in at.warning), at.warning
+    button(at, "Yes, cancel the job").click()
     at.run()
     assert_clean(at)
     assert repo.get_job(conn, queued["id"])["status"] == "canceled"
+
+
+def _question(at) -> list[str]:
+    return [w.value for w in at.warning if w.value.startswith("Cancel job #")]
+
+
+def test_cancel_job_asks_first_and_a_job_that_ends_meanwhile_is_not_canceled(page, seeded):
+    """"Cancel job" stopped a training at once: one mis-click lost every epoch trained so far. It asks first,
+    saying what is lost; the question stays open across the page's refreshes; "No" keeps the job; a job that ends
+    while the question is open is not canceled, and the question goes away; "Yes" asks the worker to stop."""
+    conn, uid, sid = seeded["conn"], seeded["user"]["id"], seeded["session"]["id"]
+    running = ui_seed.seed_job(conn, uid, [sid], status="in-progress", epochs=4, with_model=False)
+    at = page("jobs", user_id=uid)
+    at.run()
+    at.selectbox(key="jobs_pick").set_value(running["id"]).run()
+    assert not _question(at)
+    button(at, "Cancel job…").click()
+    at.run()
+    assert_clean(at)
+    job = repo.get_job(conn, running["id"])
+    assert job["status"] == "in-progress" and not job["cancel_requested"]
+    [question] = _question(at)
+    assert "the epochs trained so far are lost" in question and "no model is stored" in question, question
+    assert "Epochs trained so far: 4 of 4." in [c.value for c in at.caption], at.caption
+    assert not [b for b in at.button if b.label == "Cancel job…"]  # the question took its place
+    at.run()  # a refresh: still asked
+    assert _question(at) == [question]
+    button(at, "No, keep the job").click()
+    at.run()
+    assert not _question(at) and not repo.get_job(conn, running["id"])["cancel_requested"]
+
+    button(at, "Cancel job…").click()
+    at.run()
+    assert _question(at)
+    with conn.cursor() as cur:  # the worker finishes it meanwhile
+        cur.execute("UPDATE training_jobs SET status = 'completed', progress = 100, finished_at = now() "
+                    "WHERE id = %s", (running["id"],))
+    conn.commit()
+    at.run()
+    assert_clean(at)
+    assert not _question(at) and not [b for b in at.button if b.label.startswith("Yes, cancel")]
+    assert any(f"Job #{running['id']} ended (completed) before the cancel was confirmed: nothing was canceled"
+               in i.value for i in at.info), at.info
+    job = repo.get_job(conn, running["id"])
+    assert job["status"] == "completed" and not job["cancel_requested"]
+
+    other = ui_seed.seed_job(conn, uid, [sid], status="in-progress", with_model=False)
+    at.run()  # the job list has it
+    at.selectbox(key="jobs_pick").set_value(other["id"]).run()
+    button(at, "Cancel job…").click()
+    at.run()
+    button(at, "Yes, cancel the job").click()
+    at.run()
+    assert_clean(at)
+    job = repo.get_job(conn, other["id"])
+    assert job["status"] == "in-progress" and job["cancel_requested"]  # the worker stops at the end of the epoch
+    assert "Cancel requested" in texts(at) and not _question(at)
+    assert not [b for b in at.button if b.label == "Cancel job…"]  # asked and answered already
 
 
 
