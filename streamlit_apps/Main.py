@@ -21,7 +21,7 @@ def services() -> None:
     for col, (key, name) in zip(cols, labels.items(), strict=False):
         ok = h[key]["ok"]
         col.markdown(ui.badge(ok, name))
-        col.caption(h[key]["detail"])
+        col.caption(ui.md(h[key]["detail"]))  # error text and URLs: shown as they are
     ui.disk_warning(h)
     if not h["database"]["ok"]:
         cols[-1].markdown(ui.badge(None, "Training worker"))

@@ -253,7 +253,7 @@ def _require_login() -> None:
     try:
         expected = secrets.ui_password(data.settings())
     except data.Unavailable as e:
-        st.error(f"The UI password cannot be read: {e}")
+        st.error(f"The UI password cannot be read: {md(e)}")
         st.stop()
     except OSError:  # its message names a path on the server: the log has it, not the page anyone can open
         log.exception("the UI password cannot be read")
@@ -300,7 +300,7 @@ def _sidebar_health() -> None:
     try:
         h = data.health()
     except data.Unavailable as e:
-        st.error(str(e))
+        st.error(md(e))
         return
     names = {"database": "Database", "api": "API", "udp": "UDP ingest", "nats": "NATS"}
     # not st.caption: its faded text made the badges 3:1 against their background (axe color-contrast)
@@ -311,7 +311,7 @@ def _sidebar_health() -> None:
 def disk_warning(h: dict) -> None:
     """A warning while a disk the platform writes to is nearly full (data.health()'s "disk")."""
     if not h["disk"]["ok"]:
-        st.warning(f"Disk space: {h['disk']['detail']}.", icon=":material/hard_drive:")  # low, or unreadable
+        st.warning(f"Disk space: {md(h['disk']['detail'])}.", icon=":material/hard_drive:")  # low, or unreadable
 
 
 @contextlib.contextmanager
@@ -319,8 +319,8 @@ def guard() -> Iterator[None]:
     """Show failures as a sentence with what to do, never as a traceback."""
     try:
         yield
-    except data.Unavailable as e:
-        st.error(str(e), icon=":material/power_off:")
+    except data.Unavailable as e:  # its message quotes the database's or the OS's error, and addresses
+        st.error(md(e), icon=":material/power_off:")
     except data.RepoError as e:  # its message may quote what someone typed
         st.error(md(e))
     except Exception as e:  # noqa: BLE001 - the last line of defence; details go to the server log

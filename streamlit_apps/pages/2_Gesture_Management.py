@@ -158,7 +158,7 @@ def live_status(devs: list[dict]) -> None:
     status = data.udp_device_status(tuple(d["id"] for d in devs))
     if not status["ok"]:
         st.markdown("**Live status**")
-        st.info(status["detail"], icon=":material/cloud_off:")
+        st.info(ui.md(status["detail"]), icon=":material/cloud_off:")
         return
     st.markdown(f"**Live status** (from the UDP server, counted since it started "
                 f"{ui.fmt_age_s(status['uptime_s'])})")

@@ -80,7 +80,7 @@ def finish(run: capture.CueRun) -> None:
         shared.video = None
         note += f"Video saved ({video['frame_count']} frames, {ui.fmt_bytes(video['bytes'])})."
     elif shared.recorder.error:
-        note += f"The video could not be saved ({shared.recorder.error})."
+        note += f"The video could not be saved ({ui.md(shared.recorder.error)})."
     else:
         note += "No video (the webcam was off)."
     st.session_state[LAST] = {"session_id": run.session_id, "status": status, "summary": run.summary(),
@@ -201,7 +201,7 @@ def tick(run: capture.CueRun) -> None:
         st.warning(f"The database is not reachable: {run.unsaved} interval time(s) wait to be stored and the "
                    f"session goes on. {kept}", icon=":material/power_off:")
     if run.journal_error:
-        st.error(f"Interval times cannot be saved on the server ({run.journal_error}): keep this window open "
+        st.error(f"Interval times cannot be saved on the server ({ui.md(run.journal_error)}): keep this window open "
                  "until the database stores them.")
     if run.state == "paused":
         paused_view(run, store)
@@ -264,7 +264,7 @@ def video_note() -> str:
     """What becomes of the webcam video of a run taken over from a window that went away."""
     rec = shared.recorder
     if rec.error:
-        return f"Its webcam video could not be recorded ({rec.error})."
+        return f"Its webcam video could not be recorded ({ui.md(rec.error)})."
     if not rec.active:
         return "It has no webcam video."
     if rec.frames:

@@ -6,6 +6,7 @@ escapes such text; selectbox options are plain text and stay unescaped."""
 from __future__ import annotations
 
 import re
+import time
 from datetime import UTC, datetime, timedelta
 
 import pandas as pd
@@ -14,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from markdown_it import MarkdownIt
 from psycopg2.extras import Json
-from ui_checks import assert_clean
+from ui_checks import assert_clean, texts
 
 from semg import repo
 
@@ -104,12 +105,19 @@ def test_md_shows_any_text_as_typed(text):
     if text:  # in bold, as a page's message puts a name
         assert plain_text(f"**{out}**", allow=("strong_open", "strong_close")).replace(WJ, "") == shown(text)
     for where in (out, f"Got {out}: end"):
-        for what, pattern in _ON_SOURCE.items():
-            assert not pattern.search(where), (what, where)
-        assert not streamlit_math(where)
-        rendered = plain_text(where)
-        for what, pattern in _ON_TEXT.items():
-            assert not pattern.search(rendered), (what, rendered)
+        assert_no_streamlit_markup(where)
+
+
+def assert_no_streamlit_markup(source: str, allow: tuple[str, ...] = ()) -> str:
+    """Nothing of markdown `source` is turned into something else by Streamlit (an icon, an emoji, a directive, a
+    formula, a symbol, a link) nor by CommonMark (but the inline elements `allow`ed); the text it shows."""
+    for what, pattern in _ON_SOURCE.items():
+        assert not pattern.search(source), (what, source)
+    assert not streamlit_math(source), source
+    rendered = plain_text(source, allow)
+    for what, pattern in _ON_TEXT.items():
+        assert not pattern.search(rendered), (what, rendered)
+    return rendered.replace(WJ, "")
 
 
 @pytest.mark.parametrize("typed", [
@@ -307,3 +315,106 @@ def test_charts_name_gestures_as_typed():
     shaded = charts._interval_traces([{"label": typed, "started_at": t0, "ended_at": now}], t0)
     assert [t["name"] for t in shaded] == [drawn]
     assert shaded[0]["fillcolor"] == charts._rgba(charts.label_color(typed), 0.2)  # its colour: of the name typed
+
+
+# ---- system messages (errors of the OS, the database, the settings, the health checks) --------------------------
+def test_invalid_settings_are_quoted_as_typed(page, clean_db, monkeypatch):
+    """An error's text was put into the page's markdown as it was: a setting typed with `*`, `$`, `:x:` or a
+    `[..](..)` in it showed in italics, as a formula, an emoji and a link in the message that quotes it."""
+    from semg.config import get_settings
+    typed = "*85* $01$ :smile: [x](y) 8_5"
+    monkeypatch.setenv("UI_PORT", typed)
+    get_settings.cache_clear()
+    try:
+        for name in ("main", "users"):
+            at = page(name)
+            at.run()
+            assert_clean(at)
+            assert at.error, texts(at)
+            for e in at.error:  # the page's and the sidebar's
+                assert f"invalid setting: UI_PORT={typed!r}: " in assert_no_streamlit_markup(e.value), e.value
+        at = page("users", login=False)
+        at.run()
+        [error] = [e.value for e in at.error]
+        shown = assert_no_streamlit_markup(error)
+        assert shown.startswith("The UI password cannot be read: The platform settings are invalid: ") and typed in shown
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+
+
+def _markdown_state_dir(settings, monkeypatch, tmp_path):
+    """SEMG_STATE_DIR set to a new directory whose path holds markdown (the same database and NATS: the secrets are
+    copied); the caller undoes it (monkeypatch.undo(), then get_settings.cache_clear())."""
+    import shutil
+
+    from semg.config import get_settings
+    state = tmp_path / "st*ate*_dir_ $1$ :smile: [here](x)"
+    shutil.copytree(settings.secrets_dir, state / "secrets")
+    monkeypatch.setenv("SEMG_STATE_DIR", str(state))
+    get_settings.cache_clear()
+    return state
+
+
+def test_a_state_directory_with_markdown_in_its_path_is_named_as_typed(page, clean_db, settings, monkeypatch,
+                                                                        tmp_path):
+    """The disk warning beside every page names the state directory: a path with `*`, `_`, `$`, `:x:` or `[..](..)`
+    in it was rendered in italics, as a formula, an emoji and a link."""
+    import streamlit
+
+    from semg.config import get_settings
+    state = _markdown_state_dir(settings, monkeypatch, tmp_path)
+    monkeypatch.setenv("SEMG_MIN_FREE_DISK_MB", str(10**12))  # more than any disk has: "nearly full"
+    get_settings.cache_clear()
+    streamlit.cache_data.clear()  # the health line is cached for 5 s
+    try:
+        for name in ("main", "users"):
+            at = page(name)
+            at.run()
+            assert_clean(at)
+            [low] = [w.value for w in at.warning if w.value.startswith("Disk space: ")]
+            assert f" at {state}: under SEMG_MIN_FREE_DISK_MB=" in assert_no_streamlit_markup(low), low
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+
+
+def test_a_service_that_is_down_is_described_as_it_is(page, clean_db):
+    """The health checks' details (the overview's service captions, a device's live status) quote addresses and
+    errors: the REST API's and the UDP server's URLs (neither runs in these tests) were shown as links."""
+    at = page("main")
+    at.run()
+    assert_clean(at)
+    details = [c.value for c in at.caption if "not reachable at " in c.value]
+    assert len(details) == 2, at.caption  # the API's and the UDP server's
+    for d in details:
+        assert "://127.0.0.1:" in assert_no_streamlit_markup(d), d
+    uid = nasty_user(clean_db)["user"]["id"]
+    at = page("gestures", user_id=uid)
+    at.run()
+    assert_clean(at)
+    [status] = [i.value for i in at.info if "UDP server's status is not available" in i.value]
+    assert "://127.0.0.1:" in assert_no_streamlit_markup(status), status
+
+
+def test_a_journal_that_cannot_be_written_is_named_as_typed(page, seeded, settings, monkeypatch, tmp_path):
+    """The capture page says why interval times cannot be kept on the server, quoting the OS's error, which names
+    the journal's path under the state directory (here: a file where its directory belongs)."""
+    from test_capture_store import start_on_page
+
+    from semg.config import get_settings
+    state = _markdown_state_dir(settings, monkeypatch, tmp_path)
+    (state / "capture-journal").write_text("not a directory")
+    try:
+        at, run = start_on_page(page, seeded["user"]["id"])  # REST 0-0.5 s, fist 0.5-20.5 s
+        time.sleep(1.0)  # into the fist: the rest's times are journalled, or would be
+        at.run()
+        assert_clean(at)
+        [error] = [e.value for e in at.error if e.value.startswith("Interval times cannot be saved on the server")]
+        shown = assert_no_streamlit_markup(error)
+        assert f"(FileExistsError: [Errno 17] File exists: '{state / 'capture-journal'}'): keep this window" in shown
+        at.button(key="abort").click()
+        at.run()
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
