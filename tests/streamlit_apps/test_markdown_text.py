@@ -343,7 +343,7 @@ def test_invalid_settings_are_quoted_as_typed(page, clean_db, monkeypatch):
         get_settings.cache_clear()
 
 
-def _markdown_state_dir(settings, monkeypatch, tmp_path):
+def markdown_state_dir(settings, monkeypatch, tmp_path):
     """SEMG_STATE_DIR set to a new directory whose path holds markdown (the same database and NATS: the secrets are
     copied); the caller undoes it (monkeypatch.undo(), then get_settings.cache_clear())."""
     import shutil
@@ -354,29 +354,6 @@ def _markdown_state_dir(settings, monkeypatch, tmp_path):
     monkeypatch.setenv("SEMG_STATE_DIR", str(state))
     get_settings.cache_clear()
     return state
-
-
-def test_a_state_directory_with_markdown_in_its_path_is_named_as_typed(page, clean_db, settings, monkeypatch,
-                                                                        tmp_path):
-    """The disk warning beside every page names the state directory: a path with `*`, `_`, `$`, `:x:` or `[..](..)`
-    in it was rendered in italics, as a formula, an emoji and a link."""
-    import streamlit
-
-    from semg.config import get_settings
-    state = _markdown_state_dir(settings, monkeypatch, tmp_path)
-    monkeypatch.setenv("SEMG_MIN_FREE_DISK_MB", str(10**12))  # more than any disk has: "nearly full"
-    get_settings.cache_clear()
-    streamlit.cache_data.clear()  # the health line is cached for 5 s
-    try:
-        for name in ("main", "users"):
-            at = page(name)
-            at.run()
-            assert_clean(at)
-            [low] = [w.value for w in at.warning if w.value.startswith("Disk space: ")]
-            assert f" at {state}: under SEMG_MIN_FREE_DISK_MB=" in assert_no_streamlit_markup(low), low
-    finally:
-        monkeypatch.undo()
-        get_settings.cache_clear()
 
 
 def test_a_service_that_is_down_is_described_as_it_is(page, clean_db):
@@ -403,7 +380,7 @@ def test_a_journal_that_cannot_be_written_is_named_as_typed(page, seeded, settin
     from test_capture_store import start_on_page
 
     from semg.config import get_settings
-    state = _markdown_state_dir(settings, monkeypatch, tmp_path)
+    state = markdown_state_dir(settings, monkeypatch, tmp_path)
     (state / "capture-journal").write_text("not a directory")
     try:
         at, run = start_on_page(page, seeded["user"]["id"])  # REST 0-0.5 s, fist 0.5-20.5 s

@@ -1438,13 +1438,18 @@ def test_overview_reports_nats_down(page, clean_db, monkeypatch):
         get_settings.cache_clear()
 
 
-def test_a_nearly_full_disk_is_shown_on_the_overview_and_beside_every_page(page, clean_db, monkeypatch):
+def test_a_nearly_full_disk_is_shown_on_the_overview_and_beside_every_page(page, clean_db, settings, monkeypatch,
+                                                                          tmp_path):
+    """The warning names the state directory as it is: a path with `*`, `_`, `$`, `:x:` or `[..](..)` in it was
+    rendered in italics, as a formula, an emoji and a link (the warning was the path put into markdown)."""
     import streamlit as st
+    from test_markdown_text import assert_no_streamlit_markup, markdown_state_dir
 
     from semg.config import get_settings
     at = page("main")
     at.run()
     assert not [w.value for w in at.warning if "disk" in w.value.lower()]  # this machine has room
+    state = markdown_state_dir(settings, monkeypatch, tmp_path)
     monkeypatch.setenv("SEMG_MIN_FREE_DISK_MB", str(10**12))  # more than any disk has: "nearly full"
     get_settings.cache_clear()
     st.cache_data.clear()  # the health line is cached for 5 s
@@ -1455,7 +1460,7 @@ def test_a_nearly_full_disk_is_shown_on_the_overview_and_beside_every_page(page,
             assert_clean(at)
             low = [w.value for w in at.warning if w.value.startswith("Disk space: ")]
             assert low and "recordings stop being stored" in low[0], texts(at)
-            assert str(get_settings().state_dir) in low[0], low
+            assert f" at {state}: under SEMG_MIN_FREE_DISK_MB=" in assert_no_streamlit_markup(low[0]), low
     finally:
         monkeypatch.undo()
         get_settings.cache_clear()
