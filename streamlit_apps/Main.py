@@ -13,6 +13,11 @@ st.title(":material/back_hand: sEMG gesture platform")
 st.caption("Record your own muscle signals, train a personal gesture model, and watch it recognise you live.")
 
 
+def linked(shown: str, url: str | None) -> str:
+    """Markdown `shown` (uikit.md's) with `url`, where it shows, as a link to it."""
+    return shown.replace(ui.md(url), f"[{ui.md(url)}](<{url}>)") if url else shown
+
+
 def services() -> None:
     st.header("Services")
     h = data.health()
@@ -21,7 +26,9 @@ def services() -> None:
     for col, (key, name) in zip(cols, labels.items(), strict=False):
         ok = h[key]["ok"]
         col.markdown(ui.badge(ok, name))
-        col.caption(ui.md(h[key]["detail"]))  # error text and URLs: shown as they are
+        # the detail may quote an error: shown as it is; a working API's health URL (ours) is a link
+        link = f"{data.settings().api_url}/health" if key == "api" and ok else None
+        col.caption(linked(ui.md(h[key]["detail"]), link))
     ui.disk_warning(h)
     if not h["database"]["ok"]:
         cols[-1].markdown(ui.badge(None, "Training worker"))
