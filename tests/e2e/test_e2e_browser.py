@@ -382,6 +382,18 @@ _CUE_SEEN = "() => {" + _SEEN + """
   return {headline: seen(cue), sub: seen(cue.nextElementSibling)};
 }"""
 
+# The theme's primary colour as text (a slider's value, drawn above its thumb: on the slider's background) and as the
+# background of white text (a primary button)
+_SLIDER_VALUE_SEEN = "() => {" + _SEEN + """
+  const slider = document.querySelector('[data-testid=stMain] [data-testid=stSlider]');
+  const value = seen(slider.querySelector('[data-testid=stSliderThumbValue]'));
+  return {value: {...value, background: seen(slider).background}};
+}"""
+_PRIMARY_BUTTON_SEEN = "() => {" + _SEEN + """
+  const button = document.querySelector('[data-testid=stMain] [data-testid=stBaseButton-primaryFormSubmit]');
+  return {title: seen(document.querySelector('[data-testid=stMain] h1')), button: seen(button.querySelector('p') || button)};
+}"""
+
 
 def _luminance(rgb) -> float:
     c = [v / 255 for v in rgb]
@@ -446,4 +458,28 @@ def test_the_live_cue_is_readable_in_the_light_and_the_dark_theme(stack, browser
         f"http://127.0.0.1:{settings.ui_port}/Realtime_Gesture_Recognition?user={user['id']}",
         "Real-time Gesture Recognition", '[data-testid="semg-cue"]', _CUE_SEEN)
     assert seen["light"]["sub"]["text"] == "no current decision", seen
+    _assert_readable(seen)
+
+
+def test_primary_coloured_text_is_readable_in_the_light_and_the_dark_theme(stack, browser_page, screenshots_dir,
+                                                                           settings):
+    """A slider's value is drawn in the theme's primary red: the dark theme's was 3.9:1 on its background (the live
+    page's time window, the review's time cursor). Primary buttons draw white text on that red, 4.6:1: a lighter red
+    would have made them unreadable instead, so the dark background is darker."""
+    conn = _conn()
+    try:
+        user = repo.create_user(conn, "Primary Contrast", f"primary-{int(time.time())}@example.org")
+    finally:
+        conn.close()
+    base = f"http://127.0.0.1:{settings.ui_port}"
+    seen = _seen_in_both_themes(browser_page, screenshots_dir / "slider-value",
+                                f"{base}/Realtime_Gesture_Recognition?user={user['id']}", "Real-time Gesture Recognition",
+                                '[data-testid="stMain"] [data-testid="stSliderThumbValue"]', _SLIDER_VALUE_SEEN)
+    assert seen["light"]["value"]["text"] == "10", seen  # the time window's
+    _assert_readable(seen)
+    seen = _seen_in_both_themes(browser_page, screenshots_dir / "primary-button",
+                                f"{base}/User_Management?user={user['id']}", "User Management",
+                                '[data-testid="stMain"] [data-testid="stBaseButton-primaryFormSubmit"]',
+                                _PRIMARY_BUTTON_SEEN)
+    assert seen["light"]["button"]["text"] == "Create user", seen
     _assert_readable(seen)

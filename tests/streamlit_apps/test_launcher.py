@@ -52,7 +52,8 @@ def test_the_ui_darkens_the_light_themes_faded_text_and_keeps_the_dark_theme(set
 
     cmd = command(settings, [])
     theme = {flag: value for flag, value in zip(cmd, cmd[1:], strict=False) if flag.startswith("--theme.")}
-    assert {"--theme.light.textColor", "--theme.light.linkColor", "--theme.dark.linkColor"} <= set(theme), cmd
+    assert {"--theme.light.textColor", "--theme.light.linkColor", "--theme.dark.linkColor",
+            "--theme.dark.backgroundColor"} <= set(theme), cmd  # the last for the primary red (test_e2e_browser.py)
     assert all(flag.startswith(("--theme.light.", "--theme.dark.")) for flag in theme), theme
 
 
