@@ -511,7 +511,12 @@ _FOCUS_JS = r"""(() => {  // run RUN
   };
   const left = document.activeElement;  // the clicked button, gone once this run has drawn the page
   let placed = null;
+  // A newer run's script takes over: this one, still waiting, would otherwise take the focus to its own (later)
+  // target when the newer click's button is removed, and the newer one would take that for the person's move.
+  const me = {};
+  window.semgFocusMover = me;
   const tick = () => {
+    if (window.semgFocusMover !== me) return;
     const now = document.activeElement;
     if (now && now !== document.body && now !== left && now !== placed && now.isConnected) return;
     const el = find();  // an earlier target drawn after a later one takes the focus over from it

@@ -150,8 +150,8 @@ def test_canceling_a_job_keeps_the_keyboard_focus(ui, db_conn):
     _focus_on(ui, "BUTTON No, keep the job", "opening the confirmation")
     ui.text("Epochs trained so far: 2 of 10.")
     with db_conn.cursor() as cur:  # another epoch: the refresh shows it, the question and the focus stay
-        cur.execute("UPDATE training_jobs SET epoch_metrics = epoch_metrics || epoch_metrics -> 0 WHERE id = %s",
-                    (running["id"],))
+        cur.execute("UPDATE training_jobs SET epoch_metrics = epoch_metrics || jsonb_build_array(epoch_metrics -> 0) "
+                    "WHERE id = %s", (running["id"],))
     ui.text("Epochs trained so far: 3 of 10.")
     ui.text(f"Cancel job #{running['id']}? Training stops")
     assert ui.page.evaluate(FOCUSED) == "BUTTON No, keep the job"
