@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import expect
 from ui_driver import Ui
 
 from semg import repo, secrets
@@ -183,7 +184,8 @@ def test_closing_left_sessions_keeps_the_keyboard_focus(ui, db_conn):
         repo.create_session(db_conn, uid, did, ["fist"], 1, 2.0, 2.0, name="left open")
     _open(ui, f"Training_Data_Capture?user={uid}", "Training Data Capture")
     _press(ui, "Close it")
+    # the pressed button is itself a focused "Close it": the rerun has drawn the page only once one is left
+    expect(ui.page.get_by_role("button", name="Close it", exact=True)).to_have_count(1, timeout=20_000)
     _focus_on(ui, "BUTTON Close it", "closing the first")
-    assert ui.page.get_by_role("button", name="Close it", exact=True).count() == 1
     _press(ui, "Close it")
     _focus_on(ui, "H1 Training Data Capture", "closing the last")
