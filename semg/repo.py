@@ -1209,24 +1209,95 @@ def job_logs(conn, job_id: int, after_id: int = 0) -> list[dict]:
 _MODEL_COLS = ("id, user_id, job_id, weights_format, sha256, size_bytes, classes, channels, sample_rate_hz, "
                "window_ms, step_ms, scaler, metrics, metadata, created_at")
 
+# THE definition of the model served to each user (the API's serving cache, the web UI and every other caller
+# read it here):
+# - the model the user chose (users.served_artifact_id, choose_served_model) while no training job queued after
+#   that choice has stored a model since;
+# - otherwise the model of the training job QUEUED last that stored one, not of the one that finished last: a long
+#   job started before a quick one does not replace the quick one's model when it ends. A model without a job (its
+#   job deleted, a demo model) counts as asked for when it was stored; ties go by when stored, then by id.
+# Shared bases (user_id NULL) are nobody's. %(users)s: an array of user ids, or NULL for every user.
+# Columns: user_id, artifact_id, chosen_at (when the user chose it; NULL when it is served as the newest).
+SERVED_MODELS_SQL = """
+    WITH newest AS (
+        SELECT DISTINCT ON (a.user_id) a.user_id, a.id, coalesce(j.created_at, a.created_at) AS asked_at
+        FROM model_artifacts a LEFT JOIN training_jobs j ON j.id = a.job_id
+        WHERE a.user_id IS NOT NULL AND (%(users)s::bigint[] IS NULL OR a.user_id = ANY(%(users)s::bigint[]))
+        ORDER BY a.user_id, coalesce(j.created_at, a.created_at) DESC, a.created_at DESC, a.id DESC)
+    SELECT n.user_id, coalesce(c.id, n.id) AS artifact_id, CASE WHEN c.id IS NOT NULL THEN u.served_chosen_at END
+           AS chosen_at
+    FROM newest n JOIN users u ON u.id = n.user_id
+    LEFT JOIN model_artifacts c ON c.id = u.served_artifact_id AND c.user_id = u.id
+                                AND n.asked_at <= u.served_chosen_at"""
+
+
+def _served(cur, user_ids: Sequence[int] | None) -> dict[int, dict]:
+    cur.execute(SERVED_MODELS_SQL, {"users": None if user_ids is None else [int(u) for u in user_ids]})
+    return {int(r["user_id"]): {"artifact_id": int(r["artifact_id"]), "chosen_at": r["chosen_at"]}
+            for r in cur.fetchall()}
+
+
+def served_models(conn, user_ids: Sequence[int] | None = None) -> dict[int, dict]:
+    """{user: {"artifact_id", "chosen_at"}} of the model served to each of these users (all when None) that has
+    one (SERVED_MODELS_SQL); chosen_at is when the user chose it, None when it is served as the newest."""
+    with _tx(conn) as cur:
+        return _served(cur, user_ids)
+
 
 def latest_model(conn, user_id: int) -> dict | None:
-    """The user's newest artifact (the one served), without its weights; None if there is none."""
+    """The model served to the user (SERVED_MODELS_SQL), without its weights, with ``chosen_at`` (when the user
+    chose it; None when it is served as the newest); None if the user has no model."""
+    cols = ", ".join(f"a.{c.strip()}" for c in _MODEL_COLS.split(","))
     with _tx(conn) as cur:
-        cur.execute(f"SELECT {_MODEL_COLS} FROM model_artifacts WHERE user_id = %s ORDER BY created_at DESC, id DESC"
-                    " LIMIT 1", (user_id,))
+        cur.execute(f"""SELECT {cols}, s.chosen_at FROM ({SERVED_MODELS_SQL}) s
+                        JOIN model_artifacts a ON a.id = s.artifact_id""", {"users": [int(user_id)]})
         row = cur.fetchone()
         return dict(row) if row else None
 
 
 def list_models(conn, user_id: int) -> list[dict]:
-    """Every model of the user, newest first, without meta["data"] (what its job trained on: every interval, so
-    parsing it for each of many models made a listing take seconds; latest_model and the export keep it)."""
+    """Every model of the user, newest first, with ``served`` (the one served to them, SERVED_MODELS_SQL) and
+    ``chosen_at`` (set on the served one when the user chose it), without meta["data"] (what its job trained on:
+    every interval, so parsing it for each of many models made a listing take seconds; latest_model and the
+    export keep it)."""
     cols = _MODEL_COLS.replace("metadata", "metadata - 'data' AS metadata")
     with _tx(conn) as cur:
+        served = _served(cur, [user_id]).get(int(user_id), {})
         cur.execute(f"SELECT {cols} FROM model_artifacts WHERE user_id = %s ORDER BY created_at DESC, id DESC",
                     (user_id,))
-        return [dict(r) for r in cur.fetchall()]
+        rows = [dict(r) for r in cur.fetchall()]
+    for r in rows:
+        r["served"] = r["id"] == served.get("artifact_id")
+        r["chosen_at"] = served["chosen_at"] if r["served"] else None
+    return rows
+
+
+def choose_served_model(conn, user_id: int, artifact_id: int) -> dict:
+    """Serve the user this model of theirs from now on ("roll back" to an earlier one, no retraining), until a
+    training job queued after now stores a model. Returns latest_model's answer (the model now served).
+    NotFound, one answer for a missing model and another user's (a user key cannot learn which ids exist)."""
+    with _tx(conn) as cur:
+        cur.execute("SELECT 1 FROM users WHERE id = %s FOR UPDATE", (user_id,))
+        _one(cur, "user", user_id)
+        # FOR KEY SHARE: the model cannot be deleted between this check and the update
+        cur.execute("SELECT 1 FROM model_artifacts WHERE id = %s AND user_id = %s FOR KEY SHARE",
+                    (artifact_id, user_id))
+        if cur.fetchone() is None:
+            raise NotFound(f"user {user_id} has no model {artifact_id} (their models are listed on the Training "
+                           f"Jobs page and by GET /users/{user_id}/models)")
+        cur.execute("UPDATE users SET served_artifact_id = %s, served_chosen_at = now() WHERE id = %s",
+                    (artifact_id, user_id))
+    return latest_model(conn, user_id)
+
+
+def serve_newest_model(conn, user_id: int) -> dict | None:
+    """Forget the user's choice: serve the model of their newest training again (SERVED_MODELS_SQL). Returns
+    latest_model's answer (None when the user has no model)."""
+    with _tx(conn) as cur:
+        cur.execute("UPDATE users SET served_artifact_id = NULL, served_chosen_at = NULL WHERE id = %s RETURNING id",
+                    (user_id,))
+        _one(cur, "user", user_id)
+    return latest_model(conn, user_id)
 
 
 def renamed_classes(conn, artifact_id: int, classes: Sequence[str]) -> dict[str, str]:
