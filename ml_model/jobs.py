@@ -481,13 +481,15 @@ def training_config(params: Mapping[str, Any], sample_rate_hz: float, channels: 
     return cfg
 
 
-def _publish_model_updated(settings: Settings, user_id: int, job_id: int, artifact_id: int) -> None:
-    """Tell the API to hot-reload; if NATS is unreachable the API's slow poll picks the model up anyway."""
+def _publish_model_updated(settings: Settings, user_id: int, job_id: int | None, artifact_id: int,
+                           service: str = "trainer") -> None:
+    """Tell the API to hot-reload; if NATS is unreachable the API's slow poll picks the model up anyway.
+    service: the NATS identity that sends it (the web UI's, when a user chose the model served)."""
     from semg import natsio
     from semg.messages import MODELS_UPDATED, ModelUpdated
 
     async def _send() -> None:
-        nc = await natsio.connect_once("trainer", settings)
+        nc = await natsio.connect_once(service, settings)
         try:
             msg = ModelUpdated(userid=user_id, job_id=job_id, artifact_id=artifact_id)
             await nc.publish(MODELS_UPDATED, msg.model_dump_json().encode())

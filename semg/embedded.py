@@ -306,9 +306,10 @@ def run_postgres(settings: Settings | None = None) -> None:
 NATS_PERMISSIONS: dict[str, dict] = {
     "ingest": {"publish": ["emg.samples.>"], "subscribe": []},
     "inference": {"publish": ["emg.predictions.>"], "subscribe": ["emg.samples.>", "models.updated"]},
-    "api": {"publish": [], "subscribe": ["models.updated", "emg.predictions.>"]},
+    # api and ui publish models.updated when a user chooses the model served to them (the others follow at once)
+    "api": {"publish": ["models.updated"], "subscribe": ["models.updated", "emg.predictions.>"]},
     "trainer": {"publish": ["models.updated"], "subscribe": []},
-    "ui": {"publish": [], "subscribe": ["emg.predictions.>", "emg.samples.>"]},
+    "ui": {"publish": ["models.updated"], "subscribe": ["emg.predictions.>", "emg.samples.>"]},
     "admin": {"publish": [">"], "subscribe": [">"]},
 }
 

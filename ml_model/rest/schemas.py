@@ -283,6 +283,26 @@ class ModelInfo(_Out):
         None, description="how it was trained: seed, the whole configuration, epochs (README: Reproducing a result)")
     environment: dict[str, Any] | None = Field(
         None, description="what trained it: library versions, CPU capability, git commit; null for older models")
+    served: bool = Field(False, description="whether it is the model served to its user now (live recognition)")
+    chosen: bool = Field(False, description="served because the user chose it (PUT /users/{user_id}/served-model) "
+                                            "rather than as the model of their newest training")
+    chosen_at: datetime | None = Field(None, description="when the user chose it (set only when `chosen`)")
+
+
+class ServedModelChoose(_In):
+    model_config = _example({"artifact_id": 1})
+    artifact_id: Id = Field(description="one of the user's models (GET /users/{user_id}/models lists them)")
+
+
+class ServedModelState(_Out):
+    """Which model is served to a user after a change: the chosen one, or that of their newest training."""
+
+    user_id: int
+    artifact_id: int | None = Field(description="the model served now; null when the user has no model")
+    job_id: int | None = None
+    chosen: bool = Field(description="served because the user chose it; it stays served until a training job "
+                                     "queued after the choice stores a model")
+    chosen_at: datetime | None = None
 
 
 class SharedBase(_Out):

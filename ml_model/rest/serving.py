@@ -1,6 +1,7 @@
 """Per-user model cache with hot reload, and batched inference over several users' models.
 
-The registry holds each user's newest artifact (newest created_at in `model_artifacts`). A reload builds the
+The registry holds the model served to each user (semg.repo.SERVED_MODELS_SQL: the one they chose, or that of
+their newest training). A reload builds the
 new model completely before one dict assignment swaps it in, so requests in flight keep the model they
 started with and none is dropped. Reloads come from `models.updated` on NATS, a slow poll as fallback, and
 a cache miss.
@@ -70,6 +71,7 @@ class ServedModel:
     # rename shows in live recognition without retraining. names_key: the user's gesture names it was derived from.
     renamed: Mapping[str, str] = field(default_factory=dict)
     names_key: str | None = None
+    chosen_at: datetime | None = None  # when the user chose it; None: served as their newest model
     classes: list[str] = field(init=False)
     n_device_channels: int = field(init=False)
     window: int = field(init=False)
@@ -206,12 +208,9 @@ class ModelRegistry:
         return self.refresh_user(user_id)
 
     # ---- reloads ---------------------------------------------------------------------------------
-    def _latest_id(self, conn, user_id: int) -> int | None:
-        with conn, conn.cursor() as cur:
-            cur.execute("SELECT id FROM model_artifacts WHERE user_id = %s ORDER BY created_at DESC, id DESC LIMIT 1",
-                        (user_id,))
-            row = cur.fetchone()
-        return int(row[0]) if row else None
+    def _served_id(self, conn, user_id: int) -> dict | None:
+        """{"artifact_id", "chosen_at"} of the model to serve the user (repo.served_models), None for none."""
+        return repo.served_models(conn, [user_id]).get(user_id)
 
     def _load_row(self, conn, artifact_id: int) -> dict[str, Any] | None:
         with conn, conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
@@ -219,15 +218,21 @@ class ModelRegistry:
             row = cur.fetchone()
         return dict(row) if row else None
 
-    def _install(self, user_id: int, artifact_id: int | None, conn) -> ServedModel | None:
+    def _install(self, user_id: int, served: dict | None, conn) -> ServedModel | None:
+        """Serve the user the model `served` names (repo.served_models' entry; None: no model)."""
         current = self._models.get(user_id)
-        if artifact_id is None:
+        if served is None:
             self._models.pop(user_id, None)
             self._absent[user_id] = time.monotonic()
             if current is not None:
                 log.info("user %s has no model any more", user_id)
             return None
+        artifact_id, chosen_at = served["artifact_id"], served["chosen_at"]
         if current is not None and current.artifact_id == artifact_id:
+            if current.chosen_at != chosen_at:  # the same weights, chosen now or no longer: no rebuild
+                current = dataclasses.replace(current, chosen_at=chosen_at)
+                if user_id not in self._deleted:
+                    self._models[user_id] = current
             return current
         if self._broken.get(user_id) == artifact_id:  # known bad: never rebuilt per request
             if current is None:
@@ -237,26 +242,28 @@ class ModelRegistry:
         if row is None:  # deleted between the two queries: the next refresh sees the new state
             return current
         try:
-            served = build_served(row)
+            model = build_served(row)
         except Exception as e:  # noqa: BLE001 - a broken artifact must not take the service (or old model) down
             log.error("cannot load model %s of user %s: %s", artifact_id, user_id, e)
             self._broken[user_id] = artifact_id
             if current is None:
                 self._absent[user_id] = time.monotonic()
             return current
-        served = _with_names_now(served, conn, repo.gesture_names_keys(conn, [user_id]).get(user_id))
+        model = _with_names_now(model, conn, repo.gesture_names_keys(conn, [user_id]).get(user_id))
+        model = dataclasses.replace(model, chosen_at=chosen_at)
         if user_id in self._deleted:  # deleted while we loaded it
             return None
-        self._models[user_id] = served  # atomic swap: in-flight requests keep their reference
+        self._models[user_id] = model  # atomic swap: in-flight requests keep their reference
         self._absent.pop(user_id, None)
-        log.info("user %s now served by model %s (%s classes, window %d, step %d, %s)", user_id, artifact_id,
-                 len(served.classes), served.window, served.step, "stacked" if served.parts else "solo")
-        return served
+        log.info("user %s now served by model %s%s (%s classes, window %d, step %d, %s)", user_id, artifact_id,
+                 " (chosen)" if chosen_at else "", len(model.classes), model.window, model.step,
+                 "stacked" if model.parts else "solo")
+        return model
 
     def refresh_user(self, user_id: int) -> ServedModel | None:
         with self._load_lock, self.pool.connection() as conn:
             before = self._models.get(user_id)
-            served = self._install(user_id, self._latest_id(conn, user_id), conn)
+            served = self._install(user_id, self._served_id(conn, user_id), conn)
             if served is not None and served is before:  # a model installed now has its names already
                 self._follow_renames([user_id], conn)
             return self._models.get(user_id)
@@ -289,18 +296,16 @@ class ModelRegistry:
     def refresh_all(self) -> int:
         """Bring every user's model up to date; returns how many changed."""
         with self._load_lock, self.pool.connection() as conn:
-            with conn, conn.cursor() as cur:
-                cur.execute("""SELECT DISTINCT ON (user_id) user_id, id FROM model_artifacts
-                               WHERE user_id IS NOT NULL ORDER BY user_id, created_at DESC, id DESC""")
-                latest = {int(u): int(a) for u, a in cur.fetchall()}
+            latest = repo.served_models(conn)
             changed = 0
             for user_id in set(self._models) - set(latest):
                 self._install(user_id, None, conn)
                 changed += 1
-            for user_id, artifact_id in latest.items():
+            for user_id, served in latest.items():
                 cur_model = self._models.get(user_id)
-                if cur_model is None or cur_model.artifact_id != artifact_id:
-                    self._install(user_id, artifact_id, conn)
+                if cur_model is None or (cur_model.artifact_id, cur_model.chosen_at) != (served["artifact_id"],
+                                                                                       served["chosen_at"]):
+                    self._install(user_id, served, conn)
                     changed += 1
             self._follow_renames(list(self._models), conn)
             self.loaded = True

@@ -29,9 +29,9 @@ SUBJECTS = ["emg.samples.7", "emg.predictions.7", "models.updated", "some.other.
 MAY_PUBLISH = {
     "ingest": {"emg.samples.7"},
     "inference": {"emg.predictions.7"},
-    "api": set(),
+    "api": {"models.updated"},  # a user's choice of the model served (PUT /users/{id}/served-model)
     "trainer": {"models.updated"},
-    "ui": set(),
+    "ui": {"models.updated"},  # the same choice made on the Training Jobs page
 }
 MAY_SUBSCRIBE = {
     "ingest": {"_INBOX_ingest.7"},

@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 
 import numpy as np
 import orjson
+import psycopg2
 from fastapi import APIRouter, Body, HTTPException, Query, Response
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
@@ -31,11 +32,14 @@ from ml_model.rest.schemas import (
     PredictItem,
     PredictRequest,
     PredictResponse,
+    ServedModelChoose,
+    ServedModelState,
     SharedBase,
 )
 from ml_model.rest.serving import InputError, ServedModel
 from ml_model.rest.state import AppState, State
-from semg import repo
+from semg import db, repo
+from semg.messages import MODELS_UPDATED, ModelUpdated
 
 router = APIRouter(tags=["models"])
 log = logging.getLogger("semg.api.models")
@@ -55,7 +59,7 @@ def model_info(m: ServedModel) -> ModelInfo:
         n_device_channels=m.n_device_channels, sample_rate_hz=m.meta["sample_rate_hz"],
         window_ms=m.meta["window_ms"], step_ms=m.meta["step_ms"], window=m.window, step=m.step, metrics=m.metrics,
         channel_reference=m.channel_reference, training=m.meta.get("training"),
-        environment=m.meta.get("environment"),
+        environment=m.meta.get("environment"), served=True, chosen=m.chosen_at is not None, chosen_at=m.chosen_at,
     )
 
 
@@ -241,7 +245,8 @@ async def user_model(user_id: UserScoped, state: State) -> ModelInfo:
 
 @router.get("/users/{user_id}/models", response_model=list[ModelInfo])
 def user_model_history(user_id: UserScoped, conn: Conn) -> list[ModelInfo]:
-    """Every model trained for the user, newest first (the first one is served)."""
+    """Every model trained for the user, newest first; `served` marks the one served to them (`chosen` when they
+    chose it with PUT /users/{user_id}/served-model, else it is the model of their newest training)."""
     repo.get_user(conn, user_id)
     out = []
     for row in repo.list_models(conn, user_id):
@@ -254,9 +259,65 @@ def user_model_history(user_id: UserScoped, conn: Conn) -> list[ModelInfo]:
             n_device_channels=meta["n_device_channels"], sample_rate_hz=meta["sample_rate_hz"],
             window_ms=meta["window_ms"], step_ms=meta["step_ms"], window=meta["window"], step=meta["step"],
             metrics=row.get("metrics") or {}, channel_reference=pp.channel_reference(meta),
-            training=meta.get("training"), environment=meta.get("environment"),
+            training=meta.get("training"), environment=meta.get("environment"), served=row["served"],
+            chosen=row["chosen_at"] is not None, chosen_at=row["chosen_at"],
         ))
     return out
+
+
+def _served_state(user_id: int, m: dict | None) -> ServedModelState:
+    if m is None:
+        return ServedModelState(user_id=user_id, artifact_id=None, chosen=False)
+    return ServedModelState(user_id=user_id, artifact_id=m["id"], job_id=m["job_id"],
+                            chosen=m["chosen_at"] is not None, chosen_at=m["chosen_at"])
+
+
+async def _follow_served_change(state: AppState, user_id: int, served: dict | None) -> None:
+    """After a user's choice is stored: serve it here at once, and tell the other API instances and the inference
+    workers (models.updated). Either failing is logged: the choice is stored and the 30 s poll follows it."""
+    try:
+        await run_in_threadpool(state.models.refresh_user, user_id)
+    except (DatabaseUnavailable, psycopg2.Error) as e:
+        log.warning("could not switch user %s's served model here now (%s); the next poll will", user_id,
+                    db.first_line(e))
+    if served is None:  # no model before or after: nothing to follow
+        return
+    msg = ModelUpdated(userid=user_id, job_id=served["job_id"], artifact_id=served["id"])
+    try:
+        if state.nats is None:
+            raise ConnectionError("not connected to NATS")
+        await state.nats.publish(MODELS_UPDATED, msg.model_dump_json().encode())
+        await state.nats.flush(timeout=2)
+    except Exception as e:  # noqa: BLE001 - best effort by design, as the trainer's
+        log.warning("could not publish models.updated for user %s (%s); the others follow by polling", user_id,
+                    db.first_line(e))
+
+
+@router.put("/users/{user_id}/served-model", response_model=ServedModelState)
+async def choose_served_model(user_id: UserScoped, body: ServedModelChoose, state: State) -> ServedModelState:
+    """Serve the user one of their models from now on, e.g. an earlier one when a new training turned out worse
+    ("roll back", no retraining): live recognition switches to it at once. It stays served until a training job
+    queued after this choice stores a model (or until `DELETE`). 404 for a model that is not the user's."""
+    def choose() -> dict:
+        with state.pool.connection() as conn:
+            return repo.choose_served_model(conn, user_id, body.artifact_id)
+
+    served = await run_in_threadpool(choose)
+    await _follow_served_change(state, user_id, served)
+    return _served_state(user_id, served)
+
+
+@router.delete("/users/{user_id}/served-model", response_model=ServedModelState)
+async def serve_newest_model(user_id: UserScoped, state: State) -> ServedModelState:
+    """Forget the user's choice: serve the model of their newest training again (the training job queued last that
+    stored one), at once. `artifact_id` is null when the user has no model."""
+    def newest() -> dict | None:
+        with state.pool.connection() as conn:
+            return repo.serve_newest_model(conn, user_id)
+
+    served = await run_in_threadpool(newest)
+    await _follow_served_change(state, user_id, served)
+    return _served_state(user_id, served)
 
 
 
