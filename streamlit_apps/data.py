@@ -623,8 +623,9 @@ def job_logs(job_id: int, after_id: int = 0) -> list[dict]:
 
 
 def latest_model(user_id: int) -> dict | None:
-    """The served model (no weights), with ``renamed`` {class as trained: its gesture's name now} and ``answers``,
-    its classes by the names live recognition answers (the API follows renames: repo.renamed_classes)."""
+    """The served model (no weights; repo.SERVED_MODELS_SQL: the one the user chose, ``chosen_at`` set, or that of
+    their newest training), with ``renamed`` {class as trained: its gesture's name now} and ``answers``, its classes
+    by the names live recognition answers (the API follows renames: repo.renamed_classes)."""
     m = _repo(repo.latest_model, user_id)
     if m is not None:
         m["renamed"] = _repo(repo.renamed_classes, m["id"], m["classes"])
@@ -634,6 +635,34 @@ def latest_model(user_id: int) -> dict | None:
 
 def list_models(user_id: int) -> list[dict]:
     return _repo(repo.list_models, user_id)
+
+
+def served_model_ids(user_ids: Sequence[int]) -> dict[int, int]:
+    """{user: id of the model served to them} for those of these users that have one."""
+    return {u: m["artifact_id"] for u, m in _repo(repo.served_models, list(user_ids)).items()}
+
+
+def _announce_served(user_id: int, served: dict | None) -> None:
+    """models.updated, so that the API and the inference workers switch now (not at their next poll, 30 s)."""
+    if served is not None:
+        from ml_model import jobs  # its sender, with the web UI's NATS identity; NATS down: logged, the poll follows
+
+        jobs._publish_model_updated(settings(), user_id, served["job_id"], served["id"], service="ui")
+
+
+def serve_model(user_id: int, artifact_id: int) -> dict:
+    """Serve the user this model of theirs from now on, until a training they start after now stores a model
+    (repo.choose_served_model); returns the model now served (latest_model's row, without renames)."""
+    served = _repo(repo.choose_served_model, user_id, artifact_id)
+    _announce_served(user_id, served)
+    return served
+
+
+def serve_newest_model(user_id: int) -> dict | None:
+    """Forget the user's choice: serve the model of their newest training again (repo.serve_newest_model)."""
+    served = _repo(repo.serve_newest_model, user_id)
+    _announce_served(user_id, served)
+    return served
 
 
 def job_artifact(job_id: int) -> dict | None:

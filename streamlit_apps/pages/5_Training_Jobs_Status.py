@@ -1,5 +1,6 @@
 """Training jobs: live progress, logs, errors, training curves, confusion matrix, per-class accuracy, model size,
-cancel, model download (ONNX, int8 ONNX, TorchScript). Refreshes itself while a job is scheduled or running."""
+cancel, which model is served (serve an earlier one: roll back), model download (ONNX, int8 ONNX, TorchScript).
+Refreshes itself while a job is scheduled or running."""
 
 from datetime import UTC, datetime
 from functools import partial
@@ -42,11 +43,13 @@ def job_heading(j: dict, icon: bool = True) -> str:
 
 
 def jobs_table(jobs: list[dict]) -> None:
+    served = data.served_model_ids({j["user_id"] for j in jobs})
     st.dataframe(pd.DataFrame([{
         "job": j["id"], "status": j["status"], "progress": float(j["progress"]),
         "sessions": ", ".join(f"#{i}" for i in j["session_ids"]), "epochs": (j["params"] or {}).get("epochs"),
         "created": ui.fmt_time(j["created_at"]), "finished": ui.fmt_time(j["finished_at"]),
-        "model": f"#{j['artifact_id']}" if j["artifact_id"] else "",
+        "model": (f"#{j['artifact_id']}" + (" · served" if served.get(j["user_id"]) == j["artifact_id"] else "")
+                  if j["artifact_id"] else ""),
     } for j in jobs]), hide_index=True, width="stretch",
         column_config={"progress": st.column_config.ProgressColumn("progress", min_value=0, max_value=100,
                                                                    format="%.0f%%")})
@@ -100,8 +103,51 @@ def results(job: dict) -> None:
     if data.measured_on_its_own_recordings(artifact["metrics"]):
         st.warning(ONE_REPETITION, icon=":material/replay:")
     if job["status"] == "completed":
+        serving(job, artifact)
         test_on_sessions(job)
         downloads(job, artifact)
+
+
+SERVE_HELP = ("Live recognition (the Realtime page, the API and apps following this user's decisions) switches to "
+              "this model now. It stays served until you start another training: the model that training stores "
+              "replaces it.")
+NEWEST_HELP = "Live recognition switches now to the model of the newest training job (the one started last)."
+
+
+def serving(job: dict, artifact: dict) -> None:
+    """Whether live recognition uses this job's model; a button to serve it (roll back to an earlier model, no
+    retraining) or, when it was chosen, to serve the newest model again."""
+    served = data.latest_model(job["user_id"])
+    heading = job_heading(job, icon=False)
+    if served is not None and served["id"] == artifact["id"]:
+        if served["chosen_at"] is None:
+            st.success("**Served**: live recognition uses this model, the model of the newest training.",
+                       icon=":material/sensors:")
+            return
+        st.success(f"**Served**: live recognition uses this model: you chose it {ui.fmt_time(served['chosen_at'])}. "
+                   "It stays served until you start another training.", icon=":material/sensors:")
+        if st.button("Serve the newest model instead", key=f"serve_newest_{job['id']}", help=NEWEST_HELP,
+                     icon=":material/update:"):
+            if now := data.serve_newest_model(job["user_id"]):
+                st.toast(f"Live recognition now uses model #{now['id']}, the newest.")
+            ui.focus_after_rerun("Serve this model", heading)  # this one's button when it is not the newest
+            st.rerun()
+        return
+    st.info("Not served: live recognition uses "
+            + (f"model #{served['id']}" + (f" of job #{served['job_id']}" if served["job_id"] else "")
+               + (f", chosen {ui.fmt_time(served['chosen_at'])}" if served["chosen_at"] else ", the newest")
+               if served is not None else "no model")
+            + ". Serve this model to switch live recognition to it now; the next training you start replaces it.",
+            icon=":material/sensors_off:")
+    if st.button("Serve this model", key=f"serve_{job['id']}", help=SERVE_HELP, icon=":material/restore:"):
+        try:
+            data.serve_model(job["user_id"], artifact["id"])
+        except data.RepoError as e:  # e.g. deleted meanwhile
+            st.error(f"Not served: {ui.md(e)}")
+            return
+        st.toast(f"Live recognition now uses model #{artifact['id']} of job #{job['id']}.")
+        ui.focus_after_rerun("Serve the newest model instead", heading)
+        st.rerun()
 
 
 def figures_as_tables(m: dict) -> None:

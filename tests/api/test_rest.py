@@ -494,7 +494,9 @@ def test_every_docs_example_is_a_request_the_api_takes(api, keys, served):
                     "ended_at": (began + dt.timedelta(milliseconds=iv["planned_end_ms"])).isoformat()}).status_code == 200
         send("POST", "/users/{user_id}/jobs")
         send("POST", "/keys")
-        ids["user_id"] = served(channels=2)[0]["id"]
+        user, _, meta = served(channels=2)
+        ids["user_id"], ids["artifact_id"] = user["id"], meta["artifact_id"]
+        send("PUT", "/users/{user_id}/served-model")
         for r in send("POST", "/predict"):
             # the shape is the example's, not this model's: the model says what it reads, nothing else is wrong
             if r.status_code == 422:
