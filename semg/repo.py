@@ -1277,16 +1277,15 @@ def choose_served_model(conn, user_id: int, artifact_id: int) -> dict:
     training job queued after now stores a model. Returns latest_model's answer (the model now served).
     NotFound, one answer for a missing model and another user's (a user key cannot learn which ids exist)."""
     with _tx(conn) as cur:
-        cur.execute("SELECT 1 FROM users WHERE id = %s FOR UPDATE", (user_id,))
-        _one(cur, "user", user_id)
-        # FOR KEY SHARE: the model cannot be deleted between this check and the update
-        cur.execute("SELECT 1 FROM model_artifacts WHERE id = %s AND user_id = %s FOR KEY SHARE",
-                    (artifact_id, user_id))
+        # a model deleted after the EXISTS fails the foreign key check (NotFound too)
+        cur.execute("""UPDATE users SET served_artifact_id = %(a)s, served_chosen_at = now()
+                       WHERE id = %(u)s AND EXISTS (SELECT 1 FROM model_artifacts WHERE id = %(a)s AND user_id = %(u)s)
+                       RETURNING id""", {"a": artifact_id, "u": user_id})
         if cur.fetchone() is None:
+            cur.execute("SELECT id FROM users WHERE id = %s", (user_id,))
+            _one(cur, "user", user_id)
             raise NotFound(f"user {user_id} has no model {artifact_id} (their models are listed on the Training "
                            f"Jobs page and by GET /users/{user_id}/models)")
-        cur.execute("UPDATE users SET served_artifact_id = %s, served_chosen_at = now() WHERE id = %s",
-                    (artifact_id, user_id))
     return latest_model(conn, user_id)
 
 

@@ -77,6 +77,17 @@ def _show(page, uid: int, job_id: int):
     return at
 
 
+def _focus_targets(at) -> list[str]:
+    """What uikit.focus_after_rerun asked this run to put the keyboard focus on (its script's targets)."""
+    import json
+    import re
+
+    for el in at.get("html"):
+        if m := re.search(r"const targets = (\[.*?\]), deadline", str(el.proto.body)):
+            return json.loads(m.group(1))
+    return []
+
+
 def _button(at, label: str):
     found = [b for b in at.button if b.label == label]
     return found[0] if found else None
@@ -107,7 +118,8 @@ def test_an_earlier_model_is_served_from_its_job_and_the_newest_again(page, two_
     assert served["id"] == older["artifact_id"] and served["chosen_at"] is not None
     shown = texts(at)
     assert "live recognition uses this model: you chose it" in shown
-    assert "Serve the newest model instead" in shown  # the focus goes to it (the clicked button is gone)
+    # the clicked button is gone: the keyboard focus goes to the one in its place
+    assert _focus_targets(at) == ["Serve the newest model instead", f"Job #{older['id']} — completed"]
     assert _button(at, "Serve this model") is None
     back = _button(at, "Serve the newest model instead")
     assert back is not None and "newest training job" in back.help
@@ -125,6 +137,7 @@ def test_an_earlier_model_is_served_from_its_job_and_the_newest_again(page, two_
     assert repo.latest_model(conn, uid)["id"] == newer["artifact_id"]
     assert repo.latest_model(conn, uid)["chosen_at"] is None
     assert _button(at, "Serve this model") is not None and _button(at, "Serve the newest model instead") is None
+    assert _focus_targets(at) == ["Serve this model", f"Job #{older['id']} — completed"]
 
 
 def test_the_live_page_shows_the_chosen_model(page, two_jobs):
