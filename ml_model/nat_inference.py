@@ -1039,13 +1039,11 @@ class Worker:
             update = ModelUpdated.model_validate_json(msg.data)
         except ValidationError:
             return
-        # The API reloads on the same message; ask it until it serves this artifact. Not "or a newer one": a user
-        # who chose an older model announces that one, and the API's answer from before its reload names a newer.
-        # (An artifact that is not served, e.g. of a job queued before the served one's, costs these 2 s of asking.)
+        # The API reloads on the same message; ask it until it serves this artifact (or a newer one).
         for _ in range(20):
             await self.refresh_user(update.userid)
             spec = self.specs.get(update.userid)
-            if spec is not None and spec.artifact_id == update.artifact_id:
+            if spec is not None and spec.artifact_id >= update.artifact_id:
                 return
             await asyncio.sleep(0.1)
 
