@@ -564,6 +564,8 @@ def restore(src: Path, settings: Settings | None = None) -> dict:
 # Run around the backup's rows, in the same transaction. The install's own service key stays what its services
 # use; the backup's service keys (the old install's internal credential) are not restored as credentials here.
 _BEFORE = """BEGIN;
+-- users and model_artifacts refer to each other (a user's chosen model, migration 0011): checked at the commit
+SET CONSTRAINTS ALL DEFERRED;
 -- an API starting meanwhile waits to add its service key until this committed: else _AFTER would delete it
 LOCK TABLE public.api_keys IN SHARE ROW EXCLUSIVE MODE;
 CREATE TEMP TABLE semg_own_service_keys ON COMMIT DROP AS
@@ -598,6 +600,9 @@ def _restore_data(s: Settings, dump: Path, work: Path, migrations: list[str]) ->
             if reader.wait() == 0:
                 # pg_restore's SQL empties search_path; the migrations name their tables unqualified
                 writer.stdin.write(b"\nSET search_path TO public;\n")
+                # the deferred checks now, on every row: an ALTER TABLE of a migration below refuses a table
+                # with checks still pending
+                writer.stdin.write(b"SET CONSTRAINTS ALL IMMEDIATE;\n")
                 for text in migrations:
                     writer.stdin.write(f"\n{text}\n".encode())
                 writer.stdin.write(_AFTER.encode())

@@ -64,7 +64,7 @@ def source(clean_db, settings):
     video.parent.mkdir(parents=True, exist_ok=True)
     video.write_bytes(os.urandom(50_000))
     repo.add_video(conn, uid, session["id"], rel, start, start + timedelta(seconds=20), size=50_000)
-    return {"conn": conn, "user": uid, "samples": samples, "video": rel, "key": key}
+    return {"conn": conn, "user": uid, "samples": samples, "video": rel, "key": key, "session": session["id"]}
 
 
 @pytest.fixture
@@ -758,3 +758,22 @@ def test_finishing_a_stopped_restore_places_only_the_backups_own_files(source, t
     assert not os.path.lexists(video)
     left.write_bytes(content)
     assert backup.restore(out, target)["videos_put_in_place"] == 1 and video.read_bytes() == content
+
+
+def test_a_chosen_served_model_survives_a_backup_and_restore(source, target, settings, tmp_path):
+    """users.served_artifact_id (migration 0010) points at model_artifacts, which points back at users: the
+    data-only restore must still take the rows in, and the choice (and its time) must come back."""
+    conn, uid = source["conn"], source["user"]
+    first = repo.list_models(conn, uid)[0]["id"]
+    second = ui_seed.seed_job(conn, uid, [source["session"]])  # a newer training: the first model is chosen back
+    assert repo.latest_model(conn, uid)["job_id"] == second["id"]
+    chosen = repo.choose_served_model(conn, uid, first)
+    assert chosen["id"] == first and chosen["chosen_at"] is not None
+    out = tmp_path / "semg.tar"
+    backup.create(out, settings)
+
+    backup.restore(out, target)
+    with contextlib.closing(db.connect(target)) as new:
+        served = repo.latest_model(new, uid)
+        assert (served["id"], served["chosen_at"]) == (first, chosen["chosen_at"])
+        assert repo.served_models(new) == repo.served_models(conn)
