@@ -1137,7 +1137,9 @@ def schedule_job(conn, user_id: int, session_ids: Sequence[int], params: dict | 
         raise Invalid("choose at least one capture session to train on")
     params = _check_job_params(dict(params or {}))
     with _tx(conn) as cur:
-        cur.execute("SELECT 1 FROM users WHERE id = %s", (user_id,))
+        # FOR SHARE: a choice of the model served (choose_served_model) waits for this job to be stored, or this
+        # for the choice; created_at is read after it, so the two times follow the order they were stored in
+        cur.execute("SELECT 1 FROM users WHERE id = %s FOR SHARE", (user_id,))
         _one(cur, "user", user_id)
         _check_training_sessions(cur, user_id, ids)
         if (base := params.get("base_artifact_id")) is None:
@@ -1152,8 +1154,8 @@ def schedule_job(conn, user_id: int, session_ids: Sequence[int], params: dict | 
             if cur.fetchone() is None:
                 raise NotFound(f"base model {base} not found: give the id of a shared base model or of one of "
                                f"user {user_id}'s own models")
-        cur.execute("INSERT INTO training_jobs (user_id, params) VALUES (%s, %s) RETURNING id",
-                    (user_id, Json(params)))
+        cur.execute("INSERT INTO training_jobs (user_id, params, created_at) VALUES (%s, %s, clock_timestamp()) "
+                    "RETURNING id", (user_id, Json(params)))
         job_id = cur.fetchone()["id"]
         psycopg2.extras.execute_values(cur, "INSERT INTO training_job_sessions (job_id, session_id) VALUES %s",
                                        [(job_id, sid) for sid in ids])
@@ -1277,13 +1279,16 @@ def choose_served_model(conn, user_id: int, artifact_id: int) -> dict:
     training job queued after now stores a model. Returns latest_model's answer (the model now served).
     NotFound, one answer for a missing model and another user's (a user key cannot learn which ids exist)."""
     with _tx(conn) as cur:
+        # The user's row first: a job being scheduled (schedule_job holds it FOR SHARE) is stored before the time
+        # is read. clock_timestamp(), not now() (the transaction's start), so the choice and the jobs' created_at
+        # follow the order they were stored in.
+        cur.execute("SELECT id FROM users WHERE id = %s FOR NO KEY UPDATE", (user_id,))
+        _one(cur, "user", user_id)
         # a model deleted after the EXISTS fails the foreign key check (NotFound too)
-        cur.execute("""UPDATE users SET served_artifact_id = %(a)s, served_chosen_at = now()
+        cur.execute("""UPDATE users SET served_artifact_id = %(a)s, served_chosen_at = clock_timestamp()
                        WHERE id = %(u)s AND EXISTS (SELECT 1 FROM model_artifacts WHERE id = %(a)s AND user_id = %(u)s)
                        RETURNING id""", {"a": artifact_id, "u": user_id})
         if cur.fetchone() is None:
-            cur.execute("SELECT id FROM users WHERE id = %s", (user_id,))
-            _one(cur, "user", user_id)
             raise NotFound(f"user {user_id} has no model {artifact_id} (their models are listed on the Training "
                            f"Jobs page and by GET /users/{user_id}/models)")
     return latest_model(conn, user_id)

@@ -3,9 +3,17 @@ job queued last (not the one that finished last), a model the user chose, and wh
 
 from __future__ import annotations
 
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
 import pytest
 
-from semg import repo
+from semg import db, repo
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "streamlit_apps"))
+import ui_seed  # noqa: E402  (a completed session to schedule a real job on)
+from test_repo_races import _Call, _lock_waiting, _until  # noqa: E402  (calls held by row locks, in threads)
 
 
 @pytest.fixture
@@ -125,3 +133,37 @@ def test_deleting_the_chosen_model_falls_back_to_the_newest_never_to_none(clean_
     repo.choose_served_model(clean_db, uid, newer)
     repo.delete_user(clean_db, uid)
     assert repo.served_models(clean_db) == {}
+
+
+def test_a_choice_and_a_job_scheduled_at_the_same_time_agree_with_the_order_they_were_stored(clean_db):
+    """now() is when a transaction started, not when it committed: a job whose scheduling transaction started
+    before the choice's but was stored after it was taken for one asked for before the choice, so its model never
+    replaced the choice (though the user saw the job appear after choosing). Held here mid-scheduling by a lock on
+    its session; whichever of the two is stored first, the rule must follow that order."""
+    base = ui_seed.seed_user(clean_db)
+    uid, did = base["user"]["id"], base["device"]["id"]
+    session = ui_seed.seed_session(clean_db, uid, did, datetime.now(UTC) - timedelta(minutes=5), repetitions=2)
+    older = _model(clean_db, uid, _job(clean_db, uid, "2 hours"), stored="1 hour")
+    _model(clean_db, uid, _job(clean_db, uid, "1 hour"))
+    clean_db.commit()
+    holder = db.connect()
+    try:
+        with holder.cursor() as cur:  # the job's session link waits on it: scheduling is held before its commit
+            cur.execute("SELECT 1 FROM capture_sessions WHERE id = %s FOR UPDATE", (session["id"],))
+        job = _Call(repo.schedule_job, uid, [session["id"]], {"epochs": 1})
+        job.start()
+        _until(lambda: _lock_waiting(clean_db, job.pid), "the scheduling to wait on the held session")
+        choice = _Call(repo.choose_served_model, uid, older)
+        choice.start()
+        _until(lambda: not choice.is_alive() or _lock_waiting(clean_db, choice.pid), "the choice to settle")
+        choice_stored_first = not choice.is_alive()
+    finally:
+        holder.rollback()
+        holder.close()
+    job.join(20)
+    choice.join(20)
+    assert not job.is_alive() and not choice.is_alive()
+    assert job.error is None and choice.error is None, (job.error, choice.error)
+    trained = _model(clean_db, uid, job.result["id"])  # the job ends and stores its model
+    expected = (trained, False) if choice_stored_first else (older, True)
+    assert _served(clean_db, uid) == expected, f"choice stored {'before' if choice_stored_first else 'after'} the job"
