@@ -291,7 +291,10 @@ class ModelInfo(_Out):
 
 class ServedModelChoose(_In):
     model_config = _example({"artifact_id": 1})
-    artifact_id: Id = Field(description="one of the user's models (GET /users/{user_id}/models lists them)")
+    # strict: `true` was taken for model 1 and "3" for model 3 (lax coercion): a switch of live recognition
+    # happens only on a number
+    artifact_id: Id = Field(strict=True, description="one of the user's models (GET /users/{user_id}/models lists "
+                                                     "them)")
 
 
 class ServedModelState(_Out):

@@ -89,10 +89,16 @@ def test_who_may_choose_and_what_is_refused(api, keys, two_models, make_user, cl
     for artifact_id in (theirs, 424242):
         r = api.put(path, json={"artifact_id": artifact_id}, headers=keys.admin)
         assert r.status_code == 404 and r.json()["detail"].startswith(f"user {uid} has no model {artifact_id}"), r.text
-    for body in ({"artifact_id": 0}, {"artifact_id": "x"}, {}, {"artifact_id": older, "user_id": 1}):
+    # true was model 1 and "1" too (lax coercion): only a number chooses
+    for body in ({"artifact_id": 0}, {"artifact_id": "x"}, {}, {"artifact_id": older, "user_id": 1},
+                 {"artifact_id": True}, {"artifact_id": str(older)}, {"artifact_id": 2**63}, {"artifact_id": -1}):
         assert api.put(path, json=body, headers=keys.admin).status_code == 422, body
     assert api.put("/users/424242/served-model", json={"artifact_id": older}, headers=keys.admin).status_code == 404
     assert api.delete("/users/424242/served-model", headers=keys.admin).status_code == 404
+    for bad in ("x", "-1", "0", str(2**63), "1.5"):  # a user id that is no id: 422, never a 500
+        assert api.put(f"/users/{bad}/served-model", json={"artifact_id": older}, headers=keys.admin).status_code \
+            == 422, bad
+        assert api.delete(f"/users/{bad}/served-model", headers=keys.admin).status_code == 422, bad
     assert _decided_by(api, keys.service, uid) == newer  # nothing refused changed anything
     # an admin key may choose for any user
     assert api.put(path, json={"artifact_id": older}, headers=keys.admin).json()["artifact_id"] == older
