@@ -564,7 +564,7 @@ def restore(src: Path, settings: Settings | None = None) -> dict:
 # Run around the backup's rows, in the same transaction. The install's own service key stays what its services
 # use; the backup's service keys (the old install's internal credential) are not restored as credentials here.
 _BEFORE = """BEGIN;
--- users and model_artifacts refer to each other (a user's chosen model, migration 0011): checked at the commit
+-- users and model_artifacts refer to each other (a user's chosen model, migration 0010): checked at the commit
 SET CONSTRAINTS ALL DEFERRED;
 -- an API starting meanwhile waits to add its service key until this committed: else _AFTER would delete it
 LOCK TABLE public.api_keys IN SHARE ROW EXCLUSIVE MODE;
