@@ -652,8 +652,11 @@ def _announce_served(user_id: int, served: dict | None) -> None:
 
 def serve_model(user_id: int, artifact_id: int) -> dict:
     """Serve the user this model of theirs from now on, until a training they start after now stores a model
-    (repo.choose_served_model); returns the model now served (latest_model's row, without renames)."""
-    served = _repo(repo.choose_served_model, user_id, artifact_id)
+    (repo.choose_served_model), once it is known to load as the API serves it (RepoError if not: nothing changes);
+    returns the model now served (latest_model's row, without renames)."""
+    from ml_model.rest import serving
+
+    served = _repo(serving.choose_if_servable, user_id, artifact_id)
     _announce_served(user_id, served)
     return served
 

@@ -148,6 +148,26 @@ def build_served(row: Mapping[str, Any]) -> ServedModel:
     return served
 
 
+def choose_if_servable(conn, user_id: int, artifact_id: int) -> dict:
+    """repo.choose_served_model, after checking that the model loads as the API would serve it: a model that does
+    not (damaged weights, a format this version cannot read) would be stored as chosen while the API went on
+    serving the previous one, and every page would say the chosen one is used. repo.Invalid (-> 422) then,
+    nothing changed; a model that is not the user's is left to repo.choose_served_model (NotFound)."""
+    with conn, conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+        cur.execute(f"SELECT {_ARTIFACT_COLS} FROM model_artifacts WHERE id = %s AND user_id = %s",  # noqa: S608 - constant column list
+                    (artifact_id, user_id))
+        row = cur.fetchone()
+    if row is not None:
+        try:
+            build_served(dict(row))
+        except Exception as e:  # noqa: BLE001 - whatever stops it loading stops it being served
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            log.warning("model %s of user %s cannot be served: %s", artifact_id, user_id, why)
+            raise repo.Invalid(f"model {artifact_id} cannot be served: it does not load ({why}). Live recognition "
+                               "goes on with the model it uses now; train a new model instead.") from None
+    return repo.choose_served_model(conn, user_id, artifact_id)
+
+
 def _with_names_now(served: ServedModel, conn, names_key: str | None) -> ServedModel:
     """The model answering with its gestures' names of now (see ServedModel.renamed); names_key: the user's
     (repo.gesture_names_keys) as read before the names."""

@@ -163,3 +163,18 @@ def test_the_model_of_the_job_queued_last_is_served_whichever_finishes_last(api,
     app.state.semg.models.refresh_all()  # the poll after it (models.updated reloads the user alike)
     assert _decided_by(api, keys.service, uid) == quick
     assert api.get(f"/models/{uid}", headers=keys.admin).json()["artifact_id"] == quick
+
+
+def test_a_model_that_does_not_load_is_not_chosen(api, keys, two_models, clean_db):
+    """A model whose weights do not load is refused (422, saying why) and nothing changes: before, it was stored as
+    chosen and every page said it was used, while the API went on serving the previous model."""
+    user, older, newer = two_models
+    uid = user["id"]
+    with clean_db.cursor() as cur:
+        cur.execute("UPDATE model_artifacts SET weights = %s WHERE id = %s", (b"not a model", older))
+    r = api.put(f"/users/{uid}/served-model", json={"artifact_id": older}, headers=keys("user", uid))
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"].startswith(f"model {older} cannot be served: it does not load ("), r.text
+    info = api.get(f"/models/{uid}", headers=keys.admin).json()
+    assert (info["artifact_id"], info["chosen"]) == (newer, False)
+    assert _decided_by(api, keys.service, uid) == newer

@@ -23,6 +23,8 @@ def test_serving_a_model_and_the_newest_again_keeps_the_keyboard_focus(ui, db_co
     session = ui_seed.seed_session(db_conn, uid, base["device"]["id"], datetime.now(UTC) - timedelta(minutes=5))
     older = ui_seed.seed_job(db_conn, uid, [session["id"]])
     newest = ui_seed.seed_job(db_conn, uid, [session["id"]])  # the page shows the newest job first
+    for job in (older, newest):
+        ui_seed.make_servable(db_conn, job["artifact_id"])
     repo.choose_served_model(db_conn, uid, older["artifact_id"])
     _open(ui, f"Training_Jobs_Status?user={uid}", "Training Jobs Status")
     _press(ui, "Serve this model")

@@ -65,6 +65,8 @@ def two_jobs(seeded):
     conn, uid = seeded["conn"], seeded["user"]["id"]
     newer = ui_seed.seed_job(conn, uid, [seeded["session"]["id"]])
     older = repo.get_job(conn, seeded["job"]["id"])
+    for job in (older, newer):
+        ui_seed.make_servable(conn, job["artifact_id"])
     return {"user_id": uid, "older": older, "newer": newer, "conn": conn}
 
 
@@ -148,3 +150,20 @@ def test_the_live_page_shows_the_chosen_model(page, two_jobs):
     at.run()
     assert_clean(at)
     assert f"Model #{older['artifact_id']} ·" in texts(at)
+
+
+def test_a_model_that_does_not_load_is_not_served(page, two_jobs):
+    """"Serve this model" on a model whose weights do not load says so and changes nothing (before, it was stored
+    as chosen and the page said it was served, while the API kept the previous model)."""
+    uid, older, newer, conn = two_jobs["user_id"], two_jobs["older"], two_jobs["newer"], two_jobs["conn"]
+    with conn.cursor() as cur:
+        cur.execute("UPDATE model_artifacts SET weights = %s WHERE id = %s", (b"not a model", older["artifact_id"]))
+    at = _show(page, uid, older["id"])
+    with Announcements() as sent:
+        _button(at, "Serve this model").click().run()
+        time.sleep(1)  # an announcement would have been sent before the click's run ended; none may come
+        assert sent.seen == []
+    assert any(e.value.startswith(f"Not served: model {older['artifact_id']} cannot be served: it does not load")
+               for e in at.error), [e.value for e in at.error]
+    served = repo.latest_model(conn, uid)
+    assert (served["id"], served["chosen_at"]) == (newer["artifact_id"], None)

@@ -94,6 +94,26 @@ def seed_job(conn, user_id: int, session_ids, status="completed", epochs=3, with
     return repo.get_job(conn, job["id"])
 
 
+def make_servable(conn, artifact_id: int) -> None:
+    """Give a seeded model (placeholder weights) real ones of its classes and channels, so that it loads as the API
+    serves it (choosing it to be served checks that)."""
+    import psycopg2
+
+    from ml_model.rest.demo_models import random_artifact
+
+    with conn.cursor() as cur:
+        cur.execute("SELECT classes, channels, sample_rate_hz, window_ms, step_ms FROM model_artifacts WHERE id = %s",
+                    (artifact_id,))
+        a = cur.fetchone()
+        a = a if isinstance(a, dict) else dict(zip(("classes", "channels", "sample_rate_hz", "window_ms", "step_ms"), a))
+        weights, meta = random_artifact(len(a["channels"]), float(a["sample_rate_hz"]), classes=a["classes"],
+                                        window_ms=float(a["window_ms"]), step_ms=float(a["step_ms"]))
+        cur.execute("UPDATE model_artifacts SET weights = %s, sha256 = %s, size_bytes = %s, scaler = %s, metadata = %s "
+                    "WHERE id = %s", (psycopg2.Binary(weights), meta["sha256"], len(weights), Json(meta["scaler"]),
+                                      Json(meta), artifact_id))
+    conn.commit()
+
+
 def seed_predictions(conn, user_id: int, n=50, gesture="fist") -> None:
     now = datetime.now(UTC)
     with conn.cursor() as cur:

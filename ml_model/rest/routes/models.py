@@ -297,10 +297,11 @@ async def _follow_served_change(state: AppState, user_id: int, served: dict | No
 async def choose_served_model(user_id: UserScoped, body: ServedModelChoose, state: State) -> ServedModelState:
     """Serve the user one of their models from now on, e.g. an earlier one when a new training turned out worse
     ("roll back", no retraining): live recognition switches to it at once. It stays served until a training job
-    queued after this choice stores a model (or until `DELETE`). 404 for a model that is not the user's."""
+    queued after this choice stores a model (or until `DELETE`). 404 for a model that is not the user's, 422 for one
+    that does not load (nothing changes)."""
     def choose() -> dict:
         with state.pool.connection() as conn:
-            return repo.choose_served_model(conn, user_id, body.artifact_id)
+            return serving.choose_if_servable(conn, user_id, body.artifact_id)
 
     served = await run_in_threadpool(choose)
     await _follow_served_change(state, user_id, served)
