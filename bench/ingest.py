@@ -46,9 +46,8 @@ def log(msg: str) -> None:
 
 
 def free_port(udp: bool = False) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from semg.embedded import free_port as below_ephemeral  # a port no client connection is given meanwhile
+    return below_ephemeral(udp)
 
 
 # ---- process CPU accounting ------------------------------------------------------------------------

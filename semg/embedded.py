@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import pwd
+import random
 import shutil
 import socket
 import subprocess
@@ -88,8 +89,37 @@ def _bind_host_problem(host: str, var: str = "SEMG_BIND_HOST") -> str | None:
             f"address of this machine")
 
 
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux default 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(port: int, kind: int) -> bool:
+    with socket.socket(socket.AF_INET, kind) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port(udp: bool = False) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM) as s:
+    """A port on 127.0.0.1 free now (TCP and UDP, whichever `udp` says it is for), for a server started later
+    (tests, benchmarks). Drawn BELOW the kernel's ephemeral range: a port from that range (what binding port 0
+    gives) is also handed out as the source port of any outgoing connection, so a client could hold it by the
+    time the server binds it (a test's UDP server found its metrics port 60401 "already in use")."""
+    kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
+    high = _ephemeral_low()
+    low = max(1024, high - 12000)
+    rng = random.SystemRandom()  # several test processes draw at once: no shared seed
+    for _ in range(200) if high - low >= 1000 else ():
+        port = rng.randrange(low, high)
+        if _bindable(port, kind):
+            return port
+    with socket.socket(socket.AF_INET, kind) as s:  # no room below the range: any free port
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

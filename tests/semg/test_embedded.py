@@ -304,3 +304,20 @@ def test_an_ipv6_bind_host_is_checked_with_ipv6_sockets(tmp_path):
         r = _preflight(tmp_path, "::1", API_PORT=port)
     assert r.returncode == 2
     assert r.stderr.strip() == f"API_PORT {port} is already in use on ::1", r.stderr
+
+
+def test_free_ports_are_below_the_ephemeral_range_and_free():
+    """A port from the ephemeral range (binding port 0) may be given to any client connection as its source port
+    before the server meant for it binds it: CI's udpserver once found its metrics port 60401 in use."""
+    ranges = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    if not ranges.exists():
+        pytest.skip("no Linux ephemeral port range to check against")
+    low = int(ranges.read_text().split()[0])
+    for udp in (False, True):
+        ports = {free_port(udp) for _ in range(20)}
+        assert all(1024 <= p < low for p in ports), (udp, sorted(ports), low)
+        assert len(ports) > 1  # drawn, not one fixed port every caller would share
+        kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
+        for p in ports:
+            with socket.socket(socket.AF_INET, kind) as s:
+                s.bind(("127.0.0.1", p))

@@ -20,9 +20,8 @@ from udpserver.spool import Chunk, ChunkBuilder
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from semg.embedded import free_port
+    return free_port()
 
 
 @pytest.fixture(params=[False, True], ids=["headers", "no-header-support"])
