@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from semg import secrets  # noqa: E402
+from semg.embedded import free_port  # noqa: E402 - below the ephemeral range: no client is given it meanwhile
 from udpserver import protocol  # noqa: E402
 
 LOSS_LIMIT = 0.001
@@ -43,11 +44,6 @@ TARGET_BATCHED_SPS = 200_000
 
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port(udp: bool = False) -> int:
-    from semg.embedded import free_port as below_ephemeral  # a port no client connection is given meanwhile
-    return below_ephemeral(udp)
 
 
 # ---- process CPU accounting ------------------------------------------------------------------------

@@ -148,18 +148,23 @@ def build_served(row: Mapping[str, Any]) -> ServedModel:
     return served
 
 
+def load_row(conn, artifact_id: int) -> dict[str, Any] | None:
+    """A stored model with its weights, as build_served takes it; None if there is no such model."""
+    with conn, conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+        cur.execute(f"SELECT {_ARTIFACT_COLS} FROM model_artifacts WHERE id = %s", (artifact_id,))  # noqa: S608 - constant column list
+        row = cur.fetchone()
+    return dict(row) if row else None
+
+
 def choose_if_servable(conn, user_id: int, artifact_id: int) -> dict:
     """repo.choose_served_model, after checking that the model loads as the API would serve it: a model that does
     not (damaged weights, a format this version cannot read) would be stored as chosen while the API went on
     serving the previous one, and every page would say the chosen one is used. repo.Invalid (-> 422) then,
     nothing changed; a model that is not the user's is left to repo.choose_served_model (NotFound)."""
-    with conn, conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
-        cur.execute(f"SELECT {_ARTIFACT_COLS} FROM model_artifacts WHERE id = %s AND user_id = %s",  # noqa: S608 - constant column list
-                    (artifact_id, user_id))
-        row = cur.fetchone()
-    if row is not None:
+    row = load_row(conn, artifact_id)
+    if row is not None and row["user_id"] == user_id:
         try:
-            build_served(dict(row))
+            build_served(row)
         except Exception as e:  # noqa: BLE001 - whatever stops it loading stops it being served
             why = (str(e).strip().splitlines() or [type(e).__name__])[0]
             log.warning("model %s of user %s cannot be served: %s", artifact_id, user_id, why)
@@ -232,12 +237,6 @@ class ModelRegistry:
         """{"artifact_id", "chosen_at"} of the model to serve the user (repo.served_models), None for none."""
         return repo.served_models(conn, [user_id]).get(user_id)
 
-    def _load_row(self, conn, artifact_id: int) -> dict[str, Any] | None:
-        with conn, conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
-            cur.execute(f"SELECT {_ARTIFACT_COLS} FROM model_artifacts WHERE id = %s", (artifact_id,))  # noqa: S608 - constant column list
-            row = cur.fetchone()
-        return dict(row) if row else None
-
     def _install(self, user_id: int, served: dict | None, conn) -> ServedModel | None:
         """Serve the user the model `served` names (repo.served_models' entry; None: no model)."""
         current = self._models.get(user_id)
@@ -258,7 +257,7 @@ class ModelRegistry:
             if current is None:
                 self._absent[user_id] = time.monotonic()
             return current
-        row = self._load_row(conn, artifact_id)
+        row = load_row(conn, artifact_id)
         if row is None:  # deleted between the two queries: the next refresh sees the new state
             return current
         try:

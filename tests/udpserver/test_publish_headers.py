@@ -12,22 +12,17 @@ import nats
 import pytest
 
 from semg.config import get_settings
-from semg.embedded import nats_server_bin
+from semg.embedded import free_port, nats_server_bin
 from semg.messages import published_time
 from udpserver.ingest import Record
 from udpserver.publish import Publisher
 from udpserver.spool import Chunk, ChunkBuilder
 
 
-def _free_port() -> int:
-    from semg.embedded import free_port
-    return free_port()
-
-
 @pytest.fixture(params=[False, True], ids=["headers", "no-header-support"])
 def nats_url(request, tmp_path):
     """A bare nats-server; `no_header_support` as an older (< 2.2) or so configured external server has it."""
-    port = _free_port()
+    port = free_port()
     conf = tmp_path / "nats.conf"
     conf.write_text(f"listen: 127.0.0.1:{port}\nno_header_support: {'true' if request.param else 'false'}\n")
     proc = subprocess.Popen([str(nats_server_bin()), "-c", str(conf)], stdout=subprocess.DEVNULL,
