@@ -106,6 +106,10 @@ class MetricsServer:
             return
         try:
             await self._respond(reader, writer)
+        except asyncio.CancelledError:
+            # the server is stopping (its loop cancels what is left): end quietly. A handler that ended cancelled
+            # made Python 3.11's asyncio.streams log a traceback (its done-callback calls task.exception()).
+            writer.transport.abort()
         finally:
             self._open.pop(writer, None)
 
