@@ -105,8 +105,11 @@ def test_an_api_keys_dismissed_note_and_revoked_key_keep_the_keyboard_focus(ui, 
     repo.create_user(db_conn, name, f"keys-{stamp}@example.org")
     _open(ui, "User_Management", "User Management")
     ui.fill("Search by name or email", f"keys-{stamp}@")
+    ui.wait_idle()  # the search's rerun: until it ends, other users' (stale) key forms are on the page too
     ui.page.get_by_text(f"API keys of {name}", exact=True).click()
-    field = ui.page.get_by_label("Name of the new key", exact=True)
+    ui.wait_idle()
+    field = ui.page.locator("details", has=ui.page.get_by_text(f"API keys of {name}", exact=True)).get_by_label(
+        "Name of the new key", exact=True)
     field.fill("controller")
     _press(ui, "Create API key")
     ui.text("it is shown only once")
